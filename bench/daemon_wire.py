@@ -931,6 +931,24 @@ def alternate(
     return {name: {k: statistics.median(r[k] for r in got) for k in got[0]} for name, got in runs.items()}
 
 
+def this_and_other(
+    args: argparse.Namespace, flags: tuple[str, ...], measure: Callable[[str, bytes, str], dict[str, float]]
+) -> dict[str, dict[str, Any]]:
+    """Start this tree's daemon and `args.against`'s (`--against-python`) with `flags` and one loopback key, run
+    `measure(address, key, name)` on each `args.repeat` times in alternating order (`alternate`; `name` tells the
+    runs apart), stop both; returns each tree's medians ("this", "other")."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key, key_file = loopback_keys(tmp)
+        daemons = {
+            "other": start_daemon(key_file, *flags, python=args.against_python, cwd=args.against),
+            "this": start_daemon(key_file, *flags),
+        }
+        try:
+            return alternate(list(daemons), args.repeat, lambda name, i: measure(daemons[name][1], key, f"{name}-{i}"))
+        finally:
+            stop_all([proc for proc, _ in daemons.values()])
+
+
 def downloads_while(action: Callable[[], None], b: Any, handle: Any) -> list[float]:
     """Run `action` (another tenant's long command, to its sync) in a thread, and meanwhile time session `b`'s
     downloads of `handle` one after the other until it returns: the seconds each download took."""

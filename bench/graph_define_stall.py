@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import alternate, downloads_while, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
+from daemon_wire import downloads_while, print_table, this_and_other  # noqa: E402
 
 
 def stall(address: str, key: bytes, ops: int, name: str, inputs: int = 0, runs: int = 0) -> dict[str, float]:
@@ -95,20 +94,9 @@ def main() -> None:
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = parser.parse_args()
     iso = ("--isolation", args.isolation, *args.serve_args.split())
-    with tempfile.TemporaryDirectory() as tmp:
-        key, key_file = loopback_keys(tmp)
-        daemons = {
-            "other": start_daemon(key_file, *iso, python=args.against_python, cwd=args.against),
-            "this": start_daemon(key_file, *iso),
-        }
-        try:
-            medians = alternate(
-                list(daemons),
-                args.repeat,
-                lambda name, i: stall(daemons[name][1], key, args.ops, f"{name}-{i}", args.inputs, args.runs),
-            )
-        finally:
-            stop_all([proc for proc, _ in daemons.values()])
+    medians = this_and_other(
+        args, iso, lambda address, key, name: stall(address, key, args.ops, name, args.inputs, args.runs)
+    )
     what = f"1 op and {args.inputs} inputs" if args.inputs else f"{args.ops} ops"
     print(f"{what}, {args.repeat} run(s) each; medians over runs")
     print_table(

@@ -30,7 +30,8 @@ class RunningDaemon:
                 self.bulk = BulkPort(split_address(config.bulk_listen), config.tls, self.daemon.session_list)
             self.server, self.port, self.health = create_server(self.daemon, config.listen, self.bulk)
             host, _ = split_address(config.listen)
-            self.address = f"{host}:{self.port}"
+            self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"  # (advertised: an IPv6
+            # host in brackets, as clients and the scheduler read HOST:PORT; until round 42 "::1:PORT" resolved nowhere)
             self.metrics_port = self.daemon.metrics.serve(
                 config.metrics_listen, None if config.metrics_plaintext else config.tls
             )

@@ -46,7 +46,7 @@ from typing import Any
 from gpupool import duplex, protocol, records, tls
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, Unavailable
-from gpupool.peers import push_out
+from gpupool.peers import push_out, source_key
 
 from . import bulk
 
@@ -400,7 +400,12 @@ class BulkPort:
         self._tls = None if tls_config.insecure else tls.SocketServerTls(tls_config)
         if tls_config.insecure:
             log.warning("the bulk side port serves PLAINTEXT (--insecure): tensor bytes cross the network readable")
-        self._sock = socket.create_server(address, backlog=64)
+        # an IPv6 address listens on IPv6 ("::": IPv4 too, as the gRPC port's "[::]" does); until round 42 every
+        # address was bound as IPv4, so `--bulk-listen [::]:PORT` (and `gpupool up --listen [::]:PORT`) stopped the
+        # daemon at its start
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        dual = address[0] == "::" and socket.has_dualstack_ipv6()
+        self._sock = socket.create_server(address, family=family, backlog=64, dualstack_ipv6=dual)
         self.port: int = self._sock.getsockname()[1]
         self._sock.settimeout(0.25)  # the accept loop also pushes out connections past their hello's due time
         self._lock = threading.Lock()
@@ -433,7 +438,10 @@ class BulkPort:
                     return
                 continue
             conn.settimeout(HELLO_TIMEOUT)
-            pending = _Pending(conn.fileno(), str(addr[0]), time.monotonic() + HELLO_TIMEOUT)
+            # counted by source as the gRPC port's slow calls are (`peers.source_key`): an IPv6 peer by its /64,
+            # which one host holds whole (by its own address it could take every pending place), an IPv4-mapped one
+            # as its IPv4 address
+            pending = _Pending(conn.fileno(), source_key(str(addr[0])), time.monotonic() + HELLO_TIMEOUT)
             self._admit(pending)
             threading.Thread(target=self._hello, args=(conn, pending), name="gpupool-bulk-hello", daemon=True).start()
 

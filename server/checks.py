@@ -12,6 +12,7 @@ Ops whose list counts may read a tensor's value (`tensor_split` with a tensor) a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -155,4 +156,20 @@ def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
     if kwargs:
         for name in sorted(kwargs):
             key.append((name, _key(kwargs[name], name in names)))
+    if op.reshapes:  # what an out= op or a resize grows depends on its tensors' storages too (`storage_sizes`)
+        key.append(storage_sizes(args, kwargs))
     return tuple(key)
+
+
+def storage_sizes(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, ...]:
+    """The byte sizes of the storages of an op's tensor arguments (in lists too), in order: what an op that may grow a
+    storage (out=, `resize_`) allocates is the size it needs less what the storage holds, so a size learned for one
+    layout holds for another tensor of that layout only with the same storage size (round 42, hostile42: `neg.out`
+    into an empty view of a 12 MiB tensor, which grows nothing, taught the caches 0 bytes for every zero-element
+    `out`, and the next one grew 12 MiB unchecked)."""
+    sizes: list[int] = []
+    for v in (*args, *kwargs.values()):
+        for t in v if type(v) is list or type(v) is tuple else (v,):
+            if isinstance(t, _Tensor):
+                sizes.append(t.untyped_storage().nbytes())
+    return tuple(sizes)

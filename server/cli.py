@@ -199,9 +199,9 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         p,
         "--bulk-listen",
         default="",
-        help="HOST:PORT of the bulk side port (port 0 picks one): large uploads and downloads travel on one TLS "
-        "socket per session there instead of the gRPC stream, and so do the sessions' frames and replies "
-        "(docs/wire.md); "
+        help="HOST:PORT of the bulk side port (port 0 picks one; [::]:PORT: IPv6 and IPv4): large uploads and "
+        "downloads travel on one TLS socket per session there instead of the gRPC stream, and so do the sessions' "
+        "frames and replies (docs/wire.md); "
         "empty (default): off",
     )
 

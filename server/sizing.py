@@ -19,14 +19,19 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from gpupool.errors import InvalidArgument
+from gpupool.errors import InvalidArgument, ResourceExhausted
 
+from . import checks
 from .opargs import Args, Kwargs, arg, checked, tensors
 
 _META = torch.device("meta")
 
 # The op has no meta kernel or a data-dependent output shape: its size is known only after running it.
 NO_META = -1
+# Distinct element layouts (shapes, strides, dtypes, scalar types) a `_foreach_` op's lists longer than 256 entries
+# may hold: each is sized by one meta call (`MetaSizer._per_element`), ~0.3 ms here. An optimizer's lists hold a
+# model's parameters, whose shapes repeat layer after layer (tens of distinct ones).
+MAX_LIST_LAYOUTS = 1024
 
 
 def _meta_key(value: Any) -> Any:
@@ -52,8 +57,15 @@ class MetaSizer:
         if torch.Tag.dynamic_output_shape in op.tags:
             return NO_META
         if _too_long(args) or _too_long(list(kwargs.values())):  # a key of megabytes, 8192 times over
+            name = op._schema.name
+            if name.startswith("aten::_foreach_"):
+                return self._per_element(op, args, kwargs)
+            if name in _LONG_LISTS:
+                return int(checked(name, _LONG_LISTS[name], args, kwargs))
             return _meta_new_bytes(op, args, kwargs)
-        key = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
+        key: Any = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
+        if op._schema.is_mutable:  # an out= op or a resize grows what its storages lack: their sizes are part of it
+            key = (key, checks.storage_sizes(args, kwargs))
         try:
             hit = self._cache.get(key)
         except TypeError:  # unhashable argument: compute without caching
@@ -66,6 +78,102 @@ class MetaSizer:
                 self._cache.clear()
             self._cache[key] = size
         return size
+
+    def _per_element(self, op: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+        """`new_bytes` of a `_foreach_` op over lists longer than `_too_long`'s: its meta kernel sizes element by
+        element in Python (~250-300 us each here: 65,536 one-element tensors held the device's thread ~20 s a
+        command, round 42), and what element i allocates depends only on the i-th entries' layouts and scalars'
+        types (the outputs are new tensors, one per element; nothing grows in place). So each distinct element
+        layout is sized once, on one-element lists (cached as any short call), times its count; a list of more than
+        MAX_LIST_LAYOUTS distinct ones is refused (RESOURCE_EXHAUSTED) before any is sized."""
+        per = {a.name for a in op._schema.arguments if str(a.type) in _PER_ELEMENT}  # Tensor[], Scalar[] (not int[])
+        names = [a.name for a in op._schema.arguments]
+        lists = [i for i, a in enumerate(args) if isinstance(a, list | tuple) and i < len(names) and names[i] in per]
+        klists = [k for k, v in kwargs.items() if isinstance(v, list | tuple) and k in per]
+        if not lists and not klists:
+            return _meta_new_bytes(op, args, kwargs)
+        n = max([len(args[i]) for i in lists] + [len(kwargs[k]) for k in klists])
+        columns = [args[i] for i in lists] + [kwargs[k] for k in klists]
+        groups: dict[Any, list[int]] = {}  # an element's layouts -> [its first index, how many]
+        whole = [c for c in columns if len(c) == n]
+        if len(whole) < len(columns):  # lists of different lengths: torch refuses them (its message, one element)
+            j = min(len(c) for c in columns)
+            return self.new_bytes(
+                op,
+                [args[i][j : j + 1] if i in lists else a for i, a in enumerate(args)],
+                {k: (v[j : j + 1] if k in klists else v) for k, v in kwargs.items()},
+            )
+        for j, key in enumerate(zip(*[map(_element_key, c) for c in columns], strict=True)):
+            seen = groups.get(key)
+            if seen is not None:
+                seen[1] += 1
+                continue
+            if len(groups) >= MAX_LIST_LAYOUTS:
+                raise ResourceExhausted(
+                    f"{op._schema.name}: tensor lists of {n} entries in more than {MAX_LIST_LAYOUTS} distinct "
+                    "shapes, strides or dtypes: sizing them would hold the device; split the call"
+                )
+            groups[key] = [j, 1]
+        total = 0
+        for j, count in groups.values():
+            one = list(args)
+            for i in lists:
+                one[i] = args[i][j : j + 1]
+            kone = {k: (v[j : j + 1] if k in klists else v) for k, v in kwargs.items()}
+            size = self.new_bytes(op, one, kone)
+            if size == NO_META:
+                return NO_META
+            total += count * size
+        return total
+
+
+_PER_ELEMENT = frozenset({"List[Tensor]", "List[Optional[Tensor]]", "List[number]"})
+
+
+def _element_key(value: Any) -> Any:
+    """What an entry of a list argument contributes to the bytes its element allocates or grows: a tensor's layout
+    and its storage's size (an out= list's tensor grows its storage to what it lacks), a scalar's type (not its
+    value: a `ScalarList`'s per-element values change no size)."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.shape, value.stride(), value.storage_offset(), value.untyped_storage().nbytes())
+    return type(value)
+
+
+def _block_diag(args: Args, kwargs: Kwargs) -> int:
+    """`block_diag`'s output bytes from its inputs' shapes (its meta kernel concatenates block by block in Python:
+    ~540 us an input here, 65,536 inputs ~35 s of the device's thread): rows and columns summed, at the largest
+    dtype the inputs promote to (an upper bound of torch's result type)."""
+    rows = cols = 0
+    dtype = None
+    for i, t in enumerate(arg(args, kwargs, 0, "tensors")):
+        if t.dim() > 2:
+            raise InvalidArgument(
+                f"torch.block_diag: Input tensors must have 2 or fewer dimensions. Input {i} has {t.dim()} dimensions"
+            )
+        r, c = (1, 1) if t.dim() == 0 else (1, t.shape[0]) if t.dim() == 1 else tuple(t.shape)
+        rows, cols = rows + r, cols + c
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return rows * cols * (dtype.itemsize if dtype is not None else 4)
+
+
+def _joined(args: Args, kwargs: Kwargs) -> int:
+    """`stack`'s and `cat`'s output bytes from their inputs' shapes (their meta kernels: ~28 and ~13 us an input
+    here): every input's elements once (the kernels refuse shapes that do not fit together), at the largest dtype
+    they promote to."""
+    dtype = None
+    numel = 0
+    for t in arg(args, kwargs, 0, "tensors"):
+        numel += t.numel()
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return numel * dtype.itemsize if dtype is not None else 0
+
+
+# Ops sized from their list arguments' shapes, not their meta kernels, where a list is longer than `_too_long`'s limit
+_LONG_LISTS: dict[str, Callable[[Args, Kwargs], int]] = {
+    "aten::block_diag": _block_diag,
+    "aten::stack": _joined,
+    "aten::cat": _joined,
+}
 
 
 def _too_long(values: Sequence[Any], limit: int = 256) -> bool:
