@@ -484,13 +484,19 @@ class TcpRelay:
 
 
 @contextlib.contextmanager
-def dead_port() -> Iterator[int]:
+def dead_port(ports: tuple[int, int] | None = None) -> Iterator[int]:
     """A loopback port where connections are refused, for as long as the block runs: a socket bound there and not
     listening (Linux answers a SYN to it with a reset, ECONNREFUSED at once). Binding port 0 and closing it, as the
     tests did before round 29, left a free port that another test's server (or a connection's source port) could
-    take before the test connected to it; a bound socket keeps every other bind and autobind off the port."""
+    take before the test connected to it; a bound socket keeps every other bind and autobind off the port. With
+    `ports` (LOW, HIGH: a daemon's --collective-ports) a free port of that range."""
     with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
+        if ports is None:
+            held.bind(("127.0.0.1", 0))
+        else:
+            from gpupool.server.seclink import bind_in
+
+            bind_in(ports, lambda port: held.bind(("127.0.0.1", port)))
         yield int(held.getsockname()[1])
 
 
