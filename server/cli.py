@@ -170,7 +170,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         type=_on_off,
         default=True,
         help="Landlock in session workers (on/off): they read only Python's, torch's and the GPU driver's files, "
-        "write none, and make TCP connections only when their lease grants network; a kernel without Landlock "
+        "write none, and make TCP connections only when their lease grants network (then on --collective-ports only, "
+        "ABI 4+); a kernel without Landlock "
         "(or an older ABI) starts them with what it has and one warning (default on)",
     )
     add_flag(
