@@ -606,14 +606,14 @@ class Collectives:
             s.check_handle(msg.port_handle)  # before the store opens a port
         else:
             host, port_num = _peer_address(msg.store_address)
-            if size > 1 and not seclink.in_range(port_num, self.ports):
+        if size > 1:
+            _check_network()
+            if rank > 0 and not seclink.in_range(port_num, self.ports):  # (after: a worker without network says so)
                 raise InvalidArgument(
                     f"group store port {port_num} is outside this daemon's --collective-ports "
                     f"{self.ports[0]}-{self.ports[1]}: rank 0's daemon put its store there (every daemon of a job "
                     "needs the same range)"
                 )
-        if size > 1:
-            _check_network()
         if rank == 0:
             if size > 1:
                 group.store = seclink.bind_in(

@@ -443,9 +443,16 @@ class TcpRelay:
     (another loopback address, e.g. 127.0.0.2) its connections upstream come from there: a client through it
     is, to the server, a peer on another address."""
 
-    def __init__(self, upstream: tuple[str, int], source: str | None = None) -> None:
+    def __init__(
+        self, upstream: tuple[str, int], source: str | None = None, ports: tuple[int, int] | None = None
+    ) -> None:
         self.upstream, self.source = upstream, source
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        if ports is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+        else:  # a port of a daemon's --collective-ports (a rank dials no hub port outside it)
+            from gpupool.server.seclink import bind_in
+
+            self.listener = bind_in(ports, lambda port: socket.create_server(("127.0.0.1", port)))
         self.port = self.listener.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
         self.connections = 0
