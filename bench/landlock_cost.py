@@ -91,8 +91,9 @@ def _module_at(path: str, name: str) -> Any:
     return module
 
 
-def part(rounds: int, against: str = "") -> dict[str, list[float]]:
+def part(rounds: int, against: str = "", network: bool = False) -> dict[str, list[float]]:
     import ctypes
+    import inspect
 
     import torch  # noqa: F401  (a warm parent: torch's modules and libraries, as the zygote's)
 
@@ -108,6 +109,12 @@ def part(rounds: int, against: str = "") -> dict[str, list[float]]:
         modules["base landlock"] = _module_at(os.path.join(against, "server", "landlock.py"), "base_landlock")
         modules["base landlock"].read_paths()  # (found once in the parent, as the zygote does for its workers)
     got: dict[str, list[float]] = {"none": [], **{name: [] for name in modules}}
+    kwargs: dict[str, dict[str, Any]] = {name: {"network": network} for name in modules}
+    for name, module in modules.items():  # (round 42) a network worker's TCP port rules: --collective-ports
+        if network and "ports" in inspect.signature(module.restrict).parameters:
+            from gpupool.protocol import COLLECTIVE_PORTS
+
+            kwargs[name]["ports"] = COLLECTIVE_PORTS
     for _ in range(rounds):
         for case in got:
             r, w = os.pipe()
@@ -116,7 +123,7 @@ def part(rounds: int, against: str = "") -> dict[str, list[float]]:
                 ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
                 t = time.perf_counter_ns()
                 if case in modules:
-                    applied, missing = modules[case].restrict(network=False, gpu=False)
+                    applied, missing = modules[case].restrict(gpu=False, **kwargs[case])
                     assert applied, missing
                 os.write(w, str(time.perf_counter_ns() - t).encode())
                 os._exit(0)
@@ -132,8 +139,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--against", default="", help="a base checkout: its zygote's workers, side by side")
     ap.add_argument("--against-python", default=sys.executable)
+    ap.add_argument("--network", action="store_true", help="part: a worker granted network's ruleset (its TCP ports)")
     args = ap.parse_args()
-    rows = part(args.rounds, args.against)
+    rows = part(args.rounds, args.against, args.network)
     print(f"{'part':28} {'us med':>10} {'min':>10}")
     for case, xs in rows.items():
         print(f"{case:28} {statistics.median(xs):10.1f} {min(xs):10.1f}")

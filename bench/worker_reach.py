@@ -7,7 +7,9 @@ Reaches: sibling workers' and the zygote's /proc/PID (mem, environ, cmdline, fd,
 stand-in for a non-root daemon: a process of the workers' user), the process list, the host's connections
 (/proc/self/net), the mount table, /tmp, /dev/shm and another session's files there, a TLS key and a state folder,
 /etc, /sys's PCI devices, /dev; signal 0 to siblings, the zygote, the stand-in, this process and init; a path and an
-abstract unix socket, a loopback TCP port, UDP, a TCP listener; and earlier sessions' ids (bearer credentials) in the
+abstract unix socket, a loopback TCP port outside the daemon's --collective-ports (as the daemon's and the
+scheduler's are) and one inside, UDP, a TCP listener (on a port the kernel picks, in the range, and by `listen()` on a
+socket never bound); and earlier sessions' ids (bearer credentials) in the
 worker's own memory (here sent as the zygote is sent them: so this row shows the zygote's memory keeps them, which
 is why the daemon sends none since round 41: test_a_workers_memory_holds_no_other_sessions_id). Root only.
 
@@ -31,12 +33,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+try:
+    from gpupool.protocol import COLLECTIVE_PORTS  # the daemon's default --collective-ports
+except ImportError:  # a base checkout's (before round 42): this one's
+    COLLECTIVE_PORTS = (30100, 30355)
 MiB = 1 << 20
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     "seccomp off": {"seccomp": False},
     "landlock off": {"landlock": False},
     "network": {"network": True},
+    "network gloo": {"network": True, "collectives": "gloo"},
 }
 
 
@@ -81,12 +88,35 @@ def probe_reach(ctx: dict[str, Any]) -> str:
     except OSError as exc:
         out["send UDP"] = _why(exc)
     try:
+        socket.create_connection(("127.0.0.1", ctx["range_port"]), timeout=3).close()
+        out["connect a port of --collective-ports"] = "open"
+    except OSError as exc:
+        out["connect a port of --collective-ports"] = _why(exc)
+    try:
         with socket.socket() as s:
             s.bind(("0.0.0.0", 0))
             s.listen(1)
         out["listen TCP"] = "open"
     except OSError as exc:
         out["listen TCP"] = _why(exc)
+    out["listen TCP in --collective-ports"] = "blocked EADDRINUSE"
+    for port in range(ctx["range"][0], ctx["range"][1] + 1):
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+                s.listen(1)
+            out["listen TCP in --collective-ports"] = "open"
+            break
+        except OSError as exc:
+            out["listen TCP in --collective-ports"] = _why(exc)
+            if exc.errno != errno.EADDRINUSE:
+                break
+    try:
+        with socket.socket() as s:
+            s.listen(1)  # the kernel binds it to a port of its choosing: Landlock ABI 7 does not check this
+        out["listen TCP, never bound"] = "open"
+    except OSError as exc:
+        out["listen TCP, never bound"] = _why(exc)
     found = set(_SCAN[0](ctx["prefixes"]))  # earlier sessions' ids in its own writable memory (no permission needed)
     out["earlier specs' session ids in its memory"] = f"{len(found & set(ctx['ids']))} of {len(ctx['ids'])}"
     return "report: " + json.dumps(out)
@@ -131,11 +161,14 @@ def run(python: str, tree: str) -> dict[str, dict[str, str]]:
 
 
 def _survey(tree: str) -> dict[str, dict[str, str]]:
+    import dataclasses
     import pwd
 
     import worker_attacks
     from gpupool.server.worker import WorkerSpec
     from gpupool.server.zygote import Zygote
+
+    known = {f.name for f in dataclasses.fields(WorkerSpec)}  # a base's spec may lack a field (collective_ports)
 
     def spec(session_id: str, **kw: Any) -> WorkerSpec:
         fields: dict[str, Any] = {
@@ -143,7 +176,7 @@ def _survey(tree: str) -> dict[str, dict[str, str]]:
             "device": {"index": 0, "uuid": "fake-0", "model": "fake", "memory_bytes": 1 << 30, "fake": True},
             "memory_limit": 64 * MiB + 1024 * MiB, "cpu_threads": 1, "user": "nobody", "seccomp": True,
         }  # fmt: skip
-        return WorkerSpec(**{**fields, **kw})
+        return WorkerSpec(**{k: v for k, v in {**fields, **kw}.items() if k in known})
 
     z = Zygote(program=[sys.executable, __file__, "--zygote", tree])
     z.start()
@@ -167,6 +200,7 @@ def _survey(tree: str) -> dict[str, dict[str, str]]:
     os.chmod(path_sock, 0o777)
     listeners[1].bind("\0gpupool-reach")
     listeners[2].bind(("127.0.0.1", 0))
+    listeners.append(_in_range_listener())
     for s in listeners:
         s.listen(8)
     v = victims[0].pid
@@ -189,6 +223,8 @@ def _survey(tree: str) -> dict[str, dict[str, str]]:
         },  # fmt: skip
         "unix": {"a path unix socket": path_sock, "an abstract unix socket": "\0gpupool-reach"},
         "tcp": listeners[2].getsockname()[1],
+        "range_port": listeners[3].getsockname()[1],
+        "range": list(COLLECTIVE_PORTS),
         "prefixes": [i[:6] for i in ids],
         "ids": ids,
     }
@@ -210,6 +246,18 @@ def _survey(tree: str) -> dict[str, dict[str, str]]:
         os.unlink(shm)
         shutil.rmtree(scratch)
     return got
+
+
+def _in_range_listener() -> socket.socket:
+    """A loopback socket on a free port of the default --collective-ports (listening once `_survey` calls listen)."""
+    for port in range(COLLECTIVE_PORTS[0], COLLECTIVE_PORTS[1] + 1):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return s
+        except OSError:
+            s.close()
+    raise SystemExit(f"no free port in {COLLECTIVE_PORTS}")
 
 
 def main() -> None:

@@ -36,6 +36,28 @@ CHUNK_BYTES = 4 * 1024 * 1024
 # `gpupool serve --collectives`: encrypted links (server/seclink.py), or plaintext gloo/NCCL (here, not in
 # server/collectives.py, which imports torch: the flag is parsed before the zygote starts, server/cli.py).
 COLLECTIVE_TRANSPORTS = ("secure", "gloo")
+# `gpupool serve --collective-ports`: the TCP ports a session worker granted network binds its collective group's
+# listeners in (rank 0's store and secure hub, a rank's store relay) and connects to (those of its peers: the same
+# range on every daemon of a pool); under Landlock ABI 4+ the only TCP ports it may bind or connect to (round 42;
+# server/landlock.py). Below Linux's default ephemeral range (32768-60999), so no port the kernel hands out (a port-0
+# bind, an outgoing connection's own port) lands in it; 256 ports, each group takes one to two on a daemon.
+COLLECTIVE_PORTS = (30100, 30355)
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """(LOW, HIGH) of "LOW-HIGH" (or one port "P"), 1024 <= LOW <= HIGH <= 65535 and at most 4096 ports (each is a
+    Landlock rule of every network worker); ValueError says what is wrong."""
+    low, sep, high = text.strip().partition("-")
+    if not low.strip().isdigit() or (sep and not high.strip().isdigit()):
+        raise ValueError(f"expected LOW-HIGH (TCP ports), not {text!r}")
+    lo, hi = int(low), int(high) if sep else int(low)
+    if not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"ports {text!r}: need 1024 <= LOW <= HIGH <= 65535")
+    if hi - lo >= 4096:
+        raise ValueError(f"ports {text!r}: at most 4096 ports")
+    return lo, hi
+
+
 # The most sessions one daemon holds (`gpupool serve --max-sessions`, each a worker process), and so the most one
 # heartbeat names: the scheduler refuses a heartbeat naming more (INVALID_ARGUMENT, before its lock: until round 41 a
 # host's 1 MiB heartbeat named ~29,000 lease ids, each looked up under the core's lock).

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from gpupool import logsink, tls, tokens
 from gpupool.config import StopSignals, add_flag, more_open_files, setup_logging, size_arg, withheld_features
 from gpupool.errors import GpupoolError
-from gpupool.protocol import COLLECTIVE_TRANSPORTS, MAX_HOST_SESSIONS
+from gpupool.protocol import COLLECTIVE_PORTS, COLLECTIVE_TRANSPORTS, MAX_HOST_SESSIONS, port_range
 
 if TYPE_CHECKING:  # both import torch: main() starts the zygote first (see there)
     from .daemon import DaemonConfig
@@ -170,7 +170,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         type=_on_off,
         default=True,
         help="Landlock in session workers (on/off): they read only Python's, torch's and the GPU driver's files, "
-        "write none, and make TCP connections only when their lease grants network; a kernel without Landlock "
+        "write none, and make TCP connections only when their lease grants network (then on --collective-ports only, "
+        "ABI 4+); a kernel without Landlock "
         "(or an older ABI) starts them with what it has and one warning (default on)",
     )
     add_flag(
@@ -181,6 +182,19 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         help="the upper bound of session workers' network: with on, the workers of sessions whose token grants "
         "network (leases of several devices: torch.distributed collectives between daemons) may open TCP "
         "sockets; with off, no worker may (on/off, default off)",
+    )
+    add_flag(
+        p,
+        "--collective-ports",
+        type=_ports,
+        default=f"{COLLECTIVE_PORTS[0]}-{COLLECTIVE_PORTS[1]}",
+        metavar="LOW-HIGH",
+        help="TCP ports of collectives between daemons: a session worker granted network (--worker-network) "
+        "listens for its group (rank 0's store and secure hub, a rank's store relay) on a free port of this range "
+        "and connects to no store or hub port outside it; under Landlock ABI 4+ (Linux 6.7) it may bind and "
+        "connect to these ports only (and 53, name lookups; with --collectives gloo it connects anywhere and binds "
+        "these or a port the kernel picks). Give every daemon of a pool the same range, keep the daemon's own "
+        "ports out of it, and open it between the hosts (the default is below Linux's ephemeral ports)",
     )
     add_flag(
         p,
@@ -210,6 +224,13 @@ def _transport(value: str) -> str:
     if value in COLLECTIVE_TRANSPORTS:
         return value
     raise argparse.ArgumentTypeError(f"expected {' or '.join(COLLECTIVE_TRANSPORTS)}, not {value!r}")
+
+
+def _ports(value: str) -> tuple[int, int]:
+    try:
+        return port_range(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sessions(value: str) -> int:
@@ -266,6 +287,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         landlock=args.landlock,
         worker_network=args.worker_network,
         collectives=args.collectives,
+        collective_ports=args.collective_ports,
         bulk_listen=args.bulk_listen,
     )
 

@@ -21,7 +21,10 @@ opt-in to torch's plaintext gloo (NCCL on real GPUs), faster and unencrypted.
 
 Trust and its limits (docs/security.md, "Collectives between daemons"): tokens prove lease membership; only
 the workers of a lease of several devices may open sockets at all (the token's `network` claim, bounded by
---worker-network); the store is plain TCP (its values HMAC-signed), meant for the hosts' private network.
+--worker-network); the store is plain TCP (its values HMAC-signed), meant for the hosts' private network. Every
+listener of a group (rank 0's store and secure hub, a rank's store relay) takes a free port of the daemon's
+`--collective-ports` range, and a rank connects to no store or hub port outside it (the same range on every daemon
+of a pool): under Landlock ABI 4+ a worker granted network binds and connects to those ports only (round 42).
 A group of one rank needs no socket: its collectives are the identity.
 """
 
@@ -36,7 +39,6 @@ import queue
 import selectors
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ import torch.distributed as dist
 from gpupool import protocol
 from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, PermissionDenied, Unavailable
+from gpupool.protocol import COLLECTIVE_PORTS
 from gpupool.tokens import TokenClaims
 
 from . import seclink
@@ -93,8 +96,17 @@ Verifier = Callable[[str], TokenClaims]
 class Group:
     """One session's membership in its lease's process group."""
 
-    def __init__(self, lease_id: str, rank: int, size: int, timeout: float, transport: str = "secure") -> None:
+    def __init__(
+        self,
+        lease_id: str,
+        rank: int,
+        size: int,
+        timeout: float,
+        transport: str = "secure",
+        ports: tuple[int, int] = COLLECTIVE_PORTS,
+    ) -> None:
         self.lease_id = lease_id
+        self.ports = ports  # --collective-ports: where its listeners bind, and the peers' ports it connects to
         self.transport = transport
         self.nccl = True  # a gloo transport's CUDA group may try NCCL (`use_nccl`)
         self.rank = rank
@@ -134,7 +146,15 @@ class Group:
             keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode(), self.stop, self.timeout)
             if self.transport == "secure":
                 pg = seclink.form(
-                    keys, secret.encode(), self.lease_id, self.rank, self.size, self.timeout, host, self.stop
+                    keys,
+                    secret.encode(),
+                    self.lease_id,
+                    self.rank,
+                    self.size,
+                    self.timeout,
+                    host,
+                    self.stop,
+                    self.ports,
                 )
                 if self.closed:  # the session ended as the group formed: its links go with it
                     pg.close()
@@ -184,29 +204,25 @@ def timedelta_seconds(t: Any) -> float:
 
 
 class _Relay:
-    """The join's own loopback relay between its TCPStore client and the store's address: the client connects to
-    the relay's port, the relay forwards bytes both ways over `upstream` (the connection the join opened to the
-    store's address), and closes both connections once `stop` is set (the session closed), at `close_at` (set
-    while the client's constructor runs: the join's deadline), or when either side closes. torch's TCPStore client
-    waits for the store's answers without its timeout (2.13: its constructor's handshake, and each call after)
-    and cannot be interrupted from Python, so a store address that accepts and never answers held the join's
-    thread and socket for the daemon's life (round 22); the relay's close is an end of stream the client sees.
-    No protocol is read here: bytes only. It accepts one connection, from this process's TCPStore client, and
-    then listens no more: a connection from any other process on the host (a client on the same machine, another
-    session's worker with a network token) is closed unread (`_from_this_process`; round 23 forwarded the first
-    connection to arrive, whoever made it: store traffic on this join's connection, and the join's own client
-    refused)."""
+    """The join's own loopback relay between its TCPStore client and the store's address: the client connects to the
+    relay's port (one of `ports`, --collective-ports: the only ports a network worker may bind), the relay forwards
+    bytes both ways over `upstream` (the connection the join opened to the store's address), and closes both
+    connections once `stop` is set (the session closed), at `close_at` (set while the client's constructor runs: the
+    join's deadline), or when either side closes. torch's TCPStore client waits for the store's answers without its
+    timeout (2.13: its constructor's handshake, and each call after) and cannot be interrupted from Python, so a
+    store address that accepts and never answers held the join's thread and socket for the daemon's life (round 22);
+    the relay's close is an end of stream the client sees. No protocol is read here: bytes only. It accepts one
+    connection, from this process's TCPStore client, and then listens no more: a connection from any other process
+    on the host (a client on the same machine, another session's worker with a network token) is closed unread
+    (`_from_this_process`; round 23 forwarded the first connection to arrive, whoever made it: store traffic on this
+    join's connection, and the join's own client refused)."""
 
-    def __init__(self, upstream: socket.socket, stop: threading.Event) -> None:
+    def __init__(
+        self, upstream: socket.socket, stop: threading.Event, ports: tuple[int, int] = COLLECTIVE_PORTS
+    ) -> None:
         self.upstream, self.stop = upstream, stop
         self.close_at: float | None = None
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self.listener.bind(("127.0.0.1", 0))
-            self.listener.listen(8)
-        except OSError:
-            self.listener.close()
-            raise
+        self.listener = seclink.bind_in(ports, _loopback_listener)
         self.port = self.listener.getsockname()[1]
         self.done = threading.Event()
         threading.Thread(target=self._pump, name="gpupool-store-relay", daemon=True).start()
@@ -250,46 +266,51 @@ class _Relay:
             self.done.set()
 
 
-def _proc_address(field: bytes) -> tuple[str, int]:
-    """An address of /proc/net/tcp or tcp6 ("0100007F:1F90": the address's 32-bit words in host order, the port)
-    as (IP, port), an IPv4-mapped IPv6 address as its IPv4 one (torch's TCPStore client dials IPv6 sockets)."""
-    hexaddr, port = field.split(b":")
-    raw = b"".join(int(hexaddr[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hexaddr), 8))
-    ip = ipaddress.ip_address(raw)
+def _loopback_listener(port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(8)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _address(sockaddr: Any) -> tuple[str, int]:
+    """(IP, port) of a socket address, an IPv4-mapped IPv6 address as its IPv4 one (torch's TCPStore client dials
+    IPv6 sockets)."""
+    ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return str(ip), int(port, 16)
+    return str(ip), int(sockaddr[1])
 
 
 def _from_this_process(conn: socket.socket) -> bool:
-    """Whether the other end of `conn` (a connection accepted on loopback) is a socket this process holds: the
-    kernel's tables of TCP sockets (/proc/net/tcp, tcp6) name the socket whose local address is `conn`'s peer and
-    whose remote one is `conn`'s own, by inode; this process holds it when one of its descriptors is that socket.
-    Anything unreadable is False (the join then fails at its deadline: never a stranger's bytes)."""
+    """Whether the other end of `conn` (a connection accepted on loopback) is a socket this process holds: one of
+    its descriptors (/proc/self/fd) is a TCP socket whose own address is `conn`'s peer and whose peer is `conn`'s own
+    address, asked of the socket itself (a duplicate of the descriptor: getsockname, getpeername). Until round 42
+    it read the host's table of TCP connections (/proc/net/tcp, tcp6) for the socket's inode, and so every worker
+    granted network could read every connection of the host. Anything that fails is False (the join then fails at
+    its deadline: never a stranger's bytes)."""
     try:
-        peer, own = conn.getpeername(), conn.getsockname()
-        want = ((peer[0], peer[1]), (own[0], own[1]))
-        inode = ""
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table, "rb") as rows:  # bytes: a sandboxed worker cannot import a codec module
-                next(rows, None)  # the header
-                for line in rows:
-                    fields = line.split()
-                    if len(fields) > 9 and (_proc_address(fields[1]), _proc_address(fields[2])) == want:
-                        inode = fields[9].decode()
-                        break
-            if inode:
-                break
-        if not inode or inode == "0":
-            return False
-        target = f"socket:[{inode}]"
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") == target:
-                    return True
-            except OSError:
+        want = (_address(conn.getpeername()), _address(conn.getsockname()))
+        mine = conn.fileno()
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd == mine:
                 continue
-    except Exception:  # whatever fails (a sandboxed worker's codecs, the tables' format): not known to be ours
+            try:
+                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    continue
+                with socket.socket(fileno=os.dup(fd)) as other:
+                    if other.type != socket.SOCK_STREAM or other.family not in (socket.AF_INET, socket.AF_INET6):
+                        continue
+                    if (_address(other.getsockname()), _address(other.getpeername())) == want:
+                        return True
+            except OSError:  # closed meanwhile, not connected, not a socket
+                continue
+    except Exception:  # whatever fails: not known to be ours
         return False
     return False
 
@@ -306,7 +327,14 @@ def _send_until(sock: socket.socket, data: bytes, over: Callable[[], bool]) -> N
             continue
 
 
-def _connect_store(addresses: list[str], port: int, size: int, timeout: float, stop: threading.Event) -> Any:
+def _connect_store(
+    addresses: list[str],
+    port: int,
+    size: int,
+    timeout: float,
+    stop: threading.Event,
+    ports: tuple[int, int] = COLLECTIVE_PORTS,
+) -> Any:
     """A client of the group's TCPStore at PORT of the first of `addresses` (IPs, `_resolve_store`'s: never a name,
     which would be resolved again) that accepts, connected within `timeout` s, in attempts of
     STORE_ATTEMPT_SECONDS that give up once `stop` is set (the session closed). One constructor call with the
@@ -351,7 +379,7 @@ def _connect_store(addresses: list[str], port: int, size: int, timeout: float, s
             continue
         assert upstream is not None
         try:
-            relay = _Relay(upstream, stop)
+            relay = _Relay(upstream, stop, ports)
         except OSError:
             upstream.close()
             raise
@@ -534,15 +562,19 @@ class Collectives:
         self.speed: SpeedModel | None = None  # fake GPUs' modelled link (server/speedmodel.py)
         self.transport = "secure"  # --collectives
         self.confined = False  # a worker under Landlock or seccomp (server/worker.py): its groups never try NCCL
+        self.ports = COLLECTIVE_PORTS  # --collective-ports: where its groups listen, and the peers' ports they reach
         # Whether another session of the device waits to run (the daemon says: server/worker.py `contend`): a
         # waiting collective keeps the device's thread while nobody does. Until told: always (it yields).
         self.contended: Callable[[], bool] = _always
 
-    def configure(self, verify: Verifier, host: str, transport: str = "secure") -> None:
+    def configure(
+        self, verify: Verifier, host: str, transport: str = "secure", ports: tuple[int, int] = COLLECTIVE_PORTS
+    ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown collectives transport {transport!r} (known: {', '.join(TRANSPORTS)})")
         self.verify = verify
         self.transport = transport
+        self.ports = (int(ports[0]), int(ports[1]))
         self.host = host if host not in ("", "0.0.0.0", "::", "[::]") else socket.gethostname()
 
     # ---- joining ----
@@ -557,7 +589,7 @@ class Collectives:
             raise InvalidArgument(f"bad group: rank {rank} of {size} with {len(msg.tokens)} tokens")
         first = self._check_tokens(s, rank, size, list(msg.tokens))
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
-        group = Group(s.lease_id, rank, size, timeout, self.transport)
+        group = Group(s.lease_id, rank, size, timeout, self.transport, self.ports)
         # The scheduler's tokens carry the lease's group secret, the same in every renewal: ranks whose processes
         # renewed at different moments send different tokens. Hand-minted tokens have none: rank 0's token then.
         basis = first.group or msg.tokens[0]
@@ -576,11 +608,21 @@ class Collectives:
             host, port_num = _peer_address(msg.store_address)
         if size > 1:
             _check_network()
+            if rank > 0 and not seclink.in_range(port_num, self.ports):  # (after: a worker without network says so)
+                raise InvalidArgument(
+                    f"group store port {port_num} is outside this daemon's --collective-ports "
+                    f"{self.ports[0]}-{self.ports[1]}: rank 0's daemon put its store there (every daemon of a job "
+                    "needs the same range)"
+                )
         if rank == 0:
             if size > 1:
-                group.store = dist.TCPStore(
-                    self.host, 0, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
-                )
+                group.store = seclink.bind_in(
+                    self.ports,
+                    lambda port: dist.TCPStore(
+                        self.host, port, size, is_master=True, timeout=timedelta(seconds=timeout),
+                        wait_for_workers=False,
+                    ),
+                )  # fmt: skip
             port = torch.tensor(group.store.port if size > 1 else 0, dtype=torch.int64)
             s.admit(8)
             s.bind(msg.port_handle, port)
@@ -605,7 +647,7 @@ class Collectives:
             if group.store is None:
                 try:
                     addresses = _resolve_store(host, port_num)  # once: the IPs checked are the IPs connected to
-                    group.store = _connect_store(addresses, port_num, size, timeout, group.stop)
+                    group.store = _connect_store(addresses, port_num, size, timeout, group.stop, self.ports)
                     _check_owner(group.store, s.lease_id, owner, group.stop, deadline)
                 except Exception as exc:
                     # One message, one status, at the group's deadline, whatever the address's state: the daemon

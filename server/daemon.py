@@ -38,6 +38,7 @@ from gpupool.errors import (
     Unavailable,
     error_class,
 )
+from gpupool.protocol import COLLECTIVE_PORTS
 from gpupool.tls import TlsConfig
 
 from . import bulk, landlock, slices
@@ -145,6 +146,9 @@ class DaemonConfig:
     # Transport of those collectives: "secure" (encrypted, authenticated: server/seclink.py) or "gloo"
     # (torch's plaintext gloo/NCCL, an explicit opt-in).
     collectives: str = "secure"
+    # --collective-ports: the TCP ports (LOW, HIGH) its workers' collective groups listen on and connect to (the same
+    # on every daemon of a pool); under Landlock ABI 4+ a worker granted network binds and connects to no other
+    collective_ports: tuple[int, int] = COLLECTIVE_PORTS
     bulk_listen: str = ""  # the bulk side port (server/bulkside.py), named in AttachReply; "": none
     # Microseconds the front reads a worker's result without blocking before it sleeps on it (saves its wake-up
     # when the slice is that short); -1: the host decides at each worker's start (worker.spin_default); 0: never
@@ -199,6 +203,22 @@ def check_landlock(on: bool) -> str:
     if lacking:
         log.warning("%s (workers start anyway; --landlock off silences this)", lacking)
     return lacking
+
+
+def check_collective_ports(config: DaemonConfig) -> None:
+    """Refuse to start where a port this daemon listens on (--listen, --bulk-listen, --metrics-listen) is in
+    --collective-ports: a worker granted network may connect to every port of that range."""
+    low, high = config.collective_ports
+    for flag, address in (("--listen", config.listen), ("--bulk-listen", config.bulk_listen),
+                          ("--metrics-listen", config.metrics_listen)):  # fmt: skip
+        port = address.rpartition(":")[2]
+        if address and port.isdigit() and low <= int(port) <= high:
+            raise InvalidArgument(
+                f"{flag} {address}: its port is in --collective-ports {low}-{high}, which session workers granted "
+                "network may connect to; move one of them"
+            )
+    if config.worker_network:
+        log.info("collective groups of session workers listen on and connect to TCP ports %d-%d", low, high)
 
 
 def check_worker_user(name: str) -> None:
@@ -333,6 +353,7 @@ class Daemon:
             check_python_readable(self.config.worker_user, self._uids)
             self._worker_groups = self._check_gpu_files()
             check_landlock(self.config.landlock)
+            check_collective_ports(self.config)
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.
             self.zygote = shared_zygote()
@@ -457,6 +478,7 @@ class Daemon:
             host_id=self.host_id,
             network=network and c.worker_network,
             collectives=c.collectives,
+            collective_ports=c.collective_ports,
             peer_host=(c.advertise or c.listen).rpartition(":")[0].strip("[]"),
             token_keys=tuple(self._token_pems),
             speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),

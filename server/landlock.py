@@ -11,22 +11,29 @@ confined worker may:
   the packages it has imported (`sys.modules`: an editable install's source folders), the folders of the shared
   libraries it has mapped (torch's, the CUDA runtime's and driver's on a GPU host: read from /proc/self/maps, so
   nothing is hard-coded), a few files of /etc that the C library reads (ld.so.cache, localtime; for a worker granted
-  network name lookup's, and the interfaces and PCI devices of /sys that gloo lists), /proc/self (less `net`, the
-  host's connections, unless granted network: round 41), the CPU list and THP settings of /sys, and on a real GPU the
+  network name lookup's, and under `--collectives gloo` the interfaces and PCI devices of /sys that gloo lists),
+  /proc/self (less `net`, the host's connections: round 41; since round 42 for a worker granted network too), the
+  CPU list and THP settings of /sys, and on a real GPU the
   driver's control files and its own GPU's file only (read, write, ioctl: `gpu_devices`; round 40: until then every
   /dev/nvidia* of the host, another tenant's GPU included), of /proc/driver/nvidia, /sys and /dev/nvidia-caps its own
   GPU's entries only (`gpu_paths`; round 41: until then every GPU's) and the CUDA JIT cache (read);
 - write nowhere (the profile and audit files of GPUPOOL_WORKER_PROFILE and GPUPOOL_OP_AUDIT are opened before);
   /dev/null is writable;
 - execute nothing; make, remove, rename, link or truncate nothing;
-- with ABI 4 (Linux 6.7): bind or connect no TCP port unless its lease grants network (collectives);
+- with ABI 4 (Linux 6.7): bind or connect no TCP port unless its lease grants network (collectives), and then
+  (round 42) bind and connect only the ports of the daemon's `--collective-ports` range (its group's store, secure
+  hub and store relay; its peers' alike) and connect to port 53 (name lookups over TCP); under `--collectives gloo`
+  it connects anywhere (gloo's pairs dial the ports their peers' kernels picked) and binds that range or a port the
+  kernel picks (port 0); until round 42 such a worker bound and connected to any port (the daemon's and the
+  scheduler's loopback ports included);
 - with ABI 6 (Linux 6.12): signal no process and connect to no abstract unix socket outside its own domain.
 
 Best effort by ABI: a kernel without Landlock, or an older ABI, keeps what it has and says what is missing (the
 daemon logs it once at its start: `describe`); `--landlock off` is the operator's opt-out. What Landlock cannot
 cover: stat() and path existence, already-open descriptors (the session socket, the shared buffer), threads started
 before `restrict` (a real GPU's CUDA threads: Landlock confines the calling thread and what it starts), UDP and
-other socket families (seccomp's), and on a kernel before 6.12 signals and abstract sockets.
+other socket families (seccomp's), a `listen()` on a socket never bound (the kernel picks its port: ABI 7 does not
+check it), and on a kernel before 6.12 signals and abstract sockets.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from dataclasses import dataclass
 NR_CREATE_RULESET, NR_ADD_RULE, NR_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1
 RULE_PATH_BENEATH, RULE_NET_PORT = 1, 2
+DNS_PORT = 53  # a network worker's name lookups: glibc's resolver retries over TCP when a UDP answer is truncated
 
 # filesystem rights, by the ABI that added them
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -65,11 +73,13 @@ MISSING_BELOW = {
 }
 
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
-# A worker granted network: name lookup's files (getaddrinfo of a collective store's host), and the interfaces and
-# PCI devices gloo's transport lists when it starts (gloo/common/linux.cc opens /sys/bus/pci/devices and follows
-# /sys/class/net's links into /sys/devices: refused, every `--collectives gloo` group failed to form)
+# A worker granted network: name lookup's files (getaddrinfo of a collective store's host); under `--collectives
+# gloo` the interfaces and PCI devices gloo's transport lists when it starts (gloo/common/linux.cc opens
+# /sys/bus/pci/devices and follows /sys/class/net's links into /sys/devices: refused, every gloo group failed to
+# form). The secure links read none of /sys (until round 42 every network worker read all of /sys/devices).
 NETWORK_READ = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
-                "/etc/services", "/etc/protocols", "/sys/class/net", "/sys/bus/pci", "/sys/devices")  # fmt: skip
+                "/etc/services", "/etc/protocols")  # fmt: skip
+GLOO_READ = ("/sys/class/net", "/sys/bus/pci", "/sys/devices")
 SYS_READ = ("/sys/devices/system/cpu", "/sys/kernel/mm/transparent_hugepage", "/proc/sys/vm/overcommit_memory")
 DEVICES_READ = ("/dev/urandom", "/dev/random", "/dev/zero")
 # A real GPU's worker: the PCI bus's folder (its devices are links: only its own GPU's target is granted) and the
@@ -86,6 +96,10 @@ class _RulesetAttr(ctypes.Structure):
 class _PathBeneath(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _NetPort(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -356,21 +370,19 @@ def gpu_paths(uuid: str = "", pci: str = "", layout: GpuLayout = DRIVER) -> tupl
     return _minimal(reads - set(devices)), devices, notes
 
 
-# Of the own /proc/PID of a worker not granted network: what no rule grants. `net` is the network namespace's, not
-# the process's: the host's TCP connections (the daemon's clients' addresses and ports, every tenant's), unix sockets
-# (their paths and abstract names) and interfaces (round 41: read from every worker until then); `task` is listed only
-# (each thread's folder has a `net` of its own). Magic links (cwd, root, exe) are never followed: a rule on one would
-# be a rule on its target. A worker granted network keeps its whole /proc/PID: it reads /proc/net/tcp to tell its
-# own collective connections from others' (server/collectives.py `_from_this_process`).
+# Of a worker's own /proc/PID: what no rule grants. `net` is the network namespace's, not the process's: the host's
+# TCP connections (the daemon's clients' addresses and ports, every tenant's), unix sockets (their paths and abstract
+# names) and interfaces (round 41: read from every worker until then; round 42: from a worker granted network too,
+# which read /proc/net/tcp to tell its own store connection from others': server/collectives.py `_from_this_process`
+# asks its own sockets now); `task` is listed only (each thread's folder has a `net` of its own). Magic links (cwd,
+# root, exe) are never followed: a rule on one would be a rule on its target.
 PROC_SELF_WITHHELD = ("net", "task")
 
 
-def proc_self(network: bool = False, pid: int = 0) -> tuple[list[str], list[str]]:
-    """(what a worker may read of its own /proc/PID: with `network` all of it, else each entry but
-    PROC_SELF_WITHHELD and the magic links; what it may only list: `task`)."""
+def proc_self(pid: int = 0) -> tuple[list[str], list[str]]:
+    """(what a worker may read of its own /proc/PID: each entry but PROC_SELF_WITHHELD and the magic links; what it
+    may only list: `task`)."""
     root = f"/proc/{pid or os.getpid()}"
-    if network:
-        return [root], []
     try:
         entries = _proc_entries(root)
     except OSError:
@@ -411,8 +423,8 @@ def _add_path(ruleset: int, path: str, access: int) -> str:
 # `echo 2 > /proc/sys/vm/drop_caches`): the rule would then cover nothing, and a worker that read /proc/self/maps
 # (glibc's pthread_getattr_np, torch, CUDA) a moment before got EACCES (round 41 review: every entry of
 # /proc/self lost after one drop_caches). A held descriptor keeps the dentry, so the name keeps its inode. sysfs
-# and disk files find the same inode again (iget) while the rule holds it. A worker without network holds 52 (of
-# its 256 open files: sandbox.set_rlimits), one with network 2 (its whole /proc/PID is one rule).
+# and disk files find the same inode again (iget) while the rule holds it. A worker holds 52 (of its 256 open files:
+# sandbox.set_rlimits), one granted network too since round 42 (until then 2: its whole /proc/PID was one rule).
 _PINNED: list[int] = []
 
 
@@ -435,14 +447,11 @@ def _unpin() -> None:
         os.close(_PINNED.pop())
 
 
-def _add_own_proc(ruleset: int, network: bool, handled_fs: int) -> list[str]:
+def _add_own_proc(ruleset: int, handled_fs: int) -> list[str]:
     """The rules of the worker's own /proc/PID (`proc_self`): each entry opened beside the others (one system call
     each, no path walk, no stat: 49 rules cost ~0.8 ms as `_add_path`s), each descriptor held (`_PINNED`); what
     failed."""
     root = f"/proc/{os.getpid()}"
-    if network:
-        why = _add_path(ruleset, root, READ & handled_fs)
-        return [f"landlock read {why}"] if why else []
     missing: list[str] = []
     try:
         folder = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -470,10 +479,41 @@ def _add_own_proc(ruleset: int, network: bool, handled_fs: int) -> list[str]:
     return missing
 
 
+def _add_ports(ruleset: int, ports: list[tuple[int, int]]) -> list[str]:
+    """One rule a (port, rights) (RULE_NET_PORT); what failed. One struct and one call's arguments for all (a
+    range's 257 rules: ~0.8 ms with a struct and arguments made per call, about half of it the kernel's)."""
+    missing: list[str] = []
+    attr = _NetPort()
+    call, nr, ref = _libc.syscall, ctypes.c_long(NR_ADD_RULE), ctypes.byref(attr)
+    for port, access in ports:
+        attr.allowed_access, attr.port = access, port
+        if call(nr, ruleset, RULE_NET_PORT, ref, 0) != 0:
+            missing.append(f"landlock port {port}: {os.strerror(ctypes.get_errno())}")
+    return missing
+
+
+def net_rules(network: bool, ports: tuple[int, int] | None, gloo: bool) -> tuple[int, list[tuple[int, int]]]:
+    """(the TCP rights a ruleset handles, the (port, rights) it grants) of a worker: without `network` none at all
+    (both handled, no rule); with it, bind and connect in `ports` (the daemon's --collective-ports, LOW and HIGH) and
+    connect to DNS_PORT; with `gloo` connect is not handled (gloo's pairs dial the ports their peers' kernels picked)
+    and bind also port 0 (gloo's listener: a port the kernel picks). `ports` None with `network`: nothing handled (any
+    port, as before round 42)."""
+    both = NET_BIND_TCP | NET_CONNECT_TCP
+    if not network:
+        return both, []
+    if ports is None:
+        return 0, []
+    if gloo:
+        return NET_BIND_TCP, [(0, NET_BIND_TCP)] + [(p, NET_BIND_TCP) for p in range(ports[0], ports[1] + 1)]
+    return both, [(p, both) for p in range(ports[0], ports[1] + 1)] + [(DNS_PORT, NET_CONNECT_TCP)]
+
+
 def restrict(
     *,
     network: bool,
     gpu: bool,
+    ports: tuple[int, int] | None = None,
+    gloo: bool = False,
     version: int = -1,
     gpu_uuid: str = "",
     gpu_pci: str = "",
@@ -482,13 +522,15 @@ def restrict(
     """Confine the calling thread (and every thread and process it starts from now on) for good; the caller has set
     no_new_privs. `network`: keep TCP bind and connect (a lease that grants network: collectives). `gpu`: a real GPU
     (its driver files and libraries, and of the device files the control ones and those of the GPU `gpu_uuid`, PCI
-    address `gpu_pci`, only: `gpu_devices`). Returns (what was applied, what is missing)."""
+    address `gpu_pci`, only: `gpu_devices`). With `network` and `ports` (--collective-ports: LOW, HIGH) TCP bind and
+    connect in those ports only, `gloo` (--collectives gloo) connect anywhere (`net_rules`). Returns (what was
+    applied, what is missing)."""
     version = abi() if version < 0 else version
     if version <= 0:
         return [], ["landlock: not in this kernel"]
     handled_fs = FS_ABI1 | (FS_REFER if version >= 2 else 0) | (FS_TRUNCATE if version >= 3 else 0)
     handled_fs |= FS_IOCTL_DEV if version >= 5 else 0
-    handled_net = NET_BIND_TCP | NET_CONNECT_TCP if version >= 4 and not network else 0
+    handled_net, port_rules = net_rules(network, ports, gloo) if version >= 4 else (0, [])
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if version >= 6 else 0
     attr = _RulesetAttr(handled_fs, handled_net, scoped)
     size = 24 if version >= 6 else 16 if version >= 4 else 8
@@ -499,6 +541,7 @@ def restrict(
     try:
         reads = list(read_paths())
         reads += NETWORK_READ if network else ()
+        reads += GLOO_READ if network and gloo else ()
         devices = ["/dev/null"]
         if gpu:
             more, nvidia, notes = gpu_paths(gpu_uuid, gpu_pci, layout)
@@ -510,7 +553,8 @@ def restrict(
                 why = _add_path(ruleset, path, READ & handled_fs)
                 if why:
                     missing.append(f"landlock read {why}")
-        missing += _add_own_proc(ruleset, network, handled_fs)  # /proc/self, less the host's connections
+        missing += _add_own_proc(ruleset, handled_fs)  # /proc/self, less the host's connections
+        missing += _add_ports(ruleset, port_rules)
         for path in devices:
             why = _add_path(ruleset, path, DEVICE & handled_fs)
             if why:
@@ -524,7 +568,12 @@ def restrict(
         raise
     finally:
         os.close(ruleset)
-    applied = [f"landlock ABI {version}"] + (["landlock: no TCP bind or connect"] if handled_net else [])
+    applied = [f"landlock ABI {version}"]
+    if handled_net and not network:
+        applied.append("landlock: no TCP bind or connect")
+    elif handled_net and ports is not None:
+        where = f"ports {ports[0]}-{ports[1]}" + (" or one the kernel picks; connect anywhere (gloo)" if gloo else "")
+        applied.append(f"landlock: TCP bind{'' if gloo else ' and connect'} in {where} only")
     missing += [f"landlock: {what}" for at, what in MISSING_BELOW.items() if version < at]
     try:
         others = len(os.listdir("/proc/self/task")) - 1

@@ -6,7 +6,10 @@ the certificate files Python's `ssl` needs, and `ssl` has no pre-shared keys. So
 are plain TCP sockets carrying AES-256-GCM frames (`cryptography`, i.e. OpenSSL), keyed from the group's
 secret, which only daemons that were handed the lease's tokens can compute (`group_secret`, server/collectives.py):
 
-Topology: a star around rank 0 (the hub). The hub listens on the daemon's peer-facing host; it publishes
+Topology: a star around rank 0 (the hub). The hub listens on the daemon's peer-facing host, on a free port of the
+daemon's `--collective-ports` range (`bind_in`: a worker granted network may bind and connect to no other TCP
+port under Landlock, round 42; every daemon of a pool has the same range, and a rank refuses a hub port outside its
+own); it publishes
 `<generation> <host> <port>` in the group's signed store (an HMAC under the secret: `_SignedStore`), where the
 generation is 16 fresh random bytes of this group. Every other rank connects to the hub once.
 
@@ -50,17 +53,19 @@ traffic analysis (sizes and timing), and denial of service by anyone who can rea
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
 import os
+import random
 import selectors
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -69,8 +74,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gpupool.errors import InvalidArgument
+from gpupool.errors import InvalidArgument, ResourceExhausted
 from gpupool.peers import push_out, source_key
+from gpupool.protocol import COLLECTIVE_PORTS
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +285,33 @@ def _frames(n: int) -> list[tuple[int, int]]:
 
 # ---- forming the group ----
 
+T = TypeVar("T")
+
+
+def bind_in(ports: tuple[int, int], bind: Callable[[int], T]) -> T:
+    """`bind(port)` on the ports of `ports` (LOW, HIGH: --collective-ports) from a random one on, until one is free:
+    the first that does not fail with "address in use" (an OSError of EADDRINUSE, or torch's DistNetworkError naming
+    it); RESOURCE_EXHAUSTED when every port of the range is taken (by the daemon's other groups, or anything else of
+    the host). Any other failure is raised as it is."""
+    low, high = ports
+    count = high - low + 1
+    start = random.randrange(count)
+    for i in range(count):
+        port = low + (start + i) % count
+        try:
+            return bind(port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        except RuntimeError as exc:  # TCPStore's DistNetworkError
+            if "EADDRINUSE" not in str(exc):
+                raise
+    raise ResourceExhausted(f"every port of this daemon's --collective-ports {low}-{high} is in use; try again later")
+
+
+def in_range(port: int, ports: tuple[int, int]) -> bool:
+    return ports[0] <= port <= ports[1]
+
 
 def form(
     store: Any,
@@ -289,16 +322,23 @@ def form(
     timeout: float,
     host: str,
     stop: threading.Event | None = None,
+    ports: tuple[int, int] = COLLECTIVE_PORTS,
 ) -> SecureGroup:
     """Connect this rank into the group's star (blocks until every rank is in, or raises LinkError; at once
-    when `stop` is set: the session closed, and rank 0's listener goes with it)."""
+    when `stop` is set: the session closed, and rank 0's listener goes with it). Rank 0 listens on a port of
+    `ports` (--collective-ports); the others connect to no hub port outside it."""
     deadline = time.monotonic() + timeout
     if rank == 0:
-        return _form_hub(store, secret, lease_id, size, timeout, host, deadline, stop)
+        return _form_hub(store, secret, lease_id, size, timeout, host, deadline, stop, ports)
     raw = store.get(HUB_KEY).decode(errors="replace").split()
     if len(raw) != 3 or not raw[2].isdigit():
         raise LinkError(f"the group's store holds a malformed hub address {' '.join(raw)!r}")
     generation, hub_host, port = bytes.fromhex(raw[0]), raw[1], int(raw[2])
+    if not in_range(port, ports):
+        raise LinkError(
+            f"rank 0's hub listens on port {port}, outside this daemon's --collective-ports {ports[0]}-{ports[1]} "
+            "(every daemon of a job needs the same range)"
+        )
     while True:
         try:
             sock = socket.create_connection((hub_host, port), timeout=max(0.1, deadline - time.monotonic()))
@@ -332,9 +372,10 @@ def _form_hub(
     host: str,
     deadline: float,
     stop: threading.Event | None,
+    ports: tuple[int, int] = COLLECTIVE_PORTS,
 ) -> SecureGroup:
     family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
-    listener = socket.create_server((host, 0), family=family, backlog=64)
+    listener = bind_in(ports, lambda port: socket.create_server((host, port), family=family, backlog=64))
     generation = os.urandom(16)
     hub = _Hub(secret, lease_id, generation, size, deadline, stop)
     try:

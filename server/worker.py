@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpupool import protocol
+from gpupool.protocol import COLLECTIVE_PORTS
 
 from . import bulk, slices
 from .slices import SliceRequest, SliceResult
@@ -96,6 +97,9 @@ class WorkerSpec:
     uid: int = -1  # a uid (and gid) of the worker's own instead of `user`'s (--worker-uids; -1: none)
     groups: tuple[int, ...] = ()  # supplementary groups kept when it drops its user (the GPU device files' group)
     landlock: bool = True  # a Landlock ruleset (server/landlock.py: --landlock)
+    # --collective-ports (LOW, HIGH): where its collective groups listen and the peers' ports they connect to; under
+    # Landlock ABI 4+ the only TCP ports a worker granted network may bind or connect to (and 53: name lookups)
+    collective_ports: tuple[int, int] = COLLECTIVE_PORTS
 
 
 # ---- the worker's CUDA memory cap ----
@@ -240,7 +244,9 @@ class _SessionState:
             from .speedmodel import SpeedModel
 
             verifier = Verifier.from_pems(list(spec.token_keys))
-            self.executor.collectives.configure(verifier.verify, spec.peer_host, spec.collectives)
+            self.executor.collectives.configure(
+                verifier.verify, spec.peer_host, spec.collectives, _ports(spec.collective_ports)
+            )
             speed = SpeedModel(*spec.speed)
             if self.device.fake and (speed.active or speed.link_gbps > 0):
                 self.executor.speed = self.executor.collectives.speed = speed
@@ -706,6 +712,12 @@ def _vm_data() -> int:
     return 0
 
 
+def _ports(pair: Any) -> tuple[int, int]:
+    """--collective-ports from a spec (a JSON list through the zygote)."""
+    low, high = pair
+    return int(low), int(high)
+
+
 def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
     from . import native_runner, sandbox, workerprofile
@@ -748,6 +760,8 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         gpu=not state.device.fake and state.device.torch_device.type == "cuda",
         gpu_uuid=state.device.uuid,
         gpu_pci=getattr(state.device, "pci", ""),
+        ports=_ports(spec.collective_ports),
+        gloo=spec.collectives == "gloo",
     )
     # NCCL makes shared-memory files in /dev/shm and talks over unix sockets, which Landlock and seccomp refuse: a
     # confined worker's `--collectives gloo` groups are gloo's from the start (server/collectives.py `use_nccl`)

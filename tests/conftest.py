@@ -86,6 +86,15 @@ def closed_port() -> Iterator[int]:
 
 
 @pytest.fixture
+def closed_collective_port() -> Iterator[int]:
+    """`closed_port` in the daemons' default --collective-ports (a rank names no group store port outside it)."""
+    from gpupool.protocol import COLLECTIVE_PORTS
+
+    with dead_port(COLLECTIVE_PORTS) as port:
+        yield port
+
+
+@pytest.fixture
 def token_key() -> bytes:
     """A fresh token seed: `mint_token(token_key, ...)` signs with the Ed25519 key derived from it, daemons get
     only its public key (`support.verifier`, `support.public_key_file`)."""

@@ -443,9 +443,16 @@ class TcpRelay:
     (another loopback address, e.g. 127.0.0.2) its connections upstream come from there: a client through it
     is, to the server, a peer on another address."""
 
-    def __init__(self, upstream: tuple[str, int], source: str | None = None) -> None:
+    def __init__(
+        self, upstream: tuple[str, int], source: str | None = None, ports: tuple[int, int] | None = None
+    ) -> None:
         self.upstream, self.source = upstream, source
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        if ports is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+        else:  # a port of a daemon's --collective-ports (a rank dials no hub port outside it)
+            from gpupool.server.seclink import bind_in
+
+            self.listener = bind_in(ports, lambda port: socket.create_server(("127.0.0.1", port)))
         self.port = self.listener.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
         self.connections = 0
@@ -484,13 +491,19 @@ class TcpRelay:
 
 
 @contextlib.contextmanager
-def dead_port() -> Iterator[int]:
+def dead_port(ports: tuple[int, int] | None = None) -> Iterator[int]:
     """A loopback port where connections are refused, for as long as the block runs: a socket bound there and not
     listening (Linux answers a SYN to it with a reset, ECONNREFUSED at once). Binding port 0 and closing it, as the
     tests did before round 29, left a free port that another test's server (or a connection's source port) could
-    take before the test connected to it; a bound socket keeps every other bind and autobind off the port."""
+    take before the test connected to it; a bound socket keeps every other bind and autobind off the port. With
+    `ports` (LOW, HIGH: a daemon's --collective-ports) a free port of that range."""
     with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
+        if ports is None:
+            held.bind(("127.0.0.1", 0))
+        else:
+            from gpupool.server.seclink import bind_in
+
+            bind_in(ports, lambda port: held.bind(("127.0.0.1", port)))
         yield int(held.getsockname()[1])
 
 

@@ -14,11 +14,13 @@ import uuid
 import pytest
 import torch
 from gpupool.client.session import Session
+from gpupool.server.seclink import bind_in
 from support import DaemonHandle, MiB
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, PermissionDenied, Unavailable
+from gpupool.protocol import COLLECTIVE_PORTS
 
 TIMEOUT = 4.0
 
@@ -265,6 +267,22 @@ def test_joins_are_refused_unless_every_token_is_of_the_same_lease(daemon_factor
     with pytest.raises(InvalidArgument, match="bad group"):
         join(3, [peer, mine])
     s.close()
+
+
+def test_a_rank_names_no_store_port_outside_its_daemons_collective_ports(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """The store's address is the client's word: a daemon connects to no port outside its --collective-ports (the
+    same range on every daemon of a pool: rank 0's store is in it), the only ports its worker may reach under Landlock
+    (round 42). On ca5fb68 the join was taken and its worker dialled the port (here the daemon's own)."""
+    d = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True)
+    lease = uuid.uuid4().hex
+    tokens = [d.token(lease_id=lease, host="absent-host"), d.token(lease_id=lease, network=True)]
+    with Session.attach(d.address, tokens[1]) as s:
+        port = int(d.address.rpartition(":")[2])
+        join = device_pb2.GroupJoin(rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{port}")
+        s.command(device_pb2.Command(group_join=join))
+        with pytest.raises(InvalidArgument, match=f"store port {port} is outside this daemon's --collective-ports"):
+            s.sync()
+        assert s.download(s.upload(torch.ones(1))).tolist() == [1.0]  # the session stays usable
 
 
 def test_collective_before_join_is_refused(daemon) -> None:  # type: ignore[no-untyped-def]
@@ -563,7 +581,7 @@ def test_abandoned_groups_end_their_threads_and_sockets(daemon_factory, transpor
     assert grown < n, f"{grown} threads more after {n} abandoned groups"
 
 
-def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory, closed_port) -> None:  # type: ignore[no-untyped-def]
+def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory, closed_collective_port) -> None:  # type: ignore[no-untyped-def]
     """Rank 1 names a store address where nothing answers (a closed port: refused, retried). Its join thread
     (`gpupool-group-N`) ran one TCPStore constructor with the group's timeout (60 s here, 300 s at most) that no
     session close reached: a tenant looping join-and-close under --isolation thread held a thread per loop for
@@ -576,7 +594,7 @@ def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory, closed_por
         tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
         s = Session.attach(daemon.address, tokens[1])
         join = device_pb2.GroupJoin(
-            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{closed_port}", timeout_seconds=60.0
+            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{closed_collective_port}", timeout_seconds=60.0
         )
         s.command(device_pb2.Command(group_join=join))
         s.sync()
@@ -609,7 +627,7 @@ def test_a_join_to_a_port_that_accepts_and_never_answers_ends_with_its_session(d
     constructor sees the connection end and raises, the thread ends, the address's connection is closed."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
     silent = socket.socket()  # accepts (the kernel's backlog and accept below), never says anything
-    silent.bind(("127.0.0.1", 0))
+    bind_in(COLLECTIVE_PORTS, lambda port: silent.bind(("127.0.0.1", port)))
     silent.listen(16)
     accepted: list[socket.socket] = []
     before = _group_threads()
@@ -642,7 +660,7 @@ def test_a_join_to_a_port_that_accepts_and_never_answers_ends_with_its_session(d
         silent.close()
 
 
-def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, capfd, closed_port) -> None:  # type: ignore[no-untyped-def]
+def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, capfd, closed_collective_port) -> None:  # type: ignore[no-untyped-def]
     """Every failed TCPStore constructor writes c10d's error and its C++ stack trace (~6 KB, 40 lines) to the
     daemon's stderr: round 20's 0.5 s store attempts let a tenant naming a dead address write ~4 KB/s of log per
     join, for the group's timeout (up to 300 s), join after join. Attempts now only open a TCP connection until
@@ -653,7 +671,7 @@ def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, c
     with Session.attach(daemon.address, tokens[1]) as s:
         capfd.readouterr()  # what came before
         join = device_pb2.GroupJoin(
-            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{closed_port}", timeout_seconds=60
+            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{closed_collective_port}", timeout_seconds=60
         )
         s.command(device_pb2.Command(group_join=join))
         s.sync()
@@ -663,7 +681,7 @@ def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, c
     assert "c10d" not in err and len(err) < 2000, f"{len(err)} bytes of stderr in 3 s: {err[:300]}"
 
 
-def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory, closed_port) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory, closed_collective_port) -> None:  # type: ignore[no-untyped-def]
     """The daemon connects to whatever store address rank 1's client names, so its error must not say what is
     there: round 20 answered "nothing answers there (Connection refused)" for a closed port, "(timed out)" for a
     black-holed one, a c10d error or "did not form within" for one that accepts (a tenant could map the open ports
@@ -673,7 +691,7 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory, close
     -2] Name or service not known", and went on with a name it could: which names its resolver knows)."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
     accepting = socket.socket()  # accepts connections (the kernel's backlog), says nothing: no store
-    accepting.bind(("127.0.0.1", 0))
+    bind_in(COLLECTIVE_PORTS, lambda port: accepting.bind(("127.0.0.1", port)))
     accepting.listen(16)
     lease0 = uuid.uuid4().hex  # another lease's group, its rank 1 absent: a real store, without this lease's mark
     tokens0 = [daemon.token(lease_id=lease0, network=True), daemon.token(lease_id=lease0, host="absent-host")]
@@ -684,8 +702,8 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory, close
     timeout = 4.0
     outcomes, took = [], []
     try:
-        for address in (f"127.0.0.1:{closed_port}", f"127.0.0.1:{accepting.getsockname()[1]}",
-                        f"127.0.0.1:{store_port}", f"no-such-host.invalid:{closed_port}"):  # fmt: skip
+        for address in (f"127.0.0.1:{closed_collective_port}", f"127.0.0.1:{accepting.getsockname()[1]}",
+                        f"127.0.0.1:{store_port}", f"no-such-host.invalid:{closed_collective_port}"):  # fmt: skip
             lease = uuid.uuid4().hex
             tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
             with Session.attach(daemon.address, tokens[1]) as s:

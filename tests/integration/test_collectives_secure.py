@@ -33,6 +33,7 @@ from support import MiB, TcpRelay, shut
 from test_collectives import collective, join_all
 
 from gpupool._proto import device_pb2
+from gpupool.protocol import COLLECTIVE_PORTS
 
 TIMEOUT = 4.0
 Tamper = Callable[[int, int, bytes], bytes]  # (connection number, frame number, frame) -> frame to forward
@@ -91,7 +92,7 @@ class Relay(TcpRelay):
         hello: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.tamper_up, self.tamper_down, self.hello = tamper_up, tamper_down, hello
-        super().__init__(upstream)
+        super().__init__(upstream, ports=COLLECTIVE_PORTS)  # a rank dials no hub port outside its daemon's range
 
     def _relay(self, down: socket.socket, up: socket.socket, n: int) -> None:
         first_up = [(seclink.HELLO_BYTES, self.hello), (seclink.CONFIRM_BYTES, None)]

@@ -438,20 +438,30 @@ def test_a_worker_writes_no_file_and_connects_to_no_port_without_the_network_gra
             runner.close()
 
 
-def test_a_worker_granted_network_still_connects(zygote: Zygote) -> None:
-    """Pins what held on 1344c19 and must hold under Landlock: a worker whose lease grants network (collectives
-    between daemons) connects to TCP ports."""
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_worker_granted_network_connects_in_its_collective_ports_only(zygote: Zygote, transport: str) -> None:
+    """A worker whose lease grants network (collectives between daemons) connects to the ports of its daemon's
+    --collective-ports (its peers' stores and hubs: here the default range), and under Landlock ABI 4+ to no other
+    TCP port: on ca5fb68 it connected to any (round 41's audit: the daemon's and the scheduler's loopback ports
+    included; a listener on a port the kernel picked stands in for them). Under `--collectives gloo` it still
+    connects anywhere (gloo's pairs dial the ports their peers' kernels picked)."""
     import socket
 
-    with socket.socket() as service:
-        service.bind(("127.0.0.1", 0))
-        service.listen(4)
-        ctx = {"port": service.getsockname()[1]}
-        runner, got = attack(zygote, ["connect_loopback"], ctx, network=True)
-        try:
-            assert got["connect_loopback"].startswith("open"), got
-        finally:
+    from gpupool.server import landlock
+    from gpupool.server.seclink import bind_in
+
+    from gpupool.protocol import COLLECTIVE_PORTS
+
+    inside = bind_in(COLLECTIVE_PORTS, lambda port: socket.create_server(("127.0.0.1", port)))
+    with inside, socket.create_server(("127.0.0.1", 0)) as daemon_port:
+        got = {}
+        for name, service in (("inside", inside), ("outside", daemon_port)):
+            ctx = {"port": service.getsockname()[1]}
+            runner, report = attack(zygote, ["connect_loopback"], ctx, network=True, collectives=transport)
             runner.close()
+            got[name] = report["connect_loopback"].split(":")[0]
+    narrowed = landlock.abi() >= 4 and transport == "secure"
+    assert got == {"inside": "open", "outside": "blocked" if narrowed else "open"}, got
 
 
 def test_a_worker_signals_no_process_and_reaches_no_abstract_socket_outside_it(zygote: Zygote) -> None:

@@ -160,3 +160,107 @@ def test_a_confined_process_still_reads_its_own_proc_after_the_kernel_drops_its_
         out, _ = child.communicate("go\n", timeout=120)
     got = json.loads(out)
     assert got == dict.fromkeys(got, "open"), got
+
+
+NET_CHILD = textwrap.dedent(
+    """
+    import ctypes, json, os, socket, sys
+    from gpupool.server import landlock
+    low, high, inside, outside, gloo, version = (int(a) for a in sys.argv[1:7])
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+    applied, missing = landlock.restrict(network=True, gpu=False, ports=(low, high), gloo=bool(gloo), version=version)
+    got = {"applied": applied, "missing": missing}
+
+    def bind(port):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+    def bind_free(low, high):  # a port of the range another process (a test's daemon) does not hold
+        for port in range(low, high + 1):
+            try:
+                return bind(port)
+            except OSError as exc:
+                if exc.errno != 98 or port == high:  # EADDRINUSE
+                    raise
+
+    def read(path):
+        with open(path, "rb") as f:
+            f.read(64)
+
+    for what, fn in (("connect inside", lambda: socket.create_connection(("127.0.0.1", inside), 5).close()),
+                     ("connect outside", lambda: socket.create_connection(("127.0.0.1", outside), 5).close()),
+                     ("bind in the range", lambda: bind_free(low + 1, high)),
+                     ("bind outside", lambda: bind(outside + 1)),
+                     ("bind port 0", lambda: bind(0)),
+                     ("read /proc/self/net/tcp", lambda: read("/proc/self/net/tcp")),
+                     ("list /sys/devices", lambda: os.listdir("/sys/devices")),
+                     ("read /etc/hosts", lambda: read("/etc/hosts"))):
+        try:
+            fn()
+            got[what] = "open"
+        except OSError as exc:
+            got[what] = exc.errno
+    print(json.dumps(got))
+    """
+)
+
+
+def network_confined(gloo: bool, version: int = -1) -> dict[str, object]:
+    """A process confined as a worker granted network, its --collective-ports a range of 8 with a listener in it (at
+    its low end) and one outside (the daemon's or the scheduler's loopback port)."""
+    from gpupool.server.seclink import bind_in
+
+    inside = bind_in((30100, 30355), lambda port: socket.create_server(("127.0.0.1", port)))
+    low = inside.getsockname()[1]
+    with inside, socket.create_server(("127.0.0.1", 0)) as outside:
+        args = [low, low + 7, low, outside.getsockname()[1], int(gloo), version]
+        out = subprocess.run([sys.executable, "-c", NET_CHILD, *map(str, args)], capture_output=True, text=True,
+                             timeout=120, check=True)  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+@pytest.mark.skipif(landlock.abi() < 4, reason="TCP rules need Landlock ABI 4")
+def test_a_worker_granted_network_binds_and_connects_in_its_collective_ports_only() -> None:
+    """Round 41's audit: a worker granted network (the secure links) connected to any TCP port (the daemon's and
+    the scheduler's loopback ports included), listened on any, read the host's connections (/proc/self/net) and all
+    of /sys/devices. Now: TCP bind and connect in --collective-ports only (and port 53), neither `net` nor /sys.
+    On ca5fb68 `restrict` took no ports: every reach below was open."""
+    got = network_confined(gloo=False)
+    assert any("TCP bind and connect in ports" in line for line in got["applied"]), got  # type: ignore[attr-defined]
+    want = {
+        "connect inside": "open",
+        "connect outside": 13,
+        "bind in the range": "open",
+        "bind outside": 13,
+        "bind port 0": 13,
+        "read /proc/self/net/tcp": 13,
+        "list /sys/devices": 13,
+        "read /etc/hosts": "open",
+    }
+    assert {k: got[k] for k in want} == want, got  # fmt: skip
+
+
+@pytest.mark.skipif(landlock.abi() < 4, reason="TCP rules need Landlock ABI 4")
+def test_a_gloo_worker_connects_anywhere_but_binds_its_range_or_a_port_the_kernel_picks() -> None:
+    """`--collectives gloo`: gloo's pairs dial the ports their peers' kernels picked, so connect stays open; a fixed
+    port outside the range cannot be bound (on ca5fb68 any could), and gloo's /sys entries are read."""
+    got = network_confined(gloo=True)
+    want = {
+        "connect inside": "open",
+        "connect outside": "open",
+        "bind in the range": "open",
+        "bind outside": 13,
+        "bind port 0": "open",
+        "read /proc/self/net/tcp": 13,
+        "list /sys/devices": "open",
+    }
+    assert {k: got[k] for k in want} == want, got  # fmt: skip
+
+
+def test_on_an_older_abi_a_worker_granted_network_keeps_working_and_says_what_it_lacks() -> None:
+    """As on a kernel of ABI 3 (Linux 6.2-6.6): no TCP rules, so the worker binds and connects anywhere (its
+    collectives still bind and dial --collective-ports only: server/collectives.py), and its report says so."""
+    got = network_confined(gloo=False, version=3)
+    assert got["connect inside"] == got["connect outside"] == got["bind outside"] == "open", got
+    assert "TCP bind and connect (ABI 4)" in " ".join(map(str, got["missing"])), got  # type: ignore[call-overload]
+    assert got["read /proc/self/net/tcp"] == 13, got  # (files: ABI 1)

@@ -16,6 +16,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gpupool.server import seclink
 from gpupool.server.seclink import Channel, LinkError
 
+from gpupool.errors import ResourceExhausted
+from gpupool.protocol import COLLECTIVE_PORTS
+
 SECRET = b"s" * 64
 GEN = bytes(16)
 
@@ -220,10 +223,50 @@ class DictStore:
         return self.values[key]
 
 
+def in_range_listener() -> socket.socket:
+    """A loopback listener on a free port of the default --collective-ports (a rank connects to no hub port outside)."""
+    return seclink.bind_in(COLLECTIVE_PORTS, lambda port: socket.create_server(("127.0.0.1", port)))
+
+
+def test_a_rank_connects_to_no_hub_port_outside_its_collective_ports() -> None:
+    """The hub's address comes from the group's store (signed, but any rank 0 of the lease writes it): a rank dials
+    no port outside its daemon's --collective-ports, the only ports its worker may reach under Landlock (round 42;
+    on ca5fb68 it connected wherever the store said: here the daemon's own port stands outside the range)."""
+    with socket.create_server(("127.0.0.1", 0)) as outside:
+        port = outside.getsockname()[1]
+        assert not seclink.in_range(port, COLLECTIVE_PORTS)  # (a port the kernel picked: above 32767)
+        outside.settimeout(0.5)
+        store = DictStore()
+        store.set(seclink.HUB_KEY, f"{GEN.hex()} 127.0.0.1 {port}")
+        with pytest.raises(LinkError, match="outside this daemon's --collective-ports"):
+            seclink.form(store, SECRET, "lease", 1, 3, 5.0, "127.0.0.1", ports=COLLECTIVE_PORTS)
+        with pytest.raises(TimeoutError):
+            outside.accept()  # never dialled
+
+
+def test_a_hub_listens_on_a_free_port_of_the_range() -> None:
+    """`bind_in` skips the ports of the range in use and says RESOURCE_EXHAUSTED once all are."""
+    low, high = COLLECTIVE_PORTS
+    taken = seclink.bind_in(COLLECTIVE_PORTS, _listen)
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(ResourceExhausted, match=f"every port of this daemon's --collective-ports {port}-{port}"):
+            seclink.bind_in((port, port), _listen)
+        for _ in range(20):  # from a random port of a range that holds `port` on: never `port`
+            with seclink.bind_in((port, high) if port < high else (low, port), _listen) as other:
+                assert other.getsockname()[1] != port
+    finally:
+        taken.close()
+
+
+def _listen(port: int) -> socket.socket:
+    return socket.create_server(("127.0.0.1", port))
+
+
 def test_a_rank_the_hub_drops_before_answering_connects_again() -> None:
     """The hub pushes out the oldest handshakes when strangers crowd it; the rank whose link was dropped before
     the hub's hello came back connects again (here the first two connections are hung up on, then served)."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = in_range_listener()
     store = DictStore()
     store.set(seclink.HUB_KEY, f"{GEN.hex()} 127.0.0.1 {listener.getsockname()[1]}")
     served: list[object] = []
@@ -247,7 +290,7 @@ def test_a_rank_the_hub_drops_before_answering_connects_again() -> None:
 def test_a_hub_without_the_keys_is_not_retried() -> None:
     """Only a link dropped before the hub answered is tried again: a hub that answers without the group's keys
     ends the rank's join at once."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = in_range_listener()
     store = DictStore()
     store.set(seclink.HUB_KEY, f"{GEN.hex()} 127.0.0.1 {listener.getsockname()[1]}")
     accepted: list[socket.socket] = []

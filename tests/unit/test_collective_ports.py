@@ -1,0 +1,42 @@
+"""`gpupool serve --collective-ports` (round 42): the TCP ports a session worker granted network listens on and
+connects to for its collective groups; the daemon refuses to start with one of its own ports in the range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gpupool.server.cli import build_parser, config_from_args
+from gpupool.server.daemon import DaemonConfig, check_collective_ports
+from support import public_key_file
+
+from gpupool.errors import InvalidArgument
+from gpupool.protocol import COLLECTIVE_PORTS, port_range
+
+
+def test_the_range_parses_and_bad_ones_are_refused() -> None:
+    assert port_range("30100-30355") == (30100, 30355) == COLLECTIVE_PORTS
+    assert port_range("40000") == (40000, 40000)
+    for bad in ("", "a-b", "30100-", "80-90", "30355-30100", "70000-70001", "20000-30000"):
+        with pytest.raises(ValueError):
+            port_range(bad)
+
+
+def test_the_flag_reaches_the_daemons_config_and_its_help_names_it(token_key_file: Path) -> None:
+    keys = ["--token-public-keys", str(public_key_file(token_key_file))]
+    args = build_parser().parse_args([*keys, "--collective-ports", "41000-41015"])
+    assert config_from_args(args).collective_ports == (41000, 41015)
+    assert config_from_args(build_parser().parse_args(keys)).collective_ports == COLLECTIVE_PORTS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--collective-ports", "80-90"])
+    assert "--collective-ports" in build_parser().format_help()
+
+
+def test_a_daemon_port_inside_the_range_is_refused_at_start() -> None:
+    """A worker granted network may connect to every port of the range: the daemon's own gRPC, bulk and metrics
+    ports must stay out of it."""
+    check_collective_ports(DaemonConfig(listen="127.0.0.1:50051"))  # the defaults are apart
+    check_collective_ports(DaemonConfig(listen="127.0.0.1:0"))  # (a port the kernel picks: above 32767)
+    for field in ("listen", "bulk_listen", "metrics_listen"):
+        with pytest.raises(InvalidArgument, match="is in --collective-ports 30100-30355"):
+            check_collective_ports(DaemonConfig(**{field: "127.0.0.1:30200"}))  # type: ignore[arg-type]
