@@ -675,10 +675,12 @@ PyObject* zero_storage(const at::Tensor& t) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack, bool below_autograd) {
+// `release_gil` false (`Ctx::run`'s pinned records: the process's only Python thread) keeps the GIL across the op.
+PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack, bool below_autograd, bool release_gil) {
   HANDLE_TH_ERRORS
   {
-    py::gil_scoped_release nogil;
+    std::optional<py::gil_scoped_release> nogil;
+    if (release_gil) nogil.emplace();
     std::optional<c10::impl::ExcludeDispatchKeyGuard> no_autograd;  // at::AutoDispatchBelowAutograd, where asked
     if (below_autograd) no_autograd.emplace(c10::autograd_dispatch_keyset);
     op.callBoxed(stack);
@@ -686,6 +688,81 @@ PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack, bool 
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
+
+int64_t pinned_records = 0;  // records whose op ran with the GIL kept and its inputs pinned (tests: `pinned`)
+
+// Whether this thread is the interpreter's only one (no other thread state: no other Python thread can be waiting
+// for the GIL, nor run Python code while an op runs)
+bool only_python_thread() {
+  PyThreadState* head = PyInterpreterState_ThreadHead(PyInterpreterState_Get());
+  return head != nullptr && PyThreadState_Next(head) == nullptr;
+}
+
+// torch's count of a TensorImpl's references (`intrusive_ptr_target::combined_refcount_`, private), for `Pins`:
+// reached through the pointer to the member that an explicit instantiation hands out (access is not checked in
+// an explicit instantiation's arguments, [temp.spec.general])
+using RefcountMember = std::atomic<uint64_t> c10::intrusive_ptr_target::*;
+RefcountMember refcount_member();
+template <RefcountMember M>
+struct RefcountAccess {
+  friend RefcountMember refcount_member() { return M; }
+};
+template struct RefcountAccess<&c10::intrusive_ptr_target::combined_refcount_>;
+std::atomic<uint64_t>& combined_refcount(c10::TensorImpl* t) {
+  return static_cast<c10::intrusive_ptr_target*>(t)->*refcount_member();
+}
+
+// A record's input tensors held by one reference of the runner's own until its op returned, as `held` holds them
+// (the kernel's references, the stack's, then never drop the last C++ one), but counted without torch's PyObject
+// hooks: an `at::Tensor` copy at 1 -> 2 references calls `incref_pyobject` and its end at 2 -> 1 `decref_pyobject`,
+// each a `gil_scoped_acquire` (~250 instructions an input, round 41's `held`). Only where no Python code runs while
+// a pin is held (`Ctx::run`'s `pin`: the GIL kept across the op, the process's only Python thread, a word mark): the
+// tensor's Python object, held by the session's table, outlives its pin, and nothing reads the count meanwhile.
+// The release puts the hooks' state right, as torch's own counting keeps it: the Python object owned by the
+// TensorImpl exactly while a C++ reference besides the object's is left (an op that returned its input).
+struct Pins {
+  struct Pin {
+    c10::TensorImpl* t;
+    bool owned;  // the TensorImpl owned its Python object when pinned (a C++ reference besides the object's)
+  };
+  std::vector<Pin> v;
+  std::vector<Pin>& home;
+  explicit Pins(std::vector<Pin>& room) : home(room) { v.swap(home); }
+  ~Pins() {
+    release();
+    if (v.capacity() > home.capacity()) v.swap(home);
+  }
+  Pins(const Pins&) = delete;
+  Pins& operator=(const Pins&) = delete;
+  void add(const at::Tensor& t) {
+    c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    for (const Pin& p : v) {
+      if (p.t == impl) return;  // the same tensor twice in one record
+    }
+    const uint64_t before = combined_refcount(impl).fetch_add(c10::detail::kReferenceCountOne, std::memory_order_relaxed);
+    v.push_back({impl, c10::detail::has_pyobject(before) && c10::detail::refcount(before) >= 2});
+  }
+  // the GIL held
+  void release() noexcept {
+    for (const Pin& p : v) {
+      std::atomic<uint64_t>& rc = combined_refcount(p.t);
+      if (c10::detail::refcount(rc.load(std::memory_order_acquire)) == 1) {
+        // the pin is the last reference (never while the Python object lives): let torch's release end it
+        c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(p.t);
+        continue;
+      }
+      const uint64_t after = rc.fetch_sub(c10::detail::kReferenceCountOne, std::memory_order_acq_rel) -
+                             c10::detail::kReferenceCountOne;
+      const bool owned = c10::detail::has_pyobject(after) && c10::detail::refcount(after) >= 2;
+      if (owned && !p.owned) {
+        p.t->incref_pyobject();
+      } else if (!owned && p.owned) {
+        p.t->decref_pyobject();
+      }
+    }
+    v.clear();
+  }
+};
 
 // A Python run (`Plan::n_pos` >= 0) called as `_run_step` calls `plan.run`: the record's arguments as the Python
 // path's decode gives them (the template's constants, its numbers as the record's ints or floats, the tensors)
@@ -1133,6 +1210,10 @@ struct Ctx {
   // `run`'s vectors between runs: empty, their room kept (`Reused`)
   std::vector<c10::IValue> stack_room;
   std::vector<at::Tensor> held_room;
+  std::vector<Pins::Pin> pin_room;
+  // a session's own worker process (`exclusive_rng`): where it is the only Python thread, a record's op runs with
+  // the GIL kept and its inputs pinned (`Pins`)
+  bool own_process = false;
   std::vector<uint64_t> hvals_room;
   std::vector<std::shared_ptr<Plan>> shell_room;
   // uploads and frees among the records run here (`between`; the context's `between`): the ledger's `transfer`, the
@@ -1187,6 +1268,11 @@ struct Ctx {
     // and, the GIL being released around the op, takes the GIL for it (~1k instructions an input)
     Reused<at::Tensor> held_(held_room);
     std::vector<at::Tensor>& held = held_.v;
+    // Or, where no Python code can run while the op does (this session's own worker process, the interpreter's
+    // only thread, a word mark, an op called as itself: `pin` per record), the op runs with the GIL kept (its
+    // release and reacquisition ~410 instructions an op) and its inputs are pinned rather than held (`Pins`)
+    Pins pins(pin_room);
+    const bool pin_ok = own_process && word.buf != nullptr;
     Reused<uint64_t> hvals_(hvals_room);
     std::vector<uint64_t>& hvals = hvals_.v;  // a SEVERAL step's output handles (`hkeys`' values), for `several`
     // go on in run `py` (its native form `nat`, the Trace `t`) from its first step, with a fresh list of kept outputs
@@ -1287,6 +1373,8 @@ struct Ctx {
         // inputs
         stack.clear();
         held.clear();
+        pins.release();
+        const bool pin = pin_ok && p->n_pos < 0 && only_python_thread();
         stack.reserve(p->args.size());
         const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
         auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
@@ -1326,7 +1414,11 @@ struct Ctx {
             }
             return true;
           }
-          held.push_back(v);
+          if (pin) {
+            pins.add(v);
+          } else {
+            held.push_back(v);
+          }
           *t = v;
           return true;
         };
@@ -1434,8 +1526,12 @@ struct Ctx {
         }
         // From here on the record is run here: the op, the count, the binding, the quota check.
         mark(c, i, word, progress);
-        PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack, p->below_autograd);
+        PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack, p->below_autograd, !pin);
         held.clear();  // the GIL held again: the last C++ reference goes without taking it
+        if (pin) {
+          pins.release();
+          ++pinned_records;
+        }
         if (ran == nullptr) {
           exc = fetch();
           break;
@@ -1533,6 +1629,7 @@ struct Ctx {
           break;
         }
       }
+      pins.release();  // a record refused after its inputs were pinned: before any code the run calls from here
       if (switched_at >= 0 && hits == switched_at && exc.is_none()) {  // the next run did not take the record
         // the run that followed the one before (`runs.Trace.alt`): a run met at two places of a step (a
         // transformer's layers) is followed by another run at each, and `next` names the last one only
@@ -3230,6 +3327,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           c.rng_lock = r[1];
           c.rng_acquire = c.rng_lock.attr("acquire");
           c.rng_release = c.rng_lock.attr("release");
+          c.own_process = true;
         }
         if (!between.is_none()) {  // (transfer, pool, dtypes): uploads and frees among the records run here
           auto u = between.cast<py::tuple>();
@@ -3257,6 +3355,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       });
   m.def("free", &free_handles, py::arg("session"), py::arg("msg"), py::arg("ctx") = py::none());
   m.def("filled", &filled);
+  m.def("pinned", [] { return pinned_records; });
   m.def("quiet_externals", &quiet_externals);
   m.def("rebind_run", &rebind_run);
   py::class_<GraphPlan>(m, "GraphPlan")

@@ -29,7 +29,14 @@ that fails, a step that does not qualify) goes back to the Python path untouched
 before the op runs), which then runs or refuses it exactly as without the runner; an op that raises reports its
 exception to the Python loop, which records it as the Python path would have. Each input tensor is held by a second
 C++ reference until the op returned, so the kernel, which runs with the GIL released, never drops the last one (which
-would take the GIL to hand the tensor's Python object back); the session's and the device's counters (`used`, `ops`)
+would take the GIL to hand the tensor's Python object back). In a session's own worker process (`exclusive_rng`) with
+a word mark, while its thread is the interpreter's only one (round 42), an op called as itself runs with the GIL kept
+(no other Python thread can wait for it; its release and reacquisition were ~410 instructions an op) and its inputs are
+pinned instead (`Pins`): one count of the runner's own on each TensorImpl, added and taken away without torch's PyObject
+hooks (`incref_pyobject` at 1 -> 2 references, `decref_pyobject` at 2 -> 1, each a `gil_scoped_acquire`: ~250
+instructions an input), the hooks' state put right at the release (an op that returned its input); no Python code runs
+while a pin is held. Anywhere else (another Python thread, a callable mark, sessions sharing the process, a Python
+run) the GIL is released per op and the inputs held as before. The session's and the device's counters (`used`, `ops`)
 are read and written in their instance dicts where Python's own attribute access would (the generic getattr and
 setattr, no data descriptor of that name), through getattr and setattr otherwise. Within one `Ctx.run` they are kept
 in C++ (`Counter`): read once, added to per record, and written back as one `+=` each before any session or executor

@@ -236,6 +236,9 @@ class Three:
         self.ex = [CommandExecutor(slices.SliceLedger()) for _ in range(3)]
         self.ex[1].native = None
         self.draws = [0, 0, 0]  # random records each executor's Python path ran (`_seeded`)
+        # every other slice N marks its progress as a worker does (`slices.word_mark`, the last mark compared): the
+        # runner then keeps the GIL across its ops and pins their inputs (native_runner.cpp `Pins`, round 42)
+        self.slices = 0
         for k, ex in enumerate(self.ex):
             ex._seeded = self._counted(ex._seeded, k)  # type: ignore[method-assign]
         self.s: list[WorkerSession] = []
@@ -267,12 +270,18 @@ class Three:
     def slice(self, cmds: list[device_pb2.Command]) -> None:
         payload = device_pb2.ClientFrame(commands=cmds).SerializeToString()
         seen = []
+        self.slices += 1
+        word = self.slices % 2 == 0
         for k, (ex, s) in enumerate(zip(self.ex, self.s, strict=True)):
             ex.ledger.reset()
             execute = ex.execute if k < 2 else (lambda *a, ex=ex: ex.execute(*a))  # no `eager_span` behind it
             marks: list[int] = []
             req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, payload)
-            res = slices.run_commands(s, execute, ex.ledger, req, _Clock, marks.append)
+            buf = bytearray(struct.pack("<i", -1))
+            mark = slices.word_mark(buf) if word and k == 0 else marks.append
+            res = slices.run_commands(s, execute, ex.ledger, req, _Clock, mark)
+            if word:  # the last mark each made (the word holds only that)
+                marks = [struct.unpack("<i", buf)[0]] if k == 0 else marks[-1:] or [-1]
             err, s.error = s.error, None
             seen.append((res.executed, res.errors, res.used, res.ops, res.handles, marks,
                          None if err is None else (err.code, err.op, err.message)))  # fmt: skip
@@ -400,7 +409,13 @@ def fuzz(path: Path, seed: int) -> tuple[int, int]:
 def test_damaged_training_streams_run_alike_with_the_runner_on_off_and_without_runs(
     model: str, case: int, recordings: Path
 ) -> None:
+    mod = native_runner.load()
+    pinned = mod.pinned() if mod is not None else 0
     native, hits = fuzz(recordings / f"{model}.json", SEED * 1000 + case)
-    print(f"{model} case {case}: {hits} records in learned runs, {native} of them by the native runner")
-    if native_runner.load() is not None:
+    pinned = (mod.pinned() if mod is not None else 0) - pinned
+    print(f"{model} case {case}: {hits} records in learned runs, {native} of them by the native runner, "
+          f"{pinned} pinned")  # fmt: skip
+    if mod is not None:
         assert native > 0, "the native runner never ran"
+        if len(sys._current_frames()) == 1:  # no other Python thread here: the word-marked slices pin
+            assert pinned > 0, "no record ran pinned"

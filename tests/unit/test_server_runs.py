@@ -18,6 +18,7 @@ import random
 import re
 import struct
 import sys
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -2078,3 +2079,85 @@ def test_hostile_upload_and_free_bytes_inside_a_run_as_on_the_normal_path(runner
         device_pb2.ClientFrame.FromString(payload)  # upb reads it
         p.slice([], payload=payload)
         t += 1
+
+
+def _pinning_pair() -> Pair:
+    """A pair whose `ex[0]` runs as a session's own worker process does (`exclusive_rng`, a word mark): where its
+    thread is the interpreter's only one, the runner keeps the GIL across each op and pins its inputs
+    (native_runner.cpp `Pins`) rather than holding them by torch's counted references."""
+    p = Pair()
+    p.word = True
+    for ex in p.ex:
+        ex.exclusive_rng = True  # both: the random op's draws the same
+    return p
+
+
+def _pinned() -> int:
+    mod = native_runner.load()
+    return 0 if mod is None else int(mod.pinned())
+
+
+def test_pinned_inputs_leave_every_tensor_counted_and_freed_as_on_the_normal_path(runner: str) -> None:
+    """Pinned records (the GIL kept, each input held by a count of the runner's own, without torch's PyObject
+    hooks) leave every tensor's C++ and Python references as the normal path leaves them: an in-place op that
+    returns its input (op 7 on P, every step) neither leaks nor loses a reference of its Python object, the same
+    tensor twice in one record is pinned once, and a step's freed outputs are gone at once."""
+    p = _pinning_pair()
+    alone = len(sys._current_frames()) == 1  # no other Python thread in this process (else nothing is pinned)
+    before = _pinned()
+    p.stream(training(p, 6), itertools.cycle([7, 13, 64]))
+    refs = [sys.getrefcount(s.tensors[P]) for s in p.s]
+    doubled = [p.rec(5, [h(t, 11)], [T(h(t, 2)), T(h(t, 2))], {"alpha": V(2.0)}) for t in range(6, 14)]
+    for t in range(6, 14):
+        p.stream(step(p, t) + [doubled[t - 6]] + ([free(t - 1)] if t == 6 else []), itertools.cycle([64]))
+        outs = [weakref.ref(s.tensors[h(t, j)]) for s in p.s for j in (0, 1, 2, 11)]
+        p.stream([free(t), device_pb2.Command(free=device_pb2.Free(handles=[h(t, 11)]))], itertools.cycle([64]))
+        assert all(w() is None for w in outs), t
+    assert [sys.getrefcount(s.tensors[P]) for s in p.s] == refs
+    for hd in p.s[0].tensors:
+        assert p.s[0].tensors[hd]._use_count() == p.s[1].tensors[hd]._use_count(), hd
+    if runner == "native" and alone:
+        assert _pinned() - before >= 8 * 8, _pinned() - before
+
+
+def test_pinned_records_whose_op_fails_fail_as_on_the_normal_path(runner: str) -> None:
+    """`test_an_op_that_fails_inside_a_run_fails_as_on_the_normal_path`'s stream on a pinning pair: a value guard's
+    failure, a freed input, a foreign output or input mid-run leave both sessions the same."""
+    p = _pinning_pair()
+    p.stream(training(p, 4), itertools.cycle([16]))
+    cmds = step(p, 4) + [free(3)] + step(p, 5) + [free(4)] + step(p, 6, scale=3) + step(p, 7)
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.s[0].poisoned
+    cmds = step(p, 8)
+    cmds[3] = p.rec(4, [h(8, 3)], [T(h(6, 2))])
+    cmds[5] = p.rec(6, [h(8, 5)], [T(h(3, 4))])
+    cmds[7] = p.rec(8, [h(8, 6), FOREIGN], [compact.tensors([h(8, 1), h(8, 4)]), V(1.0)])
+    cmds += step(p, 9)
+    cmds[11 + 2] = p.rec(3, [h(9, 2)], [T(FOREIGN)])
+    p.stream(cmds, itertools.cycle([9, 64]))
+
+
+@pytest.mark.parametrize("why", ["another thread", "a callable mark", "a shared process"])
+def test_records_run_with_the_gil_released_where_other_python_code_may_run(runner: str, why: str) -> None:
+    """The GIL is kept across an op only in a session's own worker process (`exclusive_rng`) with a word mark while
+    its thread is the interpreter's only one: with another Python thread alive (it may wait for the GIL), a mark
+    that is Python code, or sessions sharing the process, every op runs with the GIL released and its inputs held
+    as before (nothing pinned), with the same results."""
+    p = _pinning_pair()
+    if why == "a callable mark":
+        p.word = False
+    elif why == "a shared process":
+        p.ex[0].exclusive_rng = False
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    if why == "another thread":
+        other.start()
+    try:
+        before = _pinned()
+        p.stream(training(p, 8), itertools.cycle([7, 13, 64]))
+        assert p.hits > 8 * 5
+        assert _pinned() == before
+    finally:
+        stop.set()
+        if other.is_alive():
+            other.join()
