@@ -89,6 +89,15 @@ struct Ref {  // an owned reference, released at scope end
   }
 };
 
+// A handle (a Python int) as a uint64_t: PyLong_AsUnsignedLong, whose digit loop costs ~150 instructions less than
+// PyLong_AsUnsignedLongLong's byte-array conversion of a multi-digit int (a handle is one: ~6 conversions an op); the
+// same value or the same error types (TypeError for a non-int, OverflowError for a negative or too large one). -1 with
+// an error set on failure.
+static_assert(sizeof(unsigned long) == sizeof(uint64_t), "an LP64 host");
+inline uint64_t as_u64(PyObject* v) {
+  return static_cast<uint64_t>(PyLong_AsUnsignedLong(v));
+}
+
 void put_u64(std::string& out, unsigned char tag, uint64_t v) {
   char b[9];
   b[0] = static_cast<char>(tag);
@@ -175,7 +184,7 @@ int encode_arg(PyObject* v, long kind, bool by_type, PyObject** rt, PyObject** k
     if (r.view != nullptr) {
       out.append(PyBytes_AS_STRING(r.view), static_cast<size_t>(PyBytes_GET_SIZE(r.view)));
     } else {
-      const uint64_t hv = PyLong_AsUnsignedLongLong(r.h);
+      const uint64_t hv = as_u64(r.h);
       if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return -1;
       put_u64(out, tTENSOR, hv);
     }
@@ -348,7 +357,7 @@ int encode_arg(PyObject* v, long kind, bool by_type, PyObject** rt, PyObject** k
       const int got = remote_fields(items[i], r);
       if (got != 0) return got;
       if (!same_device(rt, r.rt)) return 1;
-      const uint64_t hv = PyLong_AsUnsignedLongLong(r.h);
+      const uint64_t hv = as_u64(r.h);
       if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return -1;
       handles.append(reinterpret_cast<const char*>(&hv), 8);
       if (r.view != nullptr) {
@@ -375,13 +384,11 @@ inline int truthy(PyObject* o) {
   return PyObject_IsTrue(o);
 }
 
+int add_attr(PyObject* obj, PyObject* name, PyObject* delta);
+
 // meta.CACHE.hits += 1 (the benchmarks report it)
 int bump_hits() {
-  Ref hits(get_attr(g_cache, s_hits));
-  if (hits.p == nullptr) return -1;
-  Ref more(PyNumber_Add(hits.p, g_one));
-  if (more.p == nullptr) return -1;
-  return set_attr(g_cache, s_hits, more.p);
+  return add_attr(g_cache, s_hits, g_one);
 }
 
 // rt.new_handle(), as run_remote inlines it: rt._handle_base + next(rt._handle_count)
@@ -500,7 +507,7 @@ PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
     if (bump_hits() < 0) return nullptr;
     Ref h(new_handle(base.p, counter.p));
     if (h.p == nullptr) return nullptr;
-    const uint64_t hv = PyLong_AsUnsignedLongLong(h.p);
+    const uint64_t hv = as_u64(h.p);
     if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return nullptr;
     PyObject* o = one.p;
     result.p = new_wrapper(g_remote_type, device.p, rt, h.p, PyTuple_GET_ITEM(o, 0), PyTuple_GET_ITEM(o, 1), PyTuple_GET_ITEM(o, 2),
@@ -576,7 +583,7 @@ PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
       } else {
         Ref h(new_handle(base.p, counter.p));
         if (h.p == nullptr) return nullptr;
-        hv = PyLong_AsUnsignedLongLong(h.p);
+        hv = as_u64(h.p);
         if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return nullptr;
         PyObject* w = PyTuple_GET_ITEM(wrapper.p, i);
         r = new_wrapper(g_remote_type, device.p, rt, h.p, m, PyTuple_GET_ITEM(m, 0), PyTuple_GET_ITEM(w, 0),
@@ -688,9 +695,14 @@ bool lock_acquire(PyObject* lock) {
 
 // lock.release(), whatever happened while it was held: an error already set stays set. -1 if the release failed.
 int lock_release(PyObject* lock) {
+  const LockMethods* m = lock_methods(lock);
+  if (!PyErr_Occurred()) {  // the usual case: no error to keep aside (PyErr_Fetch and Restore: ~50 instructions)
+    Ref done(m != nullptr ? PyObject_Vectorcall(m->release, &lock, 1, nullptr)
+                          : PyObject_CallMethodNoArgs(lock, s_release));
+    return done.p == nullptr ? -1 : 0;
+  }
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
-  const LockMethods* m = lock_methods(lock);
   Ref done(m != nullptr ? PyObject_Vectorcall(m->release, &lock, 1, nullptr) : PyObject_CallMethodNoArgs(lock, s_release));
   if (done.p == nullptr) {
     Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
@@ -829,7 +841,7 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
   PyObject* m = PyTuple_GET_ITEM(one.p, 0);
   PyObject* geometry = PyDict_GetItemWithError(g_geometry, m);
   if (geometry == nullptr || !PyBytes_CheckExact(geometry)) return nullptr;
-  const uint64_t hv = PyLong_AsUnsignedLongLong(base);
+  const uint64_t hv = as_u64(base);
   if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return nullptr;
   std::string arg;
   put_u64(arg, tVIEW, hv);
@@ -843,20 +855,34 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
                      PyTuple_GET_ITEM(one.p, 3), PyTuple_GET_ITEM(one.p, 4), view.p);
 }
 
-// rt.<name> += delta
+// rt.<name> += delta. Where the attribute is in the instance's __dict__ (get_attr's and set_attr's case), one lookup
+// there and one store: get_attr then set_attr looked it up twice (~150 instructions, ~4 an op).
 int add_attr(PyObject* obj, PyObject* name, PyObject* delta) {
-  Ref v(get_attr(obj, name));
+  PyObject** dp = _PyObject_GetDictPtr(obj);
+  if (dp != nullptr && *dp != nullptr) {
+    PyObject* v = PyDict_GetItemWithError(*dp, name);
+    if (v != nullptr) {
+      Ref keep(v);  // held across the addition (an int's runs no Python code; another type's might)
+      Py_INCREF(v);
+      Ref more(PyNumber_Add(v, delta));
+      if (more.p == nullptr) return -1;
+      return PyDict_SetItem(*dp, name, more.p);
+    }
+    if (PyErr_Occurred()) return -1;
+  }
+  Ref v(PyObject_GetAttr(obj, name));
   if (v.p == nullptr) return -1;
   Ref more(PyNumber_Add(v.p, delta));
   if (more.p == nullptr) return -1;
-  return set_attr(obj, name, more.p);
+  return PyObject_SetAttr(obj, name, more.p);
 }
 
-// A Python int attribute as a C integer; -1 with an error set on failure.
+// A Python int attribute as a C integer; -1 with an error set on failure. (PyLong_AsLong: the same 64 bits on an LP64
+// host, without PyLong_AsLongLong's byte-array conversion of a multi-digit int.)
 long long int_attr(PyObject* obj, PyObject* name) {
   Ref v(get_attr(obj, name));
   if (v.p == nullptr) return -1;
-  return PyLong_AsLongLong(v.p);
+  return PyLong_AsLong(v.p);
 }
 
 PyObject* g_session_eager = nullptr;  // Session.eager_op as `setup_session` found it (a patched class: its method)
