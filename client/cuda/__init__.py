@@ -16,7 +16,9 @@ When set, `enable()`:
   GPU with one message naming the call (patches.py),
 - maps `init_process_group("nccl")` onto the `gpupool` collective backend (nccl.py; on either client),
 
-and logs one line saying so. docs/cuda.md lists every API and the limits.
+and logs one line saying so. docs/cuda.md lists every API and the limits. In a process of `gpupool run` without
+`--cuda` ($GPUPOOL_LEASE set, $GPUPOOL_CUDA not), a script that dies of torch's "Torch not compiled with CUDA enabled"
+(or another "no CUDA here" error) gets one more line saying to run it with `--cuda` (hint.py).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def autoload() -> None:
         native.enable()
     if requested():
         enable()
+    elif os.environ.get("GPUPOOL_LEASE"):  # under `gpupool run` without --cuda: a CUDA script's error gets one hint
+        from . import hint
+
+        hint.install()
 
 
 def enable() -> None:

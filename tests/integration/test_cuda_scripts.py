@@ -628,6 +628,37 @@ def test_without_cuda_flag_torch_is_untouched(pool: str, client: tuple[str, ...]
     assert "untouched" in on_cpu("no_cuda.py").stdout
 
 
+CUDA_WITHOUT_FLAG = """
+import sys
+import torch
+try:
+    torch.zeros(1, device="cuda")
+except AssertionError:
+    print("caught: no hint for an error the script handles", flush=True)
+model = torch.nn.Linear(4, 2).to("cuda")  # the first uncaught one
+"""
+NO_CUDA_HINT = "gpupool run: this script asked for CUDA, which this process does not have"
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_a_cuda_script_without_cuda_flag_gets_one_hint_line(pool: str, client: tuple[str, ...]) -> None:
+    """A CUDA script under plain `gpupool run` (no --cuda) dies of torch's own "Torch not compiled with CUDA enabled"
+    (a CPU-only torch) as before, exit status 1, and one line after the traceback says to run it with --cuda
+    (client/cuda/hint.py); an error the script catches prints none, and the same script outside `gpupool run` none.
+    Until round 42 torch's error was all there was."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", *client, "-p", "0.5", "--", sys.executable, "-c"]
+    done = launch([*cmd, CUDA_WITHOUT_FLAG], clean_env(GPUPOOL_SCHEDULER=pool))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "caught: no hint" in done.stdout
+    last = done.stderr.rstrip().splitlines()
+    assert last[-2] == "AssertionError: Torch not compiled with CUDA enabled", done.stderr
+    assert last[-1].startswith(NO_CUDA_HINT) and "gpupool run --cuda" in last[-1]
+    assert done.stderr.count(NO_CUDA_HINT) == 1
+    local = launch([sys.executable, "-c", CUDA_WITHOUT_FLAG], cpu_env())
+    assert local.returncode == 1 and NO_CUDA_HINT not in local.stderr, local.stderr
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_gpupool_cuda_env_for_launchers_without_gpupool_run(pool: str) -> None:
     """What torchrun's workers see: $GPUPOOL_CUDA=1 and a scheduler; the shim leases a GPU itself."""
     done = run([sys.executable, "mnist_style.py"], clean_env(GPUPOOL_SCHEDULER=pool, GPUPOOL_CUDA="1"))
