@@ -12,11 +12,13 @@ When set, `enable()`:
   `tensor.is_cuda` onto `gpupool:N` (devices.py: wrappers of the torch functions that take a device, found in
   torch's own schemas and docstrings; every other call runs at torch's speed),
 - answers `torch.cuda.*` from the lease (facade.py),
-- maps `torch.load(map_location=...)`, autocast/GradScaler, and refuses what cannot work on a pooled
-  GPU with one message naming the call (patches.py),
+- maps `torch.load(map_location=...)`, autocast/GradScaler, runs `torch.compile`'s model eagerly, and refuses what
+  cannot work on a pooled GPU with one message naming the call (patches.py),
 - maps `init_process_group("nccl")` onto the `gpupool` collective backend (nccl.py; on either client),
 
-and logs one line saying so. docs/cuda.md lists every API and the limits.
+and logs one line saying so. docs/cuda.md lists every API and the limits. In a process of `gpupool run` without
+`--cuda` ($GPUPOOL_LEASE set, $GPUPOOL_CUDA not), a script that dies of torch's "Torch not compiled with CUDA enabled"
+(or another "no CUDA here" error) gets one more line saying to run it with `--cuda` (hint.py).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def autoload() -> None:
         native.enable()
     if requested():
         enable()
+    elif os.environ.get("GPUPOOL_LEASE"):  # under `gpupool run` without --cuda: a CUDA script's error gets one hint
+        from . import hint
+
+        hint.install()
 
 
 def enable() -> None:
@@ -99,13 +105,13 @@ def _announce() -> None:
         log.info(
             "cuda -> gpupool (%d leased device(s), native client): device strings/ids, .cuda(), .to(), device=, "
             "is_cuda, torch.cuda.*, torch.load(map_location), autocast/GradScaler, pin_memory, nccl -> gpupool "
-            "backend; refused: CUDA graphs, torch.compile, CUDA extensions, DataParallel (docs/cuda.md)",
+            "backend, torch.compile -> eager; refused: CUDA graphs, CUDA extensions, DataParallel (docs/cuda.md)",
             leased_count(),
         )
         return
     log.info(
         "cuda -> gpupool (%d leased device(s)): device strings/ids, .cuda(), .to(), device=, is_cuda, torch.cuda.*, "
-        "torch.load(map_location), autocast/GradScaler, pin_memory, nccl -> gpupool backend; refused: CUDA graphs, "
-        "torch.compile, CUDA extensions, DataParallel (docs/cuda.md)",
+        "torch.load(map_location), autocast/GradScaler, pin_memory, nccl -> gpupool backend, torch.compile -> eager; "
+        "refused: CUDA graphs, CUDA extensions, DataParallel (docs/cuda.md)",
         leased_count(),
     )

@@ -224,6 +224,60 @@ def stream(s: Stream | None) -> Iterator[Stream | None]:
     yield s
 
 
+def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None:
+    """Checked as torch checks it, then nothing more: the lease's memory (the daemon's quota of the session) is what
+    bounds the process; a fraction of it is not enforced (docs/cuda.md)."""
+    _index(device)  # a device the lease lacks is refused, as in every torch.cuda call
+    if not isinstance(fraction, float):
+        raise TypeError("Invalid type for fraction argument, must be `float`")
+    if fraction < 0 or fraction > 1:
+        raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+
+
+class _Nvtx:
+    """`torch.cuda.nvtx`'s binding where torch has none (a CPU-only build raised "NVTX functions not installed" at
+    `range_push`, `range_pop`, `mark` and `with torch.cuda.nvtx.range(...)`: profiling markers in training loops).
+    The markers annotate a local GPU's timeline for Nsight; there is none here, so they mark nothing, and answer as
+    NVTX does: push and pop the zero-based depth, start a unique range id."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.ids = 0
+
+    def rangePushA(self, msg: str) -> int:  # noqa: N802 - NVTX's names
+        self.depth += 1
+        return self.depth - 1
+
+    def rangePop(self) -> int:  # noqa: N802
+        if self.depth == 0:
+            return -1  # NVTX's answer for a pop with no range open
+        self.depth -= 1
+        return self.depth
+
+    def rangeStartA(self, msg: str) -> int:  # noqa: N802
+        self.ids += 1
+        return self.ids
+
+    def rangeEnd(self, range_id: int) -> None:  # noqa: N802
+        pass
+
+    def markA(self, msg: str) -> None:  # noqa: N802
+        pass
+
+    def deviceRangeStart(self, msg: str, stream: int = 0) -> object:  # noqa: N802
+        return object()
+
+    def deviceRangeEnd(self, handle: object, stream: int = 0) -> None:  # noqa: N802
+        pass
+
+
+def _install_nvtx() -> None:
+    import torch.cuda.nvtx as nvtx
+
+    if type(nvtx._nvtx).__name__ == "_NVTXStub":  # torch built without NVTX: its stub raises at every call
+        nvtx._nvtx = _Nvtx()  # type: ignore[assignment]
+
+
 def _refuse(name: str, why: str = "") -> Any:
     def refused(*_: Any, **__: Any) -> Any:
         raise RuntimeError(f"{name} is not available on a pooled GPU (gpupool run --cuda){': ' + why if why else ''}")
@@ -275,9 +329,12 @@ def install() -> None:
         "CUDAGraph": _refuse("torch.cuda.CUDAGraph", "CUDA graphs run on the local GPU only"),
         "graph": _refuse("torch.cuda.graph", "CUDA graphs run on the local GPU only"),
         "make_graphed_callables": _refuse("torch.cuda.make_graphed_callables", "CUDA graphs run on the local GPU only"),
+        "set_per_process_memory_fraction": set_per_process_memory_fraction,
     }
     for name, value in answers.items():
         setattr(cuda, name, value)
+    cuda.memory.set_per_process_memory_fraction = set_per_process_memory_fraction
+    _install_nvtx()
     graphs = getattr(cuda, "graphs", None)
     if graphs is not None:
         for name in ("CUDAGraph", "graph", "make_graphed_callables"):

@@ -4,7 +4,8 @@
   loads onto `gpupool:N` without a map_location, like on the machine that saved it.
 - `torch.autocast("cuda")`, `torch.amp.GradScaler("cuda")` and their `torch.cuda.amp` spellings use the
   gpupool device, with torch's CUDA cast policy (amp.py).
-- `torch.compile`, CUDA extensions, `torch.nn.DataParallel` over "cuda" devices: one RuntimeError naming the call.
+- `torch.compile`: the model or function itself, run eagerly (one line on stderr the first time).
+- CUDA extensions, `torch.nn.DataParallel` over "cuda" devices: one RuntimeError naming the call.
 (`nccl` is mapped onto the gpupool collective backend by nccl.py; under the C++ client, which has no collectives,
 it is refused there, and DataParallel here.)
 """
@@ -12,6 +13,7 @@ it is refused there, and DataParallel here.)
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -98,6 +100,25 @@ def _refuse(name: str, why: str) -> Callable[..., Any]:
     return refused
 
 
+_compile_said: list[bool] = []
+
+
+def _compile_eagerly(model: Any = None, **options: Any) -> Any:
+    """`torch.compile` under --cuda: the model or function itself, run eagerly, and one line on stderr the first time.
+    Dynamo/Inductor cannot trace gpupool's tensors (and Triton kernels need a local GPU), so compiling fails; a
+    compiled model computes what the eager one does, so the script's numbers are the same (nanoGPT's train.py compiles
+    by default, timm's and torchvision's reference scripts on a flag; refused, with one RuntimeError, until round 42).
+    `torch.compile(model)`, `@torch.compile`, `@torch.compile(mode=...)` and `model.compile()` (which calls this)."""
+    if not _compile_said:
+        _compile_said.append(True)
+        logging.getLogger("gpupool.cuda").warning(
+            "torch.compile runs eagerly on a pooled GPU: Dynamo/Inductor cannot trace gpupool's tensors (docs/cuda.md)"
+        )
+    if model is None:  # a decorator with options: @torch.compile(mode="max-autotune")
+        return lambda fn: fn
+    return model
+
+
 def _refuse_data_parallel() -> None:
     """Under the C++ client, as the shim does (client/torch/backend.py): DataParallel over "cuda" devices would fail
     at its first forward in torch.cuda.comm's scatter, which torch builds for CUDA GPUs only. Refused before torch's
@@ -141,7 +162,7 @@ def install() -> None:
         from ..torch import backend
 
         backend.DATA_PARALLEL_REFUSED.add("cuda")  # DataParallel's "cuda" devices are gpupool's (backend.py says why)
-    torch.compile = _refuse("torch.compile", "Dynamo/Inductor cannot trace gpupool's tensors; run eagerly")
+    torch.compile = _compile_eagerly  # type: ignore[assignment]
     import torch.utils.cpp_extension as ext
 
     why = "custom CUDA kernels run on a local GPU only; the daemon runs aten ops"

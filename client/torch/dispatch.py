@@ -135,6 +135,24 @@ def _plain_upload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return src if dtype is None or dtype == src.dtype else src.to(dtype)
 
 
+def _keeps_strides(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """`x.to("gpupool")` (`.cuda()` under --cuda) of a CPU tensor whose layout the copy keeps (preserve_format, the
+    default) and which is not contiguous: a channels_last batch, a transposed matrix. torch's own composition runs
+    (`_to_copy`'s CompositeExplicitAutograd kernel: `empty_strided` with the source's strides, then `copy_` from the
+    CPU: an upload and a copy on the daemon), as on a CUDA GPU and on the C++ client. The generic path uploaded a
+    contiguous copy and left the result contiguous: `x.is_contiguous(memory_format=torch.channels_last)` was False on
+    the device for a channels_last x (until round 42)."""
+    if len(args) != 1 or kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    src = args[0]
+    return (
+        isinstance(src, torch.Tensor)
+        and src.device.type == "cpu"
+        and src.layout == torch.strided
+        and not (isinstance(src, RemoteTensor) or src.is_contiguous())
+    )
+
+
 _TO_COPY_KWARGS = {"dtype", "layout", "device", "pin_memory", "non_blocking", "memory_format"}
 _KEEPS_CONTIGUOUS = (None, torch.preserve_format, torch.contiguous_format)
 
@@ -148,6 +166,8 @@ def factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         local = _plain_upload(args, kwargs)
         if local is not None:
             return upload_new(rt, local)
+        if _keeps_strides(args, kwargs):
+            return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
     sch = meta.schema_of(func)
     if func in LAZY_EMPTY:
         return lazy_empty(rt, sch, args, kwargs)

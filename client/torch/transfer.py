@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
 from gpupool import compact
 
@@ -73,7 +74,17 @@ def _to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     memory_format = kwargs.get("memory_format") or torch.preserve_format
     if target.type == "gpupool":
         return upload_new(api.runtime_for(target.index), local.to(dtype=dtype))
+    if memory_format is torch.preserve_format and _dense_not_contiguous(src):
+        # The download is row-major; torch keeps a dense tensor's strides: `.cpu()` of a channels_last activation is
+        # channels_last on a CUDA GPU and on the C++ client (it was contiguous here until round 42).
+        return torch.empty_strided(src.shape, src.stride(), dtype=dtype, device=target).copy_(local)
     return local.to(device=target, dtype=dtype, memory_format=memory_format)
+
+
+def _dense_not_contiguous(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill its storage span without overlap (torch's `is_non_overlapping_and_dense`) in an
+    order other than row-major: what `_to_copy`'s preserve_format copies with the same strides."""
+    return not t.is_contiguous() and is_non_overlapping_and_dense(t)
 
 
 @_special(aten.copy_.default)

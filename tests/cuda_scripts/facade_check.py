@@ -110,7 +110,23 @@ refused(
 )
 refused(lambda: torch.cuda.CUDAGraph(), "torch.cuda.CUDAGraph")
 refused(lambda: torch.cuda.graph(None), "torch.cuda.graph")
-refused(lambda: torch.compile(torch.nn.Linear(2, 2)), "torch.compile")
+# torch.compile runs eagerly (round 42; refused before): the model, function or decorator itself
+lin = torch.nn.Linear(2, 2).cuda()
+assert torch.compile(lin) is lin and torch.compile(mode="max-autotune")(len) is len
+lin.compile()  # nn.Module.compile: torch.compile of its call, the same call
+assert lin(torch.ones(1, 2, device="cuda")).shape == (1, 2)
+# NVTX markers (a CPU-only torch raised "NVTX functions not installed") and the memory fraction (the lease bounds it)
+assert torch.cuda.nvtx.range_push("a") == 0 and torch.cuda.nvtx.range_push("b") == 1
+assert torch.cuda.nvtx.range_pop() == 1 and torch.cuda.nvtx.range_pop() == 0
+with torch.cuda.nvtx.range("step"):
+    torch.cuda.nvtx.mark("here")
+torch.cuda.set_per_process_memory_fraction(0.5, 1)
+try:
+    torch.cuda.set_per_process_memory_fraction(1.5)
+except ValueError as exc:
+    assert "Invalid fraction value" in str(exc)
+else:
+    raise AssertionError("a fraction of 1.5 was taken")
 refused(lambda: torch.cuda.get_rng_state(), "torch.cuda.get_rng_state")
 import torch.utils.cpp_extension as ext  # noqa: E402
 

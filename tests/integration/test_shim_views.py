@@ -346,3 +346,33 @@ def test_backwards_of_slices_diagonals_and_masked_scatter_match_the_cpu(dev: tor
     for got, want in zip(_backwards_of_views(dev), _backwards_of_views("cpu"), strict=True):
         assert_float32_close(got.cpu().tolist(), want.tolist())
     assert_float32_close(_sliced_training(dev, captured=True), _sliced_training("cpu", captured=False))
+
+
+def test_uploads_and_downloads_keep_a_dense_tensors_strides_as_on_a_gpu(dev: torch.device) -> None:
+    """`x.to(dev)` and `.cpu()` keep a non-overlapping, dense tensor's strides (preserve_format), as torch does between
+    the CPU and a CUDA GPU (and the C++ client does): a channels_last batch is channels_last on the device and back.
+    Until round 42 the shim uploaded a contiguous copy and left the device tensor contiguous
+    (`is_contiguous(memory_format=torch.channels_last)` False), and `.cpu()` of a channels_last device tensor was
+    contiguous. A tensor that is not dense (expanded, a slice) lands contiguous, as on a GPU."""
+    cl, cl3d = torch.channels_last, torch.channels_last_3d
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    cases = [
+        (x.contiguous(memory_format=cl), (60, 1, 15, 3)),
+        (x.contiguous(memory_format=cl).half(), (60, 1, 15, 3)),
+        (x.permute(0, 2, 3, 1), (60, 5, 1, 20)),
+        (torch.randn(3, 4).t(), (1, 4)),
+        (torch.randn(1, 2, 3, 4, 5).contiguous(memory_format=cl3d), (120, 1, 40, 10, 2)),
+        (torch.randn(3, 1).expand(3, 4), (4, 1)),
+        (x[:, 1:], (40, 20, 5, 1)),
+    ]
+    for local, strides in cases:
+        on = local.to(dev)
+        assert on.stride() == strides, (local.stride(), on.stride())
+        assert torch.equal(on.cpu(), local) and torch.equal(on.reshape(-1).cpu(), local.reshape(-1))
+        assert on.cpu().stride() == strides  # `.cpu()` keeps them (the download's bytes re-laid out on the CPU)
+        wider = local.to(dev, dtype=torch.float64)
+        assert wider.stride() == strides and torch.equal(wider.cpu(), local.double())
+    batch = x.contiguous(memory_format=cl).to(dev, non_blocking=True)
+    assert batch.is_contiguous(memory_format=cl) and not batch.is_contiguous()
+    assert batch.to("cpu", memory_format=torch.contiguous_format).is_contiguous()
+    assert torch.equal(torch.flatten(batch, 1).cpu(), torch.flatten(x, 1))  # a view of it reads its own order

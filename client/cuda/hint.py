@@ -1,0 +1,64 @@
+"""One line for a CUDA script run under `gpupool run` without `--cuda`.
+
+Without `--cuda` the leased GPUs are the `gpupool` device only: a script that says `device = "cuda"` reaches torch's
+own CUDA, which a CPU-only torch (or a host without a GPU) does not have, and it dies with torch's "Torch not compiled
+with CUDA enabled" (or "Found no NVIDIA driver on your system", ...), which says nothing of the lease it holds.
+`install()` (called by `autoload` at `import torch` in a process that holds a `gpupool run` lease and did not ask for
+the mapping) wraps `sys.excepthook`: where the uncaught exception, or one in its chain, is one of torch's "no CUDA
+here" errors (`NO_CUDA`), one line after torch's traceback says to run it with `--cuda`. Nothing else changes: no
+torch function is wrapped (tests/cuda_scripts/no_cuda.py), a caught exception prints nothing, and the exit status is
+the script's.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+
+# What torch raises where a script asks for CUDA that this process lacks (CPU-only builds and GPU-less hosts).
+NO_CUDA = (
+    "Torch not compiled with CUDA enabled",  # torch.cuda._lazy_init: .cuda(), device="cuda", torch.cuda.* calls
+    "Found no NVIDIA driver on your system",  # a CUDA build on a host without a driver
+    "No CUDA GPUs are available",
+    "CUDA driver initialization failed",
+    "on a CUDA device but torch.cuda.is_available() is False",  # torch.load of a checkpoint saved on a GPU
+    "torch.cuda.Stream requires CUDA support",
+    "Tried to instantiate dummy base class Event",  # torch.cuda.Event on a CPU-only build
+    "Distributed package doesn't have NCCL built in",  # init_process_group("nccl")
+    "module 'torch._C' has no attribute '_cuda_",  # torch.cuda.set_device and other bindings a CPU build lacks
+)
+HINT = (
+    "gpupool run: this script asked for CUDA, which this process does not have: the leased GPUs appear as CUDA "
+    "devices only under `gpupool run --cuda` (run it again as `gpupool run --cuda ... -- COMMAND`; docs/cuda.md)"
+)
+_installed: list[bool] = []
+
+
+def wants_cuda(exc: BaseException | None) -> bool:
+    """Whether `exc` or an exception it was raised from or during is one of torch's "no CUDA here" errors."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if any(marker in text for marker in NO_CUDA):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def install() -> None:
+    """Wrap `sys.excepthook` (idempotent): torch's traceback as before, then `HINT` where `wants_cuda`."""
+    if _installed:
+        return
+    _installed.append(True)
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        previous(kind, exc, tb)
+        try:
+            if wants_cuda(exc):
+                print(HINT, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - a hint must never hide the script's own error
+            pass
+
+    sys.excepthook = hook
