@@ -171,6 +171,9 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: 
 
         assert tenants(admin) == sorted([user, "mallory"])
         assert tenants(env) == [user]
+        carol = get_pki().issue("tenant", "carol")  # a tenant with no session: an empty table, and why
+        smi = gpupool("smi", env={**env, "GPUPOOL_TLS_CERT": str(carol.cert), "GPUPOOL_TLS_KEY": str(carol.key)})
+        assert smi.returncode == 0 and "none shown to you" in smi.stdout, smi.stdout + smi.stderr
         with tls.channel(daemon, cfg=tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert="", key=""), token=False) as ch:
             with pytest.raises(grpc.RpcError) as info:  # no certificate: no answer at all
                 daemon_status(device_pb2_grpc.DeviceStub(ch))
