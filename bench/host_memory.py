@@ -444,12 +444,13 @@ def probe_learned(address: str, key: bytes, rss: Any, records: int, kind: str) -
 
 
 def _status_row(address: str, session_id: str) -> Any:
-    from gpupool import tls
+    from gpupool import protocol, tls
     from gpupool._proto import device_pb2, device_pb2_grpc
     from gpupool.tokens import public_session_id
 
-    with tls.channel(address) as ch:
-        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=30)
+    with tls.channel(address) as ch:  # naming the session: Status shows a caller the sessions it holds
+        md = ((protocol.SESSION_METADATA, session_id),)
+        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=30, metadata=md)
     return next(u for u in reply.sessions if u.session_id == public_session_id(session_id))
 
 

@@ -32,6 +32,10 @@ from .pool import SchedulerClient
 
 STATE_STYLE: dict[str, str] = {HostState.UP: "green", HostState.DOWN: "red", HostState.DRAINING: "yellow"}
 STATUS_TIMEOUT_S = 5.0
+NO_SESSIONS = (
+    "none shown to you: a daemon that requires client certificates (--tls-client-auth require, as gpupool up's) "
+    "shows an admin certificate every session and a tenant's its own; one that does not shows smi none"
+)
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -157,7 +161,12 @@ def tenants_table(now: Sample, before: Sample | None) -> Table:
     """One row per session: memory used/limit, captured graphs' host memory/limit, share, and busy % and ops/s
     since the previous sample."""
     dt = now.at - before.at if before is not None else 0.0
-    table = Table(title="tenants (sessions on the daemons)", title_justify="left")
+    # A daemon shows a caller only the sessions its credentials hold (docs/security.md, "Credentials and what they
+    # grant"): an empty table may be the caller's view, not an idle pool.
+    caption = None if now.sessions else NO_SESSIONS
+    table = Table(
+        title="tenants (sessions on the daemons)", title_justify="left", caption=caption, caption_justify="left"
+    )
     for col in ("host/gpu", "tenant", "lease", "session", "memory", "limit", "graphs", "share", "busy", "ops/s"):
         table.add_column(col, justify="left" if col in ("host/gpu", "tenant", "lease", "session") else "right")
     for (host, tag), u in sorted(now.sessions.items()):
@@ -225,7 +234,11 @@ def watch(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = _parser("gpupool smi", "Show the pool: hosts, devices, memory, shares, leases, and each tenant's usage.")
+    p = _parser(
+        "gpupool smi",
+        "Show the pool: hosts, devices, memory, shares, leases, and the sessions' usage the daemons show you (each "
+        "session to an admin certificate, a tenant's own to its certificate, where daemons require certificates).",
+    )
     p.add_argument("-w", "--watch", action="store_true", help="keep a live view, refreshed every --interval s")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
     p.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes (default: until Ctrl-C)")

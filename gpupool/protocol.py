@@ -19,6 +19,10 @@ from typing import Any
 from gpupool._proto import device_pb2, tensor_pb2
 
 SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (from Attach) it drives
+# Metadata of a daemon's Status call: a lease token (as Attach takes) whose lease's sessions the caller may see. A
+# Status call may also name sessions by SESSION_METADATA (repeated: one secret session id each); without either, or an
+# operator's client certificate, it shows no session (docs/security.md, "Credentials and what they grant").
+LEASE_TOKEN_METADATA = "gpupool-lease-token"
 
 # AttachReply.features: what a daemon supports beyond what every daemon does (docs/wire.md, "Features"). A client
 # uses a feature only where the daemon names it; a daemon from before round 24 names none.

@@ -74,7 +74,13 @@ class TlsConfig:
                 raise InvalidArgument(f"TLS file {path} does not exist")
 
 
-def add_tls_flags(parser: argparse.ArgumentParser, *, client_auth: str | None = None) -> None:
+def add_tls_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    client_auth: str | None = None,
+    client_auth_help: str = "require clients to present a certificate signed by --tls-ca, or not (then tokens identify "
+    "them)",
+) -> None:
     """--tls-cert, --tls-key, --tls-ca, --insecure (and --tls-client-auth where `client_auth` gives its default)."""
     add_flag(parser, "--tls-cert", default="", help="PEM certificate of this program (reloaded when the file changes)")
     add_flag(parser, "--tls-key", default="", help="PEM private key of --tls-cert")
@@ -86,7 +92,7 @@ def add_tls_flags(parser: argparse.ArgumentParser, *, client_auth: str | None = 
             "--tls-client-auth",
             default=client_auth,
             choices=CLIENT_AUTH,
-            help="require clients to present a certificate signed by --tls-ca, or not (then tokens identify them)",
+            help=client_auth_help,
         )
 
 

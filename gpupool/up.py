@@ -417,6 +417,9 @@ def main(argv: list[str]) -> int:
         daemon_args = ["serve", "--listen", cfg.listen, "--token-public-keys", str(creds.public), "--scheduler",
                        sched_addr, "--metrics-listen", cfg.metrics_listen, "--host-id", a.host_id,
                        *_tls_args(creds.daemon, creds.ca),
+                       # Every caller of the daemon holds a certificate of the pool's CA (the user's tenant one, the
+                       # operator's): required, so its Status shows the admin every session and a tenant its own.
+                       "--tls-client-auth", "require",
                        # One machine's pool runs multi-GPU jobs (DDP) out of the box: the workers of multi-device
                        # leases (their tokens grant it) may open sockets for collectives (docs/security.md).
                        "--worker-network", "on",

@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_isolation_flags(p)
     add_flag(p, "--log-level", default="INFO", help="logging level")
     add_flag(p, "--join-token-file", default="", help="API token proving this host to the scheduler (no client cert)")
-    tls.add_tls_flags(p, client_auth="none")
+    tls.add_tls_flags(
+        p,
+        client_auth="none",
+        client_auth_help="require every client to present a certificate signed by --tls-ca (then Status shows an "
+        "admin or metrics certificate every session, a tenant its own), or ask none (the default: lease tokens "
+        "identify clients, and Status shows a caller only the sessions it names)",
+    )
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
 

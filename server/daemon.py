@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -934,17 +935,25 @@ class Daemon:
             for s in of_lease:
                 self._close_aside(s, f"lease {lease_id} was released or revoked by the scheduler")
 
-    def status(self, tenant: str | None = None) -> device_pb2.StatusReply:
-        """The host's devices and sessions: every session (`tenant` None) or those of `tenant` only ("": none)."""
+    def status(self, sees: Callable[[device_pb2.SessionUsage], bool] | None = None) -> device_pb2.StatusReply:
+        """The host's devices and sessions: every session (`sees` None, an operator's view) or those `sees` admits."""
         sessions, devs = self.usage()
-        if tenant is not None:
-            # A tenant's view: its own sessions, and a device's memory and busy time as theirs alone (the device's
+        if sees is not None:
+            # A caller's view: its own sessions, and a device's memory and busy time as theirs alone (the device's
             # totals less its own would be the other tenants' usage, one tenant's exactly where two share it).
-            sessions = [u for u in sessions if tenant and u.tenant == tenant]
+            sessions = [u for u in sessions if sees(u)]
             for d in devs:
                 d.used_bytes = sum(u.used_bytes for u in sessions if u.device == d.info.index)
                 d.busy_seconds = sum(u.busy_seconds for u in sessions if u.device == d.info.index)
         return device_pb2.StatusReply(host_id=self.host_id, devices=devs, sessions=sessions, draining=self._draining)
+
+    def lease_named(self, token: str) -> str:
+        """The lease of a token presented to Status, checked as Attach checks it (signature, expiry, revocation,
+        this host): its holder may see that lease's sessions."""
+        claims = tokens.verify(self.config.token_key, token)
+        if claims.host != self.host_id:
+            raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
+        return claims.lease_id
 
     # ---- shutdown ----
 

@@ -19,7 +19,7 @@ from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
-from gpupool import config, pki, protocol, tls
+from gpupool import config, pki, protocol, tls, tokens
 from gpupool._proto import device_pb2
 from gpupool.callguard import RequestGuard
 from gpupool.errors import (
@@ -49,7 +49,8 @@ KEEPALIVE_TIME = 10.0  # seconds between the daemon's pings of a connection that
 # session ends with its lease.
 PING_WAIT = 3600.0
 # The client certificates' roles whose Status shows every session (smi run by an operator; a metrics scraper reads
-# every tenant's usage on /metrics anyway). A tenant's shows its own tenant's; a host's or a server's none.
+# every tenant's usage on /metrics anyway). A tenant's shows its own tenant's; a host's or a server's none
+# (`DeviceServicer._status_view`).
 STATUS_ALL = ("admin", "metrics")
 
 
@@ -79,28 +80,42 @@ class DeviceServicer:
         return device_pb2.DetachReply()
 
     def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
-        return self.daemon.status(self._status_viewer(context))
+        return self.daemon.status(self._status_view(context))
 
-    def _status_viewer(self, context: grpc.ServicerContext) -> str | None:
-        """Whose sessions a Status caller sees: None (every session) unless the daemon requires client certificates
-        (`--tls-client-auth require`); then an operator's certificate (`STATUS_ALL`: admin, metrics) sees every
-        session, a tenant's only its own tenant's (the tenant's name), and any other (a host's, a server's, one
-        naming no or several gpupool identities) none (""). Under `--tls-client-auth none` (the default) a daemon
-        never asks for a client certificate, so it cannot tell its callers apart (docs/security.md, Known limits)."""
+    def _status_view(self, context: grpc.ServicerContext) -> Callable[[device_pb2.SessionUsage], bool] | None:
+        """Which sessions a Status caller sees: every one (None) with an operator's client certificate (`STATUS_ALL`:
+        admin, metrics; a daemon sees certificates under `--tls-client-auth require` only); else those it shows it
+        holds: a tenant certificate's tenant's, the sessions whose secret ids it names (`gpupool-session` metadata,
+        one id each, as Attach returned them) and the leases whose tokens it presents (`gpupool-lease-token`,
+        checked as Attach checks them: a bad one is refused). An anonymous caller (none of these: any caller of a
+        daemon under `--tls-client-auth none`, its default, that names nothing) sees no session and zeros: the
+        devices' inventory (model, capacity) is no tenant's, and smi and old clients keep their answer."""
+        role, name = self._certified(context)
+        if role in STATUS_ALL:
+            return None
+        tenant = name if role == "tenant" else ""
+        tags: set[str] = set()
+        leases: set[str] = set()
+        for key, value in context.invocation_metadata():
+            if key == protocol.SESSION_METADATA:
+                tags.add(tokens.public_session_id(str(value)))
+            elif key == protocol.LEASE_TOKEN_METADATA:
+                leases.add(self.daemon.lease_named(str(value)))
+        return lambda u: (bool(tenant) and u.tenant == tenant) or u.session_id in tags or u.lease_id in leases
+
+    def _certified(self, context: grpc.ServicerContext) -> tuple[str, str]:
+        """The (role, name) the caller's client certificate names, or ("", ""): none seen (a daemon under
+        `--tls-client-auth none` never asks for one: round 41's probe found no x509_pem_cert in auth_context even
+        when the client presents one), or one naming no or several gpupool identities."""
         cfg = self.daemon.config.tls
         if cfg.insecure or cfg.client_auth != "require":
-            return None
+            return "", ""
         raw: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
         pem = [raw] if isinstance(raw, bytes) else list(raw)
         if len(pem) != 1:
-            return ""
+            return "", ""
         named = set(pki.identities(x509.load_pem_x509_certificate(pem[0])))
-        if len(named) != 1:
-            return ""
-        role, name = named.pop()
-        if role in STATUS_ALL:
-            return None
-        return name if role == "tenant" else ""
+        return named.pop() if len(named) == 1 else ("", "")
 
     def RefreshToken(
         self, request: device_pb2.RefreshTokenRequest, context: grpc.ServicerContext

@@ -6,6 +6,7 @@ conftest.py files of other folders.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import select
@@ -27,8 +28,8 @@ import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server.registration import Registrar
 
-from gpupool import pki, tls, tokens
-from gpupool._proto import device_pb2
+from gpupool import pki, protocol, tls, tokens
+from gpupool._proto import device_pb2, device_pb2_grpc
 
 TEST_HOST = "test-host"
 MiB = 1024**2
@@ -621,9 +622,34 @@ def stream_errors(
     return codes, None
 
 
+def operator_tls() -> tls.TlsConfig:
+    """A daemon's TLS that requires client certificates (`--tls-client-auth require`): the test process's (admin)
+    certificate then sees every session in Status and the devices' totals, an operator's view (server/service.py
+    `_status_view`); every client of the tests holds that certificate."""
+    return dataclasses.replace(get_pki().server_config(), client_auth="require")
+
+
+def daemon_status(where: Any, *sessions: Any, timeout: float = 10.0) -> device_pb2.StatusReply:
+    """A daemon's Status (`where`: its address or a DeviceStub) naming `sessions` (Sessions, or secret session ids
+    as Attach returned them) in its metadata: a caller without an operator's certificate sees only the sessions it
+    names (and a daemon under `--tls-client-auth none`, the default, sees no certificate)."""
+    md = tuple((protocol.SESSION_METADATA, s if isinstance(s, str) else s.session_id) for s in sessions)
+    if isinstance(where, str):
+        with tls_channel(where) as channel:
+            return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=timeout, metadata=md)
+    return where.Status(device_pb2.StatusRequest(), timeout=timeout, metadata=md)  # type: ignore[no-any-return]
+
+
+def session_usage(where: Any, s: Any) -> device_pb2.SessionUsage:
+    """The row of session `s` (a Session) in a daemon's Status (`daemon_status`, naming it)."""
+    tag = tokens.public_session_id(s.session_id)
+    return next(u for u in daemon_status(where, s).sessions if u.session_id == tag)
+
+
 def wait_only_tenants(stub: Any, tenants: set[str], timeout: float = 20.0) -> None:
     """Wait until the daemon's only sessions are those of `tenants` and its device's bytes are exactly theirs
-    (closed sessions hold nothing); assert it at `timeout`."""
+    (closed sessions hold nothing); assert it at `timeout`. The daemon must show the test every session: one that
+    requires client certificates (`operator_tls`, `--tls-client-auth require`)."""
     deadline = time.monotonic() + timeout
     while True:
         status = stub.Status(device_pb2.StatusRequest(), timeout=10)

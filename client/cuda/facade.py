@@ -110,11 +110,16 @@ def get_device_capability(device: Any = None) -> tuple[int, int]:
 
 def memory_allocated(device: Any = None) -> int:
     """Bytes the session holds on the daemon (after the queued ops ran)."""
+    from gpupool import protocol
     from gpupool._proto import device_pb2, device_pb2_grpc
     from gpupool.tokens import public_session_id
 
     s = _synced_session(device)
-    reply = device_pb2_grpc.DeviceStub(s._channel).Status(device_pb2.StatusRequest(), timeout=10)
+    # naming its session: a daemon shows a caller only the sessions it holds (docs/security.md, "Credentials and
+    # what they grant")
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(
+        device_pb2.StatusRequest(), timeout=10, metadata=((protocol.SESSION_METADATA, s.session_id),)
+    )
     tag = public_session_id(s.session_id)
     used = next((int(u.used_bytes) for u in reply.sessions if u.session_id == tag), 0)
     i = _index(device)

@@ -23,7 +23,7 @@ import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server import guards
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import DaemonHandle, Healthy, MiB, start_serve_process, stop_process, tls_channel
+from support import DaemonHandle, Healthy, MiB, operator_tls, start_serve_process, stop_process, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -41,7 +41,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
     key = secrets.token_hex(32).encode()
     key_file = Path(tmp_path_factory.mktemp("abuse")) / "token.key"
     key_file.write_bytes(key + b"\n")
-    proc, address = start_serve_process(key_file, "--fake-gpus", "1", "--fake-gpu-memory", "64GiB")
+    # Client certificates required: the test's (admin) one sees every session in Status, and the device's totals
+    proc, address = start_serve_process(
+        key_file, "--fake-gpus", "1", "--fake-gpu-memory", "64GiB", "--tls-client-auth", "require"
+    )
     resource.prlimit(proc.pid, resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     yield DaemonHandle(address, key, "test-host", process=proc)
     assert proc.poll() is None, "the daemon died"
@@ -640,7 +643,9 @@ def test_unread_replies_are_bounded_for_the_whole_host(daemon_factory: Any) -> N
     take the host past it with RESOURCE_EXHAUSTED, while the parked ones and a reading neighbour carry on."""
     from support import Healthy
 
-    d = daemon_factory(fake_gpu_memory=256 * MiB, outbox_bytes=4 * MiB, max_unread_bytes=10 * MiB)
+    d = daemon_factory(  # (operator_tls: Status shows the test every session)
+        fake_gpu_memory=256 * MiB, outbox_bytes=4 * MiB, max_unread_bytes=10 * MiB, tls=operator_tls()
+    )
     neighbour = Healthy(d.address, d.token(tenant="neighbour", quota_bytes=16 * MiB))
     hogs = []
 

@@ -12,7 +12,7 @@ import torch
 from google.protobuf.message import DecodeError
 from gpupool.client.session import Handle, Session
 from gpupool.server import bulk
-from support import Healthy, tls_channel
+from support import Healthy, daemon_status, tls_channel
 
 from gpupool import errors, protocol
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -164,8 +164,8 @@ def _raw_stream(daemon: Any, frames: list[bytes]) -> grpc.RpcError:
             for _ in stream(iter(frames), metadata=(("gpupool-session", reply.session_id),), timeout=20):
                 pass
         # The session is gone with its stream: its memory is free again.
-        assert public_session_id(reply.session_id) not in {
-            s.session_id for s in stub.Status(device_pb2.StatusRequest()).sessions
+        assert public_session_id(reply.session_id) not in {  # (Status naming it: it would show it)
+            s.session_id for s in daemon_status(stub, reply.session_id).sessions
         }
         return info.value
     finally:

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import tls_channel
+from support import daemon_status
 
-from gpupool._proto import device_pb2, device_pb2_grpc
 from gpupool.tokens import public_session_id
 
 pytestmark = pytest.mark.slow
@@ -54,9 +53,8 @@ class Saturator:
         self._thread.join(timeout=30)
 
 
-def busy(address: str) -> dict[str, float]:
-    with tls_channel(address) as channel:
-        reply = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
+def busy(address: str, sessions: list[Saturator]) -> dict[str, float]:
+    reply = daemon_status(address, *(s.session for s in sessions))  # (Status shows the sessions it names)
     return {s.session_id: s.busy_seconds for s in reply.sessions}
 
 
@@ -67,13 +65,13 @@ def measure(address: str, sessions: list[Saturator], window: float) -> tuple[lis
     first part would skew the shares."""
     tags = [public_session_id(s.session.session_id) for s in sessions]  # Status shows public tags only
     deadline = time.monotonic() + 120
-    while min(busy(address).get(tag, 0.0) for tag in tags) < 0.05:  # 10 of the daemon's 5 ms slices each
+    while min(busy(address, sessions).get(tag, 0.0) for tag in tags) < 0.05:  # 10 of the daemon's 5 ms slices each
         assert all(s.alive() for s in sessions), [s.errors for s in sessions]
-        assert time.monotonic() < deadline, f"not every session ran within 120 s: {busy(address)}"
+        assert time.monotonic() < deadline, f"not every session ran within 120 s: {busy(address, sessions)}"
         time.sleep(0.05)
-    t0, b0 = time.monotonic(), busy(address)
+    t0, b0 = time.monotonic(), busy(address, sessions)
     time.sleep(window)
-    t1, b1 = time.monotonic(), busy(address)
+    t1, b1 = time.monotonic(), busy(address, sessions)
     assert all(s.alive() for s in sessions), [s.errors for s in sessions]
     return [b1[tag] - b0[tag] for tag in tags], t1 - t0
 

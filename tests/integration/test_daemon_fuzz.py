@@ -283,7 +283,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
     key = secrets.token_hex(32).encode()
     key_file = Path(tmp_path_factory.mktemp("fuzz")) / "token.key"
     key_file.write_bytes(key + b"\n")
-    proc, address = start_serve_process(key_file, "--fake-gpus", "1", "--fake-gpu-memory", "64GiB")
+    # Client certificates required: the test's (admin) one sees every session in Status (`wait_only_tenants`)
+    proc, address = start_serve_process(
+        key_file, "--fake-gpus", "1", "--fake-gpu-memory", "64GiB", "--tls-client-auth", "require"
+    )
     # Far below the fake GPU: an allocation that escapes the quota checks fails instead of swapping the box.
     resource.prlimit(proc.pid, resource.RLIMIT_AS, (6 * GiB, 6 * GiB))
     yield DaemonHandle(address, key, "test-host", process=proc)

@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import Healthy, scrape, tls_channel
+from support import Healthy, scrape, session_usage
 from test_daemon_bad_input import assert_still_usable
 
 from gpupool import errors, wire
-from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
-from gpupool.tokens import public_session_id
+from gpupool._proto import device_pb2, tensor_pb2
 
 MiB = 1024**2
 
@@ -149,9 +148,7 @@ def test_inputs_sent_by_value(session: Session) -> None:
 
 
 def used_bytes(daemon: Any, s: Session) -> int:
-    with tls_channel(daemon.address) as ch:
-        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
-    return next(u.used_bytes for u in reply.sessions if u.session_id == public_session_id(s.session_id))
+    return session_usage(daemon.address, s).used_bytes
 
 
 def test_graph_temporaries_count_in_used_memory(daemon: Any, session: Session) -> None:

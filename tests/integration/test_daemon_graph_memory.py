@@ -13,11 +13,10 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server import cli, graph_build
-from support import tls_channel
+from support import session_usage
 
 from gpupool import errors, wire
-from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
-from gpupool.tokens import public_session_id
+from gpupool._proto import device_pb2, tensor_pb2
 
 MiB = 1024**2
 BOUND = 8 * MiB  # ~1,020 ops of a `neg` chain (graph_build.host_bytes: ~8.2 KB an op since round 38)
@@ -46,9 +45,7 @@ def _run(s: Session, graph_id: int, x: Handle) -> torch.Tensor:
 
 def usage(address: str, s: Session) -> device_pb2.SessionUsage:
     """The session's row of the daemon's Status."""
-    with tls_channel(address) as ch:
-        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
-    return next(u for u in reply.sessions if u.session_id == public_session_id(s.session_id))
+    return session_usage(address, s)
 
 
 def _tree_rss() -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Session
-from support import MiB, tls_channel
+from support import MiB, operator_tls, session_usage, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc
@@ -19,13 +19,13 @@ from gpupool.tokens import public_session_id
 
 
 def status(address: str) -> device_pb2.StatusReply:
+    """Status as the test's (admin) certificate: every session where the daemon requires certificates (the
+    tests here that count every session start theirs so), none where it does not."""
     with tls_channel(address) as ch:
         return device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
 
 
-def usage(address: str, s: Session) -> device_pb2.SessionUsage:
-    tag = public_session_id(s.session_id)
-    return next(u for u in status(address).sessions if u.session_id == tag)
+usage = session_usage  # the session's row (Status naming it)
 
 
 def rss(pid: int) -> int:
@@ -47,7 +47,8 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL, signal.SIGABRT])
-def test_a_crashing_worker_ends_only_its_session(daemon: Any, sig: signal.Signals) -> None:
+def test_a_crashing_worker_ends_only_its_session(daemon_factory: Any, sig: signal.Signals) -> None:
+    daemon = daemon_factory(tls=operator_tls())  # the test's certificate sees every session and the totals
     neighbour = Session.attach(daemon.address, daemon.token(quota_bytes=16 * MiB))
     x = torch.randn(1000, dtype=torch.float64)
     hx = neighbour.upload(x)
@@ -134,7 +135,7 @@ def test_a_closed_sessions_shared_buffer_is_unmapped_at_once(serve_process: Any)
     # Each session maps its worker's 64 MiB shared buffer into the daemon; a closed session's runner lived on until
     # the collector found it, and with it the mapping: 41-56 of 100 churned sessions' buffers stayed mapped, and a
     # daemon under a 6 GiB address-space cap refused new workers ([Errno 12], round 36's CI). Now closing unmaps it.
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB")
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB", "--tls-client-auth", "require")  # (`status`)
     assert d.process is not None
     for i in range(24):
         s = Session.attach(d.address, d.token(quota_bytes=MiB))
@@ -175,7 +176,9 @@ def test_concurrent_attaches_hold_one_session_per_lease_and_the_session_limit(se
     # A worker starts outside the daemon's lock (a fork; retried for seconds when memory is short): the checks
     # before it (one session per lease and device, --max-sessions) counted only started sessions, so Attaches at
     # once all passed them (round 37's final review). Starting ones count now.
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB", "--max-sessions", "2")
+    d = serve_process(
+        "--fake-gpus", "1", "--fake-gpu-memory", "64MiB", "--max-sessions", "2", "--tls-client-auth", "require"
+    )  # (`status`: every session)
     one_lease = d.token(quota_bytes=MiB, lease_id="the-lease")
     got, refused = _attach_together(d.address, [one_lease] * 4)
     try:

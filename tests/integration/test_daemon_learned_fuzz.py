@@ -359,6 +359,8 @@ def serve(tmp: Path, *args: str, native: bool = True) -> Iterator[DaemonHandle]:
     proc, address = start_serve_process(
         key_file,
         *("--fake-gpus", "1", "--fake-gpu-memory", "64GiB", "--metrics-listen", "127.0.0.1:0", *args),
+        "--tls-client-auth",  # the test's (admin) certificate sees every session in Status, and the totals
+        "require",
         env={"GPUPOOL_LOG_LEVEL": "INFO", "GPUPOOL_NATIVE_RUNNER": "1" if native else "0"},
     )
     resource.prlimit(proc.pid, resource.RLIMIT_AS, (6 * GiB, 6 * GiB))

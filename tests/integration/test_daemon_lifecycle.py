@@ -19,7 +19,7 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import metrics_context, scrape, tls_channel
+from support import daemon_status, metrics_context, operator_tls, scrape, tls_channel
 
 from gpupool import errors, metrics_http
 from gpupool._proto import device_pb2, device_pb2_grpc
@@ -28,9 +28,10 @@ from gpupool.tokens import public_session_id
 MiB = 1024**2
 
 
-def status(address: str) -> device_pb2.StatusReply:
-    with tls_channel(address) as channel:
-        return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
+def status(address: str, *sessions: Session) -> device_pb2.StatusReply:
+    """Status naming `sessions` (it shows those only, unless the daemon sees the test's operator certificate:
+    `operator_tls`)."""
+    return daemon_status(address, *sessions)
 
 
 def health(address: str) -> int:
@@ -99,7 +100,8 @@ def test_bad_flags_exit_with_an_error(token_key_file: Any) -> None:
     assert help_.returncode == 0 and "GPUPOOL_FAKE_GPUS" in help_.stdout and "--scheduler" in help_.stdout
 
 
-def test_detach_frees_memory_and_ends_the_session(daemon: Any) -> None:
+def test_detach_frees_memory_and_ends_the_session(daemon_factory: Any) -> None:
+    daemon = daemon_factory(tls=operator_tls())  # the test's certificate sees the device's totals
     s = Session.attach(daemon.address, daemon.token(tenant="t1"))
     s.upload(torch.zeros(MiB // 4))
     s.sync()
@@ -134,7 +136,8 @@ def test_expired_lease_closes_the_session_unless_refreshed(daemon: Any) -> None:
     with pytest.raises(errors.Unauthenticated, match="another lease"):
         kept.refresh(daemon.token(ttl=60, lease_id="another-lease"))
     kept.sync()  # a refused refresh harms nothing: the session keeps its old expiry
-    assert [x.session_id for x in status(daemon.address).sessions] == [public_session_id(kept.session_id)]
+    shown = status(daemon.address, kept, dropped).sessions  # (naming both: only the kept one is left)
+    assert [x.session_id for x in shown] == [public_session_id(kept.session_id)]
     kept.close()
     dropped.close()
 
@@ -162,7 +165,7 @@ def test_refresh_is_not_held_up_by_a_backlog(daemon_factory: Any) -> None:
         s.refresh(daemon.token(ttl=60, lease_id=lease))
         time.sleep(max(0.0, expires + 0.6 - time.time()))
         # before: closed ("expired") at the first token's end, the refresh having waited behind the backlog
-        mine = [x for x in status(daemon.address).sessions if x.lease_id == lease]
+        mine = [x for x in status(daemon.address, s).sessions if x.lease_id == lease]
         assert len(mine) == 1, "the session ended with its first token: the refresh did not reach it in time"
         assert mine[0].ops < 1 + mms, "the backlog must outlast the first token for this test to mean anything"
         s.close()  # its backlog goes with it
@@ -170,7 +173,8 @@ def test_refresh_is_not_held_up_by_a_backlog(daemon_factory: Any) -> None:
     pytest.fail("the client never queued its backlog within a token's life (8 s at most)")
 
 
-def test_revoked_leases_are_closed_and_freed(daemon: Any) -> None:
+def test_revoked_leases_are_closed_and_freed(daemon_factory: Any) -> None:
+    daemon = daemon_factory(tls=operator_tls())  # the test's certificate sees every session and the totals
     s = Session.attach(daemon.address, daemon.token(lease_id="L1"))
     other = Session.attach(daemon.address, daemon.token(lease_id="L2"))
     s.upload(torch.zeros(MiB // 4))
@@ -365,7 +369,7 @@ def test_the_daemon_and_its_zygote_are_not_dumpable(serve_process: Any) -> None:
     assert {"daemon": _proc_gid(pid), "zygote": _proc_gid(zygotes[0])} == {"daemon": 0, "zygote": 0}
     s = Session.attach(d.address, d.token(device=0))  # it serves, and its worker is not dumpable either
     assert s.call("aten::add.Tensor", Handle(s.upload(torch.ones(4))), 1.0)[0] is not None
-    worker = next(x.worker_pid for x in status(d.address).sessions)
+    worker = next(x.worker_pid for x in status(d.address, s).sessions)
     assert _proc_gid(worker) == 0
     s.close()
 

@@ -8,20 +8,17 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import tls_channel
+from support import session_usage
 from test_daemon_compact import rec
 
 from gpupool import compact, errors, wire
-from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
-from gpupool.tokens import public_session_id
+from gpupool._proto import device_pb2, tensor_pb2
 
 KiB, MiB, TiB = 1024, 1024**2, 1024**4
 
 
 def used_bytes(address: str, session: Session) -> int:
-    with tls_channel(address) as channel:
-        status = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest())
-    return next(s.used_bytes for s in status.sessions if s.session_id == public_session_id(session.session_id))
+    return session_usage(address, session).used_bytes
 
 
 def test_views_count_once_and_quota_is_enforced(daemon: Any) -> None:

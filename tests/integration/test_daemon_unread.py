@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from support import DaemonHandle, Healthy, MiB, tls_channel
+from support import DaemonHandle, Healthy, MiB, daemon_status, tls_channel
 
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.tokens import public_session_id
@@ -118,7 +118,7 @@ def test_the_host_count_of_unread_replies_follows_many_sessions_and_one_flood(da
         e = Hog(d, "hog-e")
         held = _parked(d, b, e)
         assert len(held) == 2 and min(held) >= 4 * MiB, held
-        status = device_pb2_grpc.DeviceStub(a.channel).Status(device_pb2.StatusRequest())
+        status = daemon_status(device_pb2_grpc.DeviceStub(a.channel), *(h.session_id for h in (a, b, e)))
         assert {public_session_id(h.session_id) for h in (a, b, e)} <= {s.session_id for s in status.sessions}
         total, summed = _counted(d)
         assert total == summed, (total, summed)

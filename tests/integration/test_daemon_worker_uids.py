@@ -17,20 +17,16 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Session
-from support import MiB, tls_channel
+from support import MiB, session_usage
 
 from gpupool import errors
-from gpupool._proto import device_pb2, device_pb2_grpc
-from gpupool.tokens import public_session_id
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="workers change user only under a root daemon")
 FIRST = 3_141_591_000  # no account of a host is there
 
 
 def worker_ids(address: str, s: Session) -> tuple[int, list[str], list[str]]:
-    with tls_channel(address) as ch:
-        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
-    pid = next(u.worker_pid for u in reply.sessions if u.session_id == public_session_id(s.session_id))
+    pid = session_usage(address, s).worker_pid
     with open(f"/proc/{pid}/status") as f:
         fields = {line.split(":")[0]: line.split()[1:] for line in f}
     return pid, fields["Uid"], fields["Gid"]

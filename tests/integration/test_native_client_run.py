@@ -163,7 +163,9 @@ from gpupool.tokens import public_session_id
 def used():
     torch.gpupool.synchronize()
     s = backend.session(0)
-    reply = device_pb2_grpc.DeviceStub(s._channel).Status(device_pb2.StatusRequest(), timeout=10)
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(
+        device_pb2.StatusRequest(), timeout=10, metadata=(("gpupool-session", s.session_id),)
+    )
     return next(u.used_bytes for u in reply.sessions if u.session_id == public_session_id(s.session_id))
 
 x = torch.arange(65536.0, device="gpupool")  # 256 KiB

@@ -34,6 +34,7 @@ def test_mutated_recorded_frames_harm_nothing(tmp_path: Path) -> None:
     proc, address = start_serve_process(
         key_file, "--fake-gpus", "1", "--fake-gpu-memory", "8GiB", "--bulk-listen", "127.0.0.1:0",
         "--isolation", ISOLATION,
+        "--tls-client-auth", "require",  # the test's (admin) certificate sees every session: wait_only_tenants
     )  # fmt: skip
     resource.prlimit(proc.pid, resource.RLIMIT_AS, (8 * GiB, 8 * GiB))
     daemon = DaemonHandle(address, key, "test-host", process=proc)

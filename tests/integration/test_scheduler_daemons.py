@@ -14,7 +14,7 @@ import pytest
 from gpupool.client.pool import Lease, SchedulerClient, lease
 from gpupool.scheduler.cli import build_parser
 from scheduler_fixtures import Proc, key_file, silence_when_down, start_scheduler, wait_until
-from support import tls_channel
+from support import daemon_status, tls_channel
 
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.errors import FailedPrecondition, ResourceExhausted
@@ -76,9 +76,10 @@ def attach(x: Lease, i: int = 0) -> tuple[device_pb2_grpc.DeviceStub, device_pb2
     return stub, stub.Attach(device_pb2.AttachRequest(token=d.token), timeout=10)
 
 
-def session_ids(stub: device_pb2_grpc.DeviceStub) -> set[str]:
-    """The sessions Status lists, by their public tags (`public_session_id`): it never shows the secret ids."""
-    return {s.session_id for s in stub.Status(device_pb2.StatusRequest(), timeout=10).sessions}
+def session_ids(stub: device_pb2_grpc.DeviceStub, *named: str) -> set[str]:
+    """The sessions Status lists, by their public tags (`public_session_id`): it never shows the secret ids. It
+    shows the caller the sessions it names (`named`: their secret ids), those that are still open."""
+    return {s.session_id for s in daemon_status(stub, *named).sessions}
 
 
 def where(x: Lease) -> tuple[str, int]:
@@ -102,10 +103,10 @@ def test_binpack_wait_and_tokens_the_daemons_accept(cluster: Cluster) -> None:
     waiter.join(30)
     assert got and where(got[0]) == where(a)
     # A released lease: its daemon closes the session at the next heartbeat, long before the token expires.
-    assert public_session_id(reply.session_id) in session_ids(stub)
+    assert public_session_id(reply.session_id) in session_ids(stub, reply.session_id)
     a.release()
     wait_until(
-        lambda: public_session_id(reply.session_id) not in session_ids(stub),
+        lambda: public_session_id(reply.session_id) not in session_ids(stub, reply.session_id),
         timeout=10,
         what="the daemon to drop the session",
     )
@@ -118,9 +119,11 @@ def test_unrenewed_lease_expires_and_the_daemon_drops_its_session(cluster: Clust
     pb = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=1.0, ttl_seconds=2, tenant="idle"))
     x = Lease._from_pb(pb, cluster.address)  # never renewed
     stub, reply = attach(x)
-    assert public_session_id(reply.session_id) in session_ids(stub)
+    assert public_session_id(reply.session_id) in session_ids(stub, reply.session_id)
     wait_until(
-        lambda: public_session_id(reply.session_id) not in session_ids(stub), timeout=15, what="the session to close"
+        lambda: public_session_id(reply.session_id) not in session_ids(stub, reply.session_id),
+        timeout=15,
+        what="the session to close",
     )
     wait_until(lambda: not client.list_pool().leases, timeout=5, what="the lease to expire")
     with pytest.raises(FailedPrecondition, match="expired"):
@@ -150,7 +153,7 @@ def test_scheduler_kill_9_and_restart_keeps_leases_sessions_and_accounting(clust
     time.sleep(2)  # a few heartbeats of both daemons against the new scheduler
     cluster.wait_hosts_up(2)
     assert public_session_id(reply.session_id) in session_ids(
-        stub
+        stub, reply.session_id
     )  # a live lease's session is not revoked by the restart
     for x in held:
         x.release()

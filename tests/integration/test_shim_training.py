@@ -11,11 +11,11 @@ import pytest
 import torch
 from gpupool.client.torch import runtime
 from gpupool.client.torch.tensor import RemoteTensor
+from support import daemon_status
 from torch import nn
 
 import gpupool.torch as gt
 from examples.sentiment.model import build_model, make_batch
-from gpupool._proto import device_pb2
 from gpupool.tokens import public_session_id
 
 
@@ -231,7 +231,7 @@ def test_dead_tensors_are_freed(dev: torch.device) -> None:
     del t
     gt.synchronize()
     assert not rt._dead  # a sync point flushes the queued frees
-    status = rt.session._stub.Status(device_pb2.StatusRequest())
+    status = daemon_status(rt.session._stub, rt.session)
     mine = [s for s in status.sessions if s.session_id == public_session_id(rt.session.session_id)]
     assert mine and mine[0].used_bytes < 100 * 4000
 

@@ -61,7 +61,7 @@ F32 = 1  # TensorMeta.dtype of float32
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from gpupool.server.app import RunningDaemon
     from gpupool.server.daemon import DaemonConfig
-    from support import TEST_HOST, DaemonHandle, get_pki, verifier
+    from support import TEST_HOST, DaemonHandle, operator_tls, verifier
 
     key = secrets.token_hex(32).encode()
     config = DaemonConfig(
@@ -71,7 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         fake_gpu_memory=1024 * MiB,
         token_key=verifier(key),
         metrics_listen="127.0.0.1:0",
-        tls=get_pki().server_config(),
+        tls=operator_tls(),  # the test's (admin) certificate sees every session in Status (`wait_only_tenants`)
         bulk_listen="127.0.0.1:0",
         isolation=ISOLATION,
     )

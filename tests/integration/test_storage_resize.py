@@ -13,11 +13,10 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from shim_fixtures import ServeProcess
-from support import MiB, tls_channel
+from support import MiB, session_usage
 
 from gpupool import errors
-from gpupool._proto import device_pb2, device_pb2_grpc
-from gpupool.tokens import public_session_id
+from gpupool._proto import device_pb2
 
 QUOTA = 16 * MiB
 N = 1024 * 1024  # floats: 4 MiB
@@ -36,9 +35,7 @@ def s(served: ServeProcess) -> Iterator[Session]:
 
 
 def used(daemon: ServeProcess, s: Session) -> int:
-    with tls_channel(daemon.address) as channel:
-        reply = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
-    return next(u.used_bytes for u in reply.sessions if u.session_id == public_session_id(s.session_id))
+    return session_usage(daemon.address, s).used_bytes
 
 
 def resize(s: Session, handle: int, nbytes: int) -> None:

@@ -14,15 +14,18 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, Proc, wait_until
 
 from gpupool import tls
+from gpupool._proto import device_pb2_grpc
 
 CHILD = """
 import sys
 from gpupool import tls
+from gpupool._proto import device_pb2_grpc
 from gpupool._proto import device_pb2, device_pb2_grpc
 from gpupool.client.pool import Lease
 lease = Lease.from_env()
@@ -129,3 +132,52 @@ def test_up_refuses_a_name_no_certificate_can_hold_in_one_line(
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "no '/'" in done.stderr and ("a/b" in done.stderr or "rack/7" in done.stderr), done.stderr
     assert not state.exists()
+
+
+def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: Path, up: tuple[Proc, str]) -> None:
+    """`gpupool up` runs its daemon with client certificates required (round 42: under the default `none` its
+    Status, `gpupool smi`'s tenants table, showed every tenant's sessions to anyone who reached the port): the
+    operator's smi (its admin certificate) lists every session, the user's (its tenant certificate) its own, a caller
+    without a certificate is refused at the handshake."""
+    from gpupool.client.session import Session
+    from support import daemon_status, get_pki
+
+    from gpupool._proto import scheduler_pb2
+
+    proc, address = up
+    daemon = proc.wait_for(r"daemon\s+(\S+)").group(1)
+    env = {**exports(proc), "COLUMNS": "250"}
+    state = tmp_path / "state" / "pki"
+    admin = {
+        **env,
+        "GPUPOOL_TLS_CERT": str(state / "admin-admin.crt"),
+        "GPUPOOL_TLS_KEY": str(state / "admin-admin.key"),
+    }
+    user_tls = tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
+    sessions = []
+    for cfg in (user_tls, get_pki().client_config("tenant", "mallory")):  # the user, and another tenant
+        pool = SchedulerClient(address, cfg)
+        lease = pool.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+        pool.close()
+        sessions.append(Session.attach(daemon, lease.devices[0].token))
+    try:
+        user = getpass.getuser()
+
+        def tenants(environment: dict[str, str]) -> list[str]:
+            smi = gpupool("smi", env=environment)
+            assert smi.returncode == 0, smi.stderr
+            table = smi.stdout.split("tenants (sessions on the daemons)")[1].split("leases (")[0]
+            return sorted(t for t in (user, "mallory") if re.search(rf"[│┃]\s*{t}\s*[│┃]", table))
+
+        assert tenants(admin) == sorted([user, "mallory"])
+        assert tenants(env) == [user]
+        carol = get_pki().issue("tenant", "carol")  # a tenant with no session: an empty table, and why
+        smi = gpupool("smi", env={**env, "GPUPOOL_TLS_CERT": str(carol.cert), "GPUPOOL_TLS_KEY": str(carol.key)})
+        assert smi.returncode == 0 and "none shown to you" in smi.stdout, smi.stdout + smi.stderr
+        with tls.channel(daemon, cfg=tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert="", key=""), token=False) as ch:
+            with pytest.raises(grpc.RpcError) as info:  # no certificate: no answer at all
+                daemon_status(device_pb2_grpc.DeviceStub(ch))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for s in sessions:
+            s.close()
