@@ -132,13 +132,18 @@ def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], t
     send = sock.send if more is None else more
     if len(views) == 1 and type(views[0]) is bytes and len(views[0]) <= SLICE:  # (a frame's record: one call)
         first, sent = views[0], 0
+        wanted: bool | None = None  # (a "want": whether to read first)
         with lock:
             try:
                 sent = sock.send(first)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
-                pass  # (the loop below sends it again, the same slice: OpenSSL's retry rule)
+            except ssl.SSLWantReadError:
+                wanted = True
+            except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                wanted = False
         if sent == len(first):
             return
+        if wanted is not None:  # (then the loop below sends it again, the same slice: OpenSSL's retry rule)
+            _wait(sock, wanted, timeout)
         views = [memoryview(first)[sent:]]
     for whole in views:
         view = memoryview(whole).cast("B")

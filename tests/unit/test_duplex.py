@@ -459,3 +459,32 @@ def test_a_small_record_that_a_socket_takes_in_part_goes_out_once_whole() -> Non
     finally:
         a.close()
         b.close()
+
+
+def test_a_small_record_that_meets_a_full_tls_socket_goes_out_once_after_the_wait() -> None:
+    """The one-call paths for a small record (round 42: `send_some` and `send_all` hand the bytes to the socket, no
+    view) on a side socket whose kernel buffer is full (its reader paused): `send_some` says 0 (OpenSSL's want, the
+    record made and held by OpenSSL), and the writer's `send_all` of the same bytes, the socket still full, waits
+    for it and retries them (OpenSSL's rule), once the reader reads. Every record arrives once, in order, the
+    retried one last, and nothing after it."""
+    ours, theirs = _side_pair()
+    lock = threading.Lock()
+    try:
+        sent = []
+        while True:  # small records until the kernel's buffers are full (the peer reads nothing yet)
+            record = b"%08d" % len(sent) * 100
+            if duplex.send_some(ours, lock, record) < len(record):
+                break
+            sent.append(record)
+        writer = threading.Thread(target=duplex.send_all, args=(ours, lock, [record], 20.0))
+        writer.start()
+        into = bytearray(len(record) * (len(sent) + 1))
+        assert duplex.recv_into(theirs, threading.Lock(), memoryview(into), 20.0) == len(into)
+        writer.join(20)
+        assert not writer.is_alive()
+        assert bytes(into) == b"".join(sent) + record
+        with pytest.raises(ssl.SSLWantReadError):  # (nothing after it: the retried record went once)
+            theirs.recv_into(memoryview(bytearray(10)), 10)
+    finally:
+        ours.close()
+        theirs.close()
