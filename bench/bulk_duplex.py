@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import ssl
 import statistics
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from gpupool import duplex, pki, protocol, tls
+import loopback_tls
+
+from gpupool import duplex, protocol
 
 MiB = 1024**2
 CHUNK = 4 * MiB
@@ -58,32 +56,10 @@ def _new_recv(sock: Any, lock: threading.Lock, view: memoryview) -> None:
         raise OSError("closed")
 
 
-def _pair(server_ctx: ssl.SSLContext | None, client_ctx: ssl.SSLContext | None) -> tuple[Any, Any]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    out: list[Any] = []
-    t = threading.Thread(target=lambda: out.append(listener.accept()[0]))
-    t.start()
-    c: Any = socket.create_connection(("127.0.0.1", port))
-    t.join()
-    s: Any = out[0]
-    listener.close()
-    for x in (c, s):
-        x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if server_ctx is not None and client_ctx is not None:
-        done: list[Any] = []
-        t = threading.Thread(target=lambda: done.append(server_ctx.wrap_socket(s, server_side=True)))
-        t.start()
-        c = client_ctx.wrap_socket(c, server_hostname="127.0.0.1")
-        t.join()
-        s = done[0]
-    return c, s
-
-
-def _one(kind: str, size: int, ctxs: tuple[Any, Any]) -> tuple[float, float]:
+def _one(kind: str, size: int, ctxs: tuple[Any, Any] | None) -> tuple[float, float]:
     """(GB/s, CPU s/GiB) of one transfer of `size` bytes with the `kind` ("old"/"new") loop at both ends."""
     send, recv = (_old_send, _old_recv) if kind == "old" else (_new_send, _new_recv)
-    c, s = _pair(*ctxs)
+    s, c = loopback_tls.pair(ctxs)
     for x in (c, s):
         if kind == "old":
             x.settimeout(TIMEOUT)
@@ -118,22 +94,12 @@ def main() -> int:
     p.add_argument("--plaintext", action="store_true", help="a plaintext connection (the daemon's --insecure)")
     args = p.parse_args()
     size = args.size_mib // 4 * 4 * MiB
-    with tempfile.TemporaryDirectory() as tmp:
-        ctxs: tuple[Any, Any] = (None, None)
-        if not args.plaintext:
-            env = pki.loopback_env(Path(tmp) / "pki")
-            server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            server.load_cert_chain(env["GPUPOOL_TLS_CERT"], env["GPUPOOL_TLS_KEY"])
-            server.load_verify_locations(env["GPUPOOL_TLS_CA"])
-            server.verify_mode = ssl.CERT_REQUIRED
-            client = tls.socket_client_context(tls.TlsConfig(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"],
-                                                             key=env["GPUPOOL_TLS_KEY"]))  # fmt: skip
-            ctxs = (server, client)
-        runs: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
-        _one("new", 16 * MiB, ctxs)  # warm-up
-        for i in range(args.repeat):
-            for kind in ("old", "new") if i % 2 == 0 else ("new", "old"):
-                runs[kind].append(_one(kind, size, ctxs))
+    ctxs = None if args.plaintext else loopback_tls.contexts()
+    runs: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+    _one("new", 16 * MiB, ctxs)  # warm-up
+    for i in range(args.repeat):
+        for kind in ("old", "new") if i % 2 == 0 else ("new", "old"):
+            runs[kind].append(_one(kind, size, ctxs))
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\nbulk socket loop, {'plaintext' if args.plaintext else 'TLS'}, {args.size_mib} MiB one way, "

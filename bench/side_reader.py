@@ -2,13 +2,14 @@
 its instructions a frame, this checkout's and another's (round 40, front40); since round 41 (front41) the client's
 end too (`client/bulk.py` `BulkSocket`: the frame's write, the reply's read), its instructions a frame.
 
-In this process, over a loopback TCP connection with the side socket's own TLS contexts (`tls.SocketServerTls`,
-`tls.socket_client_context`), both ends buffered as bound ones are (`SideSocket.buffer`): a thread of its own runs
-the front reader's socket calls of `DeviceServicer.read_side` for each frame (`BulkLink.recv_frame`, `BulkLink.ready`,
-the reply's `BulkLink.send_frame`), while the main thread plays a client that sends a frame (an 85-byte RunGraph and
-Sync, a tiny captured step's size) through the session's `BulkSocket` and waits for its reply before the next, as a
-synced step does. What the daemon does between the frame and the reply (split, slice, worker) is left out: this
-counts the socket path only.
+In this process, over a loopback TCP connection with the side socket's own TLS contexts (bench/loopback_tls.py),
+both ends buffered as bound ones are (`SideSocket.buffer`): a thread of its own runs the front reader's socket calls
+of `DeviceServicer.read_side` for each frame (`BulkLink.recv_frame`, `BulkLink.ready`) and the reply's write as
+`FrontSession._write_now` makes it (`BulkLink.send_now`; until round 42 `send_frame`, the writer's), while the main
+thread plays a client that sends a frame (an 85-byte RunGraph and Sync, a tiny captured step's size) through the
+session's `BulkSocket` as a synced call does (`send_frame_now`, `Session._write_inline`'s; until round 42
+`send_frame`, the sender's) and waits for its reply (`recv_record`) before the next. What the daemon does between
+the frame and the reply (split, slice, worker) is left out: this counts the socket path only.
 
     python bench/side_reader.py [--frames 2000] [--measure syscalls|instr]
         [--against DIR --against-python DIR/.venv/bin/python]   (this file run by that python, importing DIR's gpupool)
@@ -24,7 +25,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,30 +43,17 @@ def run(frames: int, measure: str, out: str, frame_bytes: int = len(FRAME)) -> d
     """One process's figures: `measure` on the reader thread for `frames` synced frames of `frame_bytes`."""
     frame = FRAME[:frame_bytes] + b"s" * (frame_bytes - len(FRAME))
     import cgtools
+    import loopback_tls
     from gpupool.client import bulk as client_bulk
     from gpupool.server import bulkside
 
-    from gpupool import pki, protocol, tls
+    from gpupool import protocol
 
-    with tempfile.TemporaryDirectory() as tmp:
-        env = pki.loopback_env(Path(tmp) / "pki")
-        cfg = tls.TlsConfig(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
-        server_ctx = tls.SocketServerTls(cfg).context()
-        client_ctx = tls.socket_client_context(cfg)
-    assert client_ctx is not None
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        raw = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    for s in (raw, accepted):
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client = client_ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
+    sock, client = loopback_tls.pair(loopback_tls.contexts())  # (no thread started: callgrind numbers them)
     tid: list[int] = []
     go, started = threading.Event(), threading.Event()
 
     def reader() -> None:  # the server's end, all of it in this one thread (callgrind numbers threads by creation)
-        sock = server_ctx.wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
-        sock.do_handshake()
-        sock.setblocking(False)
         assert sock.buffer()
         link = bulkside.BulkLink(sock, 1, frames=True)
         tid.append(threading.get_native_id())
@@ -76,18 +63,19 @@ def run(frames: int, measure: str, out: str, frame_bytes: int = len(FRAME)) -> d
             got = link.recv_frame(1 << 20)
             assert got is not None and len(got) == len(frame)
             link.ready()
-            link.send_frame(REPLY)
+            # (as `FrontSession._write_now` writes a small reply: from the thread that has it, without waiting)
+            assert link.send_now(protocol.frame_record(REPLY)) == len(REPLY) + protocol.BULK_HEAD.size
         link.close()
 
     thread = threading.Thread(target=reader, name="side-reader")
     thread.start()
-    client.do_handshake()
-    client.setblocking(False)
     assert client.buffer()
     side = client_bulk.BulkSocket(client, frames=True)  # the client's end as a session uses it
 
     def step() -> None:
-        side.send_frame(frame)
+        rest = side.send_frame_now(frame)  # (as a session's synced call writes it: `Session._write_inline`)
+        if rest:  # (a large frame the socket did not take at once: its sender writes the rest)
+            side.send_rest(rest)
         kind, _, body = side.recv_record()
         assert kind == protocol.BULK_FRAME and body == REPLY
 

@@ -136,70 +136,57 @@ def pair(args: argparse.Namespace) -> int:
     (`SideSocket.buffer`) alternately; --size-mib sent one way with `duplex.send_all` (a 24-byte header and the
     bytes, as a download) by one thread and read with `duplex.recv_into` by another: each thread's CPU time and
     system calls a MiB; then a 178-byte frame record's `send_all` (CPU a send) and reading 100 of them."""
-    import socket
     import threading
 
-    from gpupool import duplex, pki, protocol, tls
+    import loopback_tls
+
+    from gpupool import duplex, protocol
 
     size = args.size_mib * MiB
     data, head, frame = bytes(size), b"h" * 24, protocol.frame_record(b"x" * 150)
     runs: dict[bool, list[tuple[float, ...]]] = {False: [], True: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        env = pki.loopback_env(Path(tmp) / "pki")
-        cfg = tls.TlsConfig(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
-        server_ctx = tls.SocketServerTls(cfg).context()
-        client_ctx = tls.socket_client_context(cfg)
-        assert client_ctx is not None
+    ctxs = loopback_tls.contexts()
 
-        def one(buffered: bool) -> tuple[float, ...]:
-            with socket.create_server(("127.0.0.1", 0)) as listener:
-                raw = socket.create_connection(listener.getsockname())
-                accepted, _ = listener.accept()
-            a = server_ctx.wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
-            b = client_ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
-            shake = threading.Thread(target=b.do_handshake)
-            shake.start()
-            a.do_handshake()
-            shake.join(10)
-            for end in (a, b):
-                end.setblocking(False)
-                if buffered:
-                    assert end.buffer()
-            la, lb = threading.Lock(), threading.Lock()
-            out: list[float] = []
+    def one(buffered: bool) -> tuple[float, ...]:
+        a, b = loopback_tls.pair(ctxs, nodelay=False)
+        for end in (a, b):
+            if buffered:
+                assert end.buffer()
+        la, lb = threading.Lock(), threading.Lock()
+        out: list[float] = []
 
-            def send() -> None:
-                c, t = _calls()[1], time.thread_time()
-                duplex.send_all(a, la, [head, data], 30.0)
-                out.extend((time.thread_time() - t, _calls()[1] - c))
+        def send() -> None:
+            c, t = _calls()[1], time.thread_time()
+            duplex.send_all(a, la, [head, data], 30.0)
+            out.extend((time.thread_time() - t, _calls()[1] - c))
 
-            into = memoryview(bytearray(len(head) + size))
-            sender = threading.Thread(target=send)
-            c, t = _calls()[0], time.thread_time()
-            sender.start()
-            duplex.recv_into(b, lb, into, 30.0)
-            recv_cpu, reads = time.thread_time() - t, _calls()[0] - c
-            sender.join(30)
-            small_send = small_recv = 0.0
-            buf = memoryview(bytearray(len(frame) * 100))
-            for _ in range(20):
-                t = time.thread_time()
-                for _ in range(100):
-                    duplex.send_all(a, la, [frame], 10.0)
-                small_send += time.thread_time() - t
-                t = time.thread_time()
-                duplex.recv_into(b, lb, buf, 10.0)
-                small_recv += time.thread_time() - t
-            a.close()
-            b.close()
-            mib = size / MiB
-            return (out[0] / mib * 1e6, out[1] / mib, recv_cpu / mib * 1e6, reads / mib, small_send / 2000 * 1e6,
-                    small_recv / 2000 * 1e6)  # fmt: skip
+        into = memoryview(bytearray(len(head) + size))
+        sender = threading.Thread(target=send)
+        c, t = _calls()[0], time.thread_time()
+        sender.start()
+        duplex.recv_into(b, lb, into, 30.0)
+        recv_cpu, reads = time.thread_time() - t, _calls()[0] - c
+        sender.join(30)
+        small_send = small_recv = 0.0
+        buf = memoryview(bytearray(len(frame) * 100))
+        for _ in range(20):
+            t = time.thread_time()
+            for _ in range(100):
+                duplex.send_all(a, la, [frame], 10.0)
+            small_send += time.thread_time() - t
+            t = time.thread_time()
+            duplex.recv_into(b, lb, buf, 10.0)
+            small_recv += time.thread_time() - t
+        a.close()
+        b.close()
+        mib = size / MiB
+        return (out[0] / mib * 1e6, out[1] / mib, recv_cpu / mib * 1e6, reads / mib, small_send / 2000 * 1e6,
+                small_recv / 2000 * 1e6)  # fmt: skip
 
-        load0 = os.getloadavg()[0]
-        for r in range(args.rounds):
-            for buffered in (False, True) if r % 2 == 0 else (True, False):
-                runs[buffered].append(one(buffered))
+    load0 = os.getloadavg()[0]
+    for r in range(args.rounds):
+        for buffered in (False, True) if r % 2 == 0 else (True, False):
+            runs[buffered].append(one(buffered))
     med = {k: [statistics.median(run[i] for run in v) for i in range(6)] for k, v in runs.items()}
     print(f"\nside socket layer alone (loopback TCP, TLS, this process), {args.size_mib} MiB one way, medians of "
           f"{args.rounds}; load {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip

@@ -48,6 +48,7 @@ MIN_UPLOAD = 1024 * 1024  # uploads of at least this many bytes take the side so
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # the largest reply record read (the stream's receive limit, session.py)
 CHUNK = protocol.CHUNK_BYTES  # bytes per Upload command (each a canonical upload the daemon's worker copies once)
 _warned: set[str] = set()
+_NOTHING = memoryview(b"")  # what `send_frame_now` has left to send when all of it went
 _RECORD_LIMIT = {protocol.BULK_FRAME: MAX_REPLY_BYTES, protocol.BULK_END: protocol.BULK_END_BYTES}  # recv_record's
 
 
@@ -69,9 +70,10 @@ class BulkSocket:
     def send_frame_now(self, frame: bytes) -> memoryview:
         """`send_frame` without waiting: what the socket takes now of the frame's record goes; returns the rest
         (empty: all of it went), which `send_rest` writes next, before any other record."""
-        record = memoryview(protocol.frame_record(frame))
+        record = protocol.frame_record(frame)
         try:
-            return record[duplex.send_some(self.sock, self.lock, record) :]
+            sent = duplex.send_some(self.sock, self.lock, record)
+            return _NOTHING if sent == len(record) else memoryview(record)[sent:]
         except (OSError, ValueError) as exc:
             raise Unavailable(f"side socket: sending a frame failed: {exc}") from None
 
@@ -89,15 +91,15 @@ class BulkSocket:
         lost daemon ends the gRPC stream, whose callback closes this socket, and the kernel's keepalive finds a
         gone one: `PEER_*`)."""
         try:
-            got = self.reader.head(None)
+            got = self.reader.record()
             if got is None:
                 raise Unavailable(_CLOSED)
-            kind, ident, _, n = got
+            kind, ident, _, n, body = got
             # a reply frame up to the stream's limit; the session's end, a reason of a few words (nothing of a
-            # longer one is read or held); no other kind
+            # longer one is read or held beyond what came with its header); no other kind
             if n > _RECORD_LIMIT.get(kind, -1):
                 raise InvalidArgument(f"side socket: expected a frame record, got kind {kind} of {n} bytes")
-            return kind, ident, self.reader.body(n, None)
+            return kind, ident, body if body is not None else self.reader.body(n, None)
         except EOFError:
             raise Unavailable("side socket closed by the daemon in the middle of a record") from None
         except ValueError as exc:  # the socket was closed here

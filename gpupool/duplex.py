@@ -32,11 +32,23 @@ SLICE = 1 << 20  # bytes per non-blocking send: the longest the lock is held for
 def _wait(sock: Any, read: bool, timeout: float | None) -> None:
     """Until `sock` is readable (`read`) or writable, or TimeoutError after `timeout` s (None: no limit). `poll`,
     not `select`: a daemon serving many sessions has descriptors past select's 1024 (ValueError there)."""
+    poll(poller(sock, read), timeout)
+
+
+def poller(sock: Any, read: bool) -> Any:
+    """A poll object for `sock`'s descriptor, readable (`read`) or writable; OSError for a closed socket. One kept
+    for a socket's life (`records.Reader`) must be asked only while the socket is open (`fileno` >= 0): a closed
+    socket's descriptor number may be another connection's."""
     fd = sock.fileno()
     if fd < 0:
         raise OSError("socket closed")
-    poller = select.poll()
-    poller.register(fd, (select.POLLIN if read else select.POLLOUT) | select.POLLERR | select.POLLHUP)
+    got = select.poll()
+    got.register(fd, (select.POLLIN if read else select.POLLOUT) | select.POLLERR | select.POLLHUP)
+    return got
+
+
+def poll(poller: Any, timeout: float | None) -> None:
+    """Until `poller`'s socket is ready, or TimeoutError after `timeout` s (None: no limit)."""
     if not poller.poll(None if timeout is None else timeout * 1000):
         raise TimeoutError(f"no bytes moved for {timeout:.0f} s")
 
@@ -118,6 +130,21 @@ def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], t
     view, a frame's record: its `send`, which flushes, without the second call)."""
     more = getattr(sock, "send_more", None) if len(views) > 1 else None
     send = sock.send if more is None else more
+    if len(views) == 1 and type(views[0]) is bytes and len(views[0]) <= SLICE:  # (a frame's record: one call)
+        first, sent = views[0], 0
+        wanted: bool | None = None  # (a "want": whether to read first)
+        with lock:
+            try:
+                sent = sock.send(first)
+            except ssl.SSLWantReadError:
+                wanted = True
+            except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                wanted = False
+        if sent == len(first):
+            return
+        if wanted is not None:  # (then the loop below sends it again, the same slice: OpenSSL's retry rule)
+            _wait(sock, wanted, timeout)
+        views = [memoryview(first)[sent:]]
     for whole in views:
         view = memoryview(whole).cast("B")
         pos = 0
@@ -140,12 +167,21 @@ def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], t
         _wait(sock, False, timeout)
 
 
-def send_some(sock: Any, lock: threading.Lock, view: memoryview) -> int:
+def send_some(sock: Any, lock: threading.Lock, view: memoryview | bytes) -> int:
     """Send what the socket takes of `view` now, without waiting; returns how many bytes went. The rest must go
     through `send_all` next (from `view[returned:]`: after a "want", OpenSSL's retry takes the same slice again,
-    which is `send_all`'s first)."""
-    view = view.cast("B") if view.format != "B" else view
+    which is `send_all`'s first). A bytes object of up to a SLICE (a frame's record) goes in one call, no view."""
     pos = 0
+    if type(view) is bytes and len(view) <= SLICE:
+        with lock:
+            try:
+                pos = sock.send(view)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                return 0
+        if pos == len(view):
+            return pos
+    view = memoryview(view)
+    view = view.cast("B") if view.format != "B" else view
     while pos < len(view):
         with lock:
             try:
@@ -179,24 +215,6 @@ def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float 
                 pass
         _wait(sock, not want_write, timeout)
     return got
-
-
-def recv_some(sock: Any, lock: threading.Lock, view: memoryview, timeout: float | None, wait: bool = False) -> int:
-    """Read what comes next into `view` (a byte view), at least one byte and at most len(view): one read where bytes
-    are there (a TLS socket's read returns at most one record's); returns 0 when the peer closed. `timeout`, `wait`:
-    as `recv_into`'s."""
-    if wait:
-        _wait(sock, True, timeout)
-    while True:
-        want_write = False
-        with lock:
-            try:
-                return int(sock.recv_into(view, len(view)))
-            except ssl.SSLWantWriteError:
-                want_write = True
-            except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
-                pass
-        _wait(sock, not want_write, timeout)
 
 
 def keep_alive(sock: Any, idle: float, interval: float, probes: int) -> None:

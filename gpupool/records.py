@@ -11,6 +11,7 @@ closed at this end.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from typing import Any
 
@@ -48,6 +49,7 @@ class Reader:
         self.eof = False  # the peer closed the socket (met by `peek`): the next header is None
         self.drained = False  # nothing was there a moment ago (`peek`): the next read waits for the socket first
         self._held: Any = getattr(sock, "held", None)  # what a buffered TLS socket holds (no system call)
+        self._poller: Any = None  # the socket's poll object for reading (`_recv`), made at the first wait
 
     def buffered(self) -> int:
         """Bytes read and not yet handed out."""
@@ -57,14 +59,6 @@ class Reader:
         start = self._pos
         self._pos += n
         return self._view[start : self._pos]
-
-    def _empty_here(self) -> bool:
-        """Nothing of the peer's held here at all: the buffer empty, and the socket's TLS buffers too (where it can
-        say so without a system call); under the lock."""
-        if self._pos != self._end:
-            return False
-        held = self._held
-        return held is not None and held() == 0
 
     def _fill(self, want: int, timeout: float | None, patient: bool = False) -> bool:
         """Read until `want` bytes (at most the buffer's size) are buffered; False when the peer closed first.
@@ -76,18 +70,45 @@ class Reader:
             self._buf[:n] = self._buf[self._pos : self._end]  # (a copy first: the two may overlap)
             self._pos, self._end = 0, n
         wait, self.drained = self.drained, False
-        if not wait and self._held is not None and self._pos == self._end:
-            with self.lock:
-                wait = self._empty_here()
+        held = self._held
+        if not wait and held is not None and self._pos == self._end:
+            with self.lock:  # (nothing of the peer's here at all, where TLS can say so without a system call)
+                wait = held() == 0
         limit = None if patient and self._pos == self._end else timeout
         while self._end - self._pos < want:
-            got = duplex.recv_some(self.sock, self.lock, self._view[self._end :], limit, wait)
+            end = self._end
+            got = self._recv(self._view[end:] if end else self._view, limit, wait)
             if not got:
                 self.eof = True
                 return False
             self._end += got
             wait, limit = False, timeout
         return True
+
+    def _recv(self, view: memoryview, timeout: float | None, wait: bool) -> int:
+        """Read what comes next into `view` (a byte view), at least one byte and at most len(view): one read where
+        bytes are there (a TLS socket's read returns at most one record's); 0 when the peer closed. `wait`: nothing
+        was there a moment ago: wait for the socket first. `timeout` as gpupool/duplex.py's. A wait to read polls the
+        reader's own poll object, made at its first wait and kept for the socket's life (round 42, front42: a fresh
+        one and its registration, duplex's way, cost a microsecond a wait)."""
+        sock, lock = self.sock, self.lock
+        while True:
+            if wait:
+                poller = self._poller
+                if poller is None or sock.fileno() < 0:  # (a closed socket fails the wait at once)
+                    poller = self._poller = duplex.poller(sock, True)
+                if not poller.poll(None if timeout is None else timeout * 1000):
+                    raise TimeoutError(f"no bytes moved for {timeout:.0f} s")
+            with lock:
+                try:
+                    return int(sock.recv_into(view, len(view)))
+                except ssl.SSLWantWriteError:
+                    want_write = True
+                except duplex.NOTHING_NOW:
+                    want_write = False
+            if want_write:  # (TLS wants to write before it reads on: a wait for the socket to take bytes)
+                duplex.poll(duplex.poller(sock, False), timeout)
+            wait = not want_write
 
     def peek(self) -> bool:
         """Whether bytes of a next record are here already (buffered, decrypted in TLS's buffer, or in the kernel's),
@@ -98,7 +119,8 @@ class Reader:
             with self.lock:  # one OpenSSL call at a time (gpupool/duplex.py)
                 if self._pos != self._end or self.eof:
                     return True
-                if self._empty_here():
+                held = self._held
+                if held is not None and held() == 0:  # (TLS holds nothing either: no read to meet EAGAIN)
                     self.drained = True
                     return False
                 self._pos = self._end = 0
@@ -114,6 +136,34 @@ class Reader:
                 return True
         except (OSError, ValueError):  # (SSLWantWriteError among them) the next read meets it
             return True
+
+    def record(self) -> tuple[int, int, int, int, bytes | None] | None:
+        """The next record in one call: its header (kind, id, offset, length) and, where all its bytes are here
+        already, those bytes (else None: the caller checks the header, then reads them with `body` or `body_into`);
+        None when the peer closed the socket between records. Waits without a limit, as `head(None)`. For a synced
+        call's frame or reply (header and bytes in one TLS record, one read): `head` and `body` in one Python call,
+        with no call past the read (round 42, front42). The bytes handed out here are at most a buffer's (they were
+        read already), so a header the caller refuses commits nothing more."""
+        pos = self._pos
+        if pos == self._end and not self.eof:  # (the common case: nothing buffered, the record comes in one read)
+            if not self._fill(_HEAD.size, None, patient=True):
+                if self._pos == self._end:
+                    return None
+                raise EOFError("a record's header")
+            pos = self._pos
+        end = self._end
+        if end - pos < _HEAD.size:
+            got = self.head(None)
+            if got is None:
+                return None
+            return (*got, None)
+        kind, ident, offset, n = _HEAD.unpack_from(self._buf, pos)
+        pos += _HEAD.size
+        if end - pos >= n:
+            self._pos = pos + n
+            return kind, ident, offset, n, self._view[pos : pos + n].tobytes()
+        self._pos = pos
+        return kind, ident, offset, n, None
 
     def head(self, timeout: float | None) -> tuple[int, int, int, int] | None:
         """The next record's header (kind, id, offset, length); None when the peer closed the socket between

@@ -120,7 +120,7 @@ class BulkLink:
         holds any more (`_frame_buf`), every byte of it read for this frame (the buffer is this session's, and
         what lies past the frame is never handed out); where all are held, in fresh memory as bytes."""
         try:
-            got = self.reader.head(None)
+            got = self.reader.record()
         except EOFError:
             raise Unavailable(
                 f"side socket of session {self.number} closed in the middle of a frame's header"
@@ -131,12 +131,14 @@ class BulkLink:
             raise Unavailable(f"side socket of session {self.number}: {_why(exc)}") from None
         if got is None:
             return None
-        kind, ident, offset, n = got
+        kind, ident, offset, n, body = got
         if kind != protocol.BULK_FRAME or ident or offset or not 0 < n <= limit:
             raise InvalidArgument(
                 f"side socket of session {self.number}: expected a frame record (kind {protocol.BULK_FRAME}, id 0, "
                 f"offset 0, 1 to {limit} bytes), got kind {kind}, id {ident}, offset {offset}, length {n}"
             )
+        if body is not None:  # (a small frame: it came whole with its header, in one read)
+            return body
         buf = self._frame_buf(n)
         try:
             if buf is not None:
@@ -185,12 +187,15 @@ class BulkLink:
         """Send what of a record the socket takes without waiting (in duplex.send_all's slices, so that the writer
         goes on from where this stopped with the same slice: OpenSSL's retry rule); returns the bytes sent. A
         broken socket returns what was sent before: the writer, sending the rest, meets the error."""
-        view = memoryview(record)
         pos = 0
         with self.lock:
             try:
-                while pos < len(view):
-                    pos += self.sock.send(view[pos : pos + duplex.SLICE])
+                if len(record) <= duplex.SLICE:  # (a reply: all of it in one call, no view)
+                    pos = self.sock.send(record)
+                if pos < len(record):
+                    view = memoryview(record)
+                    while pos < len(view):
+                        pos += self.sock.send(view[pos : pos + duplex.SLICE])
             except (OSError, ValueError):  # (the SSL wants, BlockingIOError: OSErrors) the writer goes on
                 pass
         return pos

@@ -386,3 +386,105 @@ def test_a_side_socket_stays_unbuffered_where_openssls_functions_are_not_at_hand
     finally:
         ours.close()
         theirs.close()
+
+
+def test_held_reads_the_read_buffers_count_in_place_and_says_what_openssl_says(monkeypatch: Any) -> None:
+    """Round 42 (front42): `SideSocket.held` reads the read buffer BIO's count of the bytes it holds in place
+    (`tls._buffered_count`) instead of asking BIO_pending through ctypes (~3.7k instructions a call, most of `held`'s
+    cost, once a synced frame at each end). Here ctypes' BIO_ctrl is out of its reach (on ca5fb68 every `held` called
+    it), and at every step of reading records of 10 bytes to 70 KB in pieces of odd sizes `held` says what OpenSSL
+    says (SSL_pending of the opened record + BIO_pending of the read buffer, asked through ctypes by the test): the
+    records in the buffer, the rest of an opened one, then nothing."""
+    ours, theirs = _side_pair()
+    try:
+        assert ours._in_buffer is not None, "the read buffer's context is not laid out as OpenSSL's"
+        ctrl, args = ours._ctrl, ours._pending_args
+
+        def openssl() -> int:
+            return int(ours._sslobj.pending()) + int(ctrl(*args))
+
+        monkeypatch.setattr(ours, "_ctrl", None)  # (a call through it fails)
+        assert ours.held() == 0 == openssl()
+        sent = b"".join(bytes([i]) * n for i, n in enumerate((10, 2000, 1, 70_000, 300)))
+        for i, n in enumerate((10, 2000, 1, 70_000, 300)):
+            theirs.sendall(bytes([i]) * n)  # (each its own TLS records)
+        got = bytearray()
+        view = memoryview(bytearray(1 << 17))
+        sizes = [3, 7, 1, 5000, 13, 65_536, 2, 100_000]
+        k = in_buffer = 0
+        while len(got) < len(sent):
+            assert ours.held() == openssl()
+            in_buffer = max(in_buffer, int(ctrl(*args)))
+            try:
+                n = ours.recv_into(view, sizes[k % len(sizes)])
+            except ssl.SSLWantReadError:
+                duplex._wait(ours, True, 10.0)
+                continue
+            got += view[:n]
+            k += 1
+        assert ours.held() == 0 == openssl()
+        assert bytes(got) == sent
+        assert in_buffer > 0  # (records were held in the read buffer, not only in an opened record)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_small_record_that_a_socket_takes_in_part_goes_out_once_whole() -> None:
+    """`send_all` and `send_some` hand a small record (a frame's, bytes) to the socket in one call, no view made
+    (round 42, front42); a socket that takes only part of it (a plaintext socket with little room) has the rest sent
+    after it: every byte once, in order (a socket taking 7 bytes a send). `send_all`'s part pins what held before;
+    `send_some` took only a memoryview on ca5fb68 (the client's `send_frame_now` made one of each frame's record)."""
+
+    class Dribble:  # a real socket that takes at most 7 bytes a send
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def send(self, data: Any) -> int:
+            return self.sock.send(bytes(data[:7]))
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+    a, b = socket.socketpair()
+    try:
+        record = bytes(range(100))
+        duplex.send_all(Dribble(a), threading.Lock(), [record], 5.0)
+        assert duplex.send_some(Dribble(a), threading.Lock(), record) == len(record)
+        b.settimeout(5.0)
+        got = b""
+        while len(got) < 2 * len(record):
+            got += b.recv(1000)
+        assert got == record + record
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_small_record_that_meets_a_full_tls_socket_goes_out_once_after_the_wait() -> None:
+    """The one-call paths for a small record (round 42: `send_some` and `send_all` hand the bytes to the socket, no
+    view) on a side socket whose kernel buffer is full (its reader paused): `send_some` says 0 (OpenSSL's want, the
+    record made and held by OpenSSL), and the writer's `send_all` of the same bytes, the socket still full, waits
+    for it and retries them (OpenSSL's rule), once the reader reads. Every record arrives once, in order, the
+    retried one last, and nothing after it."""
+    ours, theirs = _side_pair()
+    lock = threading.Lock()
+    try:
+        sent = []
+        while True:  # small records until the kernel's buffers are full (the peer reads nothing yet)
+            record = b"%08d" % len(sent) * 100
+            if duplex.send_some(ours, lock, record) < len(record):
+                break
+            sent.append(record)
+        writer = threading.Thread(target=duplex.send_all, args=(ours, lock, [record], 20.0))
+        writer.start()
+        into = bytearray(len(record) * (len(sent) + 1))
+        assert duplex.recv_into(theirs, threading.Lock(), memoryview(into), 20.0) == len(into)
+        writer.join(20)
+        assert not writer.is_alive()
+        assert bytes(into) == b"".join(sent) + record
+        with pytest.raises(ssl.SSLWantReadError):  # (nothing after it: the retried record went once)
+            theirs.recv_into(memoryview(bytearray(10)), 10)
+    finally:
+        ours.close()
+        theirs.close()

@@ -178,3 +178,85 @@ def test_the_read_buffer_keeps_every_byte_whatever_the_writes_cut(tls_socket: bo
             sender.join(10)
             ours.close()
             theirs.close()
+
+
+def test_a_record_comes_with_its_header_in_one_call_where_all_of_it_is_here() -> None:
+    """`Reader.record` (round 42, front42: both ends' frame and reply reads, `head` and `body` in one call): a small
+    record's header and bytes together; a record longer than what is buffered, its header with None (the caller
+    checks it, then reads the bytes with `body`); a session's end; None at the peer's close between records, and
+    EOFError for a header cut by the close."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    reader = records.Reader(a, threading.Lock(), size=256)
+    reason = b"bye"
+    b.sendall(
+        protocol.frame_record(b"small")
+        + protocol.frame_record(b"x" * 1000)
+        + protocol.BULK_HEAD.pack(protocol.BULK_END, 7, 0, len(reason))
+        + reason
+    )
+    assert reader.record() == (protocol.BULK_FRAME, 0, 0, 5, b"small")
+    got = reader.record()
+    assert got is not None and got[:4] == (protocol.BULK_FRAME, 0, 0, 1000) and got[4] is None
+    assert reader.body(1000, None) == b"x" * 1000
+    assert reader.record() == (protocol.BULK_END, 7, 0, 3, b"bye")
+    b.sendall(protocol.frame_record(b"last"))
+    b.close()
+    assert reader.record() == (protocol.BULK_FRAME, 0, 0, 4, b"last")
+    assert reader.record() is None
+    a.close()
+    c, d = socket.socketpair()
+    c.setblocking(False)
+    reader = records.Reader(c, threading.Lock())
+    d.sendall(protocol.frame_record(b"cut")[:10])
+    d.close()
+    with pytest.raises(EOFError):
+        reader.record()
+    c.close()
+
+
+def test_a_readers_waits_for_its_socket_poll_one_poll_object(monkeypatch: Any) -> None:
+    """A synced call's reply (or the next synced frame) is not there when its reader comes for it, so each record
+    is a wait for the socket: `Reader` keeps one poll object for its socket's life (round 42, front42; a fresh one
+    and its registration each wait, gpupool/duplex.py's way until then, cost about a microsecond). 30 replies to 30
+    synced frames over a buffered TLS side socket, the client's reader waiting for each: one poll object made, every
+    reply read whole (on ca5fb68: 30 made)."""
+    import select
+
+    from support import get_pki, tls_socket_pair
+
+    from gpupool import tls
+
+    server_ctx = tls.SocketServerTls(get_pki().server_config()).context()
+    ours, theirs = tls_socket_pair(server_ctx, tls.socket_client_context(get_pki().client_config()), tcp=True)
+    theirs.setblocking(False)
+    assert ours.buffer() and theirs.buffer()
+    link = bulkside.BulkLink(ours, 1, frames=True)
+    client = client_bulk.BulkSocket(theirs, frames=True)
+    made = []
+    real_poll = select.poll
+
+    def counted() -> Any:
+        made.append(threading.get_ident())
+        return real_poll()
+
+    def daemon() -> None:
+        for i in range(30):
+            frame = link.recv_frame(1 << 20)
+            assert frame == b"frame %d" % i
+            link.send_frame(b"reply %d" % i)
+
+    server = threading.Thread(target=daemon)
+    server.start()
+    monkeypatch.setattr(select, "poll", counted)
+    try:
+        for i in range(30):
+            client.send_frame(b"frame %d" % i)
+            assert client.recv_record() == (protocol.BULK_FRAME, 0, b"reply %d" % i)
+    finally:
+        monkeypatch.setattr(select, "poll", real_poll)
+        server.join(10)
+        link.close()
+        client.close()
+    mine = [t for t in made if t == threading.get_ident()]
+    assert len(mine) <= 1, f"{len(mine)} poll objects made for 30 replies' waits"
