@@ -162,14 +162,20 @@ def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 
 def storage_sizes(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, ...]:
-    """The byte sizes of the storages of an op's tensor arguments (in lists too), in order: what an op that may grow a
-    storage (out=, `resize_`) allocates is the size it needs less what the storage holds, so a size learned for one
-    layout holds for another tensor of that layout only with the same storage size (round 42, hostile42: `neg.out`
-    into an empty view of a 12 MiB tensor, which grows nothing, taught the caches 0 bytes for every zero-element
-    `out`, and the next one grew 12 MiB unchecked)."""
+    """The byte sizes of the storages of an op's tensor arguments (in lists too), in order, and which of them share
+    one: what an op that may grow a storage (out=, `resize_`) allocates is the size it needs less what the storage
+    holds, so a size learned for one layout holds for another tensor of that layout only with the same storage size
+    (round 42, hostile42: `neg.out` into an empty view of a 12 MiB tensor, which grows nothing, taught the caches 0
+    bytes for every zero-element `out`, and the next one grew 12 MiB unchecked); and outputs that share a storage
+    grow it once, outputs of their own storages each theirs (red42: `_foreach_neg.out` into 64 views of one empty
+    storage taught 1 MiB, and into 64 fresh empty tensors grew 64 MiB past a 16 MiB quota). A tensor whose storage
+    an earlier one holds is keyed as -1 - that one's place."""
     sizes: list[int] = []
+    first: dict[int, int] = {}  # a storage (its StorageImpl's address) -> the place of the first tensor holding it
     for v in (*args, *kwargs.values()):
         for t in v if type(v) is list or type(v) is tuple else (v,):
             if isinstance(t, _Tensor):
-                sizes.append(t.untyped_storage().nbytes())
+                storage = t.untyped_storage()
+                seen = first.setdefault(storage._cdata, len(sizes))
+                sizes.append(storage.nbytes() if seen == len(sizes) else -1 - seen)
     return tuple(sizes)

@@ -653,6 +653,15 @@ class CommandExecutor:
         if step.check:  # value guards run every time (a `_foreach_` op's list lengths: fixed by its template)
             guards.validate(op, args, kwargs, s.max_op_flops)
         need = step.need
+        if plan.reshapes:
+            # What an out= op or a resize grows depends on its tensors' storages (their sizes, which share one), which
+            # a run's match does not check (it checks metas): sized again, through the sizer's cache, keyed by them.
+            # Until red42 the learned verdict was used: three `neg.out`s into room taught a run 0 bytes, and a fourth
+            # into a fresh zero-element tensor grew 12 MiB past a 16 MiB quota, refused only after the kernel.
+            need = self.sizer.new_bytes(op, args, kwargs)
+            need = (
+                sizing.no_meta_bound(op, args, kwargs) if need == NO_META else need + cost.temporary(op, args, kwargs)
+            )
         if need > 0:
             s.admit(need)
         used_before = s.used

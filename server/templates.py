@@ -12,7 +12,8 @@ template's: it then has the same layout and the same non-tensor values (a number
 the full decode reads them), so `fill` builds exactly what the full decode would (handles resolved in the same
 order through the same session checks: a foreign, unknown, failed or half-uploaded handle raises the same error)
 plus the op's verdict key: the template and its tensors' (dtype, shape, stride, offset), which determine the
-full signature (`checks.signature`) since everything else in it is fixed by the template's bytes.
+full signature (`checks.signature`) since everything else in it is fixed by the template's bytes; for an op that may
+grow a storage (out=, a resize: `OpPlan.reshapes`) also its storages' sizes and sharing (`checks.storage_sizes`).
 
 A view argument (`compact.VIEW`: a handle and a geometry) has its handle as a field and its geometry among the
 fixed bytes; its step (V_ARG, V_KW) carries the geometry (`compact.Geometry`) where other steps carry a count.
@@ -34,6 +35,8 @@ from operator import itemgetter
 from typing import Any
 
 from gpupool import compact
+
+from . import checks
 
 T_ARG, T_KW, N_ARG, N_KW, L_ARG, L_KW, NL_ARG, NL_KW, C_ARG, C_KW, V_ARG, V_KW, LV_ARG, LV_KW = range(14)
 MAX_TEMPLATES = 4096  # per session (each under a KiB); the table is cleared when full
@@ -342,4 +345,8 @@ def fill(
             args[where] = list(args[where])
         else:
             kwargs[where] = list(kwargs[where])
+    if keyed and tpl.plan.reshapes:  # an out= op or a resize: what it grows depends on its storages (red42: the
+        # template's key held metas only, and a record into a fresh zero-element tensor hit a verdict of 0 bytes an
+        # out= into room had taught, grew past the quota and was refused only after the kernel)
+        key.append(checks.storage_sizes(args, kwargs))
     return args, kwargs, handles, tuple(key) if keyed else None
