@@ -19,6 +19,7 @@ import re
 import struct
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -71,6 +72,11 @@ OPS = {
     28: "aten::expand",
     29: "aten::_foreach_add_.Scalar",
     30: "aten::mul.Tensor",
+    31: "aten::add.out",
+    32: "aten::mul_.Tensor",
+    33: "aten::transpose_",
+    34: "aten::unbind.int",
+    35: "aten::clone",
 }
 
 
@@ -2161,3 +2167,64 @@ def test_records_run_with_the_gil_released_where_other_python_code_may_run(runne
         stop.set()
         if other.is_alive():
             other.join()
+
+
+def _aliasing_step(p: Pair, t: int) -> list[device_pb2.Command]:
+    """`step` and records whose op returns or aliases its input: an out= op whose out tensor (a step's own) is
+    resized (torch warns, TORCH_WARN, while the inputs are pinned), an in-place op given one tensor twice, an in-place
+    view op, several views of one input, a copy of a parameter that requires grad."""
+    return step(p, t) + [
+        p.rec(31, [h(t, 20)], [T(X), T(G)], {"out": T(h(t, 8))}),
+        p.rec(32, [h(t, 21)], [T(h(t, 8)), T(h(t, 8))]),
+        p.rec(33, [h(t, 22)], [T(h(t, 8)), V(0), V(1)]),
+        p.rec(34, [h(t, 23), h(t, 24), h(t, 25)], [T(h(t, 8)), V(0)]),
+        p.rec(2, [h(t, 26)], [T(h(t, 0)), T(W)]),
+        p.rec(35, [h(t, 27)], [T(W)]),
+    ]
+
+
+@pytest.mark.parametrize("warnings_are", ["ignored", "errors"])
+def test_pinned_records_whose_op_aliases_its_inputs_leave_every_count_as_unpinned_ones(
+    runner: str, warnings_are: str
+) -> None:
+    """Pinned records (native_runner.cpp `Pins`) whose op returns, resizes or views its input, with a weight that
+    requires grad (autograd saves the inputs) and with torch's warnings ignored or raised (the op's warning is turned
+    into Python's while its inputs are pinned; as an error the record fails after its kernel ran), leave each
+    tensor's Python and C++ references (`sys.getrefcount`, `_use_count`) as the same stream leaves them unpinned
+    (another Python thread alive), and as many of a step's freed outputs stay alive. Pins behaviour that held when
+    written (round 42's review of `Pins`: no finding)."""
+    seen = []
+    for other_thread in (False, True):
+        p = _pinning_pair()
+        for s in p.s:
+            s.tensors[W].requires_grad_(True)
+        stop = threading.Event()
+        other = threading.Thread(target=stop.wait, daemon=True)
+        if other_thread:
+            other.start()
+        try:
+            alone = len(sys._current_frames()) == 1
+            before = _pinned()
+            cmds: list[device_pb2.Command] = []
+            for t in range(10):
+                cmds += _aliasing_step(p, t)
+                if t:
+                    cmds.append(device_pb2.Command(free=device_pb2.Free(handles=[h(t - 1, j) for j in range(28)])))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error" if warnings_are == "errors" else "ignore")
+                p.stream(cmds, itertools.cycle([9, 17, 64, 5]))
+                pinned = _pinned() - before
+                counts = {hd: (sys.getrefcount(t), t._use_count()) for hd, t in p.s[0].tensors.items()}
+                outs = [weakref.ref(p.s[0].tensors[h(9, j)]) for j in range(28) if h(9, j) in p.s[0].tensors]
+                p.stream([device_pb2.Command(free=device_pb2.Free(handles=[h(9, j) for j in range(28)]))], iter([64]))
+                gc.collect()
+            seen.append((counts, sum(w() is not None for w in outs)))
+            if runner == "native" and not other_thread and alone:
+                assert pinned >= 10 * 8, pinned
+            if other_thread:
+                assert pinned == 0, pinned
+        finally:
+            stop.set()
+            if other.is_alive():
+                other.join()
+    assert seen[0] == seen[1]
