@@ -739,8 +739,9 @@ struct Pins {
     for (const Pin& p : v) {
       if (p.t == impl) return;  // the same tensor twice in one record
     }
+    v.push_back({impl, false});  // first: a push_back that throws (bad_alloc) must leave no count behind
     const uint64_t before = combined_refcount(impl).fetch_add(c10::detail::kReferenceCountOne, std::memory_order_relaxed);
-    v.push_back({impl, c10::detail::has_pyobject(before) && c10::detail::refcount(before) >= 2});
+    v.back().owned = c10::detail::has_pyobject(before) && c10::detail::refcount(before) >= 2;
   }
   // the GIL held
   void release() noexcept {
