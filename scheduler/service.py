@@ -170,8 +170,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             reply.waiting = len(self.core.waiters)
             if kind in ("", "h"):
                 hosts = sorted((h for h in self.core.pool.hosts.values() if h.host_id > after), key=lambda h: h.host_id)
+                holders: dict[tuple[str, int], set[str]] = {}
+                for lease in self.core.active_leases() if not caller.admin else ():  # an operator sees all
+                    for g in lease.grants:
+                        holders.setdefault((g.host_id, g.device), set()).add(lease.tenant)
                 for host in hosts:
                     pb = self._host_pb(host)
+                    for d in pb.devices:
+                        # A device's memory used (the daemon's total, from its heartbeats) only where it is the
+                        # caller's alone: where another tenant holds a lease on it, the total less the caller's own
+                        # (its daemon's Status) is that tenant's usage (round 42: shown to every caller).
+                        if not all(caller.may_see(t) for t in holders.get((host.host_id, d.info.index), ())):
+                            d.used_bytes = 0
                     n = pb.ByteSize()
                     if count and (count >= size or used + n > PAGE_BYTES):
                         reply.next_page_token = f"h:{reply.hosts[-1].host_id}"

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
@@ -192,6 +193,38 @@ def test_tenants_see_and_touch_only_their_own_leases(pool: Pool, host: Any) -> N
     admin.release(lease.lease_id)
     for c in (alice, bob, admin, tina):
         c.close()
+
+
+def test_a_tenant_sees_a_devices_memory_used_only_where_the_device_is_its_alone(pool: Pool, host: Any) -> None:
+    """ListPool's memory used of a device is the daemon's total (its heartbeats): where another tenant holds a lease
+    on the device, that total less the caller's own (its daemon's Status) was the other tenant's usage, shown to every
+    caller (round 42: the daemon's Status hides it). Now a tenant sees it only on a device it alone holds leases on;
+    an operator everywhere."""
+    alice, bob, admin = pool.client("tenant", "alice"), pool.client("tenant", "bob"), pool.client("admin", "ops")
+    sessions = []
+    try:
+        for client, n in ((alice, 1000), (bob, 300_000)):
+            lease = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+            s = Session.attach(host.address, lease.devices[0].token)
+            s.upload(torch.ones(n))
+            s.sync()
+            sessions.append((client, lease, s))
+
+        def used(client: SchedulerClient) -> int:
+            (h,) = [h for h in client.list_pool().hosts if h.host_id == HOST]
+            return int(h.devices[0].used_bytes)
+
+        wait_until(lambda: used(admin) >= 1_200_000, what="the heartbeat's memory used")
+        assert used(alice) == 0 and used(bob) == 0  # shared: the total would tell each the other's usage
+        bob.release(sessions[1][1].lease_id)
+        sessions[1][2].close()
+        wait_until(lambda: 0 < used(admin) < 1_200_000, what="bob's memory freed")
+        assert used(alice) == used(admin) > 0  # alice's alone: her own total
+    finally:
+        for _, _, s in sessions:
+            s.close()
+        for c in (alice, bob, admin):
+            c.close()
 
 
 # ---- tokens ----
