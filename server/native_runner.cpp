@@ -3170,6 +3170,54 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
   }
   return py::bool_(true);
 }
+
+// `graph_run` of a `RunGraph` message's bytes (`raw`, its `SerializeToString()`; round 42, `GraphTable.run`): its
+// `inputs` (2), `outputs` (3) and `input_data` (10) read here, as upb reads them (a repeated int packed or not, the
+// values appended), rather than as three lists made of upb's containers (~3 us each on this box, more than the
+// message's serialization). `data`: the inputs' bytes where the slice took them out of the message (a list), else
+// None: its `input_data`. None, nothing done, where the message holds anything else than those and its `graph_id`
+// (1): `drop_writes` (4), another field or wire type, a truncated field: the Python path then runs the command.
+py::object graph_run_raw(const GraphPlan& p, const py::object& session, py::bytes raw, py::handle data,
+                         py::handle refs, py::handle writes, py::handle fn) {
+  const auto* q = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(raw.ptr()));
+  const unsigned char* end = q + PyBytes_GET_SIZE(raw.ptr());
+  Own ins(PyList_New(0)), outs(PyList_New(0));
+  if (ins.p == nullptr || outs.p == nullptr) throw py::error_already_set();
+  Own spans(data.is_none() ? PyList_New(0) : nullptr);
+  if (data.is_none() && spans.p == nullptr) throw py::error_already_set();
+  auto append = [](PyObject* list, uint64_t v) {
+    Own x(PyLong_FromUnsignedLongLong(v));
+    if (x.p == nullptr || PyList_Append(list, x.p) < 0) throw py::error_already_set();
+  };
+  while (q < end) {
+    uint64_t key = 0, v = 0;
+    if (!read_varint(&q, end, &key)) return py::none();
+    const uint64_t field = key >> 3, wire = key & 7;
+    if (wire == 0 && field >= 1 && field <= 3) {
+      if (!read_varint(&q, end, &v)) return py::none();
+      if (field != 1) append(field == 2 ? ins.p : outs.p, v);
+    } else if (wire == 2 && (field == 2 || field == 3 || field == 10)) {
+      uint64_t len = 0;
+      if (!read_varint(&q, end, &len) || len > static_cast<uint64_t>(end - q)) return py::none();
+      const unsigned char* lim = q + len;
+      if (field == 10) {
+        if (spans.p != nullptr) {
+          Own b(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), static_cast<Py_ssize_t>(len)));
+          if (b.p == nullptr || PyList_Append(spans.p, b.p) < 0) throw py::error_already_set();
+        }
+        q = lim;
+        continue;
+      }
+      while (q < lim) {
+        if (!read_varint(&q, lim, &v)) return py::none();
+        append(field == 2 ? ins.p : outs.p, v);
+      }
+    } else {
+      return py::none();  // `drop_writes`, or what the Python path reads (and refuses) its own way
+    }
+  }
+  return graph_run(p, session, ins.p, outs.p, spans.p != nullptr ? py::handle(spans.p) : data, refs, writes, fn);
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -3316,7 +3364,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
            py::arg("number"), py::arg("base"), py::arg("tensors"))
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
-           py::arg("refs"), py::arg("writes"), py::arg("fn"));
+           py::arg("refs"), py::arg("writes"), py::arg("fn"))
+      .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),
+           py::arg("writes"), py::arg("fn"));
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);
