@@ -2770,6 +2770,57 @@ PyObject* S_admit_handles;
 PyObject* S_max_handles;
 PyObject* S_zero_new;
 
+// Whether handle `h` is bound to the very tensor object `v` already and binding it again (`rebind_run`'s unbind and
+// `bind_new`) would leave every table and count as they are: no upload in progress on it, its storage the one its
+// key counts, and that storage's entry either shared with another handle (the unbind and the bind then take one
+// from its count and add it back) or its own at the bytes counted and covered by the tensor (the unbind then frees
+// it and the bind counts it again at the same bytes, with nothing to zero). A storage the run grew, moved or that
+// the tensor does not cover takes the full rebinding, which counts and zeroes it. A kept tensor that a step updates
+// in place (a captured step's parameters and optimizer state) is the same object after each run: the tiny MLP's 6
+// of its 7 pairs, ~2.4k instructions each through the pops and inserts. (The full path also moves the handle to its
+// tables' ends; nothing reads their order.)
+bool same_binding(PyObject* tensors, PyObject* keys, PyObject* storages, PyObject* uploads, PyObject* h,
+                  PyObject* v) {
+  PyObject* cur = PyDict_GetItemWithError(tensors, h);  // borrowed
+  if (cur != v) {
+    if (cur == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    return false;
+  }
+  if (PyDict_GET_SIZE(uploads) > 0) {
+    const int up = PyDict_Contains(uploads, h);
+    if (up < 0) throw py::error_already_set();
+    if (up) return false;  // the unbind forgets the upload
+  }
+  PyObject* key = PyDict_GetItemWithError(keys, h);  // borrowed
+  if (key == nullptr) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return false;  // (cannot be: the full path raises the KeyError)
+  }
+  const at::Tensor& t = THPVariable_Unpack(v);
+  const c10::StorageImpl* st = t.storage().unsafeGetStorageImpl();
+  if (!PyLong_CheckExact(key)) return false;
+  void* at = PyLong_AsVoidPtr(key);
+  if (at == nullptr && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  if (at != static_cast<const void*>(st)) return false;  // the run set it to another storage
+  PyObject* entry = PyDict_GetItemWithError(storages, key);  // borrowed
+  if (entry == nullptr) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return false;
+  }
+  int64_t count = 0, nbytes = 0;
+  if (!(PyList_CheckExact(entry) && PyList_GET_SIZE(entry) == 2 && as_i64(PyList_GET_ITEM(entry, 0), &count) &&
+        as_i64(PyList_GET_ITEM(entry, 1), &nbytes))) {
+    PyErr_Clear();
+    return false;  // the full path raises its TypeError
+  }
+  if (count > 1) return true;
+  return count == 1 && static_cast<size_t>(nbytes) == st->nbytes() &&
+         !Ctx::outside(t.unsafeGetTensorImpl(), static_cast<size_t>(nbytes));
+}
+
 // `WorkerSession.rebind_all` (server/sessions.py) of a captured step's run (`graph._finish`): the pairs
 // `(outputs[j], slots[out_slots[j]])` for each nonzero handle of `outputs` (a list of ints, at most as long as
 // `out_slots`), then `(h, slots[slot])` for each of `writes` (a dict handle -> slot), step for step: a live handle
@@ -2841,6 +2892,7 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
   bool failed = false;
   int64_t max_handles = -1;
   for (auto& [h, v] : pairs) {
+    if (same_binding(tensors.p, keys.p, storages.p, uploads.p, h, v)) continue;  // rebinding it changes nothing
     Own old(dict_pop(tensors.p, h));  // `tensors.pop(handle, None)`
     if (old.p == nullptr) {
       failed = true;
@@ -3216,6 +3268,54 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
   }
   return py::bool_(true);
 }
+
+// `graph_run` of a `RunGraph` message's bytes (`raw`, its `SerializeToString()`; round 42, `GraphTable.run`): its
+// `inputs` (2), `outputs` (3) and `input_data` (10) read here, as upb reads them (a repeated int packed or not, the
+// values appended), rather than as three lists made of upb's containers (~3 us each on this box, more than the
+// message's serialization). `data`: the inputs' bytes where the slice took them out of the message (a list), else
+// None: its `input_data`. None, nothing done, where the message holds anything else than those and its `graph_id`
+// (1): `drop_writes` (4), another field or wire type, a truncated field: the Python path then runs the command.
+py::object graph_run_raw(const GraphPlan& p, const py::object& session, py::bytes raw, py::handle data,
+                         py::handle refs, py::handle writes, py::handle fn) {
+  const auto* q = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(raw.ptr()));
+  const unsigned char* end = q + PyBytes_GET_SIZE(raw.ptr());
+  Own ins(PyList_New(0)), outs(PyList_New(0));
+  if (ins.p == nullptr || outs.p == nullptr) throw py::error_already_set();
+  Own spans(data.is_none() ? PyList_New(0) : nullptr);
+  if (data.is_none() && spans.p == nullptr) throw py::error_already_set();
+  auto append = [](PyObject* list, uint64_t v) {
+    Own x(PyLong_FromUnsignedLongLong(v));
+    if (x.p == nullptr || PyList_Append(list, x.p) < 0) throw py::error_already_set();
+  };
+  while (q < end) {
+    uint64_t key = 0, v = 0;
+    if (!read_varint(&q, end, &key)) return py::none();
+    const uint64_t field = key >> 3, wire = key & 7;
+    if (wire == 0 && field >= 1 && field <= 3) {
+      if (!read_varint(&q, end, &v)) return py::none();
+      if (field != 1) append(field == 2 ? ins.p : outs.p, v);
+    } else if (wire == 2 && (field == 2 || field == 3 || field == 10)) {
+      uint64_t len = 0;
+      if (!read_varint(&q, end, &len) || len > static_cast<uint64_t>(end - q)) return py::none();
+      const unsigned char* lim = q + len;
+      if (field == 10) {
+        if (spans.p != nullptr) {
+          Own b(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), static_cast<Py_ssize_t>(len)));
+          if (b.p == nullptr || PyList_Append(spans.p, b.p) < 0) throw py::error_already_set();
+        }
+        q = lim;
+        continue;
+      }
+      while (q < lim) {
+        if (!read_varint(&q, lim, &v)) return py::none();
+        append(field == 2 ? ins.p : outs.p, v);
+      }
+    } else {
+      return py::none();  // `drop_writes`, or what the Python path reads (and refuses) its own way
+    }
+  }
+  return graph_run(p, session, ins.p, outs.p, spans.p != nullptr ? py::handle(spans.p) : data, refs, writes, fn);
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -3364,7 +3464,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
            py::arg("number"), py::arg("base"), py::arg("tensors"))
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
-           py::arg("refs"), py::arg("writes"), py::arg("fn"));
+           py::arg("refs"), py::arg("writes"), py::arg("fn"))
+      .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),
+           py::arg("writes"), py::arg("fn"));
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);

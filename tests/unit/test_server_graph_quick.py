@@ -303,3 +303,90 @@ def test_a_random_sequence_of_commands_leaves_both_paths_the_same(twins: Any, se
         }  # fmt: skip
         _both(quick, slow, lambda t, c=c: _random_command(t, c))
     assert ran.count(slow.s) - ran.count(quick.s) > 0  # some runs took the C++ call
+
+
+def test_a_quiet_run_reads_the_messages_bytes_in_cpp(twins: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 42: a quiet run's message is read by the plan from its bytes (`GraphPlan.run_raw`, from
+    `GraphTable.run`): neither `_quick` (its lists of upb's containers) nor `_run` is called, and both twins end the
+    same, also where the inputs' bytes were taken out of the message (`data`, as a slice's `strip_payload` hands
+    them). On ca5fb68 every quiet run called `_quick`."""
+    quick, slow, ran = twins
+    for _ in range(5):
+        assert _both(quick, slow, lambda t: t.run()) is None
+    calls: list[int] = []
+    real = graph._quick
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(graph, "_quick", counted)
+    before = ran.count(quick.s)
+
+    def taken(t: Twin) -> Any:  # the batch's bytes beside the message, as `_WithTakenBytes` passes them
+        t.next += 1
+        msg = device_pb2.RunGraph(graph_id=GID, inputs=[0, t.b], outputs=[t.base + t.next])
+        t.s.error = None
+        t.ex.execute(t.s, device_pb2.Command(run_graph=msg), _no_reply, [bytes(48), b""])
+        err = t.s.error
+        return (None if err is None else (err.code, err.message)), t.state()
+
+    for _ in range(3):
+        assert _both(quick, slow, lambda t: t.run()) is None
+        assert _both(quick, slow, taken) is None
+    assert calls.count(1) == 6  # the slow twin's runs only (its plan is False: `_quick` declines)
+    assert ran.count(quick.s) == before
+
+
+def test_a_quiet_run_the_bytes_reading_declines_takes_the_python_path(twins: Any) -> None:
+    """A message with `drop_writes` is run by the Python path (the kept handle dropped first, then `_quick`): the
+    same state on both twins, and quick again after. `run_raw` of bytes other than what it reads (a field it does
+    not read, a truncated field, a wrong wire type) returns None with nothing done; the same message with its
+    repeated fields not packed runs as packed."""
+    quick, slow, _ = twins
+    for _ in range(5):
+        assert _both(quick, slow, lambda t: t.run()) is None
+
+    def dropping(t: Twin) -> Any:
+        t.next += 1
+        msg = device_pb2.RunGraph(graph_id=GID, inputs=[0, t.b], outputs=[t.base + t.next], drop_writes=[t.kept])
+        msg.input_data.append(torch.full((4, 3), 3.0).numpy().tobytes())
+        t.s.error = None
+        t.ex.execute(t.s, device_pb2.Command(run_graph=msg), _no_reply)
+        err = t.s.error
+        return (None if err is None else (err.code, err.message)), t.state()
+
+    kept = quick.s.tensors[quick.kept].tolist()
+    assert _both(quick, slow, dropping) is None
+    assert quick.kept not in quick.g.writes and quick.s.tensors[quick.kept].tolist() == kept  # bound no more
+    for _ in range(2):
+        assert _both(quick, slow, lambda t: t.run()) is None
+    t, g, s = quick, quick.g, quick.s
+    x = torch.full((4, 3), 7.0).numpy().tobytes()
+
+    def varint(v: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+            v >>= 7
+            if not v:
+                return bytes(out)
+
+    data = b"\x52" + varint(len(x)) + x + b"\x52\x00"  # input_data: x, then b's empty entry
+    before = t.state()
+    for bad in (b"\x20" + varint(t.kept), b"\x28\x01", b"\x10", b"\x12\x05\x01", b"\x0a\x01\x01"):
+        out = t.base + 300
+        raw = b"\x08\x01" + b"\x10\x00" + b"\x10" + varint(t.b) + b"\x18" + varint(out) + data + bad
+        assert g.fast.run_raw(s, raw, None, g.quiet_refs, g.writes, g.traced.fn) is None, bad
+        assert t.state() == before
+    out = t.base + 301
+    unpacked = b"\x08\x01" + b"\x10\x00" + b"\x10" + varint(t.b) + b"\x18" + varint(out) + data
+    s.mutations += 1  # as `execute` counts a RunGraph
+    assert g.fast.run_raw(s, unpacked, None, g.quiet_refs, g.writes, g.traced.fn) is True
+    g.quiet = s.mutations
+    packed = device_pb2.RunGraph(graph_id=GID, inputs=[0, t.b], outputs=[out], input_data=[x, b""])
+    slow.s.error = None
+    slow.ex.execute(slow.s, device_pb2.Command(run_graph=packed), _no_reply)
+    assert slow.s.error is None
+    want = ((7.0 + torch.arange(12.0).reshape(4, 3) + 0.5) * 2 + 1).tolist()
+    assert s.tensors[out].tolist() == slow.s.tensors[out].tolist() == want

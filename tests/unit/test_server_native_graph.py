@@ -190,3 +190,53 @@ def test_a_captured_run_binds_its_outputs_and_finds_its_persistent_tensors_in_cp
 
 def _no_reply(item: object) -> None:
     raise AssertionError("graph commands are not answered")
+
+
+def test_rebind_run_of_a_handle_to_its_own_tensor_counts_what_changed_as_rebind_all_does(mod: Any) -> None:
+    """A kept tensor rebound to the very object its handle holds (an in-place step's parameters; round 42: that pair
+    is skipped where rebinding changes nothing) after its storage changed under it: grown (its bytes counted anew),
+    moved to another storage (`set_`), or shared with another handle; a tensor that does not cover its storage alone
+    (its other bytes zeroed), one with an upload in progress (forgotten), one over a storage another pair of the run
+    binds too. Each the same tables, bytes (session and device) and tensor values as `rebind_all` leaves.
+    (Pins behaviour that held before round 42's same-object path.)"""
+
+    def setup(s: WorkerSession) -> tuple[list[Any], list[int], list[int], dict[int, int]]:
+        b = s.handle_base
+        grown, moved, shared = torch.ones(4), torch.ones(4), torch.arange(6.0)
+        buf = torch.arange(1.0, 9.0)
+        partial, up, plain = buf[2:5], torch.ones(3), torch.full((5,), 2.0)
+        s.bind(b + 1, grown)
+        s.bind(b + 2, moved)
+        s.bind(b + 3, shared)
+        view = shared[1:3]
+        s.bind(b + 4, view)
+        s.bind(b + 5, partial)
+        s.bind(b + 6, up)
+        s.uploads[b + 6] = 4
+        s.bind(b + 7, plain)
+        grown.resize_(64).fill_(1.0)  # a step's resize_ grew it: 256 bytes now, 16 counted
+        buf.fill_(5.0)  # bytes outside `partial`, its storage's only handle: zeroed by its rebinding
+        moved.set_(torch.zeros(8))  # another storage
+        slots: list[Any] = [None, grown, moved, shared, partial, up, plain, plain[1:3], view]
+        outputs, out_slots = [b + 9], [7]  # a new handle over `plain`'s storage, bound first
+        writes = {b + 1: 1, b + 2: 2, b + 3: 3, b + 5: 4, b + 6: 5, b + 7: 6}
+        return slots, outputs, out_slots, writes
+
+    results = []
+    for native in (False, True):
+        s = _session()
+        slots, outputs, out_slots, writes = setup(s)
+        if native:
+            assert mod.rebind_run(s, outputs, out_slots, writes, slots) is True
+        else:
+            pairs = [(h, slots[k]) for h, k in zip(outputs, out_slots, strict=True)]
+            s.rebind_all(pairs + [(h, slots[k]) for h, k in writes.items()])
+        state = _state(s)
+        ids = {id(t): k for k, t in enumerate(slots)}  # the same slot's tensor on each side
+        results.append((state[0], state[1], {h: ids[i] for h, i in state[2].items()}, state[3],
+                        sorted(state[5].values()), state[6], [t.tolist() for t in slots[1:]],
+                        slots[4].untyped_storage().nbytes()))  # fmt: skip
+        live = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in s.tensors.values()}
+        assert s.used == sum(live.values()) == s.memory.used, native
+    assert results[0] == results[1]
+    assert results[1][5] == {}  # the upload in progress forgotten
