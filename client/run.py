@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from types import FrameType
 
 from gpupool import tls
@@ -39,6 +41,7 @@ from gpupool.errors import GpupoolError
 from gpupool.protocol import Policy
 
 from . import native
+from .cuda import hint as cuda_hint  # (imports no torch)
 from .pool import lease
 
 log = logging.getLogger("gpupool.run")
@@ -151,6 +154,7 @@ def main(argv: list[str]) -> int:
     except GpupoolError as exc:
         print(f"gpupool run: no lease: {exc}", file=sys.stderr)
         return 1
+    hint_dir = ""
     with held:
         where = ", ".join(f"{d.host_id}/{d.device} ({d.share:g})" for d in held.devices)
         log.info("lease %s on %s", held.lease_id, where)
@@ -161,8 +165,13 @@ def main(argv: list[str]) -> int:
             # and gRPC logged "fork_posix.cc:71] Other threads are currently calling into gRPC, skipping fork()
             # handlers" once a worker; the workers never use gRPC. Off unless the user's environment says otherwise.
             env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+            if not args.cuda:  # a CUDA script's `--cuda` hint: once a run, not once a torchrun rank (cuda/hint.py)
+                hint_dir = tempfile.mkdtemp(prefix="gpupool-run-")
+                env[cuda_hint.DIR_ENV] = hint_dir
             child = subprocess.Popen(command, env=env)
         except OSError as exc:
+            if hint_dir:
+                shutil.rmtree(hint_dir, ignore_errors=True)
             print(f"gpupool run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
             return 127
 
@@ -187,6 +196,8 @@ def main(argv: list[str]) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if hint_dir:
+                shutil.rmtree(hint_dir, ignore_errors=True)
         if held.lost.is_set():
             print(f"gpupool run: the lease was lost while the command ran: {held.error}", file=sys.stderr)
     return 128 - code if code < 0 else code

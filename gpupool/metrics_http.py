@@ -30,6 +30,7 @@ connection in its handshake counts as waiting for its request: a newcomer takes 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import select
 import socket
@@ -237,7 +238,19 @@ def serve_metrics(
     class Server(_Server):
         address_family = family
 
-    server = make_server(str(sockaddr[0]), port, _scrapers_only(make_wsgi_app(registry)), Server, handler_class=_Quiet)
+    try:
+        server = make_server(
+            str(sockaddr[0]), port, _scrapers_only(make_wsgi_app(registry)), Server, handler_class=_Quiet
+        )
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # was "[Errno 98] Address already in use", naming neither the port nor the flag (journey42: a second
+        # `gpupool up` on one host)
+        raise OSError(
+            f"metrics port {host}:{port} is in use (another program, or a second pool on this host): give "
+            f"{program or 'this program'} another --metrics-listen HOST:PORT (port 0: a free one; 0: no metrics)",
+        ) from None
     server.tls = context  # type: ignore[attr-defined]
     if context is None:
         log.warning(

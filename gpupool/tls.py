@@ -273,12 +273,18 @@ HANDSHAKE_OPTION = ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_SECONDS 
 
 
 def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) -> int:
-    """Bind `address` with TLS (or plaintext with cfg.insecure, warning); the bound port, 0 on failure."""
-    if cfg.insecure:
-        log.warning("%s serves PLAINTEXT gRPC on %s (--insecure): tokens and data cross the network readable",
-                    program, address)  # fmt: skip
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, server_credentials(cfg))
+    """Bind `address` with TLS (or plaintext with cfg.insecure, warning); the bound port, 0 on failure (grpcio
+    raises "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...": the callers name the fix instead)."""
+    try:
+        if cfg.insecure:
+            log.warning("%s serves PLAINTEXT gRPC on %s (--insecure): tokens and data cross the network readable",
+                        program, address)  # fmt: skip
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, server_credentials(cfg))
+    except RuntimeError as exc:
+        if "Failed to bind" not in str(exc):
+            raise
+        return 0
 
 
 class CheckOnly:
@@ -332,6 +338,7 @@ def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="health"),
         interceptors=[RequestGuard(HEALTH_REQUEST_SECONDS, HEALTH_PER_SOURCE, HEALTH_TOTAL), ErrorInterceptor()],
+        options=[("grpc.so_reuseport", 0)],  # a second program on the port fails to start, not shares it
     )
     add_health(server, servicer)
     port = server.add_insecure_port(address)

@@ -250,6 +250,17 @@ def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Pat
     )  # fmt: skip
 
 
+def _in_use(child: Child) -> str:
+    """The fix, when `child` died of a port in use: most often a second `gpupool up` on one host (journey42), whose
+    defaults are the first one's ports (and state)."""
+    if child.popen.poll() is None or not any("is in use" in line for line in child.lines):
+        return ""
+    return (
+        ": a port is in use (another `gpupool up` on this host?); a second pool needs its own --state and ports: "
+        "--scheduler-listen, --listen, --metrics-listen, --scheduler-metrics-listen 127.0.0.1:0 each (free ones)"
+    )
+
+
 class Child:
     """A gpupool program whose log is passed through to our stderr and searched for what it says."""
 
@@ -412,7 +423,7 @@ def main(argv: list[str]) -> int:
         fake = 0 if real else (2 if cfg.fake_gpus is None else cfg.fake_gpus)
         sched_addr = sched.find(LISTEN_RE, START_TIMEOUT)
         if sched_addr is None:
-            print("gpupool up: the scheduler did not start (see its log above)", file=sys.stderr)
+            print(f"gpupool up: the scheduler did not start (see its log above){_in_use(sched)}", file=sys.stderr)
             return 1
         daemon_args = ["serve", "--listen", cfg.listen, "--token-public-keys", str(creds.public), "--scheduler",
                        sched_addr, "--metrics-listen", cfg.metrics_listen, "--host-id", a.host_id,
@@ -431,7 +442,10 @@ def main(argv: list[str]) -> int:
         daemon_addr = daemon.find(LISTEN_RE, _daemon_start_bound())
         admin = creds.client(creds.admin)
         if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT, admin):
-            print("gpupool up: the daemon did not start or register (see its log above)", file=sys.stderr)
+            print(
+                f"gpupool up: the daemon did not start or register (see its log above){_in_use(daemon)}",
+                file=sys.stderr,
+            )
             return 1
         gpus = f"{real} GPU(s)" if real else f"{fake} fake GPU(s) of {format_size(cfg.fake_gpu_memory)}"
         pages = [_dialled(sched.find(METRICS_RE, 1)), _dialled(daemon.find(METRICS_RE, 1))]

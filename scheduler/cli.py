@@ -214,6 +214,10 @@ class SchedulerServer:
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_concurrent_streams", MAX_STREAMS),
                 tls.HANDSHAKE_OPTION,
+                # A second scheduler on the same port must fail to start, not share it: gRPC's SO_REUSEPORT let a
+                # second `gpupool up` bind 127.0.0.1:50050 beside the first, the kernel splitting the connections
+                # between two pools (journey42; the daemon's has had it: server/service.py)
+                ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=MAX_CALLS,
         )
@@ -224,7 +228,10 @@ class SchedulerServer:
             self._lead(store if store is not None else open_store(config.state))
         self.port = tls.add_port(self.server, config.listen, config.tls, "the scheduler")
         if self.port == 0:
-            raise GpupoolError(f"cannot listen on {config.listen}")
+            raise GpupoolError(
+                f"cannot listen on {config.listen}: the port is in use (another scheduler, a second pool on this host?)"
+                " or the host is not this machine's; pass another --listen HOST:PORT (port 0: a free one)"
+            )
         self.host = split_address(config.listen)[0]
         self.metrics_port = 0
         self._metrics_http: WSGIServer | None = None

@@ -255,7 +255,8 @@ def check_python_readable(name: str, uids: WorkerUids | None, python: str = "") 
         return ""
     text = (f"session workers run as {who}, who cannot read {unreadable} (Python's files): a module a worker imports "
             f"that its zygote did not (server/zygote.py PRELOAD) fails; install Python where other users can read "
-            f"it, or pass --worker-user {KEEP_USER}")  # fmt: skip
+            f"it, or pass --worker-user {KEEP_USER} (`gpupool up`, which has no such flag: GPUPOOL_WORKER_USER="
+            f"{KEEP_USER} in its environment)")  # fmt: skip
     log.warning("%s", text)
     return text
 

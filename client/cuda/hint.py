@@ -12,6 +12,7 @@ the script's.
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
 
@@ -31,7 +32,26 @@ HINT = (
     "gpupool run: this script asked for CUDA, which this process does not have: the leased GPUs appear as CUDA "
     "devices only under `gpupool run --cuda` (run it again as `gpupool run --cuda ... -- COMMAND`; docs/cuda.md)"
 )
+# `gpupool run` (without --cuda) names a private folder of its own here, removed when its command exits: the first
+# process of the run to print the hint makes `printed` in it, and the others (torchrun's ranks, each dying of the same
+# error) print none: until journey42 a 2-rank torchrun printed it twice.
+DIR_ENV = "GPUPOOL_CUDA_HINT_DIR"
 _installed: list[bool] = []
+
+
+def first() -> bool:
+    """Whether this process is the first of its `gpupool run` to print the hint ($GPUPOOL_CUDA_HINT_DIR); True
+    without the folder or where it cannot say (a hint twice rather than none)."""
+    folder = os.environ.get(DIR_ENV)
+    if not folder:
+        return True
+    try:
+        os.close(os.open(os.path.join(folder, "printed"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def wants_cuda(exc: BaseException | None) -> bool:
@@ -56,7 +76,7 @@ def install() -> None:
     def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         previous(kind, exc, tb)
         try:
-            if wants_cuda(exc):
+            if wants_cuda(exc) and first():
                 print(HINT, file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 - a hint must never hide the script's own error
             pass

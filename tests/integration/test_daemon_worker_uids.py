@@ -170,6 +170,7 @@ def test_the_unreadable_python_warning_names_the_uids_workers_run_as(caplog: pyt
         assert said.startswith(f"session workers run as uids of --worker-uids ({FIRST}-{FIRST + 1}), who cannot "
                                f"read {private} "), said  # fmt: skip
         assert "nobody" not in said and said in caplog.text
+        assert said.endswith("GPUPOOL_WORKER_USER=keep in its environment)"), said  # up's fix too (journey42)
         assert daemon.check_python_readable("nobody", None, python).startswith(
             f"session workers run as nobody, who cannot read {private} "
         )
