@@ -267,8 +267,12 @@ class _Relay:
 
 
 def _loopback_listener(port: int) -> socket.socket:
+    """A relay's listener on 127.0.0.1:PORT. SO_REUSEADDR: the relay closes its connection first, so the port sits
+    in TIME_WAIT for 60 s after; without it that port took no bind for as long (round 42 review: a loop of joins and
+    closes used up --collective-ports for every group of the host). Another listener on the port it still refuses."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", port))
         listener.listen(8)
     except OSError:

@@ -118,3 +118,31 @@ def test_the_relay_forwards_only_this_processs_connection() -> None:
     finally:
         stop.set()
         assert relay.done.wait(5)
+
+
+def test_a_closed_relays_port_is_free_for_the_next_group_at_once() -> None:
+    """A relay closes its end first (the session closed, or the join's deadline), so its port sits in TIME_WAIT for
+    60 s. On 74c1f9f the relay listened without SO_REUSEADDR, so that port took no bind at all for those 60 s (a
+    relay's, the store's, the hub's): a tenant looping joins and closes of a group's second rank used up the 256
+    ports of --collective-ports for every group of the host (RESOURCE_EXHAUSTED to whoever joined next). Here a range
+    of one port: the next relay (and the next store) binds it at once."""
+    from gpupool.server.seclink import bind_in
+
+    probe = bind_in((30100, 30355), lambda port: socket.create_server(("127.0.0.1", port)))  # a free port of the range
+    port = probe.getsockname()[1]
+    probe.close()
+    for _ in range(2):
+        here, upstream = socket.socketpair()
+        stop = threading.Event()
+        relay = _Relay(upstream, stop, (port, port))
+        assert relay.port == port
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)  # this process's: forwarded
+        client.sendall(b"ping")
+        assert here.recv(4) == b"ping"
+        stop.set()  # the relay closes first ...
+        assert relay.done.wait(5)
+        assert client.recv(1) == b""
+        client.close()  # ... and its end of the connection is in TIME_WAIT
+        here.close()
+    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    assert store.port == port
