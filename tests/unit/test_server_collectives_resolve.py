@@ -15,7 +15,7 @@ import pytest
 import torch.distributed as dist
 from gpupool.server.collectives import _connect_store, _peer_address, _Relay, _resolve_store
 
-from gpupool.errors import InvalidArgument, PermissionDenied
+from gpupool.errors import InvalidArgument, PermissionDenied, Unavailable
 
 
 def test_a_name_becomes_the_checked_ips_and_the_store_is_reached_at_one_of_them() -> None:
@@ -146,3 +146,28 @@ def test_a_closed_relays_port_is_free_for_the_next_group_at_once() -> None:
         here.close()
     store = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
     assert store.port == port
+
+
+def test_a_join_naming_another_joins_relay_as_its_store_is_refused() -> None:
+    """Under --isolation thread every session's join runs in the daemon's process, so to a join's relay another
+    join's connection to the store is "from this process" too (`_from_this_process` asks this process's sockets). On
+    74c1f9f a join naming 127.0.0.1:<another join's relay port> (a port of --collective-ports, so not refused as out
+    of range) took that relay's one connection while it waited for its own client: that join's store client then
+    talked to the other group's store, and the other join's own client was refused. Now a store address that is one
+    of this process's live relays is refused, and the relay keeps waiting for its own client."""
+    master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    upstream = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+    stop, other_stop = threading.Event(), threading.Event()
+    relay = _Relay(upstream, stop)  # a join's relay, before its own TCPStore client connects
+    try:
+        with pytest.raises((PermissionDenied, Unavailable)):
+            other = _connect_store(["127.0.0.1"], relay.port, 2, 3.0, other_stop)  # another join in this process
+            other.set("theirs", "x")
+        store = dist.TCPStore("127.0.0.1", relay.port, 2, is_master=False, timeout=timedelta(seconds=10))
+        store.set("k", "v")  # the relay's own client still reaches its store
+        assert master.get("k") == b"v"
+        assert not master.check(["theirs"])
+    finally:
+        stop.set()
+        other_stop.set()
+        assert relay.done.wait(5)
