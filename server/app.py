@@ -13,7 +13,7 @@ from gpupool import tls, tokens
 from gpupool.config import split_address
 
 from .bulkside import BulkPort
-from .daemon import Daemon, DaemonConfig
+from .daemon import Daemon, DaemonConfig, check_collective_ports
 from .devices import Device
 from .service import SERVICE, create_server
 
@@ -36,7 +36,15 @@ class RunningDaemon:
                 config.metrics_listen, None if config.metrics_plaintext else config.tls
             )
             self.health_server = tls.serve_health(config.health_listen, self.health)
+            if config.isolation == "process":  # a port-0 listener's port: in --collective-ports on some hosts
+                check_collective_ports(config, {
+                    "--listen": self.port, "--bulk-listen": self.bulk.port if self.bulk else 0,
+                    "--metrics-listen": self.metrics_port,
+                    "--health-listen": self.health_server[1] if self.health_server else 0})  # fmt: skip
         except Exception:
+            for server in (getattr(self, "server", None), (getattr(self, "health_server", None) or (None,))[0]):
+                if server is not None:
+                    server.stop(0)
             if self.bulk is not None:
                 self.bulk.stop()
             self.daemon.stop()

@@ -200,7 +200,9 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "and connects to no store or hub port outside it; under Landlock ABI 4+ (Linux 6.7) it may bind and "
         "connect to these ports only (and 53, name lookups; with --collectives gloo it connects anywhere and binds "
         "these or a port the kernel picks). Give every daemon of a pool the same range, keep the daemon's own "
-        "ports out of it, and open it between the hosts (the default is below Linux's ephemeral ports)",
+        "ports out of it (a port-0 listener's too: where the kernel's ephemeral ports overlap the range, reserve "
+        "it with sysctl net.ipv4.ip_local_reserved_ports), and open it between the hosts (the default is below "
+        "Linux's ephemeral ports)",
     )
     add_flag(
         p,

@@ -30,6 +30,7 @@ A group of one rank needs no socket: its collectives are the identity.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import ipaddress
@@ -244,7 +245,7 @@ class _Relay:
                 if not _from_this_process(client):
                     client.close()
                     client = None
-            self.listener.close()
+            self._close_listener()
             ends = {client: self.upstream, self.upstream: client}
             for sock in ends:
                 sock.settimeout(STOP_POLL_SECONDS)
@@ -260,18 +261,57 @@ class _Relay:
         except OSError:
             return
         finally:
-            for end in (self.listener, self.upstream, client):
+            self._close_listener()
+            for end in (self.upstream, client):
                 if end is not None:
                     end.close()
             self.done.set()
 
+    def _close_listener(self) -> None:
+        """Close the listener and take its port off `_RELAY_PORTS` (once)."""
+        if self.listener.fileno() >= 0:
+            self.listener.close()
+            _unlist(self.port)
+
+
+# The ports of this process's live store relays (bound, until their pump ends). A store address is never one: under
+# --isolation thread every session's join runs in the daemon's process, so to a relay another join's connection to
+# its "store" was "from this process" (round 42 review: a join naming 127.0.0.1:<another join's relay port>, a port
+# of the range, took that relay's one connection: its store client talked to the other group's store, and the other
+# join's own client was refused). `_connect_store` refuses such an address, before it connects and after.
+_RELAY_PORTS: collections.Counter[int] = collections.Counter()  # (a count: a closed listener's port is bound again)
+_RELAY_LOCK = threading.Lock()
+
+
+def _own_relay(sockaddr: Any) -> bool:
+    ip, port = _address(sockaddr)
+    with _RELAY_LOCK:
+        return ip == "127.0.0.1" and _RELAY_PORTS[port] > 0
+
+
+def _unlist(port: int) -> None:
+    with _RELAY_LOCK:
+        _RELAY_PORTS[port] -= 1
+        if _RELAY_PORTS[port] <= 0:
+            del _RELAY_PORTS[port]
+
 
 def _loopback_listener(port: int) -> socket.socket:
+    """A relay's listener on 127.0.0.1:PORT. SO_REUSEADDR: the relay closes its connection first, so the port sits
+    in TIME_WAIT for 60 s after; without it that port took no bind for as long (round 42 review: a loop of joins and
+    closes used up --collective-ports for every group of the host). Another listener on the port it still refuses."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listed = False
     try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", port))
+        with _RELAY_LOCK:  # before it listens: no connection reaches it unregistered
+            _RELAY_PORTS[listener.getsockname()[1]] += 1
+        listed = True
         listener.listen(8)
     except OSError:
+        if listed:
+            _unlist(listener.getsockname()[1])
         listener.close()
         raise
     return listener
@@ -364,11 +404,16 @@ def _connect_store(
         for ip in addresses[:MAX_STORE_ADDRESSES]:
             if stop.is_set() or time.monotonic() >= deadline:  # a name of many black-holed addresses: not each
                 break
+            if _own_relay((ip, port)):
+                raise PermissionDenied(f"{ip}:{port} is another group's store relay on this host, not a store")
             try:
                 upstream = socket.create_connection((ip, port), timeout=attempt)
             except OSError as exc:
                 failure = exc
                 continue
+            if _own_relay(upstream.getpeername()):  # a relay bound between the check and the connection
+                upstream.close()
+                raise PermissionDenied(f"{ip}:{port} is another group's store relay on this host, not a store")
             host = ip
             break
         if not host:

@@ -206,20 +206,56 @@ def check_landlock(on: bool) -> str:
     return lacking
 
 
-def check_collective_ports(config: DaemonConfig) -> None:
-    """Refuse to start where a port this daemon listens on (--listen, --bulk-listen, --metrics-listen) is in
-    --collective-ports: a worker granted network may connect to every port of that range."""
+def check_collective_ports(config: DaemonConfig, bound: dict[str, int] | None = None) -> None:
+    """Refuse to start where a port this daemon listens on (--listen, --bulk-listen, --metrics-listen,
+    --health-listen) is in --collective-ports: a worker granted network may connect to every port of that range.
+    `bound`: the ports the listeners got (flag: port), after they bound: a port-0 listener takes a port of the
+    kernel's ephemeral range (net.ipv4.ip_local_port_range), which on some hosts holds the collective range (round 42
+    review: such a daemon listened in the range; `ephemeral_overlap` warns of it at the start)."""
     low, high = config.collective_ports
-    for flag, address in (("--listen", config.listen), ("--bulk-listen", config.bulk_listen),
-                          ("--metrics-listen", config.metrics_listen)):  # fmt: skip
-        port = address.rpartition(":")[2]
-        if address and port.isdigit() and low <= int(port) <= high:
+    listens = {"--listen": config.listen, "--bulk-listen": config.bulk_listen,
+               "--metrics-listen": config.metrics_listen, "--health-listen": config.health_listen}  # fmt: skip
+    ports = {flag: address.rpartition(":")[2] for flag, address in listens.items() if address}
+    ports.update({flag: str(port) for flag, port in (bound or {}).items() if port})
+    for flag, port in ports.items():
+        if port.isdigit() and low <= int(port) <= high:
             raise InvalidArgument(
-                f"{flag} {address}: its port is in --collective-ports {low}-{high}, which session workers granted "
-                "network may connect to; move one of them"
+                f"{flag} {listens[flag]}: its port {port} is in --collective-ports {low}-{high}, which session workers "
+                "granted network may connect to; move one of them"
+                + (" (a port the kernel picked: " + EPHEMERAL_HINT + ")" if listens[flag].endswith(":0") else "")
             )
-    if config.worker_network:
+    if bound is None:
+        overlap = ephemeral_overlap(config.collective_ports)
+        if overlap:
+            log.warning("--collective-ports %d-%d: %s; %s", low, high, overlap, EPHEMERAL_HINT)
+    if config.worker_network and bound is None:
         log.info("collective groups of session workers listen on and connect to TCP ports %d-%d", low, high)
+
+
+EPHEMERAL_HINT = "reserve the range (sysctl net.ipv4.ip_local_reserved_ports=LOW-HIGH) or move it"
+
+
+def ephemeral_overlap(ports: tuple[int, int], proc: str = "/proc/sys/net/ipv4") -> str:
+    """What of `ports` the kernel may hand out as a port-0 listener's or an outgoing connection's own port (its
+    ip_local_port_range, less ip_local_reserved_ports), or "" (none, or unreadable)."""
+    try:
+        with open(f"{proc}/ip_local_port_range") as f:
+            first, last = (int(x) for x in f.read().split())
+        with open(f"{proc}/ip_local_reserved_ports") as f:
+            reserved = f.read().strip()
+    except (OSError, ValueError):
+        return ""
+    taken: set[int] = set()
+    for part in filter(None, reserved.split(",")):
+        lo, _, hi = part.partition("-")
+        taken.update(range(int(lo), int(hi or lo) + 1))
+    free = [p for p in range(max(ports[0], first), min(ports[1], last) + 1) if p not in taken]
+    if not free:
+        return ""
+    return (
+        f"{len(free)} of its ports are in the kernel's ephemeral ports {first}-{last} (a port-0 listener of any "
+        "program of the host may take one)"
+    )
 
 
 def check_worker_user(name: str) -> None:

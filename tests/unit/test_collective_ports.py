@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from gpupool.server.cli import build_parser, config_from_args
-from gpupool.server.daemon import DaemonConfig, check_collective_ports
+from gpupool.server.daemon import DaemonConfig, check_collective_ports, ephemeral_overlap
 from support import public_key_file
 
 from gpupool.errors import InvalidArgument
@@ -36,7 +36,24 @@ def test_a_daemon_port_inside_the_range_is_refused_at_start() -> None:
     """A worker granted network may connect to every port of the range: the daemon's own gRPC, bulk and metrics
     ports must stay out of it."""
     check_collective_ports(DaemonConfig(listen="127.0.0.1:50051"))  # the defaults are apart
-    check_collective_ports(DaemonConfig(listen="127.0.0.1:0"))  # (a port the kernel picks: above 32767)
-    for field in ("listen", "bulk_listen", "metrics_listen"):
+    check_collective_ports(DaemonConfig(listen="127.0.0.1:0"))  # (a port the kernel picks: checked once bound)
+    for field in ("listen", "bulk_listen", "metrics_listen", "health_listen"):
         with pytest.raises(InvalidArgument, match="is in --collective-ports 30100-30355"):
             check_collective_ports(DaemonConfig(**{field: "127.0.0.1:30200"}))  # type: ignore[arg-type]
+
+
+def test_the_kernels_ephemeral_ports_inside_the_range_are_named(tmp_path: Path) -> None:
+    """`ephemeral_overlap`: what of the range the kernel may hand out (a port-0 listener's port, an outgoing
+    connection's own), less its reserved ports; this host's default ephemeral range is apart."""
+    proc = tmp_path
+
+    def kernel(ephemeral: str, reserved: str) -> str:
+        (proc / "ip_local_port_range").write_text(ephemeral + "\n")
+        (proc / "ip_local_reserved_ports").write_text(reserved + "\n")
+        return ephemeral_overlap(COLLECTIVE_PORTS, str(proc))
+
+    assert kernel("32768\t60999", "") == ""
+    assert kernel("1024\t65535", "").startswith("256 of its ports are in the kernel's ephemeral ports 1024-65535")
+    assert kernel("30300\t40000", "30350-30355").startswith("50 of its ports")
+    assert kernel("1024\t65535", "22,30100-30355") == ""
+    assert ephemeral_overlap(COLLECTIVE_PORTS, str(tmp_path / "none")) == ""  # unreadable: nothing said

@@ -15,7 +15,7 @@ import pytest
 import torch.distributed as dist
 from gpupool.server.collectives import _connect_store, _peer_address, _Relay, _resolve_store
 
-from gpupool.errors import InvalidArgument, PermissionDenied
+from gpupool.errors import InvalidArgument, PermissionDenied, Unavailable
 
 
 def test_a_name_becomes_the_checked_ips_and_the_store_is_reached_at_one_of_them() -> None:
@@ -117,4 +117,57 @@ def test_the_relay_forwards_only_this_processs_connection() -> None:
         assert master.num_keys() == 1 + 1  # "k" and the store's own counter key of the join: no stranger's
     finally:
         stop.set()
+        assert relay.done.wait(5)
+
+
+def test_a_closed_relays_port_is_free_for_the_next_group_at_once() -> None:
+    """A relay closes its end first (the session closed, or the join's deadline), so its port sits in TIME_WAIT for
+    60 s. On 74c1f9f the relay listened without SO_REUSEADDR, so that port took no bind at all for those 60 s (a
+    relay's, the store's, the hub's): a tenant looping joins and closes of a group's second rank used up the 256
+    ports of --collective-ports for every group of the host (RESOURCE_EXHAUSTED to whoever joined next). Here a range
+    of one port: the next relay (and the next store) binds it at once."""
+    from gpupool.server.seclink import bind_in
+
+    probe = bind_in((30100, 30355), lambda port: socket.create_server(("127.0.0.1", port)))  # a free port of the range
+    port = probe.getsockname()[1]
+    probe.close()
+    for _ in range(2):
+        here, upstream = socket.socketpair()
+        stop = threading.Event()
+        relay = _Relay(upstream, stop, (port, port))
+        assert relay.port == port
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)  # this process's: forwarded
+        client.sendall(b"ping")
+        assert here.recv(4) == b"ping"
+        stop.set()  # the relay closes first ...
+        assert relay.done.wait(5)
+        assert client.recv(1) == b""
+        client.close()  # ... and its end of the connection is in TIME_WAIT
+        here.close()
+    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    assert store.port == port
+
+
+def test_a_join_naming_another_joins_relay_as_its_store_is_refused() -> None:
+    """Under --isolation thread every session's join runs in the daemon's process, so to a join's relay another
+    join's connection to the store is "from this process" too (`_from_this_process` asks this process's sockets). On
+    74c1f9f a join naming 127.0.0.1:<another join's relay port> (a port of --collective-ports, so not refused as out
+    of range) took that relay's one connection while it waited for its own client: that join's store client then
+    talked to the other group's store, and the other join's own client was refused. Now a store address that is one
+    of this process's live relays is refused, and the relay keeps waiting for its own client."""
+    master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    upstream = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+    stop, other_stop = threading.Event(), threading.Event()
+    relay = _Relay(upstream, stop)  # a join's relay, before its own TCPStore client connects
+    try:
+        with pytest.raises((PermissionDenied, Unavailable)):
+            other = _connect_store(["127.0.0.1"], relay.port, 2, 3.0, other_stop)  # another join in this process
+            other.set("theirs", "x")
+        store = dist.TCPStore("127.0.0.1", relay.port, 2, is_master=False, timeout=timedelta(seconds=10))
+        store.set("k", "v")  # the relay's own client still reaches its store
+        assert master.get("k") == b"v"
+        assert not master.check(["theirs"])
+    finally:
+        stop.set()
+        other_stop.set()
         assert relay.done.wait(5)
