@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from gpupool.server import graph, slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
@@ -390,3 +391,126 @@ def test_a_quiet_run_the_bytes_reading_declines_takes_the_python_path(twins: Any
     assert slow.s.error is None
     want = ((7.0 + torch.arange(12.0).reshape(4, 3) + 0.5) * 2 + 1).tolist()
     assert s.tensors[out].tolist() == slow.s.tensors[out].tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_run_raw_reads_any_bytes_as_upb_reads_them(twins: Any, seed: int) -> None:
+    """`GraphPlan.run_raw` as a parser of hostile bytes (graphrev42): seeded RunGraph bytes (fields in any order and
+    repeated, inputs and outputs packed, unpacked or both, overlong and 10-byte varints, handles up to 2**64 - 1,
+    counts other than the graph's, `drop_writes`, unknown fields, other wire types, truncations, random byte
+    damage) run with a traced function that records its arguments and raises (nothing is bound). Where upb parses
+    the bytes to a message with no `drop_writes` and no unknown field: the same answer and the same arguments as
+    `GraphPlan.run` of upb's lists; where it finds either, or refuses the bytes: None, nothing bound. Two mutants of
+    `graph_run_raw` each fail some seeds: a packed field's last varint read past the field's length, `drop_writes`
+    read as outputs. (Pins what holds on f8bb937.)"""
+    quick, _, _ = twins
+    for _ in range(5):
+        assert quick.run()[0] is None
+    t, g, s = quick, quick.g, quick.s
+    plan, refs = g.fast, g.quiet_refs
+    assert plan and refs is not None
+    rng = random.Random(seed)
+    x = torch.full((4, 3), 7.0).numpy().tobytes()
+
+    def varint(v: int, extra: int = 0) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((v & 0x7F) | (0x80 if v > 0x7F or extra else 0))
+            v >>= 7
+            if not v:
+                if extra:
+                    out += b"\x80" * (extra - 1) + b"\x00"
+                return bytes(out)
+
+    def vi(v: int) -> bytes:
+        return varint(v, rng.choice([0, 0, 0, 1, 2]))
+
+    def handle() -> int:
+        return rng.choice([0, 0, t.b, t.kept, t.w, t.base + 200, (9 << 32) + 1, (1 << 64) - 1, 1 << 63, 5])
+
+    def field() -> bytes:
+        k = rng.random()
+        if k < 0.08:
+            return b"\x08" + vi(rng.choice([GID, GID, 2, (1 << 64) - 1]))
+        if k < 0.5:  # inputs / outputs, one or packed
+            f = rng.choice([2, 3])
+            if rng.random() < 0.5:
+                return bytes([f << 3]) + vi(handle())
+            body = b"".join(vi(handle()) for _ in range(rng.randrange(4)))
+            return bytes([f << 3 | 2]) + vi(len(body)) + body
+        if k < 0.8:
+            d = rng.choice([x, x, b"", bytes(47), bytes(rng.randrange(100))])
+            return b"\x52" + vi(len(d)) + d
+        if k < 0.85:
+            return b"\x20" + vi(handle())  # drop_writes
+        if k < 0.9:
+            return bytes([rng.choice([0x11, 0x15, 0x0A, 0x50, 0x2A, 0x3B, 0x78])]) + bytes(rng.randrange(10))
+        return varint(rng.randrange(5, 3000) << 3) + vi(rng.randrange(1 << 20))  # an unknown varint field
+
+    def repeated(f: int, values: list[int]) -> list[bytes]:  # in runs, each packed or not
+        out, i = [], 0
+        while i < len(values):
+            j = rng.randrange(i + 1, len(values) + 1)
+            if rng.random() < 0.5:
+                body = b"".join(vi(v) for v in values[i:j])
+                cut = rng.random() < 0.1 and body[-1:] != b"\x00"  # the length ends inside the last varint
+                out.append(bytes([f << 3 | 2]) + vi(len(body) - cut) + body)
+            else:
+                out += [bytes([f << 3]) + vi(v) for v in values[i:j]]
+            i = j
+        return out
+
+    def damage(b: bytes) -> bytes:
+        if not b or rng.random() < 0.75:
+            return b
+        i = rng.randrange(len(b))
+        k = rng.randrange(3)
+        if k == 0:
+            return b[:i]
+        if k == 1:
+            return b[:i] + bytes([rng.randrange(256)]) + b[i + 1 :]
+        return b[:i] + bytes([rng.randrange(256)]) + b[i:]
+
+    class Stop(Exception):
+        pass
+
+    def spy(seen: list[Any]) -> Any:
+        def fn(*args: Any) -> Any:
+            live = {id(v): h for h, v in s.tensors.items()}
+            seen.append([live.get(id(a), None if not isinstance(a, torch.Tensor) else a.tolist()) for a in args])
+            raise Stop
+
+        return fn
+
+    before = t.state()
+    answered = 0
+    for _ in range(400):
+        fields = [b"\x08" + vi(GID)] + [field() for _ in range(rng.randrange(4))]
+        if rng.random() < 0.7:  # a message the graph may run: its two inputs and their bytes, outputs
+            fields += repeated(2, [rng.choice([0, t.b]), rng.choice([0, t.b, 0, (1 << 64) - 1])])
+            fields += repeated(3, [t.base + rng.randrange(300, 400) for _ in range(rng.choice([0, 1, 1, 2]))])
+            fields += [b"\x52" + vi(len(d)) + d for d in rng.choice([[x, b""], [x, x], [x], [b"", x], []])]
+        rng.shuffle(fields)
+        raw = damage(b"".join(fields))
+        got: list[Any] = []
+        r = plan.run_raw(s, raw, None, refs, g.writes, spy(got))
+        assert t.state() == before, raw
+        try:
+            msg = device_pb2.RunGraph.FromString(raw)
+        except DecodeError:
+            assert r is None, raw  # upb refuses them (the daemon never hands such bytes on): None, nothing bound
+            continue
+        known = device_pb2.RunGraph(
+            graph_id=msg.graph_id, inputs=msg.inputs, outputs=msg.outputs, input_data=msg.input_data
+        )
+        if msg.drop_writes or known.ByteSize() != msg.ByteSize():  # an unknown field (upb keeps its bytes)
+            assert r is None, raw
+            continue
+        want: list[Any] = []
+        w = plan.run(s, msg.inputs[:], msg.outputs[:], msg.input_data[:], refs, g.writes, spy(want))
+        assert t.state() == before, raw
+        assert (r is None) == (w is None) and got == want, raw
+        if r is not None:
+            assert type(r) is Stop and type(w) is Stop
+            answered += 1
+    assert answered > 0
