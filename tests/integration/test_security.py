@@ -285,7 +285,7 @@ def test_a_tenants_smi_says_why_a_shared_devices_memory_used_is_hidden(
     shows "(hidden)" and one caption line saying why, not a bare 0 B (round 42: 0 B, which reads as an idle GPU)."""
     devices, _ = smi_as_alice(pool, {})
     row = next(line for line in devices.splitlines() if HOST in line)
-    assert "(hidden)" in row and " 0 B" not in row, devices
+    assert "(hidden)" in row and " 0B " not in row, devices  # (format_size(0): 0B)
     assert "another tenant also holds a lease on the device" in " ".join(devices.split()), devices
 
 
