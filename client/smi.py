@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,19 +22,25 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gpupool import tls
+from gpupool import protocol, tls
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.config import add_flag, format_size
 from gpupool.errors import GpupoolError
 from gpupool.protocol import HostState
 
-from .pool import SchedulerClient
+from .pool import LEASE_ENV, Lease, SchedulerClient
 
 STATE_STYLE: dict[str, str] = {HostState.UP: "green", HostState.DOWN: "red", HostState.DRAINING: "yellow"}
 STATUS_TIMEOUT_S = 5.0
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 NO_SESSIONS = (
-    "none shown to you: a daemon that requires client certificates (--tls-client-auth require, as gpupool up's) "
-    "shows an admin certificate every session and a tenant's its own; one that does not shows smi none"
+    "none shown to you: a daemon shows an admin certificate every session (under --tls-client-auth require, as gpupool "
+    "up's), a tenant's certificate its own, and the sessions of the lease whose tokens smi presents (those of "
+    f"${LEASE_ENV}, as in a `gpupool run` command); to anyone else none"
+)
+HIDDEN_USED = (
+    "memory used (hidden): another tenant also holds a lease on the device, and its total less yours would be "
+    "that tenant's usage; your own sessions' memory is in the tenants table"
 )
 
 
@@ -62,12 +68,36 @@ def daemon_channel(address: str) -> grpc.Channel:
     return tls.channel(address, token=False)
 
 
-def _daemon_status(address: str) -> device_pb2.StatusReply | None:
-    """A daemon's Status, or None when it does not answer (the table then shows its sessions as unknown)."""
-    channel = daemon_channel(address)
+def held_tokens(environ: Mapping[str, str] = os.environ) -> dict[str, list[str]]:
+    """The lease tokens this process holds, by daemon address: those of ${LEASE_ENV}, the lease `gpupool run` hands
+    its command (`gpupool run -- gpupool smi`, or smi run from such a command). A daemon under `--tls-client-auth
+    none` (serve's default) shows a caller only the sessions it proves it holds: without them a tenant's smi showed
+    none of its own. None there, or one that is not a lease: no tokens (smi shows what the daemons show anyone)."""
     try:
-        return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
-    except grpc.RpcError:
+        lease = Lease.from_env(environ)
+    except GpupoolError:
+        return {}
+    held: dict[str, list[str]] = defaultdict(list)
+    for d in lease.devices if lease is not None else ():
+        if d.token and d.token not in held[d.address]:
+            held[d.address].append(d.token)
+    return held
+
+
+def _daemon_status(address: str) -> device_pb2.StatusReply | None:
+    """A daemon's Status, presenting the lease tokens held for it (`held_tokens`), or None when it does not answer
+    (the table then shows its sessions as unknown). A token it refuses (expired, revoked: the lease is over) costs
+    only that lease's sessions: smi asks again without tokens."""
+    channel = daemon_channel(address)
+    stub = device_pb2_grpc.DeviceStub(channel)
+    md = tuple((protocol.LEASE_TOKEN_METADATA, t) for t in held_tokens().get(address, ()))
+    try:
+        for attempt in (md, ()) if md else ((),):
+            try:
+                return stub.Status(device_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S, metadata=attempt)
+            except grpc.RpcError as err:  # noqa: PERF203 - once more without a refused token
+                if not attempt or err.code() not in REFUSED:  # type: ignore[attr-defined]
+                    return None
         return None
     finally:
         channel.close()
@@ -117,10 +147,19 @@ def _pct(x: float) -> str:
 
 def devices_table(pool: scheduler_pb2.PoolState) -> Table:
     holders: dict[tuple[str, int], list[str]] = defaultdict(list)
+    shared: set[tuple[str, int]] = set()  # devices where the scheduler hid the memory used (`hidden_used`)
     for lease in pool.leases:
         for ld in lease.devices:
             holders[(ld.host_id, ld.device)].append(f"{safe(lease.tenant) or '?'} {ld.share:.2g}")
-    devices = Table(title="gpupool devices", title_justify="left")
+            if not lease.lease_id:  # another tenant's lease (ListPool names only the caller's own)
+                shared.add((ld.host_id, ld.device))
+    hidden = {(h.host_id, d.info.index) for h in pool.hosts for d in h.devices if d.used_bytes == 0} & shared
+    devices = Table(
+        title="gpupool devices",
+        title_justify="left",
+        caption=HIDDEN_USED if hidden else None,
+        caption_justify="left",
+    )
     for col in ("host", "state", "gpu", "model", "memory used", "allocated", "capacity", "share", "tenants"):
         devices.add_column(col, justify="right" if col in ("gpu", "memory used", "allocated", "capacity") else "left")
     for h in pool.hosts:
@@ -131,7 +170,7 @@ def devices_table(pool: scheduler_pb2.PoolState) -> Table:
                 Text(safe(h.state), style=style) if i == 0 else "",
                 str(d.info.index),
                 _cell(d.info.model),
-                format_size(d.used_bytes),
+                "(hidden)" if (h.host_id, d.info.index) in hidden else format_size(d.used_bytes),
                 format_size(d.allocated_bytes),
                 format_size(d.info.memory_bytes),
                 _pct(d.allocated_share),
@@ -237,7 +276,9 @@ def main(argv: list[str]) -> int:
     p = _parser(
         "gpupool smi",
         "Show the pool: hosts, devices, memory, shares, leases, and the sessions' usage the daemons show you (each "
-        "session to an admin certificate, a tenant's own to its certificate, where daemons require certificates).",
+        "session to an admin certificate, a tenant's own to its certificate, where daemons require certificates; "
+        f"anywhere, the sessions of the lease whose tokens ${LEASE_ENV} holds, as in `gpupool run -- gpupool smi`). "
+        "A device's memory used is (hidden) to a tenant where another tenant also holds a lease on it.",
     )
     p.add_argument("-w", "--watch", action="store_true", help="keep a live view, refreshed every --interval s")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")

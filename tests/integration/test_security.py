@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from gpupool.client.pool import SchedulerClient
+from gpupool.client.pool import Lease, SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
@@ -225,6 +225,68 @@ def test_a_tenant_sees_a_devices_memory_used_only_where_the_device_is_its_alone(
             s.close()
         for c in (alice, bob, admin):
             c.close()
+
+
+@pytest.fixture
+def co_tenants(pool: Pool, host: Any) -> Iterator[dict[str, scheduler_pb2.Lease]]:
+    """alice's and bob's leases of a quarter of HOST's one device, each with a session holding memory (bob more)."""
+    clients = {"alice": pool.client("tenant", "alice"), "bob": pool.client("tenant", "bob")}
+    leases, sessions = {}, []
+    try:
+        for (name, client), n in zip(clients.items(), (1000, 300_000), strict=True):
+            leases[name] = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, tenant=name))
+            sessions.append(Session.attach(host.address, leases[name].devices[0].token))
+            sessions[-1].upload(torch.ones(n))
+            sessions[-1].sync()
+        yield leases
+    finally:
+        for s in sessions:
+            s.close()
+        for c in clients.values():
+            c.close()
+
+
+def smi_as_alice(pool: Pool, env: dict[str, str]) -> tuple[str, str]:
+    """`gpupool smi` with alice's tenant certificate in environment `env`: its (devices, tenants) tables' text."""
+    cfg = get_pki().client_config("tenant", "alice")
+    flags = ["--scheduler", pool.address, "--tls-cert", cfg.cert, "--tls-key", cfg.key, "--tls-ca", cfg.ca]
+    done = subprocess.run([sys.executable, "-m", "gpupool.cli", "smi", *flags], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200", **env}, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    devices, rest = done.stdout.split("tenants (sessions on the daemons)")
+    return devices, rest.split("leases (")[0]
+
+
+def test_a_tenants_smi_in_gpupool_run_shows_its_own_sessions(
+    pool: Pool, host: Any, co_tenants: dict[str, scheduler_pb2.Lease]
+) -> None:
+    """`gpupool smi` inside `gpupool run` ($GPUPOOL_LEASE) presents its lease's tokens to the daemons: under
+    `--tls-client-auth none` (this host's, serve's default) it lists its own sessions, no other tenant's (round 42:
+    none at all, the daemon saw an anonymous caller)."""
+    assert host.running.daemon.config.tls.client_auth == "none"
+    alice = co_tenants["alice"]
+    _, tenants = smi_as_alice(pool, Lease._from_pb(alice, pool.address).to_env())  # as `gpupool run` hands it
+    rows = [line for line in tenants.splitlines() if HOST in line]
+    assert len(rows) == 1 and "alice" in rows[0] and alice.lease_id[:12] in rows[0], tenants
+    assert "bob" not in tenants
+    _, plain = smi_as_alice(pool, {})  # no lease held: the daemon shows none, and the caption says how to see them
+    assert HOST not in plain and "the sessions of the lease whose tokens smi presents" in " ".join(plain.split())
+    # a token the daemon refuses (another signer's; an expired one alike) costs its sessions, not the table
+    expired = Lease._from_pb(alice, pool.address)
+    expired.devices[0] = dataclasses.replace(expired.devices[0], token=mint_token(b"0" * 64, host=HOST))
+    _, refused = smi_as_alice(pool, expired.to_env())
+    assert HOST not in refused and "tenant" in refused
+
+
+def test_a_tenants_smi_says_why_a_shared_devices_memory_used_is_hidden(
+    pool: Pool, co_tenants: dict[str, scheduler_pb2.Lease]
+) -> None:
+    """Where ListPool hides a device's memory used (another tenant holds a lease on it: the scheduler's 0), smi
+    shows "(hidden)" and one caption line saying why, not a bare 0 B (round 42: 0 B, which reads as an idle GPU)."""
+    devices, _ = smi_as_alice(pool, {})
+    row = next(line for line in devices.splitlines() if HOST in line)
+    assert "(hidden)" in row and " 0B " not in row, devices  # (format_size(0): 0B)
+    assert "another tenant also holds a lease on the device" in " ".join(devices.split()), devices
 
 
 # ---- tokens ----
