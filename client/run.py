@@ -193,6 +193,9 @@ def main(argv: list[str]) -> int:
                 child.wait()
                 return 1
             code = child.wait()
+            # a command that succeeded without attaching (a device-agnostic script that ran on the CPU): say so after
+            # its output; not after a failure (its own error is the last line) nor after the `--cuda` hint
+            unused = bool(hint_dir) and code == 0 and cuda_hint.unused(hint_dir)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -200,4 +203,6 @@ def main(argv: list[str]) -> int:
                 shutil.rmtree(hint_dir, ignore_errors=True)
         if held.lost.is_set():
             print(f"gpupool run: the lease was lost while the command ran: {held.error}", file=sys.stderr)
+        elif unused:
+            print(cuda_hint.UNUSED, file=sys.stderr)
     return 128 - code if code < 0 else code

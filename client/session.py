@@ -38,6 +38,7 @@ from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure, from_status
 
 from . import bulk
+from .cuda import hint as cuda_hint
 
 MAX_BATCH_COMMANDS = 256
 MAX_BATCH_BYTES = 1024 * 1024
@@ -500,6 +501,7 @@ class Session:
             raise from_failure(exc) from None
         frames = protocol.FEATURE_SIDE_FRAMES in reply.features and os.environ.get("GPUPOOL_SIDE_FRAMES", "1") != "0"
         side = bulk.connect(address, reply.bulk_port, reply.session_id, name, frames)
+        cuda_hint.mark_attached()  # `gpupool run` without --cuda: a command that attached nothing gets a note
         return cls(channel, reply, address, side)
 
     # ---- commands ----

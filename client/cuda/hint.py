@@ -8,6 +8,11 @@ the mapping) wraps `sys.excepthook`: where the uncaught exception, or one in its
 here" errors (`NO_CUDA`), one line after torch's traceback says to run it with `--cuda`. Nothing else changes: no
 torch function is wrapped (tests/cuda_scripts/no_cuda.py), a caught exception prints nothing, and the exit status is
 the script's.
+
+The other way round: a device-agnostic script (`device = "cuda" if torch.cuda.is_available() else "cpu"`) under plain
+`gpupool run` never fails, it trains on the local CPU and the leased GPU idles. Every session the client attaches
+(`Session.attach`, each client's one way to a daemon) marks `attached` in the same folder (`mark_attached`); where the
+command ends with neither that mark nor the hint's (`unused`), `gpupool run` prints `UNUSED` after it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,29 @@ HINT = (
 # process of the run to print the hint makes `printed` in it, and the others (torchrun's ranks, each dying of the same
 # error) print none: until journey42 a 2-rank torchrun printed it twice.
 DIR_ENV = "GPUPOOL_CUDA_HINT_DIR"
+UNUSED = (
+    "gpupool run: the command attached no session to its lease's GPU(s), so whatever it ran ran on this machine's CPU: "
+    "for a CUDA script, run it with --cuda (`gpupool run --cuda ... -- COMMAND`; docs/cuda.md)"
+)
 _installed: list[bool] = []
+_marked: list[bool] = []
+
+
+def mark_attached() -> None:
+    """Say in $GPUPOOL_CUDA_HINT_DIR (where set) that a process of this run attached a session (once a process)."""
+    folder = os.environ.get(DIR_ENV)
+    if not folder or _marked:
+        return
+    _marked.append(True)
+    try:
+        os.close(os.open(os.path.join(folder, "attached"), os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError:  # the folder is gone (the run ended) or not ours: the note is advice, the session is what counts
+        pass
+
+
+def unused(folder: str) -> bool:
+    """Whether no process of the run whose folder this is attached a session, and none printed `HINT`."""
+    return not any(os.path.exists(os.path.join(folder, name)) for name in ("attached", "printed"))
 
 
 def first() -> bool:

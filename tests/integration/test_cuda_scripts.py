@@ -660,6 +660,37 @@ def test_a_cuda_script_without_cuda_flag_gets_one_hint_line(pool: str, client: t
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+DEVICE_AGNOSTIC = """
+import torch
+device = "cuda" if torch.cuda.is_available() else "cpu"
+model = torch.nn.Linear(4, 2).to(device)
+model(torch.ones(3, 4, device=device)).sum().backward()
+print("trained on", device, flush=True)
+"""
+ATTACHES = "import torch, gpupool.torch\nprint(torch.ones(2, device='gpupool:0').sum().item(), flush=True)\n"
+UNUSED = "gpupool run: the command attached no session to its lease's GPU(s)"
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_a_command_that_attached_nothing_gets_one_note(pool: str, client: tuple[str, ...]) -> None:
+    """A device-agnostic script (`"cuda" if torch.cuda.is_available() else "cpu"`) under plain `gpupool run` trains
+    on the local CPU; after it one line says its lease's GPU went unused (run it with --cuda), exit status 0 still.
+    A command that attached its device gets none, nor one that failed (its error stays the last line). Until round
+    42 the run said nothing: the leased GPU idled."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", *client, "-p", "0.5", "--", sys.executable, "-c"]
+    done = launch([*cmd, DEVICE_AGNOSTIC], clean_env(GPUPOOL_SCHEDULER=pool))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == "trained on cpu\n", done.stdout
+    last = done.stderr.rstrip().splitlines()
+    assert last and last[-1].startswith(UNUSED) and "--cuda" in last[-1], done.stderr
+    assert done.stderr.count(UNUSED) == 1, done.stderr
+    used = run([*cmd, ATTACHES], clean_env(GPUPOOL_SCHEDULER=pool))
+    assert used.stdout == "2.0\n" and UNUSED not in used.stderr, used.stdout + used.stderr
+    failed = launch([*cmd, "import sys; sys.exit(3)"], clean_env(GPUPOOL_SCHEDULER=pool))
+    assert failed.returncode == 3 and UNUSED not in failed.stderr, failed.stderr
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_gpupool_cuda_env_for_launchers_without_gpupool_run(pool: str) -> None:
     """What torchrun's workers see: $GPUPOOL_CUDA=1 and a scheduler; the shim leases a GPU itself."""
     done = run([sys.executable, "mnist_style.py"], clean_env(GPUPOOL_SCHEDULER=pool, GPUPOOL_CUDA="1"))
