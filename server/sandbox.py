@@ -72,7 +72,13 @@ NETWORK_SYSCALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept
 # granted worker could open any, so connect to the host's abstract unix sockets (services that trust local peers),
 # other netlink protocols (sock_diag, audit, uevents), AF_ALG (the kernel's crypto API), and so on.
 AF_NETLINK, NETLINK_ROUTE = 16, 0
-NETWORK_FAMILIES = (2, 10, AF_NETLINK)  # (netlink: NETLINK_ROUTE only, for getifaddrs)
+AF_INET, AF_INET6 = 2, 10
+NETWORK_FAMILIES = (AF_INET, AF_INET6, AF_NETLINK)  # (netlink: NETLINK_ROUTE only, for getifaddrs)
+# Of IPv4 and IPv6 sockets, TCP (SOCK_STREAM) only (round 43): UDP reached any port of any host (Landlock has no UDP
+# rules, and seccomp cannot read a sendto's address), and so did ICMP ping sockets (SOCK_DGRAM, IPPROTO_ICMP); raw,
+# SCTP (SOCK_SEQPACKET) and DCCP sockets likewise. Name lookups go over TCP to port 53 instead (RES_OPTIONS use-vc in
+# the zygote's environment: server/zygote.py), which Landlock allows (landlock.net_rules).
+SOCK_STREAM, SOCK_TYPE_MASK = 1, 0xF  # (the type argument's low bits; SOCK_NONBLOCK and SOCK_CLOEXEC above them)
 # Denied outright. (Reading files stays allowed: Python and torch load modules lazily.)
 DENIED_SYSCALLS = (
     "socket",
@@ -624,6 +630,11 @@ def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool
                     rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family))
             # getifaddrs (gloo finds its interface's address with it) reads NETLINK_ROUTE: no other netlink protocol
             rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, AF_NETLINK), (2, _SCMP_CMP_NE, NETLINK_ROUTE, 0))
+            for family in (AF_INET, AF_INET6):  # TCP only: no UDP, ping, raw, SCTP or DCCP (SOCK_STREAM above)
+                for kind in range(SOCK_TYPE_MASK + 1):
+                    if kind != SOCK_STREAM:
+                        rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family),
+                             (1, _SCMP_CMP_MASKED_EQ, SOCK_TYPE_MASK, kind))  # fmt: skip
         for name in _ENOSYS_SYSCALLS:
             rule(enosys, name)
         if platform.machine() == "x86_64":

@@ -338,6 +338,30 @@ def test_a_worker_granted_network_gets_tcp_only(zygote: Zygote) -> None:
             runner.close()
 
 
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_worker_granted_network_sends_no_udp_and_still_looks_names_up(zygote: Zygote, transport: str) -> None:
+    """A worker granted network sent UDP datagrams to any port of any host (Landlock has no UDP rules) and opened
+    ICMP ping sockets (round 42 left both: bench/worker_reach.py's "send UDP" row); on 7b5ed4d the datagram below
+    arrived. Now its IPv4 and IPv6 sockets are TCP only (seccomp: sandbox.SOCK_STREAM), its resolver asks over TCP
+    (RES_OPTIONS use-vc from the zygote's environment: port 53 is in its Landlock rules), and a name of the hosts
+    file still resolves."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as service:
+        service.bind(("127.0.0.1", 0))
+        service.settimeout(1.0)
+        runner, got = attack(zygote, ["udp"], {"udp_port": service.getsockname()[1]}, network=True,
+                             collectives=transport)  # fmt: skip
+        runner.close()
+        try:
+            arrived = service.recv(64)
+        except TimeoutError:
+            arrived = b""
+    report = json.loads(got["udp"][len("report: ") :])
+    assert arrived == b"" and report["udp"] == "blocked EPERM" and report["ping"] == "blocked EPERM", (arrived, report)
+    assert "127.0.0.1" in report["localhost"] and "use-vc" in report["RES_OPTIONS"].split(), report
+
+
 def test_a_zygote_whose_stderr_pipe_is_never_read_still_spawns_workers(tmp_path: Path) -> None:
     """The daemon's stderr a pipe nobody reads (a parent that started `gpupool serve` with stderr=PIPE): workers'
     output past what the pipe holds is dropped and counted, never waited on, and the next worker still starts. On
