@@ -198,8 +198,9 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         help="TCP ports of collectives between daemons: a session worker granted network (--worker-network) "
         "listens for its group (rank 0's store and secure hub, a rank's store relay) on a free port of this range "
         "and connects to no store or hub port outside it; under Landlock ABI 4+ (Linux 6.7) it may bind and "
-        "connect to these ports only (and 53, name lookups; with --collectives gloo it connects anywhere and binds "
-        "these or a port the kernel picks). Give every daemon of a pool the same range, keep the daemon's own "
+        "connect to these ports only (and 53, name lookups; with --collectives gloo, which then needs "
+        "--gloo-connect-anywhere on, it connects anywhere and binds these or a port the kernel picks). Give every "
+        "daemon of a pool the same range, keep the daemon's own "
         "ports out of it (a port-0 listener's too: where the kernel's ephemeral ports overlap the range, reserve "
         "it with sysctl net.ipv4.ip_local_reserved_ports), and open it between the hosts (the default is below "
         "Linux's ephemeral ports)",
@@ -216,6 +217,16 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "alterable by anyone on the hosts' network: an explicit opt-in for trusted networks (docs/security.md). The "
         "daemons of one job run one version of the secure links (v2 since round 40: a collective's agreement travels "
         "in its first frames)",
+    )
+    add_flag(
+        p,
+        "--gloo-connect-anywhere",
+        type=_on_off,
+        default=False,
+        help="with --collectives gloo and --worker-network on, let session workers granted network connect to any "
+        "TCP port of any host (gloo's links dial the ports their peers' kernels picked, which no option confines); "
+        "without it (default off) such a daemon does not start on a kernel whose Landlock (ABI 4+, Linux 6.7) would "
+        "hold them to --collective-ports (on/off)",
     )
     add_flag(
         p,
@@ -296,6 +307,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         worker_network=args.worker_network,
         collectives=args.collectives,
         collective_ports=args.collective_ports,
+        gloo_connect_anywhere=args.gloo_connect_anywhere,
         bulk_listen=args.bulk_listen,
     )
 

@@ -150,6 +150,10 @@ class DaemonConfig:
     # --collective-ports: the TCP ports (LOW, HIGH) its workers' collective groups listen on and connect to (the same
     # on every daemon of a pool); under Landlock ABI 4+ a worker granted network binds and connects to no other
     collective_ports: tuple[int, int] = COLLECTIVE_PORTS
+    # --gloo-connect-anywhere: the operator accepts that under --collectives gloo a worker granted network connects to
+    # any TCP port of any host (gloo's pairs dial ports their peers' kernels picked), which Landlock ABI 4+ would
+    # refuse; without it such a daemon does not start there (`check_gloo_network`, round 43)
+    gloo_connect_anywhere: bool = False
     bulk_listen: str = ""  # the bulk side port (server/bulkside.py), named in AttachReply; "": none
     # Microseconds the front reads a worker's result without blocking before it sleeps on it (saves its wake-up
     # when the slice is that short); -1: the host decides at each worker's start (worker.spin_default); 0: never
@@ -230,6 +234,28 @@ def check_collective_ports(config: DaemonConfig, bound: dict[str, int] | None = 
             log.warning("--collective-ports %d-%d: %s; %s", low, high, overlap, EPHEMERAL_HINT)
     if config.worker_network and bound is None:
         log.info("collective groups of session workers listen on and connect to TCP ports %d-%d", low, high)
+
+
+def check_gloo_network(config: DaemonConfig, abi: int) -> None:
+    """Refuse to start a daemon whose workers would be granted network under `--collectives gloo` on a kernel whose
+    Landlock (ABI `abi`, 4+: TCP rules) could otherwise hold them to --collective-ports: gloo's listener binds a port
+    its kernel picks (getaddrinfo with no service, no option of gloo, c10d or the environment names one) and each
+    pair dials its peer's, so such a worker connects to any TCP port of any host (this daemon's, the scheduler's, any
+    service's), and tenant code in it could too. --gloo-connect-anywhere on is the operator's opt-in (a warning)."""
+    if config.collectives != "gloo" or not config.worker_network or not config.landlock or abi < 4:
+        return
+    if config.gloo_connect_anywhere:
+        log.warning("--collectives gloo --gloo-connect-anywhere on: session workers granted network may connect to "
+                    "any TCP port of any host (gloo's links); the default secure transport keeps them to "
+                    "--collective-ports %d-%d", *config.collective_ports)  # fmt: skip
+        return
+    raise InvalidArgument(
+        "--collectives gloo with --worker-network on: gloo's links dial the ports their peers' kernels picked, so "
+        "Landlock cannot hold a session worker granted network to --collective-ports "
+        f"{config.collective_ports[0]}-{config.collective_ports[1]}: it (and a tenant's code in it) could connect to "
+        "any TCP port of any host, this daemon's and the scheduler's included. Use --collectives secure (the "
+        "default: encrypted, and confined to the range), or pass --gloo-connect-anywhere on to accept it"
+    )
 
 
 EPHEMERAL_HINT = "reserve the range (sysctl net.ipv4.ip_local_reserved_ports=LOW-HIGH) or move it"
@@ -392,6 +418,7 @@ class Daemon:
             self._worker_groups = self._check_gpu_files()
             check_landlock(self.config.landlock)
             check_collective_ports(self.config)
+            check_gloo_network(self.config, landlock.abi())
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.
             self.zygote = shared_zygote()

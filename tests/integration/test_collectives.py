@@ -52,7 +52,13 @@ def group(daemon_factory, request) -> tuple[list[Session], list[DaemonHandle], l
     the secure default (server/seclink.py) and the plaintext gloo opt-in."""
     lease = uuid.uuid4().hex
     daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=request.param)
+        daemon_factory(
+            host_id=f"host-{i}",
+            fake_gpu_memory=64 * MiB,
+            worker_network=True,
+            collectives=request.param,
+            gloo_connect_anywhere=request.param == "gloo",
+        )
         for i in range(2)
     ]
     tokens = [d.token(lease_id=lease, network=True) for d in daemons]
@@ -325,7 +331,13 @@ def two_ranks(daemon_factory, transport: str) -> tuple[list[DaemonHandle], list[
     """Two daemons (two hosts) on `transport`, and a session on each of one lease (not joined yet)."""
     lease = uuid.uuid4().hex
     daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
+        daemon_factory(
+            host_id=f"host-{i}",
+            fake_gpu_memory=64 * MiB,
+            worker_network=True,
+            collectives=transport,
+            gloo_connect_anywhere=transport == "gloo",
+        )
         for i in range(2)
     ]
     tokens = [d.token(lease_id=lease, network=True) for d in daemons]
@@ -406,7 +418,13 @@ def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory,
     Tokens naming different group secrets are refused."""
     lease = uuid.uuid4().hex
     daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
+        daemon_factory(
+            host_id=f"host-{i}",
+            fake_gpu_memory=64 * MiB,
+            worker_network=True,
+            collectives=transport,
+            gloo_connect_anywhere=transport == "gloo",
+        )
         for i in range(2)
     ]
     group = tokens.lease_group(daemons[0].key, lease)
