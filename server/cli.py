@@ -20,6 +20,8 @@ from gpupool.config import StopSignals, add_flag, more_open_files, setup_logging
 from gpupool.errors import GpupoolError
 from gpupool.protocol import COLLECTIVE_PORTS, COLLECTIVE_TRANSPORTS, MAX_HOST_SESSIONS, port_range
 
+from .portshare import PORTS_PER_SESSION, PORTS_PER_TENANT
+
 if TYPE_CHECKING:  # both import torch: main() starts the zygote first (see there)
     from .daemon import DaemonConfig
 
@@ -220,6 +222,17 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     )
     add_flag(
         p,
+        "--collective-ports-per-tenant",
+        type=int,
+        default=PORTS_PER_TENANT,
+        metavar="N",
+        help=f"the most ports of --collective-ports one tenant's sessions granted network hold on this host at once "
+        f"(the daemons of a host count together): each such session holds a block of {PORTS_PER_SESSION} ports of "
+        "the range of its own, where its collective groups listen and, under Landlock ABI 4+, the only ports its "
+        "worker may bind; past the share a new one is refused (RESOURCE_EXHAUSTED). 0: no share but the range's",
+    )
+    add_flag(
+        p,
         "--gloo-connect-anywhere",
         type=_on_off,
         default=False,
@@ -308,6 +321,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         collectives=args.collectives,
         collective_ports=args.collective_ports,
         gloo_connect_anywhere=args.gloo_connect_anywhere,
+        collective_ports_per_tenant=args.collective_ports_per_tenant,
         bulk_listen=args.bulk_listen,
     )
 

@@ -684,6 +684,7 @@ def apply(
     gpu_pci: str = "",
     ports: tuple[int, int] | None = None,
     gloo: bool = False,
+    block: tuple[int, int] | None = None,
 ) -> SandboxReport:
     """Confine the calling process for good (there is no way back). Call once, single-threaded. Without
     `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings. With
@@ -692,7 +693,8 @@ def apply(
     supplementary groups it keeps (the GPU device files': `gpu_device_groups`). With `landlock` (`--landlock`, on by
     default) a Landlock ruleset (server/landlock.py) between the user drop and seccomp: reads of what a worker needs
     only (`gpu`: a real GPU's driver files and its own device file, that of `gpu_uuid` at `gpu_pci`), no writes, TCP
-    only with `network`, and then in `ports` only (--collective-ports; `gloo`: connect anywhere: landlock.net_rules),
+    only with `network`, and then in `ports` only (--collective-ports; bind in `block` only, its session's block of
+    them; `gloo`: connect anywhere: landlock.net_rules),
     scoped signals and abstract unix sockets; what the kernel's ABI lacks is in `missing`."""
     report = SandboxReport()
 
@@ -728,7 +730,7 @@ def apply(
 
         try:
             done, lacking = _landlock.restrict(
-                network=network, gpu=gpu, gpu_uuid=gpu_uuid, gpu_pci=gpu_pci, ports=ports, gloo=gloo
+                network=network, gpu=gpu, gpu_uuid=gpu_uuid, gpu_pci=gpu_pci, ports=ports, gloo=gloo, own=block
             )
         except OSError as exc:
             done, lacking = [], [f"landlock: {exc}"]
