@@ -122,7 +122,8 @@ def main() -> int:
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUPOOL_FAKE_GPU_TFLOPS": str(args.tflops),
            "GPUPOOL_FAKE_GPU_GBPS": str(args.gbps), "GPUPOOL_FAKE_LINK_GBPS": str(args.link_gbps),
-           "GPUPOOL_COLLECTIVES": args.collectives, "GPUPOOL_CLIENT": args.client}  # fmt: skip
+           "GPUPOOL_COLLECTIVES": args.collectives, "GPUPOOL_CLIENT": args.client,
+           "GPUPOOL_GLOO_CONNECT_ANYWHERE": "on"}  # fmt: skip
     root = HERE.parents[1]
     trees = {"this": (sys.executable, root)}
     if args.against:

@@ -98,7 +98,7 @@ def main() -> int:
     args = p.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUPOOL_FAKE_GPU_TFLOPS": str(args.tflops),
            "GPUPOOL_FAKE_GPU_GBPS": str(args.gbps), "GPUPOOL_FAKE_LINK_GBPS": str(args.link_gbps),
-           "GPUPOOL_COLLECTIVES": args.collectives}  # fmt: skip
+           "GPUPOOL_COLLECTIVES": args.collectives, "GPUPOOL_GLOO_CONNECT_ANYWHERE": "on"}  # fmt: skip
     trees = {"this": (sys.executable, ROOT)}
     if args.against:
         trees["other"] = (str(args.against.resolve() / ".venv" / "bin" / "python"), args.against.resolve())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BLOCK = (30100, 30103)  # (round 43) a session's block of the default --collective-ports (server/portshare.py)
 sys.path.insert(0, str(ROOT))
 
 SPAWNER = r"""
@@ -115,6 +116,8 @@ def part(rounds: int, against: str = "", network: bool = False) -> dict[str, lis
             from gpupool.protocol import COLLECTIVE_PORTS
 
             kwargs[name]["ports"] = COLLECTIVE_PORTS
+        if network and "own" in inspect.signature(module.restrict).parameters:  # (round 43) its session's block
+            kwargs[name]["own"] = BLOCK
     for _ in range(rounds):
         for case in got:
             r, w = os.pipe()
@@ -139,16 +142,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--against", default="", help="a base checkout: its zygote's workers, side by side")
     ap.add_argument("--against-python", default=sys.executable)
-    ap.add_argument("--network", action="store_true", help="part: a worker granted network's ruleset (its TCP ports)")
+    ap.add_argument(
+        "--network",
+        action="store_true",
+        help="a worker granted network: its ruleset (its TCP ports), and (whole) its seccomp filter",
+    )
     args = ap.parse_args()
     rows = part(args.rounds, args.against, args.network)
     print(f"{'part':28} {'us med':>10} {'min':>10}")
     for case, xs in rows.items():
         print(f"{case:28} {statistics.median(xs):10.1f} {min(xs):10.1f}")
-    spawners = {"landlock on": (Spawner(sys.executable, str(ROOT), [{"landlock": True}, {"landlock": False}]), 0)}
+    net: dict[str, Any] = {"network": True} if args.network else {}
+    ours = [{"landlock": True, **net, **({"collective_share": BLOCK} if net else {})}, {"landlock": False, **net}]
+    spawners = {"landlock on": (Spawner(sys.executable, str(ROOT), ours), 0)}
     spawners["landlock off"] = (spawners["landlock on"][0], 1)
     if args.against:
-        spawners["base"] = (Spawner(args.against_python, args.against, [{}]), 0)
+        spawners["base"] = (Spawner(args.against_python, args.against, [net]), 0)
     whole: dict[str, list[float]] = {name: [] for name in spawners}
     try:
         for _ in range(args.rounds):

@@ -20,6 +20,8 @@ from gpupool.config import StopSignals, add_flag, more_open_files, setup_logging
 from gpupool.errors import GpupoolError
 from gpupool.protocol import COLLECTIVE_PORTS, COLLECTIVE_TRANSPORTS, MAX_HOST_SESSIONS, port_range
 
+from .portshare import PORTS_PER_SESSION, PORTS_PER_TENANT
+
 if TYPE_CHECKING:  # both import torch: main() starts the zygote first (see there)
     from .daemon import DaemonConfig
 
@@ -198,8 +200,9 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         help="TCP ports of collectives between daemons: a session worker granted network (--worker-network) "
         "listens for its group (rank 0's store and secure hub, a rank's store relay) on a free port of this range "
         "and connects to no store or hub port outside it; under Landlock ABI 4+ (Linux 6.7) it may bind and "
-        "connect to these ports only (and 53, name lookups; with --collectives gloo it connects anywhere and binds "
-        "these or a port the kernel picks). Give every daemon of a pool the same range, keep the daemon's own "
+        "connect to these ports only (and 53, name lookups; with --collectives gloo, which then needs "
+        "--gloo-connect-anywhere on, it connects anywhere and binds these or a port the kernel picks). Give every "
+        "daemon of a pool the same range, keep the daemon's own "
         "ports out of it (a port-0 listener's too: where the kernel's ephemeral ports overlap the range, reserve "
         "it with sysctl net.ipv4.ip_local_reserved_ports), and open it between the hosts (the default is below "
         "Linux's ephemeral ports)",
@@ -216,6 +219,27 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "alterable by anyone on the hosts' network: an explicit opt-in for trusted networks (docs/security.md). The "
         "daemons of one job run one version of the secure links (v2 since round 40: a collective's agreement travels "
         "in its first frames)",
+    )
+    add_flag(
+        p,
+        "--collective-ports-per-tenant",
+        type=int,
+        default=PORTS_PER_TENANT,
+        metavar="N",
+        help=f"the most ports of --collective-ports one tenant's sessions granted network hold on this host at once "
+        f"(the daemons of a host count together): each such session holds a block of {PORTS_PER_SESSION} ports of "
+        "the range of its own, where its collective groups listen and, under Landlock ABI 4+, the only ports its "
+        "worker may bind; past the share a new one is refused (RESOURCE_EXHAUSTED). 0: no share but the range's",
+    )
+    add_flag(
+        p,
+        "--gloo-connect-anywhere",
+        type=_on_off,
+        default=False,
+        help="with --collectives gloo and --worker-network on, let session workers granted network connect to any "
+        "TCP port of any host (gloo's links dial the ports their peers' kernels picked, which no option confines); "
+        "without it (default off) such a daemon does not start on a kernel whose Landlock (ABI 4+, Linux 6.7) would "
+        "hold them to --collective-ports (on/off)",
     )
     add_flag(
         p,
@@ -296,6 +320,8 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         worker_network=args.worker_network,
         collectives=args.collectives,
         collective_ports=args.collective_ports,
+        gloo_connect_anywhere=args.gloo_connect_anywhere,
+        collective_ports_per_tenant=args.collective_ports_per_tenant,
         bulk_listen=args.bulk_listen,
     )
 

@@ -105,9 +105,11 @@ class Group:
         timeout: float,
         transport: str = "secure",
         ports: tuple[int, int] = COLLECTIVE_PORTS,
+        own: tuple[int, int] | None = None,
     ) -> None:
         self.lease_id = lease_id
-        self.ports = ports  # --collective-ports: where its listeners bind, and the peers' ports it connects to
+        self.ports = ports  # --collective-ports: the peers' ports it connects to
+        self.own = own or ports  # where its listeners bind: its session's block of them (server/portshare.py)
         self.transport = transport
         self.nccl = True  # a gloo transport's CUDA group may try NCCL (`use_nccl`)
         self.rank = rank
@@ -156,6 +158,7 @@ class Group:
                     host,
                     self.stop,
                     self.ports,
+                    self.own,
                 )
                 if self.closed:  # the session ended as the group formed: its links go with it
                     pg.close()
@@ -607,19 +610,26 @@ class Collectives:
         self.speed: SpeedModel | None = None  # fake GPUs' modelled link (server/speedmodel.py)
         self.transport = "secure"  # --collectives
         self.confined = False  # a worker under Landlock or seccomp (server/worker.py): its groups never try NCCL
-        self.ports = COLLECTIVE_PORTS  # --collective-ports: where its groups listen, and the peers' ports they reach
+        self.ports = COLLECTIVE_PORTS  # --collective-ports: the peers' ports its groups reach
+        self.own = COLLECTIVE_PORTS  # where its groups listen: the session's block of them (server/portshare.py)
         # Whether another session of the device waits to run (the daemon says: server/worker.py `contend`): a
         # waiting collective keeps the device's thread while nobody does. Until told: always (it yields).
         self.contended: Callable[[], bool] = _always
 
     def configure(
-        self, verify: Verifier, host: str, transport: str = "secure", ports: tuple[int, int] = COLLECTIVE_PORTS
+        self,
+        verify: Verifier,
+        host: str,
+        transport: str = "secure",
+        ports: tuple[int, int] = COLLECTIVE_PORTS,
+        own: tuple[int, int] | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown collectives transport {transport!r} (known: {', '.join(TRANSPORTS)})")
         self.verify = verify
         self.transport = transport
         self.ports = (int(ports[0]), int(ports[1]))
+        self.own = (int(own[0]), int(own[1])) if own else self.ports
         self.host = host if host not in ("", "0.0.0.0", "::", "[::]") else socket.gethostname()
 
     # ---- joining ----
@@ -634,7 +644,7 @@ class Collectives:
             raise InvalidArgument(f"bad group: rank {rank} of {size} with {len(msg.tokens)} tokens")
         first = self._check_tokens(s, rank, size, list(msg.tokens))
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
-        group = Group(s.lease_id, rank, size, timeout, self.transport, self.ports)
+        group = Group(s.lease_id, rank, size, timeout, self.transport, self.ports, self.own)
         # The scheduler's tokens carry the lease's group secret, the same in every renewal: ranks whose processes
         # renewed at different moments send different tokens. Hand-minted tokens have none: rank 0's token then.
         basis = first.group or msg.tokens[0]
@@ -662,7 +672,7 @@ class Collectives:
         if rank == 0:
             if size > 1:
                 group.store = seclink.bind_in(
-                    self.ports,
+                    self.own,
                     lambda port: dist.TCPStore(
                         self.host, port, size, is_master=True, timeout=timedelta(seconds=timeout),
                         wait_for_workers=False,
@@ -692,7 +702,7 @@ class Collectives:
             if group.store is None:
                 try:
                     addresses = _resolve_store(host, port_num)  # once: the IPs checked are the IPs connected to
-                    group.store = _connect_store(addresses, port_num, size, timeout, group.stop, self.ports)
+                    group.store = _connect_store(addresses, port_num, size, timeout, group.stop, self.own)
                     _check_owner(group.store, s.lease_id, owner, group.stop, deadline)
                 except Exception as exc:
                     # One message, one status, at the group's deadline, whatever the address's state: the daemon

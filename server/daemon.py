@@ -47,6 +47,7 @@ from .devices import Device, discover
 from .fairqueue import DeviceWorker, Entry, FairQueue, HostQueued
 from .front import FrontSession, Unread, reply_bytes
 from .metrics import Ledger, Metrics
+from .portshare import PORTS_PER_TENANT, PortShares
 from .registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
@@ -150,6 +151,13 @@ class DaemonConfig:
     # --collective-ports: the TCP ports (LOW, HIGH) its workers' collective groups listen on and connect to (the same
     # on every daemon of a pool); under Landlock ABI 4+ a worker granted network binds and connects to no other
     collective_ports: tuple[int, int] = COLLECTIVE_PORTS
+    # --gloo-connect-anywhere: the operator accepts that under --collectives gloo a worker granted network connects to
+    # any TCP port of any host (gloo's pairs dial ports their peers' kernels picked), which Landlock ABI 4+ would
+    # refuse; without it such a daemon does not start there (`check_gloo_network`, round 43)
+    gloo_connect_anywhere: bool = False
+    # --collective-ports-per-tenant: the most ports of the range one tenant's sessions granted network hold on this
+    # host at once (portshare.PORTS_PER_SESSION each, a block of their own; 0: no share but the range's)
+    collective_ports_per_tenant: int = PORTS_PER_TENANT
     bulk_listen: str = ""  # the bulk side port (server/bulkside.py), named in AttachReply; "": none
     # Microseconds the front reads a worker's result without blocking before it sleeps on it (saves its wake-up
     # when the slice is that short); -1: the host decides at each worker's start (worker.spin_default); 0: never
@@ -230,6 +238,28 @@ def check_collective_ports(config: DaemonConfig, bound: dict[str, int] | None = 
             log.warning("--collective-ports %d-%d: %s; %s", low, high, overlap, EPHEMERAL_HINT)
     if config.worker_network and bound is None:
         log.info("collective groups of session workers listen on and connect to TCP ports %d-%d", low, high)
+
+
+def check_gloo_network(config: DaemonConfig, abi: int) -> None:
+    """Refuse to start a daemon whose workers would be granted network under `--collectives gloo` on a kernel whose
+    Landlock (ABI `abi`, 4+: TCP rules) could otherwise hold them to --collective-ports: gloo's listener binds a port
+    its kernel picks (getaddrinfo with no service, no option of gloo, c10d or the environment names one) and each
+    pair dials its peer's, so such a worker connects to any TCP port of any host (this daemon's, the scheduler's, any
+    service's), and tenant code in it could too. --gloo-connect-anywhere on is the operator's opt-in (a warning)."""
+    if config.collectives != "gloo" or not config.worker_network or not config.landlock or abi < 4:
+        return
+    if config.gloo_connect_anywhere:
+        log.warning("--collectives gloo --gloo-connect-anywhere on: session workers granted network may connect to "
+                    "any TCP port of any host (gloo's links); the default secure transport keeps them to "
+                    "--collective-ports %d-%d", *config.collective_ports)  # fmt: skip
+        return
+    raise InvalidArgument(
+        "--collectives gloo with --worker-network on: gloo's links dial the ports their peers' kernels picked, so "
+        "Landlock cannot hold a session worker granted network to --collective-ports "
+        f"{config.collective_ports[0]}-{config.collective_ports[1]}: it (and a tenant's code in it) could connect to "
+        "any TCP port of any host, this daemon's and the scheduler's included. Use --collectives secure (the "
+        "default: encrypted, and confined to the range), or pass --gloo-connect-anywhere on to accept it"
+    )
 
 
 EPHEMERAL_HINT = "reserve the range (sysctl net.ipv4.ip_local_reserved_ports=LOW-HIGH) or move it"
@@ -381,6 +411,8 @@ class Daemon:
         self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
         self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
+        # each session granted network: a block of --collective-ports of its own, within its tenant's share
+        self._port_shares = PortShares(config.collective_ports, config.collective_ports_per_tenant)
         self._worker_groups: tuple[int, ...] = ()  # supplementary groups of workers: the GPU device files'
 
     def start(self) -> None:
@@ -392,6 +424,7 @@ class Daemon:
             self._worker_groups = self._check_gpu_files()
             check_landlock(self.config.landlock)
             check_collective_ports(self.config)
+            check_gloo_network(self.config, landlock.abi())
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.
             self.zygote = shared_zygote()
@@ -489,6 +522,19 @@ class Daemon:
             log.info("session %d: its token grants network but this daemon runs --worker-network off", s.number)
         d = s.device
         limit = c.worker_memory or (s.quota + GiB if d.fake else 4 * GiB)
+        if network and c.worker_network:  # its block of --collective-ports, within its tenant's share
+            s.port_share = self._port_shares.take(s.tenant)
+        try:
+            return self._start_runner(s, network, limit)
+        except BaseException:
+            if s.port_share is not None:
+                self._port_shares.give_back(s.port_share, 0)  # no worker of it started
+                s.port_share = None
+            raise
+
+    def _start_runner(self, s: FrontSession, network: bool, limit: int) -> Runner:
+        c = self.config
+        d = s.device
         if self._uids is not None and self.zygote is not None:
             try:
                 s.worker_uid = self._uids.take()
@@ -517,6 +563,7 @@ class Daemon:
             network=network and c.worker_network,
             collectives=c.collectives,
             collective_ports=c.collective_ports,
+            collective_share=s.port_share.ports if s.port_share is not None else (0, 0),
             peer_host=(c.advertise or c.listen).rpartition(":")[0].strip("[]"),
             token_keys=tuple(self._token_pems),
             speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),
@@ -705,6 +752,9 @@ class Daemon:
                 s.runner.close()
                 if self._uids is not None and s.worker_uid > 0:
                     self._uids.give_back(s.worker_uid, s.runner.pid)  # free once that worker is gone
+            if s.port_share is not None:  # (a worker that never started: _new_runner gave it back)
+                self._port_shares.give_back(s.port_share, s.runner.pid if s.runner is not None else 0)
+                s.port_share = None
             self._set_used(s, 0)
         if drop_replies:
             _drop_replies(s)
@@ -1012,4 +1062,5 @@ class Daemon:
                 w.join(timeout=5)
         if self._uids is not None:
             self._uids.close()
+        self._port_shares.close()
         self.metrics.stop()

@@ -14,6 +14,7 @@ from gpupool.tokens import TokenClaims
 
 from .devices import Device
 from .fairqueue import FairQueue
+from .portshare import Share
 from .slices import SideChunk
 from .worker import Runner
 
@@ -96,6 +97,7 @@ class FrontSession:
         self.lock = threading.RLock()  # held while a slice of this session runs
         self.runner: Runner | None = None
         self.worker_uid = -1  # its worker's own uid (--worker-uids), given back when the session closes
+        self.port_share: Share | None = None  # its block of --collective-ports (granted network), given back likewise
         # Mirrored from the worker after each slice (Status, metrics, the device's accounting).
         self.used = 0
         self.ops = 0

@@ -492,20 +492,25 @@ def _add_ports(ruleset: int, ports: list[tuple[int, int]]) -> list[str]:
     return missing
 
 
-def net_rules(network: bool, ports: tuple[int, int] | None, gloo: bool) -> tuple[int, list[tuple[int, int]]]:
+def net_rules(
+    network: bool, ports: tuple[int, int] | None, gloo: bool, own: tuple[int, int] | None = None
+) -> tuple[int, list[tuple[int, int]]]:
     """(the TCP rights a ruleset handles, the (port, rights) it grants) of a worker: without `network` none at all
-    (both handled, no rule); with it, bind and connect in `ports` (the daemon's --collective-ports, LOW and HIGH) and
-    connect to DNS_PORT; with `gloo` connect is not handled (gloo's pairs dial the ports their peers' kernels picked)
-    and bind also port 0 (gloo's listener: a port the kernel picks). `ports` None with `network`: nothing handled (any
-    port, as before round 42)."""
+    (both handled, no rule); with it, connect in `ports` (the daemon's --collective-ports, LOW and HIGH) and to
+    DNS_PORT, and bind in `own` only (FIRST, LAST: its session's block of the range, server/portshare.py, round 43;
+    None: the whole range); with `gloo` connect is not handled (gloo's pairs dial the ports their peers' kernels
+    picked) and bind also port 0 (gloo's listener: a port the kernel picks). `ports` None with `network`: nothing
+    handled (any port, as before round 42)."""
     both = NET_BIND_TCP | NET_CONNECT_TCP
     if not network:
         return both, []
     if ports is None:
         return 0, []
+    first, last = own or ports
     if gloo:
-        return NET_BIND_TCP, [(0, NET_BIND_TCP)] + [(p, NET_BIND_TCP) for p in range(ports[0], ports[1] + 1)]
-    return both, [(p, both) for p in range(ports[0], ports[1] + 1)] + [(DNS_PORT, NET_CONNECT_TCP)]
+        return NET_BIND_TCP, [(0, NET_BIND_TCP)] + [(p, NET_BIND_TCP) for p in range(first, last + 1)]
+    rules = [(p, both if first <= p <= last else NET_CONNECT_TCP) for p in range(ports[0], ports[1] + 1)]
+    return both, rules + [(DNS_PORT, NET_CONNECT_TCP)]
 
 
 def restrict(
@@ -514,6 +519,7 @@ def restrict(
     gpu: bool,
     ports: tuple[int, int] | None = None,
     gloo: bool = False,
+    own: tuple[int, int] | None = None,
     version: int = -1,
     gpu_uuid: str = "",
     gpu_pci: str = "",
@@ -523,14 +529,14 @@ def restrict(
     no_new_privs. `network`: keep TCP bind and connect (a lease that grants network: collectives). `gpu`: a real GPU
     (its driver files and libraries, and of the device files the control ones and those of the GPU `gpu_uuid`, PCI
     address `gpu_pci`, only: `gpu_devices`). With `network` and `ports` (--collective-ports: LOW, HIGH) TCP bind and
-    connect in those ports only, `gloo` (--collectives gloo) connect anywhere (`net_rules`). Returns (what was
-    applied, what is missing)."""
+    connect in those ports only, bind in `own` only (its session's block of them: FIRST, LAST), `gloo` (--collectives
+    gloo) connect anywhere (`net_rules`). Returns (what was applied, what is missing)."""
     version = abi() if version < 0 else version
     if version <= 0:
         return [], ["landlock: not in this kernel"]
     handled_fs = FS_ABI1 | (FS_REFER if version >= 2 else 0) | (FS_TRUNCATE if version >= 3 else 0)
     handled_fs |= FS_IOCTL_DEV if version >= 5 else 0
-    handled_net, port_rules = net_rules(network, ports, gloo) if version >= 4 else (0, [])
+    handled_net, port_rules = net_rules(network, ports, gloo, own) if version >= 4 else (0, [])
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if version >= 6 else 0
     attr = _RulesetAttr(handled_fs, handled_net, scoped)
     size = 24 if version >= 6 else 16 if version >= 4 else 8
@@ -572,8 +578,12 @@ def restrict(
     if handled_net and not network:
         applied.append("landlock: no TCP bind or connect")
     elif handled_net and ports is not None:
-        where = f"ports {ports[0]}-{ports[1]}" + (" or one the kernel picks; connect anywhere (gloo)" if gloo else "")
-        applied.append(f"landlock: TCP bind{'' if gloo else ' and connect'} in {where} only")
+        first, last = own or ports
+        if gloo:
+            applied.append(f"landlock: TCP bind in ports {first}-{last} or one the kernel picks only; connect anywhere")
+        else:
+            where = f"{ports[0]}-{ports[1]} only, bind in {first}-{last}"
+            applied.append(f"landlock: TCP bind and connect in ports {where}")
     missing += [f"landlock: {what}" for at, what in MISSING_BELOW.items() if version < at]
     try:
         others = len(os.listdir("/proc/self/task")) - 1

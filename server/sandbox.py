@@ -72,7 +72,13 @@ NETWORK_SYSCALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept
 # granted worker could open any, so connect to the host's abstract unix sockets (services that trust local peers),
 # other netlink protocols (sock_diag, audit, uevents), AF_ALG (the kernel's crypto API), and so on.
 AF_NETLINK, NETLINK_ROUTE = 16, 0
-NETWORK_FAMILIES = (2, 10, AF_NETLINK)  # (netlink: NETLINK_ROUTE only, for getifaddrs)
+AF_INET, AF_INET6 = 2, 10
+NETWORK_FAMILIES = (AF_INET, AF_INET6, AF_NETLINK)  # (netlink: NETLINK_ROUTE only, for getifaddrs)
+# Of IPv4 and IPv6 sockets, TCP (SOCK_STREAM) only (round 43): UDP reached any port of any host (Landlock has no UDP
+# rules, and seccomp cannot read a sendto's address), and so did ICMP ping sockets (SOCK_DGRAM, IPPROTO_ICMP); raw,
+# SCTP (SOCK_SEQPACKET) and DCCP sockets likewise. Name lookups go over TCP to port 53 instead (RES_OPTIONS use-vc in
+# the zygote's environment: server/zygote.py), which Landlock allows (landlock.net_rules).
+SOCK_STREAM, SOCK_TYPE_MASK = 1, 0xF  # (the type argument's low bits; SOCK_NONBLOCK and SOCK_CLOEXEC above them)
 # Denied outright. (Reading files stays allowed: Python and torch load modules lazily.)
 DENIED_SYSCALLS = (
     "socket",
@@ -624,6 +630,11 @@ def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool
                     rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family))
             # getifaddrs (gloo finds its interface's address with it) reads NETLINK_ROUTE: no other netlink protocol
             rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, AF_NETLINK), (2, _SCMP_CMP_NE, NETLINK_ROUTE, 0))
+            for family in (AF_INET, AF_INET6):  # TCP only: no UDP, ping, raw, SCTP or DCCP (SOCK_STREAM above)
+                for kind in range(SOCK_TYPE_MASK + 1):
+                    if kind != SOCK_STREAM:
+                        rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family),
+                             (1, _SCMP_CMP_MASKED_EQ, SOCK_TYPE_MASK, kind))  # fmt: skip
         for name in _ENOSYS_SYSCALLS:
             rule(enosys, name)
         if platform.machine() == "x86_64":
@@ -673,6 +684,7 @@ def apply(
     gpu_pci: str = "",
     ports: tuple[int, int] | None = None,
     gloo: bool = False,
+    block: tuple[int, int] | None = None,
 ) -> SandboxReport:
     """Confine the calling process for good (there is no way back). Call once, single-threaded. Without
     `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings. With
@@ -681,7 +693,8 @@ def apply(
     supplementary groups it keeps (the GPU device files': `gpu_device_groups`). With `landlock` (`--landlock`, on by
     default) a Landlock ruleset (server/landlock.py) between the user drop and seccomp: reads of what a worker needs
     only (`gpu`: a real GPU's driver files and its own device file, that of `gpu_uuid` at `gpu_pci`), no writes, TCP
-    only with `network`, and then in `ports` only (--collective-ports; `gloo`: connect anywhere: landlock.net_rules),
+    only with `network`, and then in `ports` only (--collective-ports; bind in `block` only, its session's block of
+    them; `gloo`: connect anywhere: landlock.net_rules),
     scoped signals and abstract unix sockets; what the kernel's ABI lacks is in `missing`."""
     report = SandboxReport()
 
@@ -717,7 +730,7 @@ def apply(
 
         try:
             done, lacking = _landlock.restrict(
-                network=network, gpu=gpu, gpu_uuid=gpu_uuid, gpu_pci=gpu_pci, ports=ports, gloo=gloo
+                network=network, gpu=gpu, gpu_uuid=gpu_uuid, gpu_pci=gpu_pci, ports=ports, gloo=gloo, own=block
             )
         except OSError as exc:
             done, lacking = [], [f"landlock: {exc}"]

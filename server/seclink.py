@@ -323,13 +323,15 @@ def form(
     host: str,
     stop: threading.Event | None = None,
     ports: tuple[int, int] = COLLECTIVE_PORTS,
+    own: tuple[int, int] | None = None,
 ) -> SecureGroup:
     """Connect this rank into the group's star (blocks until every rank is in, or raises LinkError; at once
     when `stop` is set: the session closed, and rank 0's listener goes with it). Rank 0 listens on a port of
-    `ports` (--collective-ports); the others connect to no hub port outside it."""
+    `own` (its session's block of --collective-ports, server/portshare.py; None: `ports`, the range); the others
+    connect to no hub port outside `ports`."""
     deadline = time.monotonic() + timeout
     if rank == 0:
-        return _form_hub(store, secret, lease_id, size, timeout, host, deadline, stop, ports)
+        return _form_hub(store, secret, lease_id, size, timeout, host, deadline, stop, own or ports)
     raw = store.get(HUB_KEY).decode(errors="replace").split()
     if len(raw) != 3 or not raw[2].isdigit():
         raise LinkError(f"the group's store holds a malformed hub address {' '.join(raw)!r}")

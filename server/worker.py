@@ -100,6 +100,9 @@ class WorkerSpec:
     # --collective-ports (LOW, HIGH): where its collective groups listen and the peers' ports they connect to; under
     # Landlock ABI 4+ the only TCP ports a worker granted network may bind or connect to (and 53: name lookups)
     collective_ports: tuple[int, int] = COLLECTIVE_PORTS
+    # (FIRST, LAST): its session's block of those ports (server/portshare.py, round 43), where its groups listen and
+    # the only ports it may bind under Landlock ABI 4+; (0, 0): the whole range (no share)
+    collective_share: tuple[int, int] = (0, 0)
 
 
 # ---- the worker's CUDA memory cap ----
@@ -245,7 +248,7 @@ class _SessionState:
 
             verifier = Verifier.from_pems(list(spec.token_keys))
             self.executor.collectives.configure(
-                verifier.verify, spec.peer_host, spec.collectives, _ports(spec.collective_ports)
+                verifier.verify, spec.peer_host, spec.collectives, _ports(spec.collective_ports), _own(spec)
             )
             speed = SpeedModel(*spec.speed)
             if self.device.fake and (speed.active or speed.link_gbps > 0):
@@ -718,6 +721,12 @@ def _ports(pair: Any) -> tuple[int, int]:
     return int(low), int(high)
 
 
+def _own(spec: WorkerSpec) -> tuple[int, int] | None:
+    """The session's block of --collective-ports (`collective_share`), or None (the whole range)."""
+    own = _ports(spec.collective_share)
+    return own if own != (0, 0) else None
+
+
 def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
     from . import native_runner, sandbox, workerprofile
@@ -762,6 +771,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         gpu_pci=getattr(state.device, "pci", ""),
         ports=_ports(spec.collective_ports),
         gloo=spec.collectives == "gloo",
+        block=_own(spec),
     )
     # NCCL makes shared-memory files in /dev/shm and talks over unix sockets, which Landlock and seccomp refuse: a
     # confined worker's `--collectives gloo` groups are gloo's from the start (server/collectives.py `use_nccl`)

@@ -107,6 +107,13 @@ def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if not SECRET_NAMES.search(k.upper())}
 
 
+def resolver_options(theirs: str) -> str:
+    """RES_OPTIONS for the zygote (and so every worker, whose glibc reads it when it first loads resolv.conf): the
+    operator's, plus `use-vc`: name lookups over TCP to port 53, since a worker granted network may open no UDP socket
+    (sandbox.py `SOCK_STREAM`, round 43) and Landlock lets it connect to port 53 (landlock.net_rules)."""
+    return theirs if "use-vc" in theirs.split() else f"{theirs} use-vc".strip()
+
+
 def _thp_default() -> str:
     """THP_MEM_ALLOC_ENABLE for workers unless the operator set it: huge pages only where they are cheap."""
     return "1" if protocol.huge_pages_are_cheap() else "0"
@@ -171,6 +178,7 @@ class Zygote:
                 # first start failed). With this torch answers those questions from NVML instead.
                 "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
                 "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", WAIT_POLICY),
+                "RES_OPTIONS": resolver_options(os.environ.get("RES_OPTIONS", "")),
             },
         )
         theirs.close()

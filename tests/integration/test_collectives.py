@@ -46,15 +46,23 @@ def collective(s: Session, kind: str, tensors: list[int], inputs: list[int] = ()
     s.flush()
 
 
+def hosts(daemon_factory, transport: str) -> list[DaemonHandle]:  # type: ignore[no-untyped-def]
+    """Two daemons (two hosts) granting network on `transport` (gloo with its operator's opt-in to connect anywhere)."""
+    return [
+        daemon_factory(
+            host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport,
+            gloo_connect_anywhere=transport == "gloo",
+        )
+        for i in range(2)
+    ]  # fmt: skip
+
+
 @pytest.fixture(params=["secure", "gloo"])
 def group(daemon_factory, request) -> tuple[list[Session], list[DaemonHandle], list[str]]:  # type: ignore[no-untyped-def]
     """Two daemons (two hosts), one session each, of one lease; joined. Over each transport (--collectives):
     the secure default (server/seclink.py) and the plaintext gloo opt-in."""
     lease = uuid.uuid4().hex
-    daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=request.param)
-        for i in range(2)
-    ]
+    daemons = hosts(daemon_factory, request.param)
     tokens = [d.token(lease_id=lease, network=True) for d in daemons]
     sessions = [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
     join_all(sessions, tokens, host="localhost")  # a name: rank 1's daemon connects to the address it resolved
@@ -324,10 +332,7 @@ def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory
 def two_ranks(daemon_factory, transport: str) -> tuple[list[DaemonHandle], list[str], list[Session]]:  # type: ignore[no-untyped-def]
     """Two daemons (two hosts) on `transport`, and a session on each of one lease (not joined yet)."""
     lease = uuid.uuid4().hex
-    daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
-        for i in range(2)
-    ]
+    daemons = hosts(daemon_factory, transport)
     tokens = [d.token(lease_id=lease, network=True) for d in daemons]
     return daemons, tokens, [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
 
@@ -405,10 +410,7 @@ def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory,
     another signature). The group is keyed from the lease's `group` claim, the same in all of them: it forms.
     Tokens naming different group secrets are refused."""
     lease = uuid.uuid4().hex
-    daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
-        for i in range(2)
-    ]
+    daemons = hosts(daemon_factory, transport)
     group = tokens.lease_group(daemons[0].key, lease)
     assert group == tokens.lease_group(daemons[1].key, lease)  # one scheduler key for both daemons
     first, renewed = (

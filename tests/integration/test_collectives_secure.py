@@ -47,7 +47,12 @@ def sessions_of(
     tokens, sessions = [], []
     for i, n in enumerate(devices):
         d = daemon_factory(
-            host_id=f"host-{i}", fake_gpus=n, fake_gpu_memory=64 * MiB, worker_network=True, collectives=collectives
+            host_id=f"host-{i}",
+            fake_gpus=n,
+            fake_gpu_memory=64 * MiB,
+            worker_network=True,
+            collectives=collectives,
+            gloo_connect_anywhere=collectives == "gloo",
         )
         for dev in range(n):
             tokens.append(d.token(lease_id=lease, device=dev, network=True))
@@ -403,6 +408,27 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.01)
+
+
+def test_gloo_workers_granted_network_need_the_operators_second_opt_in(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """Under `--collectives gloo` a worker granted network connects to any TCP port of any host: gloo's listener binds
+    a port its kernel picks (getaddrinfo with no service: no option of gloo, c10d or GLOO_* names one) and each pair
+    dials its peer's, so Landlock's TCP rules cannot hold it to --collective-ports. On a kernel whose Landlock could
+    (ABI 4+) such a daemon now refuses to start, naming the way out, unless `--gloo-connect-anywhere on`; on 7b5ed4d it
+    started. Without workers' network (or under --landlock off: nothing to keep) it starts as before."""
+    from gpupool.server import landlock
+
+    from gpupool.errors import InvalidArgument
+
+    if landlock.abi() < 4:
+        pytest.skip("TCP rules need Landlock ABI 4 (Linux 6.7)")
+    with pytest.raises(InvalidArgument, match=r"--collectives gloo with --worker-network on: .* --collective-ports "
+                       r"30100-30355: .*--collectives secure .*--gloo-connect-anywhere on"):  # fmt: skip
+        daemon_factory(worker_network=True, collectives="gloo")
+    for started in ({"gloo_connect_anywhere": True}, {"landlock": False}, {"worker_network": False}):
+        d = daemon_factory(**{"worker_network": True, "collectives": "gloo", **started})
+        with Session.attach(d.address, d.token(network=True)) as s:
+            assert s.download(s.upload(torch.ones(2))).tolist() == [1.0, 1.0]
 
 
 def test_plaintext_gloo_is_an_explicit_opt_in(daemon_factory) -> None:  # type: ignore[no-untyped-def]

@@ -43,7 +43,12 @@ def forged_pair(
     """Rank 0 of a two-device lease's group, a session of a fresh daemon, and a function that returns rank 1 once
     formed in this process (`_forged_rank`): call it after rank 0's collective is sent."""
     d = daemon_factory(
-        isolation=isolation, fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport
+        isolation=isolation,
+        fake_gpus=2,
+        fake_gpu_memory=64 * MiB,
+        worker_network=True,
+        collectives=transport,
+        gloo_connect_anywhere=transport == "gloo",
     )
     lease = uuid.uuid4().hex
     tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]

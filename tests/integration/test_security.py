@@ -452,7 +452,13 @@ def test_a_forged_value_in_a_groups_store_fails_the_join(daemon_factory: DaemonF
 
     lease = uuid.uuid4().hex
     daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=16 * 1024**2, worker_network=True, collectives=transport)
+        daemon_factory(
+            host_id=f"host-{i}",
+            fake_gpu_memory=16 * 1024**2,
+            worker_network=True,
+            collectives=transport,
+            gloo_connect_anywhere=transport == "gloo",
+        )
         for i in (0, 1)
     ]
     toks = [d.token(lease_id=lease, network=True) for d in daemons]

@@ -338,6 +338,52 @@ def test_a_worker_granted_network_gets_tcp_only(zygote: Zygote) -> None:
             runner.close()
 
 
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_worker_granted_network_binds_its_sessions_block_of_the_range_only(zygote: Zygote, transport: str) -> None:
+    """Round 42 let a worker granted network bind every port of --collective-ports (Landlock ABI 4+): one worker
+    binding the range (up to its 256 open files) left every other group of the host RESOURCE_EXHAUSTED. Since round
+    43 it binds only its session's block of the range (WorkerSpec.collective_share: the daemon's
+    server/portshare.py gives each session granted network 4 ports of its own), under both transports; on 7b5ed4d a
+    spec had no block and the worker bound every free port of the range."""
+    from gpupool.server import landlock
+
+    from gpupool.protocol import COLLECTIVE_PORTS
+
+    if landlock.abi() < 4:
+        pytest.skip("TCP rules need Landlock ABI 4 (Linux 6.7)")
+    block = (COLLECTIVE_PORTS[0] + 8, COLLECTIVE_PORTS[0] + 11)
+    runner, got = attack(zygote, ["bind_range"], {"range": COLLECTIVE_PORTS}, network=True, collectives=transport,
+                         collective_share=block)  # fmt: skip
+    runner.close()
+    report = json.loads(got["bind_range"][len("report: ") :])
+    assert report["bound"] and set(report["bound"]) <= set(range(block[0], block[1] + 1)), report
+    assert report["refused"].get("EACCES", 0) >= COLLECTIVE_PORTS[1] - COLLECTIVE_PORTS[0] + 1 - 4 - 16, report
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_worker_granted_network_sends_no_udp_and_still_looks_names_up(zygote: Zygote, transport: str) -> None:
+    """A worker granted network sent UDP datagrams to any port of any host (Landlock has no UDP rules) and opened
+    ICMP ping sockets (round 42 left both: bench/worker_reach.py's "send UDP" row); on 7b5ed4d the datagram below
+    arrived. Now its IPv4 and IPv6 sockets are TCP only (seccomp: sandbox.SOCK_STREAM), its resolver asks over TCP
+    (RES_OPTIONS use-vc from the zygote's environment: port 53 is in its Landlock rules), and a name of the hosts
+    file still resolves."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as service:
+        service.bind(("127.0.0.1", 0))
+        service.settimeout(1.0)
+        runner, got = attack(zygote, ["udp"], {"udp_port": service.getsockname()[1]}, network=True,
+                             collectives=transport)  # fmt: skip
+        runner.close()
+        try:
+            arrived = service.recv(64)
+        except TimeoutError:
+            arrived = b""
+    report = json.loads(got["udp"][len("report: ") :])
+    assert arrived == b"" and report["udp"] == "blocked EPERM" and report["ping"] == "blocked EPERM", (arrived, report)
+    assert "127.0.0.1" in report["localhost"] and "use-vc" in report["RES_OPTIONS"].split(), report
+
+
 def test_a_zygote_whose_stderr_pipe_is_never_read_still_spawns_workers(tmp_path: Path) -> None:
     """The daemon's stderr a pipe nobody reads (a parent that started `gpupool serve` with stderr=PIPE): workers'
     output past what the pipe holds is dropped and counted, never waited on, and the next worker still starts. On

@@ -740,6 +740,50 @@ def rampage(sock: socket.socket) -> list[str]:
     return reached
 
 
+def probe_bind_range(ctx: dict[str, Any]) -> str:
+    """A worker granted network binds every port of `ctx["range"]` (LOW, HIGH: --collective-ports) it can, all at
+    once (so that no other worker's group could listen there): the ports it got, and the errors of the others."""
+    held, refused = [], {}
+    try:
+        for port in range(ctx["range"][0], ctx["range"][1] + 1):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+                held.append(s)
+            except OSError as exc:
+                s.close()
+                name = errno.errorcode.get(exc.errno or 0, str(exc))
+                refused[name] = refused.get(name, 0) + 1
+        return "report: " + json.dumps({"bound": [s.getsockname()[1] for s in held], "refused": refused})
+    finally:
+        for s in held:
+            s.close()
+
+
+def probe_udp(ctx: dict[str, Any]) -> str:
+    """A worker granted network: a UDP datagram to the host's port `ctx["udp_port"]` (a name server, syslog, any
+    service of any host), an ICMP ping socket, and whether its name lookups still work ("localhost", and the resolver's
+    options: TCP, `use-vc`)."""
+    got = {}
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"hello from a worker", ("127.0.0.1", ctx["udp_port"]))
+        got["udp"] = "sent"
+    except OSError as exc:
+        got["udp"] = f"blocked {errno.errorcode.get(exc.errno or 0, exc)}"
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
+        got["ping"] = "open"
+    except OSError as exc:
+        got["ping"] = f"blocked {errno.errorcode.get(exc.errno or 0, exc)}"
+    try:
+        got["localhost"] = sorted({a[4][0] for a in socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)})
+    except OSError as exc:
+        got["localhost"] = f"failed {exc}"
+    got["RES_OPTIONS"] = os.environ.get("RES_OPTIONS", "")
+    return "report: " + json.dumps(got)
+
+
 PROBES: dict[str, Callable[[dict[str, Any]], str]] = {
     name[len("probe_") :]: fn for name, fn in globals().items() if name.startswith("probe_") and callable(fn)
 }

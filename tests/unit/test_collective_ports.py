@@ -32,6 +32,17 @@ def test_the_flag_reaches_the_daemons_config_and_its_help_names_it(token_key_fil
     assert "--collective-ports" in build_parser().format_help()
 
 
+def test_round_43s_flags_reach_the_daemons_config(token_key_file: Path) -> None:
+    """--collective-ports-per-tenant (each tenant's share of the host's range) and --gloo-connect-anywhere (gloo's
+    workers granted network connect anywhere): neither flag existed on 7b5ed4d."""
+    keys = ["--token-public-keys", str(public_key_file(token_key_file))]
+    config = config_from_args(build_parser().parse_args(keys))
+    assert (config.collective_ports_per_tenant, config.gloo_connect_anywhere) == (64, False)
+    flags = ["--collective-ports-per-tenant", "16", "--gloo-connect-anywhere", "on"]
+    config = config_from_args(build_parser().parse_args([*keys, *flags]))
+    assert (config.collective_ports_per_tenant, config.gloo_connect_anywhere) == (16, True)
+
+
 def test_a_daemon_port_inside_the_range_is_refused_at_start() -> None:
     """A worker granted network may connect to every port of the range: the daemon's own gRPC, bulk and metrics
     ports must stay out of it."""
