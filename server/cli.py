@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         client_auth="none",
         client_auth_help="require every client to present a certificate signed by --tls-ca (then Status shows an "
         "admin or metrics certificate every session, a tenant its own), or ask none (the default: lease tokens "
-        "identify clients, and Status shows a caller only the sessions it names)",
+        "identify clients, and Status shows a caller only the sessions it names; under either, an operator's smi, with "
+        "the scheduler's admin credential, presents status tokens that show it every session)",
     )
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
