@@ -28,6 +28,7 @@ from gpupool.config import add_flag, format_size
 from gpupool.errors import GpupoolError
 from gpupool.protocol import HostState
 
+from .cuda import hint as cuda_hint  # (imports no torch)
 from .pool import LEASE_ENV, Lease, SchedulerClient
 
 STATE_STYLE: dict[str, str] = {HostState.UP: "green", HostState.DOWN: "red", HostState.DRAINING: "yellow"}
@@ -39,6 +40,9 @@ NO_SESSIONS = (
     f"sessions of the lease whose tokens smi presents (those of ${LEASE_ENV}, as in a `gpupool run` command); to "
     "anyone else none"
 )
+# The tenants table's caption where no lease is active (ListPool lists every tenant's): no session can be, and
+# NO_SESSIONS ("none shown to you ...") read as a credential problem, an operator's too (round 42's demo ended on it).
+IDLE = "none: no lease is active (a session is a leased GPU in use by a program)"
 HIDDEN_USED = (
     "memory used (hidden): another tenant also holds a lease on the device, and its total less yours would be "
     "that tenant's usage; your own sessions' memory is in the tenants table"
@@ -78,6 +82,8 @@ def held_tokens(environ: Mapping[str, str] = os.environ) -> dict[str, list[str]]
         lease = Lease.from_env(environ)
     except GpupoolError:
         return {}
+    if lease is not None:
+        cuda_hint.mark_attached("looked")  # (`gpupool run -- gpupool smi` used its lease: no "ran on the CPU" note)
     held: dict[str, list[str]] = defaultdict(list)
     for d in lease.devices if lease is not None else ():
         if d.token and d.token not in held[d.address]:
@@ -208,7 +214,7 @@ def tenants_table(now: Sample, before: Sample | None) -> Table:
     dt = now.at - before.at if before is not None else 0.0
     # A daemon shows a caller only the sessions its credentials hold (docs/security.md, "Credentials and what they
     # grant"): an empty table may be the caller's view, not an idle pool.
-    caption = None if now.sessions else NO_SESSIONS
+    caption = None if now.sessions else NO_SESSIONS if now.pool.leases else IDLE
     table = Table(
         title="tenants (sessions on the daemons)", title_justify="left", caption=caption, caption_justify="left"
     )

@@ -110,6 +110,15 @@ def default_host_id(state: Path) -> str:
     return f"{name}-{hashlib.sha256(os.fsencode(folder)).hexdigest()[:6]}"
 
 
+def _example() -> str:
+    """A line naming a script to run where this is a checkout of the repository (`train.py` is the user's own, and
+    ops43 ran the banner's line in a fresh clone: "can't open file .../train.py")."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "sentiment" / "train.py"
+    if not script.is_file():
+        return ""
+    return f"    (train.py is yours; to try one: python {script} --device gpupool --data sample --epochs 1)\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpupool up", description=__doc__.split("\n")[0])
     add_flag(p, "--fake-gpus", type=int, help="serve N fake GPUs (default: the real GPUs torch sees, else 2 fake)")
@@ -487,6 +496,7 @@ def main(argv: list[str]) -> int:
             f"  export GPUPOOL_SCHEDULER={sched_addr}\n"
             + "".join(f"  export {k}={v}\n" for k, v in tls.client_env(creds.client(creds.user)).items())
             + "  gpupool run -n 1 -p 0.5 -- python train.py\n"
+            + _example()
             + "  gpupool smi\n"
             f"Ctrl-C stops both (or `kill -INT {os.getpid()}`).",
             flush=True,

@@ -307,6 +307,15 @@ def test_an_operators_smi_sees_every_session_under_client_auth_none(
     assert HOST not in stranger and "alice" not in stranger and "bob" not in stranger, stranger
 
 
+def test_smi_on_an_idle_pool_says_no_lease_is_active(pool: Pool, host: Any) -> None:
+    """No lease in the pool: the tenants table's caption says none is active, to an operator and a tenant alike, not
+    "none shown to you" (round 42: a credential problem, it read; the demo ended on it)."""
+    for role, name in (("admin", "ops"), ("tenant", "alice")):
+        _, tenants = smi_as_alice(pool, {}, role, name)
+        text = " ".join(tenants.split())
+        assert "none: no lease is active" in text and "none shown to you" not in text, tenants
+
+
 def test_status_tokens_go_to_operators_only_and_show_only_their_host(
     pool: Pool, host: Any, co_tenants: dict[str, scheduler_pb2.Lease]
 ) -> None:
