@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="this daemon's host id, as tokens name it (its host certificate's name; default: the host name where "
         f"--listen's port is {DEFAULT_PORT}, else the host name and -PORT, or -<6 random hex digits> for port 0: two "
-        "daemons on one host never share one, nor their fake GPUs' UUIDs; a port-0 daemon's changes each start)",
+        "daemons of one host on different ports never share one, nor their fake GPUs' UUIDs; a port-0 daemon's "
+        "changes each start)",
     )
     tls.add_metrics_flags(p, "127.0.0.1:9450")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
