@@ -28,16 +28,21 @@ from gpupool.config import add_flag, format_size
 from gpupool.errors import GpupoolError
 from gpupool.protocol import HostState
 
+from .cuda import hint as cuda_hint  # (imports no torch)
 from .pool import LEASE_ENV, Lease, SchedulerClient
 
 STATE_STYLE: dict[str, str] = {HostState.UP: "green", HostState.DOWN: "red", HostState.DRAINING: "yellow"}
 STATUS_TIMEOUT_S = 5.0
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 NO_SESSIONS = (
-    "none shown to you: a daemon shows an admin certificate every session (under --tls-client-auth require, as gpupool "
-    "up's), a tenant's certificate its own, and the sessions of the lease whose tokens smi presents (those of "
-    f"${LEASE_ENV}, as in a `gpupool run` command); to anyone else none"
+    "none shown to you: a daemon shows an operator (an admin credential of the scheduler: certificate or API token) "
+    "every session, a tenant's certificate its own (under --tls-client-auth require, as gpupool up's), and the "
+    f"sessions of the lease whose tokens smi presents (those of ${LEASE_ENV}, as in a `gpupool run` command); to "
+    "anyone else none"
 )
+# The tenants table's caption where no lease is active (ListPool lists every tenant's): no session can be, and
+# NO_SESSIONS ("none shown to you ...") read as a credential problem, an operator's too (round 42's demo ended on it).
+IDLE = "none: no lease is active (a session is a leased GPU in use by a program)"
 HIDDEN_USED = (
     "memory used (hidden): another tenant also holds a lease on the device, and its total less yours would be "
     "that tenant's usage; your own sessions' memory is in the tenants table"
@@ -77,6 +82,8 @@ def held_tokens(environ: Mapping[str, str] = os.environ) -> dict[str, list[str]]
         lease = Lease.from_env(environ)
     except GpupoolError:
         return {}
+    if lease is not None:
+        cuda_hint.mark_attached("looked")  # (`gpupool run -- gpupool smi` used its lease: no "ran on the CPU" note)
     held: dict[str, list[str]] = defaultdict(list)
     for d in lease.devices if lease is not None else ():
         if d.token and d.token not in held[d.address]:
@@ -84,15 +91,19 @@ def held_tokens(environ: Mapping[str, str] = os.environ) -> dict[str, list[str]]
     return held
 
 
-def _daemon_status(address: str) -> device_pb2.StatusReply | None:
-    """A daemon's Status, presenting the lease tokens held for it (`held_tokens`), or None when it does not answer
-    (the table then shows its sessions as unknown). A token it refuses (expired, revoked: the lease is over) costs
-    only that lease's sessions: smi asks again without tokens."""
+def _daemon_status(address: str, status_token: str = "") -> device_pb2.StatusReply | None:
+    """A daemon's Status, presenting the operator's status token for its host (`status_token`: the scheduler's
+    ListPool gives one to an admin, none to others) and the lease tokens held for it (`held_tokens`), or None when it
+    does not answer (the table then shows its sessions as unknown). A token it refuses (a status token it cannot
+    verify; an expired or revoked lease's: the lease is over) costs only what it showed: smi asks again without the
+    status token, then without any."""
     channel = daemon_channel(address)
     stub = device_pb2_grpc.DeviceStub(channel)
-    md = tuple((protocol.LEASE_TOKEN_METADATA, t) for t in held_tokens().get(address, ()))
+    leases = tuple((protocol.LEASE_TOKEN_METADATA, t) for t in held_tokens().get(address, ()))
+    operator = ((protocol.STATUS_TOKEN_METADATA, status_token),) if status_token else ()
+    attempts = [md for md in (operator + leases, leases) if md]
     try:
-        for attempt in (md, ()) if md else ((),):
+        for attempt in dict.fromkeys([*attempts, ()]):
             try:
                 return stub.Status(device_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S, metadata=attempt)
             except grpc.RpcError as err:  # noqa: PERF203 - once more without a refused token
@@ -112,14 +123,15 @@ class Sample:
     at: float = field(default_factory=time.monotonic)
 
 
-StatusFn = Callable[[str], device_pb2.StatusReply | None]
+StatusFn = Callable[[str, str], device_pb2.StatusReply | None]  # (address, status token)
 
 
 def sample(pool: scheduler_pb2.PoolState, status: StatusFn = _daemon_status) -> Sample:
-    """Poll every host that is not down for its sessions."""
+    """Poll every host that is not down for its sessions (with the operator's status token the scheduler gave for
+    it, if any)."""
     s = Sample(pool)
     for h in pool.hosts:
-        reply = status(h.address) if h.state != HostState.DOWN else None
+        reply = status(h.address, h.status_token) if h.state != HostState.DOWN else None
         for u in reply.sessions if reply is not None else ():
             s.sessions[(h.host_id, u.session_id)] = u
     return s
@@ -202,7 +214,7 @@ def tenants_table(now: Sample, before: Sample | None) -> Table:
     dt = now.at - before.at if before is not None else 0.0
     # A daemon shows a caller only the sessions its credentials hold (docs/security.md, "Credentials and what they
     # grant"): an empty table may be the caller's view, not an idle pool.
-    caption = None if now.sessions else NO_SESSIONS
+    caption = None if now.sessions else NO_SESSIONS if now.pool.leases else IDLE
     table = Table(
         title="tenants (sessions on the daemons)", title_justify="left", caption=caption, caption_justify="left"
     )
@@ -276,8 +288,9 @@ def main(argv: list[str]) -> int:
     p = _parser(
         "gpupool smi",
         "Show the pool: hosts, devices, memory, shares, leases, and the sessions' usage the daemons show you (each "
-        "session to an admin certificate, a tenant's own to its certificate, where daemons require certificates; "
-        f"anywhere, the sessions of the lease whose tokens ${LEASE_ENV} holds, as in `gpupool run -- gpupool smi`). "
+        "session to an operator: smi presents the status tokens the scheduler gives an admin credential, certificate "
+        "or API token; a tenant's own to its certificate, where daemons require certificates; anywhere, the sessions "
+        f"of the lease whose tokens ${LEASE_ENV} holds, as in `gpupool run -- gpupool smi`). "
         "A device's memory used is (hidden) to a tenant where another tenant also holds a lease on it.",
     )
     p.add_argument("-w", "--watch", action="store_true", help="keep a live view, refreshed every --interval s")

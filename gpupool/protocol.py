@@ -23,6 +23,9 @@ SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (
 # Status call may also name sessions by SESSION_METADATA (repeated: one secret session id each); without either, or an
 # operator's client certificate, it shows no session (docs/security.md, "Credentials and what they grant").
 LEASE_TOKEN_METADATA = "gpupool-lease-token"
+# Metadata of a daemon's Status call: a status token (gpupool/tokens.py `mint_status`, handed to an operator by the
+# scheduler's ListPool, one a host) that shows every session of that host, where the daemon sees no certificate.
+STATUS_TOKEN_METADATA = "gpupool-status-token"
 
 # AttachReply.features: what a daemon supports beyond what every daemon does (docs/wire.md, "Features"). A client
 # uses a feature only where the daemon names it; a daemon from before round 24 names none.

@@ -45,6 +45,10 @@ MAX_REVOKED = 200_000
 _CLAIM_FIELDS = ("device", "expires_at", "host", "lease_id", "quota_bytes", "share", "tenant")
 # Written only when they differ from these defaults (one spelling per token): absent = the default.
 _OPTIONAL_CLAIMS: dict[str, object] = {"network": False, "group": ""}
+# Status tokens (`mint_status`): the same shape as a lease token (kid.claims.signature), their signatures over this
+# prefix first, so that no signature of one kind verifies as the other's.
+STATUS_DOMAIN = b"gpupool-status-token\0"
+STATUS_TTL = 120.0
 
 
 @dataclass(frozen=True)
@@ -185,9 +189,17 @@ class Signer:
         self._key, self.kid = key, key_id(key.public_key())
 
     def sign(self, claims: TokenClaims) -> str:
+        return self._sign(_canonical(claims), b"")
+
+    def sign_status(self, host: str, expires_at: float) -> str:
+        """A status token (`mint_status`): its signature covers `STATUS_DOMAIN` first, so no lease token's
+        signature is one, and the other way round."""
+        return self._sign(_status_body(host, expires_at), STATUS_DOMAIN)
+
+    def _sign(self, body: bytes, domain: bytes) -> str:
         self._reload()
-        head = f"{self.kid}.{_b64(_canonical(claims))}"
-        return f"{head}.{_b64(self._key.sign(head.encode()))}"
+        head = f"{self.kid}.{_b64(body)}"
+        return f"{head}.{_b64(self._key.sign(domain + head.encode()))}"
 
 
 class Verifier:
@@ -263,25 +275,8 @@ class Verifier:
             return lease_id in self._revoked
 
     def verify(self, token: str, now: float | None = None) -> TokenClaims:
-        self._reload()
         now = time.time() if now is None else now
-        if not token:
-            raise Unauthenticated("missing lease token")
-        if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 2:
-            raise Unauthenticated("malformed lease token")
-        kid, body_b64, sig_b64 = token.split(".")
-        try:
-            body, sig = _unb64(body_b64), _unb64(sig_b64)
-        except (binascii.Error, ValueError) as exc:
-            raise Unauthenticated("malformed lease token") from exc
-        key = self._keys.get(kid)
-        if key is None:
-            raise Unauthenticated(f"lease token signed with unknown key {kid[:16]!r} (rotated out, or forged)")
-        try:
-            key.verify(sig, f"{kid}.{body_b64}".encode())
-        except InvalidSignature as exc:
-            raise Unauthenticated("lease token signature does not match (forged or altered)") from exc
-        claims = _claims(body)
+        claims = _claims(self._signed(token, b"", "lease token"))
         if claims.expires_at <= now:
             raise Unauthenticated(f"lease token of lease {claims.lease_id} expired")
         if claims.expires_at > now + MAX_TTL + 60:
@@ -289,6 +284,55 @@ class Verifier:
         if self.revoked(claims.lease_id, now):
             raise Unauthenticated(f"lease {claims.lease_id} was released or revoked")
         return claims
+
+    def verify_status(self, token: str, now: float | None = None) -> str:
+        """The host a status token (`mint_status`) grants the full Status view of; Unauthenticated for anything
+        else: a lease token, another signer's, an altered, expired or too long-lived one."""
+        now = time.time() if now is None else now
+        body = self._signed(token, STATUS_DOMAIN, "status token")
+        try:
+            raw = json.loads(body)
+            if not isinstance(raw, dict) or sorted(raw) != ["expires_at", "host", "view"] or raw["view"] != "all":
+                raise ValueError("unexpected fields")
+            host, expires_at = raw["host"], raw["expires_at"]
+            if not isinstance(host, str) or type(expires_at) not in (int, float) or not math.isfinite(expires_at):
+                raise ValueError("wrong types")
+            if _status_body(host, expires_at) != body:
+                raise ValueError("non-canonical claims")
+        except (ValueError, TypeError) as exc:
+            raise Unauthenticated("malformed status token claims") from exc
+        if expires_at <= now:
+            raise Unauthenticated("status token expired (smi fetches a fresh one from the scheduler every poll)")
+        if expires_at > now + STATUS_TTL + 60:
+            raise Unauthenticated(f"status token lives longer than {STATUS_TTL:g} s")
+        return host
+
+    def _signed(self, token: str, domain: bytes, what: str) -> bytes:
+        """The claims of `token` (a `what`) whose signature, over `domain` and its head, one of our keys made."""
+        self._reload()
+        if not token:
+            raise Unauthenticated(f"missing {what}")
+        if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 2:
+            raise Unauthenticated(f"malformed {what}")
+        kid, body_b64, sig_b64 = token.split(".")
+        try:
+            body, sig = _unb64(body_b64), _unb64(sig_b64)
+        except (binascii.Error, ValueError) as exc:
+            raise Unauthenticated(f"malformed {what}") from exc
+        key = self._keys.get(kid)
+        if key is None:
+            raise Unauthenticated(f"{what} signed with unknown key {kid[:16]!r} (rotated out, or forged)")
+        try:
+            key.verify(sig, domain + f"{kid}.{body_b64}".encode())
+        except InvalidSignature as exc:
+            raise Unauthenticated(f"{what} signature does not match (forged or altered)") from exc
+        return body
+
+
+def _status_body(host: str, expires_at: float) -> bytes:
+    return json.dumps(
+        {"expires_at": expires_at, "host": host, "view": "all"}, sort_keys=True, separators=(",", ":")
+    ).encode()
 
 
 def _claims(body: bytes) -> TokenClaims:
@@ -375,10 +419,23 @@ def mint(key: Signer | bytes, claims: TokenClaims) -> str:
     return _signer(key).sign(claims)
 
 
+def mint_status(key: Signer | bytes, host: str, *, ttl: float = STATUS_TTL, now: float | None = None) -> str:
+    """A status token: the scheduler's grant to an operator (an admin's ListPool, one a host) of host `host`'s full
+    Status view, every session, for `ttl` seconds, where its daemon sees no client certificate (`--tls-client-auth
+    none`, serve's default). Bound to the host (a daemon refuses another's) and short-lived; never a lease token."""
+    return _signer(key).sign_status(host, round((time.time() if now is None else now) + ttl, 3))
+
+
 def verify(key: KeyLike, token: str, *, now: float | None = None) -> TokenClaims:
     """Check the signature, key id, expiry and revocation; raise Unauthenticated for anything else."""
     verifier = key if isinstance(key, Verifier) else Verifier([_signer(key).public])
     return verifier.verify(token, now)
+
+
+def verify_status(key: KeyLike, token: str, *, now: float | None = None) -> str:
+    """The host a status token grants the full Status view of (`Verifier.verify_status`)."""
+    verifier = key if isinstance(key, Verifier) else Verifier([_signer(key).public])
+    return verifier.verify_status(token, now)
 
 
 def load_signer(path: str | os.PathLike[str] | None = None) -> Signer:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import getpass
+import hashlib
 import ipaddress
 import os
 import re
@@ -97,6 +98,27 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "gpupool"
 
 
+def default_host_id(state: Path) -> str:
+    """The daemon's host id of a pool given none (`--host-id`): the host name for the default state folder, else the
+    host name and 6 hex digits of the state folder's path (a second pool's own --state, journey42), the same at every
+    start of that pool. Until round 43 every pool's daemon was the host name: two pools on one host showed the same
+    host and, their fake GPUs' UUIDs deriving from it, the same GPUs to smi and Prometheus."""
+    name = socket.gethostname()
+    folder = state.parent.resolve()
+    if folder == default_state_dir().resolve():
+        return name
+    return f"{name}-{hashlib.sha256(os.fsencode(folder)).hexdigest()[:6]}"
+
+
+def _example() -> str:
+    """A line naming a script to run where this is a checkout of the repository (`train.py` is the user's own, and
+    ops43 ran the banner's line in a fresh clone: "can't open file .../train.py")."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "sentiment" / "train.py"
+    if not script.is_file():
+        return ""
+    return f"    (train.py is yours; to try one: python {script} --device gpupool --data sample --epochs 1)\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpupool up", description=__doc__.split("\n")[0])
     add_flag(p, "--fake-gpus", type=int, help="serve N fake GPUs (default: the real GPUs torch sees, else 2 fake)")
@@ -120,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="daemon side port HOST:PORT: each session's frames, replies and large transfers on one TLS socket "
         "instead of gRPC messages (docs/wire.md); auto (default): --listen's host, a free port; off: none",
     )
-    add_flag(p, "--host-id", default=socket.gethostname(), help="the daemon's host id (its certificate's name)")
+    add_flag(
+        p,
+        "--host-id",
+        default="",
+        help="the daemon's host id (its certificate's name; default: the host name, and for a --state outside the "
+        "default folder -<6 hex digits of that folder>: two pools on one host never share one, nor their fake GPUs' "
+        "UUIDs, and each keeps its own across restarts)",
+    )
     add_flag(
         p,
         "--ca-dir",
@@ -386,6 +415,7 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     os.umask(0o077)  # what we and the children write (state with lease ids, WAL, keys) is owner-only
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
+    a.host_id = a.host_id or default_host_id(cfg.state)
     try:
         creds = make_credentials(
             cfg.state.parent,
@@ -466,7 +496,8 @@ def main(argv: list[str]) -> int:
             f"  export GPUPOOL_SCHEDULER={sched_addr}\n"
             + "".join(f"  export {k}={v}\n" for k, v in tls.client_env(creds.client(creds.user)).items())
             + "  gpupool run -n 1 -p 0.5 -- python train.py\n"
-            "  gpupool smi\n"
+            + _example()
+            + "  gpupool smi\n"
             f"Ctrl-C stops both (or `kill -INT {os.getpid()}`).",
             flush=True,
         )

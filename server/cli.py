@@ -10,13 +10,22 @@ import argparse
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 from typing import TYPE_CHECKING
 
 from gpupool import logsink, tls, tokens
-from gpupool.config import StopSignals, add_flag, more_open_files, setup_logging, size_arg, withheld_features
+from gpupool.config import (
+    StopSignals,
+    add_flag,
+    more_open_files,
+    setup_logging,
+    size_arg,
+    split_address,
+    withheld_features,
+)
 from gpupool.errors import GpupoolError
 from gpupool.protocol import COLLECTIVE_PORTS, COLLECTIVE_TRANSPORTS, MAX_HOST_SESSIONS, port_range
 
@@ -28,11 +37,29 @@ if TYPE_CHECKING:  # both import torch: main() starts the zygote first (see ther
 log = logging.getLogger("gpupool.server")
 
 
+DEFAULT_PORT = 50051  # --listen's
+
+
+def default_host_id(listen: str) -> str:
+    """The host id of a daemon given none (`--host-id`): the host name where it listens on the default port (one
+    daemon a host, the deploy units'), else the host name and its port, or 6 random hex digits for port 0 (the port is
+    not known yet). Two daemons on one host shared the host name until round 43: the scheduler took the second's
+    Register for the first's, and smi and the metrics mixed their devices (their fake GPUs' UUIDs derive from it)."""
+    name = socket.gethostname()
+    try:
+        port = split_address(listen)[1]
+    except ValueError:
+        return name  # (a bad --listen fails where the server binds it, with its own message)
+    if port == DEFAULT_PORT:
+        return name
+    return f"{name}-{port}" if port else f"{name}-{secrets.token_hex(3)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpupool serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_flag(p, "--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)")
+    add_flag(p, "--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="gRPC address HOST:PORT (port 0: any free port)")
     add_flag(p, "--fake-gpus", type=int, default=0, help="serve N CPU-backed fake GPUs (0: real GPUs, else 1 fake)")
     add_flag(p, "--fake-gpu-memory", type=size_arg, default=8 * 1024**3, help="memory of each fake GPU, e.g. 8GiB")
     add_flag(
@@ -43,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--fake-gpu-tflops", type=float, default=0.0, help="speed model: fake GPUs' peak TFLOP/s (0: off)")
     add_flag(p, "--fake-gpu-gbps", type=float, default=0.0, help="speed model: fake GPUs' memory GB/s (0: off)")
     add_flag(p, "--fake-link-gbps", type=float, default=0.0, help="speed model: GB/s between daemons (0: off)")
-    add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
+    add_flag(
+        p,
+        "--host-id",
+        default="",
+        help="this daemon's host id, as tokens name it (its host certificate's name; default: the host name where "
+        f"--listen's port is {DEFAULT_PORT}, else the host name and -PORT, or -<6 random hex digits> for port 0: two "
+        "daemons of one host on different ports never share one, nor their fake GPUs' UUIDs; a port-0 daemon's "
+        "changes each start)",
+    )
     tls.add_metrics_flags(p, "127.0.0.1:9450")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
@@ -65,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         client_auth="none",
         client_auth_help="require every client to present a certificate signed by --tls-ca (then Status shows an "
         "admin or metrics certificate every session, a tenant its own), or ask none (the default: lease tokens "
-        "identify clients, and Status shows a caller only the sessions it names)",
+        "identify clients, and Status shows a caller only the sessions it names; under either, an operator's smi, with "
+        "the scheduler's admin credential, presents status tokens that show it every session)",
     )
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
@@ -286,7 +322,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
 
     return DaemonConfig(
         listen=args.listen,
-        host_id=args.host_id,
+        host_id=args.host_id or default_host_id(args.listen),
         fake_gpus=args.fake_gpus,
         fake_gpu_memory=args.fake_gpu_memory,
         fake_speed=SpeedModel(args.fake_gpu_tflops, args.fake_gpu_gbps, args.fake_link_gbps),

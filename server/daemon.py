@@ -1042,6 +1042,13 @@ class Daemon:
             raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
         return claims.lease_id
 
+    def operator_status(self, token: str) -> None:
+        """Check a status token presented to Status (the scheduler's grant to an operator of this host's full view:
+        `tokens.mint_status`): signed by the scheduler's key, unexpired, for this host; raises otherwise."""
+        host = tokens.verify_status(self.config.token_key, token)
+        if host != self.host_id:
+            raise PermissionDenied(f"status token is for host {host!r}, this is {self.host_id!r}")
+
     # ---- shutdown ----
 
     def drain(self, timeout: float | None = None) -> bool:

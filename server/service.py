@@ -87,9 +87,12 @@ class DeviceServicer:
         admin, metrics; a daemon sees certificates under `--tls-client-auth require` only); else those it shows it
         holds: a tenant certificate's tenant's, the sessions whose secret ids it names (`gpupool-session` metadata,
         one id each, as Attach returned them) and the leases whose tokens it presents (`gpupool-lease-token`,
-        checked as Attach checks them: a bad one is refused). An anonymous caller (none of these: any caller of a
-        daemon under `--tls-client-auth none`, its default, that names nothing) sees no session and zeros: the
-        devices' inventory (model, capacity) is no tenant's, and smi and old clients keep their answer."""
+        checked as Attach checks them: a bad one is refused). A status token (`gpupool-status-token`: the scheduler
+        signs one for this host to an operator's ListPool, `gpupool smi` presents it) shows every session, under
+        either --tls-client-auth; a bad one (another host's, expired, a lease token) is refused. An anonymous caller
+        (none of these: any caller of a daemon under `--tls-client-auth none`, its default, that names nothing) sees
+        no session and zeros: the devices' inventory (model, capacity) is no tenant's, and smi and old clients keep
+        their answer."""
         role, name = self._certified(context)
         if role in STATUS_ALL:
             return None
@@ -101,6 +104,9 @@ class DeviceServicer:
                 tags.add(tokens.public_session_id(str(value)))
             elif key == protocol.LEASE_TOKEN_METADATA:
                 leases.add(self.daemon.lease_named(str(value)))
+            elif key == protocol.STATUS_TOKEN_METADATA:
+                self.daemon.operator_status(str(value))
+                return None
         return lambda u: (bool(tenant) and u.tenant == tenant) or u.session_id in tags or u.lease_id in leases
 
     def _certified(self, context: grpc.ServicerContext) -> tuple[str, str]:

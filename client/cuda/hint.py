@@ -49,21 +49,25 @@ _installed: list[bool] = []
 _marked: list[bool] = []
 
 
-def mark_attached() -> None:
-    """Say in $GPUPOOL_CUDA_HINT_DIR (where set) that a process of this run attached a session (once a process)."""
+def mark_attached(mark: str = "attached") -> None:
+    """Say in $GPUPOOL_CUDA_HINT_DIR (where set) that a process of this run attached a session (once a process), or
+    (`mark` "looked") that it showed the lease's sessions: `gpupool run -- gpupool smi` uses its lease's tokens, on
+    purpose without a session, and until round 43 got `UNUSED` ("whatever it ran ran on this machine's CPU ...
+    --cuda") after its tables."""
     folder = os.environ.get(DIR_ENV)
     if not folder or _marked:
         return
     _marked.append(True)
     try:
-        os.close(os.open(os.path.join(folder, "attached"), os.O_WRONLY | os.O_CREAT, 0o600))
+        os.close(os.open(os.path.join(folder, mark), os.O_WRONLY | os.O_CREAT, 0o600))
     except OSError:  # the folder is gone (the run ended) or not ours: the note is advice, the session is what counts
         pass
 
 
 def unused(folder: str) -> bool:
-    """Whether no process of the run whose folder this is attached a session, and none printed `HINT`."""
-    return not any(os.path.exists(os.path.join(folder, name)) for name in ("attached", "printed"))
+    """Whether no process of the run whose folder this is attached a session or showed the lease's (smi), and none
+    printed `HINT`."""
+    return not any(os.path.exists(os.path.join(folder, name)) for name in ("attached", "looked", "printed"))
 
 
 def first() -> bool:

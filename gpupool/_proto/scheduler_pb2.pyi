@@ -431,12 +431,18 @@ class HostState(_message.Message):
     DEVICES_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    STATUS_TOKEN_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     address: _builtins.str
     state: _builtins.str
     """"up", "down", "draining" """
     last_seen: _builtins.float
     """unix seconds"""
+    status_token: _builtins.str
+    """To an operator (an admin's ListPool) only: a status token (gpupool/tokens.py mint_status), signed by the
+    scheduler's token key, that shows the holder every session in this host's Status (gpupool-status-token
+    metadata) where its daemon sees no client certificate; bound to this host, short-lived. Empty to others.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceState]: ...
     @_builtins.property
@@ -450,10 +456,11 @@ class HostState(_message.Message):
         devices: _abc.Iterable[Global___DeviceState] | None = ...,
         last_seen: _builtins.float = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        status_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "devices", b"devices", "host_id", b"host_id", "labels", b"labels", "last_seen", b"last_seen", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "devices", b"devices", "host_id", b"host_id", "labels", b"labels", "last_seen", b"last_seen", "state", b"state", "status_token", b"status_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

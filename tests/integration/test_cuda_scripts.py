@@ -691,6 +691,18 @@ def test_a_command_that_attached_nothing_gets_one_note(pool: str, client: tuple[
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+def test_gpupool_smi_inside_gpupool_run_gets_no_note(pool: str) -> None:
+    """`gpupool run -- gpupool smi` (the docs' way for a tenant to see its own sessions under --tls-client-auth none)
+    uses its lease's tokens and attaches no session, on purpose: no note after its tables (ops43: it said "whatever
+    it ran ran on this machine's CPU: for a CUDA script, run it with --cuda")."""
+    smi = [sys.executable, "-m", "gpupool.cli", "smi"]
+    done = launch([sys.executable, "-m", "gpupool.cli", "run", "-p", "0.5", "--", *smi],
+                  clean_env(GPUPOOL_SCHEDULER=pool, COLUMNS="200"))  # fmt: skip
+    assert done.returncode == 0 and "tenants (sessions on the daemons)" in done.stdout, done.stdout + done.stderr
+    assert "leases (1 active" in done.stdout and UNUSED not in done.stderr, done.stderr
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_gpupool_cuda_env_for_launchers_without_gpupool_run(pool: str) -> None:
     """What torchrun's workers see: $GPUPOOL_CUDA=1 and a scheduler; the shim leases a GPU itself."""
     done = run([sys.executable, "mnist_style.py"], clean_env(GPUPOOL_SCHEDULER=pool, GPUPOOL_CUDA="1"))

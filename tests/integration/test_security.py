@@ -29,8 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler_fixtures import wait_until
 from support import DaemonFactory, get_pki, mint_token, plaintext_channel, register_host, registered_host
 
-from gpupool import errors, pki, tls, tokens
-from gpupool._proto import device_pb2, scheduler_pb2
+from gpupool import errors, pki, protocol, tls, tokens
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.config import write_secret
 
 HOST = "sec-host"
@@ -246,9 +246,10 @@ def co_tenants(pool: Pool, host: Any) -> Iterator[dict[str, scheduler_pb2.Lease]
             c.close()
 
 
-def smi_as_alice(pool: Pool, env: dict[str, str]) -> tuple[str, str]:
-    """`gpupool smi` with alice's tenant certificate in environment `env`: its (devices, tenants) tables' text."""
-    cfg = get_pki().client_config("tenant", "alice")
+def smi_as_alice(pool: Pool, env: dict[str, str], role: str = "tenant", name: str = "alice") -> tuple[str, str]:
+    """`gpupool smi` with alice's tenant certificate (or a `role` certificate named `name`) in environment `env`: its
+    (devices, tenants) tables' text."""
+    cfg = get_pki().client_config(role, name)
     flags = ["--scheduler", pool.address, "--tls-cert", cfg.cert, "--tls-key", cfg.key, "--tls-ca", cfg.ca]
     done = subprocess.run([sys.executable, "-m", "gpupool.cli", "smi", *flags], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200", **env}, timeout=120)  # fmt: skip
@@ -287,6 +288,81 @@ def test_a_tenants_smi_says_why_a_shared_devices_memory_used_is_hidden(
     row = next(line for line in devices.splitlines() if HOST in line)
     assert "(hidden)" in row and " 0B " not in row, devices  # (format_size(0): 0B)
     assert "another tenant also holds a lease on the device" in " ".join(devices.split()), devices
+
+
+def test_an_operators_smi_sees_every_session_under_client_auth_none(
+    pool: Pool, host: Any, co_tenants: dict[str, scheduler_pb2.Lease]
+) -> None:
+    """Under `--tls-client-auth none` (serve's default, the deploy units') the operator's `gpupool smi` showed no
+    session (round 42: the daemon sees no certificate, so no admin). The scheduler now gives an admin's ListPool a
+    status token for each host, which smi presents: the operator sees every session, a tenant (its lease's tokens)
+    only its own, a stranger (another tenant's certificate, no lease) none."""
+    assert host.running.daemon.config.tls.client_auth == "none"
+    _, operator = smi_as_alice(pool, {}, "admin", "ops")
+    rows = [line for line in operator.splitlines() if HOST in line]
+    assert len(rows) == 2 and "alice" in operator and "bob" in operator, operator
+    _, alice = smi_as_alice(pool, Lease._from_pb(co_tenants["alice"], pool.address).to_env())
+    assert [line for line in alice.splitlines() if HOST in line] != [] and "bob" not in alice, alice
+    _, stranger = smi_as_alice(pool, {}, "tenant", "carol")
+    assert HOST not in stranger and "alice" not in stranger and "bob" not in stranger, stranger
+
+
+def test_smi_on_an_idle_pool_says_no_lease_is_active(pool: Pool, host: Any) -> None:
+    """No lease in the pool: the tenants table's caption says none is active, to an operator and a tenant alike, not
+    "none shown to you" (round 42: a credential problem, it read; the demo ended on it)."""
+    for role, name in (("admin", "ops"), ("tenant", "alice")):
+        _, tenants = smi_as_alice(pool, {}, role, name)
+        text = " ".join(tenants.split())
+        assert "none: no lease is active" in text and "none shown to you" not in text, tenants
+
+
+def test_status_tokens_go_to_operators_only_and_show_only_their_host(
+    pool: Pool, host: Any, co_tenants: dict[str, scheduler_pb2.Lease]
+) -> None:
+    """What a status token grants and where it fails: ListPool mints one per host for an admin credential (a
+    certificate or an API token: no client certificate of the pool's CA needed), none for a tenant; it shows that
+    host's every session; another host's, an expired one, one of another key, a lease token in its place are
+    refused, and a status token is no lease token (Attach refuses it)."""
+    by_token, carol = pool.token_client(_admin_token(pool)), pool.client("tenant", "carol")
+    try:
+        (mine,) = [h for h in by_token.list_pool().hosts if h.host_id == HOST]
+        assert [h.status_token for h in carol.list_pool().hosts] == [""]
+    finally:
+        by_token.close()
+        carol.close()
+    assert tokens.verify_status(tokens.load_signer(pool.key), mine.status_token) == HOST
+
+    def status(token: str, key: str = protocol.STATUS_TOKEN_METADATA) -> device_pb2.StatusReply:
+        with tls.channel(host.address, cfg=get_pki().client_config("tenant", "carol"), token=False) as ch:
+            stub = device_pb2_grpc.DeviceStub(ch)
+            return stub.Status(device_pb2.StatusRequest(), timeout=10, metadata=((key, token),))
+
+    assert sorted(u.tenant for u in status(mine.status_token).sessions) == ["alice", "bob"]
+    signer = tokens.load_signer(pool.key)
+    for token, code in (
+        (tokens.mint_status(signer, "other-host"), grpc.StatusCode.PERMISSION_DENIED),
+        (tokens.mint_status(signer, HOST, ttl=-1), grpc.StatusCode.UNAUTHENTICATED),
+        (tokens.mint_status(signer, HOST, ttl=tokens.MAX_TTL), grpc.StatusCode.UNAUTHENTICATED),
+        (tokens.mint_status(b"another key", HOST), grpc.StatusCode.UNAUTHENTICATED),
+        (co_tenants["alice"].devices[0].token, grpc.StatusCode.UNAUTHENTICATED),  # a lease token is no status token
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            status(token)
+        assert err.value.code() == code, (token, err.value.details())  # type: ignore[attr-defined]
+    with pytest.raises(errors.Unauthenticated, match="signature"):  # nor a status token a lease token
+        Session.attach(host.address, mine.status_token).close()
+    # shown as a lease token to Status, it is refused too (never a lease whose sessions it names)
+    with pytest.raises(grpc.RpcError) as err:
+        status(mine.status_token, protocol.LEASE_TOKEN_METADATA)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+def _admin_token(pool: Pool) -> str:
+    """An operator's API token, added to the scheduler's credentials file (re-read on change)."""
+    with pool.credentials.open("a") as f:
+        f.write(credential_line("admin", "ops-token", "a0k"))
+    time.sleep(1.1)  # (the file is checked at most once a second)
+    return "a0k"
 
 
 # ---- tokens ----

@@ -87,6 +87,9 @@ def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -
         assert (state / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
     assert b"PRIVATE" not in (state / "token.pub").read_bytes()
     assert "gpupool run -n 1 -p 0.5 -- python train.py" in proc.log()
+    # and, in a checkout, one to try (ops43: a new user ran the line above in a fresh clone: no train.py there)
+    example = re.search(r"to try one: python (\S+) --device gpupool --data sample", proc.log())
+    assert example and Path(example.group(1)) == ROOT / "examples" / "sentiment" / "train.py", proc.log()
     env = {**exports(proc), "GPUPOOL_TENANT": "carol"}  # the tenant comes from the certificate, not from this
     assert env["GPUPOOL_SCHEDULER"] == address and env["GPUPOOL_TLS_CERT"].startswith(str(state))
     client_tls = tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])

@@ -190,3 +190,40 @@ def test_a_signing_key_others_may_read_is_refused_as_a_tls_key_is(tmp_path: Path
     os.chmod(key, 0o604)  # a new key, readable by everyone: never used
     running._file._checked = 0  # skip the once-a-second re-check
     assert running.sign(claims()).split(".")[0] == signer.kid
+
+
+def test_status_tokens_are_no_lease_tokens_and_have_one_spelling() -> None:
+    """A status token (ops43: the scheduler's grant to an operator of one host's full Status view) verifies as such
+    for its host only while it lives; its signature covers a prefix of its own, so it never verifies as a lease
+    token nor a lease token as it (the same key signs both); claims other than its three, another view, a NaN, a
+    boolean or a non-canonical expiry are refused though signed."""
+    signer = tokens.Signer.from_seed(SEED)
+    v = verifier_for(signer)
+    status = tokens.mint_status(signer, "h", ttl=60)
+    assert v.verify_status(status) == "h"
+    with pytest.raises(errors.Unauthenticated, match="signature does not match"):
+        v.verify(status)
+    with pytest.raises(errors.Unauthenticated, match="signature does not match"):
+        v.verify_status(tokens.mint(signer, claims()))
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        v.verify_status(tokens.mint_status(signer, "h", ttl=-1))
+    with pytest.raises(errors.Unauthenticated, match="lives longer"):
+        v.verify_status(tokens.mint_status(signer, "h", ttl=tokens.STATUS_TTL + 120))
+    with pytest.raises(errors.Unauthenticated, match="unknown key"):
+        v.verify_status(tokens.mint_status(tokens.Signer.from_seed(b"another"), "h"))
+    later = round(time.time() + 60, 3)
+    for body in (
+        {"expires_at": later, "host": "h", "view": "all", "tenant": "t"},
+        {"expires_at": later, "host": "h", "view": "some"},
+        {"expires_at": later, "host": "h"},
+        {"expires_at": True, "host": "h", "view": "all"},
+        {"expires_at": float("nan"), "host": "h", "view": "all"},
+        {"expires_at": str(later), "host": "h", "view": "all"},
+        {"expires_at": later, "host": 7, "view": "all"},
+    ):
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        with pytest.raises(errors.Unauthenticated, match="malformed status token"):
+            v.verify_status(signer._sign(raw, tokens.STATUS_DOMAIN))
+    spaced = json.dumps({"expires_at": later, "host": "h", "view": "all"}, sort_keys=True).encode()  # ", " and ": "
+    with pytest.raises(errors.Unauthenticated, match="non-canonical|malformed"):
+        v.verify_status(signer._sign(spaced, tokens.STATUS_DOMAIN))
