@@ -117,6 +117,7 @@ class Pair:
         self.word = False  # `ex[0]` marks progress as a worker does (`slices.word_mark`): its last mark is compared
         # each mark (a callable) also takes the session's counters as Python code sees them then (`watch`)
         self.watch = False
+        self.tables = False  # each mark (a callable) also takes the session's tables (`_tables`)
         self.ex = [CommandExecutor(slices.SliceLedger()) for _ in range(2)]
         self.s: list[WorkerSession] = []
         for _ in range(2):
@@ -154,6 +155,8 @@ class Pair:
             mark = slices.word_mark(word) if self.word and k == 0 else marks.append
             if self.watch:
                 mark = lambda i, s=s, marks=marks: marks.append((i, s.used, s.ops, s.memory.used))  # noqa: E731
+            if self.tables:  # the tables as Python code sees them at each mark (`_tables`)
+                mark = lambda i, s=s, marks=marks: marks.append((i, _tables(s)))  # noqa: E731
             res = slices.run_commands(s, execute, ex.ledger, req, _clock, mark)
             if self.word:  # the last mark each made (the word holds only that)
                 last = struct.unpack("<i", word)[0] if k == 0 else (marks[-1] if marks else -1)
@@ -198,6 +201,21 @@ class Pair:
         for k, v in (kwargs or {}).items():
             parts += [compact.kwarg_key(k), v]
         return device_pb2.Command(eager_op=b"".join(parts))
+
+
+def _tables(s: WorkerSession) -> tuple[Any, ...]:
+    """A session's tables as another session's compare with them: its live handles, each handle's storage entry
+    ([handles on it, its bytes]) through `_keys` (storage ids differ between sessions), the sizes of `_keys` and
+    `_storages`, and its byte counts; checked on the way: each handle's key is its tensor's storage, each entry
+    counts the handles `_keys` puts on it and the bytes of its storage, and `used` is the sum of the entries."""
+    on = collections.Counter(s._keys.values())
+    for hd, t in s.tensors.items():
+        key = s._keys[hd]
+        assert key == t.untyped_storage()._cdata, hd
+        assert list(s._storages[key]) == [on[key], t.untyped_storage().nbytes()], hd
+    assert s.used == sum(e[1] for e in s._storages.values())
+    entries = {hd: list(s._storages[s._keys[hd]]) for hd in s.tensors}
+    return sorted(entries.items()), len(s._keys), len(s._storages), s.used, s.memory.used
 
 
 def _clock() -> Any:
@@ -2228,3 +2246,21 @@ def test_pinned_records_whose_op_aliases_its_inputs_leave_every_count_as_unpinne
             if other.is_alive():
                 other.join()
     assert seen[0] == seen[1]
+
+
+def test_the_tables_are_written_before_each_python_call_of_a_run(runner: str) -> None:
+    """A progress mark that is Python code sees the session's tables (`tensors`, `_keys`, `_storages`) and byte
+    counts exactly as on the normal path at each command (`_tables`), frees and uploads among a run's records
+    included: whatever the C++ runner keeps of a session's handles must be in the tables before it calls Python code.
+    Pins what holds (round 43: for a runner that would own the handle table, or defer writing it)."""
+    p = Pair()
+    p.tables = True
+    cmds: list[device_pb2.Command] = []
+    for t in range(10):
+        cmds += step(p, t)
+        if t:
+            cmds.insert(len(cmds) - 4, free(t - 1))
+        if t % 4 == 1:
+            cmds.insert(len(cmds) - 2, upload(h(t, 2), torch.ones(4, 5)))
+    p.stream(cmds, itertools.cycle([13, 64, 7]))
+    assert p.hits > 30
