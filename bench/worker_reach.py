@@ -84,6 +84,35 @@ def probe_reach(ctx: dict[str, Any]) -> str:
         out["connect loopback TCP"] = "open"
     except OSError as exc:
         out["connect loopback TCP"] = _why(exc)
+    try:  # (a stream socket, not TCP: Landlock's port rules hold TCP only; round 43 review)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as s:
+            s.settimeout(3)
+            s.connect(("127.0.0.1", ctx["tcp"]))
+        out["connect loopback TCP over MPTCP"] = "open"
+    except OSError as exc:
+        out["connect loopback TCP over MPTCP"] = _why(exc)
+    try:
+        for end in socket.socketpair():
+            end.close()
+        out["socketpair (unix sockets)"] = "open"
+    except OSError as exc:
+        out["socketpair (unix sockets)"] = _why(exc)
+    named = []  # its link to the daemon bound to an abstract name (as server/portshare.py's that hold ports)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            s = socket.socket(fileno=int(fd))
+        except OSError:
+            continue
+        try:
+            if s.family == socket.AF_UNIX:
+                s.bind(f"\0gpupool-reach-{os.getpid()}-{fd}")
+                named.append(fd)
+        except OSError as exc:
+            out["bind its unix link to an abstract name"] = _why(exc)
+        finally:
+            s.detach()
+    if named:
+        out["bind its unix link to an abstract name"] = "open"
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"x", ("127.0.0.1", ctx["tcp"]))

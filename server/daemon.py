@@ -495,10 +495,15 @@ class Daemon:
                 secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id, self.unread
             )
             s.runner = self._new_runner(s, network=claims.network)
-            s.entry = self.queues[dev.index].add(s, claims.share)
-            with self._lock:
-                self._sessions[s.session_id] = s
-                self._by_lease[key] = s
+            try:
+                s.entry = self.queues[dev.index].add(s, claims.share)
+                with self._lock:
+                    self._sessions[s.session_id] = s
+                    self._by_lease[key] = s
+            except BaseException:  # (round 43 review: its worker, uid and block of ports were never given back)
+                self._kill_worker(s)
+                self._release_worker(s)
+                raise
         finally:
             with self._lock:
                 self._starting.discard(key)
@@ -745,21 +750,28 @@ class Daemon:
             finally:
                 s.lock.release()
         s.end_bulk()  # a transfer blocked on its side socket fails now; a frames socket carries the end first
-        if s.runner is not None and s.runner.pid and self.zygote is not None:
-            self.zygote.kill(s.runner.pid)  # its memory goes back now, and a running slice ends with it
+        self._kill_worker(s)  # its memory goes back now, and a running slice ends with it
         with s.lock:  # waits for a running slice of this session to finish
-            if s.runner is not None:
-                s.runner.close()
-                if self._uids is not None and s.worker_uid > 0:
-                    self._uids.give_back(s.worker_uid, s.runner.pid)  # free once that worker is gone
-            if s.port_share is not None:  # (a worker that never started: _new_runner gave it back)
-                self._port_shares.give_back(s.port_share, s.runner.pid if s.runner is not None else 0)
-                s.port_share = None
+            self._release_worker(s)
             self._set_used(s, 0)
         if drop_replies:
             _drop_replies(s)
         s.outbox.put(Closed(code, reason))
         log.info("closed session %d (lease %s): %s", s.number, s.lease_id, reason)
+
+    def _kill_worker(self, s: FrontSession) -> None:
+        if s.runner is not None and s.runner.pid and self.zygote is not None:
+            self.zygote.kill(s.runner.pid)
+
+    def _release_worker(self, s: FrontSession) -> None:
+        """Close a session's (killed) worker; its uid and its block of --collective-ports are free once it is gone."""
+        if s.runner is not None:
+            s.runner.close()
+            if self._uids is not None and s.worker_uid > 0:
+                self._uids.give_back(s.worker_uid, s.runner.pid)  # free once that worker is gone
+        if s.port_share is not None:  # (a worker that never started: _new_runner gave it back)
+            self._port_shares.give_back(s.port_share, s.runner.pid if s.runner is not None else 0)
+            s.port_share = None
 
     def detach(self, session_id: str) -> None:
         """Close a session; detaching one that is already closed is a no-op (retries are safe)."""

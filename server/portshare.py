@@ -15,7 +15,9 @@ never gives out a port another daemon gave. A tenant holds at most `--collective
 at once (blocks of every daemon of the host, by names of its own: `@gpupool-collective-tenant:DIGEST:N`): past it a
 new session granted network is RESOURCE_EXHAUSTED naming the limit, and other tenants' sessions go on.
 
-Workers cannot bind or reach such names (seccomp refuses them unix sockets; Landlock ABI 6 scopes abstract sockets).
+Workers cannot bind or reach such names (seccomp refuses them unix sockets, socketpair's included; their link to the
+daemon is named by the kernel before their code runs, so bind refuses it: sandbox.name_unix_sockets, round 43's
+review; Landlock ABI 6 scopes abstract sockets).
 Another process of the host can (any program of the host can also bind the range's TCP ports themselves): the range
 is the operator's to keep for gpupool (docs/security.md).
 """

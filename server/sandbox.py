@@ -39,6 +39,7 @@ import platform
 import pwd
 import resource
 import signal
+import socket
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 _SCMP_ACT_ALLOW = 0x7FFF0000
-_SCMP_CMP_NE, _SCMP_CMP_MASKED_EQ = 1, 7
+_SCMP_CMP_NE, _SCMP_CMP_GT, _SCMP_CMP_MASKED_EQ = 1, 6, 7
 _SCMP_FLTATR_CTL_OPTIMIZE = 8
 CLONE_THREAD = 0x00010000
 O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 0o3, 0o1, 0o2, 0o100, 0o1000
@@ -67,7 +68,10 @@ DENIED_IOCTL = (0x8901, 0x8902, 0x5412, 0x541C, 0x5410, 0x540E)
 
 # The calls a worker of a daemon with `--worker-network on` keeps: torch.distributed's gloo (and NCCL's
 # bootstrap) between the daemons of a multi-GPU job open, bind, listen on and connect TCP sockets.
-NETWORK_SYSCALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4")
+# (Not socketpair, round 43 review: it makes unix sockets, which socket() refuses below, and a worker used them to send
+# datagrams to the host's unix socket files, /dev/log and journald's, and to bind the abstract names that hold a
+# daemon's --collective-ports, server/portshare.py, denying other tenants theirs.)
+NETWORK_SYSCALLS = ("socket", "connect", "bind", "listen", "accept", "accept4")
 # The address families of those sockets (AF_INET, AF_INET6, and NETLINK_ROUTE for getifaddrs): round 38 found a
 # granted worker could open any, so connect to the host's abstract unix sockets (services that trust local peers),
 # other netlink protocols (sock_diag, audit, uevents), AF_ALG (the kernel's crypto API), and so on.
@@ -79,6 +83,9 @@ NETWORK_FAMILIES = (AF_INET, AF_INET6, AF_NETLINK)  # (netlink: NETLINK_ROUTE on
 # SCTP (SOCK_SEQPACKET) and DCCP sockets likewise. Name lookups go over TCP to port 53 instead (RES_OPTIONS use-vc in
 # the zygote's environment: server/zygote.py), which Landlock allows (landlock.net_rules).
 SOCK_STREAM, SOCK_TYPE_MASK = 1, 0xF  # (the type argument's low bits; SOCK_NONBLOCK and SOCK_CLOEXEC above them)
+# And of those stream sockets TCP's protocol only (0 or IPPROTO_TCP; round 43 review): MPTCP (262), SCTP (132) and SMC
+# (256) are SOCK_STREAM too, and Landlock's TCP rules hold TCP sockets only: an MPTCP socket connected to any port.
+IPPROTO_TCP = 6
 # Denied outright. (Reading files stays allowed: Python and torch load modules lazily.)
 DENIED_SYSCALLS = (
     "socket",
@@ -584,6 +591,28 @@ def seccomp_library() -> str | None:
     return _seccomp_path[0]
 
 
+def name_unix_sockets() -> str:
+    """Give every unnamed unix socket of this process (a worker's link to its daemon) a name the kernel picks
+    (autobind): bind() refuses a named socket, so a worker granted network (which keeps bind for TCP) cannot bind its
+    link to an abstract name of the host's: round 43's review bound it to those that hold a daemon's --collective-ports
+    (server/portshare.py), another tenant's share of them included, one name a session's worker."""
+    named = 0
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if s.family == socket.AF_UNIX and not s.getsockname():
+                s.bind("")  # (an empty name: the kernel's own, an abstract "\0" and five hex digits)
+                named += 1
+        finally:
+            s.detach()
+    return f"{named} unix socket(s) named"
+
+
 def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool:
     """Load the filter described above (with `network`: less NETWORK_SYSCALLS; without `shared_anonymous`: no
     MAP_SHARED | MAP_ANONYMOUS mappings); False without libseccomp."""
@@ -635,6 +664,8 @@ def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool
                     if kind != SOCK_STREAM:
                         rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family),
                              (1, _SCMP_CMP_MASKED_EQ, SOCK_TYPE_MASK, kind))  # fmt: skip
+                # (the whole 64-bit register: a value <= 6 has no other low half; the kernel reads the low half)
+                rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family), (2, _SCMP_CMP_GT, IPPROTO_TCP, 0))
         for name in _ENOSYS_SYSCALLS:
             rule(enosys, name)
         if platform.machine() == "x86_64":
@@ -725,6 +756,8 @@ def apply(
     # No PDEATHSIG: a worker outlives a zygote that dies (its session goes on); it ends when the daemon closes
     # its socket (the session ends, or the daemon dies).
     step("no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1))
+    if network:  # (without network seccomp refuses bind itself)
+        step("its unix sockets named", name_unix_sockets)
     if landlock:  # (needs no_new_privs; before seccomp, whose filter would refuse nothing of it but is the last word)
         from . import landlock as _landlock
 

@@ -4,7 +4,9 @@ confined, and a worker's own bind rights (Landlock ABI 4+) held to its session's
 
 from __future__ import annotations
 
+import time
 import uuid
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from gpupool.client.session import Session
 from support import MiB
 from test_collectives import collective, join_all
 
-from gpupool.errors import ResourceExhausted
+from gpupool.errors import GpupoolError, ResourceExhausted
 from gpupool.protocol import COLLECTIVE_PORTS
 
 SHARE = (
@@ -62,3 +64,41 @@ def test_a_tenant_past_its_share_of_the_collective_ports_is_refused_and_others_g
     attach(1, "hog", device=1).close()
     for s in hog + ranks:
         s.close()
+
+
+def test_an_attach_that_fails_after_its_worker_started_gives_back_the_worker_its_uid_and_its_block(
+    daemon_factory, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """An Attach whose worker started but whose session then failed to join its device's queue (fault injected: the
+    queue's add raises) left on 5c01be9 its worker running, its worker uid and its block of --collective-ports held
+    for the daemon's life: with a share of one block the tenant's every later session granted network was
+    RESOURCE_EXHAUSTED. Now the failed Attach kills the worker and gives both back; the tenant's next one attaches."""
+    d = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, collective_ports_per_tenant=4)
+    daemon = d.running.daemon
+    queue = daemon.queues[0]
+    started: list[Any] = []
+
+    def fail(owner: Any, share: float) -> Any:
+        started.append((owner.runner.pid, owner.worker_uid))
+        raise RuntimeError("injected: the device's queue refused the session")
+
+    monkeypatch.setattr(queue, "add", fail)
+    with pytest.raises(GpupoolError):
+        Session.attach(d.address, d.token(tenant="t", lease_id=uuid.uuid4().hex, network=True))
+    monkeypatch.undo()
+    [(pid, uid)] = started
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), f"the failed Attach's worker {pid} still runs"
+    if daemon._uids is not None and uid > 0:
+        assert uid not in daemon._uids._held  # (given back: free once its worker is reaped)
+    Session.attach(d.address, d.token(tenant="t", lease_id=uuid.uuid4().hex, network=True)).close()  # its block
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

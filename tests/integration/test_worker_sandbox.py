@@ -572,3 +572,45 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_worker_granted_network_opens_no_other_stream_protocol_and_no_unix_socket(
+    zygote: Zygote, transport: str
+) -> None:
+    """Round 43's review, from a worker granted network on 5c01be9: an MPTCP stream socket (socket(AF_INET,
+    SOCK_STREAM, IPPROTO_MPTCP): a SOCK_STREAM, which the TCP-only rule let through, and not TCP, which Landlock's
+    port rules hold) connected to a TCP port of the host outside --collective-ports; socketpair made unix sockets,
+    which sent a datagram to a unix socket file of the host (as /dev/log) and bound an abstract name (the names that
+    hold a daemon's --collective-ports, server/portshare.py); and the worker's own link to its daemon bound one too.
+    Now its stream sockets are TCP's (sandbox.IPPROTO_TCP), socketpair is refused, and its unix sockets are named by
+    the kernel before its code runs (sandbox.name_unix_sockets), so bind refuses them."""
+    import socket
+    import uuid
+
+    folder = Path(tempfile.mkdtemp(prefix="gpupool-sandbox-"))
+    folder.chmod(0o755)
+    path = str(folder / "service")
+    squat = f"gpupool-collective-port:{uuid.uuid4().hex}"
+    try:
+        with socket.socket() as tcp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as service:
+            tcp.bind(("127.0.0.1", 0))
+            tcp.listen(4)
+            service.bind(path)
+            os.chmod(path, 0o777)
+            service.settimeout(1.0)
+            ctx = {"tcp_port": tcp.getsockname()[1], "squat": squat, "unix_path": path}
+            runner, got = attack(zygote, ["net_escapes"], ctx, network=True, collectives=transport,
+                                 collective_share=(29500, 29503))  # fmt: skip
+            runner.close()
+            try:
+                arrived = service.recv(64)
+            except TimeoutError:
+                arrived = b""
+    finally:
+        shutil.rmtree(folder)
+    report = json.loads(got["net_escapes"][len("report: ") :])
+    assert arrived == b"", (arrived, report)
+    assert report["mptcp"].startswith("blocked") and report["sctp"].startswith("blocked"), report
+    assert report["socketpair_bind"].startswith("blocked") and report["unix_datagram"].startswith("blocked"), report
+    assert report["inherited"] and "bound" not in report["inherited"], report

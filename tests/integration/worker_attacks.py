@@ -784,6 +784,57 @@ def probe_udp(ctx: dict[str, Any]) -> str:
     return "report: " + json.dumps(got)
 
 
+def probe_net_escapes(ctx: dict[str, Any]) -> str:
+    """A worker granted network, past its TCP-only seccomp rule and its Landlock TCP ports: a stream socket of another
+    protocol (MPTCP, SCTP: Landlock's TCP rules are TCP's only) connecting to the host's TCP port `ctx["tcp_port"]`
+    outside --collective-ports; unix sockets by socketpair binding the abstract name `ctx["squat"]` (gpupool's names
+    that hold the collective ports) and sending a datagram to the unix socket file `ctx["unix_path"]`; and the unix
+    sockets it inherited binding such names. What it reached, as a JSON report."""
+    got: dict[str, str] = {}
+    inherited = []  # (first: the sockets it was given)
+    for fd in range(3, 256):
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if s.family == socket.AF_UNIX:
+                try:
+                    s.bind("\0" + ctx["squat"] + f":{fd}")
+                    inherited.append(f"{fd} bound")
+                except OSError as exc:
+                    inherited.append(f"{fd} {errno.errorcode.get(exc.errno or 0, exc)}")
+        finally:
+            s.detach()
+    got["inherited"] = ", ".join(inherited)
+    for name, proto in (("mptcp", 262), ("sctp", 132)):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto) as s:
+                s.settimeout(2)
+                s.connect(("127.0.0.1", ctx["tcp_port"]))
+                got[name] = "connected"
+        except OSError as exc:
+            got[name] = f"blocked {errno.errorcode.get(exc.errno or 0, exc)}"
+    held = []
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        held += [a, b]
+        a.bind("\0" + ctx["squat"])
+        got["socketpair_bind"] = "bound"
+    except OSError as exc:
+        got["socketpair_bind"] = f"blocked {errno.errorcode.get(exc.errno or 0, exc)}"
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        held += [a, b]
+        a.sendto(b"hello from a worker", ctx["unix_path"])
+        got["unix_datagram"] = "sent"
+    except OSError as exc:
+        got["unix_datagram"] = f"blocked {errno.errorcode.get(exc.errno or 0, exc)}"
+    for s in held:
+        s.close()
+    return "report: " + json.dumps(got)
+
+
 PROBES: dict[str, Callable[[dict[str, Any]], str]] = {
     name[len("probe_") :]: fn for name, fn in globals().items() if name.startswith("probe_") and callable(fn)
 }
