@@ -11,20 +11,26 @@ tenant keeps alive (`--tenant-max-revoked`).
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Handle, Session
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from gpupool.scheduler.hosts import REVOCATION_SLACK
 from scheduler_fixtures import SimHost, wait_until
 from support import get_pki
 
-from gpupool import tokens
-from gpupool._proto import scheduler_pb2
+from gpupool import tokens, wire
+from gpupool._proto import device_pb2, scheduler_pb2, tensor_pb2
 from gpupool.errors import ResourceExhausted, Unauthenticated
 
+MiB = 1024**2
 SIGNER = tokens.Signer.from_seed(b"hostile43")
 
 
@@ -99,3 +105,58 @@ def test_the_verifier_forgets_a_revoked_lease_when_its_tokens_expire() -> None:
     verifier.revoke(["b"], now=now + 200, until=[now + 300])
     assert all(verifier.revoked(x, now + tokens.MAX_TTL - 1) for x in "bcd")
     assert not any(verifier.revoked(x, now + tokens.MAX_TTL + 1) for x in "bcd")
+
+
+GRAPH_N = 4096  # references of one slot in a graph op's list (past `sizing._too_long`'s 256)
+
+
+def _list_graph(name: str, n: int, graph_id: int = 1) -> device_pb2.DefineGraph:
+    """One input (a zero-element tensor) named `n` times in one op's list; its first output handed back."""
+    many = tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=[1] * n))
+    op = device_pb2.Op(name=name, args=[many], outputs=[2])
+    return device_pb2.DefineGraph(
+        graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(0))], ops=[op], outputs=[2]
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["aten::block_diag.default", "aten::_foreach_neg.default", "aten::stack.default", "aten::cat.default"]
+)
+def test_a_graphs_long_list_op_is_dry_run_on_its_distinct_entries(daemon_factory: Any, name: str) -> None:
+    """A graph op whose list names one slot 4,096 times: its definition's dry run and its trace's (the second run)
+    call no Python of torch's per entry (on 7b5ed4d its meta kernel ran over all of them, twice: tens of thousands of
+    calls here, block_diag 5.7 s of the device's thread at 16,384, 47 s at load 13), and both runs compute what
+    torch computes. Counted: Python calls into torch's modules on the daemon's threads (a profile on the threads it
+    starts), no timing."""
+    calls = [0]
+    counting = threading.Event()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if counting.is_set() and event == "call" and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+            calls[0] += 1
+
+    threading.setprofile(profile)
+    try:
+        d = daemon_factory(isolation="thread")
+        with Session.attach(d.address, d.token(tenant="hostile", quota_bytes=16 * MiB)) as s:
+            x = Handle(s.upload(torch.ones(0)))
+            s.define_graph(_list_graph(name, 2, graph_id=2))  # what torch imports at its first use, not counted
+            for _ in range(2):
+                s.run_graph(2, [int(x)], [s.new_handle()])
+            s.sync()
+            counting.set()
+            s.define_graph(_list_graph(name, GRAPH_N))
+            outs = [s.new_handle() for _ in range(2)]
+            for out in outs:  # the first run replays the calls, the second traces them (TRACE_AFTER_RUNS)
+                s.run_graph(1, [int(x)], [out])
+            s.sync()
+            counting.clear()
+            op = getattr(torch.ops.aten, name.split("::")[1].split(".")[0]).default
+            want = op([torch.ones(0)] * GRAPH_N)
+            want = want[0] if isinstance(want, list) else want
+            for out in outs:
+                got = s.download(Handle(out))
+                assert got.shape == want.shape and got.dtype == want.dtype and got.stride() == want.stride()
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    assert calls[0] < GRAPH_N, f"{calls[0]} calls of torch's Python for a list of {GRAPH_N} entries"
