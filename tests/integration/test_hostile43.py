@@ -26,7 +26,7 @@ from gpupool.scheduler.hosts import REVOCATION_SLACK
 from scheduler_fixtures import SimHost, wait_until
 from support import get_pki
 
-from gpupool import tokens, wire
+from gpupool import errors, tokens, wire
 from gpupool._proto import device_pb2, scheduler_pb2, tensor_pb2
 from gpupool.errors import ResourceExhausted, Unauthenticated
 
@@ -160,3 +160,47 @@ def test_a_graphs_long_list_op_is_dry_run_on_its_distinct_entries(daemon_factory
     finally:
         threading.setprofile(None)  # type: ignore[arg-type]
     assert calls[0] < GRAPH_N, f"{calls[0]} calls of torch's Python for a list of {GRAPH_N} entries"
+
+
+def _slot(n: int) -> tensor_pb2.Arg:
+    return tensor_pb2.Arg(tensor=n)
+
+
+FAR = 3_500_000  # elements: a zero-element view this far into a 32-byte storage (14 MB past its end)
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_graphs_out_op_growing_a_view_past_its_storage_is_counted_or_refused(
+    daemon_factory: Any, isolation: str
+) -> None:
+    """RunGraph out= ops on storages the definition did not size as they are: a zero-element view far past the end
+    of a 32-byte storage. As a graph input, `neg.out` into it grew the storage at each run by what the definition
+    never counted (it sized an input's storage by the bytes its metadata reaches) and left the bytes before the view
+    unwritten: 7b5ed4d gave back ~16,000-96,000 nonzero bytes of uninitialized memory in a probe (here: refused at
+    the definition, inputs are bound anew at each run). As a persistent tensor, the definition sized its storage the
+    same way and counted 64 bytes: a view 32 MB out was admitted under a 16 MiB quota and grown by its run, counted
+    only after the kernel (here: RESOURCE_EXHAUSTED at the definition); 14 MB out, the growth is counted and zeroed."""
+    d = daemon_factory(isolation=isolation)
+    with Session.attach(d.address, d.token(tenant="hostile", quota_bytes=16 * MiB)) as s:
+        a = Handle(s.upload(torch.zeros(8)))
+        src = Handle(s.upload(torch.ones(16)))
+        body = [device_pb2.Op(name="aten::neg.out", args=[_slot(2)], kwargs={"out": _slot(1)}, outputs=[])]
+        meta = [wire.meta_to_proto(torch.empty(FAR).as_strided([0], [1], FAR))]
+        graph = device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=meta, persistent=[int(src)], ops=body)
+        s.define_graph(graph)
+        with pytest.raises(errors.InvalidArgument, match="grows a graph input's storage"):
+            s.sync()
+        [far] = s.call("aten::as_strided.default", a, [0], [1], 8 * MiB // 4 * 4)
+        s.define_graph(device_pb2.DefineGraph(graph_id=2, inputs=0, persistent=[int(far), int(src)], ops=body))
+        with pytest.raises(errors.ResourceExhausted):
+            s.sync()
+        [view] = s.call("aten::as_strided.default", a, [0], [1], FAR)
+        s.define_graph(device_pb2.DefineGraph(graph_id=3, inputs=0, persistent=[int(view), int(src)], ops=body))
+        s.run_graph(3, [], [])
+        s.sync()
+        [whole] = s.call("aten::as_strided.default", a, [FAR + 16], [1], 0)
+        got = s.download(Handle(whole))
+        assert int((got[:FAR] != 0).sum()) == 0 and torch.equal(got[FAR:], -torch.ones(16))
+        with pytest.raises(errors.ResourceExhausted):
+            s.upload(torch.zeros(MiB))  # 4 MiB: 14 MB grown + 4 MiB > 16 MiB
+            s.sync()
