@@ -8,6 +8,11 @@ join token and a tenant's), registers the host, then measures a tenant's ListPoo
 served and refused a second, the tenant's ListPool p50/p90, and the scheduler process's CPU meanwhile (% of one core,
 and microseconds a flooding call, served or refused: /proc/PID/stat).
 
+Round 43 (hostile43): `--flood tenant` (the tenant's own ListPool past `--tenant-rate`: refused) and `--flood stranger`
+(an unknown API token: refused, past `--auth-fail-rate` before the credentials are read), and `--measure heartbeat`:
+the host's heartbeats (one every 0.25 s, under its `--host-heartbeat-rate`) timed instead of the tenant's ListPool,
+with their longest: whether refused calls make a real host's heartbeats late.
+
     nice -n 5 .venv/bin/python bench/heartbeat_flood.py --against /work/wt/base \
         --against-python /work/wt/base/.venv/bin/python
 """
@@ -75,6 +80,18 @@ def _listpools(stub: scheduler_pb2_grpc.SchedulerStub, n: int) -> list[float]:
     return out
 
 
+def _beats(stub: scheduler_pb2_grpc.SchedulerStub, n: int) -> list[float]:
+    md = (("authorization", f"Bearer {HOST_TOKEN}"),)
+    beat = scheduler_pb2.HeartbeatRequest(host_id="h1")
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        stub.Heartbeat(beat, metadata=md, timeout=30)
+        out.append(time.perf_counter() - t)
+        time.sleep(0.25)
+    return out
+
+
 def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         proc, address = _start(python, checkout, Path(d))
@@ -85,18 +102,22 @@ def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, fl
             info = device_pb2.DeviceInfo(index=0, uuid="GPU-0", model="fake", memory_bytes=1 << 30, fake=True)
             register = scheduler_pb2.RegisterRequest(host_id="h1", address="127.0.0.1:40001", devices=[info])
             stub.Register(register, metadata=host, timeout=30)
-            idle = _listpools(stub, args.calls)
+            measure = _beats if args.measure == "heartbeat" else _listpools
+            idle = measure(stub, args.calls)
             sessions = [device_pb2.SessionUsage(lease_id=f"{i:032x}") for i in range(args.sessions)]
             beat = scheduler_pb2.HeartbeatRequest(host_id="h1", sessions=sessions)
             counts = {"served": 0, "refused": 0}
             stop = threading.Event()
 
+            caller = {"tenant": TENANT_TOKEN, "stranger": "not-a-token-of-this-pool"}.get(args.flood)
+            flooder = (("authorization", f"Bearer {caller}"),) if caller else host
+
             def flood() -> None:
                 listing = scheduler_pb2.ListPoolRequest()
                 while not stop.is_set():
                     try:
-                        if args.flood == "listpool":
-                            stub.ListPool(listing, metadata=host, timeout=30)
+                        if args.flood != "heartbeat":
+                            stub.ListPool(listing, metadata=flooder, timeout=30)
                         else:
                             stub.Heartbeat(beat, metadata=host, timeout=30)
                         counts["served"] += 1
@@ -108,7 +129,7 @@ def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, fl
                 t.start()
             time.sleep(args.warm)  # (past the host's burst, where there is a limit)
             before, t0, cpu0 = dict(counts), time.monotonic(), _cpu(proc.pid)
-            busy = _listpools(stub, args.calls)
+            busy = measure(stub, args.calls)
             dt, cpu = time.monotonic() - t0, _cpu(proc.pid) - cpu0
             calls = counts["served"] - before["served"] + counts["refused"] - before["refused"]
             stop.set()
@@ -120,6 +141,7 @@ def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, fl
                 "idle p50 ms": statistics.median(idle) * 1e3,
                 "flood p50 ms": statistics.median(busy) * 1e3,
                 "flood p90 ms": statistics.quantiles(busy, n=10)[-1] * 1e3,
+                "flood max ms": max(busy) * 1e3,
                 "sched CPU %": cpu / dt * 100,
                 "CPU us/beat": cpu / max(1, calls) * 1e6,
             }
@@ -139,10 +161,12 @@ def main() -> None:
     )
     p.add_argument(
         "--flood",
-        choices=("heartbeat", "listpool"),
+        choices=("heartbeat", "listpool", "tenant", "stranger"),
         default="heartbeat",
-        help="what the host's threads call (listpool: its ListPool, limited by --tenant-rate since round 41)",
+        help="what the threads call (listpool: the host's ListPool, limited by --tenant-rate since round 41; tenant: "
+        "the tenant's ListPool; stranger: ListPool with an unknown token)",
     )
+    p.add_argument("--measure", choices=("listpool", "heartbeat"), default="listpool", help="what is timed")
     p.add_argument("--calls", type=int, default=60, help="ListPool calls measured, idle and under the flood")
     p.add_argument("--warm", type=float, default=12.0, help="seconds of flood before measuring")
     a = p.parse_args()

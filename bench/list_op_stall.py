@@ -4,7 +4,9 @@ Python entry by entry; now by its entries' layouts, server/sizing.py).
 
 For each daemon and op: tenant A calls the op on a list naming one zero-element tensor `--entries` times and syncs;
 tenant B, on the same fake GPU, downloads 4 KiB in a loop until A's sync returns. Printed per daemon and op: A's
-call time and B's median and longest download wait.
+call time and B's median and longest download wait. `--graph` (round 43, hostile43): A defines a graph of that one
+op instead and runs it twice (the first run replays it, the second traces it: two dry runs on meta tensors besides
+the definition's); A's time is the definition and both runs.
 
     nice -n 5 .venv/bin/python bench/list_op_stall.py --against /work/wt/base \\
         --against-python /work/wt/base/.venv/bin/python
@@ -25,11 +27,12 @@ from daemon_wire import downloads_while, print_table, this_and_other  # noqa: E4
 OPS = ("aten::block_diag.default", "aten::_foreach_neg.default", "aten::stack.default", "aten::cat.default")
 
 
-def stall(address: str, key: bytes, entries: int, name: str) -> dict[str, float]:
+def stall(address: str, key: bytes, entries: int, name: str, graph: bool = False) -> dict[str, float]:
     import torch
     from gpupool.client.session import Handle, Session
 
-    from gpupool import tokens
+    from gpupool import tokens, wire
+    from gpupool._proto import device_pb2, tensor_pb2
 
     def token(who: str) -> str:
         claims = tokens.TokenClaims(f"{name}-{who}", "bench", 0, 1 << 30, 1.0, time.time() + 3600, who)
@@ -46,7 +49,19 @@ def stall(address: str, key: bytes, entries: int, name: str) -> dict[str, float]
 
             def call(op: str = op, took: list[float] = took) -> None:
                 t0 = time.perf_counter()
-                got = a.call(op, [x] * entries, outputs=entries if "foreach" in op else 1)
+                if graph:
+                    many = tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=[1] * entries))
+                    a.define_graph(
+                        device_pb2.DefineGraph(
+                            graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(0))], outputs=[2],
+                            ops=[device_pb2.Op(name=op, args=[many], outputs=[2])],
+                        )
+                    )  # fmt: skip
+                    got = [a.new_handle() for _ in range(2)]
+                    for out in got:
+                        a.run_graph(1, [int(x)], [out])
+                else:
+                    got = a.call(op, [x] * entries, outputs=entries if "foreach" in op else 1)
                 a.sync()
                 a.free(got)
                 took[0] = time.perf_counter() - t0
@@ -64,13 +79,17 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=16_384, help="list entries (at most 65,536)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--isolation", default="process", choices=["process", "thread"])
+    parser.add_argument("--graph", action="store_true", help="a graph of the op, defined and run twice (round 43)")
     parser.add_argument("--against", metavar="DIR", required=True, help="the other checkout (its daemon)")
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = parser.parse_args()
     medians = this_and_other(
-        args, ("--isolation", args.isolation), lambda address, key, name: stall(address, key, args.entries, name)
+        args,
+        ("--isolation", args.isolation),
+        lambda address, key, name: stall(address, key, args.entries, name, args.graph),
     )
-    print(f"lists of {args.entries} entries, {args.repeat} run(s) each; medians over runs")
+    what = "graphs (defined, run twice)" if args.graph else "eager calls"
+    print(f"{what}: lists of {args.entries} entries, {args.repeat} run(s) each; medians over runs")
     columns = []
     for op in OPS:
         short = op.split("::")[1].split(".")[0]

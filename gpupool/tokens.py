@@ -9,7 +9,11 @@ The scheduler holds the private key (`--token-key-file`, PEM) and signs with it;
 (`--token-public-keys`, a PEM file of one or more keys), so a compromised GPU host cannot mint tokens. Both files
 are re-read when they change: rotate by adding the new public key to every daemon's file, then replacing the
 scheduler's private key, then (after the longest lease TTL) removing the old public key. A `Verifier` also keeps
-the leases the scheduler revoked (released, expired, lost), refusing their tokens until they could have expired.
+the leases the scheduler revoked (released, expired, lost), refusing their tokens until they could have expired:
+each until the time the scheduler says its last token may live (`HeartbeatReply.revoked_until`), at most `MAX_TTL`
+from its revocation. Never fewer: until round 43 the oldest of 200,000 was forgotten, and a tenant that cycled leases
+past that attached again with the forgotten one's token. Their number is the scheduler's bound
+(`--tenant-max-revoked` a tenant, docs/security.md "Red team, round 43").
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -25,7 +30,6 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,8 +44,7 @@ log = logging.getLogger(__name__)
 KEY_FILE_ENV = "GPUPOOL_TOKEN_KEY_FILE"
 PUBLIC_KEYS_ENV = "GPUPOOL_TOKEN_PUBLIC_KEYS"
 MAX_TOKEN_LENGTH = 4096
-MAX_TTL = 24 * 3600.0  # no token lives longer; so a revoked lease is remembered this long
-MAX_REVOKED = 200_000
+MAX_TTL = 24 * 3600.0  # no token lives longer; so a revoked lease is remembered at most this long
 _CLAIM_FIELDS = ("device", "expires_at", "host", "lease_id", "quota_bytes", "share", "tenant")
 # Written only when they differ from these defaults (one spelling per token): absent = the default.
 _OPTIONAL_CLAIMS: dict[str, object] = {"network": False, "group": ""}
@@ -208,7 +211,10 @@ class Verifier:
     def __init__(self, keys: list[Ed25519PublicKey] | None = None, path: str | os.PathLike[str] | None = None):
         self._keys = {key_id(k): k for k in keys or []}
         self._file = _Watched(path, "token public keys file")
-        self._revoked: OrderedDict[str, float] = OrderedDict()
+        # lease -> until when one of its tokens may be presented; the heap orders them by that time (an entry whose
+        # time is not the dict's any more, revoked again since, is passed over).
+        self._revoked: dict[str, float] = {}
+        self._expiry: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._reload()
 
@@ -255,23 +261,32 @@ class Verifier:
                 log.info("token public keys now: %s", ", ".join(sorted(key_id(k) for k in keys)))
             self._keys = {key_id(k): k for k in keys}
 
-    def revoke(self, lease_ids: list[str], now: float | None = None) -> None:
-        """Refuse tokens of these leases from now on (for as long as any of their tokens could live)."""
-        until = (time.time() if now is None else now) + MAX_TTL
+    def revoke(self, lease_ids: list[str], now: float | None = None, until: list[float] | None = None) -> None:
+        """Refuse tokens of these leases from now on, each until `until[i]` (when its last token expires, as the
+        scheduler knows it; missing, NaN or later than `MAX_TTL` from now: `MAX_TTL` from now). Forgotten only by
+        time, never by count: how many there can be is the scheduler's bound (`--tenant-max-revoked`)."""
+        now = time.time() if now is None else now
+        longest = now + MAX_TTL
         with self._lock:
-            for lease_id in lease_ids:
-                self._revoked[lease_id] = until
-                self._revoked.move_to_end(lease_id)
-            while len(self._revoked) > MAX_REVOKED:
-                self._revoked.popitem(last=False)
+            for i, lease_id in enumerate(lease_ids):
+                when = until[i] if until is not None and i < len(until) else longest
+                when = min(when, longest) if math.isfinite(when) else longest
+                if when <= now or when <= self._revoked.get(lease_id, 0.0):
+                    continue
+                self._revoked[lease_id] = when
+                heapq.heappush(self._expiry, (when, lease_id))
+            self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        """Drop the revocations whose tokens have all expired (the lock held)."""
+        while self._expiry and self._expiry[0][0] <= now:
+            when, lease_id = heapq.heappop(self._expiry)
+            if self._revoked.get(lease_id) == when:
+                del self._revoked[lease_id]
 
     def revoked(self, lease_id: str, now: float) -> bool:
         with self._lock:
-            while self._revoked:
-                first, until = next(iter(self._revoked.items()))
-                if until > now:
-                    break
-                del self._revoked[first]
+            self._forget(now)
             return lease_id in self._revoked
 
     def verify(self, token: str, now: float | None = None) -> TokenClaims:

@@ -80,6 +80,7 @@ class SchedulerConfig:
     tenant_max_share: float = 0.0
     tenant_max_waiting: int = 8
     tenant_max_leases: int = 1000
+    tenant_max_revoked: int = 20_000
     tenant_rate: float = 100.0
     auth_fail_rate: float = 1.0
     host_write_rate: float = 1.0
@@ -132,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1000,
         help="active leases (and waiting requests) per tenant, whatever their size; 0: no limit",
+    )
+    add_flag(
+        p,
+        "--tenant-max-revoked",
+        type=int,
+        default=20_000,
+        help="ended leases per tenant whose tokens may still live (their expiry + 600 s): each daemon of such a "
+        "lease remembers it until then; beyond, Allocate is RESOURCE_EXHAUSTED; 0: no limit",
     )
     add_flag(
         p,
@@ -250,6 +259,7 @@ class SchedulerServer:
             tenant_max_share=self.config.tenant_max_share,
             tenant_max_waiting=self.config.tenant_max_waiting,
             tenant_max_leases=self.config.tenant_max_leases,
+            tenant_max_revoked=self.config.tenant_max_revoked,
         )
         self.store = store
         self.core = Core(store, self.key, core_config, self.metrics)
@@ -356,6 +366,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         tenant_max_share=args.tenant_max_share,
         tenant_max_waiting=args.tenant_max_waiting,
         tenant_max_leases=args.tenant_max_leases,
+        tenant_max_revoked=args.tenant_max_revoked,
         tenant_rate=args.tenant_rate,
         auth_fail_rate=args.auth_fail_rate,
         host_write_rate=args.host_write_rate,
@@ -371,8 +382,12 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.max_lease_ttl > tokens.MAX_TTL:  # its leases' tokens would be refused by every daemon as too long-lived
         parser.error(f"--max-lease-ttl must be at most {tokens.MAX_TTL:g} s, the longest life of a lease token")
-    if not (0 <= args.tenant_max_share < math.inf) or min(args.tenant_max_waiting, args.tenant_max_leases) < 0:
-        parser.error("--tenant-max-share, --tenant-max-waiting and --tenant-max-leases must be finite and not negative")
+    counts = (args.tenant_max_waiting, args.tenant_max_leases, args.tenant_max_revoked)
+    if not (0 <= args.tenant_max_share < math.inf) or min(counts) < 0:
+        parser.error(
+            "--tenant-max-share, --tenant-max-waiting, --tenant-max-leases and --tenant-max-revoked must be finite "
+            "and not negative"
+        )
     for flag in ("tenant_rate", "auth_fail_rate", "host_write_rate", "host_heartbeat_rate"):
         if not 0 <= getattr(args, flag) < math.inf:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from gpupool import tokens
 from gpupool.config import split_address
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from gpupool.protocol import HostState, LeaseState
@@ -116,6 +117,9 @@ class LeaseSide(Protocol):
 
     def is_active_on(self, lease_id: str, host_id: str) -> bool: ...
 
+    def tokens_until(self, lease_id: str, host_id: str) -> float | None:
+        """Until when a token of the lease naming `host_id` may be presented, if the lease ended on that host."""
+
     def end(self, leases: Iterable[LeaseRecord], state: LeaseState, change: Change | None = None) -> None:
         """End active leases and write `change` in the same store transaction."""
 
@@ -202,9 +206,17 @@ class HostBook:
             self.lease_book.serve_waiters()
 
     def heartbeat(
-        self, host_id: str, session_leases: Iterable[str], used_bytes: Mapping[int, int], draining: bool
+        self,
+        host_id: str,
+        session_leases: Iterable[str],
+        used_bytes: Mapping[int, int],
+        draining: bool,
+        until: dict[str, float] | None = None,
     ) -> tuple[list[str], bool]:
-        """Record liveness and usage; returns (leases to revoke, whether the host must register again)."""
+        """Record liveness and usage; returns (leases to revoke, whether the host must register again). `until`
+        is given, for each lease revoked, until when one of its tokens may be presented (`HeartbeatReply`): a
+        session's lease that ended on this host, its expiry and the slack; one the scheduler never placed here (or
+        forgot), the longest a token lives."""
         with self.lock:
             host = self.pool.hosts.get(host_id)
             if host is None or host.state == HostState.DOWN:
@@ -221,8 +233,13 @@ class HostBook:
                 self.pool.set_state(host_id, want)
                 if want == HostState.UP:
                     self.lease_book.serve_waiters()
-            revoked = set(self.revoked.pop(host_id, {}))
+            pending = self.revoked.pop(host_id, {})
+            revoked = set(pending)
             revoked.update(x for x in session_leases if x and not self.lease_book.is_active_on(x, host_id))
+            if until is not None:
+                longest = time.time() + tokens.MAX_TTL
+                for x in revoked:
+                    until[x] = pending.get(x) or self.lease_book.tokens_until(x, host_id) or longest
             return sorted(revoked), False
 
     def changes_state(self, host_id: str, draining: bool) -> bool:

@@ -14,6 +14,7 @@ every host gets a fresh `host_timeout` to heartbeat and every active lease a gra
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import threading
@@ -57,6 +58,10 @@ class CoreConfig:
     # Active leases (and waiting requests) of one tenant; 0: no limit. A share limit alone does not bound them: a
     # lease may be one share unit (a millionth of a GPU), and every lease costs memory, a row, and ListPool time.
     tenant_max_leases: int = 0
+    # Ended leases of one tenant whose tokens may still be presented (their expiry and REVOCATION_SLACK not passed):
+    # every daemon of such a lease remembers it until then (tokens.Verifier), so this bounds what a tenant that
+    # allocates and releases long leases makes each daemon hold; 0: no limit.
+    tenant_max_revoked: int = 0
     outage_grace: float = 30.0  # after the scheduler was away, how long leases it could not renew are kept
     # A gap this long between two sweeps means the scheduler itself was not running (SIGSTOP, VM pause):
     # the hosts' silence over that time is ours, not theirs. None: min(3 s, host_timeout / 2).
@@ -103,6 +108,8 @@ class Core:
         self.hosts = HostBook(self.lock, self.pool, self)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.held_leases: dict[str, int] = {}  # active leases per tenant
+        # per tenant: until when the tokens of each of its ended leases may live (a heap; `tenant_max_revoked`)
+        self.revoked_until: dict[str, list[float]] = {}
         self.scheduler_id = uuid.uuid4().hex
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
         self._load()
@@ -125,6 +132,8 @@ class Core:
                 # the memory of the process that stopped): tell them again. Until round 39 a restart forgot them,
                 # and the ended lease's unexpired tokens attached at its hosts again.
                 self.hosts.revoke(lease)
+                if self.config.tenant_max_revoked > 0:
+                    heapq.heappush(self.revoked_until.setdefault(lease.tenant, []), lease.expires_at + REVOCATION_SLACK)
         active = sum(1 for x in leases if x.state == LeaseState.ACTIVE)
         if hosts or leases:
             log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
@@ -150,6 +159,7 @@ class Core:
             with self.lock:
                 validate(req, self.pool)
                 self._check_lease_count(tenant)
+                self._check_revoked(tenant)
                 units = req.gpus * min_units(self.pool, req)
                 if not any(self._holds_line(w) for w in self.waiters):
                     grants = place(self.pool, req)
@@ -274,6 +284,24 @@ class Core:
                 "(--tenant-max-leases); release one first"
             )
 
+    def _check_revoked(self, tenant: str) -> None:
+        """ResourceExhausted when the tenant's ended leases whose tokens may live are at `tenant_max_revoked`."""
+        limit = self.config.tenant_max_revoked
+        pending = self.revoked_until.get(tenant)
+        if limit <= 0 or pending is None:
+            return
+        now = time.time()
+        while pending and pending[0] <= now:
+            heapq.heappop(pending)
+        if not pending:
+            del self.revoked_until[tenant]
+        elif len(pending) >= limit:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} ended {len(pending)} lease(s) whose tokens are still alive (their daemons "
+                f"remember each until it expires): at most {limit} (--tenant-max-revoked); the next frees at "
+                f"{time.strftime('%H:%M:%S', time.gmtime(pending[0]))} UTC (ask shorter TTLs)"
+            )
+
     def _check_tenant(self, tenant: str, req: Request, units: int) -> None:
         """ResourceExhausted when `units` more (with what the tenant holds and waits for) pass its limit."""
         refused = self._over_limit(tenant, req, units)
@@ -373,6 +401,8 @@ class Core:
             self.pool.give(lease.grants)
             self._hold(lease, -1)
             self.hosts.revoke(lease)
+            if self.config.tenant_max_revoked > 0:
+                heapq.heappush(self.revoked_until.setdefault(lease.tenant, []), lease.expires_at + REVOCATION_SLACK)
             self.events.lease_event(state if state != LeaseState.RELEASED else "released")
         if ended:
             self.serve_waiters()
@@ -454,3 +484,9 @@ class Core:
     def is_active_on(self, lease_id: str, host_id: str) -> bool:
         lease = self.leases.get(lease_id)
         return lease is not None and lease.state == LeaseState.ACTIVE and host_id in lease.hosts
+
+    def tokens_until(self, lease_id: str, host_id: str) -> float | None:
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.state == LeaseState.ACTIVE or host_id not in lease.hosts:
+            return None
+        return lease.expires_at + REVOCATION_SLACK

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from typing import Any
 
 import grpc
@@ -112,11 +113,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if self.core.hosts.changes_state(request.host_id, request.draining):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
-        revoked, again = self.core.hosts.heartbeat(request.host_id, leases, used, request.draining)
+        until: dict[str, float] = {}
+        revoked, again = self.core.hosts.heartbeat(request.host_id, leases, used, request.draining, until)
         if foreign and not again:
             revoked = sorted(foreign.union(revoked))
+        longest = time.time() + tokens.MAX_TTL
         return scheduler_pb2.HeartbeatReply(
-            revoked_leases=revoked, reregister=again, scheduler_id=self.core.scheduler_id
+            revoked_leases=revoked,
+            revoked_until=[until.get(x, longest) for x in revoked],
+            reregister=again,
+            scheduler_id=self.core.scheduler_id,
         )
 
     def Allocate(self, request: scheduler_pb2.AllocateRequest, context: grpc.ServicerContext) -> Any:

@@ -25,7 +25,7 @@ from gpupool import metas, wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import attention, checks, cost, fallbacks, guards
+from . import attention, checks, cost, fallbacks, guards, metalists
 from .sessions import WorkerSession, extent, out_of_memory
 
 metas.register()  # Meta kernels torch lacks (a fused Adam's tensor-lr overload): a graph's ops run on meta tensors
@@ -239,13 +239,18 @@ def compile_calls(calls: list[Call]) -> list[Step]:
 # ---- definition ----
 
 
-def _meta_tensor(m: Meta, storages: dict[Any, torch.Tensor] | None = None, key: Any = None) -> torch.Tensor:
+def _meta_tensor(
+    m: Meta, storages: dict[Any, torch.Tensor] | None = None, key: Any = None, real: int | None = None
+) -> torch.Tensor:
+    """A meta tensor of metadata `m` on a meta storage of the bytes it reaches, or of `real` (a persistent tensor's
+    storage's own size: a zero-element view may sit past its storage's end, which an out= op then grows from there),
+    shared with the slots of the same `key`."""
     shape, stride, offset, dtype = m
     if len(shape) > MAX_DIMS or len(stride) != len(shape) or offset < 0 or any(d < 0 for d in shape):
         raise InvalidArgument(f"bad tensor metadata {list(shape)} / {list(stride)} + {offset}")
     extent = 1 + sum((d - 1) * abs(st) for d, st in zip(shape, stride, strict=True)) if all(shape) else 0
     base = storages.get(key) if storages is not None and key is not None else None
-    nbytes = (offset + extent) * wire.itemsize(dtype)
+    nbytes = (offset + extent) * wire.itemsize(dtype) if real is None else real
     if base is None:
         base = torch.empty(nbytes, dtype=torch.uint8, device=_META)
         if storages is not None and key is not None:
@@ -317,6 +322,7 @@ def building(
         input_meta.append(_proto_meta(pm))
         held += DIM_BYTES * len(input_meta[-1][0])
         meta_slots.append(_meta_tensor(input_meta[-1]))
+    input_storages = {t.untyped_storage()._cdata for t in meta_slots[1:]}
     storages: dict[Any, torch.Tensor] = {}
     externals: list[tuple[int, int, Meta]] = []
     external_storages: set[int] = set()
@@ -330,7 +336,8 @@ def building(
         m = meta_of(t)
         externals.append((len(meta_slots), h, m))
         external_handle[len(meta_slots)] = h
-        meta_slots.append(_meta_tensor(m, storages, t.untyped_storage()._cdata))
+        storage = t.untyped_storage()
+        meta_slots.append(_meta_tensor(m, storages, storage._cdata, storage.nbytes()))
         external_storages.add(meta_slots[-1].untyped_storage()._cdata)
     fixed = len(meta_slots)  # inputs and persistent tensors: never dropped, never counted
     known: dict[int, bool] = {}
@@ -351,6 +358,8 @@ def building(
     produced: dict[int, int] = {}  # slot -> the op that produces it
     mutated: set[int] = set()
     reshaped: set[int] = set()  # external slots a mutable op that may change metas reads
+    # their handles: recounted after every run even where the definition saw no growth (a storage resized since)
+    resized: set[int] = set()
     grows_externals = False
     written_storages: set[int] = set()  # meta storages a mutable op reads (so may write): `Graph.written`
     live = peak = grown = total_work = 0
@@ -384,6 +393,7 @@ def building(
                     mutated.add(external_handle[slot])
                     if not keeps:
                         reshaped.add(slot)
+                        resized.add(external_handle[slot])
         for slot, value in zip(call.outs, meta_out, strict=False):
             if not slot:
                 continue
@@ -406,6 +416,15 @@ def building(
                 slot_storage[slot] = key
         for st in _storages(meta_slots, reads):  # out= outputs and in-place ops growing their arguments
             growth = st.nbytes() - before.get(st._cdata, st.nbytes())
+            if growth > 0 and st._cdata in input_storages:
+                # An input is bound anew at each run, in a storage of any size that holds its metadata (a
+                # zero-element view may sit past its end), and is not recounted after it: what an out= op grows
+                # there was counted nowhere once the run ended, and what it does not write was never zeroed (round
+                # 43, hostile43: uninitialized memory read back through another view of the storage).
+                raise InvalidArgument(
+                    f"{where}: an out= or resizing op grows a graph input's storage (inputs are bound anew at each "
+                    "run); make the tensor a persistent one"
+                )
             if growth > 0:
                 grown += growth
                 grows_externals = grows_externals or st._cdata in external_storages
@@ -458,7 +477,7 @@ def building(
         [int(x) for x in msg.outputs],
         writes,
         peak,
-        sorted(mutated) if grows_externals else [],
+        sorted(mutated) if grows_externals else sorted(resized),
         input_bytes,
         contiguous,
         peak + sum(b for b, c in zip(input_bytes, contiguous, strict=True) if c),
@@ -635,7 +654,7 @@ def _prebuild(
     # a persistent tensor it grew was never recounted: uncounted bytes, unzeroed where the op then failed)
     before = {st._cdata: st.nbytes() for st in _storages(meta_slots, reads)}
     try:
-        out = op(*margs, **mkwargs)
+        out = metalists.run(op, op, margs, mkwargs)  # a long list: from its distinct entries (round 43)
     except NotImplementedError:
         raise InvalidArgument("this op has no meta kernel; it cannot be part of a graph") from None
     values = flat(out)

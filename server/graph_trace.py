@@ -45,7 +45,7 @@ import torch
 
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
-from . import attention, guards, opargs
+from . import attention, guards, metalists, opargs
 from .graph_build import Graph, Host
 from .sessions import out_of_memory
 
@@ -145,7 +145,7 @@ class _Builder:
         kernel = op._op
 
         def call(*a: Any, **k: Any) -> Any:
-            out = kernel(*(_dry(v) for v in a), **{name: _dry(v) for name, v in k.items()})
+            out = metalists.run(op, kernel, [_dry(v) for v in a], {name: _dry(v) for name, v in k.items()})
             use = schema
             given = [a[i] if i < len(a) else k[spec.name] if spec.name in k else spec.default_value
                      for i, spec in enumerate(schema.arguments)]  # fmt: skip

@@ -157,7 +157,8 @@ class Registrar:
         if reply.revoked_leases:
             log.info("scheduler revoked lease(s) %s", ", ".join(reply.revoked_leases))
             if self.verifier is not None:
-                self.verifier.revoke(list(reply.revoked_leases))
+                # Each until its last token expires (the scheduler's `revoked_until`, in its order), by time alone.
+                self.verifier.revoke(list(reply.revoked_leases), until=list(reply.revoked_until))
             self.source.revoke_leases(list(reply.revoked_leases))
         if reply.reregister or (reply.scheduler_id and reply.scheduler_id != self.scheduler_id):
             log.info("scheduler %s asks to register again", self.scheduler_address)

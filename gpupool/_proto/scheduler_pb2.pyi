@@ -130,6 +130,7 @@ class HeartbeatReply(_message.Message):
     REVOKED_LEASES_FIELD_NUMBER: _builtins.int
     REREGISTER_FIELD_NUMBER: _builtins.int
     SCHEDULER_ID_FIELD_NUMBER: _builtins.int
+    REVOKED_UNTIL_FIELD_NUMBER: _builtins.int
     reregister: _builtins.bool
     """The scheduler does not know this host (e.g. it was marked down): register again."""
     scheduler_id: _builtins.str
@@ -138,16 +139,24 @@ class HeartbeatReply(_message.Message):
     def revoked_leases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Leases released, expired or lost: the daemon closes their sessions and frees their memory."""
 
+    @_builtins.property
+    def revoked_until(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One a revoked lease, in its order: until when (seconds since the epoch, the scheduler's clock) one of its
+        tokens may be presented (the lease's expiry and REVOCATION_SLACK); the daemon refuses its tokens until then.
+        Missing (an older scheduler): the longest a token may live (tokens.MAX_TTL) from the reply.
+        """
+
     def __init__(
         self,
         *,
         revoked_leases: _abc.Iterable[_builtins.str] | None = ...,
         reregister: _builtins.bool = ...,
         scheduler_id: _builtins.str = ...,
+        revoked_until: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_leases", b"revoked_leases", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_leases", b"revoked_leases", "revoked_until", b"revoked_until", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
