@@ -15,12 +15,16 @@ import socket
 from pathlib import Path
 
 import pytest
+from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Session
+from gpupool.scheduler.auth import credential_line
 from scheduler_fixtures import Proc
-from support import get_pki
+from support import DaemonFactory, get_pki, registered_host
 from test_security import start_pool
 
+from gpupool import errors
+from gpupool._proto import scheduler_pb2
 from gpupool.config import write_secret
-from scheduler.auth import credential_line
 
 pytestmark = pytest.mark.slow
 REGISTERED = r"registered with scheduler \S+ as (\S+) \("
@@ -76,4 +80,42 @@ def test_a_daemon_with_a_join_token_keeps_the_host_name(tmp_path: Path) -> None:
         assert _outcome(daemon) == name
     finally:
         daemon.stop()
+        pool.scheduler.stop(grace=0.5)
+
+
+# ---- status tokens (ops43): what a review tried; these pin what holds on 1548fe2 ----
+
+STATUS_HOST = "rev43-host"
+
+
+def test_status_tokens_reach_no_tenant_or_host_and_renew_no_session(
+    tmp_path: Path, daemon_factory: DaemonFactory
+) -> None:
+    """Only an admin credential's ListPool carries status tokens: not a tenant's API token, not a host's certificate
+    (ListPool is open to hosts). Presented to RefreshToken in a session's place of a lease token, a status token of
+    that very host is refused (UNAUTHENTICATED: its signature covers the status prefix) and the session's end stays."""
+    pool = start_pool(tmp_path)
+    try:
+        host = registered_host(daemon_factory, pool.address, pool.public, STATUS_HOST)
+        clients = [
+            pool.token_client("t0k"),  # tina's API token (start_pool's credentials file)
+            SchedulerClient(pool.address, get_pki().client_config("host", STATUS_HOST)),
+            pool.client("admin", "ops"),
+        ]
+        try:
+            tenant, as_host, admin = ([h.status_token for h in c.list_pool().hosts] for c in clients)
+            lease = clients[2].allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, tenant="alice"))
+        finally:
+            for c in clients:
+                c.close()
+        assert tenant == as_host == [""] and len(admin) == 1 and admin[0], (tenant, as_host)
+        session = Session.attach(host.address, lease.devices[0].token)
+        try:
+            before = host.running.daemon._sessions[session.session_id].expires_at
+            with pytest.raises(errors.Unauthenticated, match="signature"):
+                session.refresh(admin[0])
+            assert host.running.daemon._sessions[session.session_id].expires_at == before
+        finally:
+            session.close()
+    finally:
         pool.scheduler.stop(grace=0.5)
