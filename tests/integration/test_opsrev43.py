@@ -18,6 +18,7 @@ import pytest
 from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
+from gpupool.server.cli import default_host_id
 from scheduler_fixtures import Proc
 from support import DaemonFactory, get_pki, registered_host
 from test_security import start_pool
@@ -119,3 +120,17 @@ def test_status_tokens_reach_no_tenant_or_host_and_renew_no_session(
             session.close()
     finally:
         pool.scheduler.stop(grace=0.5)
+
+
+def test_only_a_host_certificate_names_the_default_host_id(tmp_path: Path) -> None:
+    """A certificate of another role (a server's, a tenant's), a missing or unreadable file: ops43's defaults (a
+    tenant's name is never a daemon's host id); a host's certificate: its name, whatever the port or join token."""
+    name, p = socket.gethostname(), get_pki()
+    host, tenant = p.issue("host", "gpu-07").cert, p.issue("tenant", "alice").cert
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate")
+    for cert in (str(tenant), p.server_config().cert, str(tmp_path / "missing.crt"), str(garbage), ""):
+        assert default_host_id("127.0.0.1:7001", cert) == f"{name}-7001", cert
+        assert default_host_id("127.0.0.1:7001", cert, "join.token") == name, cert
+    for listen in ("127.0.0.1:50051", "127.0.0.1:7001", "127.0.0.1:0"):
+        assert default_host_id(listen, str(host)) == default_host_id(listen, str(host), "join.token") == "gpu-07"
