@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from gpupool import logsink, tls, tokens
+from gpupool import logsink, pki, tls, tokens
 from gpupool.config import (
     StopSignals,
     add_flag,
@@ -40,12 +40,22 @@ log = logging.getLogger("gpupool.server")
 DEFAULT_PORT = 50051  # --listen's
 
 
-def default_host_id(listen: str) -> str:
-    """The host id of a daemon given none (`--host-id`): the host name where it listens on the default port (one
-    daemon a host, the deploy units'), else the host name and its port, or 6 random hex digits for port 0 (the port is
-    not known yet). Two daemons on one host shared the host name until round 43: the scheduler took the second's
-    Register for the first's, and smi and the metrics mixed their devices (their fake GPUs' UUIDs derive from it)."""
+def default_host_id(listen: str, cert: str = "", join_token: str = "") -> str:
+    """The host id of a daemon given none (`--host-id`). A daemon holding a credential of the scheduler is the host
+    it names, the only id the scheduler lets it register as: the host its certificate `cert` names
+    (`gpupool://host/<name>`), else with a `join_token` (whose name only the scheduler knows) the host name, every
+    daemon's default until round 43. Otherwise the host name where it listens on the default port (one daemon a host,
+    the deploy units'), else the host name and its port, or 6 random hex digits for port 0 (the port is not known
+    yet). Two daemons on one host shared the host name until round 43: the scheduler took the second's Register for
+    the first's, and smi and the metrics mixed their devices (their fake GPUs' UUIDs derive from it); ops43's ids
+    for daemons with a credential were ids the scheduler refused (opsrev43: a host certificate naming the host name,
+    a port other than 50051: PERMISSION_DENIED at every retry)."""
+    named = _certificate_host(cert)
+    if named:
+        return named
     name = socket.gethostname()
+    if join_token:
+        return name
     try:
         port = split_address(listen)[1]
     except ValueError:
@@ -53,6 +63,19 @@ def default_host_id(listen: str) -> str:
     if port == DEFAULT_PORT:
         return name
     return f"{name}-{port}" if port else f"{name}-{secrets.token_hex(3)}"
+
+
+def _certificate_host(cert: str) -> str:
+    """The host a certificate file names (`gpupool://host/<name>`), "" for none (no file, another role, unreadable:
+    the TLS setup reports a bad file itself)."""
+    if not cert:
+        return ""
+    try:
+        with open(cert, "rb") as f:
+            identity = pki.identity_of(f.read(1 << 20))
+    except (OSError, ValueError):
+        return ""
+    return identity[1] if identity is not None and identity[0] == "host" else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--host-id",
         default="",
-        help="this daemon's host id, as tokens name it (its host certificate's name; default: the host name where "
-        f"--listen's port is {DEFAULT_PORT}, else the host name and -PORT, or -<6 random hex digits> for port 0: two "
-        "daemons of one host on different ports never share one, nor their fake GPUs' UUIDs; a port-0 daemon's "
-        "changes each start)",
+        help="this daemon's host id, as tokens name it (default: the host --tls-cert names, gpupool://host/<name>, "
+        "the only id the scheduler lets it register as; else with --join-token-file the host name; else the host name "
+        f"where --listen's port is {DEFAULT_PORT}, the host name and -PORT elsewhere, or -<6 random hex digits> for "
+        "port 0: two daemons of one host on different ports never share one, nor their fake GPUs' UUIDs; a port-0 "
+        "daemon's changes each start)",
     )
     tls.add_metrics_flags(p, "127.0.0.1:9450")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
@@ -320,15 +344,16 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     from .daemon import DaemonConfig
     from .speedmodel import SpeedModel
 
+    tls_config = dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file)
     return DaemonConfig(
         listen=args.listen,
-        host_id=args.host_id or default_host_id(args.listen),
+        host_id=args.host_id or default_host_id(args.listen, tls_config.cert, tls_config.api_token_file),
         fake_gpus=args.fake_gpus,
         fake_gpu_memory=args.fake_gpu_memory,
         fake_speed=SpeedModel(args.fake_gpu_tflops, args.fake_gpu_gbps, args.fake_link_gbps),
         token_key=tokens.load_verifier(args.token_public_keys),
         health_listen=args.health_listen,
-        tls=dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file),
+        tls=tls_config,
         metrics_listen=args.metrics_listen,
         metrics_plaintext=args.metrics_plaintext,
         scheduler=args.scheduler,
