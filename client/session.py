@@ -33,7 +33,7 @@ import numpy
 import torch
 from google.protobuf.message import DecodeError
 
-from gpupool import hostpool, prefault, protocol, tls, tokens, wire
+from gpupool import hostpool, metas, prefault, protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure, from_status
 
@@ -490,12 +490,15 @@ class Session:
         self._full = False  # ... and says so (the sender notifies only then)
 
     @classmethod
-    def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
+    def attach(cls, address: str, token: str, *, timeout: float = 10.0, features: Sequence[str] = ()) -> Session:
+        """`features`: what the client asks of the session (AttachRequest.features; the torch clients go through
+        `attach_tensors`, which asks for "conv_layout"); a bare session asks for none, as a client before round 43."""
         # TLS as GPUPOOL_TLS_* say (gpupool/tls.py); the lease token, not an API token, authorizes the session.
         name = tokens.unverified_host(token) if tls.verify_host_id() else ""
         channel = tls.channel(address, CHANNEL_OPTIONS, token=False, server_name=name)
+        request = device_pb2.AttachRequest(token=token, features=list(features))
         try:
-            reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=token), timeout=timeout)
+            reply = device_pb2_grpc.DeviceStub(channel).Attach(request, timeout=timeout)
         except grpc.RpcError as exc:
             channel.close()
             raise from_failure(exc) from None
@@ -503,6 +506,25 @@ class Session:
         side = bulk.connect(address, reply.bulk_port, reply.session_id, name, frames)
         cuda_hint.mark_attached()  # `gpupool run` without --cuda: a command that attached nothing gets a note
         return cls(channel, reply, address, side)
+
+    @classmethod
+    def attach_tensors(cls, address: str, token: str) -> Session:
+        """A session for a torch client (the shim's device, the C++ client's): it asks for the "conv_layout" feature
+        (gpupool/protocol.py) unless this process already runs without it. The first session's daemon decides for the
+        process (`metas.decide_conv_layout`: both clients' meta-inference caches hold the layouts); a later daemon
+        that does not name it, where the process lays convolutions out as cuDNN does, is refused here, one
+        RuntimeError: its convolutions' views would read their bytes out of order."""
+        wanted = metas.conv_layout_wanted()
+        session = cls.attach(address, token, features=() if wanted is False else (protocol.FEATURE_CONV_LAYOUT,))
+        offered = protocol.FEATURE_CONV_LAYOUT in session.features
+        if metas.decide_conv_layout(offered) and not offered:
+            session.close()
+            raise RuntimeError(
+                f"the gpupool daemon at {address} lays convolution outputs out contiguous (it does not name the "
+                f"{protocol.FEATURE_CONV_LAYOUT!r} feature: a daemon from before round 43), where this process's "
+                "other devices lay them out as cuDNN does; run a job's daemons at one version"
+            )
+        return session
 
     # ---- commands ----
 

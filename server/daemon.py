@@ -433,7 +433,9 @@ class Daemon:
 
     # ---- sessions ----
 
-    def attach(self, token: str) -> FrontSession:
+    def attach(self, token: str, conv_layout: bool = False) -> FrontSession:
+        """A new session for `token`; `conv_layout`: its client asked for that feature, which this daemon names
+        (server/service.py `Attach`): its convolutions' outputs are laid out as cuDNN's (gpupool/protocol.py)."""
         claims = tokens.verify(self.config.token_key, token)
         if self._draining:
             raise Unavailable(f"host {self.host_id} is draining")
@@ -461,7 +463,7 @@ class Daemon:
             s = FrontSession(
                 secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id, self.unread
             )
-            s.runner = self._new_runner(s, network=claims.network)
+            s.runner = self._new_runner(s, network=claims.network, conv_layout=conv_layout)
             s.entry = self.queues[dev.index].add(s, claims.share)
             with self._lock:
                 self._sessions[s.session_id] = s
@@ -481,7 +483,7 @@ class Daemon:
         )
         return s
 
-    def _new_runner(self, s: FrontSession, network: bool = False) -> Runner:
+    def _new_runner(self, s: FrontSession, network: bool = False, conv_layout: bool = False) -> Runner:
         """Start the session's worker. It gets network sockets only when its token grants them (a lease of
         several devices: collectives between daemons) and the daemon allows them (--worker-network)."""
         c = self.config
@@ -524,6 +526,7 @@ class Daemon:
             max_graph_bytes=c.max_graph_memory,
             uid=s.worker_uid,
             groups=self._worker_groups,
+            conv_layout=conv_layout,
         )
         if self.zygote is None:
             return InlineRunner(spec)

@@ -100,6 +100,9 @@ class WorkerSpec:
     # --collective-ports (LOW, HIGH): where its collective groups listen and the peers' ports they connect to; under
     # Landlock ABI 4+ the only TCP ports a worker granted network may bind or connect to (and 53: name lookups)
     collective_ports: tuple[int, int] = COLLECTIVE_PORTS
+    # the "conv_layout" feature (gpupool/protocol.py): the session's client asked for it and the daemon names it, so
+    # its convolutions' outputs are laid out as cuDNN's (server/guards.py `_convolution`), not contiguous
+    conv_layout: bool = False
 
 
 # ---- the worker's CUDA memory cap ----
@@ -220,6 +223,10 @@ class _SessionState:
         from .sessions import DeviceMemory, WorkerSession
 
         self.device = _device(spec, ordinal)
+        self.conv_layout = spec.conv_layout
+        from gpupool.metas import conv_layout_for
+
+        self._conv_layout = conv_layout_for
         self.session = WorkerSession(
             spec.session_id,
             spec.number,
@@ -252,7 +259,7 @@ class _SessionState:
                 self.executor.speed = self.executor.collectives.speed = speed
 
     def run(self, req: SliceRequest, progress: slices.Progress | None = None) -> SliceResult:
-        with self.session.lock:
+        with self.session.lock, self._conv_layout(self.conv_layout):
             return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
 
     def contended(self, told: Callable[[], bool]) -> None:
