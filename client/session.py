@@ -665,6 +665,35 @@ class Session:
     def seed(self, seed: int) -> None:
         self._add(device_pb2.Command(seed=device_pb2.Seed(seed=seed)))
 
+    def rng_state(self, handle: int | None = None) -> torch.Tensor:
+        """The session generator's state after everything sent so far (a CPU uint8 tensor; a round trip), where the
+        daemon names the "rng_state" feature (`_need`). `handle`: a fresh one of the client's (the C++ client hands
+        out its own), else `new_handle`'s."""
+        self._need(protocol.FEATURE_RNG_STATE, "torch.cuda.get_rng_state")
+        h = Handle(handle) if handle is not None else self.new_handle()
+        self._add(device_pb2.Command(rng_state=device_pb2.RngState(get=h)))
+        try:
+            return self.download(h)
+        finally:
+            self.free([h])
+
+    def set_rng_state(self, state: torch.Tensor, handle: int | None = None) -> None:
+        """Load the session generator from `state` (a uint8 tensor as `rng_state` returned), in stream order; the
+        daemon checks it (a bad one fails at the next sync, INVALID_ARGUMENT). `handle`: as `rng_state`'s."""
+        self._need(protocol.FEATURE_RNG_STATE, "torch.cuda.set_rng_state")
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+            raise TypeError(f"a generator state is a torch.ByteTensor, not {type(state).__name__}")
+        h = self.upload(state.detach().cpu().reshape(-1), handle)
+        self._add(device_pb2.Command(rng_state=device_pb2.RngState(set=h)))
+        self.free([h])
+
+    def _need(self, feature: str, call: str) -> None:
+        if feature not in self.features:
+            raise RuntimeError(
+                f"{call} is not available on the pooled GPU at {self.address}: its daemon does not name the {feature!r}"
+                " feature (a daemon from before round 43); the generator lives on the daemon"
+            )
+
     def define_graph(self, graph: device_pb2.DefineGraph) -> None:
         """Define (or replace) a captured step's graph (fire-and-forget; a refusal surfaces at the next sync)."""
         self._add(device_pb2.Command(define_graph=graph), graph.ByteSize())

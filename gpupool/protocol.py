@@ -38,7 +38,11 @@ FEATURE_SIDE_FRAMES = "side_frames"
 # output is sent with the geometry the client computed), so it is the one feature a client asks for too
 # (AttachRequest.features): the daemon applies it to a session only where the client asked and it names it here.
 FEATURE_CONV_LAYOUT = "conv_layout"
-FEATURES = (FEATURE_SDPA_DROPOUT, FEATURE_SIDE_FRAMES, FEATURE_CONV_LAYOUT)
+# "rng_state" (round 43): the `RngState` command, the session generator's state read and loaded
+# (torch.cuda.get_rng_state, set_rng_state, torch.random.fork_rng under --cuda); without it a client refuses those
+# calls, one RuntimeError.
+FEATURE_RNG_STATE = "rng_state"
+FEATURES = (FEATURE_SDPA_DROPOUT, FEATURE_SIDE_FRAMES, FEATURE_CONV_LAYOUT, FEATURE_RNG_STATE)
 # The largest upload or download chunk (DESIGN.md's wire contract): the worker refuses a larger upload chunk, the
 # bulk side channel's reader refuses to read one (an Upload's `bulk_bytes`), clients refuse a larger announcement.
 CHUNK_BYTES = 4 * 1024 * 1024
