@@ -138,3 +138,40 @@ def test_one_process_keeps_its_first_daemons_layout(serve: Any, old_daemon: Any,
     assert protocol.FEATURE_CONV_LAYOUT in out
     out = run(*old, *new)
     assert "first False True\nsecond False True\n" in out, out
+
+
+def _cl_training(d: Any, captured: bool) -> tuple[list[float], bool]:
+    import gpupool.torch as gt
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1), torch.nn.Flatten(), torch.nn.Linear(32, 1)
+    ).to(d, memory_format=CL)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        y = model[:3](x)
+        loss = (model[3:](y).square().mean() + y.movedim(1, -1)[:, 0, 0].sum()) * 0.5  # a view of the conv's output
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = gt.capture(step) if captured else step
+    g = torch.Generator().manual_seed(0)
+    losses = [fn(torch.randn(2, 3, 6, 6, generator=g).to(d, memory_format=CL)).item() for _ in range(4)]
+    if captured:
+        assert fn.state == "replay" and fn.stats["replayed"] >= 1
+    layout = model[:1](torch.ones(1, 3, 6, 6).to(d, memory_format=CL)).is_contiguous(memory_format=CL)
+    return losses, layout
+
+
+def test_a_captured_step_of_channels_last_convs_trains_as_on_the_cpu(dev: torch.device) -> None:
+    """A captured step (gpupool.torch.capture) of a channels_last conv net, with a view of a conv's output: the graph
+    the daemon defines lays the convs' outputs out as the client computed them, channels_last (the session's
+    "conv_layout", which graph definitions' meta runs and replays follow too), and the losses are the CPU's. It trained
+    so before round 43 too, with contiguous outputs (pinned: the graph path under the new layout)."""
+    losses, layout = _cl_training(dev, captured=True)
+    want, cpu_layout = _cl_training("cpu", captured=False)
+    assert layout and cpu_layout
+    assert losses == pytest.approx(want, rel=1e-5)

@@ -630,8 +630,9 @@ def test_fork_rng_and_rng_states_restore_the_generator_as_on_a_gpu(pool: str, cl
     `torch.cuda.get_rng_state`/`set_rng_state` and a checkpoint of `get_rng_state_all()` loaded back with
     `set_rng_state_all`: the draws after each restore repeat the ones before, and every drawn value equals the CPU
     run's (a fake GPU's generator is the CPU's, seeded alike); a state of another generator is refused at the next
-    sync and the session goes on. Until round 43 each was one RuntimeError ("torch.cuda.get_rng_state is not
-    available on a pooled GPU ...: the generator lives on the daemon"), fork_rng's at its entry (both clients)."""
+    sync and the session goes on. Until round 43 fork_rng failed at its entry with "module 'torch.gpupool' has no
+    attribute 'get_rng_state'" (torch's "cuda" is gpupool under --cuda) and torch.cuda.get_rng_state was refused
+    ("... the generator lives on the daemon"), on both clients."""
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
     pooled = run([*cmd, RNG_STATE], clean_env(GPUPOOL_SCHEDULER=pool)).stdout
     local = on_cpu("-c", RNG_STATE).stdout
