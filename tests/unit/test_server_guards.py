@@ -420,7 +420,7 @@ def test_a_conv_layout_session_lays_conv_outputs_out_as_cudnn_and_as_its_meta_ke
     """Under the "conv_layout" feature (round 43; a session worker's thread: `metas.conv_layout_for`) the daemon's
     `convolution` returns cuDNN's layout (channels_last or channels_last_3d where the input or weight is; contiguous
     for float64 and for a contiguous input and weight) and the Meta kernel the clients and graph definitions run gives
-    the same strides, with the CPU kernel's values; outside it (the thread's default) both stay contiguous."""
+    the same strides, with the CPU kernel's values; in a session without it both stay contiguous."""
     metas.register()  # the Meta kernel of `convolution` (the clients and graph_build.py register it at import)
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
     aten = torch.ops.aten
@@ -438,4 +438,6 @@ def test_a_conv_layout_session_lays_conv_outputs_out_as_cudnn_and_as_its_meta_ke
             meta = aten.convolution.default(*margs)
         want = fmt if x_fmt is not None and dtype is torch.float32 else torch.contiguous_format
         assert out.is_contiguous(memory_format=want) and out.stride() == meta.stride() and torch.equal(out, plain)
-        assert aten.convolution.default(*margs).is_contiguous()  # the default: as before round 43
+        with metas.conv_layout_for(False):  # a session without it: contiguous, as before round 43
+            assert aten.convolution.default(*margs).is_contiguous()
+            assert guards.replacement(aten.convolution.default)(*args).is_contiguous()  # type: ignore[misc]
