@@ -33,7 +33,7 @@ import numpy
 import torch
 from google.protobuf.message import DecodeError
 
-from gpupool import hostpool, prefault, protocol, tls, tokens, wire
+from gpupool import hostpool, metas, prefault, protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure, from_status
 
@@ -490,12 +490,15 @@ class Session:
         self._full = False  # ... and says so (the sender notifies only then)
 
     @classmethod
-    def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
+    def attach(cls, address: str, token: str, *, timeout: float = 10.0, features: Sequence[str] = ()) -> Session:
+        """`features`: what the client asks of the session (AttachRequest.features; the torch clients go through
+        `attach_tensors`, which asks for "conv_layout"); a bare session asks for none, as a client before round 43."""
         # TLS as GPUPOOL_TLS_* say (gpupool/tls.py); the lease token, not an API token, authorizes the session.
         name = tokens.unverified_host(token) if tls.verify_host_id() else ""
         channel = tls.channel(address, CHANNEL_OPTIONS, token=False, server_name=name)
+        request = device_pb2.AttachRequest(token=token, features=list(features))
         try:
-            reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=token), timeout=timeout)
+            reply = device_pb2_grpc.DeviceStub(channel).Attach(request, timeout=timeout)
         except grpc.RpcError as exc:
             channel.close()
             raise from_failure(exc) from None
@@ -503,6 +506,25 @@ class Session:
         side = bulk.connect(address, reply.bulk_port, reply.session_id, name, frames)
         cuda_hint.mark_attached()  # `gpupool run` without --cuda: a command that attached nothing gets a note
         return cls(channel, reply, address, side)
+
+    @classmethod
+    def attach_tensors(cls, address: str, token: str) -> Session:
+        """A session for a torch client (the shim's device, the C++ client's): it asks for the "conv_layout" feature
+        (gpupool/protocol.py) unless this process already runs without it. The first session's daemon decides for the
+        process (`metas.decide_conv_layout`: both clients' meta-inference caches hold the layouts); a later daemon
+        that does not name it, where the process lays convolutions out as cuDNN does, is refused here, one
+        RuntimeError: its convolutions' views would read their bytes out of order."""
+        wanted = metas.conv_layout_wanted()
+        session = cls.attach(address, token, features=() if wanted is False else (protocol.FEATURE_CONV_LAYOUT,))
+        offered = protocol.FEATURE_CONV_LAYOUT in session.features
+        if metas.decide_conv_layout(offered) and not offered:
+            session.close()
+            raise RuntimeError(
+                f"the gpupool daemon at {address} lays convolution outputs out contiguous (it does not name the "
+                f"{protocol.FEATURE_CONV_LAYOUT!r} feature: a daemon from before round 43), where this process's "
+                "other devices lay them out as cuDNN does; run a job's daemons at one version"
+            )
+        return session
 
     # ---- commands ----
 
@@ -642,6 +664,35 @@ class Session:
 
     def seed(self, seed: int) -> None:
         self._add(device_pb2.Command(seed=device_pb2.Seed(seed=seed)))
+
+    def rng_state(self, handle: int | None = None) -> torch.Tensor:
+        """The session generator's state after everything sent so far (a CPU uint8 tensor; a round trip), where the
+        daemon names the "rng_state" feature (`_need`). `handle`: a fresh one of the client's (the C++ client hands
+        out its own), else `new_handle`'s."""
+        self._need(protocol.FEATURE_RNG_STATE, "torch.cuda.get_rng_state")
+        h = Handle(handle) if handle is not None else self.new_handle()
+        self._add(device_pb2.Command(rng_state=device_pb2.RngState(get=h)))
+        try:
+            return self.download(h)
+        finally:
+            self.free([h])
+
+    def set_rng_state(self, state: torch.Tensor, handle: int | None = None) -> None:
+        """Load the session generator from `state` (a uint8 tensor as `rng_state` returned), in stream order; the
+        daemon checks it (a bad one fails at the next sync, INVALID_ARGUMENT). `handle`: as `rng_state`'s."""
+        self._need(protocol.FEATURE_RNG_STATE, "torch.cuda.set_rng_state")
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+            raise TypeError(f"a generator state is a torch.ByteTensor, not {type(state).__name__}")
+        h = self.upload(state.detach().cpu().reshape(-1), handle)
+        self._add(device_pb2.Command(rng_state=device_pb2.RngState(set=h)))
+        self.free([h])
+
+    def _need(self, feature: str, call: str) -> None:
+        if feature not in self.features:
+            raise RuntimeError(
+                f"{call} is not available on the pooled GPU at {self.address}: its daemon does not name the {feature!r}"
+                " feature (a daemon from before round 43); the generator lives on the daemon"
+            )
 
     def define_graph(self, graph: device_pb2.DefineGraph) -> None:
         """Define (or replace) a captured step's graph (fire-and-forget; a refusal surfaces at the next sync)."""

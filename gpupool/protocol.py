@@ -36,7 +36,16 @@ FEATURE_SDPA_DROPOUT = "sdpa_dropout"
 # "side_frames": the session's frames may travel on its bulk side socket (hello `BULK_HELLO_FRAMES`, records of kind
 # `BULK_FRAME`) instead of its gRPC stream (round 26; docs/wire.md "Frames on the side socket").
 FEATURE_SIDE_FRAMES = "side_frames"
-FEATURES = (FEATURE_SDPA_DROPOUT, FEATURE_SIDE_FRAMES)
+# "conv_layout" (round 43): a convolution's output is laid out as on a GPU, channels_last (channels_last_3d) where the
+# input or the weight is (gpupool/metas.py `conv_output_format`), not contiguous. Both sides must agree (a view of the
+# output is sent with the geometry the client computed), so it is the one feature a client asks for too
+# (AttachRequest.features): the daemon applies it to a session only where the client asked and it names it here.
+FEATURE_CONV_LAYOUT = "conv_layout"
+# "rng_state" (round 43): the `RngState` command, the session generator's state read and loaded
+# (torch.cuda.get_rng_state, set_rng_state, torch.random.fork_rng under --cuda); without it a client refuses those
+# calls, one RuntimeError.
+FEATURE_RNG_STATE = "rng_state"
+FEATURES = (FEATURE_SDPA_DROPOUT, FEATURE_SIDE_FRAMES, FEATURE_CONV_LAYOUT, FEATURE_RNG_STATE)
 # The largest upload or download chunk (DESIGN.md's wire contract): the worker refuses a larger upload chunk, the
 # bulk side channel's reader refuses to read one (an Upload's `bulk_bytes`), clients refuse a larger announcement.
 CHUNK_BYTES = 4 * 1024 * 1024

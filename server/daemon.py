@@ -466,7 +466,9 @@ class Daemon:
 
     # ---- sessions ----
 
-    def attach(self, token: str) -> FrontSession:
+    def attach(self, token: str, conv_layout: bool = False) -> FrontSession:
+        """A new session for `token`; `conv_layout`: its client asked for that feature, which this daemon names
+        (server/service.py `Attach`): its convolutions' outputs are laid out as cuDNN's (gpupool/protocol.py)."""
         claims = tokens.verify(self.config.token_key, token)
         if self._draining:
             raise Unavailable(f"host {self.host_id} is draining")
@@ -494,7 +496,7 @@ class Daemon:
             s = FrontSession(
                 secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id, self.unread
             )
-            s.runner = self._new_runner(s, network=claims.network)
+            s.runner = self._new_runner(s, network=claims.network, conv_layout=conv_layout)
             try:
                 s.entry = self.queues[dev.index].add(s, claims.share)
                 with self._lock:
@@ -519,7 +521,7 @@ class Daemon:
         )
         return s
 
-    def _new_runner(self, s: FrontSession, network: bool = False) -> Runner:
+    def _new_runner(self, s: FrontSession, network: bool = False, conv_layout: bool = False) -> Runner:
         """Start the session's worker. It gets network sockets only when its token grants them (a lease of
         several devices: collectives between daemons) and the daemon allows them (--worker-network)."""
         c = self.config
@@ -530,14 +532,14 @@ class Daemon:
         if network and c.worker_network:  # its block of --collective-ports, within its tenant's share
             s.port_share = self._port_shares.take(s.tenant)
         try:
-            return self._start_runner(s, network, limit)
+            return self._start_runner(s, network, limit, conv_layout)
         except BaseException:
             if s.port_share is not None:
                 self._port_shares.give_back(s.port_share, 0)  # no worker of it started
                 s.port_share = None
             raise
 
-    def _start_runner(self, s: FrontSession, network: bool, limit: int) -> Runner:
+    def _start_runner(self, s: FrontSession, network: bool, limit: int, conv_layout: bool = False) -> Runner:
         c = self.config
         d = s.device
         if self._uids is not None and self.zygote is not None:
@@ -576,6 +578,7 @@ class Daemon:
             max_graph_bytes=c.max_graph_memory,
             uid=s.worker_uid,
             groups=self._worker_groups,
+            conv_layout=conv_layout,
         )
         if self.zygote is None:
             return InlineRunner(spec)

@@ -174,6 +174,8 @@ class CommandExecutor:
                     s.free(list(cmd.free.handles))
             elif kind == "seed":
                 self._seed(s, cmd.seed.seed)
+            elif kind == "rng_state":  # torch.cuda.get_rng_state / set_rng_state (round 43)
+                self._rng_state(s, cmd.rng_state)
             elif kind == "resize_storage":  # untyped_storage().resize_ (server/storage_resize.py): resize_'s allowlist
                 self.ops.resolve(storage_resize.ALLOWED_AS)
                 storage_resize.resize(s, cmd.resize_storage)
@@ -937,6 +939,40 @@ class CommandExecutor:
             ref = _RNG_OWNER.get(s.device.rng_lock)
             if ref is not None and ref() is s:
                 del _RNG_OWNER[s.device.rng_lock]
+
+    def _rng_state(self, s: WorkerSession, cmd: device_pb2.RngState) -> None:
+        """`get`: bind a copy of the session's generator state (the device's live one where the session holds it,
+        `_seeded`) to a new handle; `set`: load a state from a handle's uint8 tensor, checked on a scratch generator
+        of the device's kind first (torch refuses a state of another size or an out-of-range position)."""
+        if protocol.FEATURE_RNG_STATE in guards.WITHHELD:
+            raise InvalidArgument(f"this daemon withholds the {protocol.FEATURE_RNG_STATE} feature")
+        if bool(cmd.get) == bool(cmd.set):
+            raise InvalidArgument("RngState: name one handle, `get` or `set`")
+        dev = s.device
+        if cmd.get:
+            with dev.rng_lock:
+                ref = _RNG_OWNER.get(dev.rng_lock)
+                if self.exclusive_rng and ref is not None and ref() is s:
+                    state = dev.get_rng_state()
+                else:
+                    if s.rng_state is None:
+                        s.rng_state = dev.new_rng_state(secrets.randbits(62))
+                    state = s.rng_state.clone()
+            self._bind_outputs(s, [cmd.get], state.to(dev.torch_device), dev.torch_device)
+            return
+        t = s.resolve(cmd.set)
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise InvalidArgument(f"RngState: a state is a 1-dim uint8 tensor, not {t.dtype} of shape {tuple(t.shape)}")
+        state = t.detach().to("cpu", copy=True).contiguous()
+        try:
+            torch.Generator(device=dev.torch_device).set_state(state)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidArgument(f"RngState: not a generator state of this device: {exc}") from None
+        s.rng_state = state
+        with dev.rng_lock:  # loaded into the device's generator at the session's next random op
+            ref = _RNG_OWNER.get(dev.rng_lock)
+            if ref is not None and ref() is s:
+                del _RNG_OWNER[dev.rng_lock]
 
     def _bind_outputs(self, s: WorkerSession, handles: Any, out: Any, dev: torch.device) -> list[int]:
         """Bind an op's returned values to its output handles (`_run_op` binds one new tensor itself)."""

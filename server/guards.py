@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch._prims_common import suggest_memory_format
 
-from gpupool import config, protocol
+from gpupool import config, metas, protocol
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
 from . import attention
@@ -604,13 +604,18 @@ def keeps_kernel_layout(name: str, args: Sequence[Any], kwargs: Mapping[str, Any
 
 
 def _convolution(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """`convolution` with the layout both clients compute for its output on the meta device: contiguous. torch's meta
+    """`convolution` with the layout both clients compute for its output on the meta device: contiguous (a session
+    with the "conv_layout" feature: cuDNN's, gpupool/metas.py `conv_output_format`). torch's meta
     kernel leaves it contiguous (it cannot tell the backend), while the CPU and cuDNN kernels return channels_last
     for a channels_last input or weight; a view the client then made (`torch.flatten`, `.view`) was sent with the
     contiguous geometry and read the channels_last storage's bytes in the wrong order: a channels_last conv net
     trained on scrambled activations, silently (until round 38; tests/cuda_scripts/cuda_idioms.py)."""
     out = torch.ops.aten.convolution.default(*args, **kwargs)
-    return _laid_out(out, torch.contiguous_format)  # type: ignore[return-value]
+    if not metas.conv_layout_on():
+        return _laid_out(out, torch.contiguous_format)  # type: ignore[return-value]
+    # the "conv_layout" feature (round 43): as cuDNN lays it out, which the session's client computes too
+    fmt = metas.conv_output_format(arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"))
+    return _laid_out(out, fmt)  # type: ignore[return-value]
 
 
 def _convolution_backward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, ...]:

@@ -64,7 +64,9 @@ class DeviceServicer:
         self.features = [name for name in protocol.FEATURES if name not in withheld]
 
     def Attach(self, request: device_pb2.AttachRequest, context: grpc.ServicerContext) -> device_pb2.AttachReply:
-        s = self.daemon.attach(request.token)
+        # the one feature a client asks for (AttachRequest.features): applied where this daemon names it too
+        layout = protocol.FEATURE_CONV_LAYOUT in request.features and protocol.FEATURE_CONV_LAYOUT in self.features
+        s = self.daemon.attach(request.token, conv_layout=layout)
         return device_pb2.AttachReply(
             session_id=s.session_id,
             handle_base=s.handle_base,

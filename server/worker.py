@@ -103,6 +103,9 @@ class WorkerSpec:
     # (FIRST, LAST): its session's block of those ports (server/portshare.py, round 43), where its groups listen and
     # the only ports it may bind under Landlock ABI 4+; (0, 0): the whole range (no share)
     collective_share: tuple[int, int] = (0, 0)
+    # the "conv_layout" feature (gpupool/protocol.py): the session's client asked for it and the daemon names it, so
+    # its convolutions' outputs are laid out as cuDNN's (server/guards.py `_convolution`), not contiguous
+    conv_layout: bool = False
 
 
 # ---- the worker's CUDA memory cap ----
@@ -223,6 +226,10 @@ class _SessionState:
         from .sessions import DeviceMemory, WorkerSession
 
         self.device = _device(spec, ordinal)
+        self.conv_layout = spec.conv_layout
+        from gpupool.metas import conv_layout_for
+
+        self._conv_layout = conv_layout_for
         self.session = WorkerSession(
             spec.session_id,
             spec.number,
@@ -255,7 +262,7 @@ class _SessionState:
                 self.executor.speed = self.executor.collectives.speed = speed
 
     def run(self, req: SliceRequest, progress: slices.Progress | None = None) -> SliceResult:
-        with self.session.lock:
+        with self.session.lock, self._conv_layout(self.conv_layout):
             return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
 
     def contended(self, told: Callable[[], bool]) -> None:

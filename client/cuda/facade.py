@@ -19,7 +19,7 @@ import torch
 
 import gpupool.torch as gt
 
-from .. import streams
+from .. import rng, streams
 from .devices import cuda_index, pool_index, to_gpupool
 
 _peak: dict[int, int] = {}
@@ -77,6 +77,28 @@ def _synced_session(device: Any = None) -> Any:
             rt.flush_frees(force=True)
         s.sync()
     return s
+
+
+def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    """The device's generator state (it lives on the daemon: one round trip; since round 43, feature "rng_state"):
+    a uint8 tensor that `set_rng_state` loads back, as `torch.random.fork_rng` and checkpoints of RNG states do. Its
+    size is the daemon generator's (5,056 bytes on a fake GPU, 16 on a CUDA one), not a local GPU's."""
+    return rng.get_rng_state(_index(device), "torch.cuda.get_rng_state")
+
+
+def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    """Load the device's generator from a state `get_rng_state` returned, in stream order (the daemon checks it: a
+    state of another generator fails at the next sync, INVALID_ARGUMENT)."""
+    rng.set_rng_state(new_state, _index(device), "torch.cuda.set_rng_state")
+
+
+def get_rng_state_all() -> list[torch.Tensor]:
+    return [get_rng_state(i) for i in range(leased_count())]
+
+
+def set_rng_state_all(new_states: Any) -> None:
+    for i, state in enumerate(new_states):
+        set_rng_state(state, i)
 
 
 @dataclass(frozen=True)
@@ -327,10 +349,10 @@ def install() -> None:
         "current_stream": current_stream,
         "default_stream": current_stream,
         "stream": stream,
-        "get_rng_state": _refuse("torch.cuda.get_rng_state", "the generator lives on the daemon"),
-        "set_rng_state": _refuse("torch.cuda.set_rng_state", "the generator lives on the daemon"),
-        "get_rng_state_all": _refuse("torch.cuda.get_rng_state_all", "the generator lives on the daemon"),
-        "set_rng_state_all": _refuse("torch.cuda.set_rng_state_all", "the generator lives on the daemon"),
+        "get_rng_state": get_rng_state,
+        "set_rng_state": set_rng_state,
+        "get_rng_state_all": get_rng_state_all,
+        "set_rng_state_all": set_rng_state_all,
         "CUDAGraph": _refuse("torch.cuda.CUDAGraph", "CUDA graphs run on the local GPU only"),
         "graph": _refuse("torch.cuda.graph", "CUDA graphs run on the local GPU only"),
         "make_graphed_callables": _refuse("torch.cuda.make_graphed_callables", "CUDA graphs run on the local GPU only"),
@@ -338,6 +360,11 @@ def install() -> None:
     }
     for name, value in answers.items():
         setattr(cuda, name, value)
+    import torch.cuda.random as cuda_random
+
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all", "manual_seed",
+                 "manual_seed_all", "seed", "seed_all"):  # fmt: skip
+        setattr(cuda_random, name, answers[name])  # (HF Trainer saves torch.cuda.random.get_rng_state_all())
     cuda.memory.set_per_process_memory_fraction = set_per_process_memory_fraction
     _install_nvtx()
     graphs = getattr(cuda, "graphs", None)

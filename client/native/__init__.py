@@ -292,7 +292,7 @@ def _autoconnect(index: int = 0) -> None:
         # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, as on the Python client.
         at = rank_device(index, len(held.devices))
         leased = held.devices[at]
-        session = Session.attach(leased.address, leased.token)
+        session = Session.attach_tensors(leased.address, leased.token)
         held.subscribe(lambda fresh: session.refresh(fresh.devices[at].token))
         _connect(session, index)
 
@@ -305,7 +305,7 @@ def attach(address: str, token: str, index: int = 0) -> Any:
     with _lock:
         if index in _sessions():
             raise RuntimeError(f"gpupool --native-client: gpupool:{index} is attached already")
-        session = Session.attach(address, token)
+        session = Session.attach_tensors(address, token)
         _connect(session, index)
         return session
 

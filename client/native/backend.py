@@ -32,7 +32,7 @@ import torch
 
 from gpupool import config, metas
 
-from .. import inductor, streams
+from .. import inductor, rng, streams
 from .build import BuildError, build, built_path, cache_dir, compiler_missing  # noqa: F401 (the build's names, here too)
 
 metas.register()  # Meta kernels torch lacks: the C++ client infers each op's outputs on meta tensors (gpupool/metas.py)
@@ -83,6 +83,7 @@ def _register_module() -> None:
         "synchronize": lambda device=None: flush(),
         # streams and events, one ordered stream a device (client/streams.py): what FSDP2 asks of a mesh on gpupool
         **streams.module_functions(_synchronize),
+        **rng.module_functions(),  # generator states on the daemon (client/rng.py): torch.random.fork_rng
     }
     for k, f in funcs.items():
         setattr(mod, k, f)

@@ -97,7 +97,7 @@ def attach_lease(lease: Any, index: int = 0, *, as_index: int | None = None, own
         if as_index is None:
             existing = runtime.get(index)
             as_index = index if existing is None or existing.closed else runtime.next_free_index()
-        session = Session.attach(leased.address, leased.token)
+        session = Session.attach_tensors(leased.address, leased.token)
         rt = DeviceRuntime(as_index, session, lease=lease, owns_lease=owns_lease, lease_index=index)
         runtime.add(rt)
         native.device_attached(as_index, session, device_count())
@@ -121,7 +121,7 @@ def attach(address: str, token: str, index: int | None = None) -> torch.device:
     """Attach one daemon directly with a lease token; returns its `gpupool:<i>` device."""
     with _lock:
         i = runtime.next_free_index() if index is None else index
-        session = Session.attach(address, token)
+        session = Session.attach_tensors(address, token)
         runtime.add(DeviceRuntime(i, session))
         native.device_attached(i, session, device_count())
         return torch.device("gpupool", i)

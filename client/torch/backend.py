@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils.backend_registration as backend_registration
 
-from .. import checkpoints, fastpath, inductor, mp_share, streams, zerotensor
+from .. import checkpoints, fastpath, inductor, mp_share, rng, streams, zerotensor
 from ..engine import run_backward_on_calling_thread
 from . import api, meta, native, native_ops, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
@@ -71,8 +71,9 @@ class BackendModule:
         return api.device(index)
 
 
-# streams and events, one ordered stream a device (client/streams.py): what FSDP2 asks of a gpupool mesh's device module
-for _name, _value in streams.module_functions(api.synchronize).items():
+# streams and events, one ordered stream a device (client/streams.py): what FSDP2 asks of a gpupool mesh's device
+# module; generator states (client/rng.py): what torch.random.fork_rng asks of it
+for _name, _value in {**streams.module_functions(api.synchronize), **rng.module_functions()}.items():
     setattr(BackendModule, _name, _value if isinstance(_value, type) else staticmethod(_value))
 
 

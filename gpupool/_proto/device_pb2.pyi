@@ -57,15 +57,24 @@ class AttachRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     token: _builtins.str
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the client asks of this session beyond what every client does (docs/wire.md, "Features"): names from
+        gpupool/protocol.py CLIENT_FEATURES, e.g. "conv_layout". The daemon applies a name only where it also names it in
+        AttachReply.features; a client from before round 43 sends none (the session keeps the older behaviour).
+        """
+
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -492,6 +501,35 @@ class Seed(_message.Message):
 Global___Seed: _TypeAlias = Seed  # noqa: Y015
 
 @_typing.final
+class RngState(_message.Message):
+    """The session's generator state (round 43, where the daemon names the "rng_state" feature): torch.cuda.get_rng_state
+    and set_rng_state (torch.random.fork_rng, checkpoints of RNG states). One of: `get`, a new handle the daemon binds
+    to a copy of the state (a uint8 tensor: 5,056 bytes on a fake GPU's CPU generator, 16 on a CUDA one), which the
+    client then downloads; `set`, a handle of a uint8 tensor the generator loads (checked as torch checks a state:
+    INVALID_ARGUMENT otherwise). The session's random stream then goes on from it, as `Seed` starts it again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GET_FIELD_NUMBER: _builtins.int
+    SET_FIELD_NUMBER: _builtins.int
+    get: _builtins.int
+    set: _builtins.int
+    def __init__(
+        self,
+        *,
+        get: _builtins.int = ...,
+        set: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RngState: _TypeAlias = RngState  # noqa: Y015
+
+@_typing.final
 class ResizeStorage(_message.Message):
     """Resize the storage of the tensor under `handle` to `nbytes` bytes, in place: torch's
     `untyped_storage().resize_(nbytes)`, which FSDP2 uses to free an unsharded parameter between its uses (0) and to
@@ -798,6 +836,7 @@ class Command(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     SYNC_FIELD_NUMBER: _builtins.int
     RESIZE_STORAGE_FIELD_NUMBER: _builtins.int
+    RNG_STATE_FIELD_NUMBER: _builtins.int
     DEFINE_GRAPH_FIELD_NUMBER: _builtins.int
     RUN_GRAPH_FIELD_NUMBER: _builtins.int
     DROP_GRAPH_FIELD_NUMBER: _builtins.int
@@ -823,6 +862,8 @@ class Command(_message.Message):
     @_builtins.property
     def resize_storage(self) -> Global___ResizeStorage: ...
     @_builtins.property
+    def rng_state(self) -> Global___RngState: ...
+    @_builtins.property
     def define_graph(self) -> Global___DefineGraph:
         """7 was the in-stream Refresh (tokens are refreshed out of band with RefreshToken)."""
 
@@ -844,6 +885,7 @@ class Command(_message.Message):
         seed: Global___Seed | None = ...,
         sync: Global___Sync | None = ...,
         resize_storage: Global___ResizeStorage | None = ...,
+        rng_state: Global___RngState | None = ...,
         define_graph: Global___DefineGraph | None = ...,
         run_graph: Global___RunGraph | None = ...,
         drop_graph: Global___DropGraph | None = ...,
@@ -851,11 +893,11 @@ class Command(_message.Message):
         group_join: Global___GroupJoin | None = ...,
         collective: Global___Collective | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "rng_state", b"rng_state", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "rng_state", b"rng_state", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "resize_storage", "define_graph", "run_graph", "drop_graph", "eager_op", "group_join", "collective"]  # noqa: Y015
+    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "resize_storage", "rng_state", "define_graph", "run_graph", "drop_graph", "eager_op", "group_join", "collective"]  # noqa: Y015
     _WhichOneofArgType_cmd: _TypeAlias = _typing.Literal["cmd", b"cmd"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cmd) -> _WhichOneofReturnType_cmd | None: ...
 

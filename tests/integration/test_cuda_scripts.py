@@ -510,6 +510,146 @@ def test_channels_last_convolutions_and_views_of_them_give_the_cpu_values(pool: 
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+CONV_LAYOUT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+g = torch.Generator().manual_seed(0)
+cl, cl3, plain = torch.channels_last, torch.channels_last_3d, torch.contiguous_format
+cases = [(F.conv2d, (2, 3, 5, 5), (4, 3, 3, 3), cl), (F.conv3d, (2, 2, 3, 4, 4), (3, 2, 2, 2, 2), cl3),
+         (F.conv_transpose2d, (2, 3, 4, 4), (3, 2, 3, 3), cl)]
+for conv, xs, ws, fmt in cases:
+    for x_fmt, w_fmt in ((fmt, plain), (plain, fmt), (fmt, fmt), (plain, plain)):
+        x = torch.randn(xs, generator=g).to(dev).to(memory_format=x_fmt)
+        w = torch.randn(ws, generator=g).to(dev).to(memory_format=w_fmt)
+        y = conv(x, w)
+        last = y.movedim(1, -1)  # a view: channels last in memory order where y is channels_last
+        try:
+            flat = last.view(-1)[:5].tolist()  # view(): only where that view is contiguous (y channels_last)
+        except RuntimeError:
+            flat = "no view"
+        print("layout", conv.__name__, x_fmt, w_fmt, y.stride(), y.is_contiguous(memory_format=fmt), flat)
+    x64 = torch.randn(xs, generator=g, dtype=torch.float64).to(dev).to(memory_format=fmt)
+    print("float64", conv.__name__, conv(x64, torch.randn(ws, generator=g, dtype=torch.float64).to(dev)).stride())
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                    nn.Conv2d(8, 4, 1)).to(dev, memory_format=cl)
+x = torch.randn(4, 3, 8, 8, generator=g).to(dev, memory_format=cl).requires_grad_()
+h = x
+for i, layer in enumerate(net):
+    h = layer(h)
+    print("stage", i, type(layer).__name__, h.stride(), h.is_contiguous(memory_format=cl))
+h.square().mean().backward()
+print("grads", x.grad.stride(), net[0].weight.grad.stride(), round(x.grad.abs().sum().item(), 4),
+      round(net[0].weight.grad.abs().sum().item(), 4))
+"""
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_channels_last_convolutions_return_channels_last_as_on_a_gpu(pool: str, client: tuple[str, ...]) -> None:
+    """A conv of a channels_last input or weight (conv2d, conv3d, conv_transpose2d, float32) returns channels_last
+    (channels_last_3d) on the pool, as cuDNN and the CPU do: the strides, `is_contiguous(memory_format=...)` and a
+    `.view()` that exists only for a channels_last output equal the CPU's, as do the layouts of what follows in a
+    channels_last net (BatchNorm, ReLU, max pooling, a 1x1 conv) and its gradients; float64 convs are contiguous, as
+    cuDNN's (the CPU's are channels_last there). Until round 43 every conv output was contiguous on the pool (the
+    daemon copied it so: server/guards.py `_convolution`), `is_contiguous(memory_format=channels_last)` False and the
+    view refused ("the `conv_layout` feature", gpupool/protocol.py; docs/cuda.md)."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
+    pooled = run([*cmd, CONV_LAYOUT], clean_env(GPUPOOL_SCHEDULER=pool)).stdout
+    local = on_cpu("-c", CONV_LAYOUT).stdout
+    got, want = re.findall(r"^(?:layout|stage) .*$", pooled, re.M), re.findall(r"^(?:layout|stage) .*$", local, re.M)
+    assert len(got) == 17 and len(want) == 17, pooled
+    for line, ref in zip(got, want, strict=True):
+        head, ref_head = line.split("[", 1)[0], ref.split("[", 1)[0]
+        assert head == ref_head  # strides, layouts, whether the view exists
+        nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line.partition("[")[2])]
+        ref_nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", ref.partition("[")[2])]
+        assert nums == pytest.approx(ref_nums, rel=1e-5, abs=1e-6), (line, ref)
+    assert "no view" not in "".join(g for g in got if "torch.contiguous_format torch.contiguous_format" not in g)
+    assert re.findall(r"^float64 .*$", pooled, re.M) == [
+        "float64 conv2d (36, 9, 3, 1)",
+        "float64 conv3d (54, 18, 9, 3, 1)",
+        "float64 conv_transpose2d (72, 36, 6, 1)",
+    ]  # cuDNN's layout for float64: contiguous
+    grads, ref_grads = re.search(r"^grads .*$", pooled, re.M), re.search(r"^grads .*$", local, re.M)
+    assert grads is not None and ref_grads is not None, pooled
+    assert grads.group(0).split(")")[:2] == ref_grads.group(0).split(")")[:2]  # the gradients' strides
+    assert [float(v) for v in grads.group(0).split(")")[2].split()] == pytest.approx(
+        [float(v) for v in ref_grads.group(0).split(")")[2].split()], rel=1e-4
+    )
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+RNG_STATE = """
+import io
+import torch
+import torch.nn.functional as F
+cuda = torch.cuda.is_available()
+dev = "cuda" if cuda else "cpu"
+get_state = torch.cuda.get_rng_state if cuda else torch.get_rng_state
+set_state = torch.cuda.set_rng_state if cuda else torch.set_rng_state
+torch.manual_seed(0)
+a = torch.randn(3, device=dev)
+with torch.random.fork_rng():  # device_type "cuda": saves the CPU's and cuda:0's generators, restores them after
+    b = torch.randn(3, device=dev)
+    d = F.dropout(torch.ones(8, device=dev), 0.5)
+c = torch.randn(3, device=dev)
+print("fork", a.tolist(), b.tolist(), c.tolist(), torch.equal(b, c), d.tolist())
+with torch.random.fork_rng(devices=[0] if cuda else []):
+    torch.manual_seed(123)
+    inner = torch.rand(2, device=dev)
+print("seeded inside", inner.tolist(), torch.rand(2, device=dev).tolist())
+state = get_state()
+x = torch.rand(4, device=dev)
+set_state(state)
+y = torch.rand(4, device=dev)
+print("state", state.dtype, torch.equal(x, y), x.tolist())
+buf = io.BytesIO()
+torch.save({"cuda": torch.cuda.get_rng_state_all() if cuda else [torch.get_rng_state()]}, buf)
+z = torch.rand(2, device=dev)
+buf.seek(0)
+saved = torch.load(buf)
+if cuda:
+    torch.cuda.set_rng_state_all(saved["cuda"])
+else:
+    torch.set_rng_state(saved["cuda"][0])
+print("checkpoint", torch.equal(z, torch.rand(2, device=dev)), z.tolist())
+try:
+    set_state(torch.zeros(3, dtype=torch.uint8))
+    torch.rand(1, device=dev).item()
+except RuntimeError as exc:
+    print("bad state refused", "not a generator state" in str(exc) or str(exc))
+print("after", torch.rand(2, device=dev).tolist())
+"""
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_fork_rng_and_rng_states_restore_the_generator_as_on_a_gpu(pool: str, client: tuple[str, ...]) -> None:
+    """`torch.random.fork_rng()` (device_type "cuda", as torch.utils.checkpoint and sampling code call it),
+    `torch.cuda.get_rng_state`/`set_rng_state` and a checkpoint of `get_rng_state_all()` loaded back with
+    `set_rng_state_all`: the draws after each restore repeat the ones before, and every drawn value equals the CPU
+    run's (a fake GPU's generator is the CPU's, seeded alike); a state of another generator is refused at the next
+    sync and the session goes on. Until round 43 fork_rng failed at its entry with "module 'torch.gpupool' has no
+    attribute 'get_rng_state'" (torch's "cuda" is gpupool under --cuda) and torch.cuda.get_rng_state was refused
+    ("... the generator lives on the daemon"), on both clients."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
+    pooled = run([*cmd, RNG_STATE], clean_env(GPUPOOL_SCHEDULER=pool)).stdout
+    local = on_cpu("-c", RNG_STATE).stdout
+    kinds = ("fork", "seeded inside", "state", "checkpoint")
+    got = [line for line in pooled.splitlines() if line.startswith(kinds)]
+    want = [line for line in local.splitlines() if line.startswith(kinds)]
+    assert len(got) == 4 and len(want) == 4, pooled
+    for line, ref in zip(got, want, strict=True):
+        assert line.split("[", 1)[0] == ref.split("[", 1)[0] and "False" not in line, (line, ref)
+        nums = [float(v) for v in NUMBER.findall(line)]
+        assert nums == pytest.approx([float(v) for v in NUMBER.findall(ref)], rel=1e-6), (line, ref)
+    assert "bad state refused True" in pooled, pooled  # (the CPU refuses it at once: another message)
+    after = re.search(r"^after (.*)$", pooled, re.M)
+    assert after is not None and len(after.group(1).split(",")) == 2, pooled
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 DCGAN_STEP = re.compile(r"^step (\d+) D\(x\) (\S+) D\(G\(z\)\) (\S+) (\S+) loss_D (\S+) loss (\S+)$", re.M)
 
 
@@ -611,7 +751,7 @@ def test_torch_cuda_facade_and_refusals_on_a_two_gpu_lease(pool: str) -> None:
         clean_env(GPUPOOL_SCHEDULER=pool),
     )  # fmt: skip
     assert "facade ok" in done.stdout
-    assert done.stderr.count("not available on a pooled GPU") == 5, done.stderr  # torch.compile: eager since round 42
+    assert done.stderr.count("not available on a pooled GPU") == 4, done.stderr  # compile: eager (42), rng states (43)
     assert done.stderr.count("torch.compile runs eagerly on a pooled GPU") == 1, done.stderr
     assert "(2 leased device(s)" in done.stderr
 
@@ -925,13 +1065,12 @@ def test_channels_last_amp_script_gives_the_cpu_losses(pool: str, client: tuple[
     a pinned 2-worker DataLoader whose collate returns channels_last batches, `.to(device, memory_format=
     channels_last)`, `torch.compile(model)`, fused AdamW, warmup + cosine SequentialLR, an EMA AveragedModel, NVTX
     ranges, Event timing, inference_mode eval): every printed value within float32 rounding of the CPU's, on both
-    clients (the conv outputs are contiguous on the pool, channels_last on the CPU: docs/cuda.md Known limits, which
-    moves the last digit of some); `--amp` (autocast float16 + GradScaler): the losses within 1e-3 of the CPU's
-    float32, the gradient norms within 3e-2. The
-    script asserts the layouts: each uploaded batch and the parameters stay channels_last, an eval activation's
-    `.cpu()` too. Until round 42 it stopped at `torch.compile` (refused), past that at NVTX's "NVTX functions not
-    installed" and `set_per_process_memory_fraction` (AttributeError), and on the shim at its first batch's layout
-    (uploaded contiguous)."""
+    clients (until round 43 the conv outputs were contiguous on the pool, channels_last on the CPU, which moved the
+    last digit of some: docs/cuda.md Known limits); `--amp` (autocast float16 + GradScaler): the losses within 1e-3
+    of the CPU's float32, the gradient norms within 3e-2. The script asserts the layouts: each uploaded batch and the
+    parameters stay channels_last, an eval activation's `.cpu()` too. Until round 42 it stopped at `torch.compile`
+    (refused), past that at NVTX's "NVTX functions not installed" and `set_per_process_memory_fraction`
+    (AttributeError), and on the shim at its first batch's layout (uploaded contiguous)."""
     pooled = on_pool(pool, "channels_last_amp.py", *client, "-p", "0.5", script_args=("--amp",) if amp else ())
     losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("channels_last_amp.py").stdout)
     assert len(losses) == 33 and len(reference) == 33, pooled.stdout + pooled.stderr[-2000:]

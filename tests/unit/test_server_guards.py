@@ -14,6 +14,7 @@ from gpupool.server.cost import FAKE_GPU_FLOPS
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpupool import metas
 from gpupool.errors import InvalidArgument
 
 
@@ -400,12 +401,43 @@ def test_convolutions_lay_their_outputs_out_as_the_meta_kernels_do(dims: int, dt
         grad = torch.randn(plain.shape, generator=gen, dtype=dtype)
         bargs = (grad, x, w, [4], *args[3:], [True, True, False])
         grads = guards.replacement(aten.convolution_backward.default)(*bargs)  # type: ignore[misc]
-        metas = aten.convolution_backward.default(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in bargs])
+        mets = aten.convolution_backward.default(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in bargs])
         want = aten.convolution_backward.default(*bargs)
-        for got, m, ref in zip(grads[:2], metas[:2], want[:2], strict=True):
+        for got, m, ref in zip(grads[:2], mets[:2], want[:2], strict=True):
             assert got.stride() == m.stride() and torch.equal(got, ref)
         assert not guards.keeps_kernel_layout("aten::convolution", args, {})
         assert not guards.keeps_kernel_layout("aten::convolution_backward", bargs, {})
     plain_args = (x.contiguous(), w.contiguous(), None, [1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
     assert guards.keeps_kernel_layout("aten::convolution", plain_args, {})  # a captured graph calls the kernel
     assert guards.replacement(aten.convolution.out) is None  # the out= form writes the client's own `out`
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_conv_layout_session_lays_conv_outputs_out_as_cudnn_and_as_its_meta_kernel(
+    dims: int, dtype: torch.dtype
+) -> None:
+    """Under the "conv_layout" feature (round 43; a session worker's thread: `metas.conv_layout_for`) the daemon's
+    `convolution` returns cuDNN's layout (channels_last or channels_last_3d where the input or weight is; contiguous
+    for float64 and for a contiguous input and weight) and the Meta kernel the clients and graph definitions run gives
+    the same strides, with the CPU kernel's values; in a session without it both stay contiguous."""
+    metas.register()  # the Meta kernel of `convolution` (the clients and graph_build.py register it at import)
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, *(5,) * dims)
+    for x_fmt, w_fmt in ((fmt, torch.contiguous_format), (torch.contiguous_format, fmt), (fmt, fmt), (None, None)):
+        x = torch.randn(shape, generator=gen, dtype=dtype)
+        w = torch.randn((4, 3, *(3,) * dims), generator=gen, dtype=dtype)
+        x, w = (x, w) if x_fmt is None else (x.to(memory_format=x_fmt), w.to(memory_format=w_fmt))
+        args = (x, w, None, [1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
+        margs = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        plain = aten.convolution.default(*args)
+        with metas.conv_layout_for(True):
+            out = guards.replacement(aten.convolution.default)(*args)  # type: ignore[misc]
+            meta = aten.convolution.default(*margs)
+        want = fmt if x_fmt is not None and dtype is torch.float32 else torch.contiguous_format
+        assert out.is_contiguous(memory_format=want) and out.stride() == meta.stride() and torch.equal(out, plain)
+        with metas.conv_layout_for(False):  # a session without it: contiguous, as before round 43
+            assert aten.convolution.default(*margs).is_contiguous()
+            assert guards.replacement(aten.convolution.default)(*args).is_contiguous()  # type: ignore[misc]

@@ -1,0 +1,85 @@
+"""A device's generator state, read and loaded on its daemon (round 43, the daemon's "rng_state" feature): what
+`torch.gpupool.get_rng_state`/`set_rng_state` (and their `_all` forms) answer on both clients, which
+`torch.random.fork_rng(device_type="gpupool")` calls, and, under `--cuda`, `torch.cuda.get_rng_state` and
+`torch.random.fork_rng()` (whose `"cuda"` is `gpupool` there) through client/cuda/facade.py.
+
+The state is the daemon generator's own (a uint8 tensor: 5,056 bytes on a fake GPU, whose generator is the CPU's; 16
+on a CUDA daemon), read after every op made so far and loaded in stream order (client/session.py `rng_state`,
+`set_rng_state`; the daemon checks a loaded state: server/executor.py `_rng_state`). A captured step refuses both, as
+it refuses `torch.manual_seed`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+NAME = "gpupool"
+
+
+def index_of(device: Any) -> int | None:
+    """The gpupool index a device argument names (None: the current device)."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    d = torch.device(device) if isinstance(device, str) else device
+    if not isinstance(d, torch.device) or d.type != NAME:
+        raise ValueError(f"expected a gpupool device, not {device!r}")
+    return d.index
+
+
+def session_in_order(index: int | None, call: str) -> tuple[Any, int]:
+    """The session of gpupool:`index` (None: the current device; attached on first use), with every op made so far
+    sent before what comes next (the C++ client buffers its records: they go out first), and a fresh handle of the
+    client's (the C++ client hands out its own: a Python `Session.new_handle` would reuse one of its tensors'); a
+    step being captured refuses `call`."""
+    from . import native
+
+    if native.active():
+        import torch
+
+        from .native import backend
+
+        backend.refuse_in_recording(call)
+        index = native.current_index() if index is None else index
+        session = native.ensure_session(index)
+        backend.flush()
+        return session, int(torch.ops.gpupool_native.new_handle(index))
+    from .torch import api, runtime
+
+    dev = api.device(api.current_index() if index is None else index)  # attached on first use
+    rt = runtime.get(int(dev.index or 0))
+    assert rt is not None
+    if (rec := rt.recording()) is not None:
+        rec.refuse(call)
+    return rt.session, rt.session.new_handle()
+
+
+def get_rng_state(device: Any = NAME, call: str = "torch.gpupool.get_rng_state") -> torch.Tensor:
+    session, handle = session_in_order(index_of(device), call)
+    return session.rng_state(handle)  # type: ignore[no-any-return]
+
+
+def set_rng_state(new_state: torch.Tensor, device: Any = NAME, call: str = "torch.gpupool.set_rng_state") -> None:
+    session, handle = session_in_order(index_of(device), call)
+    session.set_rng_state(new_state, handle)
+
+
+def get_rng_state_all() -> list[torch.Tensor]:
+    return [get_rng_state(i) for i in range(getattr(torch, NAME).device_count())]
+
+
+def set_rng_state_all(new_states: Any) -> None:
+    for i, state in enumerate(new_states):
+        set_rng_state(state, i)
+
+
+def module_functions() -> dict[str, Any]:
+    """What `torch.gpupool` gets (client/torch/backend.py, client/native/backend.py)."""
+    return {
+        "get_rng_state": get_rng_state,
+        "set_rng_state": set_rng_state,
+        "get_rng_state_all": get_rng_state_all,
+        "set_rng_state_all": set_rng_state_all,
+    }
