@@ -416,7 +416,8 @@ class ProcessRunner:
                     for part in parts:
                         self._data[pos : pos + len(part)] = part
                         pos += len(part)
-                elif max(map(len, parts)) >= BIG_PART:  # a batch's upload among small commands: copied once
+                elif size >= BIG_PART and max(map(len, parts)) >= BIG_PART:  # a batch's upload among small commands:
+                    # copied once (no span of a slice under BIG_PART in all is that big: the usual slice skips the pass)
                     _copy_parts(self._data, parts)
                 else:
                     self._data[:size] = b"".join(parts)
