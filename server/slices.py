@@ -183,6 +183,7 @@ class SliceRequest:
     payload: bytes | memoryview  # the concatenated command spans
     uploads: bool = False  # the spans are big uploads only (bulk.slice_length): copied once, no budget cut
     slot: int = -1  # a download slot of the shared memory the worker may write side chunks into (-1: none)
+    size: int = -1  # the daemon's: its spans' bytes in all where it counted them (-1: not counted); never sent
 
 
 class SideChunk:
