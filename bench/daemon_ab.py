@@ -274,12 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--profile", default="", help="keep callgrind's files in this folder (SIDE.MODEL/cg.PID.N) for "
                    "`callgrind_annotate --inclusive=yes`")  # fmt: skip
+    p.add_argument("--only", choices=("base", "this"), default="", help="count one side only (no ratios)")
     a = p.parse_args(argv)
     a.warmup = a.warmup or (7 if a.mode == "captured" else 4)
     if shutil.which("valgrind") is None:
         p.error("needs valgrind (apt-get install valgrind)")
     base_python = a.against_python or str(Path(a.against) / ".venv" / "bin" / "python")
     sides = [("base", base_python, a.against), ("this", sys.executable, str(HERE.parent))]
+    sides = [side for side in sides if a.only in ("", side[0])]
     print(f"load average {os.getloadavg()[0]:.1f} (counts do not depend on it)", flush=True)
     res: dict[tuple[str, str], dict[str, float]] = {}
     # bench_daemons for its loopback PKI and token key only (no daemon of its own)
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, python, cwd in sides:
                 r = res[(model, name)] = _side(name, python, cwd, model, a, key_file, daemons.token, tmp)
                 print(f"{model:>10} {name:>4}: " + _line(r, a.mode), flush=True)
-    for model in a.models.split(","):
+    for model in a.models.split(",") if not a.only else ():
         base, this = res[(model, "base")], res[(model, "this")]
         parts = _parts(a.mode, a.with_client, "reader" in base and "reader" in this)
         ratios = ", ".join(f"{k} {this[k] / base[k]:.3f}" for k in parts if base[k])
