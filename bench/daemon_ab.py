@@ -25,7 +25,16 @@ those -- the fixed cost of a step on the worker. `--with-client` runs each side'
 included); `all outside` = client + front + worker outside the kernels: a captured step's fixed cost, the figure
 of record for issue 8's captured target (launch_bound.steady_for_callgrind keeps its frames and waits as native).
 
+`--mode native` runs launch_bound's `native` worker instead (the C++ client of `gpupool run --native-client`), per
+op as eager. `BENCH_DAEMON_FLAGS` adds flags to both daemons (`"--bulk-listen 127.0.0.1:0"`: frames on the side
+socket, as `gpupool up` runs a daemon). With `BENCH_CG_THREADS=1` callgrind writes a dump a thread
+(`--separate-threads=yes`) and the front's busiest thread is shown apart as `reader` (the thread that reads the
+frames and, on an idle device, runs their slices): the front's other threads are gRPC's, the side port's accept loop
+and timers, whose counts grow with the run's wall time under valgrind, not with its ops (round 43).
+
     nice python bench/daemon_ab.py --against /work/main                      # ~3 min per side and model
+    BENCH_CG_THREADS=1 BENCH_DAEMON_FLAGS="--bulk-listen 127.0.0.1:0" nice python bench/daemon_ab.py --against DIR \
+        --mode native --models tiny-mlp,encoder --profile /tmp/cg
     nice python bench/daemon_ab.py --against /work/main --models tiny-mlp,encoder --profile /tmp/cg
     nice python bench/daemon_ab.py --against /work/main --mode captured --with-client   # ~5 min per side
 """
@@ -84,6 +93,12 @@ def _client(argv: list[str]) -> int:
 
     lb.steady_for_callgrind(args.mode)
     lb._tree_cpu = first_block
+    from gpupool.client.session import Session
+
+    # a valgrind-slowed zygote forks and starts the session's worker in tens of seconds on a loaded box: past
+    # Attach's 10 s (round 43: the encoder's Attach timed out at load 19)
+    attach = Session.attach.__func__  # type: ignore[attr-defined]
+    Session.attach = classmethod(lambda cls, *a, timeout=10.0: attach(cls, *a, timeout=max(timeout, 600.0)))  # type: ignore[method-assign,assignment]
     out = lb.worker(args)
     if counted:
         _control([os.getpid()], "--instr=off")
@@ -105,7 +120,7 @@ def _serve(argv: list[str]) -> int:
     # under valgrind the zygote's start (importing torch, building nothing) is ~50x slower: on a loaded box past
     # the daemon's 120 s
     wait_ready = zygote.Zygote.wait_ready
-    zygote.Zygote.wait_ready = lambda self, timeout=900.0: wait_ready(self, max(timeout, 900.0))  # type: ignore
+    zygote.Zygote.wait_ready = lambda self, timeout=900.0, **kw: wait_ready(self, max(timeout, 900.0), **kw)  # type: ignore
     start = daemon.Daemon.start
 
     def patched(self: Any) -> None:
@@ -123,11 +138,13 @@ def _start(python: str, cwd: str, key_file: str, core: int, out_dir: Path) -> tu
     from train_overhead import start_listening
 
     exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True, cwd=cwd).strip()
-    cmd = ["taskset", "-c", str(core), *cgtools.valgrind(f"{out_dir}/cg.%p", "--trace-children=yes"), exe,
+    threads = ["--separate-threads=yes"] if os.environ.get("BENCH_CG_THREADS") else []
+    cmd = ["taskset", "-c", str(core), *cgtools.valgrind(f"{out_dir}/cg.%p", "--trace-children=yes", *threads), exe,
            str(HERE / "daemon_ab.py"), "--serve",
            "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB", "--token-public-keys", key_file,
            "--host-id", "bench", "--seccomp", "off", "--worker-user", "keep"]  # fmt: skip
+    cmd += os.environ.get("BENCH_DAEMON_FLAGS", "").split()  # e.g. "--bulk-listen 127.0.0.1:0": frames on the socket
     return start_listening(cmd, cwd, "gpupool serve under valgrind")
 
 
@@ -157,16 +174,18 @@ def _inclusive(dump: Path, symbol: str) -> int:
 def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
     """Instructions of the dumps the client asked for (cg.PID.N; the one at exit is cg.PID): the daemon process
     (front) and its descendants (zygote, session worker), and the worker's inside the TorchScript call."""
-    front = rest = kernels = 0
+    front = rest = kernels = reader = 0
     for pid in pids:
         for dump in out_dir.glob(f"cg.{pid}.*"):
             n = _total(dump)
             if pid == daemon_pid:
                 front += n
+                if "-" in dump.name:  # BENCH_CG_THREADS: a dump a thread; the busiest is the frames' reader
+                    reader = max(reader, n)
             else:
                 rest += n
                 kernels += _inclusive(dump, KERNELS) if n else 0
-    return {"front": front, "worker": rest, "kernels": kernels}
+    return {"front": front, "worker": rest, "kernels": kernels, **({"reader": reader} if reader else {})}
 
 
 def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, key_file: str, token: Any,
@@ -209,8 +228,9 @@ def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, k
     return res
 
 
-def _parts(mode: str, client: bool) -> list[str]:
+def _parts(mode: str, client: bool, reader: bool = False) -> list[str]:
     parts = ["front", "worker"] + (["outside", "kernels"] if mode == "captured" else []) + ["total"]
+    parts = (["reader"] if reader else []) + parts
     return parts + (["client", "all outside"] if client and mode == "captured" else ["client"] if client else [])
 
 
@@ -223,7 +243,7 @@ def _line(r: dict[str, float], mode: str) -> str:
         if "client" in r:
             r["all outside"] = r["client"] + r["front"] + r["outside"]
     unit = f"instructions per step ({r['ops']:.0f} ops)" if mode == "captured" else "instructions per op"
-    return "  ".join(f"{k} {r[k] / 1e3:8.1f}k" for k in _parts(mode, "client" in r)) + f"  {unit}"
+    return "  ".join(f"{k} {r[k] / 1e3:8.1f}k" for k in _parts(mode, "client" in r, "reader" in r)) + f"  {unit}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", metavar="DIR", required=True, help="the other checkout (the baseline)")
     p.add_argument("--against-python", default="", help="its python (default: DIR/.venv/bin/python)")
     p.add_argument("--models", default="tiny-mlp", help="comma-separated: " + ",".join(lb.MODELS))
-    p.add_argument("--mode", choices=("eager", "captured"), default="eager",
+    p.add_argument("--mode", choices=("eager", "captured", "native"), default="eager",
                    help="captured: the step as one RunGraph (gpupool.torch.capture); counts per step, with the "
                    "worker's TorchScript call (kernels) apart")  # fmt: skip
     p.add_argument("--with-client", action="store_true", help="run each side's own client under callgrind too and "
@@ -254,12 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--profile", default="", help="keep callgrind's files in this folder (SIDE.MODEL/cg.PID.N) for "
                    "`callgrind_annotate --inclusive=yes`")  # fmt: skip
+    p.add_argument("--only", choices=("base", "this"), default="", help="count one side only (no ratios)")
     a = p.parse_args(argv)
     a.warmup = a.warmup or (7 if a.mode == "captured" else 4)
     if shutil.which("valgrind") is None:
         p.error("needs valgrind (apt-get install valgrind)")
     base_python = a.against_python or str(Path(a.against) / ".venv" / "bin" / "python")
     sides = [("base", base_python, a.against), ("this", sys.executable, str(HERE.parent))]
+    sides = [side for side in sides if a.only in ("", side[0])]
     print(f"load average {os.getloadavg()[0]:.1f} (counts do not depend on it)", flush=True)
     res: dict[tuple[str, str], dict[str, float]] = {}
     # bench_daemons for its loopback PKI and token key only (no daemon of its own)
@@ -269,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, python, cwd in sides:
                 r = res[(model, name)] = _side(name, python, cwd, model, a, key_file, daemons.token, tmp)
                 print(f"{model:>10} {name:>4}: " + _line(r, a.mode), flush=True)
-    for model in a.models.split(","):
+    for model in a.models.split(",") if not a.only else ():
         base, this = res[(model, "base")], res[(model, "this")]
-        ratios = ", ".join(f"{k} {this[k] / base[k]:.3f}" for k in _parts(a.mode, a.with_client) if base[k])
+        parts = _parts(a.mode, a.with_client, "reader" in base and "reader" in this)
+        ratios = ", ".join(f"{k} {this[k] / base[k]:.3f}" for k in parts if base[k])
         print(f"{model:>10}: this/base {ratios}")
     return 0
 

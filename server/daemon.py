@@ -830,13 +830,16 @@ class Daemon:
             n = len(items) - 1 if last is END_OF_STREAM or isinstance(last, GpupoolError) else len(items)
             head = items[:n] if n < len(items) else items
             spans = [span for _, span in head]
-            if sum(map(len, spans)) < bulk.BIG_UPLOAD:  # no big upload, and less than SLICE_BYTES in all
+            size = sum(map(len, spans))  # (counted once: the runner's copy takes it from the request)
+            if size < bulk.BIG_UPLOAD:  # no big upload, and less than SLICE_BYTES in all
                 uploads = False  # what slice_length says of them, without its loop: the usual slice, all of it
             else:
                 n, uploads = bulk.slice_length([k for k, _ in head], list(map(len, spans)))
                 if n > 1 and uploads and s.runner.holds(spans[0]):  # read into its upload slot: run from there
                     n = 1
-                spans = spans[:n]
+                if n < len(spans):
+                    spans = spans[:n]
+                    size = -1
             batch, after = items[:n], items[n:]
             room = self.config.outbox_bytes - s.outbox_bytes
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
@@ -847,6 +850,7 @@ class Daemon:
                 budget=budget,
                 payload=b"",
                 uploads=uploads,
+                size=size,
             )
             start = time.perf_counter()
             try:

@@ -2369,11 +2369,19 @@ py::object eager_frame(py::handle payload, bool between) {
 // its length as a varint of at most six bytes (shift <= 35), its end within the frame, an empty command skipped
 // uncounted, its kind the field number of its first tag (a varint of at most five bytes within the command, shift
 // < 35; 0 where that tag is unfinished), never 0, at most `max_commands` of them. Returns ([(kind, span)], [the
-// positions of the commands of kind `upload` or `get`]), each span a slice of one memoryview of `raw`, or None for
+// positions of the commands of kind `upload` or `get`]), each span as below, or None for
 // anything else (a frame the reading refuses, a `raw` that is neither exactly bytes nor a one-dimensional contiguous
 // memoryview of bytes: a side socket's reused frame buffer, server/bulkside.py), before anything is handed out: the
 // caller then runs the Python reading, which raises its own error. Every byte read is checked against the frame's
-// end first. A memoryview's spans are slices of it (they hold its buffer as it does).
+// end first. A frame of more than COPY_FRAME bytes has its spans as slices of one memoryview of it (a memoryview's
+// spans are slices of it: they hold its buffer as it does); a smaller one (an eager step's, a synced call's: nearly
+// every frame) has each span as a bytes object of its own, a copy: ~100 instructions a command where a memoryview
+// slice (a slice object, a new view and its registration with the buffer, its release later) cost ~1,000 and the
+// front's join of the spans for the worker read each view's buffer again (round 43, daemon43: ~1.1k instructions an
+// eager op of the tiny MLP in the front's reader). The copies hold no reference to `raw` (a side socket's reused frame
+// buffer included), and together they are no bigger than it.
+constexpr Py_ssize_t COPY_FRAME = 64 * 1024;
+
 py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int64_t get) {
   const unsigned char* base = nullptr;
   Py_ssize_t n = 0;
@@ -2381,8 +2389,10 @@ py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int
   if (PyBytes_CheckExact(raw.ptr())) {
     base = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(raw.ptr()));
     n = PyBytes_GET_SIZE(raw.ptr());
-    view.p = PyMemoryView_FromObject(raw.ptr());
-    if (view.p == nullptr) throw py::error_already_set();
+    if (n > COPY_FRAME) {  // (a smaller frame's spans are copies: no view of it)
+      view.p = PyMemoryView_FromObject(raw.ptr());
+      if (view.p == nullptr) throw py::error_already_set();
+    }
   } else if (PyMemoryView_Check(raw.ptr())) {
     Py_buffer b;  // (a released memoryview refuses: a ValueError, cleared, and the Python reading raises it)
     if (PyObject_GetBuffer(raw.ptr(), &b, PyBUF_FULL_RO) < 0) {
@@ -2400,6 +2410,7 @@ py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int
   } else {
     return py::none();
   }
+  const bool copy = n <= COPY_FRAME;
   Own out(PyList_New(0));
   if (out.p == nullptr) throw py::error_already_set();
   Own marks(PyList_New(0));
@@ -2442,7 +2453,8 @@ py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int
     --left;
     Own kobj(PyLong_FromLongLong(k));
     if (kobj.p == nullptr) throw py::error_already_set();
-    Own span(PySequence_GetSlice(view.p, start, end));
+    Own span(copy ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(base + start), end - start)
+                  : PySequence_GetSlice(view.p, start, end));
     if (span.p == nullptr) throw py::error_already_set();
     Own pair(PyTuple_Pack(2, kobj.p, span.p));
     if (pair.p == nullptr || PyList_Append(out.p, pair.p) < 0) throw py::error_already_set();

@@ -56,7 +56,9 @@ def split_frame(
     The stream reader runs this on every frame: where the native runner's build is at hand (`native_split`), its
     C++ reading (native_runner.cpp `split_frame`) cuts a frame it accepts (the same spans, kinds and positions);
     a frame it does not accept, and every frame without it, takes the Python reading (`py_split_frame`), which
-    raises the error."""
+    raises the error. The C++ reading's spans of a frame of up to 64 KiB are bytes copies (its `COPY_FRAME`, round
+    43: a tenth of a memoryview slice's cost), a longer frame's views of it, as the Python reading's all are: a span
+    is read as bytes (len, join, indexing, protobuf), never as a view of the frame."""
     fast = _native[0] if _native else native_split()
     if fast is not None and (raw.__class__ is bytes or raw.__class__ is memoryview):  # (a side socket's frame buffer)
         got = fast(raw, max_commands, UPLOAD, GET)
@@ -183,6 +185,7 @@ class SliceRequest:
     payload: bytes | memoryview  # the concatenated command spans
     uploads: bool = False  # the spans are big uploads only (bulk.slice_length): copied once, no budget cut
     slot: int = -1  # a download slot of the shared memory the worker may write side chunks into (-1: none)
+    size: int = -1  # the daemon's: its spans' bytes in all where it counted them (-1: not counted); never sent
 
 
 class SideChunk:

@@ -411,7 +411,7 @@ class ProcessRunner:
         with self._slot_lock:
             req.slot = next((k for k in range(SLOTS) if not self._slot_users[k]), -1)
         try:
-            size = sum(map(len, parts))
+            size = req.size if req.size >= 0 else sum(map(len, parts))  # (the daemon's `_slice` counted them)
             up = self._up_slot(parts[0]) if len(parts) == 1 else -1
             if up >= 0:  # an upload read straight into its slot (`upload_span`): the worker runs it from there
                 self._sock.sendall(slices.shared_request(req, size, up))
@@ -426,7 +426,8 @@ class ProcessRunner:
                     for part in parts:
                         self._data[pos : pos + len(part)] = part
                         pos += len(part)
-                elif max(map(len, parts)) >= BIG_PART:  # a batch's upload among small commands: copied once
+                elif size >= BIG_PART and max(map(len, parts)) >= BIG_PART:  # a batch's upload among small commands:
+                    # copied once (no span of a slice under BIG_PART in all is that big: the usual slice skips the pass)
                     _copy_parts(self._data, parts)
                 else:
                     self._data[:size] = b"".join(parts)

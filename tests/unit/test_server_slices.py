@@ -340,11 +340,15 @@ def test_split_frame_against_protobuf_on_hostile_bytes(reading: str) -> None:
         slices.split_frame(garbage + frame(sample[0]), 16)
 
 
+COPY_FRAME = 64 * 1024  # native_runner.cpp's: a frame up to this long has its spans copied (bytes), a longer one viewed
+
+
 def _agree(split: Any, raw: bytes | memoryview, limit: int) -> bool:
-    """The C++ `split` and `py_split_frame` on `raw`: the same spans (views of `raw`), kinds and bulk positions where
-    the Python reading accepts it (True), None where it raises (False). `raw` may be a read-only view of the start
-    of a longer buffer (a side socket's reused frame buffer: gpupool/records.py `body_into`): its spans are views of
-    that buffer, and never reach past the view."""
+    """The C++ `split` and `py_split_frame` on `raw`: the same spans, kinds and bulk positions where the Python
+    reading accepts it (True), None where it raises (False). The C++ spans of a frame of up to COPY_FRAME bytes are
+    bytes objects (copies, round 43), a longer frame's views of `raw`. `raw` may be a read-only view of the start of a
+    longer buffer (a side socket's reused frame buffer: gpupool/records.py `body_into`): its spans never reach past
+    the view."""
     got = split(raw, limit, protocol.UPLOAD, protocol.GET)
     marked: list[int] = []
     try:
@@ -354,7 +358,10 @@ def _agree(split: Any, raw: bytes | memoryview, limit: int) -> bool:
         return False
     assert got is not None, (raw.hex(), limit)
     spans, marks = got
-    assert all(type(s) is memoryview and s.obj is (raw.obj if type(raw) is memoryview else raw) for _, s in spans)
+    if len(raw) <= COPY_FRAME:
+        assert all(type(s) is bytes for _, s in spans)
+    else:
+        assert all(type(s) is memoryview and s.obj is (raw.obj if type(raw) is memoryview else raw) for _, s in spans)
     assert ([(k, bytes(s)) for k, s in spans], marks) == (want, marked), (raw.hex(), limit)
     return True
 
@@ -415,12 +422,40 @@ def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_
     for v in (big, big[:-1], big[:46], big[:47], big[:20040]):
         if _agree(split, v, 16):
             assert len(slices.py_split_frame(v, 16)) == 3
+    # past COPY_FRAME the spans are views (of the frame, or of the buffer a view of its start is of)
+    huge = frame(cmds[0], device_pb2.Command(eager_op=b"z" * COPY_FRAME), cmds[6])
+    for v in (huge, huge[:-1], memoryview(bytearray(huge) + frame(cmds[0]))[: len(huge)].toreadonly()):
+        assert len(v) > COPY_FRAME
+        if _agree(split, v, 16):
+            assert len(slices.py_split_frame(v, 16)) == 3
     ok = frame(cmds[0], cmds[7])
     released = memoryview(ok)
     released.release()
     strided = memoryview(bytearray(ok) * 2)[::2]
     for other in (bytearray(ok), memoryview(ok * 4).cast("I"), strided, released):  # not bytes, nor a view of bytes
         assert split(other, 16, protocol.UPLOAD, protocol.GET) is None
+
+
+def test_native_split_frame_copies_a_small_frames_spans(native_runner_module: Any) -> None:
+    """A frame of up to COPY_FRAME bytes (an eager step's, a synced call's) is cut into spans of their own (bytes
+    copies, round 43: a memoryview slice a command cost the front's reader ~1,000 instructions): they keep their bytes
+    when the buffer the frame was read into is reused (a side socket's frame buffer, gpupool/records.py `body_into`),
+    and hold no reference to it; a longer frame's spans stay views of it, whose memory it already holds."""
+    split = native_runner_module.split_frame
+    cmds = [device_pb2.Command(eager_op=b"r" * 40), device_pb2.Command(upload=device_pb2.Upload(handle=7, data=b"u"))]
+    raw = frame(*cmds)
+    buf = bytearray(raw) + bytes(16)
+    got = split(memoryview(buf)[: len(raw)].toreadonly(), 16, protocol.UPLOAD, protocol.GET)
+    assert got is not None
+    spans, marks = got
+    assert marks == [1]
+    buf[:] = bytes(len(buf))  # the buffer reused for the next frame
+    assert [(k, bytes(s)) for k, s in spans] == [(k, bytes(s)) for k, s in slices.py_split_frame(raw, 16)]
+    assert [type(s) for _, s in spans] == [bytes, bytes]
+    buf += b"x"  # no view of the buffer is left (a bytearray with exports refuses to grow)
+    huge = frame(device_pb2.Command(eager_op=b"z" * COPY_FRAME))
+    cut = split(huge, 16, protocol.UPLOAD, protocol.GET)
+    assert cut is not None and type(cut[0][0][1]) is memoryview and cut[0][0][1].obj is huge
 
 
 def _varint(n: int, pad: int = 0) -> bytes:
