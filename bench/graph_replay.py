@@ -14,7 +14,9 @@ also those of launch_bound's local step with the same `--adam` (the baseline the
     python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
     python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
     python bench/graph_replay.py --measure outside --models tiny-mlp,mlp   # the worker's own, no kernels
+    python bench/graph_replay.py --measure outside-slice --models tiny-mlp   # the same from the frame's bytes
     python bench/graph_replay.py --measure outside-cpu --models tiny-mlp,mlp --steps 300   # the same, CPU time
+    python bench/graph_replay.py --measure outside-slice-cpu --models tiny-mlp,mlp   # outside-slice's, CPU time
 
 A step whose CPU arguments are over capture.BY_VALUE_BYTES (the stock MLP's batch) uploads them before its RunGraph:
 the replay binds a fresh tensor of the input's metadata per command for them, as the Upload did.
@@ -233,16 +235,69 @@ def outside_instr(path: str, steps: int) -> str:
     return "done"
 
 
-def outside_cpu(path: str, steps: int, repeats: int) -> str:
-    """`outside_instr`'s setup timed instead of counted: the thread's CPU a RunGraph over `steps` runs, `repeats`
-    times (min and median), where callgrind is too slow on a loaded box (the stock MLP's count)."""
+def _slice_of(ex: Any, s: Any) -> Any:
+    """What the session's worker does with a slice of one command's frame (server/worker.py: `_SessionState.run`,
+    then `slices.write_result` into the shared buffer): a function of the frame's bytes, as the request's payload
+    is a view of the shared memory."""
+    from gpupool.server import slices
+
+    shared = memoryview(bytearray(1 << 20))
+    result = memoryview(bytearray(1 << 20))
+    mark = slices.word_mark(bytearray(64))
+    timed = s.device.slice_timer()
+
+    def run(frame: bytes) -> None:
+        shared[: len(frame)] = frame
+        req = slices.SliceRequest(1 << 32, 1 << 20, 1.0, shared[: len(frame)])
+        with s.lock:
+            r = slices.run_commands(s, ex.execute, ex.ledger, req, timed, mark)
+        if slices.write_result(r, result) < 0:
+            raise SystemExit("the result did not fit the shared buffer")
+
+    return run
+
+
+def outside_slice_instr(path: str, steps: int) -> str:
+    """`outside_instr` with each RunGraph run as a slice of one command from its frame's bytes (`_slice_of`): what
+    the worker adds to `CommandExecutor.execute` (the frame's parse, the slice's loop, its result) counted too."""
+    from gpupool._proto import device_pb2
+
     ex, s, command = _kernels_out(path)
+    run = _slice_of(ex, s)
+    frames = [device_pb2.ClientFrame(commands=[command()]).SerializeToString() for _ in range(steps + 20)]
+    for f in frames[:20]:  # the slice's functions run often enough for the interpreter's specialization
+        run(f)
+    with cgtools.instrumented():
+        for f in frames[20:]:
+            run(f)
+    if s.error is not None:
+        raise SystemExit(f"replay failed: {s.error}")
+    return "done"
+
+
+def outside_cpu(path: str, steps: int, repeats: int, sliced: bool = False) -> str:
+    """`outside_instr`'s setup timed instead of counted: the thread's CPU a RunGraph over `steps` runs, `repeats`
+    times (min and median), where callgrind is too slow on a loaded box (the stock MLP's count); `sliced`: each a
+    slice of its frame's bytes (`outside_slice_instr`)."""
+    from gpupool._proto import device_pb2
+
+    ex, s, command = _kernels_out(path)
+    run = _slice_of(ex, s)
+    for _ in range(20 if sliced else 0):  # (as `outside_slice_instr` warms up)
+        c = command()
+        run(device_pb2.ClientFrame(commands=[c]).SerializeToString())
+        s.free(_fresh(s, c))
     runs = []
     for _ in range(repeats):
         cmds = [command() for _ in range(steps)]
+        frames = [device_pb2.ClientFrame(commands=[c]).SerializeToString() for c in cmds] if sliced else []
         start = time.thread_time()
-        for c in cmds:
-            ex.execute(s, c, _no_reply)
+        if sliced:
+            for f in frames:
+                run(f)
+        else:
+            for c in cmds:
+                ex.execute(s, c, _no_reply)
         runs.append((time.thread_time() - start) / steps)
         for c in cmds:
             s.free(_fresh(s, c))
@@ -252,14 +307,14 @@ def outside_cpu(path: str, steps: int, repeats: int) -> str:
            f"{statistics.median(runs) * 1e6:.1f} us"  # fmt: skip
 
 
-def _outside(model: str, path: str, steps: int, tmp: str) -> str:
+def _outside(model: str, path: str, steps: int, tmp: str, flag: str = "--outside-instr") -> str:
     sys.path.insert(0, str(HERE))
     from daemon_ab import _total
 
     counts = []
     for n in (steps, 0):
         out = Path(tmp) / f"cg.outside.{model}.{n}"
-        cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--outside-instr", path, "--steps", str(n)]
+        cmd = [*cgtools.valgrind(out), sys.executable, __file__, flag, path, "--steps", str(n)]
         subprocess.run(cmd, check=True, capture_output=True)
         counts.append(_total(out))
     return f"worker per RunGraph outside the kernels {(counts[0] - counts[1]) / steps / 1e3:8.1f}k instructions"
@@ -337,12 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-instr", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--outside-instr", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--outside-cpu", metavar="FILE", help=argparse.SUPPRESS)
-    modes = ("cpu", "instr", "outside", "outside-cpu")
+    p.add_argument("--outside-slice-instr", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--sliced", action="store_true", help=argparse.SUPPRESS)
+    modes = ("cpu", "instr", "outside", "outside-slice", "outside-cpu", "outside-slice-cpu")
     p.add_argument("--measure", choices=modes, default="cpu", help="instr: the worker's "
                    "instructions per RunGraph under callgrind (20 runs), in and out of its TorchScript call, and "
                    "launch_bound's local step's (the same --adam; exact); outside: the worker's own instructions "
                    "per RunGraph with the TorchScript call taken out (its outputs returned as a real run made "
-                   "them); outside-cpu: the same, the thread's CPU time (min and median of --repeats)")  # fmt: skip
+                   "them); outside-slice: the same, each RunGraph a slice of one command from its frame's bytes "
+                   "(the frame's parse, the slice's loop and its result counted too); outside-cpu: outside's, the "
+                   "thread's CPU time (min and median of --repeats); outside-slice-cpu: outside-slice's")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
         dump(*args.dump, args.adam)
@@ -360,20 +419,25 @@ def main(argv: list[str] | None = None) -> int:
         print(outside_instr(args.outside_instr, args.steps))
         return 0
     if args.outside_cpu:
-        print(outside_cpu(args.outside_cpu, args.steps, args.repeats))
+        print(outside_cpu(args.outside_cpu, args.steps, args.repeats, args.sliced))
+        return 0
+    if args.outside_slice_instr:
+        print(outside_slice_instr(args.outside_slice_instr, args.steps))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.pt")
             dump_argv = ["--dump", model, path, "--adam", args.adam]
             subprocess.run([sys.executable, __file__, *dump_argv], check=True, capture_output=True)
-            if args.measure == "outside-cpu":
+            if args.measure in ("outside-cpu", "outside-slice-cpu"):
                 argv = ["--outside-cpu", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+                argv += ["--sliced"] if args.measure == "outside-slice-cpu" else []
                 out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
                 print(f"{model:10s} {out.stdout.strip()}", flush=True)
                 continue
-            if args.measure == "outside":
-                print(f"{model:10s} {_outside(model, path, min(args.steps, 20), tmp)}", flush=True)
+            if args.measure in ("outside", "outside-slice"):
+                flag = f"--{args.measure}-instr"
+                print(f"{model:10s} {_outside(model, path, min(args.steps, 20), tmp, flag)}", flush=True)
                 continue
             if args.measure == "instr":
                 print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)

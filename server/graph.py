@@ -290,30 +290,56 @@ class GraphTable:
         self.host.ledger.graph(s, "replayed", len(g.calls))  # (positional: no keyword dict a step)
 
     def _quick_raw(
-        self, s: WorkerSession, g: Graph, plan: Any, msg: device_pb2.RunGraph, data: list[Any] | None
+        self,
+        s: WorkerSession,
+        g: Graph,
+        plan: Any,
+        msg: device_pb2.RunGraph | None,
+        data: list[Any] | None,
+        raw: bytes | None = None,
     ) -> bool:
         """`run` of a traced graph's quiet run through `_quick`'s plan given the message's bytes
         (`GraphPlan.run_raw`, round 42: the three lists `_quick` makes of upb's containers and `run`'s look at
         `drop_writes` were ~9k of the tiny MLP's ~55k instructions a RunGraph). False, nothing done, where the plan
-        declines (`drop_writes`, a check that fails): `run` goes on as before."""
+        declines (`drop_writes`, a check that fails): `run` goes on as before. `raw` (`run_raw`, round 43): the
+        bytes as they came, `msg` None (the plan checks their `graph_id` is `g`'s; upb parses them only where the
+        run fails, for its poisoning)."""
         refs = g.quiet_refs
         if refs is None:
             return False
         try:
-            r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)
+            if raw is None:
+                r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)  # type: ignore[union-attr]
+            else:
+                r = plan.run_raw(s, raw, None, refs, g.writes, g.traced.fn, g.graph_id)
             if r is None:
                 return False
             if r is not True:
+                if msg is None:
+                    msg = device_pb2.RunGraph.FromString(raw)  # type: ignore[arg-type]
                 _quick_end(self.host, s, g, r, msg.outputs[:])  # (`_finish`: the counts and `g.quiet`)
             else:
                 if g.mutated:
                     s.recount(g.mutated)
                 g.quiet = s.mutations
         except GpupoolError as exc:
-            _poison_run(s, g, msg, exc)
+            _poison_run(s, g, msg if msg is not None else device_pb2.RunGraph.FromString(raw), exc)  # type: ignore[arg-type]
             raise
         self._ran(s, g)
         return True
+
+    def run_raw(self, s: WorkerSession, raw: bytes) -> bool:
+        """`run` of a RunGraph given as its bytes (`CommandExecutor.run_graph_raw`, round 43) where its graph's quiet
+        run takes it (`run`'s conditions, then `_quick_raw` of the bytes): True, run, or raised as `run` raises;
+        False, nothing done, elsewhere (an unknown graph, anything `run` does otherwise, a plan that declines)."""
+        graph_id = graph_id_of(raw)
+        g = self._of(s).get(graph_id) if graph_id is not None else None
+        if g is None:
+            return False
+        plan = g.fast
+        if not (plan and s.defining is None and g.quiet >= 0 and s.mutations == g.quiet + 1 and not s.uploads):
+            return False
+        return self._quick_raw(s, g, plan, None, None, raw)
 
     def _trace(self, s: WorkerSession, g: Graph) -> bool:
         """Build `g`'s TorchScript graph (graph_trace.trace) for at most about `piece_seconds` (0: all of it): True
@@ -440,6 +466,21 @@ def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, dat
         s.recount(g.mutated)
     g.quiet = s.mutations
     return True
+
+
+def graph_id_of(raw: bytes) -> int | None:
+    """The `graph_id` written first in a RunGraph's bytes (its key 08 and a varint, as protobuf writes the message),
+    else None: the graph to look up; `GraphPlan.run_raw` checks it is the value upb reads (the last one)."""
+    if len(raw) < 2 or raw[0] != 0x08:
+        return None
+    v = shift = 0
+    for i in range(1, min(len(raw), 11)):
+        b = raw[i]
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v
+        shift += 7
+    return None
 
 
 def _quick_end(host: Host, s: WorkerSession, g: Graph, r: Any, outputs: list[int]) -> None:

@@ -3287,10 +3287,19 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
 // message's serialization). `data`: the inputs' bytes where the slice took them out of the message (a list), else
 // None: its `input_data`. None, nothing done, where the message holds anything else than those and its `graph_id`
 // (1): `drop_writes` (4), another field or wire type, a truncated field: the Python path then runs the command.
+// `graph_id` (round 43: the bytes as they came in a frame of one command, which no upb parse read, from
+// `slices.run_commands`): the graph's number, and None also where the message's `graph_id` as upb reads it (its
+// last value, 0 without one) is another; None: not checked (the caller read it from upb's message).
 py::object graph_run_raw(const GraphPlan& p, const py::object& session, py::bytes raw, py::handle data,
-                         py::handle refs, py::handle writes, py::handle fn) {
+                         py::handle refs, py::handle writes, py::handle fn, py::handle graph_id) {
   const auto* q = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(raw.ptr()));
   const unsigned char* end = q + PyBytes_GET_SIZE(raw.ptr());
+  uint64_t want = 0, gid = 0;
+  const bool check = !graph_id.is_none();
+  if (check) {
+    want = PyLong_AsUnsignedLongLong(graph_id.ptr());
+    if (want == static_cast<uint64_t>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  }
   Own ins(PyList_New(0)), outs(PyList_New(0));
   if (ins.p == nullptr || outs.p == nullptr) throw py::error_already_set();
   Own spans(data.is_none() ? PyList_New(0) : nullptr);
@@ -3305,7 +3314,11 @@ py::object graph_run_raw(const GraphPlan& p, const py::object& session, py::byte
     const uint64_t field = key >> 3, wire = key & 7;
     if (wire == 0 && field >= 1 && field <= 3) {
       if (!read_varint(&q, end, &v)) return py::none();
-      if (field != 1) append(field == 2 ? ins.p : outs.p, v);
+      if (field != 1) {
+        append(field == 2 ? ins.p : outs.p, v);
+      } else {
+        gid = v;
+      }
     } else if (wire == 2 && (field == 2 || field == 3 || field == 10)) {
       uint64_t len = 0;
       if (!read_varint(&q, end, &len) || len > static_cast<uint64_t>(end - q)) return py::none();
@@ -3326,6 +3339,7 @@ py::object graph_run_raw(const GraphPlan& p, const py::object& session, py::byte
       return py::none();  // `drop_writes`, or what the Python path reads (and refuses) its own way
     }
   }
+  if (check && gid != want) return py::none();
   return graph_run(p, session, ins.p, outs.p, spans.p != nullptr ? py::handle(spans.p) : data, refs, writes, fn);
 }
 }  // namespace
@@ -3478,7 +3492,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
            py::arg("refs"), py::arg("writes"), py::arg("fn"))
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),
-           py::arg("writes"), py::arg("fn"));
+           py::arg("writes"), py::arg("fn"), py::arg("graph_id") = py::none());
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);

@@ -76,7 +76,10 @@ one frame of their entries before anything runs (a malformed one fails there, as
 of any other form is parsed whole and its records read by `eager_records` (`slices.eager_records`: the oneof's last
 member decides, as for the parser; a frame with any other field or wire type is left to the parsed messages). The
 message of a plain record's command is made only where something asks for it (`slices.FrameCommands`: a record that
-fails on the Python path). The daemon's front, too, imports the cached build (`built`: never a build there) for one
+fails on the Python path). A frame of one RunGraph (`slices.lone_run_graph`, round 43: a captured step's) is not
+parsed at all where its graph's quiet run takes it: `GraphPlan.run_raw` reads the RunGraph's bytes as they came, its
+`graph_id` checked against the graph's as upb reads it (`CommandExecutor.run_graph_raw`); elsewhere it is parsed and
+executed as any other. The daemon's front, too, imports the cached build (`built`: never a build there) for one
 function: `split_frame`, the stream reader's cut of every frame into its commands' spans (`slices.split_frame`), which
 hands any frame it does not accept back to the Python reading.
 A captured step's run (server/graph.py, round 40) takes three functions of it: `quiet_externals`, a quiet run's

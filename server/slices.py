@@ -630,6 +630,62 @@ def frame_commands(payload: Any, native: Any) -> FrameCommands | None:
     return FrameCommands(records, at, cmds, between)
 
 
+def _size(buf: Any, i: int, end: int) -> tuple[int, int]:
+    """The length written at `buf[i]` as a canonical varint of at most four bytes (no overlong form) and the place
+    after it, or (-1, i) for anything else (a longer length, one past `end`)."""
+    v = shift = 0
+    while i < end and shift < 28:
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (v, i) if b or not shift else (-1, i)
+        shift += 7
+    return -1, i
+
+
+def lone_run_graph(payload: Any) -> bytes | None:
+    """The bytes of a frame's `RunGraph` where the frame is one command and that command one `run_graph` field, each
+    written as protobuf writes them (a `commands` entry keyed 0a, the field keyed aa 01, each length a canonical
+    varint ending at the frame's end), else None. upb parses such a frame to one `Command` whose `run_graph` is the
+    message upb parses from these bytes: `GraphTable.run_raw` reads them (round 43: a captured step's frame, no upb
+    parse and no `SerializeToString` of it where its quiet run takes it)."""
+    n = len(payload)
+    if n < 4 or payload[0] != 0x0A:
+        return None
+    size, i = _size(payload, 1, n)
+    if size != n - i or i + 2 > n or payload[i] != 0xAA or payload[i + 1] != 0x01:
+        return None
+    size, i = _size(payload, i + 2, n)
+    if size != n - i:
+        return None
+    return bytes(payload[i:])
+
+
+def _run_lone_graph(
+    session: Any, owner: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, timed: Callable[[], Any],
+    progress: Progress | None, raw: bytes
+) -> SliceResult:  # fmt: skip
+    """`run_commands` of a frame of one RunGraph (`lone_run_graph`'s `raw`): the executor's `run_graph_raw` where the
+    graph's quiet run takes it, else the command parsed and executed as the loop does: the same progress mark, the
+    same checks after it, the same result."""
+    replies: list[Any] = []
+    session.memory.used = session.memory.device.capacity - max(0, req.device_free)
+    ledger.reset()
+    with timed() as measured:
+        if progress is not None:
+            progress(0)
+        if not owner.run_graph_raw(session, raw, replies.append):
+            cmd = device_pb2.ClientFrame.FromString(req.payload).commands[0]  # type: ignore[arg-type]
+            execute(session, cmd, replies.append)
+        partial = session.download is not None or session.defining is not None or session.waiting is not None
+        replies = [r.SerializeToString() if isinstance(r, device_pb2.ServerFrame) else r for r in replies]
+        if replies and isinstance(timed, DeviceClock):
+            timed.settle()
+    busy = isinstance(timed, DeviceClock) and timed.busy
+    return _result(session, ledger, 0 if partial else 1, measured, replies, partial, busy)
+
+
 def run_commands(
     session: Any,
     execute: Execute,
@@ -651,6 +707,10 @@ def run_commands(
     native = getattr(owner, "native", None)
     commands: Sequence[Any]
     records: list[bytes] | None = None
+    if taken is None and native is not None and span is not None and hasattr(owner, "run_graph_raw"):
+        raw = lone_run_graph(payload)
+        if raw is not None:
+            return _run_lone_graph(session, owner, execute, ledger, req, timed, progress, raw)
     if taken is None:
         # with the native runner, upb parses only the commands that are not plain eager records (`frame_commands`)
         lazy = frame_commands(payload, native) if span is not None and native is not None else None

@@ -514,3 +514,144 @@ def test_run_raw_reads_any_bytes_as_upb_reads_them(twins: Any, seed: int) -> Non
             assert type(r) is Stop and type(w) is Stop
             answered += 1
     assert answered > 0
+
+
+# ---- round 43: a frame of one RunGraph read from its bytes (`slices.lone_run_graph`, `CommandExecutor.run_graph_raw`)
+
+
+def _varint(v: int, extra: int = 0) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F or extra else 0))
+        v >>= 7
+        if not v:
+            if extra:
+                out += b"\x80" * (extra - 1) + b"\x00"
+            return bytes(out)
+
+
+def _frame_of(body: bytes, extra: int = 0) -> bytes:
+    """A ClientFrame of one command whose `run_graph` holds `body` (`extra`: overlong lengths)."""
+    cmd = b"\xaa\x01" + _varint(len(body), extra) + body
+    return b"\x0a" + _varint(len(cmd), extra) + cmd
+
+
+def _slice(t: Twin, payload: bytes) -> tuple[Any, ...]:
+    """`slices.run_commands` of a frame's bytes as a worker runs it (the payload a view of its shared memory): what
+    the result says, the session's error, and its state."""
+    t.s.error = None
+    req = slices.SliceRequest(1 << 30, 1 << 20, 10.0, memoryview(bytearray(payload)))
+    marks: list[int] = []
+    try:
+        r = slices.run_commands(t.s, t.ex.execute, t.ex.ledger, req, t.s.memory.device.slice_timer(), marks.append)
+    except DecodeError:
+        return ("DecodeError",), t.state()
+    err = t.s.error
+    said = (r.executed, r.partial, r.replies, dict(r.errors), dict(r.events), r.ops, r.used, r.handles, marks)
+    return said, (None if err is None else (err.code, err.message)), t.state()
+
+
+def _same(quick: Twin, slow: Twin, step: Any) -> Any:
+    got = step(quick)
+    assert got == step(slow)
+    return got
+
+
+def _run_body(t: Twin, out: int | None = None, b: int | None = None) -> bytes:
+    if out is None:
+        t.next += 1
+        out = t.base + t.next
+    x = torch.full((4, 3), float(t.next)).numpy().tobytes()
+    msg = device_pb2.RunGraph(graph_id=GID, inputs=[0, t.b if b is None else b], outputs=[out], input_data=[x])
+    return msg.SerializeToString()
+
+
+def test_a_lone_run_graph_frame_runs_from_its_bytes(twins: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 43: a slice whose frame is one RunGraph that the graph's quiet run takes is run from the frame's bytes:
+    no `frame_commands` (upb's parse of the frame) and no `GraphTable.run` (the message's `SerializeToString`); the
+    slow twin (no plan) parses the command and executes it. Both end the same, with the same slice results. On
+    7b5ed4d every slice called `frame_commands` and `GraphTable.run`."""
+    quick, slow, ran = twins
+    for _ in range(5):
+        assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
+    framed: list[WorkerSession] = []
+    run: list[WorkerSession] = []
+    real_frame, real_run = slices.frame_commands, graph.GraphTable.run
+
+    def frame_commands(payload: Any, native: Any) -> Any:
+        framed.append(native)
+        return real_frame(payload, native)
+
+    def counted(self: Any, s: WorkerSession, *a: Any, **k: Any) -> Any:
+        run.append(s)
+        return real_run(self, s, *a, **k)
+
+    monkeypatch.setattr(slices, "frame_commands", frame_commands)
+    monkeypatch.setattr(graph.GraphTable, "run", counted)
+    before = ran.count(quick.s)
+    for _ in range(4):
+        said = _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[0]
+        assert said[0] == 1 and said[4] == {"replayed": 1}
+    # the slow twin's plan declines: its command parsed in the slice and executed (`GraphTable.run`), no frame read
+    assert quick.s not in run and run.count(slow.s) == 4 and framed == []
+    assert ran.count(quick.s) == before
+    # a failing quiet run (an output handle of another session) from the bytes: poisoned and counted as before
+    bad = _frame_of(_run_body(quick, out=(9 << 32) + 1))
+    bad_slow = _frame_of(_run_body(slow, out=(9 << 32) + 1))
+    got = _slice(quick, bad)
+    assert got == _slice(slow, bad_slow) and got[1] is not None, got
+
+
+def test_lone_run_graph_frames_of_any_bytes_run_as_the_parsed_command(twins: Any) -> None:
+    """Frames of one RunGraph whose bytes the plan's reading declines or that are not what `lone_run_graph` reads
+    (`graph_id` repeated with the last one another graph's, or first another's, or absent; `drop_writes`; an
+    unknown field; overlong lengths; a truncated message; two commands; a reshaped persistent tensor between runs;
+    an input of another shape) give both twins the same slice results, errors and state, quiet again after."""
+    quick, slow, _ = twins
+    for _ in range(5):
+        assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
+
+    def variants(t: Twin) -> list[bytes]:
+        body = _run_body(t)
+        other = device_pb2.RunGraph(graph_id=2).SerializeToString()
+        return [
+            _frame_of(body + other),  # graph_id read last: 2, never defined
+            _frame_of(other + _run_body(t)),  # first 2, then GID: the graph upb reads
+            _frame_of(_run_body(t)[2:]),  # no graph_id: 0
+            _frame_of(_run_body(t) + b"\x20" + _varint(t.kept)),  # drop_writes
+            _frame_of(_run_body(t) + b"\xf8\x01\x05"),  # an unknown field
+            _frame_of(_run_body(t), extra=2),  # overlong lengths
+            _frame_of(_run_body(t)) + _frame_of(_run_body(t)),  # two commands
+            _frame_of(_run_body(t, b=t.v)),  # an input of another shape: the Python path's error
+            _frame_of(_run_body(t)[:-3]),  # truncated inside input_data
+        ]
+
+    n = len(variants(quick))
+    slow.next = quick.next
+    for k in range(n):
+        got = _same(quick, slow, lambda t, k=k: _slice(t, variants(t)[k]))
+        assert got[0] != "DecodeError" or k == n - 1, (k, got)
+        for _ in range(2):
+            assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
+    quick.op("aten::t_.default", quick.w)
+    slow.op("aten::t_.default", slow.w)
+    got = _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))
+    assert got[1] is not None  # the persistent tensor's metadata changed in place: the Python path's error
+
+
+def test_run_raw_checks_the_graph_id_as_upb_reads_it(twins: Any) -> None:
+    """`GraphPlan.run_raw(..., graph_id=)` (round 43): None, nothing done, where the message's `graph_id` as upb
+    reads it (its last value; 0 where it has none) is not the one given; the same run as without it elsewhere."""
+    quick, _, _ = twins
+    for _ in range(5):
+        assert quick.run()[0] is None
+    t, g, s = quick, quick.g, quick.s
+    before = t.state()
+    for bad in (b"\x08\x02", b"\x08\x82\x80\x80\x00"):  # another graph's, last (overlong too)
+        assert g.fast.run_raw(s, _run_body(t) + bad, None, g.quiet_refs, g.writes, g.traced.fn, GID) is None
+    assert g.fast.run_raw(s, _run_body(t)[2:], None, g.quiet_refs, g.writes, g.traced.fn, GID) is None  # none: 0
+    assert t.state() == before
+    s.mutations += 1  # as `execute` counts a RunGraph
+    body = b"\x08\x07" + _run_body(t)  # 7 first, then GID last: GID's
+    assert g.fast.run_raw(s, body, None, g.quiet_refs, g.writes, g.traced.fn, GID) is True
+    assert t.state() != before
