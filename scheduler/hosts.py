@@ -144,6 +144,10 @@ class HostBook:
         self.lease_book = lease_side
         # host -> {lease to revoke at its next heartbeat: until when one of its tokens may be alive}
         self.revoked: dict[str, dict[str, float]] = {}
+        # host -> {lease already told revoked: until when} (kept until then): a daemon that restarts lost its
+        # verifier's list, so its Register queues them again (until round 43 nothing refilled it: every ended lease's
+        # unexpired token attached at the restarted daemon once, for a heartbeat interval each).
+        self.told: dict[str, dict[str, float]] = {}
 
     def revoke(self, lease: LeaseRecord) -> None:
         """Tell the lease's hosts at their next heartbeat that it ended."""
@@ -153,12 +157,13 @@ class HostBook:
     def forget_revocations(self, now: float) -> None:
         """Drop the pending revocations no token can need any more (their leases' tokens have all expired): a host
         that never heartbeats again (down, removed) keeps them no longer than that."""
-        for host_id in [h for h, pending in self.revoked.items() if min(pending.values(), default=0.0) <= now]:
-            pending = {k: until for k, until in self.revoked[host_id].items() if until > now}
-            if pending:
-                self.revoked[host_id] = pending
-            else:
-                del self.revoked[host_id]
+        for book in (self.revoked, self.told):
+            for host_id in [h for h, pending in book.items() if min(pending.values(), default=0.0) <= now]:
+                pending = {k: until for k, until in book[host_id].items() if until > now}
+                if pending:
+                    book[host_id] = pending
+                else:
+                    del book[host_id]
 
     def register(
         self, host_id: str, address: str, devices: list[DeviceSpec], labels: Mapping[str, str] | None = None
@@ -177,6 +182,9 @@ class HostBook:
                 time.time(),
                 cordoned,
             )
+            told = self.told.pop(host_id, None)
+            if told:  # (a restarted daemon's verifier is empty: its first heartbeat tells it again)
+                self.revoked.setdefault(host_id, {}).update(told)
             mine = self.lease_book.active_on(host_id)
             keep: list[LeaseRecord] = []
             lose: list[LeaseRecord] = []
@@ -234,6 +242,8 @@ class HostBook:
                 if want == HostState.UP:
                     self.lease_book.serve_waiters()
             pending = self.revoked.pop(host_id, {})
+            if pending:
+                self.told.setdefault(host_id, {}).update(pending)
             revoked = set(pending)
             revoked.update(x for x in session_leases if x and not self.lease_book.is_active_on(x, host_id))
             if until is not None:
