@@ -11,6 +11,7 @@ the module globals its code names and its bound object's attributes (`python_val
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,121 @@ def _training(m: torch.nn.Module, seen: set[int], out: list[bool]) -> None:
             _training(child, seen, out)
 
 
+_is = operator.is_
+
+
+class _ModulePart:
+    """A watched module's part of `watch_key`: the training flags of `m.modules()`, read per call from the list
+    of their `__dict__`s found when it was made (a subscript each, where `_training` makes a call per module).
+    `same()`: that list is still `m.modules()`: every module's `_modules` equals the copy taken then (the same
+    children, compared by identity in C: a child added, removed or replaced fails it). A tree with a module whose
+    class reads `training` or `_modules` in its own way is walked per call, as `watch_key` walks it."""
+
+    def __init__(self, m: torch.nn.Module) -> None:
+        self.m = m
+        mods: list[torch.nn.Module] = []
+        _modules(m, set(), mods)
+        plain = all(not hasattr(type(x), "training") and not hasattr(type(x), "_modules") for x in mods)
+        self.dicts = [vars(x) for x in mods] if plain else None
+        self.children = [dict(d["_modules"]) for d in self.dicts] if self.dicts is not None else []
+
+    def same(self) -> bool:
+        return self.dicts is None or [d["_modules"] for d in self.dicts] == self.children
+
+    def key(self, out: list[Any]) -> None:
+        if self.dicts is None:
+            flags: list[bool] = []
+            _training(self.m, set(), flags)
+            out.append(tuple(flags))
+        else:
+            out.append(tuple([d["training"] for d in self.dicts]))
+
+
+def _modules(m: torch.nn.Module, seen: set[int], out: list[torch.nn.Module]) -> None:
+    """`m.modules()` in the order `_training` walks them."""
+    seen.add(id(m))
+    out.append(m)
+    for child in m._modules.values():
+        if child is not None and id(child) not in seen:
+            _modules(child, seen, out)
+
+
+def _settled(v: Any) -> bool:
+    """Whether `value_key(v)` stays what it is while `v` is the same object: a CPU tensor's is its values."""
+    if type(v) in _PLAIN:
+        return True
+    if type(v) is tuple:
+        return all(type(x) in _PLAIN for x in v)
+    return isinstance(v, torch.Tensor) and v.device.type != "cpu"
+
+
+class _OptimizerPart:
+    """A watched optimizer's part of `watch_key`, kept while `same()`: its param_groups the same list of the
+    same dicts, each with the same keys and the very same values and parameters (a number assigned anew, an
+    added group or parameter fails it). An optimizer with a value whose key is not its identity (a CPU tensor,
+    a list) is never kept."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        self.groups_list = opt.param_groups
+        self.groups = list(opt.param_groups)
+        self.names = [tuple(g) for g in self.groups]
+        self.values = [list(g.values()) for g in self.groups]
+        self.params = [list(g["params"]) for g in self.groups]
+        self.part = watch_key([opt])
+        self.kept = all(_settled(v) for g in self.groups for k, v in g.items() if k != "params")
+
+    def same(self) -> bool:
+        groups = self.opt.param_groups
+        if not self.kept or groups is not self.groups_list or len(groups) != len(self.groups):
+            return False
+        for g, was, names, values, params in zip(groups, self.groups, self.names, self.values, self.params,
+                                                 strict=True):  # fmt: skip
+            p = g.get("params")
+            if (
+                g is not was
+                or tuple(g) != names  # str keys: compared in C
+                or not all(map(_is, g.values(), values))
+                or p is None
+                or len(p) != len(params)
+                or not all(map(_is, p, params))
+            ):
+                return False
+        return True
+
+    def key(self, out: list[Any]) -> None:
+        out.extend(self.part)
+
+
+class Watch:
+    """`watch_key(watched)` on every call, cheaper: each part is remade only when its `same()` says what it read
+    may have changed; otherwise a module's flags are read off the module list it found and an optimizer's part
+    (its parameters and settings: ~11 values keyed one by one) is the one made before. Always equal to
+    `watch_key(watched)` (a module whose `__dict__` is replaced wholesale aside)."""
+
+    def __init__(self, watched: list[Any]) -> None:
+        self.watched = watched
+        self.parts: list[Any] = []
+        self._remake()
+
+    def _remake(self) -> None:
+        self.parts = [
+            _ModulePart(obj) if isinstance(obj, torch.nn.Module) else _OptimizerPart(obj)
+            for obj in self.watched
+            if isinstance(obj, torch.nn.Module | torch.optim.Optimizer)
+        ]
+
+    def key(self) -> tuple[Any, ...]:
+        for part in self.parts:
+            if not part.same():
+                self._remake()
+                break
+        out: list[Any] = []
+        for part in self.parts:
+            part.key(out)
+        return tuple(out)
+
+
 def values_key(values: dict[str, Callable[[], Any]]) -> tuple[Any, ...]:
     return tuple((name, value_key(read())) for name, read in values.items())
 
@@ -62,6 +178,10 @@ def difference(graphs: dict[Any, Any], new: Any) -> str:
 
 
 def leaf_key(x: Any) -> Any:
+    if type(x) is torch.Tensor:  # a CPU batch, the C++ client's tensors: no `_gp_key` to look for (a miss raises)
+        if x.is_cpu:
+            return ("cpu", tuple(x.shape), x.dtype)
+        return (x.device, tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
     key = getattr(x, "_gp_key", None)  # the Python client's tensors carry theirs
     if key is not None:
         return key

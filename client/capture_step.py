@@ -39,6 +39,7 @@ class StepCache:
         self.name = getattr(fn, "__name__", "step")
         self.device = device
         self.watched = list(watch) or guard.discover(fn)
+        self._watch = guard.Watch(self.watched)  # watch_key(self.watched), remade only when it may have changed
         self.values = guard.python_values(fn)  # name -> reader of a plain Python value the step reads
         self.max_graphs = max_graphs
         self.graphs: dict[Any, Any] = {}  # by guard key, least recently used first
@@ -97,7 +98,7 @@ class StepCache:
         return (
             structure,
             tuple(map(guard.leaf_key, leaves)),
-            guard.watch_key(self.watched),
+            self._watch.key(),
             guard.values_key(self.values),
         )
 

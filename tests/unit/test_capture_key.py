@@ -89,3 +89,85 @@ def test_plain_values_key_as_before(v: object) -> None:
         want = ("id", id(v))
     assert got == want or (v != v and got[0] is float)  # nan is not equal to itself
     assert guard.value_key(True) != guard.value_key(1)
+
+
+def _model() -> torch.nn.Module:
+    shared = torch.nn.Linear(2, 2)
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU(), shared), shared)
+
+
+def _changes(m: torch.nn.Module, opt: torch.optim.Optimizer) -> list[tuple[str, object]]:
+    """What may change a step's watch key between two calls (each applied in turn, cumulatively)."""
+    g = opt.param_groups[0]
+    extra = torch.nn.Parameter(torch.ones(2))
+    lrs = [torch.tensor(0.5, device="meta") for _ in range(2)]  # alive: a device tensor's key is its identity
+    return [
+        ("nothing", lambda: None),
+        ("a submodule's flag", lambda: m[1][1].eval()),
+        ("the flag back", lambda: m[1][1].train()),
+        ("eval", lambda: m.eval()),
+        ("a child added in train mode", lambda: m.add_module("late", torch.nn.Dropout())),
+        ("a child replaced by one in the other mode", lambda: m.__setattr__("late", torch.nn.Linear(2, 2).eval())),
+        ("a grandchild replaced", lambda: m[1].__setattr__("0", torch.nn.ReLU().train())),
+        ("a child removed", lambda: m.__delattr__("late")),
+        ("a child set to None", lambda: m.add_module("none", None)),
+        ("train", lambda: m.train()),
+        ("a new float lr", lambda: g.__setitem__("lr", 0.5)),
+        ("an equal float lr, another object", lambda: g.__setitem__("lr", float("0.5"))),
+        ("betas", lambda: g.__setitem__("betas", (0.8, 0.9))),
+        ("a setting added", lambda: g.__setitem__("extra", 1)),
+        ("a setting removed", lambda: g.pop("extra")),
+        ("a parameter appended", lambda: g["params"].append(extra)),
+        ("a parameter removed", lambda: g["params"].pop()),
+        ("a group added", lambda: opt.add_param_group({"params": [extra], "lr": 0.1})),
+        ("a CPU tensor lr", lambda: g.__setitem__("lr", torch.tensor(0.25))),
+        ("that lr changed in place", lambda: g["lr"].fill_(0.125)),
+        ("a list value, then changed in place", lambda: g.__setitem__("betas", [0.9, 0.99])),
+        ("the list changed in place", lambda: g["betas"].append(1.0)),
+        ("the param_groups list replaced", lambda: setattr(opt, "param_groups", list(opt.param_groups))),
+        ("a device lr", lambda: g.__setitem__("lr", lrs[0])),
+        ("another device lr", lambda: g.__setitem__("lr", lrs[1])),
+    ]
+
+
+def test_the_kept_watch_key_is_watch_key_after_every_change() -> None:
+    """`Watch.key()` (what a captured step computes per call, its parts remade only when what they read may have
+    changed) equals `watch_key` of the same objects after every kind of change a step's modules and optimizers
+    see: flags, children added, replaced, removed; settings assigned, added, removed; parameters and groups added;
+    lr as a float, a CPU tensor changed in place, a device tensor."""
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    watch = guard.Watch([m, opt, "not watched"])
+    before = watch.key()
+    for what, change in _changes(m, opt):
+        change()  # type: ignore[operator]
+        got, want = watch.key(), guard.watch_key([m, opt])
+        assert got == want, what
+        assert watch.key() == want, what  # and again, from what the first call kept
+        if what not in (
+            "nothing",
+            "an equal float lr, another object",
+            "a list value, then changed in place",
+            "the list changed in place",
+            "the param_groups list replaced",
+            "a child set to None",
+        ):
+            assert got != before, what  # fmt: skip
+        before = got
+
+
+def test_kept_parts_are_read_again_not_recomputed() -> None:
+    """A quiet call keeps an optimizer's part (the same tuple) and reads the flags afresh."""
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    watch = guard.Watch([m, opt])
+    parts = list(watch.parts)
+    first = watch.key()
+    m[0].eval()
+    second = watch.key()
+    assert watch.parts == parts  # nothing remade: a flag is read, not a structure
+    assert (
+        second[0] != first[0]
+        and second[1:] == first[1:]
+        and all(a is b for a, b in zip(second[1:], first[1:], strict=True))
+    )
