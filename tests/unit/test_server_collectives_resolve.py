@@ -173,33 +173,6 @@ def test_a_join_naming_another_joins_relay_as_its_store_is_refused() -> None:
         assert relay.done.wait(5)
 
 
-_FLOOD = """
-import collections, socket, sys, threading
-port, threads = int(sys.argv[1]), int(sys.argv[2])
-count = [0] * threads
-def flood(i):
-    held = collections.deque()
-    while True:
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", port))
-        count[i] += 1
-        held.append(s)
-        if len(held) > 32:
-            held.popleft().close()
-try:
-    socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    print("reached", flush=True)
-except ConnectionRefusedError:
-    print("refused", flush=True)
-for i in range(threads):
-    threading.Thread(target=flood, args=(i,), daemon=True).start()
-print("flooding", flush=True)
-sys.stdin.read()
-print(sum(count), flush=True)
-"""
-
-
 def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None:
     """Any process of the host may connect to a relay's port (a network-granted worker of another tenant: ports of
     --collective-ports). On e4fb3a0 the relay listened on 127.0.0.1 with a backlog of 8: one local process of 16
@@ -214,12 +187,16 @@ def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None
     worker) can learn the address and flood it."""
     import subprocess
     import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from relay_flood import FLOOD  # 16 threads of non-blocking connects to 127.0.0.1:<port>
 
     master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
     upstream = socket.create_connection(("127.0.0.1", master.port), timeout=5)
     stop = threading.Event()
     relay = _Relay(upstream, stop)
-    flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(relay.port), "16"], stdin=subprocess.PIPE,
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(relay.port), "16", "127.0.0.1"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert flood.stdout is not None
