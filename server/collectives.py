@@ -31,12 +31,14 @@ A group of one rank needs no socket: its collectives are the identity.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import queue
+import secrets
 import selectors
 import socket
 import struct
@@ -70,6 +72,8 @@ MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group forma
 # call until round 18). While nobody else waits it keeps looking: a lone job pays no slice per step.
 POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = seclink.STOP_POLL_SECONDS  # how soon a closed session's join gives up
+RELAY_BACKLOG = 1024  # a relay's listen backlog (the kernel caps it at net.core.somaxconn): a flood of strangers'
+# connections is accepted and closed in batches of up to this many, one walk of /proc/self/fd a batch (`_keep_own`)
 STORE_ATTEMPT_SECONDS = 0.5  # a rank's attempts to reach rank 0's store: how soon a closed session's join gives up
 # the addresses of a store's name a join tries (in the resolver's order): a hostile name's hundreds of black-holed
 # addresses took STORE_ATTEMPT_SECONDS each, one after another, with no look at the session's close (round 22)
@@ -218,7 +222,7 @@ class _Relay:
     the relay's close is an end of stream the client sees. No protocol is read here: bytes only. It accepts one
     connection, from this process's TCPStore client, and then listens no more: a connection from any other process
     on the host (a client on the same machine, another session's worker with a network token) is closed unread
-    (`_from_this_process`; round 23 forwarded the first connection to arrive, whoever made it: store traffic on this
+    (`_keep_own`; round 23 forwarded the first connection to arrive, whoever made it: store traffic on this
     join's connection, and the join's own client refused)."""
 
     def __init__(
@@ -227,7 +231,7 @@ class _Relay:
         self.upstream, self.stop = upstream, stop
         self.close_at: float | None = None
         self.listener = seclink.bind_in(ports, _loopback_listener)
-        self.port = self.listener.getsockname()[1]
+        self.host, self.port = self.listener.getsockname()[:2]
         self.done = threading.Event()
         threading.Thread(target=self._pump, name="gpupool-store-relay", daemon=True).start()
 
@@ -242,12 +246,10 @@ class _Relay:
                 if self._over():
                     return
                 try:
-                    client, _ = self.listener.accept()
+                    first, _ = self.listener.accept()
                 except TimeoutError:
                     continue
-                if not _from_this_process(client):
-                    client.close()
-                    client = None
+                client = _keep_own(self._accept_pending([first]))
             self._close_listener()
             ends = {client: self.upstream, self.upstream: client}
             for sock in ends:
@@ -270,6 +272,20 @@ class _Relay:
                     end.close()
             self.done.set()
 
+    def _accept_pending(self, batch: list[socket.socket]) -> list[socket.socket]:
+        """`batch` and every connection already waiting in the listener's queue (up to RELAY_BACKLOG), accepted
+        without waiting: one walk of this process's sockets then answers for all of them (`_keep_own`)."""
+        self.listener.setblocking(False)
+        try:
+            while len(batch) < RELAY_BACKLOG:
+                try:
+                    batch.append(self.listener.accept()[0])
+                except (BlockingIOError, InterruptedError):
+                    break
+        finally:
+            self.listener.settimeout(STOP_POLL_SECONDS)
+        return batch
+
     def _close_listener(self) -> None:
         """Close the listener and take its port off `_RELAY_PORTS` (once)."""
         if self.listener.fileno() >= 0:
@@ -289,7 +305,7 @@ _RELAY_LOCK = threading.Lock()
 def _own_relay(sockaddr: Any) -> bool:
     ip, port = _address(sockaddr)
     with _RELAY_LOCK:
-        return ip == "127.0.0.1" and _RELAY_PORTS[port] > 0
+        return ipaddress.ip_address(ip).is_loopback and _RELAY_PORTS[port] > 0
 
 
 def _unlist(port: int) -> None:
@@ -300,24 +316,45 @@ def _unlist(port: int) -> None:
 
 
 def _loopback_listener(port: int) -> socket.socket:
-    """A relay's listener on 127.0.0.1:PORT. SO_REUSEADDR: the relay closes its connection first, so the port sits
-    in TIME_WAIT for 60 s after; without it that port took no bind for as long (round 42 review: a loop of joins and
-    closes used up --collective-ports for every group of the host). Another listener on the port it still refuses."""
+    """A relay's listener on PORT of a random address of 127.0.0.0/8 (`_relay_address`; 127.0.0.1 where that address
+    is not there), with a backlog of RELAY_BACKLOG. SO_REUSEADDR: the relay closes its connection first, so the port
+    sits in TIME_WAIT for 60 s after; without it that port took no bind for as long (round 42 review: a loop of joins
+    and closes used up --collective-ports for every group of the host). Another listener on the port it still
+    refuses."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listed = False
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
+        try:
+            listener.bind((_relay_address(), port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise
+            listener.bind(("127.0.0.1", port))  # a loopback of 127.0.0.1 alone
         with _RELAY_LOCK:  # before it listens: no connection reaches it unregistered
             _RELAY_PORTS[listener.getsockname()[1]] += 1
         listed = True
-        listener.listen(8)
+        listener.listen(RELAY_BACKLOG)
     except OSError:
         if listed:
             _unlist(listener.getsockname()[1])
         listener.close()
         raise
     return listener
+
+
+def _relay_address() -> str:
+    """A random address of 127.0.0.0/8 (not .0, .255 nor 127.0.0.1) for a relay to listen on. Any process of the host
+    may connect to a relay's port (a worker granted network: the ports of --collective-ports), and one local process
+    of threads of connects outruns any accept loop it shares the CPU with (round 43: the relay accepted ~2,000 a
+    second, ~28 us of CPU each, against ~50,000 connects a second of 16 threads), so its queue stayed full and the
+    join's own client's SYNs were dropped. A flood of 127.0.0.1:PORT now reaches no relay; a worker cannot read the
+    host's table of connections (/proc/net, landlock.PROC_SELF_WITHHELD) to learn the address, and ~2^24 addresses a
+    port are too many to try within a join."""
+    while True:
+        address = 0x7F000000 | secrets.randbits(24)
+        if address & 0xFF not in (0, 255) and address != 0x7F000001:
+            return str(ipaddress.IPv4Address(address))
 
 
 def _address(sockaddr: Any) -> tuple[str, int]:
@@ -329,33 +366,54 @@ def _address(sockaddr: Any) -> tuple[str, int]:
     return str(ip), int(sockaddr[1])
 
 
-def _from_this_process(conn: socket.socket) -> bool:
-    """Whether the other end of `conn` (a connection accepted on loopback) is a socket this process holds: one of
-    its descriptors (/proc/self/fd) is a TCP socket whose own address is `conn`'s peer and whose peer is `conn`'s own
-    address, asked of the socket itself (a duplicate of the descriptor: getsockname, getpeername). Until round 42
-    it read the host's table of TCP connections (/proc/net/tcp, tcp6) for the socket's inode, and so every worker
-    granted network could read every connection of the host. Anything that fails is False (the join then fails at
-    its deadline: never a stranger's bytes)."""
+def _keep_own(batch: list[socket.socket]) -> socket.socket | None:
+    """The first connection of `batch` (accepted on a relay's listener) whose other end this process holds
+    (`_this_process_ends`: one walk of /proc/self/fd for the whole batch); every other one is closed at once with a
+    reset (SO_LINGER 0: no TIME_WAIT left on the relay's port by a flood), unread. Round 42 walked /proc/self/fd
+    for each connection and listened with a backlog of 8: one local process of 16 threads of connects held a join's
+    client out for 7.1 s, once for over 60 s (hostrev43)."""
+    client: socket.socket | None = None
     try:
-        want = (_address(conn.getpeername()), _address(conn.getsockname()))
-        mine = conn.fileno()
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd == mine:
+        ends = _this_process_ends({conn.fileno() for conn in batch})
+    except Exception:  # whatever fails: none is known to be ours
+        ends = set()
+    for conn in batch:
+        try:
+            own = client is None and (_address(conn.getpeername()), _address(conn.getsockname())) in ends
+        except (OSError, ValueError):
+            own = False
+        if own:
+            client = conn
+            continue
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        conn.close()
+    return client
+
+
+def _this_process_ends(skip: set[int]) -> set[tuple[tuple[str, int], tuple[str, int]]]:
+    """(own address, peer address) of each connected TCP socket this process holds but the descriptors `skip`: its
+    descriptors (/proc/self/fd) that are sockets, asked of the socket itself (a duplicate of the descriptor:
+    getsockname, getpeername). A connection accepted on loopback is from this process when (its peer, its own
+    address) is one of them. Until round 42 this read the host's table of TCP connections (/proc/net/tcp, tcp6) for
+    the socket's inode, and so every worker granted network could read every connection of the host."""
+    ends: set[tuple[tuple[str, int], tuple[str, int]]] = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in skip:
+            continue
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
                 continue
-            try:
-                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+            with socket.socket(fileno=os.dup(fd)) as other:
+                if other.type != socket.SOCK_STREAM or other.family not in (socket.AF_INET, socket.AF_INET6):
                     continue
-                with socket.socket(fileno=os.dup(fd)) as other:
-                    if other.type != socket.SOCK_STREAM or other.family not in (socket.AF_INET, socket.AF_INET6):
-                        continue
-                    if (_address(other.getsockname()), _address(other.getpeername())) == want:
-                        return True
-            except OSError:  # closed meanwhile, not connected, not a socket
-                continue
-    except Exception:  # whatever fails: not known to be ours
-        return False
-    return False
+                ends.add((_address(other.getsockname()), _address(other.getpeername())))
+        except OSError:  # closed meanwhile, not connected, not a socket
+            continue
+    return ends
 
 
 def _send_until(sock: socket.socket, data: bytes, over: Callable[[], bool]) -> None:
@@ -433,7 +491,7 @@ def _connect_store(
             raise
         relay.close_at = deadline  # a constructor still waiting then is ended by the relay's close
         try:
-            store = dist.TCPStore("127.0.0.1", relay.port, size, is_master=False, timeout=timedelta(seconds=attempt))
+            store = dist.TCPStore(relay.host, relay.port, size, is_master=False, timeout=timedelta(seconds=attempt))
         except Exception:
             relay.close_at = 0.0
             relay.done.wait(2 * STOP_POLL_SECONDS)

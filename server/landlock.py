@@ -373,7 +373,7 @@ def gpu_paths(uuid: str = "", pci: str = "", layout: GpuLayout = DRIVER) -> tupl
 # Of a worker's own /proc/PID: what no rule grants. `net` is the network namespace's, not the process's: the host's
 # TCP connections (the daemon's clients' addresses and ports, every tenant's), unix sockets (their paths and abstract
 # names) and interfaces (round 41: read from every worker until then; round 42: from a worker granted network too,
-# which read /proc/net/tcp to tell its own store connection from others': server/collectives.py `_from_this_process`
+# which read /proc/net/tcp to tell its own store connection from others': server/collectives.py `_keep_own`
 # asks its own sockets now); `task` is listed only (each thread's folder has a `net` of its own). Magic links (cwd,
 # root, exe) are never followed: a rule on one would be a rule on its target.
 PROC_SELF_WITHHELD = ("net", "task")

@@ -27,7 +27,7 @@ def test_a_name_becomes_the_checked_ips_and_the_store_is_reached_at_one_of_them(
     assert all(ipaddress.ip_address(a).is_loopback for a in addresses)  # IPs, never the name
     store = _connect_store(addresses, master.port, 2, 10.0, threading.Event())
     # the TCPStore talks to the join's loopback relay, whose connection went to a checked IP: torch resolves nothing
-    assert store.host == "127.0.0.1" and store.port != master.port
+    assert ipaddress.ip_address(store.host).is_loopback and store.port != master.port
     store.set("k", "v")
     assert master.get("k") == b"v"
 
@@ -81,24 +81,24 @@ def test_a_name_of_many_black_holed_addresses_gives_up_with_the_session() -> Non
 
 _STRANGER = """
 import socket, sys, time
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
-s.sendall(b"INJECTED")
-s.settimeout(3)
 try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    s.settimeout(3)
+    s.sendall(b"INJECTED")
     got = s.recv(100)
 except TimeoutError:
     got = b"-"
-except ConnectionResetError:  # closed with our bytes unread: the kernel answers them with a reset
+except (ConnectionResetError, BrokenPipeError):  # closed with a reset (since round 43), or our bytes unread
     got = b""
 print("closed" if got == b"" else "open")
 """
 
 
 def test_the_relay_forwards_only_this_processs_connection() -> None:
-    """The join's loopback relay (`_Relay`) listens on 127.0.0.1, where any process of the host can connect: round
+    """The join's loopback relay (`_Relay`) listens on loopback, where any process of the host can connect: round
     23 forwarded the first connection to arrive, so another process that reached the port before the join's own
     TCPStore client spoke to the group's store on the daemon's connection (and the join's client was refused).
-    Now a connection whose other end this process does not hold is closed unread (`_from_this_process`), and the
+    Now a connection whose other end this process does not hold is closed unread (`_keep_own`), and the
     relay waits for its own client. A real store behind the relay, a real second process as the stranger."""
     import subprocess
     import sys
@@ -108,10 +108,10 @@ def test_the_relay_forwards_only_this_processs_connection() -> None:
     stop = threading.Event()
     relay = _Relay(upstream, stop)
     try:
-        stranger = subprocess.run([sys.executable, "-c", _STRANGER, str(relay.port)], capture_output=True,
+        stranger = subprocess.run([sys.executable, "-c", _STRANGER, relay.host, str(relay.port)], capture_output=True,
                                   text=True, timeout=60, check=True)  # fmt: skip
         assert stranger.stdout.strip() == "closed"  # its connection closed, nothing forwarded
-        store = dist.TCPStore("127.0.0.1", relay.port, 2, is_master=False, timeout=timedelta(seconds=10))
+        store = dist.TCPStore(relay.host, relay.port, 2, is_master=False, timeout=timedelta(seconds=10))
         store.set("k", "v")  # the relay's own client still reaches the store
         assert master.get("k") == b"v"
         assert master.num_keys() == 1 + 1  # "k" and the store's own counter key of the join: no stranger's
@@ -136,7 +136,7 @@ def test_a_closed_relays_port_is_free_for_the_next_group_at_once() -> None:
         stop = threading.Event()
         relay = _Relay(upstream, stop, (port, port))
         assert relay.port == port
-        client = socket.create_connection(("127.0.0.1", port), timeout=5)  # this process's: forwarded
+        client = socket.create_connection((relay.host, port), timeout=5)  # this process's: forwarded
         client.sendall(b"ping")
         assert here.recv(4) == b"ping"
         stop.set()  # the relay closes first ...
@@ -150,7 +150,7 @@ def test_a_closed_relays_port_is_free_for_the_next_group_at_once() -> None:
 
 def test_a_join_naming_another_joins_relay_as_its_store_is_refused() -> None:
     """Under --isolation thread every session's join runs in the daemon's process, so to a join's relay another
-    join's connection to the store is "from this process" too (`_from_this_process` asks this process's sockets). On
+    join's connection to the store is "from this process" too (`_keep_own` asks this process's sockets). On
     74c1f9f a join naming 127.0.0.1:<another join's relay port> (a port of --collective-ports, so not refused as out
     of range) took that relay's one connection while it waited for its own client: that join's store client then
     talked to the other group's store, and the other join's own client was refused. Now a store address that is one
@@ -163,11 +163,56 @@ def test_a_join_naming_another_joins_relay_as_its_store_is_refused() -> None:
         with pytest.raises((PermissionDenied, Unavailable)):
             other = _connect_store(["127.0.0.1"], relay.port, 2, 3.0, other_stop)  # another join in this process
             other.set("theirs", "x")
-        store = dist.TCPStore("127.0.0.1", relay.port, 2, is_master=False, timeout=timedelta(seconds=10))
+        store = dist.TCPStore(relay.host, relay.port, 2, is_master=False, timeout=timedelta(seconds=10))
         store.set("k", "v")  # the relay's own client still reaches its store
         assert master.get("k") == b"v"
         assert not master.check(["theirs"])
     finally:
         stop.set()
         other_stop.set()
+        assert relay.done.wait(5)
+
+
+def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None:
+    """Any process of the host may connect to a relay's port (a network-granted worker of another tenant: ports of
+    --collective-ports). On e4fb3a0 the relay listened on 127.0.0.1 with a backlog of 8: one local process of 16
+    threads of non-blocking connects to 127.0.0.1:<its port> kept the queue full, so the join's own client's SYNs
+    were dropped (hostrev43: 7.1 s once, not within 60 s another time; here, base: 2 runs of 5 not within 60 s). A
+    larger backlog and one walk of /proc/self/fd a batch were not enough alone (a flood outruns an accept loop
+    it shares the CPU with: 1 run of 3 not within 30 s). Now the relay listens on a random address of 127.0.0.0/8:
+    the flood of 127.0.0.1:<port> reaches nothing of it, and the join's client is through while the flood runs (a
+    generous 30 s), nothing of a stranger's forwarded. The flood's first connect to 127.0.0.1:<port> is refused
+    (on e4fb3a0 it reached the relay: this fails there every time; the join's time under the flood varied there, 0.04
+    s to not within 60 s, bench/relay_flood.py). Known limit: a process that reads /proc/net/tcp (not a
+    worker) can learn the address and flood it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from relay_flood import FLOOD  # 16 threads of non-blocking connects to 127.0.0.1:<port>
+
+    master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    upstream = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+    stop = threading.Event()
+    relay = _Relay(upstream, stop)
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(relay.port), "16", "127.0.0.1"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert flood.stdout is not None
+        assert flood.stdout.readline().strip() == "refused"  # the address hostrev43 flooded: no relay there
+        assert flood.stdout.readline().strip() == "flooding"
+        time.sleep(1.0)  # the flood fills the queue first
+        store = dist.TCPStore(relay.host, relay.port, 2, is_master=False, timeout=timedelta(seconds=30))
+        store.set("k", "v")
+        assert flood.poll() is None  # ... while the flood still runs
+        assert master.get("k") == b"v"
+        assert master.num_keys() == 1 + 1  # "k" and the join's counter key: nothing of a stranger's
+        connects = int(flood.communicate("", timeout=60)[0].split()[-1])
+        assert connects > 1000  # it was a flood
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+        stop.set()
         assert relay.done.wait(5)
