@@ -501,13 +501,19 @@ def test_channels_last_convolutions_and_views_of_them_give_the_cpu_values(pool: 
     local = on_cpu("-c", CONV_VIEWS).stdout
     got, want = re.findall(r"^case .*$", pooled, re.M), re.findall(r"^case .*$", local, re.M)
     assert len(got) == 12 and len(want) == 12, pooled
+    _same_lines(got, want)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def _same_lines(got: list[str], want: list[str]) -> None:
+    """Each pooled line's text before its "[" equals the local run's (strides, layouts, whether a view exists), its
+    numbers after it equal within float32 rounding."""
     for line, ref in zip(got, want, strict=True):
         head, ref_head = line.split("[", 1)[0], ref.split("[", 1)[0]
         assert head == ref_head
-        nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line.split("[", 1)[1])]
-        ref_nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", ref.split("[", 1)[1])]
+        nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line.partition("[")[2])]
+        ref_nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", ref.partition("[")[2])]
         assert nums == pytest.approx(ref_nums, rel=1e-5, abs=1e-6), (line, ref)
-    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
 CONV_LAYOUT = """
@@ -560,12 +566,7 @@ def test_channels_last_convolutions_return_channels_last_as_on_a_gpu(pool: str, 
     local = on_cpu("-c", CONV_LAYOUT).stdout
     got, want = re.findall(r"^(?:layout|stage) .*$", pooled, re.M), re.findall(r"^(?:layout|stage) .*$", local, re.M)
     assert len(got) == 17 and len(want) == 17, pooled
-    for line, ref in zip(got, want, strict=True):
-        head, ref_head = line.split("[", 1)[0], ref.split("[", 1)[0]
-        assert head == ref_head  # strides, layouts, whether the view exists
-        nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line.partition("[")[2])]
-        ref_nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", ref.partition("[")[2])]
-        assert nums == pytest.approx(ref_nums, rel=1e-5, abs=1e-6), (line, ref)
+    _same_lines(got, want)
     assert "no view" not in "".join(g for g in got if "torch.contiguous_format torch.contiguous_format" not in g)
     assert re.findall(r"^float64 .*$", pooled, re.M) == [
         "float64 conv2d (36, 9, 3, 1)",

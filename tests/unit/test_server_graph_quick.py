@@ -412,18 +412,8 @@ def test_run_raw_reads_any_bytes_as_upb_reads_them(twins: Any, seed: int) -> Non
     rng = random.Random(seed)
     x = torch.full((4, 3), 7.0).numpy().tobytes()
 
-    def varint(v: int, extra: int = 0) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((v & 0x7F) | (0x80 if v > 0x7F or extra else 0))
-            v >>= 7
-            if not v:
-                if extra:
-                    out += b"\x80" * (extra - 1) + b"\x00"
-                return bytes(out)
-
     def vi(v: int) -> bytes:
-        return varint(v, rng.choice([0, 0, 0, 1, 2]))
+        return _varint(v, rng.choice([0, 0, 0, 1, 2]))
 
     def handle() -> int:
         return rng.choice([0, 0, t.b, t.kept, t.w, t.base + 200, (9 << 32) + 1, (1 << 64) - 1, 1 << 63, 5])
@@ -445,7 +435,7 @@ def test_run_raw_reads_any_bytes_as_upb_reads_them(twins: Any, seed: int) -> Non
             return b"\x20" + vi(handle())  # drop_writes
         if k < 0.9:
             return bytes([rng.choice([0x11, 0x15, 0x0A, 0x50, 0x2A, 0x3B, 0x78])]) + bytes(rng.randrange(10))
-        return varint(rng.randrange(5, 3000) << 3) + vi(rng.randrange(1 << 20))  # an unknown varint field
+        return _varint(rng.randrange(5, 3000) << 3) + vi(rng.randrange(1 << 20))  # an unknown varint field
 
     def repeated(f: int, values: list[int]) -> list[bytes]:  # in runs, each packed or not
         out, i = [], 0
