@@ -130,6 +130,19 @@ def _ranks(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[int, dict[str
     return {int(r): json.loads(body) for _, r, body in lines}
 
 
+def _reference(script: Path, env: dict[str, str], cwd: Path) -> dict[int, dict[str, Any]]:
+    """The same script on torch's own gloo over CPU tensors, no gpupool in it: tried twice, as torch's gloo now and
+    then aborts a rank at its teardown after every rank printed its results ("terminate called without an active
+    exception", round 43's CI: rank 1 SIGABRT after barrier and destroy_process_group). The pool's run is not
+    retried."""
+    try:
+        return _ranks(_torchrun(script, "gloo", SAME), env, cwd)
+    except AssertionError as exc:
+        if "terminate called without an active exception" not in str(exc):
+            raise
+        return _ranks(_torchrun(script, "gloo", SAME), env, cwd)
+
+
 def _torchrun(script: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", str(script), *args]
 
@@ -145,7 +158,7 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
     script.write_text(SCRIPT)
     base = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cpu = _ranks(_torchrun(script, "gloo", SAME), base, tmp_path)
+    cpu = _reference(script, base, tmp_path)
     names = SAME + ",subgroup,ring,after"
     pool = _ranks(
         [
