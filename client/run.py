@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("-p", "--fraction", type=float, help="fraction of each GPU in (0, 1] (default: a whole GPU)")
     size.add_argument("-m", "--memory", type=size_arg, help="memory of each GPU instead, e.g. 6GiB")
     add_flag(p, "--wait", type=float, default=0.0, help="seconds to wait in line when the pool is full")
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (none given: 127.0.0.1:50050)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
     add_flag(p, "--tenant", default="", help="tenant to allocate for (operators only; credentials name tenants)")
     p.add_argument(
         "--policy", default="", choices=[p.value for p in Policy], help="placement policy (default: the scheduler's)"

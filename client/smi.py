@@ -51,7 +51,7 @@ HIDDEN_USED = (
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (none given: 127.0.0.1:50050)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
     tls.add_client_flags(p)
     return p
 

@@ -231,16 +231,24 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "(a result within it costs the daemon no thread wake-up; each slice longer than it costs that much CPU); "
         "-1: the host decides at each worker's start, 20 on 4+ cores under half load, else 0 (default 0: never)",
     )
-    add_flag(p, "--seccomp", type=_on_off, default=True, help="seccomp filter in session workers (on/off)")
+    add_flag(
+        p,
+        "--seccomp",
+        type=_on_off,
+        default=True,
+        shown_as=_on_off_text,
+        help="seccomp filter in session workers (on/off)",
+    )
     add_flag(
         p,
         "--landlock",
         type=_on_off,
         default=True,
+        shown_as=_on_off_text,
         help="Landlock in session workers (on/off): they read only Python's, torch's and the GPU driver's files, "
         "write none, and make TCP connections only when their lease grants network (then on --collective-ports only, "
         "ABI 4+); a kernel without Landlock "
-        "(or an older ABI) starts them with what it has and one warning (default on)",
+        "(or an older ABI) starts them with what it has and one warning",
     )
     add_flag(
         p,
@@ -338,6 +346,11 @@ def _on_off(value: str) -> bool:
     if value.lower() in ("off", "false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+
+
+def _on_off_text(value: bool) -> str:
+    """How --help shows an on/off flag's default: as it is typed (until round 44 "(default: True)")."""
+    return "on" if value else "off"
 
 
 def config_from_args(args: argparse.Namespace) -> DaemonConfig:

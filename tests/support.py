@@ -308,6 +308,20 @@ def stop_process(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
     return proc.returncode
 
 
+def processes_naming(folder: Path) -> list[str]:
+    """Processes (but this one) whose command line names `folder`: a build's python, ninja, the compiler, under a
+    test's own cache folder, as "PID: COMMAND LINE"."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in cmdline and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
 class Program:
     """`python -m gpupool.cli ARGS` with its output in a log file; finds lines in that log (bound ports)."""
 

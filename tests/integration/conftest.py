@@ -21,7 +21,7 @@ import pytest
 import torch
 from examples_fixtures import gpupool_up, idle_pool
 from shim_fixtures import Attach, ServeProcess, start_daemon
-from support import stop_process
+from support import Healthy, stop_process
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +78,17 @@ def attach(serve: ServeProcess) -> Iterator[Attach]:
 @pytest.fixture
 def dev(attach: Attach) -> torch.device:
     return attach()
+
+
+@pytest.fixture
+def healthy(daemon: Any) -> Iterator[Healthy]:
+    """A neighbour session on the test's in-process `daemon` (tenant "healthy") that computes and checks exact
+    results in a thread the whole test; its check after the test fails the test if one of its results was wrong or
+    refused (test_daemon_bad_input.py, test_daemon_compact.py, test_daemon_graph.py: a hostile session's failure never
+    touches another)."""
+    h = Healthy(daemon.address, daemon.token(tenant="healthy"))
+    yield h
+    h.check()
 
 
 @pytest.fixture

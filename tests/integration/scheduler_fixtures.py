@@ -23,7 +23,7 @@ from gpupool.server.registration import Registrar
 from support import daemon_args
 
 from gpupool import tokens
-from gpupool._proto import device_pb2
+from gpupool._proto import device_pb2, scheduler_pb2
 from gpupool.tls import TlsConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,6 +219,42 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
+
+
+def pool_state(address: str, timeout: float = 30.0) -> scheduler_pb2.PoolState:
+    """ListPool once the scheduler at `address` answers (a fresh one may still be starting; gRPC shares a subchannel
+    in reconnect backoff among channels), within `timeout` s."""
+    from gpupool.client.pool import SchedulerClient
+
+    from gpupool.errors import Unavailable
+
+    out: list[scheduler_pb2.PoolState] = []
+
+    def ask() -> bool:
+        try:
+            out.append(SchedulerClient(address).list_pool())
+            return True
+        except Unavailable:
+            return False
+
+    wait_until(ask, timeout=timeout, what=f"scheduler {address} answering")
+    return out[0]
+
+
+# A job for `gpupool run -- python -c TRAIN_UNTIL_FILE PATH`: trains until the file PATH exists (the test creates it
+# once what it waits for happened; 120 s at most), a line a step with the time the daemon answered it, "done" last.
+TRAIN_UNTIL_FILE = """
+import os, sys, time, torch, gpupool.torch as gt
+d = gt.device()
+w = torch.ones(4, device=d)
+t0, i = time.time(), 0
+while not os.path.exists(sys.argv[1]) and time.time() - t0 < 120:
+    w = w + 1
+    print("step", i, w.sum().item(), time.time(), flush=True)  # the time: when the daemon answered
+    i += 1
+    time.sleep(0.2)
+print("done", i, w.sum().item(), flush=True)
+"""
 
 
 def silence_when_down(address: str, host_id: str, timeout: float) -> float:

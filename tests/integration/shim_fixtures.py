@@ -5,13 +5,14 @@ everything, after)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
-from support import TEST_HOST, mint_token, start_serve_process
+from support import TEST_HOST, mint_token, start_serve_process, stop_process
 
 
 @dataclass
@@ -35,6 +36,16 @@ def start_daemon(
         key_file, "--fake-gpus", str(gpus), "--fake-gpu-memory", memory, *flags, env=env
     )
     return ServeProcess(address, key, proc)
+
+
+def withholding_daemon(factory: pytest.TempPathFactory, *features: str) -> Iterator[ServeProcess]:
+    """A module fixture's body (`yield from`): a daemon (one 1 GiB fake GPU) that withholds `features`
+    (GPUPOOL_WITHHOLD_FEATURES: its AttachReply does not name them and it refuses what they allow, as a daemon from
+    before they were made), stopped after the module."""
+    env = {"GPUPOOL_WITHHOLD_FEATURES": ",".join(features)}
+    daemon = start_daemon(factory.mktemp("withholds-" + "-".join(features)), "1GiB", 1, env=env)
+    yield daemon
+    stop_process(daemon.process)
 
 
 Attach = Callable[..., torch.device]

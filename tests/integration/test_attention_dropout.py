@@ -20,8 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
-from shim_fixtures import ServeProcess, start_daemon
-from support import stop_process
+from shim_fixtures import ServeProcess, withholding_daemon
 from test_attention import FUSED, OpLog, Slot, _op
 
 import gpupool.torch as gt
@@ -154,10 +153,7 @@ def old_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProces
     neither, as a daemon from before round 24 (it names round 43's "conv_layout" and "rng_state": withheld in
     test_conv_layout.py and test_rng_state.py), and it refuses the fused op with dropout, as a daemon
     from before round 23."""
-    env = {"GPUPOOL_WITHHOLD_FEATURES": f"{protocol.FEATURE_SDPA_DROPOUT},{protocol.FEATURE_SIDE_FRAMES}"}
-    daemon = start_daemon(tmp_path_factory.mktemp("old"), "1GiB", 1, env=env)
-    yield daemon
-    stop_process(daemon.process)
+    yield from withholding_daemon(tmp_path_factory, protocol.FEATURE_SDPA_DROPOUT, protocol.FEATURE_SIDE_FRAMES)
 
 
 def test_attach_names_the_daemons_features_and_a_withheld_one_is_refused(serve: Any, old_daemon: Any) -> None:

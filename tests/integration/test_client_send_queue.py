@@ -14,12 +14,15 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from gpupool.client.session import SEND_QUEUE_BYTES, SEND_QUEUE_FRAMES, Handle, Session, upload_command
+from shim_fixtures import ServeProcess, start_daemon
+from support import stop_process
 
 from gpupool import errors, wire
 
@@ -27,6 +30,16 @@ KiB = 1024
 BIG = 512 * KiB  # a captured step's batch (the stock MLP's): SEND_QUEUE_BYTES holds a few of them
 SMALL = 16 * KiB  # eager's frames: SEND_QUEUE_FRAMES of them stay far below SEND_QUEUE_BYTES
 SETTLED = 0.5  # seconds without a frame queued: the caller is blocked (the daemon reads nothing meanwhile)
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One `gpupool serve` (a 512 MiB fake GPU, a side port) for the module's tests, each of which stops and continues
+    it (SIGSTOP, SIGCONT) around its own sessions, closed before it ends (until round 44 a daemon each: seven starts,
+    each importing torch twice)."""
+    daemon = start_daemon(tmp_path_factory.mktemp("send-queue"), "512MiB", 1, "--bulk-listen", "127.0.0.1:0")
+    yield daemon
+    stop_process(daemon.process)
 
 
 def _frame(h: int, size: int) -> tuple[bytes, torch.Tensor]:
@@ -81,10 +94,7 @@ def _fill_while_stopped(
     return uploads, len(frames[0][0]), most_frames, most_bytes
 
 
-def test_queued_bytes_stay_under_the_cap_and_small_frames_fill_the_frame_cap(
-    serve_process: Any, monkeypatch: Any
-) -> None:
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--bulk-listen", "127.0.0.1:0")
+def test_queued_bytes_stay_under_the_cap_and_small_frames_fill_the_frame_cap(d: ServeProcess, monkeypatch: Any) -> None:
     for side in (True, False):
         monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1" if side else "0")
         with Session.attach(d.address, d.token()) as s:
@@ -114,12 +124,11 @@ def _wakeups(thread: threading.Thread) -> int:
     return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
 
 
-def test_a_sync_with_its_sender_idle_leaves_the_sender_asleep(serve_process: Any, monkeypatch: Any) -> None:
+def test_a_sync_with_its_sender_idle_leaves_the_sender_asleep(d: ServeProcess, monkeypatch: Any) -> None:
     """Where the frames use the side socket, a Sync (and the `.item()` of a step: its commands and Sync in one frame)
     the caller waits on is written from the calling thread when the sender is idle and nothing is queued: the sender
     thread does not wake for it (round 38; before, each synced step's frame woke it: a hand-off of ~6 futex calls and
     2 wake-ups). On 285a6ed: the sender woke ~400 times for the 400 syncs below."""
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--bulk-listen", "127.0.0.1:0")
     monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
     with Session.attach(d.address, d.token()) as s:
         assert s._carrier is not None
@@ -135,13 +144,12 @@ def test_a_sync_with_its_sender_idle_leaves_the_sender_asleep(serve_process: Any
         assert _wakeups(sender) - woke < 20
 
 
-def test_a_sync_behind_a_frame_still_being_written_waits_for_it(serve_process: Any, monkeypatch: Any) -> None:
+def test_a_sync_behind_a_frame_still_being_written_waits_for_it(d: ServeProcess, monkeypatch: Any) -> None:
     """A frame the sender took but has not finished writing (the daemon stopped, its socket full: the queue is empty,
     the sender busy) is not passed by a Sync written from the calling thread: the Sync is queued behind it, everything
     goes out whole once the daemon reads again, and the uploads arrive intact. Pins what held before round 38 (every
     frame went through the sender); the check of "idle" is the sender's count of items handled, not the queue's
     length (which is 0 here)."""
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--bulk-listen", "127.0.0.1:0")
     monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
     with Session.attach(d.address, d.token()) as s:
         assert s._carrier is not None
@@ -177,10 +185,9 @@ def test_a_sync_behind_a_frame_still_being_written_waits_for_it(serve_process: A
             assert torch.equal(s.download(Handle(h)), data)
 
 
-def test_a_caller_blocked_on_a_full_queue_sleeps_until_the_sender_writes(serve_process: Any, monkeypatch: Any) -> None:
+def test_a_caller_blocked_on_a_full_queue_sleeps_until_the_sender_writes(d: ServeProcess, monkeypatch: Any) -> None:
     """A caller blocked by back-pressure (the daemon stopped, the queue full) waits on the sender's word, not a
     timer: it hardly wakes while nothing moves. On 285a6ed it polled every 0.5 ms: hundreds of wake-ups a second."""
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--bulk-listen", "127.0.0.1:0")
     for side in ("1", "0"):
         monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", side)
         with Session.attach(d.address, d.token()) as s:
@@ -247,13 +254,12 @@ def _interrupted_after(seconds: float, call: Any) -> None:
         signal.signal(signal.SIGALRM, old)
 
 
-def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_process: Any, monkeypatch: Any) -> None:
+def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(d: ServeProcess, monkeypatch: Any) -> None:
     """A synced step's frame written from the calling thread (`_write_inline`) into a full side socket (the daemon
     reads slower: stopped here) is not waited on there: the socket takes what it can now and the sender writes the
     rest, so an interrupt of the caller's wait (Ctrl-C during a slow step's `.item()`, a timer's exception here) leaves
     the record whole and the session usable. On the merge of step38 the caller waited inside the write, the interrupt
     left half a record on the socket (OpenSSL then refused the next write, "bad length": the session was lost)."""
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--bulk-listen", "127.0.0.1:0")
     monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
     with Session.attach(d.address, d.token()) as s:
         assert s._carrier is not None
@@ -288,13 +294,12 @@ def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_proce
             assert torch.equal(s.download(Handle(h)), data)
 
 
-def test_an_interrupted_big_upload_leaves_no_half_record_on_the_socket(serve_process: Any, monkeypatch: Any) -> None:
+def test_an_interrupted_big_upload_leaves_no_half_record_on_the_socket(d: ServeProcess, monkeypatch: Any) -> None:
     """A bulk upload (1 MiB or more: its bytes go on the side socket) into a full side socket (the daemon reads
     slower: stopped here) is interrupted in the caller (Ctrl-C during a big upload, a timer's exception here): each
     chunk's frame and bytes go to the sender as one item, so the records on the socket stay whole, and the session
     goes on: a Sync is answered and the next upload arrives intact. On the base the caller wrote the chunk's bytes
     itself and the interrupt left half a record on the socket (the session was lost)."""
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--bulk-listen", "127.0.0.1:0")
     monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
     big = torch.arange(16 * 1024 * 1024, dtype=torch.int32)  # 64 MiB: far more than the sockets hold
     with Session.attach(d.address, d.token()) as s:
@@ -312,7 +317,7 @@ def test_an_interrupted_big_upload_leaves_no_half_record_on_the_socket(serve_pro
 
 
 def test_an_interrupted_big_upload_on_the_stream_carrier_leaves_the_session_usable(
-    serve_process: Any, monkeypatch: Any
+    d: ServeProcess, monkeypatch: Any
 ) -> None:
     """As above where the frames use the gRPC stream (GPUPOOL_SIDE_FRAMES=0) and only an upload's bytes the side
     socket: each chunk's command and bytes go to the stream's sending thread as one item, which writes the bytes on
@@ -320,7 +325,6 @@ def test_an_interrupted_big_upload_on_the_stream_carrier_leaves_the_session_usab
     chunks it queued whole and the rest unsent: the session goes on, the handle is refused as still being uploaded
     (FailedPrecondition) until an upload of it completes, and that one arrives intact. On 1344c19 the caller wrote
     the bytes itself and the interrupt left half a chunk on the socket: the session was lost."""
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--bulk-listen", "127.0.0.1:0")
     monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "0")
     # 192 MiB, 48 chunks: far more than the sockets hold, and than the send queue takes ahead (SEND_QUEUE_FRAMES)
     big = torch.arange(48 * 1024 * 1024, dtype=torch.int32)

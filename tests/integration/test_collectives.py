@@ -5,6 +5,7 @@ a rank that never calls and a daemon that dies (each a clear error within second
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -704,18 +705,21 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory, close
     timeout = 4.0
     outcomes, took = [], []
     try:
-        for address in (f"127.0.0.1:{closed_collective_port}", f"127.0.0.1:{accepting.getsockname()[1]}",
-                        f"127.0.0.1:{store_port}", f"no-such-host.invalid:{closed_collective_port}"):  # fmt: skip
-            lease = uuid.uuid4().hex
-            tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
-            with Session.attach(daemon.address, tokens[1]) as s:
+        with contextlib.ExitStack() as stack:  # the four joins at once (one wait for their deadlines, not four)
+            joined = []
+            for address in (f"127.0.0.1:{closed_collective_port}", f"127.0.0.1:{accepting.getsockname()[1]}",
+                            f"127.0.0.1:{store_port}", f"no-such-host.invalid:{closed_collective_port}"):  # fmt: skip
+                lease = uuid.uuid4().hex
+                tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
+                s = stack.enter_context(Session.attach(daemon.address, tokens[1]))
                 join = device_pb2.GroupJoin(
                     rank=1, size=2, tokens=tokens, store_address=address, timeout_seconds=timeout
                 )
                 s.command(device_pb2.Command(group_join=join))
                 s.sync()
-                a = s.upload(torch.ones(2))
-                time.sleep(timeout + 1.0)  # the join has given up: the collective reads its outcome at once
+                joined.append((s, lease, s.upload(torch.ones(2))))
+            time.sleep(timeout + 1.0)  # every join has given up: each collective reads its outcome at once
+            for s, lease, a in joined:
                 start = time.monotonic()
                 collective(s, "allreduce", [a], op="sum")
                 with pytest.raises(GpupoolError) as err:

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
 from scheduler_fixtures import ROOT
-from shim_fixtures import ServeProcess, start_daemon
-from support import stop_process
+from shim_fixtures import ServeProcess, withholding_daemon
 
 from gpupool import protocol
 
@@ -31,10 +30,7 @@ CL = torch.channels_last
 @pytest.fixture(scope="module")
 def old_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """A daemon that withholds "conv_layout", as one from before round 43."""
-    env = {"GPUPOOL_WITHHOLD_FEATURES": protocol.FEATURE_CONV_LAYOUT}
-    daemon = start_daemon(tmp_path_factory.mktemp("old-layout"), "1GiB", 1, env=env)
-    yield daemon
-    stop_process(daemon.process)
+    yield from withholding_daemon(tmp_path_factory, protocol.FEATURE_CONV_LAYOUT)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

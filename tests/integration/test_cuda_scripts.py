@@ -496,24 +496,27 @@ def test_channels_last_convolutions_and_views_of_them_give_the_cpu_values(pool: 
     kernel returned channels_last, so until round 38 the view read its bytes out of order (server/guards.py
     `_convolution` lays the output out as the meta kernel does; the gradients' layouts already agreed on a fake GPU:
     `_convolution_backward` keeps them so where cuDNN's float64 would not)."""
-    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
-    pooled = run([*cmd, CONV_VIEWS], clean_env(GPUPOOL_SCHEDULER=pool)).stdout
-    local = on_cpu("-c", CONV_VIEWS).stdout
-    got, want = re.findall(r"^case .*$", pooled, re.M), re.findall(r"^case .*$", local, re.M)
-    assert len(got) == 12 and len(want) == 12, pooled
-    _same_lines(got, want)
+    _same_lines_pooled_and_local(pool, client, CONV_VIEWS, r"^case .*$", 12)
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
-def _same_lines(got: list[str], want: list[str]) -> None:
-    """Each pooled line's text before its "[" equals the local run's (strides, layouts, whether a view exists), its
-    numbers after it equal within float32 rounding."""
+def _same_lines_pooled_and_local(
+    pool: str, client: tuple[str, ...], code: str, pattern: str, count: int
+) -> tuple[str, list[str]]:
+    """`python -c CODE` through `gpupool run --cuda CLIENT -p 0.5` and on the CPU: each prints `count` lines that
+    match `pattern`, and each pooled line's text before its "[" equals the local run's (strides, layouts, whether a
+    view exists), its numbers after it equal within float32 rounding. The pooled stdout and lines, for more checks."""
+    pooled = on_pool(pool, "-c", *client, "-p", "0.5", script_args=(code,)).stdout
+    local = on_cpu("-c", code).stdout
+    got, want = re.findall(pattern, pooled, re.M), re.findall(pattern, local, re.M)
+    assert len(got) == count and len(want) == count, pooled
     for line, ref in zip(got, want, strict=True):
         head, ref_head = line.split("[", 1)[0], ref.split("[", 1)[0]
         assert head == ref_head
         nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line.partition("[")[2])]
         ref_nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", ref.partition("[")[2])]
         assert nums == pytest.approx(ref_nums, rel=1e-5, abs=1e-6), (line, ref)
+    return pooled, got
 
 
 CONV_LAYOUT = """
@@ -561,18 +564,14 @@ def test_channels_last_convolutions_return_channels_last_as_on_a_gpu(pool: str, 
     cuDNN's (the CPU's are channels_last there). Until round 43 every conv output was contiguous on the pool (the
     daemon copied it so: server/guards.py `_convolution`), `is_contiguous(memory_format=channels_last)` False and the
     view refused ("the `conv_layout` feature", gpupool/protocol.py; docs/cuda.md)."""
-    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
-    pooled = run([*cmd, CONV_LAYOUT], clean_env(GPUPOOL_SCHEDULER=pool)).stdout
-    local = on_cpu("-c", CONV_LAYOUT).stdout
-    got, want = re.findall(r"^(?:layout|stage) .*$", pooled, re.M), re.findall(r"^(?:layout|stage) .*$", local, re.M)
-    assert len(got) == 17 and len(want) == 17, pooled
-    _same_lines(got, want)
+    pooled, got = _same_lines_pooled_and_local(pool, client, CONV_LAYOUT, r"^(?:layout|stage) .*$", 17)
     assert "no view" not in "".join(g for g in got if "torch.contiguous_format torch.contiguous_format" not in g)
     assert re.findall(r"^float64 .*$", pooled, re.M) == [
         "float64 conv2d (36, 9, 3, 1)",
         "float64 conv3d (54, 18, 9, 3, 1)",
         "float64 conv_transpose2d (72, 36, 6, 1)",
     ]  # cuDNN's layout for float64: contiguous
+    local = on_cpu("-c", CONV_LAYOUT).stdout  # (the run above's, cached)
     grads, ref_grads = re.search(r"^grads .*$", pooled, re.M), re.search(r"^grads .*$", local, re.M)
     assert grads is not None and ref_grads is not None, pooled
     assert grads.group(0).split(")")[:2] == ref_grads.group(0).split(")")[:2]  # the gradients' strides

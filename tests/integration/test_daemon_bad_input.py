@@ -22,13 +22,6 @@ MiB = 1024**2
 
 
 @pytest.fixture
-def healthy(daemon: Any) -> Iterator[Healthy]:
-    h = Healthy(daemon.address, daemon.token(tenant="healthy"))
-    yield h
-    h.check()
-
-
-@pytest.fixture
 def session(daemon: Any, healthy: Healthy) -> Iterator[Session]:
     with Session.attach(daemon.address, daemon.token(tenant="bad")) as s:
         yield s

@@ -20,13 +20,6 @@ EXPECTED = (errors.InvalidArgument, errors.PermissionDenied, errors.NotFound, er
 
 
 @pytest.fixture
-def healthy(daemon: Any) -> Iterator[Healthy]:
-    h = Healthy(daemon.address, daemon.token(tenant="healthy"))
-    yield h
-    h.check()
-
-
-@pytest.fixture
 def session(daemon: Any, healthy: Healthy) -> Iterator[Session]:
     with Session.attach(daemon.address, daemon.token(tenant="compact")) as s:
         yield s

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import daemon_status
+from shim_fixtures import ServeProcess, start_daemon
+from support import daemon_status, stop_process
 
 from gpupool.tokens import public_session_id
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One `gpupool serve` (a 1 GiB fake GPU, one CPU thread) for both tests, each of which closes its sessions (until
+    round 44 a daemon each)."""
+    daemon = start_daemon(tmp_path_factory.mktemp("fairshare"), "1GiB", 1, "--cpu-threads", "1")
+    yield daemon
+    stop_process(daemon.process)
 
 
 class Saturator:
@@ -76,8 +86,7 @@ def measure(address: str, sessions: list[Saturator], window: float) -> tuple[lis
     return [b1[tag] - b0[tag] for tag in tags], t1 - t0
 
 
-def test_shares_quarter_and_three_quarters_within_ten_percent(serve_process: Any) -> None:
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "1GiB", "--cpu-threads", "1")
+def test_shares_quarter_and_three_quarters_within_ten_percent(d: ServeProcess) -> None:
     low = Saturator(d.address, d.token(share=0.25, tenant="low"))
     high = Saturator(d.address, d.token(share=0.75, tenant="high"))
     try:
@@ -92,8 +101,7 @@ def test_shares_quarter_and_three_quarters_within_ten_percent(serve_process: Any
         assert abs(got - entitlement) <= 0.10 * entitlement, f"share {share}: {got:.3f}s of {total:.3f}s busy"
 
 
-def test_lone_quarter_share_gets_the_whole_device(serve_process: Any) -> None:
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "1GiB", "--cpu-threads", "1")
+def test_lone_quarter_share_gets_the_whole_device(d: ServeProcess) -> None:
     lone = Saturator(d.address, d.token(share=0.25))
     try:
         (b_lone,), elapsed = measure(d.address, [lone], window=3.0)

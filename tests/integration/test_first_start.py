@@ -25,7 +25,7 @@ import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server import native_runner, worker, zygote
 from scheduler_fixtures import Proc
-from support import DaemonHandle, MiB, start_serve_process, stop_process
+from support import DaemonHandle, MiB, processes_naming, start_serve_process, stop_process
 
 from gpupool import buildcache, errors, up
 
@@ -46,19 +46,6 @@ def _serves(d: DaemonHandle) -> None:
 
 def _log(proc: object) -> str:
     return "".join(getattr(proc, "log_lines", []))
-
-
-def _builders(cache: Path) -> list[str]:
-    """Processes whose command line names a folder under `cache` (a build's python, ninja, the compiler)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(cache) in cmdline:
-            found.append(f"{pid}: {cmdline[:200]}")
-    return found
 
 
 @pytest.mark.slow
@@ -118,7 +105,7 @@ def test_a_build_past_its_bound_leaves_the_daemon_on_the_python_path(
         assert len(warnings) == 1, log[-3000:]
         assert f"did not finish within 3 s ({native_runner.BUILD_TIMEOUT_ENV})" in warnings[0], warnings
         assert "learned runs stay in Python, as with GPUPOOL_NATIVE_RUNNER=0" in warnings[0], warnings
-        assert not _builders(cache)
+        assert not processes_naming(cache)
         assert not list(cache.rglob("gpupool_native_runner.so")) and not list(cache.rglob("build-*"))
     finally:
         stop_process(proc)
@@ -137,7 +124,7 @@ def test_a_daemon_killed_mid_build_takes_the_build_with_it(tmp_path: Path, token
     try:
         daemon.wait_for("building the native runner", timeout=150)
         deadline = time.monotonic() + 120
-        while not any(" -c " in line for line in _builders(cache)):  # a compiler runs
+        while not any(" -c " in line for line in processes_naming(cache)):  # a compiler runs
             assert time.monotonic() < deadline and daemon.popen.poll() is None, daemon.log()[-3000:]
             time.sleep(0.05)
         zygotes = _children(daemon.popen.pid)  # the build folder's lock holder (`buildcache.private_build_dir`)
@@ -147,14 +134,14 @@ def test_a_daemon_killed_mid_build_takes_the_build_with_it(tmp_path: Path, token
         deadline = time.monotonic() + 60  # (a bound on a hang, not a timing: it takes milliseconds)
         # The build dies with the zygote's building thread, which can end before the zygote's last thread drops its
         # files (the kernel frees a process's memory, then its files): wait for both, or the lock still stands.
-        while _builders(cache) or any(map(_alive, zygotes)):
-            assert time.monotonic() < deadline, (_builders(cache), [z for z in zygotes if _alive(z)])
+        while processes_naming(cache) or any(map(_alive, zygotes)):
+            assert time.monotonic() < deadline, (processes_naming(cache), [z for z in zygotes if _alive(z)])
             time.sleep(0.05)
     finally:
         if daemon.popen.poll() is None:
             daemon.popen.kill()
             daemon.popen.wait()
-        for line in _builders(cache):
+        for line in processes_naming(cache):
             try:
                 os.kill(int(line.split(":")[0]), signal.SIGKILL)
             except ProcessLookupError:

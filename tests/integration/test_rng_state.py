@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from shim_fixtures import ServeProcess, start_daemon
-from support import stop_process
+from shim_fixtures import ServeProcess, withholding_daemon
 
 from gpupool import errors, protocol
 from gpupool._proto import device_pb2
@@ -23,10 +22,7 @@ from gpupool._proto import device_pb2
 @pytest.fixture(scope="module")
 def old_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """A daemon that withholds "rng_state", as one from before round 43."""
-    env = {"GPUPOOL_WITHHOLD_FEATURES": protocol.FEATURE_RNG_STATE}
-    daemon = start_daemon(tmp_path_factory.mktemp("old-rng"), "1GiB", 1, env=env)
-    yield daemon
-    stop_process(daemon.process)
+    yield from withholding_daemon(tmp_path_factory, protocol.FEATURE_RNG_STATE)
 
 
 def _draw(s: Session, n: int = 4) -> torch.Tensor:

@@ -15,27 +15,21 @@ from pathlib import Path
 
 import pytest
 from gpupool.client.pool import SchedulerClient, lease
-from scheduler_fixtures import ROOT, Proc, SimHost, start_daemon, start_scheduler, wait_until
+from scheduler_fixtures import (
+    ROOT,
+    TRAIN_UNTIL_FILE,
+    Proc,
+    SimHost,
+    pool_state,
+    start_daemon,
+    start_scheduler,
+    wait_until,
+)
 
 from gpupool._proto import scheduler_pb2
 from gpupool.errors import GpupoolError, Unavailable
 
 FAST = ["--host-timeout", "2", "--heartbeat-interval", "0.3"]
-
-
-def pool(address: str) -> scheduler_pb2.PoolState:
-    """ListPool, once the scheduler answers (a fresh one may still be starting)."""
-    out: list[scheduler_pb2.PoolState] = []
-
-    def ask() -> bool:
-        try:
-            out.append(SchedulerClient(address).list_pool())
-            return True
-        except Unavailable:
-            return False
-
-    wait_until(ask, timeout=30, what=f"scheduler {address} answering")
-    return out[0]
 
 
 def shares(state: scheduler_pb2.PoolState) -> float:
@@ -62,13 +56,13 @@ def test_a_full_state_disk_refuses_cleanly_and_nothing_is_handed_out_twice(tmp_p
                 break
         assert refused is not None, "the state file never filled up"
         assert "cannot save its state" in str(refused) and "nothing was changed" in str(refused)
-        state = pool(address)
+        state = pool_state(address)
         # what the scheduler holds is exactly what it told clients it granted
         assert {x.lease_id for x in state.leases} == {x.lease_id for x in granted}
         assert shares(state) == pytest.approx(0.01 * len(granted))
         with pytest.raises(Unavailable):  # a release that cannot be saved is refused, not half-done
             SchedulerClient(address).release(granted[0].lease_id)
-        assert granted[0].lease_id in {x.lease_id for x in pool(address).leases}
+        assert granted[0].lease_id in {x.lease_id for x in pool_state(address).leases}
         assert proc.popen.poll() is None  # still serving
         for x in granted:
             x._stop.set()  # no renewals: the restart below checks what was saved
@@ -77,7 +71,7 @@ def test_a_full_state_disk_refuses_cleanly_and_nothing_is_handed_out_twice(tmp_p
         proc.kill()
     again, address2 = start_scheduler(tmp_path, *FAST)  # no limit now: the same file, what a restart believes
     try:
-        state = pool(address2)
+        state = pool_state(address2)
         assert {x.lease_id for x in state.leases} == {x.lease_id for x in granted}
         assert shares(state) == pytest.approx(0.01 * len(granted))
     finally:
@@ -100,7 +94,7 @@ def test_a_second_scheduler_on_the_same_state_refuses_or_stands_by(tmp_path: Pat
             SchedulerClient(address2).list_pool()
         first.kill()  # kill -9: the kernel drops its lock, the standby takes over with the state
         standby.wait_for("leading now")
-        assert [x.lease_id for x in pool(address2).leases] == [held.lease_id]
+        assert [x.lease_id for x in pool_state(address2).leases] == [held.lease_id]
         held._stop.set()
     finally:
         host.stop()
@@ -121,10 +115,10 @@ def test_a_paused_scheduler_does_not_blame_hosts_or_tenants(tmp_path: Path) -> N
         # The scheduler notices its pause (its first sweep or renewal after it), then the host heartbeats and the
         # client renews again: waited for, not a fixed 3 s (round 28), which a loaded box could outrun.
         proc.wait_for("was not running for")
-        forgiven = [h.last_seen for h in pool(address).hosts]  # the forgiveness set it to its own time, or later
+        forgiven = [h.last_seen for h in pool_state(address).hosts]  # the forgiveness set it to its own time, or later
 
         def heartbeat_and_renewal_since_resumed() -> bool:
-            state = pool(address)
+            state = pool_state(address)
             if [h.state for h in state.hosts] != ["up"] or len(state.leases) != 1 or x.lost.is_set():
                 return True  # blamed: the asserts below say how
             # a renewal sets expires_at to its time + the 2 s TTL; the one before the pause is <= resumed - 4
@@ -132,7 +126,7 @@ def test_a_paused_scheduler_does_not_blame_hosts_or_tenants(tmp_path: Path) -> N
             return renewed and [h.last_seen for h in state.hosts] > forgiven  # and a heartbeat since
 
         wait_until(heartbeat_and_renewal_since_resumed, timeout=60, what="a heartbeat and a renewal after the pause")
-        state = pool(address)
+        state = pool_state(address)
         assert [h.state for h in state.hosts] == ["up"]
         assert [y.lease_id for y in state.leases] == [x.lease_id]
         assert not x.lost.is_set()
@@ -143,21 +137,6 @@ def test_a_paused_scheduler_does_not_blame_hosts_or_tenants(tmp_path: Path) -> N
         os.kill(proc.popen.pid, signal.SIGCONT)
         host.stop()
         proc.stop()
-
-
-# Trains until the file argv[1] exists (the test creates it once what it waits for happened; 120 s at most).
-JOB = """
-import os, sys, time, torch, gpupool.torch as gt
-d = gt.device()
-w = torch.ones(4, device=d)
-t0, i = time.time(), 0
-while not os.path.exists(sys.argv[1]) and time.time() - t0 < 120:
-    w = w + 1
-    print("step", i, w.sum().item(), time.time(), flush=True)  # the time: when the daemon answered
-    i += 1
-    time.sleep(0.2)
-print("done", i, w.sum().item(), flush=True)
-"""
 
 
 def gpupool_run(address: str, *args: str) -> subprocess.Popen[str]:
@@ -178,22 +157,22 @@ def test_a_job_trains_through_a_scheduler_restart_longer_than_its_lease_ttl(tmp_
     daemon, _ = start_daemon(tmp_path, address, "da")
     proc2 = None
     try:
-        wait_until(lambda: [h.state for h in pool(address).hosts] == ["up"], what="da up")
+        wait_until(lambda: [h.state for h in pool_state(address).hosts] == ["up"], what="da up")
         stop = tmp_path / "stop"
-        job = gpupool_run(address, "-p", "0.5", "--", sys.executable, "-c", JOB, str(stop))
+        job = gpupool_run(address, "-p", "0.5", "--", sys.executable, "-c", TRAIN_UNTIL_FILE, str(stop))
         assert job.stdout is not None
         assert job.stdout.readline().startswith("step 0")
-        [held] = pool(address).leases
+        [held] = pool_state(address).leases
         proc.kill()  # kill -9 with the lease held; back once it has expired and more than its TTL went by
         killed = time.time()
         time.sleep(max(killed + RESTART_TTL, held.expires_at) + 1 - time.time())
         proc2 = Proc(["scheduler", "--listen", address, *proc.args[3:]])
         back = time.time()
-        assert [x.lease_id for x in pool(address).leases] == [held.lease_id]
+        assert [x.lease_id for x in pool_state(address).leases] == [held.lease_id]
 
         # The job's renewals reach the restarted scheduler (an expiry past the restart), and it trains on after one.
         def renewed_after_restart() -> bool:
-            leases = pool(address).leases
+            leases = pool_state(address).leases
             assert [x.lease_id for x in leases] == [held.lease_id], "the lease was lost after the restart"
             return leases[0].expires_at > back + 1
 
@@ -204,7 +183,7 @@ def test_a_job_trains_through_a_scheduler_restart_longer_than_its_lease_ttl(tmp_
             assert line.startswith("step "), line or job.communicate(timeout=60)[1][-3000:]
             if float(line.split()[3]) > renewed + 1:
                 break
-        assert [x.lease_id for x in pool(address).leases] == [held.lease_id]
+        assert [x.lease_id for x in pool_state(address).leases] == [held.lease_id]
         stop.touch()
         out, err = job.communicate(timeout=90)
         assert job.returncode == 0, err[-3000:]
@@ -223,9 +202,9 @@ def test_gpupool_run_fails_at_once_when_its_lease_is_declared_lost(tmp_path: Pat
     daemon, _ = start_daemon(tmp_path, address, "dz")
     job = None
     try:
-        wait_until(lambda: [h.state for h in pool(address).hosts] == ["up"], what="dz up")
+        wait_until(lambda: [h.state for h in pool_state(address).hosts] == ["up"], what="dz up")
         job = gpupool_run(address, "-p", "0.5", "--", sys.executable, "-c", "import time; time.sleep(120)")
-        wait_until(lambda: pool(address).leases, what="the lease")
+        wait_until(lambda: pool_state(address).leases, what="the lease")
         os.kill(daemon.popen.pid, signal.SIGSTOP)  # the daemon freezes: the scheduler declares the lease lost
         t0 = time.monotonic()
         _, err = job.communicate(timeout=90)

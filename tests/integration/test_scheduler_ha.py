@@ -14,27 +14,13 @@ from pathlib import Path
 
 import pytest
 from gpupool.client.pool import SchedulerClient, lease
-from scheduler_fixtures import ROOT, Postgres, Proc, SimHost, key_file, start_daemon, wait_until
+from scheduler_fixtures import ROOT, TRAIN_UNTIL_FILE, Postgres, Proc, SimHost, key_file, start_daemon, wait_until
 
 from gpupool.errors import Unavailable
 
 pytestmark = pytest.mark.slow
 
 LEASE_TTL = 12.0
-
-# Trains until the file argv[1] exists (the test creates it once the failover is done; 120 s at most).
-JOB = """
-import os, sys, time, torch, gpupool.torch as gt
-d = gt.device()
-w = torch.ones(4, device=d)
-t0, i = time.time(), 0
-while not os.path.exists(sys.argv[1]) and time.time() - t0 < 120:
-    w = w + 1
-    print("step", i, w.sum().item(), time.time(), flush=True)  # the time: when the daemon answered
-    i += 1
-    time.sleep(0.2)
-print("done", i, flush=True)
-"""
 
 
 @pytest.fixture
@@ -78,7 +64,8 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, postgr
         env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": both}
         env.pop("GPUPOOL_LEASE", None)
         job = subprocess.Popen(  # the whole real (fake-GPU) daemon
-            [sys.executable, "-m", "gpupool.cli", "run", "-p", "1.0", "--", sys.executable, "-c", JOB, str(stop)],
+            [sys.executable, "-m", "gpupool.cli", "run", "-p", "1.0", "--",
+             sys.executable, "-c", TRAIN_UNTIL_FILE, str(stop)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         assert job.stdout is not None

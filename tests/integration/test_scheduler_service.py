@@ -18,12 +18,22 @@ import grpc
 import pytest
 from gpupool.client.pool import Lease, SchedulerClient, lease
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from scheduler_fixtures import ROOT, GiB, Proc, SimHost, key_file, silence_when_down, start_scheduler, wait_until
+from scheduler_fixtures import (
+    ROOT,
+    GiB,
+    Proc,
+    SimHost,
+    key_file,
+    pool_state,
+    silence_when_down,
+    start_scheduler,
+    wait_until,
+)
 from support import scrape, tls_channel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 FAST = ["--host-timeout", "2", "--heartbeat-interval", "0.3"]
 
@@ -121,21 +131,6 @@ def test_lost_host_gives_failed_precondition_and_comes_back(sched: tuple[Proc, s
         back.stop()
 
 
-def reachable(address: str) -> scheduler_pb2.PoolState:
-    """ListPool once the scheduler answers (gRPC shares a subchannel in reconnect backoff among channels)."""
-    out: list[scheduler_pb2.PoolState] = []
-
-    def ask() -> bool:
-        try:
-            out.append(SchedulerClient(address).list_pool())
-            return True
-        except Unavailable:
-            return False
-
-    wait_until(ask, timeout=20, what=f"scheduler {address} answering")
-    return out[0]
-
-
 def test_kill_9_and_restart_keeps_leases_and_accounting(tmp_path: Path) -> None:
     proc, address = start_scheduler(tmp_path, *FAST)
     host = SimHost(address, "hosta", gpus=2).start()
@@ -147,7 +142,7 @@ def test_kill_9_and_restart_keeps_leases_and_accounting(tmp_path: Path) -> None:
         proc2 = Proc(proc.args[:2] + ["127.0.0.1:" + address.rsplit(":", 1)[1], *proc.args[3:]])
         try:
             assert proc2.port() == int(address.rsplit(":", 1)[1])
-            after = reachable(address)
+            after = pool_state(address, timeout=20)
             assert [(h.host_id, [(d.allocated_bytes, d.allocated_share) for d in h.devices]) for h in after.hosts] == [
                 (h.host_id, [(d.allocated_bytes, d.allocated_share) for d in h.devices]) for h in before.hosts
             ]

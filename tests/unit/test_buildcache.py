@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import processes_naming
 
 from gpupool import buildcache
 
@@ -245,21 +246,8 @@ def _client_build(tmp_path: Path, cxx: Path, source: Path, slow: str) -> subproc
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
-def _naming(folder: Path) -> list[str]:
-    """Processes whose command line names `folder` (a build's python, ninja, the compiler, its `slowsleep`)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(folder) in cmdline and int(pid) != os.getpid():
-            found.append(f"{pid}: {cmdline[:200]}")
-    return found
-
-
 def _kill_naming(folder: Path) -> None:
-    for line in _naming(folder):
+    for line in processes_naming(folder):
         try:
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
         except ProcessLookupError:
@@ -284,7 +272,7 @@ def test_two_native_client_builds_at_once_build_once(tmp_path: Path) -> None:
     second = None
     try:
         deadline = time.monotonic() + 120
-        while not _naming(tmp_path / "slowsleep"):  # the first one compiles
+        while not processes_naming(tmp_path / "slowsleep"):  # the first one compiles
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
         second = _client_build(tmp_path, cxx, source, "4")
@@ -312,14 +300,14 @@ def test_a_native_client_build_dies_with_its_process_and_the_next_one_builds(tmp
     builder = _client_build(tmp_path, cxx, source, "600")
     try:
         deadline = time.monotonic() + 120
-        while not _naming(tmp_path / "slowsleep"):  # compiling
+        while not processes_naming(tmp_path / "slowsleep"):  # compiling
             assert builder.poll() is None and time.monotonic() < deadline, builder.communicate()
             time.sleep(0.05)
         builder.kill()  # the builder alone, as `kill -9` of a daemon or of `gpupool run`
         builder.wait()
         deadline = time.monotonic() + 60  # (a bound on a hang, not a timing: it takes milliseconds)
-        while _naming(tmp_path):
-            assert time.monotonic() < deadline, _naming(tmp_path)
+        while processes_naming(tmp_path):
+            assert time.monotonic() < deadline, processes_naming(tmp_path)
             time.sleep(0.05)
     finally:
         _kill_naming(tmp_path)

@@ -176,3 +176,19 @@ def test_the_shim_reads_gpupool_fused_sdpa_with_that_parser() -> None:
     code, stdout, stderr = imports()["good"]  # " 0": set_fused_attention(True) answers the choice before it: off
     _, fused = stdout.split()
     assert fused == "False", stderr[-2000:]
+
+
+def test_the_daemons_on_off_flags_show_their_defaults_as_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpupool serve --help` shows --seccomp's and --landlock's defaults as on/off, as they are typed, and an
+    environment's value as well (until round 44: "(default: True)", and --landlock said "(default on)" too)."""
+    from gpupool.server.cli import build_parser
+
+    for var in ("GPUPOOL_SECCOMP", "GPUPOOL_LANDLOCK"):
+        monkeypatch.delenv(var, raising=False)
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: True)" not in text and "(default on)" not in text
+    assert "session workers (on/off) (default: on) [env GPUPOOL_SECCOMP]" in text
+    assert "one warning (default: on) [env GPUPOOL_LANDLOCK]" in text
+    monkeypatch.setenv("GPUPOOL_LANDLOCK", "off")
+    text = " ".join(build_parser().format_help().split())
+    assert "one warning [env GPUPOOL_LANDLOCK]" in text  # off: no default shown, as for every false default

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,14 @@ def _program_of(words: list[str]) -> str | None:
     return None
 
 
+def _entrypoint_and_cmd(path: Path) -> tuple[list[str], list[str]]:
+    """A Dockerfile's ENTRYPOINT and CMD (exec form, one line each)."""
+    text = path.read_text()
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+    return entry, cmd
+
+
 def deploy_flags() -> dict[str, set[tuple[str, str]]]:
     """{program: {(flag, where)}} for every flag the deploy files pass to `gpupool serve` / `gpupool scheduler`."""
     found: dict[str, set[tuple[str, str]]] = {"serve": set(), "scheduler": set()}
@@ -262,11 +271,10 @@ def deploy_flags() -> dict[str, set[tuple[str, str]]]:
                 found[program] |= {(m, path.name) for w in words for m in ["--" + x for x in FLAG_RE.findall(w)]}
     for path in sorted((DEPLOY / "docker").glob("Dockerfile.*")):
         text = path.read_text()
-        entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
-        cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+        entry, cmd = _entrypoint_and_cmd(path)
         program = _program_of(entry)
         assert program, f"{path.name}: ENTRYPOINT {entry} runs neither serve nor scheduler"
-        found[program] |= {("--" + f, path.name) for w in cmd for f in FLAG_RE.findall(w)}
+        found[program] |= {("--" + f, path.name) for w in [*entry, *cmd] for f in FLAG_RE.findall(w)}
     for path in sorted((DEPLOY / "systemd").glob("*.service")):
         text = path.read_text().replace("\\\n", " ")
         exec_start = re.search(r"^ExecStart=(.*)$", text, re.M).group(1).split()  # type: ignore[union-attr]
@@ -390,9 +398,58 @@ def test_dockerfiles_copy_what_the_package_needs() -> None:
             assert (ROOT / src).exists(), f"{path.name}: COPY {src} does not exist"
         assert package_dirs | {"pyproject.toml"} <= sources, f"{path.name} misses {package_dirs - sources}"
         exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", path.read_text(), re.M) for p in line.split()}
-        cmd = " ".join(re.findall(r"^CMD (.*)$", path.read_text(), re.M))
+        cmd = " ".join(sum(_entrypoint_and_cmd(path), []))
         for port in re.findall(r"0\.0\.0\.0:(\d+)", cmd):
             assert int(port) in exposed, f"{path.name}: listens on {port} but does not EXPOSE it"
+
+
+def _documented_docker_runs() -> list[tuple[str, list[str]]]:
+    """(where, the words of a `docker run` command) in the Dockerfiles' header comments and docs/operations.md,
+    continuation lines joined."""
+    runs = []
+    for path in [*sorted((DEPLOY / "docker").glob("Dockerfile.*")), ROOT / "docs" / "operations.md"]:
+        lines = [re.sub(r"^#\s*", "", line) if path.suffix != ".md" else line for line in path.read_text().splitlines()]
+        text = "\n".join(lines).replace("\\\n", " ")
+        runs += [(path.name, shlex.split(m)) for m in re.findall(r"^\s*(docker run .*)$", text, re.M)]
+    return runs
+
+
+def test_each_documented_docker_run_serves_as_the_image_means() -> None:
+    """`docker run IMAGE ARGS` runs ENTRYPOINT + ARGS, ARGS in place of CMD (docker's rule for exec-form ENTRYPOINT and
+    CMD): each documented run of an image with its own entrypoint (not `--entrypoint gpupool ... smi`) parses, with
+    the program's own parser, to a listener on 0.0.0.0 at the port it publishes, metrics there too, TLS and the token
+    key from the mounted /etc/gpupool, and the flags the example adds. Until round 44 the daemon's example (a
+    --scheduler and --advertise after the image) dropped CMD's --listen, --token-public-keys and TLS files: a daemon
+    on 127.0.0.1 that would not start without a certificate."""
+    from gpupool.scheduler.cli import build_parser as scheduler_parser
+    from gpupool.server.cli import build_parser as serve_parser
+
+    images = {"gpupool/daemon": "Dockerfile.daemon", "gpupool/scheduler": "Dockerfile.scheduler"}
+    checked = set()
+    for where, words in _documented_docker_runs():
+        if "--entrypoint" in words:
+            continue
+        [at] = [i for i, w in enumerate(words) if w.split(":")[0] in images]
+        dockerfile = images[words[at].split(":")[0]]
+        entry, cmd = _entrypoint_and_cmd(DEPLOY / "docker" / dockerfile)
+        args = words[at + 1 :]
+        program = _program_of(entry)
+        parser = serve_parser() if program == "serve" else scheduler_parser()
+        parsed = parser.parse_args(entry[entry.index(program) + 1 :] + (args or cmd))
+        published = {int(p.split(":")[-1]) for i, p in enumerate(words[:at]) if words[i - 1] == "-p"}
+        assert parsed.listen.startswith("0.0.0.0:") and int(parsed.listen.split(":")[1]) in published, (where, words)
+        assert parsed.metrics_listen.startswith("0.0.0.0:") and int(parsed.metrics_listen.split(":")[1]) in published
+        assert (parsed.tls_cert, parsed.tls_key, parsed.tls_ca) == tuple(
+            f"/etc/gpupool/tls/{f}" for f in ("tls.crt", "tls.key", "ca.crt")
+        ), (where, words)
+        if program == "serve":
+            assert parsed.token_public_keys == "/etc/gpupool/token.pub", (where, words)
+            assert parsed.scheduler == "sched.example.internal:50050" and parsed.advertise.endswith(":50051")
+        else:
+            assert parsed.token_key_file == "/etc/gpupool/token.key" and parsed.state.startswith("/var/lib/gpupool/")
+        checked.add((where, dockerfile))
+    assert checked >= {(f"Dockerfile.{n}", f"Dockerfile.{n}") for n in ("daemon", "scheduler")}
+    assert {d for w, d in checked if w == "operations.md"} == {"Dockerfile.daemon", "Dockerfile.scheduler"}
 
 
 def test_systemd_units_verify() -> None:
