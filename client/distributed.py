@@ -101,7 +101,7 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         self._rank, self._size = rank, size
         self._rt = runtime
         self._name, self._desc = "", ""
-        self._p2p: list[tuple[int, int, torch.Tensor]] = []  # queued sends and receives: (sender, tag, tensor)
+        self._p2p: list[tuple[int, int, torch.Tensor, int]] = []  # queued: (sender, tag, tensor, peer)
 
     # torch keeps a group's name in its C++ backends, and this group has none (it is the whole process group):
     # without these, `group_name` raised "ProcessGroup name not set" (DeviceMesh, functional collectives, FSDP2)
@@ -321,30 +321,37 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
             pieces.append(gathered[start : start + sends[me] * row])
         out.copy_(torch.cat(pieces).view(out.shape))
 
-    # ---- point to point, in a group of two: broadcasts between the two ranks ----
+    # ---- point to point: in a group of two, broadcasts between the two ranks; in a larger one, the daemons' links ----
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> _Done:  # type: ignore[override]
-        """`dist.send`/`isend` in a group of two: a broadcast from this rank, which its peer's `recv` matches (the
-        daemons check that the two calls agree: sizes, dtype, root). It is queued until the rank waits on one of its
-        queued sends or receives (or calls any other collective): `_flush_p2p` then runs the queue in an order both
-        ranks derive alike, so an exchange where both ranks send first (`batch_isend_irecv([isend, irecv])` on both:
-        until round 39 "ranks disagree on a collective broadcast") runs as NCCL runs it."""
+        """`dist.send`/`isend`. In a group of two: a broadcast from this rank, which its peer's `recv` matches (the
+        daemons check that the two calls agree: sizes, dtype, root). In a larger group (round 44): a transfer over the
+        daemons' link between the two ranks (`_flush_p2p`). Either way it is queued until the rank waits on one of its
+        queued sends or receives (or calls any other collective): `_flush_p2p` then runs the queue, so an exchange
+        where both ranks send first (`batch_isend_irecv([isend, irecv])` on both: until round 39 "ranks disagree on a
+        collective broadcast") runs as NCCL runs it."""
         self._pair("send", dst)
-        return self._queue(self._rank, self._one(tensors, "send")[0], tag)
+        return self._queue(self._rank, self._one(tensors, "send")[0], tag, dst)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> _Done:  # type: ignore[override]
         self._pair("recv", src)
-        return self._queue(src, self._one(tensors, "recv")[0], tag)
+        return self._queue(src, self._one(tensors, "recv")[0], tag, src)
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> _Done:  # type: ignore[override]
-        """`dist.recv` without a source: in a group of two, from the other rank."""
+        """`dist.recv` without a source: in a group of two, from the other rank. In a larger group one InvalidArgument:
+        a rank's transfers come over a link per peer, and a receive from whichever sends first is not done."""
+        if self._size != 2:
+            raise InvalidArgument(
+                f"recv without a source on gpupool runs in a group of two only (this one has {self._size} ranks): "
+                "name the sender (dist.recv(t, src=...))"
+            )
         src = 1 - self._rank
         self._pair("recv", src)
-        return self._queue(src, self._one(tensors, "recv")[0], tag)
+        return self._queue(src, self._one(tensors, "recv")[0], tag, src)
 
-    def _queue(self, sender: int, t: torch.Tensor, tag: int) -> _Done:
+    def _queue(self, sender: int, t: torch.Tensor, tag: int, peer: int) -> _Done:
         self._handle(t)  # refused now if it is not this rank's tensor
-        self._p2p.append((sender, int(tag), t))
+        self._p2p.append((sender, int(tag), t, peer))
         return _Queued([t], self._flush_p2p, sender)
 
     def _flush_p2p(self) -> None:
@@ -355,9 +362,12 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         tags match as gloo's do within what one wait runs; without tags (NCCL's way) order matches."""
         if not self._p2p:
             return
+        if self._size > 2:
+            self._flush_links()
+            return
         queued, self._p2p = sorted(self._p2p, key=lambda q: (q[0], q[1])), []
-        if any(tag for _, tag, _ in queued):
-            mine = torch.tensor([v for sender, tag, _ in queued for v in (sender, tag)], dtype=torch.int64)
+        if any(tag for _, tag, _, _ in queued):
+            mine = torch.tensor([v for sender, tag, _, _ in queued for v in (sender, tag)], dtype=torch.int64)
             mine = mine.to(queued[0][2].device)
             both = mine.new_empty(2 * mine.numel())
             self._send("allgather", list(both.chunk(2)), [mine])
@@ -367,18 +377,34 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
                     f"send/recv on gpupool: the two ranks' queued (sender, tag) pairs differ: rank 0 {lists[0]}, "
                     f"rank 1 {lists[1]}"
                 )
-        for sender, _, t in queued:
+        for sender, _, t, _ in queued:
             self._send("broadcast", [t], [], root=sender)
 
+    def _flush_links(self) -> None:
+        """A group of three or more (round 44; until then one InvalidArgument, so pipelines of more than two stages
+        did not run): the queue as one `p2p` command, in call order, each transfer naming its peer, tag and
+        direction. The daemons move each over the link between its two ranks (formed at their first transfer), with
+        sends and receives of the batch at once (a ring drains), a receive matched to its peer's sends by tag and
+        checked (dtype, size) before a byte is written: server/collectives.py `_p2p`. Only the two ranks of a transfer
+        take part; the rest of the group runs on."""
+        queued, self._p2p = self._p2p, []
+        msg = device_pb2.Collective(kind="p2p")
+        msg.tensors.extend(self._handle(t) for _, _, t, _ in queued)
+        msg.peers.extend(peer for _, _, _, peer in queued)
+        msg.tags.extend(tag for _, tag, _, _ in queued)
+        msg.sending.extend(sender == self._rank for sender, _, _, _ in queued)
+        self._rt.command(device_pb2.Command(collective=msg), flush=True)
+
     def _pair(self, what: str, peer: int) -> None:
-        if self._size != 2:
-            raise InvalidArgument(
-                f"{what} on gpupool runs between the two ranks of a group of two (as a broadcast between them); this "
-                f"group has {self._size} ranks, and the daemons have no links between two ranks alone: use the "
-                "collectives (all_to_all, broadcast, ...; docs/distributed.md)"
-            )
         if peer == self._rank or not 0 <= peer < self._size:
-            raise InvalidArgument(f"{what} on gpupool: rank {self._rank}'s peer is rank {1 - self._rank}, not {peer}")
+            if self._size == 2:
+                raise InvalidArgument(
+                    f"{what} on gpupool: rank {self._rank}'s peer is rank {1 - self._rank}, not {peer}"
+                )
+            raise InvalidArgument(
+                f"{what} on gpupool: rank {self._rank} of {self._size} sends to and receives from another rank of "
+                f"the group (0-{self._size - 1}), not {peer}"
+            )
 
     @staticmethod
     def _one(tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
