@@ -452,6 +452,38 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         return handle
 
 
+class _SubgroupView(ProcessGroupGpupool):
+    """A gpupool group of some ranks of the default group (`_subgroup`): its send and receive are the default group's
+    between the same ranks (queued in the default group, in call order with its own), its collectives the one
+    FailedPrecondition of a second group (a session joins one daemon group: docs/distributed.md, "Not done yet")."""
+
+    def __init__(
+        self, rank: int, size: int, parent: ProcessGroupGpupool, ranks: list[int], refusal: FailedPrecondition
+    ) -> None:
+        super().__init__(rank, size, parent._rt)
+        self._parent, self._ranks, self._refusal = parent, ranks, refusal
+
+    def _global(self, what: str, peer: int) -> int:
+        if not 0 <= peer < self._size or peer == self._rank:
+            raise InvalidArgument(
+                f"{what} on gpupool: rank {self._rank} of a group of {self._size} sends to and receives from another "
+                f"rank of the group (0-{self._size - 1}), not {peer}"
+            )
+        return self._ranks[peer]
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> _Done:  # type: ignore[override]
+        return self._parent.send(tensors, self._global("send", dst), tag)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> _Done:  # type: ignore[override]
+        return self._parent.recv(tensors, self._global("recv", src), tag)
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> _Done:  # type: ignore[override]
+        raise InvalidArgument("recv without a source on a gpupool subgroup: name the sender (dist.recv(t, src=...))")
+
+    def _send(self, *_: Any, **__: Any) -> None:
+        raise self._refusal
+
+
 def _a2a_refusal(
     out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], n: int
 ) -> str | None:
@@ -569,6 +601,8 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         index, local = _own_device(rank, len(lease.devices), native.current_index(), _named_device())
         dev = torch.device("gpupool", index)
         session = native.ensure_session(index)
+        if (view := _subgroup(session, dev, rank, size)) is not None:
+            return view
         _refuse_second_group(session, dev, rank, size)
         rt = NativeRuntime(index, session)
         lease = native.lease()  # the renewed one: its tokens are current
@@ -583,6 +617,8 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         rt = runtime.get(dev.index)
         assert rt is not None
         session = rt
+        if (view := _subgroup(session, dev, rank, size)) is not None:
+            return view
         _refuse_second_group(session, dev, rank, size)
     store.set(f"gpupool/dev/{rank}", str(local))
     devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
@@ -600,16 +636,42 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         join.store_address = store.get("gpupool/store").decode()
         rt.command(device_pb2.Command(group_join=join))
         rt.sync()  # a refused join (tokens, address) raises here, at init_process_group
-    _joined.append((session, f"rank {rank} of {size}"))
+    group = ProcessGroupGpupool(rank, size, rt)
+    _joined.append((session, f"rank {rank} of {size}", group))
     atexit.register(_drain, rt)  # runs before gpupool.torch's detach_all (atexit is last in, first out)
     log.info("rank %d of %d on %s joined the daemons' group", rank, size, dev)
-    group = ProcessGroupGpupool(rank, size, rt)
     atexit.register(_flush_at_exit, group)  # before `_drain` (last in, first out): an isend never waited on still goes
     return group
 
 
-# The sessions of this process that joined the daemons' group, with their place in it (`_refuse_second_group`)
-_joined: list[tuple[Any, str]] = []
+# The sessions of this process that joined the daemons' group, with their place in it and their group
+# (`_refuse_second_group`, `_subgroup`)
+_joined: list[tuple[Any, str, ProcessGroupGpupool]] = []
+# The global ranks of the group being made (`_wrap_helper`: torch's creator is given the store, rank, size and timeout
+# only); empty for a default group (init_process_group)
+_members: list[list[int]] = []
+
+
+def _second_group(dev: torch.device, rank: int, size: int, place: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"a second gpupool process group on {dev} (rank {rank} of {size}): this rank's session already "
+        f"joined the daemons' group as {place}, and a session joins one group for its life; new_group, "
+        "sub-meshes and re-initializing after destroy_process_group are not supported on gpupool: run the "
+        "collectives on the default group (docs/distributed.md)"
+    )
+
+
+def _subgroup(session: Any, dev: torch.device, rank: int, size: int) -> ProcessGroupGpupool | None:
+    """A group of some ranks of the default group (`dist.new_group(ranks)`, a sub-mesh) on a session that joined the
+    default one: a view of it whose send and receive are the default group's between the same ranks (round 44: a
+    pipeline's stages on a subgroup, as torch.distributed.pipelining and a 2-D mesh's pipeline dimension use one) and
+    whose collectives are the one FailedPrecondition of a second group, raised at the call (until round 44 at
+    new_group, on its members). None where this is no subgroup of a joined session."""
+    ranks = _members[-1] if _members else []
+    for joined, place, parent in _joined:
+        if joined is session and ranks:
+            return _SubgroupView(rank, size, parent, ranks, _second_group(dev, rank, size, place))
+    return None
 
 
 def _refuse_second_group(session: Any, dev: torch.device, rank: int, size: int) -> None:
@@ -618,15 +680,11 @@ def _refuse_second_group(session: Any, dev: torch.device, rank: int, size: int) 
     re-`init_process_group` after `destroy_process_group`, or a sub-mesh of `init_device_mesh` hung its ranks but
     the first (rank 0's join refused: "session already joined its collective group"; the others waiting for its
     store address until torch's 30-minute default timeout). Every member of the new group refuses it here at once,
-    so none waits for another, and the default group goes on."""
-    for joined, place in _joined:
+    so none waits for another, and the default group goes on. (Since round 44 a subgroup of the default group gets
+    here no more: `_subgroup` makes it a view, whose collectives raise this refusal at the call.)"""
+    for joined, place, _ in _joined:
         if joined is session:
-            raise FailedPrecondition(
-                f"a second gpupool process group on {dev} (rank {rank} of {size}): this rank's session already "
-                f"joined the daemons' group as {place}, and a session joins one group for its life; new_group, "
-                "sub-meshes and re-initializing after destroy_process_group are not supported on gpupool: run the "
-                "collectives on the default group (docs/distributed.md)"
-            )
+            raise _second_group(dev, rank, size, place)
 
 
 # The device the group being made binds (`device_id=`), for its creator, which torch gives only the store, rank, size
@@ -649,20 +707,31 @@ def _wrap_helper(helper: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(helper)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
-        device_id = bound.arguments.get("device_id")
-        if device_id is None or str(bound.arguments.get("backend")).lower() != BACKEND:
+        if str(bound.arguments.get("backend")).lower() != BACKEND:
             return helper(*args, **kwargs)
-        device_id = torch.device(device_id)
-        if device_id.type != BACKEND:
-            raise InvalidArgument(f"the gpupool backend binds a gpupool device; device_id={device_id} is not one")
-        bound.arguments["device_id"] = None
-        _binding.append(device_id)
+        _members.append([int(r) for r in bound.arguments.get("global_ranks_in_group") or []])
         try:
-            return helper(*bound.args, **bound.kwargs)
+            return _with_device(helper, bound)
         finally:
-            _binding.pop()
+            _members.pop()
 
     return wrapped
+
+
+def _with_device(helper: Callable[..., Any], bound: inspect.BoundArguments) -> Any:
+    """`helper` with a gpupool `device_id` given to the creator (`_binding`), not to torch."""
+    device_id = bound.arguments.get("device_id")
+    if device_id is None:
+        return helper(*bound.args, **bound.kwargs)
+    device_id = torch.device(device_id)
+    if device_id.type != BACKEND:
+        raise InvalidArgument(f"the gpupool backend binds a gpupool device; device_id={device_id} is not one")
+    bound.arguments["device_id"] = None
+    _binding.append(device_id)
+    try:
+        return helper(*bound.args, **bound.kwargs)
+    finally:
+        _binding.pop()
 
 
 def register() -> None:
