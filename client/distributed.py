@@ -101,7 +101,7 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         self._rank, self._size = rank, size
         self._rt = runtime
         self._name, self._desc = "", ""
-        self._p2p: list[tuple[int, int, torch.Tensor]] = []  # queued sends and receives: (sender, tag, tensor)
+        self._p2p: list[tuple[int, int, torch.Tensor, int]] = []  # queued: (sender, tag, tensor, peer)
 
     # torch keeps a group's name in its C++ backends, and this group has none (it is the whole process group):
     # without these, `group_name` raised "ProcessGroup name not set" (DeviceMesh, functional collectives, FSDP2)
@@ -321,30 +321,37 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
             pieces.append(gathered[start : start + sends[me] * row])
         out.copy_(torch.cat(pieces).view(out.shape))
 
-    # ---- point to point, in a group of two: broadcasts between the two ranks ----
+    # ---- point to point: in a group of two, broadcasts between the two ranks; in a larger one, the daemons' links ----
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> _Done:  # type: ignore[override]
-        """`dist.send`/`isend` in a group of two: a broadcast from this rank, which its peer's `recv` matches (the
-        daemons check that the two calls agree: sizes, dtype, root). It is queued until the rank waits on one of its
-        queued sends or receives (or calls any other collective): `_flush_p2p` then runs the queue in an order both
-        ranks derive alike, so an exchange where both ranks send first (`batch_isend_irecv([isend, irecv])` on both:
-        until round 39 "ranks disagree on a collective broadcast") runs as NCCL runs it."""
+        """`dist.send`/`isend`. In a group of two: a broadcast from this rank, which its peer's `recv` matches (the
+        daemons check that the two calls agree: sizes, dtype, root). In a larger group (round 44): a transfer over the
+        daemons' link between the two ranks (`_flush_p2p`). Either way it is queued until the rank waits on one of its
+        queued sends or receives (or calls any other collective): `_flush_p2p` then runs the queue, so an exchange
+        where both ranks send first (`batch_isend_irecv([isend, irecv])` on both: until round 39 "ranks disagree on a
+        collective broadcast") runs as NCCL runs it."""
         self._pair("send", dst)
-        return self._queue(self._rank, self._one(tensors, "send")[0], tag)
+        return self._queue(self._rank, self._one(tensors, "send")[0], tag, dst)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> _Done:  # type: ignore[override]
         self._pair("recv", src)
-        return self._queue(src, self._one(tensors, "recv")[0], tag)
+        return self._queue(src, self._one(tensors, "recv")[0], tag, src)
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> _Done:  # type: ignore[override]
-        """`dist.recv` without a source: in a group of two, from the other rank."""
+        """`dist.recv` without a source: in a group of two, from the other rank. In a larger group one InvalidArgument:
+        a rank's transfers come over a link per peer, and a receive from whichever sends first is not done."""
+        if self._size != 2:
+            raise InvalidArgument(
+                f"recv without a source on gpupool runs in a group of two only (this one has {self._size} ranks): "
+                "name the sender (dist.recv(t, src=...))"
+            )
         src = 1 - self._rank
         self._pair("recv", src)
-        return self._queue(src, self._one(tensors, "recv")[0], tag)
+        return self._queue(src, self._one(tensors, "recv")[0], tag, src)
 
-    def _queue(self, sender: int, t: torch.Tensor, tag: int) -> _Done:
+    def _queue(self, sender: int, t: torch.Tensor, tag: int, peer: int) -> _Done:
         self._handle(t)  # refused now if it is not this rank's tensor
-        self._p2p.append((sender, int(tag), t))
+        self._p2p.append((sender, int(tag), t, peer))
         return _Queued([t], self._flush_p2p, sender)
 
     def _flush_p2p(self) -> None:
@@ -355,9 +362,12 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         tags match as gloo's do within what one wait runs; without tags (NCCL's way) order matches."""
         if not self._p2p:
             return
+        if self._size > 2:
+            self._flush_links()
+            return
         queued, self._p2p = sorted(self._p2p, key=lambda q: (q[0], q[1])), []
-        if any(tag for _, tag, _ in queued):
-            mine = torch.tensor([v for sender, tag, _ in queued for v in (sender, tag)], dtype=torch.int64)
+        if any(tag for _, tag, _, _ in queued):
+            mine = torch.tensor([v for sender, tag, _, _ in queued for v in (sender, tag)], dtype=torch.int64)
             mine = mine.to(queued[0][2].device)
             both = mine.new_empty(2 * mine.numel())
             self._send("allgather", list(both.chunk(2)), [mine])
@@ -367,18 +377,34 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
                     f"send/recv on gpupool: the two ranks' queued (sender, tag) pairs differ: rank 0 {lists[0]}, "
                     f"rank 1 {lists[1]}"
                 )
-        for sender, _, t in queued:
+        for sender, _, t, _ in queued:
             self._send("broadcast", [t], [], root=sender)
 
+    def _flush_links(self) -> None:
+        """A group of three or more (round 44; until then one InvalidArgument, so pipelines of more than two stages
+        did not run): the queue as one `p2p` command, in call order, each transfer naming its peer, tag and
+        direction. The daemons move each over the link between its two ranks (formed at their first transfer), with
+        sends and receives of the batch at once (a ring drains), a receive matched to its peer's sends by tag and
+        checked (dtype, size) before a byte is written: server/collectives.py `_p2p`. Only the two ranks of a transfer
+        take part; the rest of the group runs on."""
+        queued, self._p2p = self._p2p, []
+        msg = device_pb2.Collective(kind="p2p")
+        msg.tensors.extend(self._handle(t) for _, _, t, _ in queued)
+        msg.peers.extend(peer for _, _, _, peer in queued)
+        msg.tags.extend(tag for _, tag, _, _ in queued)
+        msg.sending.extend(sender == self._rank for sender, _, _, _ in queued)
+        self._rt.command(device_pb2.Command(collective=msg), flush=True)
+
     def _pair(self, what: str, peer: int) -> None:
-        if self._size != 2:
-            raise InvalidArgument(
-                f"{what} on gpupool runs between the two ranks of a group of two (as a broadcast between them); this "
-                f"group has {self._size} ranks, and the daemons have no links between two ranks alone: use the "
-                "collectives (all_to_all, broadcast, ...; docs/distributed.md)"
-            )
         if peer == self._rank or not 0 <= peer < self._size:
-            raise InvalidArgument(f"{what} on gpupool: rank {self._rank}'s peer is rank {1 - self._rank}, not {peer}")
+            if self._size == 2:
+                raise InvalidArgument(
+                    f"{what} on gpupool: rank {self._rank}'s peer is rank {1 - self._rank}, not {peer}"
+                )
+            raise InvalidArgument(
+                f"{what} on gpupool: rank {self._rank} of {self._size} sends to and receives from another rank of "
+                f"the group (0-{self._size - 1}), not {peer}"
+            )
 
     @staticmethod
     def _one(tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -424,6 +450,38 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         if rt.pending and handle in rt.pending:  # made by torch.empty and not sent yet
             rt.materialize_pending()
         return handle
+
+
+class _SubgroupView(ProcessGroupGpupool):
+    """A gpupool group of some ranks of the default group (`_subgroup`): its send and receive are the default group's
+    between the same ranks (queued in the default group, in call order with its own), its collectives the one
+    FailedPrecondition of a second group (a session joins one daemon group: docs/distributed.md, "Not done yet")."""
+
+    def __init__(
+        self, rank: int, size: int, parent: ProcessGroupGpupool, ranks: list[int], refusal: FailedPrecondition
+    ) -> None:
+        super().__init__(rank, size, parent._rt)
+        self._parent, self._ranks, self._refusal = parent, ranks, refusal
+
+    def _global(self, what: str, peer: int) -> int:
+        if not 0 <= peer < self._size or peer == self._rank:
+            raise InvalidArgument(
+                f"{what} on gpupool: rank {self._rank} of a group of {self._size} sends to and receives from another "
+                f"rank of the group (0-{self._size - 1}), not {peer}"
+            )
+        return self._ranks[peer]
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> _Done:  # type: ignore[override]
+        return self._parent.send(tensors, self._global("send", dst), tag)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> _Done:  # type: ignore[override]
+        return self._parent.recv(tensors, self._global("recv", src), tag)
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> _Done:  # type: ignore[override]
+        raise InvalidArgument("recv without a source on a gpupool subgroup: name the sender (dist.recv(t, src=...))")
+
+    def _send(self, *_: Any, **__: Any) -> None:
+        raise self._refusal
 
 
 def _a2a_refusal(
@@ -543,6 +601,8 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         index, local = _own_device(rank, len(lease.devices), native.current_index(), _named_device())
         dev = torch.device("gpupool", index)
         session = native.ensure_session(index)
+        if (view := _subgroup(session, dev, rank, size)) is not None:
+            return view
         _refuse_second_group(session, dev, rank, size)
         rt = NativeRuntime(index, session)
         lease = native.lease()  # the renewed one: its tokens are current
@@ -557,6 +617,8 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         rt = runtime.get(dev.index)
         assert rt is not None
         session = rt
+        if (view := _subgroup(session, dev, rank, size)) is not None:
+            return view
         _refuse_second_group(session, dev, rank, size)
     store.set(f"gpupool/dev/{rank}", str(local))
     devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
@@ -574,16 +636,42 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         join.store_address = store.get("gpupool/store").decode()
         rt.command(device_pb2.Command(group_join=join))
         rt.sync()  # a refused join (tokens, address) raises here, at init_process_group
-    _joined.append((session, f"rank {rank} of {size}"))
+    group = ProcessGroupGpupool(rank, size, rt)
+    _joined.append((session, f"rank {rank} of {size}", group))
     atexit.register(_drain, rt)  # runs before gpupool.torch's detach_all (atexit is last in, first out)
     log.info("rank %d of %d on %s joined the daemons' group", rank, size, dev)
-    group = ProcessGroupGpupool(rank, size, rt)
     atexit.register(_flush_at_exit, group)  # before `_drain` (last in, first out): an isend never waited on still goes
     return group
 
 
-# The sessions of this process that joined the daemons' group, with their place in it (`_refuse_second_group`)
-_joined: list[tuple[Any, str]] = []
+# The sessions of this process that joined the daemons' group, with their place in it and their group
+# (`_refuse_second_group`, `_subgroup`)
+_joined: list[tuple[Any, str, ProcessGroupGpupool]] = []
+# The global ranks of the group being made (`_wrap_helper`: torch's creator is given the store, rank, size and timeout
+# only); empty for a default group (init_process_group)
+_members: list[list[int]] = []
+
+
+def _second_group(dev: torch.device, rank: int, size: int, place: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"a second gpupool process group on {dev} (rank {rank} of {size}): this rank's session already "
+        f"joined the daemons' group as {place}, and a session joins one group for its life; new_group, "
+        "sub-meshes and re-initializing after destroy_process_group are not supported on gpupool: run the "
+        "collectives on the default group (docs/distributed.md)"
+    )
+
+
+def _subgroup(session: Any, dev: torch.device, rank: int, size: int) -> ProcessGroupGpupool | None:
+    """A group of some ranks of the default group (`dist.new_group(ranks)`, a sub-mesh) on a session that joined the
+    default one: a view of it whose send and receive are the default group's between the same ranks (round 44: a
+    pipeline's stages on a subgroup, as torch.distributed.pipelining and a 2-D mesh's pipeline dimension use one) and
+    whose collectives are the one FailedPrecondition of a second group, raised at the call (until round 44 at
+    new_group, on its members). None where this is no subgroup of a joined session."""
+    ranks = _members[-1] if _members else []
+    for joined, place, parent in _joined:
+        if joined is session and ranks:
+            return _SubgroupView(rank, size, parent, ranks, _second_group(dev, rank, size, place))
+    return None
 
 
 def _refuse_second_group(session: Any, dev: torch.device, rank: int, size: int) -> None:
@@ -592,15 +680,11 @@ def _refuse_second_group(session: Any, dev: torch.device, rank: int, size: int) 
     re-`init_process_group` after `destroy_process_group`, or a sub-mesh of `init_device_mesh` hung its ranks but
     the first (rank 0's join refused: "session already joined its collective group"; the others waiting for its
     store address until torch's 30-minute default timeout). Every member of the new group refuses it here at once,
-    so none waits for another, and the default group goes on."""
-    for joined, place in _joined:
+    so none waits for another, and the default group goes on. (Since round 44 a subgroup of the default group gets
+    here no more: `_subgroup` makes it a view, whose collectives raise this refusal at the call.)"""
+    for joined, place, _ in _joined:
         if joined is session:
-            raise FailedPrecondition(
-                f"a second gpupool process group on {dev} (rank {rank} of {size}): this rank's session already "
-                f"joined the daemons' group as {place}, and a session joins one group for its life; new_group, "
-                "sub-meshes and re-initializing after destroy_process_group are not supported on gpupool: run the "
-                "collectives on the default group (docs/distributed.md)"
-            )
+            raise _second_group(dev, rank, size, place)
 
 
 # The device the group being made binds (`device_id=`), for its creator, which torch gives only the store, rank, size
@@ -623,20 +707,31 @@ def _wrap_helper(helper: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(helper)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
-        device_id = bound.arguments.get("device_id")
-        if device_id is None or str(bound.arguments.get("backend")).lower() != BACKEND:
+        if str(bound.arguments.get("backend")).lower() != BACKEND:
             return helper(*args, **kwargs)
-        device_id = torch.device(device_id)
-        if device_id.type != BACKEND:
-            raise InvalidArgument(f"the gpupool backend binds a gpupool device; device_id={device_id} is not one")
-        bound.arguments["device_id"] = None
-        _binding.append(device_id)
+        _members.append([int(r) for r in bound.arguments.get("global_ranks_in_group") or []])
         try:
-            return helper(*bound.args, **bound.kwargs)
+            return _with_device(helper, bound)
         finally:
-            _binding.pop()
+            _members.pop()
 
     return wrapped
+
+
+def _with_device(helper: Callable[..., Any], bound: inspect.BoundArguments) -> Any:
+    """`helper` with a gpupool `device_id` given to the creator (`_binding`), not to torch."""
+    device_id = bound.arguments.get("device_id")
+    if device_id is None:
+        return helper(*bound.args, **bound.kwargs)
+    device_id = torch.device(device_id)
+    if device_id.type != BACKEND:
+        raise InvalidArgument(f"the gpupool backend binds a gpupool device; device_id={device_id} is not one")
+    bound.arguments["device_id"] = None
+    _binding.append(device_id)
+    try:
+        return helper(*bound.args, **bound.kwargs)
+    finally:
+        _binding.pop()
 
 
 def register() -> None:

@@ -10,11 +10,15 @@ it refuses `torch.manual_seed`."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 NAME = "gpupool"
+_FORK_RNG = torch.random.fork_rng  # torch's own, which `fork_rng` wraps
 
 
 def index_of(device: Any) -> int | None:
@@ -83,3 +87,62 @@ def module_functions() -> dict[str, Any]:
         "get_rng_state_all": get_rng_state_all,
         "set_rng_state_all": set_rng_state_all,
     }
+
+
+def usable_indices() -> list[int]:
+    """The gpupool indices of the devices this process may use: every device of its lease but another torchrun rank's
+    own (pool.rank_device refuses those: a device takes one process's session)."""
+    from .pool import rank_device
+
+    count = int(getattr(torch, NAME).device_count())
+    usable = []
+    for i in range(count):
+        try:
+            rank_device(i, count)
+        except Exception:  # (InvalidArgument) another local rank's own device
+            continue
+        usable.append(i)
+    return usable
+
+
+@contextlib.contextmanager
+def fork_rng(
+    devices: Any = None,
+    enabled: bool = True,
+    _caller: str = "fork_rng",
+    _devices_kw: str = "devices",
+    device_type: str | None = None,
+) -> Iterator[None]:
+    """`torch.random.fork_rng` where the accelerator is gpupool (round 44). torch's asks `torch.accelerator` for the
+    device type, and torch's own code is answered `gpupool` (under `--cuda` too: client/cuda/devices.py), so it read a
+    script's devices in gpupool's numbers and forked every device of `device_count()` by default. In a torchrun rank
+    of a lease of several devices that failed: `fork_rng()` (every device, so another rank's own among them), and
+    under `--cuda` `fork_rng(devices=[local_rank])`, `devices=[torch.cuda.current_device()]` or `[torch.device(
+    "cuda", local_rank)]` in every rank but 0 ("gpupool:1 is lease device 0 here, local rank 0's own device ...", or
+    "expected a gpupool device"). Here a script's devices under `--cuda` are CUDA's numbers (the lease's), mapped to
+    gpupool's; without devices it forks the devices this process may use (`usable_indices`: a rank's own and its
+    spares; on a GPU machine a rank could touch the other ranks' GPUs, here their generators live in their sessions).
+    A device type or accelerator other than gpupool goes to torch's as it is."""
+    kind = device_type
+    if kind is None:
+        acc = torch.accelerator.current_accelerator()  # (gpupool's own code is answered `gpupool`)
+        kind = acc.type if acc is not None else "cuda"
+    cuda = sys.modules.get(f"{__package__}.cuda")
+    mapped = cuda is not None and cuda.enabled() and kind in ("cuda", NAME) and device_type != NAME
+    if kind != NAME and not mapped:
+        with _FORK_RNG(devices, enabled, _caller, _devices_kw, device_type):
+            yield
+        return
+    if devices is None:
+        devices = usable_indices()
+    elif mapped:
+        from .cuda.devices import to_gpupool
+
+        devices = [index_of(to_gpupool(d)) for d in devices]
+    with _FORK_RNG(devices, enabled, _caller, _devices_kw, NAME):
+        yield
+
+
+def install() -> None:
+    """Put `fork_rng` in torch.random (idempotent): both clients, when they make `torch.gpupool`."""
+    torch.random.fork_rng = fork_rng  # type: ignore[assignment]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -85,6 +86,7 @@ _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": di
            "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}  # fmt: skip
 _OPS = ("", "sum", "avg", "product", "min", "max")
 _SIGNATURE = struct.Struct("!8q")  # a signature on the secure links (seclink.SIGNATURE_BYTES)
+P2P = "p2p"  # a rank's batch of sends and receives (round 44; `Collectives._p2p`), not a collective of every rank
 _REFUSED = -1  # a signature's kind where its rank's daemon refused the call (`Collectives._agree`)
 # Each dtype's number in a call's signature (`_agree`), so that ranks calling with different dtypes are refused
 # alike before a byte moves. Every dtype the wire carries has its own (the complex ones since round 35: both were
@@ -840,6 +842,11 @@ class Collectives:
         group: Group | None = s.group
         if group is None or group.closed:
             raise FailedPrecondition(f"collective {msg.kind} before joining a group (init_process_group)")
+        call: Callable[[], None]
+        if msg.kind == P2P:
+            msg = device_pb2.Collective.FromString(msg.SerializeToString())  # (as below)
+            call = functools.partial(self._p2p, group, _transfers(s, msg, group))
+            return self._submit(s, group, msg, call)
         if msg.kind not in KINDS:
             raise InvalidArgument(f"unknown collective {msg.kind!r} (known: {', '.join(KINDS)})")
         if msg.reduce_op not in _OPS:
@@ -864,16 +871,23 @@ class Collectives:
                 refused = exc
         # its own copy: the command's message may be a view of the slice's buffer, which the next slice refills
         msg = device_pb2.Collective.FromString(msg.SerializeToString())
+        call = functools.partial(self._call, group, msg, tensors, inputs, device, refused)
+        return self._submit(s, group, msg, call)
+
+    @staticmethod
+    def _submit(s: WorkerSession, group: Group, msg: device_pb2.Collective, call: Callable[[], None]) -> _Waiting:
+        """Run `call` in the group's thread; its outcome in the returned `_Waiting`."""
         pending = _Waiting(msg)
         threads = torch.get_num_threads()
+        device = s.device.torch_device
 
         def wait() -> None:
             try:
                 if device.type == "cuda":  # pragma: no cover - needs real GPUs
                     with torch.cuda.device(device):
-                        self._call(group, msg, tensors, inputs, device, refused)
+                        call()
                 else:
-                    self._call(group, msg, tensors, inputs, device, refused)
+                    call()
             except Exception as exc:
                 pending.error = exc
             finally:
@@ -881,6 +895,27 @@ class Collectives:
 
         group.submit(wait, f"gpupool-collective-{s.number}", threads)
         return pending
+
+    @staticmethod
+    def _p2p(group: Group, transfers: list[tuple[seclink.Transfer, torch.Tensor | None]]) -> None:
+        """A rank's batch of sends and receives (round 44): over the secure group's rank-to-rank links
+        (seclink.SecureGroup.p2p), or gloo's own send and recv (`_gloo_p2p`). A refusal is this call's alone (the
+        links stay in step, the group goes on); any other failure breaks the group, as a collective's does."""
+        pg = group.wait_ready()
+        try:
+            if isinstance(pg, seclink.SecureGroup):
+                pg.p2p([t for t, _ in transfers]).wait()
+            else:
+                _gloo_p2p(pg, [t for t, _ in transfers])
+        except GpupoolError:
+            raise
+        except Exception as exc:
+            group.broken = f"send/recv of {group.describe()} failed: {_short(exc)}"
+            raise Unavailable(group.broken) from None
+        finally:  # a receive into a copy (a conjugate view, a strided one): its values go back, received or not
+            for t, original in transfers:
+                if original is not None and t.tensor is not None and not t.sending and t.tensor is not original:
+                    original.copy_(t.tensor)
 
     def _call(
         self,
@@ -950,6 +985,101 @@ class Collectives:
         return seclink.Agreement(
             signature, lambda rows: _verdict(msg, [list(_SIGNATURE.unpack(r)) for r in rows], refused)
         )
+
+
+def _transfers(
+    s: WorkerSession, msg: device_pb2.Collective, group: Group
+) -> list[tuple[seclink.Transfer, torch.Tensor | None]]:
+    """A p2p call's transfers, each with the session's tensor it reads or writes (None: refused). A malformed call
+    (lists of other lengths, a peer that is not another rank of the group) is refused at once, with no part taken:
+    its peers cannot be known. A transfer refused here (a handle that does not resolve, a tensor received into twice
+    or both sent and received in one batch) still takes its part, marked refused (seclink.SecureGroup.p2p)."""
+    n = len(msg.tensors)
+    if not n or msg.inputs or not len(msg.peers) == len(msg.tags) == len(msg.sending) == n:
+        raise InvalidArgument(
+            f"p2p takes tensors and, for each, a peer, a tag and a direction; got {n} tensors, {len(msg.inputs)} "
+            f"inputs, {len(msg.peers)} peers, {len(msg.tags)} tags, {len(msg.sending)} directions"
+        )
+    for peer in msg.peers:
+        if peer >= group.size or peer == group.rank:
+            raise InvalidArgument(f"p2p: rank {group.rank} of {group.size} cannot send to or receive from rank {peer}")
+    handles = list(msg.tensors)
+    written = {h for h, sending in zip(handles, msg.sending, strict=True) if not sending}
+    out: list[tuple[seclink.Transfer, torch.Tensor | None]] = []
+    for h, peer, tag, sending in zip(handles, msg.peers, msg.tags, msg.sending, strict=True):
+        refused: Exception | None = None
+        t: torch.Tensor | None = None
+        try:
+            t = s.resolve(h)
+            if h in written and handles.count(h) > 1:
+                raise InvalidArgument(f"p2p names tensor {h:#x} twice in one batch, once to receive into")
+        except GpupoolError as exc:  # (PoisonedInput is one)
+            t, refused = None, exc
+        buf = None if t is None else _plain(t)
+        code = -1 if t is None else _dtype_code(t.dtype)
+        out.append((seclink.Transfer(int(peer), int(tag), bool(sending), buf, code, refused), t))
+    return out
+
+
+def _gloo_p2p(pg: Any, transfers: list[seclink.Transfer]) -> None:
+    """Sends and receives on the plaintext transport: gloo's own send and recv (NCCL's on real GPUs), each transfer a
+    header (`seclink._P2P`'s four integers, a tensor of its own) and then its bytes as uint8, both under its tag, so
+    that a receiver checks dtype and size before it takes a byte (gloo aborts a process whose receive meets more
+    bytes than its buffer holds); where they disagree it takes the bytes into a scratch buffer and drops them. Sends
+    are posted first and waited for last, so a ring drains."""
+    sent: list[Any] = []
+    first: Exception | None = None
+    keep: list[torch.Tensor] = []  # the buffers of sends in flight
+    for t in transfers:
+        if not t.sending:
+            continue
+        if t.tensor is None:
+            head = torch.tensor([t.tag, -1, -1, -1], dtype=torch.int64)
+            first = first or t.refused
+        else:
+            host = seclink._host(t.tensor)
+            head = torch.tensor([t.tag, t.code, host.numel(), host.numel() * host.element_size()], dtype=torch.int64)
+            keep.append(host)
+        sent.append(pg.send([head], t.peer, t.tag))
+        keep.append(head)
+        if t.tensor is not None and host.numel():
+            sent.append(pg.send([host.reshape(-1).view(torch.uint8)], t.peer, t.tag))
+    for t in transfers:
+        if t.sending:
+            continue
+        head = torch.empty(4, dtype=torch.int64)
+        pg.recv([head], t.peer, t.tag).wait()
+        _, code, numel, nbytes = head.tolist()
+        error: Exception | None = None
+        if numel < 0:
+            error = InvalidArgument(
+                f"recv on gpupool: rank {t.peer}'s daemon refused its send (tag {t.tag}; its own error there says why)"
+            )
+        elif t.tensor is None:
+            error = t.refused
+        elif code != t.code or numel != t.tensor.numel():
+            error = InvalidArgument(
+                f"send/recv on gpupool disagree (tag {t.tag}): rank {t.peer} sends {numel} elements of dtype code "
+                f"{code}; this rank receives {t.tensor.numel()} elements of {t.tensor.dtype} (code {t.code})"
+            )
+        if error is not None:
+            if nbytes > 0:
+                pg.recv([torch.empty(nbytes, dtype=torch.uint8)], t.peer, t.tag).wait()
+            first = first or error
+            continue
+        assert t.tensor is not None
+        host = seclink._host(t.tensor)
+        if host.numel():
+            pg.recv([host.reshape(-1).view(torch.uint8)], t.peer, t.tag).wait()
+        if host.dtype is torch.bool and bool((host.view(torch.uint8) > 1).any()):  # (as `_check_bools`)
+            host.zero_()
+            first = first or InvalidArgument(f"recv on gpupool: rank {t.peer} sent bool bytes other than 0 and 1")
+        if host is not t.tensor:
+            t.tensor.copy_(host)
+    for work in sent:
+        work.wait()
+    if first is not None:
+        raise first
 
 
 def _signature(

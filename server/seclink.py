@@ -6,10 +6,12 @@ the certificate files Python's `ssl` needs, and `ssl` has no pre-shared keys. So
 are plain TCP sockets carrying AES-256-GCM frames (`cryptography`, i.e. OpenSSL), keyed from the group's
 secret, which only daemons that were handed the lease's tokens can compute (`group_secret`, server/collectives.py):
 
-Topology: a star around rank 0 (the hub). The hub listens on the daemon's peer-facing host, on a free port of the
-daemon's `--collective-ports` range (`bind_in`: a worker granted network may bind and connect to no other TCP
-port under Landlock, round 42; every daemon of a pool has the same range, and a rank refuses a hub port outside its
-own); it publishes
+Topology: a star around rank 0 (the hub), for the collectives; and (round 44) for send/recv in a group of three or
+more a link between the two ranks of a transfer, formed at the pair's first one with the same handshake and frames
+(`Links`: the lower rank listens, the higher connects; `SecureGroup.p2p`). The hub listens on the daemon's
+peer-facing host, on a free port of the daemon's `--collective-ports` range (`bind_in`: a worker granted network
+may bind and connect to no other TCP port under Landlock, round 42; every daemon of a pool has the same range, and a
+rank refuses a hub port outside its own); it publishes
 `<generation> <host> <port>` in the group's signed store (an HMAC under the secret: `_SignedStore`), where the
 generation is 16 fresh random bytes of this group. Every other rank connects to the hub once.
 
@@ -54,6 +56,7 @@ traffic analysis (sizes and timing), and denial of service by anyone who can rea
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import hmac
 import logging
@@ -74,7 +77,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gpupool.errors import InvalidArgument, ResourceExhausted
+from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 from gpupool.peers import push_out, source_key
 from gpupool.protocol import COLLECTIVE_PORTS
 
@@ -98,6 +101,8 @@ HELLO_SECONDS = 2.0  # a connection's hello is due this soon (a rank sends it as
 HANDSHAKE_SECONDS = 10.0  # at most, per connection: an outsider that sent a hello and no proof is dropped after this
 RETRY_SECONDS = 0.1  # a rank whose link the hub dropped before its hello connects again after this
 HUB_KEY = "seclink/hub"
+P2P_KEY = "seclink/p2p"  # + /<low rank>/<high rank>: the lower rank's listener for their link (`Links`)
+_P2P = struct.Struct("!qqqq")  # a transfer's header on a rank-to-rank link: tag, dtype code, elements, bytes after it
 _LEN = struct.Struct("!I")
 SIGNATURE_BYTES = 64  # a call's signature (server/collectives.py `_signature`: 8 int64), compared whole
 _EAGER = struct.Struct("!q")  # after it in a rank's record: the bytes it sends before the verdict (-1: no frame)
@@ -331,14 +336,36 @@ def form(
     connect to no hub port outside `ports`."""
     deadline = time.monotonic() + timeout
     if rank == 0:
-        return _form_hub(store, secret, lease_id, size, timeout, host, deadline, stop, own or ports)
-    raw = store.get(HUB_KEY).decode(errors="replace").split()
+        group = _form_hub(store, secret, lease_id, size, timeout, host, deadline, stop, own or ports)
+    else:
+        channel = _dial(store, HUB_KEY, secret, lease_id, size, rank, 0, deadline, stop, ports)
+        group = SecureGroup(rank, size, timeout, {0: channel})
+    # rank-to-rank links for send/recv, each formed at its pair's first transfer (round 44)
+    group.links = Links(store, secret, lease_id, rank, size, host, stop, ports, own or ports)
+    return group
+
+
+def _dial(
+    store: Any,
+    key: str,
+    secret: bytes,
+    lease_id: str,
+    size: int,
+    rank: int,
+    hub: int,
+    deadline: float,
+    stop: threading.Event | None,
+    ports: tuple[int, int],
+) -> Channel:
+    """Connect this rank to the listener of rank `hub` whose address (`<generation> <host> <port>`) the signed store
+    holds under `key`: rank 0's star hub, or (round 44) a peer's listener for a rank-to-rank link (`Links`)."""
+    raw = store.get(key).decode(errors="replace").split()
     if len(raw) != 3 or not raw[2].isdigit():
-        raise LinkError(f"the group's store holds a malformed hub address {' '.join(raw)!r}")
+        raise LinkError(f"the group's store holds a malformed address of rank {hub} {' '.join(raw)!r}")
     generation, hub_host, port = bytes.fromhex(raw[0]), raw[1], int(raw[2])
     if not in_range(port, ports):
         raise LinkError(
-            f"rank 0's hub listens on port {port}, outside this daemon's --collective-ports {ports[0]}-{ports[1]} "
+            f"rank {hub} listens on port {port}, outside this daemon's --collective-ports {ports[0]}-{ports[1]} "
             "(every daemon of a job needs the same range)"
         )
     while True:
@@ -348,13 +375,13 @@ def form(
             if stop is not None and stop.is_set():
                 raise LinkError("the session closed while its collective group formed") from None
             if time.monotonic() + 0.2 >= deadline:
-                raise LinkError(f"cannot reach rank 0 at {hub_host}:{port}: {_why(exc)}") from None
+                raise LinkError(f"cannot reach rank {hub} at {hub_host}:{port}: {_why(exc)}") from None
             time.sleep(0.2)
             continue
         try:
-            channel = _connect(sock, secret, lease_id, generation, size, rank, min(deadline, _handshake_deadline()))
-            break
-        except _Dropped:  # strangers crowd the hub, which pushed this link out before it answered: again
+            deadline_hs = min(deadline, _handshake_deadline())
+            return _connect(sock, secret, lease_id, generation, size, rank, deadline_hs, hub)
+        except _Dropped:  # strangers crowd the listener, which pushed this link out before it answered: again
             sock.close()
             if time.monotonic() + RETRY_SECONDS >= deadline:
                 raise
@@ -362,7 +389,6 @@ def form(
         except BaseException:
             sock.close()
             raise
-    return SecureGroup(rank, size, timeout, {0: channel})
 
 
 def _form_hub(
@@ -389,6 +415,96 @@ def _form_hub(
     finally:
         listener.close()
     return SecureGroup(0, size, timeout, hub.channels)
+
+
+class Links:
+    """A rank's rank-to-rank links of a secure group, for send/recv (round 44; until then send/recv ran only in a group
+    of two, as broadcasts over the star). A pair's link forms at its first transfer, when both ranks run it: the lower
+    rank listens on a port of its session's block (`own`, as the hub does), with a fresh generation, and publishes
+    `<generation> <host> <port>` in the group's signed store under `seclink/p2p/<low>/<high>`; the higher rank reads
+    it and connects (a port outside `ports` is refused) with the star's handshake, its keys bound to the lease, that
+    generation, the size and both ranks. The listener takes the ranks it expects only, and closes once they are in.
+    Each link carries one thread's sends and one thread's receives at a time (`SecureGroup.p2p`)."""
+
+    def __init__(
+        self,
+        store: Any,
+        secret: bytes,
+        lease_id: str,
+        rank: int,
+        size: int,
+        host: str,
+        stop: threading.Event | None,
+        ports: tuple[int, int],
+        own: tuple[int, int],
+    ) -> None:
+        self.store, self.secret, self.lease_id = store, secret, lease_id
+        self.rank, self.size, self.host, self.stop = rank, size, host, stop
+        self.ports, self.own = ports, own
+        self.channels: dict[int, Channel] = {}
+
+    def ensure(self, peers: set[int], deadline: float) -> None:
+        """A link with every rank of `peers`: this rank listens for the higher ones (its keys published first, from
+        this thread: the store's client takes one call at a time) while it connects to the lower ones in order."""
+        need = sorted(p for p in peers if p not in self.channels)
+        higher = {p for p in need if p > self.rank}
+        hub: _Hub | None = None
+        listener: socket.socket | None = None
+        accepted: list[BaseException] = []
+        accepting: threading.Thread | None = None
+        try:
+            if higher:
+                family = socket.getaddrinfo(self.host, 0, type=socket.SOCK_STREAM)[0][0]
+                listener = bind_in(
+                    self.own, lambda port: socket.create_server((self.host, port), family=family, backlog=64)
+                )
+                generation = os.urandom(16)
+                hub = _Hub(self.secret, self.lease_id, generation, self.size, deadline, self.stop, self.rank, higher)
+                port = listener.getsockname()[1]
+                for p in sorted(higher):
+                    self.store.set(f"{P2P_KEY}/{self.rank}/{p}", f"{generation.hex()} {self.host} {port}")
+
+                def accept(hub: _Hub = hub, listener: socket.socket = listener) -> None:
+                    try:
+                        hub.run(listener, max(0.0, deadline - time.monotonic()))
+                    except BaseException as exc:  # reported by the calling thread
+                        accepted.append(exc)
+
+                accepting = threading.Thread(target=accept, name="gpupool-seclink-accept", daemon=True)
+                accepting.start()
+            for p in need:
+                if p < self.rank:
+                    self.channels[p] = _dial(
+                        self.store, f"{P2P_KEY}/{p}/{self.rank}", self.secret, self.lease_id, self.size,
+                        self.rank, p, deadline, self.stop, self.ports,
+                    )  # fmt: skip
+            if accepting is not None:
+                accepting.join()
+                if accepted:
+                    raise accepted[0]
+            if hub is not None:
+                self.channels.update(hub.channels)
+                hub.channels.clear()
+        except BaseException:
+            if hub is not None:
+                if accepting is not None:
+                    self.stop_accepting(hub, accepting)
+                hub.close_all()
+            raise
+        finally:
+            if listener is not None:
+                listener.close()
+
+    @staticmethod
+    def stop_accepting(hub: _Hub, accepting: threading.Thread) -> None:
+        """End the listener's thread early (a dial failed: the call is over)."""
+        hub.deadline = 0.0
+        accepting.join()
+
+    def close(self) -> None:
+        for c in self.channels.values():
+            c.close()
+        self.channels.clear()
 
 
 class _Handshake:
@@ -423,23 +539,28 @@ class _Hub:
         size: int,
         deadline: float,
         stop: threading.Event | None = None,
+        hub: int = 0,
+        expect: set[int] | None = None,
     ) -> None:
         self.secret, self.lease_id, self.generation, self.size = secret, lease_id, generation, size
         self.deadline = deadline
         self.stop = stop  # the session closed: the hub gives up within STOP_POLL_SECONDS
+        self.hub = hub  # this rank: 0 for the star; a rank's own for its rank-to-rank links (`Links`)
+        self.expect = set(range(1, size)) if expect is None else expect  # the ranks that connect here
         self.channels: dict[int, Channel] = {}
         self.pending: list[_Handshake] = []  # in the order they were accepted
-        self.shared = Buffers()  # the hub's channels are used by one thread, one at a time
+        # the star's channels are used by one thread, one at a time; rank-to-rank links each by a thread of its own
+        self.shared = Buffers() if hub == 0 else None
         self._warned = 0.0
 
     def run(self, listener: socket.socket, timeout: float) -> None:
         listener.setblocking(False)
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
-            while len(self.channels) < self.size - 1:
+            while not self.expect <= self.channels.keys():
                 now = time.monotonic()
                 if now >= self.deadline:
-                    missing = sorted(set(range(1, self.size)) - set(self.channels))
+                    missing = sorted(self.expect - set(self.channels))
                     raise LinkError(f"ranks {missing} did not connect (with the group's keys) within {timeout:g} s")
                 for h in [h for h in self.pending if h.until <= now]:
                     self._drop(sel, h, "did not complete its handshake in time")
@@ -492,7 +613,7 @@ class _Hub:
         try:
             if h.keys is None:
                 h.rank, reply, h.keys, h.transcript = _hub_hello(
-                    h.buf, self.secret, self.lease_id, self.generation, self.size
+                    h.buf, self.secret, self.lease_id, self.generation, self.size, self.hub, self.expect
                 )
                 h.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if h.sock.send(reply) != len(reply):  # a fresh socket's buffer takes 64 bytes
@@ -535,7 +656,14 @@ def _handshake_deadline() -> float:
 
 
 def _connect(
-    sock: socket.socket, secret: bytes, lease_id: str, generation: bytes, size: int, rank: int, deadline: float
+    sock: socket.socket,
+    secret: bytes,
+    lease_id: str,
+    generation: bytes,
+    size: int,
+    rank: int,
+    deadline: float,
+    hub_rank: int = 0,
 ) -> Channel:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     nonce_c = os.urandom(NONCE_BYTES)
@@ -543,18 +671,20 @@ def _connect(
     try:
         _set_deadline(sock, deadline, 0)
         sock.sendall(hello)
-        reply = _recv_exact(sock, HUB_HELLO_BYTES, deadline, 0)
+        reply = _recv_exact(sock, HUB_HELLO_BYTES, deadline, hub_rank)
     except (LinkError, OSError) as exc:  # no answer: the hub dropped the connection (or never took it)
         raise _Dropped(_why(exc)) from None
     magic, hub, nonce_s = HELLO.unpack(reply[:HELLO_BYTES])
-    if magic != MAGIC or hub != 0:
-        raise LinkError("rank 0's end of the link does not speak this protocol")
-    c2s, s2c, m_c, m_s = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, 0)
+    if magic != MAGIC or hub != hub_rank:
+        raise LinkError(f"rank {hub_rank}'s end of the link does not speak this protocol")
+    c2s, s2c, m_c, m_s = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, hub_rank)
     transcript = hello + reply[:HELLO_BYTES]
     if not hmac.compare_digest(reply[HELLO_BYTES:], _mac(m_s, b"hub", transcript)):
-        raise LinkError("rank 0's end of the link does not hold the group's keys (a stranger or a tampered handshake)")
+        raise LinkError(
+            f"rank {hub_rank}'s end of the link does not hold the group's keys (a stranger or a tampered handshake)"
+        )
     sock.sendall(_mac(m_c, b"rank", transcript))
-    return Channel(sock, 0, c2s, s2c)
+    return Channel(sock, hub_rank, c2s, s2c)
 
 
 def _accept(
@@ -577,15 +707,22 @@ def _accept(
 
 
 def _hub_hello(
-    hello: bytes, secret: bytes, lease_id: str, generation: bytes, size: int
+    hello: bytes,
+    secret: bytes,
+    lease_id: str,
+    generation: bytes,
+    size: int,
+    hub: int = 0,
+    expect: set[int] | None = None,
 ) -> tuple[int, bytes, tuple[bytes, bytes, bytes, bytes], bytes]:
-    """A connector's hello -> (its rank, the hub's hello with its MAC, the connection's keys, the transcript)."""
+    """A connector's hello -> (its rank, the hub's hello with its MAC, the connection's keys, the transcript). The
+    connector is a rank of `expect` (None: any rank but 0, the star's); `hub` is this end's rank."""
     magic, rank, nonce_c = HELLO.unpack(hello)
-    if magic != MAGIC or not 0 < rank < size:
+    if magic != MAGIC or not (0 < rank < size if expect is None else rank in expect):
         raise LinkError("not a collective link of this group")
     nonce_s = os.urandom(NONCE_BYTES)
-    mine = HELLO.pack(MAGIC, 0, nonce_s)
-    keys = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, 0)
+    mine = HELLO.pack(MAGIC, hub, nonce_s)
+    keys = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, hub)
     transcript = hello + mine
     return rank, mine + _mac(keys[3], b"hub", transcript), keys, transcript
 
@@ -628,10 +765,13 @@ class SecureGroup:
         self.timeout = timeout
         self.channels = channels
         self.failed: str | None = None
+        self.links: Links | None = None  # rank-to-rank links for send/recv (`form` sets them up)
 
     def close(self) -> None:
         for c in self.channels.values():
             c.close()
+        if self.links is not None:
+            self.links.close()
 
     def _guard(self, fn: Callable[[float], None]) -> _Done:
         if self.failed:
@@ -857,6 +997,150 @@ class SecureGroup:
                 self.channels[0].recv_into(empty, deadline)
 
         return self._guard(run)
+
+    # ---- send and receive between two ranks (round 44) ----
+
+    def p2p(self, transfers: list[Transfer]) -> _Done:
+        """One rank's batch of sends and receives (what one wait of its program runs), each over the link with its
+        peer (`Links`, formed now where it is not yet). Each transfer is a header frame (`_P2P`: tag, dtype code,
+        elements, bytes) and its bytes; a receiver takes a peer's transfers in the order they were sent, each into its
+        first receive from that peer of the same tag, and checks dtype and size before it writes a byte. Sends to each
+        peer, and receives from each, run in a thread of their own, so that a ring (every rank sends to the next and
+        receives from the one before) drains whatever the sizes. A transfer this rank's daemon refused still takes
+        its part (a header marked refused; the bytes a peer sent read and dropped), so every receive of the batch
+        either completes or fails with InvalidArgument and the links stay in step; the sender of a transfer its
+        receiver refuses is not told (as gloo's): its receiver's error says why."""
+
+        def run(deadline: float) -> None:
+            assert self.links is not None
+            self.links.ensure({t.peer for t in transfers}, deadline)
+            jobs: list[Callable[[], Exception | None]] = []
+            for peer in sorted({t.peer for t in transfers}):
+                channel = self.links.channels[peer]
+                out = [t for t in transfers if t.peer == peer and t.sending]
+                into = [t for t in transfers if t.peer == peer and not t.sending]
+                if out:
+                    jobs.append(functools.partial(_p2p_send, channel, out, deadline))
+                if into:
+                    jobs.append(functools.partial(_p2p_receive, channel, into, deadline))
+            errors = _run_all(jobs, self.close)
+            first = errors[0] if errors else None
+            if first is not None and not isinstance(first, GpupoolError):  # a link's failure first: the group is over
+                raise first
+            if first is not None:
+                raise _Refused(first)
+
+        return self._guard(run)
+
+
+class Transfer:
+    """One send or receive of a rank's batch (`SecureGroup.p2p`): `tensor` a contiguous tensor without a conjugate bit
+    (None where this rank's daemon refused the call: `refused` says why), `code` its dtype's number in signatures."""
+
+    def __init__(
+        self, peer: int, tag: int, sending: bool, tensor: torch.Tensor | None, code: int, refused: Exception | None
+    ) -> None:
+        self.peer, self.tag, self.sending, self.tensor, self.code, self.refused = (
+            peer, tag, sending, tensor, code, refused,
+        )  # fmt: skip
+
+
+def _p2p_send(channel: Channel, out: list[Transfer], deadline: float) -> Exception | None:
+    """Every transfer of `out` to the peer, in order; the first this rank's daemon refused is returned."""
+    first: Exception | None = None
+    for t in out:
+        if t.tensor is None:  # refused here: the receiver is told, and drops nothing
+            channel.send_frame(memoryview(_P2P.pack(t.tag, -1, -1, -1)), deadline)
+            first = first or t.refused
+            continue
+        host = _host(t.tensor)
+        data = _bytes(host)
+        channel.queue_frame(memoryview(_P2P.pack(t.tag, t.code, host.numel(), len(data))))  # with the first frame
+        channel.send(data, deadline)
+    return first
+
+
+def _p2p_receive(channel: Channel, into: list[Transfer], deadline: float) -> Exception | None:
+    """Every transfer the peer sends for `into`, each matched by tag in order; the first refusal is returned (the
+    links stay in step), a link's failure raised."""
+    peer, waiting, first = channel.peer, list(into), None
+    for _ in range(len(into)):
+        tag, code, numel, nbytes = _P2P.unpack(channel.recv_frame(_P2P.size, deadline))
+        t = next((w for w in waiting if w.tag == tag), None)
+        error: Exception | None = None
+        if t is None:
+            t = waiting[0]
+            error = InvalidArgument(
+                f"recv on gpupool: rank {peer} sent a tensor with tag {tag}, and this rank's receives from it in this "
+                f"batch wait for tags {sorted({w.tag for w in waiting})}"
+            )
+        waiting.remove(t)
+        if numel < 0:
+            error = error or InvalidArgument(
+                f"recv on gpupool: rank {peer}'s daemon refused its send (tag {tag}; its own error there says why)"
+            )
+            nbytes = -1
+        elif t.tensor is None:
+            error = error or t.refused
+        elif error is None and (code != t.code or numel != t.tensor.numel()):
+            error = InvalidArgument(
+                f"send/recv on gpupool disagree (tag {tag}): rank {peer} sends {numel} elements of dtype "
+                f"code {code}; this rank receives {t.tensor.numel()} elements of {t.tensor.dtype} (code {t.code})"
+            )
+        if error is not None:
+            _drain_channel(channel, nbytes, deadline)
+            first = first or error
+            continue
+        assert t.tensor is not None
+        host = _host(t.tensor)
+        data = _bytes(host)
+        if nbytes != len(data):  # agreed dtype and elements: any other byte count is not a rank of this build
+            raise LinkError(f"rank {peer} said it sends {nbytes} bytes of {numel} elements where {len(data)} were due")
+        channel.recv_into(data, deadline)
+        if host.dtype is torch.bool and bytes(data).translate(None, b"\0\1"):
+            host.zero_()  # before a kernel reads them: undefined behaviour in torch's (as the allreduce checks)
+            first = first or InvalidArgument(f"recv on gpupool: rank {peer} sent bool bytes other than 0 and 1")
+        if host is not t.tensor:
+            t.tensor.copy_(host)
+    return first
+
+
+def _drain_channel(channel: Channel, n: int, deadline: float) -> None:
+    """Read and drop the `n` bytes (-1: no frame) a peer sent for a call refused here, frame by frame into the
+    channel's scratch buffer (bounded and authenticated, never into a tensor)."""
+    left = n
+    while left >= 0:
+        channel.recv_frame(min(left, MAX_FRAME), deadline)
+        left -= MAX_FRAME
+        if left <= 0:
+            return
+
+
+def _run_all(jobs: list[Callable[[], Exception | None]], fail: Callable[[], None]) -> list[BaseException]:
+    """Run `jobs` at once (threads for all but the last, which runs here): what they raised (a link's failure, after
+    which `fail` closes every link so that the others end at once, not at the deadline), then what they returned
+    (their refusals)."""
+    raised: list[BaseException] = []
+    returned: list[BaseException] = []
+
+    def one(job: Callable[[], Exception | None]) -> None:
+        try:
+            refusal = job()
+        except BaseException as exc:
+            raised.append(exc)
+            fail()
+            return
+        if refusal is not None:
+            returned.append(refusal)
+
+    threads = [threading.Thread(target=one, args=(job,), name="gpupool-seclink-p2p", daemon=True) for job in jobs[:-1]]
+    for th in threads:
+        th.start()
+    if jobs:
+        one(jobs[-1])
+    for th in threads:
+        th.join()
+    return [*raised, *returned]
 
 
 def _send_while(channel: Channel, data: memoryview, deadline: float, receive: Callable[[], None]) -> None:

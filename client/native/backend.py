@@ -89,6 +89,7 @@ def _register_module() -> None:
         setattr(mod, k, f)
     mod.__getattr__ = functools.partial(inductor.device_attribute, NAME)  # type: ignore[method-assign]  # (client/inductor.py)
     torch._register_device_module(NAME, mod)
+    rng.install()  # torch.random.fork_rng with this process's devices (client/rng.py `fork_rng`)
 
 
 def _synchronize(device: Any = None) -> None:

@@ -75,6 +75,7 @@ class BackendModule:
 # module; generator states (client/rng.py): what torch.random.fork_rng asks of it
 for _name, _value in {**streams.module_functions(api.synchronize), **rng.module_functions()}.items():
     setattr(BackendModule, _name, _value if isinstance(_value, type) else staticmethod(_value))
+rng.install()  # torch.random.fork_rng with this process's devices (client/rng.py `fork_rng`)
 
 
 _library: list[torch.library.Library] = []

@@ -798,8 +798,11 @@ class Collective(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     REDUCE_OP_FIELD_NUMBER: _builtins.int
     ROOT_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SENDING_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """allreduce | broadcast | allgather | reduce_scatter | barrier"""
+    """allreduce | broadcast | allgather | reduce_scatter | barrier | p2p"""
     reduce_op: _builtins.str
     """sum | avg | product | min | max (allreduce, reduce_scatter)"""
     root: _builtins.int
@@ -808,6 +811,16 @@ class Collective(_message.Message):
     def tensors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """kind p2p (round 44): a rank's batch of sends and receives between two ranks of a group of 3+, one per tensor, in
+        call order: the peer rank, the tag, and whether it is a send (else a receive into the tensor)
+        """
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def sending(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
     def __init__(
         self,
         *,
@@ -816,10 +829,13 @@ class Collective(_message.Message):
         inputs: _abc.Iterable[_builtins.int] | None = ...,
         reduce_op: _builtins.str = ...,
         root: _builtins.int = ...,
+        peers: _abc.Iterable[_builtins.int] | None = ...,
+        tags: _abc.Iterable[_builtins.int] | None = ...,
+        sending: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "reduce_op", b"reduce_op", "root", b"root", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "peers", b"peers", "reduce_op", b"reduce_op", "root", b"root", "sending", b"sending", "tags", b"tags", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

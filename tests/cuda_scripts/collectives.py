@@ -1,8 +1,9 @@
 """The collectives a training script uses beyond DDP's, written as for NCCL: `reduce` and `gather` of tensors,
 rank 0 broadcasting a config (`broadcast_object_list`), metrics gathered with `all_gather_object` (a dict holding a
 device tensor among them) and `gather_object`, `scatter_object_list`, `send`/`recv`/`isend`/`irecv` between the two
-ranks, and a `torch.distributed.checkpoint` save and load (which plan with the object collectives). Each result is one
-line `rank R NAME VALUE`. Falls back to gloo on the CPU when there is no GPU.
+ranks, a `torch.distributed.checkpoint` save and load (which plan with the object collectives), and
+`torch.random.fork_rng` on each rank's device. Each result is one line `rank R NAME VALUE`. Falls back to gloo on the
+CPU when there is no GPU.
 
     torchrun --standalone --nproc-per-node 2 collectives.py
 """
@@ -167,6 +168,24 @@ def main():
     fresh.load_state_dict(state["model"])
     loaded = [round(v.sum().item(), 6) for v in state["model"].values()] + [state["step"].item()]
     out("dcp-device-save-load", [loaded, fresh.weight.device == torch.empty(0, device=device).device])
+
+    # torch.random.fork_rng in each rank, on its own device (dropout, sampling and checkpointing code fork it): the
+    # draws inside are undone after it, each draw equal to the CPU's (a fake GPU's generator is the CPU's)
+    def forked(name, devices):
+        torch.manual_seed(20 + rank)
+        try:
+            a = torch.randn(2, device=device)
+            with torch.random.fork_rng(devices=devices):
+                b = torch.randn(2, device=device)
+            c = torch.randn(2, device=device)
+            out(name, [a.tolist(), b.tolist(), torch.equal(b, c)])
+        except Exception as exc:  # one line, so that the other results still print
+            out(name, f"refused {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    forked("fork-rng-own", [local_rank] if use_cuda else [])
+    forked("fork-rng-device", [device] if use_cuda else [])
+    forked("fork-rng-current", [torch.cuda.current_device()] if use_cuda else [])
+    forked("fork-rng-default", None)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(where[0])

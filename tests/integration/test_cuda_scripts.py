@@ -278,6 +278,19 @@ def test_send_and_recv_between_the_two_ranks_give_the_cpu_results(pool: str, cli
 
 
 @pytest.mark.parametrize("client", CLIENTS, ids=["default", "shim"])
+def test_fork_rng_on_each_ranks_own_device_gives_the_cpu_draws(pool: str, client: tuple[str, ...]) -> None:
+    """`torch.random.fork_rng` in both ranks of a torchrun job under --cuda: `devices=[local_rank]`, `[device]`,
+    `[torch.cuda.current_device()]` and no devices (every device it may use): the draws before and inside equal gloo's
+    run's on the CPU, and the draw after it repeats the one inside. Until round 44 torch's fork_rng (its device module
+    gpupool's, as torch's own code is answered) read the script's CUDA numbers as gpupool's: every case but rank 0's
+    first and third failed ("gpupool:1 is lease device 0 here, local rank 0's own device ...", "expected a gpupool
+    device"), and `fork_rng()` forked every device of the lease, another rank's own among them (client/rng.py
+    `fork_rng`)."""
+    names = ["fork-rng-own", "fork-rng-device", "fork-rng-current", "fork-rng-default"]
+    assert_collectives_give_the_cpu_results(pool, client, names)
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids=["default", "shim"])
 def test_all_to_all_gives_the_cpu_results(pool: str, client: tuple[str, ...]) -> None:
     """`all_to_all_single` with equal splits, with uneven split sizes (int64 rows, `async_op`), `all_to_all` of a list,
     and torch's functional `all_to_all_single` (DTensor's): each rank's output equals gloo's. Built on allgather

@@ -9,6 +9,7 @@ Slow (the C++ client's first build takes ~1 min; cached after). Skipped only whe
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from gpupool.client.native.backend import compiler_missing
 from scheduler_fixtures import ROOT
+from test_conv_layout import _cl_training
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -222,6 +224,28 @@ def test_what_a_recorded_step_cannot_do_is_a_capture_error(pool: str, tmp_path: 
     lines = ran.stdout.strip().splitlines()
     assert lines[0].startswith("CaptureError:") and says in lines[0], ran.stdout  # native_client.cpp's checks too
     assert lines[-1].startswith("after:")  # the session goes on
+
+
+# test_conv_layout.py's captured channels_last step (a conv net with a view of a conv's output), run here in a process
+# of `gpupool run`'s default client: its losses captured on gpupool and eager on the CPU, and each run's conv layout
+CHANNELS_LAST = (
+    "from __future__ import annotations\nimport json\nimport torch\nCL = torch.channels_last\n"
+    + inspect.getsource(_cl_training)
+    + 'print(json.dumps({"pool": _cl_training("gpupool", True), "cpu": _cl_training("cpu", False)}))\n'
+)
+
+
+def test_a_captured_step_of_channels_last_convs_trains_as_on_the_cpu(pool: str, tmp_path: Path) -> None:
+    """A captured step of a channels_last conv net with a view of a conv's output, on the C++ client (`gpupool run`'s
+    default; test_conv_layout.py runs it on the Python client): recorded, defined and replayed (`_cl_training` checks
+    the replays), its losses the CPU's eager ones, and the convs' outputs channels_last as on the CPU (the session's
+    "conv_layout", round 43). Pins what held at b647913 already: round 43 tested this on the Python client only."""
+    ran = _run(pool, tmp_path, CHANNELS_LAST)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    (losses, layout), (want, cpu_layout) = got["pool"], got["cpu"]
+    assert losses == pytest.approx(want, rel=1e-5), got
+    assert layout and cpu_layout, got
 
 
 def test_the_sentiment_example_with_capture_on_gpupool_runs_default_client(pool: str, tmp_path: Path) -> None:

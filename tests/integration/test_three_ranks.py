@@ -1,7 +1,8 @@
 """Three ranks on the gpupool backend, written as users write them (torchrun, `init_process_group`, DDP), compared
 with the same script on gloo over CPU tensors: DDP with gradient accumulation under `no_sync` and with uneven inputs
 under `Join`, rooted collectives whose root is not rank 0, an all_to_all of uneven splits, and what the backend
-refuses at three ranks (send/recv, a second group) as one clear error on every rank, never a hang.
+refuses at three ranks (a second group's collectives) as one clear error on every rank, never a hang; and (round 44)
+send/recv at three ranks, in a pipeline, a ring and a subgroup, which until round 44 were one InvalidArgument.
 
 Until round 41 `dist.new_group([0, 2])` hung: rank 0's join was refused by its daemon ("session already joined its
 collective group") and rank 2 waited for rank 0's store address until torch's 30-minute default timeout; now every
@@ -102,6 +103,78 @@ def ring():
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     return y.tolist()
+def pipeline():
+    # a pipeline of n stages, as torch.distributed.pipelining's schedules run one: rank i receives rank i-1's
+    # activations, runs its stage, sends them on; the gradients come back the same way
+    torch.manual_seed(rank)
+    stage = nn.Linear(3, 3).to(dev)
+    x = torch.arange(6.0, device=dev).view(2, 3) if rank == 0 else torch.zeros(2, 3, device=dev)
+    if rank > 0:
+        dist.recv(x, src=rank - 1, tag=7)
+    x.requires_grad_(rank > 0)
+    y = stage(x)
+    if rank < n - 1:
+        dist.send(y.detach(), dst=rank + 1, tag=7)
+        g = torch.zeros(2, 3, device=dev)
+        dist.recv(g, src=rank + 1, tag=8)
+        y.backward(g)
+    else:
+        (y ** 2).sum().backward()
+    if rank > 0:
+        dist.send(x.grad, dst=rank - 1, tag=8)
+    return [round(v, 4) for v in y.detach().reshape(-1).tolist() + stage.weight.grad.reshape(-1).tolist()]
+def tags_and_skips():
+    # between the two ranks that are not rank 0, tagged isends received in the other order; rank 0 to the last
+    # rank, past the middle one; an exchange of 300,000 floats (several frames) in both directions at once
+    out = []
+    if rank == 1:
+        works = [dist.isend(torch.full((2,), 1.0, device=dev), 2, tag=1),
+                 dist.isend(torch.full((3,), 2.0, device=dev), 2, tag=2)]
+        [w.wait() for w in works]
+    if rank == 2:
+        b, a = torch.zeros(3, device=dev), torch.zeros(2, device=dev)
+        works = [dist.irecv(b, 1, tag=2), dist.irecv(a, 1, tag=1)]
+        [w.wait() for w in works]
+        out += [a.tolist(), b.tolist()]
+    if rank in (0, n - 1):
+        peer = n - 1 - rank
+        big = torch.arange(300000.0, device=dev) * (rank + 1)
+        got = torch.zeros(300000, device=dev)
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, big, peer), dist.P2POp(dist.irecv, got, peer)]):
+            w.wait()
+        out.append([got[:3].tolist(), got.sum().item()])
+    return out
+def pipeline_subgroup():
+    # two stages on a subgroup of the first and last ranks (as a 2-D mesh's pipeline dimension is one): send/recv
+    # and a batch_isend_irecv exchange on the group
+    pp = dist.new_group([0, n - 1])
+    if rank not in (0, n - 1):
+        return None
+    peer = n - 1 - rank
+    t = torch.full((2,), rank + 1.0, device=dev)
+    if rank == 0:
+        dist.send(t, dst=peer, group=pp)
+    else:
+        dist.recv(t, src=peer, group=pp)
+    x, y = torch.full((3,), 10.0 * (rank + 1), device=dev), torch.zeros(3, device=dev)
+    ops = [dist.P2POp(dist.isend, x, peer, group=pp), dist.P2POp(dist.irecv, y, peer, group=pp)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return [t.tolist(), y.tolist()]
+def p2p_refused():
+    # what the daemons' links refuse: a receive of another size than the send (the receiver fails, the sender's
+    # send goes; the group goes on), a send to oneself and a receive without a source at three ranks
+    out = []
+    if rank == 0:
+        dist.send(torch.ones(3, device=dev), 1)
+    if rank == 1:
+        y = torch.zeros(4, device=dev)
+        dist.recv(y, 0)
+        run("mismatch", lambda: y.tolist())
+        out.append(res.pop("mismatch"))
+    run("self", lambda: dist.send(torch.ones(1, device=dev), rank))
+    run("anysource", lambda: dist.recv(torch.ones(1, device=dev)))
+    return out + [res.pop("self"), res.pop("anysource")]
 def after():
     t = torch.full((2,), rank + 1.0, device=dev); dist.all_reduce(t); return t.tolist()
 for name in sys.argv[2].split(","):
@@ -111,7 +184,10 @@ dist.barrier()  # no rank leaves while a peer still talks to it (gloo aborts a p
 dist.destroy_process_group()
 """
 
-SAME = "ddp_accumulate,ddp_uneven,broadcast_last,reduce_last,gather_middle,scatter_last,all_to_all_uneven,objects"
+SAME = (
+    "ddp_accumulate,ddp_uneven,broadcast_last,reduce_last,gather_middle,scatter_last,all_to_all_uneven,objects,"
+    "ring,pipeline,tags_and_skips,pipeline_subgroup"
+)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +235,7 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
     base = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cpu = _reference(script, base, tmp_path)
-    names = SAME + ",subgroup,ring,after"
+    names = SAME + ",subgroup,p2p_refused,after"
     pool = _ranks(
         [
             sys.executable,
@@ -180,7 +256,8 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
     for rank in range(3):
         for name in SAME.split(","):
             assert pool[rank][name] == cpu[rank][name], (rank, name, pool[rank][name], cpu[rank][name])
-        # a second group: refused on both members at once, naming why; the rank outside it goes on
+        # a second group's collectives: refused on both members at once, naming why (since round 44 at the call, and its
+        # send/recv run: `pipeline_subgroup` above; until then at new_group); the rank outside it goes on
         if rank == 1:
             assert pool[rank]["subgroup"] == [2.0, 2.0], pool[rank]
         else:
@@ -190,8 +267,17 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
                 "group for its life; new_group, sub-meshes and re-initializing after destroy_process_group are not "
                 "supported on gpupool: run the collectives on the default group (docs/distributed.md)"
             ), pool[rank]
-        # send/recv at three ranks: the client's refusal on every rank (no links between two ranks alone)
-        assert pool[rank]["ring"].startswith(
-            "refused InvalidArgument: send on gpupool runs between the two ranks of a group of two"
-        ), pool[rank]
+        # send/recv at three ranks run over the daemons' rank-to-rank links since round 44 (`ring`, `pipeline`,
+        # `tags_and_skips` above: until then each was "send on gpupool runs between the two ranks of a group of two");
+        # what they refuse, each on its rank alone, the group going on
+        refused = pool[rank]["p2p_refused"]
+        if rank == 1:
+            assert "send/recv on gpupool disagree (tag 0): rank 0 sends 3 elements" in refused[0], refused
+            refused = refused[1:]
+        assert refused == [
+            "refused ValueError: Invalid destination rank: destination rank should not be the same as the rank of "
+            "the current process.",
+            "refused InvalidArgument: recv without a source on gpupool runs in a group of two only (this one has 3 "
+            "ranks): name the sender (dist.recv(t, src=...))",
+        ], refused
         assert pool[rank]["after"] == [6.0, 6.0], pool[rank]  # the default group goes on

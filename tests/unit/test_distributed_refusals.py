@@ -20,13 +20,18 @@ def _opts(cls: type, root: int) -> object:
     return opts
 
 
-def test_send_and_recv_run_in_a_group_of_two_only() -> None:
-    """Until round 38 every send/recv was one InvalidArgument; now a group of two runs them (a broadcast from the
-    sender), and a larger group says why not."""
+def test_send_and_recv_refuse_peers_that_are_not_another_rank() -> None:
+    """Until round 38 every send/recv was one InvalidArgument; then a group of two ran them (a broadcast from the
+    sender) and a larger group refused them; since round 44 a larger group runs them too (the daemons' rank-to-rank
+    links: tests/integration/test_p2p_links.py), all but a peer that is no other rank and a receive without a
+    source."""
     pg, t = ProcessGroupGpupool(0, 3, None), torch.zeros(2)
-    for call in (lambda: pg.send([t], 1, 0), lambda: pg.recv([t], 1, 0), lambda: pg.recv_anysource([t], 0)):
-        with pytest.raises(InvalidArgument, match="runs between the two ranks of a group of two.*this group has 3"):
+    for call, what, peer in ((lambda: pg.send([t], 0, 0), "send", 0), (lambda: pg.recv([t], 3, 0), "recv", 3)):
+        with pytest.raises(InvalidArgument, match=f"{what} on gpupool: rank 0 of 3 sends to and receives from another "
+                           f"rank of the group \\(0-2\\), not {peer}"):  # fmt: skip
             call()
+    with pytest.raises(InvalidArgument, match="recv without a source on gpupool runs in a group of two only"):
+        pg.recv_anysource([t], 0)
     pair = ProcessGroupGpupool(1, 2, None)
     with pytest.raises(InvalidArgument, match="send on gpupool: rank 1's peer is rank 0, not 1"):
         pair.send([t], 1, 0)
