@@ -107,7 +107,7 @@ class Core:
         self.events = events or Events()
         self.leases: dict[str, LeaseRecord] = {}
         self.waiters: deque[_AllocationWaiter] = deque()
-        self.hosts = HostBook(self.lock, self.pool, self)
+        self.hosts = HostBook(self.lock, self.pool, self, config.host_timeout)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.held_leases: dict[str, int] = {}  # active leases per tenant
         # per tenant: until when the tokens of each of its ended leases may live (a heap; `tenant_max_revoked`)
