@@ -113,6 +113,7 @@ class Core:
         # per tenant: until when the tokens of each of its ended leases may live (a heap; `tenant_max_revoked`)
         self.revoked_until: dict[str, list[float]] = {}
         self.scheduler_id = uuid.uuid4().hex
+        self.started_at = time.time()  # status tokens minted before (by another process, or leader) are revoked
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
         self._load()
 

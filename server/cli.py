@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         "names is refused at start; the scheduler refuses (ALREADY_EXISTS) a live host's id from another address",
     )
     tls.add_metrics_flags(p, "127.0.0.1:9450")
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
+    add_flag(
+        p,
+        "--scheduler",
+        default="",
+        help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with; Attach is served once it has answered "
+        "a heartbeat (it names the revoked leases: UNAVAILABLE after 5 s while it cannot be reached)",
+    )
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
     add_flag(p, "--max-message-size", type=size_arg, default=16 * 1024**2, help="largest gRPC message accepted")

@@ -1,8 +1,15 @@
 """Round 44 (control44): what round 43 left in the control plane, against real schedulers and daemons on loopback.
 
+1. A restarted daemon served Attach before its first heartbeat: the scheduler's reply to it names the ended leases
+   whose tokens to refuse, and until it came (an interval, 2 s by default) a revoked lease's token attached. Now the
+   registrar heartbeats at once after registering and the daemon serves no Attach (nor a status token) before a reply
+   (`Daemon.revocations_heard`; UNAVAILABLE after `REVOCATIONS_WAIT` while the scheduler cannot be reached).
 2. A restarted scheduler re-told only the revocations of leases ended within `retention` (600 s; older rows were
    deleted): a lease of an hour released, forgotten, then a scheduler and a daemon restart, and its token attached.
    Now an ended lease's row is kept until its tokens have expired (and REVOCATION_SLACK).
+3. Status tokens (120 s) could not be revoked: an admin removed from the credentials file kept seeing every session
+   of a host for their life. Now a heartbeat reply says when status tokens were last revoked (`status_tokens_not_
+   before`: the scheduler's start, or its sight of an admin token removed) and the daemon refuses older ones.
 4. A second daemon given a live host's --host-id took the host over; a --host-id other than the certificate's host
    was refused by the scheduler at every retry. Now the scheduler refuses the second (ALREADY_EXISTS, the first kept)
    and `gpupool serve` refuses the mismatch at start.
@@ -14,20 +21,42 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Session
+from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import Proc, SimHost, wait_until
-from support import get_pki, register_host
+from support import DaemonFactory, get_pki, register_host
 from test_security import Pool, start_pool
 
-from gpupool import errors, tokens
-from gpupool._proto import scheduler_pb2
+from gpupool import errors, protocol, tls, tokens
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 
 pytestmark = pytest.mark.slow
 HOST = "ctl44-host"
+
+
+def _daemon(factory: DaemonFactory, pool: Pool, *, interval: float = 0.3, listen: str = "127.0.0.1:0") -> Any:
+    """An in-process daemon registering as HOST with its host certificate (thread isolation: the control plane is
+    what is tried), verifying tokens with the pool's public key file only."""
+    files = get_pki().issue("host", HOST)
+    return factory(
+        listen=listen,
+        host_id=HOST,
+        scheduler=pool.address,
+        heartbeat_interval=interval,
+        isolation="thread",
+        token_key=tokens.load_verifier(pool.public),
+        tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
+    )
+
+
+def _heard_revocation(handle: Any, lease_id: str) -> bool:
+    return bool(handle.running.daemon.config.token_key.revoked(lease_id, time.time()))
 
 
 @pytest.fixture
@@ -35,6 +64,49 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
     p = start_pool(tmp_path)
     yield p
     p.scheduler.stop(grace=0.5)
+
+
+# ---- 1. a restarted daemon and the revocations it has not heard yet ----
+
+
+def test_a_restarted_daemon_attaches_no_revoked_token_before_its_first_heartbeat(
+    pool: Pool, daemon_factory: DaemonFactory
+) -> None:
+    """Alice releases a lease of an hour; the daemon hears it. The daemon restarts on the same address with a
+    heartbeat interval of 30 s and Alice attaches with the released lease's token at once: refused (UNAUTHENTICATED,
+    released or revoked). On b647913 it attached (the restarted daemon's list was empty until a heartbeat 30 s on)."""
+    first = _daemon(daemon_factory, pool)
+    assert first.running.registrar.registered.wait(20)
+    alice = pool.client("tenant", "alice")
+    try:
+        lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=3600))
+        token = lease.devices[0].token
+        Session.attach(first.address, token).close()
+        alice.release(lease.lease_id)
+        wait_until(lambda: _heard_revocation(first, lease.lease_id), what="the revocation at the daemon")
+    finally:
+        alice.close()
+    first.running.stop(grace=0.5, drain=False)
+
+    again = _daemon(daemon_factory, pool, interval=30.0, listen=first.address)  # restarted: its list is empty
+    with pytest.raises(errors.Unauthenticated, match="released or revoked"):
+        Session.attach(again.address, token).close()
+
+
+def test_a_daemon_whose_scheduler_never_answered_refuses_attach_unavailable(
+    daemon_factory: DaemonFactory, closed_port: int
+) -> None:
+    """A daemon registering with a scheduler that cannot be reached (a closed port) refuses Attach with a valid token
+    of its host: UNAVAILABLE, saying it has not heard which leases were revoked (retryable). On b647913 it attached."""
+    key = tokens.Signer.from_seed(b"control44")
+    handle = daemon_factory(
+        host_id=HOST, scheduler=f"127.0.0.1:{closed_port}", isolation="thread", token_key=b"control44"
+    )
+    claims = tokens.TokenClaims("a" * 32, HOST, 0, 0, 0.25, time.time() + 600, "alice")
+    t0 = time.monotonic()
+    with pytest.raises(errors.Unavailable, match="has not heard from its scheduler") as err:
+        Session.attach(handle.address, tokens.mint(key, claims), timeout=30).close()
+    assert "retry" in str(err.value) and time.monotonic() - t0 >= 4.0  # (it waited for the scheduler first)
 
 
 # ---- 2. a restarted scheduler forgets no revocation whose token may still live ----
@@ -100,6 +172,84 @@ def _sim_host(address: str, signer: tokens.Signer) -> tuple[SimHost, tokens.Veri
     verifier = tokens.Verifier([signer.public])
     host.registrar.verifier = verifier
     return host.start(), verifier
+
+
+# ---- 3. status tokens of a removed admin ----
+
+
+def test_a_removed_admins_status_token_is_refused_at_the_next_heartbeat(
+    pool: Pool, daemon_factory: DaemonFactory
+) -> None:
+    """An admin API token's ListPool gives a status token of HOST, which shows the daemon's sessions; the operator
+    removes that admin's line from the credentials file: within a few heartbeats the daemon refuses the token
+    (UNAUTHENTICATED, revoked), while a status token minted since (another admin's) is served. On b647913 the
+    removed admin's token showed every session for its 120 s."""
+    host = _daemon(daemon_factory, pool)
+    assert host.running.registrar.registered.wait(20)
+    kept = pool.credentials.read_text()
+    with pool.credentials.open("a") as f:
+        f.write(credential_line("admin", "ops-token", "a0k"))
+    time.sleep(1.1)  # (the file is checked at most once a second)
+    ops = pool.token_client("a0k")
+    try:
+        (mine,) = [h for h in ops.list_pool().hosts if h.host_id == HOST]
+    finally:
+        ops.close()
+
+    assert _status(host, mine.status_token).host_id == HOST
+    pool.credentials.write_text(kept)  # the admin removed
+
+    wait_until(lambda: _refused(host, mine.status_token), timeout=15, what="the removed admin's token refused")
+    admin = pool.client("admin", "ops")  # an admin certificate, still an admin: a fresh token is served
+    try:
+        (fresh,) = [h for h in admin.list_pool().hosts if h.host_id == HOST]
+    finally:
+        admin.close()
+    assert _status(host, fresh.status_token).host_id == HOST
+
+
+def test_a_restarted_scheduler_revokes_the_status_tokens_it_minted_before(
+    pool: Pool, daemon_factory: DaemonFactory
+) -> None:
+    """A status token minted by a scheduler process is refused once its successor (restarted on the same address and
+    key) has answered the daemon's heartbeat: the successor may run with another credentials file, and cannot know
+    whose the old tokens were. On b647913 it was served for its 120 s."""
+    host = _daemon(daemon_factory, pool)
+    assert host.running.registrar.registered.wait(20)
+    admin = pool.client("admin", "ops")
+    try:
+        (mine,) = [h for h in admin.list_pool().hosts if h.host_id == HOST]
+    finally:
+        admin.close()
+    assert _status(host, mine.status_token).host_id == HOST
+    pool.scheduler.stop(grace=0)
+    pool.scheduler = SchedulerServer(
+        dataclasses.replace(pool.scheduler.config, listen=pool.address), tokens.load_signer(pool.key)
+    ).start()
+    wait_until(lambda: _refused(host, mine.status_token), timeout=20, what="the old status token refused")
+    admin = pool.client("admin", "ops")
+    try:
+        (fresh,) = [h for h in admin.list_pool().hosts if h.host_id == HOST]
+    finally:
+        admin.close()
+    assert _status(host, fresh.status_token).host_id == HOST  # one of the new process is served
+
+
+def _status(host: Any, token: str) -> device_pb2.StatusReply:
+    with tls.channel(host.address, cfg=get_pki().client_config("tenant", "carol"), token=False) as ch:
+        stub = device_pb2_grpc.DeviceStub(ch)
+        return stub.Status(device_pb2.StatusRequest(), timeout=10, metadata=((protocol.STATUS_TOKEN_METADATA, token),))
+
+
+def _refused(host: Any, token: str) -> bool:
+    """Whether the daemon refuses the status token as revoked (False while it serves it)."""
+    try:
+        _status(host, token)
+        return False
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err.details()  # type: ignore[attr-defined]
+        assert "revoked" in (err.details() or ""), err.details()  # type: ignore[attr-defined]
+        return True
 
 
 # ---- 4. host ids ----
