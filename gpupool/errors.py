@@ -85,6 +85,12 @@ class NotFound(GpupoolError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(GpupoolError):
+    """What a call would create is there already (a host id a live daemon holds)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Internal(GpupoolError):
     """A bug or an unexpected failure of the server itself."""
 
@@ -101,6 +107,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GpupoolError]] = {
         FailedPrecondition,
         Unavailable,
         NotFound,
+        AlreadyExists,
         Internal,
     )
 }

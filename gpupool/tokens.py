@@ -215,6 +215,8 @@ class Verifier:
         # time is not the dict's any more, revoked again since, is passed over).
         self._revoked: dict[str, float] = {}
         self._expiry: list[tuple[float, str]] = []
+        # Status tokens minted before this (the scheduler's `HeartbeatReply.status_tokens_not_before`) are refused.
+        self._status_not_before = 0.0
         self._lock = threading.Lock()
         self._reload()
 
@@ -284,6 +286,13 @@ class Verifier:
             if self._revoked.get(lease_id) == when:
                 del self._revoked[lease_id]
 
+    def status_not_before(self, when: float) -> None:
+        """Refuse from now on the status tokens minted before `when` (the scheduler's clock: its start, or its last
+        sight of an admin API token removed): never moved back (a NaN or an older time is passed over)."""
+        if math.isfinite(when):
+            with self._lock:
+                self._status_not_before = max(self._status_not_before, when)
+
     def revoked(self, lease_id: str, now: float) -> bool:
         with self._lock:
             self._forget(now)
@@ -320,6 +329,11 @@ class Verifier:
             raise Unauthenticated("status token expired (smi fetches a fresh one from the scheduler every poll)")
         if expires_at > now + STATUS_TTL + 60:
             raise Unauthenticated(f"status token lives longer than {STATUS_TTL:g} s")
+        if expires_at - STATUS_TTL <= self._status_not_before:
+            raise Unauthenticated(
+                "status token minted before the scheduler last restarted or lost an admin credential: revoked "
+                "(smi fetches a fresh one from the scheduler every poll)"
+            )
         return host
 
     def _signed(self, token: str, domain: bytes, what: str) -> bytes:

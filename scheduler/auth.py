@@ -128,6 +128,10 @@ class Credentials:
         self._table: dict[str, Identity] = {}
         self._checked = 0.0  # time.monotonic() of the last look at the file
         self._refused: tuple[int, int, int, int] | None = None  # the stamp of a version refused (said once)
+        # When (time.time()) an admin's API token was last seen gone from the file (removed, or its line another
+        # role's now): the status tokens minted before are revoked at every daemon (`HeartbeatReply`
+        # `status_tokens_not_before`), the removed admin's among them.
+        self.admin_removed_at = 0.0
         self._lock = threading.Lock()
         if self.path is not None:
             self._reload(strict=True)
@@ -151,6 +155,7 @@ class Credentials:
             with self._lock:
                 if self._text is not None:
                     log.warning("credentials file %s removed: every API token is refused until it is back", self.path)
+                self._note_admins_removed({})
                 self._table, self._stamp, self._text, self._refused = {}, None, None, None
             return
         except (OSError, InvalidArgument, UnicodeDecodeError) as exc:
@@ -161,8 +166,26 @@ class Credentials:
             log.warning("credentials file %s unreadable (keeping the previous one): %s", self.path, exc)
             return
         with self._lock:
+            self._note_admins_removed(table)
             self._table, self._stamp, self._text, self._refused = table, stamp, text, None
             self._settled = max(st.st_mtime_ns, st.st_ctime_ns) < now - _RACY_NS
+
+    def _note_admins_removed(self, table: dict[str, Identity]) -> None:
+        """Note (the lock held) whether `table`, replacing the current one, drops an admin's token."""
+        gone = sorted(i.name for d, i in self._table.items() if i.role == ADMIN and table.get(d) != i)
+        if gone:
+            self.admin_removed_at = time.time()
+            log.warning(
+                "credentials file %s: admin token(s) of %s removed: the status tokens minted so far are revoked at "
+                "every daemon at its next heartbeat",
+                self.path,
+                ", ".join(repr(x[:40]) for x in gone[:5]),
+            )
+
+    def refresh(self) -> None:
+        """Look at the file now (the scheduler's sweep: a removed admin token is seen without waiting for a call)."""
+        if self.path is not None:
+            self._reload()
 
     def lookup(self, token: str, *, stale: float = 0.0) -> Identity | None:
         """The token's identity. The file is looked at first (a stat), or, with `stale` > 0, only when it was last

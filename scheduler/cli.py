@@ -211,6 +211,8 @@ class SchedulerServer:
             open_access=config.tls.insecure,
             failures=AuthFailRate(config.auth_fail_rate),
         )
+        self.credentials = authn.credentials
+        self.servicer.credentials = authn.credentials
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
             # RequestGuard first: it serves the handlers the others make (calls whose request never comes)
@@ -316,6 +318,7 @@ class SchedulerServer:
             try:
                 if check is not None:
                     check()
+                self.credentials.refresh()  # (an admin token removed: status tokens revoked)
                 self.core.sweep()
             except StateOwned as exc:
                 log.critical("stepping down: %s", exc)

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from gpupool import tokens
 from gpupool.config import split_address
-from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
+from gpupool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from gpupool.protocol import HostState, LeaseState
 
 from .capacity import Host, Pool, PoolDevice
@@ -138,10 +138,14 @@ class HostBook:
     and the leases each host must be told are revoked. Shares the Core's lock and pool; asks the lease side
     (`LeaseSide`) to end leases, write to the store and serve waiting requests."""
 
-    def __init__(self, lock: threading.RLock, pool: Pool, lease_side: LeaseSide) -> None:
+    def __init__(self, lock: threading.RLock, pool: Pool, lease_side: LeaseSide, host_timeout: float = 10.0) -> None:
         self.lock = lock
         self.pool = pool
         self.lease_book = lease_side
+        # A host heard from this recently is live: another daemon's Register of its id from another address is
+        # refused (`_check_duplicate`); half the host timeout, so that a daemon restarted at another address is
+        # taken before its host is marked down (its leases lost).
+        self.live_window = host_timeout / 2
         # host -> {lease to revoke at its next heartbeat: until when one of its tokens may be alive}
         self.revoked: dict[str, dict[str, float]] = {}
         # host -> {lease already told revoked: until when} (kept until then): a daemon that restarts lost its
@@ -172,6 +176,7 @@ class HostBook:
         validate_registration(host_id, address, devices, labels)
         with self.lock:
             old = self.pool.hosts.get(host_id)
+            self._check_duplicate(old, host_id, address)
             cordoned = old is not None and old.cordoned
             host = Host(
                 host_id,
@@ -212,6 +217,24 @@ class HostBook:
                 "" if old is None else f" (again; {len(keep)} lease(s) kept, {len(lose)} lost)",
             )
             self.lease_book.serve_waiters()
+
+    def _check_duplicate(self, old: Host | None, host_id: str, address: str) -> None:
+        """AlreadyExists when `host_id` is live (up or draining, heard from within `live_window`) at another address:
+        a second daemon given the same --host-id. Until round 44 it took the host over (its address, its devices), the
+        first one's sessions and heartbeats went on beside it, and the pool placed the first's leases on the second.
+        The first is kept; a daemon that restarted at another address is taken once the first has been silent for
+        `live_window` (its registrar retries within 5 s)."""
+        if old is None or old.state == HostState.DOWN or old.address == address:
+            return
+        silent = time.time() - old.last_seen
+        if silent >= self.live_window:
+            return
+        raise AlreadyExists(
+            f"host {host_id} is live at {old.address} (heard from {silent:.1f} s ago): the daemon at {address} may not "
+            f"register as {host_id} too (refused; the first is kept). Give it another --host-id, or stop the first: a "
+            f"daemon restarted at another address takes its host id once the first has been silent for "
+            f"{self.live_window:g} s"
+        )
 
     def heartbeat(
         self,

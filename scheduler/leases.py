@@ -51,7 +51,9 @@ class CoreConfig:
     max_lease_ttl: float = 24 * 3600.0
     host_timeout: float = 10.0
     heartbeat_interval: float = 2.0
-    retention: float = 600.0  # how long an ended lease is remembered (Renew says why it ended, not NOT_FOUND)
+    # How long an ended lease is remembered at least (Renew says why it ended, not NOT_FOUND); one whose tokens may
+    # still be presented is kept longer, until they have expired (`sweep`).
+    retention: float = 600.0
     max_waiters: int = 1000  # each waiter holds a server thread: beyond this, fail at once instead
     tenant_max_share: float = 0.0  # GPUs' worth of shares one tenant may hold (and wait for); 0: no limit
     tenant_max_waiting: int = 0  # waiting requests of one tenant; 0: no limit beyond max_waiters
@@ -105,12 +107,13 @@ class Core:
         self.events = events or Events()
         self.leases: dict[str, LeaseRecord] = {}
         self.waiters: deque[_AllocationWaiter] = deque()
-        self.hosts = HostBook(self.lock, self.pool, self)
+        self.hosts = HostBook(self.lock, self.pool, self, config.host_timeout)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.held_leases: dict[str, int] = {}  # active leases per tenant
         # per tenant: until when the tokens of each of its ended leases may live (a heap; `tenant_max_revoked`)
         self.revoked_until: dict[str, list[float]] = {}
         self.scheduler_id = uuid.uuid4().hex
+        self.started_at = time.time()  # status tokens minted before (by another process, or leader) are revoked
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
         self._load()
 
@@ -432,7 +435,17 @@ class Core:
             active = (x for x in self.leases.values() if x.state == LeaseState.ACTIVE)
             expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention
-            old = [k for k, x in self.leases.items() if x.state != LeaseState.ACTIVE and x.ended_at < horizon]
+            # An ended lease is kept (in memory and in the store) `retention` after its end and, beyond that, until
+            # its last token has expired and the slack (`REVOCATION_SLACK`): a restarted scheduler tells its hosts
+            # again from the store which ended leases' tokens to refuse (`_load`), and the tenant's
+            # `--tenant-max-revoked` count is rebuilt from it. Until round 44 a lease was forgotten 600 s after its
+            # end: a lease of an hour released, then a scheduler restart and a daemon restart, and its unexpired token
+            # attached at the restarted daemon again (nobody told it). How many are kept is `--tenant-max-revoked`'s.
+            old = [
+                k
+                for k, x in self.leases.items()
+                if x.state != LeaseState.ACTIVE and x.ended_at < horizon and x.expires_at + REVOCATION_SLACK <= now
+            ]
             try:  # a step the store refuses is simply retried at the next sweep
                 if expired:
                     self.end(expired, LeaseState.EXPIRED)

@@ -77,6 +77,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
         self.host_writes = host_writes if host_writes is not None else auth.HostWriteRate(0.0)
+        # The scheduler's credentials file, for when an admin's API token was last removed (`status_tokens_not_before`)
+        self.credentials: auth.Credentials | None = None
 
     @property
     def core(self) -> Core:
@@ -123,7 +125,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             revoked_until=[until.get(x, longest) for x in revoked],
             reregister=again,
             scheduler_id=self.core.scheduler_id,
+            status_tokens_not_before=self.status_tokens_not_before(),
         )
+
+    def status_tokens_not_before(self) -> float:
+        """Status tokens minted before this are revoked (daemons refuse them): those of an earlier scheduler process
+        (or leader), and those minted before an admin's API token was last removed. Until round 44 a removed admin's
+        status tokens showed every session of their hosts for their whole life (`tokens.STATUS_TTL`, 120 s)."""
+        removed = self.credentials.admin_removed_at if self.credentials is not None else 0.0
+        return max(self.core.started_at, removed)
 
     def Allocate(self, request: scheduler_pb2.AllocateRequest, context: grpc.ServicerContext) -> Any:
         which = request.WhichOneof("size")

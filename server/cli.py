@@ -26,7 +26,7 @@ from gpupool.config import (
     split_address,
     withheld_features,
 )
-from gpupool.errors import GpupoolError
+from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import COLLECTIVE_PORTS, COLLECTIVE_TRANSPORTS, MAX_HOST_SESSIONS, port_range
 
 from .portshare import PORTS_PER_SESSION, PORTS_PER_TENANT
@@ -65,6 +65,19 @@ def default_host_id(listen: str, cert: str = "", join_token: str = "") -> str:
     return f"{name}-{port}" if port else f"{name}-{secrets.token_hex(3)}"
 
 
+def check_host_id(host_id: str, cert: str, scheduler: str, join_token: str = "") -> None:
+    """InvalidArgument for an explicit `--host-id` the scheduler would refuse at every Register: another host than
+    the one its `--tls-cert` names (`gpupool://host/<name>`), the credential it registers with (no join token). Until
+    round 44 such a daemon started, was refused PERMISSION_DENIED every few seconds and never joined the pool."""
+    named = _certificate_host(cert)
+    if host_id and scheduler and not join_token and named and named != host_id:
+        raise InvalidArgument(
+            f"--host-id {host_id!r} is not the host the --tls-cert names ({named!r}): the scheduler lets this daemon "
+            f"register only as {named!r}; drop --host-id (the certificate's host is the default) or use a "
+            f"certificate issued for {host_id!r}"
+        )
+
+
 def _certificate_host(cert: str) -> str:
     """The host a certificate file names (`gpupool://host/<name>`), "" for none (no file, another role, unreadable:
     the TLS setup reports a bad file itself)."""
@@ -101,10 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
         "the only id the scheduler lets it register as; else with --join-token-file the host name; else the host name "
         f"where --listen's port is {DEFAULT_PORT}, the host name and -PORT elsewhere, or -<6 random hex digits> for "
         "port 0: two daemons of one host on different ports never share one, nor their fake GPUs' UUIDs; a port-0 "
-        "daemon's changes each start)",
+        "daemon's changes each start). With --scheduler and no --join-token-file, an id other than the host --tls-cert "
+        "names is refused at start; the scheduler refuses (ALREADY_EXISTS) a live host's id from another address",
     )
     tls.add_metrics_flags(p, "127.0.0.1:9450")
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
+    add_flag(
+        p,
+        "--scheduler",
+        default="",
+        help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with; Attach is served once it has answered "
+        "a heartbeat (it names the revoked leases: UNAVAILABLE after 5 s while it cannot be reached)",
+    )
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
     add_flag(p, "--max-message-size", type=size_arg, default=16 * 1024**2, help="largest gRPC message accepted")
@@ -358,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     from .speedmodel import SpeedModel
 
     tls_config = dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file)
+    check_host_id(args.host_id, tls_config.cert, args.scheduler, tls_config.api_token_file)
     return DaemonConfig(
         listen=args.listen,
         host_id=args.host_id or default_host_id(args.listen, tls_config.cert, tls_config.api_token_file),

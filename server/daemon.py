@@ -76,6 +76,11 @@ FLUSH_SECONDS = 10.0
 # other sessions' allocations may pass meanwhile), then the Attach fails RESOURCE_EXHAUSTED naming the host's memory.
 SPAWN_RETRIES = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
 _SHORT_OF = {errno.ENOMEM: "memory", errno.EAGAIN: "processes"}
+# A daemon that registers with a scheduler serves no Attach (nor a Status token) before its scheduler's first
+# heartbeat reply has named the ended leases whose tokens to refuse (a restarted daemon's list is empty; until round
+# 44 every such token attached there for a heartbeat interval): a call waits up to this long for it, then fails
+# UNAVAILABLE (the scheduler unreachable: nothing revoked can be told apart from the rest).
+REVOCATIONS_WAIT = 5.0
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
 # A reader's last item may also be the error that ended its frames (a malformed frame, a broken side socket: the
 # GpupoolError itself, `DeviceServicer._fail`): queued like END_OF_STREAM, it reaches the outbox once the commands
@@ -409,6 +414,12 @@ class Daemon:
         self._draining = False
         self._stop = threading.Event()
         self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
+        # Set once the scheduler answered a heartbeat (told every revocation it holds for this host); at once for a
+        # daemon that registers with none (its tokens' revocations have nowhere to come from).
+        self._heard = threading.Event()
+        if not config.scheduler:
+            self._heard.set()
+        self._started_at = time.monotonic()
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
         self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
         # each session granted network: a block of --collective-ports of its own, within its tenant's share
@@ -470,6 +481,9 @@ class Daemon:
         """A new session for `token`; `conv_layout`: its client asked for that feature, which this daemon names
         (server/service.py `Attach`): its convolutions' outputs are laid out as cuDNN's (gpupool/protocol.py)."""
         claims = tokens.verify(self.config.token_key, token)
+        if not self._heard.is_set():
+            self._await_revocations("Attach")
+            claims = tokens.verify(self.config.token_key, token)  # (its lease may be among those just told)
         if self._draining:
             raise Unavailable(f"host {self.host_id} is draining")
         if claims.host != self.host_id:
@@ -1034,6 +1048,23 @@ class Daemon:
         """While the scheduler is unreachable nobody can renew a lease: keep expired sessions until `until`."""
         self._expiry_hold = until
 
+    def revocations_heard(self) -> None:
+        """The registrar's word: the scheduler answered a heartbeat as this host's, naming every revocation it holds
+        for it (and when status tokens were last revoked): Attach is served from now on."""
+        if not self._heard.is_set():
+            self._heard.set()
+            log.info("revocations heard from the scheduler: serving Attach")
+
+    def _await_revocations(self, what: str) -> None:
+        """Wait (`REVOCATIONS_WAIT` at most) for the scheduler's first heartbeat reply; else UNAVAILABLE."""
+        if self._heard.wait(REVOCATIONS_WAIT):
+            return
+        raise Unavailable(
+            f"host {self.host_id} has not heard from its scheduler ({self.config.scheduler}) since it started "
+            f"{time.monotonic() - self._started_at:.0f} s ago, so it cannot tell which leases were revoked: {what} "
+            "refused until its first heartbeat is answered; retry in a few seconds"
+        )
+
     def revoke_leases(self, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:
             with self._lock:
@@ -1065,6 +1096,9 @@ class Daemon:
         """Check a status token presented to Status (the scheduler's grant to an operator of this host's full view:
         `tokens.mint_status`): signed by the scheduler's key, unexpired, for this host; raises otherwise."""
         host = tokens.verify_status(self.config.token_key, token)
+        if not self._heard.is_set():
+            self._await_revocations("a status token")
+            host = tokens.verify_status(self.config.token_key, token)  # (revoked since: the scheduler's reply says)
         if host != self.host_id:
             raise PermissionDenied(f"status token is for host {host!r}, this is {self.host_id!r}")
 

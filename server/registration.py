@@ -44,6 +44,9 @@ class RegistrationSource(Protocol):
 
     def revoke_leases(self, lease_ids: list[str]) -> None: ...
 
+    # Optional (`getattr`): `hold_expiry(until)`, while the scheduler is unreachable; `revocations_heard()`, after
+    # each heartbeat the scheduler answered as the host's (its reply named every revocation it holds for the host).
+
 
 class Registrar:
     def __init__(
@@ -103,6 +106,12 @@ class Registrar:
                     self._heartbeat()
                 else:
                     self._register()
+                    # At once, not an interval later: the first heartbeat's reply names the ended leases whose tokens
+                    # to refuse (a restarted daemon's list is empty), and the daemon serves no Attach before it
+                    # (`Daemon.revocations_heard`).
+                    self._heartbeat()
+                    if not self.registered.is_set():  # asked to register again at once: not in a loop
+                        self._stop.wait(self.interval)
                 if self._failures:
                     log.info("scheduler %s reachable again", self.scheduler_address)
                 self._failures = 0
@@ -163,3 +172,9 @@ class Registrar:
         if reply.reregister or (reply.scheduler_id and reply.scheduler_id != self.scheduler_id):
             log.info("scheduler %s asks to register again", self.scheduler_address)
             self.registered.clear()
+            return
+        if self.verifier is not None and reply.status_tokens_not_before:
+            self.verifier.status_not_before(reply.status_tokens_not_before)
+        heard = getattr(self.source, "revocations_heard", None)
+        if heard is not None:
+            heard()  # (a reply of the scheduler that knows this host: it named every revocation it holds for it)

@@ -131,10 +131,17 @@ class HeartbeatReply(_message.Message):
     REREGISTER_FIELD_NUMBER: _builtins.int
     SCHEDULER_ID_FIELD_NUMBER: _builtins.int
     REVOKED_UNTIL_FIELD_NUMBER: _builtins.int
+    STATUS_TOKENS_NOT_BEFORE_FIELD_NUMBER: _builtins.int
     reregister: _builtins.bool
     """The scheduler does not know this host (e.g. it was marked down): register again."""
     scheduler_id: _builtins.str
     """Same as RegisterReply.scheduler_id."""
+    status_tokens_not_before: _builtins.float
+    """Status tokens (ListPool's HostState.status_token) minted before this time (seconds since the epoch, the
+    scheduler's clock: the start of the scheduler process, or its last sight of an admin API token removed from its
+    credentials file) are refused by the daemon; a status token's mint time is its expiry less tokens.STATUS_TTL.
+    0 (an older scheduler): none refused for it.
+    """
     @_builtins.property
     def revoked_leases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Leases released, expired or lost: the daemon closes their sessions and frees their memory."""
@@ -153,10 +160,11 @@ class HeartbeatReply(_message.Message):
         reregister: _builtins.bool = ...,
         scheduler_id: _builtins.str = ...,
         revoked_until: _abc.Iterable[_builtins.float] | None = ...,
+        status_tokens_not_before: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_leases", b"revoked_leases", "revoked_until", b"revoked_until", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_leases", b"revoked_leases", "revoked_until", b"revoked_until", "scheduler_id", b"scheduler_id", "status_tokens_not_before", b"status_tokens_not_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,7 +17,14 @@ from gpupool.scheduler.placement import Request
 from gpupool.scheduler.store import Change, MemoryStore, SqliteStore, StateOwned, Store
 
 from gpupool import tokens
-from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from gpupool.protocol import HostState, LeaseState
 
 KEY = b"k" * 32
@@ -211,12 +218,29 @@ def test_restart_from_sqlite_keeps_hosts_and_leases(tmp_path: Path) -> None:
 def test_reregistering_host_keeps_its_leases_when_devices_match() -> None:
     core = core_with(hosts=1)
     lease = core.allocate(half())
-    core.hosts.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    # (its address of before: another one, while h0 is live, is another daemon's claim to its id, refused since
+    # round 44: test_another_address_of_a_live_host_is_refused)
+    core.hosts.register("h0", "127.0.0.1:6000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
     assert core.leases[lease.lease_id].state == LeaseState.ACTIVE
     assert allocated(core)[("h0", 0)] == (4 * GiB, SHARE_UNITS // 2)
-    core.hosts.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 4 * GiB, True)])
+    core.hosts.register("h0", "127.0.0.1:6000", [DeviceSpec(0, "uuid-0", "fake", 4 * GiB, True)])
     assert core.leases[lease.lease_id].state == "lost"
     assert allocated(core)[("h0", 0)] == (0, 0)
+
+
+def test_another_address_of_a_live_host_is_refused() -> None:
+    """A Register of a live host's id from another address (a second daemon given the same --host-id) is refused,
+    the first kept with its lease; once the host has been silent for half the host timeout (a daemon restarted
+    elsewhere), or is down, the new address is taken and the lease kept (its devices unchanged)."""
+    core = core_with(hosts=1, host_timeout=10.0)
+    lease = core.allocate(half())
+    with pytest.raises(AlreadyExists, match="host h0 is live at 127.0.0.1:6000"):
+        core.hosts.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    assert core.pool.hosts["h0"].address == "127.0.0.1:6000"
+    core.pool.hosts["h0"].last_seen -= 5.0  # silent for half the host timeout
+    core.hosts.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    assert core.pool.hosts["h0"].address == "127.0.0.1:7000"
+    assert core.leases[lease.lease_id].state == LeaseState.ACTIVE
 
 
 def test_the_waiting_line_is_bounded() -> None:
