@@ -42,6 +42,11 @@ MAX_GRAPH_OPS = 100_000
 # optimizer state (a few thousand for the largest models). Refused at the definition past these.
 MAX_GRAPH_INPUTS = 4_096
 MAX_GRAPH_PERSISTENT = 16_384
+# Entries of one tensor list of a graph op (eager ops: guards.MAX_TENSORS, 65,536). Round 44 (hostile44): a graph op
+# naming one slot 65,536 times held its worker (the definition is cut between ops, not within one) for 3-16 s here
+# (`_foreach_lerp.List`, `_foreach_norm`: the per-entry decoding, guards and outputs), 16,384 for ~0.7-1.3 s
+# (bench/graph_list_define.py)
+GRAPH_MAX_LIST = 16_384
 # Host memory a graph holds once defined and traced (RSS growth of the process that holds it, the session's worker
 # or an `--isolation thread` daemon, past a first small graph; the peak: what the definition parses and builds at
 # once). Round 35 fitted ~3.5 KB an op and ~790 bytes a tensor reference or output slot to `neg` chains and
@@ -697,6 +702,11 @@ def _prebuild(
         kwargs["device"] = dev
     lists = [len(v) for v in list(args) + list(kwargs.values()) if isinstance(v, list)]
     guards.check_counts(op, lists, [], {})
+    if lists and max(lists) > GRAPH_MAX_LIST:
+        raise InvalidArgument(
+            f"a tensor list of {max(lists)} entries in a graph op (at most {GRAPH_MAX_LIST}: a definition is not cut "
+            "within an op, and its checks of each entry would hold the device for seconds); split the call"
+        )
 
     def meta(v: Any) -> Any:
         if isinstance(v, _Ref):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 
-from gpupool import errors
+from gpupool import errors, wire
 from gpupool._proto import device_pb2, tensor_pb2
 
 MiB = 1024**2
@@ -142,3 +142,28 @@ def test_a_persistent_tensor_set_onto_a_smaller_storage_is_refused_at_the_run(
         small_one = torch.arange(16.0)
         assert torch.equal(s.download(s.upload(small_one)), small_one)
     n.close()
+
+
+def test_a_graph_ops_tensor_list_is_bounded_below_the_eager_bound(daemon_factory: Any) -> None:
+    """A graph op's tensor list of more than `GRAPH_MAX_LIST` (16,384) entries is refused at the definition
+    (INVALID_ARGUMENT), not dry-run: the definition is cut between ops, never within one, and one `_foreach_norm`
+    naming one slot 65,536 times (the eager bound, which b647913 took in graphs too) held its worker 3-16 s here
+    (bench/graph_list_define.py). A shorter list is defined and runs."""
+    limit = 16_384  # graph_build.GRAPH_MAX_LIST
+
+    def graph(graph_id: int, n: int) -> device_pb2.DefineGraph:
+        many = tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=[1] * n))
+        op = device_pb2.Op(name="aten::_foreach_norm.Scalar", args=[many], outputs=[2])
+        return device_pb2.DefineGraph(graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(3))],
+                                      ops=[op], outputs=[2])  # fmt: skip
+
+    d = daemon_factory(isolation="thread")
+    with Session.attach(d.address, d.token(tenant="hostile", quota_bytes=16 * MiB)) as s:
+        x = Handle(s.upload(torch.full((3,), 2.0)))
+        s.define_graph(graph(1, limit + 1))
+        with pytest.raises(errors.InvalidArgument, match=f"at most {limit}"):
+            s.sync()
+        s.define_graph(graph(2, 300))
+        out = s.new_handle()
+        s.run_graph(2, [int(x)], [out])
+        assert torch.equal(s.download(Handle(out)), torch.linalg.vector_norm(torch.full((3,), 2.0)))
