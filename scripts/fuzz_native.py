@@ -905,33 +905,42 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
 # ---- daemon: a hostile session's damaged streams through a live daemon, a neighbour checked ----
 
 
-def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
+def _serve(args: argparse.Namespace, prefix: str, *flags: str) -> tuple[Path, Any, str, Any]:
+    """A `gpupool serve` on loopback with a fake GPU (and `flags`, then `--daemon-flag`s): (its folder, process,
+    address, DaemonHandle)."""
     import secrets
-    import shutil
     import tempfile
 
+    from support import DaemonHandle, install_test_tls, start_serve_process
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    install_test_tls(tmp / "pki")  # the tests' CA: the daemon serves TLS with it, this process is its operator
+    key = secrets.token_hex(32).encode()
+    (tmp / "token.key").write_bytes(key + b"\n")
+    proc, address = start_serve_process(tmp / "token.key", "--fake-gpus", "1", "--fake-gpu-memory", "64GiB", *flags,
+                                        *args.daemon_flag)  # fmt: skip
+    return tmp, proc, address, DaemonHandle(address, key, "test-host", process=proc)
+
+
+def _stop(proc: Any, tmp: Path) -> None:
+    """Stop the daemon, remove its folder; it must exit 0."""
+    import shutil
+
+    from support import stop_process
+
+    code = stop_process(proc)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert code == 0, f"the daemon exited {code}: {''.join(proc.log_lines[-30:])}"
+
+
+def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from support import (
-        ACTIONABLE,
-        DaemonHandle,
-        Healthy,
-        install_test_tls,
-        start_serve_process,
-        stop_process,
-        tls_channel,
-        wait_only_tenants,
-    )
+    from support import ACTIONABLE, Healthy, tls_channel, wait_only_tenants
 
     from gpupool._proto import device_pb2_grpc
 
     counts: Counter[str] = Counter()
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz-native-"))
-    install_test_tls(tmp / "pki")  # the tests' CA: the daemon serves TLS with it, this process is its operator
-    key = secrets.token_hex(32).encode()
-    (tmp / "token.key").write_bytes(key + b"\n")
-    flags = ["--fake-gpus", "1", "--fake-gpu-memory", "64GiB", *args.daemon_flag]
-    proc, address = start_serve_process(tmp / "token.key", *flags)
-    served = DaemonHandle(address, key, "test-host", process=proc)
+    tmp, proc, address, served = _serve(args, "fuzz-native-")
     recs = [json.loads(Path(p).read_text()) for p in args.recording]
     channel = tls_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = device_pb2_grpc.DeviceStub(channel)
@@ -958,9 +967,7 @@ def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
     finally:
         neighbour.close()
         channel.close()
-        code = stop_process(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert code == 0, f"the daemon exited {code}: {''.join(proc.log_lines[-30:])}"  # type: ignore[attr-defined]
+        _stop(proc, tmp)
     return counts
 
 
@@ -1110,34 +1117,16 @@ def graph_daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
     checked after every hostile session; at the end the daemon is SERVING, holds only the neighbours' sessions and
     exits 0."""
     import os
-    import secrets
-    import shutil
-    import tempfile
 
     from gpupool.client.session import Session
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from support import (
-        ACTIONABLE,
-        DaemonHandle,
-        Healthy,
-        install_test_tls,
-        start_serve_process,
-        stop_process,
-        tls_channel,
-        wait_only_tenants,
-    )
+    from support import ACTIONABLE, Healthy, tls_channel, wait_only_tenants
 
     from gpupool._proto import device_pb2_grpc
     from gpupool.errors import GpupoolError
 
     counts: Counter[str] = Counter()
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz-graphs-"))
-    install_test_tls(tmp / "pki")
-    key_ = secrets.token_hex(32).encode()
-    (tmp / "token.key").write_bytes(key_ + b"\n")
-    flags = ["--fake-gpus", "1", "--fake-gpu-memory", "64GiB", "--bulk-listen", "127.0.0.1:0", *args.daemon_flag]
-    proc, address = start_serve_process(tmp / "token.key", *flags)
-    served = DaemonHandle(address, key_, "test-host", process=proc)
+    tmp, proc, address, served = _serve(args, "fuzz-graphs-", "--bulk-listen", "127.0.0.1:0")
     channel = tls_channel(address)
     stub = device_pb2_grpc.DeviceStub(channel)
     was = os.environ.get("GPUPOOL_SIDE_FRAMES")
@@ -1175,9 +1164,7 @@ def graph_daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
         neighbour.close()
         nb.close()
         channel.close()
-        code = stop_process(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert code == 0, f"the daemon exited {code}: {''.join(proc.log_lines[-30:])}"  # type: ignore[attr-defined]
+        _stop(proc, tmp)
     return counts
 
 
