@@ -167,3 +167,28 @@ def test_a_graph_ops_tensor_list_is_bounded_below_the_eager_bound(daemon_factory
         out = s.new_handle()
         s.run_graph(2, [int(x)], [out])
         assert torch.equal(s.download(Handle(out)), torch.linalg.vector_norm(torch.full((3,), 2.0)))
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_an_eager_out_op_into_a_view_past_its_inputs_storage_keeps_what_it_wrote(
+    daemon_factory: Any, isolation: str
+) -> None:
+    """`add.out(b, b, out=w)`, `w` a zero-element view of `b`'s 32-byte storage at offset 8 or FAR: torch grows the
+    storage and writes the sum into `w`; on b647913 the recount after it zeroed the growth outside `b` (the handle it
+    met first), the sum included, and the client read zeros. Now `w` holds the sum and the rest of the growth (the gap
+    before a far `w`) is zeros; `cat.out` into such a view the same."""
+    d = daemon_factory(isolation=isolation)
+    n = _neighbour_frees_a_secret(d)
+    with Session.attach(d.address, d.token(tenant="hostile", quota_bytes=16 * MiB)) as s:
+        for at in (8, FAR):
+            b = Handle(s.upload(torch.arange(8.0)))
+            [w] = s.call("aten::as_strided.default", b, [0], [1], at)
+            s.call("aten::add.out", b, b, out=w, outputs=0)
+            [c] = s.call("aten::as_strided.default", b, [0], [1], at + 8)
+            s.call("aten::cat.out", [b, b], out=c, outputs=0)
+            [whole] = s.call("aten::as_strided.default", b, [at + 24], [1], 0)
+            got = s.download(Handle(whole))
+            assert torch.equal(got[:8], torch.arange(8.0)) and int((got[8:at] != 0).sum()) == 0
+            assert torch.equal(got[at : at + 8], torch.arange(8.0) * 2), got[at : at + 8]
+            assert torch.equal(got[at + 8 :], torch.cat([torch.arange(8.0), torch.arange(8.0)]))
+    n.close()
