@@ -1,4 +1,5 @@
-"""Round 44's red team (hostile44), through real daemons: a graph's out= growth read within the run.
+"""Round 44's red team (hostile44), through real daemons: a graph's out= growth read within the run; a graph op's
+tensor list bounded below the eager bound; an eager out= op into a view past its input's storage.
 
 An out= op of a captured graph into a tensor that sits past its storage's end (a zero-element view) grows the
 storage up to it; the bytes in between are zeroed by the recount at the run's end (graph._finish), not before the
