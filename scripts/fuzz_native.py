@@ -21,6 +21,15 @@ Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summ
            downloads verified results; every error status must be one a client can act on (never INTERNAL or
            UNKNOWN), only malformed bytes may end the hostile stream, the daemon stays up, and at the end the
            device holds only the neighbour's bytes.
+  graphs   in-process (round 44): RunGraph frames (`GraphGen`: damaged fields and bytes, overlong lengths, other
+           graphs' and sessions' ids and handles, a DropGraph among runs, frames of 64 KiB - 1 to 64 KiB + 1 bytes)
+           run by twin sessions of one traced graph (tests/unit/test_server_graph_quick.py `Twin`): one whose quiet
+           runs read a lone frame's bytes in C++ (`slices.lone_run_graph`, `graph.graph_id_of`, `GraphPlan.run_raw`),
+           one that parses them; both must say and hold the same, and the front's readers agree on each frame.
+  graph-daemon  those frames through a live `gpupool serve --bulk-listen`, from hostile sessions on their side
+           sockets (frames there) and their streams, each graph quiet and traced first: every error actionable,
+           only malformed frames end a session, a session that goes on computes right; a neighbour's matmuls and its
+           own graph of the same id checked throughout; the daemon SERVING and exiting 0 at the end.
 
 Under AddressSanitizer and UBSan (the in-process modes): scripts/fuzz_native.sh runs this script in the
 environment scripts/runner_asan.sh sets (scripts/asan_env.sh: the sanitized build, `GPUPOOL_NATIVE_RUNNER_SANITIZE=1`,
@@ -29,6 +38,8 @@ in a Python with the ASan runtime preloaded). Recordings: `python bench/eager_re
     bash scripts/fuzz_native.sh parsers --seconds 600 --seed 1 --recording /tmp/rec/tiny-mlp.json
     bash scripts/fuzz_native.sh runs --seconds 600 --seed 1 --recording /tmp/rec/tiny-mlp.json
     python scripts/fuzz_native.py daemon --seconds 300 --seed 1 --recording /tmp/rec/tiny-mlp.json
+    bash scripts/fuzz_native.sh graphs --seconds 600 --seed 1
+    python scripts/fuzz_native.py graph-daemon --seconds 300 --seed 1 --daemon-flag=--isolation --daemon-flag=thread
 
 A failure prints the seed and the input's number (parsers: `--seed S --skip N` starts at that input; runs: the
 case's seed).
@@ -708,36 +719,228 @@ def _slice(three: Any, payload: bytes) -> str:
     return "slices with errors" if seen[2][6] is not None else "slices clean"
 
 
+# ---- graphs: RunGraph bytes (`slices.lone_run_graph`, `graph.graph_id_of`, `GraphPlan.run_raw`), side frames ----
+
+
+class GraphGen:
+    """Seeded RunGraph messages and frames for a graph `gid` of two inputs (the first sent by value, `data`, the
+    second by handle, `by_handle`) and one output: a third that run, the rest damaged field by field (graph ids of
+    other graphs and of another session's, another session's handles, persistent and kept handles as outputs,
+    `drop_writes`, `graph_id` repeated, unknown fields, other wire types, truncated and overlong varints, lengths
+    past the end, huge packed and unpacked counts, input data of other sizes) and at the byte level; frames of one
+    RunGraph (what the worker runs from its bytes, round 43) with lengths overlong now and then, of several, of a
+    DropGraph among runs, and of 64 KiB - 1, 64 KiB and 64 KiB + 1 bytes (the front's `split_frame` copies a frame's
+    spans up to 64 KiB, views past it; a side socket reads frames from 64 KiB into buffers it reuses)."""
+
+    def __init__(self, rng: random.Random, gid: int, base: int, by_handle: int, data: bytes, owned: list[int],
+                 foreign: list[int], other_gids: list[int]) -> None:  # fmt: skip
+        self.rng, self.gid, self.base, self.by_handle, self.data = rng, gid, base, by_handle, data
+        self.owned, self.foreign, self.other_gids = owned, foreign, other_gids
+        self.next = 0x10000
+
+    def fresh(self) -> int:
+        self.next += 1
+        return self.base + self.next
+
+    def vi(self, v: int) -> bytes:
+        return varint(v, self.rng.choice([0] * 10 + [1, 2, 5]))
+
+    def handle(self) -> int:
+        r = self.rng
+        return r.choice([0, 0, self.by_handle, *self.owned, self.fresh(), r.choice(self.foreign or [5]), U64, 1 << 63,
+                         self.base, self.base + (1 << 32) - 1, r.getrandbits(64)])  # fmt: skip
+
+    def good(self, out: int | None = None, pad: int = 0) -> bytes:
+        """A RunGraph that runs (its by-value input's bytes, its by-handle input, a fresh output), `pad` bytes longer
+        (`graph_id` written again first, overlong: upb reads the last one)."""
+        out = self.fresh() if out is None else out
+        head = b""
+        while pad > 1:  # pieces of 2 to 10 bytes (a gid under 128)
+            piece = min(pad, 10) - (pad - min(pad, 10) == 1)
+            head += key(1, 0) + varint(self.gid, piece - 2)
+            pad -= piece
+        body = key(1, 0) + varint(self.gid) + ld(2, varint(0) + varint(self.by_handle)) + ld(3, varint(out))
+        return head + body + ld(10, self.data)
+
+    def body(self) -> bytes:
+        r = self.rng
+        if r.random() < 0.3:
+            return self.good(r.choice([None, None, None, 0, *self.owned, r.choice(self.foreign or [5])]))
+        fields = [key(1, 0) + self.vi(r.choice([self.gid] * 4 + self.other_gids + [0, U64]))]
+        for _ in range(r.randrange(1, 6)):
+            k = r.random()
+            if k < 0.35:  # inputs / outputs, one or packed
+                f = r.choice([2, 3])
+                if r.random() < 0.5:
+                    fields.append(key(f, 0) + self.vi(self.handle()))
+                else:
+                    fields.append(ld(f, b"".join(self.vi(self.handle()) for _ in range(r.randrange(4)))))
+            elif k < 0.6:
+                d = r.choice([self.data, self.data, b"", self.data[:-1], self.data + b"\0", bytes(r.randrange(100))])
+                fields.append(ld(10, d))
+            elif k < 0.65:
+                fields.append(key(4, 0) + self.vi(self.handle()))  # drop_writes
+            elif k < 0.7:
+                fields.append(key(1, 0) + self.vi(r.choice([self.gid, *self.other_gids])))  # graph_id again
+            elif k < 0.75:  # a huge count: a packed field of zeros, or many unpacked
+                n = r.choice([300, 5000, 40000])
+                fields.append(ld(r.choice([2, 3]), b"\0" * n) if r.random() < 0.5 else (key(2, 0) + b"\0") * n)
+            elif k < 0.8:  # another wire type for a known field, an unknown field
+                fields.append(key(r.choice([1, 2, 3, 4, 10, 11, 99]), r.choice([0, 1, 2, 5])) + b"\x03abc" + bytes(8))
+            elif k < 0.85:  # a truncated varint, an 11-byte one, a 10th byte > 1
+                fields.append(key(r.choice([1, 2, 3]), 0) + r.choice([b"\xff" * r.randrange(1, 10), b"\xff" * 10 +
+                                                                      b"\x01", b"\xff" * 9 + b"\x02"]))  # fmt: skip
+            elif k < 0.9:  # a length past the end, or into a packed field's last varint
+                fields.append(key(r.choice([2, 3, 10]), 2) + varint(r.choice([1, 100, 1 << 31, U64])) + b"\x81")
+            else:
+                fields.append(
+                    r.choice([ld(2, b""), b"\x00", key(0, 0) + b"\x01", varint(1 << 3, 3) + varint(self.gid)])
+                )
+        if r.random() < 0.7:  # what it needs to run, among the rest
+            fields += [ld(2, varint(0) + varint(self.by_handle)), ld(3, varint(self.fresh())), ld(10, self.data)]
+        r.shuffle(fields)
+        body = b"".join(fields)
+        if r.random() < 0.15:
+            body = Gen(r, self.base >> 32).bytes_damage(body)
+        return body
+
+    def command(self, body: bytes, extra: int = 0) -> bytes:
+        """A `Command` whose `run_graph` (field 21: key aa 01) holds `body`."""
+        return b"\xaa\x01" + varint(len(body), extra) + body
+
+    def frame(self) -> tuple[str, bytes]:
+        """(what kind of frame, its bytes)."""
+        r = self.rng
+        how = r.random()
+        if how < 0.6:
+            cmd = self.command(self.body(), r.choice([0] * 12 + [1, 3]))
+            frame = b"\x0a" + varint(len(cmd), r.choice([0] * 12 + [1, 4])) + cmd
+            if r.random() < 0.05:
+                frame += r.choice([b"\x00", b"\x0a", b"\x0a\x05", b"\x0a\x00"])  # trailing bytes
+            return "lone", frame
+        if how < 0.75:  # a DropGraph among runs (or of another session's graph id): the run after it finds none
+            gid = self.gid if r.random() < 0.7 else r.choice(self.other_gids or [9])
+            cmds = [self.command(self.good()), ld(20, key(1, 0) + varint(gid)), self.command(self.good())]
+            return "drop", frame_of(cmds[: r.randrange(2, 4)])
+        if how < 0.9:
+            return "several", frame_of([self.command(self.body()) for _ in range(r.randrange(2, 5))])
+        return "64k", self.sized(r.choice([65535, 65536, 65537]))
+
+    def sized(self, size: int) -> bytes:
+        """A frame of exactly `size` bytes: one good RunGraph padded inside (a lone frame, where its input is about
+        that large), else an Upload of a fresh uint8 handle before it."""
+        out = self.fresh()
+        lone = frame_of([self.command(self.good(out))])
+        if 0 <= size - len(lone) <= 400:
+            got = frame_of([self.command(self.good(out, size - len(lone)))])
+            if len(got) == size:
+                return got
+        for n in range(max(0, size - len(lone) - 40), size - len(lone)):
+            up = device_pb2.Command(upload=device_pb2.Upload(handle=self.fresh(), data=bytes(n), last=True))
+            up.upload.meta.dtype, up.upload.meta.shape[:] = wire.dtype_to_proto(torch.uint8), [n]
+            got = frame_of([up.SerializeToString()]) + lone
+            if len(got) == size:
+                return got
+        raise AssertionError(f"no frame of {size} bytes")
+
+
+def _counted(run_raw: Any, counts: Counter[str]) -> Any:
+    def run(s: Any, raw: bytes) -> bool:
+        try:
+            done = run_raw(s, raw)
+        except Exception:
+            counts["raw runs that raised"] += 1
+            raise
+        counts["raw runs" if done else "raw declined"] += 1  # (the re-quieting runs among them)
+        return done  # type: ignore[no-any-return]
+
+    return run
+
+
+def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
+    """In-process: `GraphGen`'s frames run by twin sessions of one traced graph (tests/unit/test_server_graph_quick.py
+    `Twin`): one whose quiet runs take the C++ plan (a lone frame: `lone_run_graph`, `graph_id_of`, `run_raw` of its
+    bytes), one without a plan (upb's parse, `graph._run`); after every frame both say the same (slice results,
+    error, tensors, poisons, storages, counts) and the front's readers agree on the frame (`check_frame`)."""
+    sys.path.insert(0, str(ROOT / "tests" / "unit"))
+    import test_server_graph_quick as Q
+
+    counts: Counter[str] = Counter()
+    rng = random.Random(args.seed)
+    deadline = time.monotonic() + args.seconds
+    twins: tuple[Any, Any] | None = None
+    n = 0
+    while time.monotonic() < deadline and (args.inputs == 0 or n < args.inputs):
+        n += 1
+        seed = rng.getrandbits(64)
+        if n <= args.skip:
+            continue
+        r = random.Random(seed)
+        try:
+            if twins is None or r.random() < 0.02:
+                twins = Q.Twin(True), Q.Twin(False)
+                table = twins[0].ex.graphs
+                table.run_raw = _counted(table.run_raw, counts)  # type: ignore[method-assign]
+                for _ in range(5):  # traced and quiet: the plan's runs
+                    assert Q._same(*twins, lambda t: Q._slice(t, Q._frame_of(Q._run_body(t))))[1] is None
+            quick, slow = twins
+            data = torch.full((4, 3), 3.0).numpy().tobytes()
+            gen = GraphGen(r, Q.GID, quick.base, quick.b, data, [quick.w, quick.v, quick.kept], [(9 << 32) + 1], [2, 7])
+            kind, payload = gen.frame()  # (the twins' handles are the same numbers)
+            counts["frame:" + check_frame(mod, payload)] += 1
+            got = Q._same(quick, slow, lambda t, p=payload: Q._slice(t, p))
+            counts[f"{kind}:" + ("refused" if got[0] == ("DecodeError",) else "error" if got[1] else "ran")] += 1
+            if kind == "drop" and Q.GID not in quick.ex.graphs._of(quick.s):
+                twins = None
+            elif Q._same(quick, slow, lambda t: Q._slice(t, Q._frame_of(Q._run_body(t))))[1] is not None:
+                twins = None  # (an input poisoned, a persistent tensor rebound to another shape): afresh
+            # else quiet again: the next frame may take the plan
+        except Exception:
+            print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
+            raise
+    counts["inputs"] = n - min(n, args.skip)
+    return counts
+
+
 # ---- daemon: a hostile session's damaged streams through a live daemon, a neighbour checked ----
 
 
-def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
+def _serve(args: argparse.Namespace, prefix: str, *flags: str) -> tuple[Path, Any, str, Any]:
+    """A `gpupool serve` on loopback with a fake GPU (and `flags`, then `--daemon-flag`s): (its folder, process,
+    address, DaemonHandle)."""
     import secrets
-    import shutil
     import tempfile
 
+    from support import DaemonHandle, install_test_tls, start_serve_process
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    install_test_tls(tmp / "pki")  # the tests' CA: the daemon serves TLS with it, this process is its operator
+    key = secrets.token_hex(32).encode()
+    (tmp / "token.key").write_bytes(key + b"\n")
+    proc, address = start_serve_process(tmp / "token.key", "--fake-gpus", "1", "--fake-gpu-memory", "64GiB", *flags,
+                                        *args.daemon_flag)  # fmt: skip
+    return tmp, proc, address, DaemonHandle(address, key, "test-host", process=proc)
+
+
+def _stop(proc: Any, tmp: Path) -> None:
+    """Stop the daemon, remove its folder; it must exit 0."""
+    import shutil
+
+    from support import stop_process
+
+    code = stop_process(proc)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert code == 0, f"the daemon exited {code}: {''.join(proc.log_lines[-30:])}"
+
+
+def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from support import (
-        ACTIONABLE,
-        DaemonHandle,
-        Healthy,
-        install_test_tls,
-        start_serve_process,
-        stop_process,
-        tls_channel,
-        wait_only_tenants,
-    )
+    from support import ACTIONABLE, Healthy, tls_channel, wait_only_tenants
 
     from gpupool._proto import device_pb2_grpc
 
     counts: Counter[str] = Counter()
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz-native-"))
-    install_test_tls(tmp / "pki")  # the tests' CA: the daemon serves TLS with it, this process is its operator
-    key = secrets.token_hex(32).encode()
-    (tmp / "token.key").write_bytes(key + b"\n")
-    flags = ["--fake-gpus", "1", "--fake-gpu-memory", "64GiB", *args.daemon_flag]
-    proc, address = start_serve_process(tmp / "token.key", *flags)
-    served = DaemonHandle(address, key, "test-host", process=proc)
+    tmp, proc, address, served = _serve(args, "fuzz-native-")
     recs = [json.loads(Path(p).read_text()) for p in args.recording]
     channel = tls_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = device_pb2_grpc.DeviceStub(channel)
@@ -764,9 +967,7 @@ def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
     finally:
         neighbour.close()
         channel.close()
-        code = stop_process(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert code == 0, f"the daemon exited {code}: {''.join(proc.log_lines[-30:])}"  # type: ignore[attr-defined]
+        _stop(proc, tmp)
     return counts
 
 
@@ -858,9 +1059,180 @@ def _hostile_session(stub: Any, channel: Any, served: Any, d: dict[str, Any], rn
     return codes
 
 
+# ---- graph-daemon: GraphGen's frames through a live daemon, on the stream and on the side socket ----
+
+GD_GID = 1  # the hostile sessions' graph id, and the neighbour's (each session's graphs are its own)
+
+
+def _gd_define(s: Any, gid: int, n: int) -> tuple[int, int, int]:
+    """A graph `gid` on session `s`: (x sent by value [n], b by handle [n]) -> (x + w) * 2 + b, w persistent, x + w
+    kept (a write). Returns the handles (b, w, kept)."""
+    from gpupool.client.session import Handle
+
+    b = Handle(s.upload(torch.arange(n, dtype=torch.float32) % 5))
+    w = Handle(s.upload(torch.full((n,), 0.5)))
+    kept = s.new_handle()
+    meta = wire.meta_to_proto(torch.ones(n))
+
+    ops = [device_pb2.Op(name="aten::add.Tensor", args=[_arg(1), _arg(3)], outputs=[4]),
+           device_pb2.Op(name="aten::mul.Tensor", args=[_arg(4), _arg(None, 2.0)], outputs=[5]),
+           device_pb2.Op(name="aten::add.Tensor", args=[_arg(5), _arg(2)], outputs=[6])]  # fmt: skip
+    writes = [device_pb2.GraphWrite(handle=kept, slot=4)]
+    s.define_graph(device_pb2.DefineGraph(graph_id=gid, inputs=2, input_meta=[meta, meta], persistent=[int(w)],
+                                          ops=ops, outputs=[6], writes=writes))  # fmt: skip
+    return int(b), int(w), int(kept)
+
+
+def _arg(slot: int | None, f: float = 0.0) -> Any:
+    from gpupool._proto import tensor_pb2
+
+    return tensor_pb2.Arg(tensor=slot) if slot is not None else tensor_pb2.Arg(f=f)
+
+
+def _gd_data(n: int, k: int) -> tuple[bytes, torch.Tensor]:
+    x = torch.arange(n, dtype=torch.float32) * 0.25 + k
+    return x.numpy().tobytes(), x
+
+
+def _gd_check(s: Any, gid: int, n: int, b: int, k: int) -> None:
+    """A run of `gid` with known bytes: its output is (x + 0.5) * 2 + b, bit for bit."""
+    from gpupool.client.session import Handle
+
+    data, x = _gd_data(n, k)
+    out = s.new_handle()
+    s.run_graph(gid, [0, b], [out], data=[data])
+    got = s.download(Handle(out))
+    want = (x + 0.5) * 2 + torch.arange(n, dtype=torch.float32) % 5
+    assert torch.equal(got, want), f"graph {gid}: a wrong result"
+    s.free([out])
+
+
+def graph_daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
+    """A live `gpupool serve --bulk-listen` on loopback: hostile sessions, each on its side socket (frames there,
+    GPBULK2) or on its gRPC stream, define a graph, run it until its runs are quiet and traced (the worker reads a
+    lone RunGraph frame's bytes in C++), then send `GraphGen`'s frames (other sessions' handles and graph ids: a
+    neighbour's graph has the same id) with a sync after each; every error a client can act on, only a frame upb
+    refuses ends the session (INVALID_ARGUMENT), a session that goes on computes its graph right at its end. A
+    neighbour computes verified matmuls throughout (`Healthy`) and another runs its own graph of the same id,
+    checked after every hostile session; at the end the daemon is SERVING, holds only the neighbours' sessions and
+    exits 0."""
+    import os
+
+    from gpupool.client.session import Session
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from support import ACTIONABLE, Healthy, tls_channel, wait_only_tenants
+
+    from gpupool._proto import device_pb2_grpc
+    from gpupool.errors import GpupoolError
+
+    counts: Counter[str] = Counter()
+    tmp, proc, address, served = _serve(args, "fuzz-graphs-", "--bulk-listen", "127.0.0.1:0")
+    channel = tls_channel(address)
+    stub = device_pb2_grpc.DeviceStub(channel)
+    was = os.environ.get("GPUPOOL_SIDE_FRAMES")
+    neighbour = Healthy(address, served.token(tenant="neighbour", quota_bytes=64 << 20))
+    nb = Session.attach(address, served.token(tenant="graphs", quota_bytes=64 << 20))
+    rng = random.Random(args.seed)
+    deadline = time.monotonic() + args.seconds
+    try:
+        nb_n = 64
+        nb_b, nb_w, nb_kept = _gd_define(nb, GD_GID, nb_n)
+        _gd_check(nb, GD_GID, nb_n, nb_b, 0)
+        case = 0
+        while time.monotonic() < deadline and (args.inputs == 0 or counts["frames"] < args.inputs):
+            case += 1
+            r = random.Random(rng.getrandbits(64))
+            side = r.random() < 0.6
+            os.environ["GPUPOOL_SIDE_FRAMES"] = "1" if side else "0"
+            counts["sessions on the side socket" if side else "sessions on the stream"] += 1
+            _gd_session(Session.attach(address, served.token(quota_bytes=64 << 20)), r, counts, ACTIONABLE,
+                        [nb_b, nb_w, nb_kept, nb.handle_base + 1], GpupoolError)  # fmt: skip
+            assert proc.poll() is None, "the daemon died"
+            assert not neighbour.failures, neighbour.failures
+            _gd_check(nb, GD_GID, nb_n, nb_b, case)  # the neighbour's graph of the same id, as it was
+            counts["sessions"] += 1
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        neighbour.check(min_iterations=2)
+        counts["neighbour iterations"] = neighbour.iterations
+        wait_only_tenants(stub, {"neighbour", "graphs"})
+    finally:
+        if was is None:
+            os.environ.pop("GPUPOOL_SIDE_FRAMES", None)
+        else:
+            os.environ["GPUPOOL_SIDE_FRAMES"] = was
+        neighbour.close()
+        nb.close()
+        channel.close()
+        _stop(proc, tmp)
+    return counts
+
+
+def _gd_session(s: Any, r: random.Random, counts: Counter[str], actionable: frozenset[str], foreign: list[int],
+                error: type[BaseException]) -> None:  # fmt: skip
+    """One hostile session: its graph defined (a by-value input of 12 floats, or of ~64 KiB: then its lone RunGraph
+    frames are 64 KiB - 1, 64 KiB and 64 KiB + 1 bytes as they are), made quiet, then fuzzed frames, each synced."""
+    n = r.choice([12, 12, 16_370])
+    gid = GD_GID
+    b, w, kept = _gd_define(s, gid, n)
+    for k in range(3):  # a replay, the trace, a quiet run: the next lone frames are read from their bytes
+        _gd_check(s, gid, n, b, k)
+    data, _ = _gd_data(n, 7)
+    gen = GraphGen(r, gid, s.handle_base, b, data, [w, kept], foreign, [7, 2])
+    ended = False
+    dropped = False
+    try:
+        for _ in range(r.randrange(8, 24)):
+            kind, frame = gen.frame()
+            while _upb(frame) is None and r.random() < 0.9:  # most of a session's frames parse: it goes on
+                kind, frame = gen.frame()
+            if kind == "64k" and n > 12 and r.random() < 0.7:  # a lone RunGraph of that size
+                frame = gen.sized(r.choice([65535, 65536, 65537]))
+                kind = "64k lone" if _upb(frame) is not None and len(_upb(frame)) == 1 else kind
+            counts["frames"] += 1
+            counts[f"sent:{kind}"] += 1
+            malformed = _upb(frame) is None
+            dropped = dropped or kind == "drop"
+            s.send_commands(frame)
+            try:
+                s.sync()
+                assert not malformed, f"a frame upb refuses was taken: {frame[:64].hex()}"
+                counts["synced"] += 1
+            except error as exc:
+                code = exc.code.name  # type: ignore[attr-defined]
+                counts[f"code:{code}"] += 1
+                assert code in actionable, (code, str(exc)[:300])
+                if malformed:  # the session's stream ends with it
+                    assert code == "INVALID_ARGUMENT", (code, str(exc)[:300])
+                    ended = True
+                    break
+        if not ended:  # the session goes on: a graph of its own computes right
+            gid2 = 1000 + r.randrange(1000)
+            b2, _, _ = _gd_define(s, gid2, 12)
+            for k in range(3):
+                _gd_check(s, gid2, 12, b2, k)
+            if dropped:  # (or not: a DropGraph of another session's id drops nothing) defined again
+                b, w, kept = _gd_define(s, gid, n)
+            else:  # a frame may have named `b` or `w` as an output (rebound to a run's result, or poisoned by a
+                # failed run): their values again, as a client would send them
+                s.upload(torch.arange(n, dtype=torch.float32) % 5, handle=b)
+                s.upload(torch.full((n,), 0.5), handle=w)
+            try:
+                for k in range(3):  # and quiet again: from the frame's bytes
+                    _gd_check(s, gid, n, b, 9 + k)
+                counts["fuzzed graph right after"] += 1
+            except error as exc:
+                raise AssertionError(f"the session's graph failed after the frames: {exc}") from None
+            counts["sessions gone on"] += 1
+        else:
+            counts["sessions ended"] += 1
+    finally:
+        s.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("mode", choices=["parsers", "runs", "daemon"])
+    ap.add_argument("mode", choices=["parsers", "runs", "daemon", "graphs", "graph-daemon"])
     ap.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to run (default 60)")
     ap.add_argument("--inputs", type=int, default=0, help="stop after this many inputs (frames; 0: no bound)")
@@ -875,13 +1247,14 @@ def main(argv: list[str] | None = None) -> int:
     from gpupool.server import native_runner
 
     mod = native_runner.load()
-    if mod is None and args.mode != "daemon":
+    if mod is None and args.mode not in ("daemon", "graph-daemon"):
         print("the native runner is not loaded here (see GPUPOOL_NATIVE_RUNNER_SANITIZE, scripts/runner_asan.sh)")
         return 2
     print(f"{args.mode}: seed {args.seed}, {args.seconds:.0f} s, runner {getattr(mod, '__file__', None)}", flush=True)
     start = time.monotonic()
     try:
-        counts = {"parsers": parsers, "runs": runs, "daemon": daemon}[args.mode](args, mod)
+        modes = {"parsers": parsers, "runs": runs, "daemon": daemon, "graphs": graphs, "graph-daemon": graph_daemon}
+        counts = modes[args.mode](args, mod)
     except Exception:  # a reference that raised where the C++ reading accepted counts as a finding too
         traceback.print_exc()
         return 1

@@ -606,7 +606,7 @@ def _externals(s: WorkerSession, g: Graph, slots: list[Any], native: Any = None)
         if quiet is not None:
             return quiet, False
     found = []
-    for (slot, h, m), cell in zip(g.externals, seen, strict=True):
+    for (slot, h, m), cell, nbytes in zip(g.externals, seen, g.external_nbytes, strict=True):
         t = tensors.get(h) if not uploads else None
         if t is None:
             t = s.resolve(h)
@@ -615,6 +615,13 @@ def _externals(s: WorkerSession, g: Graph, slots: list[Any], native: Any = None)
             if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
                 cell[0] = g.quiet_refs = None
                 raise InvalidArgument(f"graph {g.graph_id}: persistent tensor {h:#x} changed shape or dtype since")
+            if t.untyped_storage().nbytes() < nbytes:  # (`set_` onto a smaller one: views the definition checked
+                # against its storage may reach past this one's old end, into what an out= op grows it by)
+                cell[0] = g.quiet_refs = None
+                raise InvalidArgument(
+                    f"graph {g.graph_id}: persistent tensor {h:#x} is on a smaller storage than at the graph's "
+                    f"definition ({t.untyped_storage().nbytes()} bytes, was {nbytes}): define it again"
+                )
             cell[0], cell[1] = weakref.ref(t), -1  # checked now; its version is taken when the run ends
         slots[slot] = t
         found.append(t)

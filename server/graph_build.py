@@ -15,7 +15,7 @@ graph.py's part.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +42,11 @@ MAX_GRAPH_OPS = 100_000
 # optimizer state (a few thousand for the largest models). Refused at the definition past these.
 MAX_GRAPH_INPUTS = 4_096
 MAX_GRAPH_PERSISTENT = 16_384
+# Entries of one tensor list of a graph op (eager ops: guards.MAX_TENSORS, 65,536). Round 44 (hostile44): a graph op
+# naming one slot 65,536 times held its worker (the definition is cut between ops, not within one) for 3-16 s here
+# (`_foreach_lerp.List`, `_foreach_norm`: the per-entry decoding, guards and outputs), 16,384 for ~0.7-1.3 s
+# (bench/graph_list_define.py)
+GRAPH_MAX_LIST = 16_384
 # Host memory a graph holds once defined and traced (RSS growth of the process that holds it, the session's worker
 # or an `--isolation thread` daemon, past a first small graph; the peak: what the definition parses and builds at
 # once). Round 35 fitted ~3.5 KB an op and ~790 bytes a tensor reference or output slot to `neg` chains and
@@ -173,6 +178,9 @@ class Graph:
     # The input and persistent slots whose storages an op of the graph that writes (a mutable schema) reads: their
     # values at an op may differ from the run's start (graph_cuda.py runs guards before a replay on the others only)
     written: frozenset[int] = frozenset()
+    # Per persistent tensor: its storage's bytes at the definition, the least a run takes (graph._externals): every
+    # view the definition checked lies within them (round 44: a persistent `set_` onto a smaller storage since)
+    external_nbytes: list[int] = field(default_factory=list)
     # `device.type`, read once: torch.device builds that string anew (a C++ stream) on every read, and a run asked
     # for it once per step and once per input sent by value
     device_type: str = field(init=False, default="meta")
@@ -325,6 +333,7 @@ def building(
     input_storages = {t.untyped_storage()._cdata for t in meta_slots[1:]}
     storages: dict[Any, torch.Tensor] = {}
     externals: list[tuple[int, int, Meta]] = []
+    external_nbytes: list[int] = []
     external_storages: set[int] = set()
     external_handle: dict[int, int] = {}
     for i, h in enumerate(msg.persistent):
@@ -337,6 +346,7 @@ def building(
         externals.append((len(meta_slots), h, m))
         external_handle[len(meta_slots)] = h
         storage = t.untyped_storage()
+        external_nbytes.append(storage.nbytes())
         meta_slots.append(_meta_tensor(m, storages, storage._cdata, storage.nbytes()))
         external_storages.add(meta_slots[-1].untyped_storage()._cdata)
     fixed = len(meta_slots)  # inputs and persistent tensors: never dropped, never counted
@@ -362,6 +372,10 @@ def building(
     resized: set[int] = set()
     grows_externals = False
     written_storages: set[int] = set()  # meta storages a mutable op reads (so may write): `Graph.written`
+    # `_past_growth`'s: the meta storages an out= op of the graph writes (so may grow), and which of their slots
+    grown_storages: dict[int, int] = {}
+    written_slots: set[int] = set()
+    moved_slots: set[int] = set()
     live = peak = grown = total_work = 0
     # What the calls whose work their values decide (guards.py `_LOOPS`) may do at a run, each: the bound less the
     # rest's work, shared among them (set once all ops are known; the dry run sees no values)
@@ -385,6 +399,9 @@ def building(
         for slot in reads:
             last_use[slot] = i
         op = host.ops.resolve(op_msg.name)
+        _past_growth(
+            where, op, op_msg, meta_slots, reads, call.outs, meta_out, grown_storages, written_slots, moved_slots
+        )
         if op._schema.is_mutable:
             keeps = checks._keeps_meta(op)
             written_storages.update(st._cdata for st in _storages(meta_slots, reads))
@@ -484,6 +501,7 @@ def building(
         dev,
     )
     graph.host_bytes = estimate
+    graph.external_nbytes = external_nbytes
     graph.plan = yield from _compiled(calls)
     graph.stable = [k for k, (slot, _, _) in enumerate(externals) if slot not in reshaped]
     graph.unstable = [k for k, (slot, _, _) in enumerate(externals) if slot in reshaped]
@@ -581,6 +599,73 @@ def _tensor_type(t: Any) -> bool:
 _LISTS = frozenset({"ints", "floats", "bools"})
 
 
+def _arg_slots(op: torch._ops.OpOverload, msg: device_pb2.Op, written: bool) -> set[int]:
+    """The slots `msg` passes for `op`'s out= arguments, or (`written`) for every argument its schema writes."""
+    out: set[int] = set()
+    for k, a in enumerate(op._schema.arguments):
+        if not (a.is_out or (written and a.alias_info is not None and a.alias_info.is_write)):
+            continue
+        v = msg.kwargs[a.name] if a.name in msg.kwargs else msg.args[k] if k < len(msg.args) else None
+        if v is None:
+            continue
+        which = v.WhichOneof("value")
+        if which == "tensor":
+            out.add(int(v.tensor))
+        elif which == "tensors":
+            out.update(int(h) for h in v.tensors.handles)
+    return out
+
+
+def _past_growth(
+    where: str, op: torch._ops.OpOverload, msg: device_pb2.Op, meta_slots: list[Any], reads: list[int],
+    outs: Sequence[int], meta_out: list[Any], grown: dict[int, int], written: set[int], moved: set[int],
+) -> None:  # fmt: skip
+    """Refuse an op that may read bytes an earlier out= op of the graph grew a storage by without writing them (round
+    44, hostile44). An out= op into a tensor that sits past its storage's end (a zero-element view) grows the storage
+    up to it; the bytes in between are zeroed by the recount when the run ends (`_finish`), not before the graph's
+    next op: an `as_strided` over that storage then read them within the run (the allocator's old bytes: another
+    session's under `--isolation thread`). A tensor of such a storage (`grown`: its meta storage -> the number of
+    slots when an out= op first wrote it) may be read after it where its bytes are known to be old or written: a
+    slot made before (within the storage as it was: the run checks a persistent tensor's storage is no smaller than
+    at the definition, graph._externals) unless an in-place view moved it since (`moved`), an out= tensor, or an
+    output within such a read's bytes (`written`). Every path that runs a graph (the Python replay, the TorchScript
+    trace, the C++ plan, a CUDA graph) runs its definition's ops, so the refusal is here. The sets are updated."""
+    if grown:
+        outs_written = _arg_slots(op, msg, False)
+
+        def known(slot: int) -> bool:
+            first = grown.get(meta_slots[slot].untyped_storage()._cdata)
+            return first is None or slot in written or (slot < first and slot not in moved) or slot in outs_written
+
+        for slot in reads:
+            if isinstance(meta_slots[slot], torch.Tensor) and not known(slot):
+                raise InvalidArgument(
+                    f"{where}: reads slot {slot}, a view of a storage an earlier out= op of the graph may grow past "
+                    "it (its new bytes are zeroed when the run ends): read the out= tensor itself, or split the graph"
+                )
+        ranges = [
+            (int(t.storage_offset()) * t.element_size(), extent(t), t.untyped_storage()._cdata)
+            for t in (meta_slots[r] for r in reads)
+            if isinstance(t, torch.Tensor) and t.numel()
+        ]
+        if op._schema.is_mutable and not checks._keeps_meta(op) and not _out_form(op):  # an in-place view
+            for slot in _arg_slots(op, msg, True):
+                written.discard(slot)
+                moved.add(slot)
+        for slot, value in zip(outs, meta_out, strict=False):
+            if slot and isinstance(value, torch.Tensor) and value.untyped_storage()._cdata in grown and value.numel():
+                st, lo = value.untyped_storage()._cdata, int(value.storage_offset()) * value.element_size()
+                if any(c == st and a <= lo and extent(value) <= b for a, b, c in ranges):
+                    written.add(slot)
+    if _out_form(op):
+        for slot in _arg_slots(op, msg, False):
+            t = meta_slots[slot] if 0 < slot < len(meta_slots) else None
+            if isinstance(t, torch.Tensor):
+                grown.setdefault(t.untyped_storage()._cdata, len(meta_slots))
+                written.add(slot)
+                moved.discard(slot)
+
+
 def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStorage]:
     return [meta_slots[r].untyped_storage() for r in reads if isinstance(meta_slots[r], torch.Tensor)]
 
@@ -617,6 +702,11 @@ def _prebuild(
         kwargs["device"] = dev
     lists = [len(v) for v in list(args) + list(kwargs.values()) if isinstance(v, list)]
     guards.check_counts(op, lists, [], {})
+    if lists and max(lists) > GRAPH_MAX_LIST:
+        raise InvalidArgument(
+            f"a tensor list of {max(lists)} entries in a graph op (at most {GRAPH_MAX_LIST}: a definition is not cut "
+            "within an op, and its checks of each entry would hold the device for seconds); split the call"
+        )
 
     def meta(v: Any) -> Any:
         if isinstance(v, _Ref):

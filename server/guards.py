@@ -121,7 +121,13 @@ def _fused_optimizer(args: Args, kwargs: Kwargs, schema: Any) -> None:
     if not params or not all(isinstance(p, torch.Tensor) for p in params):
         raise InvalidArgument("a fused optimizer needs a list of parameter tensors")
     device = params[0].device
+    # Each distinct parameter, and each distinct (parameter, tensor) pair of a list, is checked once (round 44,
+    # hostile44: a graph naming one slot in every list 65,536 times was ~30 us of this per reference)
+    seen: set[Any] = set()
     for i, p in enumerate(params):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
         if p.device != device or not p.dtype.is_floating_point:
             raise InvalidArgument(f"parameter {i} must be a floating-point tensor on {device}")
         if not any(p.is_contiguous(memory_format=f) for f in _DENSE if f == torch.contiguous_format or p.dim() >= 4):
@@ -131,7 +137,12 @@ def _fused_optimizer(args: Args, kwargs: Kwargs, schema: Any) -> None:
             continue
         if len(values) != len(params):
             raise InvalidArgument(f"{name} holds {len(values)} tensors for {len(params)} parameters")
+        pairs: set[tuple[int, int]] = set()
         for i, (p, t) in enumerate(zip(params, values, strict=True)):
+            pair = (id(p), id(t))  # (both alive: the lists hold them)
+            if pair in pairs:
+                continue
+            pairs.add(pair)
             if not isinstance(t, torch.Tensor) or t.device != device:
                 raise InvalidArgument(f"{name}[{i}] must be a tensor on {device}")
             if name == _STEPS:

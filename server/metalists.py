@@ -15,6 +15,8 @@ entries are run here instead:
   least 2 long, its stride not a size-1 dimension's), and the output is that result's layout with the joined
   dimension the whole list's: one memory format decides both (`_laid_out`), else the list runs in one piece, up to
   `WHOLE_MAX` entries (refused beyond). An out= call over more than 256 entries is refused.
+- any other op that returns tensors (`_chunk_cat`, round 44): its kernel over the whole list, up to `WHOLE_MAX`
+  entries (refused beyond); one that returns nothing (the fused optimizers, in place, values only) runs whole.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def run(op: torch._ops.OpOverload, fn: Callable[..., Any], args: Sequence[Any], 
         return _foreach(op, fn, args, kwargs)
     if name in _JOINED:
         return _joined(op, fn, args, kwargs)
-    return fn(*args, **kwargs)
+    if op._schema.returns:  # (round 44: `_chunk_cat` over 16,384 entries was ~1.5 s of its meta kernel)
+        n = max(len(v) for v in [*args, *kwargs.values()] if isinstance(v, list | tuple))
+        return _whole(op, fn, args, kwargs, n)
+    return fn(*args, **kwargs)  # an in-place op of values only (`_fused_adam_`): its meta kernel makes no output
 
 
 def _foreach(op: torch._ops.OpOverload, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -85,8 +90,9 @@ def _foreach(op: torch._ops.OpOverload, fn: Callable[..., Any], args: Sequence[A
             return fn(*args, **kwargs)  # (no such `_foreach_` op: every one returns nothing or a tensor an element)
         first = out[0]
         outputs[j] = first
+        like = _maker(first)
         for k in indexes[1:]:
-            outputs[k] = _like(first)
+            outputs[k] = like()
     if not returns:
         return None
     if any(o is None for o in outputs):
@@ -108,6 +114,19 @@ def _whole(op: torch._ops.OpOverload, fn: Callable[..., Any], args: Sequence[Any
             "hold the device); split the call"
         )
     return fn(*args, **kwargs)
+
+
+def _maker(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """`_like(t)` as a call of no argument: one `empty_strided` where that lays a tensor out as `t` on a storage of
+    `t`'s size (an output of its own: offset 0, its storage its extent; round 44: ~12 us a call here where `_like`'s
+    three were ~25, 65,536 outputs of `_foreach_norm` in a graph's dry run), else `_like`."""
+    shape, stride, dtype = tuple(t.shape), tuple(t.stride()), t.dtype
+    if t.storage_offset() != 0 or t.layout != torch.strided:
+        return lambda: _like(t)
+    made = torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+    if made.untyped_storage().nbytes() != t.untyped_storage().nbytes():
+        return lambda: _like(t)
+    return lambda: torch.empty_strided(shape, stride, dtype=dtype, device=_META)
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:

@@ -361,7 +361,11 @@ class WorkerSession:
     def recount(self, handles: list[int], *, zero_growth: bool = False) -> None:
         """After an in-place or out= op on these handles: follow tensors that now use another storage (set_)
         and re-read the sizes of storages that grew (resize_); `zero_growth` when the op left the new bytes
-        unwritten."""
+        unwritten. Otherwise the growth is zeroed outside all of these handles' tensors of that storage: round 44
+        (hostile44), outside the first one met only, `add.out(b, b, out=w)` with `w` a zero-element view past the end
+        of `b`'s storage zeroed the sum it had written into `w` (the input `b` met first); the others' extents lie
+        within the storage as it was before the op, or are what it wrote."""
+        by_storage: dict[int, list[torch.Tensor]] | None = None  # (made once, at a first growth: one pass)
         for h in handles:
             t = self.tensors.get(h)
             if t is None:
@@ -376,7 +380,13 @@ class WorkerSession:
                 if zero_growth and nbytes > entry[1]:
                     zero_bytes(storage, entry[1], nbytes)  # grown memory may hold another session's old data
                 elif nbytes > entry[1]:
-                    _zero_outside([t], storage, entry[1], nbytes)
+                    if by_storage is None:
+                        by_storage = {}
+                        for k in handles:
+                            u = self.tensors.get(k)
+                            if u is not None:
+                                by_storage.setdefault(u.untyped_storage()._cdata, []).append(u)
+                    _zero_outside(by_storage.get(storage._cdata, [t]), storage, entry[1], nbytes)
                 self._account(nbytes - entry[1])
                 entry[1] = nbytes
                 if self.upload_pool.kept:  # a kept upload's storage at another size is no longer the pool's

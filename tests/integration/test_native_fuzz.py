@@ -42,7 +42,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _args(seed: int, inputs: int, recording: Path) -> argparse.Namespace:
-    return argparse.Namespace(seed=seed, seconds=1e9, inputs=inputs, skip=0, recording=[str(recording)])
+    return argparse.Namespace(seed=seed, seconds=1e9, inputs=inputs, skip=0, recording=[str(recording)], daemon_flag=[])
 
 
 def test_parsers_agree_with_their_references(native_runner_module: Any, recording: Path) -> None:
@@ -61,3 +61,35 @@ def test_damaged_uploads_and_frees_among_records_run_alike(native_runner_module:
     assert counts["frames"] >= 10 and counts["native records"] > 0, counts
     # uploads and frees ran inside the runner's runs (`Ctx::between`), and some frames met errors
     assert counts["between in native runs"] > 0 and counts["slices with errors"] > 0, counts
+
+
+def test_run_graph_frames_run_alike_from_their_bytes_and_parsed(native_runner_module: Any) -> None:
+    """Round 44 (hostile44): `graphs` mode, seeded RunGraph frames (`fuzz_native.GraphGen`: damaged fields and bytes,
+    overlong lengths, other graphs' and sessions' ids and handles, a DropGraph among runs, frames of 64 KiB - 1, 64
+    KiB and 64 KiB + 1 bytes) run by twin sessions of one traced graph, one whose quiet runs read a lone frame's
+    bytes in C++ (`lone_run_graph`, `graph_id_of`, `GraphPlan.run_raw`), one that parses it: the same results,
+    errors and state. Pins behaviour that holds on b647913 (the campaign found no difference)."""
+    counts = fuzz_native.graphs(_args(44, 300, Path("unused")), native_runner_module)
+    print(dict(counts))
+    assert counts["inputs"] == 300
+    # the C++ reading ran frames and declined others, and every kind of frame ran, failed and was refused
+    assert counts["raw runs"] > 100 and counts["raw declined"] > 50, counts
+    assert counts["lone:ran"] > 10 and counts["lone:error"] > 10 and counts["lone:refused"] > 10, counts
+    assert counts["drop:ran"] > 5 and counts["drop:error"] > 5 and counts["64k:ran"] > 5, counts
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_run_graph_frames_on_the_side_socket_and_the_stream_harm_no_neighbour(isolation: str) -> None:
+    """Round 44 (hostile44): `graph-daemon` mode, `GraphGen`'s frames through a live `gpupool serve --bulk-listen`
+    from hostile sessions on their side sockets and streams, their graphs quiet and traced (lone frames of 64 KiB - 1
+    to 64 KiB + 1 bytes among them): every error actionable, only malformed frames end a session, a session that goes
+    on computes right, a neighbour's matmuls and its own graph of the same id right throughout, the daemon SERVING
+    and exiting 0. Pins behaviour that holds on b647913."""
+    args = _args(44, 120, Path("unused"))
+    args.daemon_flag = ["--isolation", isolation]
+    counts = fuzz_native.graph_daemon(args, None)
+    print(dict(counts))
+    assert counts["frames"] >= 120, counts
+    assert counts["sessions on the side socket"] > 0 and counts["sessions on the stream"] > 0, counts
+    assert counts["sent:64k lone"] > 0 and counts["fuzzed graph right after"] > 0 and counts["sessions ended"] > 0
+    assert counts["code:NOT_FOUND"] > 0 and counts["code:INVALID_ARGUMENT"] > 0, counts

@@ -95,3 +95,39 @@ def test_out_lists_and_undecided_layouts_past_their_bounds_are_refused() -> None
     assert _seen(metalists.run(A.stack.default, A.stack.default, [[cl] * n], {})) == _seen(A.stack.default([cl] * n))
     with pytest.raises(errors.InvalidArgument, match=f"over {n + 1} tensors"):
         metalists.run(A.stack.default, A.stack.default, [[cl] * (n + 1)], {})
+
+
+def test_a_list_op_of_no_known_layout_rule_runs_whole_only_up_to_its_bound() -> None:
+    """Round 44 (hostile44): `_chunk_cat` over a long list ran its meta kernel over every entry (16,384: ~1.5 s, 65,536:
+    ~14 s at load 20; b647913 has no bound but the list's 65,536). Now up to `WHOLE_MAX` entries run whole (the same
+    metadata as the kernel's), more are refused (INVALID_ARGUMENT); an op that returns nothing (a fused optimizer,
+    in place) still runs whole."""
+    t = torch.empty(4, device=M)
+    for n in (300, metalists.WHOLE_MAX):
+        got = metalists.run(A._chunk_cat.default, A._chunk_cat.default, [[t] * n, 0, 2], {})
+        want = A._chunk_cat.default([t] * n, 0, 2)
+        assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype)
+    with pytest.raises(errors.InvalidArgument, match="at most 1024"):
+        metalists.run(A._chunk_cat.default, A._chunk_cat.default, [[t] * (metalists.WHOLE_MAX + 1), 0, 2], {})
+    e, step = torch.empty(0, device=M), torch.zeros((), device=M)
+    fused = A._fused_adam_.default
+    n = 4 * metalists.WHOLE_MAX
+    args = [[e] * n, [e] * n, [e] * n, [e] * n, [], [step] * n]
+    kwargs = dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    assert metalists.run(fused, fused, args, kwargs) is None
+
+
+def test_foreach_outputs_laid_out_again_match_the_kernels_whatever_their_offset() -> None:
+    """`_maker` (round 44): the outputs of a long `_foreach_` list laid out again with one `empty_strided` where that
+    gives the first output's layout and storage size (fresh, offset 0), else as before (`_like`): the same metadata
+    as the kernel's over the whole list, for 0-d, empty, transposed and offset entries."""
+    for t in (torch.empty((), device=M), torch.empty(0, device=M), torch.empty(3, 4, device=M).t(),
+              torch.empty(40, device=M)[3:15].view(3, 4)):  # fmt: skip
+        for name in ("_foreach_neg", "_foreach_norm", "_foreach_sqrt"):
+            op = getattr(A, name).Scalar if name == "_foreach_norm" else getattr(A, name).default
+            got = metalists.run(op, op, [[t] * 300], {})
+            want = op([t] * 300)
+            assert [(o.shape, o.stride(), o.storage_offset(), o.untyped_storage().nbytes()) for o in got] == [
+                (o.shape, o.stride(), o.storage_offset(), o.untyped_storage().nbytes()) for o in want
+            ]
+            assert len({o.untyped_storage()._cdata for o in got}) == 300  # each its own storage

@@ -441,3 +441,27 @@ def test_a_conv_layout_session_lays_conv_outputs_out_as_cudnn_and_as_its_meta_ke
         with metas.conv_layout_for(False):  # a session without it: contiguous, as before round 43
             assert aten.convolution.default(*margs).is_contiguous()
             assert guards.replacement(aten.convolution.default)(*args).is_contiguous()  # type: ignore[misc]
+
+
+def test_the_fused_optimizers_guard_checks_each_distinct_entry_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 44 (hostile44): a graph naming one slot in every list of `_fused_adam_` 16,384 times had the guard compare
+    every entry's strides with its parameter's (~30 us a reference: ~1.5 s of the definition's ~3 s; b647913 calls
+    `_strides` twice an entry, 8 times 1,000 here). Now each distinct parameter and each distinct (parameter, tensor)
+    pair once; a mismatch among repeated entries is still refused."""
+    calls = [0]
+    real = guards._strides
+
+    def counted(t: torch.Tensor) -> list[int]:
+        calls[0] += 1
+        return real(t)
+
+    monkeypatch.setattr(guards, "_strides", counted)
+    schema = torch.ops.aten._fused_adam_.default._schema
+    p, step = torch.ones(3), torch.zeros(())
+    n = 1000
+    kwargs = dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    guards._fused_optimizer([[p] * n, [p] * n, [p] * n, [p] * n, [], [step] * n], kwargs, schema)
+    assert calls[0] <= 8, calls[0]
+    bad = [p] * (n - 1) + [torch.ones(4)]
+    with pytest.raises(InvalidArgument, match=r"grads\[999\]"):
+        guards._fused_optimizer([[p] * n, bad, [p] * n, [p] * n, [], [step] * n], kwargs, schema)
