@@ -738,3 +738,58 @@ def test_the_reader_reads_the_next_big_frame_while_the_worker_runs_one(daemon_fa
         s.flush()
         assert torch.equal(s.download(ha), a) and torch.equal(s.download(hb), b)
     assert overlapped == [True], (overlapped, big_frames)
+
+
+class _FrameParses:
+    """`service.device_pb2` for a test: counts the front's protobuf parses of frames (`ClientFrame.FromString`)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        outer = self
+
+        class ClientFrame:
+            @staticmethod
+            def FromString(raw: Any) -> Any:  # noqa: N802 (protobuf's name)
+                outer.calls += 1
+                return device_pb2.ClientFrame.FromString(raw)
+
+        self.ClientFrame = ClientFrame
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(device_pb2, name)
+
+
+def test_a_small_frames_malformed_command_is_found_by_its_worker_and_ends_only_its_session(
+    side_daemon: Any, monkeypatch: Any
+) -> None:
+    """Round 44: the reader no longer parses a small frame with protobuf (its commands are parsed by the session's
+    worker before any of them runs). A frame whose third command protobuf refuses, behind a good frame: the good
+    frame's Sync and the bad frame's own Sync before that command are answered, then the session ends with
+    INVALID_ARGUMENT ("malformed ClientFrame") on the socket and the stream, as the front's check ended it; the
+    worker is not taken for dead (no INTERNAL), the neighbour is untouched, and the front parsed neither frame.
+    Until round 44 the front parsed every frame (and answered nothing of the bad one)."""
+    from gpupool.server import service
+
+    parses = _FrameParses()
+    monkeypatch.setattr(service, "device_pb2", parses)
+    neighbour = _attach(side_daemon, monkeypatch)
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    parses.calls = 0
+    bad = _free_then_sync(52) + b"\x0a\x03\xf2\x01\x7f" + _free_then_sync(53)
+    _send_raw(peer, protocol.frame_record(_free_then_sync(51)) + protocol.frame_record(bad))
+    got = []
+    while isinstance(record := _next_record(peer), tuple) and record[0] == protocol.BULK_FRAME:
+        got.append(record)
+    assert got == [(protocol.BULK_FRAME, 0, protocol.sync_reply(rid)) for rid in (51, 52)], (got, record)
+    assert isinstance(record, tuple), record
+    kind, code, body = record
+    assert kind == protocol.BULK_END and code == InvalidArgument.code.value[0], record
+    assert b"malformed ClientFrame" in body, body
+    err = _ended(victim)
+    assert isinstance(err, InvalidArgument) and "malformed ClientFrame" in str(err), err
+    assert parses.calls == 0, "the front should leave a small frame's commands to the worker's parse"
+    _neighbour_works(neighbour)
+    victim.close()
+    peer.close()
+    neighbour.close()
