@@ -9,7 +9,6 @@ with INVALID_ARGUMENT instead of an opaque deserialization failure. Handlers rai
 from __future__ import annotations
 
 import logging
-import operator
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -239,13 +238,15 @@ class DeviceServicer:
         marked: list[int] = []  # the positions of its Uploads and Gets
         try:
             commands = slices.split_frame(raw, self.daemon.config.max_frame_commands, marked)  # counted first
-            if len(raw) < bulk.STRIP_MIN and bulk.RUN_GRAPH not in map(_KIND, commands):
+            if raw.__class__ is bytes and len(raw) < bulk.STRIP_MIN and _RUN_GRAPH_KEY not in raw:
                 # A small frame (an eager step's): its commands go to the worker as they are, and the worker's
                 # parse, which comes before any of them runs, checks them (`slices.run_commands`: the commands before
                 # a malformed one run, then the session ends with INVALID_ARGUMENT, `Daemon._malformed`), where this
                 # parse read them all again (round 44: ~0.7k instructions an eager op). Its Uploads and Gets are
-                # checked here, as `_take_bulk` reads them. (A RunGraph's frame is checked here: its worker may run
-                # it from its bytes, with no parse first: `slices.lone_run_graph`.)
+                # checked here, as `_take_bulk` reads them. (A frame that may hold a RunGraph is checked here: its
+                # worker may run one from its bytes, with no parse first, `slices.lone_run_graph`, which takes only
+                # a command keyed `_RUN_GRAPH_KEY`: a frame without those two bytes anywhere holds none. A search of
+                # the bytes, in C: a scan of the commands' kinds cost ~300 instructions a command.)
                 if marked:
                     parsed = device_pb2.ClientFrame.FromString(b"".join([commands[n][1] for n in marked])).commands
             elif not (len(raw) >= bulk.BIG_UPLOAD and bulk.uploads_only([span for _, span in commands])):
@@ -392,7 +393,7 @@ class DeviceServicer:
         return True
 
 
-_KIND = operator.itemgetter(0)  # a command's kind: (kind, span)[0] (`slices.split_frame`)
+_RUN_GRAPH_KEY = bytes([bulk.RUN_GRAPH << 3 | 2, 1])  # a Command's run_graph field's key as protobuf writes it (aa 01)
 
 # A side reader's batch (`read_side`) holds at most this many bytes of frames (their bulk uploads' bytes included)
 # while it reads on: a batch that reaches it is queued at once, and a frame that would take one past it is queued
