@@ -98,7 +98,7 @@ def _client(argv: list[str]) -> int:
     # a valgrind-slowed zygote forks and starts the session's worker in tens of seconds on a loaded box: past
     # Attach's 10 s (round 43: the encoder's Attach timed out at load 19)
     attach = Session.attach.__func__  # type: ignore[attr-defined]
-    Session.attach = classmethod(lambda cls, *a, timeout=10.0: attach(cls, *a, timeout=max(timeout, 600.0)))  # type: ignore[method-assign,assignment]
+    Session.attach = classmethod(lambda cls, *a, timeout=10.0, **kw: attach(cls, *a, timeout=max(timeout, 600.0), **kw))  # type: ignore[method-assign,assignment]
     out = lb.worker(args)
     if counted:
         _control([os.getpid()], "--instr=off")

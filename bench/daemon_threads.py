@@ -64,10 +64,20 @@ def _group(pid: int, front: int, name: str) -> str:
     return "other"
 
 
-def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float]]:
-    """(pid, tid) -> (group, user + system seconds, system seconds) of every thread of the daemon's process tree."""
+def _switches(pid: int, task: str) -> int:
+    """The thread's context switches so far, voluntary and not (each voluntary one is a sleep and a wake-up)."""
+    n = 0
+    for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+            n += int(line.split()[1])
+    return n
+
+
+def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int]]:
+    """(pid, tid) -> (group, user + system seconds, system seconds, context switches) of every thread of the
+    daemon's process tree."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[tuple[int, int], tuple[str, float, float]] = {}
+    out: dict[tuple[int, int], tuple[str, float, float, int]] = {}
 
     def walk(pid: int) -> None:
         try:
@@ -76,7 +86,7 @@ def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float]]:
                 name = stat[stat.index("(") + 1 : stat.rindex(")")]
                 fields = stat[stat.rindex(")") + 2 :].split()
                 user, system = int(fields[11]) / tick, int(fields[12]) / tick
-                out[(pid, int(task))] = (_group(pid, front, name), user + system, system)
+                out[(pid, int(task))] = (_group(pid, front, name), user + system, system, _switches(pid, task))
                 for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
                     walk(int(child))
         except (FileNotFoundError, ProcessLookupError):
@@ -100,9 +110,9 @@ def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, An
         session = rt.session
         put, frames = session._put, [0]
 
-        def counted(frame: Any) -> None:
+        def counted(*a: Any) -> None:
             frames[0] += 1
-            put(frame)
+            put(*a)
 
         session._put = counted
         model, data, loss_fn = workload(model_name)
@@ -126,13 +136,16 @@ def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, An
         gt.detach_all()
     cpu = dict.fromkeys(GROUPS, 0.0)
     system = dict.fromkeys(GROUPS, 0.0)
-    for key, (group, total, sys_s) in after.items():
-        _, total0, sys0 = before.get(key, (group, 0.0, 0.0))
+    switches = dict.fromkeys(GROUPS, 0)
+    for key, (group, total, sys_s, sw) in after.items():
+        _, total0, sys0, sw0 = before.get(key, (group, 0.0, 0.0, 0))
         cpu[group] += total - total0
         system[group] += sys_s - sys0
+        switches[group] += sw - sw0
     n = max(1, steps // 20) * 20
     return {"ops_per_step": ops / n, "frames_per_step": (frames[0] - frames0) / n, "step_s": wall / n,
-            "cpu": {g: v / ops for g, v in cpu.items()}, "sys": {g: v / ops for g, v in system.items()}}  # fmt: skip
+            "cpu": {g: v / ops for g, v in cpu.items()}, "sys": {g: v / ops for g, v in system.items()},
+            "wakes": {g: v / (frames[0] - frames0) for g, v in switches.items()}, "wall": wall}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,11 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             cells += f"{med[name][g]:>10.2f} ({sys_part * 1e6:4.1f})"
         ratio = f"   {med['process'][g] / med['base'][g]:.3f}" if against and med["base"][g] else ""
         print(f"{g:<12}{cells}{ratio}")
+    print("context switches per frame (median over rounds; a timer's grow with the wall time, a frame's with frames)")
+    for g in GROUPS:
+        print(f"{g:<12}" + "".join(f"{statistics.median(r['wakes'][g] for r in runs[n]):>18.3f}" for n in names))
     for name in names:
         rs = runs[name]
         print(f"{label[name]}: {statistics.median(r['ops_per_step'] for r in rs):.1f} ops/step, "
               f"{statistics.median(r['frames_per_step'] for r in rs):.2f} frames/step, "
-              f"{statistics.median(r['step_s'] for r in rs) * 1e3:.3f} ms/step")  # fmt: skip
+              f"{statistics.median(r['step_s'] for r in rs) * 1e3:.3f} ms/step, "
+              f"{statistics.median(r['wall'] for r in rs):.1f} s a round")  # fmt: skip
     return 0
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpc import StatusCode
 
 from gpupool import tokens
@@ -869,7 +870,7 @@ class Daemon:
             start = time.perf_counter()
             try:
                 res = s.runner.run(req, len(batch), spans)
-                if res.executed == 0 and not res.partial:
+                if res.executed == 0 and not res.partial and not res.malformed:
                     raise WorkerDied("the session's worker made no progress")
             except WorkerDied as exc:
                 self._worker_died(s, batch, exc)
@@ -887,9 +888,24 @@ class Daemon:
                 if res.partial and not res.replies:
                     seconds += wall
             self._apply(s, res, seconds)
-            if s.closed:  # its replies would take the host past --max-unread-bytes
+            if res.malformed:  # after the replies of the commands before it
+                self._malformed(s, batch[res.executed][1])
+            if s.closed:  # its replies would take the host past --max-unread-bytes, or a command was malformed
                 return [], seconds, True
             return (batch[res.executed :] + after if res.executed < n else after), seconds, True
+
+    def _malformed(self, s: FrontSession, span: Any) -> None:
+        """End `s` with INVALID_ARGUMENT: its worker found the command `span` malformed (protobuf refuses it), a
+        command of a frame whose commands the front left to the worker's parse (`service.DeviceServicer._frame`).
+        Nothing at or after it ran, nor runs: the session closes here, and its stream ends after the replies queued
+        before (as when the front's own check refused a frame)."""
+        try:
+            device_pb2.ClientFrame.FromString(bytes(span))
+            why = "its worker could not parse it"  # (a worker that says so of a command protobuf takes: its own end)
+        except DecodeError as exc:
+            why = str(exc)
+        reason = f"malformed ClientFrame (a command of {len(span)} bytes): {why}"
+        self.close_session(s, reason, StatusCode.INVALID_ARGUMENT)
 
     def _device_free(self, s: FrontSession) -> int:
         """The bytes `s`'s device has left beyond what its sessions hold now (`SliceRequest.device_free`)."""

@@ -277,6 +277,7 @@ _RES = struct.Struct("<IdqqqqqqHHIB")
 _ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
 _PARTIAL = 2  # flags: the command after the executed ones (a Get, a DefineGraph) did a piece, continues next slice
 _BUSY = 4  # flags: slices of the session may still run on its GPU (devices.SliceTimer: their time comes later)
+_MALFORMED = 8  # flags: the command after the executed ones is malformed (SliceResult.malformed)
 # Step capture's graph events (server/graph.py): the only names a worker may report (they become metric labels).
 GRAPH_EVENTS = ("defined", "rerecorded", "replayed", "dropped", "traced")
 # Eager records a worker ran inside learned runs (server/runs.py), reported with the graph events.
@@ -300,6 +301,9 @@ class SliceResult:
     partial: bool = False  # command `executed` (a big Get, a DefineGraph) did a piece of its work and must run again
     busy: bool = False  # its GPU may still run the session's slices (a CUDA device's run-ahead: devices.SliceTimer)
     graph_bytes: int = 0  # host memory its captured graphs hold, estimated (--max-graph-memory; Status, metrics)
+    # the command after the executed ones is one protobuf refuses (`_run_before_malformed`): the daemon ends the
+    # session with INVALID_ARGUMENT
+    malformed: bool = False
 
 
 def _head(r: SliceResult) -> tuple[Any, ...]:
@@ -316,7 +320,10 @@ def _head(r: SliceResult) -> tuple[Any, ...]:
         len(r.errors),
         len(r.events),
         len(r.replies),
-        (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0) | (_BUSY if r.busy else 0),
+        (_ERROR_PENDING if r.error_pending else 0)
+        | (_PARTIAL if r.partial else 0)
+        | (_BUSY if r.busy else 0)
+        | (_MALFORMED if r.malformed else 0),
     )
 
 
@@ -437,9 +444,15 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
                 replies.append(bytes(view[pos : pos + length]))
             pos += length
     partial = bool(flags & _PARTIAL)
-    if pos != len(view) or n_rep > executed + partial or (partial and executed >= commands):
+    malformed = bool(flags & _MALFORMED)
+    if (
+        pos != len(view)
+        or n_rep > executed + partial
+        or (partial and executed >= commands)
+        or (malformed and (partial or executed >= commands))
+    ):
         raise ValueError("malformed slice result")
-    return SliceResult(
+    res = SliceResult(
         executed,
         seconds,
         used,
@@ -455,6 +468,9 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
         bool(flags & _BUSY),
         graphs,
     )
+    if malformed:
+        res.malformed = True
+    return res
 
 
 def _side_chunk(record: memoryview, slot: memoryview | None, start: int) -> SideChunk:
@@ -699,7 +715,10 @@ def run_commands(
     if req.uploads:
         return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer, copying its bytes fields: a batch's are taken out first
-    taken = _bytes_taken(payload) if len(payload) >= bulk.STRIP_MIN else None
+    try:  # (a parse: see below)
+        taken = _bytes_taken(payload) if len(payload) >= bulk.STRIP_MIN else None
+    except DecodeError:
+        return _run_before_malformed(session, execute, ledger, req, timed, progress)
     # An executor's spans of eager records run through its learned runs (server/runs.py), with the same progress
     # marks and budget as here.
     owner = getattr(execute, "__self__", None)
@@ -711,15 +730,18 @@ def run_commands(
         raw = lone_run_graph(payload)
         if raw is not None:
             return _run_lone_graph(session, owner, execute, ledger, req, timed, progress, raw)
-    if taken is None:
-        # with the native runner, upb parses only the commands that are not plain eager records (`frame_commands`)
-        lazy = frame_commands(payload, native) if span is not None and native is not None else None
-        if lazy is not None:
-            commands, records = lazy, lazy.records
+    try:  # every parse of the slice's commands happens here, before any of them runs
+        if taken is None:
+            # with the native runner, upb parses only the commands that are not plain eager records (`frame_commands`)
+            lazy = frame_commands(payload, native) if span is not None and native is not None else None
+            if lazy is not None:
+                commands, records = lazy, lazy.records
+            else:
+                commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
         else:
-            commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
-    else:
-        payload, commands, execute = taken[0], taken[1], _WithTakenBytes(execute, taken[1], taken[2])
+            payload, commands, execute = taken[0], taken[1], _WithTakenBytes(execute, taken[1], taken[2])
+    except DecodeError:
+        return _run_before_malformed(session, execute, ledger, req, timed, progress)
     replies: list[bytes | list[Any]] = []
     produced = [0]
     views = [False]  # a reply holds frames that are views of a tensor (protocol.Frame)
@@ -770,6 +792,37 @@ def run_commands(
             # commands is the daemon's flush: a CUDA device's timer waits for the GPU at this slice's end.
             timed.settle()
     return _result(session, ledger, executed, measured, replies, partial, isinstance(timed, DeviceClock) and timed.busy)
+
+
+def _run_before_malformed(
+    session: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, timed: Callable[[], Any], progress: Any
+) -> SliceResult:
+    """A slice that protobuf refuses (a command the front did not check: `service.DeviceServicer._frame` leaves a
+    small frame's commands to this parse): the commands before the first one that protobuf refuses on its own (a
+    repeated message's entries parse each on its own: the same error) run as a slice of their own, and where all of
+    them ran the result says `malformed` (the daemon then ends the session with INVALID_ARGUMENT, as the front's own
+    check did); nothing at or after that command runs."""
+    spans = [span for _, span in split_frame(req.payload, 1 << 30)]  # the daemon joined checked spans: they split
+    bad = next((i for i, span in enumerate(spans) if not _parses(span)), 0)  # (0 where none: cannot be) nothing runs
+    if bad == 0:
+        ledger.reset()
+        res = _result(session, ledger, 0, [0.0], [])
+        res.malformed = True
+        return res
+    before = sum(len(span) for span in spans[:bad])
+    sub = SliceRequest(req.device_free, req.reply_room, req.budget, memoryview(req.payload)[:before], False, req.slot)
+    res = run_commands(session, execute, ledger, sub, timed, progress)
+    res.malformed = res.executed == bad and not res.partial  # (else the rest runs again, and meets it again)
+    return res
+
+
+def _parses(span: Any) -> bool:
+    """Whether protobuf takes a command's span (a one-command ClientFrame)."""
+    try:
+        device_pb2.ClientFrame.FromString(span)
+    except DecodeError:
+        return False
+    return True
 
 
 def _result(

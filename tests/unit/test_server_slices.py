@@ -542,3 +542,57 @@ def test_the_front_waits_for_the_runners_build_and_then_keeps_its_answer(
     monkeypatch.setattr(native_runner, "built", lambda: None)
     monkeypatch.setattr(native_runner, "decided", lambda: True)
     assert slices.native_split() is None and slices._native == [None]
+
+
+BAD_EAGER = b"\x0a\x03\xf2\x01\x7f"  # a command cut as kind 30 (an eager op) whose body protobuf refuses
+
+
+def _upload(handle: int, value: float) -> bytes:
+    up = device_pb2.Command(upload=device_pb2.Upload(handle=handle, last=True, data=struct.pack("<f", value)))
+    up.upload.meta.dtype, up.upload.meta.shape[:] = 1, [1]
+    return device_pb2.ClientFrame(commands=[up]).SerializeToString()
+
+
+@pytest.mark.parametrize("runner", ["native", "python"])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_worker_runs_the_commands_before_a_malformed_one_and_says_so(
+    runner: str, where: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 44: the front leaves a small frame's commands to the worker's parse (`service.DeviceServicer._frame`).
+    A slice whose command `where` protobuf refuses runs the commands before it (and nothing at or after it) and
+    says `malformed`, which the daemon turns into INVALID_ARGUMENT; until round 44 the worker's parse raised
+    DecodeError out of `run_commands` (its process died: INTERNAL), the front's check being the only one."""
+    from test_server_runs import _clock, use_runner
+
+    use_runner(runner, monkeypatch)
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    ex = CommandExecutor(slices.SliceLedger())
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s1", 1, dev, DeviceMemory(dev), 1 << 24)
+    handles = [s.handle_base + k for k in (1, 2)]
+    spans = [_upload(handles[0], 1.0), _upload(handles[1], 2.0)]
+    spans.insert(where, BAD_EAGER)
+    marks: list[int] = []
+    req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, memoryview(b"".join(spans)))
+    res = slices.run_commands(s, ex.execute, ex.ledger, req, _clock, marks.append)
+    assert res.malformed and res.executed == where and not res.partial and s.error is None
+    assert marks == list(range(where))  # nothing at or after it was begun
+    assert [h in s.tensors for h in handles] == [k < where for k in range(2)]
+    # the flag crosses to the daemon (both encodings) and is refused where it cannot be
+    for body in (b"".join(slices.encode_result(res))[4:], _written(res)):
+        back = slices.decode_result(body, 3)
+        assert back.malformed and back.executed == where
+        with pytest.raises(ValueError):
+            slices.decode_result(body, where)  # the malformed command must be one it was sent
+    res.malformed = False
+    assert not slices.decode_result(b"".join(slices.encode_result(res))[4:], 3).malformed
+
+
+def _written(res: slices.SliceResult) -> bytes:
+    buf = memoryview(bytearray(1 << 16))
+    n = slices.write_result(res, buf)
+    assert n > 0
+    return bytes(buf[:n])
