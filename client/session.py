@@ -224,29 +224,6 @@ def upload_command(handle: int, dtype: int, shape: Sequence[int], stride: Sequen
 _UPLOAD_FIXED: dict[tuple[int, tuple[int, ...], tuple[int, ...], int], bytes] = {}
 _UPLOAD_FIXED_MAX = 1024
 
-_COMMAND_RUN_GRAPH = b"\xaa\x01"  # Command.run_graph (field 21)
-# RunGraph.graph_id (1, varint), inputs, outputs, drop_writes (2, 3, 4: packed uint64), input_data (10, bytes)
-_RUN_ID, _RUN_INPUTS, _RUN_OUTPUTS, _RUN_DROPS, _RUN_DATA = b"\x08", b"\x12", b"\x1a", b"\x22", b"\x52"
-
-
-def run_graph_command(
-    graph_id: int,
-    inputs: Sequence[int],
-    outputs: Sequence[int],
-    drop_writes: Sequence[int] = (),
-    data: Sequence[Any] = (),
-) -> bytes:
-    """`Command{run_graph: RunGraph(...)}` as an entry of `ClientFrame.commands`, byte for byte what protobuf writes
-    (fields in number order, defaults left out); `data`: bytes-like (a memoryview over a tensor's bytes: one copy)."""
-    parts = [_RUN_ID + _wvarint(graph_id) if graph_id else b"", _packed(_RUN_INPUTS, inputs),
-             _packed(_RUN_OUTPUTS, outputs), _packed(_RUN_DROPS, drop_writes)]  # fmt: skip
-    for d in data:
-        parts += (_RUN_DATA, _wvarint(len(d)), d)
-    body = b"".join(parts)
-    n = len(body)
-    inner = _COMMAND_RUN_GRAPH + _wvarint(n)
-    return b"".join((protocol.FRAME_COMMANDS_TAG, _wvarint(len(inner) + n), inner, body))
-
 
 def eager_command(record: bytes) -> bytes:
     """`Command{eager_op: record}` as an entry of `ClientFrame.commands`, byte for byte what protobuf writes."""
@@ -730,15 +707,19 @@ class Session:
         data: Sequence[bytes] = (),
     ) -> None:
         """One step of a defined graph: the batch's uploads queued before it travel in the same frame; `data`
-        holds the bytes of the inputs sent by value (handle 0 in `inputs`; bytes-like, read before this returns).
-        Written as bytes (`run_graph_command`, appended as the eager ops are), not as a protobuf Command."""
-        cmd = run_graph_command(graph_id, inputs, outputs, drop_writes, data)
+        holds the bytes of the inputs sent by value (handle 0 in `inputs`)."""
         with self._lock:
-            if not self._eager and len(self._frame.commands):
-                self._seal()  # `_frame` stays empty while `_eager` holds anything (`eager_op` counts on it)
-            self._eager.append(cmd)
+            if self._eager:
+                self._seal()
+            run = self._frame.commands.add().run_graph
+            run.graph_id = graph_id
+            run.inputs.extend(inputs)
+            run.outputs.extend(outputs)
+            if drop_writes:
+                run.drop_writes.extend(drop_writes)
             if data:
-                self._frame_bytes += len(cmd)
+                run.input_data.extend(data)
+                self._frame_bytes += sum(len(d) for d in data)
             self._maybe_flush()
 
     def drop_graph(self, graph_id: int) -> None:

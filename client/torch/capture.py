@@ -204,34 +204,26 @@ class CapturedStep(StepCache):
 
     def _replay(self, rt: DeviceRuntime, g: _Graph, leaves: list[Any]) -> Any:
         inputs: list[int] = []
-        data: list[Any] = []  # memoryviews over the bytes of CPU arguments (`held` keeps their tensors alive)
-        held: list[torch.Tensor] = []
-        size = 0
-        for x in leaves:  # one pass: CPU arguments by value while they fit in BY_VALUE_BYTES together
+        data: list[bytes] = []
+        keep: list[RemoteTensor] = []  # uploads of large CPU arguments, alive until the run is queued
+        by_value = sum(x.numel() * x.element_size() for x in leaves if _is_cpu_tensor(x)) <= BY_VALUE_BYTES
+        for x in leaves:
             if isinstance(x, RemoteTensor):
                 inputs.append(x._gp_h)
                 data.append(b"")
             elif isinstance(x, torch.Tensor):
-                t = _host_tensor(x)
-                held.append(t)
-                size += t.nbytes
-                inputs.append(0)
-                data.append(wire.host_bytes(t))
-        keep: list[RemoteTensor] = []  # uploads of large CPU arguments, alive until the run is queued
-        if size > BY_VALUE_BYTES:
-            inputs, data = [], []
-            for x in leaves:
-                if isinstance(x, RemoteTensor):
-                    inputs.append(x._gp_h)
-                elif isinstance(x, torch.Tensor):
+                if by_value:
+                    inputs.append(0)
+                    data.append(_host_bytes(x))
+                else:
                     keep.append(upload_new(rt, x))
                     inputs.append(keep[-1]._gp_h)
+                    data.append(b"")
         handles = [rt.new_handle() for _ in g.outputs]
-        drops = g.drop_writes
-        if drops:
-            drops, g.drop_writes[:] = list(drops), []
-        rt.run_graph(g.graph_id, inputs, handles, drops, data if size else (), flush=False)
-        _held(rt).add()
+        drops, g.drop_writes[:] = list(g.drop_writes), []
+        held = _held(rt)
+        rt.run_graph(g.graph_id, inputs, handles, drops, data if by_value and any(data) else (), flush=False)
+        held.add()
         self.stats["replayed"] += 1
         out = list(g.leaves)
         for h, (i, m) in zip(handles, g.outputs, strict=True):
@@ -350,12 +342,12 @@ def _is_cpu_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and not isinstance(x, RemoteTensor)
 
 
-def _host_tensor(x: torch.Tensor) -> torch.Tensor:
-    """`x` as a contiguous CPU tensor (itself where it is one: the usual batch, no call but two property reads)."""
+def _host_bytes(x: torch.Tensor) -> bytes:
     t = x.detach() if x.requires_grad else x  # a detach costs a new tensor object; the bytes are the same
-    if not t.is_cpu:
+    if t.device.type != "cpu":
         t = t.cpu()
-    return t if t.is_contiguous() else t.contiguous()
+    t = t.contiguous()
+    return wire.host_bytes(t).tobytes()
 
 
 def _meta(t: RemoteTensor) -> Any:

@@ -384,18 +384,13 @@ def test_replays_share_frames_and_held_ones_go_out_soon(dev: torch.device, monke
     monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 0.001)
     step(*xy())  # arms the timer (the previous deadline has long passed)
     deadline = time.monotonic() + 10
-    while _queued(rt.session) and time.monotonic() < deadline:
+    while len(rt.session._frame.commands) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(frames) == 7 and frames[6] == ["run_graph"] and not _queued(rt.session)
+    assert len(frames) == 7 and frames[6] == ["run_graph"] and not len(rt.session._frame.commands)
     monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)
     for _ in range(first):  # sent by the timer: steps come slowly, frames start from HOLD_STEPS again
         step(*xy())
     assert len(frames) == 8 and frames[7].count("run_graph") == first
-
-
-def _queued(session: Any) -> int:
-    """Commands the session holds, not yet handed over (a RunGraph is written as bytes, as the eager ops: round 44)."""
-    return len(session._frame.commands) + len(session._eager) + len(session._sealed)
 
 
 def plain_setup(dev: torch.device) -> tuple[nn.Module, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.client.session import eager_command, run_graph_command, upload_command
+from gpupool.client.session import eager_command, upload_command
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -57,22 +57,6 @@ def test_upload_command_with_negative_and_zero_values_parses_back() -> None:
     frame.commands.add(upload=device_pb2.Upload(handle=9, meta=tensor_pb2.TensorMeta(shape=[2, 3], stride=[-1, 0]),
                                                 data=b"xy", last=True))  # fmt: skip
     assert raw == frame.SerializeToString()
-
-
-@pytest.mark.parametrize(
-    ("graph_id", "inputs", "outputs", "drops", "data"),
-    [(1, [0, 0], [(1 << 40) + 3], [], [b"x" * 64, b"y" * 200]), (7, [(1 << 63) + 1, 5], [], [9, 1 << 35], []),
-     (300, [0, 12], [4, 5, 6], [], [b"", b""]), (2, [], [127, 128], [0], [b"z" * 70000]), (0, [1], [2], [], [])],
-)  # fmt: skip
-def test_run_graph_command_is_what_protobuf_writes(
-    graph_id: int, inputs: list[int], outputs: list[int], drops: list[int], data: list[bytes]
-) -> None:
-    """Round 44: the Python client writes its RunGraph as bytes (Session.run_graph), its CPU arguments' bytes as
-    memoryviews; the C++ client writes the same layout (native_client.cpp `replay`)."""
-    run = device_pb2.RunGraph(graph_id=graph_id, inputs=inputs, outputs=outputs, drop_writes=drops, input_data=data)
-    frame = device_pb2.ClientFrame(commands=[device_pb2.Command(run_graph=run)])
-    views = [memoryview(bytearray(d)) for d in data]
-    assert run_graph_command(graph_id, inputs, outputs, drops, views) == frame.SerializeToString()
 
 
 def test_batching_keeps_every_command_in_order_and_frames_within_the_command_bound() -> None:
