@@ -9,7 +9,8 @@ CPU batches in turn, then one `.item()` of the last loss. Windows, each counted 
 - `steps`: the replays (each call of the captured step until it returns; the frames they fill go out on the way);
 - `item`: the `.item()` after them (the last frame, the reply's wait and read);
 - `key`: the guard alone, `--steps` times (`_structure` and `_key` of the call's arguments: shapes, training flags,
-  optimizer settings, Python values; the C++ client's `poll` of freed handles too): a part of `steps`.
+  optimizer settings, Python values; the C++ client's `poll` of freed handles too where a replay makes that call
+  first, as before round 44: since, `replay` hears of them): a part of `steps`.
 
 `--measure instr`: the client process under callgrind, instrumentation on around each window only (all threads),
 less an empty window's count (the switch itself); per step. `--top N` also prints the N functions with the most
@@ -77,7 +78,7 @@ def _setup(a: argparse.Namespace) -> tuple[Any, Any, list[Any], Any]:
 
     def key() -> Any:
         x, y = data[0]
-        if a.client == "native":
+        if a.client == "native" and not hasattr(step, "_valid_graph"):  # before round 44 a replay polled first
             from gpupool.client.native.capture import _device
 
             _device(0).poll()

@@ -102,6 +102,15 @@ class StepCache:
             guard.values_key(self.values),
         )
 
+    def _valid_graph(self, key: Any) -> Any:
+        """The valid graph of `key` (now the most recently used), else None, silently (`_graph_for` then says why)."""
+        g = self.graphs.get(key)
+        if g is None or not g.valid:
+            return None
+        if len(self.graphs) > 1:
+            self.graphs[key] = self.graphs.pop(key)  # most recently used
+        return g
+
     def _graph_for(self, key: Any, device: Any) -> Any:
         """The valid graph of `key` (now the most recently used), or None: the call records (a graph whose
         tensors bound by identity went away is forgotten)."""

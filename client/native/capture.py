@@ -12,12 +12,17 @@ while they go out as always; the records of a recording name views by view handl
 handle the recording's own and freed at its end), since a graph names tensors by slot. `record_stop` hands the tape
 over; `_decode` turns it into the shared `Recording` (client/capture_record.py), from which `build` makes the
 DefineGraph as for the Python client. Tensors a graph binds by identity, and the tensors it leaves behind, are
-watched in C++ (`watch`): a Free of one is seen at the next call (`fired`), which re-records the step (a persistent
-tensor was dropped or replaced) or stops writing the handle.
+watched in C++ (`watch`): a Free of one is seen at the next call (`fired`, or `replay`, which then writes nothing),
+which re-records the step (a persistent tensor was dropped or replaced) or stops writing the handle.
 
 A replay is one RunGraph appended to the device's frame (in order with its eager records; the frame goes out every
 HOLD_STEPS replays, or as any frame does: every $GPUPOOL_FLUSH_OPS commands, or at a sync); its outputs are new device
-tensors bound to fresh handles.
+tensors bound to fresh handles. After the guard key (Python), it is one call of native_client.cpp's `replay` (round
+44: it had been six torch.ops calls, `fired`, `current_device`, `new_output`, `adopt` twice and `append_command`, and
+the command built with protobuf in Python): it checks the arguments' devices (a graph recorded with no device tensor
+argument runs on the device that was current then: another current device drops it and records anew), writes the
+RunGraph (CPU arguments by value, up to BY_VALUE_BYTES together; above, Python uploads them and calls again) and
+returns the outputs, their handles the daemon's from then on.
 Inside a recording, syncs (`.item()`, `.cpu()`, `synchronize`), `torch.manual_seed`, `resize_`/`set_` and ops on
 another device raise CaptureError (native_client.cpp's own checks, RuntimeErrors, too); uploads over 4 MiB inside a
 step are refused.
@@ -38,16 +43,18 @@ from gpupool.client.capture_record import Built, CaptureError, Recording, build
 from gpupool.client.capture_step import MAX_GRAPHS, StepCache
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from gpupool import compact, protocol, wire
+from gpupool import compact, wire
 from gpupool._proto import device_pb2, tensor_pb2
 
 from . import backend
 
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
-BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
+# CPU arguments up to this size (together) travel inside the RunGraph command (native_client.cpp: kByValueBytes)
+BY_VALUE_BYTES = 256 * 1024
 # Replays go out HOLD_STEPS to a frame at the most (client/torch/capture.py's first frame after a pause), so that the
-# daemon starts on them while the client goes on; a sync or a full frame sends them sooner.
+# daemon starts on them while the client goes on; a sync or a full frame sends them sooner. native_client.cpp's
+# kHoldSteps, which counts them (per device).
 HOLD_STEPS = 4
 
 
@@ -68,7 +75,7 @@ class _Graph:
     index: int
     graph_id: int
     key: Any
-    outputs: list[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]]  # (leaf index, sizes, strides, dtype)
+    outputs: list[int]  # the returned leaves that are device tensors (new ones per replay), by index
     spec: Any
     leaves: list[Any]
     consts: list[torch.Tensor]
@@ -78,6 +85,9 @@ class _Graph:
     drop_writes: list[int] = field(default_factory=list)
     watching: list[int] = field(default_factory=list)
     ops: int = 0  # aten ops it runs per step
+    tensors: list[int] | None = None  # the arguments' leaves that are tensors, by index (None: all of them)
+    current: bool = False  # the call names no device (no device tensor argument): it runs on the current device
+    single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
 
 
 class _Device:
@@ -87,13 +97,12 @@ class _Device:
         self.index = index
         self.device = torch.device(backend.NAME, index)
         self.watched: dict[int, list[tuple[_Graph, bool]]] = {}
-        self.held = 0  # replays appended to the frame since the last one this module sent
 
-    def poll(self) -> None:
-        """Graphs hear of the watched handles freed since the last call."""
+    def poll(self, fired: list[int] | None = None) -> None:
+        """Graphs hear of the watched handles freed since the last call (`fired`: as `replay` returned them)."""
         if not self.watched:
             return
-        for h in _ops().fired(self.index):
+        for h in _ops().fired(self.index) if fired is None else fired:
             for g, persistent in self.watched.pop(h, ()):
                 if not persistent:
                     g.drop_writes.append(h)
@@ -140,12 +149,16 @@ class CapturedStep(StepCache):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec, structure = self._structure(args, kwargs)
+        key = self._key(structure, leaves)
+        g = self._valid_graph(key)
+        while g is not None:  # `_replay` hears of the watched handles freed meanwhile (dev.poll's) before it runs
+            out = self._replay(g, leaves)
+            if out is not _AGAIN:
+                return out
+            g = self._valid_graph(key)
         dev = _device(self._index(leaves))
         dev.poll()
-        key = self._key(structure, leaves)
-        g = self._graph_for(key, dev.device)
-        if g is not None:
-            return self._replay(dev, g, leaves)
+        g = self._graph_for(key, dev.device)  # None: an invalid graph is forgotten (and said), a new key is said
         leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
         if self._eager_now():
@@ -158,9 +171,14 @@ class CapturedStep(StepCache):
             raise CaptureError("the arguments of a captured step are on more than one gpupool device")
         if found:
             return found.pop()
+        index = self._fixed_index()
+        return int(_ops().current_device()) if index is None else index
+
+    def _fixed_index(self) -> int | None:
+        """The device of `capture(device=)` when it names an index, else None (the current device's)."""
         if self.device is not None and torch.device(self.device).index is not None:
             return int(torch.device(self.device).index)  # type: ignore[arg-type]
-        return int(_ops().current_device())
+        return None
 
     # ---- recording ----
 
@@ -197,9 +215,17 @@ class CapturedStep(StepCache):
         backend.flush()  # the eager records before it (the tensors it binds) go first
         backend.session(dev.index).define_graph(msg)
         out_leaves, spec = tree_flatten(result)
-        outputs = [(i, tuple(x.shape), tuple(x.stride()), x.dtype) for i, x in enumerate(out_leaves) if _on_device(x)]
+        outputs = [i for i, x in enumerate(out_leaves) if _on_device(x)]
+        ops.replay_outputs(dev.index, graph_id, [out_leaves[i] for i in outputs])
         plain = [None if _on_device(x) else x for x in out_leaves]
-        g = _Graph(dev.index, graph_id, key, outputs, spec, plain, consts, built, ops=len(msg.ops))
+        # The call's arguments as its guard key has them (client/capture_guard.py leaf_key): a tensor's key starts
+        # with "cpu" or its device, any other value's with "value"
+        kinds = [k[0] for k in key[1]]
+        tensors = [i for i, kind in enumerate(kinds) if kind != "value"]
+        g = _Graph(dev.index, graph_id, key, outputs, spec, plain, consts, built, ops=len(msg.ops),
+                   tensors=None if len(tensors) == len(kinds) else tensors,
+                   current=self._fixed_index() is None and not any(isinstance(k, torch.device) for k in kinds),
+                   single=spec.is_leaf() and bool(outputs))  # fmt: skip
         dev.watch(g)
         self.graphs[key] = g
         self.stats["defined"] += 1
@@ -210,51 +236,46 @@ class CapturedStep(StepCache):
 
     def _release(self, g: _Graph, drop: bool) -> None:
         _device(g.index).unwatch(g)
+        _ops().replay_forget(g.index, g.graph_id)
         if drop:
             backend.flush()
             backend.session(g.index).drop_graph(g.graph_id)
 
     # ---- replay ----
 
-    def _replay(self, dev: _Device, g: _Graph, leaves: list[Any]) -> Any:
-        ops = _ops()
-        inputs: list[int] = []
-        data: list[bytes] = []
-        keep: list[torch.Tensor] = []  # uploads of large CPU arguments, alive until the run is queued
-        by_value = sum(x.numel() * x.element_size() for x in leaves if _is_cpu_tensor(x)) <= BY_VALUE_BYTES
-        for x in leaves:
-            if _on_device(x):
-                inputs.append(int(ops.wire_handle(x)))
-                data.append(b"")
-            elif isinstance(x, torch.Tensor):
-                if by_value:
-                    inputs.append(0)
-                    data.append(wire.host_bytes(x.detach().contiguous()).tobytes())
-                else:
-                    keep.append(x.to(dev.device))
-                    inputs.append(int(ops.wire_handle(keep[-1])))
-                    data.append(b"")
-        made = [ops.new_output(list(s), list(st), dt, dev.index) for _, s, st, dt in g.outputs]
-        handles = ops.adopt(made, False)
-        run = device_pb2.RunGraph(graph_id=g.graph_id, inputs=inputs, outputs=handles)
+    def _replay(self, g: _Graph, leaves: list[Any]) -> Any:
+        """One RunGraph of `g` with these arguments: native_client.cpp `replay` checks their devices, writes the
+        command (CPU arguments by value) and makes the outputs (fresh handles) in one call; the frame goes out every
+        HOLD_STEPS replays. _AGAIN where it did not run: the graph is no longer valid (a tensor it binds went away,
+        or the current device changed: it is dropped), the caller looks again."""
+        inputs = leaves if g.tensors is None else [leaves[i] for i in g.tensors]
+        while True:
+            made, why = _ops().replay(g.index, g.graph_id, g.current, inputs, g.drop_writes)
+            if not why:
+                break
+            if why[0] == _TOO_BIG:  # uploads of the CPU arguments, alive until the run is queued
+                inputs = [x.to(_device(g.index).device) if _is_cpu_tensor(x) else x for x in inputs]
+            elif why[0] == _ELSEWHERE:  # recorded on the then current device: recorded anew on this one
+                log.info("%s: graph %d dropped: the current device changed", _device(g.index).device, g.graph_id)
+                self._forget(g.key, drop=True)
+                return _AGAIN
+            else:  # watched handles freed: the graph may no longer be valid, or stops writing some
+                _device(g.index).poll(why)
+                if not g.valid:
+                    return _AGAIN
         if g.drop_writes:
-            run.drop_writes.extend(g.drop_writes)
-            g.drop_writes.clear()
-        if by_value and any(data):
-            run.input_data.extend(data)
-        raw = device_pb2.Command(run_graph=run).SerializeToString()
-        entry = bytearray(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw)
-        ops.append_command(torch.frombuffer(entry, dtype=torch.uint8), dev.index)
-        ops.adopt(made, True)
-        dev.held += 1
-        if dev.held >= HOLD_STEPS:
-            dev.held = 0
-            backend.flush()
+            g.drop_writes.clear()  # sent with this run
         self.stats["replayed"] += 1
+        if g.single:
+            return made[0]
         out = list(g.leaves)
-        for t, (i, *_) in zip(made, g.outputs, strict=True):
+        for t, i in zip(made, g.outputs, strict=True):
             out[i] = t
         return tree_unflatten(out, g.spec)
+
+
+_AGAIN = object()  # `_replay` did not run: look for the graph again
+_ELSEWHERE, _TOO_BIG = -1, -2  # native_client.cpp `replay`'s reasons
 
 
 def capture(

@@ -2214,6 +2214,134 @@ std::vector<int64_t> fired(int64_t index) {
   return out;
 }
 
+// Step capture's replay (client/native/capture.py `_replay`): one call a replayed step, in place of the Python that
+// asked for the freed watched handles (`fired`), made and adopted each output (`new_output`, `adopt`), and built and
+// appended the RunGraph command (`append_command`). A defined graph's outputs (sizes, strides, dtype), by device and
+// graph id: `replay_outputs` at its DefineGraph, `replay_forget` when it goes (guarded by g_mu).
+struct ReplayOut {
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+};
+std::unordered_map<int64_t, std::vector<ReplayOut>> g_replays[kMaxDevices];
+constexpr size_t kByValueBytes = 256 * 1024;  // capture.py BY_VALUE_BYTES: CPU arguments up to this go inside the run
+constexpr int kHoldSteps = 4;                  // capture.py HOLD_STEPS: replays a frame at most before it goes out
+int g_held[kMaxDevices] = {};                  // replays appended to a device's frame since one sent it (g_mu)
+thread_local Buf t_run;
+
+void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tensor>& outputs) {
+  checked_index(static_cast<DeviceIndex>(index));
+  std::vector<ReplayOut> outs;
+  for (const at::Tensor& t : outputs) outs.push_back({t.sizes().vec(), t.strides().vec(), t.scalar_type()});
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_replays[index][graph_id] = std::move(outs);
+}
+
+void replay_forget(int64_t index, int64_t graph_id) {
+  checked_index(static_cast<DeviceIndex>(index));
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_replays[index].erase(graph_id);
+}
+
+inline void put_packed(Buf& b, uint8_t tag, const uint64_t* v, size_t n) {
+  if (n == 0) return;
+  size_t len = 0;
+  for (size_t i = 0; i < n; i++) len += varint_len(v[i]);
+  put<uint8_t>(b, tag);
+  put_varint(b, len);
+  for (size_t i = 0; i < n; i++) put_varint(b, v[i]);
+}
+
+// One replay of graph `graph_id` on device `index` with the step's tensor arguments `inputs` (its pytree's tensor
+// leaves in order: gpupool tensors of that device by handle, CPU tensors by value), `drop_writes` as RunGraph's.
+// Returns (the outputs, nothing) once the RunGraph is in the frame, its outputs new tensors whose handles the daemon
+// holds from now on. Nothing is written when it returns a second list, which says why:
+//   [-1]: `current` (the call names no device) and the calling thread's current device is not `index`;
+//   the watched handles freed since the last call (`fired`'s list: the caller hears of them, then calls again);
+//   [-2]: the CPU arguments together exceed kByValueBytes (the caller uploads them and passes device tensors).
+// The Frees of the tensors that died so far go into the frame first (as `fired` sends them).
+using Replayed = std::tuple<std::vector<at::Tensor>, std::vector<int64_t>>;
+inline Replayed not_run(std::vector<int64_t> why) { return Replayed(std::vector<at::Tensor>(), std::move(why)); }
+
+Replayed replay(int64_t index, int64_t graph_id, bool current,
+                                                                 const std::vector<at::Tensor>& inputs,
+                                                                 c10::IntArrayRef drop_writes) {
+  const DeviceIndex i = checked_index(static_cast<DeviceIndex>(index));
+  Dev& d = g_devs[wired(i)];
+  if (current && t_current != i) return not_run({-1});
+  size_t cpu_bytes = 0;
+  bool any_data = false;
+  for (const at::Tensor& x : inputs) {
+    if (x.device().type() == kType) {
+      TORCH_CHECK(x.device().index() == i, "gpupool native client: the arguments of a captured step are on more than "
+                  "one gpupool device (gpupool:", static_cast<int>(i), " and ", x.device(), ")");
+    } else {
+      TORCH_CHECK(x.device().is_cpu(), "gpupool native client: a captured step's tensor argument on ", x.device(),
+                  " (gpupool or CPU tensors only)");
+      const size_t n = static_cast<size_t>(x.numel()) * x.element_size();
+      cpu_bytes += n;
+      any_data |= n > 0;
+    }
+  }
+  std::vector<at::Tensor> made;
+  std::vector<int64_t> fired;
+  bool flush = false;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (!d.watched.empty()) {
+      drain_frees_wire(d);
+      if (!d.fired.empty()) {
+        fired.swap(d.fired);
+        return not_run(std::move(fired));
+      }
+    }
+    if (cpu_bytes > kByValueBytes) return not_run({-2});
+    auto g = g_replays[i].find(graph_id);
+    TORCH_CHECK(g != g_replays[i].end(), "gpupool native client: graph ", graph_id, " is not defined on gpupool:",
+                static_cast<int>(i));
+    prelude_wire(d);
+    {
+      const AtDevice at_device(i);
+      made.reserve(g->second.size());
+      for (const ReplayOut& o : g->second)
+        made.push_back(at::detail::empty_strided_generic(o.sizes, o.strides, &g_alloc, kKeys, o.dtype));
+    }
+    c10::SmallVector<uint64_t, 8> ins, outs;
+    for (const at::Tensor& x : inputs) ins.push_back(x.device().type() == kType ? wire_handle(d, x) : 0);
+    for (const at::Tensor& t : made) outs.push_back(d.handle(handle_of(t)));
+    Buf& b = t_run;
+    b.clear();
+    put<uint8_t>(b, 0x08);  // RunGraph.graph_id (1)
+    put_varint(b, static_cast<uint64_t>(graph_id));
+    put_packed(b, 0x12, ins.data(), ins.size());  // inputs (2)
+    put_packed(b, 0x1a, outs.data(), outs.size());  // outputs (3)
+    put_packed(b, 0x22, reinterpret_cast<const uint64_t*>(drop_writes.data()), drop_writes.size());  // drop_writes (4)
+    if (any_data) {  // input_data (10): every input's, a gpupool tensor's empty
+      at::NoGradGuard no_grad;
+      for (const at::Tensor& x : inputs) {
+        put<uint8_t>(b, 0x52);
+        if (x.device().type() == kType) {
+          put<uint8_t>(b, 0);
+          continue;
+        }
+        const at::Tensor c = x.contiguous();
+        const size_t n = static_cast<size_t>(c.numel()) * c.element_size();
+        put_varint(b, n);
+        put_bytes(b, c.const_data_ptr(), n);
+      }
+    }
+    static const uint8_t tag[] = {0xaa, 0x01};  // Command.run_graph (21)
+    emit_command(d, tag, 2, b);
+    for (const at::Tensor& t : made) d.stores[handle_of(t)] = Store{Geo::of(t), {}};
+    if (++g_held[i] >= kHoldSteps) {
+      g_held[i] = 0;
+      flush = true;
+    }
+    flush |= frame_full(d);
+  }
+  if (flush) flush_frame(d);
+  return Replayed(std::move(made), std::vector<int64_t>());
+}
+
 // A fresh handle on device `index`'s session that no storage names (a collective's port handle: group.py).
 int64_t py_new_handle(int64_t index) {
   const Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
@@ -2321,6 +2449,9 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("record_stop(int index) -> Tensor", &record_stop);
   m.def("watch(int index, int[] handles, bool on) -> ()", &watch);
   m.def("fired(int index) -> int[]", &fired);
+  m.def("replay(int index, int graph_id, bool current, Tensor[] inputs, int[] drop_writes) -> (Tensor[], int[])", &replay);
+  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs) -> ()", &replay_outputs);
+  m.def("replay_forget(int index, int graph_id) -> ()", &replay_forget);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);
   m.def("device_count() -> int", &device_count);

@@ -155,6 +155,93 @@ print("after:", model(x).sum().item())
 """
 
 
+# Round 44: a replay is one call of native_client.cpp's `replay`. What it must keep: CPU arguments over
+# BY_VALUE_BYTES are uploaded first; its RunGraph is the bytes protobuf writes, the batch by value; a step recorded
+# with CPU arguments on the then current device runs on the device current at each call (another one: the graph is
+# dropped and the step records anew there; before, its RunGraph went to the other device's session, which has no such
+# graph); a tensor the graph binds that died is heard of before the run (the step records again).
+REPLAY = """
+import json
+import torch
+from torch import nn
+import gpupool.torch as gt
+from gpupool._proto import device_pb2
+from gpupool.client.native import capture as cap
+
+ops = torch.ops.gpupool_native
+res = {}
+calls = []
+
+
+class Spy:  # the native calls a replay makes
+    def __getattr__(self, name):
+        calls.append(name)
+        return getattr(ops, name)
+
+
+torch.manual_seed(0)
+model = nn.Linear(128, 4).to("gpupool")
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+gen = torch.Generator().manual_seed(1)
+big = [(torch.randn(1024, 128, generator=gen), torch.randint(0, 4, (1024,), generator=gen)) for _ in range(2)]
+small = [(x[:8].clone(), y[:8].clone()) for x, y in big]
+
+
+def step(x, y):
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def losses(f, batches, n):
+    return [f(*batches[i % 2]).item() for i in range(n)]
+
+
+start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+eager = losses(lambda x, y: step(x.to("gpupool"), y.to("gpupool")), big, 6)
+eager += losses(lambda x, y: step(x.to("gpupool"), y.to("gpupool")), small, 6)
+model.load_state_dict(start)
+f = gt.capture(step)
+captured = losses(f, big, 6) + losses(f, small, 6)  # 512 KiB of CPU arguments: uploaded; 4 KiB: by value
+res["big"] = {"same": captured == eager, "stats": dict(f.stats)}
+
+# the RunGraph on the tape of a recording around one replay
+ops.record_start(0)
+loss = f(*small[0])
+tape = ops.record_stop(0).numpy().tobytes()
+runs = [c for c in device_pb2.ClientFrame.FromString(tape).commands if c.WhichOneof("cmd") == "run_graph"]
+entry = device_pb2.ClientFrame(commands=runs).SerializeToString()
+run = runs[0].run_graph
+res["tape"] = {"runs": len(runs), "canonical": entry in tape, "inputs": list(run.inputs),
+               "outputs": list(run.outputs) == [ops.wire_handle(loss)],
+               "data": list(run.input_data) == [small[0][0].numpy().tobytes(), small[0][1].numpy().tobytes()]}
+
+cap._ops = Spy
+calls.clear()
+f(*small[1])
+res["calls"] = list(calls)
+cap._ops = lambda: ops
+
+# a step on the current device: CPU arguments, no parameters
+g = gt.capture(lambda x: (x * 2 + 1).sum())
+x = torch.arange(6.0)
+out = [g(x + i) for i in range(4)]
+torch.gpupool.set_device(1)
+out += [g(x + i) for i in range(4, 8)]
+res["device"] = {"values": [t.item() for t in out], "devices": [str(t.device) for t in out], "stats": dict(g.stats)}
+
+# a parameter replaced between two replays: heard of by the next call, which records again
+w = nn.Parameter(torch.ones(6, device="gpupool:1"))
+h = gt.capture(lambda x: (x * w).sum())
+first = [h(x).item() for _ in range(4)]
+w.data = torch.full((6,), 2.0, device="gpupool:1")
+res["replaced"] = {"values": first + [h(x).item() for _ in range(4)], "stats": dict(h.stats)}
+print(json.dumps(res))
+"""
+
+
 def _env(pool: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": pool}
     for k in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT"):
@@ -273,3 +360,21 @@ def test_the_sentiment_example_with_capture_on_gpupool_runs_default_client(pool:
     assert re.search(r"graph \d+ defined for train_step", said), said[-3000:]
     assert 0.0 < native["train_loss"] < 1.0
     assert {k: native[k] for k in ("train_loss", "test_loss")} == {k: shim[k] for k in ("train_loss", "test_loss")}
+
+
+def test_a_replay_is_one_native_call_that_keeps_every_path(pool: str, tmp_path: Path) -> None:
+    ran = _run(pool, tmp_path, REPLAY, gpus=2)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    # 12 calls: 1 eager, 2 recorded, 3 replays of the big batch; the small one records 2 and replays 4
+    assert got["big"] == {"same": True, "stats": {"eager": 1, "recorded": 4, "replayed": 7, "defined": 2,
+                                                  "rerecorded": 0}}, got["big"]  # fmt: skip
+    assert got["tape"] == {"runs": 1, "canonical": True, "inputs": [0, 0], "outputs": True, "data": True}
+    assert got["calls"] == ["replay"], got["calls"]  # was fired, current_device, new_output, adopt x2, append_command
+    want = [sum(2 * (v + i) + 1 for v in range(6)) for i in range(8)]
+    assert got["device"]["values"] == want
+    assert got["device"]["devices"] == ["gpupool:0"] * 4 + ["gpupool:1"] * 4
+    # on gpupool:1: the graph of gpupool:0 dropped, 2 recordings, then replays
+    assert got["device"]["stats"] == {"eager": 1, "recorded": 4, "replayed": 3, "defined": 2, "rerecorded": 0}
+    assert got["replaced"]["values"] == [15.0] * 4 + [30.0] * 4
+    assert got["replaced"]["stats"] == {"eager": 1, "recorded": 4, "replayed": 3, "defined": 2, "rerecorded": 1}
