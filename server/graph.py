@@ -310,8 +310,8 @@ class GraphTable:
         try:
             if raw is None:
                 r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)  # type: ignore[union-attr]
-            else:
-                r = plan.run_raw(s, raw, None, refs, g.writes, g.traced.fn, g.graph_id)
+            else:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
+                r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
             if r is None:
                 return False
             if r is not True:

@@ -3431,6 +3431,54 @@ py::object graph_frame(py::handle payload) {
   }
   return py::reinterpret_steal<py::object>(std::exchange(out.p, nullptr));
 }
+
+// The two calls of a captured step's slice (round 44) as CPython METH_FASTCALL functions rather than pybind11's
+// (whose dispatch, its argument loaders and overload loop, was ~2-3k instructions a call: as much as reading the
+// frame): `graph_frame(payload)` and `run_raw(plan, session, raw, refs, writes, fn, graph_id)`, which is
+// `plan.run_raw(session, raw, None, refs, writes, fn, graph_id)`. A C++ exception becomes the Python one it becomes
+// through pybind11 in this extension: a Python error set stays, pybind11's own as pybind11 sets them, any other as
+// torch's translator (registered with pybind11 by torch) makes it (c10's errors, an allocation's OutOfMemoryError).
+template <typename F>
+PyObject* fast_call(F&& f) {
+  try {
+    return f().release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::exception&) {
+    torch::translate_exception_to_python(std::current_exception());
+  }
+  return nullptr;
+}
+
+PyObject* graph_frame_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 1) {
+    PyErr_SetString(PyExc_TypeError, "graph_frame(payload) takes one argument");
+    return nullptr;
+  }
+  return fast_call([&] { return graph_frame(args[0]); });
+}
+
+PyObject* run_raw_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 7 || !PyBytes_CheckExact(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "run_raw(plan, session, raw: bytes, refs, writes, fn, graph_id)");
+    return nullptr;
+  }
+  return fast_call([&] {
+    const GraphPlan& plan = py::cast<const GraphPlan&>(py::handle(args[0]));  // (a cast_error: TypeError)
+    return graph_run_raw(plan, py::reinterpret_borrow<py::object>(args[1]),
+                         py::reinterpret_borrow<py::bytes>(args[2]), py::none(), args[3], args[4], args[5], args[6]);
+  });
+}
+
+PyMethodDef FAST_DEFS[] = {
+    {"graph_frame", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&graph_frame_fast)), METH_FASTCALL,
+     "A frame of RunGraphs only: [(graph_id, bytes)], or None (native_runner.cpp `graph_frame`)"},
+    {"run_raw", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&run_raw_fast)), METH_FASTCALL,
+     "GraphPlan.run_raw(session, raw, None, refs, writes, fn, graph_id) of `plan`"},
+    {nullptr, nullptr, 0, nullptr},
+};
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -3585,7 +3633,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);
-  m.def("graph_frame", &graph_frame);
+  for (PyMethodDef* d = FAST_DEFS; d->ml_name != nullptr; ++d) {
+    Own f(PyCFunction_NewEx(d, nullptr, nullptr));
+    if (f.p == nullptr) throw py::error_already_set();
+    m.attr(d->ml_name) = py::reinterpret_borrow<py::object>(f.p);
+  }
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));
   });

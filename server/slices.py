@@ -350,6 +350,8 @@ _REPLY_HEAD = struct.Struct("<BII")  # one reply of one frame: is_list (0), 1 fr
 _EVENT_PACKS = {
     e: (struct.Struct(f"<BI{len(e)}s"), len(e), e.encode()) for e in (*GRAPH_EVENTS, LEARNED_OPS, NATIVE_OPS)
 }
+# the same, a whole result of that one event (its head, then its record)
+_ONE_EVENT = {e: (struct.Struct(_RES.format + f"BI{n}s"), n, b) for e, (_, n, b) in _EVENT_PACKS.items()}
 
 
 def write_result(r: SliceResult, buf: memoryview) -> int:
@@ -358,6 +360,15 @@ def write_result(r: SliceResult, buf: memoryview) -> int:
     chunks, views of a tensor): `encode_result` then. The bytes are exactly `encode_result`'s. A result of no replies
     and no errors (a quiet slice: a captured step's) is written with one `pack_into` per event (round 44)."""
     replies, errors, events = r.replies, r.errors, r.events
+    if len(events) == 1 and not replies and not errors:  # a captured step's: one pack_into of the whole result
+        for event, n in events.items():
+            one = _ONE_EVENT.get(event)
+            if one is not None and one[0].size <= len(buf):
+                flags = (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0)
+                flags |= _BUSY if r.busy else 0
+                one[0].pack_into(buf, 0, r.executed, r.seconds, r.used, r.ops, r.handles, r.graph_bytes, r.uploaded,
+                                 r.downloaded, 0, 1, 0, flags, one[1], n, one[2])  # fmt: skip
+                return one[0].size  # type: ignore[no-any-return]
     if not replies and not errors and _RES.size + 64 * len(events) <= len(buf):
         pos = _RES.size
         for event, n in events.items():

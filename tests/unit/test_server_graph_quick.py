@@ -793,3 +793,30 @@ def test_graph_frame_reads_any_bytes_as_upb_reads_them(native_runner_module: Any
             assert msg == c.run_graph and gid == msg.graph_id, payload
             assert device_pb2.Command(run_graph=msg) == c, payload
     assert read_some > 20, read_some
+
+
+def test_the_modules_fast_calls_are_the_plans_and_refuse_bad_arguments(twins: Any) -> None:
+    """Round 44: the module's METH_FASTCALL `run_raw(plan, ...)` is `plan.run_raw(session, raw, None, ...)` (the same
+    answers, nothing done where it declines); both fast calls refuse a wrong argument count or kind with a Python
+    error (never a crash), and `graph_frame` of something that is no buffer is None. (b647913 has neither.)"""
+    quick, _, _ = twins
+    for _ in range(5):
+        assert quick.run()[0] is None
+    t, g, s, mod = quick, quick.g, quick.s, quick.ex.native
+    args = (g.quiet_refs, g.writes, g.traced.fn, GID)
+    with pytest.raises(TypeError):
+        mod.run_raw(g.fast, s, bytearray(_run_body(t)), *args)  # bytes only, as the slice gives
+    with pytest.raises(TypeError):
+        mod.run_raw(g.fast, s)
+    with pytest.raises((TypeError, RuntimeError)):
+        mod.run_raw(object(), s, _run_body(t), *args)
+    with pytest.raises(TypeError):
+        mod.graph_frame()
+    assert mod.graph_frame(object()) is None and mod.graph_frame(b"") is None
+    before = t.state()
+    assert mod.run_raw(g.fast, s, _run_body(t) + b"\x08\x02", *args) is None  # another graph's id, last
+    assert mod.run_raw(g.fast, s, _run_body(t) + b"\x20\x01", *args) is None  # drop_writes
+    assert t.state() == before
+    s.mutations += 1  # as `execute` counts a RunGraph
+    assert mod.run_raw(g.fast, s, _run_body(t), *args) is True
+    assert t.state() != before
