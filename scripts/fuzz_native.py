@@ -1,21 +1,25 @@
 """A fuzz of the C++ paths that read a client's bytes (server/native_runner.cpp): the frame readers (`eager_frame`,
-`eager_records`, `split_frame`), the parsers of uploads and frees among a run's records (`parse_upload`, `parse_meta`,
-`parse_free`, run by `Ctx::between`) and `free` (`free_handles`), in-process and through a live daemon.
+`eager_records`, `split_frame`, `graph_frame`: frames of RunGraphs, round 44), the parsers of uploads and frees among
+a run's records (`parse_upload`, `parse_meta`, `parse_free`, run by `Ctx::between`) and `free` (`free_handles`),
+in-process and through a live daemon.
 
 Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summary line counts the inputs):
 
   parsers  in-process, no daemon: structure-aware and mutated frames, Upload and Free messages (truncated and
            overlong varints, lengths past the end, negative and huge sizes, dtypes, offsets, shapes with zero and
            overflowing products, fields twice, unknown fields, other wire types) against the references: upb's
-           parse of the same bytes (`eager_frame`, `eager_records`), `slices.py_split_frame` (`split_frame`), and
+           parse of the same bytes (`eager_frame`, `eager_records`, `graph_frame`: a fifth of the frames are
+           RunGraph commands, hostile ones), `slices.py_split_frame` (`split_frame`), and
            `WorkerSession.free` on an identical session (`free`: the same tensors, poisons, uploads, accounting and
            error); at the end an upload split at every byte (two chunks) and at pairs of bytes (three), frees
            among the chunks, with the runner on and off: exactly the bytes sent, the same accounting.
   runs     in-process: a recorded training stream (bench/eager_replay.py --dump) replayed into three executors
            (tests/integration/test_runner_fuzz.py `Three`: the native runner, the Python path, every command on its
-           own), its uploads and frees among the records damaged at the byte level, uploads split into chunks at
-           random bytes, frees of live, freed, foreign and reserved handles inserted among the records; after every
-           slice the three must agree on everything a client can observe, a neighbour session's tensor bit-exact.
+           own), its uploads and frees among the records damaged at the byte level, RunGraphs (of no defined
+           graph) among them and now and then a slice of RunGraphs only (`slices.run_commands`' raw path), uploads
+           split into chunks at random bytes, frees of live, freed, foreign and reserved handles inserted among the
+           records; after every slice the three must agree on everything a client can observe, a neighbour
+           session's tensor bit-exact.
   daemon   a live `gpupool serve` on loopback (the plain build: ASan cannot run in a sandboxed worker): a hostile
            session replays the same damaged streams (handles moved to its own base) while a neighbour computes and
            downloads verified results; every error status must be one a client can act on (never INTERNAL or
@@ -24,7 +28,7 @@ Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summ
   graphs   in-process (round 44): RunGraph frames (`GraphGen`: damaged fields and bytes, overlong lengths, other
            graphs' and sessions' ids and handles, a DropGraph among runs, frames of 64 KiB - 1 to 64 KiB + 1 bytes)
            run by twin sessions of one traced graph (tests/unit/test_server_graph_quick.py `Twin`): one whose quiet
-           runs read a lone frame's bytes in C++ (`slices.lone_run_graph`, `graph.graph_id_of`, `GraphPlan.run_raw`),
+           runs read a lone frame's bytes in C++ (`native_runner.graph_frame`, `GraphPlan.run_raw`),
            one that parses them; both must say and hold the same, and the front's readers agree on each frame.
   graph-daemon  those frames through a live `gpupool serve --bulk-listen`, from hostile sessions on their side
            sockets (frames there) and their streams, each graph quiet and traced first: every error actionable,
@@ -296,6 +300,44 @@ class Gen:
             body = self.bytes_damage(body)
         return body
 
+    def run_graph(self) -> bytes:
+        """A `Command` holding a `run_graph` (round 44: native_runner.cpp `graph_frame` reads frames of them): its
+        fields in any order and repeated, `inputs`/`outputs`/`drop_writes` packed or not (a packed length that
+        ends inside a varint now and then), overlong and 10-byte varints, `input_data`, unknown fields and other
+        wire types; mostly canonical as a command (key aa 01), now and then an overlong length, a field after it,
+        a length past its end, or damaged bytes."""
+        r = self.rng
+        parts = []
+        for _ in range(r.randrange(6)):
+            k = r.random()
+            if k < 0.2:
+                parts.append(key(1, 0) + self.vint(r.choice([0, 1, 2, 7, U64, r.getrandbits(64)])))
+            elif k < 0.55:
+                f = r.choice([2, 3, 4])
+                if r.random() < 0.5:
+                    parts.append(key(f, 0) + self.vint(self.handle()))
+                else:
+                    body = b"".join(self.vint(self.handle()) for _ in range(r.randrange(4)))
+                    cut = r.random() < 0.1 and len(body) > 0
+                    parts.append(key(f, 2) + varint(len(body) - cut) + body)
+            elif k < 0.8:
+                parts.append(ld(10, bytes(r.randrange(64))))
+            else:
+                parts.append(r.choice([key(1, 0) + b"\xff" * 9 + b"\x02", key(1, 2) + varint(1) + b"\x01",
+                                       key(5, 0) + b"\x01", key(10, 0) + b"\x01", key(2, 1) + bytes(8),
+                                       key(2, 5) + bytes(4), ld(11, b"x"), key(1, 0)]))  # fmt: skip
+        body = b"".join(parts)
+        if r.random() < 0.1:
+            body = self.bytes_damage(body)
+        how = r.randrange(12)
+        if how == 0:
+            return b"\xaa\x01" + varint(len(body), r.randrange(1, 4)) + body
+        if how == 1:
+            return b"\xaa\x01" + varint(len(body)) + body + ld(5, varint(7))  # a second member: seed
+        if how == 2:
+            return b"\xaa\x01" + varint(len(body) + 1) + body
+        return b"\xaa\x01" + varint(len(body)) + body
+
     def command(self, body: bytes, kind: int) -> bytes:
         """A `Command` holding `body` as its `upload` or `free` field: mostly canonical; now and then an overlong
         length, a second member or a trailing field."""
@@ -354,6 +396,13 @@ def check_frame(mod: Any, payload: bytes) -> str:
                     if b is not None:
                         kind = cmds[i].WhichOneof("cmd")
                         assert kind in ("upload", "free") and device_pb2.Command.FromString(b) == cmds[i], i
+    runs = mod.graph_frame(payload)
+    if runs is not None:  # a frame of RunGraphs only: upb parses it, and each one's bytes, to the same commands
+        assert cmds is not None, "graph_frame read a frame upb refuses"
+        assert len(runs) == len(cmds), (len(runs), len(cmds))
+        for c, (gid, raw) in zip(cmds, runs, strict=True):
+            msg = device_pb2.RunGraph.FromString(raw)
+            assert device_pb2.Command(run_graph=msg) == c and gid == msg.graph_id, "graph_frame"
     recs = mod.eager_records(payload)
     if recs is not None and cmds is not None:
         assert recs == [_record(c) for c in cmds], "eager_records"
@@ -365,6 +414,8 @@ def check_frame(mod: Any, payload: bytes) -> str:
         ref = slices.py_split_frame(payload, max_commands, marks)
         assert [(k, bytes(s)) for k, s in fast[0]] == [(k, bytes(s)) for k, s in ref], "split_frame"
         assert fast[1] == marks, "split_frame marks"
+    if runs is not None:
+        return "run_graphs read"
     return "parsed" if cmds is not None else "refused"
 
 
@@ -442,8 +493,12 @@ def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
                 counts["free:" + bench.check(mod, gen.free())] += 1
                 continue
             bodies = []
+            graphs = r.random() < 0.2  # a frame of RunGraphs (`graph_frame`), now and then another command among them
             for _ in range(r.randrange(1, 9)):
-                what = r.randrange(10)
+                what = 10 if graphs and r.random() < 0.9 else r.randrange(11)
+                if what == 10:
+                    bodies.append(gen.run_graph())
+                    continue
                 if what < 3:
                     bodies.append(gen.command(gen.upload(), UPLOAD_KEY))
                 elif what < 5:
@@ -545,6 +600,10 @@ def damage_stream(gen: Gen, cmds: list[Any], hostile: float = 0.5, malformed: fl
                 extra = gen.command(gen.upload(), UPLOAD_KEY)
             if r.random() < malformed or not _refused([extra]):
                 out.append(extra)
+        if c.eager_op and r.random() < 0.01 * hostile:  # a RunGraph (of no graph the session defined) among them
+            extra = gen.run_graph()
+            if r.random() < malformed or not _refused([extra]):
+                out.append(extra)
     return out
 
 
@@ -634,6 +693,9 @@ def runs(args: argparse.Namespace, mod: Any) -> Counter[str]:
                     ups = [k for k, b in enumerate(part) if b[:1] in (b"\x12", b"\x22")]
                     counts["between in native runs"] += sum(1 for k in ups for a, b in ran if a <= k < b)
                     counts["between commands"] += len(ups)
+                if rng.random() < 0.1:  # a slice of RunGraphs only (`graph_frame`): read from its bytes or parsed
+                    graphs = frame_of([gen.run_graph() for _ in range(rng.randrange(1, 4))])
+                    counts["run_graph " + _slice(three, graphs)] += 1
                 counts["frames"] += 1
             counts["native records"] += three.ex[0]._eager["fuzz"][3].native
         except AssertionError:
@@ -719,7 +781,7 @@ def _slice(three: Any, payload: bytes) -> str:
     return "slices with errors" if seen[2][6] is not None else "slices clean"
 
 
-# ---- graphs: RunGraph bytes (`slices.lone_run_graph`, `graph.graph_id_of`, `GraphPlan.run_raw`), side frames ----
+# ---- graphs: RunGraph bytes (`native_runner.graph_frame`, `GraphPlan.run_raw`), side frames ----
 
 
 class GraphGen:
@@ -859,7 +921,7 @@ def _counted(run_raw: Any, counts: Counter[str]) -> Any:
 
 def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
     """In-process: `GraphGen`'s frames run by twin sessions of one traced graph (tests/unit/test_server_graph_quick.py
-    `Twin`): one whose quiet runs take the C++ plan (a lone frame: `lone_run_graph`, `graph_id_of`, `run_raw` of its
+    `Twin`): one whose quiet runs take the C++ plan (a frame of RunGraphs: `graph_frame`, `run_raw` of its
     bytes), one without a plan (upb's parse, `graph._run`); after every frame both say the same (slice results,
     error, tensors, poisons, storages, counts) and the front's readers agree on the frame (`check_frame`)."""
     sys.path.insert(0, str(ROOT / "tests" / "unit"))

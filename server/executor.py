@@ -196,17 +196,18 @@ class CommandExecutor:
         except Exception as exc:
             self._failed(s, cmd, exc, reply)
 
-    def run_graph_raw(self, s: WorkerSession, raw: bytes, reply: Reply) -> bool:
-        """`execute` of a RunGraph given as its bytes, which no upb parse read (`slices.lone_run_graph`), where the
-        graph's quiet run takes it (`GraphTable.run_raw`): True, run (or failed, its error recorded as `execute`
-        records it). False, nothing done (the counts `execute` makes taken back), where it does not: the caller
-        parses the command and executes it."""
+    def run_graph_raw(self, s: WorkerSession, raw: bytes, reply: Reply, graph_id: int) -> bool:
+        """`execute` of a RunGraph given as its bytes, which no upb parse read (`slices.run_commands` of a frame of
+        RunGraphs: native_runner.cpp `graph_frame`, which read `graph_id` as upb reads it), where the graph's quiet
+        run takes it (`GraphTable.run_raw`): True, run (or failed, its error recorded as `execute` records it).
+        False, nothing done (the counts `execute` makes taken back), where it does not: the caller parses the
+        command and executes it."""
         s.mutations += 1  # as `execute` counts a RunGraph (`_RESHAPING`)
         state = self._eager.get(s.session_id)
         if state is not None:
             state[3].epoch += 1
         try:
-            if self.graphs.run_raw(s, raw):
+            if self.graphs.run_raw(s, raw, graph_id):
                 return True
         except Exception as exc:  # raised once the plan read the bytes, which upb parses then
             self._failed(s, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), exc, reply)

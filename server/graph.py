@@ -310,8 +310,8 @@ class GraphTable:
         try:
             if raw is None:
                 r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)  # type: ignore[union-attr]
-            else:
-                r = plan.run_raw(s, raw, None, refs, g.writes, g.traced.fn, g.graph_id)
+            else:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
+                r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
             if r is None:
                 return False
             if r is not True:
@@ -328,12 +328,12 @@ class GraphTable:
         self._ran(s, g)
         return True
 
-    def run_raw(self, s: WorkerSession, raw: bytes) -> bool:
-        """`run` of a RunGraph given as its bytes (`CommandExecutor.run_graph_raw`, round 43) where its graph's quiet
-        run takes it (`run`'s conditions, then `_quick_raw` of the bytes): True, run, or raised as `run` raises;
-        False, nothing done, elsewhere (an unknown graph, anything `run` does otherwise, a plan that declines)."""
-        graph_id = graph_id_of(raw)
-        g = self._of(s).get(graph_id) if graph_id is not None else None
+    def run_raw(self, s: WorkerSession, raw: bytes, graph_id: int) -> bool:
+        """`run` of a RunGraph given as its bytes (`CommandExecutor.run_graph_raw`, round 43) and its `graph_id` as
+        upb reads it (native_runner.cpp `graph_frame`, round 44) where its graph's quiet run takes it (`run`'s
+        conditions, then `_quick_raw` of the bytes): True, run, or raised as `run` raises; False, nothing done,
+        elsewhere (an unknown graph, anything `run` does otherwise, a plan that declines)."""
+        g = self._of(s).get(graph_id)
         if g is None:
             return False
         plan = g.fast
@@ -466,21 +466,6 @@ def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, dat
         s.recount(g.mutated)
     g.quiet = s.mutations
     return True
-
-
-def graph_id_of(raw: bytes) -> int | None:
-    """The `graph_id` written first in a RunGraph's bytes (its key 08 and a varint, as protobuf writes the message),
-    else None: the graph to look up; `GraphPlan.run_raw` checks it is the value upb reads (the last one)."""
-    if len(raw) < 2 or raw[0] != 0x08:
-        return None
-    v = shift = 0
-    for i in range(1, min(len(raw), 11)):
-        b = raw[i]
-        v |= (b & 0x7F) << shift
-        if b < 0x80:
-            return v
-        shift += 7
-    return None
 
 
 def _quick_end(host: Host, s: WorkerSession, g: Graph, r: Any, outputs: list[int]) -> None:

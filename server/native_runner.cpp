@@ -3342,6 +3342,143 @@ py::object graph_run_raw(const GraphPlan& p, const py::object& session, py::byte
   if (check && gid != want) return py::none();
   return graph_run(p, session, ins.p, outs.p, spans.p != nullptr ? py::handle(spans.p) : data, refs, writes, fn);
 }
+
+// A length as `slices.lone_run_graph` reads one (`_size`): a canonical varint of at most four bytes (no overlong form)
+inline bool read_len4(const unsigned char** p, const unsigned char* lim, uint64_t* v) {
+  uint64_t x = 0;
+  for (int i = 0; i < 4; ++i) {
+    if (*p >= lim) return false;
+    const unsigned char b = *(*p)++;
+    x |= static_cast<uint64_t>(b & 0x7f) << (7 * i);
+    if ((b & 0x80) == 0) {
+      if (i > 0 && b == 0) return false;
+      *v = x;
+      return true;
+    }
+  }
+  return false;
+}
+
+// A RunGraph message's bytes read as upb reads them, where nothing in them can fail upb's parse: only `graph_id` (1,
+// a varint), `inputs`, `outputs`, `drop_writes` (2-4, varints, packed or not: a packed field's varints end exactly
+// at its end) and `input_data` (10, length-delimited), each value within the bytes. Its `graph_id` as upb reads it
+// (the last value, 0 without one) into `gid`; false for anything else (another field or wire type, a varint of more
+// than 64 bits, a length past the end).
+bool run_graph_bytes(const unsigned char* q, const unsigned char* end, uint64_t* gid) {
+  *gid = 0;
+  while (q < end) {
+    uint64_t key = 0, v = 0;
+    if (!read_varint(&q, end, &key)) return false;
+    const uint64_t field = key >> 3, wire = key & 7;
+    if (wire == 0 && field >= 1 && field <= 4) {
+      if (!read_varint(&q, end, &v)) return false;
+      if (field == 1) *gid = v;
+    } else if (wire == 2 && ((field >= 2 && field <= 4) || field == 10)) {
+      uint64_t len = 0;
+      if (!read_varint(&q, end, &len) || len > static_cast<uint64_t>(end - q)) return false;
+      const unsigned char* lim = q + len;
+      if (field != 10) {
+        while (q < lim) {
+          if (!read_varint(&q, lim, &v)) return false;
+        }
+      }
+      q = lim;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A slice's frame of RunGraph commands only (round 44, `slices.run_commands`: capture's frames, one step's RunGraph
+// or a batch of steps' when they come fast): [(graph_id, the RunGraph's bytes), ...] in order, or None for any other
+// frame. Each `commands` entry must be written as protobuf writes a command holding one `run_graph` (the key 0a, a
+// `read_len4` length ending where the next entry starts, the field's key aa 01 and a `read_len4` length ending at the
+// entry's end), and its message one `run_graph_bytes` reads (so upb parses the frame, and each command on its own,
+// to these messages, and none can fail its parse: a frame's commands may then run one by one, each parsed only where
+// the raw run declines it). `graph_id` is the one upb reads.
+py::object graph_frame(py::handle payload) {
+  Bytes buf(payload.ptr());
+  if (!buf.ok) return py::none();
+  const unsigned char* p = buf.begin();
+  const unsigned char* end = buf.end();
+  if (p == end || *p != 0x0a) return py::none();  // (an eager frame: declined at its first byte)
+  std::vector<std::pair<const unsigned char*, size_t>> bodies;
+  std::vector<uint64_t> gids;
+  while (p < end) {
+    uint64_t len = 0, inner = 0, gid = 0;
+    if (*p++ != 0x0a || !read_len4(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return py::none();
+    const unsigned char* cend = p + len;
+    if (cend - p < 2 || p[0] != 0xaa || p[1] != 0x01) return py::none();
+    p += 2;
+    if (!read_len4(&p, cend, &inner) || inner != static_cast<uint64_t>(cend - p)) return py::none();
+    if (!run_graph_bytes(p, cend, &gid)) return py::none();
+    bodies.emplace_back(p, static_cast<size_t>(inner));
+    gids.push_back(gid);
+    p = cend;
+  }
+  Own out(PyList_New(static_cast<Py_ssize_t>(bodies.size())));
+  if (out.p == nullptr) throw py::error_already_set();
+  for (size_t k = 0; k < bodies.size(); ++k) {
+    Own id(PyLong_FromUnsignedLongLong(gids[k]));
+    if (id.p == nullptr) throw py::error_already_set();
+    Own raw(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(bodies[k].first),
+                                      static_cast<Py_ssize_t>(bodies[k].second)));
+    if (raw.p == nullptr) throw py::error_already_set();
+    PyObject* pair = PyTuple_Pack(2, id.p, raw.p);
+    if (pair == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.p, static_cast<Py_ssize_t>(k), pair);
+  }
+  return py::reinterpret_steal<py::object>(std::exchange(out.p, nullptr));
+}
+
+// The two calls of a captured step's slice (round 44) as CPython METH_FASTCALL functions rather than pybind11's
+// (whose dispatch, its argument loaders and overload loop, was ~2-3k instructions a call: as much as reading the
+// frame): `graph_frame(payload)` and `run_raw(plan, session, raw, refs, writes, fn, graph_id)`, which is
+// `plan.run_raw(session, raw, None, refs, writes, fn, graph_id)`. A C++ exception becomes the Python one it becomes
+// through pybind11 in this extension: a Python error set stays, pybind11's own as pybind11 sets them, any other as
+// torch's translator (registered with pybind11 by torch) makes it (c10's errors, an allocation's OutOfMemoryError).
+template <typename F>
+PyObject* fast_call(F&& f) {
+  try {
+    return f().release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::exception&) {
+    torch::translate_exception_to_python(std::current_exception());
+  }
+  return nullptr;
+}
+
+PyObject* graph_frame_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 1) {
+    PyErr_SetString(PyExc_TypeError, "graph_frame(payload) takes one argument");
+    return nullptr;
+  }
+  return fast_call([&] { return graph_frame(args[0]); });
+}
+
+PyObject* run_raw_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 7 || !PyBytes_CheckExact(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "run_raw(plan, session, raw: bytes, refs, writes, fn, graph_id)");
+    return nullptr;
+  }
+  return fast_call([&] {
+    const GraphPlan& plan = py::cast<const GraphPlan&>(py::handle(args[0]));  // (a cast_error: TypeError)
+    return graph_run_raw(plan, py::reinterpret_borrow<py::object>(args[1]),
+                         py::reinterpret_borrow<py::bytes>(args[2]), py::none(), args[3], args[4], args[5], args[6]);
+  });
+}
+
+PyMethodDef FAST_DEFS[] = {
+    {"graph_frame", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&graph_frame_fast)), METH_FASTCALL,
+     "A frame of RunGraphs only: [(graph_id, bytes)], or None (native_runner.cpp `graph_frame`)"},
+    {"run_raw", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&run_raw_fast)), METH_FASTCALL,
+     "GraphPlan.run_raw(session, raw, None, refs, writes, fn, graph_id) of `plan`"},
+    {nullptr, nullptr, 0, nullptr},
+};
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -3496,6 +3633,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);
+  for (PyMethodDef* d = FAST_DEFS; d->ml_name != nullptr; ++d) {
+    Own f(PyCFunction_NewEx(d, nullptr, nullptr));
+    if (f.p == nullptr) throw py::error_already_set();
+    m.attr(d->ml_name) = py::reinterpret_borrow<py::object>(f.p);
+  }
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));
   });

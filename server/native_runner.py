@@ -76,12 +76,13 @@ one frame of their entries before anything runs (a malformed one fails there, as
 of any other form is parsed whole and its records read by `eager_records` (`slices.eager_records`: the oneof's last
 member decides, as for the parser; a frame with any other field or wire type is left to the parsed messages). The
 message of a plain record's command is made only where something asks for it (`slices.FrameCommands`: a record that
-fails on the Python path). A frame of one RunGraph (`slices.lone_run_graph`, round 43: a captured step's) is not
-parsed at all where its graph's quiet run takes it: `GraphPlan.run_raw` reads the RunGraph's bytes as they came, its
-`graph_id` checked against the graph's as upb reads it (`CommandExecutor.run_graph_raw`); elsewhere it is parsed and
-executed as any other. The daemon's front, too, imports the cached build (`built`: never a build there) for one
-function: `split_frame`, the stream reader's cut of every frame into its commands' spans (`slices.split_frame`), which
-hands any frame it does not accept back to the Python reading.
+fails on the Python path). A frame of RunGraphs only (round 43 for one, round 44 for several: a captured step's, or a
+batch of them) is not parsed at all where each graph's quiet run takes it: `graph_frame` reads the frame (each
+RunGraph's bytes and its `graph_id` as upb reads it, or None for any form a parser might refuse) and
+`GraphPlan.run_raw` each RunGraph's bytes as they came (`CommandExecutor.run_graph_raw`); a run it declines is parsed
+on its own and executed as any other. The daemon's front, too, imports the cached build (`built`: never a build there)
+for one function: `split_frame`, the stream reader's cut of every frame into its commands' spans
+(`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
 A captured step's run (server/graph.py, round 40) takes three functions of it: `quiet_externals`, a quiet run's
 persistent tensors out of the session's table, each the object its weak reference names, into their slots (None,
 nothing written, where one is not: the Python reads them the slow way and checks their metadata); `rebind_run`,

@@ -353,15 +353,44 @@ def encode_result(r: SliceResult) -> list[bytes | memoryview]:
 
 _CODE_COUNT = struct.Struct("<BI")
 _REPLY_HEAD = struct.Struct("<BII")  # one reply of one frame: is_list (0), 1 frame, its length
+# each event name a worker reports: (its record's struct, the name's length, the name), `write_result`'s quiet case
+_EVENT_PACKS = {
+    e: (struct.Struct(f"<BI{len(e)}s"), len(e), e.encode()) for e in (*GRAPH_EVENTS, LEARNED_OPS, NATIVE_OPS)
+}
+# the same, a whole result of that one event (its head, then its record)
+_ONE_EVENT = {e: (struct.Struct(_RES.format + f"BI{n}s"), n, b) for e, (_, n, b) in _EVENT_PACKS.items()}
 
 
 def write_result(r: SliceResult, buf: memoryview) -> int:
     """`encode_result(r)` without its length word, written straight into `buf`; returns its size, or -1 (nothing
     meaningful written) when it does not fit or holds replies other than plain frames (downloads' lists, side
-    chunks, views of a tensor): `encode_result` then. The bytes are exactly `encode_result`'s."""
-    replies = r.replies
-    size = _RES.size + 5 * len(r.errors)
-    for event in r.events:
+    chunks, views of a tensor): `encode_result` then. The bytes are exactly `encode_result`'s. A result of no replies
+    and no errors (a quiet slice: a captured step's) is written with one `pack_into` per event (round 44)."""
+    replies, errors, events = r.replies, r.errors, r.events
+    if len(events) == 1 and not replies and not errors:  # a captured step's: one pack_into of the whole result
+        for event, n in events.items():
+            one = _ONE_EVENT.get(event)
+            if one is not None and one[0].size <= len(buf):
+                flags = (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0)
+                flags |= _BUSY if r.busy else 0
+                one[0].pack_into(buf, 0, r.executed, r.seconds, r.used, r.ops, r.handles, r.graph_bytes, r.uploaded,
+                                 r.downloaded, 0, 1, 0, flags, one[1], n, one[2])  # fmt: skip
+                return one[0].size  # type: ignore[no-any-return]
+    if not replies and not errors and _RES.size + 64 * len(events) <= len(buf):
+        pos = _RES.size
+        for event, n in events.items():
+            known = _EVENT_PACKS.get(event)
+            if known is None:
+                break  # (a name no ledger makes: the general path)
+            known[0].pack_into(buf, pos, known[1], n, known[2])
+            pos += known[0].size
+        else:
+            flags = (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0)
+            _RES.pack_into(buf, 0, r.executed, r.seconds, r.used, r.ops, r.handles, r.graph_bytes, r.uploaded,
+                           r.downloaded, 0, len(events), 0, flags | (_BUSY if r.busy else 0))  # fmt: skip
+            return pos
+    size = _RES.size + 5 * len(errors)
+    for event in events:
         size += 5 + len(event.encode()[:32])
     for item in replies:
         if type(item) is not bytes:
@@ -371,10 +400,10 @@ def write_result(r: SliceResult, buf: memoryview) -> int:
         return -1
     _RES.pack_into(buf, 0, *_head(r))
     pos = _RES.size
-    for code, n in r.errors.items():
+    for code, n in errors.items():
         _CODE_COUNT.pack_into(buf, pos, CODES.index(code) if code in CODES else CODES.index(StatusCode.INTERNAL), n)
         pos += 5
-    for event, n in r.events.items():
+    for event, n in events.items():
         name = event.encode()[:32]
         _CODE_COUNT.pack_into(buf, pos, len(name), n)
         buf[pos + 5 : pos + 5 + len(name)] = name
@@ -646,60 +675,40 @@ def frame_commands(payload: Any, native: Any) -> FrameCommands | None:
     return FrameCommands(records, at, cmds, between)
 
 
-def _size(buf: Any, i: int, end: int) -> tuple[int, int]:
-    """The length written at `buf[i]` as a canonical varint of at most four bytes (no overlong form) and the place
-    after it, or (-1, i) for anything else (a longer length, one past `end`)."""
-    v = shift = 0
-    while i < end and shift < 28:
-        b = buf[i]
-        i += 1
-        v |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (v, i) if b or not shift else (-1, i)
-        shift += 7
-    return -1, i
-
-
-def lone_run_graph(payload: Any) -> bytes | None:
-    """The bytes of a frame's `RunGraph` where the frame is one command and that command one `run_graph` field, each
-    written as protobuf writes them (a `commands` entry keyed 0a, the field keyed aa 01, each length a canonical
-    varint ending at the frame's end), else None. upb parses such a frame to one `Command` whose `run_graph` is the
-    message upb parses from these bytes: `GraphTable.run_raw` reads them (round 43: a captured step's frame, no upb
-    parse and no `SerializeToString` of it where its quiet run takes it)."""
-    n = len(payload)
-    if n < 4 or payload[0] != 0x0A:
-        return None
-    size, i = _size(payload, 1, n)
-    if size != n - i or i + 2 > n or payload[i] != 0xAA or payload[i + 1] != 0x01:
-        return None
-    size, i = _size(payload, i + 2, n)
-    if size != n - i:
-        return None
-    return bytes(payload[i:])
-
-
-def _run_lone_graph(
+def _run_graphs(
     session: Any, owner: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, timed: Callable[[], Any],
-    progress: Progress | None, raw: bytes
+    progress: Progress | None, runs: list[tuple[int, bytes]]
 ) -> SliceResult:  # fmt: skip
-    """`run_commands` of a frame of one RunGraph (`lone_run_graph`'s `raw`): the executor's `run_graph_raw` where the
-    graph's quiet run takes it, else the command parsed and executed as the loop does: the same progress mark, the
-    same checks after it, the same result."""
-    replies: list[Any] = []
+    """`run_commands` of a frame of RunGraphs only (native_runner.cpp `graph_frame`'s `runs`: each one's `graph_id`
+    as upb reads it and its bytes; round 43 for a frame of one, round 44 for several): each run by the executor's
+    `run_graph_raw` where its graph's quiet run takes it, else parsed on its own (upb parses it to the message the
+    whole frame's parse gives, and none can fail: `graph_frame` read them all first) and executed as the loop does:
+    the same progress marks, the same checks after each command (a piece left, the time budget), the same result."""
     session.memory.used = session.memory.device.capacity - max(0, req.device_free)
     ledger.reset()
+    replies: list[Any] = []
+    reply = replies.append
+    quick = owner.run_graph_raw
+    executed = 0
+    partial = False
+    start = time.perf_counter()
     with timed() as measured:
-        if progress is not None:
-            progress(0)
-        if not owner.run_graph_raw(session, raw, replies.append):
-            cmd = device_pb2.ClientFrame.FromString(req.payload).commands[0]  # type: ignore[arg-type]
-            execute(session, cmd, replies.append)
-        partial = session.download is not None or session.defining is not None or session.waiting is not None
-        replies = [r.SerializeToString() if isinstance(r, device_pb2.ServerFrame) else r for r in replies]
-        if replies and isinstance(timed, DeviceClock):
-            timed.settle()
-    busy = isinstance(timed, DeviceClock) and timed.busy
-    return _result(session, ledger, 0 if partial else 1, measured, replies, partial, busy)
+        for gid, raw in runs:
+            if progress is not None:
+                progress(executed)
+            if not quick(session, raw, reply, gid):
+                execute(session, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), reply)
+            if session.download is not None or session.defining is not None or session.waiting is not None:
+                partial = True  # a piece of a graph's trace or run: this command runs again in the next slice
+                break
+            executed += 1
+            if time.perf_counter() - start > req.budget:
+                break
+        if replies:
+            replies = [r.SerializeToString() if isinstance(r, device_pb2.ServerFrame) else r for r in replies]
+            if isinstance(timed, DeviceClock):
+                timed.settle()
+    return _result(session, ledger, executed, measured, replies, partial, isinstance(timed, DeviceClock) and timed.busy)
 
 
 def run_commands(
@@ -726,10 +735,11 @@ def run_commands(
     native = getattr(owner, "native", None)
     commands: Sequence[Any]
     records: list[bytes] | None = None
-    if taken is None and native is not None and span is not None and hasattr(owner, "run_graph_raw"):
-        raw = lone_run_graph(payload)
-        if raw is not None:
-            return _run_lone_graph(session, owner, execute, ledger, req, timed, progress, raw)
+    if taken is None and native is not None and span is not None:
+        # a frame of RunGraphs only (a captured step's, or a batch of them) runs from its bytes (`_run_graphs`)
+        runs = native.graph_frame(payload)
+        if runs is not None and hasattr(owner, "run_graph_raw"):
+            return _run_graphs(session, owner, execute, ledger, req, timed, progress, runs)
     try:  # every parse of the slice's commands happens here, before any of them runs
         if taken is None:
             # with the native runner, upb parses only the commands that are not plain eager records (`frame_commands`)

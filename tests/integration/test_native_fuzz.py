@@ -67,7 +67,7 @@ def test_run_graph_frames_run_alike_from_their_bytes_and_parsed(native_runner_mo
     """Round 44 (hostile44): `graphs` mode, seeded RunGraph frames (`fuzz_native.GraphGen`: damaged fields and bytes,
     overlong lengths, other graphs' and sessions' ids and handles, a DropGraph among runs, frames of 64 KiB - 1, 64
     KiB and 64 KiB + 1 bytes) run by twin sessions of one traced graph, one whose quiet runs read a lone frame's
-    bytes in C++ (`lone_run_graph`, `graph_id_of`, `GraphPlan.run_raw`), one that parses it: the same results,
+    bytes in C++ (`graph_frame`, `GraphPlan.run_raw`), one that parses it: the same results,
     errors and state. Pins behaviour that holds on b647913 (the campaign found no difference)."""
     counts = fuzz_native.graphs(_args(44, 300, Path("unused")), native_runner_module)
     print(dict(counts))

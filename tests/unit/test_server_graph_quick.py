@@ -526,14 +526,17 @@ def _frame_of(body: bytes, extra: int = 0) -> bytes:
     return b"\x0a" + _varint(len(cmd), extra) + cmd
 
 
-def _slice(t: Twin, payload: bytes) -> tuple[Any, ...]:
+def _slice(t: Twin, payload: bytes, budget: float = 10.0) -> tuple[Any, ...]:
     """`slices.run_commands` of a frame's bytes as a worker runs it (the payload a view of its shared memory): what
-    the result says, the session's error, and its state."""
+    the result says, the session's error, and its state. The slow twin's slice runs through `run_commands`' plain
+    loop (round 44: its `execute` a function with no executor behind it: every frame parsed whole by upb, the
+    reference), the quick twin's as a worker's."""
     t.s.error = None
-    req = slices.SliceRequest(1 << 30, 1 << 20, 10.0, memoryview(bytearray(payload)))
+    req = slices.SliceRequest(1 << 30, 1 << 20, budget, memoryview(bytearray(payload)))
     marks: list[int] = []
+    execute = t.ex.execute if t.g.fast is not False else lambda *a: t.ex.execute(*a)
     try:
-        r = slices.run_commands(t.s, t.ex.execute, t.ex.ledger, req, t.s.memory.device.slice_timer(), marks.append)
+        r = slices.run_commands(t.s, execute, t.ex.ledger, req, t.s.memory.device.slice_timer(), marks.append)
     except DecodeError:
         return ("DecodeError",), t.state()
     err = t.s.error
@@ -644,4 +647,176 @@ def test_run_raw_checks_the_graph_id_as_upb_reads_it(twins: Any) -> None:
     s.mutations += 1  # as `execute` counts a RunGraph
     body = b"\x08\x07" + _run_body(t)  # 7 first, then GID last: GID's
     assert g.fast.run_raw(s, body, None, g.quiet_refs, g.writes, g.traced.fn, GID) is True
+    assert t.state() != before
+
+
+# ---- round 44: frames of RunGraphs only read from their bytes (native_runner.cpp `graph_frame`, `slices._run_graphs`)
+
+
+def _frames_of(*bodies: bytes) -> bytes:
+    return b"".join(_frame_of(b) for b in bodies)
+
+
+def test_a_frame_of_several_run_graphs_runs_from_its_bytes(twins: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 44: a frame of several RunGraphs (capture's batch of steps) that their graph's quiet run takes runs from
+    the frame's bytes, each from its own: no `frame_commands` (upb's parse of the frame) and no `GraphTable.run`;
+    the slow twin (no plan) parses each command and executes it. Both end the same, with the same slice results
+    (one progress mark a command). On b647913 a frame of more than one command went to `frame_commands`."""
+    quick, slow, ran = twins
+    for _ in range(5):
+        assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
+    framed: list[Any] = []
+    run: list[WorkerSession] = []
+    real_frame, real_run = slices.frame_commands, graph.GraphTable.run
+
+    def frame_commands(payload: Any, native: Any) -> Any:
+        framed.append(native)
+        return real_frame(payload, native)
+
+    def counted(self: Any, s: WorkerSession, *a: Any, **k: Any) -> Any:
+        run.append(s)
+        return real_run(self, s, *a, **k)
+
+    monkeypatch.setattr(slices, "frame_commands", frame_commands)
+    monkeypatch.setattr(graph.GraphTable, "run", counted)
+    before = ran.count(quick.s)
+    for k in (2, 3, 5):
+        said = _same(quick, slow, lambda t, k=k: _slice(t, _frames_of(*[_run_body(t) for _ in range(k)])))[0]
+        assert said[0] == k and said[4] == {"replayed": k} and said[-1] == list(range(k)), said
+    assert quick.s not in run and run.count(slow.s) == 10 and framed == []
+    assert ran.count(quick.s) == before
+
+
+def test_frames_of_several_run_graphs_of_any_bytes_run_as_the_parsed_commands(twins: Any) -> None:
+    """Frames of RunGraphs where some run the plan's reading declines (`drop_writes`, another graph, an input of
+    another shape, an output of another session: a failure mid-frame, the runs after it still run), where one is
+    not what `graph_frame` reads (an unknown field, a truncated one, an overlong length, an empty command, a Sync
+    among them: the whole frame parsed), and a time budget that ends the slice after its first command: both twins
+    give the same slice results, errors and state, quiet again after. (The parsed path is the reference: on b647913
+    both twins parse these frames, which this pins.)"""
+    quick, slow, _ = twins
+    for _ in range(5):
+        assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
+    other = device_pb2.RunGraph(graph_id=2).SerializeToString()
+    sync = device_pb2.Command(sync=device_pb2.Sync(request_id=7)).SerializeToString()
+
+    def variants(t: Twin) -> list[bytes]:
+        r = lambda **k: _run_body(t, **k)  # noqa: E731
+        return [
+            _frames_of(r(), r() + b"\x20" + _varint(t.kept), r()),  # drop_writes in the middle
+            _frames_of(r(), r() + other, r()),  # the middle one's graph_id read last: 2, never defined
+            _frames_of(r(), r(b=t.v), r()),  # an input of another shape: the Python path's error
+            _frames_of(r(), r(out=(9 << 32) + 1), r()),  # an output of another session: fails mid-frame
+            _frames_of(r(), r() + b"\xf8\x01\x05"),  # an unknown field: the whole frame parsed
+            _frames_of(r(), r()[:-3]),  # truncated inside input_data: upb refuses the frame, nothing runs
+            _frames_of(r()) + _frame_of(r(), extra=1),  # an overlong length
+            _frames_of(r(), r()) + b"\x0a\x00",  # an empty command
+            _frames_of(r()) + b"\x0a" + _varint(len(sync)) + sync + _frame_of(r()),  # a Sync between them
+        ]
+
+    n = len(variants(quick))
+    slow.next = quick.next
+    for k in range(n):
+        got = _same(quick, slow, lambda t, k=k: _slice(t, variants(t)[k]))
+        assert (got[0] == ("DecodeError",)) == (k == 5), (k, got)
+        for _ in range(2):
+            assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
+    said = _same(quick, slow, lambda t: _slice(t, _frames_of(*[_run_body(t) for _ in range(3)]), budget=0.0))[0]
+    assert said[0] == 1 and said[-1] == [0], said  # over its budget after the first: the rest in the next slice
+    quick.op("aten::t_.default", quick.w)
+    slow.op("aten::t_.default", slow.w)
+    got = _same(quick, slow, lambda t: _slice(t, _frames_of(_run_body(t), _run_body(t))))
+    assert got[1] is not None  # the persistent tensor's metadata changed in place: the Python path's error
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_graph_frame_reads_any_bytes_as_upb_reads_them(native_runner_module: Any, seed: int) -> None:
+    """native_runner.cpp `graph_frame` as a parser of hostile frames: seeded frames of RunGraph commands (fields
+    in any order and repeated, packed or not, overlong and 10-byte varints, unknown fields, other wire types,
+    overlong or truncated lengths, other commands and empty ones among them, random byte damage). Where it reads a
+    frame, upb parses the frame and each RunGraph's bytes on their own to the same commands, and its graph ids are
+    upb's; it reads some of every seed's frames. (b647913 has no `graph_frame`.)"""
+    read = native_runner_module.graph_frame
+    rng = random.Random(seed)
+
+    def vi(v: int) -> bytes:
+        return _varint(v, rng.choice([0, 0, 0, 0, 1, 2]))
+
+    def field() -> bytes:
+        k = rng.random()
+        if k < 0.2:
+            return b"\x08" + vi(rng.choice([GID, 2, 0, (1 << 64) - 1]))
+        if k < 0.5:
+            f = rng.choice([2, 3, 4])
+            if rng.random() < 0.5:
+                return bytes([f << 3]) + vi(rng.choice([0, 5, (1 << 64) - 1, 1 << 40]))
+            body = b"".join(vi(rng.randrange(1 << rng.choice([7, 35, 64]))) for _ in range(rng.randrange(4)))
+            cut = rng.random() < 0.1 and len(body) > 0
+            return bytes([f << 3 | 2]) + _varint(len(body) - cut) + body
+        if k < 0.8:
+            d = bytes(rng.randrange(40))
+            return b"\x52" + vi(len(d)) + d
+        if k < 0.9:
+            return bytes([rng.choice([0x09, 0x0D, 0x0A, 0x50, 0x12 | 1, 0x18 | 5, 0x78])]) + bytes(rng.randrange(9))
+        return b"\x08" + b"\xff" * 9 + bytes([rng.choice([1, 2, 0x7F])])  # 10-byte varints, some past 64 bits
+
+    def command() -> bytes:
+        body = b"".join(field() for _ in range(rng.randrange(6)))
+        k = rng.random()
+        if k < 0.8:
+            return b"\xaa\x01" + vi(len(body)) + body
+        if k < 0.85:
+            return b""
+        if k < 0.9:
+            return device_pb2.Command(sync=device_pb2.Sync(request_id=3)).SerializeToString()
+        if k < 0.95:
+            return b"\xaa\x01" + _varint(len(body)) + body + b"\x28\x01"  # a field after the run_graph
+        return b"\xaa\x01" + _varint(len(body) + 1) + body  # its length past the command's end
+
+    read_some = 0
+    for _ in range(600):
+        payload = b"".join(b"\x0a" + vi(len(c)) + c for c in (command() for _ in range(rng.randrange(1, 5))))
+        if rng.random() < 0.15:
+            i = rng.randrange(len(payload))
+            payload = payload[:i] + bytes([rng.randrange(256)]) + payload[i + rng.randrange(2) :]
+        got = read(payload)
+        for view in (memoryview(bytearray(payload)), bytearray(payload)):
+            assert read(view) == got
+        if got is None:
+            continue
+        read_some += 1
+        cmds = device_pb2.ClientFrame.FromString(payload).commands  # never refused where it read the frame
+        assert len(cmds) == len(got), payload
+        for c, (gid, raw) in zip(cmds, got, strict=True):
+            assert c.WhichOneof("cmd") == "run_graph" and c.ListFields()[0][0].name == "run_graph", payload
+            msg = device_pb2.RunGraph.FromString(raw)
+            assert msg == c.run_graph and gid == msg.graph_id, payload
+            assert device_pb2.Command(run_graph=msg) == c, payload
+    assert read_some > 20, read_some
+
+
+def test_the_modules_fast_calls_are_the_plans_and_refuse_bad_arguments(twins: Any) -> None:
+    """Round 44: the module's METH_FASTCALL `run_raw(plan, ...)` is `plan.run_raw(session, raw, None, ...)` (the same
+    answers, nothing done where it declines); both fast calls refuse a wrong argument count or kind with a Python
+    error (never a crash), and `graph_frame` of something that is no buffer is None. (b647913 has neither.)"""
+    quick, _, _ = twins
+    for _ in range(5):
+        assert quick.run()[0] is None
+    t, g, s, mod = quick, quick.g, quick.s, quick.ex.native
+    args = (g.quiet_refs, g.writes, g.traced.fn, GID)
+    with pytest.raises(TypeError):
+        mod.run_raw(g.fast, s, bytearray(_run_body(t)), *args)  # bytes only, as the slice gives
+    with pytest.raises(TypeError):
+        mod.run_raw(g.fast, s)
+    with pytest.raises((TypeError, RuntimeError)):
+        mod.run_raw(object(), s, _run_body(t), *args)
+    with pytest.raises(TypeError):
+        mod.graph_frame()
+    assert mod.graph_frame(object()) is None and mod.graph_frame(b"") is None
+    before = t.state()
+    assert mod.run_raw(g.fast, s, _run_body(t) + b"\x08\x02", *args) is None  # another graph's id, last
+    assert mod.run_raw(g.fast, s, _run_body(t) + b"\x20\x01", *args) is None  # drop_writes
+    assert t.state() == before
+    s.mutations += 1  # as `execute` counts a RunGraph
+    assert mod.run_raw(g.fast, s, _run_body(t), *args) is True
     assert t.state() != before

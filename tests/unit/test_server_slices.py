@@ -272,6 +272,12 @@ def test_write_result_writes_exactly_encode_results_bytes() -> None:
         ),  # fmt: skip
         slices.SliceResult(1, 0.0, 0, 0, 0, 0, 0, {}, {"x" * 40: 1, "defined": 3}),
         slices.SliceResult(2, 0.1, 0, 0, 0, 0, 12, {}, {}, [b"piece"], partial=True),
+        # quiet results (round 44: no replies, no errors, each event a known name): a captured step's, flags set
+        slices.SliceResult(1, 0.001, 10, 70, 9, 0, 0, {}, {"replayed": 1}, graph_bytes=4096),
+        slices.SliceResult(0, 0.5, 1, 2, 3, 4, 5, {}, {}, [], error_pending=True, partial=True, busy=True),
+        slices.SliceResult(9, 0.0, 0, 0, 0, 0, 0, {}, {e: k + 1 for k, e in enumerate(slices.GRAPH_EVENTS)}),
+        slices.SliceResult(7, 0.2, 0, 0, 0, 0, 0, {}, {slices.LEARNED_OPS: 7, slices.NATIVE_OPS: 5, "traced": 1}),
+        slices.SliceResult(1, 0.0, 0, 0, 0, 0, 0, {}, {"replayed": 1, "y" * 3: 2}),  # a name no ledger makes
     ]
     for r in cases:
         size = slices.write_result(r, buf)
@@ -280,6 +286,7 @@ def test_write_result_writes_exactly_encode_results_bytes() -> None:
     for replies in ([[b"a", b"b"]], [slices.SideChunk(1, None, 0, True, 0, 8)], [bytearray(b"x")]):
         assert slices.write_result(slices.SliceResult(1, replies=replies), buf) == -1
     assert slices.write_result(slices.SliceResult(1, replies=[b"x" * 5000]), buf) == -1
+    assert slices.write_result(slices.SliceResult(1, events={"replayed": 1}), memoryview(bytearray(70))) == -1
 
 
 def test_a_shared_request_is_encode_requests_bytes_in_one_piece() -> None:
