@@ -372,7 +372,7 @@ def write_result(r: SliceResult, buf: memoryview) -> int:
             one = _ONE_EVENT.get(event)
             if one is not None and one[0].size <= len(buf):
                 flags = (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0)
-                flags |= _BUSY if r.busy else 0
+                flags |= (_BUSY if r.busy else 0) | (_MALFORMED if r.malformed else 0)
                 one[0].pack_into(buf, 0, r.executed, r.seconds, r.used, r.ops, r.handles, r.graph_bytes, r.uploaded,
                                  r.downloaded, 0, 1, 0, flags, one[1], n, one[2])  # fmt: skip
                 return one[0].size  # type: ignore[no-any-return]
@@ -386,8 +386,9 @@ def write_result(r: SliceResult, buf: memoryview) -> int:
             pos += known[0].size
         else:
             flags = (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0)
+            flags |= (_BUSY if r.busy else 0) | (_MALFORMED if r.malformed else 0)
             _RES.pack_into(buf, 0, r.executed, r.seconds, r.used, r.ops, r.handles, r.graph_bytes, r.uploaded,
-                           r.downloaded, 0, len(events), 0, flags | (_BUSY if r.busy else 0))  # fmt: skip
+                           r.downloaded, 0, len(events), 0, flags)  # fmt: skip
             return pos
     size = _RES.size + 5 * len(errors)
     for event in events:

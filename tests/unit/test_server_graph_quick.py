@@ -708,7 +708,7 @@ def test_frames_of_several_run_graphs_of_any_bytes_run_as_the_parsed_commands(tw
             _frames_of(r(), r(b=t.v), r()),  # an input of another shape: the Python path's error
             _frames_of(r(), r(out=(9 << 32) + 1), r()),  # an output of another session: fails mid-frame
             _frames_of(r(), r() + b"\xf8\x01\x05"),  # an unknown field: the whole frame parsed
-            _frames_of(r(), r()[:-3]),  # truncated inside input_data: upb refuses the frame, nothing runs
+            _frames_of(r(), r()[:-3]),  # truncated inside input_data: upb refuses it, only the first runs
             _frames_of(r()) + _frame_of(r(), extra=1),  # an overlong length
             _frames_of(r(), r()) + b"\x0a\x00",  # an empty command
             _frames_of(r()) + b"\x0a" + _varint(len(sync)) + sync + _frame_of(r()),  # a Sync between them
@@ -718,7 +718,9 @@ def test_frames_of_several_run_graphs_of_any_bytes_run_as_the_parsed_commands(tw
     slow.next = quick.next
     for k in range(n):
         got = _same(quick, slow, lambda t, k=k: _slice(t, variants(t)[k]))
-        assert (got[0] == ("DecodeError",)) == (k == 5), (k, got)
+        assert got[0] != ("DecodeError",), (k, got)  # (round 44, reader44: a worker says `malformed` instead)
+        if k == 5:  # the RunGraph before the truncated one ran, nothing after it (`_run_before_malformed`)
+            assert got[0][0] == 1 and got[0][-1] == [0], got
         for _ in range(2):
             assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
     said = _same(quick, slow, lambda t: _slice(t, _frames_of(*[_run_body(t) for _ in range(3)]), budget=0.0))[0]
