@@ -32,6 +32,12 @@ socket, as `gpupool up` runs a daemon). With `BENCH_CG_THREADS=1` callgrind writ
 frames and, on an idle device, runs their slices): the front's other threads are gRPC's, the side port's accept loop
 and timers, whose counts grow with the run's wall time under valgrind, not with its ops (round 43).
 
+Eager and native runs also split the worker (round 44, a line below each side's): `outside runner` (the slice's loop
+around the C++ runner), `runner own` (`Ctx::run` less the ops it calls), `call_op` (the ops called as themselves:
+the dispatcher and the kernels) and `call_py` (the ops a Python function runs: a fake GPU's dropout composition and
+the fused attention's compositions, whose Python and kernels are both in it; the encoder's "74k in the runner" of
+round 43 was ~60k of these and ~13k of the runner's own).
+
     nice python bench/daemon_ab.py --against /work/main                      # ~3 min per side and model
     BENCH_CG_THREADS=1 BENCH_DAEMON_FLAGS="--bulk-listen 127.0.0.1:0" nice python bench/daemon_ab.py --against DIR \
         --mode native --models tiny-mlp,encoder --profile /tmp/cg
@@ -159,15 +165,25 @@ def _total(dump: Path) -> int:
 KERNELS = "torch::jit::GraphFunction::run("
 
 
-def _inclusive(dump: Path, symbol: str) -> int:
-    """Inclusive instructions of the functions whose name starts with `symbol` in one dump (0 if none ran)."""
+# The eager worker's runner apart (round 44): the C++ runner's call (`Ctx::run`), inside it the ops called as
+# themselves (`call_op`: the dispatcher and the kernels) and the ops run by a Python function (`call_py`: a fake GPU's
+# dropout composition, the fused attention's compositions on every device: their Python and their kernels)
+RUNNER = {"runner": "(anonymous namespace)::Ctx::run(", "call_op": "(anonymous namespace)::call_op(",
+          "call_py": "(anonymous namespace)::call_py("}  # fmt: skip
+
+
+def _inclusive(dump: Path, *symbols: str) -> list[int]:
+    """Inclusive instructions of the functions whose name holds each of `symbols` in one dump (0 if none ran)."""
     out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
                          capture_output=True, text=True, check=False).stdout  # fmt: skip
-    best = 0
+    best = [0] * len(symbols)
     for line in out.splitlines():
         parts = line.split(None, 2)
-        if len(parts) == 3 and symbol in parts[2]:
-            best = max(best, int(parts[0].replace(",", "")))
+        if len(parts) != 3:
+            continue
+        for j, symbol in enumerate(symbols):
+            if symbol in parts[2]:
+                best[j] = max(best[j], int(parts[0].replace(",", "")))
     return best
 
 
@@ -175,6 +191,7 @@ def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
     """Instructions of the dumps the client asked for (cg.PID.N; the one at exit is cg.PID): the daemon process
     (front) and its descendants (zygote, session worker), and the worker's inside the TorchScript call."""
     front = rest = kernels = reader = 0
+    runner = dict.fromkeys(RUNNER, 0)
     for pid in pids:
         for dump in out_dir.glob(f"cg.{pid}.*"):
             n = _total(dump)
@@ -184,8 +201,12 @@ def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
                     reader = max(reader, n)
             else:
                 rest += n
-                kernels += _inclusive(dump, KERNELS) if n else 0
-    return {"front": front, "worker": rest, "kernels": kernels, **({"reader": reader} if reader else {})}
+                if n:
+                    kernels_of, *of_runner = _inclusive(dump, KERNELS, *RUNNER.values())
+                    kernels += kernels_of
+                    for key, got in zip(RUNNER, of_runner, strict=True):
+                        runner[key] += got
+    return {"front": front, "worker": rest, "kernels": kernels, **({"reader": reader} if reader else {}), **runner}
 
 
 def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, key_file: str, token: Any,
@@ -238,12 +259,23 @@ def _line(r: dict[str, float], mode: str) -> str:
     """One side's figures; captured: per step, `outside` = the worker outside its TorchScript call, `all outside`
     = client + front + worker outside the kernels (the step's fixed cost)."""
     r["total"] = r["front"] + r["worker"]
+    if mode != "captured" and r.get("runner"):  # the worker's eager split: outside the runner, the runner's own,
+        # the ops called as themselves, the ops run by a Python function (their Python and their kernels)
+        r["outside runner"] = r["worker"] - r["runner"]
+        r["runner own"] = r["runner"] - r["call_op"] - r["call_py"]
     if mode == "captured":
         r["outside"] = r["worker"] - r["kernels"]
         if "client" in r:
             r["all outside"] = r["client"] + r["front"] + r["outside"]
     unit = f"instructions per step ({r['ops']:.0f} ops)" if mode == "captured" else "instructions per op"
-    return "  ".join(f"{k} {r[k] / 1e3:8.1f}k" for k in _parts(mode, "client" in r, "reader" in r)) + f"  {unit}"
+    line = "  ".join(f"{k} {r[k] / 1e3:8.1f}k" for k in _parts(mode, "client" in r, "reader" in r)) + f"  {unit}"
+    if "runner own" in r:
+        line += "\n" + " " * 17 + "worker: " + "  ".join(f"{k} {r[k] / 1e3:.1f}k" for k in SPLIT)
+    return line
+
+
+# the worker's eager split (`_line`): `call_py`, the ops a Python function runs (their Python and their kernels)
+SPLIT = ("outside runner", "runner own", "call_op", "call_py")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in a.models.split(",") if not a.only else ():
         base, this = res[(model, "base")], res[(model, "this")]
         parts = _parts(a.mode, a.with_client, "reader" in base and "reader" in this)
+        parts += [k for k in SPLIT if k in base and k in this]
         ratios = ", ".join(f"{k} {this[k] / base[k]:.3f}" for k in parts if base[k])
         print(f"{model:>10}: this/base {ratios}")
     return 0

@@ -15,7 +15,11 @@ cutting slices, the hand-off to the worker) is not in it. The same replay code r
 the median ratio is printed beside it. `--against DIR` replays the same recording with another checkout's code
 too (run by --against-python), alternating, so that two versions of the worker compare on one box in one run.
 `--measure instr` counts instructions instead (callgrind, its instrumentation on only around the last timed
-replay and then the bare kernels, one dump each): exact, the same on a loaded box, so small changes show.
+replay and then the bare kernels, one dump each): exact, the same on a loaded box, so small changes show. It also
+counts apart, among the bare kernels, the ops a Python function runs (`checks.OpPlan.run`: a fake GPU's dropout
+composition, the fused attention's compositions on every device), called whole: their Python counts as kernels
+in "over the kernels" (round 44: the encoder's ~60k instructions an op of them, ~16k of it their Python, which the
+live daemon's runner shows outside `call_op`: bench/daemon_ab.py's `call_py`).
 
     python bench/eager_replay.py                                     # tiny-mlp, encoder, classifier: ~2 min
     python bench/eager_replay.py --models tiny-mlp --against /work/base --against-python /work/base/.venv/bin/python
@@ -143,12 +147,12 @@ def replay(
         s = WorkerSession("bench", d["number"], dev, DeviceMemory(dev), 1 << 33)
         for payload in warm:
             run_slice(s, payload)
-        calls: list[tuple[Any, Any, Any]] = []
+        calls: list[tuple[Any, Any, Any, bool]] = []
         plans = list(ex._plans.values())
         if r == 0:  # the first replay records the kernels of the timed steps (and warms every cache)
             saved = [p.run for p in plans]
             for p in plans:
-                p.run = _recording(p.run, calls)
+                p.run = _recording(p.run, calls, p.run is not p.op._op)
         timed = timed_slices
         counting = instr and r == repeats
         if counting:
@@ -172,11 +176,17 @@ def replay(
         if counting:
             cgtools.control("--dump=replay")  # written to its own file; the counts start again from zero
         start = time.thread_time()
-        for fn, a, k in kernels:
-            fn(*a, **k)
+        for fn, a, k, composed in kernels:
+            if not (counting and composed):
+                fn(*a, **k)
+        if counting:  # the ops a Python function runs apart (their Python and their kernels: `checks.OpPlan.run`)
+            cgtools.control("--dump=bare")
+            for fn, a, k, composed in kernels:
+                if composed:
+                    fn(*a, **k)
+            cgtools.control("--dump=composed")
         res["bare"].append((time.thread_time() - start) / d["steps"])
         if counting:
-            cgtools.control("--dump=bare")
             cgtools.control("--instr=off")
         s.release_all()
         replies.clear()
@@ -190,9 +200,12 @@ def replay(
     }
 
 
-def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
+def _recording(fn: Any, calls: list[tuple[Any, Any, Any, bool]], composed: bool) -> Any:
+    """`fn` recording its calls; `composed`: an op run by a Python function (a fake GPU's dropout composition, the
+    fused attention's compositions), counted apart under --measure instr."""
+
     def rec(*a: Any, **k: Any) -> Any:
-        calls.append((fn, a, k))
+        calls.append((fn, a, k, composed))
         return fn(*a, **k)
 
     return rec
@@ -217,9 +230,10 @@ def _instructions(
         text = dump.read_text()
         trigger = next(line for line in text.splitlines() if line.startswith("desc: Trigger:"))
         totals = [line for line in text.splitlines() if line.startswith(("totals:", "summary:"))]
-        counts["replay" if "replay" in trigger else "bare"] = int(totals[-1].split()[1])
+        counts[next(w for w in ("replay", "bare", "composed") if w in trigger)] = int(totals[-1].split()[1])
     steps = json.loads(Path(path).read_text())["steps"]
-    return {**r, "replay": counts["replay"] / steps, "bare": counts["bare"] / steps}
+    bare, composed = counts["bare"] + counts.get("composed", 0), counts.get("composed", 0)
+    return {**r, "replay": counts["replay"] / steps, "bare": bare / steps, "composed": composed / steps}
 
 
 def _line(name: str, r: dict[str, Any], instr: bool = False) -> str:
@@ -227,7 +241,8 @@ def _line(name: str, r: dict[str, Any], instr: bool = False) -> str:
         over = (r["replay"] - r["bare"]) / r["ops"]
         return (f"{name:<18} {r['ops']:6.0f} ops/step  bare {r['bare'] / 1e6:8.3f} M instr  replay "
                 f"{r['replay'] / 1e6:8.3f} M instr  {over / 1e3:7.1f} k instr/op over the kernels"
-                f"  in runs {r.get('in_runs', 0.0):.0%}")  # fmt: skip
+                f"  in runs {r.get('in_runs', 0.0):.0%}; of the kernels, ops run by Python functions "
+                f"{r.get('composed', 0.0) / r['ops'] / 1e3:.1f} k instr/op (their Python and kernels)")  # fmt: skip
     over = (r["replay"] - r["bare"]) / r["ops"] * 1e6
     return (f"{name:<18} {r['ops']:6.0f} ops/step  bare {r['bare'] * 1e3:7.3f} ms  replay {r['replay'] * 1e3:7.3f} ms"
             f"  {over:6.2f} us/op over the kernels  ratio {r['replay'] / r['bare']:.3f} "

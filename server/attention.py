@@ -110,30 +110,33 @@ def _tensor(v: Any, name: str) -> Tensor:
 def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any, debug: Any = False) -> None:
     """The hostile-input rules of the forward (and the backward's shared arguments): clear errors, no kernel run."""
     q, k, v = _tensor(q, "query"), _tensor(k, "key"), _tensor(v, "value")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    # each shape and dtype read once (round 44: every `.shape` makes a torch.Size, ~1k instructions)
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise InvalidArgument(
             f"fused attention: query, key and value must be 4-D (batch, heads, length, head size), not "
-            f"{q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+            f"{len(qs)}-D, {len(ks)}-D, {len(vs)}-D"
         )
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    dtype = q.dtype
+    if dtype not in DTYPES or k.dtype != dtype or v.dtype != dtype:
         raise InvalidArgument(f"fused attention: query, key and value must share one floating dtype, not "
-                              f"{q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
-    if q.dtype == torch.float64 and isinstance(dropout_p, float | int) and dropout_p == 0:
+                              f"{dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
+    if dtype == torch.float64 and isinstance(dropout_p, float | int) and dropout_p == 0:
         raise InvalidArgument("fused attention: float64 without dropout takes torch's math path (gpupool's clients "
                               "send it so): the CPU flash kernel's float64 logsumexp is not the float32 one torch's "
                               "meta kernel gives the client")  # fmt: skip
-    b, h, _, e = q.shape
-    if k.shape[0] != b or v.shape[0] != b or k.shape[1] != h or v.shape[1] != h:
+    b, h, length, e = qs
+    if ks[0] != b or vs[0] != b or ks[1] != h or vs[1] != h:
         raise InvalidArgument("fused attention: query, key and value must have the same batch size and heads")
-    if k.shape[2] != v.shape[2]:
+    if ks[2] != vs[2]:
         raise InvalidArgument("fused attention: key and value must have the same length")
-    if k.shape[3] != e:
+    if ks[3] != e:
         raise InvalidArgument("fused attention: query and key must have the same head size")
     if bias is not None:
         bias = _tensor(bias, "attn_bias")
-        if bias.dtype != torch.bool and bias.dtype != q.dtype:
-            raise InvalidArgument(f"fused attention: attn_bias must be bool or {q.dtype}, not {bias.dtype}")
-        scores = (b, h, q.shape[2], k.shape[2])
+        if bias.dtype != torch.bool and bias.dtype != dtype:
+            raise InvalidArgument(f"fused attention: attn_bias must be bool or {dtype}, not {bias.dtype}")
+        scores = (b, h, length, ks[2])
         trailing = zip(reversed(bias.shape), reversed(scores), strict=False)  # bias.dim() <= 4 = len(scores)
         if bias.dim() > 4 or bias.dim() < 2 or any(n not in (1, want) for n, want in trailing):
             raise InvalidArgument(f"fused attention: attn_bias of shape {list(bias.shape)} does not broadcast to "
@@ -156,23 +159,34 @@ def _validate_forward(args: Args, kwargs: Kwargs) -> None:
 
 
 def _validate_backward(args: Args, kwargs: Kwargs) -> None:
-    q, k, v = arg(args, kwargs, 1, "query"), arg(args, kwargs, 2, "key"), arg(args, kwargs, 3, "value")
-    check_forward(q, k, v, arg(args, kwargs, 4, "attn_bias"), arg(args, kwargs, 12, "dropout_p", 0.0),
-                  kwargs.get("scale"))  # fmt: skip
-    b, h, length = q.shape[0], q.shape[1], q.shape[2]
+    check_backward(
+        arg(args, kwargs, 0, "grad_out"), arg(args, kwargs, 1, "query"), arg(args, kwargs, 2, "key"),
+        arg(args, kwargs, 3, "value"), arg(args, kwargs, 4, "attn_bias"), arg(args, kwargs, 5, "grad_input_mask"),
+        arg(args, kwargs, 6, "out"), arg(args, kwargs, 7, "logsumexp"), arg(args, kwargs, 12, "dropout_p", 0.0),
+        arg(args, kwargs, 14, "philox_seed"), kwargs.get("scale"),
+    )  # fmt: skip
+
+
+def check_backward(
+    grad_out: Any, q: Any, k: Any, v: Any, bias: Any, mask: Any, out: Any, logsumexp: Any, dropout_p: Any,
+    seed: Any, scale: Any,
+) -> None:  # fmt: skip
+    """The hostile-input rules of the backward (`_validate_backward`'s, its arguments by name: `backward` calls it
+    so, round 44: the argument list and its eleven lookups were ~25k instructions a call)."""
+    check_forward(q, k, v, bias, dropout_p, scale)
+    qs = q.shape
+    b, h, length = qs[0], qs[1], qs[2]
     shape = (b, h, length, v.shape[3])
-    for name, i in (("grad_out", 0), ("out", 6)):
-        t = _tensor(arg(args, kwargs, i, name), name)
-        if tuple(t.shape) != shape or t.dtype != q.dtype:
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        t = _tensor(t, name)
+        if t.shape != shape or t.dtype != q.dtype:
             raise InvalidArgument(f"fused attention backward: {name} must be {q.dtype} of shape {list(shape)}")
-    lse = _tensor(arg(args, kwargs, 7, "logsumexp"), "logsumexp")
-    if tuple(lse.shape) != (b, h, length) or lse.dtype != torch.float32:
+    lse = _tensor(logsumexp, "logsumexp")
+    if lse.shape != (b, h, length) or lse.dtype != torch.float32:
         raise InvalidArgument(f"fused attention backward: logsumexp must be float32 of shape {[b, h, length]}")
-    mask = arg(args, kwargs, 5, "grad_input_mask")
     if not isinstance(mask, list | tuple) or len(mask) != 4 or not all(isinstance(m, bool) for m in mask):
         raise InvalidArgument("fused attention backward: grad_input_mask must be 4 bools")
-    if arg(args, kwargs, 12, "dropout_p", 0.0) > 0:  # the forward's generator state (`_saved_generator` at the run)
-        seed = arg(args, kwargs, 14, "philox_seed")
+    if dropout_p > 0:  # the forward's generator state (`_saved_generator` at the run)
         if not isinstance(seed, Tensor) or seed.dim() != 0 or seed.dtype != torch.int64 or seed.device != q.device:
             raise InvalidArgument("fused attention backward: with dropout, philox_seed must be the forward's: a 0-d "
                                   "int64 tensor on the query's device")  # fmt: skip
@@ -203,7 +217,9 @@ def _float_bias(bias: Tensor | None, dtype: torch.dtype, ops: Ops = EAGER) -> Te
 def _dense(t: Tensor) -> bool:
     """Whether `t` is non-overlapping and dense (`torch.empty_like` then keeps its strides), for <= 4 dims."""
     expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+    # by stride (then size: among equal strides the order changes nothing, two of size > 1 fail either way), with no
+    # key function called per dimension
+    for stride, size in sorted(zip(t.stride(), t.shape, strict=True)):
         if size != 1 and stride != expected:
             return False
         expected *= size
@@ -567,10 +583,28 @@ def _saved_scores(philox_seed: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Te
     if philox_seed.storage_offset() != 0 or storage.nbytes() != head + extra or philox_seed.device != q.device:
         return None
     n = shape.numel()
-    raw = torch.empty(0, dtype=torch.uint8, device=q.device).set_(storage, 0, (head + extra,), (1,))
-    attn = raw[head : head + n * dtype.itemsize].view(dtype).view(shape)
-    kept = raw[head + n * dtype.itemsize : head + n * dtype.itemsize + n].view(torch.bool).view(shape)
+    size = dtype.itemsize
+    if head % size:  # (never: 5056 and 16 bytes of state, 4- or 8-byte scores) the views through a byte tensor
+        raw = torch.empty(0, dtype=torch.uint8, device=q.device).set_(storage, 0, (head + extra,), (1,))
+        attn = raw[head : head + n * size].view(dtype).view(shape)
+        kept = raw[head + n * size : head + n * size + n].view(torch.bool).view(shape)
+        return attn, kept
+    # each a contiguous view of the storage made at once (round 44: a byte view, a slice and two views each were
+    # ~60k instructions of Python an encoder backward); the same bytes, inside the storage whose size is checked above
+    strides = _contiguous_strides(shape)
+    attn = torch.empty(0, dtype=dtype, device=q.device).set_(storage, head // size, shape, strides)
+    kept = torch.empty(0, dtype=torch.bool, device=q.device).set_(storage, head + n * size, shape, strides)
     return attn, kept
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of `shape`."""
+    strides = []
+    stride = 1
+    for size in reversed(shape):
+        strides.append(stride)
+        stride *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _dropout_backward(
@@ -616,7 +650,8 @@ def _scaled_like(ref: Tensor, t: Tensor, factor: float, transposed: bool = False
     of the dropout composition, whose client's views of a packed projection are laid out otherwise than the bmm's
     products): `mul.out` is `mul.Scalar`'s kernel on the same operands (the same bits), one kernel where a multiply
     and a copy were two (round 31)."""
-    want = torch.empty_like(ref, device="meta").stride()
+    # `torch.empty_like` keeps a dense tensor's strides: no meta tensor made for them (round 44)
+    want = ref.stride() if _dense(ref) else torch.empty_like(ref, device="meta").stride()
     seen = t.transpose(-2, -1) if transposed else t
     if seen.shape != ref.shape or seen.stride() == tuple(want) or t.dtype != ref.dtype:
         product = aten.mul.Scalar(t, factor)
@@ -776,10 +811,8 @@ def backward(
     *, scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
     """`fused_attention_backward` through `ops`; `kernel` as `forward`'s."""
-    _validate_backward(
-        [grad_out, query, key, value, attn_bias, grad_input_mask, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
-         dropout_p, is_causal, philox_seed, philox_offset], {"scale": scale},
-    )  # fmt: skip
+    check_backward(grad_out, query, key, value, attn_bias, grad_input_mask, out, logsumexp, dropout_p, philox_seed,
+                   scale)  # fmt: skip
     scale = None if scale is None else float(scale)
     want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):

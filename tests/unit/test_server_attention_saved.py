@@ -204,3 +204,78 @@ def test_a_scaled_gradient_written_into_its_layout_is_the_multiply_then_the_copy
         want = attention._like(r, product.transpose(-2, -1) if transposed else product)
         assert _same(got, want)
         assert got.stride() == torch.empty_like(r).stride()
+
+
+def _aten_calls(fn: Any, *args: Any) -> tuple[Any, list[str]]:
+    """`fn(*args)` and the aten calls it made (below autograd: what the dispatcher ran)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Calls() as calls:
+        out = fn(*args)
+    return out, calls.names
+
+
+def test_the_eager_backward_reads_its_saved_scores_with_two_views_and_no_meta_tensor() -> None:
+    """Round 44 (the encoder's compositions were ~16k instructions an op of Python): the eager backward from saved
+    scores views the softmax and the mask with one `set_` each (no byte view, slices and dtype views), and a dense
+    input's gradient layout is its strides (no meta tensor made for them); the gradients are those of a backward
+    that recomputes the scores (the test above: bit for bit). 50 aten calls before, 42 here."""
+    q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
+    grad = torch.randn(2, 2, 8, 4)
+    torch.manual_seed(5)
+    plain = attention._dropout_forward(q, k, v, None, 0.1, False, None)  # the state alone: the backward recomputes
+    torch.manual_seed(5)
+    fwd = attention.fused_attention(q, k, v, None, 0.1)
+    args = (grad, q, k, v, None, [True, True, True, False], fwd[0], fwd[1], None, None, 8, 8, 0.1, False, fwd[6],
+            fwd[7])  # fmt: skip
+    got, names = _aten_calls(attention.fused_attention_backward, *args)
+    assert "aten.slice.Tensor" not in names and names.count("aten.set_.source_Storage_storage_offset") == 2
+    assert names.count("aten.empty_like.default") == 1 and len(names) <= 42, names
+    recomputed = attention._dropout_backward(grad, q, k, v, None, 0.1, False, None, plain[2], False)
+    for a, b in zip(got[:3], recomputed[:3], strict=True):
+        assert b is not None and _same(a, b)
+
+
+def _bad_backward(case: str) -> list[Any]:
+    q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
+    fwd = attention.fused_attention(q, k, v, None, 0.1)
+    args: list[Any] = [torch.randn_like(fwd[0]), q, k, v, None, [True, True, True, False], fwd[0], fwd[1], None,
+                       None, 8, 8, 0.1, False, fwd[6], fwd[7]]  # fmt: skip
+    if case == "grad_out":
+        args[0] = torch.randn(2, 2, 8, 5)
+    elif case == "out":
+        args[6] = fwd[0].double()
+    elif case == "logsumexp":
+        args[7] = torch.zeros(2, 2, 7)
+    elif case == "mask":
+        args[5] = [True, True, True]
+    elif case == "seed":
+        args[14] = torch.zeros(1, dtype=torch.long)
+    elif case == "key":
+        args[2] = torch.randn(2, 2, 8)
+    elif case == "dropout":
+        args[12] = 1.5
+    return args
+
+
+@pytest.mark.parametrize("case", ["grad_out", "out", "logsumexp", "mask", "seed", "key", "dropout"])
+def test_the_backward_refuses_what_its_validator_refuses_with_the_same_words(case: str) -> None:
+    """The backward checks its arguments by name (`check_backward`, round 44) as the validator does by position:
+    the same INVALID_ARGUMENT, word for word (pins what held before, when the backward called the validator)."""
+    from gpupool.errors import InvalidArgument
+
+    args = _bad_backward(case)
+    with pytest.raises(InvalidArgument) as by_validator:
+        attention.VALIDATORS[attention.BACKWARD](args, {})
+    with pytest.raises(InvalidArgument) as by_backward:
+        attention.fused_attention_backward(*args)
+    assert str(by_validator.value) == str(by_backward.value)
