@@ -343,6 +343,38 @@ def test_a_duplicate_host_ids_message_names_the_live_daemon_and_the_way_out(pool
         moved.stop()
 
 
+def test_a_resumed_daemon_whose_id_was_taken_over_takes_none_of_its_revocations(pool: Pool) -> None:
+    """A daemon paused past half the host timeout (its id's live window) loses its id to another daemon of the same
+    credential at another address; Alice's lease placed on the host is released; the paused one resumes and
+    heartbeats first: it is asked to register again (it is not the host's daemon now) and takes no revocation, and
+    the daemon that took over hears the release at its next heartbeat. On aa4f78c the resumed daemon's heartbeat took
+    the revocation (each is told once) and the host's daemon never heard it: the released lease's token attached
+    there."""
+    paused = SimHost(pool.address, HOST, tls_config=get_pki().client_config("host", HOST))
+    paused.registrar._register()  # by hand (no registrar thread): it heartbeats once, then is silent (SIGSTOP)
+    paused.registrar._heartbeat()
+    moved = SimHost(pool.address, HOST, tls_config=get_pki().client_config("host", HOST))
+    moved.registrar.advertise_address = "127.0.0.1:2"
+    try:
+        wait_until(lambda: _registers(moved), timeout=20, every=0.5, what="the take-over of the paused daemon's id")
+        moved.registrar._heartbeat()  # (by hand from here on: the order of the two daemons' heartbeats is the test's)
+        alice = pool.client("tenant", "alice")
+        try:
+            lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=3600))
+            assert lease.devices[0].address == "127.0.0.1:2"
+            alice.release(lease.lease_id)
+        finally:
+            alice.close()
+        assert paused.registrar.registered.is_set()
+        paused.registrar._heartbeat()  # resumed: its registrar heartbeats as if nothing happened
+        assert lease.lease_id not in paused.revoked and not paused.registrar.registered.is_set()
+        moved.registrar._heartbeat()
+        assert lease.lease_id in moved.revoked
+    finally:
+        paused.stop()
+        moved.stop()
+
+
 def _registers(host: SimHost) -> bool:
     try:
         host.registrar._register()
