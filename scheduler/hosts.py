@@ -243,14 +243,19 @@ class HostBook:
         used_bytes: Mapping[int, int],
         draining: bool,
         until: dict[str, float] | None = None,
+        address: str = "",
     ) -> tuple[list[str], bool]:
         """Record liveness and usage; returns (leases to revoke, whether the host must register again). `until`
         is given, for each lease revoked, until when one of its tokens may be presented (`HeartbeatReply`): a
         session's lease that ended on this host, its expiry and the slack; one the scheduler never placed here (or
-        forgot), the longest a token lives."""
+        forgot), the longest a token lives. `address`: the heartbeating daemon's registered address ("": an older
+        daemon, not compared); another than the host's is a daemon whose id was taken over (`_check_duplicate`)
+        while it was silent: it must register again, and takes neither the host's revocations nor its liveness.
+        Until the round 44 review such a daemon, resumed, took the revocations due to the one that took over (each
+        is told once): a lease released then still attached there."""
         with self.lock:
             host = self.pool.hosts.get(host_id)
-            if host is None or host.state == HostState.DOWN:
+            if host is None or host.state == HostState.DOWN or (address and address != host.address):
                 return [], True
             host.last_seen = time.time()  # liveness and usage are not state: never stored
             for index, used in used_bytes.items():

@@ -116,7 +116,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
         until: dict[str, float] = {}
-        revoked, again = self.core.hosts.heartbeat(request.host_id, leases, used, request.draining, until)
+        revoked, again = self.core.hosts.heartbeat(
+            request.host_id, leases, used, request.draining, until, address=request.address
+        )
         if foreign and not again:
             revoked = sorted(foreign.union(revoked))
         longest = time.time() + tokens.MAX_TTL

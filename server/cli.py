@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler",
         default="",
         help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with; Attach is served once it has answered "
-        "a heartbeat (it names the revoked leases: UNAVAILABLE after 5 s while it cannot be reached)",
+        "a heartbeat (it names the revoked leases: UNAVAILABLE after 5 s while it cannot be reached, at once past 16 "
+        "waiting calls)",
     )
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")

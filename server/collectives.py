@@ -54,7 +54,14 @@ import torch.distributed as dist
 
 from gpupool import protocol
 from gpupool._proto import device_pb2
-from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, PermissionDenied, Unavailable
+from gpupool.errors import (
+    FailedPrecondition,
+    GpupoolError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from gpupool.protocol import COLLECTIVE_PORTS
 from gpupool.tokens import TokenClaims
 
@@ -862,6 +869,8 @@ class Collectives:
         try:
             tensors = [s.resolve(h) for h in msg.tensors]
             inputs = [s.resolve(h) for h in msg.inputs]
+            for h, t in zip([*msg.tensors, *msg.inputs], tensors + inputs, strict=True):
+                _check_quota(s, t, h, msg.kind)
         except GpupoolError as exc:  # (PoisonedInput is one)
             tensors, inputs, refused = [], [], exc
         if refused is None:
@@ -1013,6 +1022,7 @@ def _transfers(
             t = s.resolve(h)
             if h in written and handles.count(h) > 1:
                 raise InvalidArgument(f"p2p names tensor {h:#x} twice in one batch, once to receive into")
+            _check_quota(s, t, h, P2P)
         except GpupoolError as exc:  # (PoisonedInput is one)
             t, refused = None, exc
         buf = None if t is None else _plain(t)
@@ -1258,6 +1268,20 @@ def _run_kind(
         for t, o in zip(tensors, outs, strict=True):
             if o is not t:
                 t.copy_(o)
+
+
+def _check_quota(s: WorkerSession, t: torch.Tensor, handle: int, kind: str) -> None:
+    """ResourceExhausted for a tensor whose values are more bytes than the session's quota: an expanded view (a few
+    bytes of memory, any logical size), whose dense copy (`_plain`, `seclink._host`) no quota counts. Until the round
+    44 review a p2p send of one element expanded to 2**36 allocated 256 GiB of host memory outside the quota (where
+    the allocator gave less, the call failed before taking its part, and the peer's group broke at its timeout), and
+    so did a collective's tensor (as executor.py refuses such a download)."""
+    n = t.numel() * t.element_size()
+    if n > s.quota:
+        raise ResourceExhausted(
+            f"{kind} of tensor {handle:#x}: its {n} bytes of values (an expanded view?) exceed the session's "
+            f"{s.quota} byte quota"
+        )
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

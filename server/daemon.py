@@ -82,6 +82,10 @@ _SHORT_OF = {errno.ENOMEM: "memory", errno.EAGAIN: "processes"}
 # 44 every such token attached there for a heartbeat interval): a call waits up to this long for it, then fails
 # UNAVAILABLE (the scheduler unreachable: nothing revoked can be told apart from the rest).
 REVOCATIONS_WAIT = 5.0
+# At most this many calls wait so at once (each holds a gRPC thread of --max-workers' 256); the next is refused
+# UNAVAILABLE at once. Until the round 44 review any holder of a token of the pool (another host's too: the host was
+# checked after the wait) held up to every thread of a daemon that had not heard from its scheduler yet.
+REVOCATIONS_WAITERS = 16
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
 # A reader's last item may also be the error that ended its frames (a malformed frame, a broken side socket: the
 # GpupoolError itself, `DeviceServicer._fail`): queued like END_OF_STREAM, it reaches the outbox once the commands
@@ -420,6 +424,7 @@ class Daemon:
         self._heard = threading.Event()
         if not config.scheduler:
             self._heard.set()
+        self._waiting_heard = 0  # calls in `_await_revocations` now (`REVOCATIONS_WAITERS`), under `_lock`
         self._started_at = time.monotonic()
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
         self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
@@ -482,13 +487,13 @@ class Daemon:
         """A new session for `token`; `conv_layout`: its client asked for that feature, which this daemon names
         (server/service.py `Attach`): its convolutions' outputs are laid out as cuDNN's (gpupool/protocol.py)."""
         claims = tokens.verify(self.config.token_key, token)
+        if claims.host != self.host_id:  # (before any wait: another host's token holds no thread here)
+            raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
         if not self._heard.is_set():
             self._await_revocations("Attach")
             claims = tokens.verify(self.config.token_key, token)  # (its lease may be among those just told)
         if self._draining:
             raise Unavailable(f"host {self.host_id} is draining")
-        if claims.host != self.host_id:
-            raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
         dev = next((d for d in self.device_list if d.index == claims.device), None)
         if dev is None:
             raise NotFound(f"token is for device {claims.device}; host {self.host_id} has {len(self.device_list)}")
@@ -1072,8 +1077,24 @@ class Daemon:
             log.info("revocations heard from the scheduler: serving Attach")
 
     def _await_revocations(self, what: str) -> None:
-        """Wait (`REVOCATIONS_WAIT` at most) for the scheduler's first heartbeat reply; else UNAVAILABLE."""
-        if self._heard.wait(REVOCATIONS_WAIT):
+        """Wait (`REVOCATIONS_WAIT` at most) for the scheduler's first heartbeat reply; else UNAVAILABLE, at once
+        where `REVOCATIONS_WAITERS` calls wait already."""
+        with self._lock:
+            crowded = self._waiting_heard >= REVOCATIONS_WAITERS
+            if not crowded:
+                self._waiting_heard += 1
+        if crowded:
+            raise Unavailable(
+                f"host {self.host_id} has not heard from its scheduler ({self.config.scheduler}) since it started, so "
+                f"it cannot tell which leases were revoked, and {REVOCATIONS_WAITERS} calls wait for it already: "
+                f"{what} refused; retry in a few seconds"
+            )
+        try:
+            heard = self._heard.wait(REVOCATIONS_WAIT)
+        finally:
+            with self._lock:
+                self._waiting_heard -= 1
+        if heard:
             return
         raise Unavailable(
             f"host {self.host_id} has not heard from its scheduler ({self.config.scheduler}) since it started "
@@ -1112,11 +1133,11 @@ class Daemon:
         """Check a status token presented to Status (the scheduler's grant to an operator of this host's full view:
         `tokens.mint_status`): signed by the scheduler's key, unexpired, for this host; raises otherwise."""
         host = tokens.verify_status(self.config.token_key, token)
+        if host != self.host_id:  # (before any wait, as Attach's)
+            raise PermissionDenied(f"status token is for host {host!r}, this is {self.host_id!r}")
         if not self._heard.is_set():
             self._await_revocations("a status token")
-            host = tokens.verify_status(self.config.token_key, token)  # (revoked since: the scheduler's reply says)
-        if host != self.host_id:
-            raise PermissionDenied(f"status token is for host {host!r}, this is {self.host_id!r}")
+            tokens.verify_status(self.config.token_key, token)  # (revoked since: the scheduler's reply says)
 
     # ---- shutdown ----
 

@@ -159,7 +159,11 @@ class Registrar:
         sessions, devices = self.source.usage()
         reply = self._stub.Heartbeat(
             scheduler_pb2.HeartbeatRequest(
-                host_id=self.host_id, sessions=sessions, devices=devices, draining=self.source.draining()
+                host_id=self.host_id,
+                sessions=sessions,
+                devices=devices,
+                draining=self.source.draining(),
+                address=self.advertise_address,
             ),
             timeout=RPC_TIMEOUT,
         )

@@ -101,8 +101,15 @@ class HeartbeatRequest(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     draining: _builtins.bool
+    address: _builtins.str
+    """The address this daemon registered with (RegisterRequest.address). A heartbeat from another address than the
+    host's registered one (a daemon whose host id another daemon took over while it was silent: paused, partitioned)
+    is answered reregister, and neither takes the host's revocations nor counts as its liveness. Empty (an older
+    daemon): not compared.
+    """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_device_pb2.SessionUsage]: ...
     @_builtins.property
@@ -114,10 +121,11 @@ class HeartbeatRequest(_message.Message):
         sessions: _abc.Iterable[_device_pb2.SessionUsage] | None = ...,
         devices: _abc.Iterable[_device_pb2.DeviceUsage] | None = ...,
         draining: _builtins.bool = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "draining", b"draining", "host_id", b"host_id", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "devices", b"devices", "draining", b"draining", "host_id", b"host_id", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

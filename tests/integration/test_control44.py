@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import Proc, SimHost, wait_until
-from support import DaemonFactory, get_pki, register_host
+from support import DaemonFactory, get_pki, register_host, tls_channel
 from test_security import Pool, start_pool
 
 from gpupool import errors, protocol, tls, tokens
@@ -107,6 +108,54 @@ def test_a_daemon_whose_scheduler_never_answered_refuses_attach_unavailable(
     with pytest.raises(errors.Unavailable, match="has not heard from its scheduler") as err:
         Session.attach(handle.address, tokens.mint(key, claims), timeout=30).close()
     assert "retry" in str(err.value) and time.monotonic() - t0 >= 4.0  # (it waited for the scheduler first)
+
+
+def test_a_daemon_before_its_first_heartbeat_holds_few_attach_calls(
+    daemon_factory: DaemonFactory, closed_port: int
+) -> None:
+    """Before its scheduler's first heartbeat reply a daemon holds at most REVOCATIONS_WAITERS calls in their 5 s wait
+    (a gRPC thread each): 24 Attaches at once, each with a valid token of this host, and those past the 16 are refused
+    UNAVAILABLE at once (saying that many wait). A token of another host is refused PERMISSION_DENIED before any
+    wait. On aa4f78c every such call waited 5 s, another host's token too: any tenant of the pool held the starting
+    daemon's threads (256) as long as its scheduler did not answer."""
+    from gpupool.server.daemon import REVOCATIONS_WAITERS
+
+    key = tokens.Signer.from_seed(b"control44")
+    handle = daemon_factory(
+        host_id=HOST, scheduler=f"127.0.0.1:{closed_port}", isolation="thread", token_key=b"control44"
+    )
+
+    def token(host: str, n: int) -> str:
+        claims = tokens.TokenClaims(f"{n:032x}", host, 0, 0, 0.25, time.time() + 600, "mallory")
+        return tokens.mint(key, claims)
+
+    with tls_channel(handle.address) as ch:
+        stub = device_pb2_grpc.DeviceStub(ch)
+        with pytest.raises(grpc.RpcError) as other:
+            stub.Attach(device_pb2.AttachRequest(token=token("another-host", 0)), timeout=30)
+        assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED, other.value.details()
+
+        calls = 24
+        barrier = threading.Barrier(calls)
+        answers: list[tuple[grpc.StatusCode, str]] = []
+
+        def attach(n: int) -> None:
+            barrier.wait()
+            try:
+                stub.Attach(device_pb2.AttachRequest(token=token(HOST, n + 1)), timeout=30)
+                answers.append((grpc.StatusCode.OK, ""))
+            except grpc.RpcError as err:
+                answers.append((err.code(), err.details() or ""))
+
+        threads = [threading.Thread(target=attach, args=(n,)) for n in range(calls)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+    assert {code for code, _ in answers} == {grpc.StatusCode.UNAVAILABLE}, answers
+    crowded = [d for _, d in answers if f"{REVOCATIONS_WAITERS} calls wait for it already" in d]
+    assert len(answers) == calls and len(crowded) >= calls - REVOCATIONS_WAITERS, answers
+    assert all("retry" in d for _, d in answers)
 
 
 # ---- 2. a restarted scheduler forgets no revocation whose token may still live ----
@@ -291,6 +340,38 @@ def test_a_duplicate_host_ids_message_names_the_live_daemon_and_the_way_out(pool
         wait_until(lambda: _registers(moved), timeout=20, every=0.5, what="the moved daemon registered")
     finally:
         first.stop()
+        moved.stop()
+
+
+def test_a_resumed_daemon_whose_id_was_taken_over_takes_none_of_its_revocations(pool: Pool) -> None:
+    """A daemon paused past half the host timeout (its id's live window) loses its id to another daemon of the same
+    credential at another address; Alice's lease placed on the host is released; the paused one resumes and
+    heartbeats first: it is asked to register again (it is not the host's daemon now) and takes no revocation, and
+    the daemon that took over hears the release at its next heartbeat. On aa4f78c the resumed daemon's heartbeat took
+    the revocation (each is told once) and the host's daemon never heard it: the released lease's token attached
+    there."""
+    paused = SimHost(pool.address, HOST, tls_config=get_pki().client_config("host", HOST))
+    paused.registrar._register()  # by hand (no registrar thread): it heartbeats once, then is silent (SIGSTOP)
+    paused.registrar._heartbeat()
+    moved = SimHost(pool.address, HOST, tls_config=get_pki().client_config("host", HOST))
+    moved.registrar.advertise_address = "127.0.0.1:2"
+    try:
+        wait_until(lambda: _registers(moved), timeout=20, every=0.5, what="the take-over of the paused daemon's id")
+        moved.registrar._heartbeat()  # (by hand from here on: the order of the two daemons' heartbeats is the test's)
+        alice = pool.client("tenant", "alice")
+        try:
+            lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=3600))
+            assert lease.devices[0].address == "127.0.0.1:2"
+            alice.release(lease.lease_id)
+        finally:
+            alice.close()
+        assert paused.registrar.registered.is_set()
+        paused.registrar._heartbeat()  # resumed: its registrar heartbeats as if nothing happened
+        assert lease.lease_id not in paused.revoked and not paused.registrar.registered.is_set()
+        moved.registrar._heartbeat()
+        assert lease.lease_id in moved.revoked
+    finally:
+        paused.stop()
         moved.stop()
 
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.client.session import Session
+from gpupool.client.session import Handle, Session
 from support import MiB
 from test_collectives import collective, join_all
 
 from gpupool._proto import device_pb2
-from gpupool.errors import InvalidArgument
+from gpupool.errors import InvalidArgument, ResourceExhausted
 
 
 def p2p(s: Session, *transfers: tuple[int, int, int, bool]) -> None:
@@ -121,6 +121,40 @@ def test_a_disagreeing_or_refused_transfer_fails_its_receiver_and_the_group_goes
     p2p(s0, (x, 2, 0, True))
     p2p(s2, (y, 0, 0, False))
     assert s2.download(y).tolist() == [7.0, 7.0]
+    oks = [s.upload(torch.ones(1)) for s in three]
+    for s, o in zip(three, oks, strict=True):
+        collective(s, "allreduce", [o], op="sum")
+    assert [s.download(o).item() for s, o in zip(three, oks, strict=True)] == [3.0] * 3
+
+
+def test_a_tensor_of_more_values_than_the_quota_is_refused_and_the_group_goes_on(three: list[Session]) -> None:
+    """One element expanded to 2**36 (256 GiB of values, 4 bytes of memory), sent to rank 1: refused
+    RESOURCE_EXHAUSTED naming the quota, with its part taken (rank 1's receive fails INVALID_ARGUMENT at once), and
+    the group goes on; the same view in an allreduce is refused alike. On aa4f78c the sender's daemon tried to
+    allocate its dense copy outside the quota (256 GiB: "can't allocate memory"; a smaller view, say 4 GiB in a
+    64 MiB session, was allocated) before the call took its part, and rank 1's group broke at its timeout
+    (UNAVAILABLE)."""
+    s0, s1, s2 = three
+    [wide] = s0.call("aten::expand.default", Handle(s0.upload(torch.ones(1))), [2**36])
+    r = s1.upload(torch.zeros(4))
+    p2p(s0, (wide, 1, 0, True))
+    p2p(s1, (r, 0, 0, False))
+    with pytest.raises(ResourceExhausted, match=r"p2p of tensor .* exceed the session's \d+ byte quota"):
+        s0.sync()
+    with pytest.raises(InvalidArgument, match="rank 0's daemon refused its send"):
+        s1.sync()
+    x, y = s0.upload(torch.arange(4.0)), s1.upload(torch.zeros(4))
+    p2p(s0, (x, 1, 0, True))
+    p2p(s1, (y, 0, 0, False))
+    s0.sync()
+    assert s1.download(y).tolist() == [0.0, 1.0, 2.0, 3.0]
+    # every rank's allreduce of such a view (the ranks agree: 2**36 floats each)
+    for s in three:
+        [v] = s.call("aten::expand.default", Handle(s.upload(torch.ones(1))), [2**36])
+        collective(s, "allreduce", [v], op="sum")
+    for s in three:
+        with pytest.raises(ResourceExhausted, match="allreduce of tensor .* exceed the session's"):
+            s.sync()
     oks = [s.upload(torch.ones(1)) for s in three]
     for s, o in zip(three, oks, strict=True):
         collective(s, "allreduce", [o], op="sum")
