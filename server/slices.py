@@ -813,7 +813,10 @@ def _run_before_malformed(
     repeated message's entries parse each on its own: the same error) run as a slice of their own, and where all of
     them ran the result says `malformed` (the daemon then ends the session with INVALID_ARGUMENT, as the front's own
     check did); nothing at or after that command runs."""
-    spans = [span for _, span in split_frame(req.payload, 1 << 30)]  # the daemon joined checked spans: they split
+    try:  # the daemon joined checked spans: they split (a frame that does not: nothing of it runs)
+        spans = [span for _, span in split_frame(req.payload, 1 << 30)]
+    except InvalidArgument:
+        spans = []
     bad = next((i for i, span in enumerate(spans) if not _parses(span)), 0)  # (0 where none: cannot be) nothing runs
     if bad == 0:
         ledger.reset()
