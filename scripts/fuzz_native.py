@@ -951,7 +951,9 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
             kind, payload = gen.frame()  # (the twins' handles are the same numbers)
             counts["frame:" + check_frame(mod, payload)] += 1
             got = Q._same(quick, slow, lambda t, p=payload: Q._slice(t, p))
-            counts[f"{kind}:" + ("refused" if got[0][0] in ("DecodeError", "malformed") else "error" if got[1] else "ran")] += 1
+            counts[
+                f"{kind}:" + ("refused" if got[0][0] in ("DecodeError", "malformed") else "error" if got[1] else "ran")
+            ] += 1
             if kind == "drop" and Q.GID not in quick.ex.graphs._of(quick.s):
                 twins = None
             elif Q._same(quick, slow, lambda t: Q._slice(t, Q._frame_of(Q._run_body(t))))[1] is not None:
