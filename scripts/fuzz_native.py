@@ -884,9 +884,45 @@ class GraphGen:
             gid = self.gid if r.random() < 0.7 else r.choice(self.other_gids or [9])
             cmds = [self.command(self.good()), ld(20, key(1, 0) + varint(gid)), self.command(self.good())]
             return "drop", frame_of(cmds[: r.randrange(2, 4)])
-        if how < 0.9:
+        if how < 0.8:
             return "several", frame_of([self.command(self.body()) for _ in range(r.randrange(2, 5))])
+        if how < 0.9:  # (round 44, fuzzrev44: a frame of RunGraphs runs from its bytes, `graph_frame`)
+            return "mixed", self.mixed()
         return "64k", self.sized(r.choice([65535, 65536, 65537]))
+
+    def mixed(self) -> bytes:
+        """A frame of 2 to 5 RunGraphs, each one that runs, one the C++ plan declines (`drop_writes`, another
+        graph's id or another session's, another session's handle as an input or an output: parsed and run or
+        refused by the Python path) or a damaged one, in any order."""
+        r = self.rng
+        cmds = []
+        for _ in range(r.randrange(2, 6)):
+            k = r.random()
+            if k < 0.35:
+                body = self.good()
+            elif k < 0.75:
+                body = self.declined()
+            else:
+                body = self.body()
+            cmds.append(self.command(body))
+        return frame_of(cmds)
+
+    def declined(self) -> bytes:
+        r = self.rng
+        gid = self.gid
+        inputs, out = [0, self.by_handle], self.fresh()
+        c = r.randrange(4)
+        if c == 1:
+            gid = r.choice(self.other_gids or [9])
+        elif c == 2:
+            inputs[1] = r.choice(self.foreign or [5])
+        elif c == 3:
+            out = r.choice(self.foreign or [5])
+        body = key(1, 0) + varint(gid) + ld(2, b"".join(varint(h) for h in inputs)) + ld(3, varint(out))
+        body += ld(10, self.data)
+        if c == 0:
+            body += key(4, 0) + varint(r.choice([0, 1, *self.owned]))  # drop_writes
+        return body
 
     def sized(self, size: int) -> bytes:
         """A frame of exactly `size` bytes: one good RunGraph padded inside (a lone frame, where its input is about
@@ -907,9 +943,9 @@ class GraphGen:
 
 
 def _counted(run_raw: Any, counts: Counter[str]) -> Any:
-    def run(s: Any, raw: bytes) -> bool:
+    def run(s: Any, raw: bytes, *rest: Any) -> bool:  # (round 44, slice44: and the `graph_id` graph_frame read)
         try:
-            done = run_raw(s, raw)
+            done = run_raw(s, raw, *rest)
         except Exception:
             counts["raw runs that raised"] += 1
             raise
@@ -951,7 +987,8 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
             kind, payload = gen.frame()  # (the twins' handles are the same numbers)
             counts["frame:" + check_frame(mod, payload)] += 1
             got = Q._same(quick, slow, lambda t, p=payload: Q._slice(t, p))
-            counts[f"{kind}:" + ("refused" if got[0] == ("DecodeError",) else "error" if got[1] else "ran")] += 1
+            refused = got[0] == ("DecodeError",) or got[0][-1]  # (round 44, reader44: or `malformed`, after the rest)
+            counts[f"{kind}:" + ("refused" if refused else "error" if got[1] else "ran")] += 1
             if kind == "drop" and Q.GID not in quick.ex.graphs._of(quick.s):
                 twins = None
             elif Q._same(quick, slow, lambda t: Q._slice(t, Q._frame_of(Q._run_body(t))))[1] is not None:
