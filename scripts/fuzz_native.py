@@ -987,7 +987,7 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
             kind, payload = gen.frame()  # (the twins' handles are the same numbers)
             counts["frame:" + check_frame(mod, payload)] += 1
             got = Q._same(quick, slow, lambda t, p=payload: Q._slice(t, p))
-            refused = got[0] == ("DecodeError",) or got[0][-1]  # (round 44, reader44: or `malformed`, after the rest)
+            refused = got[0] == ("DecodeError",) or got[0][-2]  # (round 44, reader44: or `malformed`, after the rest)
             counts[f"{kind}:" + ("refused" if refused else "error" if got[1] else "ran")] += 1
             if kind == "drop" and Q.GID not in quick.ex.graphs._of(quick.s):
                 twins = None
@@ -1302,6 +1302,14 @@ def _gd_session(s: Any, r: random.Random, counts: Counter[str], actionable: froz
                 counts[f"code:{code}"] += 1
                 assert code in actionable, (code, str(exc)[:300])
                 if malformed:  # the session's stream ends with it
+                    if code != "INVALID_ARGUMENT":  # (round 44, reader44: the commands before it ran: their error
+                        counts["malformed after an error"] += 1  # first, then the stream's end)
+                        try:
+                            s.sync()
+                        except error as end:
+                            code = end.code.name  # type: ignore[attr-defined]
+                        else:
+                            raise AssertionError(f"a session went on after a frame upb refuses: {frame[:64].hex()}")
                     assert code == "INVALID_ARGUMENT", (code, str(exc)[:300])
                     ended = True
                     break

@@ -542,8 +542,8 @@ def _slice(t: Twin, payload: bytes, budget: float = 10.0) -> tuple[Any, ...]:
     except (DecodeError, InvalidArgument):  # (a frame that does not split: the front refuses it, no worker sees it)
         return ("DecodeError",), t.state()
     err = t.s.error
-    said = (r.executed, r.partial, r.replies, dict(r.errors), dict(r.events), r.ops, r.used, r.handles, marks,
-            r.malformed)  # fmt: skip
+    said = (r.executed, r.partial, r.replies, dict(r.errors), dict(r.events), r.ops, r.used, r.handles, r.malformed,
+            marks)  # fmt: skip
     return said, (None if err is None else (err.code, err.message)), t.state()
 
 
