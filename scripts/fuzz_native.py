@@ -790,9 +790,10 @@ class GraphGen:
     other graphs and of another session's, another session's handles, persistent and kept handles as outputs,
     `drop_writes`, `graph_id` repeated, unknown fields, other wire types, truncated and overlong varints, lengths
     past the end, huge packed and unpacked counts, input data of other sizes) and at the byte level; frames of one
-    RunGraph (what the worker runs from its bytes, round 43) with lengths overlong now and then, of several, of a
-    DropGraph among runs, and of 64 KiB - 1, 64 KiB and 64 KiB + 1 bytes (the front's `split_frame` copies a frame's
-    spans up to 64 KiB, views past it; a side socket reads frames from 64 KiB into buffers it reuses)."""
+    RunGraph (what the worker runs from its bytes, round 43) with lengths overlong now and then, of several, of 2 to
+    5 mixing runs, ones the C++ plan declines and damaged ones (`mixed`, round 44), of a DropGraph among runs, and
+    of 64 KiB - 1, 64 KiB and 64 KiB + 1 bytes (the front's `split_frame` copies a frame's spans up to 64 KiB, views
+    past it; a side socket reads frames from 64 KiB into buffers it reuses)."""
 
     def __init__(self, rng: random.Random, gid: int, base: int, by_handle: int, data: bytes, owned: list[int],
                  foreign: list[int], other_gids: list[int]) -> None:  # fmt: skip
