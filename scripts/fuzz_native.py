@@ -790,9 +790,10 @@ class GraphGen:
     other graphs and of another session's, another session's handles, persistent and kept handles as outputs,
     `drop_writes`, `graph_id` repeated, unknown fields, other wire types, truncated and overlong varints, lengths
     past the end, huge packed and unpacked counts, input data of other sizes) and at the byte level; frames of one
-    RunGraph (what the worker runs from its bytes, round 43) with lengths overlong now and then, of several, of a
-    DropGraph among runs, and of 64 KiB - 1, 64 KiB and 64 KiB + 1 bytes (the front's `split_frame` copies a frame's
-    spans up to 64 KiB, views past it; a side socket reads frames from 64 KiB into buffers it reuses)."""
+    RunGraph (what the worker runs from its bytes, round 43) with lengths overlong now and then, of several, of 2 to
+    5 mixing runs, ones the C++ plan declines and damaged ones (`mixed`, round 44), of a DropGraph among runs, and
+    of 64 KiB - 1, 64 KiB and 64 KiB + 1 bytes (the front's `split_frame` copies a frame's spans up to 64 KiB, views
+    past it; a side socket reads frames from 64 KiB into buffers it reuses)."""
 
     def __init__(self, rng: random.Random, gid: int, base: int, by_handle: int, data: bytes, owned: list[int],
                  foreign: list[int], other_gids: list[int]) -> None:  # fmt: skip
@@ -884,9 +885,45 @@ class GraphGen:
             gid = self.gid if r.random() < 0.7 else r.choice(self.other_gids or [9])
             cmds = [self.command(self.good()), ld(20, key(1, 0) + varint(gid)), self.command(self.good())]
             return "drop", frame_of(cmds[: r.randrange(2, 4)])
-        if how < 0.9:
+        if how < 0.8:
             return "several", frame_of([self.command(self.body()) for _ in range(r.randrange(2, 5))])
+        if how < 0.9:  # (round 44, fuzzrev44: a frame of RunGraphs runs from its bytes, `graph_frame`)
+            return "mixed", self.mixed()
         return "64k", self.sized(r.choice([65535, 65536, 65537]))
+
+    def mixed(self) -> bytes:
+        """A frame of 2 to 5 RunGraphs, each one that runs, one the C++ plan declines (`drop_writes`, another
+        graph's id or another session's, another session's handle as an input or an output: parsed and run or
+        refused by the Python path) or a damaged one, in any order."""
+        r = self.rng
+        cmds = []
+        for _ in range(r.randrange(2, 6)):
+            k = r.random()
+            if k < 0.35:
+                body = self.good()
+            elif k < 0.75:
+                body = self.declined()
+            else:
+                body = self.body()
+            cmds.append(self.command(body))
+        return frame_of(cmds)
+
+    def declined(self) -> bytes:
+        r = self.rng
+        gid = self.gid
+        inputs, out = [0, self.by_handle], self.fresh()
+        c = r.randrange(4)
+        if c == 1:
+            gid = r.choice(self.other_gids or [9])
+        elif c == 2:
+            inputs[1] = r.choice(self.foreign or [5])
+        elif c == 3:
+            out = r.choice(self.foreign or [5])
+        body = key(1, 0) + varint(gid) + ld(2, b"".join(varint(h) for h in inputs)) + ld(3, varint(out))
+        body += ld(10, self.data)
+        if c == 0:
+            body += key(4, 0) + varint(r.choice([0, 1, *self.owned]))  # drop_writes
+        return body
 
     def sized(self, size: int) -> bytes:
         """A frame of exactly `size` bytes: one good RunGraph padded inside (a lone frame, where its input is about
@@ -1267,6 +1304,14 @@ def _gd_session(s: Any, r: random.Random, counts: Counter[str], actionable: froz
                 counts[f"code:{code}"] += 1
                 assert code in actionable, (code, str(exc)[:300])
                 if malformed:  # the session's stream ends with it
+                    if code != "INVALID_ARGUMENT":  # (round 44, reader44: the commands before it ran: their error
+                        counts["malformed after an error"] += 1  # first, then the stream's end)
+                        try:
+                            s.sync()
+                        except error as end:
+                            code = end.code.name  # type: ignore[attr-defined]
+                        else:
+                            raise AssertionError(f"a session went on after a frame upb refuses: {frame[:64].hex()}")
                     assert code == "INVALID_ARGUMENT", (code, str(exc)[:300])
                     ended = True
                     break

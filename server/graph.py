@@ -45,7 +45,7 @@ from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, No
 
 from . import graph_cuda, graph_trace, slices, staging
 from .graph_build import GATHER, ONE, STEP_ERRORS, ZERO_ELEMENTS, Graph, Host, building, flat, step_error
-from .sessions import Poison, WorkerSession, zero_made
+from .sessions import Poison, PoisonedInput, WorkerSession, zero_made
 
 log = logging.getLogger(__name__)
 
@@ -491,8 +491,9 @@ def _quick_end(host: Host, s: WorkerSession, g: Graph, r: Any, outputs: list[int
 
 
 def _poison_run(s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, exc: GpupoolError) -> None:
-    """A run that raised `exc`: its outputs and kept tensors poisoned with it."""
-    err = Poison.of(exc, "")
+    """A run that raised `exc`: its outputs and kept tensors poisoned with it (a poisoned input's own poison, as an
+    op's outputs carry it: `PoisonedInput`'s code is the base class's UNKNOWN, round 44 fuzzrev44)."""
+    err = exc.poison.carried() if isinstance(exc, PoisonedInput) else Poison.of(exc, "")
     for h in list(msg.outputs) + list(g.writes):
         if h:
             s.poison(h, err)

@@ -68,7 +68,9 @@ def test_run_graph_frames_run_alike_from_their_bytes_and_parsed(native_runner_mo
     overlong lengths, other graphs' and sessions' ids and handles, a DropGraph among runs, frames of 64 KiB - 1, 64
     KiB and 64 KiB + 1 bytes) run by twin sessions of one traced graph, one whose quiet runs read a lone frame's
     bytes in C++ (`graph_frame`, `GraphPlan.run_raw`), one that parses it: the same results,
-    errors and state. Pins behaviour that holds on b647913 (the campaign found no difference)."""
+    errors and state. Pins behaviour that holds on b647913 (the campaign found no difference). Round 44 (fuzzrev44):
+    on the merged tree (7d92e94) it failed at its first input (the spy on `GraphTable.run_raw` took no `graph_id`,
+    slice44's); frames of 2-5 RunGraphs mixing runs, declined and damaged ones ("mixed") added."""
     counts = fuzz_native.graphs(_args(44, 300, Path("unused")), native_runner_module)
     print(dict(counts))
     assert counts["inputs"] == 300
@@ -76,6 +78,8 @@ def test_run_graph_frames_run_alike_from_their_bytes_and_parsed(native_runner_mo
     assert counts["raw runs"] > 100 and counts["raw declined"] > 50, counts
     assert counts["lone:ran"] > 10 and counts["lone:error"] > 10 and counts["lone:refused"] > 10, counts
     assert counts["drop:ran"] > 5 and counts["drop:error"] > 5 and counts["64k:ran"] > 5, counts
+    # (fuzzrev44) frames of 2-5 RunGraphs mixing runs, ones the plan declines and damaged ones
+    assert counts["mixed:ran"] > 0 and counts["mixed:error"] > 5 and counts["mixed:refused"] > 0, counts
 
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
@@ -92,4 +96,5 @@ def test_run_graph_frames_on_the_side_socket_and_the_stream_harm_no_neighbour(is
     assert counts["frames"] >= 120, counts
     assert counts["sessions on the side socket"] > 0 and counts["sessions on the stream"] > 0, counts
     assert counts["sent:64k lone"] > 0 and counts["fuzzed graph right after"] > 0 and counts["sessions ended"] > 0
+    assert counts["sent:mixed"] > 0, counts  # (fuzzrev44) frames of 2-5 RunGraphs: runs, declined, damaged
     assert counts["code:NOT_FOUND"] > 0 and counts["code:INVALID_ARGUMENT"] > 0, counts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from google.protobuf.message import DecodeError
@@ -20,6 +21,7 @@ from gpupool.server.sessions import DeviceMemory, WorkerSession
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
+from gpupool.errors import InvalidArgument
 
 GID = 1
 
@@ -537,7 +539,7 @@ def _slice(t: Twin, payload: bytes, budget: float = 10.0) -> tuple[Any, ...]:
     execute = t.ex.execute if t.g.fast is not False else lambda *a: t.ex.execute(*a)
     try:
         r = slices.run_commands(t.s, execute, t.ex.ledger, req, t.s.memory.device.slice_timer(), marks.append)
-    except DecodeError:
+    except (DecodeError, InvalidArgument):  # (a frame that does not split: the front refuses it, no worker sees it)
         return ("DecodeError",), t.state()
     if r.malformed:  # (round 44, reader44: the commands before the one protobuf refuses ran, nothing after)
         return ("malformed", r.executed, marks), t.state()
@@ -823,3 +825,21 @@ def test_the_modules_fast_calls_are_the_plans_and_refuse_bad_arguments(twins: An
     s.mutations += 1  # as `execute` counts a RunGraph
     assert mod.run_raw(g.fast, s, _run_body(t), *args) is True
     assert t.state() != before
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_a_run_on_a_poisoned_input_poisons_its_outputs_with_that_inputs_error(quick: bool) -> None:
+    """Round 44 (fuzzrev44, scripts/fuzz_native.py graph-daemon on the merged tree): a RunGraph that failed on a
+    poisoned input poisoned its outputs and kept tensors with `PoisonedInput` itself (`Poison.of`: UNKNOWN, the
+    base class's code), so a later read of them said UNKNOWN "input ... has no value: ...". They carry the input's
+    poison, as an op's outputs do (`Poison.carried`): its status and message."""
+    t = Twin(quick)
+    for _ in range(5):  # traced and quiet: the quick twin's next runs take the plan
+        assert t.run()[0] is None
+    err, _ = t.run(inputs=[0], outputs=[t.b])  # one input of two: INVALID_ARGUMENT, `b` poisoned with it
+    assert err is not None and err[0] == grpc.StatusCode.INVALID_ARGUMENT, err
+    first = t.s.poisoned[t.b]
+    _slice(t, _frame_of(_run_body(t, out=t.base + 200)))  # a run that reads `b`, from the frame's bytes
+    for h in (t.base + 200, t.kept):
+        p = t.s.poisoned[h]
+        assert (p.code, p.message) == (first.code, first.message), (h - t.base, p)
