@@ -563,15 +563,12 @@ def _run_body(t: Twin, out: int | None = None, b: int | None = None) -> bytes:
     return msg.SerializeToString()
 
 
-def test_a_lone_run_graph_frame_runs_from_its_bytes(twins: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Round 43: a slice whose frame is one RunGraph that the graph's quiet run takes is run from the frame's bytes:
-    no `frame_commands` (upb's parse of the frame) and no `GraphTable.run` (the message's `SerializeToString`); the
-    slow twin (no plan) parses the command and executes it. Both end the same, with the same slice results. On
-    7b5ed4d every slice called `frame_commands` and `GraphTable.run`."""
-    quick, slow, ran = twins
+def _quiet_and_spied(quick: Twin, slow: Twin, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], list[Any]]:
+    """Both twins' graph traced and quiet (five runs); then the sessions whose slices `frame_commands` parsed and
+    whose RunGraphs `GraphTable.run` ran (from the parsed command), as two lists that fill as they do."""
     for _ in range(5):
         assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
-    framed: list[WorkerSession] = []
+    framed: list[Any] = []
     run: list[WorkerSession] = []
     real_frame, real_run = slices.frame_commands, graph.GraphTable.run
 
@@ -585,6 +582,16 @@ def test_a_lone_run_graph_frame_runs_from_its_bytes(twins: Any, monkeypatch: pyt
 
     monkeypatch.setattr(slices, "frame_commands", frame_commands)
     monkeypatch.setattr(graph.GraphTable, "run", counted)
+    return framed, run
+
+
+def test_a_lone_run_graph_frame_runs_from_its_bytes(twins: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 43: a slice whose frame is one RunGraph that the graph's quiet run takes is run from the frame's bytes:
+    no `frame_commands` (upb's parse of the frame) and no `GraphTable.run` (the message's `SerializeToString`); the
+    slow twin (no plan) parses the command and executes it. Both end the same, with the same slice results. On
+    7b5ed4d every slice called `frame_commands` and `GraphTable.run`."""
+    quick, slow, ran = twins
+    framed, run = _quiet_and_spied(quick, slow, monkeypatch)
     before = ran.count(quick.s)
     for _ in range(4):
         said = _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[0]
@@ -667,22 +674,7 @@ def test_a_frame_of_several_run_graphs_runs_from_its_bytes(twins: Any, monkeypat
     the slow twin (no plan) parses each command and executes it. Both end the same, with the same slice results
     (one progress mark a command). On b647913 a frame of more than one command went to `frame_commands`."""
     quick, slow, ran = twins
-    for _ in range(5):
-        assert _same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
-    framed: list[Any] = []
-    run: list[WorkerSession] = []
-    real_frame, real_run = slices.frame_commands, graph.GraphTable.run
-
-    def frame_commands(payload: Any, native: Any) -> Any:
-        framed.append(native)
-        return real_frame(payload, native)
-
-    def counted(self: Any, s: WorkerSession, *a: Any, **k: Any) -> Any:
-        run.append(s)
-        return real_run(self, s, *a, **k)
-
-    monkeypatch.setattr(slices, "frame_commands", frame_commands)
-    monkeypatch.setattr(graph.GraphTable, "run", counted)
+    framed, run = _quiet_and_spied(quick, slow, monkeypatch)
     before = ran.count(quick.s)
     for k in (2, 3, 5):
         said = _same(quick, slow, lambda t, k=k: _slice(t, _frames_of(*[_run_body(t) for _ in range(k)])))[0]
