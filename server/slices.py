@@ -320,10 +320,17 @@ def _head(r: SliceResult) -> tuple[Any, ...]:
         len(r.errors),
         len(r.events),
         len(r.replies),
+        _flags(r),
+    )
+
+
+def _flags(r: SliceResult) -> int:
+    """A result's flags word (`_RES`'s last field), for `_head` and `write_result`'s quiet paths alike."""
+    return (
         (_ERROR_PENDING if r.error_pending else 0)
         | (_PARTIAL if r.partial else 0)
         | (_BUSY if r.busy else 0)
-        | (_MALFORMED if r.malformed else 0),
+        | (_MALFORMED if r.malformed else 0)
     )
 
 
@@ -371,10 +378,8 @@ def write_result(r: SliceResult, buf: memoryview) -> int:
         for event, n in events.items():
             one = _ONE_EVENT.get(event)
             if one is not None and one[0].size <= len(buf):
-                flags = (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0)
-                flags |= (_BUSY if r.busy else 0) | (_MALFORMED if r.malformed else 0)
                 one[0].pack_into(buf, 0, r.executed, r.seconds, r.used, r.ops, r.handles, r.graph_bytes, r.uploaded,
-                                 r.downloaded, 0, 1, 0, flags, one[1], n, one[2])  # fmt: skip
+                                 r.downloaded, 0, 1, 0, _flags(r), one[1], n, one[2])  # fmt: skip
                 return one[0].size  # type: ignore[no-any-return]
     if not replies and not errors and _RES.size + 64 * len(events) <= len(buf):
         pos = _RES.size
@@ -385,10 +390,8 @@ def write_result(r: SliceResult, buf: memoryview) -> int:
             known[0].pack_into(buf, pos, known[1], n, known[2])
             pos += known[0].size
         else:
-            flags = (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0)
-            flags |= (_BUSY if r.busy else 0) | (_MALFORMED if r.malformed else 0)
             _RES.pack_into(buf, 0, r.executed, r.seconds, r.used, r.ops, r.handles, r.graph_bytes, r.uploaded,
-                           r.downloaded, 0, len(events), 0, flags)  # fmt: skip
+                           r.downloaded, 0, len(events), 0, _flags(r))  # fmt: skip
             return pos
     size = _RES.size + 5 * len(errors)
     for event in events:
