@@ -6,7 +6,9 @@ mesh (data parallel beside tensor or pipeline parallel, FSDP's HYBRID_SHARD) cou
 Two levels: the daemons' protocol on both transports (`--collectives secure`, the default, and `gloo`), driven
 through the op stream as client/distributed.py drives it, with what they refuse (a rank outside the subgroup joins
 it or names it in a collective; malformed joins); and a 4-rank torchrun job of a 2x2 DeviceMesh on a pool of fake
-GPUs, checked against torch's own gloo over CPU tensors in the same job, with the same seeds.
+GPUs (the collectives on each dimension, DDP over one and an allreduce over the other, FSDP2 on the 2-D mesh as
+HYBRID_SHARD shards, a receive without a source in a subgroup of two), checked against torch's own gloo groups of the
+same ranks over CPU tensors in the same job, with the same seeds.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def test_subgroups_run_among_their_members_and_refuse_the_others(daemon_factory,
 
 SCRIPT = """
 import json, sys, torch, torch.distributed as dist, torch.nn as nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 import gpupool.torch  # the Python client's device (the C++ client's comes with `import torch`)
 from gpupool.client import distributed as gd
@@ -136,8 +139,10 @@ for dim, layout in (("dp", [[0, 2], [1, 3]]), ("tp", [[0, 1], [2, 3]])):
         g = dist.new_group(ranks, backend="gloo")
         if rank in ranks:
             ref[dim] = g
+ref_mesh = DeviceMesh.from_group([ref["dp"], ref["tp"]], "cpu", [[0, 1], [2, 3]], mesh_dim_names=("dp", "tp"))
 runs = {"gpupool": (torch.device("gpupool", 0), mesh.get_group("dp"), mesh.get_group("tp"), None),
         "gloo": (torch.device("cpu"), ref["dp"], ref["tp"], ref_world)}
+meshes = {"gpupool": mesh, "gloo": ref_mesh}
 def collectives(dev, dp, tp, world):
     out = []
     t = torch.full((3,), rank + 1.0, device=dev); dist.all_reduce(t, group=tp); out.append(t.tolist())
@@ -167,6 +172,19 @@ def train(dev, dp, tp, world):
     return [mine, [round(v, 5) for v in flat.cpu().tolist()]]
 def after(dev, dp, tp, world):
     t = torch.full((2,), rank + 1.0, device=dev); dist.all_reduce(t, group=world); return t.tolist()
+def hsdp(dev, dp, tp, world):
+    # FSDP2 on the 2-D mesh (HSDP: replicated over dp, sharded over tp), as FSDP's HYBRID_SHARD
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(dev)
+    mesh2d = meshes["gpupool" if dev.type == "gpupool" else "gloo"]
+    for layer in (m[0], m[2], m):
+        fully_shard(layer, mesh=mesh2d)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for i in range(2):
+        g = torch.Generator().manual_seed(100 * rank + i)
+        x, y = torch.randn(6, 4, generator=g).to(dev), torch.randn(6, 2, generator=g).to(dev)
+        ((m(x) - y) ** 2).mean().backward(); opt.step(); opt.zero_grad()
+    return [round(v, 5) for p in m.parameters() for v in p.full_tensor().reshape(-1).cpu().tolist()]
 def anysource(dev, dp, tp, world):
     # a receive without a source in a subgroup of two: from its other member, told in the subgroup's ranks
     t = torch.full((2,), rank + 1.0, device=dev)
@@ -188,7 +206,7 @@ def refused():
             out.append(exc.code.name + ": " + str(exc).splitlines()[0])
     return out
 res = {}
-for name in ("collectives", "train", "anysource", "after"):
+for name in ("collectives", "train", "hsdp", "anysource", "after"):
     for backend, args in runs.items():
         try:
             res[f"{name} {backend}"] = globals()[name](*args)
@@ -229,7 +247,7 @@ def test_a_2x2_mesh_runs_data_parallel_beside_another_dimension_as_gloo_does(
     ranks = {int(r): json.loads(body) for _, r, body in lines}
     assert sorted(ranks) == [0, 1, 2, 3], done.stdout[-3000:]
     for rank, res in ranks.items():
-        for name in ("collectives", "train", "anysource", "after"):
+        for name in ("collectives", "train", "hsdp", "anysource", "after"):
             mine, gloo = res[f"{name} gpupool"], res[f"{name} gloo"]
             assert mine == gloo, (rank, name, mine, gloo)
             assert not str(gloo).startswith("refused"), (rank, name, gloo)
