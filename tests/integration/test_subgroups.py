@@ -13,9 +13,7 @@ same ranks over CPU tensors in the same job, with the same seeds.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from gpupool.client.native.backend import compiler_missing
 from gpupool.client.session import Session
 from support import MiB
 from test_collectives import TIMEOUT, collective, join_all
+from test_three_ranks import _ranks
 
 from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -238,14 +237,8 @@ def test_a_2x2_mesh_runs_data_parallel_beside_another_dimension_as_gloo_does(
     env.update(four_gpu_pool, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script)]
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "--client", client, "-n", "4", "--", *torchrun]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env, cwd=tmp_path)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"the ranks hung past {RUN_TIMEOUT} s:\n{str(exc.stdout)[-3000:]}") from None
-    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
-    lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("rank ")]
-    ranks = {int(r): json.loads(body) for _, r, body in lines}
-    assert sorted(ranks) == [0, 1, 2, 3], done.stdout[-3000:]
+    ranks = _ranks(cmd, env, tmp_path, RUN_TIMEOUT, f"2x2 mesh ({client})")
+    assert sorted(ranks) == [0, 1, 2, 3], ranks
     for rank, res in ranks.items():
         for name in ("collectives", "train", "hsdp", "anysource", "after"):
             mine, gloo = res[f"{name} gpupool"], res[f"{name} gloo"]

@@ -196,12 +196,17 @@ def three_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         yield env
 
 
-def _ranks(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[int, dict[str, Any]]:
+def _ranks(
+    cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = RUN_TIMEOUT, label: str = ""
+) -> dict[int, dict[str, Any]]:
+    """Each rank's results of a job (its `rank N {json}` lines), by rank; `label` names the job in a failure
+    (default: the script's first argument)."""
+    label = label or cmd[-2]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env, cwd=cwd)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{cmd[-2]}: the ranks hung past {RUN_TIMEOUT} s:\n{str(exc.stdout)[-3000:]}") from None
-    assert done.returncode == 0, f"{cmd[-2]}: stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+        raise AssertionError(f"{label}: the ranks hung past {timeout:g} s:\n{str(exc.stdout)[-3000:]}") from None
+    assert done.returncode == 0, f"{label}: stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("rank ")]
     return {int(r): json.loads(body) for _, r, body in lines}
 
