@@ -9,6 +9,10 @@ user's `.item()` after an allreduce). Printed per rank count: the median wall ti
 daemon's process tree (daemon, zygote, workers; /proc utime + stime) spent per collective of all ranks together.
 Trees run alternately (`--repeat` runs each); the medians of the runs' medians.
 
+`--subgroup` (round 45) compares, in this tree alone, each rank count N's collectives on a job's own group of N ranks
+("group") with the same collectives on a subgroup of N ranks (`dist.new_group(range(N))`) of a job of 2N ranks, whose
+other N ranks stay idle ("subgroup"): what a subgroup's collectives cost beside its group's.
+
 `--path link` leaves out the daemons, the clients and gRPC: N processes, each as a session worker holds its group
 (rank 0's TCPStore, the signed keys, `seclink.form`), call the daemon's collective path (`Collectives._call`: the
 agreement and the transfer) back to back, `--rounds` calls of each kind after 3 warm-up calls: the median wall time
@@ -40,7 +44,7 @@ from daemon_wire import alternate, loopback_keys, print_table, start_daemon, sto
 CALLS = (("allreduce 1KiB", 256), ("allreduce 256KiB", 1 << 16), ("barrier", 0))
 
 
-def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int) -> dict[str, float]:
+def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int, subgroup: bool = False) -> dict[str, float]:
     import torch
     from gpupool.client.session import Session
 
@@ -48,29 +52,42 @@ def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int) -> dict
     from gpupool._proto import device_pb2
 
     lease = uuid.uuid4().hex
+    size = 2 * ranks if subgroup else ranks  # a subgroup's job: as many idle ranks again
     toks = [
         tokens.mint(key, tokens.TokenClaims(lease, "bench", d, 1 << 28, 1.0, time.time() + 3600, "pair", True))
-        for d in range(ranks)
+        for d in range(size)
     ]
-    sessions = [Session.attach(address, t) for t in toks]
+    every = [Session.attach(address, t) for t in toks]
+    sessions = every[:ranks]
     try:
-        h = sessions[0].new_handle()
-        sessions[0].command(device_pb2.Command(group_join=device_pb2.GroupJoin(
-            rank=0, size=ranks, tokens=toks, port_handle=h, timeout_seconds=60.0)))  # fmt: skip
-        (port,) = sessions[0].sync([h])
-        for r, s in enumerate(sessions[1:], 1):
+        h = every[0].new_handle()
+        every[0].command(device_pb2.Command(group_join=device_pb2.GroupJoin(
+            rank=0, size=size, tokens=toks, port_handle=h, timeout_seconds=60.0)))  # fmt: skip
+        (port,) = every[0].sync([h])
+        for r, s in enumerate(every[1:], 1):
             s.command(device_pb2.Command(group_join=device_pb2.GroupJoin(
-                rank=r, size=ranks, tokens=toks, store_address=f"127.0.0.1:{port}", timeout_seconds=60.0)))  # fmt: skip
+                rank=r, size=size, tokens=toks, store_address=f"127.0.0.1:{port}", timeout_seconds=60.0)))  # fmt: skip
             s.flush()
-        for s in sessions:
+        for s in every:
             s.sync()
+        number = 1 if subgroup else 0
+        if subgroup:
+            for s in sessions:
+                s.command(device_pb2.Command(group_join=device_pb2.GroupJoin(
+                    subgroup=1, members=list(range(ranks)), timeout_seconds=60.0)))  # fmt: skip
+                s.flush()
+            for s in sessions:
+                s.sync()
         out: dict[str, float] = {}
         for label, n in CALLS:
             handles = [s.upload(torch.ones(n)) if n else 0 for s in sessions]
             if n:
-                call = [device_pb2.Collective(kind="allreduce", tensors=[x], reduce_op="sum") for x in handles]
+                call = [
+                    device_pb2.Collective(kind="allreduce", tensors=[x], reduce_op="sum", subgroup=number)
+                    for x in handles
+                ]
             else:
-                call = [device_pb2.Collective(kind="barrier") for _ in sessions]
+                call = [device_pb2.Collective(kind="barrier", subgroup=number) for _ in sessions]
             times = []
             cpu = 0.0
             for k in range(rounds + 1):
@@ -97,7 +114,7 @@ def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int) -> dict
                 assert all(float(s.download(x)[0]) == want for s, x in zip(sessions, handles, strict=True))
         return out
     finally:
-        for s in sessions:
+        for s in every:
             s.close()
 
 
@@ -187,6 +204,9 @@ def main() -> None:
     parser.add_argument("--against", metavar="DIR", help="the other checkout (required)")
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     parser.add_argument("--path", choices=("daemon", "link"), default="daemon")
+    parser.add_argument(
+        "--subgroup", action="store_true", help="this tree alone: a job's group of N ranks against a subgroup of N"
+    )
     parser.add_argument("--link-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=2, help=argparse.SUPPRESS)
@@ -194,6 +214,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.link_worker:
         link_worker(args)
+        return
+    if args.subgroup:
+        subgroups(args)
         return
     if args.against is None:
         parser.error("--against DIR is required")
@@ -228,6 +251,27 @@ def main() -> None:
             stop_all([proc for proc, _ in daemons.values()])
     print(f"{args.rounds} rounds a call; {args.repeat} run(s) each tree; medians; ms per round (all ranks synced),")
     print("daemon CPU ms per collective of all ranks")
+    report(results)
+
+
+def subgroups(args: argparse.Namespace) -> None:
+    """`--subgroup`: this tree's daemon, each rank count's collectives on a group, then on a subgroup, alternately."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key, key_file = loopback_keys(tmp)
+        proc, address = start_daemon(key_file, "--worker-network", "on", "--fake-gpus", str(2 * max(args.ranks)))
+        try:
+            results = {
+                n: alternate(
+                    ["group", "subgroup"],
+                    args.repeat,
+                    lambda name, i, n=n: measure(address, proc.pid, key, n, args.rounds, name == "subgroup"),
+                )
+                for n in args.ranks
+            }
+        finally:
+            stop_all([proc])
+    print(f"{args.rounds} rounds a call; {args.repeat} run(s) each; medians; ms per round (all ranks synced),")
+    print("daemon CPU ms per collective of all ranks (a subgroup's job: its idle ranks' sessions included)")
     report(results)
 
 

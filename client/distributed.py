@@ -102,6 +102,8 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         self._rt = runtime
         self._name, self._desc = "", ""
         self._p2p: list[tuple[int, int, torch.Tensor, int]] = []  # queued: (sender, tag, tensor, peer)
+        self._number = 0  # its daemons' number for it: 0 the default group, else a subgroup's (`_SubgroupView`)
+        self._subgroups = 0  # the subgroups of it made so far (each numbered by the next)
 
     # torch keeps a group's name in its C++ backends, and this group has none (it is the whole process group):
     # without these, `group_name` raised "ProcessGroup name not set" (DeviceMesh, functional collectives, FSDP2)
@@ -428,7 +430,7 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     ) -> None:
         if self._p2p:  # queued sends and receives run first, in the order the program called them
             self._flush_p2p()
-        msg = device_pb2.Collective(kind=kind, reduce_op=op, root=root)
+        msg = device_pb2.Collective(kind=kind, reduce_op=op, root=root, subgroup=self._number)
         msg.tensors.extend(self._handle(t) for t in tensors)
         msg.inputs.extend(self._handle(t) for t in inputs)
         # The peers wait for this rank: never leave a collective in the client's batch.
@@ -453,15 +455,13 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
 
 
 class _SubgroupView(ProcessGroupGpupool):
-    """A gpupool group of some ranks of the default group (`_subgroup`): its send and receive are the default group's
-    between the same ranks (queued in the default group, in call order with its own), its collectives the one
-    FailedPrecondition of a second group (a session joins one daemon group: docs/distributed.md, "Not done yet")."""
+    """A gpupool group of some ranks of the default group (`_subgroup`): its collectives are those of the daemons'
+    subgroup numbered `number` (round 45), in the stream after what the default group queued; its send and receive
+    are the default group's between the same ranks (queued in the default group, in call order with its own)."""
 
-    def __init__(
-        self, rank: int, size: int, parent: ProcessGroupGpupool, ranks: list[int], refusal: FailedPrecondition
-    ) -> None:
+    def __init__(self, rank: int, size: int, parent: ProcessGroupGpupool, ranks: list[int], number: int) -> None:
         super().__init__(rank, size, parent._rt)
-        self._parent, self._ranks, self._refusal = parent, ranks, refusal
+        self._parent, self._ranks, self._number = parent, sorted(ranks), number
 
     def _global(self, what: str, peer: int) -> int:
         if not 0 <= peer < self._size or peer == self._rank:
@@ -478,10 +478,23 @@ class _SubgroupView(ProcessGroupGpupool):
         return self._parent.recv(tensors, self._global("recv", src), tag)
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> _Done:  # type: ignore[override]
-        raise InvalidArgument("recv without a source on a gpupool subgroup: name the sender (dist.recv(t, src=...))")
+        """As the default group's: in a subgroup of two, from the other member (round 45; until then one
+        InvalidArgument in every subgroup); its source is told in the subgroup's ranks, as torch asks."""
+        if self._size != 2:
+            raise InvalidArgument(
+                f"recv without a source on gpupool runs in a group of two only (this subgroup has {self._size} ranks): "
+                "name the sender (dist.recv(t, src=...))"
+            )
+        src = 1 - self._rank
+        self._parent.recv(tensors, self._ranks[src], tag)
+        return _Queued(tensors, self._parent._flush_p2p, src)
 
-    def _send(self, *_: Any, **__: Any) -> None:
-        raise self._refusal
+    def _send(
+        self, kind: str, tensors: list[torch.Tensor], inputs: list[torch.Tensor], op: str = "", root: int = 0
+    ) -> None:
+        if self._parent._p2p:  # the default group's queued sends and receives run first, in call order
+            self._parent._flush_p2p()
+        super()._send(kind, tensors, inputs, op, root)
 
 
 def _a2a_refusal(
@@ -601,7 +614,7 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         index, local = _own_device(rank, len(lease.devices), native.current_index(), _named_device())
         dev = torch.device("gpupool", index)
         session = native.ensure_session(index)
-        if (view := _subgroup(session, dev, rank, size)) is not None:
+        if (view := _subgroup(session, dev, rank, size, timeout)) is not None:
             return view
         _refuse_second_group(session, dev, rank, size)
         rt = NativeRuntime(index, session)
@@ -617,13 +630,12 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         rt = runtime.get(dev.index)
         assert rt is not None
         session = rt
-        if (view := _subgroup(session, dev, rank, size)) is not None:
+        if (view := _subgroup(session, dev, rank, size, timeout)) is not None:
             return view
         _refuse_second_group(session, dev, rank, size)
     store.set(f"gpupool/dev/{rank}", str(local))
     devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
-    # torch's default (30 min, also what it passes when the script gives none) leaves the choice to the daemon (30 s)
-    seconds = 0.0 if timeout == default_pg_timeout else min(timeout.total_seconds(), MAX_TIMEOUT)
+    seconds = _seconds(timeout)
     join = _join_message([d.token for d in lease.devices], devices, rank, seconds)
     if rank == 0:
         join.port_handle = rt.new_handle()
@@ -655,23 +667,37 @@ _members: list[list[int]] = []
 def _second_group(dev: torch.device, rank: int, size: int, place: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"a second gpupool process group on {dev} (rank {rank} of {size}): this rank's session already "
-        f"joined the daemons' group as {place}, and a session joins one group for its life; new_group, "
-        "sub-meshes and re-initializing after destroy_process_group are not supported on gpupool: run the "
-        "collectives on the default group (docs/distributed.md)"
+        f"joined the daemons' group as {place}, and a session joins one group for its life; re-initializing after "
+        "destroy_process_group is not supported on gpupool (docs/distributed.md)"
     )
 
 
-def _subgroup(session: Any, dev: torch.device, rank: int, size: int) -> ProcessGroupGpupool | None:
-    """A group of some ranks of the default group (`dist.new_group(ranks)`, a sub-mesh) on a session that joined the
-    default one: a view of it whose send and receive are the default group's between the same ranks (round 44: a
-    pipeline's stages on a subgroup, as torch.distributed.pipelining and a 2-D mesh's pipeline dimension use one) and
-    whose collectives are the one FailedPrecondition of a second group, raised at the call (until round 44 at
-    new_group, on its members). None where this is no subgroup of a joined session."""
+def _subgroup(
+    session: Any, dev: torch.device, rank: int, size: int, timeout: datetime.timedelta
+) -> ProcessGroupGpupool | None:
+    """A group of some ranks of the default group (`dist.new_group(ranks)`, a DeviceMesh dimension) on a session that
+    joined the default one: a subgroup of the daemons' group (round 45), which this rank's daemon joins now (refused
+    there unless this rank is a member; formed by the daemons over the default group, in the order the ranks make
+    their groups), and whose collectives run among its members' daemons (`_SubgroupView`); its send and receive are
+    the default group's between the same ranks (round 44). Until round 45 its collectives were one
+    FailedPrecondition. None where this is no subgroup of a joined session."""
     ranks = _members[-1] if _members else []
-    for joined, place, parent in _joined:
+    for joined, _, parent in _joined:
         if joined is session and ranks:
-            return _SubgroupView(rank, size, parent, ranks, _second_group(dev, rank, size, place))
+            parent._subgroups += 1
+            number = parent._subgroups
+            join = device_pb2.GroupJoin(subgroup=number, members=sorted(ranks), timeout_seconds=_seconds(timeout))
+            parent._rt.command(device_pb2.Command(group_join=join))
+            parent._rt.sync()  # a refused join raises here, at new_group
+            log.info("rank %d of %d (%s) joined subgroup %s of the daemons' group", rank, size, dev, sorted(ranks))
+            return _SubgroupView(rank, size, parent, ranks, number)
     return None
+
+
+def _seconds(timeout: datetime.timedelta) -> float:
+    """A group's timeout for its daemons: torch's default (30 min, also what it passes when the script gives none)
+    leaves the choice to the daemon (30 s)."""
+    return 0.0 if timeout == default_pg_timeout else min(timeout.total_seconds(), MAX_TIMEOUT)
 
 
 def _refuse_second_group(session: Any, dev: torch.device, rank: int, size: int) -> None:
@@ -681,7 +707,7 @@ def _refuse_second_group(session: Any, dev: torch.device, rank: int, size: int) 
     the first (rank 0's join refused: "session already joined its collective group"; the others waiting for its
     store address until torch's 30-minute default timeout). Every member of the new group refuses it here at once,
     so none waits for another, and the default group goes on. (Since round 44 a subgroup of the default group gets
-    here no more: `_subgroup` makes it a view, whose collectives raise this refusal at the call.)"""
+    here no more: `_subgroup` makes it a view; since round 45 its collectives run, on a subgroup of the daemons'.)"""
     for joined, place, _ in _joined:
         if joined is session:
             raise _second_group(dev, rank, size, place)

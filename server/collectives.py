@@ -26,6 +26,11 @@ listener of a group (rank 0's store and secure hub, a rank's store relay) takes 
 `--collective-ports` range, and a rank connects to no store or hub port outside it (the same range on every daemon
 of a pool): under Landlock ABI 4+ a worker granted network binds and connects to those ports only (round 42).
 A group of one rank needs no socket: its collectives are the identity.
+
+Subgroups (round 45; `dist.new_group(ranks)`, a DeviceMesh dimension): a session that joined its group joins a
+subgroup of it with a `GroupJoin` naming the session's number for it and its members (`Collectives._join_subgroup`:
+refused unless this rank is one); it is a `Group` of its own, formed over its group's store with a secret derived from
+the group's, and its collectives (`Collective.subgroup`) run in the group's thread, in the session's order.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from .speedmodel import SpeedModel
 log = logging.getLogger(__name__)
 
 MAX_RANKS = 1024
+MAX_SUBGROUPS = 32  # a session's subgroups of its group (each holds its links: a mesh of 5 dimensions joins 5)
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group formation, each call)
 # The longest a waiting collective holds its device's thread while another session of the device waits to run: it
@@ -136,17 +142,29 @@ class Group:
         self.stop = threading.Event()  # set by `close`: a join still in progress gives up (its thread and sockets end)
         self.store_deadline: float | None = None  # a rank > 0 still reaching the store reports failure by then
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None  # its collectives' thread's
+        # (round 45) a subgroup's: the session's group it is formed over, and its members' ranks there; a session's
+        # group's: its subgroups by the session's number for each (`Collectives._join_subgroup`)
+        self.parent: Group | None = None
+        self.members: tuple[int, ...] = ()
+        self.subgroups: dict[int, Group] = {}
+        self.secret = ""  # its store's and links' (`group_secret`): a subgroup's is derived from it
 
     def submit(self, job: Callable[[], None], name: str, threads: int) -> None:
         """Run `job` (a collective's call and wait) in the group's thread, started at its first collective with
         the device thread's torch settings, ended by `close` (a thread a collective cost ~0.2-0.3 ms of CPU
-        here, most of it torch's per-thread setup). The session runs one collective at a time."""
+        here, most of it torch's per-thread setup). The session runs one collective at a time: a subgroup's run in
+        its session's group's thread, in the order the session called them (as NCCL's groups on one CUDA stream)."""
+        if self.parent is not None:
+            self.parent.submit(job, name, threads)
+            return
         if self._jobs is None:
             self._jobs = queue.SimpleQueue()
             threading.Thread(target=_serve, args=(self._jobs, threads), name=name, daemon=True).start()
         self._jobs.put(job)
 
     def describe(self) -> str:
+        if self.parent is not None:
+            return f"rank {self.rank} of {self.size} of subgroup {list(self.members)} (lease {self.lease_id})"
         return f"rank {self.rank} of {self.size} (lease {self.lease_id})"
 
     def form(self, store: Any, owner: str, secret: str, host: str, device: torch.device) -> None:
@@ -156,7 +174,7 @@ class Group:
         carries an HMAC under `secret` (_SignedStore): a stranger who reaches the store can neither find them nor
         forge or alter one unnoticed. The secure transport keys its links from the same secret (server/seclink.py)."""
         try:
-            if self.rank == 0:  # the others checked it before (Collectives.join's `run`: _check_owner)
+            if self.rank == 0 and self.parent is None:  # the others checked it before (`join`'s `run`: _check_owner)
                 dist.PrefixStore(f"gpupool/{self.lease_id}/", store).set("owner", owner)
             name = hashlib.sha256(b"gpupool-group-keys:" + secret.encode()).hexdigest()
             keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode(), self.stop, self.timeout)
@@ -214,6 +232,8 @@ class Group:
         if isinstance(self.pg, seclink.SecureGroup):
             self.pg.close()
         self.pg, self.store = None, None
+        for sub in self.subgroups.values():  # formed over this group: they end with it
+            sub.close()
 
 
 def timedelta_seconds(t: Any) -> float:
@@ -704,6 +724,9 @@ class Collectives:
     def join(self, s: WorkerSession, msg: device_pb2.GroupJoin) -> None:
         if self.verify is None:
             raise FailedPrecondition("this daemon does not run collectives (no token verifier configured)")
+        if msg.subgroup or msg.members:
+            self._join_subgroup(s, msg)
+            return
         if s.group is not None and not s.group.closed:
             raise FailedPrecondition(f"session already joined its collective group as {s.group.describe()}")
         size, rank = msg.size, msg.rank
@@ -716,7 +739,7 @@ class Collectives:
         # renewed at different moments send different tokens. Hand-minted tokens have none: rank 0's token then.
         basis = first.group or msg.tokens[0]
         owner = hashlib.sha256(b"gpupool-group:" + basis.encode()).hexdigest()
-        secret = group_secret(basis)
+        secret = group.secret = group_secret(basis)
         if rank == 0:
             if msg.store_address:
                 raise InvalidArgument("rank 0 hosts the group's store; it takes no store_address")
@@ -792,6 +815,73 @@ class Collectives:
             s.number, s.lease_id, rank, size, self.transport,
         )  # fmt: skip
 
+    def _join_subgroup(self, s: WorkerSession, msg: device_pb2.GroupJoin) -> None:
+        """Join a subgroup of the session's group (round 45; `dist.new_group(ranks)`, a DeviceMesh dimension: until
+        then its collectives were one FailedPrecondition): a group of its own, numbered by the session
+        (`msg.subgroup`), of the members' ranks of the session's group, this session's own among them (a rank
+        outside it is refused here, and never holds its number: a collective naming a subgroup the session has not
+        joined is refused). It forms in the session's group's thread, in the order the session joined its subgroups
+        (every member makes them in one order, as torch's new_group), over that group's store: its keys and links
+        from a secret of its own, derived from the group's secret, its members and how many subgroups of the same
+        members the session joined before, so that no two groups of a job share keys and a process of another
+        lease cannot compute them. Its transport and checks are its group's (agreement, quotas, the group's ports);
+        the session holds at most MAX_SUBGROUPS."""
+        parent: Group | None = s.group
+        if parent is None or parent.closed:
+            raise FailedPrecondition("a subgroup's join before the session joined its group (init_process_group)")
+        if msg.tokens or msg.store_address or msg.port_handle:
+            raise InvalidArgument(
+                "a subgroup's join names no tokens, store address or port handle: it forms over the session's group"
+            )
+        members, number = list(msg.members), msg.subgroup
+        if not number or not members:
+            raise InvalidArgument(f"a subgroup's join names its number (> 0) and its members; got {number}, {members}")
+        if number in parent.subgroups:
+            raise InvalidArgument(f"this session joined a subgroup numbered {number} already")
+        if len(parent.subgroups) >= MAX_SUBGROUPS:
+            raise ResourceExhausted(f"a session joins at most {MAX_SUBGROUPS} subgroups of its group")
+        if members[-1] >= parent.size or any(b <= a for a, b in zip(members, members[1:], strict=False)):
+            raise InvalidArgument(
+                f"a subgroup's members are distinct ranks of its group of {parent.size}, ascending; got {members}"
+            )
+        if parent.rank not in members:
+            raise PermissionDenied(
+                f"rank {parent.rank} of the group is not a member of subgroup {members}: only its members join it"
+            )
+        ordinal = sum(1 for g in parent.subgroups.values() if g.members == tuple(members))
+        timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else parent.timeout
+        sub = Group(
+            parent.lease_id,
+            members.index(parent.rank),
+            len(members),
+            timeout,
+            parent.transport,
+            parent.ports,
+            parent.own,
+        )
+        sub.parent, sub.members, sub.nccl = parent, tuple(members), parent.nccl
+        sub.secret = hmac.new(
+            parent.secret.encode(), f"gpupool-subgroup:{members}:{ordinal}".encode(), hashlib.sha256
+        ).hexdigest()
+        parent.subgroups[number] = sub
+        if sub.size == 1:  # a dimension of one rank: its collectives are the identity
+            sub.pg = _Solo()
+            sub.ready.set()
+            return
+        dev = s.device.torch_device
+
+        def form() -> None:
+            try:
+                parent.wait_ready()
+            except GpupoolError as exc:
+                sub.broken = f"subgroup {members}: its group did not form ({exc})"
+                sub.ready.set()
+                return
+            sub.form(parent.store, "", sub.secret, self.host, dev)
+
+        parent.submit(form, f"gpupool-collective-{s.number}", torch.get_num_threads())
+        log.info("session %d joins subgroup %s of lease %s as its rank %d", s.number, members, s.lease_id, sub.rank)
+
     def _check_tokens(self, s: WorkerSession, rank: int, size: int, tokens: list[str]) -> TokenClaims:
         """Every rank's token is of this session's lease, one device each, this rank's is this session's; rank
         0's claims are returned. Or (clients since round 35) this rank's token alone (its claims returned), checked
@@ -849,6 +939,14 @@ class Collectives:
         group: Group | None = s.group
         if group is None or group.closed:
             raise FailedPrecondition(f"collective {msg.kind} before joining a group (init_process_group)")
+        if msg.subgroup:
+            if msg.kind == P2P:
+                raise InvalidArgument("p2p names its peers' ranks in the session's group, and no subgroup")
+            group = group.subgroups.get(msg.subgroup)
+            if group is None:
+                raise FailedPrecondition(
+                    f"collective {msg.kind} on subgroup {msg.subgroup}, which this session never joined"
+                )
         call: Callable[[], None]
         if msg.kind == P2P:
             msg = device_pb2.Collective.FromString(msg.SerializeToString())  # (as below)

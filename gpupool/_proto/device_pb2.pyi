@@ -753,6 +753,8 @@ class GroupJoin(_message.Message):
     STORE_ADDRESS_FIELD_NUMBER: _builtins.int
     PORT_HANDLE_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    SUBGROUP_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     size: _builtins.int
     store_address: _builtins.str
@@ -761,10 +763,18 @@ class GroupJoin(_message.Message):
     """rank 0: where the store's port goes"""
     timeout_seconds: _builtins.float
     """for the rendezvous and each collective"""
+    subgroup: _builtins.int
+    """(round 45) a subgroup of the session's group (`dist.new_group(ranks)`, a DeviceMesh dimension): `subgroup` is the
+    session's number for it (> 0, unique in the session), `members` the group ranks of the session's group in it,
+    ascending (this session's own among them). Such a join names no tokens, store or port: it is formed over the
+    session's group, keyed from its secret and the members. Collectives name it by `Collective.subgroup`.
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the lease's tokens, one per rank, in rank order"""
 
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -774,10 +784,12 @@ class GroupJoin(_message.Message):
         store_address: _builtins.str = ...,
         port_handle: _builtins.int = ...,
         timeout_seconds: _builtins.float = ...,
+        subgroup: _builtins.int = ...,
+        members: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["port_handle", b"port_handle", "rank", b"rank", "size", b"size", "store_address", b"store_address", "timeout_seconds", b"timeout_seconds", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "port_handle", b"port_handle", "rank", b"rank", "size", b"size", "store_address", b"store_address", "subgroup", b"subgroup", "timeout_seconds", b"timeout_seconds", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -801,12 +813,15 @@ class Collective(_message.Message):
     PEERS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     SENDING_FIELD_NUMBER: _builtins.int
+    SUBGROUP_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """allreduce | broadcast | allgather | reduce_scatter | barrier | p2p"""
     reduce_op: _builtins.str
     """sum | avg | product | min | max (allreduce, reduce_scatter)"""
     root: _builtins.int
     """broadcast"""
+    subgroup: _builtins.int
+    """(round 45) 0: the session's group; else a subgroup it joined (GroupJoin.subgroup)"""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -832,10 +847,11 @@ class Collective(_message.Message):
         peers: _abc.Iterable[_builtins.int] | None = ...,
         tags: _abc.Iterable[_builtins.int] | None = ...,
         sending: _abc.Iterable[_builtins.bool] | None = ...,
+        subgroup: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "peers", b"peers", "reduce_op", b"reduce_op", "root", b"root", "sending", b"sending", "tags", b"tags", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "peers", b"peers", "reduce_op", b"reduce_op", "root", b"root", "sending", b"sending", "subgroup", b"subgroup", "tags", b"tags", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,12 +1,12 @@
 """Three ranks on the gpupool backend, written as users write them (torchrun, `init_process_group`, DDP), compared
 with the same script on gloo over CPU tensors: DDP with gradient accumulation under `no_sync` and with uneven inputs
-under `Join`, rooted collectives whose root is not rank 0, an all_to_all of uneven splits, and what the backend
-refuses at three ranks (a second group's collectives) as one clear error on every rank, never a hang; and (round 44)
-send/recv at three ranks, in a pipeline, a ring and a subgroup, which until round 44 were one InvalidArgument.
+under `Join`, rooted collectives whose root is not rank 0, an all_to_all of uneven splits; (round 44) send/recv at
+three ranks, in a pipeline, a ring and a subgroup, which until round 44 were one InvalidArgument; and (round 45) a
+subgroup's allreduce, among its members' daemons (until then one FailedPrecondition on both members).
 
 Until round 41 `dist.new_group([0, 2])` hung: rank 0's join was refused by its daemon ("session already joined its
-collective group") and rank 2 waited for rank 0's store address until torch's 30-minute default timeout; now every
-member refuses the new group at once (client/distributed.py `_refuse_second_group`) and the default group goes on.
+collective group") and rank 2 waited for rank 0's store address until torch's 30-minute default timeout; rounds 41-44
+refused its collectives at once; since round 45 they run (tests/integration/test_subgroups.py has the 2-D mesh).
 The rest pins behaviour that held already at three ranks (round 40's tests ran two).
 
 Slow: a pool of three fake GPUs of its own, one torchrun of three ranks per client, and one on gloo.
@@ -186,7 +186,7 @@ dist.destroy_process_group()
 
 SAME = (
     "ddp_accumulate,ddp_uneven,broadcast_last,reduce_last,gather_middle,scatter_last,all_to_all_uneven,objects,"
-    "ring,pipeline,tags_and_skips,pipeline_subgroup"
+    "ring,pipeline,tags_and_skips,pipeline_subgroup,subgroup"
 )
 
 
@@ -196,12 +196,17 @@ def three_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         yield env
 
 
-def _ranks(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[int, dict[str, Any]]:
+def _ranks(
+    cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = RUN_TIMEOUT, label: str = ""
+) -> dict[int, dict[str, Any]]:
+    """Each rank's results of a job (its `rank N {json}` lines), by rank; `label` names the job in a failure
+    (default: the script's first argument)."""
+    label = label or cmd[-2]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env, cwd=cwd)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{cmd[-2]}: the ranks hung past {RUN_TIMEOUT} s:\n{str(exc.stdout)[-3000:]}") from None
-    assert done.returncode == 0, f"{cmd[-2]}: stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+        raise AssertionError(f"{label}: the ranks hung past {timeout:g} s:\n{str(exc.stdout)[-3000:]}") from None
+    assert done.returncode == 0, f"{label}: stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("rank ")]
     return {int(r): json.loads(body) for _, r, body in lines}
 
@@ -235,7 +240,7 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
     base = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cpu = _reference(script, base, tmp_path)
-    names = SAME + ",subgroup,p2p_refused,after"
+    names = SAME + ",p2p_refused,after"
     pool = _ranks(
         [
             sys.executable,
@@ -256,17 +261,8 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
     for rank in range(3):
         for name in SAME.split(","):
             assert pool[rank][name] == cpu[rank][name], (rank, name, pool[rank][name], cpu[rank][name])
-        # a second group's collectives: refused on both members at once, naming why (since round 44 at the call, and its
-        # send/recv run: `pipeline_subgroup` above; until then at new_group); the rank outside it goes on
-        if rank == 1:
-            assert pool[rank]["subgroup"] == [2.0, 2.0], pool[rank]
-        else:
-            assert pool[rank]["subgroup"] == (
-                f"refused FailedPrecondition: a second gpupool process group on gpupool:0 (rank {rank // 2} of 2): "
-                f"this rank's session already joined the daemons' group as rank {rank} of 3, and a session joins one "
-                "group for its life; new_group, sub-meshes and re-initializing after destroy_process_group are not "
-                "supported on gpupool: run the collectives on the default group (docs/distributed.md)"
-            ), pool[rank]
+        # a subgroup's collectives run among its members since round 45 (`subgroup` above, as gloo's: until then one
+        # FailedPrecondition on both members, "a second gpupool process group"); the rank outside it goes on
         # send/recv at three ranks run over the daemons' rank-to-rank links since round 44 (`ring`, `pipeline`,
         # `tags_and_skips` above: until then each was "send on gpupool runs between the two ranks of a group of two");
         # what they refuse, each on its rank alone, the group going on

@@ -1,0 +1,255 @@
+"""Subgroups of a job's collective group (round 45): `dist.new_group(ranks)` and a DeviceMesh's dimensions run their
+collectives among their members' daemons, each a group of its own there (server/collectives.py `_join_subgroup`).
+Until round 45 every collective of a subgroup was one FailedPrecondition ("a second gpupool process group"), so a 2-D
+mesh (data parallel beside tensor or pipeline parallel, FSDP's HYBRID_SHARD) could not run.
+
+Two levels: the daemons' protocol on both transports (`--collectives secure`, the default, and `gloo`), driven
+through the op stream as client/distributed.py drives it, with what they refuse (a rank outside the subgroup joins
+it or names it in a collective; malformed joins); and a 4-rank torchrun job of a 2x2 DeviceMesh on a pool of fake
+GPUs (the collectives on each dimension, DDP over one and an allreduce over the other, FSDP2 on the 2-D mesh as
+HYBRID_SHARD shards, a receive without a source in a subgroup of two), checked against torch's own gloo groups of the
+same ranks over CPU tensors in the same job, with the same seeds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from examples_fixtures import REPO, gpupool_up
+from gpupool.client.native.backend import compiler_missing
+from gpupool.client.session import Session
+from support import MiB
+from test_collectives import TIMEOUT, collective, join_all
+from test_three_ranks import _ranks
+
+from gpupool._proto import device_pb2
+from gpupool.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+
+RUN_TIMEOUT = 240  # seconds: a hang fails the test, it never holds CI
+
+
+def _join(s: Session, number: int, members: list[int], **extra: Any) -> None:
+    join = device_pb2.GroupJoin(subgroup=number, members=members, timeout_seconds=TIMEOUT, **extra)
+    s.command(device_pb2.Command(group_join=join))
+    s.sync()
+
+
+def _on(s: Session, number: int, kind: str, tensors: list[int], **kw: Any) -> None:
+    msg = device_pb2.Collective(kind=kind, tensors=tensors, subgroup=number, **kw)
+    s.command(device_pb2.Command(collective=msg))
+    s.flush()
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_subgroups_run_among_their_members_and_refuse_the_others(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
+    d = daemon_factory(
+        fake_gpus=3, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport,
+        gloo_connect_anywhere=transport == "gloo",
+    )  # fmt: skip
+    lease = uuid.uuid4().hex
+    toks = [d.token(lease_id=lease, network=True, device=i) for i in range(3)]
+    sessions = [Session.attach(d.address, t) for t in toks]
+    try:
+        s0, s1, s2 = sessions
+        with pytest.raises(FailedPrecondition, match="before the session joined its group"):
+            _join(s0, 1, [0, 2])
+        join_all(sessions, toks)
+        # rank 1 is no member of [0, 2]: its daemon refuses the join, and a collective naming a subgroup it never joined
+        with pytest.raises(PermissionDenied, match=r"rank 1 of the group is not a member of subgroup \[0, 2\]"):
+            _join(s1, 1, [0, 2])
+        t1 = s1.upload(torch.tensor([5.0]))
+        _on(s1, 1, "allreduce", [t1], reduce_op="sum")
+        with pytest.raises(FailedPrecondition, match="subgroup 1, which this session never joined"):
+            s1.sync()
+        for bad, why in (([2, 0], "ascending"), ([0, 3], "ascending"), ([], "its number")):
+            with pytest.raises(InvalidArgument, match=why):
+                _join(s0, 7, bad)
+        with pytest.raises(InvalidArgument, match="no tokens"):
+            _join(s0, 7, [0, 2], tokens=toks[:1])
+        _join(s0, 1, [0, 2])
+        _join(s2, 1, [0, 2])
+        with pytest.raises(InvalidArgument, match="numbered 1 already"):
+            _join(s0, 1, [0, 2])
+        _join(s1, 2, [1, 2])  # rank 2 joins [1, 2] after [0, 2]: the daemons form them in that order
+        _join(s2, 2, [1, 2])
+        a = [s.upload(torch.tensor([1.0, 2.0]) * (r + 1)) for r, s in enumerate(sessions)]
+        _on(s0, 1, "allreduce", [a[0]], reduce_op="sum")
+        _on(s2, 1, "allreduce", [a[2]], reduce_op="sum")
+        _on(s1, 2, "broadcast", [a[1]], root=1)  # subgroup rank 1: global rank 2
+        _on(s2, 2, "broadcast", [a[2]], root=1)
+        assert s0.download(a[0]).tolist() == [4.0, 8.0]  # ranks 0 and 2 only
+        assert s2.download(a[2]).tolist() == s1.download(a[1]).tolist() == [4.0, 8.0]
+        # an allgather on [1, 2]
+        outs = [[s.upload(torch.zeros(2)) for _ in range(2)] for s in (s1, s2)]
+        for s, out, r in ((s1, outs[0], 1), (s2, outs[1], 2)):
+            msg = device_pb2.Collective(
+                kind="allgather", tensors=out, inputs=[s.upload(torch.full((2,), float(r)))], subgroup=2
+            )
+            s.command(device_pb2.Command(collective=msg))
+            s.flush()
+        for s, out in ((s1, outs[0]), (s2, outs[1])):
+            assert [s.download(h).tolist() for h in out] == [[1.0, 1.0], [2.0, 2.0]]
+        # ranks that disagree in a subgroup: refused on both, the subgroup goes on
+        b0, b2 = s0.upload(torch.ones(3)), s2.upload(torch.ones(4))
+        _on(s0, 1, "allreduce", [b0], reduce_op="sum")
+        _on(s2, 1, "allreduce", [b2], reduce_op="sum")
+        for s in (s0, s2):
+            with pytest.raises(InvalidArgument, match="ranks disagree"):
+                s.sync()
+        _on(s0, 1, "barrier", [])
+        _on(s2, 1, "barrier", [])
+        s0.sync()
+        s2.sync()
+        # the default group goes on
+        c = [s.upload(torch.tensor([float(r)])) for r, s in enumerate(sessions)]
+        for s, h in zip(sessions, c, strict=True):
+            collective(s, "allreduce", [h], op="sum")
+        assert [s.download(h).tolist() for s, h in zip(sessions, c, strict=True)] == [[3.0]] * 3
+    finally:
+        for s in sessions:
+            s.close()
+
+
+# ---- a 2x2 mesh under torchrun ----
+
+SCRIPT = """
+import json, sys, torch, torch.distributed as dist, torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+import gpupool.torch  # the Python client's device (the C++ client's comes with `import torch`)
+from gpupool.client import distributed as gd
+from gpupool._proto import device_pb2
+dist.init_process_group("gpupool")
+rank, n = dist.get_rank(), dist.get_world_size()
+# gpupool: a DeviceMesh (its dimensions new_group's subgroups); the reference: torch's gloo groups of the same ranks
+mesh = init_device_mesh("gpupool", (2, 2), mesh_dim_names=("dp", "tp"))
+ref_world = dist.new_group(backend="gloo")
+ref = {}
+for dim, layout in (("dp", [[0, 2], [1, 3]]), ("tp", [[0, 1], [2, 3]])):
+    for ranks in layout:
+        g = dist.new_group(ranks, backend="gloo")
+        if rank in ranks:
+            ref[dim] = g
+ref_mesh = DeviceMesh.from_group([ref["dp"], ref["tp"]], "cpu", [[0, 1], [2, 3]], mesh_dim_names=("dp", "tp"))
+runs = {"gpupool": (torch.device("gpupool", 0), mesh.get_group("dp"), mesh.get_group("tp"), None),
+        "gloo": (torch.device("cpu"), ref["dp"], ref["tp"], ref_world)}
+meshes = {"gpupool": mesh, "gloo": ref_mesh}
+def collectives(dev, dp, tp, world):
+    out = []
+    t = torch.full((3,), rank + 1.0, device=dev); dist.all_reduce(t, group=tp); out.append(t.tolist())
+    t = torch.full((3,), rank + 1.0, device=dev); dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dp)
+    out.append(t.tolist())
+    t = torch.full((2,), rank * 1.0, device=dev); dist.broadcast(t, group_src=1, group=dp); out.append(t.tolist())
+    outs = [torch.zeros(2, device=dev) for _ in range(2)]
+    dist.all_gather(outs, torch.full((2,), rank * 1.0, device=dev), group=tp); out.append([o.tolist() for o in outs])
+    big = torch.arange(4.0, device=dev) + 10 * rank; half = torch.zeros(2, device=dev)
+    dist.reduce_scatter_tensor(half, big, group=dp); out.append(half.tolist())
+    whole = torch.zeros(4, device=dev)
+    dist.all_gather_into_tensor(whole, torch.full((2,), rank + 0.5, device=dev), group=tp); out.append(whole.tolist())
+    dist.barrier(group=tp); dist.barrier(group=dp)
+    return out
+def train(dev, dp, tp, world):
+    # data parallel over dp (DDP on the dp group), then the replicas averaged over tp
+    torch.manual_seed(0)
+    m = DDP(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(dev), process_group=dp)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for i in range(3):
+        g = torch.Generator().manual_seed(100 * rank + i)
+        x, y = torch.randn(6, 4, generator=g).to(dev), torch.randn(6, 2, generator=g).to(dev)
+        ((m(x) - y) ** 2).mean().backward(); opt.step(); opt.zero_grad()
+    flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    mine = [round(v, 5) for v in flat.cpu().tolist()]
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=tp)
+    return [mine, [round(v, 5) for v in flat.cpu().tolist()]]
+def after(dev, dp, tp, world):
+    t = torch.full((2,), rank + 1.0, device=dev); dist.all_reduce(t, group=world); return t.tolist()
+def hsdp(dev, dp, tp, world):
+    # FSDP2 on the 2-D mesh (HSDP: replicated over dp, sharded over tp), as FSDP's HYBRID_SHARD
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(dev)
+    mesh2d = meshes["gpupool" if dev.type == "gpupool" else "gloo"]
+    for layer in (m[0], m[2], m):
+        fully_shard(layer, mesh=mesh2d)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for i in range(2):
+        g = torch.Generator().manual_seed(100 * rank + i)
+        x, y = torch.randn(6, 4, generator=g).to(dev), torch.randn(6, 2, generator=g).to(dev)
+        ((m(x) - y) ** 2).mean().backward(); opt.step(); opt.zero_grad()
+    return [round(v, 5) for p in m.parameters() for v in p.full_tensor().reshape(-1).cpu().tolist()]
+def anysource(dev, dp, tp, world):
+    # a receive without a source in a subgroup of two: from its other member, told in the subgroup's ranks
+    t = torch.full((2,), rank + 1.0, device=dev)
+    if dist.get_rank(tp) == 0:
+        dist.send(t, group_dst=1, group=tp)
+        return None
+    return [dist.recv(t, group=tp), t.tolist()]
+def refused():
+    # what a rank outside a subgroup meets at its daemon: the join refused, a collective naming it refused
+    parent, out = gd._joined[0][2], []
+    other = [0, 1] if rank >= 2 else [2, 3]
+    for cmd in (device_pb2.Command(group_join=device_pb2.GroupJoin(subgroup=99, members=other)),
+                device_pb2.Command(collective=device_pb2.Collective(kind="barrier", subgroup=99))):
+        parent._rt.command(cmd)
+        try:
+            parent._rt.sync()
+            out.append("ran")
+        except Exception as exc:  # (the Python client's are torch-facing classes: the status code tells)
+            out.append(exc.code.name + ": " + str(exc).splitlines()[0])
+    return out
+res = {}
+for name in ("collectives", "train", "hsdp", "anysource", "after"):
+    for backend, args in runs.items():
+        try:
+            res[f"{name} {backend}"] = globals()[name](*args)
+        except Exception as exc:
+            res[f"{name} {backend}"] = "refused " + type(exc).__name__ + ": " + str(exc).splitlines()[0]
+res["refused"] = refused()
+print("rank %d %s\\n" % (rank, json.dumps(res)), end="", flush=True)  # one write: the ranks share stdout
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def four_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with gpupool_up(tmp_path_factory.mktemp("up4"), "--fake-gpus", "4", "--fake-gpu-memory", "256MiB") as env:
+        yield env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["native", "shim"])
+def test_a_2x2_mesh_runs_data_parallel_beside_another_dimension_as_gloo_does(
+    four_gpu_pool: dict[str, str], tmp_path: Path, client: str
+) -> None:
+    if client == "native" and (why := compiler_missing()) is not None:
+        pytest.skip(f"native client: {why}")
+    script = tmp_path / "mesh.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    env.update(four_gpu_pool, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script)]
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--client", client, "-n", "4", "--", *torchrun]
+    ranks = _ranks(cmd, env, tmp_path, RUN_TIMEOUT, f"2x2 mesh ({client})")
+    assert sorted(ranks) == [0, 1, 2, 3], ranks
+    for rank, res in ranks.items():
+        for name in ("collectives", "train", "hsdp", "anysource", "after"):
+            mine, gloo = res[f"{name} gpupool"], res[f"{name} gloo"]
+            assert mine == gloo, (rank, name, mine, gloo)
+            assert not str(gloo).startswith("refused"), (rank, name, gloo)
+        assert res["anysource gpupool"] == (None if rank % 2 == 0 else [rank - 1, [float(rank)] * 2])
+        assert res["train gpupool"][0] != res["train gpupool"][1]  # the tp average changed the dp replicas
+        other = "[0, 1]" if rank >= 2 else "[2, 3]"
+        join, call = res["refused"]
+        assert join == (
+            f"PERMISSION_DENIED: rank {rank} of the group is not a member of subgroup {other}: only its members join it"
+        ), join
+        assert call.startswith("FAILED_PRECONDITION: "), call
+        assert call.endswith("collective barrier on subgroup 99, which this session never joined"), call
