@@ -17,9 +17,10 @@ import tempfile
 import time
 import uuid
 
+from gpupool.server.revocations import Heard, RevocationFile
+
 from gpupool import certrevoke
 from gpupool._proto import scheduler_pb2
-from gpupool.server.revocations import Heard, RevocationFile
 
 
 def _median(f: object, repeat: int) -> float:
