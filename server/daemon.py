@@ -1136,17 +1136,19 @@ class Daemon:
         """A thread of its own writes the file when a heartbeat made it due: at 200,000 revocations a write takes
         seconds on a loaded host, which in the registrar's loop would delay heartbeats past the host timeout."""
         while not self._stop.is_set():
-            if not self._save_due.wait(1.0):
-                continue
-            self._save_due.clear()
-            changes = self._verifier.changes if self._verifier is not None else 0
-            stamp = (changes, self.revoked_certs.version)
-            leases, not_before = self._verifier.revocations() if self._verifier is not None else ({}, 0.0)
-            certs = self.revoked_certs.fingerprints()
-            try:
-                revfile.save(Heard(self.host_id, self._heard_at, leases, not_before, certs, stamp[1]), stamp)
-            except OSError as exc:
-                log.error("cannot write the revocations file %s: %s", revfile.path, exc)
+            if self._save_due.wait(1.0):
+                self._save_due.clear()
+                self._write_revocations(revfile)
+
+    def _write_revocations(self, revfile: RevocationFile) -> None:
+        changes = self._verifier.changes if self._verifier is not None else 0
+        stamp = (changes, self.revoked_certs.version)
+        leases, not_before = self._verifier.revocations() if self._verifier is not None else ({}, 0.0)
+        certs = self.revoked_certs.fingerprints()
+        try:
+            revfile.save(Heard(self.host_id, self._heard_at, leases, not_before, certs, stamp[1]), stamp)
+        except OSError as exc:
+            log.error("cannot write the revocations file %s: %s", revfile.path, exc)
 
     def scheduler_unreachable(self) -> None:
         """The registrar's word: the scheduler cannot be reached. A daemon that has not heard from it since it started
@@ -1243,6 +1245,8 @@ class Daemon:
     def stop(self) -> None:
         self._draining = True
         self._stop.set()
+        if self._revfile is not None and self._heard_at:  # (its last answer's time: the file's age starts there)
+            self._write_revocations(self._revfile)
         for s in self.session_list():
             self.close_session(s, f"host {self.host_id} is shutting down", StatusCode.UNAVAILABLE)
         for q in self.queues.values():
