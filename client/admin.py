@@ -11,14 +11,24 @@ their sessions and refuse their tokens at their next heartbeat. An operator's wa
 whose credential was removed (removing it ends the tenant's calls to the scheduler, not its leases, whose tokens
 admit sessions until they expire: docs/security.md); a tenant may release its own. A lease is named by its id or a
 prefix of it that names one (`gpupool smi` shows 12 characters).
+
+`gpupool cert revoke|unrevoke|list` (operators): the scheduler's list of revoked client certificates, each named by
+a certificate file (PEM) or its fingerprint (`sha256:<hex>`, as `openssl x509 -noout -fingerprint -sha256` prints
+it). The scheduler refuses a revoked certificate on every call from then on and keeps the list in its state; its
+daemons refuse it on every call too (those that see client certificates: `--tls-client-auth require`) from their
+next heartbeat; the status tokens minted before a revocation are refused. A revoked tenant's leases run on until they
+end: release them (`gpupool lease release --tenant NAME`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
+from gpupool import certrevoke
 from gpupool.config import add_flag
 from gpupool.errors import GpupoolError
 
@@ -91,3 +101,52 @@ def lease_main(argv: list[str]) -> int:
         return 0
 
     return _on_scheduler(args.scheduler, f"lease {args.action}", act)
+
+
+def cert_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="gpupool cert",
+        description="Operators: revoke client certificates of the pool (the scheduler refuses them on every call, and "
+        "its daemons from their next heartbeat), take a revocation back, or list them.",
+    )
+    p.add_argument("action", choices=("revoke", "unrevoke", "list"), help="what to do")
+    p.add_argument(
+        "certificates", nargs="*", help="certificate files (PEM) or fingerprints (sha256:<hex>, colons allowed)"
+    )
+    p.add_argument("--note", default="", help="revoke: kept with the revocation (who, why; 256 characters at most)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
+    args = p.parse_args(argv)
+    if args.action != "list" and not args.certificates:
+        p.error("name the certificates (files or fingerprints)")
+    try:
+        named = [_fingerprint(x) for x in args.certificates]
+    except (GpupoolError, OSError) as exc:
+        print(f"gpupool cert {args.action}: {exc}", file=sys.stderr)
+        return 1
+
+    def act(client: SchedulerClient) -> int:
+        revoke, unrevoke = (named, []) if args.action == "revoke" else ([], named)
+        reply = client.revoke_certificates(revoke, unrevoke, args.note)
+        for fp in named:
+            print(f"{fp} {'revoked' if args.action == 'revoke' else 'no longer revoked'}")
+        if args.action == "list":
+            for r in reply.revoked:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.revoked_at))
+                note = r.note.encode("unicode_escape").decode()
+                print(f"{r.fingerprint}  {when} UTC  {note}".rstrip())
+            if not reply.revoked:
+                print("no client certificate is revoked")
+        return 0
+
+    return _on_scheduler(args.scheduler, f"cert {args.action}", act)
+
+
+def _fingerprint(given: str) -> str:
+    """A fingerprint, or the fingerprint of the PEM certificate file `given` names."""
+    path = Path(given)
+    if path.is_file():
+        try:
+            return certrevoke.fingerprint_pem(path.read_bytes())
+        except GpupoolError as exc:
+            raise type(exc)(f"{given}: {exc}") from None
+    return certrevoke.normalize(given)

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,16 @@ class SchedulerClient:
     def remove_host(self, host_id: str, force: bool = False) -> int:
         reply = self._call("RemoveHost", scheduler_pb2.RemoveHostRequest(host_id=host_id, force=force))
         return int(reply.leases_lost)
+
+    def revoke_certificates(
+        self,
+        revoke: Sequence[str] = (),
+        unrevoke: Sequence[str] = (),
+        note: str = "",
+    ) -> scheduler_pb2.RevokeCertificatesReply:
+        """Operators: revoke client certificates by fingerprint (or take back); the whole list after the change."""
+        request = scheduler_pb2.RevokeCertificatesRequest(revoke=revoke, unrevoke=unrevoke, note=note)
+        return self._call("RevokeCertificates", request)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._channel.close()

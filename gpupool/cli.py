@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list-gpus": ("gpupool.client.smi", "list the pool's GPUs, one line each"),
     "host": ("gpupool.client.admin", "operators: drain, undrain or remove a host of the pool"),
     "lease": ("gpupool.client.admin", "release leases now: a tenant's own, or any (operators; --tenant NAME)"),
+    "cert": ("gpupool.client.admin", "operators: revoke client certificates (revoke, unrevoke, list)"),
     "token": ("gpupool.tokencli", "keys (keygen, public-key), API tokens (api-token), a lease token by hand (mint)"),
 }
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.list_gpus_main(rest))
         if name == "lease":
             return int(module.lease_main(rest))
+        if name == "cert":
+            return int(module.cert_main(rest))
         return int(module.main(rest))
     except Exception as exc:
         from gpupool.config import UnsafeFile  # lazily, as the programs' modules are

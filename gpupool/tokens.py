@@ -217,6 +217,7 @@ class Verifier:
         self._expiry: list[tuple[float, str]] = []
         # Status tokens minted before this (the scheduler's `HeartbeatReply.status_tokens_not_before`) are refused.
         self._status_not_before = 0.0
+        self.changes = 0  # counts what `revoke` and `status_not_before` added (a daemon's revocations file: when due)
         self._lock = threading.Lock()
         self._reload()
 
@@ -277,6 +278,7 @@ class Verifier:
                     continue
                 self._revoked[lease_id] = when
                 heapq.heappush(self._expiry, (when, lease_id))
+                self.changes += 1
             self._forget(now)
 
     def _forget(self, now: float) -> None:
@@ -290,8 +292,20 @@ class Verifier:
         """Refuse from now on the status tokens minted before `when` (the scheduler's clock: its start, or its last
         sight of an admin API token removed): never moved back (a NaN or an older time is passed over)."""
         if math.isfinite(when):
+            # Never past our clock and a minute (round 45): a scheduler's clock that ran far ahead made this refuse
+            # every status token until the daemon restarted (it only moves forward).
+            when = min(when, time.time() + 60.0)
             with self._lock:
-                self._status_not_before = max(self._status_not_before, when)
+                if when > self._status_not_before:
+                    self._status_not_before = when
+                    self.changes += 1
+
+    def revocations(self, now: float | None = None) -> tuple[dict[str, float], float]:
+        """(the revoked leases, each until when its tokens may live; the status tokens' not-before): what a daemon
+        keeps on disk (server/revocations.py)."""
+        with self._lock:
+            self._forget(time.time() if now is None else now)
+            return dict(self._revoked), self._status_not_before
 
     def revoked(self, lease_id: str, now: float) -> bool:
         with self._lock:
@@ -452,7 +466,9 @@ def mint_status(key: Signer | bytes, host: str, *, ttl: float = STATUS_TTL, now:
     """A status token: the scheduler's grant to an operator (an admin's ListPool, one a host) of host `host`'s full
     Status view, every session, for `ttl` seconds, where its daemon sees no client certificate (`--tls-client-auth
     none`, serve's default). Bound to the host (a daemon refuses another's) and short-lived; never a lease token."""
-    return _signer(key).sign_status(host, round((time.time() if now is None else now) + ttl, 3))
+    # (rounded down, never up: its mint time, `expires_at` less STATUS_TTL, is never later than the minting, which
+    # `status_tokens_not_before` is compared with)
+    return _signer(key).sign_status(host, math.floor(((time.time() if now is None else now) + ttl) * 1000) / 1000)
 
 
 def verify(key: KeyLike, token: str, *, now: float | None = None) -> TokenClaims:

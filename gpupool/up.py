@@ -461,6 +461,8 @@ def main(argv: list[str]) -> int:
                        # Every caller of the daemon holds a certificate of the pool's CA (the user's tenant one, the
                        # operator's): required, so its Status shows the admin every session and a tenant its own.
                        "--tls-client-auth", "require",
+                       # The revocations it hears, kept for a restart while the scheduler is down (round 45)
+                       "--state-dir", str(cfg.state.parent / "daemon"),
                        # One machine's pool runs multi-GPU jobs (DDP) out of the box: the workers of multi-device
                        # leases (their tokens grant it) may open sockets for collectives (docs/security.md).
                        "--worker-network", "on",

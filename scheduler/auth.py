@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from gpupool.certrevoke import RevokedCerts, peer_pem
 from gpupool.config import UnsafeFile, read_trusted
 from gpupool.errors import (
     InvalidArgument,
@@ -258,8 +259,11 @@ class Authenticator:
         verified_certs: bool,
         open_access: bool,
         failures: AuthFailRate | None = None,
+        revoked: RevokedCerts | None = None,
     ) -> None:
         self.credentials = Credentials(credentials)
+        # Revoked client certificates (round 45: `gpupool cert revoke`), refused on every call whatever it carries
+        self.revoked = revoked if revoked is not None else RevokedCerts()
         self.failures = failures if failures is not None else AuthFailRate(0.0)
         self.verified_certs = verified_certs  # the TLS layer required and verified client certificates
         self.open_access = open_access and credentials is None
@@ -267,6 +271,10 @@ class Authenticator:
             log.warning("no authentication (--insecure without --credentials): every caller is an operator")
 
     def identify(self, metadata: Any, context: grpc.ServicerContext) -> Identity:
+        if self.verified_certs and len(self.revoked):
+            gone = self.revoked.refused_pem(peer_pem(context))
+            if gone:  # (an API token beside it changes nothing: the connection is the revoked certificate's)
+                raise self.refused(context, Unauthenticated(f"client certificate {gone} is revoked (gpupool cert)"))
         given = [str(v) for k, v in metadata or () if k == "authorization"]
         auth = given[0] if given else ""
         if auth:

@@ -81,6 +81,7 @@ class SchedulerConfig:
     tenant_max_waiting: int = 8
     tenant_max_leases: int = 1000
     tenant_max_revoked: int = 20_000
+    max_revoked: int = 200_000  # all tenants together (--max-revoked)
     tenant_rate: float = 100.0
     auth_fail_rate: float = 1.0
     host_write_rate: float = 1.0
@@ -141,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=20_000,
         help="ended leases per tenant whose tokens may still live (their expiry + 600 s): each daemon of such a "
         "lease remembers it until then; beyond, Allocate is RESOURCE_EXHAUSTED; 0: no limit",
+    )
+    add_flag(
+        p,
+        "--max-revoked",
+        type=int,
+        default=200_000,
+        help="the same, all tenants together (what each daemon may have to remember); beyond, every tenant's "
+        "Allocate is RESOURCE_EXHAUSTED until the oldest of them expires (a revocation is never forgotten early); "
+        "0: no limit",
     )
     add_flag(
         p,
@@ -213,6 +223,7 @@ class SchedulerServer:
         )
         self.credentials = authn.credentials
         self.servicer.credentials = authn.credentials
+        self.servicer.authn = authn
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
             # RequestGuard first: it serves the handlers the others make (calls whose request never comes)
@@ -262,9 +273,11 @@ class SchedulerServer:
             tenant_max_waiting=self.config.tenant_max_waiting,
             tenant_max_leases=self.config.tenant_max_leases,
             tenant_max_revoked=self.config.tenant_max_revoked,
+            max_revoked=self.config.max_revoked,
         )
         self.store = store
-        self.core = Core(store, self.key, core_config, self.metrics)
+        revoked = self.servicer.authn.revoked if self.servicer.authn is not None else None
+        self.core = Core(store, self.key, core_config, self.metrics, revoked)  # (certificates: the authenticator's)
         self.metrics.watch(self.core)
         self.servicer.core = self.core
 
@@ -370,6 +383,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         tenant_max_waiting=args.tenant_max_waiting,
         tenant_max_leases=args.tenant_max_leases,
         tenant_max_revoked=args.tenant_max_revoked,
+        max_revoked=args.max_revoked,
         tenant_rate=args.tenant_rate,
         auth_fail_rate=args.auth_fail_rate,
         host_write_rate=args.host_write_rate,
@@ -385,11 +399,11 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if args.max_lease_ttl > tokens.MAX_TTL:  # its leases' tokens would be refused by every daemon as too long-lived
         parser.error(f"--max-lease-ttl must be at most {tokens.MAX_TTL:g} s, the longest life of a lease token")
-    counts = (args.tenant_max_waiting, args.tenant_max_leases, args.tenant_max_revoked)
+    counts = (args.tenant_max_waiting, args.tenant_max_leases, args.tenant_max_revoked, args.max_revoked)
     if not (0 <= args.tenant_max_share < math.inf) or min(counts) < 0:
         parser.error(
-            "--tenant-max-share, --tenant-max-waiting, --tenant-max-leases and --tenant-max-revoked must be finite "
-            "and not negative"
+            "--tenant-max-share, --tenant-max-waiting, --tenant-max-leases, --tenant-max-revoked and --max-revoked "
+            "must be finite and not negative"
         )
     for flag in ("tenant_rate", "auth_fail_rate", "host_write_rate", "host_heartbeat_rate"):
         if not 0 <= getattr(args, flag) < math.inf:

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gpupool import tokens
+from gpupool import certrevoke, tokens
 from gpupool.config import format_size
 from gpupool.errors import (
     FailedPrecondition,
@@ -40,7 +40,7 @@ from gpupool.protocol import HostState, LeaseState
 from .capacity import SHARE_UNITS, Grant, Pool
 from .hosts import REVOCATION_SLACK, HostBook
 from .placement import Request, could_fit, min_units, place, validate
-from .store import Change, LeaseRecord, Store
+from .store import CertRow, Change, LeaseRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class CoreConfig:
     # every daemon of such a lease remembers it until then (tokens.Verifier), so this bounds what a tenant that
     # allocates and releases long leases makes each daemon hold; 0: no limit.
     tenant_max_revoked: int = 0
+    # The same, all tenants together (round 45: `tenant_max_revoked` alone let many tenants, or an `--insecure`
+    # scheduler's any tenant names, grow every daemon's list without bound); 0: no limit.
+    max_revoked: int = 0
     outage_grace: float = 30.0  # after the scheduler was away, how long leases it could not renew are kept
     # A gap this long between two sweeps means the scheduler itself was not running (SIGSTOP, VM pause):
     # the hosts' silence over that time is ours, not theirs. None: min(3 s, host_timeout / 2).
@@ -97,7 +100,12 @@ class Core:
     and pool."""
 
     def __init__(
-        self, store: Store, key: tokens.Signer | bytes, config: CoreConfig = CoreConfig(), events: Events | None = None
+        self,
+        store: Store,
+        key: tokens.Signer | bytes,
+        config: CoreConfig = CoreConfig(),
+        events: Events | None = None,
+        certs: certrevoke.RevokedCerts | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self.pool = Pool()
@@ -112,6 +120,12 @@ class Core:
         self.held_leases: dict[str, int] = {}  # active leases per tenant
         # per tenant: until when the tokens of each of its ended leases may live (a heap; `tenant_max_revoked`)
         self.revoked_until: dict[str, list[float]] = {}
+        self.revoked_all: list[float] = []  # the same, every tenant's together (a heap; `max_revoked`)
+        # Revoked client certificates: fingerprint -> (fingerprint, revoked at, note), in the store; `certs` is the
+        # set the authenticator refuses (shared with it: the server's), replaced whole at each change.
+        self.cert_rows: dict[str, CertRow] = {}
+        self.certs = certs if certs is not None else certrevoke.RevokedCerts()
+        self.certs_revoked_at = 0.0  # when a certificate was last revoked: status tokens minted before are refused
         self.scheduler_id = uuid.uuid4().hex
         self.started_at = time.time()  # status tokens minted before (by another process, or leader) are revoked
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
@@ -119,6 +133,9 @@ class Core:
 
     def _load(self) -> None:
         hosts, leases = self.store.load()
+        load_certs = getattr(self.store, "load_certs", None)
+        self.cert_rows = {row[0]: row for row in (load_certs() if load_certs is not None else [])}
+        self.certs.replace(self.cert_rows)
         now = time.time()
         for host in hosts:
             host.last_seen = now  # give every host a full timeout to heartbeat the restarted scheduler
@@ -135,8 +152,7 @@ class Core:
                 # the memory of the process that stopped): tell them again. Until round 39 a restart forgot them,
                 # and the ended lease's unexpired tokens attached at its hosts again.
                 self.hosts.revoke(lease)
-                if self.config.tenant_max_revoked > 0:
-                    heapq.heappush(self.revoked_until.setdefault(lease.tenant, []), lease.expires_at + REVOCATION_SLACK)
+                self._count_revoked(lease)
         active = sum(1 for x in leases if x.state == LeaseState.ACTIVE)
         if hosts or leases:
             log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
@@ -287,8 +303,30 @@ class Core:
                 "(--tenant-max-leases); release one first"
             )
 
+    def _count_revoked(self, lease: LeaseRecord) -> None:
+        """Count an ended lease whose tokens may live towards its tenant's `tenant_max_revoked` and `max_revoked`."""
+        until = lease.expires_at + REVOCATION_SLACK
+        if self.config.tenant_max_revoked > 0:
+            heapq.heappush(self.revoked_until.setdefault(lease.tenant, []), until)
+        if self.config.max_revoked > 0:
+            heapq.heappush(self.revoked_all, until)
+
     def _check_revoked(self, tenant: str) -> None:
-        """ResourceExhausted when the tenant's ended leases whose tokens may live are at `tenant_max_revoked`."""
+        """ResourceExhausted when the ended leases whose tokens may live are at `max_revoked` (every tenant's) or the
+        tenant's at `tenant_max_revoked`. At the bound no lease is granted (to any tenant, for the first) until the
+        oldest such lease's tokens expire: forgetting a revocation instead would let its token attach again."""
+        pool = self.revoked_all
+        if self.config.max_revoked > 0:
+            now = time.time()
+            while pool and pool[0] <= now:
+                heapq.heappop(pool)
+            if len(pool) >= self.config.max_revoked:
+                raise ResourceExhausted(
+                    f"the pool holds {len(pool)} ended lease(s) whose tokens are still alive (every daemon of such a "
+                    f"lease remembers it until it expires): at most {self.config.max_revoked} (--max-revoked), all "
+                    f"tenants together; the next frees at {time.strftime('%H:%M:%S', time.gmtime(pool[0]))} UTC "
+                    "(ask shorter TTLs)"
+                )
         limit = self.config.tenant_max_revoked
         pending = self.revoked_until.get(tenant)
         if limit <= 0 or pending is None:
@@ -404,8 +442,7 @@ class Core:
             self.pool.give(lease.grants)
             self._hold(lease, -1)
             self.hosts.revoke(lease)
-            if self.config.tenant_max_revoked > 0:
-                heapq.heappush(self.revoked_until.setdefault(lease.tenant, []), lease.expires_at + REVOCATION_SLACK)
+            self._count_revoked(lease)
             self.events.lease_event(state if state != LeaseState.RELEASED else "released")
         if ended:
             self.serve_waiters()
@@ -503,3 +540,45 @@ class Core:
         if lease is None or lease.state == LeaseState.ACTIVE or host_id not in lease.hosts:
             return None
         return lease.expires_at + REVOCATION_SLACK
+
+    # ---- revoked client certificates ----
+
+    def revoke_certs(self, revoke: Iterable[str], unrevoke: Iterable[str], note: str = "") -> list[CertRow]:
+        """Revoke client certificates (fingerprints, `certrevoke.normalize`d) and take revocations back, in one store
+        transaction; the whole list after it. The authenticator refuses the revoked at once; daemons hear the list at
+        their next heartbeat. Revoking also revokes the status tokens minted so far (`certs_revoked_at`): one of a
+        revoked admin's would show its host's sessions for two minutes more."""
+        add = sorted({certrevoke.normalize(x) for x in revoke})
+        drop = sorted({certrevoke.normalize(x) for x in unrevoke} - set(add))
+        if len(note) > 256 or not note.isprintable():
+            raise InvalidArgument("a revocation's note is at most 256 printable characters")
+        with self.lock:
+            now = time.time()
+            rows = [(fp, now, note) for fp in add if fp not in self.cert_rows]
+            gone = [fp for fp in drop if fp in self.cert_rows]
+            if len(self.cert_rows) + len(rows) - len(gone) > certrevoke.MAX_REVOKED:
+                raise ResourceExhausted(
+                    f"{len(self.cert_rows)} certificates are revoked: at most {certrevoke.MAX_REVOKED} (take back "
+                    "those that have expired: `gpupool cert unrevoke`)"
+                )
+            if rows or gone:
+                self.write(Change(certs=rows, forget_certs=gone))
+            for row in rows:
+                self.cert_rows[row[0]] = row
+            for fp in gone:
+                del self.cert_rows[fp]
+            self.certs.replace(self.cert_rows)
+            if rows:
+                self.certs_revoked_at = now
+                log.warning("client certificate(s) revoked: %s", ", ".join(fp[:23] for fp, _, _ in rows[:5]))
+            if gone:
+                log.warning("client certificate revocation(s) taken back: %s", ", ".join(fp[:23] for fp in gone[:5]))
+            return sorted(self.cert_rows.values())
+
+    def revocation_times(self, now: float) -> None:
+        """A clock that jumped back (round 45): the times status tokens were revoked at (the start, a certificate's
+        revocation) are moved back to `now` where they lie ahead of it. Until round 45 a scheduler started during a
+        forward jump of its clock sent every daemon a `status_tokens_not_before` in the future, which refused every
+        status token until the clock caught up."""
+        self.started_at = min(self.started_at, now)
+        self.certs_revoked_at = min(self.certs_revoked_at, now)

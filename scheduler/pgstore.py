@@ -18,7 +18,7 @@ import threading
 import time
 
 from .capacity import Host
-from .store import HOST_COLUMNS, LEASE_COLUMNS, Change, LeaseRecord, StateOwned, from_rows
+from .store import HOST_COLUMNS, LEASE_COLUMNS, CertRow, Change, LeaseRecord, StateOwned, from_rows
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS gpupool_leases (
   lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
   expires_at DOUBLE PRECISION NOT NULL, ttl DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL,
   ended_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gpupool_revoked_certs (
+  fingerprint TEXT PRIMARY KEY, revoked_at DOUBLE PRECISION NOT NULL, note TEXT NOT NULL
 );
 """
 
@@ -73,6 +76,11 @@ class PostgresStore:
             lease_rows = self._conn.execute(f"SELECT {LEASE_COLUMNS} FROM gpupool_leases").fetchall()
         return from_rows(host_rows, lease_rows)
 
+    def load_certs(self) -> list[CertRow]:
+        with self._lock:
+            rows = self._conn.execute("SELECT fingerprint, revoked_at, note FROM gpupool_revoked_certs").fetchall()
+        return [(str(f), float(t), str(n)) for f, t, n in rows]
+
     def write(self, change: Change) -> None:
         if not change:
             return
@@ -98,6 +106,16 @@ class PostgresStore:
                 cur.executemany("DELETE FROM gpupool_leases WHERE lease_id = %s", forget_rows)
             if forget_host_rows:
                 cur.executemany("DELETE FROM gpupool_hosts WHERE host_id = %s", forget_host_rows)
+            if change.certs:
+                cur.executemany(
+                    "INSERT INTO gpupool_revoked_certs VALUES (%s, %s, %s) ON CONFLICT (fingerprint) DO UPDATE SET "
+                    "revoked_at = EXCLUDED.revoked_at, note = EXCLUDED.note",
+                    list(change.certs),
+                )
+            if change.forget_certs:
+                cur.executemany(
+                    "DELETE FROM gpupool_revoked_certs WHERE fingerprint = %s", [(f,) for f in change.forget_certs]
+                )
 
     def check(self) -> None:
         """Raise StateOwned once the connection holding the leadership lock is gone: we no longer lead."""
@@ -120,4 +138,4 @@ def wipe(dsn: str) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS gpupool_hosts, gpupool_leases")
+        conn.execute("DROP TABLE IF EXISTS gpupool_hosts, gpupool_leases, gpupool_revoked_certs")

@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
-from gpupool import tokens
+from gpupool import certrevoke, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from gpupool.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from gpupool.protocol import MAX_HOST_SESSIONS, HostState, LeaseState, Policy
 
 from . import auth
@@ -79,6 +79,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.host_writes = host_writes if host_writes is not None else auth.HostWriteRate(0.0)
         # The scheduler's credentials file, for when an admin's API token was last removed (`status_tokens_not_before`)
         self.credentials: auth.Credentials | None = None
+        self.authn: auth.Authenticator | None = None  # (ListPool checks its caller again once it minted status tokens)
 
     @property
     def core(self) -> Core:
@@ -122,20 +123,44 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if foreign and not again:
             revoked = sorted(foreign.union(revoked))
         longest = time.time() + tokens.MAX_TTL
-        return scheduler_pb2.HeartbeatReply(
+        reply = scheduler_pb2.HeartbeatReply(
             revoked_leases=revoked,
             revoked_until=[until.get(x, longest) for x in revoked],
             reregister=again,
             scheduler_id=self.core.scheduler_id,
             status_tokens_not_before=self.status_tokens_not_before(),
         )
+        if not again:  # (a daemon asked to register again is not the host's: it hears nothing)
+            certs = self.core.certs
+            reply.revoked_certificates_version = certs.version
+            if request.revoked_certificates_version != certs.version:  # the whole list, only when it changed
+                reply.revoked_certificates.extend(certs.fingerprints())
+        return reply
 
     def status_tokens_not_before(self) -> float:
         """Status tokens minted before this are revoked (daemons refuse them): those of an earlier scheduler process
-        (or leader), and those minted before an admin's API token was last removed. Until round 44 a removed admin's
-        status tokens showed every session of their hosts for their whole life (`tokens.STATUS_TTL`, 120 s)."""
+        (or leader), those minted before an admin's API token was last removed, and (round 45) before a client
+        certificate was last revoked. Until round 44 a removed admin's status tokens showed every session of their
+        hosts for their whole life (`tokens.STATUS_TTL`, 120 s). Never ahead of the clock (round 45): a time noted
+        before the clock jumped back is moved back to now (`Core.revocation_times`), else every daemon refused every
+        status token until the clock caught up with it."""
+        now = time.time()
+        self.core.revocation_times(now)
+        if self.credentials is not None and self.credentials.admin_removed_at > now:
+            self.credentials.admin_removed_at = now
         removed = self.credentials.admin_removed_at if self.credentials is not None else 0.0
-        return max(self.core.started_at, removed)
+        return max(self.core.started_at, self.core.certs_revoked_at, removed)
+
+    def RevokeCertificates(
+        self, request: scheduler_pb2.RevokeCertificatesRequest, context: grpc.ServicerContext
+    ) -> Any:
+        """Operators (auth.py: not in METHOD_ROLES): revoke client certificates by fingerprint, or take back."""
+        if len(request.revoke) + len(request.unrevoke) > certrevoke.MAX_REVOKED:
+            raise InvalidArgument(f"at most {certrevoke.MAX_REVOKED} fingerprints a call")
+        rows = self.core.revoke_certs(request.revoke, request.unrevoke, request.note)
+        return scheduler_pb2.RevokeCertificatesReply(
+            revoked=[scheduler_pb2.RevokedCertificate(fingerprint=f, revoked_at=t, note=n) for f, t, n in rows]
+        )
 
     def Allocate(self, request: scheduler_pb2.AllocateRequest, context: grpc.ServicerContext) -> Any:
         which = request.WhichOneof("size")
@@ -191,6 +216,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             for h in reply.hosts:
                 if h.state != HostState.DOWN:
                     h.status_token = tokens.mint_status(self.core.key, h.host_id)
+            if self.authn is not None and any(h.status_token for h in reply.hosts):
+                # The credential checked again once the tokens are minted (round 45): an admin removed (its API token,
+                # its certificate revoked) while this call ran is either seen here (the reply refused) or noted after
+                # the tokens were minted (`status_tokens_not_before` then refuses them). Until round 45 a ListPool in
+                # flight at the removal returned tokens minted after it, served for their 120 s.
+                if self.authn.identify(context.invocation_metadata(), context) != auth.current():
+                    raise Unauthenticated("the credential changed while the call ran: retry")
         return reply
 
     def _pool_page(self, request: scheduler_pb2.ListPoolRequest, caller: auth.Identity) -> scheduler_pb2.PoolState:

@@ -53,18 +53,24 @@ class LeaseRecord:
         self.hosts = {g.host_id for g in self.grants}
 
 
+CertRow = tuple[str, float, str]  # a revoked client certificate: (fingerprint, revoked at, note)
+
+
 @dataclass(frozen=True)
 class Change:
     """One store transaction: upsert `hosts` and `leases`, delete the leases named in `forget` and the hosts
-    named in `forget_hosts`."""
+    named in `forget_hosts`; revoke the client certificates of `certs` (fingerprint, revoked at, note) and take back
+    the revocations of `forget_certs` (round 45)."""
 
     hosts: Sequence[Host] = ()
     leases: Sequence[LeaseRecord] = ()
     forget: Sequence[str] = ()
     forget_hosts: Sequence[str] = ()
+    certs: Sequence[CertRow] = ()
+    forget_certs: Sequence[str] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.hosts or self.leases or self.forget or self.forget_hosts)
+        return bool(self.hosts or self.leases or self.forget or self.forget_hosts or self.certs or self.forget_certs)
 
     def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[str]], list[tuple[str]]]:
         """(host rows, lease rows, leases to delete, hosts to delete) as the SQL stores write them."""
@@ -83,6 +89,10 @@ class StateOwned(GpupoolError):
 class Store(Protocol):
     def load(self) -> tuple[list[Host], list[LeaseRecord]]: ...
 
+    def load_certs(self) -> list[CertRow]:
+        """The revoked client certificates."""
+        ...
+
     def write(self, change: Change) -> None:
         """Apply `change` in one transaction."""
         ...
@@ -96,6 +106,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self._hosts: dict[str, Host] = {}
         self._leases: dict[str, LeaseRecord] = {}
+        self._certs: dict[str, CertRow] = {}
+
+    def load_certs(self) -> list[CertRow]:
+        return list(self._certs.values())
 
     def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         return [copy.deepcopy(h) for h in self._hosts.values()], [copy.deepcopy(x) for x in self._leases.values()]
@@ -109,6 +123,10 @@ class MemoryStore:
             self._leases.pop(lease_id, None)
         for host_id in change.forget_hosts:
             self._hosts.pop(host_id, None)
+        for row in change.certs:
+            self._certs[row[0]] = row
+        for fp in change.forget_certs:
+            self._certs.pop(fp, None)
 
     def close(self) -> None:
         pass
@@ -122,6 +140,9 @@ CREATE TABLE IF NOT EXISTS hosts (
 CREATE TABLE IF NOT EXISTS leases (
   lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
   expires_at REAL NOT NULL, ttl REAL NOT NULL, created_at REAL NOT NULL, ended_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revoked_certs (
+  fingerprint TEXT PRIMARY KEY, revoked_at REAL NOT NULL, note TEXT NOT NULL
 );
 """
 
@@ -192,6 +213,11 @@ class SqliteStore:
             lease_rows = self._db.execute(f"SELECT {LEASE_COLUMNS} FROM leases").fetchall()
         return from_rows(host_rows, lease_rows)
 
+    def load_certs(self) -> list[CertRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT fingerprint, revoked_at, note FROM revoked_certs").fetchall()
+        return [(str(f), float(t), str(n)) for f, t, n in rows]
+
     def write(self, change: Change) -> None:
         if not change:
             return
@@ -209,6 +235,12 @@ class SqliteStore:
                     self._db.executemany("DELETE FROM leases WHERE lease_id = ?", forget_rows)
                 if forget_host_rows:
                     self._db.executemany("DELETE FROM hosts WHERE host_id = ?", forget_host_rows)
+                if change.certs:
+                    self._db.executemany("INSERT OR REPLACE INTO revoked_certs VALUES (?, ?, ?)", change.certs)
+                if change.forget_certs:
+                    self._db.executemany(
+                        "DELETE FROM revoked_certs WHERE fingerprint = ?", [(f,) for f in change.forget_certs]
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)

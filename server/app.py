@@ -28,6 +28,7 @@ class RunningDaemon:
         try:
             if config.bulk_listen:
                 self.bulk = BulkPort(split_address(config.bulk_listen), config.tls, self.daemon.session_list)
+                self.bulk.revoked = self.daemon.revoked_certs
             self.server, self.port, self.health = create_server(self.daemon, config.listen, self.bulk)
             host, _ = split_address(config.listen)
             self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"  # (advertised: an IPv6

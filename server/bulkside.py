@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gpupool import duplex, protocol, records, tls
+from gpupool import certrevoke, duplex, protocol, records, tls
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, Unavailable
 from gpupool.peers import push_out, source_key
@@ -403,6 +403,7 @@ class BulkPort:
     def __init__(self, address: tuple[str, int], tls_config: tls.TlsConfig, sessions: SessionLookup) -> None:
         self._sessions = sessions
         self._tls = None if tls_config.insecure else tls.SocketServerTls(tls_config)
+        self.revoked: certrevoke.RevokedCerts | None = None  # the daemon's revoked client certificates (app.py)
         if tls_config.insecure:
             log.warning("the bulk side port serves PLAINTEXT (--insecure): tensor bytes cross the network readable")
         # an IPv6 address listens on IPv6 ("::": IPv4 too, as the gRPC port's "[::]" does); until round 42 every
@@ -492,6 +493,10 @@ class BulkPort:
                 # descriptor stays open until `finally` has taken the connection off the pending list.
                 sock = self._tls.context().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
                 sock.do_handshake()
+                der = sock.getpeercert(binary_form=True) if self.revoked is not None else None
+                gone = self.revoked.refused_der(der) if self.revoked is not None and der else ""
+                if gone:  # (round 45: the scheduler's list, as on the gRPC port)
+                    raise ValueError(f"client certificate {gone} is revoked")
             head = protocol.recv_exact(sock, len(protocol.BULK_HELLO) + 2, "connection closed during the hello")
             magic = head[: len(protocol.BULK_HELLO)]
             frames = magic == protocol.BULK_HELLO_FRAMES

@@ -128,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
+    add_flag(
+        p,
+        "--state-dir",
+        default="",
+        help="folder (this user's, 0700) where the daemon keeps the revocations its scheduler told it "
+        "(revocations.json 0600, HMAC'd with revocations.key): restarted while the scheduler is unreachable, it "
+        "refuses the revoked tokens and certificates and serves the others; empty: none, and a restarted daemon "
+        "serves no Attach until its scheduler answers",
+    )
+    add_flag(
+        p,
+        "--revocations-max-age",
+        type=float,
+        default=300.0,
+        help="seconds: the --state-dir revocations are served on (the scheduler unreachable) only when the scheduler "
+        "answered at most this long before they were written (a lease ended later is not in them); 0: never",
+    )
     add_flag(p, "--max-message-size", type=size_arg, default=16 * 1024**2, help="largest gRPC message accepted")
     add_flag(p, "--drain-seconds", type=float, default=10.0, help="on SIGTERM, wait this long for queued work")
     add_flag(
@@ -394,6 +411,8 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         scheduler=args.scheduler,
         advertise=args.advertise,
         heartbeat_interval=args.heartbeat_interval,
+        state_dir=args.state_dir,
+        revocations_max_age=args.revocations_max_age,
         max_message_bytes=args.max_message_size,
         drain_seconds=args.drain_seconds,
         cpu_threads=args.cpu_threads,

@@ -27,7 +27,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from grpc import StatusCode
 
-from gpupool import tokens
+from gpupool import certrevoke, tokens
 from gpupool._proto import device_pb2
 from gpupool.errors import (
     FailedPrecondition,
@@ -52,6 +52,7 @@ from .portshare import PORTS_PER_TENANT, PortShares
 from .registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
+from .revocations import Heard, RevocationFile
 from .sandbox import (
     DEFAULT_WORKER_UIDS,
     GPU_DEVICE_GLOB,
@@ -169,6 +170,12 @@ class DaemonConfig:
     # host at once (portshare.PORTS_PER_SESSION each, a block of their own; 0: no share but the range's)
     collective_ports_per_tenant: int = PORTS_PER_TENANT
     bulk_listen: str = ""  # the bulk side port (server/bulkside.py), named in AttachReply; "": none
+    # --state-dir: where the daemon keeps the revocations it heard from its scheduler (server/revocations.py), so that
+    # a restart while the scheduler cannot be reached refuses revoked tokens and serves the others; "": nowhere
+    state_dir: str = ""
+    # --revocations-max-age: the scheduler's last answer may be at most this old (seconds) for a restarted daemon to
+    # serve Attach on the revocations of its state dir while the scheduler cannot be reached; 0: never
+    revocations_max_age: float = 300.0
     # Microseconds the front reads a worker's result without blocking before it sleeps on it (saves its wake-up
     # when the slice is that short); -1: the host decides at each worker's start (worker.spin_default); 0: never
     worker_spin_us: float = 0.0
@@ -425,6 +432,22 @@ class Daemon:
         if not config.scheduler:
             self._heard.set()
         self._waiting_heard = 0  # calls in `_await_revocations` now (`REVOCATIONS_WAITERS`), under `_lock`
+        # Revoked client certificates (round 45), the scheduler's list from its heartbeat replies: refused on every call
+        # and side-socket hello that shows one (`--tls-client-auth require`; server/service.py `RevokedCertsCheck`)
+        self.revoked_certs = certrevoke.RevokedCerts()
+        self._verifier = config.token_key if isinstance(config.token_key, tokens.Verifier) else None
+        # --state-dir: the revocations heard, on disk (server/revocations.py); `_offline_ok`: those read at start are
+        # recent enough to serve Attach on while the scheduler cannot be reached
+        self._revfile: RevocationFile | None = None
+        self._offline_ok = False
+        self._heard_at = 0.0  # (time.time() of the scheduler's last answer)
+        self._save_due = threading.Event()
+        if config.state_dir and config.scheduler:
+            self._revfile = RevocationFile(config.state_dir, config.host_id)
+            self._load_revocations(self._revfile)
+            threading.Thread(
+                target=self._revocations_writer, args=(self._revfile,), name="gpupool-revocations", daemon=True
+            ).start()
         self._started_at = time.monotonic()
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
         self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
@@ -1071,10 +1094,82 @@ class Daemon:
 
     def revocations_heard(self) -> None:
         """The registrar's word: the scheduler answered a heartbeat as this host's, naming every revocation it holds
-        for it (and when status tokens were last revoked): Attach is served from now on."""
+        for it (and when status tokens were last revoked): Attach is served from now on. With `--state-dir` what the
+        daemon holds is written there when it changed (or `revocations.REWRITE` seconds passed)."""
         if not self._heard.is_set():
             self._heard.set()
             log.info("revocations heard from the scheduler: serving Attach")
+        if self._revfile is not None:
+            self._heard_at = time.time()
+            changes = self._verifier.changes if self._verifier is not None else 0
+            if self._revfile.due((changes, self.revoked_certs.version)):
+                self._save_due.set()  # (written by `_revocations_writer`: not in the registrar's heartbeat loop)
+
+    def _load_revocations(self, revfile: RevocationFile) -> None:
+        """Take what `revfile` holds (only ever more refusals), and whether it is recent enough to serve on."""
+        heard = revfile.load()
+        if heard is None:
+            return
+        if self._verifier is not None:
+            self._verifier.revoke(list(heard.leases), until=list(heard.leases.values()))
+            self._verifier.status_not_before(heard.status_not_before)
+        if heard.certs_version:
+            self.revoked_certs.replace(heard.certs, heard.certs_version)
+        age = time.time() - heard.heard_at
+        # (a daemon without a Verifier, a test's, keeps no lease revocations: never served on)
+        self._offline_ok = (
+            self._verifier is not None and heard.heard_at > 0 and -60 <= age <= self.config.revocations_max_age
+        )
+        log.info(
+            "revocations file %s: %d lease(s), %d certificate(s) revoked, as the scheduler said %.0f s ago%s",
+            revfile.path,
+            len(heard.leases),
+            len(heard.certs),
+            age,
+            ""
+            if self._offline_ok
+            else f" (older than --revocations-max-age {self.config.revocations_max_age:g} s: "
+            "Attach waits for the scheduler's first answer)",
+        )
+
+    def _revocations_writer(self, revfile: RevocationFile) -> None:
+        """A thread of its own writes the file when a heartbeat made it due: at 200,000 revocations a write takes
+        seconds on a loaded host, which in the registrar's loop would delay heartbeats past the host timeout."""
+        while not self._stop.is_set():
+            if self._save_due.wait(1.0):
+                self._save_due.clear()
+                self._write_revocations(revfile)
+
+    def _write_revocations(self, revfile: RevocationFile) -> None:
+        changes = self._verifier.changes if self._verifier is not None else 0
+        stamp = (changes, self.revoked_certs.version)
+        leases, not_before = self._verifier.revocations() if self._verifier is not None else ({}, 0.0)
+        certs = self.revoked_certs.fingerprints()
+        try:
+            revfile.save(Heard(self.host_id, self._heard_at, leases, not_before, certs, stamp[1]), stamp)
+        except OSError as exc:
+            log.error("cannot write the revocations file %s: %s", revfile.path, exc)
+
+    def scheduler_unreachable(self) -> None:
+        """The registrar's word: the scheduler cannot be reached. A daemon that has not heard from it since it started
+        serves Attach on the revocations of its state dir where they are recent (`_load_revocations`): a revoked
+        token is refused, the others attach. Until round 45 it served none until the scheduler answered."""
+        if self._offline_ok and not self._heard.is_set():
+            self._heard.set()
+            log.warning(
+                "scheduler %s cannot be reached: serving Attach on the revocations of %s (a lease ended since it was "
+                "written is refused from the scheduler's first answer on)",
+                self.config.scheduler,
+                self._revfile.path if self._revfile is not None else "",
+            )
+
+    def revoked_certificates_version(self) -> str:
+        return self.revoked_certs.version
+
+    def revoke_certificates(self, fingerprints: list[str], version: str) -> None:
+        """The scheduler's list of revoked client certificates (whole): refused from now on."""
+        if self.revoked_certs.replace(fingerprints, version):
+            log.warning("revoked client certificates: now %d", len(fingerprints))
 
     def _await_revocations(self, what: str) -> None:
         """Wait (`REVOCATIONS_WAIT` at most) for the scheduler's first heartbeat reply; else UNAVAILABLE, at once
@@ -1150,6 +1245,8 @@ class Daemon:
     def stop(self) -> None:
         self._draining = True
         self._stop.set()
+        if self._revfile is not None and self._heard_at:  # (its last answer's time: the file's age starts there)
+            self._write_revocations(self._revfile)
         for s in self.session_list():
             self.close_session(s, f"host {self.host_id} is shutting down", StatusCode.UNAVAILABLE)
         for q in self.queues.values():

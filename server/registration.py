@@ -44,8 +44,10 @@ class RegistrationSource(Protocol):
 
     def revoke_leases(self, lease_ids: list[str]) -> None: ...
 
-    # Optional (`getattr`): `hold_expiry(until)`, while the scheduler is unreachable; `revocations_heard()`, after
-    # each heartbeat the scheduler answered as the host's (its reply named every revocation it holds for the host).
+    # Optional (`getattr`): `hold_expiry(until)` and `scheduler_unreachable()`, while the scheduler is unreachable;
+    # `revocations_heard()`, after each heartbeat the scheduler answered as the host's (its reply named every
+    # revocation it holds for the host); `revoked_certificates_version()` and `revoke_certificates(list, version)`,
+    # the scheduler's revoked client certificates (round 45).
 
 
 class Registrar:
@@ -119,6 +121,9 @@ class Registrar:
                 self._failed(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
                 if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
                     self._hold()
+                    unreachable = getattr(self.source, "scheduler_unreachable", None)
+                    if unreachable is not None:
+                        unreachable()  # (a daemon with a recent revocations file serves on it: server/revocations.py)
                     self._next_scheduler()
             except Exception as exc:  # noqa: BLE001 - a bad source reading must not end registration
                 log.exception("registration step failed")
@@ -164,6 +169,7 @@ class Registrar:
                 devices=devices,
                 draining=self.source.draining(),
                 address=self.advertise_address,
+                revoked_certificates_version=getattr(self.source, "revoked_certificates_version", str)(),
             ),
             timeout=RPC_TIMEOUT,
         )
@@ -179,6 +185,10 @@ class Registrar:
             return
         if self.verifier is not None and reply.status_tokens_not_before:
             self.verifier.status_not_before(reply.status_tokens_not_before)
+        take = getattr(self.source, "revoke_certificates", None)
+        if take is not None and reply.revoked_certificates_version:  # (empty: an older scheduler, no list)
+            if reply.revoked_certificates_version != getattr(self.source, "revoked_certificates_version", str)():
+                take(list(reply.revoked_certificates), reply.revoked_certificates_version)
         heard = getattr(self.source, "revocations_heard", None)
         if heard is not None:
             heard()  # (a reply of the scheduler that knows this host: it named every revocation it holds for it)

@@ -19,7 +19,7 @@ from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
-from gpupool import config, pki, protocol, tls, tokens
+from gpupool import certrevoke, config, pki, protocol, tls, tokens
 from gpupool._proto import device_pb2
 from gpupool.callguard import RequestGuard
 from gpupool.errors import (
@@ -557,6 +557,45 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def _cert_check(daemon: Daemon) -> list[grpc.ServerInterceptor]:
+    """The revoked client certificates' check, where the daemon sees client certificates (`--tls-client-auth
+    require`): under `none` gRPC's Python server never asks for one (round 41), so there is nothing to refuse."""
+    cfg = daemon.config.tls
+    return [] if cfg.insecure or cfg.client_auth != "require" else [RevokedCertsCheck(daemon.revoked_certs)]
+
+
+class RevokedCertsCheck(grpc.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) every call whose client certificate the scheduler revoked (`gpupool cert revoke`,
+    heard in heartbeat replies; round 45), before its handler runs: Attach, Status, a stream, a token's refresh."""
+
+    def __init__(self, revoked: certrevoke.RevokedCerts) -> None:
+        self.revoked = revoked
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        revoked = self.revoked
+
+        def checked(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                gone = revoked.refused_pem(certrevoke.peer_pem(context)) if len(revoked) else ""
+                if gone:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, f"client certificate {gone} is revoked")
+                return behavior(request, context)
+
+            return call
+
+        args = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(checked(handler.unary_unary), *args)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(checked(handler.unary_stream), *args)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(checked(handler.stream_unary), *args)
+        return grpc.stream_stream_rpc_method_handler(checked(handler.stream_stream), *args)
+
+
 def create_server(
     daemon: Daemon, address: str, bulk_port: BulkPort | None = None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -569,7 +608,7 @@ def create_server(
         maximum_concurrent_rpcs=MAX_WORKERS - 8,
         # RequestGuard: calls whose request message never comes (callguard; round 37: 248 of them, from anyone who
         # completes a TLS handshake, refused every Attach of the host) wait boundedly, capped per source address.
-        interceptors=[RequestGuard(), ErrorInterceptor()],
+        interceptors=[RequestGuard(), ErrorInterceptor(), *_cert_check(daemon)],
     )
     servicer = DeviceServicer(daemon, bulk_port)
     if bulk_port is not None and protocol.FEATURE_SIDE_FRAMES in servicer.features:

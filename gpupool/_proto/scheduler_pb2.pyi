@@ -102,6 +102,7 @@ class HeartbeatRequest(_message.Message):
     DEVICES_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    REVOKED_CERTIFICATES_VERSION_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     draining: _builtins.bool
     address: _builtins.str
@@ -109,6 +110,10 @@ class HeartbeatRequest(_message.Message):
     host's registered one (a daemon whose host id another daemon took over while it was silent: paused, partitioned)
     is answered reregister, and neither takes the host's revocations nor counts as its liveness. Empty (an older
     daemon): not compared.
+    """
+    revoked_certificates_version: _builtins.str
+    """The version of the list of revoked client certificates this daemon holds (HeartbeatReply.
+    revoked_certificates_version; empty: none yet): the reply carries the list only when the scheduler's differs.
     """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_device_pb2.SessionUsage]: ...
@@ -122,10 +127,11 @@ class HeartbeatRequest(_message.Message):
         devices: _abc.Iterable[_device_pb2.DeviceUsage] | None = ...,
         draining: _builtins.bool = ...,
         address: _builtins.str = ...,
+        revoked_certificates_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "devices", b"devices", "draining", b"draining", "host_id", b"host_id", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "devices", b"devices", "draining", b"draining", "host_id", b"host_id", "revoked_certificates_version", b"revoked_certificates_version", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,6 +146,8 @@ class HeartbeatReply(_message.Message):
     SCHEDULER_ID_FIELD_NUMBER: _builtins.int
     REVOKED_UNTIL_FIELD_NUMBER: _builtins.int
     STATUS_TOKENS_NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    REVOKED_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    REVOKED_CERTIFICATES_VERSION_FIELD_NUMBER: _builtins.int
     reregister: _builtins.bool
     """The scheduler does not know this host (e.g. it was marked down): register again."""
     scheduler_id: _builtins.str
@@ -150,6 +158,7 @@ class HeartbeatReply(_message.Message):
     credentials file) are refused by the daemon; a status token's mint time is its expiry less tokens.STATUS_TTL.
     0 (an older scheduler): none refused for it.
     """
+    revoked_certificates_version: _builtins.str
     @_builtins.property
     def revoked_leases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Leases released, expired or lost: the daemon closes their sessions and frees their memory."""
@@ -161,6 +170,13 @@ class HeartbeatReply(_message.Message):
         Missing (an older scheduler): the longest a token may live (tokens.MAX_TTL) from the reply.
         """
 
+    @_builtins.property
+    def revoked_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scheduler's list of revoked client certificates ("sha256:<hex of the DER's SHA-256>"), whole, when its
+        version differs from the request's revoked_certificates_version (else empty); the daemon refuses them on every
+        call. An empty version (an older scheduler): no list.
+        """
+
     def __init__(
         self,
         *,
@@ -169,10 +185,12 @@ class HeartbeatReply(_message.Message):
         scheduler_id: _builtins.str = ...,
         revoked_until: _abc.Iterable[_builtins.float] | None = ...,
         status_tokens_not_before: _builtins.float = ...,
+        revoked_certificates: _abc.Iterable[_builtins.str] | None = ...,
+        revoked_certificates_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_leases", b"revoked_leases", "revoked_until", b"revoked_until", "scheduler_id", b"scheduler_id", "status_tokens_not_before", b"status_tokens_not_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_certificates", b"revoked_certificates", "revoked_certificates_version", b"revoked_certificates_version", "revoked_leases", b"revoked_leases", "revoked_until", b"revoked_until", "scheduler_id", b"scheduler_id", "status_tokens_not_before", b"status_tokens_not_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,3 +654,83 @@ class RemoveHostReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveHostReply: _TypeAlias = RemoveHostReply  # noqa: Y015
+
+@_typing.final
+class RevokeCertificatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKE_FIELD_NUMBER: _builtins.int
+    UNREVOKE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    note: _builtins.str
+    """kept with the revocations of `revoke` (who, why): at most 256 printable characters"""
+    @_builtins.property
+    def revoke(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """fingerprints "sha256:<64 hex>" (the SHA-256 of the certificate's DER)"""
+
+    @_builtins.property
+    def unrevoke(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """take these revocations back"""
+
+    def __init__(
+        self,
+        *,
+        revoke: _abc.Iterable[_builtins.str] | None = ...,
+        unrevoke: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "revoke", b"revoke", "unrevoke", b"unrevoke"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeCertificatesRequest: _TypeAlias = RevokeCertificatesRequest  # noqa: Y015
+
+@_typing.final
+class RevokedCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    revoked_at: _builtins.float
+    """unix seconds, the scheduler's clock"""
+    note: _builtins.str
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        revoked_at: _builtins.float = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "note", b"note", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedCertificate: _TypeAlias = RevokedCertificate  # noqa: Y015
+
+@_typing.final
+class RevokeCertificatesReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedCertificate]:
+        """every revoked certificate, after the change"""
+
+    def __init__(
+        self,
+        *,
+        revoked: _abc.Iterable[Global___RevokedCertificate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeCertificatesReply: _TypeAlias = RevokeCertificatesReply  # noqa: Y015

@@ -74,6 +74,11 @@ class SchedulerStub:
                 request_serializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostReply.FromString,
                 _registered_method=True)
+        self.RevokeCertificates = channel.unary_unary(
+                '/gpupool.v1.Scheduler/RevokeCertificates',
+                request_serializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesReply.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -128,6 +133,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCertificates(self, request, context):
+        """Operators: revoke client certificates (by fingerprint) or take revocations back; answers the whole list. The
+        scheduler refuses a revoked certificate on every call, and tells the daemons (HeartbeatReply), which refuse it too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.RemoveHost,
                     request_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostReply.SerializeToString,
+            ),
+            'RevokeCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificates,
+                    request_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +406,33 @@ class Scheduler:
             '/gpupool.v1.Scheduler/RemoveHost',
             gpupool_dot_v1_dot_scheduler__pb2.RemoveHostRequest.SerializeToString,
             gpupool_dot_v1_dot_scheduler__pb2.RemoveHostReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Scheduler/RevokeCertificates',
+            gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesRequest.SerializeToString,
+            gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesReply.FromString,
             options,
             channel_credentials,
             insecure,

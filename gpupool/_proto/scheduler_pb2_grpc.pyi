@@ -40,6 +40,10 @@ class SchedulerStub:
     DrainHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DrainHostRequest, _scheduler_pb2.DrainHostReply]
     """Operators: stop placing on a host (its leases run on) or undo that; forget a host that is gone for good."""
     RemoveHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RemoveHostRequest, _scheduler_pb2.RemoveHostReply]
+    RevokeCertificates: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RevokeCertificatesRequest, _scheduler_pb2.RevokeCertificatesReply]
+    """Operators: revoke client certificates (by fingerprint) or take revocations back; answers the whole list. The
+    scheduler refuses a revoked certificate on every call, and tells the daemons (HeartbeatReply), which refuse it too.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -53,6 +57,10 @@ class SchedulerAsyncStub(SchedulerStub):
     DrainHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainHostRequest, _scheduler_pb2.DrainHostReply]  # type: ignore[assignment]
     """Operators: stop placing on a host (its leases run on) or undo that; forget a host that is gone for good."""
     RemoveHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RemoveHostRequest, _scheduler_pb2.RemoveHostReply]  # type: ignore[assignment]
+    RevokeCertificates: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RevokeCertificatesRequest, _scheduler_pb2.RevokeCertificatesReply]  # type: ignore[assignment]
+    """Operators: revoke client certificates (by fingerprint) or take revocations back; answers the whole list. The
+    scheduler refuses a revoked certificate on every call, and tells the daemons (HeartbeatReply), which refuse it too.
+    """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +119,15 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.RemoveHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.RemoveHostReply, _abc.Awaitable[_scheduler_pb2.RemoveHostReply]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeCertificates(
+        self,
+        request: _scheduler_pb2.RevokeCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.RevokeCertificatesReply, _abc.Awaitable[_scheduler_pb2.RevokeCertificatesReply]]:
+        """Operators: revoke client certificates (by fingerprint) or take revocations back; answers the whole list. The
+        scheduler refuses a revoked certificate on every call, and tells the daemons (HeartbeatReply), which refuse it too.
+        """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -123,3 +123,24 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, postgr
             s.stop()
         a.stop()
         b.stop()
+
+
+def test_revoked_certificates_are_kept_in_postgresql(postgres: str) -> None:
+    """Round 45 (control45): the revoked client certificates are a table of the state (gpupool_revoked_certs), read
+    by the next leader; taken back, gone. On f47ac67 the store had no such table (`Change` had no `certs`)."""
+    from gpupool.scheduler.pgstore import PostgresStore
+    from gpupool.scheduler.store import Change
+
+    fp = "sha256:" + "ab" * 32
+    leader = PostgresStore(postgres)
+    try:
+        leader.write(Change(certs=[(fp, 1765000000.5, "laptop stolen")]))
+    finally:
+        leader.close()
+    successor = PostgresStore(postgres)
+    try:
+        assert successor.load_certs() == [(fp, 1765000000.5, "laptop stolen")]
+        successor.write(Change(forget_certs=[fp]))
+        assert successor.load_certs() == []
+    finally:
+        successor.close()
