@@ -190,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
     p.add_argument("--daemon-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
-    p.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
-                   help="then each daemon idle this long (its sessions ended): context switches a second by thread "
-                   "(round 45: the side port's accept loop and the lease reaper no longer wake on a timer)")  # fmt: skip
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then each daemon idle this long (its sessions ended): context switches a second by thread "
+        "(round 45: the side port's accept loop and the lease reaper no longer wake on a timer)",
+    )
     args = p.parse_args(argv)
     import torch
     from train_overhead import bench_daemons

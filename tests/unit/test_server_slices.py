@@ -65,7 +65,6 @@ def test_split_graphs_tells_a_frame_holding_a_run_graph_from_any_position(readin
     sync = device_pb2.Command(sync=device_pb2.Sync(request_id=2))
     upload = device_pb2.Command(upload=device_pb2.Upload(handle=7, data=b"x" * 300))
     run = device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=3, inputs=[1, 2]))
-    entry = b"".join
     bad_run = b"\x0a\x05\xaa\x01\x02\x08\xff"  # a RunGraph whose graph_id's varint never ends
     long_key = b"\x0a\x05\xaa\x81\x00\x00\x00"  # run_graph's key as a three-byte varint, an empty message
     hidden = b"\x0a\x09\xf2\x01\x01\x00\xaa\x01\x02\x08\x07"  # an eager record, then a RunGraph field
