@@ -74,11 +74,11 @@ def _switches(pid: int, task: str) -> int:
     return n
 
 
-def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int]]:
-    """(pid, tid) -> (group, user + system seconds, system seconds, context switches) of every thread of the
-    daemon's process tree."""
+def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int, str]]:
+    """(pid, tid) -> (group, user + system seconds, system seconds, context switches, its front thread's name or
+    `zygote and workers`) of every thread of the daemon's process tree."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[tuple[int, int], tuple[str, float, float, int]] = {}
+    out: dict[tuple[int, int], tuple[str, float, float, int, str]] = {}
 
     def walk(pid: int) -> None:
         try:
@@ -87,7 +87,8 @@ def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int]]
                 name = stat[stat.index("(") + 1 : stat.rindex(")")]
                 fields = stat[stat.rindex(")") + 2 :].split()
                 user, system = int(fields[11]) / tick, int(fields[12]) / tick
-                out[(pid, int(task))] = (_group(pid, front, name), user + system, system, _switches(pid, task))
+                label = name if pid == front else "zygote and workers"
+                out[(pid, int(task))] = (_group(pid, front, name), user + system, system, _switches(pid, task), label)
                 for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
                     walk(int(child))
         except (FileNotFoundError, ProcessLookupError):
@@ -101,30 +102,11 @@ def idle_wakes(front: int, seconds: float) -> dict[str, float]:
     """Context switches a second of each thread of the daemon's process tree over `seconds` with nothing to do (no
     session's frames): the front's threads by name (the last 15 bytes of a Python thread's), the processes below it
     together as `zygote and workers`, and `all`."""
-
-    def snap() -> dict[tuple[int, int], tuple[str, int]]:
-        out: dict[tuple[int, int], tuple[str, int]] = {}
-
-        def walk(pid: int) -> None:
-            try:
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
-                    label = name if pid == front else "zygote and workers"
-                    out[(pid, int(task))] = (label, _switches(pid, task))
-                    for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-                        walk(int(child))
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-
-        walk(front)
-        return out
-
-    before = snap()
+    before = _threads(front)
     time.sleep(seconds)
-    after = snap()
     rates: dict[str, float] = {}
-    for key, (label, sw) in after.items():
-        rates[label] = rates.get(label, 0.0) + (sw - before.get(key, (label, 0))[1]) / seconds
+    for key, (_, _, _, sw, label) in _threads(front).items():
+        rates[label] = rates.get(label, 0.0) + (sw - before.get(key, ("", 0.0, 0.0, 0, label))[3]) / seconds
     rates["all"] = sum(rates.values())
     return rates
 
@@ -170,8 +152,8 @@ def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, An
     cpu = dict.fromkeys(GROUPS, 0.0)
     system = dict.fromkeys(GROUPS, 0.0)
     switches = dict.fromkeys(GROUPS, 0)
-    for key, (group, total, sys_s, sw) in after.items():
-        _, total0, sys0, sw0 = before.get(key, (group, 0.0, 0.0, 0))
+    for key, (group, total, sys_s, sw, _) in after.items():
+        _, total0, sys0, sw0, _ = before.get(key, (group, 0.0, 0.0, 0, ""))
         cpu[group] += total - total0
         system[group] += sys_s - sys0
         switches[group] += sw - sw0
