@@ -15,6 +15,7 @@ of a few rounds on a shared box.
 
     python bench/daemon_threads.py [--model tiny-mlp] [--steps 2000] [--rounds 3]
     python bench/daemon_threads.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
+    python bench/daemon_threads.py --rounds 0 --idle 20 --against DIR     # idle wake-ups a second, by thread
 
 With `BENCH_DAEMON_FLAGS="--bulk-listen 127.0.0.1:0"` the daemons (bench/train_overhead.py) have a side port: a daemon
 that names `side_frames` takes the session's frames there (round 26), its socket's thread (named `...bulk-hello`,
@@ -73,11 +74,11 @@ def _switches(pid: int, task: str) -> int:
     return n
 
 
-def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int]]:
-    """(pid, tid) -> (group, user + system seconds, system seconds, context switches) of every thread of the
-    daemon's process tree."""
+def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int, str]]:
+    """(pid, tid) -> (group, user + system seconds, system seconds, context switches, its front thread's name or
+    `zygote and workers`) of every thread of the daemon's process tree."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[tuple[int, int], tuple[str, float, float, int]] = {}
+    out: dict[tuple[int, int], tuple[str, float, float, int, str]] = {}
 
     def walk(pid: int) -> None:
         try:
@@ -86,7 +87,8 @@ def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int]]
                 name = stat[stat.index("(") + 1 : stat.rindex(")")]
                 fields = stat[stat.rindex(")") + 2 :].split()
                 user, system = int(fields[11]) / tick, int(fields[12]) / tick
-                out[(pid, int(task))] = (_group(pid, front, name), user + system, system, _switches(pid, task))
+                label = name if pid == front else "zygote and workers"
+                out[(pid, int(task))] = (_group(pid, front, name), user + system, system, _switches(pid, task), label)
                 for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
                     walk(int(child))
         except (FileNotFoundError, ProcessLookupError):
@@ -94,6 +96,19 @@ def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float, int]]
 
     walk(front)
     return out
+
+
+def idle_wakes(front: int, seconds: float) -> dict[str, float]:
+    """Context switches a second of each thread of the daemon's process tree over `seconds` with nothing to do (no
+    session's frames): the front's threads by name (the last 15 bytes of a Python thread's), the processes below it
+    together as `zygote and workers`, and `all`."""
+    before = _threads(front)
+    time.sleep(seconds)
+    rates: dict[str, float] = {}
+    for key, (_, _, _, sw, label) in _threads(front).items():
+        rates[label] = rates.get(label, 0.0) + (sw - before.get(key, ("", 0.0, 0.0, 0, label))[3]) / seconds
+    rates["all"] = sum(rates.values())
+    return rates
 
 
 def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, Any]:
@@ -137,8 +152,8 @@ def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, An
     cpu = dict.fromkeys(GROUPS, 0.0)
     system = dict.fromkeys(GROUPS, 0.0)
     switches = dict.fromkeys(GROUPS, 0)
-    for key, (group, total, sys_s, sw) in after.items():
-        _, total0, sys0, sw0 = before.get(key, (group, 0.0, 0.0, 0))
+    for key, (group, total, sys_s, sw, _) in after.items():
+        _, total0, sys0, sw0, _ = before.get(key, (group, 0.0, 0.0, 0, ""))
         cpu[group] += total - total0
         system[group] += sys_s - sys0
         switches[group] += sw - sw0
@@ -157,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
     p.add_argument("--daemon-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then each daemon idle this long (its sessions ended): context switches a second by thread "
+        "(round 45: the side port's accept loop and the lease reaper no longer wake on a timer)",
+    )
     args = p.parse_args(argv)
     import torch
     from train_overhead import bench_daemons
@@ -176,10 +199,22 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for name in names if r % 2 == 0 else names[::-1]:
                     runs[name].append(measure(daemons.remote(name), args.model, args.steps))
+            idle = {}
+            if args.idle > 0:
+                time.sleep(1.0)  # (the last round's sessions end)
+                idle = {name: idle_wakes(daemons.remote(name)["daemon_pid"], args.idle) for name in names}
         load1 = os.getloadavg()
+    label = {"process": "this", "base": "other"}
+    if idle:
+        print(f"idle daemons, {args.idle:g} s each: context switches a second by thread (load {load1[0]:.1f})")
+        rows = sorted({k for rates in idle.values() for k in rates if k != "all"}) + ["all"]
+        print(f"{'':<20}" + "".join(f"{label[n]:>10}" for n in names))
+        for row in rows:
+            print(f"{row:<20}" + "".join(f"{idle[n].get(row, 0.0):>10.2f}" for n in names))
+    if not args.rounds:
+        return 0
     print(f"{args.model}: {args.rounds} rounds of {args.steps} steps, load {load0[0]:.1f} -> {load1[0]:.1f}; "
           "daemon CPU per eager op (us, median over rounds; system part in brackets)")  # fmt: skip
-    label = {"process": "this", "base": "other"}
     header = f"{'':<12}" + "".join(f"{label[n]:>18}" for n in names) + ("   this/other" if against else "")
     print(header)
     med: dict[str, dict[str, float]] = {}

@@ -73,6 +73,7 @@ from gpupool._proto import device_pb2  # noqa: E402
 U64 = (1 << 64) - 1
 DTYPES = sorted(wire.TORCH_DTYPES)  # the wire's dtype numbers
 UPLOAD_KEY, FREE_KEY = 0x12, 0x22  # `Command.upload` (2) and `Command.free` (4), length-delimited
+RUN_GRAPH = device_pb2.Command.DESCRIPTOR.fields_by_name["run_graph"].number
 
 
 # ---- protobuf bytes by hand ----
@@ -414,6 +415,10 @@ def check_frame(mod: Any, payload: bytes) -> str:
         ref = slices.py_split_frame(payload, max_commands, marks)
         assert [(k, bytes(s)) for k, s in fast[0]] == [(k, bytes(s)) for k, s in ref], "split_frame"
         assert fast[1] == marks, "split_frame marks"
+        # its RunGraph flag (round 45: the front skips its protobuf check of a small frame without one): what the
+        # kinds say, and set wherever `graph_frame` takes the frame (a worker runs those without a parse)
+        assert fast[2] is (RUN_GRAPH in [k for k, _ in ref]), "split_frame's RunGraph flag"
+        assert fast[2] or runs is None or not ref, "a frame graph_frame runs, not flagged by split_frame"
     if runs is not None:
         return "run_graphs read"
     return "parsed" if cmds is not None else "refused"

@@ -2369,7 +2369,10 @@ py::object eager_frame(py::handle payload, bool between) {
 // its length as a varint of at most six bytes (shift <= 35), its end within the frame, an empty command skipped
 // uncounted, its kind the field number of its first tag (a varint of at most five bytes within the command, shift
 // < 35; 0 where that tag is unfinished), never 0, at most `max_commands` of them. Returns ([(kind, span)], [the
-// positions of the commands of kind `upload` or `get`]), each span as below, or None for
+// positions of the commands of kind `upload` or `get`], whether any command is of kind RUN_GRAPH: the one command a
+// worker may run from its bytes without upb's parse first, `graph_frame`, which takes only commands whose first tag
+// is run_graph's, i.e. of that kind: the front's protobuf check of a small frame without one is left to the worker's
+// parse, round 45), each span as below, or None for
 // anything else (a frame the reading refuses, a `raw` that is neither exactly bytes nor a one-dimensional contiguous
 // memoryview of bytes: a side socket's reused frame buffer, server/bulkside.py), before anything is handed out: the
 // caller then runs the Python reading, which raises its own error. Every byte read is checked against the frame's
@@ -2381,6 +2384,7 @@ py::object eager_frame(py::handle payload, bool between) {
 // eager op of the tiny MLP in the front's reader). The copies hold no reference to `raw` (a side socket's reused frame
 // buffer included), and together they are no bigger than it.
 constexpr Py_ssize_t COPY_FRAME = 64 * 1024;
+constexpr uint64_t RUN_GRAPH = 21;  // `Command.run_graph`'s field number (server/bulk.py RUN_GRAPH)
 
 py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int64_t get) {
   const unsigned char* base = nullptr;
@@ -2416,6 +2420,7 @@ py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int
   Own marks(PyList_New(0));
   if (marks.p == nullptr) throw py::error_already_set();
   int64_t left = max_commands;
+  bool graphs = false;
   Py_ssize_t i = 0;
   while (i < n) {
     const Py_ssize_t start = i;
@@ -2445,6 +2450,7 @@ py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int
     }
     i = end;
     if (kind == 0 || left == 0) return py::none();
+    graphs |= kind == RUN_GRAPH;
     const int64_t k = static_cast<int64_t>(kind);  // < 2**32
     if (k == upload || k == get) {
       Own at(PyLong_FromLongLong(max_commands - left));
@@ -2459,7 +2465,8 @@ py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int
     Own pair(PyTuple_Pack(2, kobj.p, span.p));
     if (pair.p == nullptr || PyList_Append(out.p, pair.p) < 0) throw py::error_already_set();
   }
-  return py::make_tuple(py::reinterpret_borrow<py::object>(out.p), py::reinterpret_borrow<py::object>(marks.p));
+  return py::make_tuple(py::reinterpret_borrow<py::object>(out.p), py::reinterpret_borrow<py::object>(marks.p),
+                        py::bool_(graphs));
 }
 
 PyObject* MISSING;  // `dict_pop`'s default: an object no session table holds

@@ -237,14 +237,24 @@ class DeviceServicer:
         parsed: Any = None
         marked: list[int] = []  # the positions of its Uploads and Gets
         try:
-            commands = slices.split_frame(raw, self.daemon.config.max_frame_commands, marked)  # counted first
-            big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
-            if not (big and bulk.uploads_only([span for _, span in commands])):
+            commands, graphs = slices.split_graphs(raw, self.daemon.config.max_frame_commands, marked)  # counted first
+            if not graphs and len(raw) < bulk.STRIP_MIN:
+                # A small frame without a RunGraph (an eager step's): its commands go to the worker as they are, and
+                # the worker's parse, which comes before any of them runs, checks them (`slices.run_commands`: the
+                # commands before a malformed one run, then the session ends with INVALID_ARGUMENT,
+                # `Daemon._malformed`), where this parse read them all again (round 44: ~0.6k instructions an eager
+                # op). Its Uploads and Gets are checked here, as `_take_bulk` reads them. (A RunGraph's frame is
+                # checked here: its worker may run it from its bytes, with no parse first: `slices.split_graphs`.)
+                if marked:
+                    parsed = device_pb2.ClientFrame.FromString(b"".join([commands[n][1] for n in marked])).commands
+            elif not (len(raw) >= bulk.BIG_UPLOAD and bulk.uploads_only([span for _, span in commands])):
                 # a batch's upload among other commands: checked without copying its bytes, the rest by protobuf
                 stripped = bulk.strip_uploads(commands) if len(raw) >= bulk.STRIP_MIN else None
                 if stripped is None:
                     # malformed commands end it here (a side socket's frame buffer: protobuf takes the view)
-                    parsed = device_pb2.ClientFrame.FromString(raw).commands  # type: ignore[arg-type]
+                    whole = device_pb2.ClientFrame.FromString(raw).commands  # type: ignore[arg-type]
+                    if marked and len(whole) == len(commands):  # (no empty command skipped: one for one)
+                        parsed = [whole[n] for n in marked]
                 else:
                     device_pb2.ClientFrame.FromString(stripped[0])
         except (DecodeError, InvalidArgument) as exc:
@@ -421,10 +431,9 @@ def _take_bulk(
     and a frame of 4,096 tiny commands each announcing 16 MiB made the daemon hold 64 GiB (round 17; clients
     send one chunk a frame).
 
-    `parsed`: the frame's commands as protobuf parsed them (the reader's check), or None. When they are the
-    spans' commands one for one (no empty command was skipped), an Upload or Get that asks nothing of the side
-    channel (the usual: an eager step's small inputs) is passed over on the parsed fields, in C, instead of
-    reading its span again in Python.
+    `parsed`: the frame's Uploads and Gets (`marked`'s commands, in order) as protobuf parsed them (the reader's
+    check), or None. An Upload or Get that asks nothing of the side channel (the usual: an eager step's small
+    inputs) is passed over on the parsed fields, in C, instead of reading its span again in Python.
 
     `flush`: queue the frames a side reader holds (`_Batch`) before the first bulk bytes are read: the reader may
     wait there (for a slow client's megabytes, or for an upload slot, which the held frames' own uploads may be
@@ -432,14 +441,14 @@ def _take_bulk(
     link = s.bulk
     extra = announced = 0
     cap = max(limit, protocol.CHUNK_BYTES)
-    known = parsed if parsed is not None and len(parsed) == len(commands) else None
-    for n in marked:
+    known = parsed if parsed is not None and len(parsed) == len(marked) else None
+    for at, n in enumerate(marked):
         kind, span = commands[n]
         if known is not None:
             if kind == protocol.UPLOAD:
-                if not known[n].upload.bulk_bytes:
+                if not known[at].upload.bulk_bytes:
                     continue
-            elif kind == protocol.GET and not known[n].get.bulk:
+            elif kind == protocol.GET and not known[at].get.bulk:
                 continue
         if kind == protocol.UPLOAD:
             parsed = bulk.parse_upload(span)

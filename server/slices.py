@@ -32,6 +32,7 @@ from . import bulk
 ANSWERED = (GET, SYNC)  # commands that produce replies (command kinds: gpupool.wire)
 _BULK_KINDS = frozenset((UPLOAD, GET))  # commands that may use the side channel (`split_frame`'s `bulk`)
 _COMMANDS_TAG = FRAME_COMMANDS_TAG[0]
+_RUN_GRAPH = bulk.RUN_GRAPH  # `split_graphs`
 
 # The status codes a worker may report errors under (anything else is a lie and becomes INTERNAL).
 CODES = (
@@ -67,6 +68,26 @@ def split_frame(
                 bulk += got[1]
             return got[0]  # type: ignore[no-any-return]
     return py_split_frame(raw, max_commands, bulk)
+
+
+def split_graphs(
+    raw: bytes | memoryview, max_commands: int, bulk: list[int]
+) -> tuple[list[tuple[int, memoryview]], bool]:
+    """`split_frame` for the front's reader, and whether the frame holds a command of kind RUN_GRAPH: the one
+    command a worker may run from its bytes without upb's parse first (`run_commands`' `_run_graphs`: native_runner.cpp
+    `graph_frame` takes only commands whose first tag is run_graph's, i.e. of that kind). A small frame without one
+    is left to the worker's parse, which comes before any of its commands runs (`service.DeviceServicer._frame`,
+    round 45). The C++ reading tells it as it reads each command's kind (its third element: no Python a command);
+    the Python reading's commands are scanned here."""
+    fast = _native[0] if _native else native_split()
+    if fast is not None and (raw.__class__ is bytes or raw.__class__ is memoryview):
+        got = fast(raw, max_commands, UPLOAD, GET)
+        if got is not None:
+            if got[1]:
+                bulk += got[1]
+            return got[0], got[2]
+    commands = py_split_frame(raw, max_commands, bulk)
+    return commands, _RUN_GRAPH in [kind for kind, _ in commands]
 
 
 _native: list[Any] = []  # [native_runner.cpp's `split_frame`, or None], once decided

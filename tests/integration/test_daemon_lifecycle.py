@@ -142,6 +142,34 @@ def test_expired_lease_closes_the_session_unless_refreshed(daemon: Any) -> None:
     dropped.close()
 
 
+def _switches(tid: int) -> int:
+    """A thread of this process: its context switches so far (each wake-up of a sleeping thread is one)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return sum(int(line.split(":")[1]) for line in f if "ctxt_switches" in line)
+
+
+def test_the_lease_reaper_sleeps_until_the_first_lease_ends(daemon: Any) -> None:
+    """Round 45: the reaper sleeps until the first open session's lease ends (at most `reap_interval`, 10 s) and is
+    woken by a new session: an idle daemon's reaper does not wake (until round 45: every 0.5 s, ~2.9k instructions a
+    wake), and a session whose lease ends sooner than the reaper's sleep is still closed at its end."""
+    reaper = daemon.running.daemon._reaper
+    assert reaper.native_id is not None
+    with Session.attach(daemon.address, daemon.token(ttl=3600)) as long_lived:
+        time.sleep(0.3)
+        before = _switches(reaper.native_id)
+        time.sleep(1.5)
+        assert _switches(reaper.native_id) - before <= 1, "the reaper woke with no lease ending"
+        short = Session.attach(daemon.address, daemon.token(ttl=1.0))
+        ends = time.monotonic() + 1.0
+        while short.session_id in [x.session_id for x in daemon.running.daemon.session_list()]:
+            assert time.monotonic() < ends + 2.0, "a lease ending before the reaper's sleep was not closed at its end"
+            time.sleep(0.05)
+        with pytest.raises(errors.FailedPrecondition, match="expired"):
+            short.sync()
+        short.close()
+        long_lived.sync()
+
+
 def test_refresh_is_not_held_up_by_a_backlog(daemon_factory: Any) -> None:
     """A client far ahead of the device (seconds of queued work, the daemon's queue full so its stream reader
     waits) still gets its renewed token in before the old one expires: the refresh does not wait behind ops. The

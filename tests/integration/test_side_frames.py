@@ -738,3 +738,83 @@ def test_the_reader_reads_the_next_big_frame_while_the_worker_runs_one(daemon_fa
         s.flush()
         assert torch.equal(s.download(ha), a) and torch.equal(s.download(hb), b)
     assert overlapped == [True], (overlapped, big_frames)
+
+
+class _FrameParses:
+    """`service.device_pb2` for a test: counts the front's protobuf parses (`ClientFrame.FromString`) of frames
+    holding `marker` (a command's bytes)."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.calls = 0
+        outer = self
+
+        class ClientFrame:
+            @staticmethod
+            def FromString(raw: Any) -> Any:  # noqa: N802 (protobuf's name)
+                if marker in bytes(raw):
+                    outer.calls += 1
+                return device_pb2.ClientFrame.FromString(raw)
+
+        self.ClientFrame = ClientFrame
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(device_pb2, name)
+
+
+# Hostile commands put between a frame's two Syncs (a Free, Sync 52, the command, a Free, Sync 53), behind a good
+# frame (Sync 51): (what, the command's `commands` entry, the Syncs answered before the session ends with
+# INVALID_ARGUMENT "malformed ClientFrame", whether the front's protobuf check refused the frame).
+_HOSTILE = [
+    # an eager record whose length runs past its command's end: left to the worker, which runs Sync 52 first
+    ("truncated eager record", b"\x0a\x03\xf2\x01\x7f", (51, 52), False),
+    # a RunGraph field hidden behind an eager record (protobuf's oneof: the last member wins), its graph_id's varint
+    # unfinished: the frame holds no command of kind RunGraph, so the worker's upb parse refuses it (graph_frame,
+    # which runs RunGraphs without a parse, takes only commands whose first tag is run_graph's)
+    ("RunGraph behind an eager record", b"\x0a\x09\xf2\x01\x01\x00\xaa\x01\x02\x08\xff", (51, 52), False),
+    # a malformed RunGraph among eager records: a RunGraph's frame is checked in the front, nothing of it runs
+    ("malformed RunGraph", b"\x0a\x05\xaa\x01\x02\x08\xff", (51,), True),
+    # a Get protobuf refuses: an Upload's or Get's bytes are checked in the front (the side channel reads them)
+    ("malformed Get", b"\x0a\x03\x1a\x01\xff", (51,), True),
+    # a truncated unknown field inside a Sync's place (field 99, length-delimited, 5 bytes announced, 1 there)
+    ("truncated unknown field", b"\x0a\x04\x9a\x06\x05\x00", (51, 52), False),
+]
+
+
+def test_hostile_commands_in_small_frames_end_only_their_session_wherever_they_are_checked(
+    side_daemon: Any, monkeypatch: Any
+) -> None:
+    """Round 45: the front no longer parses a small frame holding no RunGraph with protobuf (`slices.split_graphs`'s
+    flag, read by the C++ or Python reading as it reads the kinds); the worker's parse, before any of the slice's
+    commands runs, refuses a malformed command there, after the commands before it ran (docs/wire.md). Each hostile
+    command ends its session with INVALID_ARGUMENT "malformed ClientFrame" on the socket and the stream, after the
+    answers of what ran: the good frame's always, the bad frame's own Sync before it only where the worker checked
+    it; nothing after it (Sync 53) runs; the neighbour is untouched. A RunGraph anywhere in the frame, and a bad
+    Upload or Get, are still refused by the front (nothing of the frame runs). Until round 45 the front parsed every
+    small frame: Sync 52 was never answered."""
+    from gpupool.server import service
+
+    neighbour = _attach(side_daemon, monkeypatch)
+    free = device_pb2.ClientFrame(commands=[device_pb2.Command(free=device_pb2.Free(handles=[]))]).SerializeToString()
+    for what, command, answered, front in _HOSTILE:
+        parses = _FrameParses(command)
+        monkeypatch.setattr(service, "device_pb2", parses)
+        victim, sid, port = _bare(side_daemon)
+        peer = _peer(side_daemon, port, sid)
+        bad = _free_then_sync(52) + command + free + protocol.sync_frame(53)
+        _send_raw(peer, protocol.frame_record(_free_then_sync(51)) + protocol.frame_record(bad))
+        got = []
+        while isinstance(record := _next_record(peer), tuple) and record[0] == protocol.BULK_FRAME:
+            got.append(record)
+        assert got == [(protocol.BULK_FRAME, 0, protocol.sync_reply(rid)) for rid in answered], (what, got, record)
+        assert isinstance(record, tuple), (what, record)
+        kind, code, body = record
+        assert kind == protocol.BULK_END and code == InvalidArgument.code.value[0], (what, record)
+        assert b"malformed ClientFrame" in body, (what, body)
+        err = _ended(victim)
+        assert isinstance(err, InvalidArgument) and "malformed ClientFrame" in str(err), (what, err)
+        assert (parses.calls > 0) == front, (what, parses.calls)
+        monkeypatch.undo()
+        _neighbour_works(neighbour)
+        victim.close()
+        peer.close()
+    neighbour.close()

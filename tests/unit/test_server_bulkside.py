@@ -816,3 +816,41 @@ def test_frames_sent_right_behind_the_hello_are_read_though_openssl_read_them_ah
     assert ours.held() == 0
     link.close()
     theirs.close()
+
+
+def _switches(tid: int) -> int:
+    """A thread's context switches so far (voluntary and not: each wake-up of a sleeping thread is one)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
+    return sum(int(v) for v in fields.values())
+
+
+def test_the_side_ports_accept_loop_sleeps_while_nothing_is_pending_and_wakes_to_push_out_a_late_hello(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Round 45: an idle side port's accept thread sleeps in `accept` (until round 45 it woke every 0.25 s, a
+    TimeoutError each, ~9.6k instructions, whatever the load); a connection that sends no hello is still pushed out
+    when its hello is due (the loop waits in `accept` until then), and `stop` ends the thread."""
+    from gpupool import tls
+
+    monkeypatch.setattr(bulkside, "HELLO_TIMEOUT", 0.5)
+    port = bulkside.BulkPort(("127.0.0.1", 0), tls.TlsConfig(insecure=True), lambda: [])
+    try:
+        tid = port._thread.native_id
+        assert tid is not None
+        time.sleep(0.2)  # (its start)
+        before = _switches(tid)
+        time.sleep(1.5)
+        assert _switches(tid) - before <= 1, "the idle accept loop woke up"
+        with socket.create_connection(("127.0.0.1", port.port), timeout=10) as silent:
+            t0 = time.monotonic()
+            silent.settimeout(10)
+            try:
+                got = silent.recv(1)
+            except ConnectionResetError:
+                got = b""
+            assert got == b"" and time.monotonic() - t0 < 5, "a silent connection past its hello's due time"
+    finally:
+        port.stop()
+    port._thread.join(5)
+    assert not port._thread.is_alive(), "stop should end the accept loop"

@@ -54,6 +54,42 @@ def test_split_frame_refuses_floods_and_garbage(reading: str) -> None:
             slices.split_frame(bad, 9)
 
 
+def test_split_graphs_tells_a_frame_holding_a_run_graph_from_any_position(reading: str) -> None:
+    """Round 45: the front's reader skips its protobuf check of a small frame that holds no RunGraph (the worker's
+    parse checks it), so `split_graphs` must flag every frame a worker could run from its bytes without a parse
+    (native_runner.cpp `graph_frame` takes commands whose first tag is run_graph's): a RunGraph first, last, among
+    eager records, malformed, or written with a non-canonical key; and the cut itself is `split_frame`'s. A RunGraph
+    field behind another first tag is not flagged: `graph_frame` refuses such a command, and upb parses it in the
+    worker (its own test: tests/integration/test_side_frames.py)."""
+    eager = device_pb2.Command(eager_op=b"\x01\x02")
+    sync = device_pb2.Command(sync=device_pb2.Sync(request_id=2))
+    upload = device_pb2.Command(upload=device_pb2.Upload(handle=7, data=b"x" * 300))
+    run = device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=3, inputs=[1, 2]))
+    bad_run = b"\x0a\x05\xaa\x01\x02\x08\xff"  # a RunGraph whose graph_id's varint never ends
+    long_key = b"\x0a\x05\xaa\x81\x00\x00\x00"  # run_graph's key as a three-byte varint, an empty message
+    hidden = b"\x0a\x09\xf2\x01\x01\x00\xaa\x01\x02\x08\x07"  # an eager record, then a RunGraph field
+    cases = [
+        (frame(eager, sync), False),
+        (frame(eager, upload, eager, sync), False),
+        (frame(run), True),
+        (frame(run, sync), True),
+        (frame(eager, eager, run), True),
+        (frame(eager, sync) + bad_run + frame(sync), True),
+        (frame(eager) + long_key, True),
+        (frame(eager) + hidden, False),
+        (frame(eager, device_pb2.Command(), sync), False),
+    ]
+    for raw, graphs in cases:
+        marks: list[int] = []
+        got, flag = slices.split_graphs(raw, 16, marks)
+        assert flag is graphs, raw
+        again: list[int] = []
+        assert [(k, bytes(v)) for k, v in got] == [(k, bytes(v)) for k, v in slices.split_frame(raw, 16, again)]
+        assert marks == again
+    with pytest.raises(InvalidArgument):
+        slices.split_graphs(b"\x0a\x05\xaa\x01", 16, [])
+
+
 def test_results_round_trip_and_lies_are_refused() -> None:
     r = slices.SliceResult(
         3, 0.25, 100, 5, 7, 1, 2, {StatusCode.INVALID_ARGUMENT: 1}, {"replayed": 2}, [b"frame", [b"a", b"bb"]]
@@ -350,8 +386,13 @@ def test_split_frame_against_protobuf_on_hostile_bytes(reading: str) -> None:
 COPY_FRAME = 64 * 1024  # native_runner.cpp's: a frame up to this long has its spans copied (bytes), a longer one viewed
 
 
+def protocol_run_graph() -> int:
+    return device_pb2.Command.DESCRIPTOR.fields_by_name["run_graph"].number
+
+
 def _agree(split: Any, raw: bytes | memoryview, limit: int) -> bool:
-    """The C++ `split` and `py_split_frame` on `raw`: the same spans, kinds and bulk positions where the Python
+    """The C++ `split` and `py_split_frame` on `raw`: the same spans, kinds, bulk positions and RunGraph flag (round
+    45) where the Python
     reading accepts it (True), None where it raises (False). The C++ spans of a frame of up to COPY_FRAME bytes are
     bytes objects (copies, round 43), a longer frame's views of `raw`. `raw` may be a read-only view of the start of a
     longer buffer (a side socket's reused frame buffer: gpupool/records.py `body_into`): its spans never reach past
@@ -364,7 +405,8 @@ def _agree(split: Any, raw: bytes | memoryview, limit: int) -> bool:
         assert got is None, (raw.hex(), limit)
         return False
     assert got is not None, (raw.hex(), limit)
-    spans, marks = got
+    spans, marks, graphs = got
+    assert graphs is (protocol_run_graph() in [k for k, _ in want]), (raw.hex(), limit)  # `slices.split_graphs`
     if len(raw) <= COPY_FRAME:
         assert all(type(s) is bytes for _, s in spans)
     else:
@@ -454,8 +496,8 @@ def test_native_split_frame_copies_a_small_frames_spans(native_runner_module: An
     buf = bytearray(raw) + bytes(16)
     got = split(memoryview(buf)[: len(raw)].toreadonly(), 16, protocol.UPLOAD, protocol.GET)
     assert got is not None
-    spans, marks = got
-    assert marks == [1]
+    spans, marks, graphs = got
+    assert marks == [1] and graphs is False
     buf[:] = bytes(len(buf))  # the buffer reused for the next frame
     assert [(k, bytes(s)) for k, s in spans] == [(k, bytes(s)) for k, s in slices.py_split_frame(raw, 16)]
     assert [type(s) for _, s in spans] == [bytes, bytes]
