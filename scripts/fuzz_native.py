@@ -1468,7 +1468,11 @@ class _GdGraph:
         outs = [int(s.new_handle()) for _ in shape.outputs]
         s.run_graph(self.gid, self.inputs, outs, data=self.data(k))
         xs = [shape.value(i, 0 if h else k) for i, h in enumerate(self.inputs)]
+        before = [t.clone() for t in self.mirror]
         want = shape.ref(*xs, *self.mirror)
+        for w, j in shape.write_to.items():  # a write a frame's `drop_writes` named binds its handle no more
+            if self.kept[w] in self.dropped:
+                self.mirror[j].copy_(before[j])
         for j, h in enumerate(outs + self.kept):
             if h in self.dropped:
                 continue
