@@ -18,37 +18,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import print_table, this_and_other  # noqa: E402
+from daemon_wire import print_table, this_and_other, times_while  # noqa: E402
 
 
 def trips_while(action: Any, b: Any, x: Any) -> list[float]:
     """Run `action` in a thread and meanwhile time `b`'s round trips (add, sync) until it returns."""
-    done = threading.Event()
 
-    def run() -> None:
-        try:
-            action()
-        finally:
-            done.set()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    waits: list[float] = []
-    while not done.is_set():
-        t0 = time.perf_counter()
+    def trip() -> None:
         [y] = b.call("aten::add.Tensor", x, x)
         b.sync()
-        waits.append(time.perf_counter() - t0)
         b.free([y])
-    t.join()
-    return waits
+
+    return times_while(action, trip)
 
 
 def turns(address: str, key: bytes, name: str, runs: int, frames: int) -> dict[str, float]:

@@ -1005,14 +1005,20 @@ class ShapeTwin:
                                    input_data=self.data(self.next)).SerializeToString()  # fmt: skip
 
     def state(self) -> tuple[Any, ...]:
-        s = self.s
-        tensors = {h - self.base: (tuple(t.shape), t.stride(), t.tolist()) for h, t in s.tensors.items()}
-        poisoned = {h - self.base: (p.code, p.message) for h, p in s.poisoned.items()}
-        storages = sorted(n for _, n in s._storages.values())
-        return tensors, poisoned, storages, s.used, s.memory.used, s.ops, self.g.runs
+        """What `Twin.state` says of a twin (its session's tensors, poisons, storages, counts; the graph's runs)."""
+        return _quick_tests().Twin.state(self)  # type: ignore[no-any-return]
 
 
 GID = 1  # the twins' graph id
+
+
+def _quick_tests() -> Any:
+    """tests/unit/test_server_graph_quick.py (its `Twin`, `_slice`, `_same`), imported once."""
+    if "test_server_graph_quick" not in sys.modules:
+        sys.path.insert(0, str(ROOT / "tests" / "unit"))
+    import test_server_graph_quick as Q
+
+    return Q
 
 
 def _unanswered(item: object) -> None:
@@ -1210,9 +1216,7 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
     `Twin`): one whose quiet runs take the C++ plan (a frame of RunGraphs: `graph_frame`, `run_raw` of its
     bytes), one without a plan (upb's parse, `graph._run`); after every frame both say the same (slice results,
     error, tensors, poisons, storages, counts) and the front's readers agree on the frame (`check_frame`)."""
-    sys.path.insert(0, str(ROOT / "tests" / "unit"))
-    import test_server_graph_quick as Q
-
+    Q = _quick_tests()
     counts: Counter[str] = Counter()
     rng = random.Random(args.seed)
     deadline = time.monotonic() + args.seconds
