@@ -952,6 +952,12 @@ def this_and_other(
 def downloads_while(action: Callable[[], None], b: Any, handle: Any) -> list[float]:
     """Run `action` (another tenant's long command, to its sync) in a thread, and meanwhile time session `b`'s
     downloads of `handle` one after the other until it returns: the seconds each download took."""
+    return times_while(action, lambda: b.download(handle))
+
+
+def times_while(action: Callable[[], None], step: Callable[[], Any]) -> list[float]:
+    """Run `action` in a thread, and meanwhile `step` (a neighbour's download, round trip) one after the other until
+    it returns: the seconds each step took."""
     done = threading.Event()
 
     def run() -> None:
@@ -965,7 +971,7 @@ def downloads_while(action: Callable[[], None], b: Any, handle: Any) -> list[flo
     waits: list[float] = []
     while not done.is_set():
         t0 = time.perf_counter()
-        b.download(handle)
+        step()
         waits.append(time.perf_counter() - t0)
     t.join()
     return waits

@@ -140,9 +140,15 @@ class CommandExecutor:
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock, and
-        make MKL's vector math functions ready before any worker forks (`warm_vector_math`)."""
+        make MKL's vector math functions ready before any worker forks (`warm_vector_math`). torch._dynamo too:
+        the meta kernels of torch's Python references (elementwise ops: `add.Tensor`'s) import it at their first
+        call, 1-8 s here (round 45, hostile45: under `--isolation thread` the first such op of any session held
+        the device's thread, every session on it waiting, that long; the zygote imported it for its workers)."""
+        import torch._dynamo  # noqa: F401  (workers may not write its cache: imported before they fork)
+
         one = torch.ones(2, 2)
         self.sizer.new_bytes(torch.ops.aten.mm.default, [one, one], {})
+        self.sizer.new_bytes(torch.ops.aten.add.Tensor, [one, one], {})
         warm_vector_math()
 
     def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: Any = None) -> None:

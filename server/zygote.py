@@ -453,8 +453,7 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     import importlib
     import tempfile
 
-    import torch
-    import torch._dynamo  # noqa: F401  (meta decompositions import it lazily; workers may not write its cache)
+    import torch  # noqa: F401  (first, as before: what everything below imports)
 
     from .executor import CommandExecutor
     from .slices import SliceLedger
@@ -463,9 +462,7 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     for name in PRELOAD:  # what workers import lazily, before they may no longer read Python's files
         importlib.import_module(name)
     _build_runner(ctrl)
-    CommandExecutor(SliceLedger()).warm_up()  # meta kernels, once, inherited by every worker
-    one = torch.ones(2, 2, device="meta")
-    torch.ops.aten.add.Tensor(one, one)
+    CommandExecutor(SliceLedger()).warm_up()  # meta kernels (torch._dynamo among them), once, inherited by every worker
     from . import landlock, sandbox
 
     landlock.read_paths()  # what workers may read under Landlock: found once here (modules, libraries), inherited

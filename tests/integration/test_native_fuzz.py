@@ -70,7 +70,10 @@ def test_run_graph_frames_run_alike_from_their_bytes_and_parsed(native_runner_mo
     bytes in C++ (`graph_frame`, `GraphPlan.run_raw`), one that parses it: the same results,
     errors and state. Pins behaviour that holds on b647913 (the campaign found no difference). Round 44 (fuzzrev44):
     on the merged tree (7d92e94) it failed at its first input (the spy on `GraphTable.run_raw` took no `graph_id`,
-    slice44's); frames of 2-5 RunGraphs mixing runs, declined and damaged ones ("mixed") added."""
+    slice44's); frames of 2-5 RunGraphs mixing runs, declined and damaged ones ("mixed") added. Round 45 (hostile45):
+    the twins' graph drawn from `fuzz_native._shapes` (views as outputs, in-place and out= ops on persistent
+    tensors, tensor lists in and out, several outputs, int64 and bool inputs, a second input by value, a write
+    into a persistent handle, two persistent tensors of one storage) rather than round 44's one graph."""
     counts = fuzz_native.graphs(_args(44, 300, Path("unused")), native_runner_module)
     print(dict(counts))
     assert counts["inputs"] == 300
@@ -80,6 +83,9 @@ def test_run_graph_frames_run_alike_from_their_bytes_and_parsed(native_runner_mo
     assert counts["drop:ran"] > 5 and counts["drop:error"] > 5 and counts["64k:ran"] > 5, counts
     # (fuzzrev44) frames of 2-5 RunGraphs mixing runs, ones the plan declines and damaged ones
     assert counts["mixed:ran"] > 0 and counts["mixed:error"] > 5 and counts["mixed:refused"] > 0, counts
+    # (hostile45) every graph shape drawn, each for at least a few frames
+    shapes = {k: v for k, v in counts.items() if k.startswith("shape:")}
+    assert len(shapes) == len(fuzz_native._shapes()) and min(shapes.values()) >= 5, counts
 
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
@@ -88,7 +94,9 @@ def test_run_graph_frames_on_the_side_socket_and_the_stream_harm_no_neighbour(is
     from hostile sessions on their side sockets and streams, their graphs quiet and traced (lone frames of 64 KiB - 1
     to 64 KiB + 1 bytes among them): every error actionable, only malformed frames end a session, a session that goes
     on computes right, a neighbour's matmuls and its own graph of the same id right throughout, the daemon SERVING
-    and exiting 0. Pins behaviour that holds on b647913."""
+    and exiting 0. Pins behaviour that holds on b647913. Round 45 (hostile45): each hostile session's graph drawn
+    from `fuzz_native._shapes` (its outputs and kept tensors checked bit for bit against `GraphShape.ref`), the
+    first one round 44's at ~64 KiB."""
     args = _args(44, 120, Path("unused"))
     args.daemon_flag = ["--isolation", isolation]
     counts = fuzz_native.graph_daemon(args, None)
@@ -97,4 +105,5 @@ def test_run_graph_frames_on_the_side_socket_and_the_stream_harm_no_neighbour(is
     assert counts["sessions on the side socket"] > 0 and counts["sessions on the stream"] > 0, counts
     assert counts["sent:64k lone"] > 0 and counts["fuzzed graph right after"] > 0 and counts["sessions ended"] > 0
     assert counts["sent:mixed"] > 0, counts  # (fuzzrev44) frames of 2-5 RunGraphs: runs, declined, damaged
+    assert sum(k.startswith("shape:") for k in counts) >= 4, counts  # (hostile45) graphs of several shapes
     assert counts["code:NOT_FOUND"] > 0 and counts["code:INVALID_ARGUMENT"] > 0, counts

@@ -116,3 +116,53 @@ def test_a_rank_dials_no_link_port_outside_its_collective_ports() -> None:
             g.p2p([Transfer(0, 0, False, torch.zeros(1), 0, None)])
         with pytest.raises(TimeoutError):
             outside.accept()  # never dialled
+
+
+_DATA = torch.arange(5.0).numpy().tobytes()
+_LIES = {  # frames a rank sends on a formed link: (the error its peer's receive raises, whether the link goes on)
+    "bytes of other elements": ([seclink._P2P.pack(0, 0, 5, 24), _DATA], LinkError, False),
+    "a frame shorter": ([seclink._P2P.pack(0, 0, 5, 20), _DATA[:16]], LinkError, False),
+    "a frame longer": ([seclink._P2P.pack(0, 0, 5, 20), _DATA + b"abcd"], LinkError, False),
+    "another tag": ([seclink._P2P.pack(77, 0, 5, 20), _DATA], InvalidArgument, True),
+    "another dtype": ([seclink._P2P.pack(0, 99, 5, 20), _DATA], InvalidArgument, True),
+    "refused, then bytes": ([seclink._P2P.pack(0, 0, -5, 20), _DATA], InvalidArgument, False),
+    "2^40 bytes never sent": ([seclink._P2P.pack(0, 0, 6, 1 << 40)], LinkError, False),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(_LIES))
+def test_a_peer_that_lies_in_its_header_fails_the_receive_or_the_link_and_writes_nothing(lie: str) -> None:
+    """Round 45 (hostile45): a rank that writes its own frames on a formed link (any bytes its keys seal) rather than
+    `_p2p_send`'s. A header whose byte count disagrees with its agreed dtype and elements, a frame shorter or longer
+    than the header said: the link fails (LinkError) at once. Another tag, another dtype: the receive fails
+    (InvalidArgument), the bytes drained, and the link carries the next transfer right. A refusal (-1 elements)
+    followed by bytes anyway: the receive fails, and the next transfer finds the link out of step (LinkError). A
+    header announcing 2^40 bytes that never come: the group's timeout (1 s here) ends the receive. The receiving
+    tensor is never written. Pins behaviour that holds on f47ac67."""
+    frames, raised, goes_on = _LIES[lie]
+    g = groups(WaitingStore(), [1, 2])
+    for group in g.values():
+        group.timeout = 1.0
+    x, y, z = torch.arange(5.0), torch.zeros(5), torch.full((5,), 9.0)
+    assert both(
+        lambda: g[1].p2p([Transfer(2, 3, True, x, 0, None)]), lambda: g[2].p2p([Transfer(1, 3, False, y, 0, None)])
+    ) == [None, None]
+    channel = g[1].links.channels[2]  # type: ignore[union-attr]
+
+    def send(deadline: float) -> None:
+        for f in frames:
+            channel.send_frame(memoryview(f), deadline)
+
+    # (`both` waits 10 s for each call: a receive still waiting then reads as None here)
+    errors = both(lambda: g[1]._guard(send), lambda: g[2].p2p([Transfer(1, 0, False, z, 0, None)]))
+    assert errors[0] is None and isinstance(errors[1], raised), errors
+    assert z.tolist() == [9.0] * 5
+    if raised is InvalidArgument:
+        after = both(
+            lambda: g[1].p2p([Transfer(2, 1, True, x * 2, 0, None)]),
+            lambda: g[2].p2p([Transfer(1, 1, False, y, 0, None)]),
+        )
+        assert after == [None, None] if goes_on else isinstance(after[1], LinkError), after
+        assert torch.equal(y, x * 2) is goes_on
+    for group in g.values():
+        group.close()
