@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
@@ -23,7 +22,7 @@ from gpupool._proto import device_pb2
 from gpupool.wire import device_info
 
 from . import landlock
-from .slices import DeviceClock
+from .slices import WALL_TIMER, DeviceClock, Timed, WallTimer
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +76,6 @@ class Device(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.index}, {self.model!r}, {self.capacity} bytes)"
-
-
-class _Timed:
-    """A fake device's `timed`: the wall time of the work inside (a slice's, each slice: no generator frame)."""
-
-    __slots__ = ("out", "start")
-
-    def __enter__(self) -> list[float]:
-        self.out: list[float] = []
-        self.start = time.perf_counter()
-        return self.out
-
-    def __exit__(self, *exc: object) -> None:
-        self.out.append(time.perf_counter() - self.start)
 
 
 # A CUDA session's slices not yet completed on the GPU when one of its slices returns, at most (the returning one
@@ -270,8 +255,13 @@ class FakeDevice(Device):
     def torch_device(self) -> torch.device:
         return torch.device("cpu")
 
-    def timed(self) -> _Timed:
-        return _Timed()
+    def timed(self) -> Timed:
+        return Timed()
+
+    def slice_timer(self) -> WallTimer:
+        """`timed`'s twin of a fake device's sessions (`slices.WallTimer`: `slices._run_graphs` reads the clock
+        itself for it, no context manager a slice)."""
+        return WALL_TIMER
 
 
 class CudaDevice(Device):

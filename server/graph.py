@@ -290,30 +290,32 @@ class GraphTable:
         self.host.ledger.graph(s, "replayed", len(g.calls))  # (positional: no keyword dict a step)
 
     def _quick_raw(
-        self,
-        s: WorkerSession,
-        g: Graph,
-        plan: Any,
-        msg: device_pb2.RunGraph | None,
-        data: list[Any] | None,
-        raw: bytes | None = None,
+        self, s: WorkerSession, g: Graph, plan: Any, msg: device_pb2.RunGraph, data: list[Any] | None
     ) -> bool:
         """`run` of a traced graph's quiet run through `_quick`'s plan given the message's bytes
         (`GraphPlan.run_raw`, round 42: the three lists `_quick` makes of upb's containers and `run`'s look at
         `drop_writes` were ~9k of the tiny MLP's ~55k instructions a RunGraph). False, nothing done, where the plan
-        declines (`drop_writes`, a check that fails): `run` goes on as before. `raw` (`run_raw`, round 43): the
-        bytes as they came, `msg` None (the plan checks their `graph_id` is `g`'s; upb parses them only where the
-        run fails, for its poisoning)."""
+        declines (`drop_writes`, a check that fails): `run` goes on as before. (`run_raw` runs the bytes as they came
+        its own way, round 43; round 45: `_quick_raw`'s raw case inline there.)"""
         refs = g.quiet_refs
         if refs is None:
             return False
         try:
-            if raw is None:
-                r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)  # type: ignore[union-attr]
-            else:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
-                r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
+            r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)
             if r is None:
                 return False
+        except GpupoolError as exc:
+            _poison_run(s, g, msg, exc)
+            raise
+        self._quick_rest(s, g, r, msg, None)
+        return True
+
+    def _quick_rest(
+        self, s: WorkerSession, g: Graph, r: Any, msg: device_pb2.RunGraph | None, raw: bytes | None
+    ) -> None:
+        """The rest of `_quick_raw` once its plan ran and returned `r` (not None): the counts, or `_quick_end` where the
+        plan did not bind the run; a GpupoolError poisons the run (`msg`, else parsed from `raw`) and is raised."""
+        try:
             if r is not True:
                 if msg is None:
                     msg = device_pb2.RunGraph.FromString(raw)  # type: ignore[arg-type]
@@ -326,7 +328,6 @@ class GraphTable:
             _poison_run(s, g, msg if msg is not None else device_pb2.RunGraph.FromString(raw), exc)  # type: ignore[arg-type]
             raise
         self._ran(s, g)
-        return True
 
     def run_raw(self, s: WorkerSession, raw: bytes, graph_id: int) -> bool:
         """`run` of a RunGraph given as its bytes (`CommandExecutor.run_graph_raw`, round 43) and its `graph_id` as
@@ -339,7 +340,27 @@ class GraphTable:
         plan = g.fast
         if not (plan and s.defining is None and g.quiet >= 0 and s.mutations == g.quiet + 1 and not s.uploads):
             return False
-        return self._quick_raw(s, g, plan, None, None, raw)
+        # `_quick_raw(s, g, plan, None, None, raw)` with its common end and `_ran` inline (round 45: two Python
+        # frames of a captured step's slice; `_quick_rest` ends any other case as `_quick_raw` does)
+        refs = g.quiet_refs
+        if refs is None:
+            return False
+        try:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
+            r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
+        except GpupoolError as exc:
+            _poison_run(s, g, device_pb2.RunGraph.FromString(raw), exc)
+            raise
+        if r is None:
+            return False
+        if r is not True or g.mutated:
+            self._quick_rest(s, g, r, None, raw)
+            return True
+        g.quiet = s.mutations
+        n = len(g.calls)  # `_ran`'s
+        g.runs += 1
+        s.ops += n
+        self.host.ledger.graph(s, "replayed", n)
+        return True
 
     def _trace(self, s: WorkerSession, g: Graph) -> bool:
         """Build `g`'s TorchScript graph (graph_trace.trace) for at most about `piece_seconds` (0: all of it): True

@@ -835,3 +835,88 @@ def test_a_run_on_a_poisoned_input_poisons_its_outputs_with_that_inputs_error(qu
     for h in (t.base + 200, t.kept):
         p = t.s.poisoned[h]
         assert (p.code, p.message) == (first.code, first.message), (h - t.base, p)
+
+
+# ---- round 45: `GraphTable.run_raw` ends a quiet run itself (`_quick_raw`'s raw case and `_ran` inline), any other
+# case through `_quick_rest`
+
+
+def _two(native_runner_module: Any) -> tuple[Twin, Twin]:
+    """(quick, slow) twins with learned-run state (whose `epoch` a RunGraph moves), traced and quiet."""
+    quick, slow = Twin(True), Twin(False)
+    for t in (quick, slow):
+        t.ex._eager_state(t.s)
+    for _ in range(5):
+        assert _both_same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None
+    return quick, slow
+
+
+def _both_same(quick: Twin, slow: Twin, step: Any) -> Any:
+    """`step` of each twin: the same slice results, error and state, and the same learned-run epoch."""
+    got = _same(quick, slow, step)
+    assert quick.ex._eager[quick.s.session_id][3].epoch == slow.ex._eager[slow.s.session_id][3].epoch
+    return got
+
+
+def _swap_fn(t: Twin, fn: Any) -> None:
+    """`t`'s traced function replaced by `fn` (None: the real one back)."""
+    real = t.__dict__.setdefault("real_fn", t.g.traced.fn)
+    t.g.traced.fn = real if fn is None else fn
+
+
+def test_a_raw_run_ends_every_case_as_the_parsed_run(
+    native_runner_module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 45: a quiet run from a frame's bytes (`GraphTable.run_raw`, which ends the common case itself) ends each
+    case as the parsing twin ends it (slice results, errors, state, counts, learned-run epoch), quick again after:
+    the common one (no `_quick_raw`, no `_ran` frame: counted inline); a graph whose persistent storages a run
+    recounts (`g.mutated`); a traced function that raises or returns something else than its kept tensors (the
+    plan's answer, ended by `_quick_end`: the run failed and poisoned); a run whose binding raises (a session at its
+    handle limit: ResourceExhausted, the run poisoned). (Behaviour that holds on f47ac67 too: this pins the inline
+    end against it.)"""
+    quick, slow = _two(native_runner_module)
+    ends: list[Any] = []
+    real = graph.GraphTable._quick_rest
+
+    def rest(self: Any, s: WorkerSession, g: Any, r: Any, *a: Any) -> None:
+        ends.append(r if r is True else "other")
+        return real(self, s, g, r, *a)
+
+    monkeypatch.setattr(graph.GraphTable, "_quick_rest", rest)
+    for _ in range(3):
+        said = _both_same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[0]
+        assert said[0] == 1 and said[4] == {"replayed": 1}
+    assert ends == []  # the common end, inline
+
+    def fails(*a: Any) -> Any:
+        raise RuntimeError("the traced function failed")
+
+    def wrong(*a: Any) -> Any:
+        return (a[0],) * 3  # not one tensor a kept slot
+
+    cases: list[tuple[str, Any, Any]] = [
+        ("mutated", lambda t: setattr(t.g, "mutated", [t.w]), lambda t: setattr(t.g, "mutated", [])),
+        ("raises", lambda t: _swap_fn(t, fails), lambda t: _swap_fn(t, None)),
+        ("wrong", lambda t: _swap_fn(t, wrong), lambda t: _swap_fn(t, None)),
+        (
+            "handles",
+            lambda t: setattr(t.s, "max_handles", t.s.handle_count()),
+            lambda t: setattr(t.s, "max_handles", 99),
+        ),
+    ]
+    want = {"mutated": [True], "raises": ["other"], "wrong": ["other"], "handles": []}
+    for name, setup, undo in cases:
+        for t in (quick, slow):
+            setup(t)
+        ends.clear()
+        got = _both_same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))
+        assert ends == want[name], (name, ends)
+        assert (got[1] is None) == (name == "mutated"), (name, got)
+        for t in (quick, slow):
+            undo(t)
+        for _ in range(3):  # quiet again
+            assert _both_same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t))))[1] is None, name
+    # a run that reads a poisoned input: its outputs carry the input's poison
+    _both_same(quick, slow, lambda t: t.run(inputs=[0], outputs=[t.b]))  # one input of two: `b` poisoned
+    got = _both_same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t, out=t.base + 300))))
+    assert got[1] is not None and quick.base + 300 in quick.s.poisoned, got

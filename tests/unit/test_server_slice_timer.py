@@ -10,6 +10,7 @@ CudaDevice is checked by the `@cuda` tests at the end (skipped here; bench/real_
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -192,11 +193,17 @@ def test_run_ahead_zero_waits_for_every_slice_and_the_setting_is_checked(monkeyp
 
 
 def test_a_fake_device_times_slices_as_before() -> None:
-    """A fake GPU's session keeps `Device.timed` itself (the wall time of each slice: no timer object, no settle,
-    never busy), so its path and cost are what they were."""
+    """A fake GPU's session times its slices by the wall time of each (`slices.WallTimer`, round 45: a shared object
+    of no state, which a frame of RunGraphs reads the clock for itself; called, `Device.timed`'s context manager):
+    no device clock, no settle, never busy."""
     dev = devices.FakeDevice(0, "h", 1 << 20)
-    assert dev.slice_timer() == dev.timed
-    assert not isinstance(dev.slice_timer(), slices.DeviceClock)
+    timer = dev.slice_timer()
+    assert timer is slices.WALL_TIMER and timer is devices.FakeDevice(1, "h", 1 << 20).slice_timer()
+    assert not isinstance(timer, slices.DeviceClock)
+    for timed in (timer, dev.timed):
+        with timed() as measured:
+            time.sleep(0.002)
+        assert len(measured) == 1 and 0.002 <= measured[0] < 5.0
 
 
 def _state() -> worker._SessionState:
