@@ -977,6 +977,24 @@ std::pair<double, double> root_scales(int64_t head, std::optional<double> scale)
   return {*scale < 0 ? 0.0 - root : root, root};
 }
 
+// `_dropout_math`'s first steps: low precision in float32, the scales' roots, the query scaled by its own
+struct MathInputs {
+  at::Tensor q, k, v;
+  double q_root, k_root;
+};
+MathInputs math_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       std::optional<double> scale) {
+  MathInputs m{query, key, value, 0.0, 0.0};
+  if (low(query.scalar_type())) {
+    m.q = m.q.to(at::kFloat);
+    m.k = m.k.to(at::kFloat);
+    m.v = m.v.to(at::kFloat);
+  }
+  std::tie(m.q_root, m.k_root) = root_scales(m.q.size(-1), scale);
+  m.q = at::mul(m.q, at::Scalar(m.q_root));
+  return m;
+}
+
 // attention.py `_operands`: the 3-D operands of a 4-D matmul over the common batch
 std::pair<at::Tensor, at::Tensor> operands(const at::Tensor& a, const at::Tensor& b) {
   const int64_t b0 = std::max(a.size(0), b.size(0)), b1 = std::max(a.size(1), b.size(1));
@@ -1066,14 +1084,7 @@ std::optional<Forward> forward(const at::Tensor& query, const at::Tensor& key, c
   }
   // `_dropout_math(q, k, v, bias, p, is_causal, scale, None)`
   const at::ScalarType origin = query.scalar_type();
-  at::Tensor q = query, k = key, v = value;
-  if (low(origin)) {
-    q = q.to(at::kFloat);
-    k = k.to(at::kFloat);
-    v = v.to(at::kFloat);
-  }
-  const auto [q_root, k_root] = root_scales(q.size(-1), scale);
-  q = at::mul(q, at::Scalar(q_root));
+  const auto [q, k, v, q_root, k_root] = math_inputs(query, key, value, scale);
   at::Tensor mask = float_bias(bias, origin);
   if (causal) {
     at::Tensor keep = at::ones({q.size(2), k.size(2)}, at::TensorOptions().dtype(at::kBool).device(dev)).tril();
@@ -1176,14 +1187,7 @@ std::optional<Backward> backward(const at::Tensor& grad, const at::Tensor& query
                               .set_(seed.storage(), head + s.n * s.item, s.shape, strides);
   // `_dropout_math(..., saved)`
   const at::ScalarType origin = query.scalar_type();
-  at::Tensor q = query, k = key, v = value;
-  if (low(origin)) {
-    q = q.to(at::kFloat);
-    k = k.to(at::kFloat);
-    v = v.to(at::kFloat);
-  }
-  const auto [q_root, k_root] = root_scales(q.size(-1), scale);
-  q = at::mul(q, at::Scalar(q_root));
+  const auto [q, k, v, q_root, k_root] = math_inputs(query, key, value, scale);
   auto [q3, kt3] = operands(q, at::mul(k.transpose(-2, -1), at::Scalar(k_root)));
   const at::Tensor dropped = at::mul(attn, kept.view(at::kByte)).mul_(at::Scalar(1.0 / (1.0 - p)));
   const int64_t b = attn.size(0), h = attn.size(1), length = attn.size(2), source = attn.size(3);
