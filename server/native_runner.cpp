@@ -1229,16 +1229,12 @@ PyObject* wrap_or_none(at::Tensor t) {
   return THPVariable_Wrap(std::move(t));
 }
 
-// the Python run's tuple: (output, logsumexp, None, None, L, S, philox_seed (`written_whole`), philox_offset, None)
-PyObject* forward_tuple(Forward&& f) {
-  Own seed(THPVariable_Wrap(std::move(f.seed)));
-  if (seed.p == nullptr || PyObject_SetAttr(seed.p, S_whole, Py_True) < 0) return nullptr;
-  PyObject* items[9] = {THPVariable_Wrap(std::move(f.out)), THPVariable_Wrap(std::move(f.lse)), Py_NewRef(Py_None),
-                        Py_NewRef(Py_None), PyLong_FromLongLong(f.length), PyLong_FromLongLong(f.source),
-                        Py_NewRef(seed.p), THPVariable_Wrap(std::move(f.offset)), Py_NewRef(Py_None)};
-  Own tuple(PyTuple_New(9));
+// A tuple of `items` (new references, each taken; nullptr where making one raised): nullptr with the error set
+// where the tuple or any item is missing
+PyObject* tuple_of(PyObject* const* items, Py_ssize_t n) {
+  Own tuple(PyTuple_New(n));
   bool ok = tuple.p != nullptr;
-  for (Py_ssize_t j = 0; j < 9; ++j) {
+  for (Py_ssize_t j = 0; j < n; ++j) {
     if (items[j] == nullptr) ok = false;
     if (tuple.p != nullptr && items[j] != nullptr) {
       PyTuple_SET_ITEM(tuple.p, j, items[j]);  // steals
@@ -1252,23 +1248,20 @@ PyObject* forward_tuple(Forward&& f) {
   return got;
 }
 
+// the Python run's tuple: (output, logsumexp, None, None, L, S, philox_seed (`written_whole`), philox_offset, None)
+PyObject* forward_tuple(Forward&& f) {
+  Own seed(THPVariable_Wrap(std::move(f.seed)));
+  if (seed.p == nullptr || PyObject_SetAttr(seed.p, S_whole, Py_True) < 0) return nullptr;
+  PyObject* items[9] = {THPVariable_Wrap(std::move(f.out)), THPVariable_Wrap(std::move(f.lse)), Py_NewRef(Py_None),
+                        Py_NewRef(Py_None), PyLong_FromLongLong(f.length), PyLong_FromLongLong(f.source),
+                        Py_NewRef(seed.p), THPVariable_Wrap(std::move(f.offset)), Py_NewRef(Py_None)};
+  return tuple_of(items, 9);
+}
+
 PyObject* backward_tuple(Backward&& r) {
   PyObject* items[4] = {wrap_or_none(std::move(r.gq)), wrap_or_none(std::move(r.gk)), wrap_or_none(std::move(r.gv)),
                         wrap_or_none(std::move(r.gb))};
-  Own tuple(PyTuple_New(4));
-  bool ok = tuple.p != nullptr;
-  for (Py_ssize_t j = 0; j < 4; ++j) {
-    if (items[j] == nullptr) ok = false;
-    if (tuple.p != nullptr && items[j] != nullptr) {
-      PyTuple_SET_ITEM(tuple.p, j, items[j]);
-    } else {
-      Py_XDECREF(items[j]);
-    }
-  }
-  if (!ok) return nullptr;
-  PyObject* got = tuple.p;
-  tuple.p = nullptr;
-  return got;
+  return tuple_of(items, 4);
 }
 
 // a stack value as the composition takes it (false: not of the schema's kind, declined)
