@@ -36,7 +36,8 @@ Eager and native runs also split the worker (round 44, a line below each side's)
 around the C++ runner), `runner own` (`Ctx::run` less the ops it calls), `call_op` (the ops called as themselves:
 the dispatcher and the kernels) and `call_py` (the ops a Python function runs: a fake GPU's dropout composition and
 the fused attention's compositions, whose Python and kernels are both in it; the encoder's "74k in the runner" of
-round 43 was ~60k of these and ~13k of the runner's own).
+round 43 was ~60k of these and ~13k of the runner's own) and, since round 45, `call_cpp` (the same compositions run
+in C++ by the runner: the attention's eager calls with dropout, a fake GPU's dropout; their kernels and glue).
 
     nice python bench/daemon_ab.py --against /work/main                      # ~3 min per side and model
     BENCH_CG_THREADS=1 BENCH_DAEMON_FLAGS="--bulk-listen 127.0.0.1:0" nice python bench/daemon_ab.py --against DIR \
@@ -167,9 +168,12 @@ KERNELS = "torch::jit::GraphFunction::run("
 
 # The eager worker's runner apart (round 44): the C++ runner's call (`Ctx::run`), inside it the ops called as
 # themselves (`call_op`: the dispatcher and the kernels) and the ops run by a Python function (`call_py`: a fake GPU's
-# dropout composition, the fused attention's compositions on every device: their Python and their kernels)
+# dropout composition, the fused attention's compositions on every device: their Python and their kernels); since
+# round 45 the same compositions run in C++ (`call_cpp`: native_runner.cpp `attn::run`, `dropout::run`, their kernels
+# and their glue; absent from older runners: 0)
 RUNNER = {"runner": "(anonymous namespace)::Ctx::run(", "call_op": "(anonymous namespace)::call_op(",
-          "call_py": "(anonymous namespace)::call_py("}  # fmt: skip
+          "call_py": "(anonymous namespace)::call_py(", "attn": "(anonymous namespace)::attn::run(",
+          "dropout": "(anonymous namespace)::dropout::run("}  # fmt: skip
 
 
 def _inclusive(dump: Path, *symbols: str) -> list[int]:
@@ -262,7 +266,8 @@ def _line(r: dict[str, float], mode: str) -> str:
     if mode != "captured" and r.get("runner"):  # the worker's eager split: outside the runner, the runner's own,
         # the ops called as themselves, the ops run by a Python function (their Python and their kernels)
         r["outside runner"] = r["worker"] - r["runner"]
-        r["runner own"] = r["runner"] - r["call_op"] - r["call_py"]
+        r["call_cpp"] = r.get("attn", 0.0) + r.get("dropout", 0.0)
+        r["runner own"] = r["runner"] - r["call_op"] - r["call_py"] - r["call_cpp"]
     if mode == "captured":
         r["outside"] = r["worker"] - r["kernels"]
         if "client" in r:
@@ -274,8 +279,9 @@ def _line(r: dict[str, float], mode: str) -> str:
     return line
 
 
-# the worker's eager split (`_line`): `call_py`, the ops a Python function runs (their Python and their kernels)
-SPLIT = ("outside runner", "runner own", "call_op", "call_py")
+# the worker's eager split (`_line`): `call_py`, the ops a Python function runs (their Python and their kernels);
+# `call_cpp`, the same compositions run in C++ (round 45)
+SPLIT = ("outside runner", "runner own", "call_op", "call_py", "call_cpp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {os.getloadavg()[0]:.1f} (counts do not depend on it)", flush=True)
     res: dict[tuple[str, str], dict[str, float]] = {}
     # bench_daemons for its loopback PKI and token key only (no daemon of its own)
-    with bench_daemons(a.daemon_core, ()) as daemons, tempfile.TemporaryDirectory() as tmp:
+    # (a worker that outlives its daemon may still write its dump there while the folder goes: not an error)
+    with bench_daemons(a.daemon_core, ()) as daemons, tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         key_file = str(daemons.key_file)
         for model in a.models.split(","):
             for name, python, cwd in sides:

@@ -52,7 +52,11 @@ forged state only changes the session's own results; one of another shape, dtype
 Its logsumexp output is zeros (the math path makes none; nothing reads it). No aten op reads or sets a generator's
 state, so the composition is two operators of its own (`_LIBRARY`): a traced graph holds each call as one node, which
 the TorchScript interpreter calls back. An eager call on a fake GPU calls the composition's function directly, forward
-and backward (the library op's dispatch into Python and back cost ~20 us a backward).
+and backward (the library op's dispatch into Python and back cost ~20 us a backward). Inside a learned run the
+native runner runs the eager calls with dropout (`_dropout_forward_saving`, `_dropout_backward` from saved scores)
+in C++ (server/native_runner.cpp `attn::run`, round 45): the same aten ops in the same order, so the same bits and
+draws; it declines every other call, and every one the checks here refuse, to the Python functions here. A change to
+either composition must be made in both (tests/unit/test_server_attention_native.py compares them).
 
 Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`), which the clients' output tensors
 already carry.

@@ -18,7 +18,9 @@ order, with the mask read as uint8 (`mask.view(torch.uint8)`, the same bytes; a 
 promoting a floating tensor with uint8 gives the same dtype as with bool, 0 and 1 convert to the same 0.0 and 1.0,
 so the products are the same bits, and the uint8 loop is the fast one. The same generator draws the same mask
 (`bernoulli_` on the bool tensor torch makes). Anything else (train False, an empty or non-floating input, a mask
-that is not bool) runs torch's kernel itself.
+that is not bool) runs torch's kernel itself. Inside a learned run the native runner runs both compositions in C++
+(server/native_runner.cpp `dropout::run`, round 45: the same ops in the same order; what they hand to torch's kernel
+goes to the Python function): a change to either must be made there too.
 
 `lookup(op, device)` is the executor's hook: a replacement for ops without a kernel on `device` (or with a slow one
 there), else None. On a real GPU every op here has its CUDA kernel, so nothing is replaced there.

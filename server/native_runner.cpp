@@ -10,7 +10,9 @@
 #include <torch/extension.h>
 #include <structmember.h>  // T_OBJECT_EX
 
+#include <ATen/CPUGeneratorImpl.h>  // the fused attention: the CPU generator's state
 #include <ATen/EmptyTensor.h>
+#include <ATen/ScalarOps.h>  // the fused attention: wrapped numbers
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/as_strided_native.h>
 #include <torch/csrc/Dtype.h>
@@ -20,6 +22,9 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <ctime>
@@ -128,6 +133,9 @@ struct Plan {
   // kernel of their own or a composite one (`_compile`): below autograd the dispatcher reaches the same kernel.
   // ADInplaceOrView still runs: version counters (server/graph.py's `_version` checks) and view tracking as before.
   bool below_autograd = false;
+  // a Python run whose calls run in C++ where they can (`call_run`): the fused attention's forward (1) and backward (2)
+  // (`attn::run`), a fake GPU's `native_dropout` (3) and its backward (4) (`dropout::run`); 0: none
+  int in_cpp = 0;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -873,6 +881,568 @@ PyObject* S_flops;
 PyObject* S_native;
 PyObject* S_whole;  // `opargs.WHOLE`
 
+// ==== The fused attention's eager dropout compositions in C++ (round 45) ==========================================
+// server/attention.py runs `aten::_scaled_dot_product_fused_attention_overrideable` and its backward as Python
+// compositions on every device (no kernel of the overrideable backend exists on the daemon's): ~40 aten calls a
+// call through torch's Python bindings. A learned run's step of either (`Plan::attention`, set by
+// native_runner.py `_compile`) runs here the eager calls with dropout that the encoders make: the forward that keeps
+// its softmax and mask (`_dropout_forward_saving`) and the backward from them (`_dropout_backward` with
+// `_saved_scores`), the same aten ops on the same operands in the same order, so the same bits, the same draws from
+// the session's generator and the same generator state after. Anything else -- no dropout, a bias's gradient, a
+// backward whose philox_seed holds the state alone (a graph's forward), empty tensors, another device type, and
+// every input `check_forward` / `check_backward` refuse -- is declined before any side effect, and the Python run
+// takes the record (`call_py`): its rules and its error messages stay the only ones.
+namespace attn {
+
+int64_t native_calls = 0;  // calls run here (tests: `attention_calls`)
+
+constexpr int64_t CPU_STATE_BYTES = 5056;  // attention.py `_CPU_STATE_BYTES`: the CPU's mt19937 state
+constexpr int64_t CUDA_STATE_BYTES = 16;  // a CUDA generator's seed and offset
+
+bool low(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+bool floating(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// attention.py `_dense`: non-overlapping and dense, by (stride, size) pairs in order
+bool dense(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = 0; d < t.dim(); ++d) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (size != 1 && stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// the strides `torch.empty_like(ref, device="meta")` gives
+std::vector<int64_t> like_strides(const at::Tensor& ref) {
+  return at::empty_like(ref, at::TensorOptions().device(at::kMeta)).strides().vec();
+}
+
+// attention.py `_like`
+at::Tensor like(const at::Tensor& ref, const at::Tensor& t) {
+  if (t.sizes() == ref.sizes() && t.strides() == ref.strides() && dense(ref)) return t;
+  if (t.strides() == at::IntArrayRef(like_strides(ref))) return t;
+  return at::empty_like(ref).copy_(t);
+}
+
+// attention.py `_matching_layout`
+at::Tensor matching_layout(const at::Tensor& q, const at::Tensor& t) {
+  if (t.sizes() == q.sizes()) return like(q, t);
+  std::vector<int64_t> order = {0, 1, 2, 3};
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return q.stride(a) > q.stride(b); });
+  std::vector<int64_t> strides(4, 0);
+  int64_t stride = 1;
+  for (auto it = order.rbegin(); it != order.rend(); ++it) {
+    strides[*it] = stride;
+    stride *= t.size(*it);
+  }
+  if (t.strides() == at::IntArrayRef(strides)) return t;
+  return at::empty_strided(t.sizes(), strides, at::TensorOptions().dtype(t.scalar_type()).device(t.device())).copy_(t);
+}
+
+// a Python float where an aten op takes a Tensor (`t.mul_(x)`, `torch.mul(t, x, out=)`): torch's Python argument
+// parser makes it a wrapped number (`PythonArgs::tensor_slow`)
+at::Tensor wrapped(double x) {
+  at::Tensor t = c10::scalar_to_tensor(at::Scalar(x));
+  t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return t;
+}
+
+// attention.py `_scaled_like`
+at::Tensor scaled_like(const at::Tensor& ref, const at::Tensor& t, double factor, bool transposed) {
+  const std::vector<int64_t> want = dense(ref) ? ref.strides().vec() : like_strides(ref);
+  const at::Tensor seen = transposed ? t.transpose(-2, -1) : t;
+  if (seen.sizes() != ref.sizes() || seen.strides() == at::IntArrayRef(want) || t.scalar_type() != ref.scalar_type()) {
+    at::Tensor product = at::mul(t, at::Scalar(factor));
+    return like(ref, transposed ? product.transpose(-2, -1) : product);
+  }
+  at::Tensor target = at::empty_like(ref);
+  at::Tensor dest = transposed ? target.transpose(-2, -1) : target;
+  at::mul_out(dest, t, wrapped(factor));
+  return target;
+}
+
+// attention.py `_root_scales`
+std::pair<double, double> root_scales(int64_t head, std::optional<double> scale) {
+  if (!scale) {
+    const double root = head ? std::sqrt(1.0 / std::sqrt(static_cast<double>(head))) : 1.0;
+    return {root, root};
+  }
+  const double root = std::sqrt(std::abs(*scale));
+  return {*scale < 0 ? 0.0 - root : root, root};
+}
+
+// `_dropout_math`'s first steps: low precision in float32, the scales' roots, the query scaled by its own
+struct MathInputs {
+  at::Tensor q, k, v;
+  double q_root, k_root;
+};
+MathInputs math_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       std::optional<double> scale) {
+  MathInputs m{query, key, value, 0.0, 0.0};
+  if (low(query.scalar_type())) {
+    m.q = m.q.to(at::kFloat);
+    m.k = m.k.to(at::kFloat);
+    m.v = m.v.to(at::kFloat);
+  }
+  std::tie(m.q_root, m.k_root) = root_scales(m.q.size(-1), scale);
+  m.q = at::mul(m.q, at::Scalar(m.q_root));
+  return m;
+}
+
+// attention.py `_operands`: the 3-D operands of a 4-D matmul over the common batch
+std::pair<at::Tensor, at::Tensor> operands(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t b0 = std::max(a.size(0), b.size(0)), b1 = std::max(a.size(1), b.size(1));
+  at::Tensor a3 = a.expand({b0, b1, a.size(2), a.size(3)}).reshape({b0 * b1, a.size(2), a.size(3)});
+  at::Tensor b3 = b.expand({b0, b1, b.size(2), b.size(3)}).reshape({b0 * b1, b.size(2), b.size(3)});
+  return {std::move(a3), std::move(b3)};
+}
+
+// attention.py `_saved_sizes`: (shape, dtype, bytes after the state) of an eager forward's kept softmax and mask
+struct Sizes {
+  std::vector<int64_t> shape;
+  at::ScalarType dtype;
+  int64_t n = 0, item = 0, extra = 0;
+};
+Sizes saved_sizes(const at::Tensor& q, const at::Tensor& k) {
+  Sizes s;
+  s.dtype = low(q.scalar_type()) ? at::kFloat : q.scalar_type();
+  s.shape = {q.size(0), q.size(1), q.size(2), k.size(2)};
+  s.n = s.shape[0] * s.shape[1] * s.shape[2] * s.shape[3];
+  s.item = static_cast<int64_t>(c10::elementSize(s.dtype));
+  s.extra = (s.n * s.item + s.n + 7) / 8 * 8;
+  return s;
+}
+
+int64_t state_bytes(const at::Device& d) { return d.is_cuda() ? CUDA_STATE_BYTES : CPU_STATE_BYTES; }
+
+// `check_forward`'s rules as a yes: true where it passes them and the call is one this code runs (dropout in (0, 1),
+// non-empty tensors on one CPU or CUDA device, strided); false: the Python run takes the call (and raises)
+bool fits_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, double p,
+                  std::optional<double> scale, bool debug) {
+  if (!q.defined() || !k.defined() || !v.defined()) return false;
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;
+  const at::ScalarType dtype = q.scalar_type();
+  if (!floating(dtype) || k.scalar_type() != dtype || v.scalar_type() != dtype) return false;
+  if (k.size(0) != q.size(0) || v.size(0) != q.size(0) || k.size(1) != q.size(1) || v.size(1) != q.size(1)) {
+    return false;
+  }
+  if (k.size(2) != v.size(2) || k.size(3) != q.size(3)) return false;
+  if (!(p > 0.0 && p < 1.0) || debug) return false;
+  if (scale && !std::isfinite(*scale)) return false;
+  const at::Device dev = q.device();
+  if (!(dev.is_cpu() || dev.is_cuda()) || k.device() != dev || v.device() != dev) return false;
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    if (t->layout() != at::kStrided || t->numel() == 0 || t->is_quantized() || t->is_nested() || t->is_conj() ||
+        t->is_neg()) {
+      return false;
+    }
+  }
+  if (bias.defined()) {
+    if (bias.scalar_type() != at::kBool && bias.scalar_type() != dtype) return false;
+    if (bias.dim() < 2 || bias.dim() > 4 || bias.device() != dev || bias.layout() != at::kStrided) return false;
+    if (bias.numel() == 0 || bias.is_conj() || bias.is_neg()) return false;
+    const int64_t scores[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+    for (int64_t j = 1; j <= bias.dim(); ++j) {
+      const int64_t n = bias.size(-j), want = scores[4 - j];
+      if (n != 1 && n != want) return false;
+    }
+  }
+  return true;
+}
+
+// attention.py `_float_bias`: a bool mask as 0 / -inf in `dtype`
+at::Tensor float_bias(const at::Tensor& bias, at::ScalarType dtype) {
+  if (!bias.defined() || bias.scalar_type() != at::kBool) return bias;
+  at::Tensor zeros = at::zeros(bias.sizes(), at::TensorOptions().dtype(dtype).device(bias.device()));
+  return zeros.masked_fill_(bias.logical_not(), -std::numeric_limits<double>::infinity());
+}
+
+struct Forward {
+  at::Tensor out, lse, seed, offset;
+  int64_t length = 0, source = 0;
+};
+
+// `forward(EAGER, None, ...)` with dropout: `_dropout_forward_saving` (with the generator state on a CPU, without it
+// on CUDA, as `forward` asks); nullopt where it is not this code's call
+std::optional<Forward> forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                               const at::Tensor& bias, double p, bool causal, bool debug, std::optional<double> scale) {
+  if (!fits_forward(query, key, value, bias, p, scale, debug)) return std::nullopt;
+  const at::Device dev = query.device();
+  const bool cuda = dev.is_cuda();
+  at::Tensor state;
+  if (!cuda) {  // `torch.get_rng_state()`: the session's stream before the draw (the forward is a seeded op)
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    state = gen.get_state();
+    if (state.numel() != CPU_STATE_BYTES) return std::nullopt;
+  }
+  // `_dropout_math(q, k, v, bias, p, is_causal, scale, None)`
+  const at::ScalarType origin = query.scalar_type();
+  const auto [q, k, v, q_root, k_root] = math_inputs(query, key, value, scale);
+  at::Tensor mask = float_bias(bias, origin);
+  if (causal) {
+    at::Tensor keep = at::ones({q.size(2), k.size(2)}, at::TensorOptions().dtype(at::kBool).device(dev)).tril();
+    at::Tensor c = at::zeros(keep.sizes(), at::TensorOptions().dtype(q.scalar_type()).device(dev))
+                       .masked_fill_(keep.logical_not(), -std::numeric_limits<double>::infinity());
+    mask = mask.defined() ? at::add(mask, c) : c;
+  }
+  at::Tensor scores;
+  {
+    const at::Tensor kt = at::mul(k.transpose(-2, -1), at::Scalar(k_root));
+    auto [q3, kt3] = operands(q, kt);
+    scores = at::bmm(q3, kt3).view({std::max(q.size(0), kt.size(0)), std::max(q.size(1), kt.size(1)), q.size(2),
+                                    kt.size(3)});
+  }
+  if (mask.defined()) scores = at::add(scores, mask);
+  at::Tensor attn = at::_safe_softmax(scores, -1);
+  scores = at::Tensor();
+  at::Tensor dropped, kept;
+  if (cuda) {
+    std::tie(dropped, kept) = at::native_dropout(attn, p, true);
+  } else {  // `_drop`: fallbacks' `native_dropout`
+    const double p1m = 1.0 - p;
+    kept = at::empty_like(attn, at::TensorOptions().dtype(at::kBool));
+    kept.bernoulli_(p1m, std::nullopt);
+    dropped = at::mul(attn, kept.view(at::kByte)).mul_(at::Scalar(1.0 / p1m));
+  }
+  at::Tensor out;
+  {
+    auto [d3, v3] = operands(dropped, v);
+    out = at::bmm(d3, v3).view({std::max(dropped.size(0), v.size(0)), std::max(dropped.size(1), v.size(1)),
+                                dropped.size(2), v.size(3)});
+  }
+  dropped = at::Tensor();
+  out = out.to(origin);
+  // the state, the softmax and the mask in one buffer (`_dropout_forward_saving`)
+  const Sizes s = saved_sizes(query, key);
+  const int64_t head = state_bytes(dev);
+  at::Tensor buffer = at::empty({head + s.extra}, at::TensorOptions().dtype(at::kByte).device(dev));
+  if (state.defined()) {
+    buffer.slice(0, 0, head).copy_(state);
+  } else {
+    buffer.slice(0, 0, head).zero_();
+  }
+  const int64_t a_end = head + s.n * s.item;
+  buffer.slice(0, head, a_end).view(s.dtype).view(s.shape).copy_(attn);
+  buffer.slice(0, a_end, a_end + s.n).view(at::kBool).view(s.shape).copy_(kept);
+  if (s.extra > s.n * s.item + s.n) buffer.slice(0, a_end + s.n).zero_();
+  Forward f;
+  f.lse = at::zeros({query.size(0), query.size(1), query.size(2)}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  f.seed = buffer.view(at::kLong).as_strided({}, {}, 0);
+  f.offset = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(dev));
+  f.out = matching_layout(query, out);
+  f.length = query.size(2);
+  f.source = key.size(2);
+  return f;
+}
+
+struct Backward {
+  at::Tensor gq, gk, gv, gb;
+};
+
+// `backward(EAGER, None, ...)` with dropout from an eager forward's kept softmax and mask (`_dropout_backward`,
+// `_saved_scores` not None), no bias's gradient asked; nullopt where it is not this code's call
+std::optional<Backward> backward(const at::Tensor& grad, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& bias, const std::vector<bool>& grad_mask,
+                                 const at::Tensor& out, const at::Tensor& logsumexp, double p, bool causal,
+                                 const at::Tensor& seed, std::optional<double> scale) {
+  if (!fits_forward(query, key, value, bias, p, scale, false)) return std::nullopt;
+  const at::Device dev = query.device();
+  const std::vector<int64_t> shape = {query.size(0), query.size(1), query.size(2), value.size(3)};
+  for (const at::Tensor* t : {&grad, &out}) {
+    if (!t->defined() || t->sizes() != at::IntArrayRef(shape) || t->scalar_type() != query.scalar_type()) return std::nullopt;
+    if (t->device() != dev || t->layout() != at::kStrided || t->is_conj() || t->is_neg()) return std::nullopt;
+  }
+  if (!logsumexp.defined() || logsumexp.sizes() != at::IntArrayRef(shape.data(), 3) ||
+      logsumexp.scalar_type() != at::kFloat) {
+    return std::nullopt;
+  }
+  if (grad_mask.size() != 4) return std::nullopt;
+  if (grad_mask[3] && bias.defined() && at::isFloatingType(bias.scalar_type())) return std::nullopt;  // a bias's grad
+  if (!seed.defined() || seed.dim() != 0 || seed.scalar_type() != at::kLong || seed.device() != dev) return std::nullopt;
+  // `_saved_scores`
+  const Sizes s = saved_sizes(query, key);
+  const int64_t head = state_bytes(dev);
+  if (seed.storage_offset() != 0 || static_cast<int64_t>(seed.storage().nbytes()) != head + s.extra ||
+      head % s.item) {
+    return std::nullopt;  // the state alone (a graph's forward): the Python run recomputes
+  }
+  std::vector<int64_t> strides(4);
+  {
+    int64_t stride = 1;
+    for (int64_t d = 3; d >= 0; --d) {
+      strides[d] = stride;
+      stride *= std::max<int64_t>(s.shape[d], 1);
+    }
+  }
+  const at::Tensor attn = at::empty({0}, at::TensorOptions().dtype(s.dtype).device(dev))
+                              .set_(seed.storage(), head / s.item, s.shape, strides);
+  const at::Tensor kept = at::empty({0}, at::TensorOptions().dtype(at::kBool).device(dev))
+                              .set_(seed.storage(), head + s.n * s.item, s.shape, strides);
+  // `_dropout_math(..., saved)`
+  const at::ScalarType origin = query.scalar_type();
+  const auto [q, k, v, q_root, k_root] = math_inputs(query, key, value, scale);
+  auto [q3, kt3] = operands(q, at::mul(k.transpose(-2, -1), at::Scalar(k_root)));
+  const at::Tensor dropped = at::mul(attn, kept.view(at::kByte)).mul_(at::Scalar(1.0 / (1.0 - p)));
+  const int64_t b = attn.size(0), h = attn.size(1), length = attn.size(2), source = attn.size(3);
+  const at::Tensor dropped3 = dropped.reshape({b * h, length, source});
+  const at::Tensor v3 = v.expand({b, h, v.size(2), v.size(3)}).reshape({b * h, v.size(2), v.size(3)});
+  // `_dropout_backward`
+  const at::Tensor g = low(origin) ? grad.to(at::kFloat) : grad;
+  const at::Tensor g3 = g.reshape({b * h, length, v3.size(2)});
+  at::Tensor grad_v = at::bmm(dropped3.transpose(1, 2), g3).view({b, h, source, v3.size(2)});
+  at::Tensor grad_dropped = at::bmm(g3, v3.transpose(1, 2)).view({b, h, length, source});
+  const double factor = 1.0 / (1.0 - p);
+  if (dev.is_cuda()) {  // `_drop_backward`
+    grad_dropped = at::native_dropout_backward(grad_dropped, kept, factor);
+  } else {  // fallbacks' `_native_dropout_backward`: `grad.mul(mask.view(torch.uint8)).mul_(scale)`
+    grad_dropped = at::mul(grad_dropped, kept.view(at::kByte)).mul_(wrapped(factor));
+  }
+  const at::Tensor grad_scores = at::_softmax_backward_data(grad_dropped, attn, -1, attn.scalar_type());
+  const at::Tensor s3 = grad_scores.view({b * h, length, source});
+  at::Tensor grad_q = at::bmm(s3, kt3.transpose(1, 2)).view({b, h, length, q3.size(2)});
+  at::Tensor grad_k = at::bmm(q3.transpose(1, 2), s3).view({b, h, kt3.size(1), source});
+  Backward r;
+  if (!low(origin)) {
+    r.gq = scaled_like(query, grad_q, q_root, false);
+    r.gk = scaled_like(key, grad_k, k_root, true);
+    r.gv = like(value, grad_v);
+  } else {
+    grad_q = at::mul(grad_q, at::Scalar(q_root));
+    grad_k = at::mul(grad_k, at::Scalar(k_root)).transpose(-2, -1);
+    r.gq = like(query, grad_q.to(origin));
+    r.gk = like(key, grad_k.to(origin));
+    r.gv = like(value, grad_v.to(origin));
+  }
+  if (bias.defined()) r.gb = at::zeros_like(bias);  // `_bias_grad(bias, None)`
+  return r;
+}
+
+PyObject* wrap_or_none(at::Tensor t) {
+  if (!t.defined()) return Py_NewRef(Py_None);
+  return THPVariable_Wrap(std::move(t));
+}
+
+// A tuple of `items` (new references, each taken; nullptr where making one raised): nullptr with the error set
+// where the tuple or any item is missing
+PyObject* tuple_of(PyObject* const* items, Py_ssize_t n) {
+  Own tuple(PyTuple_New(n));
+  bool ok = tuple.p != nullptr;
+  for (Py_ssize_t j = 0; j < n; ++j) {
+    if (items[j] == nullptr) ok = false;
+    if (tuple.p != nullptr && items[j] != nullptr) {
+      PyTuple_SET_ITEM(tuple.p, j, items[j]);  // steals
+    } else {
+      Py_XDECREF(items[j]);
+    }
+  }
+  if (!ok) return nullptr;
+  PyObject* got = tuple.p;
+  tuple.p = nullptr;
+  return got;
+}
+
+// the Python run's tuple: (output, logsumexp, None, None, L, S, philox_seed (`written_whole`), philox_offset, None)
+PyObject* forward_tuple(Forward&& f) {
+  Own seed(THPVariable_Wrap(std::move(f.seed)));
+  if (seed.p == nullptr || PyObject_SetAttr(seed.p, S_whole, Py_True) < 0) return nullptr;
+  PyObject* items[9] = {THPVariable_Wrap(std::move(f.out)), THPVariable_Wrap(std::move(f.lse)), Py_NewRef(Py_None),
+                        Py_NewRef(Py_None), PyLong_FromLongLong(f.length), PyLong_FromLongLong(f.source),
+                        Py_NewRef(seed.p), THPVariable_Wrap(std::move(f.offset)), Py_NewRef(Py_None)};
+  return tuple_of(items, 9);
+}
+
+PyObject* backward_tuple(Backward&& r) {
+  PyObject* items[4] = {wrap_or_none(std::move(r.gq)), wrap_or_none(std::move(r.gk)), wrap_or_none(std::move(r.gv)),
+                        wrap_or_none(std::move(r.gb))};
+  return tuple_of(items, 4);
+}
+
+// a stack value as the composition takes it (false: not of the schema's kind, declined)
+bool tensor_at(const torch::jit::Stack& st, size_t a, at::Tensor* t, bool optional) {
+  if (a >= st.size()) return false;
+  if (st[a].isTensor()) {
+    *t = st[a].toTensor();
+    return t->defined() || optional;
+  }
+  if (st[a].isNone() && optional) {
+    *t = at::Tensor();
+    return true;
+  }
+  return false;
+}
+
+bool double_at(const torch::jit::Stack& st, size_t a, double* x) {
+  if (a >= st.size() || !st[a].isDouble()) return false;
+  *x = st[a].toDouble();
+  return true;
+}
+
+bool bool_at(const torch::jit::Stack& st, size_t a, bool* x) {
+  if (a >= st.size() || !st[a].isBool()) return false;
+  *x = st[a].toBool();
+  return true;
+}
+
+bool scale_at(const torch::jit::Stack& st, size_t a, std::optional<double>* x) {
+  if (a >= st.size()) return false;
+  if (st[a].isNone()) {
+    *x = std::nullopt;
+    return true;
+  }
+  if (!st[a].isDouble()) return false;
+  *x = st[a].toDouble();
+  return true;
+}
+
+// Run a record's call here (`Plan::attention`: 1 the forward, 2 the backward) from the arguments on `stack` (the
+// schema's, as `call_op` would take them): its values as `call_py` returns the Python run's (a tuple), or nullptr
+// with the Python error set when an aten op raised; `*declined` true (and nothing run) where the Python run takes it.
+// (never inlined: bench/daemon_ab.py counts it apart, `call_cpp`)
+__attribute__((noinline)) PyObject* run(int which, torch::jit::Stack& st, bool* declined) {
+  *declined = true;
+  HANDLE_TH_ERRORS
+  if (which == 1) {
+    at::Tensor q, k, v, bias;
+    double p = 0;
+    bool causal = false, debug = false;
+    std::optional<double> scale;
+    if (st.size() != 8 || !tensor_at(st, 0, &q, false) || !tensor_at(st, 1, &k, false) ||
+        !tensor_at(st, 2, &v, false) || !tensor_at(st, 3, &bias, true) || !double_at(st, 4, &p) ||
+        !bool_at(st, 5, &causal) || !bool_at(st, 6, &debug) || !scale_at(st, 7, &scale)) {
+      return nullptr;
+    }
+    std::optional<Forward> f;
+    {
+      py::gil_scoped_release nogil;
+      f = forward(q, k, v, bias, p, causal, debug, scale);
+    }
+    if (!f) return nullptr;
+    *declined = false;
+    ++native_calls;
+    st.clear();
+    return forward_tuple(std::move(*f));
+  }
+  if (which == 2) {
+    at::Tensor grad, q, k, v, bias, out, lse, seed;
+    double p = 0;
+    bool causal = false;
+    std::optional<double> scale;
+    if (st.size() != 17 || !tensor_at(st, 0, &grad, false) || !tensor_at(st, 1, &q, false) ||
+        !tensor_at(st, 2, &k, false) || !tensor_at(st, 3, &v, false) || !tensor_at(st, 4, &bias, true) ||
+        !st[5].isBoolList() || !tensor_at(st, 6, &out, false) || !tensor_at(st, 7, &lse, false) ||
+        !double_at(st, 12, &p) || !bool_at(st, 13, &causal) || !tensor_at(st, 14, &seed, false) ||
+        !scale_at(st, 16, &scale)) {
+      return nullptr;
+    }
+    std::vector<bool> mask;
+    for (bool m : st[5].toBoolList()) mask.push_back(m);
+    std::optional<Backward> r;
+    {
+      py::gil_scoped_release nogil;
+      r = backward(grad, q, k, v, bias, mask, out, lse, p, causal, seed, scale);
+    }
+    if (!r) return nullptr;
+    *declined = false;
+    ++native_calls;
+    st.clear();
+    return backward_tuple(std::move(*r));
+  }
+  return nullptr;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace attn
+
+// ==== A fake GPU's dropout in C++ (round 45) ======================================================================
+// server/fallbacks.py's faster compositions of `native_dropout` and its backward (a fake GPU only: a CUDA device runs
+// its own kernel, never a Python run), step for step: a bool mask drawn by `bernoulli_(1 - p)` from the device's
+// generator (the runner holds it for the session: `Plan::seeded`), the products by its bytes read as uint8. What the
+// composition hands to torch's own kernel (train False, an empty or non-floating input, a mask that is not bool) and
+// a p outside [0, 1] are declined: the Python run takes them (`call_py`).
+namespace dropout {
+
+int64_t native_calls = 0;  // calls run here (tests: `dropout_calls`)
+
+// `native_dropout(input, p, train)` from the stack: its two tensors pushed there, true; false: declined
+bool forward(torch::jit::Stack& st) {
+  if (st.size() != 3 || !st[0].isTensor() || !st[1].isDouble()) return false;
+  if (!(st[2].isNone() || st[2].isBool()) || (st[2].isBool() && !st[2].toBool())) return false;
+  const at::Tensor input = st[0].toTensor();
+  const double p = st[1].toDouble();
+  if (!input.defined() || !input.device().is_cpu() || !at::isFloatingType(input.scalar_type()) ||
+      input.numel() == 0 || !(p >= 0.0 && p <= 1.0)) {
+    return false;
+  }
+  at::Tensor out, mask;
+  {
+    py::gil_scoped_release nogil;
+    const double p1m = 1.0 - p;
+    const double scale = p1m == 0 ? 0.0 : 1.0 / p1m;
+    mask = at::empty_like(input, at::TensorOptions().dtype(at::kBool));
+    mask.bernoulli_(p1m, std::nullopt);
+    out = at::mul(input, mask.view(at::kByte)).mul_(at::Scalar(scale));
+  }
+  st.clear();
+  st.emplace_back(std::move(out));
+  st.emplace_back(std::move(mask));
+  return true;
+}
+
+// `native_dropout_backward(grad_output, mask, scale)`: `grad.mul(mask.view(torch.uint8)).mul_(scale)`
+bool backward(torch::jit::Stack& st) {
+  if (st.size() != 3 || !st[0].isTensor() || !st[1].isTensor() || !st[2].isDouble()) return false;
+  const at::Tensor grad = st[0].toTensor(), mask = st[1].toTensor();
+  if (!grad.defined() || !mask.defined() || mask.scalar_type() != at::kBool || !grad.device().is_cpu() ||
+      !at::isFloatingType(grad.scalar_type())) {
+    return false;
+  }
+  const double scale = st[2].toDouble();
+  at::Tensor out;
+  {
+    py::gil_scoped_release nogil;
+    out = at::mul(grad, mask.view(at::kByte)).mul_(attn::wrapped(scale));
+  }
+  st.clear();
+  st.emplace_back(std::move(out));
+  return true;
+}
+
+// Run a record's `native_dropout` (3) or its backward (4) here: its values on `stack` as `call_op` leaves them, and
+// None, or nullptr with the Python error set when an aten op raised; `*declined` true (nothing run) where the Python
+// run takes it. (Never inlined: bench/daemon_ab.py counts it apart, `call_cpp`.)
+__attribute__((noinline)) PyObject* run(int which, torch::jit::Stack& st, bool* declined) {
+  *declined = true;
+  HANDLE_TH_ERRORS
+  if (which == 3 ? forward(st) : which == 4 ? backward(st) : false) {
+    *declined = false;
+    ++native_calls;
+    Py_RETURN_NONE;
+  }
+  return nullptr;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace dropout
+
+// A Python run's record (`Plan::n_pos` >= 0): the fused attention's compositions here where they are this code's
+// calls (`attn::run`), else the Python function (`call_py`)
+PyObject* call_run(const Plan& p, const char* buf, torch::jit::Stack& stack) {
+  if (p.in_cpp != 0) {
+    bool declined = true;
+    PyObject* got = p.in_cpp <= 2 ? attn::run(p.in_cpp, stack, &declined) : dropout::run(p.in_cpp, stack, &declined);
+    if (!declined || got != nullptr || PyErr_Occurred()) return got;
+  }
+  return call_py(p, buf, stack);
+}
+// ==== end of the fused attention's compositions ==================================================================
+
 // One int counter of a `Ctx.run` (`s.used`, `s.ops`, `memory.used`), kept here between the run's Python calls: read
 // once (`get`, through `Fields`) and added to in C++ (`add`), written back as one `+=` of what was added (`sync`) before
 // any session or executor code the run calls (a progress callable, the ledger's count, `bind_outputs`, `over_quota`)
@@ -1527,7 +2097,7 @@ struct Ctx {
         }
         // From here on the record is run here: the op, the count, the binding, the quota check.
         mark(c, i, word, progress);
-        PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack, p->below_autograd, !pin);
+        PyObject* ran = p->n_pos >= 0 ? call_run(*p, buf, stack) : call_op(*p->op, stack, p->below_autograd, !pin);
         held.clear();  // the GIL held again: the last C++ reference goes without taking it
         if (pin) {
           pins.release();
@@ -3645,6 +4215,48 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (f.p == nullptr) throw py::error_already_set();
     m.attr(d->ml_name) = py::reinterpret_borrow<py::object>(f.p);
   }
+  // the fused attention's compositions in C++ (`attn::run`): a plan's (`_compile`), and each alone for tests
+  m.def("in_cpp", [](std::shared_ptr<Plan> plan, int which) {  // `Plan::in_cpp`
+    if (which < 1 || which > 4) throw std::invalid_argument("in_cpp: 1 to 4");
+    if (plan->n_pos < 0 || plan->returns != (which == 4 ? ONE : SEVERAL)) {
+      throw std::invalid_argument("in_cpp: a Python run's plan of the op's returns");
+    }
+    plan->in_cpp = which;
+  });
+  m.def("attention_calls", [] { return attn::native_calls; });
+  m.def("dropout_calls", [] { return dropout::native_calls; });
+  m.def("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& bias, double p, bool causal, bool debug,
+                                std::optional<double> scale) -> py::object {
+    std::optional<attn::Forward> f;
+    {
+      py::gil_scoped_release nogil;
+      f = attn::forward(q, k, v, bias ? *bias : at::Tensor(), p, causal, debug, scale);
+    }
+    if (!f) return py::none();
+    PyObject* got = attn::forward_tuple(std::move(*f));
+    if (got == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(got);
+  }, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_bias"), py::arg("dropout_p"),
+     py::arg("is_causal"), py::arg("return_debug_mask"), py::arg("scale"));
+  m.def("attention_backward", [](const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                 const std::vector<bool>& grad_input_mask, const at::Tensor& out,
+                                 const at::Tensor& logsumexp, double p, bool causal, const at::Tensor& seed,
+                                 std::optional<double> scale) -> py::object {
+    std::optional<attn::Backward> r;
+    {
+      py::gil_scoped_release nogil;
+      r = attn::backward(grad, q, k, v, bias ? *bias : at::Tensor(), grad_input_mask, out, logsumexp, p, causal, seed,
+                         scale);
+    }
+    if (!r) return py::none();
+    PyObject* got = attn::backward_tuple(std::move(*r));
+    if (got == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(got);
+  }, py::arg("grad_out"), py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_bias"),
+     py::arg("grad_input_mask"), py::arg("out"), py::arg("logsumexp"), py::arg("dropout_p"), py::arg("is_causal"),
+     py::arg("philox_seed"), py::arg("scale"));
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));
   });

@@ -565,9 +565,19 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     outs = offsets[1 : 1 + n_out]
     run = plan.run if py_run else op._op
     below = not py_run and below_autograd(f"{name}.{overload}" if overload else name, dev)
-    return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
-                    plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges, devices,
-                    below)  # fmt: skip
+    compiled = mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
+                        plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges, devices,
+                        below)  # fmt: skip
+    # the fused attention's eager dropout calls and a fake GPU's dropout run in C++ (native_runner.cpp `attn::run`,
+    # `dropout::run`: the same aten ops as the Python run's, which takes every other call: its rules and errors)
+    which = _IN_CPP.get(name) if py_run and (faster or run is attention.REPLACEMENTS.get(name)) else None
+    if which is not None:
+        mod.in_cpp(compiled, which)
+    return compiled
+
+
+# `Plan::in_cpp`
+_IN_CPP = {attention.FORWARD: 1, attention.BACKWARD: 2, "aten::native_dropout": 3, "aten::native_dropout_backward": 4}
 
 
 _BACKEND_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
