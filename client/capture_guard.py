@@ -125,18 +125,23 @@ class _OptimizerPart:
         self.kept = all(_settled(v) for g in self.groups for k, v in g.items() if k != "params")
         self.number = number(self.part)
 
-    def same(self) -> bool:
+    def unchanged(self) -> bool:
+        """The param_groups hold what they held when the part was made (a CPU tensor's values aside)."""
         groups = self.opt.param_groups
-        if not self.kept or groups is not self.groups:
+        if groups is not self.groups:
             return False
         objects, keys = _snapshot(groups)
         return keys == self.keys and len(objects) == len(self.objects) and all(map(_is, objects, self.objects))
 
+    def same(self) -> bool:
+        return self.kept and self.unchanged()
+
     def read(self) -> Any:
-        """This part of the key, or None where it may have changed."""
-        if not self.kept:
-            return watch_key([self.opt])
-        return self.number if self.same() else None
+        """This part of the key, or None where the part is to be made anew (a part not kept is made per call
+        while its objects stay: a CPU tensor's values may change in place)."""
+        if not self.unchanged():
+            return None
+        return self.number if self.kept else watch_key([self.opt])
 
 
 class Watch:

@@ -188,6 +188,22 @@ def test_a_parameter_moved_between_groups_changes_the_key() -> None:
     assert watch.key() == before  # back as it was: the same number
 
 
+def test_an_optimizer_kept_again_after_a_cpu_tensor_lr_keys_as_before() -> None:
+    """A part with a CPU tensor lr is made per call (its values may change in place); when the lr is the float it
+    was again, the part is kept again and the key is the one that float had (its graph replays)."""
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    lr = opt.param_groups[0]["lr"]
+    watch = guard.Watch([opt])
+    first = watch.key()
+    opt.param_groups[0]["lr"] = torch.tensor(0.25)
+    cpu = watch.key()
+    opt.param_groups[0]["lr"].fill_(0.125)
+    assert cpu != first and watch.key() != cpu  # changed in place: the part is made per call
+    opt.param_groups[0]["lr"] = lr
+    assert watch.key() == first and watch.parts[0].kept
+
+
 def test_kept_parts_are_read_again_not_recomputed() -> None:
     """A quiet call keeps an optimizer's part (the same tuple) and reads the flags afresh."""
     m = _model()
