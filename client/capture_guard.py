@@ -11,6 +11,7 @@ the module globals its code names and its bound object's attributes (`python_val
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -46,14 +47,18 @@ def _training(m: torch.nn.Module, seen: set[int], out: list[bool]) -> None:
 
 
 _is = operator.is_
+_training_of = operator.itemgetter("training")
+_modules_of = operator.itemgetter("_modules")
+_END = object()  # ends each run of objects in a snapshot: no object of the user's is it
 
 
 class _ModulePart:
     """A watched module's part of `watch_key`: the training flags of `m.modules()`, read per call from the list
-    of their `__dict__`s found when it was made (a subscript each, where `_training` makes a call per module).
-    `same()`: that list is still `m.modules()`: every module's `_modules` equals the copy taken then (the same
-    children, compared by identity in C: a child added, removed or replaced fails it). A tree with a module whose
-    class reads `training` or `_modules` in its own way is walked per call, as `watch_key` walks it."""
+    of their `__dict__`s found when it was made (an itemgetter each, in C, where `_training` makes a call per
+    module). `read()` is None unless that list is still `m.modules()`: every module's `_modules` equals the copy
+    taken then (the same children, compared by identity in C: a child added, removed, replaced or moved to
+    another module fails it). A tree with a module whose class reads `training` or `_modules` in its own way is
+    walked per call, as `watch_key` walks it."""
 
     def __init__(self, m: torch.nn.Module) -> None:
         self.m = m
@@ -64,15 +69,15 @@ class _ModulePart:
         self.children = [dict(d["_modules"]) for d in self.dicts] if self.dicts is not None else []
 
     def same(self) -> bool:
-        return self.dicts is None or [d["_modules"] for d in self.dicts] == self.children
+        return self.dicts is None or list(map(_modules_of, self.dicts)) == self.children
 
-    def key(self, out: list[Any]) -> None:
+    def read(self) -> Any:
+        """This part of the key, or None where the module list may no longer be `m.modules()`."""
         if self.dicts is None:
             flags: list[bool] = []
             _training(self.m, set(), flags)
-            out.append(tuple(flags))
-        else:
-            out.append(tuple([d["training"] for d in self.dicts]))
+            return tuple(flags)
+        return tuple(map(_training_of, self.dicts)) if self.same() else None
 
 
 def _modules(m: torch.nn.Module, seen: set[int], out: list[torch.nn.Module]) -> None:
@@ -93,75 +98,95 @@ def _settled(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.device.type != "cpu"
 
 
+def _snapshot(groups: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """What an optimizer's part of `watch_key` is made of, in order: (its param_groups list and per group the
+    dict, its values and its parameters; its keys), each group's runs ended by `_END` (so that no object can pass
+    from one run to the next unseen). The first is compared by identity, the keys (str) by equality."""
+    objects: list[Any] = [groups]
+    keys: list[Any] = []
+    for g in groups:
+        objects += (g, *g.values(), _END, *g.get("params", ()), _END)
+        keys += (*g, _END)
+    return objects, keys
+
+
 class _OptimizerPart:
     """A watched optimizer's part of `watch_key`, kept while `same()`: its param_groups the same list of the
-    same dicts, each with the same keys and the very same values and parameters (a number assigned anew, an
-    added group or parameter fails it). An optimizer with a value whose key is not its identity (a CPU tensor,
-    a list) is never kept."""
+    same dicts, each with the same keys and the very same values and parameters (`_snapshot`, compared in C: a
+    number assigned anew, an added group or parameter fails it). `read()` gives the part as a number
+    (`number`: equal parts, equal numbers), so that a guard key is hashed and compared without it. An optimizer
+    with a value whose key is not its identity (a CPU tensor, a list) is never kept: its part is made per call."""
 
-    def __init__(self, opt: torch.optim.Optimizer) -> None:
+    def __init__(self, opt: torch.optim.Optimizer, number: Callable[[Any], int]) -> None:
         self.opt = opt
-        self.groups_list = opt.param_groups
-        self.groups = list(opt.param_groups)
-        self.names = [tuple(g) for g in self.groups]
-        self.values = [list(g.values()) for g in self.groups]
-        self.params = [list(g["params"]) for g in self.groups]
+        self.groups = opt.param_groups
+        self.objects, self.keys = _snapshot(self.groups)
         self.part = watch_key([opt])
         self.kept = all(_settled(v) for g in self.groups for k, v in g.items() if k != "params")
+        self.number = number(self.part)
+
+    def unchanged(self) -> bool:
+        """The param_groups hold what they held when the part was made (a CPU tensor's values aside)."""
+        groups = self.opt.param_groups
+        if groups is not self.groups:
+            return False
+        objects, keys = _snapshot(groups)
+        return keys == self.keys and len(objects) == len(self.objects) and all(map(_is, objects, self.objects))
 
     def same(self) -> bool:
-        groups = self.opt.param_groups
-        if not self.kept or groups is not self.groups_list or len(groups) != len(self.groups):
-            return False
-        for g, was, names, values, params in zip(groups, self.groups, self.names, self.values, self.params,
-                                                 strict=True):  # fmt: skip
-            p = g.get("params")
-            if (
-                g is not was
-                or tuple(g) != names  # str keys: compared in C
-                or not all(map(_is, g.values(), values))
-                or p is None
-                or len(p) != len(params)
-                or not all(map(_is, p, params))
-            ):
-                return False
-        return True
+        return self.kept and self.unchanged()
 
-    def key(self, out: list[Any]) -> None:
-        out.extend(self.part)
+    def read(self) -> Any:
+        """This part of the key, or None where the part is to be made anew (a part not kept is made per call
+        while its objects stay: a CPU tensor's values may change in place)."""
+        if not self.unchanged():
+            return None
+        return self.number if self.kept else watch_key([self.opt])
 
 
 class Watch:
-    """`watch_key(watched)` on every call, cheaper: each part is remade only when its `same()` says what it read
-    may have changed; otherwise a module's flags are read off the module list it found and an optimizer's part
-    (its parameters and settings: ~11 values keyed one by one) is the one made before. Always equal to
-    `watch_key(watched)` (a module whose `__dict__` is replaced wholesale aside)."""
+    """The watched objects' part of a guard key on every call, cheaply: each part is remade only when what it
+    read may have changed; otherwise a module's flags are read off the module list it found, and an optimizer's
+    part (its parameters and settings: ~11 values keyed one by one) is the number of the one made before.
+    `key()` equals `key()` of another call exactly when `watch_key(watched)` does (a module whose `__dict__` is
+    replaced wholesale aside)."""
 
     def __init__(self, watched: list[Any]) -> None:
         self.watched = watched
         self.parts: list[Any] = []
+        self.numbers: dict[Any, int] = {}  # an optimizer's part -> its number
         self._remake()
+
+    def _number(self, part: Any) -> int:
+        found = self.numbers.get(part)
+        if found is None:
+            if len(self.numbers) >= 64:  # parts that never repeat (a new device lr per step): numbers never reused
+                self.numbers.clear()
+            found = self.numbers[part] = next(_part_numbers)
+        return found
 
     def _remake(self) -> None:
         self.parts = [
-            _ModulePart(obj) if isinstance(obj, torch.nn.Module) else _OptimizerPart(obj)
+            _ModulePart(obj) if isinstance(obj, torch.nn.Module) else _OptimizerPart(obj, self._number)
             for obj in self.watched
             if isinstance(obj, torch.nn.Module | torch.optim.Optimizer)
         ]
 
     def key(self) -> tuple[Any, ...]:
-        for part in self.parts:
-            if not part.same():
-                self._remake()
-                break
-        out: list[Any] = []
-        for part in self.parts:
-            part.key(out)
+        out = [part.read() for part in self.parts]
+        if None in out:
+            self._remake()
+            out = [part.read() for part in self.parts]
         return tuple(out)
 
 
+_part_numbers = itertools.count(1)
+
+
 def values_key(values: dict[str, Callable[[], Any]]) -> tuple[Any, ...]:
-    return tuple((name, value_key(read())) for name, read in values.items())
+    if not values:  # the usual step reads none (a generator costs more than the rest of this)
+        return ()
+    return tuple([(name, value_key(read())) for name, read in values.items()])
 
 
 def difference(graphs: dict[Any, Any], new: Any) -> str:
@@ -179,9 +204,9 @@ def difference(graphs: dict[Any, Any], new: Any) -> str:
 
 def leaf_key(x: Any) -> Any:
     if type(x) is torch.Tensor:  # a CPU batch, the C++ client's tensors: no `_gp_key` to look for (a miss raises)
-        if x.is_cpu:
-            return ("cpu", tuple(x.shape), x.dtype)
-        return (x.device, tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
+        if x.is_cpu:  # (a torch.Size hashes and compares as the tuple of its sizes: no copy into one)
+            return ("cpu", x.shape, x.dtype)
+        return (x.device, x.shape, x.stride(), x.storage_offset(), x.dtype)
     key = getattr(x, "_gp_key", None)  # the Python client's tensors carry theirs
     if key is not None:
         return key

@@ -719,7 +719,7 @@ class Session:
                 run.drop_writes.extend(drop_writes)
             if data:
                 run.input_data.extend(data)
-                self._frame_bytes += sum(len(d) for d in data)
+                self._frame_bytes += sum(map(len, data))
             self._maybe_flush()
 
     def drop_graph(self, graph_id: int) -> None:

@@ -133,11 +133,15 @@ class CapturedStep(StepCache):
         return self._record(rt, key, leaves, args, kwargs)
 
     def _runtime(self, leaves: list[Any]) -> DeviceRuntime:
-        found = {x._gp_rt for x in leaves if isinstance(x, RemoteTensor)}
-        if len(found) > 1:
-            raise CaptureError("the arguments of a captured step are on more than one gpupool device")
-        if found:
-            return found.pop()
+        found: DeviceRuntime | None = None  # (a loop, not a set comprehension: per call)
+        for x in leaves:
+            if isinstance(x, RemoteTensor):
+                if found is None:
+                    found = x._gp_rt
+                elif x._gp_rt is not found:
+                    raise CaptureError("the arguments of a captured step are on more than one gpupool device")
+        if found is not None:
+            return found
         index = torch.device(self.device).index if self.device is not None else None
         return api.runtime_for(index)
 
@@ -206,7 +210,11 @@ class CapturedStep(StepCache):
         inputs: list[int] = []
         data: list[bytes] = []
         keep: list[RemoteTensor] = []  # uploads of large CPU arguments, alive until the run is queued
-        by_value = sum(x.numel() * x.element_size() for x in leaves if _is_cpu_tensor(x)) <= BY_VALUE_BYTES
+        size = 0  # of the CPU arguments (a loop: a generator costs more than two small tensors' sizes)
+        for x in leaves:
+            if _is_cpu_tensor(x):
+                size += x.numel() * x.element_size()
+        by_value = size <= BY_VALUE_BYTES
         for x in leaves:
             if isinstance(x, RemoteTensor):
                 inputs.append(x._gp_h)

@@ -132,18 +132,22 @@ def _changes(m: torch.nn.Module, opt: torch.optim.Optimizer) -> list[tuple[str, 
 
 def test_the_kept_watch_key_is_watch_key_after_every_change() -> None:
     """`Watch.key()` (what a captured step computes per call, its parts remade only when what they read may have
-    changed) equals `watch_key` of the same objects after every kind of change a step's modules and optimizers
-    see: flags, children added, replaced, removed; settings assigned, added, removed; parameters and groups added;
-    lr as a float, a CPU tensor changed in place, a device tensor."""
+    changed, an optimizer's part as a number) is equal for two states exactly when `watch_key` of the same objects
+    is, after every kind of change a step's modules and optimizers see: flags, children added, replaced, removed;
+    settings assigned, added, removed; parameters and groups added; lr as a float, a CPU tensor changed in place,
+    a device tensor; and states seen before come back to the key they had."""
     m = _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     watch = guard.Watch([m, opt, "not watched"])
     before = watch.key()
+    seen = [(guard.watch_key([m, opt]), before)]
     for what, change in _changes(m, opt):
         change()  # type: ignore[operator]
         got, want = watch.key(), guard.watch_key([m, opt])
-        assert got == want, what
-        assert watch.key() == want, what  # and again, from what the first call kept
+        assert watch.key() == got, what  # and again, from what the first call kept
+        for was_want, was_got in seen:
+            assert (was_got == got) == (was_want == want), what
+        seen.append((want, got))
         if what not in (
             "nothing",
             "an equal float lr, another object",
@@ -154,6 +158,50 @@ def test_the_kept_watch_key_is_watch_key_after_every_change() -> None:
         ):
             assert got != before, what  # fmt: skip
         before = got
+    assert any(a == b for i, (a, _) in enumerate(seen) for b, _ in seen[i + 1 :] if a is not b)  # states came back
+
+
+def test_a_child_moved_between_modules_changes_the_key() -> None:
+    """The module list a part keeps is checked per call against each module's children as they were: a child
+    moved from one module to the next (all children, in order, still X) reorders `m.modules()` and so the
+    flags, and the part is remade."""
+    x = torch.nn.Dropout().eval()
+    a, b = torch.nn.Sequential(x), torch.nn.Sequential()
+    m = torch.nn.Sequential(a, b)
+    watch = guard.Watch([m])
+    assert watch.key() == ((True, True, False, True),)  # m, a, x, b
+    del a._modules["0"]
+    b.add_module("0", x)
+    assert watch.key() == guard.watch_key([m]) == ((True, True, True, False),)  # m, a, b, x
+
+
+def test_a_parameter_moved_between_groups_changes_the_key() -> None:
+    """An optimizer's part is kept while one run of every object it was made of (groups, their keys, values and
+    parameters) is the same; a parameter moved from one group's end to the next group's start changes the key."""
+    p1, p2, p3 = (torch.nn.Parameter(torch.ones(1)) for _ in range(3))
+    opt = torch.optim.SGD([{"params": [p1, p2]}, {"params": [p3], "lr": 0.5}], lr=0.1)
+    watch = guard.Watch([opt])
+    before = watch.key()
+    opt.param_groups[1]["params"].insert(0, opt.param_groups[0]["params"].pop())
+    assert watch.key() != before
+    opt.param_groups[0]["params"].append(opt.param_groups[1]["params"].pop(0))
+    assert watch.key() == before  # back as it was: the same number
+
+
+def test_an_optimizer_kept_again_after_a_cpu_tensor_lr_keys_as_before() -> None:
+    """A part with a CPU tensor lr is made per call (its values may change in place); when the lr is the float it
+    was again, the part is kept again and the key is the one that float had (its graph replays)."""
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    lr = opt.param_groups[0]["lr"]
+    watch = guard.Watch([opt])
+    first = watch.key()
+    opt.param_groups[0]["lr"] = torch.tensor(0.25)
+    cpu = watch.key()
+    opt.param_groups[0]["lr"].fill_(0.125)
+    assert cpu != first and watch.key() != cpu  # changed in place: the part is made per call
+    opt.param_groups[0]["lr"] = lr
+    assert watch.key() == first and watch.parts[0].kept
 
 
 def test_kept_parts_are_read_again_not_recomputed() -> None:
