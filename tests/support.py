@@ -88,6 +88,12 @@ def get_pki() -> Pki:
     return _PKI
 
 
+def has_pki() -> bool:
+    """Whether this process has installed the test CA (`install_test_tls`: under pytest, tests/conftest.py did); a
+    script that runs the helpers by itself (scripts/fuzz_native.py) installs one only when not."""
+    return _PKI is not None
+
+
 def tls_socket_pair(server_ctx: Any, client_ctx: Any, tcp: bool = False) -> tuple[Any, Any]:
     """A TLS connection over a socket pair, handshaken: (the daemon's end with `server_ctx`, non-blocking as a bound
     side socket is; the client's end with `client_ctx`, blocking, for the server name "localhost"). `tcp`: over a
