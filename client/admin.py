@@ -36,7 +36,7 @@ from .pool import SchedulerClient
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpupool host", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gpupool host", description=__doc__.split(";")[0] + ".")
     p.add_argument("action", choices=("drain", "undrain", "remove"), help="what to do with the host")
     p.add_argument("host_id", help="the host's id (as `gpupool smi` shows it)")
     p.add_argument("--force", action="store_true", help="remove: even if it holds active leases (they are lost)")

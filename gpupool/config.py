@@ -88,7 +88,10 @@ def add_flag(
     **kwargs: Any,
 ) -> None:
     """Add `--flag` whose default comes from $GPUPOOL_FLAG when set; the help text names the variable and shows the
-    default as `shown_as` writes it (a connection string without its password)."""
+    default as `shown_as` writes it (a connection string without its password; a size as its flag takes it, 8GiB
+    not 8589934592)."""
+    if type is size_arg and shown_as is str:
+        shown_as = _size_text
     env = env_name(flag)
     if env in os.environ:
         raw = os.environ[env]
@@ -104,6 +107,14 @@ def add_flag(
         parser.add_argument(flag, default=default, help=f"{help}{shown} [env {env}]", **kwargs)
     else:
         parser.add_argument(flag, default=default, type=type, help=f"{help}{shown} [env {env}]", **kwargs)
+
+
+def _size_text(n: int) -> str:
+    """A size as `--help` shows it: in the largest binary unit that divides it (16MiB), else in bytes."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 def size_arg(text: str) -> int:

@@ -1274,11 +1274,10 @@ def _serve(args: argparse.Namespace, prefix: str, *flags: str) -> tuple[Path, An
     import secrets
     import tempfile
 
-    import support
-    from support import DaemonHandle, install_test_tls, start_serve_process
+    from support import DaemonHandle, has_pki, install_test_tls, start_serve_process
 
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    if support._PKI is None:  # (under pytest the session's test CA stays: `_stop` removes this folder)
+    if not has_pki():  # (under pytest the session's test CA stays: `_stop` removes this folder)
         install_test_tls(tmp / "pki")  # the tests' CA: the daemon serves TLS with it, this process is its operator
     key = secrets.token_hex(32).encode()
     (tmp / "token.key").write_bytes(key + b"\n")

@@ -64,6 +64,9 @@ OWN_RETRY_MS = 100  # ... tried again this often meanwhile (and the end of a lin
 # builds one says so (`{"building": ...}`, `_build_runner`), and the daemon then waits for the build (bounded by the
 # build's own bound, server/native_runner.py `build_timeout`, plus BUILD_GRACE) with this bound stopped.
 START_TIMEOUT = 120.0
+# Test-only (tests/integration/test_first_start.py): the daemon's bound on its zygote's start in seconds, in place of
+# START_TIMEOUT, so that a build longer than the bound lasts seconds, not minutes. Never set it on a real host.
+START_TIMEOUT_TEST_ENV = "GPUPOOL_TEST_ZYGOTE_START_SECONDS"
 BUILD_GRACE = 30.0  # beyond the build's own bound: a zygote that overran it is stuck
 SPAWN_TIMEOUT = 60.0
 RESTART_MIN, RESTART_MAX = 0.5, 30.0  # seconds before starting a zygote again (doubling while it dies young)
@@ -217,10 +220,13 @@ class Zygote:
                 if self._cond.wait_for(lambda: self._stopping, backoff):
                     return
 
-    def wait_ready(self, timeout: float = START_TIMEOUT, *, builds: bool = True) -> None:
-        """Wait until the zygote is ready: `timeout` seconds at most, not counting (with `builds`: the daemon's start)
-        the time it spends building the native runner meanwhile, which has its own bound (the one the zygote told,
-        plus BUILD_GRACE). An Attach waits `timeout` in all (a restarted zygote's build included)."""
+    def wait_ready(self, timeout: float | None = None, *, builds: bool = True) -> None:
+        """Wait until the zygote is ready: `timeout` seconds at most (None: `start_timeout()`), not counting (with
+        `builds`: the daemon's start) the time it spends building the native runner meanwhile, which has its own
+        bound (the one the zygote told, plus BUILD_GRACE). An Attach waits `timeout` in all (a restarted zygote's
+        build included)."""
+        if timeout is None:
+            timeout = start_timeout()
         with self._cond:
             began = time.monotonic()
             built0 = self._built_for(began)
@@ -533,6 +539,12 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
             os.close(fd)
     for pid in children:  # the daemon is gone: so are its sessions
         os.kill(pid, signal.SIGKILL)
+
+
+def start_timeout() -> float:
+    """The daemon's bound on its zygote's start: START_TIMEOUT, or the test hook's seconds (START_TIMEOUT_TEST_ENV)."""
+    raw = os.environ.get(START_TIMEOUT_TEST_ENV, "").strip()
+    return float(raw) if raw else START_TIMEOUT
 
 
 def _build_runner(ctrl: socket.socket) -> None:

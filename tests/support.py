@@ -88,6 +88,31 @@ def get_pki() -> Pki:
     return _PKI
 
 
+def has_pki() -> bool:
+    """Whether this process has installed the test CA (`install_test_tls`: under pytest, tests/conftest.py did); a
+    script that runs the helpers by itself (scripts/fuzz_native.py) installs one only when not."""
+    return _PKI is not None
+
+
+def assert_same_sessions(a: Any, b: Any) -> None:
+    """Two WorkerSessions (server/sessions.py) that ran the same commands two ways (two executors, or one path and
+    another) hold the same: poisoned handles (code, op, message), tensors (dtype, shape, strides, offset, and values:
+    equal, or close with NaNs alike where floating), bytes used, ops and uploads in progress. A handle whose upload
+    is under way is not read (its bytes are not all there yet)."""
+    assert {h: (p.code, p.op, p.message) for h, p in a.poisoned.items()} == {
+        h: (p.code, p.op, p.message) for h, p in b.poisoned.items()
+    }
+    assert a.tensors.keys() == b.tensors.keys()
+    for h, t in a.tensors.items():
+        if h in a.uploads:
+            continue
+        u = b.tensors[h]
+        meta = (t.dtype, t.shape, t.stride(), t.storage_offset())
+        assert meta == (u.dtype, u.shape, u.stride(), u.storage_offset()), h
+        assert torch.equal(t, u) or (t.is_floating_point() and torch.allclose(t, u, equal_nan=True)), h
+    assert (a.used, a.ops, a.uploads) == (b.used, b.ops, b.uploads)
+
+
 def tls_socket_pair(server_ctx: Any, client_ctx: Any, tcp: bool = False) -> tuple[Any, Any]:
     """A TLS connection over a socket pair, handshaken: (the daemon's end with `server_ctx`, non-blocking as a bound
     side socket is; the client's end with `client_ctx`, blocking, for the server name "localhost"). `tcp`: over a

@@ -4,7 +4,11 @@ The zygote builds the native runner (server/native_runner.py) when the cache has
 a slow host (the device host under gVisor, a small VM's first `gpupool up`) that build alone passed the daemon's 120 s
 bound on the zygote's start (server/zygote.py START_TIMEOUT), and the daemon did not start. The build is made slow
 here by the test-only hook GPUPOOL_TEST_RUNNER_BUILD_SECONDS (native_runner.SLOW_BUILD_ENV: the build lasts at least
-that long), on a real build into an empty cache (XDG_CACHE_HOME in a temporary folder).
+that long), on a real build into an empty cache (XDG_CACHE_HOME in a temporary folder); the bound itself is made 60 s
+by the test-only hook GPUPOOL_TEST_ZYGOTE_START_SECONDS (zygote.START_TIMEOUT_TEST_ENV), so that a build past it
+lasts 70 s, not the 130 s that passing the real 120 s took (round 44's CI: 137 s, the suite's slowest test). Not
+shorter: the zygote's start without the build (torch's import, beside the other daemon's) must fit in the bound, and
+took over 30 s at load 25 here; it is about a sixth of the real build's CPU, which the test's 300 s bounds.
 
 A worker's start that the kernel refuses for memory (ENOMEM) is made real by capping the daemon's address space
 (RLIMIT_AS, as tests/integration/test_daemon_abuse.py caps it, which is how round 36's CI met it): the daemon maps each
@@ -53,12 +57,13 @@ def test_a_daemon_and_gpupool_up_start_at_once_on_an_empty_cache_with_a_build_sl
     tmp_path: Path, token_key_file: Path, token_key: bytes
 ) -> None:
     """`gpupool serve` and `gpupool up` (its own daemon), started at once on one empty cache, with a build longer than
-    the daemons' 120 s bound on their zygote's start: both start (the base: "cannot start: the zygote is not ready
-    after 120 s", and `up` gave its daemon 120 s too), each says it builds the runner and loads it, the first one
-    serves; one library in the cache (one build: the other waited on the cache folder's build lock, then loaded it)
-    and no build folder left."""
+    the daemons' bound on their zygote's start (made 60 s here, START_TIMEOUT_TEST_ENV): both start (the base:
+    "cannot start: the zygote is not ready after 120 s", and `up` gave its daemon 120 s too), each says it builds the
+    runner and loads it, the first one serves; one library in the cache (one build: the other waited on the cache
+    folder's build lock, then loaded it) and no build folder left."""
     cache = tmp_path / "cache"
-    env = _env(cache, **{native_runner.SLOW_BUILD_ENV: str(int(zygote.START_TIMEOUT) + 10)})
+    start = 60  # the daemons' bound on their zygote's start, and a build 10 s longer
+    env = _env(cache, **{zygote.START_TIMEOUT_TEST_ENV: str(start), native_runner.SLOW_BUILD_ENV: str(start + 10)})
     bound = up.START_TIMEOUT + up.BUILD_TIMEOUT + 60
     pool = Proc(["up", "--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--scheduler-listen", "127.0.0.1:0",
                  "--listen", "127.0.0.1:0", "--state", str(tmp_path / "state" / "scheduler.db"),
@@ -87,6 +92,17 @@ def test_up_waits_for_its_daemon_as_long_as_the_daemon_bounds_its_start(monkeypa
     assert up.START_TIMEOUT == zygote.START_TIMEOUT
     monkeypatch.setenv(up.BUILD_TIMEOUT_ENV, "30")
     assert up._daemon_start_bound() == zygote.START_TIMEOUT + 30 + 60
+
+
+def test_the_test_hook_bounds_the_zygote_s_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slow test above passes on a bound it shortens (START_TIMEOUT_TEST_ENV): the bound a daemon's start waits
+    with is the hook's (else that test would pass whether or not the build counts against it), START_TIMEOUT without."""
+    assert zygote.start_timeout() == zygote.START_TIMEOUT
+    monkeypatch.setenv(zygote.START_TIMEOUT_TEST_ENV, "1")
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^the zygote is not ready after 1 s$"):
+        zygote.Zygote().wait_ready()  # (never started)
+    assert time.monotonic() - began < zygote.START_TIMEOUT / 2
 
 
 def test_a_build_past_its_bound_leaves_the_daemon_on_the_python_path(

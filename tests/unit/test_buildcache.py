@@ -155,33 +155,47 @@ def test_a_sweep_never_follows_what_is_planted_in_the_cache(tmp_path: Path) -> N
     ).exists()  # the link at most, not its target
 
 
+# A tiny extension module in place of native_runner.cpp (argv[1]): the same build and load, in seconds (the real source
+# took ~45 s of CPU; tests/integration/test_first_start.py builds it from an empty cache)
+TINY_RUNNER = """#include <Python.h>
+static struct PyModuleDef tiny = {PyModuleDef_HEAD_INIT, "gpupool_native_runner", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit_gpupool_native_runner() { return PyModule_Create(&tiny); }
+"""
 RUNNER_BUILD = """
 import sys, threading
-from gpupool.server import native_runner
+from pathlib import Path
+from gpupool.server import native_runner, runner_source
+runner_source.SOURCE = Path(sys.argv[1])  # (read once, at the first `source()`)
 mod = native_runner.load()
 print(mod is not None, "torch.utils.cpp_extension" in sys.modules, threading.active_count())
 """
 
 
-@pytest.mark.slow
 def test_the_runner_builds_in_a_process_of_its_own(tmp_path: Path) -> None:
     """The zygote builds the runner at its first start, then forks every session's worker: the build must leave
     nothing in it. torch.utils.cpp_extension's import asks the CUDA runtime for a device count on a CUDA host, which
     poisons every later fork (on an H200 host every worker of a daemon's first start failed "Cannot re-initialize
     CUDA in forked subprocess"). So the build runs in a child process: after a build from an empty cache the module
-    is loaded, cpp_extension was never imported here and no thread was left behind."""
+    is loaded, cpp_extension was never imported here and no thread was left behind (a tiny source built as the
+    runner's is: `TINY_RUNNER`)."""
     from gpupool.server import native_runner
 
     why = native_runner.missing()
     if why is not None:
         pytest.skip(f"native runner: {why}")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    for name in ("GPUPOOL_NATIVE_RUNNER", "GPUPOOL_NATIVE_RUNNER_SANITIZE", native_runner.DIGEST_ENV):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for name in ("GPUPOOL_NATIVE_RUNNER", "GPUPOOL_NATIVE_RUNNER_CACHE", "GPUPOOL_NATIVE_RUNNER_SANITIZE",
+                 native_runner.DIGEST_ENV):  # fmt: skip
         env.pop(name, None)
-    out = subprocess.run([sys.executable, "-c", RUNNER_BUILD], capture_output=True, text=True, env=env, timeout=600)
+    source = tmp_path / "tiny_runner.cpp"
+    source.write_text(TINY_RUNNER)
+    out = subprocess.run([sys.executable, "-c", RUNNER_BUILD, str(source)], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "False", "1"], out.stdout + out.stderr[-2000:]
-    assert list(tmp_path.rglob("gpupool_native_runner.so"))
+    digest = hashlib.sha256(TINY_RUNNER.encode()).hexdigest()[:16]
+    built = [p.parent.name for p in tmp_path.rglob("gpupool_native_runner.so")]
+    assert built == [f"torch-{torch.__version__}-{digest}"]  # the tiny source's build
 
 
 def test_one_builder_at_a_time_and_the_wait_for_another_is_bounded(tmp_path: Path) -> None:

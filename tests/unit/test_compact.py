@@ -81,14 +81,19 @@ def test_unencodable_values_go_as_op_messages(value: object) -> None:
         compact.encode_value(value)
 
 
-def test_every_truncation_and_trailing_byte_is_refused() -> None:
-    data = record("aten::mul.Tensor", [5], [compact.tensor(7), compact.encode_value([1, 2])], {"x": b"\x00"})
+def _refused_cut_or_padded(data: bytes) -> None:
+    """`data` (a record) decodes; every prefix of it, and it with a byte more, is refused."""
     compact.decode(data, resolve, DEV)
     for n in range(len(data)):
         with pytest.raises(InvalidArgument):
             compact.decode(data[:n], resolve, DEV)
     with pytest.raises(InvalidArgument, match="after its end"):
         compact.decode(data + b"\x00", resolve, DEV)
+
+
+def test_every_truncation_and_trailing_byte_is_refused() -> None:
+    data = record("aten::mul.Tensor", [5], [compact.tensor(7), compact.encode_value([1, 2])], {"x": b"\x00"})
+    _refused_cut_or_padded(data)
 
 
 @pytest.mark.parametrize(
@@ -335,9 +340,4 @@ def test_hostile_tensor_lists_with_views_are_refused(arg: bytes, match: str) -> 
 def test_every_truncation_of_a_tensor_list_with_views_is_refused() -> None:
     arg = _views_list(compact.tensor(7), compact.view(8, [3], [1], 0), compact.view(7, [2, 1], [1, 1], 0))
     data = record(None, [9], [arg, compact.encode_value(1.5)], {})
-    compact.decode(data, resolve, DEV)
-    for n in range(len(data)):
-        with pytest.raises(InvalidArgument):
-            compact.decode(data[:n], resolve, DEV)
-    with pytest.raises(InvalidArgument, match="after its end"):
-        compact.decode(data + b"\x00", resolve, DEV)
+    _refused_cut_or_padded(data)

@@ -192,3 +192,19 @@ def test_the_daemons_on_off_flags_show_their_defaults_as_typed(monkeypatch: pyte
     monkeypatch.setenv("GPUPOOL_LANDLOCK", "off")
     text = " ".join(build_parser().format_help().split())
     assert "one warning [env GPUPOOL_LANDLOCK]" in text  # off: no default shown, as for every false default
+
+
+def test_the_daemons_size_flags_show_their_defaults_as_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpupool serve --help` shows a size flag's default as the flag takes it ("(default: 16MiB)"; until round 45
+    "(default: 16777216)"), an environment's value too, and the parsed value is the same number of bytes."""
+    from gpupool.server.cli import build_parser
+
+    for var in ("GPUPOOL_MAX_MESSAGE_SIZE", "GPUPOOL_FAKE_GPU_MEMORY"):
+        monkeypatch.delenv(var, raising=False)
+    text = " ".join(build_parser().format_help().split())
+    assert "largest gRPC message accepted (default: 16MiB)" in text and "(default: 16777216)" not in text
+    assert "memory of each fake GPU, e.g. 8GiB (default: 8GiB)" in text
+    monkeypatch.setenv("GPUPOOL_FAKE_GPU_MEMORY", "1536MiB")
+    parser = build_parser()
+    assert "e.g. 8GiB (default: 1536MiB)" in " ".join(parser.format_help().split())
+    assert parser.parse_args([]).fake_gpu_memory == 1536 << 20

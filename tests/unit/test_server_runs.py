@@ -32,7 +32,7 @@ from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
 from gpupool.server.speedmodel import SpeedModel
 from grpc import StatusCode
-from support import native_runner_or_skip
+from support import assert_same_sessions, native_runner_or_skip
 
 from gpupool import compact, wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -178,16 +178,8 @@ class Pair:
 
     def same(self) -> None:
         a, b = self.s
-        assert {h: (p.code, p.op, p.message) for h, p in a.poisoned.items()} == {
-            h: (p.code, p.op, p.message) for h, p in b.poisoned.items()
-        }
-        assert a.tensors.keys() == b.tensors.keys()
-        for h, t in a.tensors.items():
-            u = b.tensors[h]
-            meta = (t.dtype, t.shape, t.stride(), t.storage_offset())
-            assert meta == (u.dtype, u.shape, u.stride(), u.storage_offset()), h
-            assert torch.equal(t, u) or (t.is_floating_point() and torch.allclose(t, u, equal_nan=True)), h
-        assert (a.used, a.ops, a.memory.used) == (b.used, b.ops, b.memory.used)
+        assert_same_sessions(a, b)
+        assert a.memory.used == b.memory.used
         storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in a.tensors.values()}
         assert a.used == sum(storages.values())  # the accounting follows what in-place ops did to storages
 

@@ -15,6 +15,7 @@ from gpupool.server import slices, templates
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
+from support import assert_same_sessions
 
 from gpupool import compact, wire
 from gpupool._proto import device_pb2
@@ -70,19 +71,7 @@ class Pair:
         self.run(device_pb2.Command(eager_op=data))
 
     def same(self) -> None:
-        a, b = self.s
-        assert {h: (p.code, p.op, p.message) for h, p in a.poisoned.items()} == {
-            h: (p.code, p.op, p.message) for h, p in b.poisoned.items()
-        }
-        assert a.tensors.keys() == b.tensors.keys()
-        for h, t in a.tensors.items():
-            if h in a.uploads:  # its bytes are not all there yet
-                continue
-            u = b.tensors[h]
-            meta = (t.dtype, t.shape, t.stride(), t.storage_offset())
-            assert meta == (u.dtype, u.shape, u.stride(), u.storage_offset())
-            assert torch.equal(t, u) or (t.is_floating_point() and torch.allclose(t, u, equal_nan=True)), h
-        assert (a.used, a.ops, a.uploads) == (b.used, b.ops, b.uploads)
+        assert_same_sessions(*self.s)
 
 
 def _no_reply(item: object) -> None:
