@@ -845,7 +845,8 @@ class Daemon:
                     self._close_aside(s, f"lease {s.lease_id} expired")
                 else:
                     first = min(first, max(s.expires_at, hold))
-            self._reap_wake.wait(min(max(first - now, 0.01), self.config.reap_interval))
+            # (measured from now: a close above may have taken long, an inline one waits for its session's slice)
+            self._reap_wake.wait(min(max(first - time.time(), 0.01), self.config.reap_interval))
 
     def _close_aside(self, s: FrontSession, reason: str) -> None:
         """Close one of several sessions (the reaper's expired ones, a revoked lease's): a session whose close

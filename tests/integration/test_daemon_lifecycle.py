@@ -170,6 +170,36 @@ def test_the_lease_reaper_sleeps_until_the_first_lease_ends(daemon: Any) -> None
         long_lived.sync()
 
 
+def test_a_slow_close_does_not_make_the_reaper_late_for_the_next_lease(daemon: Any, monkeypatch: Any) -> None:
+    """Round 45 review (datarev45): the reaper measured its next sleep from the time it took before closing the
+    expired sessions, so a close that took long (an inline close waits for the session's running slice) made the
+    next lease's end that much later: here A's close takes 3 s, B's lease ends 2 s after A's, and B was closed ~2 s
+    after A's close returned (the stale sleep); now at once (its end passed while the reaper was busy)."""
+    d = daemon.running.daemon
+    original = d.close_session
+    closed: dict[str, float] = {}
+    a = Session.attach(daemon.address, daemon.token(ttl=1.0))
+    b = Session.attach(daemon.address, daemon.token(ttl=3.0))
+
+    def slow_close(s: Any, *args: Any, **kwargs: Any) -> Any:
+        if s.session_id == a.session_id:
+            time.sleep(3.0)
+        try:
+            return original(s, *args, **kwargs)
+        finally:
+            closed.setdefault(s.session_id, time.monotonic())
+
+    monkeypatch.setattr(d, "close_session", slow_close)
+    deadline = time.monotonic() + 15.0
+    while b.session_id not in closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert a.session_id in closed and b.session_id in closed, closed
+    late = closed[b.session_id] - closed[a.session_id]
+    assert late < 1.0, f"the lease ending during a slow close was closed {late:.2f} s after the close ended"
+    a.close()
+    b.close()
+
+
 def test_refresh_is_not_held_up_by_a_backlog(daemon_factory: Any) -> None:
     """A client far ahead of the device (seconds of queued work, the daemon's queue full so its stream reader
     waits) still gets its renewed token in before the old one expires: the refresh does not wait behind ops. The

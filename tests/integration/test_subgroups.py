@@ -30,7 +30,7 @@ from test_collectives import TIMEOUT, collective, join_all
 from test_three_ranks import _ranks
 
 from gpupool._proto import device_pb2
-from gpupool.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from gpupool.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
 
 RUN_TIMEOUT = 240  # seconds: a hang fails the test, it never holds CI
 
@@ -112,6 +112,49 @@ def test_subgroups_run_among_their_members_and_refuse_the_others(daemon_factory,
         for s, h in zip(sessions, c, strict=True):
             collective(s, "allreduce", [h], op="sum")
         assert [s.download(h).tolist() for s, h in zip(sessions, c, strict=True)] == [[3.0]] * 3
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_a_sessions_subgroups_are_its_own_bounded_and_checked(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """Round 45 review (datarev45; held on unmod45's merge, pins it): members listed twice or past the group's size,
+    number 0, a list without the session's own rank are refused; subgroup numbers are the session's own (the
+    largest uint32 is one; another session's number is one this session never joined, FAILED_PRECONDITION, even
+    where that session holds it); the 33rd subgroup is RESOURCE_EXHAUSTED, and the session, its 32 subgroups and
+    the group go on."""
+    d = daemon_factory(fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True)
+    lease = uuid.uuid4().hex
+    toks = [d.token(lease_id=lease, network=True, device=i) for i in range(2)]
+    sessions = [Session.attach(d.address, t) for t in toks]
+    try:
+        s0, s1 = sessions
+        join_all(sessions, toks)
+        for number, members, error, why in (
+            (3, [0, 0], InvalidArgument, "distinct ranks"),
+            (3, [0, 2**32 - 1], InvalidArgument, "distinct ranks"),
+            (3, [0, 1, 1], InvalidArgument, "distinct ranks"),
+            (0, [0], InvalidArgument, "its number"),
+            (3, [1], PermissionDenied, "not a member"),
+        ):
+            with pytest.raises(error, match=why):
+                _join(s0, number, members)
+        numbers = [*range(1, 32), 2**32 - 1]
+        for number in numbers:  # subgroups of one rank: their collectives are the identity
+            _join(s0, number, [0])
+        with pytest.raises(ResourceExhausted, match="at most 32 subgroups"):
+            _join(s0, 40, [0])
+        t0, t1 = s0.upload(torch.tensor([2.0])), s1.upload(torch.tensor([3.0]))
+        _on(s0, 2**32 - 1, "allreduce", [t0], reduce_op="sum")
+        assert s0.download(t0).tolist() == [2.0]
+        for s, t, number in ((s0, t0, 40), (s1, t1, 5)):  # 5: s0's, never s1's
+            _on(s, number, "allreduce", [t], reduce_op="sum")
+            with pytest.raises(FailedPrecondition, match=f"subgroup {number}, which this session never joined"):
+                s.sync()
+        u0, u1 = s0.upload(torch.tensor([2.0])), s1.upload(torch.tensor([3.0]))  # (a refused call's are poisoned)
+        for s, t in ((s0, u0), (s1, u1)):
+            collective(s, "allreduce", [t], op="sum")
+        assert s0.download(u0).tolist() == s1.download(u1).tolist() == [5.0]
     finally:
         for s in sessions:
             s.close()
