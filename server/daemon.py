@@ -444,6 +444,7 @@ class Daemon:
         # recent enough to serve Attach on while the scheduler cannot be reached
         self._revfile: RevocationFile | None = None
         self._offline_ok = False
+        self._offline_until = 0.0  # (time.time() after which the file is too old to serve on)
         self._heard_at = 0.0  # (time.time() of the scheduler's last answer)
         self._save_due = threading.Event()
         if config.state_dir and config.scheduler:
@@ -1131,10 +1132,17 @@ class Daemon:
         if heard.certs_version:
             self.revoked_certs.replace(heard.certs, heard.certs_version)
         age = time.time() - heard.heard_at
-        # (a daemon without a Verifier, a test's, keeps no lease revocations: never served on)
+        # (a daemon without a Verifier, a test's, keeps no lease revocations: never served on). `--revocations-max-age
+        # 0` is never (secrev45: a file written up to 60 s "ahead", the clock stepped back since, passed `age <= 0`);
+        # the age is checked again when the scheduler is found unreachable (`_offline_until`): a scheduler that
+        # answered Register and then failed otherwise for an hour did not leave a start-time check standing.
         self._offline_ok = (
-            self._verifier is not None and heard.heard_at > 0 and -60 <= age <= self.config.revocations_max_age
+            self._verifier is not None
+            and heard.heard_at > 0
+            and self.config.revocations_max_age > 0
+            and -60 <= age <= self.config.revocations_max_age
         )
+        self._offline_until = heard.heard_at + self.config.revocations_max_age if self._offline_ok else 0.0
         log.info(
             "revocations file %s: %d lease(s), %d certificate(s) revoked, as the scheduler said %.0f s ago%s",
             revfile.path,
@@ -1170,6 +1178,10 @@ class Daemon:
         serves Attach on the revocations of its state dir where they are recent (`_load_revocations`): a revoked
         token is refused, the others attach. Until round 45 it served none until the scheduler answered."""
         if self._offline_ok and not self._heard.is_set():
+            if time.time() > self._offline_until:
+                self._offline_ok = False
+                log.error("revocations file older than --revocations-max-age by now: Attach waits for the scheduler")
+                return
             self._heard.set()
             log.warning(
                 "scheduler %s cannot be reached: serving Attach on the revocations of %s (a lease ended since it was "

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from gpupool.client.pool import SchedulerClient
+from gpupool.server.revocations import Heard, RevocationFile
 from scheduler_fixtures import wait_until
 from support import DaemonFactory, get_pki
-from test_control45 import HOST, _code, _daemon, _revoke, _status
+from test_control45 import HOST, _alice_leases, _attach, _code, _daemon, _revoke, _status
 from test_security import Pool, start_pool
 
 from gpupool import certrevoke, protocol, tls
@@ -91,3 +93,47 @@ def test_the_twin_of_a_revoked_ecdsa_certificate_is_refused_too(
             answer = b""
     assert answer == b"", answer
     assert _status(host.address, "tenant", "alice45").host_id == HOST
+
+
+# ---- 2. the revocations file's age ----
+
+
+def _file_and_token(pool: Pool, factory: DaemonFactory, state: Path, heard_at: float) -> str:
+    """A lease token of HOST (its daemon and the scheduler then stopped), and a valid revocations file in `state` (the
+    daemon's key) saying the scheduler last answered at `heard_at`."""
+    first = _daemon(factory, pool, state_dir=str(state))
+    assert first.running.registrar.registered.wait(20)
+    (lease,) = _alice_leases(pool, 1)
+    first.running.stop(grace=0.5, drain=False)
+    pool.scheduler.stop(grace=0)
+    RevocationFile(state, HOST).save(Heard(HOST, heard_at, certs_version=""), ())
+    return lease.devices[0].token
+
+
+def test_revocations_max_age_zero_never_serves_on_the_file(
+    pool: Pool, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """`--revocations-max-age 0` is "never" (serve's --help): a file written 30 s "ahead" of the clock (the clock
+    stepped back since) is not served on, the scheduler down: Attach is UNAVAILABLE. On 5c6c360a `-60 <= age <= 0`
+    held and the daemon attached on it."""
+    state = tmp_path / "daemon-state"
+    token = _file_and_token(pool, daemon_factory, state, time.time() + 30)
+    host = _daemon(daemon_factory, pool, state_dir=str(state), revocations_max_age=0.0)
+    code, words = _attach(host.address, token)
+    assert code == grpc.StatusCode.UNAVAILABLE and "has not heard from its scheduler" in words, (code, words)
+
+
+def test_the_files_age_is_checked_when_the_scheduler_is_found_unreachable(
+    pool: Pool, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """The file 1 s old at the daemon's start (`--revocations-max-age 3`), its scheduler an address that accepts TCP
+    and never answers (Register's deadline, 5 s, says unreachable): by then the file is older than 3 s and Attach is
+    not served on it. On 5c6c360a the age was checked at the start only and the daemon attached."""
+    state = tmp_path / "daemon-state"
+    token = _file_and_token(pool, daemon_factory, state, time.time() - 1)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # (TCP accepted by the kernel, TLS never answered)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        host = _daemon(daemon_factory, pool, state_dir=str(state), revocations_max_age=3.0, scheduler=address)
+        time.sleep(6)  # the registrar's first Register timed out: scheduler_unreachable
+        code, words = _attach(host.address, token)
+    assert code == grpc.StatusCode.UNAVAILABLE and "has not heard from its scheduler" in words, (code, words)
