@@ -1197,6 +1197,20 @@ class Daemon:
         """The scheduler's list of revoked client certificates (whole): refused from now on."""
         if self.revoked_certs.replace(fingerprints, version):
             log.warning("revoked client certificates: now %d", len(fingerprints))
+            for s in self.session_list():
+                self._end_if_revoked(s)
+
+    def note_certificate(self, s: FrontSession, pem: bytes | None) -> None:
+        """The client certificate `s` was attached with: its revocation ends the session (round 45, secrev45: until
+        then a session attached before the revocation, its op stream and side socket ran on until the lease ended).
+        Checked once more here: a revocation heard between the call's check and now ends it at once."""
+        s.cert_pem = pem
+        self._end_if_revoked(s)
+
+    def _end_if_revoked(self, s: FrontSession) -> None:
+        gone = self.revoked_certs.refused_pem(s.cert_pem)
+        if gone:
+            self.close_session(s, f"client certificate {gone} is revoked", StatusCode.UNAUTHENTICATED)
 
     def _await_revocations(self, what: str) -> None:
         """Wait (`REVOCATIONS_WAIT` at most) for the scheduler's first heartbeat reply; else UNAVAILABLE, at once

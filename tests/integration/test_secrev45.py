@@ -137,3 +137,34 @@ def test_the_files_age_is_checked_when_the_scheduler_is_found_unreachable(
         time.sleep(6)  # the registrar's first Register timed out: scheduler_unreachable
         code, words = _attach(host.address, token)
     assert code == grpc.StatusCode.UNAVAILABLE and "has not heard from its scheduler" in words, (code, words)
+
+
+# ---- 3. sessions attached before the revocation ----
+
+
+def test_a_revocation_ends_the_sessions_the_certificate_attached(pool: Pool, daemon_factory: DaemonFactory) -> None:
+    """Mallory and Alice each attach a session (their own certificates); Mallory's certificate is revoked: her session
+    ends (UNAUTHENTICATED, naming the revocation, its stream and side socket with it) within a few heartbeats,
+    Alice's runs on. On 5c6c360a the session, attached before, ran on until its lease ended (a day at most)."""
+    host = _daemon(daemon_factory, pool)
+    assert host.running.registrar.registered.wait(20)
+    daemon = host.running.daemon
+    attached = {}
+    for name in ("mallory46", "alice46"):
+        client = pool.client("tenant", name)
+        try:
+            lease = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=600))
+        finally:
+            client.close()
+        with tls.channel(host.address, cfg=get_pki().client_config("tenant", name), token=False) as ch:
+            reply = device_pb2_grpc.DeviceStub(ch).Attach(device_pb2.AttachRequest(token=lease.devices[0].token))
+        attached[name] = reply.session_id
+    assert {s.session_id for s in daemon.session_list()} == set(attached.values())
+    _revoke(pool, str(get_pki().issue("tenant", "mallory46").cert))
+
+    wait_until(
+        lambda: attached["mallory46"] not in {s.session_id for s in daemon.session_list()},
+        timeout=15,
+        what="the revoked certificate's session ended",
+    )
+    assert {s.session_id for s in daemon.session_list()} == {attached["alice46"]}
