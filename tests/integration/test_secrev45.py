@@ -168,3 +168,38 @@ def test_a_revocation_ends_the_sessions_the_certificate_attached(pool: Pool, dae
         what="the revoked certificate's session ended",
     )
     assert {s.session_id for s in daemon.session_list()} == {attached["alice46"]}
+
+
+# ---- 4. --max-revoked shared between tenants ----
+
+
+def test_one_tenant_cannot_fill_max_revoked_for_everyone(tmp_path: Path) -> None:
+    """`--max-revoked 20`: Mallory allocates and releases hour-long leases until refused: at 18 (nine tenths of the
+    bound, all hers: her share) RESOURCE_EXHAUSTED naming the bound and her share; Alice, who holds none, still
+    allocates (the last tenth is kept for tenants below their share). On 5c6c360a Mallory filled all 20 and every
+    other tenant's Allocate was refused until her leases' tokens expired."""
+    pool = start_pool(tmp_path, max_revoked=20)
+    from gpupool.scheduler.hosts import DeviceSpec
+
+    try:
+        pool.scheduler.core.hosts.register("h", "127.0.0.1:7", [DeviceSpec(0, "GPU-h", "fake", 1 << 30, True)])  # type: ignore[union-attr]
+        request = scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=3600)
+        mallory = pool.client("tenant", "mallory47")
+        try:
+            held, code, words = 0, grpc.StatusCode.OK, ""
+            while held < 25:
+                code, words = _code(lambda: mallory.release(mallory.allocate(request).lease_id))
+                if code != grpc.StatusCode.OK:
+                    break
+                held += 1
+        finally:
+            mallory.close()
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-revoked" in words, (code, words)
+        assert held == 18 and "share (18)" in words, (held, words)
+        alice = pool.client("tenant", "alice47")
+        try:
+            alice.release(alice.allocate(request).lease_id)
+        finally:
+            alice.close()
+    finally:
+        pool.scheduler.stop(grace=0)
