@@ -1164,12 +1164,15 @@ class Daemon:
                 self._write_revocations(revfile)
 
     def _write_revocations(self, revfile: RevocationFile) -> None:
+        # The answer's time first (secrev45): a heartbeat between reading the revocations and it made the file say
+        # "heard at T" without what was heard at T, and a restart within --revocations-max-age served that lease.
+        heard_at = self._heard_at
         changes = self._verifier.changes if self._verifier is not None else 0
         stamp = (changes, self.revoked_certs.version)
         leases, not_before = self._verifier.revocations() if self._verifier is not None else ({}, 0.0)
         certs = self.revoked_certs.fingerprints()
         try:
-            revfile.save(Heard(self.host_id, self._heard_at, leases, not_before, certs, stamp[1]), stamp)
+            revfile.save(Heard(self.host_id, heard_at, leases, not_before, certs, stamp[1]), stamp)
         except OSError as exc:
             log.error("cannot write the revocations file %s: %s", revfile.path, exc)
 

@@ -203,3 +203,31 @@ def test_one_tenant_cannot_fill_max_revoked_for_everyone(tmp_path: Path) -> None
             alice.close()
     finally:
         pool.scheduler.stop(grace=0)
+
+
+def test_the_file_never_says_heard_at_a_time_without_what_was_heard_then(
+    pool: Pool, daemon_factory: DaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat reply lands while the daemon's writer reads its revocations (forced: the read made to let one
+    land right after it, revoking a lease and noting the answer's time): the file written holds the lease or an
+    earlier `heard_at`, never the new time without the lease (a restart within --revocations-max-age would attach
+    that lease's token). On 5c6c360a `heard_at` was read after the revocations."""
+    host = _daemon(daemon_factory, pool, state_dir=str(pool.tmp / "daemon-state"))
+    assert host.running.registrar.registered.wait(20)
+    daemon = host.running.daemon
+    verifier = daemon._verifier
+    read = verifier.revocations
+    landed = time.time() + 100
+
+    def read_then_heartbeat(now: float | None = None) -> tuple[dict[str, float], float]:
+        held = read(now)
+        verifier.revoke(["lease-revoked-meanwhile"])
+        daemon._heard_at = landed
+        return held
+
+    monkeypatch.setattr(verifier, "revocations", read_then_heartbeat)
+    revfile = daemon._revfile
+    daemon._write_revocations(revfile)
+    heard = revfile.load()
+    assert heard is not None
+    assert "lease-revoked-meanwhile" in heard.leases or heard.heard_at < landed, heard.heard_at
