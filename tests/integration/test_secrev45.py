@@ -20,10 +20,10 @@ from gpupool.client.pool import SchedulerClient
 from gpupool.server.revocations import Heard, RevocationFile
 from scheduler_fixtures import wait_until
 from support import DaemonFactory, get_pki
-from test_control45 import HOST, _alice_leases, _attach, _code, _daemon, _revoke, _status
+from test_control45 import HOST, _alice_leases, _attach, _code, _daemon, _revoke, _status, side_hello
 from test_security import Pool, start_pool
 
-from gpupool import certrevoke, protocol, tls
+from gpupool import certrevoke, tls
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 
 pytestmark = pytest.mark.slow
@@ -82,16 +82,7 @@ def test_the_twin_of_a_revoked_ecdsa_certificate_is_refused_too(
     original = lambda: _code(lambda: _status(host.address, "tenant", "mallory45"))[0]  # noqa: E731
     wait_until(lambda: original() != grpc.StatusCode.OK, timeout=15, what="the daemon hearing the revocation")
     assert refused(), "the daemon serves the revoked certificate's twin"
-    ctx = tls.socket_client_context(twin)
-    assert ctx is not None
-    raw = socket.create_connection(("127.0.0.1", host.running.bulk.port), timeout=10)
-    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as side:
-        try:
-            side.sendall(protocol.bulk_hello(attached.session_id))
-            answer = side.recv(1)
-        except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
-            answer = b""
-    assert answer == b"", answer
+    assert side_hello(twin, host.running.bulk.port, attached.session_id) == b""
     assert _status(host.address, "tenant", "alice45").host_id == HOST
 
 
