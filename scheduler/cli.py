@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-revoked",
         type=int,
         default=200_000,
-        help="the same, all tenants together (what each daemon may have to remember); beyond, every tenant's "
-        "Allocate is RESOURCE_EXHAUSTED until the oldest of them expires (a revocation is never forgotten early); "
-        "0: no limit",
+        help="the same, all tenants together (what each daemon may have to remember); past nine tenths of it a "
+        "tenant holding its share of those nine tenths (over the tenants holding any) or more is refused; "
+        "beyond, every tenant's Allocate is RESOURCE_EXHAUSTED until the oldest of them expires (a revocation is "
+        "never forgotten early); 0: no limit",
     )
     add_flag(
         p,

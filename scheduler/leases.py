@@ -314,12 +314,14 @@ class Core:
     def _check_revoked(self, tenant: str) -> None:
         """ResourceExhausted when the ended leases whose tokens may live are at `max_revoked` (every tenant's) or the
         tenant's at `tenant_max_revoked`. At the bound no lease is granted (to any tenant, for the first) until the
-        oldest such lease's tokens expire: forgetting a revocation instead would let its token attach again."""
+        oldest such lease's tokens expire: forgetting a revocation instead would let its token attach again. Past nine
+        tenths of the bound, tenants holding their share or more wait (`_check_share`)."""
         pool = self.revoked_all
         if self.config.max_revoked > 0:
             now = time.time()
             while pool and pool[0] <= now:
                 heapq.heappop(pool)
+            self._check_share(tenant, len(pool))
             if len(pool) >= self.config.max_revoked:
                 raise ResourceExhausted(
                     f"the pool holds {len(pool)} ended lease(s) whose tokens are still alive (every daemon of such a "
@@ -341,6 +343,33 @@ class Core:
                 f"tenant {tenant!r} ended {len(pending)} lease(s) whose tokens are still alive (their daemons "
                 f"remember each until it expires): at most {limit} (--tenant-max-revoked); the next frees at "
                 f"{time.strftime('%H:%M:%S', time.gmtime(pending[0]))} UTC (ask shorter TTLs)"
+            )
+
+    def _check_share(self, tenant: str, total: int) -> None:
+        """Past `max_revoked`'s last tenth (its reserve), ResourceExhausted for a tenant that holds its share or more
+        of the ended leases (the bound's first nine tenths over the tenants holding any): round 45 (secrev45), a few
+        tenants releasing long leases filled the bound and refused every other tenant's Allocate for up to a day.
+        Needs the per-tenant counts (`tenant_max_revoked` > 0); the bound itself is never passed."""
+        soft = self.config.max_revoked - self.config.max_revoked // 10
+        if total < soft or self.config.tenant_max_revoked <= 0:
+            return
+        now = time.time()
+        holders = 0
+        for name, pending in list(self.revoked_until.items()):
+            while pending and pending[0] <= now:
+                heapq.heappop(pending)
+            if pending:
+                holders += 1
+            else:
+                del self.revoked_until[name]
+        mine = self.revoked_until.get(tenant, [])
+        share = max(1, soft // max(1, holders))
+        if len(mine) >= share:
+            raise ResourceExhausted(
+                f"the pool holds {total} ended lease(s) whose tokens are still alive, past {soft} of at most "
+                f"{self.config.max_revoked} (--max-revoked): the rest is kept for tenants holding less than their "
+                f"share ({share}); tenant {tenant!r} holds {len(mine)}, the next frees at "
+                f"{time.strftime('%H:%M:%S', time.gmtime(mine[0]))} UTC (ask shorter TTLs)"
             )
 
     def _check_tenant(self, tenant: str, req: Request, units: int) -> None:

@@ -444,6 +444,7 @@ class Daemon:
         # recent enough to serve Attach on while the scheduler cannot be reached
         self._revfile: RevocationFile | None = None
         self._offline_ok = False
+        self._offline_until = 0.0  # (time.time() after which the file is too old to serve on)
         self._heard_at = 0.0  # (time.time() of the scheduler's last answer)
         self._save_due = threading.Event()
         if config.state_dir and config.scheduler:
@@ -1132,10 +1133,17 @@ class Daemon:
         if heard.certs_version:
             self.revoked_certs.replace(heard.certs, heard.certs_version)
         age = time.time() - heard.heard_at
-        # (a daemon without a Verifier, a test's, keeps no lease revocations: never served on)
+        # (a daemon without a Verifier, a test's, keeps no lease revocations: never served on). `--revocations-max-age
+        # 0` is never (secrev45: a file written up to 60 s "ahead", the clock stepped back since, passed `age <= 0`);
+        # the age is checked again when the scheduler is found unreachable (`_offline_until`): a scheduler that
+        # answered Register and then failed otherwise for an hour did not leave a start-time check standing.
         self._offline_ok = (
-            self._verifier is not None and heard.heard_at > 0 and -60 <= age <= self.config.revocations_max_age
+            self._verifier is not None
+            and heard.heard_at > 0
+            and self.config.revocations_max_age > 0
+            and -60 <= age <= self.config.revocations_max_age
         )
+        self._offline_until = heard.heard_at + self.config.revocations_max_age if self._offline_ok else 0.0
         log.info(
             "revocations file %s: %d lease(s), %d certificate(s) revoked, as the scheduler said %.0f s ago%s",
             revfile.path,
@@ -1157,12 +1165,15 @@ class Daemon:
                 self._write_revocations(revfile)
 
     def _write_revocations(self, revfile: RevocationFile) -> None:
+        # The answer's time first (secrev45): a heartbeat between reading the revocations and it made the file say
+        # "heard at T" without what was heard at T, and a restart within --revocations-max-age served that lease.
+        heard_at = self._heard_at
         changes = self._verifier.changes if self._verifier is not None else 0
         stamp = (changes, self.revoked_certs.version)
         leases, not_before = self._verifier.revocations() if self._verifier is not None else ({}, 0.0)
         certs = self.revoked_certs.fingerprints()
         try:
-            revfile.save(Heard(self.host_id, self._heard_at, leases, not_before, certs, stamp[1]), stamp)
+            revfile.save(Heard(self.host_id, heard_at, leases, not_before, certs, stamp[1]), stamp)
         except OSError as exc:
             log.error("cannot write the revocations file %s: %s", revfile.path, exc)
 
@@ -1171,6 +1182,10 @@ class Daemon:
         serves Attach on the revocations of its state dir where they are recent (`_load_revocations`): a revoked
         token is refused, the others attach. Until round 45 it served none until the scheduler answered."""
         if self._offline_ok and not self._heard.is_set():
+            if time.time() > self._offline_until:
+                self._offline_ok = False
+                log.error("revocations file older than --revocations-max-age by now: Attach waits for the scheduler")
+                return
             self._heard.set()
             log.warning(
                 "scheduler %s cannot be reached: serving Attach on the revocations of %s (a lease ended since it was "
@@ -1186,6 +1201,20 @@ class Daemon:
         """The scheduler's list of revoked client certificates (whole): refused from now on."""
         if self.revoked_certs.replace(fingerprints, version):
             log.warning("revoked client certificates: now %d", len(fingerprints))
+            for s in self.session_list():
+                self._end_if_revoked(s)
+
+    def note_certificate(self, s: FrontSession, pem: bytes | None) -> None:
+        """The client certificate `s` was attached with: its revocation ends the session (round 45, secrev45: until
+        then a session attached before the revocation, its op stream and side socket ran on until the lease ended).
+        Checked once more here: a revocation heard between the call's check and now ends it at once."""
+        s.cert_pem = pem
+        self._end_if_revoked(s)
+
+    def _end_if_revoked(self, s: FrontSession) -> None:
+        gone = self.revoked_certs.refused_pem(s.cert_pem)
+        if gone:
+            self.close_session(s, f"client certificate {gone} is revoked", StatusCode.UNAUTHENTICATED)
 
     def _await_revocations(self, what: str) -> None:
         """Wait (`REVOCATIONS_WAIT` at most) for the scheduler's first heartbeat reply; else UNAVAILABLE, at once

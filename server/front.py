@@ -106,6 +106,9 @@ class FrontSession:
         self.busy_seconds = 0.0
         self.closed = False
         self.close_reason = ""
+        # the client certificate (PEM) of the call that attached it, where the daemon sees them: a revocation of it
+        # ends the session (`Daemon.revoke_certificates`; round 45, secrev45)
+        self.cert_pem: bytes | None = None
         self.outbox = Outbox()  # replies for the stream (or its frames socket), in order
         # Held by whoever writes a reply to its frames socket: its writer, for each item it takes, or the thread
         # that produced a small reply while nothing is pending (`send`: no hand-off to the writer).

@@ -67,6 +67,9 @@ class DeviceServicer:
         # the one feature a client asks for (AttachRequest.features): applied where this daemon names it too
         layout = protocol.FEATURE_CONV_LAYOUT in request.features and protocol.FEATURE_CONV_LAYOUT in self.features
         s = self.daemon.attach(request.token, conv_layout=layout)
+        cfg = self.daemon.config.tls
+        if not cfg.insecure and cfg.client_auth == "require":  # (a certificate revoked later ends the session)
+            self.daemon.note_certificate(s, certrevoke.peer_pem(context))
         return device_pb2.AttachReply(
             session_id=s.session_id,
             handle_base=s.handle_base,

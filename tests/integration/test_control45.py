@@ -128,21 +128,26 @@ def test_a_revoked_tenant_certificate_is_refused_by_the_scheduler_and_its_daemon
     wait_until(refused, timeout=15, what="the daemon refusing the revoked certificate")
     assert _status(host.address, "tenant", "alice").host_id == HOST
     # The side port too: the session attached before the revocation, its id held, and the hello is closed unanswered
-    ctx = tls.socket_client_context(get_pki().client_config("tenant", "mallory"))
-    assert ctx is not None
-    raw = socket.create_connection(("127.0.0.1", host.running.bulk.port), timeout=10)
-    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as side:
-        try:
-            side.sendall(protocol.bulk_hello(attached.session_id))
-            answer = side.recv(1)
-        except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
-            answer = b""
+    answer = side_hello(get_pki().client_config("tenant", "mallory"), host.running.bulk.port, attached.session_id)
     assert answer == b"", answer
     alice = pool.client("tenant", "alice")
     try:
         alice.release(alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25)).lease_id)
     finally:
         alice.close()
+
+
+def side_hello(cfg: tls.TlsConfig, port: int, session_id: str) -> bytes:
+    """The side port's first byte of answer to a hello for `session_id` with `cfg`'s certificate (b"": closed)."""
+    ctx = tls.socket_client_context(cfg)
+    assert ctx is not None
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as side:
+        try:
+            side.sendall(protocol.bulk_hello(session_id))
+            return side.recv(1)
+        except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
+            return b""
 
 
 def _token_config(pool: Pool, role: str, name: str) -> tls.TlsConfig:
