@@ -261,6 +261,27 @@ def _attach(address: str, token: str) -> tuple[grpc.StatusCode, str]:
         return _code(attach)
 
 
+def _restart_after_a_release(
+    pool: Pool, factory: DaemonFactory, state: Path, n: int
+) -> tuple[str, list[scheduler_pb2.Lease], Path]:
+    """A daemon with `--state-dir STATE` hears Alice release the first of her N leases (written to its file); then it
+    stops, and so does the scheduler: (its address, the leases, the file)."""
+    first = _daemon(factory, pool, state_dir=str(state))
+    assert first.running.registrar.registered.wait(20)
+    leases = _alice_leases(pool, n)
+    alice = pool.client("tenant", "alice")
+    try:
+        alice.release(leases[0].lease_id)
+    finally:
+        alice.close()
+    path = state / "revocations.json"
+    written = leases[0].lease_id.encode()
+    wait_until(lambda: path.exists() and written in path.read_bytes(), what="the revocation written")
+    first.running.stop(grace=0.5, drain=False)
+    pool.scheduler.stop(grace=0)
+    return first.address, leases, path
+
+
 def test_a_daemon_restarted_while_its_scheduler_is_down_serves_on_its_revocations_file(
     pool: Pool, daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
@@ -269,21 +290,9 @@ def test_a_daemon_restarted_while_its_scheduler_is_down_serves_on_its_revocation
     attaches; the file is 0600. On f47ac67 (no --state-dir) a daemon restarted so attached nothing until its scheduler
     answered (UNAVAILABLE after 5 s)."""
     state = tmp_path / "daemon-state"
-    first = _daemon(daemon_factory, pool, state_dir=str(state))
-    assert first.running.registrar.registered.wait(20)
-    released, kept = _alice_leases(pool, 2)
-    alice = pool.client("tenant", "alice")
-    try:
-        alice.release(released.lease_id)
-    finally:
-        alice.close()
-    path = state / "revocations.json"
-    wait_until(lambda: path.exists() and released.lease_id.encode() in path.read_bytes(), what="the revocation written")
+    address, (released, kept), path = _restart_after_a_release(pool, daemon_factory, state, 2)
     assert released.lease_id in json.loads(path.read_bytes().rpartition(b"\nhmac-sha256:")[0])["leases"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    address = first.address
-    first.running.stop(grace=0.5, drain=False)
-    pool.scheduler.stop(grace=0)
 
     again = _daemon(daemon_factory, pool, state_dir=str(state), listen=address)
     code, words = _attach(again.address, released.devices[0].token)
@@ -296,19 +305,7 @@ def test_an_edited_revocations_file_is_not_used(pool: Pool, daemon_factory: Daem
     the file (it cannot tell what else was changed) and, its scheduler down, serves no Attach (UNAVAILABLE), the
     released lease's token included. What the file's HMAC pins (f47ac67 had no file)."""
     state = tmp_path / "daemon-state"
-    first = _daemon(daemon_factory, pool, state_dir=str(state))
-    assert first.running.registrar.registered.wait(20)
-    (released,) = _alice_leases(pool, 1)
-    alice = pool.client("tenant", "alice")
-    try:
-        alice.release(released.lease_id)
-    finally:
-        alice.close()
-    path = state / "revocations.json"
-    wait_until(lambda: path.exists() and released.lease_id.encode() in path.read_bytes(), what="the revocation written")
-    address = first.address
-    first.running.stop(grace=0.5, drain=False)
-    pool.scheduler.stop(grace=0)
+    address, (released,), path = _restart_after_a_release(pool, daemon_factory, state, 1)
     body, sep, mac = path.read_bytes().rpartition(b"\nhmac-sha256:")
     raw = json.loads(body)
     del raw["leases"][released.lease_id]
