@@ -135,6 +135,7 @@ def test_a_closing_sessions_flush_does_not_hold_up_another_sessions_expiry(
         streams[0].gate = gate  # type: ignore[attr-defined]  # from now on a's GPU is busy until the gate opens
         b.sync()
         fa.expires_at = fb.expires_at = 0.0  # both leases end: a's first (the reaper's order)
+        daemon._reap_wake.set()  # (ends moved by hand: the reaper sleeps until the first end it knew, up to 10 s)
         _wait(lambda: fb.closed)  # b's end does not wait for a's GPU
         assert not gate.is_set()
     finally:
