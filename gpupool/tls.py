@@ -59,6 +59,12 @@ class TlsConfig:
     api_token_file: str = ""
     env_token: bool = False
 
+    @property
+    def verifies_clients(self) -> bool:
+        """Whether a server of this configuration asks for, checks and so sees its clients' certificates (TLS with
+        `--tls-client-auth require`): only then do names and revocations of client certificates apply."""
+        return not self.insecure and self.client_auth == "require"
+
     def check_server(self) -> None:
         if self.insecure:
             return

@@ -215,7 +215,7 @@ class SchedulerServer:
         self.core: Core | None = None
         self.failed = threading.Event()
         self.servicer = SchedulerServicer(None, config.policy, HostWriteRate(config.host_write_rate))
-        verified = not config.tls.insecure and config.tls.client_auth == "require"
+        verified = config.tls.verifies_clients
         authn = Authenticator(
             config.credentials,
             verified_certs=verified,

@@ -67,8 +67,7 @@ class DeviceServicer:
         # the one feature a client asks for (AttachRequest.features): applied where this daemon names it too
         layout = protocol.FEATURE_CONV_LAYOUT in request.features and protocol.FEATURE_CONV_LAYOUT in self.features
         s = self.daemon.attach(request.token, conv_layout=layout)
-        cfg = self.daemon.config.tls
-        if not cfg.insecure and cfg.client_auth == "require":  # (a certificate revoked later ends the session)
+        if self.daemon.config.tls.verifies_clients:  # (a certificate revoked later ends the session)
             self.daemon.note_certificate(s, certrevoke.peer_pem(context))
         return device_pb2.AttachReply(
             session_id=s.session_id,
@@ -118,14 +117,12 @@ class DeviceServicer:
         """The (role, name) the caller's client certificate names, or ("", ""): none seen (a daemon under
         `--tls-client-auth none` never asks for one: round 41's probe found no x509_pem_cert in auth_context even
         when the client presents one), or one naming no or several gpupool identities."""
-        cfg = self.daemon.config.tls
-        if cfg.insecure or cfg.client_auth != "require":
+        if not self.daemon.config.tls.verifies_clients:
             return "", ""
-        raw: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
-        pem = [raw] if isinstance(raw, bytes) else list(raw)
-        if len(pem) != 1:
+        pem = certrevoke.peer_pem(context)
+        if pem is None:
             return "", ""
-        named = set(pki.identities(x509.load_pem_x509_certificate(pem[0])))
+        named = set(pki.identities(x509.load_pem_x509_certificate(pem)))
         return named.pop() if len(named) == 1 else ("", "")
 
     def RefreshToken(
@@ -572,8 +569,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 def _cert_check(daemon: Daemon) -> list[grpc.ServerInterceptor]:
     """The revoked client certificates' check, where the daemon sees client certificates (`--tls-client-auth
     require`): under `none` gRPC's Python server never asks for one (round 41), so there is nothing to refuse."""
-    cfg = daemon.config.tls
-    return [] if cfg.insecure or cfg.client_auth != "require" else [RevokedCertsCheck(daemon.revoked_certs)]
+    return [RevokedCertsCheck(daemon.revoked_certs)] if daemon.config.tls.verifies_clients else []
 
 
 class RevokedCertsCheck(grpc.ServerInterceptor):
