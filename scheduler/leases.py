@@ -45,6 +45,12 @@ from .store import CertRow, Change, LeaseRecord, Store
 log = logging.getLogger(__name__)
 
 
+def _drop_ended(heap: list[float], now: float) -> None:
+    """Take the times at or before `now` off a heap of token end times (`Core.revoked_until`, `revoked_all`)."""
+    while heap and heap[0] <= now:
+        heapq.heappop(heap)
+
+
 @dataclass(frozen=True)
 class CoreConfig:
     lease_ttl: float = 60.0
@@ -318,9 +324,7 @@ class Core:
         tenths of the bound, tenants holding their share or more wait (`_check_share`)."""
         pool = self.revoked_all
         if self.config.max_revoked > 0:
-            now = time.time()
-            while pool and pool[0] <= now:
-                heapq.heappop(pool)
+            _drop_ended(pool, time.time())
             self._check_share(tenant, len(pool))
             if len(pool) >= self.config.max_revoked:
                 raise ResourceExhausted(
@@ -333,9 +337,7 @@ class Core:
         pending = self.revoked_until.get(tenant)
         if limit <= 0 or pending is None:
             return
-        now = time.time()
-        while pending and pending[0] <= now:
-            heapq.heappop(pending)
+        _drop_ended(pending, time.time())
         if not pending:
             del self.revoked_until[tenant]
         elif len(pending) >= limit:
@@ -356,8 +358,7 @@ class Core:
         now = time.time()
         holders = 0
         for name, pending in list(self.revoked_until.items()):
-            while pending and pending[0] <= now:
-                heapq.heappop(pending)
+            _drop_ended(pending, now)
             if pending:
                 holders += 1
             else:
