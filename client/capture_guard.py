@@ -111,7 +111,7 @@ def _snapshot(groups: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
 
 
 class _OptimizerPart:
-    """A watched optimizer's part of `watch_key`, kept while `same()`: its param_groups the same list of the
+    """A watched optimizer's part of `watch_key`, kept while `unchanged()`: its param_groups the same list of the
     same dicts, each with the same keys and the very same values and parameters (`_snapshot`, compared in C: a
     number assigned anew, an added group or parameter fails it). `read()` gives the part as a number
     (`number`: equal parts, equal numbers), so that a guard key is hashed and compared without it. An optimizer
@@ -132,9 +132,6 @@ class _OptimizerPart:
             return False
         objects, keys = _snapshot(groups)
         return keys == self.keys and len(objects) == len(self.objects) and all(map(_is, objects, self.objects))
-
-    def same(self) -> bool:
-        return self.kept and self.unchanged()
 
     def read(self) -> Any:
         """This part of the key, or None where the part is to be made anew (a part not kept is made per call
