@@ -68,6 +68,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1232,17 +1233,10 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
     error, tensors, poisons, storages, counts) and the front's readers agree on the frame (`check_frame`)."""
     Q = _quick_tests()
     counts: Counter[str] = Counter()
-    rng = random.Random(args.seed)
-    deadline = time.monotonic() + args.seconds
     twins: tuple[Any, Any] | None = None
     shapes = _shapes()
-    n = 0
-    while time.monotonic() < deadline and (args.inputs == 0 or n < args.inputs):
-        n += 1
-        seed = rng.getrandbits(64)
-        if n <= args.skip:
-            continue
-        r = random.Random(seed)
+    for n, seed, r in _seeded_inputs(args):
+        counts["inputs"] += 1
         try:
             if twins is None or r.random() < 0.02:
                 shape = r.choice(shapes)  # (round 45: one of several graphs; round 44's was `basic`)
@@ -1270,7 +1264,6 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
         except Exception:
             print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
             raise
-    counts["inputs"] = n - min(n, args.skip)
     return counts
 
 
@@ -1384,22 +1377,27 @@ def attention_fuzz(args: argparse.Namespace, mod: Any) -> Counter[str]:
     from gpupool.server import attention
 
     counts: Counter[str] = Counter()
+    for n, seed, r in _seeded_inputs(args):
+        try:
+            counts.update(_attention_case(r, mod, attention))
+        except Exception:
+            print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
+            raise
+        counts["inputs"] += 1
+    return counts
+
+
+def _seeded_inputs(args: argparse.Namespace) -> Iterator[tuple[int, int, random.Random]]:
+    """Each input of a run as (its number, its own seed, a Random of that seed): drawn from `--seed` until
+    `--seconds` or `--inputs`, the first `--skip` passed over (a failure's number reproduces it)."""
     rng = random.Random(args.seed)
     deadline = time.monotonic() + args.seconds
     n = 0
     while time.monotonic() < deadline and (args.inputs == 0 or n < args.inputs):
         n += 1
         seed = rng.getrandbits(64)
-        if n <= args.skip:
-            continue
-        r = random.Random(seed)
-        try:
-            counts.update(_attention_case(r, mod, attention))
-        except Exception:
-            print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
-            raise
-    counts["inputs"] = n - min(n, args.skip)
-    return counts
+        if n > args.skip:
+            yield n, seed, random.Random(seed)
 
 
 def _attention_case(r: random.Random, mod: Any, attention: Any) -> list[str]:
