@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 import pytest
 import torch
 from gpupool.client.session import Session
 from support import MiB
-from test_collectives import collective, join_all
+from test_collectives import join_all
+from test_subgroups import _on, the_group_goes_on
 
 from gpupool._proto import device_pb2
 from gpupool.errors import Unavailable
@@ -29,11 +29,6 @@ def _join(s: Session, number: int, members: list[int]) -> None:
     join = device_pb2.GroupJoin(subgroup=number, members=members, timeout_seconds=FORM)
     s.command(device_pb2.Command(group_join=join))
     s.sync()
-
-
-def _on(s: Session, number: int, kind: str, tensors: list[int], **kw: Any) -> None:
-    s.command(device_pb2.Command(collective=device_pb2.Collective(kind=kind, tensors=tensors, subgroup=number, **kw)))
-    s.flush()
 
 
 def test_ranks_that_disagree_on_a_subgroup_form_nothing_together_and_the_rest_goes_on(daemon_factory) -> None:  # type: ignore[no-untyped-def]
@@ -75,10 +70,7 @@ def test_ranks_that_disagree_on_a_subgroup_form_nothing_together_and_the_rest_go
         _on(s0, 4, "allreduce", [u[0]], reduce_op="sum")
         _on(s1, 4, "allreduce", [u[1]], reduce_op="sum")
         assert s0.download(u[0]).tolist() == s1.download(u[1]).tolist() == [5.0]
-        c = [s.upload(torch.tensor([float(r)])) for r, s in enumerate(sessions)]
-        for s, h in zip(sessions, c, strict=True):
-            collective(s, "allreduce", [h], op="sum")
-        assert [s.download(h).tolist() for s, h in zip(sessions, c, strict=True)] == [[3.0]] * 3
+        the_group_goes_on(sessions)
     finally:
         for s in sessions:
             s.close()
