@@ -35,6 +35,14 @@ Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summ
            only malformed frames end a session, a session that goes on computes right; a neighbour's matmuls and its
            own graph of the same id checked throughout; the daemon SERVING and exiting 0 at the end.
 
+  attention  in-process (round 46): enc45's C++ compositions of the fused attention with dropout (`attn::run`'s
+           forward and backward, called as `attention_forward` / `attention_backward`) on hostile calls (dtypes,
+           zero sizes, shapes the validators refuse, inputs as expanded, overlapping, transposed and offset views of
+           one storage, biases, dropout and scale out of range, backward seeds forged, of the state alone, off by 8
+           bytes, at an offset, of another dtype or dim, or the query's own storage) against the Python runs
+           (server/attention.py): each declined with nothing drawn, or the same values, kept storage and generator
+           state bit for bit; never a call the Python run refuses.
+
 Under AddressSanitizer and UBSan (the in-process modes): scripts/fuzz_native.sh runs this script in the
 environment scripts/runner_asan.sh sets (scripts/asan_env.sh: the sanitized build, `GPUPOOL_NATIVE_RUNNER_SANITIZE=1`,
 in a Python with the ASan runtime preloaded). Recordings: `python bench/eager_replay.py --dump tiny-mlp OUT.json`.
@@ -43,6 +51,7 @@ in a Python with the ASan runtime preloaded). Recordings: `python bench/eager_re
     bash scripts/fuzz_native.sh runs --seconds 600 --seed 1 --recording /tmp/rec/tiny-mlp.json
     python scripts/fuzz_native.py daemon --seconds 300 --seed 1 --recording /tmp/rec/tiny-mlp.json
     bash scripts/fuzz_native.sh graphs --seconds 600 --seed 1
+    bash scripts/fuzz_native.sh attention --seconds 600 --seed 1
     python scripts/fuzz_native.py graph-daemon --seconds 300 --seed 1 --daemon-flag=--isolation --daemon-flag=thread
 
 A failure prints the seed and the input's number (parsers: `--seed S --skip N` starts at that input; runs: the
@@ -59,6 +68,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1223,17 +1233,10 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
     error, tensors, poisons, storages, counts) and the front's readers agree on the frame (`check_frame`)."""
     Q = _quick_tests()
     counts: Counter[str] = Counter()
-    rng = random.Random(args.seed)
-    deadline = time.monotonic() + args.seconds
     twins: tuple[Any, Any] | None = None
     shapes = _shapes()
-    n = 0
-    while time.monotonic() < deadline and (args.inputs == 0 or n < args.inputs):
-        n += 1
-        seed = rng.getrandbits(64)
-        if n <= args.skip:
-            continue
-        r = random.Random(seed)
+    for n, seed, r in _seeded_inputs(args):
+        counts["inputs"] += 1
         try:
             if twins is None or r.random() < 0.02:
                 shape = r.choice(shapes)  # (round 45: one of several graphs; round 44's was `basic`)
@@ -1261,8 +1264,224 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
         except Exception:
             print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
             raise
-    counts["inputs"] = n - min(n, args.skip)
     return counts
+
+
+# ---- attention: the fused attention's C++ compositions (native_runner.cpp `attn::run`, round 45) ----
+
+_ATT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ATT_FLAGS = ([True, True, True, False], [True, True, True, True], [False, True, False, False], [True, True, True])
+
+
+def _contiguous(shape: list[int]) -> list[int]:
+    strides, stride = [], 1
+    for size in reversed(shape):
+        strides.append(stride)
+        stride *= max(size, 1)
+    return strides[::-1]
+
+
+def _att_view(r: random.Random, base: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """A view of `base` (a flat tensor) of `shape` as a client's views can lay it out: contiguous, transposed,
+    expanded (stride 0), overlapping (strides smaller than the sizes'), at an offset; within `base`'s elements (a
+    tensor of its own where it would not fit)."""
+    kind = r.choice(["contiguous", "transposed", "expanded", "overlapping", "offset"])
+    strides = _contiguous(shape)
+    if kind == "transposed" and len(shape) >= 2:
+        swapped = _contiguous([*shape[:-2], shape[-1], shape[-2]])
+        strides = [*swapped[:-2], swapped[-1], swapped[-2]]
+    elif kind == "expanded":
+        strides = [0 if r.random() < 0.5 else s for s in strides]
+    elif kind == "overlapping":
+        strides = [r.randint(0, 2) for _ in shape]
+    offset = r.randint(0, 3) if kind == "offset" else 0
+    reach = offset + (0 if 0 in shape else sum((size - 1) * st for size, st in zip(shape, strides, strict=True)) + 1)
+    if reach > base.numel():
+        return torch.randn(shape, generator=torch.Generator().manual_seed(r.getrandbits(31))).to(base.dtype)
+    return base.as_strided(shape, strides, offset)
+
+
+def _att_same(a: Any, b: Any) -> bool:
+    """The same value: tensors of one dtype, shape, strides and offset with the same bits (NaNs too)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return bool(a == b) and type(a) is type(b)
+    if (a.dtype, a.shape, a.stride(), a.storage_offset()) != (b.dtype, b.shape, b.stride(), b.storage_offset()):
+        return False
+    try:
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    except AssertionError:
+        return False
+    return True
+
+
+def _att_storage(t: torch.Tensor) -> torch.Tensor:
+    st = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8).set_(st, 0, (st.nbytes(),), (1,)).clone()
+
+
+def _att_call(f: Any) -> tuple[str, Any]:
+    try:
+        return "ok", f()
+    except Exception as exc:  # (the Python run's InvalidArgument, torch's RuntimeError: compared by kind below)
+        return type(exc).__name__, exc
+
+
+def _att_seed(r: random.Random, right: Any, q: torch.Tensor, k: torch.Tensor, alias: torch.Tensor) -> tuple[str, Any]:
+    """A backward's philox_seed: the forward's, or a hostile one (forged bytes of the right size, the state alone,
+    a size off by 8, at an offset, another dtype or dim, or one whose storage also holds the query: `alias` is then
+    set to the query's values in it)."""
+    from gpupool.server import attention
+
+    head = attention._state_bytes(q.device)
+    _, _, extra = attention._saved_sizes(q, k)
+    size = head + extra
+    g = torch.Generator().manual_seed(r.getrandbits(31))
+    kind = r.choice(["forward", "forward", "forged", "state", "short", "long", "offset", "float", "1-d", "inputs"])
+    if kind == "forward" and isinstance(right, torch.Tensor):
+        return kind, right
+    if kind == "forged" or kind == "forward":
+        raw = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g)
+        return "forged", raw.view(torch.int64).as_strided([], [], 0)
+    if kind == "state":
+        return kind, torch.get_rng_state().view(torch.int64).as_strided([], [], 0).clone()
+    if kind in ("short", "long"):
+        raw = torch.zeros(size + (8 if kind == "long" else -8), dtype=torch.uint8)
+        return kind, raw.view(torch.int64).as_strided([], [], 0)
+    if kind == "offset":
+        return kind, torch.zeros(size // 8 + 1, dtype=torch.int64).as_strided([], [], 1)
+    if kind == "float":
+        return kind, torch.zeros(size // 8, dtype=torch.float64).as_strided([], [], 0)
+    if kind == "1-d":
+        return kind, torch.zeros(size // 8, dtype=torch.int64)
+    # the query's own storage (a copy of its values at its start, exactly the seed's size) read as the saved softmax
+    # and mask: the seed and an input of the backward alias
+    buf = torch.zeros(size, dtype=torch.uint8)
+    if q.numel() * q.element_size() <= size and q.element_size() <= head:
+        buf[: q.numel() * q.element_size()].view(q.dtype).copy_(q.reshape(-1))
+        alias.set_(buf.view(q.dtype).untyped_storage(), 0, (q.numel(),), (1,))  # the caller's query: this one
+    return kind, torch.empty(0, dtype=torch.int64).set_(buf.untyped_storage(), 0, [], [])
+
+
+def attention_fuzz(args: argparse.Namespace, mod: Any) -> Counter[str]:
+    """In-process (round 46): the fused attention's eager dropout compositions in C++ (`attention_forward`,
+    `attention_backward`: `attn::run`'s calls) against the Python run they stand in for (server/attention.py
+    `fused_attention`, `fused_attention_backward`) on hostile calls: dtypes (mixed too), 4-D and other shapes with
+    zero sizes, query, key, value, grad_out and out as views of one storage (expanded, overlapping, transposed, at
+    offsets), biases that do and do not broadcast, dropout and scale out of range, grad_input_mask of 3 and 4, and
+    backward seeds that are the forward's, forged bytes of the right size, the state alone, a size off by 8, at an
+    offset, of another dtype or dim, or the inputs' own storage. The C++ call must decline (None, the generator
+    untouched) or give the Python run's values bit for bit (its kept storage and the generator after it too); where
+    it raises the Python run must raise too; where the Python run refuses (InvalidArgument) it must decline."""
+    from gpupool.server import attention
+
+    counts: Counter[str] = Counter()
+    for n, seed, r in _seeded_inputs(args):
+        try:
+            counts.update(_attention_case(r, mod, attention))
+        except Exception:
+            print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
+            raise
+        counts["inputs"] += 1
+    return counts
+
+
+def _seeded_inputs(args: argparse.Namespace) -> Iterator[tuple[int, int, random.Random]]:
+    """Each input of a run as (its number, its own seed, a Random of that seed): drawn from `--seed` until
+    `--seconds` or `--inputs`, the first `--skip` passed over (a failure's number reproduces it)."""
+    rng = random.Random(args.seed)
+    deadline = time.monotonic() + args.seconds
+    n = 0
+    while time.monotonic() < deadline and (args.inputs == 0 or n < args.inputs):
+        n += 1
+        seed = rng.getrandbits(64)
+        if n > args.skip:
+            yield n, seed, random.Random(seed)
+
+
+def _attention_case(r: random.Random, mod: Any, attention: Any) -> list[str]:
+    """One forward (and, where the Python run's succeeded, one backward from its outputs): what each did."""
+    dtype = r.choice(_ATT_DTYPES)
+    b, h, length, source, e, ev = (r.choice([1, 1, 2, 3]) for _ in range(6))
+    if r.random() < 0.1:
+        b, h, length, source, e, ev = (r.choice([0, 1, 2]) for _ in range(6))
+    g = torch.Generator().manual_seed(r.getrandbits(31))
+    base = torch.randn(r.randint(1, 400), generator=g).to(dtype)
+    if r.random() < 0.05:
+        base[r.randrange(base.numel())] = r.choice([float("inf"), float("nan"), -float("inf")])
+    shapes = {"q": [b, h, length, e], "k": [b, h, source, e], "v": [b, h, source, ev]}
+    if r.random() < 0.1:  # a shape the validators refuse
+        which = r.choice(list(shapes))
+        shapes[which] = r.choice([shapes[which][1:], [*shapes[which], 1], [x + 1 for x in shapes[which]]])
+    q, k, v = (_att_view(r, base, shapes[x]) for x in ("q", "k", "v"))
+    if r.random() < 0.05:
+        k = k.to(r.choice(_ATT_DTYPES))
+    bias: torch.Tensor | None = None
+    if r.random() < 0.5:
+        bshape = [b, h, length, source][-r.randint(1, 4) :]
+        bshape = [x if r.random() < 0.7 else r.choice([1, x + 1]) for x in bshape]
+        bdtype = r.choice([torch.bool, dtype, dtype, torch.int64])
+        bias = _att_view(r, torch.randn(200, generator=g).to(dtype), bshape)
+        bias = bias > 0 if bdtype is torch.bool else bias.to(bdtype)
+    p = r.choice([0.1, 0.3, 0.5, 0.9, 0.0, 1.0, -0.1, float("nan")])
+    scale = r.choice([None, None, 0.5, -0.4, 0.0, 2.0, float("inf")])
+    causal = r.random() < 0.3
+
+    torch.manual_seed(r.getrandbits(31))
+    before = torch.get_rng_state()
+    py = _att_call(lambda: attention.fused_attention(q, k, v, bias, p, causal, False, scale=scale))
+    py_after = torch.get_rng_state()
+    torch.set_rng_state(before)
+    cpp = _att_call(lambda: mod.attention_forward(q, k, v, bias, p, causal, False, scale))
+    where = f"forward {dtype} {shapes} bias {None if bias is None else (bias.dtype, list(bias.shape))} p {p}"
+    if cpp[0] != "ok":
+        assert py[0] != "ok", f"{where}: C++ raised {cpp[1]!r}, the Python run did not"
+        return ["forward:both raised"]
+    if cpp[1] is None:
+        assert torch.equal(torch.get_rng_state(), before), f"{where}: declined after a draw"
+        if py[0] != "ok":
+            return ["forward:declined, refused"]
+        outcome = "forward:declined"
+    else:
+        assert py[0] == "ok", f"{where}: C++ ran a call the Python run refuses: {py[1]!r}"
+        assert torch.equal(torch.get_rng_state(), py_after), f"{where}: another generator state after"
+        assert len(py[1]) == len(cpp[1]) == 9
+        for a, c in zip(py[1], cpp[1], strict=True):
+            assert _att_same(a, c), f"{where}: another output"
+        assert torch.equal(_att_storage(py[1][6]), _att_storage(cpp[1][6])), f"{where}: another kept storage"
+        outcome = "forward:ran"
+    if py[0] != "ok":
+        return [outcome]
+
+    # the backward: from the forward's outputs (some of them swapped for hostile ones)
+    fwd = py[1]
+    shape = [b, h, length, ev]
+    grad = _att_view(r, base, shape if r.random() < 0.9 else [b, h, length, ev + 1])
+    out = fwd[0] if r.random() < 0.8 else _att_view(r, base, shape)
+    lse = fwd[1] if r.random() < 0.9 else torch.zeros(b, h, length + 1)
+    flags = list(r.choice(_ATT_FLAGS))
+    alias = torch.empty(0, dtype=dtype)
+    kind, philox = _att_seed(r, fwd[6], q, k, alias)
+    if alias.numel():
+        q = alias.view(q.shape)
+    bp = p if r.random() < 0.9 else r.choice([0.0, 0.7, 1.0])
+    before = torch.get_rng_state()
+    py = _att_call(lambda: attention.fused_attention_backward(
+        grad, q, k, v, bias, flags, out, lse, None, None, fwd[4], fwd[5], bp, causal, philox, fwd[7], scale=scale
+    ))  # fmt: skip
+    cpp = _att_call(lambda: mod.attention_backward(grad, q, k, v, bias, flags, out, lse, bp, causal, philox, scale))
+    assert torch.equal(torch.get_rng_state(), before), "a backward drew"
+    where = f"backward ({where}) seed {kind} flags {flags} p {bp}"
+    if cpp[0] != "ok":
+        assert py[0] != "ok", f"{where}: C++ raised {cpp[1]!r}, the Python run did not"
+        return [outcome, f"backward {kind}:both raised"]
+    if cpp[1] is None:
+        return [outcome, f"backward {kind}:declined" + (", refused" if py[0] != "ok" else "")]
+    assert py[0] == "ok", f"{where}: C++ ran a call the Python run refuses: {py[1]!r}"
+    for a, c in zip(py[1], cpp[1], strict=True):
+        assert _att_same(a, c), f"{where}: another gradient"
+    return [outcome, f"backward {kind}:ran"]
 
 
 # ---- daemon: a hostile session's damaged streams through a live daemon, a neighbour checked ----
@@ -1628,7 +1847,7 @@ def _gd_session(s: Any, r: random.Random, counts: Counter[str], actionable: froz
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("mode", choices=["parsers", "runs", "daemon", "graphs", "graph-daemon"])
+    ap.add_argument("mode", choices=["parsers", "runs", "daemon", "graphs", "graph-daemon", "attention"])
     ap.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to run (default 60)")
     ap.add_argument("--inputs", type=int, default=0, help="stop after this many inputs (frames; 0: no bound)")
@@ -1649,7 +1868,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.mode}: seed {args.seed}, {args.seconds:.0f} s, runner {getattr(mod, '__file__', None)}", flush=True)
     start = time.monotonic()
     try:
-        modes = {"parsers": parsers, "runs": runs, "daemon": daemon, "graphs": graphs, "graph-daemon": graph_daemon}
+        modes = {
+            "parsers": parsers,
+            "runs": runs,
+            "daemon": daemon,
+            "graphs": graphs,
+            "graph-daemon": graph_daemon,
+            "attention": attention_fuzz,
+        }
         counts = modes[args.mode](args, mod)
     except Exception:  # a reference that raised where the C++ reading accepted counts as a finding too
         traceback.print_exc()

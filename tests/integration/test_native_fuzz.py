@@ -107,3 +107,25 @@ def test_run_graph_frames_on_the_side_socket_and_the_stream_harm_no_neighbour(is
     assert counts["sent:mixed"] > 0, counts  # (fuzzrev44) frames of 2-5 RunGraphs: runs, declined, damaged
     assert sum(k.startswith("shape:") for k in counts) >= 4, counts  # (hostile45) graphs of several shapes
     assert counts["code:NOT_FOUND"] > 0 and counts["code:INVALID_ARGUMENT"] > 0, counts
+
+
+def test_the_fused_attentions_cpp_compositions_decline_or_match_the_python_runs(native_runner_module: Any) -> None:
+    """Round 46 (hostile46): `attention` mode, enc45's C++ compositions of the fused attention with dropout
+    (native_runner.cpp `attn::run`'s forward and backward) on hostile calls -- mixed and other dtypes, zero sizes,
+    shapes the validators refuse, query, key, value, grad_out and out as expanded, overlapping, transposed and offset
+    views of one storage, biases that do and do not broadcast, dropout and scale out of range, backward seeds that
+    are forged bytes of the right size, the state alone, off by 8 bytes, at an offset, of another dtype or dim, or
+    the query's own storage -- against the Python runs they stand in for: each declined (nothing drawn) or the same
+    values bit for bit, the same kept storage and generator state; never one the Python run refuses. Pins behaviour
+    that holds on the base (67a03c05; the campaign found no difference, under ASan and UBSan too: BENCHMARKS.md
+    "Round 46, hostile46")."""
+    counts = fuzz_native.attention_fuzz(_args(46, 400, Path("unused")), native_runner_module)
+    print(dict(counts))
+    assert counts["inputs"] == 400
+    # both sides of each call: run in C++, declined to the Python run that runs it, declined where it refuses
+    assert counts["forward:ran"] > 40 and counts["forward:declined"] > 5, counts
+    assert counts["forward:declined, refused"] > 100, counts
+    for seed in ("forward", "forged", "inputs"):  # backward seeds C++ may run from: run at least once each
+        assert counts[f"backward {seed}:ran"] > 0, counts
+    for seed in ("state", "short", "long", "offset", "float", "1-d"):  # never run in C++
+        assert counts[f"backward {seed}:ran"] == 0 and counts[f"backward {seed}:declined, refused"] > 0, counts

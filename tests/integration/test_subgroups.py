@@ -47,6 +47,14 @@ def _on(s: Session, number: int, kind: str, tensors: list[int], **kw: Any) -> No
     s.flush()
 
 
+def the_group_goes_on(sessions: list[Session]) -> None:
+    """An allreduce of each rank's number over the sessions' whole group (three ranks: 3.0 on each)."""
+    c = [s.upload(torch.tensor([float(r)])) for r, s in enumerate(sessions)]
+    for s, h in zip(sessions, c, strict=True):
+        collective(s, "allreduce", [h], op="sum")
+    assert [s.download(h).tolist() for s, h in zip(sessions, c, strict=True)] == [[3.0]] * 3
+
+
 @pytest.mark.parametrize("transport", ["secure", "gloo"])
 def test_subgroups_run_among_their_members_and_refuse_the_others(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory(
@@ -107,11 +115,7 @@ def test_subgroups_run_among_their_members_and_refuse_the_others(daemon_factory,
         _on(s2, 1, "barrier", [])
         s0.sync()
         s2.sync()
-        # the default group goes on
-        c = [s.upload(torch.tensor([float(r)])) for r, s in enumerate(sessions)]
-        for s, h in zip(sessions, c, strict=True):
-            collective(s, "allreduce", [h], op="sum")
-        assert [s.download(h).tolist() for s, h in zip(sessions, c, strict=True)] == [[3.0]] * 3
+        the_group_goes_on(sessions)  # the default group
     finally:
         for s in sessions:
             s.close()
