@@ -677,6 +677,11 @@ def use_nccl(device: torch.device, confined: bool) -> bool:
     return device.type == "cuda" and not confined
 
 
+def _is_nccl(pg: Any) -> bool:
+    """Whether `pg` is torch's NCCL process group (`--collectives gloo` on unconfined real GPUs: `_process_group`)."""
+    return type(pg).__name__ == "ProcessGroupNCCL"
+
+
 def _process_group(
     store: Any, rank: int, size: int, timeout: float, host: str, device: torch.device, nccl: bool = True
 ) -> Any:
@@ -904,6 +909,9 @@ class Collectives:
                 sub.broken = f"subgroup {members}: its group did not form ({exc})"
                 sub.ready.set()
                 return
+            # (round 46) NCCL only where the group itself runs on it: a group whose NCCL failed and fell back to gloo
+            # (`_process_group`) has gloo subgroups, not members that try NCCL again one by one
+            sub.nccl = sub.nccl and _is_nccl(parent.pg)
             sub.form(parent.store, "", sub.secret, self.host, dev)
 
         parent.submit(form, f"gpupool-collective-{s.number}", torch.get_num_threads())
@@ -1073,6 +1081,12 @@ class Collectives:
         (seclink.SecureGroup.p2p), or gloo's own send and recv (`_gloo_p2p`). A refusal is this call's alone (the
         links stay in step, the group goes on); any other failure breaks the group, as a collective's does."""
         pg = group.wait_ready()
+        if _is_nccl(pg):  # pragma: no cover - real GPUs (tests/unit/test_server_collectives_nccl.py)
+            raise FailedPrecondition(
+                "send/recv in a group of three or more do not run over NCCL (--collectives gloo on real GPUs with "
+                "--landlock off --seccomp off): NCCL ignores their tags and takes no host buffer; run the daemons "
+                "with --collectives secure (the default), or confined (gloo)"
+            )
         try:
             if isinstance(pg, seclink.SecureGroup):
                 pg.p2p([t for t, _ in transfers]).wait()
