@@ -327,9 +327,9 @@ def anysource(dev, dp, tp, world):
 def churn(dev, dp, tp, world):
     # subgroups made, used and dropped in a loop, 33 held over the session's life with the mesh's 2: until round 46
     # destroy_process_group(subgroup) told the daemons nothing, and the 31st new_group was refused (32 at most)
-    backend, out = ("gpupool" if dev.type == "gpupool" else "gloo"), []
+    out = []
     for i in range(31):
-        g = [dist.new_group(r, backend=backend) for r in ([0, 1], [2, 3])][rank // 2]
+        g = [dist.new_group(r) for r in ([0, 1], [2, 3])][rank // 2]
         t = torch.full((1,), rank + 10.0 * i, device=dev); dist.all_reduce(t, group=g); out.append(t.item())
         dist.destroy_process_group(g)
     return out
@@ -349,6 +349,8 @@ def refused():
 res = {}
 for name in ("collectives", "train", "hsdp", "anysource", "churn", "after"):
     for backend, args in runs.items():
+        if name == "churn" and backend == "gloo":  # (its sums are told below: gloo's groups cost as long again)
+            continue
         try:
             res[f"{name} {backend}"] = globals()[name](*args)
         except Exception as exc:
@@ -382,11 +384,13 @@ def test_a_2x2_mesh_runs_data_parallel_beside_another_dimension_as_gloo_does(
     ranks = _ranks(cmd, env, tmp_path, RUN_TIMEOUT, f"2x2 mesh ({client})")
     assert sorted(ranks) == [0, 1, 2, 3], ranks
     for rank, res in ranks.items():
-        for name in ("collectives", "train", "hsdp", "anysource", "churn", "after"):
+        for name in ("collectives", "train", "hsdp", "anysource", "after"):
             mine, gloo = res[f"{name} gpupool"], res[f"{name} gloo"]
             assert mine == gloo, (rank, name, mine, gloo)
             assert not str(gloo).startswith("refused"), (rank, name, gloo)
         assert res["anysource gpupool"] == (None if rank % 2 == 0 else [rank - 1, [float(rank)] * 2])
+        # 31 subgroups made, used and destroyed in a row (round 46): each allreduce sums its pair's ranks' values
+        assert res["churn gpupool"] == [(1.0 if rank < 2 else 5.0) + 20.0 * i for i in range(31)], res["churn gpupool"]
         assert res["train gpupool"][0] != res["train gpupool"][1]  # the tp average changed the dp replicas
         other = "[0, 1]" if rank >= 2 else "[2, 3]"
         join, call = res["refused"]
