@@ -13,6 +13,13 @@ Trees run alternately (`--repeat` runs each); the medians of the runs' medians.
 ("group") with the same collectives on a subgroup of N ranks (`dist.new_group(range(N))`) of a job of 2N ranks, whose
 other N ranks stay idle ("subgroup"): what a subgroup's collectives cost beside its group's.
 
+`--churn K` (round 46) makes, uses and drops subgroups in a row, as a script that calls `new_group`, one allreduce
+on it and `destroy_process_group` in a loop: each of K cycles, every rank of the job joins a subgroup of all its
+ranks, runs one allreduce (1 KiB) on it and syncs; on this tree each rank then leaves it (`GroupLeave`), on the
+other tree (before round 46: no leave, its daemons were never told) it stays. Printed per tree: the median ms of a
+cycle, the daemon tree's CPU ms a cycle, and the sockets and threads its process tree holds after the K cycles
+beyond what it held before them. K at most 30 where the other tree is older than round 46 (32 subgroups a session).
+
 `--path link` leaves out the daemons, the clients and gRPC: N processes, each as a session worker holds its group
 (rank 0's TCPStore, the signed keys, `seclink.form`), call the daemon's collective path (`Collectives._call`: the
 agreement and the transfer) back to back, `--rounds` calls of each kind after 3 warm-up calls: the median wall time
@@ -34,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,30 +52,110 @@ from daemon_wire import alternate, loopback_keys, print_table, start_daemon, sto
 CALLS = (("allreduce 1KiB", 256), ("allreduce 256KiB", 1 << 16), ("barrier", 0))
 
 
-def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int, subgroup: bool = False) -> dict[str, float]:
+def tree_held(pid: int) -> tuple[int, int]:
+    """The open sockets and the threads of process `pid` and its live descendants (a daemon, its zygote, workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                children.setdefault(int(f.read().rsplit(b")", 1)[1].split()[1]), []).append(int(entry))
+        except (OSError, ValueError):
+            continue
+    sockets = threads = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+            threads += len(os.listdir(f"/proc/{p}/task"))
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                sockets += os.readlink(f"/proc/{p}/fd/{fd}").startswith("socket:")
+            except OSError:
+                continue
+    return sockets, threads
+
+
+def churn(address: str, pid: int, key: bytes, ranks: int, cycles: int, leave: bool) -> dict[str, float]:
+    """`--churn`: `cycles` subgroups of all `ranks` made, used (one allreduce) and, where `leave`, left."""
     import torch
+
+    from gpupool._proto import device_pb2
+
+    sessions = joined(address, key, ranks)
+    try:
+        handles = [s.upload(torch.ones(256)) for s in sessions]
+        for s, x in zip(sessions, handles, strict=True):  # the group's own links first: not counted
+            s.command(device_pb2.Command(collective=device_pb2.Collective(kind="allreduce", tensors=[x])))
+            s.flush()
+        for s in sessions:
+            s.sync()
+        time.sleep(0.5)
+        held, cpu, times = tree_held(pid), tree_cpu(pid), []
+        for k in range(1, cycles + 1):
+            t0 = time.perf_counter()
+            for s in sessions:
+                s.command(device_pb2.Command(group_join=device_pb2.GroupJoin(
+                    subgroup=k, members=list(range(ranks)), timeout_seconds=60.0)))  # fmt: skip
+                s.flush()
+            for s, x in zip(sessions, handles, strict=True):
+                s.command(device_pb2.Command(collective=device_pb2.Collective(
+                    kind="allreduce", tensors=[x], reduce_op="max", subgroup=k)))  # fmt: skip
+                if leave:
+                    s.command(device_pb2.Command(group_leave=device_pb2.GroupLeave(subgroup=k)))
+                s.flush()
+            for s in sessions:
+                s.sync()
+            times.append(time.perf_counter() - t0)
+        cpu = tree_cpu(pid) - cpu
+        time.sleep(0.5)  # (closed links' threads end at their next poll)
+        after = tree_held(pid)
+        return {
+            "cycle ms": statistics.median(times) * 1e3,
+            "cpu ms": cpu / cycles * 1e3,
+            "sockets": after[0] - held[0],
+            "threads": after[1] - held[1],
+        }
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def joined(address: str, key: bytes, size: int) -> list[Any]:
+    """Sessions of a fresh lease of `size` devices, each sent its join of the lease's group (rank 0's synced)."""
     from gpupool.client.session import Session
 
     from gpupool import tokens
     from gpupool._proto import device_pb2
 
     lease = uuid.uuid4().hex
-    size = 2 * ranks if subgroup else ranks  # a subgroup's job: as many idle ranks again
     toks = [
         tokens.mint(key, tokens.TokenClaims(lease, "bench", d, 1 << 28, 1.0, time.time() + 3600, "pair", True))
         for d in range(size)
     ]
     every = [Session.attach(address, t) for t in toks]
+    h = every[0].new_handle()
+    every[0].command(device_pb2.Command(group_join=device_pb2.GroupJoin(
+        rank=0, size=size, tokens=toks, port_handle=h, timeout_seconds=60.0)))  # fmt: skip
+    (port,) = every[0].sync([h])
+    for r, s in enumerate(every[1:], 1):
+        s.command(device_pb2.Command(group_join=device_pb2.GroupJoin(
+            rank=r, size=size, tokens=toks, store_address=f"127.0.0.1:{port}", timeout_seconds=60.0)))  # fmt: skip
+        s.flush()
+    return every
+
+
+def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int, subgroup: bool = False) -> dict[str, float]:
+    import torch
+
+    from gpupool._proto import device_pb2
+
+    every = joined(address, key, 2 * ranks if subgroup else ranks)  # a subgroup's job: as many idle ranks again
     sessions = every[:ranks]
     try:
-        h = every[0].new_handle()
-        every[0].command(device_pb2.Command(group_join=device_pb2.GroupJoin(
-            rank=0, size=size, tokens=toks, port_handle=h, timeout_seconds=60.0)))  # fmt: skip
-        (port,) = every[0].sync([h])
-        for r, s in enumerate(every[1:], 1):
-            s.command(device_pb2.Command(group_join=device_pb2.GroupJoin(
-                rank=r, size=size, tokens=toks, store_address=f"127.0.0.1:{port}", timeout_seconds=60.0)))  # fmt: skip
-            s.flush()
         for s in every:
             s.sync()
         number = 1 if subgroup else 0
@@ -207,6 +295,7 @@ def main() -> None:
     parser.add_argument(
         "--subgroup", action="store_true", help="this tree alone: a job's group of N ranks against a subgroup of N"
     )
+    parser.add_argument("--churn", type=int, metavar="K", help="subgroups made, used and dropped K times in a row")
     parser.add_argument("--link-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=2, help=argparse.SUPPRESS)
@@ -220,6 +309,9 @@ def main() -> None:
         return
     if args.against is None:
         parser.error("--against DIR is required")
+    if args.churn:
+        churns(args)
+        return
     if args.path == "link":
         trees = {"other": (args.against_python, args.against), "this": (sys.executable, None)}
         results = {
@@ -230,25 +322,7 @@ def main() -> None:
         print("all ranks' CPU ms a call")
         report(results)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        key, key_file = loopback_keys(tmp)
-        trees = {"other": (args.against_python, args.against), "this": (sys.executable, None)}
-        most = str(max(args.ranks))
-        daemons = {
-            name: start_daemon(key_file, "--worker-network", "on", "--fake-gpus", most, python=py, cwd=cwd)
-            for name, (py, cwd) in trees.items()
-        }
-        try:
-            results = {
-                n: alternate(
-                    list(daemons),
-                    args.repeat,
-                    lambda name, i, n=n: measure(daemons[name][1], daemons[name][0].pid, key, n, args.rounds),
-                )
-                for n in args.ranks
-            }
-        finally:
-            stop_all([proc for proc, _ in daemons.values()])
+    results = both_trees(args, lambda name, address, pid, key, n: measure(address, pid, key, n, args.rounds))
     print(f"{args.rounds} rounds a call; {args.repeat} run(s) each tree; medians; ms per round (all ranks synced),")
     print("daemon CPU ms per collective of all ranks")
     report(results)
@@ -273,6 +347,48 @@ def subgroups(args: argparse.Namespace) -> None:
     print(f"{args.rounds} rounds a call; {args.repeat} run(s) each; medians; ms per round (all ranks synced),")
     print("daemon CPU ms per collective of all ranks (a subgroup's job: its idle ranks' sessions included)")
     report(results)
+
+
+def both_trees(
+    args: argparse.Namespace, measure: Callable[[str, str, int, bytes, int], dict[str, float]]
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """This tree's daemon and `--against`'s, `measure(tree, address, pid, key, ranks)` for each rank count on both,
+    alternately (`alternate`); each rank count's medians by tree."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key, key_file = loopback_keys(tmp)
+        trees = {"other": (args.against_python, args.against), "this": (sys.executable, None)}
+        most = str(max(args.ranks))
+        daemons = {
+            name: start_daemon(key_file, "--worker-network", "on", "--fake-gpus", most, python=py, cwd=cwd)
+            for name, (py, cwd) in trees.items()
+        }
+        try:
+            return {
+                n: alternate(
+                    list(daemons),
+                    args.repeat,
+                    lambda name, i, n=n: measure(name, daemons[name][1], daemons[name][0].pid, key, n),
+                )
+                for n in args.ranks
+            }
+        finally:
+            stop_all([proc for proc, _ in daemons.values()])
+
+
+def churns(args: argparse.Namespace) -> None:
+    """`--churn K`: both trees' daemons, each rank count's K cycles, alternately; the other tree never leaves."""
+    results = both_trees(
+        args, lambda name, address, pid, key, n: churn(address, pid, key, n, args.churn, name == "this")
+    )
+    print(f"{args.churn} subgroups made, used (one allreduce) and left (this tree; the other never leaves) in a row;")
+    print(f"{args.repeat} run(s) each tree; medians; ms a cycle, daemon CPU ms a cycle, sockets and threads held after")
+    for n, medians in results.items():
+        print(f"-- {n} ranks")
+        print_table(
+            medians,
+            [("cycle ms", "cycle ms", ".2f"), ("cpu ms", "cpu ms", ".2f"), ("sockets", "sockets", ".0f"),
+             ("threads", "threads", ".0f")],
+        )  # fmt: skip
 
 
 def report(results: dict[int, dict[str, dict[str, Any]]]) -> None:

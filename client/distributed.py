@@ -462,6 +462,20 @@ class _SubgroupView(ProcessGroupGpupool):
     def __init__(self, rank: int, size: int, parent: ProcessGroupGpupool, ranks: list[int], number: int) -> None:
         super().__init__(rank, size, parent._rt)
         self._parent, self._ranks, self._number = parent, sorted(ranks), number
+        self._left = False
+
+    def shutdown(self) -> None:
+        """`dist.destroy_process_group(subgroup)` (and the default group's destroy, which shuts every group down):
+        this rank's daemon leaves the subgroup (`GroupLeave`, round 46), after what the session called on it before,
+        so its links close and its number and place among the session's 32 are free; until round 46 the daemons were
+        not told, and a script that made and dropped subgroups in a loop was refused its 33rd. No round trip: a
+        refusal is raised at the next sync point, as any command's. Its send and receive are the default group's (queued
+        there, they run as before)."""
+        if self._left or self._rt.closed:
+            return
+        self._left = True
+        self._rt.command(device_pb2.Command(group_leave=device_pb2.GroupLeave(subgroup=self._number)))
+        log.info("rank %d left subgroup %s of the daemons' group", self._parent._rank, self._ranks)
 
     def _global(self, what: str, peer: int) -> int:
         if not 0 <= peer < self._size or peer == self._rank:
@@ -492,6 +506,10 @@ class _SubgroupView(ProcessGroupGpupool):
     def _send(
         self, kind: str, tensors: list[torch.Tensor], inputs: list[torch.Tensor], op: str = "", root: int = 0
     ) -> None:
+        if self._left:
+            raise FailedPrecondition(
+                f"{kind} on gpupool subgroup {self._ranks} after destroy_process_group of it: make a new group"
+            )
         if self._parent._p2p:  # the default group's queued sends and receives run first, in call order
             self._parent._flush_p2p()
         super()._send(kind, tensors, inputs, op, root)

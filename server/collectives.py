@@ -78,6 +78,13 @@ log = logging.getLogger(__name__)
 
 MAX_RANKS = 1024
 MAX_SUBGROUPS = 32  # a session's subgroups of its group (each holds its links: a mesh of 5 dimensions joins 5)
+# (round 46) a session's subgroups left (`GroupLeave`) before they formed, whose close waits in the group's thread
+# behind their formation: each holds no socket until its formation runs, and is closed right after it
+MAX_LEAVING = 256
+# (round 46) the distinct member lists of the subgroups a session joined over its life, each with its count: a
+# subgroup's secret takes it (`_join_subgroup`), so that a subgroup made again after its like was left never meets
+# the keys of the one before in the store. Bounded: a hostile client's joins and leaves of ever new lists grow it.
+MAX_MEMBER_LISTS = 4096
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group formation, each call)
 # The longest a waiting collective holds its device's thread while another session of the device waits to run: it
@@ -148,6 +155,10 @@ class Group:
         self.members: tuple[int, ...] = ()
         self.subgroups: dict[int, Group] = {}
         self.secret = ""  # its store's and links' (`group_secret`): a subgroup's is derived from it
+        # (round 46) a session's group's: its subgroups left before they formed, closed in its thread after their
+        # formation (`Collectives.leave`); and how many subgroups of each member list (by digest) it ever joined
+        self.leaving: list[Group] = []
+        self.made: dict[bytes, int] = {}
 
     def submit(self, job: Callable[[], None], name: str, threads: int) -> None:
         """Run `job` (a collective's call and wait) in the group's thread, started at its first collective with
@@ -231,8 +242,10 @@ class Group:
             self._jobs.put(None)  # its thread ends once the collective it runs (if any) has failed
         if isinstance(self.pg, seclink.SecureGroup):
             self.pg.close()
+        elif self.pg is not None and self.parent is not None and not isinstance(self.pg, _Solo):
+            _shutdown(self.pg)  # (round 46) a subgroup left mid-job: gloo's (NCCL's) connections close now
         self.pg, self.store = None, None
-        for sub in self.subgroups.values():  # formed over this group: they end with it
+        for sub in [*self.subgroups.values(), *self.leaving]:  # formed over this group: they end with it
             sub.close()
 
 
@@ -664,6 +677,11 @@ def use_nccl(device: torch.device, confined: bool) -> bool:
     return device.type == "cuda" and not confined
 
 
+def _is_nccl(pg: Any) -> bool:
+    """Whether `pg` is torch's NCCL process group (`--collectives gloo` on unconfined real GPUs: `_process_group`)."""
+    return type(pg).__name__ == "ProcessGroupNCCL"
+
+
 def _process_group(
     store: Any, rank: int, size: int, timeout: float, host: str, device: torch.device, nccl: bool = True
 ) -> Any:
@@ -839,7 +857,14 @@ class Collectives:
         if number in parent.subgroups:
             raise InvalidArgument(f"this session joined a subgroup numbered {number} already")
         if len(parent.subgroups) >= MAX_SUBGROUPS:
-            raise ResourceExhausted(f"a session joins at most {MAX_SUBGROUPS} subgroups of its group")
+            raise ResourceExhausted(
+                f"a session joins at most {MAX_SUBGROUPS} subgroups of its group at once "
+                "(dist.destroy_process_group(subgroup) leaves one)"
+            )
+        if len(parent.leaving) >= MAX_LEAVING:
+            raise ResourceExhausted(
+                f"{len(parent.leaving)} subgroups this session left still wait for their members to form them"
+            )
         if members[-1] >= parent.size or any(b <= a for a, b in zip(members, members[1:], strict=False)):
             raise InvalidArgument(
                 f"a subgroup's members are distinct ranks of its group of {parent.size}, ascending; got {members}"
@@ -848,7 +873,14 @@ class Collectives:
             raise PermissionDenied(
                 f"rank {parent.rank} of the group is not a member of subgroup {members}: only its members join it"
             )
-        ordinal = sum(1 for g in parent.subgroups.values() if g.members == tuple(members))
+        # how many subgroups of these members the session joined before, left or not (until round 46 those it held:
+        # with leaves, a subgroup made again would have taken the keys of the one it replaced, whose values the store
+        # still holds): the same count on every member, which all make the same groups in one order
+        digest = hashlib.sha256(repr(members).encode()).digest()
+        ordinal = parent.made.get(digest, 0)
+        if not ordinal and len(parent.made) >= MAX_MEMBER_LISTS:
+            raise ResourceExhausted(f"a session joins subgroups of at most {MAX_MEMBER_LISTS} distinct member lists")
+        parent.made[digest] = ordinal + 1
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else parent.timeout
         sub = Group(
             parent.lease_id,
@@ -877,10 +909,50 @@ class Collectives:
                 sub.broken = f"subgroup {members}: its group did not form ({exc})"
                 sub.ready.set()
                 return
+            # (round 46) NCCL only where the group itself runs on it: a group whose NCCL failed and fell back to gloo
+            # (`_process_group`) has gloo subgroups, not members that try NCCL again one by one
+            sub.nccl = sub.nccl and _is_nccl(parent.pg)
             sub.form(parent.store, "", sub.secret, self.host, dev)
 
         parent.submit(form, f"gpupool-collective-{s.number}", torch.get_num_threads())
         log.info("session %d joins subgroup %s of lease %s as its rank %d", s.number, members, s.lease_id, sub.rank)
+
+    def leave(self, s: WorkerSession, msg: device_pb2.GroupLeave) -> None:
+        """Leave a subgroup the session joined (round 46; `dist.destroy_process_group(subgroup)`: until then the
+        daemons were not told, and its links stayed, and counted against MAX_SUBGROUPS, until the session ended). Its
+        number is free at once; its links (gloo's or NCCL's process group) close now where it formed, as every
+        collective the session called on it has ended (a session runs one command after another, and a collective's
+        command ends with the call); else its close waits in the group's thread behind its formation, which its
+        members may still be running with this rank (closing it now would hold them up to the group's timeout)."""
+        parent: Group | None = s.group
+        if parent is None or parent.closed:
+            raise FailedPrecondition("a subgroup's leave before the session joined its group (init_process_group)")
+        number = msg.subgroup
+        if not number:
+            raise InvalidArgument("a leave names a subgroup (> 0): the session's own group ends with the session")
+        sub = parent.subgroups.pop(number, None)
+        if sub is None:
+            raise FailedPrecondition(f"leave of subgroup {number}, which this session never joined or left already")
+        log.info("session %d leaves subgroup %s of lease %s", s.number, list(sub.members), s.lease_id)
+        if sub.ready.is_set():  # formed, or failed to: nothing of it runs in the group's thread
+            self._close_left(s, sub)
+            return
+        parent.leaving.append(sub)
+
+        def close() -> None:
+            parent.leaving.remove(sub)
+            self._close_left(s, sub)
+
+        parent.submit(close, f"gpupool-collective-{s.number}", torch.get_num_threads())
+
+    @staticmethod
+    def _close_left(s: WorkerSession, sub: Group) -> None:
+        device = s.device.torch_device
+        if device.type == "cuda" and not isinstance(sub.pg, seclink.SecureGroup):  # pragma: no cover - real GPUs
+            with torch.cuda.device(device):  # NCCL's shutdown on the device its communicator is on
+                sub.close()
+        else:
+            sub.close()
 
     def _check_tokens(self, s: WorkerSession, rank: int, size: int, tokens: list[str]) -> TokenClaims:
         """Every rank's token is of this session's lease, one device each, this rank's is this session's; rank
@@ -1009,6 +1081,12 @@ class Collectives:
         (seclink.SecureGroup.p2p), or gloo's own send and recv (`_gloo_p2p`). A refusal is this call's alone (the
         links stay in step, the group goes on); any other failure breaks the group, as a collective's does."""
         pg = group.wait_ready()
+        if _is_nccl(pg):  # pragma: no cover - real GPUs (tests/unit/test_server_collectives_nccl.py)
+            raise FailedPrecondition(
+                "send/recv in a group of three or more do not run over NCCL (--collectives gloo on real GPUs with "
+                "--landlock off --seccomp off): NCCL ignores their tags and takes no host buffer; run the daemons "
+                "with --collectives secure (the default), or confined (gloo)"
+            )
         try:
             if isinstance(pg, seclink.SecureGroup):
                 pg.p2p([t for t, _ in transfers]).wait()

@@ -197,6 +197,8 @@ class CommandExecutor:
                 self.collectives.run(s, cmd.collective)
             elif kind == "group_join":
                 self.collectives.join(s, cmd.group_join)
+            elif kind == "group_leave":  # (round 46) dist.destroy_process_group(subgroup)
+                self.collectives.leave(s, cmd.group_leave)
             else:
                 raise InvalidArgument("empty command")
         except Exception as exc:

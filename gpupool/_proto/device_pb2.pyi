@@ -796,6 +796,30 @@ class GroupJoin(_message.Message):
 Global___GroupJoin: _TypeAlias = GroupJoin  # noqa: Y015
 
 @_typing.final
+class GroupLeave(_message.Message):
+    """(round 46) Leave a subgroup the session joined (`dist.destroy_process_group(subgroup)`): its links or process group
+    close once what the session called on it before has run, and its number and its place among the session's
+    MAX_SUBGROUPS are free again. The session's group itself (subgroup 0) is left when the session ends.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBGROUP_FIELD_NUMBER: _builtins.int
+    subgroup: _builtins.int
+    def __init__(
+        self,
+        *,
+        subgroup: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subgroup", b"subgroup"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupLeave: _TypeAlias = GroupLeave  # noqa: Y015
+
+@_typing.final
 class Collective(_message.Message):
     """A collective over the session's group. `tensors` are modified in place (allreduce, broadcast: the data;
     allgather: the outputs, rank-major; reduce_scatter: the one output); `inputs` are only read (allgather: the
@@ -875,6 +899,7 @@ class Command(_message.Message):
     EAGER_OP_FIELD_NUMBER: _builtins.int
     GROUP_JOIN_FIELD_NUMBER: _builtins.int
     COLLECTIVE_FIELD_NUMBER: _builtins.int
+    GROUP_LEAVE_FIELD_NUMBER: _builtins.int
     eager_op: _builtins.bytes
     """An eager aten op as one packed record (gpupool/compact.py, docs/wire.md "Compact eager ops"): the same op
     an `Op` carries, with its name sent once per session and its arguments struct-packed.
@@ -907,6 +932,8 @@ class Command(_message.Message):
     def group_join(self) -> Global___GroupJoin: ...
     @_builtins.property
     def collective(self) -> Global___Collective: ...
+    @_builtins.property
+    def group_leave(self) -> Global___GroupLeave: ...
     def __init__(
         self,
         *,
@@ -924,12 +951,13 @@ class Command(_message.Message):
         eager_op: _builtins.bytes = ...,
         group_join: Global___GroupJoin | None = ...,
         collective: Global___Collective | None = ...,
+        group_leave: Global___GroupLeave | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "rng_state", b"rng_state", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "group_leave", b"group_leave", "op", b"op", "resize_storage", b"resize_storage", "rng_state", b"rng_state", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "rng_state", b"rng_state", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "group_leave", b"group_leave", "op", b"op", "resize_storage", b"resize_storage", "rng_state", b"rng_state", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "resize_storage", "rng_state", "define_graph", "run_graph", "drop_graph", "eager_op", "group_join", "collective"]  # noqa: Y015
+    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "resize_storage", "rng_state", "define_graph", "run_graph", "drop_graph", "eager_op", "group_join", "collective", "group_leave"]  # noqa: Y015
     _WhichOneofArgType_cmd: _TypeAlias = _typing.Literal["cmd", b"cmd"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cmd) -> _WhichOneofReturnType_cmd | None: ...
 

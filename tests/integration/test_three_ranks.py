@@ -174,7 +174,11 @@ def p2p_refused():
         out.append(res.pop("mismatch"))
     run("self", lambda: dist.send(torch.ones(1, device=dev), rank))
     run("anysource", lambda: dist.recv(torch.ones(1, device=dev)))
-    return out + [res.pop("self"), res.pop("anysource")]
+    # (round 46) every way to it at three ranks: irecv, and a subgroup of three (torch's gloo takes the first sender)
+    run("ianysource", lambda: dist.irecv(torch.ones(1, device=dev)).wait())
+    three = dist.new_group([0, 1, 2])
+    run("anysource3", lambda: dist.recv(torch.ones(1, device=dev), group=three))
+    return out + [res.pop(k) for k in ("self", "anysource", "ianysource", "anysource3")]
 def after():
     t = torch.full((2,), rank + 1.0, device=dev); dist.all_reduce(t); return t.tolist()
 for name in sys.argv[2].split(","):
@@ -270,10 +274,15 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
         if rank == 1:
             assert "send/recv on gpupool disagree (tag 0): rank 0 sends 3 elements" in refused[0], refused
             refused = refused[1:]
+        anysource = (
+            "refused InvalidArgument: recv without a source on gpupool runs in a group of two only (this {} has 3 "
+            "ranks): name the sender (dist.recv(t, src=...))"
+        )
         assert refused == [
             "refused ValueError: Invalid destination rank: destination rank should not be the same as the rank of "
             "the current process.",
-            "refused InvalidArgument: recv without a source on gpupool runs in a group of two only (this one has 3 "
-            "ranks): name the sender (dist.recv(t, src=...))",
+            anysource.format("one"),
+            anysource.format("one"),  # irecv (round 46)
+            anysource.format("subgroup"),  # a subgroup of three (round 46)
         ], refused
         assert pool[rank]["after"] == [6.0, 6.0], pool[rank]  # the default group goes on
