@@ -66,9 +66,10 @@ class DeviceServicer:
     def Attach(self, request: device_pb2.AttachRequest, context: grpc.ServicerContext) -> device_pb2.AttachReply:
         # the one feature a client asks for (AttachRequest.features): applied where this daemon names it too
         layout = protocol.FEATURE_CONV_LAYOUT in request.features and protocol.FEATURE_CONV_LAYOUT in self.features
-        s = self.daemon.attach(request.token, conv_layout=layout)
+        peer = self._peer(context)  # (a token bound to a certificate attaches for it only: `Daemon.check_bound`)
+        s = self.daemon.attach(request.token, conv_layout=layout, peer=peer)
         if self.daemon.config.tls.verifies_clients:  # (a certificate revoked later ends the session)
-            self.daemon.note_certificate(s, certrevoke.peer_pem(context))
+            self.daemon.note_certificate(s, peer)
         return device_pb2.AttachReply(
             session_id=s.session_id,
             handle_base=s.handle_base,
@@ -80,8 +81,19 @@ class DeviceServicer:
         )
 
     def Detach(self, request: device_pb2.DetachRequest, context: grpc.ServicerContext) -> device_pb2.DetachReply:
+        if self.daemon.config.tls.verifies_clients:
+            try:
+                s = self.daemon.session(request.session_id)
+            except GpupoolError:
+                s = None  # (closed or unknown: `detach` answers for it)
+            if s is not None:
+                self.daemon.check_holder(s, self._peer(context))
         self.daemon.detach(request.session_id)
         return device_pb2.DetachReply()
+
+    def _peer(self, context: grpc.ServicerContext) -> bytes | None:
+        """The caller's client certificate (PEM) where this daemon sees them (`--tls-client-auth require`)."""
+        return certrevoke.peer_pem(context) if self.daemon.config.tls.verifies_clients else None
 
     def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
         return self.daemon.status(self._status_view(context))
@@ -107,7 +119,7 @@ class DeviceServicer:
             if key == protocol.SESSION_METADATA:
                 tags.add(tokens.public_session_id(str(value)))
             elif key == protocol.LEASE_TOKEN_METADATA:
-                leases.add(self.daemon.lease_named(str(value)))
+                leases.add(self.daemon.lease_named(str(value), self._peer(context)))
             elif key == protocol.STATUS_TOKEN_METADATA:
                 self.daemon.operator_status(str(value))
                 return None
@@ -128,7 +140,9 @@ class DeviceServicer:
     def RefreshToken(
         self, request: device_pb2.RefreshTokenRequest, context: grpc.ServicerContext
     ) -> device_pb2.RefreshTokenReply:
-        expires_at = self.daemon.refresh(self.daemon.session(request.session_id), request.token)
+        s = self.daemon.session(request.session_id)
+        self.daemon.check_holder(s, self._peer(context))
+        expires_at = self.daemon.refresh(s, request.token)
         return device_pb2.RefreshTokenReply(expires_at=expires_at)
 
     def Stream(
@@ -138,6 +152,7 @@ class DeviceServicer:
         if not session_id:
             raise Unauthenticated(f"missing '{protocol.SESSION_METADATA}' metadata: Attach first")
         s = self.daemon.session(str(session_id))
+        self.daemon.check_holder(s, self._peer(context))
         self.daemon.claim_stream(s)
         reader = threading.Thread(target=self._read, args=(s, requests), name=f"gpupool-read-{s.number}", daemon=True)
         reader.start()
