@@ -243,3 +243,25 @@ def _register_and_allocate(pool: Pool) -> scheduler_pb2.Lease:
     finally:
         ops.close()
     return _allocate(pool, "tenant", "mallory46")
+
+
+def test_a_daemon_that_asks_no_client_certificate_says_so_at_its_start(tmp_path: Path) -> None:
+    """`gpupool serve` under TLS keeps `--tls-client-auth none` as its default (API-token pools have no certificate to
+    present) but says at its start, as a warning, what it cannot do then and what to pass; a daemon that requires
+    certificates (or `--insecure`) says nothing of it. On 67a03c05 nothing was said."""
+    from support import start_serve_process, stop_process
+
+    key_file = tmp_path / "token.key"
+    key_file.write_bytes(b"sec46-seed\n")
+    proc, _ = start_serve_process(key_file, "--fake-gpus", "1", "--isolation", "thread")
+    try:
+        lines = proc.log_lines  # type: ignore[attr-defined]
+        said = [line for line in lines if "--tls-client-auth none" in line]
+        assert said and "WARNING" in said[0] and "--tls-client-auth require" in said[0], lines
+    finally:
+        stop_process(proc)
+    from gpupool.server.cli import client_auth_warning
+
+    cfg = get_pki().server_config()
+    assert client_auth_warning(cfg) and not client_auth_warning(dataclasses.replace(cfg, client_auth="require"))
+    assert not client_auth_warning(tls.TlsConfig(insecure=True))
