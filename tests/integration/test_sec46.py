@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import test_control45
 from gpupool.scheduler.cli import SchedulerServer
 from gpupool.scheduler.store import SqliteStore
 from scheduler_fixtures import wait_until
@@ -30,13 +30,7 @@ from gpupool import certrevoke, protocol, tls, tokens
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[Pool]:
-    p = start_pool(tmp_path, state=str(tmp_path / "state.db"))
-    yield p
-    p.scheduler.stop(grace=0.5)
+pool = test_control45.pool  # the fixture: a scheduler on a SQLite state of its own
 
 
 def _fingerprint(role: str, name: str) -> str:
@@ -265,3 +259,48 @@ def test_a_daemon_that_asks_no_client_certificate_says_so_at_its_start(tmp_path:
     cfg = get_pki().server_config()
     assert client_auth_warning(cfg) and not client_auth_warning(dataclasses.replace(cfg, client_auth="require"))
     assert not client_auth_warning(tls.TlsConfig(insecure=True))
+
+
+def test_an_allocate_waiting_when_its_certificate_is_revoked_gets_no_lease(
+    pool: Pool, daemon_factory: DaemonFactory
+) -> None:
+    """Mallory's Allocate waits for room (Alice holds the one GPU); her certificate is revoked meanwhile; Alice
+    releases: Mallory's request is refused (UNAUTHENTICATED, naming the revocation) and she holds no lease. On 67a03c05
+    the caller was checked at the call's start only and the waiting request got a lease (and tokens)."""
+    import threading
+
+    host = _daemon(daemon_factory, pool)
+    assert host.running.registrar.registered.wait(20)
+    whole = pool.client("tenant", "alice46")
+    try:
+        held = whole.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=1.0, ttl_seconds=600))
+    finally:
+        whole.close()
+    got: list[tuple[grpc.StatusCode, str]] = []
+    mallory = pool.client("tenant", "mallory46")
+
+    def wait() -> None:
+        req = scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=600, wait_seconds=30)
+        got.append(_code(lambda: mallory.allocate(req)))
+
+    waiter = threading.Thread(target=wait)
+    try:
+        waiter.start()
+        core = pool.scheduler.core
+        assert core is not None
+        wait_until(lambda: bool(core.waiters), timeout=15, what="Mallory's request waiting")
+        _revoke(pool, str(get_pki().issue("tenant", "mallory46").cert))
+        release = pool.client("tenant", "alice46")
+        try:
+            release.release(held.lease_id)
+        finally:
+            release.close()
+        waiter.join(30)
+    finally:
+        mallory.close()
+    assert got and got[0][0] == grpc.StatusCode.UNAUTHENTICATED and "revoked" in got[0][1], got
+    ops = pool.client("admin", "ops46")
+    try:
+        assert not [x for x in ops.list_pool().leases if x.tenant == "mallory46"]
+    finally:
+        ops.close()
