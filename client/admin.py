@@ -16,8 +16,9 @@ prefix of it that names one (`gpupool smi` shows 12 characters).
 a certificate file (PEM) or its fingerprint (`sha256:<hex>`, as `openssl x509 -noout -fingerprint -sha256` prints
 it). The scheduler refuses a revoked certificate on every call from then on and keeps the list in its state; its
 daemons refuse it on every call too (those that see client certificates: `--tls-client-auth require`) from their
-next heartbeat; the status tokens minted before a revocation are refused. A revoked tenant's leases run on until they
-end: release them (`gpupool lease release --tenant NAME`).
+next heartbeat; the status tokens minted before a revocation are refused. The leases allocated with the certificate
+end (round 46: their tokens were bound to it); the tenant's others (allocated with an API token, by an operator for it,
+or before round 46) run on until they end: release them (`gpupool lease release --tenant NAME`).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def cert_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="gpupool cert",
         description="Operators: revoke client certificates of the pool (the scheduler refuses them on every call, and "
-        "its daemons from their next heartbeat), take a revocation back, or list them.",
+        "its daemons from their next heartbeat; the leases allocated with them end), take a revocation back, or list "
+        "them.",
     )
     p.add_argument("action", choices=("revoke", "unrevoke", "list"), help="what to do")
     p.add_argument(

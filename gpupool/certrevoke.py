@@ -162,6 +162,11 @@ class RevokedCerts:
     def __len__(self) -> int:
         return len(self._set)
 
+    def holds(self, fingerprints: Iterable[str]) -> bool:
+        """Whether any of `fingerprints` is revoked."""
+        held = self._set
+        return any(fp in held for fp in fingerprints)
+
     def refused_der(self, der: bytes) -> str:
         """The fingerprint of `der` if it is revoked, else ""."""
         if not self._set:

@@ -47,7 +47,7 @@ MAX_TOKEN_LENGTH = 4096
 MAX_TTL = 24 * 3600.0  # no token lives longer; so a revoked lease is remembered at most this long
 _CLAIM_FIELDS = ("device", "expires_at", "host", "lease_id", "quota_bytes", "share", "tenant")
 # Written only when they differ from these defaults (one spelling per token): absent = the default.
-_OPTIONAL_CLAIMS: dict[str, object] = {"network": False, "group": ""}
+_OPTIONAL_CLAIMS: dict[str, object] = {"network": False, "group": "", "cert": ""}
 # Status tokens (`mint_status`): the same shape as a lease token (kid.claims.signature), their signatures over this
 # prefix first, so that no signature of one kind verifies as the other's.
 STATUS_DOMAIN = b"gpupool-status-token\0"
@@ -65,6 +65,11 @@ class TokenClaims:
     ``group``: a secret the scheduler derives per lease of several devices (`lease_group`), the same in every
     token of the lease, renewed or not: the daemons key a collective group's store and links from it, so ranks
     whose processes renewed the lease at different moments still agree. Absent from hand-minted tokens.
+    ``cert``: the fingerprint (``sha256:<64 hex>``, `certrevoke.fingerprint_der`) of the client certificate the lease
+    was allocated with (round 46): a daemon that sees client certificates (`--tls-client-auth require`) attaches the
+    token only for a caller presenting that certificate, so a token is no bearer credential there. Absent (anyone's)
+    for leases allocated with an API token, for an operator's lease for a named tenant, for hand-minted tokens and
+    for tokens from before round 46.
     """
 
     lease_id: str
@@ -76,6 +81,7 @@ class TokenClaims:
     tenant: str = ""
     network: bool = False
     group: str = ""
+    cert: str = ""
 
 
 def _b64(data: bytes) -> str:
@@ -384,7 +390,9 @@ def _claims(body: bytes) -> TokenClaims:
         if not isinstance(raw, dict) or tuple(sorted(k for k in raw if k not in _OPTIONAL_CLAIMS)) != _CLAIM_FIELDS:
             raise ValueError("unexpected fields")
         claims = TokenClaims(**raw)
-        types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, (int, float), (int, float), str, bool, str)
+        types: tuple[type | tuple[type, ...], ...] = (
+            str, str, int, int, (int, float), (int, float), str, bool, str, str,
+        )  # fmt: skip
         fields = TokenClaims.__dataclass_fields__
         if any(not isinstance(getattr(claims, f), t) for f, t in zip(fields, types, strict=True)):
             raise ValueError("wrong types")
@@ -402,6 +410,7 @@ def _claims(body: bytes) -> TokenClaims:
         or claims.device < 0
         or not math.isfinite(claims.expires_at)
         or (claims.group and not _GROUP_RE.fullmatch(claims.group))
+        or (claims.cert and not _CERT_RE.fullmatch(claims.cert))
     ):
         raise Unauthenticated("lease token claims out of range")
     return claims
@@ -449,6 +458,7 @@ def _signer(key: Signer | bytes) -> Signer:
 
 
 _GROUP_RE = re.compile(r"[0-9a-f]{64}")
+_CERT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def lease_group(key: Signer | bytes, lease_id: str) -> str:

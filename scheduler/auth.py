@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,9 @@ MAX_NAME = 128
 class Identity:
     role: str
     name: str
+    # Named by the call's verified client certificate (not an API token): a lease it allocates for itself is bound
+    # to that certificate (round 46, `LeaseRecord.cert`). Not part of who it is (equality, hashing).
+    by_cert: bool = field(default=False, compare=False)
 
     @property
     def admin(self) -> bool:
@@ -309,7 +312,8 @@ class Authenticator:
                     ),
                 )
             if named:
-                return named.pop()
+                ident = named.pop()
+                return Identity(ident.role, ident.name, by_cert=True)
             if context.auth_context().get("x509_common_name"):
                 no_identity = Unauthenticated("client certificate names no gpupool://<role>/<name> identity")
                 raise self.refused(context, no_identity)

@@ -99,6 +99,7 @@ class _AllocationWaiter:
     lease: LeaseRecord | None = None
     refused: ResourceExhausted | None = None  # room came, but taking it would pass the tenant's limit
     fits: tuple[int, bool] = (-1, False)  # (the pool's epoch, `placement.could_fit` then)
+    cert: str = ""  # the client certificate it is asked with (`LeaseRecord.cert`)
 
 
 class Core:
@@ -172,8 +173,10 @@ class Core:
         ttl: float = 0.0,
         wait: float = 0.0,
         cancelled: Callable[[], bool] = lambda: False,
+        cert: str = "",
     ) -> LeaseRecord:
-        """Grant a lease now, or after waiting up to `wait` seconds in FIFO order; else ResourceExhausted."""
+        """Grant a lease now, or after waiting up to `wait` seconds in FIFO order; else ResourceExhausted. `cert`: the
+        fingerprints of the client certificate it is allocated with (`LeaseRecord.cert`): its tokens are bound to it."""
         start = time.monotonic()
         try:
             if not (math.isfinite(ttl) and math.isfinite(wait)):  # a NaN ttl would be a lease that never expires
@@ -190,7 +193,7 @@ class Core:
                     grants = place(self.pool, req)
                     if grants is not None:
                         self._check_tenant(tenant, req, sum(g.units for g in grants))
-                        lease = self._grant(grants, tenant, ttl)
+                        lease = self._grant(grants, tenant, ttl, cert)
                         self.events.allocation("granted", time.monotonic() - start)
                         return lease
                 self._check_tenant(tenant, req, units)
@@ -204,7 +207,7 @@ class Core:
                         f"{self._exhausted_message(req)}; tenant {tenant!r} already has {mine} request(s) waiting "
                         f"(at most {self.config.tenant_max_waiting})"
                     )
-                waiter = _AllocationWaiter(req, tenant, ttl, units)
+                waiter = _AllocationWaiter(req, tenant, ttl, units, cert=cert)
                 self.waiters.append(waiter)
         except InvalidArgument:
             self.events.allocation("invalid", time.monotonic() - start)
@@ -265,7 +268,7 @@ class Core:
                 head.done.set()
                 continue
             try:
-                head.lease = self._grant(grants, head.tenant, head.ttl)
+                head.lease = self._grant(grants, head.tenant, head.ttl, head.cert)
             except Unavailable:
                 return  # the store refused: the head keeps its place, the next sweep tries again
             del self.waiters[i]
@@ -408,9 +411,9 @@ class Core:
             msg += f"; {len(self.waiters)} request(s) waiting ahead"
         return msg
 
-    def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> LeaseRecord:
+    def _grant(self, grants: list[Grant], tenant: str, ttl: float, cert: str = "") -> LeaseRecord:
         now = time.time()
-        lease = LeaseRecord(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
+        lease = LeaseRecord(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now, cert=cert)
         self.write(Change(leases=[lease]))
         self.pool.take(grants)
         self._hold(lease, +1)
@@ -482,10 +485,14 @@ class Core:
         # Only the sessions of a lease of several devices form a collective group between daemons: only their
         # workers get network sockets (the daemon's --worker-network is the upper bound).
         # Their tokens carry the lease's group secret, the same at every renewal (tokens.lease_group).
+        # (round 46) Bound to the client certificate the lease was allocated with, where it was: a daemon that sees
+        # client certificates attaches it for that certificate only, renewed or not.
         several = len(lease.grants) > 1
+        bound = lease.cert_fingerprints
         claims = tokens.TokenClaims(
             lease.lease_id, g.host_id, g.device, g.quota_bytes, g.share, lease.expires_at, lease.tenant,
             network=several, group=tokens.lease_group(self.key, lease.lease_id) if several else "",
+            cert=bound[0] if bound else "",
         )  # fmt: skip
         return tokens.mint(self.key, claims)
 
@@ -577,7 +584,10 @@ class Core:
         """Revoke client certificates (fingerprints, `certrevoke.normalize`d) and take revocations back, in one store
         transaction; the whole list after it. The authenticator refuses the revoked at once; daemons hear the list at
         their next heartbeat. Revoking also revokes the status tokens minted so far (`certs_revoked_at`): one of a
-        revoked admin's would show its host's sessions for two minutes more."""
+        revoked admin's would show its host's sessions for two minutes more. And (round 46) it ends the active leases
+        allocated with a revoked certificate (or its ECDSA twin), in the same transaction: their tokens are revoked at
+        their daemons' next heartbeat, whatever certificate (or none, under `--tls-client-auth none`) presents them;
+        until round 46 they attached with another tenant's certificate until the leases ended."""
         add = sorted({certrevoke.normalize(x) for x in revoke})
         drop = sorted({certrevoke.normalize(x) for x in unrevoke} - set(add))
         if len(note) > 256 or not note.isprintable():
@@ -591,7 +601,16 @@ class Core:
                     f"{len(self.cert_rows)} certificates are revoked: at most {certrevoke.MAX_REVOKED} (take back "
                     "those that have expired: `gpupool cert unrevoke`)"
                 )
-            if rows or gone:
+            hit = set(add)
+            bound = [x for x in self.active_leases() if hit.intersection(x.cert_fingerprints)]
+            if bound:
+                self.end(bound, LeaseState.RELEASED, Change(certs=rows, forget_certs=gone))
+                log.warning(
+                    "%d lease(s) allocated with the revoked certificate(s) ended: %s",
+                    len(bound),
+                    ", ".join(x.lease_id for x in bound[:5]),
+                )
+            elif rows or gone:
                 self.write(Change(certs=rows, forget_certs=gone))
             for row in rows:
                 self.cert_rows[row[0]] = row

@@ -42,6 +42,22 @@ def _cursor(lease_id: str) -> str:
     return hashlib.sha256(lease_id.encode()).hexdigest()[:32]
 
 
+def _bound_cert(caller: auth.Identity, tenant: str, context: grpc.ServicerContext) -> str:
+    """The client certificate a new lease's tokens are bound to (round 46, `LeaseRecord.cert`): its fingerprint and
+    its ECDSA twins', space-separated, where the caller is named by its certificate and allocates for itself; ""
+    where it is named by an API token (nothing a daemon can check) or is an operator allocating for another tenant
+    (whose own certificate will present the tokens)."""
+    if not caller.by_cert or tenant != caller.name:
+        return ""
+    pem = certrevoke.peer_pem(context)
+    if pem is None:
+        return ""
+    try:
+        return " ".join(certrevoke.fingerprints_der(certrevoke.der_of_pem(pem)))
+    except InvalidArgument:
+        return ""
+
+
 def _check_lease_id(lease_id: str) -> None:
     """A lease id no longer than any the scheduler gives (32 hex digits; `MAX_ID_LENGTH` for room)."""
     if len(lease_id) > MAX_ID_LENGTH:
@@ -175,13 +191,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             labels=validate_labels(request.labels),
             policy=policy_of(request.policy) if request.policy else self.default_policy,
         )
+        caller = auth.current()
+        tenant = caller.tenant_for(request.tenant)
+        cert = _bound_cert(caller, tenant, context)
         lease = self.core.allocate(
             req,
-            tenant=auth.current().tenant_for(request.tenant),
+            tenant=tenant,
             ttl=request.ttl_seconds,
             wait=request.wait_seconds,
             cancelled=lambda: not context.is_active(),
+            cert=cert,
         )
+        if cert and self.core.certs.holds(cert.split()):
+            # revoked while it waited (granted after the revocation, which ends only the leases it finds): ended here
+            self.core.release(lease.lease_id)
+            raise Unauthenticated("the client certificate this lease was asked with was revoked meanwhile")
         return self._lease_pb(lease, with_tokens=True)
 
     def Renew(self, request: scheduler_pb2.RenewRequest, context: grpc.ServicerContext) -> Any:

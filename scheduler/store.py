@@ -48,6 +48,14 @@ class LeaseRecord:
     # Not stored: until when an active lease is kept past `expires_at` because the scheduler itself was away
     # (restarted, paused) and its tenant could not renew it.
     grace_until: float = 0.0
+    # The client certificate it was allocated with (round 46): its fingerprint, then its ECDSA twins' (`certrevoke.
+    # fingerprints_der`), space-separated; "" for none (an API token, an operator's lease for a named tenant, a lease
+    # from before round 46). Its tokens carry the first (`TokenClaims.cert`); revoking any of them ends the lease.
+    cert: str = ""
+
+    @property
+    def cert_fingerprints(self) -> list[str]:
+        return self.cert.split()
 
     def __post_init__(self) -> None:
         self.hosts = {g.host_id for g in self.grants}
@@ -139,7 +147,8 @@ CREATE TABLE IF NOT EXISTS hosts (
 );
 CREATE TABLE IF NOT EXISTS leases (
   lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
-  expires_at REAL NOT NULL, ttl REAL NOT NULL, created_at REAL NOT NULL, ended_at REAL NOT NULL
+  expires_at REAL NOT NULL, ttl REAL NOT NULL, created_at REAL NOT NULL, ended_at REAL NOT NULL,
+  cert TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS revoked_certs (
   fingerprint TEXT PRIMARY KEY, revoked_at REAL NOT NULL, note TEXT NOT NULL
@@ -148,7 +157,7 @@ CREATE TABLE IF NOT EXISTS revoked_certs (
 
 
 HOST_COLUMNS = "host_id, address, state, labels, devices, cordoned"
-LEASE_COLUMNS = "lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at"
+LEASE_COLUMNS = "lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at, cert"
 
 
 def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[LeaseRecord]]:
@@ -172,8 +181,9 @@ def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list
             created_at,
             LeaseState(state),
             ended_at,
+            cert=str(cert or ""),
         )
-        for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at in lease_rows
+        for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at, cert in lease_rows
     ]
     return hosts, leases
 
@@ -186,9 +196,9 @@ def _host_row(h: Host) -> tuple[str, str, str, str, str, int]:
     return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices), int(h.cordoned))
 
 
-def _lease_row(x: LeaseRecord) -> tuple[str, str, str, str, float, float, float, float]:
+def _lease_row(x: LeaseRecord) -> tuple[str, str, str, str, float, float, float, float, str]:
     grants = [[g.host_id, g.device, g.quota_bytes, g.units] for g in x.grants]
-    return (x.lease_id, x.tenant, x.state, json.dumps(grants), x.expires_at, x.ttl, x.created_at, x.ended_at)
+    return (x.lease_id, x.tenant, x.state, json.dumps(grants), x.expires_at, x.ttl, x.created_at, x.ended_at, x.cert)
 
 
 class SqliteStore:
@@ -205,6 +215,8 @@ class SqliteStore:
         self._db.executescript(_SCHEMA)
         if "cordoned" not in {row[1] for row in self._db.execute("PRAGMA table_info(hosts)")}:  # an older file
             self._db.execute("ALTER TABLE hosts ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0")
+        if "cert" not in {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}:  # before round 46
+            self._db.execute("ALTER TABLE leases ADD COLUMN cert TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
 
     def load(self) -> tuple[list[Host], list[LeaseRecord]]:
@@ -230,7 +242,9 @@ class SqliteStore:
                         f"INSERT OR REPLACE INTO hosts ({HOST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", host_rows
                     )
                 if lease_rows:
-                    self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lease_rows)
+                    self._db.executemany(
+                        f"INSERT OR REPLACE INTO leases ({LEASE_COLUMNS}) VALUES ({', '.join('?' * 9)})", lease_rows
+                    )
                 if forget_rows:
                     self._db.executemany("DELETE FROM leases WHERE lease_id = ?", forget_rows)
                 if forget_host_rows:

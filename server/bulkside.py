@@ -502,6 +502,7 @@ class BulkPort:
         source = pending.source
         bound = False
         owner: BulkLink | None = None  # the link a session holds (bound): it closes the socket, not this thread
+        der: bytes | None = None  # the client's certificate, where the daemon sees them (`revoked` set)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
@@ -532,6 +533,10 @@ class BulkPort:
             if s is None:
                 sock.sendall(protocol.bulk_error("unknown or closed session"))
                 raise ValueError("unknown or closed session")
+            if self.revoked is not None and s.cert_pem is not None and der != s.cert_der:
+                # (round 46: the session's id is no bearer credential for another certificate, as on the gRPC port)
+                sock.sendall(protocol.bulk_error(f"session {s.number} was attached with another client certificate"))
+                raise ValueError(f"session {s.number} was attached with another client certificate")
             link = BulkLink(sock, s.number, frames)
             # Bound, the link is the session's: another thread may write on it at once (a Detach's or the lease's
             # end: the stream's writer sends the BULK_END and closes it; a bulk Get's download). Its lock is held

@@ -160,10 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_tls_flags(
         p,
         client_auth="none",
-        client_auth_help="require every client to present a certificate signed by --tls-ca (then Status shows an "
-        "admin or metrics certificate every session, a tenant its own), or ask none (the default: lease tokens "
-        "identify clients, and Status shows a caller only the sessions it names; under either, an operator's smi, with "
-        "the scheduler's admin credential, presents status tokens that show it every session)",
+        client_auth_help="require every client to present a certificate signed by --tls-ca (then revoked "
+        "certificates are refused, a lease token attaches only with the certificate it was allocated with, and Status "
+        "shows an admin or metrics certificate every session, a tenant its own; deploy/'s units and `gpupool up` "
+        "set it), or ask none (the default, for pools whose tenants hold API tokens only; warned about at start: "
+        "lease tokens identify clients, whoever holds one, and Status shows a caller only the sessions it names; under "
+        "either, an operator's smi, with the scheduler's admin credential, presents status tokens that show it every "
+        "session)",
     )
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
@@ -441,6 +444,22 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     )
 
 
+def client_auth_warning(cfg: tls.TlsConfig) -> str:
+    """What a TLS daemon that asks no client for a certificate (`--tls-client-auth none`, serve's default) cannot do,
+    said once at its start (round 46); "" for one that requires them, or `--insecure` (said elsewhere). The default
+    stays `none`: a pool whose tenants hold only API tokens (its scheduler under `none`) has no certificate to present,
+    and a daemon serving hand-minted tokens may have no --tls-ca. The units in deploy/ and `gpupool up` require."""
+    if cfg.insecure or cfg.verifies_clients:
+        return ""
+    return (
+        "--tls-client-auth none (the default): this daemon asks no client for a certificate, so it cannot refuse a "
+        "revoked one (gpupool cert revoke), cannot hold a lease token to the certificate it was allocated with (any "
+        "holder of a token attaches it), and shows a tenant's certificate none of its sessions; where every client "
+        "holds a certificate of the pool's CA (the scheduler's default, --tls-client-auth require, means they do), "
+        "start it with --tls-client-auth require (docs/security.md, 'Known limits')"
+    )
+
+
 def wait_for_stop(signals: StopSignals) -> None:
     """Until SIGINT or SIGTERM, then its line: logged here, in the main thread's own code, never in a signal handler
     (`StopSignals`: a handler that logged deadlocked on the log sink's lock)."""
@@ -473,6 +492,9 @@ def main(argv: list[str]) -> int:
     except GpupoolError as exc:
         log.error("%s", exc)
         return 2
+    warning = client_auth_warning(config.tls)
+    if warning:
+        log.warning("%s", warning)
     from .app import RunningDaemon
 
     try:

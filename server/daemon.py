@@ -511,12 +511,14 @@ class Daemon:
 
     # ---- sessions ----
 
-    def attach(self, token: str, conv_layout: bool = False) -> FrontSession:
+    def attach(self, token: str, conv_layout: bool = False, peer: bytes | None = None) -> FrontSession:
         """A new session for `token`; `conv_layout`: its client asked for that feature, which this daemon names
-        (server/service.py `Attach`): its convolutions' outputs are laid out as cuDNN's (gpupool/protocol.py)."""
+        (server/service.py `Attach`): its convolutions' outputs are laid out as cuDNN's (gpupool/protocol.py);
+        `peer`: the caller's client certificate (PEM), where this daemon sees them (`check_bound`)."""
         claims = tokens.verify(self.config.token_key, token)
         if claims.host != self.host_id:  # (before any wait: another host's token holds no thread here)
             raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
+        self.check_bound(claims, peer)
         if not self._heard.is_set():
             self._await_revocations("Attach")
             claims = tokens.verify(self.config.token_key, token)  # (its lease may be among those just told)
@@ -766,6 +768,7 @@ class Daemon:
         claims = tokens.verify(self.config.token_key, token)
         if (claims.lease_id, claims.host, claims.device) != (s.lease_id, self.host_id, s.device.index):
             raise Unauthenticated("refreshed token is for another lease or device")
+        self.check_bound(claims, s.cert_pem)  # (the caller is the session's certificate: `check_holder`)
         s.expires_at = max(s.expires_at, claims.expires_at)
         return s.expires_at
 
@@ -1209,6 +1212,11 @@ class Daemon:
         then a session attached before the revocation, its op stream and side socket ran on until the lease ended).
         Checked once more here: a revocation heard between the call's check and now ends it at once."""
         s.cert_pem = pem
+        if pem is not None:
+            try:
+                s.cert_der = certrevoke.der_of_pem(pem)
+            except InvalidArgument:
+                s.cert_der = None
         self._end_if_revoked(s)
 
     def _end_if_revoked(self, s: FrontSession) -> None:
@@ -1261,13 +1269,37 @@ class Daemon:
                 d.busy_seconds = sum(u.busy_seconds for u in sessions if u.device == d.info.index)
         return device_pb2.StatusReply(host_id=self.host_id, devices=devs, sessions=sessions, draining=self._draining)
 
-    def lease_named(self, token: str) -> str:
+    def lease_named(self, token: str, peer: bytes | None = None) -> str:
         """The lease of a token presented to Status, checked as Attach checks it (signature, expiry, revocation,
-        this host): its holder may see that lease's sessions."""
+        this host, the certificate it is bound to): its holder may see that lease's sessions."""
         claims = tokens.verify(self.config.token_key, token)
         if claims.host != self.host_id:
             raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
+        self.check_bound(claims, peer)
         return claims.lease_id
+
+    def check_bound(self, claims: tokens.TokenClaims, peer: bytes | None) -> None:
+        """A lease token bound to a client certificate (`TokenClaims.cert`: the scheduler binds the tokens of a lease
+        allocated with a certificate to it) is honoured only for a caller presenting that certificate (`peer`, PEM),
+        where this daemon sees client certificates (`--tls-client-auth require`); PERMISSION_DENIED otherwise. Until
+        round 46 a token was a bearer credential: a session attached with another tenant's certificate (or none)
+        using a revoked certificate holder's token. An unbound token (an API token's lease, a hand-minted or older
+        token) is anyone's, and a daemon under `none` sees no certificate to compare."""
+        if not claims.cert or not self.config.tls.verifies_clients:
+            return
+        shown = certrevoke.fingerprint_pem(peer) if peer is not None else "none"
+        if shown != claims.cert:
+            raise PermissionDenied(
+                f"lease {claims.lease_id}'s token is bound to client certificate {claims.cert[:23]}..., the one it was "
+                f"allocated with; this call presents {shown[:23]}{'...' if peer is not None else ''}"
+            )
+
+    def check_holder(self, s: FrontSession, peer: bytes | None) -> None:
+        """A call naming session `s` by its id (Stream, Detach, RefreshToken) comes with the client certificate `s`
+        was attached with, where this daemon sees them (round 46: a session id is no bearer credential for another
+        certificate); PERMISSION_DENIED otherwise."""
+        if s.cert_pem is not None and peer != s.cert_pem and self.config.tls.verifies_clients:
+            raise PermissionDenied(f"session {s.number} was attached with another client certificate")
 
     def operator_status(self, token: str) -> None:
         """Check a status token presented to Status (the scheduler's grant to an operator of this host's full view:

@@ -109,6 +109,9 @@ class FrontSession:
         # the client certificate (PEM) of the call that attached it, where the daemon sees them: a revocation of it
         # ends the session (`Daemon.revoke_certificates`; round 45, secrev45)
         self.cert_pem: bytes | None = None
+        # its DER (the side port's hello compares the socket's with it: round 46, the session's id is no bearer
+        # credential for another certificate)
+        self.cert_der: bytes | None = None
         self.outbox = Outbox()  # replies for the stream (or its frames socket), in order
         # Held by whoever writes a reply to its frames socket: its writer, for each item it takes, or the thread
         # that produced a small reply while nothing is pending (`send`: no hand-off to the writer).

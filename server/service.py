@@ -66,9 +66,10 @@ class DeviceServicer:
     def Attach(self, request: device_pb2.AttachRequest, context: grpc.ServicerContext) -> device_pb2.AttachReply:
         # the one feature a client asks for (AttachRequest.features): applied where this daemon names it too
         layout = protocol.FEATURE_CONV_LAYOUT in request.features and protocol.FEATURE_CONV_LAYOUT in self.features
-        s = self.daemon.attach(request.token, conv_layout=layout)
+        peer = self._peer(context)  # (a token bound to a certificate attaches for it only: `Daemon.check_bound`)
+        s = self.daemon.attach(request.token, conv_layout=layout, peer=peer)
         if self.daemon.config.tls.verifies_clients:  # (a certificate revoked later ends the session)
-            self.daemon.note_certificate(s, certrevoke.peer_pem(context))
+            self.daemon.note_certificate(s, peer)
         return device_pb2.AttachReply(
             session_id=s.session_id,
             handle_base=s.handle_base,
@@ -80,8 +81,25 @@ class DeviceServicer:
         )
 
     def Detach(self, request: device_pb2.DetachRequest, context: grpc.ServicerContext) -> device_pb2.DetachReply:
+        self._check_holder(request.session_id, context)
         self.daemon.detach(request.session_id)
         return device_pb2.DetachReply()
+
+    def _check_holder(self, session_id: str, context: grpc.ServicerContext) -> None:
+        """An open session named by its id (Detach) is the caller's certificate's (`Daemon.check_holder`); a closed or
+        unknown id is left to the call. (Status's `gpupool-session` ids are not held to it: they show usage only, and
+        round 42's tests name another certificate's sessions by their ids on purpose.)"""
+        if not self.daemon.config.tls.verifies_clients:
+            return
+        try:
+            s = self.daemon.session(session_id)
+        except GpupoolError:
+            return
+        self.daemon.check_holder(s, self._peer(context))
+
+    def _peer(self, context: grpc.ServicerContext) -> bytes | None:
+        """The caller's client certificate (PEM) where this daemon sees them (`--tls-client-auth require`)."""
+        return certrevoke.peer_pem(context) if self.daemon.config.tls.verifies_clients else None
 
     def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
         return self.daemon.status(self._status_view(context))
@@ -107,7 +125,7 @@ class DeviceServicer:
             if key == protocol.SESSION_METADATA:
                 tags.add(tokens.public_session_id(str(value)))
             elif key == protocol.LEASE_TOKEN_METADATA:
-                leases.add(self.daemon.lease_named(str(value)))
+                leases.add(self.daemon.lease_named(str(value), self._peer(context)))
             elif key == protocol.STATUS_TOKEN_METADATA:
                 self.daemon.operator_status(str(value))
                 return None
@@ -128,7 +146,9 @@ class DeviceServicer:
     def RefreshToken(
         self, request: device_pb2.RefreshTokenRequest, context: grpc.ServicerContext
     ) -> device_pb2.RefreshTokenReply:
-        expires_at = self.daemon.refresh(self.daemon.session(request.session_id), request.token)
+        s = self.daemon.session(request.session_id)
+        self.daemon.check_holder(s, self._peer(context))
+        expires_at = self.daemon.refresh(s, request.token)
         return device_pb2.RefreshTokenReply(expires_at=expires_at)
 
     def Stream(
@@ -138,6 +158,7 @@ class DeviceServicer:
         if not session_id:
             raise Unauthenticated(f"missing '{protocol.SESSION_METADATA}' metadata: Attach first")
         s = self.daemon.session(str(session_id))
+        self.daemon.check_holder(s, self._peer(context))
         self.daemon.claim_stream(s)
         reader = threading.Thread(target=self._read, args=(s, requests), name=f"gpupool-read-{s.number}", daemon=True)
         reader.start()

@@ -142,10 +142,9 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: 
     Status, `gpupool smi`'s tenants table, showed every tenant's sessions to anyone who reached the port): the
     operator's smi (its admin certificate) lists every session, the user's (its tenant certificate) its own, a caller
     without a certificate is refused at the handshake."""
-    from gpupool.client.session import Session
     from support import daemon_status, get_pki
 
-    from gpupool._proto import scheduler_pb2
+    from gpupool._proto import device_pb2, scheduler_pb2
 
     proc, address = up
     daemon = proc.wait_for(r"daemon\s+(\S+)").group(1)
@@ -162,7 +161,12 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: 
         pool = SchedulerClient(address, cfg)
         lease = pool.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
         pool.close()
-        sessions.append(Session.attach(daemon, lease.devices[0].token))
+        # attached with the certificate the lease was allocated with (round 46: its token is bound to it)
+        ch = tls.channel(daemon, cfg=cfg, token=False)
+        reply = device_pb2_grpc.DeviceStub(ch).Attach(
+            device_pb2.AttachRequest(token=lease.devices[0].token), timeout=30
+        )
+        sessions.append((ch, reply.session_id))
     try:
         user = getpass.getuser()
 
@@ -182,5 +186,6 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: 
                 daemon_status(device_pb2_grpc.DeviceStub(ch))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        for s in sessions:
-            s.close()
+        for ch, session_id in sessions:
+            device_pb2_grpc.DeviceStub(ch).Detach(device_pb2.DetachRequest(session_id=session_id), timeout=10)
+            ch.close()

@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -524,3 +525,99 @@ def test_ha_overlay_runs_standby_replicas_on_postgresql(tmp_path: Path) -> None:
     assert service["spec"]["selector"].items() <= pod_labels.items()
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert f"--scheduler={service['metadata']['name']}:{grpc_port}" in _container(daemonset)["args"]
+
+
+# ---------------------------------------------------------------- the daemon's client certificates and state folder
+
+
+def _serve_args(words: list[str]) -> Any:
+    """`gpupool serve`'s own parser over the arguments after `serve` in `words`."""
+    from gpupool.server.cli import build_parser
+
+    return build_parser().parse_args(words[words.index("serve") + 1 :])
+
+
+def _systemd_exec_start(name: str) -> list[str]:
+    text = (DEPLOY / "systemd" / name).read_text().replace("\\\n", " ")
+    return re.search(r"^ExecStart=(.*)$", text, re.M).group(1).split()  # type: ignore[union-attr]
+
+
+def test_the_deployed_daemons_require_client_certificates() -> None:
+    """The systemd unit, the DaemonSet and the daemon image's ENTRYPOINT run the daemon with `--tls-client-auth
+    require` (their schedulers require client certificates too, so every client has one): only then does a daemon
+    refuse revoked certificates and hold lease tokens to the certificate they were allocated with (round 46). Until
+    round 46 all three asked for none (serve's default), and certificate revocation was moot at their daemons."""
+    from gpupool import tls
+
+    (daemonset,) = by_kind(render_kustomization(K8S), "DaemonSet")
+    container = _container(daemonset)
+    entry, cmd = _entrypoint_and_cmd(DEPLOY / "docker" / "Dockerfile.daemon")
+    for where, words in (
+        ("systemd", _systemd_exec_start("gpupool-daemon.service")),
+        ("k8s", [*container["command"], *container["args"]]),
+        ("docker", [*entry, *cmd]),
+    ):
+        cfg = tls.config_from_args(_serve_args(words))
+        assert cfg.verifies_clients and cfg.ca, (where, words)
+    for name in ("gpupool-scheduler.service",):  # (the scheduler's default is require: no flag says otherwise)
+        assert "--tls-client-auth" not in " ".join(_systemd_exec_start(name))
+
+
+def test_the_daemonsets_state_dir_is_one_the_folder_check_accepts(tmp_path: Path) -> None:
+    """The DaemonSet keeps its revocations (`--state-dir`) on an emptyDir volume, which kubelet makes 0777 and root's:
+    the daemon's folder check refuses that as the daemon's user (10001). Its init container's command, run as root on
+    such a folder here, makes it one the check (`RevocationFile`, as the daemon opens it) accepts as that user. Until
+    round 46 the DaemonSet had no --state-dir (its revocations lost at every restart). Not tested here: that kubelet
+    runs the init container as root before the daemon (a namespace under Pod Security "restricted" refuses a root
+    container; "baseline" admits it) and makes an emptyDir as said."""
+    (daemonset,) = by_kind(render_kustomization(K8S), "DaemonSet")
+    spec = pod_spec(daemonset)
+    container = _container(daemonset)
+    state_dir = _serve_args([*container["command"], *container["args"]]).state_dir
+    assert state_dir, "the DaemonSet's daemon keeps no revocations (--state-dir)"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == state_dir]
+    assert volumes[mount["name"]].get("emptyDir") is not None and not mount.get("readOnly")
+    (init,) = [c for c in spec.get("initContainers", []) if any(m["name"] == mount["name"] for m in c["volumeMounts"])]
+    (init_mount,) = [m["mountPath"] for m in init["volumeMounts"] if m["name"] == mount["name"]]
+    user = spec["securityContext"]["runAsUser"]
+    assert container.get("securityContext", {}).get("runAsUser", user) == user == 10001
+    if os.geteuid() != 0:
+        pytest.skip("the init step's check runs as root (chown) and as the daemon's user")
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)  # (the daemon's user reaches the folder; /tmp above it is sticky)
+        folder = base / "state"
+        folder.mkdir()
+        folder.chmod(0o777)  # as kubelet makes an emptyDir
+        assert _open_state_as(user, folder) != 0, "the folder check accepted a 0777 folder"
+        command = [str(folder) if w == init_mount else w for w in init["command"]]
+        assert str(folder) in command, init["command"]
+        subprocess.run(command, check=True, timeout=30)
+        assert _open_state_as(user, folder) == 0, (oct(folder.stat().st_mode), folder.stat().st_uid)
+        assert (folder / "revocations.key").stat().st_uid == user
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _open_state_as(uid: int, folder: Path) -> int:
+    """0 if `RevocationFile(folder)` (the daemon's own opening of its --state-dir: the folder check, its key) succeeds
+    in a child process running as `uid`, else 1."""
+    from gpupool.server.revocations import RevocationFile
+
+    pid = os.fork()
+    if pid == 0:  # (the child: stat and a key file, then out without the parent's teardown)
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            RevocationFile(folder, "h46")
+            code = 0
+        except BaseException:  # noqa: BLE001 - any refusal is the answer
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
