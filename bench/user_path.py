@@ -25,6 +25,7 @@ on a shared box, compare ratios from one run only.
     cd bench && nice -n 5 ../.venv/bin/python user_path.py                                 # ~4 min
     nice -n 5 ../.venv/bin/python user_path.py --models tiny-mlp,encoder,classifier --rounds 3 --against /work/wt/base
     nice -n 5 ../.venv/bin/python user_path.py --models mlp --modes local,eager,captured --rounds 5
+    python user_path.py --gpu --models tiny-mlp,encoder,classifier,mlp --modes local,eager,captured   # a real GPU
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     model, data, loss_fn = workload(args.model)
-    if args.device != "cpu" and os.environ.get("GPUPOOL_CLIENT") == "shim":
+    if args.device == "gpupool" and os.environ.get("GPUPOOL_CLIENT") == "shim":
         import gpupool.torch  # noqa: F401  (the Python client's device needs the import; the C++ one does not)
     device = torch.device(args.device)
     model = model.to(device)
@@ -92,7 +93,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         pool_cpu += (_tree_cpu(pool) - p0) if pool else 0.0
     n = args.blocks * args.steps
     client = ""
-    if args.device != "cpu":
+    if args.device == "gpupool":
         client = os.environ.get("GPUPOOL_CLIENT", "")
     return {"step_s": statistics.median(blocks), "cpu_s": (cpu + pool_cpu) / n, "pool_cpu_s": pool_cpu / n,
             "client": client, "loss": float(loss.item())}  # fmt: skip
@@ -101,13 +102,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 # ---- the driver ----
 
 
-def up(checkout: Path, tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """`gpupool up` of `checkout` (its .venv's) with one fake GPU on free loopback ports; returns it and the
-    variables its "Use it:" lines export."""
+def up(checkout: Path, tmp: Path, env: dict[str, str], gpu: bool) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """`gpupool up` of `checkout` (its .venv's) with one fake GPU (`gpu`: the host's GPUs, its default where torch
+    sees one) on free loopback ports; returns it and the variables its "Use it:" lines export."""
     log = tmp / "up.log"
-    cmd = [str(checkout / ".venv" / "bin" / "gpupool"), "up", "--fake-gpus", "1", "--scheduler-listen", "127.0.0.1:0",
-           "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--scheduler-metrics-listen", "0",
-           "--state", str(tmp / "scheduler.db")]  # fmt: skip
+    cmd = [str(checkout / ".venv" / "bin" / "gpupool"), "up", *([] if gpu else ["--fake-gpus", "1"]),
+           "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--metrics-listen", "0",
+           "--scheduler-metrics-listen", "0", "--state", str(tmp / "scheduler.db")]  # fmt: skip
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=tmp, env=env)
     deadline = time.monotonic() + 180
@@ -133,7 +134,7 @@ def measure(
     script = [python, str(HERE), "--child", "--model", model, "--steps", str(args.steps), "--blocks",
               str(args.blocks), "--warmup", str(args.warmup)]  # fmt: skip
     if mode == "local":
-        cmd = [*script, "--device", "cpu"]
+        cmd = [*script, "--device", "cuda" if args.gpu else "cpu"]
     else:
         run = MODES[mode]
         assert run is not None
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating runs; the median of each mode counts")
     p.add_argument("--against", metavar="DIR", default="", help="another checkout (with its .venv): its own pool "
                    "and `gpupool run` for every remote mode too (rows mode@base)")  # fmt: skip
+    p.add_argument("--gpu", action="store_true", help="on a host with a CUDA GPU: `gpupool up` serves it (no fake "
+                   "GPU) and `local` runs the script on cuda:0")  # fmt: skip
     p.add_argument("--daemon-threads", type=int, default=0, help="the daemon's torch threads (GPUPOOL_CPU_THREADS "
                    "for `gpupool up`; default 0: not set, the daemon's default as a user gets it)")  # fmt: skip
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for tag, checkout in checkouts.items():
                 (Path(d) / (tag or "this")).mkdir()
-                pools[tag] = up(checkout, Path(d) / (tag or "this"), env)
+                pools[tag] = up(checkout, Path(d) / (tag or "this"), env, args.gpu)
             rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
             for model in args.models.split(","):
                 runs = [(m, t) for m in modes for t in (("",) if m == "local" else checkouts)]
