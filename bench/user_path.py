@@ -102,15 +102,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 # ---- the driver ----
 
 
-def up(checkout: Path, tmp: Path, env: dict[str, str], gpu: bool) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """`gpupool up` of `checkout` (its .venv's) with one fake GPU (`gpu`: the host's GPUs, its default where torch
-    sees one) on free loopback ports; returns it and the variables its "Use it:" lines export."""
+def up(
+    gpupool: list[str], tmp: Path, env: dict[str, str] | None = None, gpu: bool = False, cwd: Path | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """`gpupool up` (`gpupool`: the command that runs gpupool's CLI) with one fake GPU (`gpu`: the host's GPUs, its
+    default where torch sees one) on free loopback ports, its state and log in `tmp`; returns it and the variables
+    its "Use it:" lines export. bench/sentiment_clients.py's pool too."""
     log = tmp / "up.log"
-    cmd = [str(checkout / ".venv" / "bin" / "gpupool"), "up", *([] if gpu else ["--fake-gpus", "1"]),
-           "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--metrics-listen", "0",
-           "--scheduler-metrics-listen", "0", "--state", str(tmp / "scheduler.db")]  # fmt: skip
+    cmd = [*gpupool, "up", *([] if gpu else ["--fake-gpus", "1"]), "--scheduler-listen", "127.0.0.1:0", "--listen",
+           "127.0.0.1:0", "--metrics-listen", "0", "--scheduler-metrics-listen", "0", "--state",
+           str(tmp / "scheduler.db")]  # fmt: skip
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd or tmp, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         got = dict(EXPORT_RE.findall(log.read_text()))
@@ -118,7 +121,7 @@ def up(checkout: Path, tmp: Path, env: dict[str, str], gpu: bool) -> tuple[subpr
             return proc, got
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"{checkout}: gpupool up did not come up:\n{log.read_text()[-4000:]}")
+    raise SystemExit(f"{' '.join(gpupool)}: gpupool up did not come up:\n{log.read_text()[-4000:]}")
 
 
 def measure(
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for tag, checkout in checkouts.items():
                 (Path(d) / (tag or "this")).mkdir()
-                pools[tag] = up(checkout, Path(d) / (tag or "this"), env, args.gpu)
+                pools[tag] = up([str(checkout / ".venv" / "bin" / "gpupool")], Path(d) / (tag or "this"), env, args.gpu)
             rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
             for model in args.models.split(","):
                 runs = [(m, t) for m in modes for t in (("",) if m == "local" else checkouts)]
