@@ -19,36 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from user_path import up
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sentiment" / "sample" / "aclImdb_sample.tar.xz"
-EXPORT_RE = re.compile(r"export (GPUPOOL_\w+)=(\S+)")
 MODES = {"local": None, "shim": ("--client", "shim"), "native": ("--native-client",)}
-
-
-def _up(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    log = tmp / "up.log"
-    cmd = [sys.executable, "-m", "gpupool.cli", "up", "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
-           "--metrics-listen", "0", "--scheduler-metrics-listen", "0", "--state", str(tmp / "scheduler.db"),
-           "--fake-gpus", "1"]  # fmt: skip
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        env = dict(EXPORT_RE.findall(log.read_text()))
-        if "GPUPOOL_SCHEDULER" in env:
-            return proc, env
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"gpupool up did not come up:\n{log.read_text()}")
 
 
 def _run(mode: str, tmp: Path, env: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
@@ -78,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="sentiment-clients-") as d:
         tmp = Path(d)
-        proc, pool = _up(tmp)
+        proc, pool = up([sys.executable, "-m", "gpupool.cli"], tmp, cwd=ROOT)
         env = {**os.environ, **pool, "PYTHONPATH": str(ROOT)}
         for k in ("GPUPOOL_LEASE", "GPUPOOL_CLIENT", "GPUPOOL_CUDA"):
             env.pop(k, None)
