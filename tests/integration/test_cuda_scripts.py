@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -137,12 +138,14 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     """`gpupool run --cuda -n 2 -- torchrun --nproc-per-node 2 ddp_torchrun.py`: nccl is the gpupool backend (while
     get_backend() says nccl), cuda:LOCAL_RANK is each rank's own leased device; losses and the trained weights equal
     the same script under torchrun on the CPU with gloo (2 processes, the same DistributedSampler shards)."""
-    pooled = run(
-        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--",
-         *torchrun("ddp_torchrun.py", 2)],
-        clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
-    local = torchrun_on_cpu("ddp_torchrun.py", 2)
+    with ThreadPoolExecutor(1) as beside:  # the CPU reference runs beside the pooled run
+        cpu = beside.submit(torchrun_on_cpu, "ddp_torchrun.py", 2)
+        pooled = run(
+            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--",
+             *torchrun("ddp_torchrun.py", 2)],
+            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+        local = cpu.result()
     losses, reference = values(LOSS.findall(pooled.stdout)), values(LOSS.findall(local.stdout))
     assert len(losses) == 8 and len(reference) == 8, pooled.stdout + local.stdout
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
@@ -335,12 +338,14 @@ def test_spawned_ddp_script_with_nccl_and_a_snapshot_gives_the_cpu_losses(pool: 
         return "".join(run([*cmd, str(epochs), free_port(), str(snapshot)], env).stdout for epochs in (1, 2))
 
     script = [sys.executable, "ddp_spawn.py"]
-    pooled = twice(
-        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--", *script],
-        clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
-        tmp_path / "pool.pt",
-    )
-    local = twice(script, cpu_env(OMP_NUM_THREADS="1"), tmp_path / "cpu.pt")
+    with ThreadPoolExecutor(1) as beside:  # the CPU's two runs beside the pool's two
+        cpu = beside.submit(twice, script, cpu_env(OMP_NUM_THREADS="1"), tmp_path / "cpu.pt")
+        pooled = twice(
+            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--", *script],
+            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+            tmp_path / "pool.pt",
+        )
+        local = cpu.result()
     losses, reference = values(LOSS.findall(pooled)), values(LOSS.findall(local))
     assert len(losses) == 8 and len(reference) == 8, pooled + local  # 4 steps, then the resumed epoch's 4
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)

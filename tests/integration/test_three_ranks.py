@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,23 @@ def three_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         yield env
 
 
+def _base_env() -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return base
+
+
+@pytest.fixture(scope="module")
+def cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[dict[int, dict[str, Any]]]]:
+    """The gloo reference, once for the module (the script is seeded and has no gpupool in it: both clients' runs
+    compare with the same results), made in a thread while the pool comes up (`three_gpu_pool` after this one)."""
+    folder = tmp_path_factory.mktemp("three-gloo")
+    script = folder / "three.py"
+    script.write_text(SCRIPT)
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(_reference, script, _base_env(), folder)
+
+
 def _ranks(
     cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = RUN_TIMEOUT, label: str = ""
 ) -> dict[int, dict[str, Any]]:
@@ -235,15 +253,13 @@ def _torchrun(script: Path, *args: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("client", ["native", "shim"])
 def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
-    three_gpu_pool: dict[str, str], tmp_path: Path, client: str
+    cpu: Future[dict[int, dict[str, Any]]], three_gpu_pool: dict[str, str], tmp_path: Path, client: str
 ) -> None:
     if client == "native" and (why := compiler_missing()) is not None:
         pytest.skip(f"native client: {why}")
     script = tmp_path / "three.py"
     script.write_text(SCRIPT)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
-    base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cpu = _reference(script, base, tmp_path)
+    base = _base_env()
     names = SAME + ",p2p_refused,after"
     pool = _ranks(
         [
@@ -261,10 +277,11 @@ def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
         {**base, **three_gpu_pool},
         tmp_path,
     )
-    assert sorted(cpu) == sorted(pool) == [0, 1, 2], (cpu, pool)
+    reference = cpu.result()
+    assert sorted(reference) == sorted(pool) == [0, 1, 2], (reference, pool)
     for rank in range(3):
         for name in SAME.split(","):
-            assert pool[rank][name] == cpu[rank][name], (rank, name, pool[rank][name], cpu[rank][name])
+            assert pool[rank][name] == reference[rank][name], (rank, name, pool[rank][name], reference[rank][name])
         # a subgroup's collectives run among its members since round 45 (`subgroup` above, as gloo's: until then one
         # FailedPrecondition on both members, "a second gpupool process group"); the rank outside it goes on
         # send/recv at three ranks run over the daemons' rank-to-rank links since round 44 (`ring`, `pipeline`,
