@@ -7,7 +7,8 @@ eager calls with dropout inside a learned run, in the native runner's C++ (nativ
 aten ops, the same bits). This counts each alone, in-process under callgrind (its instrumentation on only around
 --calls calls, one dump each): the forward that keeps its softmax and mask, and the backward from them, at the
 encoder's shapes by default (batch 4, 4 heads, 16 tokens, head size 8: query, key and value as views of one packed
-projection, as the encoders make them), dropout 0.1, one torch thread. `python` is the Python composition's call;
+projection, as the encoders make them), dropout 0.1, one torch thread. `--p 0`: the calls without dropout (eval
+mode, encoder-nodrop: the CPU flash kernels' path, in C++ since round 46). `python` is the Python composition's call;
 `native` the C++ one's through its test binding (`attention_forward`/`attention_backward`: a pybind call's
 argument conversion on top of what the runner's own call takes, which reads its arguments off its stack).
 `--against DIR` counts DIR's Python composition too (its python: --against-python).

@@ -54,9 +54,13 @@ state, so the composition is two operators of its own (`_LIBRARY`): a traced gra
 the TorchScript interpreter calls back. An eager call on a fake GPU calls the composition's function directly, forward
 and backward (the library op's dispatch into Python and back cost ~20 us a backward). Inside a learned run the
 native runner runs the eager calls with dropout (`_dropout_forward_saving`, `_dropout_backward` from saved scores)
-in C++ (server/native_runner.cpp `attn::run`, round 45): the same aten ops in the same order, so the same bits and
-draws; it declines every other call, and every one the checks here refuse, to the Python functions here. A change to
-either composition must be made in both (tests/unit/test_server_attention_native.py compares them).
+in C++ (server/native_runner.cpp `attn::run`, round 45), and since round 46 those without dropout too (`forward` and
+`backward`'s kernel paths: the CPU flash kernels, CUDA's mem-efficient ones; `attn::forward_kernels`,
+`attn::backward_kernels`): the same aten ops in the same order, so the same bits and draws; it declines every other
+call (the math composition, a bias's gradient, a backward from a state alone, float64 without dropout), and every one
+the checks here refuse, to the Python functions here. A change to any of these compositions, to `choose_kernel`,
+`_efficient_ok`, `_cuda_bias`, `_dense_or_copy`, `_like` or the checks must be made in both places
+(tests/unit/test_server_attention_native.py compares them).
 
 Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`), which the clients' output tensors
 already carry.

@@ -881,17 +881,22 @@ PyObject* S_flops;
 PyObject* S_native;
 PyObject* S_whole;  // `opargs.WHOLE`
 
-// ==== The fused attention's eager dropout compositions in C++ (round 45) ==========================================
+// ==== The fused attention's eager compositions in C++ (rounds 45, 46) ==============================================
 // server/attention.py runs `aten::_scaled_dot_product_fused_attention_overrideable` and its backward as Python
-// compositions on every device (no kernel of the overrideable backend exists on the daemon's): ~40 aten calls a
-// call through torch's Python bindings. A learned run's step of either (`Plan::attention`, set by
+// compositions on every device (no kernel of the overrideable backend exists on the daemon's): ~10-40 aten calls a
+// call through torch's Python bindings. A learned run's step of either (`Plan::in_cpp`, set by
 // native_runner.py `_compile`) runs here the eager calls with dropout that the encoders make: the forward that keeps
 // its softmax and mask (`_dropout_forward_saving`) and the backward from them (`_dropout_backward` with
 // `_saved_scores`), the same aten ops on the same operands in the same order, so the same bits, the same draws from
-// the session's generator and the same generator state after. Anything else -- no dropout, a bias's gradient, a
-// backward whose philox_seed holds the state alone (a graph's forward), empty tensors, another device type, and
-// every input `check_forward` / `check_backward` refuse -- is declined before any side effect, and the Python run
-// takes the record (`call_py`): its rules and its error messages stay the only ones.
+// the session's generator and the same generator state after; and (round 46) the calls without dropout that
+// eval-mode inference and models without attention dropout make: `forward`'s and `backward`'s kernel paths (a fake
+// GPU's CPU flash kernels, a CUDA device's mem-efficient ones; `forward_kernels`, `backward_kernels`). Anything else
+// -- the math composition (unequal head sizes, empty tensors, the efficient kernel's constraints or its own refusal),
+// float64 without dropout, a bias's gradient, a backward whose philox_seed holds the state alone (a graph's
+// forward), another device type, and every input `check_forward` / `check_backward` refuse -- is declined before
+// any side effect, and the Python run takes the record (`call_py`): its rules and its error messages stay the only
+// ones. A change to the Python compositions (or their checks) must be made here too, and the other way round
+// (tests/unit/test_server_attention_native.py compares them).
 namespace attn {
 
 int64_t native_calls = 0;  // calls run here (tests: `attention_calls`)
@@ -1021,10 +1026,10 @@ Sizes saved_sizes(const at::Tensor& q, const at::Tensor& k) {
 
 int64_t state_bytes(const at::Device& d) { return d.is_cuda() ? CUDA_STATE_BYTES : CPU_STATE_BYTES; }
 
-// `check_forward`'s rules as a yes: true where it passes them and the call is one this code runs (dropout in (0, 1),
-// non-empty tensors on one CPU or CUDA device, strided); false: the Python run takes the call (and raises)
-bool fits_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, double p,
-                  std::optional<double> scale, bool debug) {
+// `check_forward`'s rules as a yes, dropout_p aside: true where it passes them and the call is one this code runs
+// (non-empty tensors on one CPU or CUDA device, strided); false: the Python run takes the call (and raises)
+bool fits_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                 std::optional<double> scale, bool debug) {
   if (!q.defined() || !k.defined() || !v.defined()) return false;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;
   const at::ScalarType dtype = q.scalar_type();
@@ -1033,7 +1038,7 @@ bool fits_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     return false;
   }
   if (k.size(2) != v.size(2) || k.size(3) != q.size(3)) return false;
-  if (!(p > 0.0 && p < 1.0) || debug) return false;
+  if (debug) return false;
   if (scale && !std::isfinite(*scale)) return false;
   const at::Device dev = q.device();
   if (!(dev.is_cpu() || dev.is_cuda()) || k.device() != dev || v.device() != dev) return false;
@@ -1054,6 +1059,12 @@ bool fits_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     }
   }
   return true;
+}
+
+// the dropout composition's calls: dropout_p in (0, 1)
+bool fits_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, double p,
+                  std::optional<double> scale, bool debug) {
+  return p > 0.0 && p < 1.0 && fits_inputs(q, k, v, bias, scale, debug);
 }
 
 // attention.py `_float_bias`: a bool mask as 0 / -inf in `dtype`
@@ -1146,6 +1157,24 @@ struct Backward {
   at::Tensor gq, gk, gv, gb;
 };
 
+// `check_backward`'s rules of grad_out, out, logsumexp and grad_input_mask as a yes (after `fits_inputs`), with
+// each tensor strided on the query's device
+bool fits_backward(const at::Tensor& grad, const at::Tensor& query, const at::Tensor& value, const at::Tensor& out,
+                   const at::Tensor& logsumexp, const std::vector<bool>& grad_mask) {
+  const at::Device dev = query.device();
+  const std::vector<int64_t> shape = {query.size(0), query.size(1), query.size(2), value.size(3)};
+  for (const at::Tensor* t : {&grad, &out}) {
+    if (!t->defined() || t->sizes() != at::IntArrayRef(shape) || t->scalar_type() != query.scalar_type()) return false;
+    if (t->device() != dev || t->layout() != at::kStrided || t->is_conj() || t->is_neg()) return false;
+  }
+  if (!logsumexp.defined() || logsumexp.sizes() != at::IntArrayRef(shape.data(), 3) ||
+      logsumexp.scalar_type() != at::kFloat) {
+    return false;
+  }
+  if (logsumexp.device() != dev || logsumexp.layout() != at::kStrided || logsumexp.is_neg()) return false;
+  return grad_mask.size() == 4;
+}
+
 // `backward(EAGER, None, ...)` with dropout from an eager forward's kept softmax and mask (`_dropout_backward`,
 // `_saved_scores` not None), no bias's gradient asked; nullopt where it is not this code's call
 std::optional<Backward> backward(const at::Tensor& grad, const at::Tensor& query, const at::Tensor& key,
@@ -1153,17 +1182,8 @@ std::optional<Backward> backward(const at::Tensor& grad, const at::Tensor& query
                                  const at::Tensor& out, const at::Tensor& logsumexp, double p, bool causal,
                                  const at::Tensor& seed, std::optional<double> scale) {
   if (!fits_forward(query, key, value, bias, p, scale, false)) return std::nullopt;
+  if (!fits_backward(grad, query, value, out, logsumexp, grad_mask)) return std::nullopt;
   const at::Device dev = query.device();
-  const std::vector<int64_t> shape = {query.size(0), query.size(1), query.size(2), value.size(3)};
-  for (const at::Tensor* t : {&grad, &out}) {
-    if (!t->defined() || t->sizes() != at::IntArrayRef(shape) || t->scalar_type() != query.scalar_type()) return std::nullopt;
-    if (t->device() != dev || t->layout() != at::kStrided || t->is_conj() || t->is_neg()) return std::nullopt;
-  }
-  if (!logsumexp.defined() || logsumexp.sizes() != at::IntArrayRef(shape.data(), 3) ||
-      logsumexp.scalar_type() != at::kFloat) {
-    return std::nullopt;
-  }
-  if (grad_mask.size() != 4) return std::nullopt;
   if (grad_mask[3] && bias.defined() && at::isFloatingType(bias.scalar_type())) return std::nullopt;  // a bias's grad
   if (!seed.defined() || seed.dim() != 0 || seed.scalar_type() != at::kLong || seed.device() != dev) return std::nullopt;
   // `_saved_scores`
@@ -1222,6 +1242,181 @@ std::optional<Backward> backward(const at::Tensor& grad, const at::Tensor& query
   }
   if (bias.defined()) r.gb = at::zeros_like(bias);  // `_bias_grad(bias, None)`
   return r;
+}
+
+// ---- no dropout (round 46): the kernels' path of `forward` and `backward` (`kernel` None, dropout_p 0) ----
+
+// attention.py `_kernel_layout`
+bool kernel_layout(const at::Tensor& t) { return dense(t) && (t.stride(-1) == 1 || t.size(-1) <= 1); }
+
+// attention.py `_dense_or_copy` (`aten::contiguous`)
+at::Tensor dense_or_copy(const at::Tensor& t) { return kernel_layout(t) ? t : t.contiguous(); }
+
+// an optional tensor argument as the Python binding makes it from a tensor or None
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  if (!t.defined()) return std::nullopt;
+  return t;
+}
+
+// attention.py `_four_d`: a mask of 2 or 3 dims as a 4-D view
+at::Tensor four_d(at::Tensor bias) {
+  while (bias.defined() && bias.dim() < 4) bias = bias.unsqueeze(0);
+  return bias;
+}
+
+// attention.py `_efficient_ok` (after `_dense_or_copy`); `major`: the CUDA device's compute capability's major
+// (`torch.cuda.get_device_capability`, `cuda_major`)
+bool efficient_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, int major) {
+  const at::ScalarType dtype = q.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  const int64_t align = dtype == at::kFloat ? 4 : 8;
+  if (q.size(-1) % align || v.size(-1) % align) return false;
+  if (q.stride(-1) != 1 || k.stride(-1) != 1 || v.stride(-1) != 1 || q.size(2) == 0 || k.size(2) == 0) return false;
+  if (bias.defined() && bias.scalar_type() != dtype && bias.scalar_type() != at::kBool) return false;
+  return !(major < 5 || (dtype == at::kBFloat16 && major < 8));
+}
+
+// attention.py `_cuda_bias`: float, expanded to the scores' shape, its last dim's storage padded to 16 elements
+at::Tensor cuda_bias(const at::Tensor& bias, const at::Tensor& q, const at::Tensor& k) {
+  const at::Tensor fb = float_bias(bias, q.scalar_type());
+  if (!fb.defined()) return fb;
+  const std::vector<int64_t> shape = {q.size(0), q.size(1), q.size(2), k.size(2)};
+  const int64_t s = shape[3];
+  if (s % 16) {
+    at::Tensor padded = at::zeros({shape[0], shape[1], shape[2], s + 16 - s % 16}, fb.options());
+    padded.slice(-1, 0, s).copy_(fb.expand(shape));
+    return padded.slice(-1, 0, s);
+  }
+  return fb.expand(shape);
+}
+
+// A CUDA device's compute capability's major, read once a device through Python (the GIL held); -1 where reading it
+// raised (the call is declined)
+int cuda_major(const at::Tensor& q) {
+  static std::vector<int> majors;  // by device index, 0: not read yet
+  if (!q.defined() || !q.is_cuda()) return 0;
+  const int index = q.device().index();
+  if (index < 0 || index > 1024) return -1;
+  if (static_cast<size_t>(index) < majors.size() && majors[index] != 0) return majors[index];
+  int major = -1;
+  try {
+    py::object got = py::module_::import("torch.cuda").attr("get_device_capability")(index);
+    major = py::cast<int>(got.cast<py::tuple>()[0]);
+  } catch (py::error_already_set&) {
+    return -1;  // (the error is dropped with it: the Python run reads it again and raises its own)
+  } catch (py::cast_error&) {
+    return -1;
+  }
+  if (major <= 0) return -1;
+  if (majors.size() <= static_cast<size_t>(index)) majors.resize(index + 1, 0);
+  majors[index] = major;
+  return major;
+}
+
+// `forward(EAGER, None, ...)` without dropout: a fake GPU's CPU flash kernel, a CUDA device's mem-efficient one;
+// nullopt where it is not this code's call (float64, the math composition: empty tensors, unequal head sizes, the
+// efficient kernel's constraints or its own refusal) -- nothing it ran is seen (no generator, no session state)
+std::optional<Forward> forward_kernels(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                       const at::Tensor& attn_bias, bool causal, bool debug,
+                                       std::optional<double> scale, int major) {
+  if (!fits_inputs(query, key, value, attn_bias, scale, debug) || query.scalar_type() == at::kDouble) {
+    return std::nullopt;  // (float64 without dropout: `check_forward` refuses it)
+  }
+  const at::Device dev = query.device();
+  const at::Tensor q = dense_or_copy(query), k = dense_or_copy(key), v = dense_or_copy(value);
+  const at::Tensor bias = four_d(attn_bias);
+  const int64_t length = q.size(2), source = k.size(2);
+  // `choose_kernel` (q, k, v non-empty: `fits_inputs`)
+  at::Tensor out, lse;
+  if (dev.is_cpu()) {
+    if (v.size(3) != q.size(3)) return std::nullopt;  // the math composition
+    const at::Tensor mask = float_bias(bias, q.scalar_type());
+    std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, opt(mask), scale);
+  } else {
+    if (!efficient_ok(q, k, v, bias, major)) return std::nullopt;  // the math composition
+    try {
+      auto got = at::_scaled_dot_product_efficient_attention(q, k, v, opt(cuda_bias(bias, q, k)), true, 0.0, causal,
+                                                        scale);
+      out = std::get<0>(got);
+      lse = std::get<1>(got).slice(-1, 0, length);
+    } catch (const c10::Error&) {
+      return std::nullopt;  // a constraint not checked above: the Python run's math composition on the same GPU
+    }
+  }
+  Forward f;
+  f.seed = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(dev));
+  f.offset = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(dev));
+  f.lse = lse.contiguous();
+  f.out = matching_layout(query, out);
+  f.length = length;
+  f.source = source;
+  return f;
+}
+
+// `backward(EAGER, None, ...)` without dropout: the CPU flash kernel's backward, the mem-efficient one's; nullopt
+// where it is not this code's call (float64, a bias's gradient, the math composition, the kernel's own refusal)
+std::optional<Backward> backward_kernels(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                         const at::Tensor& value, const at::Tensor& attn_bias,
+                                         const std::vector<bool>& grad_mask, const at::Tensor& out_,
+                                         const at::Tensor& logsumexp, bool causal, std::optional<double> scale,
+                                         int major) {
+  if (!fits_inputs(query, key, value, attn_bias, scale, false) || query.scalar_type() == at::kDouble) {
+    return std::nullopt;
+  }
+  if (!fits_backward(grad_out, query, value, out_, logsumexp, grad_mask)) return std::nullopt;
+  if (grad_mask[3] && attn_bias.defined() && at::isFloatingType(attn_bias.scalar_type())) return std::nullopt;
+  const at::Device dev = query.device();
+  const at::Tensor q = dense_or_copy(query), k = dense_or_copy(key), v = dense_or_copy(value);
+  const at::Tensor grad = dense_or_copy(grad_out), out = dense_or_copy(out_);
+  const at::Tensor lse = dense_or_copy(logsumexp);
+  const at::Tensor bias = four_d(attn_bias);
+  // `backward_kernel`
+  at::Tensor gq, gk, gv;
+  if (dev.is_cpu()) {
+    if (v.size(3) != q.size(3)) return std::nullopt;
+    const at::Tensor mask = float_bias(bias, q.scalar_type());
+    std::tie(gq, gk, gv) =
+        at::_scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, causal, opt(mask),
+                                                                 scale);
+  } else {
+    if (!efficient_ok(q, k, v, bias, major)) return std::nullopt;
+    try {
+      const int64_t length = q.size(2);
+      at::Tensor padded = at::zeros({lse.size(0), lse.size(1), (length + 31) / 32 * 32},
+                                    at::TensorOptions().dtype(at::kFloat).device(dev));
+      padded.slice(-1, 0, length).copy_(lse);
+      const at::Tensor seed = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(dev));
+      auto got = at::_scaled_dot_product_efficient_attention_backward(
+          grad, q, k, v, cuda_bias(bias, q, k), out, padded, seed, seed, 0.0, {true, true, true, false}, causal, scale);
+      gq = std::get<0>(got);
+      gk = std::get<1>(got);
+      gv = std::get<2>(got);
+    } catch (const c10::Error&) {
+      return std::nullopt;
+    }
+  }
+  Backward r;
+  r.gq = like(query, gq);
+  r.gk = like(key, gk);
+  r.gv = like(value, gv);
+  if (attn_bias.defined()) r.gb = at::zeros_like(attn_bias);  // `_bias_grad(bias, None)`
+  return r;
+}
+
+// A forward or backward call of either path, by dropout_p (the GIL released; `major`: `cuda_major`'s, read before)
+std::optional<Forward> forward_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& bias, double p, bool causal, bool debug,
+                                    std::optional<double> scale, int major) {
+  if (p == 0.0) return forward_kernels(q, k, v, bias, causal, debug, scale, major);
+  return forward(q, k, v, bias, p, causal, debug, scale);
+}
+
+std::optional<Backward> backward_call(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& bias, const std::vector<bool>& grad_mask,
+                                      const at::Tensor& out, const at::Tensor& lse, double p, bool causal,
+                                      const at::Tensor& seed, std::optional<double> scale, int major) {
+  if (p == 0.0) return backward_kernels(grad, q, k, v, bias, grad_mask, out, lse, causal, scale, major);
+  return backward(grad, q, k, v, bias, grad_mask, out, lse, p, causal, seed, scale);
 }
 
 PyObject* wrap_or_none(at::Tensor t) {
@@ -1319,9 +1514,10 @@ __attribute__((noinline)) PyObject* run(int which, torch::jit::Stack& st, bool* 
       return nullptr;
     }
     std::optional<Forward> f;
+    const int major = p == 0.0 ? cuda_major(q) : 0;
     {
       py::gil_scoped_release nogil;
-      f = forward(q, k, v, bias, p, causal, debug, scale);
+      f = forward_call(q, k, v, bias, p, causal, debug, scale, major);
     }
     if (!f) return nullptr;
     *declined = false;
@@ -1344,9 +1540,10 @@ __attribute__((noinline)) PyObject* run(int which, torch::jit::Stack& st, bool* 
     std::vector<bool> mask;
     for (bool m : st[5].toBoolList()) mask.push_back(m);
     std::optional<Backward> r;
+    const int major = p == 0.0 ? cuda_major(q) : 0;
     {
       py::gil_scoped_release nogil;
-      r = backward(grad, q, k, v, bias, mask, out, lse, p, causal, seed, scale);
+      r = backward_call(grad, q, k, v, bias, mask, out, lse, p, causal, seed, scale, major);
     }
     if (!r) return nullptr;
     *declined = false;
@@ -4229,9 +4426,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 const std::optional<at::Tensor>& bias, double p, bool causal, bool debug,
                                 std::optional<double> scale) -> py::object {
     std::optional<attn::Forward> f;
+    const int major = p == 0.0 ? attn::cuda_major(q) : 0;
     {
       py::gil_scoped_release nogil;
-      f = attn::forward(q, k, v, bias ? *bias : at::Tensor(), p, causal, debug, scale);
+      f = attn::forward_call(q, k, v, bias ? *bias : at::Tensor(), p, causal, debug, scale, major);
     }
     if (!f) return py::none();
     PyObject* got = attn::forward_tuple(std::move(*f));
@@ -4245,10 +4443,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                  const at::Tensor& logsumexp, double p, bool causal, const at::Tensor& seed,
                                  std::optional<double> scale) -> py::object {
     std::optional<attn::Backward> r;
+    const int major = p == 0.0 ? attn::cuda_major(q) : 0;
     {
       py::gil_scoped_release nogil;
-      r = attn::backward(grad, q, k, v, bias ? *bias : at::Tensor(), grad_input_mask, out, logsumexp, p, causal, seed,
-                         scale);
+      r = attn::backward_call(grad, q, k, v, bias ? *bias : at::Tensor(), grad_input_mask, out, logsumexp, p, causal,
+                              seed, scale, major);
     }
     if (!r) return py::none();
     PyObject* got = attn::backward_tuple(std::move(*r));

@@ -165,6 +165,37 @@ def test_the_encoders_graph_is_local_cpus(dev: torch.device) -> None:
     assert log.ops.count(FUSED) == 2
 
 
+def test_an_eager_encoder_without_dropout_trains_to_local_cpus_losses(dev: torch.device) -> None:
+    """launch_bound.py's `encoder-nodrop` (train mode, dropout 0: each layer's attention one fused call without dropout,
+    and its backward), eager steps of Adam through a real daemon: from the third step the worker's learned runs take
+    them, whose attention calls the native runner runs in C++ (server/native_runner.cpp `attn::forward_kernels`,
+    `backward_kernels`, round 46; the Python composition before): local CPU's losses and weights."""
+    import copy
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from launch_bound import workload
+
+    base, data, loss_fn = workload("encoder-nodrop")
+    got = {}
+    for where in (torch.device("cpu"), dev):
+        model = copy.deepcopy(base).to(where)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        losses = []
+        for i in range(8):
+            x, y = data[i % len(data)]
+            opt.zero_grad()
+            loss = loss_fn(model(x.to(where)), y.to(where))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        got[where.type] = (losses, [p.detach().cpu() for p in model.parameters()])
+    (local, local_params), (remote, remote_params) = got.values()
+    assert len(set(remote)) == len(remote)  # it trains
+    assert max(abs(a - b) for a, b in zip(local, remote, strict=True)) <= 1e-6, (local, remote)
+    for a, b in zip(local_params, remote_params, strict=True):
+        assert (a - b).abs().max().item() <= 1e-4
+
+
 # ---- hostile arguments, straight to a real daemon ----
 
 
