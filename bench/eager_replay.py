@@ -196,6 +196,8 @@ def replay(
         "bare": min(res["bare"]),
         "replay": min(res["replay"]),
         "median_ratio": statistics.median(res["replay"]) / statistics.median(res["bare"]),
+        "bare_median": statistics.median(res["bare"]),  # (bench/over_kernels.py)
+        "replay_median": statistics.median(res["replay"]),
         "in_runs": res["hits"][0] / d["ops"] if "hits" in res else 0.0,  # eager records run inside a learned run
     }
 
