@@ -76,6 +76,12 @@ def conv_layout_for(on: bool) -> Iterator[None]:
         _thread.on = before
 
 
+def own_conv_layout(on: bool) -> None:
+    """The daemon's side, in a session's own worker process: this thread runs that one session's slices from now on
+    (`conv_layout_for` without a context manager a slice: server/worker.py `_SessionState.run_owned`)."""
+    _thread.on = on
+
+
 def decide_conv_layout(offered: bool) -> bool:
     """The client's side, at each attach: its first session's daemon decides for the process (`offered`: it names the
     feature); returns the process's choice. The clients' meta-inference caches hold layouts, so it never changes."""
