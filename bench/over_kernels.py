@@ -244,6 +244,7 @@ def _instr_side(
     replay_file(recording, r["marks"], r["steps"], replay_json)
     k = eager_replay._instructions(python, Path(cwd) / "bench", str(replay_json), str(tmp), 128, [])
     r["kernels"] = k["bare"] / k["ops"]
+    r["ops"] = k["ops"]  # per step (daemon_ab.py's counts are per op already)
     r["worker over"] = r["worker"] - r["kernels"]
     r["over"] = r["front"] + r["worker"] - r["kernels"]
     # the kernels as the worker's C++ runner calls them (daemon_ab.py's `call_op`, `call_py`, `call_cpp`: the
