@@ -8,7 +8,8 @@ lands in the timed blocks). Then:
 
 - `daemon`: the daemon's CPU time per op over the timed blocks, every process and thread that works for the ops (the
   front: gRPC, the stream or side-socket reader, the device's thread; the zygote; the session's worker), as
-  launch_bound's daemon column, kernels included;
+  launch_bound's daemon column, kernels included, but read from each thread's schedstat (nanoseconds; launch_bound's
+  clock ticks are ~12 us an op over a run's ~800 ops);
 - `kernels`: the same ops' kernels run bare, in-process, with the arguments the worker gave them (eager_replay.py's
   `bare`: the recorded batches of the timed blocks replayed through `slices.run_commands` once to catch each kernel
   call, then those calls made again, one after the other, from Python). A bare call pays torch's Python binding of
@@ -113,16 +114,31 @@ def _client(argv: list[str]) -> int:
 
     args = lb.worker_args(argv)
     marks: list[int] = []
-    tree_cpu = lb._tree_cpu
 
     def marked(pid: int) -> float:  # called at each block's start and end
         marks.append(native_ops())
-        return float(tree_cpu(pid))
+        return tree_cpu(pid)
 
     lb._tree_cpu = marked
     out = lb.worker(args)
     print(json.dumps({**out, "marks": [marks[0], marks[-1]], "steps": args.blocks * args.steps}))
     return 0
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of the process `pid` and its descendants, every thread alive now, in nanoseconds' resolution
+    (each task's schedstat: launch_bound's `_tree_cpu` reads clock ticks, 10 ms, ~12 us an op over a run of ~800
+    ops)."""
+    from daemon_ab import _tree
+
+    total = 0
+    for proc in _tree(pid):
+        try:
+            for task in os.listdir(f"/proc/{proc}/task"):
+                total += int(Path(f"/proc/{proc}/task/{task}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
 
 
 def read_recording(path: Path) -> list[tuple[int, bytes]]:
