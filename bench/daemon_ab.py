@@ -89,9 +89,14 @@ def _client(argv: list[str]) -> int:
     counted = "--counted" in argv
     args = lb.worker_args([a for a in argv if a != "--counted"])
     pids: list[int] = []
+    marks: list[int] = []
 
     def first_block(pid: int) -> float:  # called at every block's start and end: the first call starts counting
         if not pids:
+            if args.mode == "native":
+                from over_kernels import native_ops
+
+                marks.append(native_ops())
             pids.extend(_tree(pid))
             _control(pids, "--zero", "--instr=on")
             if counted:
@@ -107,6 +112,10 @@ def _client(argv: list[str]) -> int:
     attach = Session.attach.__func__  # type: ignore[attr-defined]
     Session.attach = classmethod(lambda cls, *a, timeout=10.0, **kw: attach(cls, *a, timeout=max(timeout, 600.0), **kw))  # type: ignore[method-assign,assignment]
     out = lb.worker(args)
+    if args.mode == "native":  # the C++ client's ops at the counted blocks' start and end (bench/over_kernels.py)
+        from over_kernels import native_ops
+
+        out["marks"] = [marks[0], native_ops()]
     if counted:
         _control([os.getpid()], "--instr=off")
     _control(pids, "--instr=off", "--dump=ab")
@@ -123,6 +132,11 @@ def _serve(argv: list[str]) -> int:
     natively a frame's slice ends well within its 5 ms budget; under valgrind it would end after a command or
     two, and the rest of it would be copied, sent and parsed again for every command (not what runs natively)."""
     from gpupool.server import daemon, zygote
+
+    if os.environ.get("BENCH_RECORD_FRAMES"):  # bench/over_kernels.py --measure instr: the batches the readers queue
+        from over_kernels import record_frames
+
+        record_frames(os.environ["BENCH_RECORD_FRAMES"])
 
     # under valgrind the zygote's start (importing torch, building nothing) is ~50x slower: on a loaded box past
     # the daemon's 120 s
@@ -141,7 +155,9 @@ def _serve(argv: list[str]) -> int:
     return int(cli.main(["serve", *argv]))
 
 
-def _start(python: str, cwd: str, key_file: str, core: int, out_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def _start(
+    python: str, cwd: str, key_file: str, core: int, out_dir: Path, record: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
     from train_overhead import start_listening
 
     exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True, cwd=cwd).strip()
@@ -152,7 +168,8 @@ def _start(python: str, cwd: str, key_file: str, core: int, out_dir: Path) -> tu
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB", "--token-public-keys", key_file,
            "--host-id", "bench", "--seccomp", "off", "--worker-user", "keep"]  # fmt: skip
     cmd += os.environ.get("BENCH_DAEMON_FLAGS", "").split()  # e.g. "--bulk-listen 127.0.0.1:0": frames on the socket
-    return start_listening(cmd, cwd, "gpupool serve under valgrind")
+    env = {"BENCH_RECORD_FRAMES": str(record)} if record is not None else None
+    return start_listening(cmd, cwd, "gpupool serve under valgrind", env)
 
 
 def _total(dump: Path) -> int:
@@ -214,13 +231,15 @@ def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
 
 
 def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, key_file: str, token: Any,
-          tmp: str) -> dict[str, float]:  # fmt: skip
+          tmp: str, record: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """One side's counts per op (eager) or per step (captured): front, worker, kernels (the worker's
-    instructions inside the TorchScript graph's call, captured only) and client (with --with-client)."""
+    instructions inside the TorchScript graph's call, captured only) and client (with --with-client). `record`:
+    the daemon records the batches its readers queue there, and the result holds the client's op `marks` and
+    `steps` (native mode: bench/over_kernels.py)."""
     out_dir = Path(a.profile or tmp) / f"{name}.{model}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    proc, address = _start(python, cwd, key_file, a.daemon_core, out_dir)
+    proc, address = _start(python, cwd, key_file, a.daemon_core, out_dir, record)
     try:
         flags = ["--model", model, "--mode", a.mode, "--steps", str(a.steps), "--blocks", str(a.blocks),
                  "--warmup", str(a.warmup), "--address", address, "--token", token(),
@@ -248,8 +267,10 @@ def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, k
     if a.with_client:
         counts["client"] = _total(out_dir / "client")
     per = r["steps"] if a.mode == "captured" else r["ops"]
-    res = {k: v / per for k, v in counts.items()}
+    res: dict[str, Any] = {k: v / per for k, v in counts.items()}
     res["ops"] = r.get("graph_ops", 0) if a.mode == "captured" else 1
+    if "marks" in r:
+        res.update(marks=r["marks"], steps=r["steps"])
     return res
 
 

@@ -22,7 +22,7 @@ output out as cuDNN does (`conv_output_format`): the clients' meta kernel (below
 (server/guards.py `_convolution`). Both must agree (a view of the output travels as the geometry the client computed),
 so the choice is per session: a client process decides at its first attach (`decide_conv_layout`), a daemon's session
 worker per slice it runs (`conv_layout_for`, a thread's own setting: `--isolation thread` runs several sessions in one
-process).
+process), or once for all where a session's own worker process runs it (`own_conv_layout`, round 46).
 
 `register()` is idempotent; the client (both clients) and the daemon call it at import of the module that runs ops on
 meta tensors.
@@ -74,6 +74,12 @@ def conv_layout_for(on: bool) -> Iterator[None]:
         yield
     finally:
         _thread.on = before
+
+
+def own_conv_layout(on: bool) -> None:
+    """The daemon's side, in a session's own worker process: this thread runs that one session's slices from now on
+    (`conv_layout_for` without a context manager a slice: server/worker.py `_SessionState.run_owned`)."""
+    _thread.on = on
 
 
 def decide_conv_layout(offered: bool) -> bool:
