@@ -32,6 +32,7 @@ from gpupool.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     shown,
 )
@@ -97,7 +98,9 @@ class _AllocationWaiter:
     units: int = 0  # an estimate of the share units it will take (for the tenant's limit)
     done: threading.Event = field(default_factory=threading.Event)
     lease: LeaseRecord | None = None
-    refused: ResourceExhausted | None = None  # room came, but taking it would pass the tenant's limit
+    # room came, but taking it would pass the tenant's limit (ResourceExhausted), or its client certificate was
+    # revoked meanwhile (Unauthenticated: `revoke_certs`)
+    refused: GpupoolError | None = None
     fits: tuple[int, bool] = (-1, False)  # (the pool's epoch, `placement.could_fit` then)
     cert: str = ""  # the client certificate it is asked with (`LeaseRecord.cert`)
 
@@ -188,6 +191,7 @@ class Core:
                 validate(req, self.pool)
                 self._check_lease_count(tenant)
                 self._check_revoked(tenant)
+                self._check_cert(cert)
                 units = req.gpus * min_units(self.pool, req)
                 if not any(self._holds_line(w) for w in self.waiters):
                     grants = place(self.pool, req)
@@ -234,7 +238,8 @@ class Core:
             self.events.allocation("timeout", time.monotonic() - start)
             raise ResourceExhausted(message)
         if waiter.refused is not None:
-            self.events.allocation("exhausted", time.monotonic() - start)
+            if isinstance(waiter.refused, ResourceExhausted):  # (not a revoked certificate's: `_cert_refused`)
+                self.events.allocation("exhausted", time.monotonic() - start)
             raise waiter.refused
         assert waiter.lease is not None
         return waiter.lease
@@ -256,6 +261,11 @@ class Core:
         i = 0
         while i < len(self.waiters):
             head = self.waiters[i]
+            head.refused = self._cert_refused(head.cert)  # (secrev46) revoked while it waited: out of line at once
+            if head.refused is not None:
+                del self.waiters[i]
+                head.done.set()
+                continue
             grants = place(self.pool, head.req)
             if grants is None:
                 if self._holds_line(head):
@@ -273,6 +283,19 @@ class Core:
                 return  # the store refused: the head keeps its place, the next sweep tries again
             del self.waiters[i]
             head.done.set()
+
+    def _cert_refused(self, cert: str) -> Unauthenticated | None:
+        """The refusal of a request whose client certificate (`LeaseRecord.cert`'s fingerprints) is revoked: one that
+        passed the caller's check just before the revocation, or waited in line meanwhile (secrev46: the revocation
+        ended the certificate's leases and gave their room to its waiting request, a lease it did not end)."""
+        if cert and self.certs.holds(cert.split()):
+            return Unauthenticated("the client certificate this lease was asked with was revoked meanwhile")
+        return None
+
+    def _check_cert(self, cert: str) -> None:
+        refused = self._cert_refused(cert)
+        if refused is not None:
+            raise refused
 
     def write(self, change: Change) -> None:
         """One store transaction; a refused write becomes UNAVAILABLE (the caller has changed nothing yet)."""
@@ -462,9 +485,11 @@ class Core:
             raise NotFound(f"unknown lease {shown(lease_id)}")  # another tenant's lease is not even visible
         return lease
 
-    def end(self, leases: Iterable[LeaseRecord], state: LeaseState, change: Change | None = None) -> None:
+    def end(
+        self, leases: Iterable[LeaseRecord], state: LeaseState, change: Change | None = None, serve: bool = True
+    ) -> None:
         """End active leases: persist (with `change`'s hosts, one transaction), then free their capacity, tell
-        their daemons and serve the waiters."""
+        their daemons and serve the waiters (`serve`; the caller does, after it, where it is False)."""
         now = time.time()
         ended = [x for x in leases if x.state == LeaseState.ACTIVE]
         copies = [dataclasses.replace(x, state=state, ended_at=now) for x in ended]
@@ -477,7 +502,7 @@ class Core:
             self.hosts.revoke(lease)
             self._count_revoked(lease)
             self.events.lease_event(state if state != LeaseState.RELEASED else "released")
-        if ended:
+        if ended and serve:
             self.serve_waiters()
 
     def token(self, lease: LeaseRecord, index: int) -> str:
@@ -603,8 +628,8 @@ class Core:
                 )
             hit = set(add)
             bound = [x for x in self.active_leases() if hit.intersection(x.cert_fingerprints)]
-            if bound:
-                self.end(bound, LeaseState.RELEASED, Change(certs=rows, forget_certs=gone))
+            if bound:  # (their room is served to the line below, once the revocation is in: `serve_waiters`)
+                self.end(bound, LeaseState.RELEASED, Change(certs=rows, forget_certs=gone), serve=False)
                 log.warning(
                     "%d lease(s) allocated with the revoked certificate(s) ended: %s",
                     len(bound),
@@ -617,6 +642,8 @@ class Core:
             for fp in gone:
                 del self.cert_rows[fp]
             self.certs.replace(self.cert_rows)
+            if bound or rows:  # (secrev46) until then the ended leases' room went to their certificate's waiters
+                self.serve_waiters()  # and the revoked certificate's waiters are refused now, not at a later sweep
             if rows:
                 self.certs_revoked_at = now
                 log.warning("client certificate(s) revoked: %s", ", ".join(fp[:23] for fp, _, _ in rows[:5]))
