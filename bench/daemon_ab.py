@@ -28,8 +28,8 @@ of record for issue 8's captured target (launch_bound.steady_for_callgrind keeps
 `--mode native` runs launch_bound's `native` worker instead (the C++ client of `gpupool run --native-client`), per
 op as eager. `BENCH_DAEMON_FLAGS` adds flags to both daemons (`"--bulk-listen 127.0.0.1:0"`: frames on the side
 socket, as `gpupool up` runs a daemon). With `BENCH_CG_THREADS=1` callgrind writes a dump a thread
-(`--separate-threads=yes`) and the front is split by thread: `grpc`, gRPC's threads (those that run its C core:
-its pollers, and the stream's handler, which writes a side socket's replies), whose counts grow with the run's wall
+(`--separate-threads=yes`) and the front is split by thread: `grpc`, gRPC's threads (those with 5 % or more of their own
+instructions in its C core, cygrpc: its pollers and handler threads), whose counts grow with the run's wall
 time under valgrind, not only with its ops (round 43); `own`, the daemon's own Python threads (the side socket's
 reader, the device's thread that runs the queued slices, the accept loop, timers). Until round 46 the busiest thread
 was shown as `reader`: on the classifier (40 min under valgrind) that was a gRPC thread, not the frames' reader.
