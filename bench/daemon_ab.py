@@ -28,9 +28,13 @@ of record for issue 8's captured target (launch_bound.steady_for_callgrind keeps
 `--mode native` runs launch_bound's `native` worker instead (the C++ client of `gpupool run --native-client`), per
 op as eager. `BENCH_DAEMON_FLAGS` adds flags to both daemons (`"--bulk-listen 127.0.0.1:0"`: frames on the side
 socket, as `gpupool up` runs a daemon). With `BENCH_CG_THREADS=1` callgrind writes a dump a thread
-(`--separate-threads=yes`) and the front's busiest thread is shown apart as `reader` (the thread that reads the
-frames and, on an idle device, runs their slices): the front's other threads are gRPC's, the side port's accept loop
-and timers, whose counts grow with the run's wall time under valgrind, not with its ops (round 43).
+(`--separate-threads=yes`) and the front is split by thread: `grpc`, gRPC's threads (those with 5 % or more of their own
+instructions in its C core, cygrpc: its pollers and handler threads), whose counts grow with the run's wall
+time under valgrind, not only with its ops (round 43); `own`, the daemon's own Python threads (the side socket's
+reader, the device's thread that runs the queued slices, the accept loop, timers). Until round 46 the busiest thread
+was shown as `reader`: on the classifier (40 min under valgrind) that was a gRPC thread, not the frames' reader.
+A copy counts about one instruction a byte under callgrind (glibc's memcpy of more than a few KiB is `rep movsb`,
+counted an instruction an iteration; natively it moves tens of bytes a cycle): read a front's memcpy as bytes moved.
 
 Eager and native runs also split the worker (round 44, a line below each side's): `outside runner` (the slice's loop
 around the C++ runner), `runner own` (`Ctx::run` less the ops it calls), `call_op` (the ops called as themselves:
@@ -211,15 +215,18 @@ def _inclusive(dump: Path, *symbols: str) -> list[int]:
 def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
     """Instructions of the dumps the client asked for (cg.PID.N; the one at exit is cg.PID): the daemon process
     (front) and its descendants (zygote, session worker), and the worker's inside the TorchScript call."""
-    front = rest = kernels = reader = 0
+    front = rest = kernels = own = grpc = 0
     runner = dict.fromkeys(RUNNER, 0)
     for pid in pids:
         for dump in out_dir.glob(f"cg.{pid}.*"):
             n = _total(dump)
             if pid == daemon_pid:
                 front += n
-                if "-" in dump.name:  # BENCH_CG_THREADS: a dump a thread; the busiest is the frames' reader
-                    reader = max(reader, n)
+                if "-" in dump.name and n:  # BENCH_CG_THREADS: a dump a thread (`_grpc_thread`)
+                    if _grpc_thread(dump):
+                        grpc += n
+                    else:
+                        own += n
             else:
                 rest += n
                 if n:
@@ -227,7 +234,30 @@ def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
                     kernels += kernels_of
                     for key, got in zip(RUNNER, of_runner, strict=True):
                         runner[key] += got
-    return {"front": front, "worker": rest, "kernels": kernels, **({"reader": reader} if reader else {}), **runner}
+    threads = {"grpc": grpc, "own": own} if own or grpc else {}
+    return {"front": front, "worker": rest, "kernels": kernels, **threads, **runner}
+
+
+# A front thread that runs gRPC's C core (its Cython module, where its own instructions lie for a share of them at
+# least GRPC_SHARE): gRPC's pollers and the stream's handler threads. The others are the daemon's own Python
+# threads: the side socket's reader, the device's thread, the timers.
+GRPC_CORE = "cygrpc"
+GRPC_SHARE = 0.05
+
+
+def _grpc_thread(dump: Path) -> bool:
+    """Whether one thread's dump of the front is one of gRPC's threads (`GRPC_CORE`)."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dump)],
+                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    total = core = 0
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) != 3 or not parts[1].startswith("(") or "PROGRAM TOTALS" in parts[2]:
+            continue
+        n = int(parts[0].replace(",", ""))
+        total += n
+        core += n if GRPC_CORE in parts[2] else 0
+    return bool(total) and core >= GRPC_SHARE * total
 
 
 def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, key_file: str, token: Any,
@@ -274,9 +304,9 @@ def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, k
     return res
 
 
-def _parts(mode: str, client: bool, reader: bool = False) -> list[str]:
+def _parts(mode: str, client: bool, threads: bool = False) -> list[str]:
     parts = ["front", "worker"] + (["outside", "kernels"] if mode == "captured" else []) + ["total"]
-    parts = (["reader"] if reader else []) + parts
+    parts = (["grpc", "own"] if threads else []) + parts
     return parts + (["client", "all outside"] if client and mode == "captured" else ["client"] if client else [])
 
 
@@ -294,7 +324,7 @@ def _line(r: dict[str, float], mode: str) -> str:
         if "client" in r:
             r["all outside"] = r["client"] + r["front"] + r["outside"]
     unit = f"instructions per step ({r['ops']:.0f} ops)" if mode == "captured" else "instructions per op"
-    line = "  ".join(f"{k} {r[k] / 1e3:8.1f}k" for k in _parts(mode, "client" in r, "reader" in r)) + f"  {unit}"
+    line = "  ".join(f"{k} {r[k] / 1e3:8.1f}k" for k in _parts(mode, "client" in r, "own" in r)) + f"  {unit}"
     if "runner own" in r:
         line += "\n" + " " * 17 + "worker: " + "  ".join(f"{k} {r[k] / 1e3:.1f}k" for k in SPLIT)
     return line
@@ -353,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model:>10} {name:>4}: " + _line(r, a.mode), flush=True)
     for model in a.models.split(",") if not a.only else ():
         base, this = res[(model, "base")], res[(model, "this")]
-        parts = _parts(a.mode, a.with_client, "reader" in base and "reader" in this)
+        parts = _parts(a.mode, a.with_client, "own" in base and "own" in this)
         parts += [k for k in SPLIT if k in base and k in this]
         ratios = ", ".join(f"{k} {this[k] / base[k]:.3f}" for k in parts if base[k])
         print(f"{model:>10}: this/base {ratios}")
