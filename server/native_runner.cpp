@@ -394,10 +394,15 @@ const c10::DispatchKeySet PLAIN_CPU({c10::DispatchKey::CPU, c10::DispatchKey::AD
 // ~3.6k instructions a view through the dispatcher). Only where the layers above it would add nothing: the
 // Autograd kernel records history only for a tensor that requires grad under grad mode and a tangent only for one
 // with a forward grad, and no thread-local key is included (a Python mode, functionalization) or excludes
-// ADInplaceOrView; anything else goes through the dispatcher as before.
+// ADInplaceOrView; anything else goes through the dispatcher as before. ("No key included" is none beyond the
+// thread's default ones, BackendSelect and ADInplaceOrView, which the local set always includes: until round 46 the
+// test was `included_.empty()`, never true, so every such view went through the dispatcher.)
+int64_t plain_views = 0;  // views made here for a Python run or an op returning its argument (tests: `plain_views`)
 bool views_here(const at::Tensor& v) {
   const auto tls = c10::impl::tls_local_dispatch_key_set();
-  if (!tls.included_.empty() || tls.excluded_.has(c10::DispatchKey::ADInplaceOrView)) return false;
+  if (!(tls.included_ - c10::default_included_set).empty() || tls.excluded_.has(c10::DispatchKey::ADInplaceOrView)) {
+    return false;
+  }
   if (c10::AutogradState::get_tls_state().get_view_replay_enabled()) return false;
   if (!v.unsafeGetTensorImpl()->support_as_strided()) return false;
   if (at::GradMode::is_enabled() && v.requires_grad()) return false;
@@ -445,6 +450,7 @@ at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
     if (direct) return kept_view(v, in);
     if (views_here(v)) {
       at::Tensor t = at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+      ++plain_views;
       using torch::autograd::CreationMeta;
       const CreationMeta meta = c10::InferenceMode::is_enabled() ? CreationMeta::INFERENCE_MODE
                                 : at::GradMode::is_enabled()     ? CreationMeta::DEFAULT
@@ -453,6 +459,22 @@ at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
     }
   }
   return v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
+}
+
+// An external input's dtype, sizes, strides and storage offset those of its plan (`Input`): compared in place,
+// element by element (`IntArrayRef`'s `==` was a call of its own for each of the two lists, ~35 instructions each)
+inline bool same_meta(const at::Tensor& v, const Input& in) {
+  if (v.scalar_type() != in.dtype) return false;
+  const c10::IntArrayRef sizes = v.sizes(), strides = v.strides();
+  const size_t n = in.sizes.size();
+  if (sizes.size() != n || strides.size() != in.strides.size()) return false;
+  for (size_t d = 0; d < n; ++d) {
+    if (sizes[d] != in.sizes[d]) return false;
+  }
+  for (size_t d = 0; d < strides.size(); ++d) {
+    if (strides[d] != in.strides[d]) return false;
+  }
+  return v.storage_offset() == in.storage_offset;
 }
 
 // An output `bind_new` binds (a plain dense tensor of at most MAX_DIMS dimensions); any other goes through
@@ -526,7 +548,14 @@ inline int contains(PyObject* d, PyObject* key) { return PyDict_GET_SIZE(d) == 0
 #endif
 bool known_hash = false;
 
-inline Py_hash_t int_hash(uint64_t v) { return static_cast<Py_hash_t>(v % ((uint64_t{1} << 61) - 1)); }
+// (v mod 2^61 - 1 as a Mersenne reduction: v = hi * 2^61 + lo is hi + lo modulo 2^61 - 1, and hi + lo < 2 * (2^61 - 1)
+// + 1; a 64-bit `%` by the constant was ~25 instructions, ~3 such hashes an op)
+inline Py_hash_t int_hash(uint64_t v) {
+  constexpr uint64_t M = (uint64_t{1} << 61) - 1;
+  uint64_t r = (v & M) + (v >> 61);
+  if (r >= M) r -= M;
+  return static_cast<Py_hash_t>(r);
+}
 
 // `d.get(key)` (borrowed; nullptr: missing, or the error set) where `key` is an int of value `v`
 inline PyObject* get_item(PyObject* d, PyObject* key, uint64_t v) {
@@ -1961,8 +1990,15 @@ at::Tensor filled_tensor(at::IntArrayRef sizes, at::ScalarType st, const void* d
 // a `Free` message's handles, and `WorkerSession.free` of them (`free_handles`; defined below)
 bool parse_free(const unsigned char* p, const unsigned char* end, std::vector<uint64_t>* out);
 bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cached);
+// the tables `WorkerSession.free` reads and changes
+struct FreeTables {
+  PyObject *tensors, *keys, *storages, *uploads, *poisoned;  // borrowed; exact dicts
+};
+bool free_loop(PyObject* s, const FreeTables& t, const std::vector<uint64_t>& hs, const Keys* cached, Counts* c,
+               int64_t* freed_c, Own& freed);
 PyObject* dict_pop(PyObject* d, PyObject* key);  // `d.pop(key, MISSING)` (defined below)
 bool is_missing(PyObject* o);  // `o is MISSING`
+void sub_attr(PyObject* o, PyObject* name, PyObject* n);  // `o.<name> -= n` (defined below)
 PyObject* S_held;  // "held"
 PyObject* S_upload;  // "upload"
 constexpr int64_t CHUNK_BYTES = 4 << 20;  // `wire.CHUNK_BYTES`: an upload's largest chunk
@@ -1983,6 +2019,7 @@ struct Ctx {
   // the GIL kept and its inputs pinned (`Pins`)
   bool own_process = false;
   std::vector<uint64_t> hvals_room;
+  std::vector<uint64_t> free_room;  // a free's handles (`between`)
   std::vector<std::shared_ptr<Plan>> shell_room;
   // uploads and frees among the records run here (`between`; the context's `between`): the ledger's `transfer`, the
   // session's upload pool and its table of half-uploaded handles, the wire's dtypes by number
@@ -2143,7 +2180,7 @@ struct Ctx {
         held.clear();
         pins.release();
         const bool pin = pin_ok && p->n_pos < 0 && only_python_thread();
-        stack.reserve(p->args.size());
+        if (stack.capacity() < p->args.size()) stack.reserve(p->args.size());  // (kept from run to run: `Reused`)
         const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
         auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
           const uint64_t hin = read_u64(buf + in.offset);
@@ -2160,12 +2197,7 @@ struct Ctx {
           }
           if (!THPVariable_Check(obj)) return false;
           const at::Tensor& v = THPVariable_Unpack(obj);
-          if (in.src == EXTERNAL) {
-            if (v.scalar_type() != in.dtype || v.sizes() != at::IntArrayRef(in.sizes) ||
-                v.strides() != at::IntArrayRef(in.strides) || v.storage_offset() != in.storage_offset) {
-              return false;
-            }
-          }
+          if (in.src == EXTERNAL && !same_meta(v, in)) return false;
           if (in.view) {  // `compact.view_of`'s checks, against the tensor as it is now; a refusal is Python's to raise
             if (v.layout() != at::kStrided || v.is_quantized() || v.is_nested() || v.is_conj() || v.is_neg()) {
               return false;
@@ -2474,7 +2506,7 @@ struct Ctx {
     // each value's tensor, read through its Python object (`values` holds them; an undefined tensor for any other
     // value): no C++ reference to an output is kept beside its object, whose end would drop the object's reference
     // (torch's `decref_pyobject`, a `gil_scoped_acquire`, ~150 instructions an output)
-    std::vector<const at::Tensor*> outs;
+    c10::SmallVector<const at::Tensor*, 16> outs;  // (a step's outputs, without allocating: ~300 instructions an op)
     static const at::Tensor undefined;
     auto tensor_in = [](PyObject* o) { return THPVariable_Check(o) ? &THPVariable_Unpack(o) : &undefined; };
     Own values(nullptr);
@@ -2491,7 +2523,7 @@ struct Ctx {
         outs.push_back(tensor_in(o));
       }
     } else {
-      std::vector<at::Tensor> results;
+      c10::SmallVector<at::Tensor, 16> results;
       for (auto& v : stack) {
         if (v.isTensor()) {
           results.push_back(std::move(v).toTensor());
@@ -2526,7 +2558,7 @@ struct Ctx {
     // takes `_bind_outputs` itself.
     const size_t nh = static_cast<size_t>(PyTuple_GET_SIZE(hkeys));
     bool here = flat && nh <= outs.size();
-    std::vector<uint64_t> seen;
+    c10::SmallVector<uint64_t, 16> seen;
     for (size_t j = 0; j < nh && here; ++j) {
       PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
       const uint64_t hj = hvals[j];
@@ -2583,10 +2615,10 @@ struct Ctx {
   // bytes outside the union of the extents of the outputs it binds there (`y[0]`, `y[1]` over one new storage keep
   // each other's bytes), where one of them does not cover it (`outside`); handle 0 binds nothing, as there.
   // `hvals`: the first `nh` outputs' handles.
-  void zero_several(const std::vector<uint64_t>& hvals, size_t nh, const std::vector<const at::Tensor*>& outs,
+  void zero_several(const std::vector<uint64_t>& hvals, size_t nh, c10::ArrayRef<const at::Tensor*> outs,
                     PyObject* values) {
     auto bound = [&](size_t j) { return outs[j]->defined() && hvals[j] != 0; };
-    std::vector<const c10::StorageImpl*> done;
+    c10::SmallVector<const c10::StorageImpl*, 16> done;
     for (size_t j = 0; j < nh; ++j) {
       if (!bound(j) || !outside(outs[j]->unsafeGetTensorImpl(), outs[j]->storage().nbytes())) continue;
       const c10::StorageImpl* st = outs[j]->storage().unsafeGetStorageImpl();
@@ -2633,12 +2665,17 @@ struct Ctx {
     if (key == ((2 << 3) | 2)) return upload(c, p, end, i, word, progress, objs);
     if (key != ((4 << 3) | 2)) return false;
     // `WorkerSession.free` (`free_handles`, with this context's handle ints), as `execute` runs it
-    std::vector<uint64_t> hs;
+    Reused<uint64_t> hs_(free_room);
+    std::vector<uint64_t>& hs = hs_.v;
     if (!parse_free(p, end, &hs)) return false;
     mark(c, i, word, progress);
-    c.sync_all();  // `free_parsed` takes the freed bytes off `s.used` and `memory.used` itself
     try {
-      if (!free_parsed(s.ptr(), hs, handle_keys.get())) throw std::logic_error("a session's tables are dicts");
+      if (!PyDict_CheckExact(pending.ptr())) {  // (never: `s.uploads` is a dict) as `free_handles` runs it
+        c.sync_all();  // `free_parsed` takes the freed bytes off `s.used` and `memory.used` itself
+        if (!free_parsed(s.ptr(), hs, handle_keys.get())) throw std::logic_error("a session's tables are dicts");
+      } else {
+        free_here(c, hs);
+      }
     } catch (py::error_already_set& e) {
       e.restore();
       *exc = fetch();
@@ -2646,6 +2683,47 @@ struct Ctx {
     }
     drop_orphans(objs);
     return true;
+  }
+
+  // `free_parsed` on the context's own tables (the session's, which it never replaces: `_native_ctx`), the bytes
+  // freed taken off `s.used` and `memory.used` through the run's counters (written back before any Python code the
+  // run calls, as every count of the run): a free among the records read five attributes and wrote two with
+  // `-=`, and synced the counters first (~4k instructions a `Free`). Raises (the error set) where a handle raised,
+  // the bytes freed before it taken off first, as `WorkerSession.free`'s `finally`.
+  void free_here(Counts& c, const std::vector<uint64_t>& hs) {
+    const FreeTables t{tensors.ptr(), keys.ptr(), storages.ptr(), pending.ptr(), poisoned.ptr()};
+    int64_t freed_c = 0;
+    Own freed(nullptr);  // a sum of entries that are not ints `bind_new` made (never here): Python's
+    const bool ok = free_loop(s.ptr(), t, hs, handle_keys.get(), &c, &freed_c, freed);
+    PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+    if (!ok) PyErr_Fetch(&type, &value, &tb);
+    try {
+      if (freed.p == nullptr && freed_c > INT64_MIN) {
+        c.used.add(-freed_c);
+        c.mused.add(-freed_c);
+      } else {
+        Own add(PyLong_FromLongLong(freed_c));
+        if (add.p == nullptr) throw py::error_already_set();
+        Own sum(freed.p != nullptr ? PyNumber_Add(freed.p, add.p) : Py_NewRef(add.p));
+        if (sum.p == nullptr) throw py::error_already_set();
+        const int any = PyObject_IsTrue(sum.p);
+        if (any < 0) throw py::error_already_set();
+        if (any) {
+          c.sync_all();
+          sub_attr(s.ptr(), S_used, sum.p);
+          sub_attr(memory.ptr(), S_used, sum.p);
+        }
+      }
+    } catch (...) {
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      throw;
+    }
+    if (!ok) {
+      PyErr_Restore(type, value, tb);
+      throw py::error_already_set();
+    }
   }
 
   // the progress mark of command i (as `run_commands` marks it)
@@ -3288,25 +3366,26 @@ bool free_handles(const py::object& session, const py::bytes& msg, const py::obj
   Py_ssize_t len = 0;
   if (PyBytes_AsStringAndSize(msg.ptr(), &buf, &len) < 0) throw py::error_already_set();
   const auto* p = reinterpret_cast<const unsigned char*>(buf);
+  hs.reserve(std::min<size_t>(static_cast<size_t>(len), 1024));  // (a handle takes a byte at least)
   if (!parse_free(p, p + len, &hs)) return false;
   // anything but a context (a test's wrapper of one) is as None
   const Keys* cached = py::isinstance<Ctx>(ctx) ? ctx.cast<const Ctx&>().handle_keys.get() : nullptr;
   return free_parsed(session.ptr(), hs, cached);
 }
 
-// `free_handles` of the handles `hs` (read from a `Free`'s bytes): false (nothing done) where a table is not a dict
-bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cached) {
-  Own tensors(PyObject_GetAttr(s, S_tensors)), keys(PyObject_GetAttr(s, S_keys)),
-      storages(PyObject_GetAttr(s, S_storages)), uploads(PyObject_GetAttr(s, S_uploads)),
-      poisoned(PyObject_GetAttr(s, S_poisoned));
-  for (PyObject* d : {tensors.p, keys.p, storages.p, uploads.p, poisoned.p}) {
-    if (d == nullptr) throw py::error_already_set();
-    if (!PyDict_CheckExact(d)) return false;
-  }
-  Own freed(PyLong_FromLong(0)), one(PyLong_FromLong(1)), zero(PyLong_FromLong(0));
-  if (freed.p == nullptr || one.p == nullptr || zero.p == nullptr) throw py::error_already_set();
+// `WorkerSession.free`'s loop over the handles `hs` (read from a `Free`'s bytes) on the tables `t`: false with the
+// Python error set where a handle raised (or memory ran out), the loop ended there. The bytes freed are summed into
+// `*freed_c` (entries `bind_new` or `bind` made: ints) and, for any other entry, into `freed` (a Python int, null
+// until one is met); the caller takes them off the session's and the device's use, also when a handle raised.
+// `c`: the run's counters, synced before the Python code a handle calls (`check_handle`), or null.
+bool free_loop(PyObject* s, const FreeTables& tables, const std::vector<uint64_t>& hs, const Keys* cached,
+               Counts* counts, int64_t* freed_out, Own& freed) {
+  PyObject *tensors = tables.tensors, *keys = tables.keys, *storages = tables.storages, *uploads = tables.uploads,
+           *poisoned = tables.poisoned;
+  Own one(PyLong_FromLong(1)), zero(PyLong_FromLong(0));
+  if (one.p == nullptr || zero.p == nullptr) return false;
   bool failed = false;
-  int64_t freed_c = 0;  // the bytes freed, summed in C (added to `freed` after the loop)
+  int64_t freed_c = 0;  // the bytes freed, summed in C
   for (const uint64_t h : hs) {
     PyObject* known = cached != nullptr ? cached->find(h) : nullptr;  // borrowed
     Own key(known != nullptr ? Py_NewRef(known) : PyLong_FromUnsignedLongLong(h));
@@ -3314,26 +3393,27 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
       failed = true;
       break;
     }
-    Own t(dict_pop(tensors.p, key.p));  // `tensors.pop(h, None)`
+    Own t(dict_pop(tensors, key.p));  // `tensors.pop(h, None)`
     if (t.p == nullptr) {
       failed = true;
       break;
     }
     if (t.p == MISSING || t.p == Py_None) t.reset(nullptr);
-    if (PyDict_GET_SIZE(uploads.p) > 0) {  // `uploads.pop(h, None)`
-      Own u(dict_pop(uploads.p, key.p));
+    if (PyDict_GET_SIZE(uploads) > 0) {  // `uploads.pop(h, None)`
+      Own u(dict_pop(uploads, key.p));
       if (u.p == nullptr) {
         failed = true;
         break;
       }
     }
     if (t.p == nullptr) {
-      Own poison(dict_pop(poisoned.p, key.p));  // `poisoned.pop(h, None) is None`: a failed handle is forgotten
+      Own poison(dict_pop(poisoned, key.p));  // `poisoned.pop(h, None) is None`: a failed handle is forgotten
       if (poison.p == nullptr) {
         failed = true;
         break;
       }
       if (poison.p != MISSING && poison.p != Py_None) continue;
+      if (counts != nullptr) counts->sync_all();  // (Python code)
       Own r(PyObject_CallMethodOneArg(s, S_check_handle, key.p));  // raises for another session's
       if (r.p == nullptr) {
         failed = true;
@@ -3342,7 +3422,7 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
       continue;
     }
     t.reset(nullptr);  // `del t`
-    Own skey(dict_pop(keys.p, key.p));  // `keys.pop(h)`
+    Own skey(dict_pop(keys, key.p));  // `keys.pop(h)`
     if (skey.p == nullptr || skey.p == MISSING) {
       if (skey.p == MISSING) PyErr_SetObject(PyExc_KeyError, key.p);
       failed = true;
@@ -3351,8 +3431,8 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
     // the storage key's value (an int `bind_new` made of an address: its hash known), else hashed by the dict
     int64_t sv = -1;
     if (!PyLong_CheckExact(skey.p) || !as_i64(skey.p, &sv) || sv < 0) sv = -1;
-    Own entry(sv >= 0 ? get_item(storages.p, skey.p, static_cast<uint64_t>(sv))
-                      : PyDict_GetItemWithError(storages.p, skey.p));  // `storages[key]`
+    Own entry(sv >= 0 ? get_item(storages, skey.p, static_cast<uint64_t>(sv))
+                      : PyDict_GetItemWithError(storages, skey.p));  // `storages[key]`
     if (entry.p == nullptr) {
       if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, skey.p);
       failed = true;
@@ -3385,8 +3465,8 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
       break;
     }
     if (last) {
-      const int gone = sv >= 0 ? del_item(storages.p, skey.p, static_cast<uint64_t>(sv))
-                               : PyDict_DelItem(storages.p, skey.p);
+      const int gone = sv >= 0 ? del_item(storages, skey.p, static_cast<uint64_t>(sv))
+                               : PyDict_DelItem(storages, skey.p);
       if (gone < 0) {
         failed = true;
         break;
@@ -3397,7 +3477,8 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
       if (b != nullptr && PyLong_CheckExact(b) && as_i64(b, &nb) && !__builtin_add_overflow(freed_c, nb, &nb)) {
         freed_c = nb;
       } else {
-        Own nbytes(PySequence_GetItem(entry.p, 1));
+        if (freed.p == nullptr) freed.reset(PyLong_FromLong(0));
+        Own nbytes(freed.p != nullptr ? PySequence_GetItem(entry.p, 1) : nullptr);
         Own sum(nbytes.p != nullptr ? PyNumber_InPlaceAdd(freed.p, nbytes.p) : nullptr);
         if (sum.p == nullptr) {
           failed = true;
@@ -3410,9 +3491,34 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
       entry.p = nullptr;
     }
   }
+  *freed_out = freed_c;
+  return !failed;
+}
+
+// `free_handles` of the handles `hs` (read from a `Free`'s bytes): false (nothing done) where a table is not a dict
+bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cached) {
+  Own tensors(PyObject_GetAttr(s, S_tensors)), keys(PyObject_GetAttr(s, S_keys)),
+      storages(PyObject_GetAttr(s, S_storages)), uploads(PyObject_GetAttr(s, S_uploads)),
+      poisoned(PyObject_GetAttr(s, S_poisoned));
+  for (PyObject* d : {tensors.p, keys.p, storages.p, uploads.p, poisoned.p}) {
+    if (d == nullptr) throw py::error_already_set();
+    if (!PyDict_CheckExact(d)) return false;
+  }
+  int64_t freed_c = 0;  // the bytes freed, summed in C (added to `freed` after the loop)
+  Own freed(nullptr);
+  const bool failed =
+      !free_loop(s, FreeTables{tensors.p, keys.p, storages.p, uploads.p, poisoned.p}, hs, cached, nullptr, &freed_c,
+                 freed);
   // `finally`: the bytes freed so far, also when a handle raised (that error is the one raised)
   PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
   if (failed) PyErr_Fetch(&type, &value, &tb);
+  if (freed.p == nullptr) freed.reset(PyLong_FromLong(0));
+  if (freed.p == nullptr) {
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    throw py::error_already_set();
+  }
   if (freed_c != 0) {
     Own add(PyLong_FromLongLong(freed_c));
     Own sum(add.p != nullptr ? PyNumber_Add(freed.p, add.p) : nullptr);
@@ -4394,6 +4500,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("free", &free_handles, py::arg("session"), py::arg("msg"), py::arg("ctx") = py::none());
   m.def("filled", &filled);
   m.def("pinned", [] { return pinned_records; });
+  m.def("plain_views", [] { return plain_views; });
   m.def("quiet_externals", &quiet_externals);
   m.def("rebind_run", &rebind_run);
   py::class_<GraphPlan>(m, "GraphPlan")
