@@ -72,6 +72,33 @@ def test_native_device_guard_answers_for_the_device(monkeypatch: pytest.MonkeyPa
     assert calls == []
 
 
+def test_current_index_is_one_c_call_into_the_native_guard() -> None:
+    """api.current_index (a captured step with CPU arguments asks it every replay) reads the native guard's
+    per-thread device through native_ops.cpp's `current_device`, not ctypes (~11k instructions a call): the same
+    variable torch's guards set, per thread."""
+    import threading
+
+    from gpupool.client.torch import native_ops
+
+    if not native.active() or native_ops.load() is None:
+        pytest.skip("the native guard or the native op path is not built here")
+    assert native.current_device is native_ops.load().current_device
+    seen: list[int] = []
+
+    def other() -> None:
+        seen.append(api.current_index())
+        with torch.accelerator.device_index(1):
+            seen.append(api.current_index())
+        seen.append(api.current_index())
+
+    with torch.accelerator.device_index(1):
+        assert api.current_index() == 1
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen == [0, 1, 0] and api.current_index() == 0
+
+
 def test_manual_seed_reaches_attached_and_later_sessions() -> None:
     first = _Seeds()
     rt = DeviceRuntime(runtime.next_free_index(), first)
