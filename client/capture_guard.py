@@ -219,6 +219,14 @@ _part_numbers = itertools.count(1)
 _c_module: list[Any] = []  # capture_guard.cpp's module once built and imported; [None] once that failed
 
 
+def build() -> Path:
+    """capture_guard.cpp built (at first use: client/cbuild.py's cache), its path (scripts/setup.sh builds it)."""
+    return cbuild.build_cached(cbuild.extension_path(SOURCE, _PREFIX), cbuild.extension_command(SOURCE), _WHAT)
+
+
+_PREFIX, _WHAT = "capture-guard", "the capture guard's check"
+
+
 def _native() -> Any:
     """capture_guard.cpp's module (`read_watch`), built at first use into the clients' native cache
     (client/cbuild.py), or None where it cannot be (no compiler, not CPython: one log line; `Watch` then reads every
@@ -226,7 +234,7 @@ def _native() -> Any:
     if not _c_module:
         module = None
         try:
-            module = cbuild.python_extension(SOURCE, "gpupool_capture_guard", "capture-guard", "the guard check")
+            module = cbuild.python_extension(SOURCE, "gpupool_capture_guard", _PREFIX, _WHAT)
             module.setup(_END)
         except Exception as exc:  # noqa: BLE001 - BuildError, a broken cache file: the Python path still works
             log.warning("gpupool: the captured step's guard check in C is unavailable (Python's is used): %s", exc)
