@@ -99,6 +99,25 @@ def test_current_index_is_one_c_call_into_the_native_guard() -> None:
     assert seen == [0, 1, 0] and api.current_index() == 0
 
 
+def test_a_captured_step_s_cpu_arguments_are_their_bytes_either_way() -> None:
+    """A replay sends small CPU arguments by value (client/torch/capture.py `_host_bytes`): native_ops.cpp's
+    `bytes_at` gives the bytes numpy gives, for a transposed tensor, one that requires grad, a bool one and an
+    empty one, as the Python path (wire.host_bytes) does."""
+    import importlib
+
+    from gpupool.client.torch import native_ops
+
+    ops = native_ops.load()
+    if ops is None:
+        pytest.skip("the native op path is not built here")
+    host_bytes = importlib.import_module("gpupool.client.torch.capture")._host_bytes  # (the package's `capture` is
+    # the function)
+    for x in (torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), torch.ones(5, requires_grad=True),
+              torch.tensor([True, False, True]), torch.ones(0, 3, dtype=torch.int64)):  # fmt: skip
+        want = x.detach().contiguous().numpy().tobytes()
+        assert host_bytes(x, ops) == want == host_bytes(x, None), x
+
+
 def test_manual_seed_reaches_attached_and_later_sessions() -> None:
     first = _Seeds()
     rt = DeviceRuntime(runtime.next_free_index(), first)
