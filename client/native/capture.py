@@ -250,8 +250,7 @@ class CapturedStep(StepCache):
         or the current device changed: it is dropped), the caller looks again."""
         inputs = leaves if g.tensors is None else [leaves[i] for i in g.tensors]
         while True:
-            # `.default`, the overload itself: the packet's call resolves the overload per call (~2x the call's cost)
-            made, why = _ops().replay.default(g.index, g.graph_id, g.current, inputs, g.drop_writes)
+            made, why = _ops().replay(g.index, g.graph_id, g.current, inputs, g.drop_writes)
             if not why:
                 break
             if why[0] == _TOO_BIG:  # uploads of the CPU arguments, alive until the run is queued
