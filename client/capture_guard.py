@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import operator
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import cbuild
+
+log = logging.getLogger("gpupool.torch")
+SOURCE = Path(__file__).with_name("capture_guard.cpp")
 
 SCALARS = (bool, int, float, complex, str, type(None))
 
@@ -70,6 +77,15 @@ class _ModulePart:
 
     def same(self) -> bool:
         return self.dicts is None or list(map(_modules_of, self.dicts)) == self.children
+
+    def spec(self) -> Any:
+        """`read_watch`'s spec of this part (capture_guard.cpp), or None: a tree walked per call."""
+        if self.dicts is None:
+            return None
+        children: list[Any] = []
+        for kids in self.children:
+            children += (*itertools.chain.from_iterable(kids.items()), _END)
+        return (0, list(self.dicts), tuple(children))
 
     def read(self) -> Any:
         """This part of the key, or None where the module list may no longer be `m.modules()`."""
@@ -125,6 +141,15 @@ class _OptimizerPart:
         self.kept = all(_settled(v) for g in self.groups for k, v in g.items() if k != "params")
         self.number = number(self.part)
 
+    def spec(self) -> Any:
+        """`read_watch`'s spec of this part (capture_guard.cpp), or None: a part not kept (made per call)."""
+        if not self.kept:
+            return None
+        objects: list[Any] = []
+        for g in self.groups:
+            objects += (g, *itertools.chain.from_iterable(g.items()), _END, *g.get("params", ()), _END)
+        return (1, self.opt, self.groups, tuple(objects), self.number)
+
     def unchanged(self) -> bool:
         """The param_groups hold what they held when the part was made (a CPU tensor's values aside)."""
         groups = self.opt.param_groups
@@ -146,12 +171,19 @@ class Watch:
     read may have changed; otherwise a module's flags are read off the module list it found, and an optimizer's
     part (its parameters and settings: ~11 values keyed one by one) is the number of the one made before.
     `key()` equals `key()` of another call exactly when `watch_key(watched)` does (a module whose `__dict__` is
-    replaced wholesale aside)."""
+    replaced wholesale aside).
 
-    def __init__(self, watched: list[Any]) -> None:
+    Where every part is a plain module tree or a kept optimizer part, `key()` is one C call (capture_guard.cpp
+    `read_watch`: the same comparisons by identity, ~20k instructions of Python a tiny-MLP step less); anything it
+    finds changed, or cannot read, goes to the parts' Python `read()` as before, which remakes them. `native=False`
+    (or no C++ compiler: `native()`) keeps the Python path alone."""
+
+    def __init__(self, watched: list[Any], native: bool = True) -> None:
         self.watched = watched
         self.parts: list[Any] = []
         self.numbers: dict[Any, int] = {}  # an optimizer's part -> its number
+        self.c = _native() if native else None  # the C module (read_watch), or None
+        self.specs: tuple[Any, ...] | None = None  # read_watch's argument, None where a part is Python's alone
         self._remake()
 
     def _number(self, part: Any) -> int:
@@ -168,8 +200,14 @@ class Watch:
             for obj in self.watched
             if isinstance(obj, torch.nn.Module | torch.optim.Optimizer)
         ]
+        specs = [part.spec() for part in self.parts] if self.c is not None else [None]
+        self.specs = None if None in specs else tuple(specs)
 
     def key(self) -> tuple[Any, ...]:
+        if self.specs is not None:
+            found = self.c.read_watch(self.specs)  # type: ignore[union-attr]
+            if found is not None:
+                return found  # type: ignore[no-any-return]
         out = [part.read() for part in self.parts]
         if None in out:
             self._remake()
@@ -178,6 +216,31 @@ class Watch:
 
 
 _part_numbers = itertools.count(1)
+_c_module: list[Any] = []  # capture_guard.cpp's module once built and imported; [None] once that failed
+
+
+def build() -> Path:
+    """capture_guard.cpp built (at first use: client/cbuild.py's cache), its path (scripts/setup.sh builds it)."""
+    return cbuild.build_cached(cbuild.extension_path(SOURCE, _PREFIX), cbuild.extension_command(SOURCE), _WHAT)
+
+
+_PREFIX, _WHAT = "capture-guard", "the capture guard's check"
+
+
+def _native() -> Any:
+    """capture_guard.cpp's module (`read_watch`), built at first use into the clients' native cache
+    (client/cbuild.py), or None where it cannot be (no compiler, not CPython: one log line; `Watch` then reads every
+    part in Python). Once a process."""
+    if not _c_module:
+        module = None
+        try:
+            module = cbuild.python_extension(SOURCE, "gpupool_capture_guard", _PREFIX, _WHAT)
+            module.setup(_END)
+        except Exception as exc:  # noqa: BLE001 - BuildError, a broken cache file: the Python path still works
+            log.warning("gpupool: the captured step's guard check in C is unavailable (Python's is used): %s", exc)
+            module = None
+        _c_module.append(module)
+    return _c_module[0]
 
 
 def values_key(values: dict[str, Callable[[], Any]]) -> tuple[Any, ...]:

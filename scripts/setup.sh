@@ -40,6 +40,12 @@ try:  # the steady path of an eager op in C (client/torch/native_ops.cpp; CPytho
     print("setup: native op path:", native_ops.build())
 except native.BuildError as exc:  # optional: the Python dispatcher does every op
     print(f"setup: the native op path did not build ({exc}); the Python dispatcher does every op", file=sys.stderr)
+try:  # a captured step's guard check in C (client/capture_guard.cpp; CPython's headers; both clients)
+    from gpupool.client import capture_guard
+
+    print("setup: capture guard check:", capture_guard.build())
+except native.BuildError as exc:  # optional: the guard key is read in Python
+    print(f"setup: the capture guard check did not build ({exc}); its Python path is used", file=sys.stderr)
 PY
 # The daemon's native runner of learned runs (server/native_runner.cpp, g++ and ninja, ~1 min once): built now into
 # the per-user cache so that a daemon's zygote finds it built instead of building it while sessions wait to attach.

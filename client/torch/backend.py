@@ -154,6 +154,7 @@ def register() -> None:
     if current == "privateuseone":
         backend_registration._setup_privateuseone_for_python_backend(NAME, backend_module=BackendModule())
         native.install()  # the C++ device guard replaces the Python one torch's setup registered (native.py)
+        native_ops.link_current_device()  # api.current_index: one C call into the guard, not ctypes's
         native.set_device_count(api.device_count())  # `gpupool run -n 2`: both devices, before either is attached
         run_backward_on_calling_thread()
         _refuse_data_parallel()

@@ -32,19 +32,17 @@ import hashlib
 import logging
 import os
 import platform
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gpupool import config
+
+from ..cbuild import BuildError as BuildError  # the guard's build failed (tests, callers name it here)
+from ..cbuild import build_cached, cache_dir, compiler
 
 log = logging.getLogger("gpupool.torch")
 
@@ -72,17 +70,9 @@ current_device: Any = _python_current_device
 set_current_device: Any = _python_set_current_device
 
 
-class BuildError(RuntimeError):
-    """The native guard could not be built (no compiler, or the compiler failed)."""
-
-
 def enabled() -> bool:
     """False when `GPUPOOL_NATIVE=0` asks for torch's Python device guard."""
     return os.environ.get("GPUPOOL_NATIVE", "1").strip() != "0"
-
-
-def cache_dir() -> Path:
-    return config.cache_dir("native", "GPUPOOL_NATIVE_CACHE")
 
 
 def _torch_dir() -> Path:
@@ -100,16 +90,9 @@ def library_path() -> Path:
     return cache_dir() / f"guard-{version}-{key.hexdigest()[:16]}.so"
 
 
-def _compiler() -> list[str]:
-    cxx = shlex.split(os.environ.get("CXX") or "") or ["c++"]
-    if shutil.which(cxx[0]) is None:
-        raise BuildError(f"no C++ compiler ({cxx[0]!r} not found; set $CXX)")
-    return cxx
-
-
 def compile_command(out: Path) -> list[str]:
     tdir = _torch_dir()
-    cmd = [*_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
+    cmd = [*compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            f"-I{tdir / 'include'}", f"-I{HEADER.parent}", "-o", str(out), str(SOURCE), f"-L{tdir / 'lib'}",
            "-lc10", "-ltorch_cpu",
@@ -121,48 +104,7 @@ def compile_command(out: Path) -> list[str]:
 
 def build() -> Path:
     """The built guard's path, compiling it first if the cache has none (under a lock; atomic rename)."""
-    return _build(library_path(), compile_command, "the native device guard")
-
-
-def _build(path: Path, command: Any, what: str) -> Path:
-    """`path`, compiling it first with `command(tmp)` if the cache has none (under a lock; atomic rename); a library
-    another user could have written (`config.check_private_file`) raises UnsafeCacheDir: never loaded."""
-    config.check_private_file(_cached(path, command, what))
-    return path
-
-
-def _cached(path: Path, command: Any, what: str) -> Path:
-    import fcntl
-
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file: wait for it
-        if path.is_file():
-            return path
-        for stale in path.parent.glob(path.stem + ".*.tmp"):  # a build killed midway (only the lock's holder
-            stale.unlink(missing_ok=True)  # makes one, so none is anyone's now)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            cmd = command(Path(tmp))
-            start = time.monotonic()
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise BuildError(f"{cmd[0]}: {exc}") from exc
-            if done.returncode != 0:
-                lines = (done.stderr or done.stdout).strip().splitlines()
-                first = next((ln for ln in lines if "error" in ln), lines[0] if lines else "")
-                detail = f": {first.strip()[:300]}" if first.strip() else " (no output)"
-                raise BuildError(f"{cmd[0]} exited with {done.returncode}{detail}")
-            os.replace(tmp, path)
-            log.info("gpupool: built %s in %.1f s: %s", what, time.monotonic() - start, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return path
+    return build_cached(library_path(), compile_command, "the native device guard")
 
 
 def install() -> bool:
@@ -198,6 +140,11 @@ def install() -> bool:
     _loaded.append(lib)
     current_device, set_current_device = lib.gpupool_current_device, lib.gpupool_set_current_device
     return active()
+
+
+def library() -> Any:
+    """The loaded guard (its ctypes library), or None before `install` or where it failed."""
+    return _loaded[0] if _loaded else None
 
 
 def fused_attention_default() -> bool:

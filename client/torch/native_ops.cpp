@@ -1338,6 +1338,56 @@ PyObject* setup_rules(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs
   Py_RETURN_NONE;
 }
 
+// The native guard's gpupool_current_device (native_guard.cpp), its address given by `setup_current_device`: the
+// calling thread's current device in one C call, where ctypes' call of it cost ~11k instructions (a captured step
+// with CPU arguments only asks for it every replay: client/torch/capture.py `_runtime`).
+using CurrentDevice = int (*)();
+CurrentDevice g_current_device = nullptr;
+
+PyObject* setup_current_device(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 1 || !PyLong_Check(a[0])) {
+    PyErr_SetString(PyExc_TypeError, "setup_current_device(address of gpupool_current_device)");
+    return nullptr;
+  }
+  void* address = PyLong_AsVoidPtr(a[0]);
+  if (address == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "setup_current_device: a null address");
+    return nullptr;
+  }
+  g_current_device = reinterpret_cast<CurrentDevice>(address);
+  Py_RETURN_NONE;
+}
+
+PyObject* current_device(PyObject* /*module*/, PyObject* /*unused*/) {
+  if (g_current_device == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "current_device before setup_current_device");
+    return nullptr;
+  }
+  return PyLong_FromLong(g_current_device());
+}
+
+// bytes_at(address, n): a bytes object of the n bytes at `address` (a contiguous CPU tensor's data_ptr and nbytes,
+// the caller holding the tensor): a captured step's small CPU arguments, sent by value every replay
+// (client/torch/capture.py `_host_bytes`), where wire.host_bytes' ctypes call and tobytes cost ~12k instructions.
+PyObject* bytes_at(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyLong_Check(a[0]) || !PyLong_Check(a[1])) {
+    PyErr_SetString(PyExc_TypeError, "bytes_at(address, n)");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyLong_AsSsize_t(a[1]);
+  if (n < 0) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bytes_at: a negative size");
+    return nullptr;
+  }
+  if (n == 0) return PyBytes_FromStringAndSize(nullptr, 0);
+  void* address = PyLong_AsVoidPtr(a[0]);
+  if (address == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bytes_at: a null address");
+    return nullptr;
+  }
+  return PyBytes_FromStringAndSize(static_cast<const char*>(address), n);
+}
+
 // (ops run here, ops passed to the Python dispatcher) since the process started: what the tests check
 PyObject* stats(PyObject* /*module*/, PyObject* /*unused*/) {
   return Py_BuildValue("(KK)", g_ran, g_passed);
@@ -1359,6 +1409,11 @@ PyMethodDef methods[] = {
      METH_FASTCALL | METH_KEYWORDS, "torch._library.simple_registry.find_torch_dispatch_rule in C"},
     {"setup_rules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_rules)), METH_FASTCALL,
      "the registry find_rule reads"},
+    {"setup_current_device", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_current_device)),
+     METH_FASTCALL, "the address of the native guard's gpupool_current_device"},
+    {"current_device", current_device, METH_NOARGS, "the calling thread's current gpupool device (native guard)"},
+    {"bytes_at", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bytes_at)), METH_FASTCALL,
+     "the bytes at an address (a contiguous CPU tensor's data)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "gpupool_native_ops", nullptr, -1, methods,

@@ -20,12 +20,10 @@ headers the Python dispatcher does every op and one log line says why; `GPUPOOL_
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import logging
 import os
-import platform
 import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ import torch._library.simple_registry as simple_registry
 
 from gpupool import compact, config
 
-from .. import session
+from .. import cbuild, session
 from . import dispatch, meta, native, runtime, tensor, transfer
 from .tensor import RemoteTensor
 
@@ -51,21 +49,15 @@ def enabled() -> bool:
 
 def library_path() -> Path:
     """Where the built extension lives: one file per (Python build, machine, source). It uses CPython's C API only."""
-    key = hashlib.sha256()
-    for part in (sys.version, sysconfig.get_config_var("SOABI") or "", platform.machine(), sys.executable):
-        key.update(str(part).encode() + b"\0")
-    key.update(SOURCE.read_bytes())
-    return native.cache_dir() / f"ops-{sys.implementation.cache_tag}-{key.hexdigest()[:16]}.so"
+    return cbuild.extension_path(SOURCE, "ops")
 
 
 def compile_command(out: Path) -> list[str]:
-    include = sysconfig.get_paths()["include"]
-    return [*native._compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
-            "-o", str(out), str(SOURCE)]  # fmt: skip
+    return cbuild.extension_command(SOURCE)(out)  # type: ignore[no-any-return]
 
 
 def build() -> Path:
-    return native._build(library_path(), compile_command, "the native op path")
+    return cbuild.build_cached(library_path(), compile_command, "the native op path")
 
 
 def load() -> Any:
@@ -142,6 +134,21 @@ def _install_rule_finder(module: Any) -> None:
         return
     module.setup_rules(simple_registry, current)
     simple_registry.find_torch_dispatch_rule = module.find_rule
+
+
+def link_current_device() -> bool:
+    """`native.current_device` (api.current_index) as one C call of native_ops.cpp into the native guard's own
+    `gpupool_current_device`, where ctypes' call cost ~11k instructions (a captured step with CPU arguments only asks
+    every replay); True if linked. Needs both the guard (native.install) and this module; else it leaves ctypes's
+    (or the Python fallback's)."""
+    module = _ops[0] if _ops else None
+    lib = native.library()
+    if module is None or lib is None:
+        return False
+    if native.current_device is not module.current_device:
+        module.setup_current_device(ctypes.cast(lib.gpupool_current_device, ctypes.c_void_p).value)
+        native.current_device = module.current_device
+    return True
 
 
 def use(on: bool) -> bool:

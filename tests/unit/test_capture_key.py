@@ -130,15 +130,18 @@ def _changes(m: torch.nn.Module, opt: torch.optim.Optimizer) -> list[tuple[str, 
     ]
 
 
-def test_the_kept_watch_key_is_watch_key_after_every_change() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_the_kept_watch_key_is_watch_key_after_every_change(native: bool) -> None:
     """`Watch.key()` (what a captured step computes per call, its parts remade only when what they read may have
     changed, an optimizer's part as a number) is equal for two states exactly when `watch_key` of the same objects
     is, after every kind of change a step's modules and optimizers see: flags, children added, replaced, removed;
     settings assigned, added, removed; parameters and groups added; lr as a float, a CPU tensor changed in place,
-    a device tensor; and states seen before come back to the key they had."""
+    a device tensor; and states seen before come back to the key they had. Both ways of reading the kept parts:
+    capture_guard.cpp's `read_watch` (the default) and the Python path alone."""
     m = _model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    watch = guard.Watch([m, opt, "not watched"])
+    watch = guard.Watch([m, opt, "not watched"], native=native)
+    assert (watch.c is not None) == native
     before = watch.key()
     seen = [(guard.watch_key([m, opt]), before)]
     for what, change in _changes(m, opt):
@@ -159,6 +162,49 @@ def test_the_kept_watch_key_is_watch_key_after_every_change() -> None:
             assert got != before, what  # fmt: skip
         before = got
     assert any(a == b for i, (a, _) in enumerate(seen) for b, _ in seen[i + 1 :] if a is not b)  # states came back
+
+
+def test_the_c_check_never_answers_for_a_changed_part() -> None:
+    """capture_guard.cpp's `read_watch` answers a watch's key from the specs its parts were made with, without
+    Python: after each change of `_changes` (each a new watch, made before it), its answer is None (the Python path
+    then remakes the parts) or the very key the Python path reads from the same parts. A check it skipped (a
+    training flag, a child, a setting's value or key, a parameter, a group, the param_groups list) answers the key
+    from before the change: another key. And a quiet call is answered in C, not by the Python path."""
+    assert guard._native() is not None, "capture_guard.cpp did not build here (a C++ compiler is needed)"
+    answered = checked = 0
+    for k in range(len(_changes(_model(), torch.optim.Adam(_model().parameters())))):
+        m = _model()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        changes = _changes(m, opt)
+        what, change = changes[k]
+        for _, before in changes[:k]:  # the state the change is made in
+            before()  # type: ignore[operator]
+        watch = guard.Watch([m, opt])
+        specs = watch.specs
+        if specs is None:  # a CPU tensor lr, a list value: the part is made per call, in Python
+            continue
+        checked += 1
+        assert watch.c.read_watch(specs) == watch.key(), what  # quiet: the same key either way
+        change()  # type: ignore[operator]
+        got = watch.c.read_watch(specs)
+        watch.specs = None  # the Python path alone, from the same parts (remade where they changed)
+        want = watch.key()
+        assert got is None or got == want, what
+        if what != "nothing" and got is not None:
+            answered += 1
+            assert what in ("a submodule's flag", "the flag back", "eval", "train"), what  # flags are read afresh
+    assert answered >= 3 and checked >= 16, (answered, checked)
+
+
+def test_a_quiet_key_is_one_c_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call where nothing changed reads no part in Python: `read_watch` answers it (the fast path is taken)."""
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    watch = guard.Watch([m, opt])
+    first = watch.key()
+    for cls in (guard._ModulePart, guard._OptimizerPart):
+        monkeypatch.setattr(cls, "read", lambda self: pytest.fail("a part read in Python"))
+    assert watch.key() == first
 
 
 def test_a_child_moved_between_modules_changes_the_key() -> None:

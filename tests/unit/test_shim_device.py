@@ -72,6 +72,52 @@ def test_native_device_guard_answers_for_the_device(monkeypatch: pytest.MonkeyPa
     assert calls == []
 
 
+def test_current_index_is_one_c_call_into_the_native_guard() -> None:
+    """api.current_index (a captured step with CPU arguments asks it every replay) reads the native guard's
+    per-thread device through native_ops.cpp's `current_device`, not ctypes (~11k instructions a call): the same
+    variable torch's guards set, per thread."""
+    import threading
+
+    from gpupool.client.torch import native_ops
+
+    if not native.active() or native_ops.load() is None:
+        pytest.skip("the native guard or the native op path is not built here")
+    assert native.current_device is native_ops.load().current_device
+    seen: list[int] = []
+
+    def other() -> None:
+        seen.append(api.current_index())
+        with torch.accelerator.device_index(1):
+            seen.append(api.current_index())
+        seen.append(api.current_index())
+
+    with torch.accelerator.device_index(1):
+        assert api.current_index() == 1
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen == [0, 1, 0] and api.current_index() == 0
+
+
+def test_a_captured_step_s_cpu_arguments_are_their_bytes_either_way() -> None:
+    """A replay sends small CPU arguments by value (client/torch/capture.py `_host_bytes`): native_ops.cpp's
+    `bytes_at` gives the bytes numpy gives, for a transposed tensor, one that requires grad, a bool one and an
+    empty one, as the Python path (wire.host_bytes) does."""
+    import importlib
+
+    from gpupool.client.torch import native_ops
+
+    ops = native_ops.load()
+    if ops is None:
+        pytest.skip("the native op path is not built here")
+    host_bytes = importlib.import_module("gpupool.client.torch.capture")._host_bytes  # (the package's `capture` is
+    # the function)
+    for x in (torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), torch.ones(5, requires_grad=True),
+              torch.tensor([True, False, True]), torch.ones(0, 3, dtype=torch.int64)):  # fmt: skip
+        want = x.detach().contiguous().numpy().tobytes()
+        assert host_bytes(x, ops) == want == host_bytes(x, None), x
+
+
 def test_manual_seed_reaches_attached_and_later_sessions() -> None:
     first = _Seeds()
     rt = DeviceRuntime(runtime.next_free_index(), first)
