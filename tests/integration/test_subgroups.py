@@ -182,6 +182,18 @@ def _sockets() -> int:
     return count
 
 
+def _two_ranks(daemon_factory: Any, transport: str) -> tuple[list[Session], list[str]]:
+    """Two sessions of one lease on the two fake GPUs of one daemon run in this process (--isolation thread), and
+    their tokens."""
+    d = daemon_factory(
+        fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport,
+        gloo_connect_anywhere=transport == "gloo", isolation="thread",
+    )  # fmt: skip
+    lease = uuid.uuid4().hex
+    toks = [d.token(lease_id=lease, network=True, device=i) for i in range(2)]
+    return [Session.attach(d.address, t) for t in toks], toks
+
+
 @pytest.mark.parametrize("transport", ["secure", "gloo"])
 def test_a_left_subgroup_frees_its_number_its_place_and_its_links(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
     """Round 46: `dist.destroy_process_group(subgroup)` reaches the daemons (`GroupLeave`). Until then they were not
@@ -190,13 +202,7 @@ def test_a_left_subgroup_frees_its_number_its_place_and_its_links(daemon_factory
     of the same two ranks are made, used and left one after another, on both transports, and no socket stays behind;
     a left number is refused (leave and collective), the default group cannot be left, 32 held at once is still the
     limit, and a subgroup left before its members formed it forms and closes without holding them up."""
-    d = daemon_factory(
-        fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport,
-        gloo_connect_anywhere=transport == "gloo", isolation="thread",
-    )  # fmt: skip
-    lease = uuid.uuid4().hex
-    toks = [d.token(lease_id=lease, network=True, device=i) for i in range(2)]
-    sessions = [Session.attach(d.address, t) for t in toks]
+    sessions, toks = _two_ranks(daemon_factory, transport)
 
     def cycle(number: int) -> list[list[float]]:
         for s in sessions:
@@ -261,13 +267,7 @@ def test_subgroups_made_and_left_in_a_loop_leave_no_keys_in_rank_0s_store(daemon
     a client that made and left subgroups of the same ranks in a loop grew it by a few hundred bytes a cycle, without
     bound (each made again takes a new secret, so new keys). Here 12 such cycles (formed, used, left), a send/recv's
     pair link and 8 subgroups whose formation fails (one rank never comes) leave the store's key count where it was."""
-    d = daemon_factory(
-        fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport,
-        gloo_connect_anywhere=transport == "gloo", isolation="thread",
-    )  # fmt: skip
-    lease = uuid.uuid4().hex
-    toks = [d.token(lease_id=lease, network=True, device=i) for i in range(2)]
-    sessions = [Session.attach(d.address, t) for t in toks]
+    sessions, toks = _two_ranks(daemon_factory, transport)
 
     def cycle(number: int) -> None:
         for s in sessions:
