@@ -184,6 +184,7 @@ class Group:
         of the lease's group claim, or of rank 0's token without one), not the public lease id, and each value
         carries an HMAC under `secret` (_SignedStore): a stranger who reaches the store can neither find them nor
         forge or alter one unnoticed. The secure transport keys its links from the same secret (server/seclink.py)."""
+        keys: _SignedStore | None = None
         try:
             if self.rank == 0 and self.parent is None:  # the others checked it before (`join`'s `run`: _check_owner)
                 dist.PrefixStore(f"gpupool/{self.lease_id}/", store).set("owner", owner)
@@ -208,6 +209,15 @@ class Group:
                     self.pg = pg
             else:
                 pg = _process_group(keys, self.rank, self.size, self.timeout, host, device, self.nccl)
+                if self.parent is not None and not _is_nccl(pg):
+                    # (round 46) a subgroup's keys (each rank's address) go once every rank has read them: past a
+                    # barrier every member has built its group (NCCL's: not here, no GPU to check it on)
+                    try:
+                        pg.barrier().wait()
+                    except BaseException:
+                        _shutdown(pg)
+                        raise
+                    keys.forget()
                 if self.closed:  # the session ended as the group formed: its connections go with it
                     _shutdown(pg)
                 else:
@@ -215,6 +225,8 @@ class Group:
         except Exception as exc:  # any failure here is reported at the group's first collective
             self.broken = f"joining the collective group as {self.describe()} failed: {_short(exc)}"
             log.warning("%s", self.broken)
+            if self.parent is not None and keys is not None:  # its group failed here: this rank's keys lead
+                keys.forget()  # nowhere (its members fail alike)
         finally:
             self.ready.set()
 
@@ -619,24 +631,37 @@ class _SignedStore(dist.Store):
         self._secret = secret
         self._stop = stop  # the session closed: a get or wait for a key not yet set fails now
         self._timeout = timeout
+        self.written: set[str] = set()  # (round 46) the keys this rank set: `forget` deletes them
+
+    def forget(self) -> None:
+        """Delete the keys this rank set (round 46): a subgroup's keys stayed in rank 0's store after its members
+        left it, and a client that made and left subgroups in a loop grew the store (under --isolation thread the
+        daemon's own memory) by a few hundred bytes a cycle, without bound."""
+        seclink.forget(self._inner, sorted(self.written))
+        self.written.clear()
 
     def _await(self, keys: list[str], timeout: float) -> None:
         """Wait for `keys` in steps, giving up when the session closes (the inner store's own wait blocks its
-        thread, and the group's sockets, for the group's timeout); past `timeout` the inner call times out."""
+        thread, and the group's sockets, for the group's timeout); past `timeout` it fails (UNAVAILABLE)."""
         if self._stop is None:
             return
         deadline = time.monotonic() + timeout
         while not self._inner.check(keys):
             if self._stop.wait(STOP_POLL_SECONDS):
                 raise Unavailable("the session closed while its collective group formed")
-            if time.monotonic() >= deadline:
-                return
+            if time.monotonic() >= deadline and not self._inner.check(keys):
+                # (round 46) not the inner call: it waited the store's own timeout (its group's, not this subgroup's),
+                # and in one run a TCPStore client whose get timed out lost its connection ("Broken pipe"), and the
+                # rank's next subgroup failed to form. Such waits are more common now that a subgroup's keys go once
+                # it formed or failed (`forget`): a member that comes late to a failed subgroup finds nothing
+                raise Unavailable(f"the group's store holds no {', '.join(keys)} after {timeout:g} s")
 
     def _mac(self, key: str, value: bytes) -> bytes:
         return hmac.new(self._secret, key.encode() + b"\0" + value, hashlib.sha256).digest()
 
     def set(self, key: str, value: Any) -> None:
         data = value.encode() if isinstance(value, str) else bytes(value)
+        self.written.add(key)
         self._inner.set(key, self._mac(key, data) + data)
 
     def get(self, key: str) -> bytes:

@@ -414,7 +414,20 @@ def _form_hub(
         raise
     finally:
         listener.close()
+        # (round 46) every rank read it (each is in), or the hub failed and its port is closed: a subgroup's key left
+        # in rank 0's store grew it by each subgroup a session made and left, without bound
+        forget(store, [HUB_KEY])
     return SecureGroup(0, size, timeout, hub.channels)
+
+
+def forget(store: Any, keys: list[str]) -> None:
+    """Delete `keys` from the group's store, at most once each and best effort: a store that cannot be reached is
+    gone with its group (or its failure is the group's next call's to report)."""
+    for key in keys:
+        try:
+            store.delete_key(key)
+        except Exception as exc:
+            log.debug("deleting %s from the group's store: %s", key, exc)
 
 
 class Links:
@@ -494,6 +507,8 @@ class Links:
         finally:
             if listener is not None:
                 listener.close()
+                # (round 46) the higher ranks read them (each is in), or the listener is closed: they go
+                forget(self.store, [f"{P2P_KEY}/{self.rank}/{p}" for p in sorted(higher)])
 
     @staticmethod
     def stop_accepting(hub: _Hub, accepting: threading.Thread) -> None:

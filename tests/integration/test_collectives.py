@@ -26,9 +26,9 @@ from gpupool.protocol import COLLECTIVE_PORTS
 TIMEOUT = 4.0
 
 
-def join_all(sessions: list[Session], tokens: list[str], timeout: float = TIMEOUT, host: str = "127.0.0.1") -> None:
+def join_all(sessions: list[Session], tokens: list[str], timeout: float = TIMEOUT, host: str = "127.0.0.1") -> int:
     """What client/distributed.py's creator does: rank 0's daemon hosts the store, the others join it (at `host`,
-    an address or a name the joining daemon resolves once, server/collectives.py `_resolve_store`)."""
+    an address or a name the joining daemon resolves once, server/collectives.py `_resolve_store`). The store's port."""
     h = sessions[0].new_handle()
     join = device_pb2.GroupJoin(rank=0, size=len(sessions), tokens=tokens, port_handle=h, timeout_seconds=timeout)
     sessions[0].command(device_pb2.Command(group_join=join))
@@ -39,6 +39,7 @@ def join_all(sessions: list[Session], tokens: list[str], timeout: float = TIMEOU
         )
         s.command(device_pb2.Command(group_join=join))
         s.sync()
+    return int(port)
 
 
 def collective(s: Session, kind: str, tensors: list[int], inputs: list[int] = (), op: str = "", root: int = 0) -> None:  # type: ignore[assignment]

@@ -182,6 +182,18 @@ def _sockets() -> int:
     return count
 
 
+def _two_ranks(daemon_factory: Any, transport: str) -> tuple[list[Session], list[str]]:
+    """Two sessions of one lease on the two fake GPUs of one daemon run in this process (--isolation thread), and
+    their tokens."""
+    d = daemon_factory(
+        fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport,
+        gloo_connect_anywhere=transport == "gloo", isolation="thread",
+    )  # fmt: skip
+    lease = uuid.uuid4().hex
+    toks = [d.token(lease_id=lease, network=True, device=i) for i in range(2)]
+    return [Session.attach(d.address, t) for t in toks], toks
+
+
 @pytest.mark.parametrize("transport", ["secure", "gloo"])
 def test_a_left_subgroup_frees_its_number_its_place_and_its_links(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
     """Round 46: `dist.destroy_process_group(subgroup)` reaches the daemons (`GroupLeave`). Until then they were not
@@ -190,13 +202,7 @@ def test_a_left_subgroup_frees_its_number_its_place_and_its_links(daemon_factory
     of the same two ranks are made, used and left one after another, on both transports, and no socket stays behind;
     a left number is refused (leave and collective), the default group cannot be left, 32 held at once is still the
     limit, and a subgroup left before its members formed it forms and closes without holding them up."""
-    d = daemon_factory(
-        fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport,
-        gloo_connect_anywhere=transport == "gloo", isolation="thread",
-    )  # fmt: skip
-    lease = uuid.uuid4().hex
-    toks = [d.token(lease_id=lease, network=True, device=i) for i in range(2)]
-    sessions = [Session.attach(d.address, t) for t in toks]
+    sessions, toks = _two_ranks(daemon_factory, transport)
 
     def cycle(number: int) -> list[list[float]]:
         for s in sessions:
@@ -249,6 +255,61 @@ def test_a_left_subgroup_frees_its_number_its_place_and_its_links(daemon_factory
             collective(s, "allreduce", [h], op="sum")
         assert [s.download(h).tolist() for s, h in zip(sessions, c, strict=True)] == [[1.0]] * 2
         assert time.monotonic() - started < TIMEOUT, "the default group waited out a subgroup's formation"
+    finally:
+        for s in sessions:
+            s.close()
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_subgroups_made_and_left_in_a_loop_leave_no_keys_in_rank_0s_store(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """Round 46: a left subgroup's keys (rank 0's hub address, a pair link's listener, gloo's ranks' addresses) stayed
+    in the group's store, which rank 0's session hosts (under --isolation thread the daemon's own process, uncapped):
+    a client that made and left subgroups of the same ranks in a loop grew it by a few hundred bytes a cycle, without
+    bound (each made again takes a new secret, so new keys). Here 12 such cycles (formed, used, left), a send/recv's
+    pair link and 8 subgroups whose formation fails (one rank never comes) leave the store's key count where it was."""
+    sessions, toks = _two_ranks(daemon_factory, transport)
+
+    def cycle(number: int) -> None:
+        for s in sessions:
+            _join(s, number, [0, 1])
+        hs = [s.upload(torch.tensor([float(r + 1)])) for r, s in enumerate(sessions)]
+        for s, h in zip(sessions, hs, strict=True):
+            _on(s, number, "allreduce", [h], reduce_op="sum")
+        assert [s.download(h).tolist() for s, h in zip(sessions, hs, strict=True)] == [[3.0], [3.0]]
+        for s in sessions:
+            _leave(s, number)
+
+    def settled(store: Any, keys: int) -> int:
+        deadline = time.monotonic() + TIMEOUT  # (a failed formation's keys go in the group's thread)
+        while (now := int(store.num_keys())) > keys and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return now
+
+    try:
+        port = join_all(sessions, toks)
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
+        cycle(1)  # the default group's links formed: count from here
+        keys = store.num_keys()
+        for number in range(2, 14):
+            cycle(number)
+        hs = [s.upload(torch.tensor([float(r)])) for r, s in enumerate(sessions)]
+        for r, (s, h) in enumerate(zip(sessions, hs, strict=True)):  # the group's pair link (send/recv)
+            msg = device_pb2.Collective(kind="p2p", tensors=[h], peers=[1 - r], tags=[7], sending=[r == 0])
+            s.command(device_pb2.Command(collective=msg))
+            s.flush()
+        assert [s.download(h).tolist() for s, h in zip(sessions, hs, strict=True)] == [[0.0], [0.0]]
+        assert settled(store, keys) == keys, "12 subgroups made and left grew rank 0's store"
+        for s in sessions:  # rank 0 alone, then rank 1 alone: each formation fails, then its rank leaves
+            for number in range(20, 24):
+                join = device_pb2.GroupJoin(subgroup=number, members=[0, 1], timeout_seconds=0.3)
+                s.command(device_pb2.Command(group_join=join))
+                _leave(s, number)
+            c = [s.upload(torch.tensor([1.0])) for s in sessions]  # runs in the groups' threads after those
+            for s, h in zip(sessions, c, strict=True):
+                collective(s, "allreduce", [h], op="sum")
+            assert [s.download(h).tolist() for s, h in zip(sessions, c, strict=True)] == [[2.0], [2.0]]
+            assert settled(store, keys) == keys, "subgroups that failed to form left their keys in rank 0's store"
+        cycle(30)  # the group and its subgroups go on
     finally:
         for s in sessions:
             s.close()
