@@ -425,8 +425,9 @@ const c10::Storage& no_storage() {
 // that returned it or kept it: it is left to them and a new one is made), its geometry, dtype and key set are the
 // ones it would be made with, and its metadata may change (an op that locked it: a new one is made). Between runs it
 // holds no memory of a session: when a run ends (`release`, also when it raises), every view it used is pointed at an
-// empty storage, or let go where something else holds it. Inside a run no storage is freed (a run binds only fresh
-// handles and frees none), so a kept view never keeps alive what the session's accounting let go.
+// empty storage, or let go where something else holds it. A run's Free records (round 40) may let a handle go while
+// a kept view of it still holds its storage: that memory, which the session's accounting already let go, stays held
+// until the run ends (round 46's review: the comment here said a run frees none).
 at::Tensor kept_view(const at::Tensor& v, const Input& in) {
   at::Tensor& sh = in.shell;
   if (sh.defined() && sh.use_count() == 1 && sh.weak_use_count() == 1 && in.shell_keys == v.key_set()) {
