@@ -749,3 +749,24 @@ def native_runner_or_skip() -> Any:
             pytest.skip(f"the native runner cannot be built here: {why}")
         pytest.fail("the native runner did not build though it can be built here (see the warning logged)")
     return m
+
+
+def in_fresh_thread(fn: Callable[[], None], timeout: float = 300) -> None:
+    """Run `fn` in a new thread and raise what it raised: its thread-local dispatch and autograd state is the default
+    a daemon's worker thread runs with (round 46: in a CI worker process whose main thread an earlier test had left
+    with another thread-local dispatch state, the runner's dispatcher-free views -- `views_here` -- rightly declined,
+    and the tests that count them failed)."""
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            errors.append(exc)
+
+    th = threading.Thread(target=body)
+    th.start()
+    th.join(timeout=timeout)
+    assert not th.is_alive(), f"{fn.__name__} still running after {timeout:g} s"
+    if errors:
+        raise errors[0]

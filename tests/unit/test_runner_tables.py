@@ -10,7 +10,7 @@ import threading
 
 import pytest
 from gpupool.server.sessions import WorkerSession
-from support import native_runner_or_skip
+from support import in_fresh_thread, native_runner_or_skip
 from test_server_runs import (  # noqa: F401 - the fixture
     BASE,
     Pair,
@@ -127,20 +127,7 @@ def test_the_views_an_op_returning_its_argument_takes_are_made_without_the_dispa
     Run in a fresh thread, whose thread-local dispatch state is the default a daemon's worker thread has: the suite's
     first CI with this test ran it in a process whose main thread something earlier had left otherwise (no view was
     made here; `views_here` then rightly declines), and its figures are this thread's."""
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            _views_without_the_dispatcher(runner)
-        except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread
-            errors.append(exc)
-
-    th = threading.Thread(target=body)
-    th.start()
-    th.join(timeout=300)
-    assert not th.is_alive()
-    if errors:
-        raise errors[0]
+    in_fresh_thread(lambda: _views_without_the_dispatcher(runner))
 
 
 def _views_without_the_dispatcher(kind: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+from support import in_fresh_thread
 from test_server_runs import (  # noqa: F401 - the fixture
     FOREIGN,
     VW,
@@ -70,7 +71,12 @@ def test_a_learned_view_past_a_smaller_storage_is_refused_by_the_dispatcher_free
     """A run learned on X at offset 20 of a 40-float storage, its view argument reaching element 29; then X bound
     again with the same meta on a 12-float storage of its own: the view made without the dispatcher
     (`as_strided_tensorimpl`, `views_here`) is refused before it is made, the same error in both
-    sessions, nothing read past the storage; X wide again, the run goes on."""
+    sessions, nothing read past the storage; X wide again, the run goes on. In a fresh thread: the default dispatch
+    state a worker's thread has (support.in_fresh_thread)."""
+    in_fresh_thread(lambda: _learned_view_past_a_smaller_storage(runner))
+
+
+def _learned_view_past_a_smaller_storage(kind: str) -> None:
     p = Pair()
     _x_on(p, 40)
     mod = p.ex[0].native
@@ -84,5 +90,5 @@ def test_a_learned_view_past_a_smaller_storage_is_refused_by_the_dispatcher_free
     _x_on(p, 40)
     p.slice([c for t in range(9, 12) for c in _view_step(p, t, 25)])
     assert p.hits > hits
-    if runner == "native":
+    if kind == "native":
         assert mod.plain_views() - before >= 6
