@@ -1,0 +1,115 @@
+"""Round 47 (sec47): what round 46 left of the scheduler as a credential authority and the daemon as a tenant boundary,
+against real daemons (and schedulers) on loopback.
+
+1. A session's lease end was read from the wall clock alone: after a forward step the session ran on until the
+   reaper's next look (up to `reap_interval`, 10 s), and after a backward step by X it ran X past its end, and tokens
+   that expired within X before the step attached and refreshed again. A step of the daemon's wall clock is simulated
+   here by the `time` its module reads (`server.daemon.time`, and `gpupool.tokens.time`, which verifies tokens when
+   given no time), for in-process daemons only and undone after each test.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.session import Session
+from gpupool.server import daemon as server_daemon
+
+from gpupool import errors
+from gpupool import tokens as token_module
+
+_real_time = time.time
+
+
+class _Stepped:
+    """The `time` module, its wall clock stepped by `step` seconds (`monotonic`, `sleep` and the rest as they are)."""
+
+    def __init__(self) -> None:
+        self.step = 0.0
+
+    def time(self) -> float:
+        return _real_time() + self.step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Stepped]:
+    stepped = _Stepped()
+    monkeypatch.setattr(server_daemon, "time", stepped)
+    monkeypatch.setattr(token_module, "time", stepped)
+    yield stepped
+
+
+def _open(daemon: Any, s: Session) -> bool:
+    return s.session_id in [x.session_id for x in daemon.running.daemon.session_list()]
+
+
+def test_a_backward_step_of_the_wall_clock_does_not_lengthen_a_session(daemon: Any, clock: _Stepped) -> None:
+    """A session whose lease ends in 1.5 s; the daemon's wall clock steps back an hour: the session still ends at its
+    lease's end (its monotonic end, taken at attach). On 41939607 it ran on for the hour."""
+    s = Session.attach(daemon.address, daemon.token(ttl=1.5))
+    ends = time.monotonic() + 1.5
+    s.upload(torch.ones(4))
+    s.sync()
+    clock.step = -3600.0
+    while _open(daemon, s):
+        assert time.monotonic() < ends + 3.0, "a step back of the wall clock kept the session open past its lease's end"
+        time.sleep(0.05)
+    with pytest.raises(errors.FailedPrecondition, match="expired"):
+        s.sync()
+    s.close()
+
+
+def test_a_backward_step_revives_no_expired_token(daemon: Any, clock: _Stepped) -> None:
+    """Tokens that expired 30 s ago, the daemon's wall clock then stepped back an hour: Attach and RefreshToken still
+    refuse them (the daemon's lease clock does not go back: `LeaseClock`). On 41939607 both took them, and the refresh
+    moved the session's end to the expired token's, an hour on."""
+    live = Session.attach(daemon.address, daemon.token(ttl=600, lease_id="sec47-live"))
+    expired = daemon.token(ttl=-30)
+    stale_renewal = daemon.token(ttl=-30, lease_id="sec47-live")
+    clock.step = -3600.0
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        Session.attach(daemon.address, expired).close()
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        live.refresh(stale_renewal)
+    live.sync()  # (a refused refresh ends nothing)
+    live.close()
+
+
+def test_a_forward_step_ends_the_session_at_its_next_frame(daemon: Any, clock: _Stepped) -> None:
+    """A session of an hour's lease; the daemon's wall clock steps two hours on (its lease has ended on that clock):
+    the session's next frame finds it ended (FAILED_PRECONDITION, expired) and nothing of it runs. On 41939607 it ran
+    on until the reaper's next look, up to 10 s (`reap_interval`)."""
+    s = Session.attach(daemon.address, daemon.token(ttl=3600))
+    s.upload(torch.ones(4))
+    s.sync()
+    clock.step = 7200.0
+    with pytest.raises(errors.FailedPrecondition, match="expired"):
+        s.sync()
+    assert not _open(daemon, s)
+    s.close()
+
+
+def test_the_expiry_hold_keeps_an_ended_lease_s_session_at_its_frames(daemon: Any) -> None:
+    """While the registrar holds expiries (its scheduler unreachable: nobody can renew), a session whose lease ended
+    runs on, at its frames too; once the hold is over the reaper closes it. (A guard of the hold, which round 47 keeps
+    on the monotonic clock: it passes on 41939607 too.)"""
+    d = daemon.running.daemon
+    d.hold_expiry(time.time() + 60)
+    s = Session.attach(daemon.address, daemon.token(ttl=0.5))
+    time.sleep(1.0)
+    s.upload(torch.ones(4))
+    s.sync()
+    assert _open(daemon, s)
+    d.hold_expiry(time.time())
+    deadline = time.monotonic() + 5.0
+    while _open(daemon, s):
+        assert time.monotonic() < deadline, "the session outlived the hold"
+        time.sleep(0.05)
+    s.close()
