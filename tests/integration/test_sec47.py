@@ -6,21 +6,33 @@ against real daemons (and schedulers) on loopback.
    that expired within X before the step attached and refreshed again. A step of the daemon's wall clock is simulated
    here by the `time` its module reads (`server.daemon.time`, and `gpupool.tokens.time`, which verifies tokens when
    given no time), for in-process daemons only and undone after each test.
+2. `gpupool token mint` had no `--cert`: a hand-minted token was always unbound (a bearer's at every daemon).
+3. An operator whose name was a tenant's, allocating for that tenant, had the lease bound to the operator's own
+   certificate, which the tenant's could not attach (secrev46).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import test_control45
 import torch
 from gpupool.client.session import Session
 from gpupool.server import daemon as server_daemon
+from support import TEST_HOST, DaemonFactory, get_pki, operator_tls
+from test_control45 import _daemon
+from test_sec46 import _allocate, _attach, _fingerprint
+from test_security import Pool
 
-from gpupool import errors
+from gpupool import certrevoke, errors, tokencli
 from gpupool import tokens as token_module
+
+pool = test_control45.pool  # the fixture: a scheduler on a SQLite state of its own
 
 _real_time = time.time
 
@@ -113,3 +125,57 @@ def test_the_expiry_hold_keeps_an_ended_lease_s_session_at_its_frames(daemon: An
         assert time.monotonic() < deadline, "the session outlived the hold"
         time.sleep(0.05)
     s.close()
+
+
+def _mint(capsys: pytest.CaptureFixture[str], key_file: Path, *extra: str) -> str:
+    capsys.readouterr()
+    assert tokencli.main(["mint", "--token-key-file", str(key_file), "--host", TEST_HOST, "--ttl", "600", *extra]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_token_mint_cert_binds_a_hand_minted_token(
+    daemon_factory: DaemonFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gpupool token mint --cert FILE` (or `--cert sha256:HEX`) writes the certificate's fingerprint as the token's
+    `cert` claim, as the scheduler does: a daemon under `--tls-client-auth require` attaches it for that certificate
+    only. Without `--cert` the token stays anyone's. On 41939607 `--cert` was no flag (exit 2)."""
+    token_key_file, public = tmp_path / "token.key", tmp_path / "token.pub"
+    assert tokencli.main(["keygen", str(token_key_file), "--public", str(public)]) == 0
+    host = daemon_factory(tls=operator_tls(), isolation="thread", token_key=token_module.load_verifier(public))
+    alice = get_pki().issue("tenant", "alice47")
+    fingerprint = _fingerprint("tenant", "alice47")
+    by_file = _mint(capsys, token_key_file, "--cert", str(alice.cert))
+    by_fingerprint = _mint(capsys, token_key_file, "--cert", fingerprint.upper().replace("SHA256:", "sha256:"))
+    for token in (by_file, by_fingerprint):
+        assert token_module.unverified_claim(token, "cert") == fingerprint
+        code, words = _attach(host.address, "bob47", token)
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "bound to client certificate" in words, (code, words)
+        assert _attach(host.address, "alice47", token) == (grpc.StatusCode.OK, "")
+    unbound = _mint(capsys, token_key_file)
+    assert not token_module.unverified_claim(unbound, "cert")
+    assert _attach(host.address, "bob47", unbound) == (grpc.StatusCode.OK, "")
+    capsys.readouterr()
+    assert tokencli.main(["mint", "--token-key-file", str(token_key_file), "--cert", "no-such-file.pem"]) == 1
+    assert "no certificate fingerprint" in capsys.readouterr().err
+
+
+def test_an_operator_named_as_the_tenant_allocates_it_an_unbound_lease(
+    pool: Pool, daemon_factory: DaemonFactory
+) -> None:
+    """Operator `alice47` (an admin certificate) allocating for tenant `alice47`: the lease is the tenant's, not bound
+    to the operator's certificate (as an operator's lease for any named tenant), so the tenant's certificate attaches
+    it. On 41939607 it was bound to the admin certificate and the tenant's was refused. An operator allocating with no
+    tenant named (its own lease) is still bound to its certificate."""
+    host = _daemon(daemon_factory, pool)
+    assert host.running.registrar.registered.wait(20)
+    named = _allocate(pool, "admin", "alice47", tenant="alice47")
+    assert named.tenant == "alice47"
+    token = named.devices[0].token
+    assert not token_module.unverified_claim(token, "cert")
+    assert _attach(host.address, "alice47", token) == (grpc.StatusCode.OK, "")
+    own = _allocate(pool, "admin", "alice47")
+    assert token_module.unverified_claim(own.devices[0].token, "cert") == certrevoke.fingerprint_pem(
+        get_pki().issue("admin", "alice47").cert.read_bytes()
+    )
+    code, words = _attach(host.address, "alice47", own.devices[0].token)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "bound to client certificate" in words, (code, words)
