@@ -9,6 +9,8 @@ against real daemons (and schedulers) on loopback.
 2. `gpupool token mint` had no `--cert`: a hand-minted token was always unbound (a bearer's at every daemon).
 3. An operator whose name was a tenant's, allocating for that tenant, had the lease bound to the operator's own
    certificate, which the tenant's could not attach (secrev46).
+4. `gpupool serve`'s default `--tls-client-auth none` held a certificate pool's daemon (one started without the flag)
+   to nothing: now `auto`, `require` where the daemon proves itself to its scheduler with its certificate.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import test_control45
 import torch
 from gpupool.client.session import Session
 from gpupool.server import daemon as server_daemon
-from support import TEST_HOST, DaemonFactory, get_pki, operator_tls
-from test_control45 import _daemon
-from test_sec46 import _allocate, _attach, _fingerprint
+from support import TEST_HOST, DaemonFactory, get_pki, operator_tls, start_serve_process, stop_process
+from test_control45 import _code, _daemon
+from test_sec46 import _allocate, _attach, _fingerprint, _stub
 from test_security import Pool
 
 from gpupool import certrevoke, errors, tokencli
 from gpupool import tokens as token_module
+from gpupool._proto import device_pb2
 
 pool = test_control45.pool  # the fixture: a scheduler on a SQLite state of its own
 
@@ -179,3 +182,53 @@ def test_an_operator_named_as_the_tenant_allocates_it_an_unbound_lease(
     )
     code, words = _attach(host.address, "alice47", own.devices[0].token)
     assert code == grpc.StatusCode.PERMISSION_DENIED and "bound to client certificate" in words, (code, words)
+
+
+def _client_auth(tmp_path: Path, *flags: str) -> str:
+    """What `gpupool serve`'s own parser and config make of `flags` (with a host certificate, a CA and token keys)."""
+    from gpupool.server.cli import build_parser, config_from_args
+
+    files = get_pki().issue("host", "gpu-47")
+    public = tmp_path / "token.pub"
+    if not public.exists():
+        tokens_key = tmp_path / "token.key"
+        assert tokencli.main(["keygen", str(tokens_key), "--public", str(public)]) == 0
+    common = ["--token-public-keys", str(public), "--host-id", "gpu-47", "--tls-cert", str(files.cert), "--tls-key"]
+    args = build_parser().parse_args([*common, str(files.key), "--tls-ca", get_pki().ca_file, *flags])
+    return config_from_args(args).tls.client_auth
+
+
+def test_serve_requires_client_certificates_where_it_joins_its_scheduler_by_certificate(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """`--tls-client-auth auto`, serve's default: `require` for a daemon with a `--scheduler`, a `--tls-ca` and no
+    `--join-token-file` (its scheduler requires client certificates: every client of the pool has one), `none` for a
+    daemon joining with a token or without a scheduler (API-token tenants, hand-minted tokens' users), an explicit
+    flag as given. A real `gpupool serve` registering with a real scheduler by its host certificate then refuses a
+    client without a certificate and serves one with. On 41939607 the default was `none` everywhere."""
+    join = tmp_path / "join.token"
+    join.write_text("join-secret\n")
+    join.chmod(0o600)
+    assert _client_auth(tmp_path, "--scheduler", pool.address) == "require"
+    assert _client_auth(tmp_path, "--scheduler", pool.address, "--join-token-file", str(join)) == "none"
+    assert _client_auth(tmp_path) == "none"
+    assert _client_auth(tmp_path, "--scheduler", pool.address, "--tls-client-auth", "none") == "none"
+    assert _client_auth(tmp_path, "--tls-client-auth", "require") == "require"
+
+    files = get_pki().issue("host", TEST_HOST)
+    seed = tmp_path / "seed.key"
+    seed.write_bytes(b"sec47-seed\n")
+    proc, address = start_serve_process(
+        seed, "--fake-gpus", "1", "--isolation", "thread", "--scheduler", pool.address, "--tls-cert",
+        str(files.cert), "--tls-key", str(files.key), "--tls-ca", get_pki().ca_file,
+    )  # fmt: skip
+    try:
+        log = "".join(proc.log_lines)  # type: ignore[attr-defined]
+        assert "--tls-client-auth auto: require" in log and "asks no client" not in log, log
+        for name, expected in ((None, grpc.StatusCode.UNAVAILABLE), ("alice47", grpc.StatusCode.OK)):
+            ch, stub = _stub(address, name)
+            with ch:
+                code, words = _code(lambda stub=stub: stub.Status(device_pb2.StatusRequest(), timeout=10))
+            assert code == expected, (name, code, words)
+    finally:
+        stop_process(proc)
