@@ -97,11 +97,17 @@ def test_a_backward_step_revives_no_expired_token(daemon: Any, clock: _Stepped) 
     live.close()
 
 
-def test_a_forward_step_ends_the_session_at_its_next_frame(daemon: Any, clock: _Stepped) -> None:
-    """A session of an hour's lease; the daemon's wall clock steps two hours on (its lease has ended on that clock):
-    the session's next frame finds it ended (FAILED_PRECONDITION, expired) and nothing of it runs. On 41939607 it ran
-    on until the reaper's next look, up to 10 s (`reap_interval`)."""
+@pytest.mark.parametrize("carrier", ["stream", "side socket"])
+def test_a_forward_step_ends_the_session_at_its_next_frame(
+    daemon_factory: DaemonFactory, clock: _Stepped, carrier: str
+) -> None:
+    """A session of an hour's lease, its frames on its stream or its side socket; the daemon's wall clock steps two
+    hours on (its lease has ended on that clock): the session's next frame finds it ended (FAILED_PRECONDITION,
+    expired) and nothing of it runs. On 41939607 it ran on until the reaper's next look, up to 10 s
+    (`reap_interval`)."""
+    daemon = daemon_factory(bulk_listen="127.0.0.1:0") if carrier == "side socket" else daemon_factory()
     s = Session.attach(daemon.address, daemon.token(ttl=3600))
+    assert (s._carrier is not None) == (carrier == "side socket")
     s.upload(torch.ones(4))
     s.sync()
     clock.step = 7200.0
