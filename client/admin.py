@@ -27,7 +27,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from gpupool import certrevoke
 from gpupool.config import add_flag
@@ -121,7 +120,7 @@ def cert_main(argv: list[str]) -> int:
     if args.action != "list" and not args.certificates:
         p.error("name the certificates (files or fingerprints)")
     try:
-        named = [_fingerprint(x) for x in args.certificates]
+        named = [certrevoke.fingerprint_given(x) for x in args.certificates]
     except (GpupoolError, OSError) as exc:
         print(f"gpupool cert {args.action}: {exc}", file=sys.stderr)
         return 1
@@ -141,14 +140,3 @@ def cert_main(argv: list[str]) -> int:
         return 0
 
     return _on_scheduler(args.scheduler, f"cert {args.action}", act)
-
-
-def _fingerprint(given: str) -> str:
-    """A fingerprint, or the fingerprint of the PEM certificate file `given` names."""
-    path = Path(given)
-    if path.is_file():
-        try:
-            return certrevoke.fingerprint_pem(path.read_bytes())
-        except GpupoolError as exc:
-            raise type(exc)(f"{given}: {exc}") from None
-    return certrevoke.normalize(given)

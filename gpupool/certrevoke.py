@@ -17,9 +17,10 @@ import re
 import ssl
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from gpupool.errors import InvalidArgument
+from gpupool.errors import GpupoolError, InvalidArgument
 
 PREFIX = "sha256:"
 MAX_REVOKED = 10_000  # a heartbeat reply carries the list whole (~72 bytes an entry: 720 KB at most)
@@ -121,6 +122,18 @@ def normalize(text: str) -> str:
         shown = text[:80].encode("unicode_escape").decode()
         raise InvalidArgument(f"{shown!r} is no certificate fingerprint: expected sha256:<64 hex digits>")
     return PREFIX + raw
+
+
+def fingerprint_given(given: str) -> str:
+    """A fingerprint, or the fingerprint of the PEM certificate file `given` names (`gpupool cert revoke
+    FILE|sha256:HEX`, `gpupool token mint --cert`); InvalidArgument naming `given` for a file holding no certificate."""
+    path = Path(given)
+    if path.is_file():
+        try:
+            return fingerprint_pem(path.read_bytes())
+        except GpupoolError as exc:
+            raise type(exc)(f"{given}: {exc}") from None
+    return normalize(given)
 
 
 def version_of(fingerprints: Iterable[str]) -> str:

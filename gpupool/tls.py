@@ -86,6 +86,7 @@ def add_tls_flags(
     client_auth: str | None = None,
     client_auth_help: str = "require clients to present a certificate signed by --tls-ca, or not (then tokens identify "
     "them)",
+    client_auth_choices: tuple[str, ...] = CLIENT_AUTH,
 ) -> None:
     """--tls-cert, --tls-key, --tls-ca, --insecure (and --tls-client-auth where `client_auth` gives its default)."""
     add_flag(parser, "--tls-cert", default="", help="PEM certificate of this program (reloaded when the file changes)")
@@ -97,7 +98,7 @@ def add_tls_flags(
             parser,
             "--tls-client-auth",
             default=client_auth,
-            choices=CLIENT_AUTH,
+            choices=client_auth_choices,
             help=client_auth_help,
         )
 

@@ -4,7 +4,8 @@ gpupool token keygen KEY [--public PUB]   a new Ed25519 signing key (scheduler),
 gpupool token public-key --token-key-file KEY   print the public key (append it to the daemons' key file)
 gpupool token api-token --role tenant --name alice --credentials FILE --out alice.token
                                           a new API token (tenant, host join token, admin) and its credentials line
-gpupool token [mint] --token-key-file KEY --host H --device 0 ...   sign a lease token (daemons without a scheduler)
+gpupool token [mint] --token-key-file KEY --host H --device 0 [--cert FILE] ...
+                                          sign a lease token (daemons without a scheduler)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gpupool import tokens
+from gpupool import certrevoke, tokens
 from gpupool.config import add_flag, size_arg, write_secret
 from gpupool.errors import GpupoolError
 
@@ -42,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--tenant", default="", help="tenant name shown in metrics")
     add_flag(p, "--lease-id", default="", help="lease id (default: a new random one)")
     p.add_argument(
+        "--cert",
+        default="",
+        metavar="FILE",
+        help="bind the token to this client certificate (a PEM file, or its fingerprint sha256:HEX), as the scheduler "
+        "binds a lease allocated with one: a daemon under --tls-client-auth require then attaches it only for that "
+        "certificate (a leaked token is worth nothing without its key); unbound (anyone's) without it",
+    )
+    p.add_argument(
         "--network",
         action="store_true",
         help="let the session's worker open TCP sockets (collectives of a lease of several devices; the daemon's "
@@ -59,6 +68,7 @@ def _mint(argv: list[str]) -> int:
         print(f"gpupool token: --ttl must be in (0, {tokens.MAX_TTL:g}]", file=sys.stderr)
         return 2
     signer = tokens.load_signer(args.token_key_file)
+    cert = certrevoke.fingerprint_given(args.cert) if args.cert else ""
     claims = tokens.TokenClaims(
         lease_id=args.lease_id or uuid.uuid4().hex,
         host=args.host,
@@ -68,6 +78,7 @@ def _mint(argv: list[str]) -> int:
         expires_at=time.time() + args.ttl,
         tenant=args.tenant,
         network=args.network,
+        cert=cert,
     )
     print(tokens.mint(signer, claims))
     return 0

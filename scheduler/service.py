@@ -42,12 +42,14 @@ def _cursor(lease_id: str) -> str:
     return hashlib.sha256(lease_id.encode()).hexdigest()[:32]
 
 
-def _bound_cert(caller: auth.Identity, tenant: str, context: grpc.ServicerContext) -> str:
+def _bound_cert(caller: auth.Identity, named: str, context: grpc.ServicerContext) -> str:
     """The client certificate a new lease's tokens are bound to (round 46, `LeaseRecord.cert`): its fingerprint and
     its ECDSA twins', space-separated, where the caller is named by its certificate and allocates for itself; ""
-    where it is named by an API token (nothing a daemon can check) or is an operator allocating for another tenant
-    (whose own certificate will present the tokens)."""
-    if not caller.by_cert or tenant != caller.name:
+    where it is named by an API token (nothing a daemon can check) or is an operator allocating for a tenant it names
+    (`named`: `AllocateRequest.tenant`; that tenant's own certificate will present the tokens). Named, whatever the
+    name: until round 47 an operator whose name was the tenant's (`gpupool://admin/alice` allocating for tenant
+    `alice`) had the lease bound to the operator's certificate, which alice's certificate could not attach."""
+    if not caller.by_cert or (caller.admin and named):
         return ""
     pem = certrevoke.peer_pem(context)
     if pem is None:
@@ -193,7 +195,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         caller = auth.current()
         tenant = caller.tenant_for(request.tenant)
-        cert = _bound_cert(caller, tenant, context)
+        cert = _bound_cert(caller, request.tenant, context)
         lease = self.core.allocate(
             req,
             tenant=tenant,

@@ -159,14 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--join-token-file", default="", help="API token proving this host to the scheduler (no client cert)")
     tls.add_tls_flags(
         p,
-        client_auth="none",
+        client_auth="auto",
+        client_auth_choices=("auto", *tls.CLIENT_AUTH),
         client_auth_help="require every client to present a certificate signed by --tls-ca (then revoked "
         "certificates are refused, a lease token attaches only with the certificate it was allocated with, and Status "
         "shows an admin or metrics certificate every session, a tenant its own; deploy/'s units and `gpupool up` "
-        "set it), or ask none (the default, for pools whose tenants hold API tokens only; warned about at start: "
-        "lease tokens identify clients, whoever holds one, and Status shows a caller only the sessions it names; under "
-        "either, an operator's smi, with the scheduler's admin credential, presents status tokens that show it every "
-        "session)",
+        "set it), or ask none (for pools whose tenants hold API tokens only, and hand-minted tokens' users without "
+        "certificates; warned about at start: lease tokens identify clients, whoever holds one, and Status shows a "
+        "caller only the sessions it names; under either, an operator's smi, with the scheduler's admin credential, "
+        "presents status tokens that show it every session); auto (the default): require where this daemon proves "
+        "itself to its --scheduler with its certificate (TLS, a --tls-ca, no --join-token-file: that scheduler "
+        "requires client certificates, so the pool's clients hold them), none otherwise",
     )
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
@@ -398,7 +401,9 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     from .daemon import DaemonConfig
     from .speedmodel import SpeedModel
 
-    tls_config = dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file)
+    tls_config = resolve_client_auth(
+        dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file), args.scheduler
+    )
     check_host_id(args.host_id, tls_config.cert, args.scheduler, tls_config.api_token_file)
     return DaemonConfig(
         listen=args.listen,
@@ -444,15 +449,33 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     )
 
 
+def resolve_client_auth(cfg: tls.TlsConfig, scheduler: str) -> tls.TlsConfig:
+    """`--tls-client-auth auto` (serve's default since round 47) made `require` or `none`: `require` where the daemon
+    proves itself to its scheduler with its certificate (TLS, a `--scheduler`, a `--tls-ca`, no `--join-token-file`).
+    Its scheduler sees client certificates then (a scheduler under `none` asks for none, and the daemon would have no
+    credential), and a scheduler requires them from everyone or no one, so every tenant and operator of that pool
+    holds one (`gpupool run`, the clients and smi present it: `gpupool up` and deploy/'s units require them). `none`
+    elsewhere: an API-token pool's daemon joins with a token and its tenants may have no certificate, and a daemon
+    without a scheduler serves hand-minted tokens whose users may have none (README). Until round 47 the default was
+    `none` everywhere, so a certificate pool's daemon started without the flag refused no revoked certificate and
+    held no lease token to its certificate. The CA that verifies the scheduler is the one that verifies clients: a
+    pool whose client certificates come from another CA names both in --tls-ca, or passes the flag."""
+    if cfg.client_auth != "auto":
+        return cfg
+    by_cert = not cfg.insecure and bool(cfg.ca) and bool(scheduler) and not cfg.api_token_file
+    return dataclasses.replace(cfg, client_auth="require" if by_cert else "none")
+
+
 def client_auth_warning(cfg: tls.TlsConfig) -> str:
-    """What a TLS daemon that asks no client for a certificate (`--tls-client-auth none`, serve's default) cannot do,
-    said once at its start (round 46); "" for one that requires them, or `--insecure` (said elsewhere). The default
-    stays `none`: a pool whose tenants hold only API tokens (its scheduler under `none`) has no certificate to present,
-    and a daemon serving hand-minted tokens may have no --tls-ca. The units in deploy/ and `gpupool up` require."""
+    """What a TLS daemon that asks no client for a certificate (`--tls-client-auth none`, or `auto` without a
+    certificate's scheduler link: `resolve_client_auth`) cannot do, said once at its start (round 46); "" for one that
+    requires them, or `--insecure` (said elsewhere). A pool whose tenants hold only API tokens (its scheduler under
+    `none`) has no certificate to present, and a daemon serving hand-minted tokens may have no --tls-ca. The units in
+    deploy/ and `gpupool up` require."""
     if cfg.insecure or cfg.verifies_clients:
         return ""
     return (
-        "--tls-client-auth none (the default): this daemon asks no client for a certificate, so it cannot refuse a "
+        "--tls-client-auth none: this daemon asks no client for a certificate, so it cannot refuse a "
         "revoked one (gpupool cert revoke), cannot hold a lease token to the certificate it was allocated with (any "
         "holder of a token attaches it), and shows a tenant's certificate none of its sessions; where every client "
         "holds a certificate of the pool's CA (the scheduler's default, --tls-client-auth require, means they do), "
@@ -495,6 +518,11 @@ def main(argv: list[str]) -> int:
     warning = client_auth_warning(config.tls)
     if warning:
         log.warning("%s", warning)
+    elif config.tls.verifies_clients and args.tls_client_auth == "auto":
+        log.info(
+            "--tls-client-auth auto: require (this daemon proves itself to its scheduler with its certificate, so "
+            "the pool's clients hold certificates; --tls-client-auth none serves clients without one)"
+        )
     from .app import RunningDaemon
 
     try:

@@ -88,6 +88,46 @@ REVOCATIONS_WAIT = 5.0
 # checked after the wait) held up to every thread of a daemon that had not heard from its scheduler yet.
 REVOCATIONS_WAITERS = 16
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
+
+
+class LeaseClock:
+    """The daemon's time for lease ends and token expiries: the wall clock (`time.time`, the scheduler's `expires_at`
+    is a unix time), never stepped back. A backward step of the wall clock by X (round 47: until then) kept every open
+    session X past its lease's end and attached, refreshed and showed tokens that expired within X before the step;
+    after one this clock runs on from where it was at the monotonic clock's rate (a warning says so), until the wall
+    clock passes it again. A forward step is taken as it comes (the scheduler's lease ends are on a clock that was
+    ahead of this one). Each session also holds a monotonic end taken at its attach and each renewal
+    (`FrontSession.ends_mono`), checked at its frames (`Daemon.lapsed`) and by the reaper."""
+
+    def __init__(self) -> None:
+        self._anchor = (time.time(), time.monotonic())  # (a tuple: one assignment, whichever thread writes it)
+        self._warned = 0.0  # the backward step last logged (seconds)
+
+    def now(self) -> float:
+        wall, mono = time.time(), time.monotonic()
+        then, then_mono = self._anchor
+        floor = then + (mono - then_mono)
+        if wall >= floor:
+            self._anchor = (wall, mono)
+            self._warned = 0.0
+            return wall
+        behind = floor - wall
+        if behind > self._warned + 1.0:
+            self._warned = behind
+            log.warning(
+                "the wall clock stepped back %.1f s: lease ends and token expiries keep this daemon's time (no step "
+                "back lengthens a session or revives an expired token) until the clock passes it again; restart the "
+                "daemon if its clock was wrong before",
+                behind,
+            )
+        return floor
+
+    def ends_mono(self, expires_at: float) -> float:
+        """A lease's end (unix seconds) on the monotonic clock, from now."""
+        now = self.now()
+        return time.monotonic() + (expires_at - now)
+
+
 # A reader's last item may also be the error that ended its frames (a malformed frame, a broken side socket: the
 # GpupoolError itself, `DeviceServicer._fail`): queued like END_OF_STREAM, it reaches the outbox once the commands
 # queued before it ran and replied, and ends the session there (until round 34 it went to the outbox at once and
@@ -429,7 +469,8 @@ class Daemon:
         self._draining = False
         self._stop = threading.Event()
         self._reap_wake = threading.Event()  # a new session, a changed expiry hold, the stop: the reaper looks again
-        self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
+        self.clock = LeaseClock()  # lease ends and token expiries: the wall clock, never stepped back (round 47)
+        self._expiry_hold = 0.0  # set by the registrar: no lease's end closes a session before this (monotonic s)
         # Set once the scheduler answered a heartbeat (told every revocation it holds for this host); at once for a
         # daemon that registers with none (its tokens' revocations have nowhere to come from).
         self._heard = threading.Event()
@@ -515,13 +556,13 @@ class Daemon:
         """A new session for `token`; `conv_layout`: its client asked for that feature, which this daemon names
         (server/service.py `Attach`): its convolutions' outputs are laid out as cuDNN's (gpupool/protocol.py);
         `peer`: the caller's client certificate (PEM), where this daemon sees them (`check_bound`)."""
-        claims = tokens.verify(self.config.token_key, token)
+        claims = tokens.verify(self.config.token_key, token, now=self.clock.now())
         if claims.host != self.host_id:  # (before any wait: another host's token holds no thread here)
             raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
         self.check_bound(claims, peer)
         if not self._heard.is_set():
             self._await_revocations("Attach")
-            claims = tokens.verify(self.config.token_key, token)  # (its lease may be among those just told)
+            claims = tokens.verify(self.config.token_key, token, now=self.clock.now())  # (its lease may be just told)
         if self._draining:
             raise Unavailable(f"host {self.host_id} is draining")
         dev = next((d for d in self.device_list if d.index == claims.device), None)
@@ -546,6 +587,7 @@ class Daemon:
             s = FrontSession(
                 secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id, self.unread
             )
+            s.ends_mono = self.clock.ends_mono(claims.expires_at)
             s.runner = self._new_runner(s, network=claims.network, conv_layout=conv_layout)
             try:
                 s.entry = self.queues[dev.index].add(s, claims.share)
@@ -765,12 +807,26 @@ class Daemon:
 
     def refresh(self, s: FrontSession, token: str) -> float:
         """Extend a session with a renewed token of its own lease; returns its new end (unix seconds)."""
-        claims = tokens.verify(self.config.token_key, token)
+        claims = tokens.verify(self.config.token_key, token, now=self.clock.now())
         if (claims.lease_id, claims.host, claims.device) != (s.lease_id, self.host_id, s.device.index):
             raise Unauthenticated("refreshed token is for another lease or device")
         self.check_bound(claims, s.cert_pem)  # (the caller is the session's certificate: `check_holder`)
+        s.ends_mono = max(s.ends_mono, self.clock.ends_mono(claims.expires_at))
         s.expires_at = max(s.expires_at, claims.expires_at)
         return s.expires_at
+
+    def lapsed(self, s: FrontSession) -> bool:
+        """Whether `s`'s lease has ended (its session then closed here, as the reaper closes it): checked at each of its
+        frames, before anything of it is queued or answered (round 47: a session after a forward step of the wall clock
+        ran up to the reaper's sleep, 10 s, past its end; after a backward step, by the step). Its end on the monotonic
+        clock (taken at its attach and renewals) or the wall clock's, whichever comes first; not while the registrar
+        holds expiries (the scheduler unreachable: nobody can renew)."""
+        if s.ends_mono > time.monotonic() and s.expires_at > time.time():
+            return False
+        if time.monotonic() < self._expiry_hold:
+            return False
+        self.close_session(s, f"lease {s.lease_id} expired")
+        return True
 
     def close_session(
         self,
@@ -841,16 +897,19 @@ class Daemon:
         session, a changed hold and the daemon's stop: an idle daemon's reaper wakes every `reap_interval` alone."""
         while not self._stop.is_set():
             self._reap_wake.clear()
-            now = time.time()
+            now = self.clock.now()
+            mono = time.monotonic()
             hold = self._expiry_hold
-            first = now + self.config.reap_interval
+            first = mono + self.config.reap_interval
             for s in self.session_list():
-                if s.expires_at <= now and now >= hold:
+                # (its wall-clock end on the monotonic clock from now: a forward step since its attach brings it nearer)
+                ends = min(s.ends_mono, mono + (s.expires_at - now))
+                if ends <= mono and mono >= hold:
                     self._close_aside(s, f"lease {s.lease_id} expired")
                 else:
-                    first = min(first, max(s.expires_at, hold))
+                    first = min(first, max(ends, hold))
             # (measured from now: a close above may have taken long, an inline one waits for its session's slice)
-            self._reap_wake.wait(min(max(first - time.time(), 0.01), self.config.reap_interval))
+            self._reap_wake.wait(min(max(first - time.monotonic(), 0.01), self.config.reap_interval))
 
     def _close_aside(self, s: FrontSession, reason: str) -> None:
         """Close one of several sessions (the reaper's expired ones, a revoked lease's): a session whose close
@@ -1108,8 +1167,9 @@ class Daemon:
         return self._draining
 
     def hold_expiry(self, until: float) -> None:
-        """While the scheduler is unreachable nobody can renew a lease: keep expired sessions until `until`."""
-        self._expiry_hold = until
+        """While the scheduler is unreachable nobody can renew a lease: keep expired sessions until `until` (unix
+        seconds; held on the monotonic clock from now, so that no step of the wall clock lengthens it)."""
+        self._expiry_hold = time.monotonic() + max(0.0, until - time.time())
         self._reap_wake.set()
 
     def revocations_heard(self) -> None:
@@ -1272,7 +1332,7 @@ class Daemon:
     def lease_named(self, token: str, peer: bytes | None = None) -> str:
         """The lease of a token presented to Status, checked as Attach checks it (signature, expiry, revocation,
         this host, the certificate it is bound to): its holder may see that lease's sessions."""
-        claims = tokens.verify(self.config.token_key, token)
+        claims = tokens.verify(self.config.token_key, token, now=self.clock.now())
         if claims.host != self.host_id:
             raise PermissionDenied(f"token is for host {claims.host!r}, this is {self.host_id!r}")
         self.check_bound(claims, peer)
@@ -1304,12 +1364,14 @@ class Daemon:
     def operator_status(self, token: str) -> None:
         """Check a status token presented to Status (the scheduler's grant to an operator of this host's full view:
         `tokens.mint_status`): signed by the scheduler's key, unexpired, for this host; raises otherwise."""
-        host = tokens.verify_status(self.config.token_key, token)
+        host = tokens.verify_status(self.config.token_key, token, now=self.clock.now())
         if host != self.host_id:  # (before any wait, as Attach's)
             raise PermissionDenied(f"status token is for host {host!r}, this is {self.host_id!r}")
         if not self._heard.is_set():
             self._await_revocations("a status token")
-            tokens.verify_status(self.config.token_key, token)  # (revoked since: the scheduler's reply says)
+            tokens.verify_status(
+                self.config.token_key, token, now=self.clock.now()
+            )  # (revoked since: the scheduler's reply says)
 
     # ---- shutdown ----
 

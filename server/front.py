@@ -94,6 +94,9 @@ class FrontSession:
         self.quota = quota
         self.share = claims.share
         self.expires_at = claims.expires_at
+        # its lease's end on the monotonic clock, taken at its attach and each renewal (`Daemon.lapsed`: no step of the
+        # wall clock lengthens it)
+        self.ends_mono = float("inf")
         self.lock = threading.RLock()  # held while a slice of this session runs
         self.runner: Runner | None = None
         self.worker_uid = -1  # its worker's own uid (--worker-uids), given back when the session closes

@@ -248,6 +248,8 @@ class DeviceServicer:
         """One frame of the session (from either carrier): checked, split and queued (with `batch`, a side
         reader's, held there to be queued with the frames after it: `read_side`); False when it ended the session
         (its error is queued after the commands `batch` held: `_fail`) or the session is gone."""
+        if self.daemon.lapsed(s):  # its lease ended: the session is closed now (its stream ends saying so)
+            return False
         rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
         if rid is not None:
             if not self._flush(s, batch):  # what came before it runs first (then the session is idle, usually)
