@@ -679,6 +679,8 @@ def runs(args: argparse.Namespace, mod: Any) -> Counter[str]:
     deadline = time.monotonic() + args.seconds
     case = 0
     paths = [Path(p) for p in args.recording]
+    views = getattr(mod, "plain_views", None)  # (round 47) views made without the dispatcher (`views_here`)
+    before = views() if views is not None else 0
     while time.monotonic() < deadline and (args.inputs == 0 or counts["frames"] < args.inputs):
         path = paths[case % len(paths)]
         seed = args.seed * 100003 + case
@@ -720,6 +722,8 @@ def runs(args: argparse.Namespace, mod: Any) -> Counter[str]:
         finally:
             three.close()
         counts["cases"] += 1
+    if views is not None:
+        counts["plain views"] = views() - before
     return counts
 
 

@@ -21,7 +21,8 @@ def test_sessions_sharing_a_device_thread_keep_their_own_conv_layouts(daemon_fac
     "conv_layout" and one that did not, convolving at once from two threads, 6 rounds each: each reads the CPU's
     values through the geometry its own choice gives (channels_last for the first, contiguous for the second), never
     the neighbour's (a view with the other layout's strides reads the outputs out of order). Then a session of each
-    kind alone after the other: the same."""
+    kind alone after the other: the same. Pins behaviour that holds on 41939607; a layout set once per thread (as
+    `run_owned` does) fails it."""
     daemon = daemon_factory(fake_gpu_memory=64 * 1024 * 1024, isolation="thread")
     x, w = _inputs()
     want = F.conv2d(x.to(memory_format=CL), w)

@@ -38,7 +38,7 @@ def test_hostile_leaves_between_and_beside_a_peers_collectives(daemon_factory) -
     the first of the live one, every allreduce of rank 0 right. A frame of [allreduce on N, leave N] runs the
     allreduce with the peer, then leaves; a frame of [leave M, allreduce on M] refuses the allreduce (never joined,
     FAILED_PRECONDITION) and the peer's allreduce on M fails within the join's timeout (UNAVAILABLE), the group going
-    on after."""
+    on after. Pins behaviour that holds on 41939607."""
     sessions, toks = _two_ranks(daemon_factory, "secure")
     s0, s1 = sessions
     try:

@@ -23,7 +23,7 @@ def _stub(address: str, name: str) -> tuple[grpc.Channel, Any]:
 def test_an_unbound_tokens_session_serves_only_the_certificate_that_attached_it(daemon_factory: DaemonFactory) -> None:
     """Mallory attaches with a token that has no `cert` claim; Alice's certificate naming the session's id is refused
     at RefreshToken, Detach, Stream and the side port's hello (PERMISSION_DENIED / no BULK_OK), the session untouched:
-    Mallory refreshes it, binds her side socket and detaches it."""
+    Mallory refreshes it, binds her side socket and detaches it. Pins behaviour that holds on 41939607."""
     pki = get_pki()
     server = pki.server_config()
     daemon = daemon_factory(

@@ -74,6 +74,8 @@ def _hostile_geometries(kind: str) -> None:
         (lambda t: VW(h(t, 1), [2], [1], I64 - 1), "view argument reaches storage byte"),
         # an expanded target (stride 0) of an in-place op: torch's own refusal, alike
         (lambda t: VW(h(t, 1), [3], [0], 0), "some of its elements refer to a single memory location"),
+        # the freed base itself, freed two records before within the same run (B still holds its storage)
+        (lambda t: VW(h(t, 0), [3], [1], 9), "was never created (or was freed)"),
         # another session's handle as the viewed tensor
         (lambda t: VW(FOREIGN, [3], [1], 0), "belongs to another session"),
     ]
@@ -110,6 +112,7 @@ def test_forged_view_geometries_through_the_dispatcher_free_views_read_nothing_p
     """A view argument of a view whose base handle was freed (B = A.t(), A freed, `add_` through a view of B: the
     storage is held by B alone), learned into a run; then, among the same records: a view one element past that
     storage, one far past it in strides, sizes and strides whose reach overflows int64, an offset of 2^63 - 2, an
-    expanded in-place target, another session's handle; each refused with the normal path's error in both sessions,
-    nothing bound; empty views at offsets past any storage run alike; and the run goes on."""
+    expanded in-place target, the freed base itself (NOT_FOUND), another session's handle; each refused with the
+    normal path's error in both sessions, nothing bound; empty views at offsets past any storage run alike; and the
+    run goes on. Pins behaviour that holds on 41939607 (nothing broke)."""
     in_fresh_thread(lambda: _hostile_geometries(runner))
