@@ -679,6 +679,8 @@ def runs(args: argparse.Namespace, mod: Any) -> Counter[str]:
     deadline = time.monotonic() + args.seconds
     case = 0
     paths = [Path(p) for p in args.recording]
+    views = getattr(mod, "plain_views", None)  # (round 47) views made without the dispatcher (`views_here`)
+    before = views() if views is not None else 0
     while time.monotonic() < deadline and (args.inputs == 0 or counts["frames"] < args.inputs):
         path = paths[case % len(paths)]
         seed = args.seed * 100003 + case
@@ -720,6 +722,8 @@ def runs(args: argparse.Namespace, mod: Any) -> Counter[str]:
         finally:
             three.close()
         counts["cases"] += 1
+    if views is not None:
+        counts["plain views"] = views() - before
     return counts
 
 
@@ -1461,7 +1465,7 @@ def _attention_case(r: random.Random, mod: Any, attention: Any) -> list[str]:
     shape = [b, h, length, ev]
     grad = _att_view(r, base, shape if r.random() < 0.9 else [b, h, length, ev + 1])
     out = fwd[0] if r.random() < 0.8 else _att_view(r, base, shape)
-    lse = fwd[1] if r.random() < 0.9 else torch.zeros(b, h, length + 1)
+    lse, lse_kind = _att_lse(r, fwd[1], [b, h, length])
     flags = list(r.choice(_ATT_FLAGS))
     alias = torch.empty(0, dtype=dtype)
     kind, philox = _att_seed(r, fwd[6], q, k, alias)
@@ -1474,18 +1478,41 @@ def _attention_case(r: random.Random, mod: Any, attention: Any) -> list[str]:
     ))  # fmt: skip
     cpp = _att_call(lambda: mod.attention_backward(grad, q, k, v, bias, flags, out, lse, bp, causal, philox, scale))
     assert torch.equal(torch.get_rng_state(), before), "a backward drew"
-    where = f"backward ({where}) seed {kind} flags {flags} p {bp}"
+    where = f"backward ({where}) seed {kind} flags {flags} p {bp} logsumexp {lse_kind}"
     if bp == 0:  # no dropout: neither side reads the seed, and C++ runs the kernels' path (attn46): its own bucket
         kind = f"{kind}, p 0"
+    lse_bucket = f"logsumexp {lse_kind}{', p 0' if bp == 0 else ''}"
     if cpp[0] != "ok":
         assert py[0] != "ok", f"{where}: C++ raised {cpp[1]!r}, the Python run did not"
-        return [outcome, f"backward {kind}:both raised"]
+        return [outcome, f"backward {kind}:both raised", f"{lse_bucket}:both raised"]
     if cpp[1] is None:
-        return [outcome, f"backward {kind}:declined" + (", refused" if py[0] != "ok" else "")]
+        said = ":declined" + (", refused" if py[0] != "ok" else "")
+        return [outcome, f"backward {kind}{said}", f"{lse_bucket}{said}"]
     assert py[0] == "ok", f"{where}: C++ ran a call the Python run refuses: {py[1]!r}"
     for a, c in zip(py[1], cpp[1], strict=True):
         assert _att_same(a, c), f"{where}: another gradient"
-    return [outcome, f"backward {kind}:ran"]
+    return [outcome, f"backward {kind}:ran", f"{lse_bucket}:ran"]
+
+
+def _att_lse(r: random.Random, right: torch.Tensor, shape: list[int]) -> tuple[torch.Tensor, str]:
+    """A backward's logsumexp (round 47): the forward's, or a hostile one the kernels' path (dropout_p 0, attn46)
+    reads as it is: one row longer, forged values (infinities and NaNs among them) laid out expanded, overlapping,
+    transposed or at an offset in a larger storage, another dtype (float64, float16), or one dim short."""
+    kind = r.choice(["forward"] * 6 + ["long", "forged", "float64", "float16", "2-d"])
+    g = torch.Generator().manual_seed(r.getrandbits(31))
+    if kind == "forward":
+        return right, kind
+    if kind == "long":
+        return torch.zeros(shape[0], shape[1], shape[2] + 1), kind
+    if kind == "2-d":
+        return torch.zeros(shape[1:]), kind
+    base = torch.randn(r.randint(1, 64), generator=g) * r.choice([1.0, 100.0])
+    if r.random() < 0.2:
+        base[r.randrange(base.numel())] = r.choice([float("inf"), float("nan"), -float("inf")])
+    forged = _att_view(r, base, shape)
+    if kind == "forged":
+        return forged, kind
+    return forged.to(torch.float64 if kind == "float64" else torch.float16), kind
 
 
 # ---- daemon: a hostile session's damaged streams through a live daemon, a neighbour checked ----

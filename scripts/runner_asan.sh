@@ -3,7 +3,8 @@
 # drive it (tests/unit/test_server_runs.py, test_server_learned_hostile.py, test_server_native_free.py,
 # test_server_native_upload.py, test_server_native_seeded.py, test_server_native_records.py: the frame readers
 # `eager_records` and `eager_frame` on hostile frames; test_server_slices.py: the front's frame cut `split_frame` on
-# hostile frames; test_hostile46_attention.py: the fused attention's C++ backward on hostile seeds in learned runs)
+# hostile frames; test_hostile46_attention.py: the fused attention's C++ backward on hostile seeds in learned runs;
+# test_hostile47_views.py: forged view geometries through the dispatcher-free views)
 # and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py; test_native_fuzz.py:
 # a slice of scripts/fuzz_native.py, whose longer runs are scripts/fuzz_native.sh). docs/operations.md
 # "The native runner under sanitizers".
@@ -40,4 +41,4 @@ print("sanitized native runner:", m.__file__)
 exec "$PY" -m pytest -q -p no:cacheprovider -s tests/unit/test_server_runs.py tests/unit/test_server_learned_hostile.py \
     tests/unit/test_server_native_free.py tests/unit/test_server_native_upload.py tests/unit/test_server_native_seeded.py \
     tests/unit/test_server_native_records.py tests/unit/test_server_slices.py tests/integration/test_runner_fuzz.py \
-    tests/integration/test_native_fuzz.py tests/unit/test_hostile46_attention.py "$@"
+    tests/integration/test_native_fuzz.py tests/unit/test_hostile46_attention.py tests/unit/test_hostile47_views.py "$@"
