@@ -40,7 +40,7 @@ on the side socket, as `gpupool up` runs a daemon).
     cd bench && nice python over_kernels.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python \
         --models tiny-mlp,encoder --rounds 3                                     # ~1 min per run
     BENCH_CG_THREADS=1 BENCH_DAEMON_FLAGS="--bulk-listen 127.0.0.1:0" nice python over_kernels.py --measure instr \
-        --against /work/wt/base --against-python /work/wt/base/.venv/bin/python --models tiny-mlp,encoder  # 47m, load 30
+        --against /work/wt/base --against-python /work/wt/base/.venv/bin/python --models tiny-mlp,encoder  # 47m load 30
 """
 
 from __future__ import annotations
