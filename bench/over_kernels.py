@@ -24,12 +24,14 @@ lands in the timed blocks). Then:
 CPU mode (default): `--rounds` runs per side, alternating base and this, each with its own recording; the median of
 the rounds' per-op figures counts (the box is shared: quote the load printed with them). `--measure instr` counts
 instructions instead (exact, the same under any load): the daemon under callgrind as bench/daemon_ab.py runs it (its
-`--mode native`, with its front/reader/worker split: `BENCH_CG_THREADS=1` shows the frames' reader apart), the
+`--mode native`, with its front/worker split: `BENCH_CG_THREADS=1` splits the front into gRPC's threads and the
+daemon's own, `own`: the frames' reader, the device's thread, the timers), the
 recorded batches' bare kernels under callgrind as eager_replay.py counts them; `over` = front + worker - kernels.
 Since a bare call pays torch's Python binding, instr also counts the kernels as the worker's C++ runner calls them
 (`called`: daemon_ab.py's call_op + call_py + call_cpp, the dispatcher and the kernels inclusive) and `over called` =
-front + worker - called: the exact instructions the daemon spends per op on top of its kernels (`reader+worker over
-called`: without the front's gRPC and timer threads, whose counts grow with valgrind's wall time, not the ops).
+front + worker - called: the exact instructions the daemon spends per op on top of its kernels (`own+worker over
+called`: without gRPC's threads, whose counts grow with valgrind's wall time, not the ops). The worker's own split
+follows (daemon_ab.py's: outside the runner, the runner's own, call_op, call_py, call_cpp).
 
 Each side's daemon runs its own checkout (`--against DIR`, its python `--against-python`); the client and the replay
 code are this checkout's. `BENCH_DAEMON_FLAGS` adds daemon flags to both sides (`"--bulk-listen 127.0.0.1:0"`: frames
@@ -38,7 +40,7 @@ on the side socket, as `gpupool up` runs a daemon).
     cd bench && nice python over_kernels.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python \
         --models tiny-mlp,encoder --rounds 3                                     # ~1 min per run
     BENCH_CG_THREADS=1 BENCH_DAEMON_FLAGS="--bulk-listen 127.0.0.1:0" nice python over_kernels.py --measure instr \
-        --against /work/wt/base --against-python /work/wt/base/.venv/bin/python --models tiny-mlp,encoder  # ~15 min
+        --against /work/wt/base --against-python /work/wt/base/.venv/bin/python --models tiny-mlp,encoder  # 47m load 30
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ def _cpu_side(python: str, cwd: str, model: str, a: argparse.Namespace, daemons:
 def _instr_side(
     name: str, python: str, cwd: str, model: str, a: argparse.Namespace, daemons: Any, tmp: Path
 ) -> dict[str, float]:
-    """One side under callgrind: daemon_ab.py's native counts per op (front, reader, worker), then the recorded
+    """One side under callgrind: daemon_ab.py's native counts per op (front, its own threads, worker), then the recorded
     batches' bare kernels per op (eager_replay.py's count)."""
     import daemon_ab
     import eager_replay
@@ -267,24 +269,42 @@ def _instr_side(
     # dispatcher and the kernels, no Python binding): the exact count of what the daemon adds on top of them
     r["called"] = r["call_op"] + r["call_py"] + r["attn"] + r["dropout"]
     r["over called"] = r["front"] + r["worker"] - r["called"]
-    if "reader" in r:
-        r["reader+worker over"] = r["reader"] + r["worker"] - r["kernels"]
-        r["reader+worker over called"] = r["reader"] + r["worker"] - r["called"]
+    # BENCH_CG_THREADS: the front's own threads apart from gRPC's (round 46 named the busiest thread `reader`, which
+    # daemon_ab.py no longer gives: these rows were left out without a word)
+    if "own" in r:
+        r["own+worker over"] = r["own"] + r["worker"] - r["kernels"]
+        r["own+worker over called"] = r["own"] + r["worker"] - r["called"]
+    if r.get("runner"):  # the worker's split (daemon_ab.py `_line`)
+        r["outside runner"] = r["worker"] - r["runner"]
+        r["call_cpp"] = r["attn"] + r["dropout"]
+        r["runner own"] = r["runner"] - r["call_op"] - r["call_py"] - r["call_cpp"]
     return r
 
+
+# --measure instr's defaults: 5 counted steps (the encoder's ~550 ops, the tiny MLP's ~140) after 8 uncounted ones.
+# Counts are exact, so a few steps do; what they need is a warm-up past every run's learning and compiling (round
+# 47: after 3 steps the encoder's worker still built native plans, `make_plan`, ~5k instructions an op, inside the
+# counted steps). Under valgrind a side and model then takes ~3-6 min (the fixed part: the daemon's, zygote's and
+# worker's starts, the replay process's), where round 46's 10 x 2 steps took > 40 min a side on the encoder at load 30.
+INSTR_STEPS, INSTR_BLOCKS, INSTR_WARMUP = 5, 1, 8
 
 CPU_PARTS = ("daemon", "kernels", "over", "replay", "worker over")
 INSTR_PARTS = (
     "front",
-    "reader",
+    "own",
     "worker",
     "kernels",
     "over",
-    "reader+worker over",
+    "own+worker over",
     "worker over",
     "called",
     "over called",
-    "reader+worker over called",
+    "own+worker over called",
+    "outside runner",
+    "runner own",
+    "call_op",
+    "call_py",
+    "call_cpp",
 )
 
 
@@ -300,16 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny-mlp,encoder", help="comma-separated launch_bound workloads")
     p.add_argument("--measure", choices=("cpu", "instr"), default="cpu")
     p.add_argument("--rounds", type=int, default=3, help="cpu: runs per side, alternating (the median counts)")
-    p.add_argument("--steps", type=int, default=20, help="steps per timed block (instr: 10)")
-    p.add_argument("--blocks", type=int, default=5, help="timed blocks (instr: 2)")
-    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--steps", type=int, default=20, help="steps per timed block (instr: 5)")
+    p.add_argument("--blocks", type=int, default=5, help="timed blocks (instr: 1)")
+    p.add_argument("--warmup", type=int, default=6, help="steps before the timed blocks (instr: 8)")
     p.add_argument("--repeats", type=int, default=5, help="cpu: bare kernel and replay runs per recording")
     p.add_argument("--daemon-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--profile", default="", help="instr: keep callgrind's files here (daemon_ab.py's --profile)")
     a = p.parse_args(argv)
-    if a.measure == "instr" and "--steps" not in argv:
-        a.steps, a.blocks = 10, 2
+    if a.measure == "instr":  # counts are exact: a few steps past a warm-up long enough that every run is learned
+        a.steps = a.steps if "--steps" in argv else INSTR_STEPS
+        a.blocks = a.blocks if "--blocks" in argv else INSTR_BLOCKS
+        a.warmup = a.warmup if "--warmup" in argv else INSTR_WARMUP
     from train_overhead import bench_daemons
 
     base_python = a.against_python or str(Path(a.against) / ".venv" / "bin" / "python")
@@ -324,15 +346,19 @@ def main(argv: list[str] | None = None) -> int:
             got: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in sides}
             for i in range(a.rounds if a.measure == "cpu" else 1):
                 for name, python, cwd in sides if i % 2 == 0 else sides[::-1]:
+                    t0 = time.monotonic()
                     if a.measure == "cpu":
                         got[name].append(_cpu_side(python, cwd, model, a, daemons, tmp))
                     else:
                         got[name].append(_instr_side(name, python, cwd, model, a, daemons, tmp))
+                    print(f"  ({model} {name}: {time.monotonic() - t0:.0f} s, load {os.getloadavg()[0]:.1f})",
+                          file=sys.stderr, flush=True)  # fmt: skip
             med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in got.items()}
             print(f"{model}: {med['this']['ops']:.0f} ops/step; {unit}; over = daemon - kernels")
             for name, r in med.items():
-                cells = "  ".join(f"{k} {r[k] * scale:7.2f}" for k in parts if k in r)
-                print(f"  {name:>4}: {cells}")
+                cells = [f"{k} {r[k] * scale:7.2f}" for k in parts if k in r]
+                for j in range(0, len(cells), 6):  # six a line
+                    print(f"  {name if j == 0 else '':>4}: " + "  ".join(cells[j : j + 6]))
             base, this = med["base"], med["this"]
             print("  this - base: " + "  ".join(f"{k} {(this[k] - base[k]) * scale:+.2f}" for k in parts
                                                  if k in base and k in this))  # fmt: skip

@@ -7,6 +7,15 @@
 // needs nothing the Python path does beyond what is here; the first record it cannot take goes back to Python
 // (`CommandExecutor.eager_span`) untouched: no check here has a side effect before the op runs. Every read of the
 // record is bounds-checked (its length is compared with the plan's first).
+//
+// Built as libtorch itself is, with NDEBUG (round 47): torch's headers then leave out their debug-only code, as the
+// library they call was built without it (the dispatcher's dispatch-trace guard on every call, debug-only asserts,
+// RecordFunction's debug member), and pybind11 leaves out its GIL check on every handle's reference count
+// (PyGILState_Check: ~1.5k instructions an op on the encoder's worker). The sanitized build
+// (GPUPOOL_NATIVE_RUNNER_SANITIZE, server/native_runner.py) keeps them all: it defines GPUPOOL_RUNNER_CHECKED.
+#if !defined(NDEBUG) && !defined(GPUPOOL_RUNNER_CHECKED)
+#define NDEBUG 1
+#endif
 #include <torch/extension.h>
 #include <structmember.h>  // T_OBJECT_EX
 

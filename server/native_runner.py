@@ -357,7 +357,9 @@ def _build(final: Path, data: bytes, deadline: float, late: str) -> None:
     """Build `data` (the source) into `final` by `deadline`, in a session of its own (`buildcache.run_build`):
     killed whole (ninja and its compilers too) when the deadline passes or the zygote dies."""
     with buildcache.private_build_dir(final.parent) as tmp:
-        cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
+        # the sanitized build keeps torch's and pybind11's debug checks (native_runner.cpp: NDEBUG otherwise)
+        checked = ["-O1", "-g", "-DGPUPOOL_RUNNER_CHECKED", *_SANITIZE]
+        cflags, ldflags = (checked, _SANITIZE) if sanitized() else (["-O2"], [])
         copy = tmp / SOURCE.name  # the bytes hashed, not the file as it is by the compiler's read
         copy.write_bytes(data)
         spec = {"name": _NAME, "sources": [str(copy)], "extra_cflags": cflags, "extra_ldflags": ldflags,
