@@ -42,6 +42,7 @@ from gpupool._proto import device_pb2
 pool = test_control45.pool  # the fixture: a scheduler on a SQLite state of its own
 
 _real_time = time.time
+_real_monotonic = time.monotonic
 
 
 class _Stepped:
@@ -49,9 +50,13 @@ class _Stepped:
 
     def __init__(self) -> None:
         self.step = 0.0
+        self.elapsed = 0.0  # added to the monotonic clock (time passing, without waiting for it)
 
     def time(self) -> float:
-        return _real_time() + self.step
+        return _real_time() + self.step + self.elapsed
+
+    def monotonic(self) -> float:
+        return _real_monotonic() + self.elapsed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -99,6 +104,28 @@ def test_a_backward_step_revives_no_expired_token(daemon: Any, clock: _Stepped) 
         live.refresh(stale_renewal)
     live.sync()  # (a refused refresh ends nothing)
     live.close()
+
+
+def test_a_daemon_whose_clock_was_corrected_back_takes_valid_tokens_again(daemon: Any, clock: _Stepped) -> None:
+    """(secrev47) The daemon's wall clock stepped back 30 s (an NTP correction of a clock that was ahead): its lease
+    clock meets the wall clock again (at half speed, 60 s on), so a token valid by the wall clock attaches once the
+    lease clock has passed no more of it. On d5fc4fa4 the lease clock ran on at full speed, 30 s ahead for good: every
+    token within 30 s of its expiry was refused until the daemon restarted (here: 40 s after the step, one with 15 s
+    left by the wall clock). A token that either clock calls expired is still refused."""
+    start = _real_time()
+    clock.step = -30.0
+    clock.elapsed = 40.0  # (40 s on: the wall clock says start + 10, the lease clock start + 20; d5fc4fa4's: + 40)
+    ran = daemon.running.daemon
+    try:
+        ran.clock.now()  # (the step seen at once, as the daemon's next token would)
+        valid = daemon.token(ttl=start + 25 - _real_time())  # (expires at start + 25: 15 s left by the wall clock)
+        Session.attach(daemon.address, valid).close()
+        near = daemon.token(ttl=start + 15 - _real_time())  # (5 s left by the wall clock, behind the lease clock)
+        with pytest.raises(errors.Unauthenticated, match="expired"):
+            Session.attach(daemon.address, near).close()
+    finally:
+        clock.step = clock.elapsed = 0.0
+        ran.clock = server_daemon.LeaseClock()  # (this module's daemon serves the next tests on the real clocks)
 
 
 @pytest.mark.parametrize("carrier", ["stream", "side socket"])
