@@ -113,7 +113,8 @@ class LeaseClock:
     def now(self) -> float:
         wall, mono = time.time(), time.monotonic()
         then, then_mono = self._anchor
-        held = then + max(0.0, mono - then_mono) * self.SLEW
+        ran = mono - then_mono
+        held = then + ran * 0.5 if ran > 0 else then  # (`SLEW`, inline: read at every Attach, RefreshToken, Status)
         if wall >= held:
             self._anchor = (wall, mono)
             if self._behind:
