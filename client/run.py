@@ -33,9 +33,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from types import FrameType
 
-from gpupool import tls
+from gpupool import pki, tls
 from gpupool.config import UnsafeCacheDir, add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 from gpupool.protocol import Policy
@@ -60,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("-m", "--memory", type=size_arg, help="memory of each GPU instead, e.g. 6GiB")
     add_flag(p, "--wait", type=float, default=0.0, help="seconds to wait in line when the pool is full")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
-    add_flag(p, "--tenant", default="", help="tenant to allocate for (operators only; credentials name tenants)")
+    add_flag(
+        p,
+        "--tenant",
+        default="",
+        help="tenant to allocate for (operators only; credentials name tenants; an operator's certificate naming "
+        "none allocates its own lease, bound to that certificate; an API token naming none: the OS user)",
+    )
     p.add_argument(
         "--policy", default="", choices=[p.value for p in Policy], help="placement policy (default: the scheduler's)"
     )
@@ -83,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
+
+
+def _tenant(named: str) -> str | None:
+    """The tenant `gpupool run`'s Allocate names: `--tenant`, else None (`lease`'s default: $GPUPOOL_TENANT, else the
+    OS user), except for an operator presenting its own certificate (an admin one, no API token) who named no tenant
+    either way: "" then, its own lease, which the scheduler binds to that certificate (round 46's `cert` claim: a
+    daemon under `--tls-client-auth require` attaches its tokens for that certificate only). Until secrev47 it named
+    $USER, and since sec47 an operator's Allocate naming any tenant is unbound (it is for that tenant's certificate),
+    so an operator's own `gpupool run` lease was a bearer's token. A tenant's certificate names its tenant whatever
+    the request says, so only an operator's changes (its lease is shown under its certificate's name, not $USER)."""
+    if named:  # (--tenant, or $GPUPOOL_TENANT: `add_flag`)
+        return named
+    cfg = tls.client_config()
+    if cfg.insecure or not cfg.cert or cfg.api_token_file or os.environ.get("GPUPOOL_API_TOKEN", "").strip():
+        return None  # (an API token names the caller, whatever certificate is beside it: nothing to bind)
+    try:
+        ident = pki.identity_of(Path(cfg.cert).read_bytes())
+    except (OSError, ValueError):
+        return None  # (the Allocate says what is wrong with it)
+    return "" if ident is not None and ident[0] == "admin" else None
 
 
 def _choose_client(args: argparse.Namespace) -> tuple[str, int]:
@@ -147,7 +174,7 @@ def main(argv: list[str]) -> int:
             args.memory,
             scheduler=args.scheduler or None,
             wait=args.wait,
-            tenant=args.tenant or None,
+            tenant=_tenant(args.tenant),
             policy=args.policy,
             ttl=args.ttl or None,
         )

@@ -94,33 +94,47 @@ class LeaseClock:
     """The daemon's time for lease ends and token expiries: the wall clock (`time.time`, the scheduler's `expires_at`
     is a unix time), never stepped back. A backward step of the wall clock by X (round 47: until then) kept every open
     session X past its lease's end and attached, refreshed and showed tokens that expired within X before the step;
-    after one this clock runs on from where it was at the monotonic clock's rate (a warning says so), until the wall
-    clock passes it again. A forward step is taken as it comes (the scheduler's lease ends are on a clock that was
-    ahead of this one). Each session also holds a monotonic end taken at its attach and each renewal
-    (`FrontSession.ends_mono`), checked at its frames (`Daemon.lapsed`) and by the reaper."""
+    after one this clock runs on from where it was at half the monotonic clock's rate (`SLEW`; a warning says so),
+    until the wall clock meets it, 2X later. Half, not the full rate (sec47's): at the full rate it never met the wall
+    clock again, so a daemon whose clock was X ahead and then corrected (an NTP step: the usual backward step) refused
+    every token with less than X to run, and ended every session X early, until it restarted (secrev47). At half the
+    rate no token is taken that either clock calls expired (this clock never goes back, and is never behind the wall
+    clock), a token's remaining life is stretched at most twofold (by at most X), and sessions keep their monotonic
+    ends. A forward step is taken as it comes (the scheduler's lease ends are on a clock that was ahead of this one).
+    Each session also holds a monotonic end taken at its attach and each renewal (`FrontSession.ends_mono`), checked
+    at its frames (`Daemon.lapsed`) and by the reaper."""
+
+    SLEW = 0.5  # this clock's rate, of the monotonic clock's, while the wall clock is behind it
 
     def __init__(self) -> None:
         self._anchor = (time.time(), time.monotonic())  # (a tuple: one assignment, whichever thread writes it)
-        self._warned = 0.0  # the backward step last logged (seconds)
+        self._behind = 0.0  # how far the wall clock was behind when last logged (seconds); 0: it is not
 
     def now(self) -> float:
         wall, mono = time.time(), time.monotonic()
         then, then_mono = self._anchor
-        floor = then + (mono - then_mono)
-        if wall >= floor:
+        ran = mono - then_mono
+        held = then + ran * 0.5 if ran > 0 else then  # (`SLEW`, inline: read at every Attach, RefreshToken, Status)
+        if wall >= held:
             self._anchor = (wall, mono)
-            self._warned = 0.0
+            if self._behind:
+                self._behind = 0.0
+                log.warning("the wall clock met this daemon's lease clock again: lease ends are the wall clock's")
             return wall
-        behind = floor - wall
-        if behind > self._warned + 1.0:
-            self._warned = behind
+        self._anchor = (held, mono)
+        behind = held - wall
+        if behind > self._behind + 1.0 or behind < self._behind / 2:  # (a new step; then each halving of the gap)
+            self._behind = behind
             log.warning(
-                "the wall clock stepped back %.1f s: lease ends and token expiries keep this daemon's time (no step "
-                "back lengthens a session or revives an expired token) until the clock passes it again; restart the "
-                "daemon if its clock was wrong before",
+                "the wall clock is %.1f s behind this daemon's lease clock (it stepped back): token expiries and new "
+                "lease ends keep this clock, which runs at half speed until the wall clock meets it (in %.0f s); no "
+                "step back lengthens a session or revives an expired token, and a token fewer than %.0f s from its "
+                "expiry is refused meanwhile (restart the daemon to take the wall clock at once)",
+                behind,
+                behind / (1.0 - self.SLEW),
                 behind,
             )
-        return floor
+        return held
 
     def ends_mono(self, expires_at: float) -> float:
         """A lease's end (unix seconds) on the monotonic clock, from now."""

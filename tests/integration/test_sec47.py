@@ -15,6 +15,10 @@ against real daemons (and schedulers) on loopback.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +42,7 @@ from gpupool._proto import device_pb2
 pool = test_control45.pool  # the fixture: a scheduler on a SQLite state of its own
 
 _real_time = time.time
+_real_monotonic = time.monotonic
 
 
 class _Stepped:
@@ -45,9 +50,13 @@ class _Stepped:
 
     def __init__(self) -> None:
         self.step = 0.0
+        self.elapsed = 0.0  # added to the monotonic clock (time passing, without waiting for it)
 
     def time(self) -> float:
-        return _real_time() + self.step
+        return _real_time() + self.step + self.elapsed
+
+    def monotonic(self) -> float:
+        return _real_monotonic() + self.elapsed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -95,6 +104,28 @@ def test_a_backward_step_revives_no_expired_token(daemon: Any, clock: _Stepped) 
         live.refresh(stale_renewal)
     live.sync()  # (a refused refresh ends nothing)
     live.close()
+
+
+def test_a_daemon_whose_clock_was_corrected_back_takes_valid_tokens_again(daemon: Any, clock: _Stepped) -> None:
+    """(secrev47) The daemon's wall clock stepped back 30 s (an NTP correction of a clock that was ahead): its lease
+    clock meets the wall clock again (at half speed, 60 s on), so a token valid by the wall clock attaches once the
+    lease clock has passed no more of it. On d5fc4fa4 the lease clock ran on at full speed, 30 s ahead for good: every
+    token within 30 s of its expiry was refused until the daemon restarted (here: 40 s after the step, one with 15 s
+    left by the wall clock). A token that either clock calls expired is still refused."""
+    start = _real_time()
+    clock.step = -30.0
+    clock.elapsed = 40.0  # (40 s on: the wall clock says start + 10, the lease clock start + 20; d5fc4fa4's: + 40)
+    ran = daemon.running.daemon
+    try:
+        ran.clock.now()  # (the step seen at once, as the daemon's next token would)
+        valid = daemon.token(ttl=start + 25 - _real_time())  # (expires at start + 25: 15 s left by the wall clock)
+        Session.attach(daemon.address, valid).close()
+        near = daemon.token(ttl=start + 15 - _real_time())  # (5 s left by the wall clock, behind the lease clock)
+        with pytest.raises(errors.Unauthenticated, match="expired"):
+            Session.attach(daemon.address, near).close()
+    finally:
+        clock.step = clock.elapsed = 0.0
+        ran.clock = server_daemon.LeaseClock()  # (this module's daemon serves the next tests on the real clocks)
 
 
 @pytest.mark.parametrize("carrier", ["stream", "side socket"])
@@ -238,3 +269,60 @@ def test_serve_requires_client_certificates_where_it_joins_its_scheduler_by_cert
             assert code == expected, (name, code, words)
     finally:
         stop_process(proc)
+
+
+_SHOW_LEASE = (
+    "import sys; from gpupool.client.pool import Lease; held = Lease.from_env(); "
+    "print('LEASE', held.tenant, held.devices[0].token, flush=True); sys.stdin.read()"
+)
+
+
+@contextlib.contextmanager
+def _run_lease(pool: Pool, role: str, name: str, *flags: str) -> Iterator[tuple[str, str]]:
+    """(tenant, token) of the lease a real `gpupool run` holds for its command (a child that waits), run with `role`
+    `name`'s certificate and no API token or $GPUPOOL_TENANT; the lease is released when the context ends."""
+    files = get_pki().issue(role, name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_TENANT", "GPUPOOL_API_TOKEN"))}
+    env.update(get_pki().env(), GPUPOOL_TLS_CERT=str(files.cert), GPUPOOL_TLS_KEY=str(files.key))
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--scheduler", pool.address, "-p", "0.25", "--ttl", "600"]
+    proc = subprocess.Popen(
+        [*cmd, *flags, "--", sys.executable, "-c", _SHOW_LEASE],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()  # (the child's first line; "" if gpupool run failed)
+        shown = line.split()
+        assert len(shown) == 3 and shown[0] == "LEASE", (line, proc.stderr.read() if proc.stderr else "")
+        yield shown[1], shown[2]
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_an_operator_s_own_gpupool_run_lease_is_bound_to_its_certificate(
+    pool: Pool, daemon_factory: DaemonFactory
+) -> None:
+    """(secrev47) An operator's `gpupool run` naming no tenant: its lease is its own, bound to its certificate, so a
+    token of it taken from the command's environment attaches at a daemon under `require` with no other certificate.
+    On d5fc4fa4 `gpupool run` named $USER as the tenant, which made the operator's lease unbound (sec47: an operator's
+    Allocate naming a tenant is that tenant's): any certificate of the pool's CA attached its token. `--tenant` still
+    allocates for that tenant, unbound (its certificate presents it); a tenant's own lease is bound either way."""
+    host = _daemon(daemon_factory, pool)
+    assert host.running.registrar.registered.wait(20)
+    admin_cert = get_pki().issue("admin", "ops47").cert.read_bytes()
+    with _run_lease(pool, "admin", "ops47") as (tenant, token):
+        assert tenant == "ops47", tenant
+        assert token_module.unverified_claim(token, "cert") == certrevoke.fingerprint_pem(admin_cert)
+        code, words = _attach(host.address, "bob47", token)
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "bound to client certificate" in words, (code, words)
+
+    with _run_lease(pool, "admin", "ops47", "--tenant", "alice47") as (tenant, token):
+        assert tenant == "alice47" and not token_module.unverified_claim(token, "cert"), tenant
+        assert _attach(host.address, "alice47", token) == (grpc.StatusCode.OK, "")
+
+    with _run_lease(pool, "tenant", "bob47") as (tenant, token):
+        assert tenant == "bob47" and token_module.unverified_claim(token, "cert"), tenant
