@@ -9,6 +9,8 @@ accelerator) the same with gloo.
 
 Run: torchrun --nproc-per-node 2 tensor_parallel.py"""
 
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -19,6 +21,13 @@ acc = torch.accelerator.current_accelerator()
 device_type = acc.type if acc is not None else "cpu"
 mesh = init_device_mesh(device_type, (1, 2), mesh_dim_names=("dp", "tp"))
 rank = dist.get_rank()
+
+
+def say(line: str) -> None:
+    """One write of the whole line: both ranks share torchrun's stdout, and under PYTHONUNBUFFERED print's text and
+    newline are two writes, between which the other rank's line can land (two lines merged, both lost to the test)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class ToyModel(nn.Module):
@@ -44,9 +53,9 @@ for i in range(4):
     output.sum().backward()
     optimizer.step()
     optimizer.zero_grad()
-    print(f"step {i} rank {rank} loss {output.sum().item():.8g}", flush=True)
+    say(f"step {i} rank {rank} loss {output.sum().item():.8g}")
 total = torch.tensor([float(rank + 1)], device=device_type)
 dist.all_reduce(total, group=mesh["tp"].get_group())
 sums = [f"{p.full_tensor().sum().item():.8g}" for p in model.parameters()]
-print(f"rank {rank} tp allreduce {total.item():.1f} weights {sums}", flush=True)
+say(f"rank {rank} tp allreduce {total.item():.1f} weights {sums}")
 dist.destroy_process_group()
