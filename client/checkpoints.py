@@ -109,9 +109,15 @@ def install_load() -> None:
         torch.serialization.load = torch.load
 
 
-def wrap_load(load: Callable[..., Any], target_of: Callable[[Any], torch.device | None]) -> Callable[..., Any]:
+def wrap_load(
+    load: Callable[..., Any],
+    target_of: Callable[[Any], torch.device | None],
+    location_of: Callable[[str], str] | None = None,
+) -> Callable[..., Any]:
     """torch.load that lands the storages whose location (or map_location) `target_of` names a gpupool device for
-    (gpupool's own; under `--cuda` CUDA's too: client/cuda/patches.py) on that device.
+    (gpupool's own; under `--cuda` CUDA's too: client/cuda/patches.py) on that device. `location_of`: the saved
+    location a key of a dict map_location also stands for (under `--cuda` a `"cuda:N"` key is `"gpupool:N"` too, where
+    this process saved its device tensors; a key the dict names itself wins).
 
     Storages are restored on the CPU and the loaded tensors then moved (torch restores a storage onto a
     device through `torch.<device>.device(...)`/untyped storages, which the gpupool shim has no use for).
@@ -127,6 +133,8 @@ def wrap_load(load: Callable[..., Any], target_of: Callable[[Any], torch.device 
         if map_location_ is not None and not isinstance(map_location_, dict) and fixed is None:
             return load(f, map_location_, *args, **kwargs)  # e.g. "cpu"
         table = map_location_ if isinstance(map_location_, dict) else {}
+        if table and location_of is not None:
+            table = {**{location_of(k): v for k, v in table.items() if isinstance(k, str)}, **table}
         targets: dict[int, torch.device] = {}
 
         def restore(storage: Any, location: str) -> Any:

@@ -42,6 +42,11 @@ from . import dcp, fsdp, funcol
 log = logging.getLogger(__name__)
 
 BACKEND = "gpupool"
+# torch's backend of `init_process_group()` without one (a backend per device type: gpupool's for gpupool tensors), and
+# so of that group's `new_group(ranks)` and of `init_device_mesh` on a process with no group yet: a group of some
+# ranks made so is a subgroup too (`_wrap_helper`; until round 47 it was refused as a second group: "a second gpupool
+# process group on gpupool:0 (rank 0 of 2)", the 2-D mesh of pytorch/examples' fsdp_tp_example.py)
+UNDEFINED = "undefined"
 MAX_TIMEOUT = 300.0  # the daemons cap it too: the longest a collective waits for its peers
 _OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg", dist.ReduceOp.PRODUCT: "product",
         dist.ReduceOp.MIN: "min", dist.ReduceOp.MAX: "max"}  # fmt: skip
@@ -751,11 +756,12 @@ def _wrap_helper(helper: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(helper)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
-        if str(bound.arguments.get("backend")).lower() != BACKEND:
+        backend = str(bound.arguments.get("backend")).lower()
+        if backend not in (BACKEND, UNDEFINED):
             return helper(*args, **kwargs)
         _members.append([int(r) for r in bound.arguments.get("global_ranks_in_group") or []])
         try:
-            return _with_device(helper, bound)
+            return _with_device(helper, bound) if backend == BACKEND else helper(*args, **kwargs)
         finally:
             _members.pop()
 

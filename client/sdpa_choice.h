@@ -14,6 +14,7 @@
 // server/attention.py `check_forward` holds the same rules (a test checks both sides on the same calls).
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/SDPBackend.h>
 #include <ATen/core/Tensor.h>
 
@@ -29,6 +30,15 @@ inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const a
                           const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                           bool enable_gqa) {
   const int64_t math = static_cast<int64_t>(at::SDPBackend::math);
+  // The fused op stands for the fused kernels a GPU would choose from (flash, efficient, cuDNN; overrideable, its own
+  // name): the script's `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` (or `torch.backends.cuda.sdp_kernel(
+  // enable_flash=False, enable_mem_efficient=False)`, `enable_*_sdp(False)`) turns them all off and gets the math
+  // path, as on a GPU: a script asks for it where it takes a gradient of a gradient, which no fused kernel has (until
+  // round 47: "derivative for aten::_scaled_dot_product_fused_attention_overrideable_backward is not implemented").
+  const at::Context& ctx = at::globalContext();
+  if (!ctx.userEnabledFlashSDP() && !ctx.userEnabledMemEfficientSDP() && !ctx.userEnabledCuDNNSDP() &&
+      !ctx.userEnabledOverrideableSDP())
+    return math;
   // dropout_p in (0, 1): the daemon's dropout composition draws the math path's `native_dropout` numbers from the
   // session's seeded stream (server/attention.py); 1 (or out of range) keeps the math path, which handles it.
   if (!fused || !(dropout_p >= 0.0 && dropout_p < 1.0) || (dropout_p != 0.0 && !dropout) || enable_gqa) return math;

@@ -257,7 +257,8 @@ def device_functions() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
                     yield owner, name, func
 
 
-def _patch(owner: Any, name: str, new: Any) -> None:
+def patch(owner: Any, name: str, new: Any) -> None:
+    """`owner.name = new`, undone by `uninstall()` (TorchScript told that `new` stands for the builtin it replaces)."""
     old = vars(owner).get(name, _MISSING)
     _PATCHED.append((owner, name, old))
     setattr(owner, name, new)
@@ -324,10 +325,10 @@ class device_index(_ACC_GUARD):  # type: ignore[misc,valid-type]  # noqa: N801 -
 def _install_accelerator() -> None:
     import torch.accelerator.memory as memory
 
-    _patch(torch.accelerator, "_get_device_index", accelerator_index)
-    _patch(memory, "_get_device_index", accelerator_index)
+    patch(torch.accelerator, "_get_device_index", accelerator_index)
+    patch(memory, "_get_device_index", accelerator_index)
     for new in (current_accelerator, current_device_index, current_device_idx, device_index):
-        _patch(torch.accelerator, new.__name__, new)
+        patch(torch.accelerator, new.__name__, new)
 
 
 def install() -> None:
@@ -342,13 +343,13 @@ def install() -> None:
         if id(func) not in wrapped:
             sparse = name in _SPARSE_FACTORIES and owner is torch
             wrapped[id(func)] = _refusing_sparse_on_device(func) if sparse else _mapping_device_kwarg(func)
-        _patch(owner, name, wrapped[id(func)])
+        patch(owner, name, wrapped[id(func)])
     for name in _TO_SPARSE:
-        _patch(torch.Tensor, name, _refusing_sparse_on_device(getattr(torch.Tensor, name)))
-    _patch(torch.Tensor, "to", _named_after(tensor_to, _TENSOR_TO))
-    _patch(torch.Tensor, "cuda", _named_after(tensor_cuda, torch._C.TensorBase.cuda))
-    _patch(torch.Tensor, "is_cuda", property(_is_cuda, doc=_TENSOR_IS_CUDA.__doc__))
-    _patch(torch._C._nn, "_parse_to", _named_after(parse_to, _PARSE_TO))
+        patch(torch.Tensor, name, _refusing_sparse_on_device(getattr(torch.Tensor, name)))
+    patch(torch.Tensor, "to", _named_after(tensor_to, _TENSOR_TO))
+    patch(torch.Tensor, "cuda", _named_after(tensor_cuda, torch._C.TensorBase.cuda))
+    patch(torch.Tensor, "is_cuda", property(_is_cuda, doc=_TENSOR_IS_CUDA.__doc__))
+    patch(torch._C._nn, "_parse_to", _named_after(parse_to, _PARSE_TO))
     _install_accelerator()
 
 

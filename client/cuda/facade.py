@@ -170,6 +170,21 @@ def memory_summary(device: Any = None, abbreviated: bool = False) -> str:
     return f"gpupool device {i}: {total - free} of {total} bytes used (the lease's quota), peak {_peak.get(i, 0)}"
 
 
+def memory_stats(device: Any = None) -> dict[str, int]:
+    """torch's `torch.cuda.memory_stats()` keys that the daemon's figures answer: the session's bytes now and the peak
+    this process read (as `memory_allocated()` and `max_memory_allocated()`; reserved is allocated, the daemon frees
+    dead tensors itself), no retries or OOMs counted here. torch's own returned {} (its allocator never ran), so a
+    script's `torch.cuda.memory_stats()["allocated_bytes.all.peak"]` was a KeyError (until round 47). The cumulative
+    counts (`...allocated`, `...freed`, `num_alloc_retries` of the daemon's allocator) are not known here and absent."""
+    current = memory_allocated(device)
+    peak = _peak[_index(device)]
+    stats = {"num_ooms": 0, "num_alloc_retries": 0}
+    for kind in ("allocated_bytes", "reserved_bytes", "active_bytes", "requested_bytes"):
+        stats[f"{kind}.all.current"] = current
+        stats[f"{kind}.all.peak"] = peak
+    return dict(sorted(stats.items()))
+
+
 def set_device(device: Any) -> None:
     _set_pool(_index(device))
 
@@ -305,6 +320,10 @@ def _install_nvtx() -> None:
         nvtx._nvtx = _Nvtx()  # type: ignore[assignment]
 
 
+_NO_GRAPHS = "CUDA graphs run on the local GPU only; a step replayed on the pool is gpupool.torch.capture"
+_NO_ALLOCATOR = "the allocator is the daemon's; torch.cuda.memory_stats() and memory_allocated() give its bytes"
+
+
 def _refuse(name: str, why: str = "") -> Any:
     def refused(*_: Any, **__: Any) -> Any:
         raise RuntimeError(f"{name} is not available on a pooled GPU (gpupool run --cuda){': ' + why if why else ''}")
@@ -353,11 +372,20 @@ def install() -> None:
         "set_rng_state": set_rng_state,
         "get_rng_state_all": get_rng_state_all,
         "set_rng_state_all": set_rng_state_all,
-        "CUDAGraph": _refuse("torch.cuda.CUDAGraph", "CUDA graphs run on the local GPU only"),
-        "graph": _refuse("torch.cuda.graph", "CUDA graphs run on the local GPU only"),
-        "make_graphed_callables": _refuse("torch.cuda.make_graphed_callables", "CUDA graphs run on the local GPU only"),
+        "CUDAGraph": _refuse("torch.cuda.CUDAGraph", _NO_GRAPHS),
+        "graph": _refuse("torch.cuda.graph", _NO_GRAPHS),
+        "make_graphed_callables": _refuse("torch.cuda.make_graphed_callables", _NO_GRAPHS),
         "set_per_process_memory_fraction": set_per_process_memory_fraction,
+        "memory_stats": memory_stats,
+        # (a pooled GPU runs no CUDA graphs: nothing is ever being captured; libraries ask before they synchronize)
+        "is_current_stream_capturing": lambda: False,
+        "graph_pool_handle": _refuse("torch.cuda.graph_pool_handle", _NO_GRAPHS),
+        "memory_snapshot": _refuse("torch.cuda.memory_snapshot", _NO_ALLOCATOR),
     }
+    # NVML's figures: torch asks the local NVML (pynvml), which knows the local GPUs, not the leased one (on a host
+    # without one torch's error was "nvidia-ml-py does not seem to be installed")
+    for name in ("utilization", "temperature", "power_draw", "clock_rate", "list_gpu_processes", "device_memory_used"):
+        answers[name] = _refuse(f"torch.cuda.{name}", "NVML reports this machine's GPUs, not the leased one")
     for name, value in answers.items():
         setattr(cuda, name, value)
     import torch.cuda.random as cuda_random
@@ -366,10 +394,16 @@ def install() -> None:
                  "manual_seed_all", "seed", "seed_all"):  # fmt: skip
         setattr(cuda_random, name, answers[name])  # (HF Trainer saves torch.cuda.random.get_rng_state_all())
     cuda.memory.set_per_process_memory_fraction = set_per_process_memory_fraction
+    for name in ("memory_stats", "memory_snapshot"):
+        setattr(cuda.memory, name, answers[name])
+    # the memory profiler's recording (torch's memory-visualization recipe): the allocator recorded is the daemon's
+    for name in ("_record_memory_history", "_snapshot", "_dump_snapshot"):
+        setattr(cuda.memory, name, _refuse(f"torch.cuda.memory.{name}", _NO_ALLOCATOR))
     _install_nvtx()
     graphs = getattr(cuda, "graphs", None)
     if graphs is not None:
-        for name in ("CUDAGraph", "graph", "make_graphed_callables"):
+        for name in ("CUDAGraph", "graph", "make_graphed_callables", "is_current_stream_capturing",
+                     "graph_pool_handle"):  # fmt: skip
             setattr(graphs, name, answers[name])
     from torch.cuda import nccl
 

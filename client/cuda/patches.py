@@ -3,7 +3,8 @@
 - `torch.load`: CUDA map_locations go to gpupool; a checkpoint saved on a real GPU (locations `cuda:N`)
   loads onto `gpupool:N` without a map_location, like on the machine that saved it.
 - `torch.autocast("cuda")`, `torch.amp.GradScaler("cuda")` and their `torch.cuda.amp` spellings use the
-  gpupool device, with torch's CUDA cast policy (amp.py).
+  gpupool device, with torch's CUDA cast policy (amp.py); so do the questions about it (`torch.is_autocast_enabled
+  ("cuda")`, `get_autocast_dtype("cuda")`, ...) and `torch.amp.custom_fwd/custom_bwd(device_type="cuda")`.
 - `torch.compile`: the model or function itself, run eagerly (one line on stderr the first time).
 - CUDA extensions, `torch.nn.DataParallel` over "cuda" devices: one RuntimeError naming the call.
 (`nccl` is mapped onto the gpupool collective backend by nccl.py; under the C++ client, which has no collectives,
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import checkpoints
-from . import amp, nccl
+from . import amp, devices, nccl
 from .devices import GPUPOOL, map_location, to_gpupool
 
 _installed: list[Any] = []
@@ -33,6 +34,15 @@ def _gpupool_target(location: Any) -> torch.device | None:
     if isinstance(mapped, str) and mapped.startswith(GPUPOOL):
         mapped = torch.device(mapped)
     return mapped if isinstance(mapped, torch.device) and mapped.type == GPUPOOL else None
+
+
+def _saved_location(key: str) -> str:
+    """The location this process saves for the device a dict map_location's key names: `{"cuda:0": "cpu"}` of a
+    checkpoint saved here from `"cuda"` tensors (locations `gpupool:0`) loads onto the CPU, as on a GPU machine (until
+    round 47 its tensors stayed on the device), and the DDP tutorial's `{"cuda:0": f"cuda:{rank}"}` onto the rank's
+    own device."""
+    mapped = map_location(key)
+    return mapped if isinstance(mapped, str) else key
 
 
 _MODULE_APPLY = torch.nn.Module._apply
@@ -93,6 +103,64 @@ def _patch_init(cls: type, arg: str, position: int) -> None:
     cls.__init__ = init  # type: ignore[misc]
 
 
+_CUSTOM_FWD = torch.amp.custom_fwd
+_CUSTOM_BWD = torch.amp.custom_bwd
+
+
+def _custom_fwd(fwd: Any = None, *, device_type: str, cast_inputs: torch.dtype | None = None) -> Any:
+    """`torch.amp.custom_fwd(device_type="cuda")` (and `torch.cuda.amp.custom_fwd`, which calls it) on gpupool: torch's
+    decorator asks the autocast state of its device_type and casts the inputs of that device type, so with "cuda" it
+    saw CUDA's autocast off under `autocast("cuda")` (gpupool's): `cast_inputs=torch.float32` cast nothing (a
+    bfloat16 input met a float32 one in the forward: "expected m1 and m2 to have the same dtype"), and the backward ran
+    with autocast off where a GPU's runs it as its forward did."""
+    return _CUSTOM_FWD(fwd, device_type=_device_type(device_type), cast_inputs=cast_inputs)
+
+
+def _custom_bwd(bwd: Any = None, *, device_type: str) -> Any:
+    """`torch.amp.custom_bwd(device_type="cuda")` on gpupool (see `_custom_fwd`)."""
+    return _CUSTOM_BWD(bwd, device_type=_device_type(device_type))
+
+
+def _autocast_query(func: Callable[..., Any], cuda_first: bool) -> Callable[..., Any]:
+    """torch's autocast state function `func` with a `"cuda"` device_type read as gpupool's, as `autocast("cuda")`
+    is gpupool's: `torch.is_autocast_enabled("cuda")` was False inside `torch.autocast("cuda")` and
+    `get_autocast_dtype("cuda")` float16 under a bfloat16 one. `cuda_first`: the function's older form without a
+    device_type is CUDA's (`is_autocast_enabled()`, `set_autocast_enabled(True)`)."""
+
+    @functools.wraps(func)
+    def query(*args: Any, **kwargs: Any) -> Any:
+        if "device_type" in kwargs:
+            kwargs["device_type"] = _device_type(kwargs["device_type"])
+        elif args and isinstance(args[0], str):
+            args = (_device_type(args[0]), *args[1:])
+        elif cuda_first and len(args) + len(kwargs) < 2:
+            args = (GPUPOOL, *args)
+        return func(*args, **kwargs)
+
+    return query
+
+
+def _gpu_dtype(func: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's deprecated `get_autocast_gpu_dtype()` / `set_autocast_gpu_dtype(dtype)`: CUDA's, so gpupool's."""
+
+    @functools.wraps(func)
+    def gpu(*args: Any) -> Any:
+        return func(GPUPOOL, *args)
+
+    return gpu
+
+
+def _map_autocast_queries() -> None:
+    for name, cuda_first in (("is_autocast_enabled", True), ("get_autocast_dtype", False),
+                             ("set_autocast_enabled", True), ("set_autocast_dtype", False)):  # fmt: skip
+        devices.patch(torch, name, _autocast_query(getattr(torch, name), cuda_first))
+    devices.patch(torch, "get_autocast_gpu_dtype", _gpu_dtype(torch.get_autocast_dtype))
+    devices.patch(torch, "set_autocast_gpu_dtype", _gpu_dtype(torch.set_autocast_dtype))
+    for module in (torch.amp, torch.amp.autocast_mode):
+        devices.patch(module, "custom_fwd", _custom_fwd)
+        devices.patch(module, "custom_bwd", _custom_bwd)
+
+
 def _refuse(name: str, why: str) -> Callable[..., Any]:
     def refused(*_: Any, **__: Any) -> Any:
         raise RuntimeError(f"{name} is not available on a pooled GPU (gpupool run --cuda): {why}")
@@ -143,7 +211,7 @@ def install() -> None:
         return
     import torch.serialization
 
-    torch.load = checkpoints.wrap_load(checkpoints.unwrapped(torch.load), _gpupool_target)
+    torch.load = checkpoints.wrap_load(checkpoints.unwrapped(torch.load), _gpupool_target, _saved_location)
     torch.serialization.load = torch.load
     amp.install()
     from torch.amp import GradScaler, autocast
@@ -152,6 +220,7 @@ def install() -> None:
     _patch_init(autocast, "device_type", 0)
     _patch_init(DeviceContext, "device", 0)  # torch.set_default_device("cuda"), `with torch.device("cuda"):`
     _patch_init(GradScaler, "device", 0)
+    _map_autocast_queries()
     torch.nn.Module._apply = _apply_keeping_ties  # type: ignore[method-assign]
     from .. import native
 

@@ -160,6 +160,33 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+TP_STEP = re.compile(r"^step \d rank \d loss \S+$", re.M)
+TP_END = re.compile(r"^rank \d tp allreduce .*$", re.M)
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_tensor_parallel_2d_mesh_without_a_backend_gives_the_cpu_losses(pool: str, client: tuple[str, ...]) -> None:
+    """tensor_parallel.py (pytorch/examples' tensor_parallelism: `init_device_mesh` makes the default group with no
+    backend named, torch's "undefined"; a (1, 2) mesh whose "tp" dimension is a subgroup; ColwiseParallel /
+    RowwiseParallel, AdamW foreach) under `gpupool run --cuda -n 2 -- torchrun`: every step's loss, the subgroup's
+    allreduce and the full weights equal gloo's on the CPU, on both clients. Until round 47 every rank failed at
+    `init_device_mesh`: the subgroup of a group made without a backend was refused as a second group ("a second gpupool
+    process group on gpupool:0 (rank 0 of 2)")."""
+    with ThreadPoolExecutor(1) as beside:
+        cpu = beside.submit(torchrun_on_cpu, "tensor_parallel.py", 2)
+        pooled = run(
+            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
+             *torchrun("tensor_parallel.py", 2)],
+            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+        local = cpu.result()
+    lines = sorted(TP_STEP.findall(pooled.stdout) + TP_END.findall(pooled.stdout))
+    reference = sorted(TP_STEP.findall(local.stdout) + TP_END.findall(local.stdout))
+    assert len(lines) == 10 and "tp allreduce 3.0" in lines[0], pooled.stdout
+    assert lines == reference, pooled.stdout + local.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 FSDP_STEP = re.compile(r"^step \d+ grad norm (\S+) loss (\S+)$", re.M)
 FSDP_RANK = re.compile(r"^rank (\d) mesh (\S+) shard (\S+) weight sum (\S+)$", re.M)
 FSDP_RELOAD = re.compile(r"^rank (\d) reloaded (\S+) scattered (\[.*?\]) columns (\[.*\])$", re.M)
@@ -712,6 +739,25 @@ def test_pytorch_examples_scripts_give_the_cpu_losses(
     assert [NUMBER.sub("#", line) for line in lines] == [NUMBER.sub("#", line) for line in reference]
     got = [float(v) for line in lines for v in NUMBER.findall(line)]
     assert got == pytest.approx([float(v) for line in reference for v in NUMBER.findall(line)], rel=1e-5)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_amp_sdpa_idioms_script_runs_as_on_a_gpu(pool: str, client: tuple[str, ...]) -> None:
+    """amp_sdpa_idioms.py (round 47): every check holds (no `FAIL` line) and every printed loss is the CPU's, on both
+    clients. Until round 47: `torch.is_autocast_enabled("cuda")` was False inside `torch.autocast("cuda")` (and
+    `get_autocast_dtype("cuda")` float16 under bfloat16); a `custom_fwd(device_type="cuda", cast_inputs=torch.float32)`
+    function cast nothing and failed ("expected m1 and m2 to have the same dtype"); a gradient of a gradient through
+    attention under `sdpa_kernel(SDPBackend.MATH)` failed (the fused op has no double backward); `map_location=
+    {"cuda:0": "cpu"}` left a device checkpoint on the device; `torch.cuda.memory_stats()` was {} (a KeyError);
+    `is_current_stream_capturing()` and `graph_pool_handle()` raised torch's "dummy base class" errors and
+    `memory_snapshot()` an AttributeError."""
+    pooled = on_pool(pool, "amp_sdpa_idioms.py", *client, "-p", "0.5")
+    assert "FAIL" not in pooled.stdout, pooled.stdout
+    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("amp_sdpa_idioms.py").stdout)
+    assert len(losses) == 8, pooled.stdout
+    assert_loss_lines_close(losses, reference)
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 

@@ -55,6 +55,8 @@ out["slices"] = torch.equal(two.cpu(), want)  # a 120 MB download: over gRPC's 6
 out["slice_ops"] = [two.sum(1).tolist(), want.sum(1).tolist()]
 h = torch.randint(0, 2**62, (5_000_000,), generator=g)  # int64, 40 MB: another dtype
 out["int64"] = torch.equal(h.to(dev).cpu(), h)
+w = torch.randn(32000, 256, generator=g)  # 32.8 MB, under 32 MiB: until round 47 inside one frame, over the daemon's
+out["embedding"] = [(w.to(dev) * 2).sum().item(), (w * 2).sum().item()]  # 16 MiB message limit (refused)
 del d, two
 out["uploads"] = nc.stats()["uploads"]  # the transfers' (before the quota's)
 if session.quota_bytes:
