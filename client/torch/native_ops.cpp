@@ -1393,6 +1393,57 @@ PyObject* stats(PyObject* /*module*/, PyObject* /*unused*/) {
   return Py_BuildValue("(KK)", g_ran, g_passed);
 }
 
+// torch looks a tensor's `__torch_function__` and `__torch_dispatch__` up by a C string (torch/csrc/utils/
+// python_strings.h `PyObject_FastGetAttrString`: `check_has_torch_function` on every tensor argument of a torch
+// function - 8 and more on each foreach op of Adam -, `handle_torch_function_no_python_arg_parser` on every
+// `__torch_dispatch__`, `_make_wrapper_subclass` on the class of every wrapper), ~10 times an op. Where the object's
+// type has no `tp_getattr` it makes a fresh str of the name for `tp_getattro`: the fresh string's hash (siphash) and a
+// type-attribute lookup that misses CPython's method cache (it keys on the name object) and walks the MRO, ~1k
+// instructions a lookup. Where the type has a `tp_getattr`, torch (and `PyObject_GetAttrString`) call it with the C
+// string instead: `named_getattr` is `getattr(obj, name)` with the name's interned str for those two names (the same
+// lookup through `tp_getattro`, the same result and errors; the method cache then hits), and exactly what torch does
+// otherwise for any other name. CPython never calls `tp_getattr` where `tp_getattro` is set (PyObject_GetAttr), and
+// resets it to NULL if `__getattr__`/`__getattribute__` is assigned on the class (update_slot): nothing else changes.
+struct NamedAttr {
+  const char* text;
+  PyObject* name;  // interned by `setup_getattr`
+};
+NamedAttr g_named[] = {{"__torch_function__", nullptr}, {"__torch_dispatch__", nullptr}};
+
+PyObject* named_getattr(PyObject* obj, char* text) {
+  for (const NamedAttr& n : g_named) {
+    if (n.name != nullptr && std::strcmp(text, n.text) == 0) return PyObject_GetAttr(obj, n.name);
+  }
+  Ref name(PyUnicode_FromString(text));  // torch's own way for any other name
+  return name.p != nullptr ? PyObject_GetAttr(obj, name.p) : nullptr;
+}
+
+// setup_getattr(*types): `named_getattr` as the `tp_getattr` of each type (RemoteTensor, RemoteView, and torch's
+// tensor metaclass, whose `tp_getattro` looks a class's `__torch_dispatch__` up for `_make_wrapper_subclass`) that has
+// none yet; a tuple of bools: whether each type has it now (a type with a `tp_getattr` of its own keeps it).
+PyObject* setup_getattr(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  for (NamedAttr& n : g_named) {
+    if (n.name == nullptr) {
+      n.name = PyUnicode_InternFromString(n.text);
+      if (n.name == nullptr) return nullptr;
+    }
+  }
+  Ref out(PyTuple_New(nargs));
+  if (out.p == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < nargs; i++) {
+    if (!PyType_Check(a[i])) {
+      PyErr_SetString(PyExc_TypeError, "setup_getattr(*types)");
+      return nullptr;
+    }
+    auto* tp = reinterpret_cast<PyTypeObject*>(a[i]);
+    if (tp->tp_getattr == nullptr && tp->tp_getattro != nullptr) tp->tp_getattr = named_getattr;
+    PyObject* on = tp->tp_getattr == named_getattr ? Py_True : Py_False;
+    Py_INCREF(on);
+    PyTuple_SET_ITEM(out.p, i, on);
+  }
+  return out.release();
+}
+
 PyMethodDef methods[] = {
     {"stats", stats, METH_NOARGS, "(ops run in C, ops passed to the Python dispatcher)"},
     {"torch_dispatch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(torch_dispatch)),
@@ -1407,6 +1458,8 @@ PyMethodDef methods[] = {
      "torch.is_inference_mode_enabled: view ops under inference mode take the Python dispatcher"},
     {"find_rule", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(find_rule)),
      METH_FASTCALL | METH_KEYWORDS, "torch._library.simple_registry.find_torch_dispatch_rule in C"},
+    {"setup_getattr", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_getattr)), METH_FASTCALL,
+     "torch's attribute lookups by C string (tp_getattr) through interned names"},
     {"setup_rules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_rules)), METH_FASTCALL,
      "the registry find_rule reads"},
     {"setup_current_device", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_current_device)),
