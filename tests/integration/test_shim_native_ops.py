@@ -480,6 +480,35 @@ def test_a_record_joins_the_sessions_batch_in_c_as_session_eager_op_queues_it(de
     assert calls == 1 and len(rec.sent) == 1
 
 
+def test_a_long_record_joins_the_sessions_batch_in_c_too(dev: torch.device, on: None) -> None:
+    """native_ops.cpp `session_append` with a record of >= 128 bytes (Adam's foreach ops' records: they went through
+    Session.eager_op in Python until round 47): queued in C as the same bytes (`eager_command`'s longer prefix)."""
+    from gpupool.client.session import Session
+
+    if runtime.FLUSH_OPS < 4:
+        pytest.skip("a frame of fewer than 4 records")
+    a = tensors(dev)["a"]
+    rt = a._gp_rt
+    session = rt.session
+    eager_op = Session.eager_op.__code__
+    for k in (16, 2100):  # 8 bytes a tensor: a record whose lengths take 2 bytes (>= 128), one whose take 3 (>= 16384)
+        op = lambda k=k: aten.cat.default([a] * k)  # noqa: E731
+        op()  # warm
+        rt.flush()
+        native_ops.use(False)
+        want, calls = python_calls(op, eager_op)
+        assert calls == 1 and len(session._eager) == 1
+        py_command = session._eager[-1]
+        assert len(py_command) > 8 * k
+        native_ops.use(True)
+        got, calls = python_calls(op, eager_op)
+        assert calls == 0, "the long record did not join the batch in C"
+        assert len(session._eager) == 2
+        c_command = session._eager[-1]
+        assert c_command == py_command.replace(struct.pack("<Q", want._gp_h), struct.pack("<Q", got._gp_h))
+        assert torch.equal(got.cpu(), want.cpu())
+
+
 def test_a_shared_handles_death_takes_one_holder_off_in_c(dev: torch.device, on: None) -> None:
     """native_ops.cpp `unshare`: the death of a tensor whose handle others hold (a detach) takes one holder off
     without DeviceRuntime.release; the last holder's death frees the handle."""
