@@ -105,8 +105,14 @@ void put_u64(std::string& out, unsigned char tag, uint64_t v) {
   out.append(b, 9);
 }
 
-// A borrowed entry of an instance's __dict__ (a wrapper subclass keeps its attributes there).
+// A borrowed entry of a dict (an instance's __dict__: a wrapper subclass keeps its attributes there) by a str name
+// whose hash is kept (this file's interned names: hashed once, when interned), without PyDict_GetItemWithError's call
+// of PyObject_Hash for it (~90 such lookups an op); the same lookup and errors.
 inline PyObject* dict_get(PyObject* d, PyObject* name) {
+#if PY_VERSION_HEX < 0x030D0000
+  const Py_hash_t hash = PyUnicode_CheckExact(name) ? reinterpret_cast<PyASCIIObject*>(name)->hash : -1;
+  if (hash != -1) return _PyDict_GetItem_KnownHash(d, name, hash);
+#endif
   return PyDict_GetItemWithError(d, name);
 }
 
@@ -115,7 +121,7 @@ inline PyObject* dict_get(PyObject* d, PyObject* name) {
 PyObject* get_attr(PyObject* obj, PyObject* name) {
   PyObject** dp = _PyObject_GetDictPtr(obj);
   if (dp != nullptr && *dp != nullptr) {
-    PyObject* v = PyDict_GetItemWithError(*dp, name);
+    PyObject* v = dict_get(*dp, name);
     if (v != nullptr) {
       Py_INCREF(v);
       return v;
@@ -420,7 +426,7 @@ PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
   if (nargs > PyTuple_GET_SIZE(kinds) || nargs > 255 || nkw > 255 || !PyDict_CheckExact(kwarg_kinds)) return nullptr;
   if (device_at >= 0) {  // Schema.device_plain: only with no device named (dispatch._other decides any other case)
     if (nargs > device_at && PyTuple_GET_ITEM(args, device_at) != Py_None) return nullptr;
-    PyObject* device = nkw > 0 ? PyDict_GetItemWithError(kwargs, s_device) : nullptr;  // borrowed
+    PyObject* device = nkw > 0 ? dict_get(kwargs, s_device) : nullptr;  // borrowed
     if (device == nullptr && PyErr_Occurred()) return nullptr;
     if (device != nullptr && device != Py_None) return nullptr;
   }
@@ -449,11 +455,11 @@ PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
       Py_ssize_t len = 0;
       const char* raw = PyUnicode_Check(kw) && PyUnicode_IS_ASCII(kw) ? PyUnicode_AsUTF8AndSize(kw, &len) : nullptr;
       if (raw == nullptr || len == 0 || len > 255) return nullptr;  // Unencodable (or an error, set)
-      PyObject* code = PyDict_GetItemWithError(kwarg_kinds, kw);  // borrowed; absent: meta.V
+      PyObject* code = dict_get(kwarg_kinds, kw);  // borrowed; absent: meta.V
       if (code == nullptr && PyErr_Occurred()) return nullptr;
       const long kind = code != nullptr ? PyLong_AsLong(code) : kV;
       if (kind == -1 && PyErr_Occurred()) return nullptr;
-      PyObject* v = PyDict_GetItemWithError(kwargs, kw);  // borrowed
+      PyObject* v = dict_get(kwargs, kw);  // borrowed
       if (v == nullptr) return nullptr;
       tail.push_back(static_cast<char>(len));  // compact.kwarg_key(name)
       tail.append(raw, static_cast<size_t>(len));
@@ -860,7 +866,7 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
 int add_attr(PyObject* obj, PyObject* name, PyObject* delta) {
   PyObject** dp = _PyObject_GetDictPtr(obj);
   if (dp != nullptr && *dp != nullptr) {
-    PyObject* v = PyDict_GetItemWithError(*dp, name);
+    PyObject* v = dict_get(*dp, name);
     if (v != nullptr) {
       Ref keep(v);  // held across the addition (an int's runs no Python code; another type's might)
       Py_INCREF(v);
@@ -885,39 +891,65 @@ long long int_attr(PyObject* obj, PyObject* name) {
   return PyLong_AsLong(v.p);
 }
 
+// protocol.varint(v) into out (room for 10 bytes); its length
+size_t put_varint(char* out, uint64_t v) {
+  size_t i = 0;
+  while (v > 0x7F) {
+    out[i++] = static_cast<char>((v & 0x7F) | 0x80);
+    v >>= 7;
+  }
+  out[i++] = static_cast<char>(v);
+  return i;
+}
+
 PyObject* g_session_eager = nullptr;  // Session.eager_op as `setup_session` found it (a patched class: its method)
 
-// client/session.py Session.eager_op(head + body), its usual case inline: a short record joins a batch of eager
-// records that already holds some (`_eager`: the frame's protobuf part is sealed before the first) and does not fill
+// client/session.py Session.eager_op(head + body), its usual case inline: a record (of any length) joins a batch of
+// eager records that already holds some (`_eager`: the frame's protobuf part is sealed before the first) and does not fill
 // the frame. 1: queued; 0: not that case (the caller calls the method, which does every case); -1: an error is set.
 int session_append(PyObject* session, PyObject* head, const std::string& body) {
   if (g_session_type == nullptr || Py_TYPE(session) != reinterpret_cast<PyTypeObject*>(g_session_type)) return 0;
-  PyObject* method = PyDict_GetItemWithError(reinterpret_cast<PyTypeObject*>(g_session_type)->tp_dict, s_eager_op);
+  PyObject* method = dict_get(reinterpret_cast<PyTypeObject*>(g_session_type)->tp_dict, s_eager_op);
   if (method != g_session_eager) return PyErr_Occurred() ? -1 : 0;
   PyObject** dp = _PyObject_GetDictPtr(session);
   if (dp == nullptr || *dp == nullptr) return 0;
   PyObject* d = *dp;
-  PyObject* own = PyDict_GetItemWithError(d, s_eager_op);  // an instance's own eager_op (a test's spy)
+  PyObject* own = dict_get(d, s_eager_op);  // an instance's own eager_op (a test's spy)
   if (own != nullptr || PyErr_Occurred()) return own != nullptr ? 0 : -1;
   const Py_ssize_t nhead = PyBytes_GET_SIZE(head);
   const Py_ssize_t n = nhead + static_cast<Py_ssize_t>(body.size());
-  if (n >= PyTuple_GET_SIZE(g_eager_short)) return 0;
-  PyObject* prefix = PyTuple_GET_ITEM(g_eager_short, n);
-  const Py_ssize_t np = PyBytes_GET_SIZE(prefix);
+  // _EAGER_SHORT[n] for n < 128; session.eager_command's prefix for a longer record (the foreach ops' records of
+  // Adam: ~3 a step of the tiny MLP went through the method until round 47), byte for byte
+  char long_prefix[24];
+  const char* pre;
+  Py_ssize_t np;
+  if (n < PyTuple_GET_SIZE(g_eager_short)) {
+    PyObject* prefix = PyTuple_GET_ITEM(g_eager_short, n);
+    pre = PyBytes_AS_STRING(prefix);
+    np = PyBytes_GET_SIZE(prefix);
+  } else {
+    char inner[12] = {'\xf2', '\x01'};  // _EAGER_TAG + varint(n)
+    const size_t ninner = 2 + put_varint(inner + 2, static_cast<uint64_t>(n));
+    long_prefix[0] = '\x0a';  // b"\x0a" + varint(len(inner) + n) + inner
+    const size_t nlen = put_varint(long_prefix + 1, static_cast<uint64_t>(ninner) + static_cast<uint64_t>(n));
+    std::memcpy(long_prefix + 1 + nlen, inner, ninner);
+    pre = long_prefix;
+    np = static_cast<Py_ssize_t>(1 + nlen + ninner);
+  }
   const long long max_commands = int_attr(g_session_mod, s_max_batch);
   if (max_commands == -1 && PyErr_Occurred()) return -1;
-  Ref cmd(PyBytes_FromStringAndSize(nullptr, np + n));  // _EAGER_SHORT[n] + record
+  Ref cmd(PyBytes_FromStringAndSize(nullptr, np + n));  // the prefix + record
   if (cmd.p == nullptr) return -1;
   char* out = PyBytes_AS_STRING(cmd.p);
-  std::memcpy(out, PyBytes_AS_STRING(prefix), static_cast<size_t>(np));
+  std::memcpy(out, pre, static_cast<size_t>(np));
   std::memcpy(out + np, PyBytes_AS_STRING(head), static_cast<size_t>(nhead));
   std::memcpy(out + np + nhead, body.data(), body.size());
   Ref lock(get_attr(session, s_lock));
   if (lock.p == nullptr || !lock_acquire(lock.p)) return -1;
   int rc = 0;
   {
-    PyObject* eager = PyDict_GetItemWithError(d, s_eager);  // read under the lock: `_seal` replaces the list
-    PyObject* sealed = eager != nullptr ? PyDict_GetItemWithError(d, s_sealed_count) : nullptr;
+    PyObject* eager = dict_get(d, s_eager);  // read under the lock: `_seal` replaces the list
+    PyObject* sealed = eager != nullptr ? dict_get(d, s_sealed_count) : nullptr;
     if (PyErr_Occurred()) {
       rc = -1;
     } else if (sealed != nullptr && PyList_CheckExact(eager) && PyList_GET_SIZE(eager) > 0 &&
@@ -939,7 +971,7 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
   bool inline_ok = true;
   PyObject** rdp = _PyObject_GetDictPtr(rt);
   if (rdp != nullptr && *rdp != nullptr) {  // an `eager_op` of the instance's own (a test's spy): call it
-    PyObject* own = PyDict_GetItemWithError(*rdp, s_eager_op);
+    PyObject* own = dict_get(*rdp, s_eager_op);
     if (own != nullptr) {
       inline_ok = false;
     } else if (PyErr_Occurred()) {
@@ -952,7 +984,7 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
     return -1;
   }
   if (heads.p == nullptr) return -1;
-  PyObject* head = PyDict_GetItemWithError(heads.p, name);  // borrowed
+  PyObject* head = dict_get(heads.p, name);  // borrowed
   if (head == nullptr && PyErr_Occurred()) return -1;
   if (head == nullptr || !PyBytes_CheckExact(head)) {
     inline_ok = false;  // the first record of this name defines its id (under the runtime's lock)
@@ -1107,7 +1139,7 @@ PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
     Py_RETURN_NONE;
   }
   PyObject** rdp = _PyObject_GetDictPtr(rt);  // a `release` of the instance's own (a test's spy): call it
-  PyObject* own = rdp != nullptr && *rdp != nullptr ? PyDict_GetItemWithError(*rdp, s_release) : nullptr;
+  PyObject* own = rdp != nullptr && *rdp != nullptr ? dict_get(*rdp, s_release) : nullptr;
   if (own == nullptr && PyErr_Occurred()) return nullptr;
   if (own == nullptr) {
     const int done = unshare(rt, h);
@@ -1305,7 +1337,7 @@ PyObject* find_rule(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs, 
     PyErr_Clear();
     return original();
   }
-  PyObject* entry = PyDict_GetItemWithError(data.p, qualname.p);  // borrowed
+  PyObject* entry = dict_get(data.p, qualname.p);  // borrowed
   if (entry == nullptr) {
     if (PyErr_Occurred()) return nullptr;
     Py_RETURN_NONE;
@@ -1393,6 +1425,57 @@ PyObject* stats(PyObject* /*module*/, PyObject* /*unused*/) {
   return Py_BuildValue("(KK)", g_ran, g_passed);
 }
 
+// torch looks a tensor's `__torch_function__` and `__torch_dispatch__` up by a C string (torch/csrc/utils/
+// python_strings.h `PyObject_FastGetAttrString`: `check_has_torch_function` on every tensor argument of a torch
+// function - 8 and more on each foreach op of Adam -, `handle_torch_function_no_python_arg_parser` on every
+// `__torch_dispatch__`, `_make_wrapper_subclass` on the class of every wrapper), ~10 times an op. Where the object's
+// type has no `tp_getattr` it makes a fresh str of the name for `tp_getattro`: the fresh string's hash (siphash) and a
+// type-attribute lookup that misses CPython's method cache (it keys on the name object) and walks the MRO, ~1k
+// instructions a lookup. Where the type has a `tp_getattr`, torch (and `PyObject_GetAttrString`) call it with the C
+// string instead: `named_getattr` is `getattr(obj, name)` with the name's interned str for those two names (the same
+// lookup through `tp_getattro`, the same result and errors; the method cache then hits), and exactly what torch does
+// otherwise for any other name. CPython never calls `tp_getattr` where `tp_getattro` is set (PyObject_GetAttr), and
+// resets it to NULL if `__getattr__`/`__getattribute__` is assigned on the class (update_slot): nothing else changes.
+struct NamedAttr {
+  const char* text;
+  PyObject* name;  // interned by `setup_getattr`
+};
+NamedAttr g_named[] = {{"__torch_function__", nullptr}, {"__torch_dispatch__", nullptr}};
+
+PyObject* named_getattr(PyObject* obj, char* text) {
+  for (const NamedAttr& n : g_named) {
+    if (n.name != nullptr && std::strcmp(text, n.text) == 0) return PyObject_GetAttr(obj, n.name);
+  }
+  Ref name(PyUnicode_FromString(text));  // torch's own way for any other name
+  return name.p != nullptr ? PyObject_GetAttr(obj, name.p) : nullptr;
+}
+
+// setup_getattr(*types): `named_getattr` as the `tp_getattr` of each type (RemoteTensor, RemoteView, and torch's
+// tensor metaclass, whose `tp_getattro` looks a class's `__torch_dispatch__` up for `_make_wrapper_subclass`) that has
+// none yet; a tuple of bools: whether each type has it now (a type with a `tp_getattr` of its own keeps it).
+PyObject* setup_getattr(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  for (NamedAttr& n : g_named) {
+    if (n.name == nullptr) {
+      n.name = PyUnicode_InternFromString(n.text);
+      if (n.name == nullptr) return nullptr;
+    }
+  }
+  Ref out(PyTuple_New(nargs));
+  if (out.p == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < nargs; i++) {
+    if (!PyType_Check(a[i])) {
+      PyErr_SetString(PyExc_TypeError, "setup_getattr(*types)");
+      return nullptr;
+    }
+    auto* tp = reinterpret_cast<PyTypeObject*>(a[i]);
+    if (tp->tp_getattr == nullptr && tp->tp_getattro != nullptr) tp->tp_getattr = named_getattr;
+    PyObject* on = tp->tp_getattr == named_getattr ? Py_True : Py_False;
+    Py_INCREF(on);
+    PyTuple_SET_ITEM(out.p, i, on);
+  }
+  return out.release();
+}
+
 PyMethodDef methods[] = {
     {"stats", stats, METH_NOARGS, "(ops run in C, ops passed to the Python dispatcher)"},
     {"torch_dispatch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(torch_dispatch)),
@@ -1407,6 +1490,8 @@ PyMethodDef methods[] = {
      "torch.is_inference_mode_enabled: view ops under inference mode take the Python dispatcher"},
     {"find_rule", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(find_rule)),
      METH_FASTCALL | METH_KEYWORDS, "torch._library.simple_registry.find_torch_dispatch_rule in C"},
+    {"setup_getattr", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_getattr)), METH_FASTCALL,
+     "torch's attribute lookups by C string (tp_getattr) through interned names"},
     {"setup_rules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_rules)), METH_FASTCALL,
      "the registry find_rule reads"},
     {"setup_current_device", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_current_device)),

@@ -88,6 +88,8 @@ def load() -> Any:
                                 {v: compact.encode_value(v) for codes in consts for v in codes})  # fmt: skip
             module.setup_inference(torch.is_inference_mode_enabled)  # view ops under inference mode: Python's
             _install_rule_finder(module)
+            # torch's `__torch_function__`/`__torch_dispatch__` lookups by C string through interned names
+            module.setup_getattr(tensor.RemoteTensor, tensor.RemoteView, type(torch.Tensor))
         except Exception as exc:  # BuildError, a broken cache file: the Python dispatcher still works
             log.warning("gpupool: native op path unavailable, every op takes the Python dispatcher (slower per op; "
                         "GPUPOOL_NATIVE_OPS=0 skips this): %s", exc)  # fmt: skip

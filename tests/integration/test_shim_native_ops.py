@@ -480,6 +480,89 @@ def test_a_record_joins_the_sessions_batch_in_c_as_session_eager_op_queues_it(de
     assert calls == 1 and len(rec.sent) == 1
 
 
+def test_a_long_record_joins_the_sessions_batch_in_c_too(dev: torch.device, on: None) -> None:
+    """native_ops.cpp `session_append` with a record of >= 128 bytes (Adam's foreach ops' records: they went through
+    Session.eager_op in Python until round 47): queued in C as the same bytes (`eager_command`'s longer prefix)."""
+    from gpupool.client.session import Session
+
+    if runtime.FLUSH_OPS < 4:
+        pytest.skip("a frame of fewer than 4 records")
+    a = tensors(dev)["a"]
+    rt = a._gp_rt
+    session = rt.session
+    eager_op = Session.eager_op.__code__
+    for k in (16, 2100):  # 8 bytes a tensor: a record whose lengths take 2 bytes (>= 128), one whose take 3 (>= 16384)
+        op = lambda k=k: aten.cat.default([a] * k)  # noqa: E731
+        op()  # warm
+        rt.flush()
+        native_ops.use(False)
+        want, calls = python_calls(op, eager_op)
+        assert calls == 1 and len(session._eager) == 1
+        py_command = session._eager[-1]
+        assert len(py_command) > 8 * k
+        native_ops.use(True)
+        got, calls = python_calls(op, eager_op)
+        assert calls == 0, "the long record did not join the batch in C"
+        assert len(session._eager) == 2
+        c_command = session._eager[-1]
+        assert c_command == py_command.replace(struct.pack("<Q", want._gp_h), struct.pack("<Q", got._gp_h))
+        assert torch.equal(got.cpu(), want.cpu())
+
+
+def test_torchs_lookups_by_c_string_take_interned_names_with_the_same_answers(dev: torch.device, on: None) -> None:
+    """native_ops.cpp `setup_getattr`: RemoteTensor, RemoteView and torch's tensor metaclass have a `tp_getattr` (torch
+    looks `__torch_function__`/`__torch_dispatch__` up by C string through it, without a fresh str each time), and a
+    lookup through it answers as getattr does: for gpupool's tensors, for any name, and for other tensor subclasses."""
+    import ctypes
+
+    module = native_ops.load()
+    assert module is not None
+    assert module.setup_getattr(RemoteTensor, RemoteView, type(torch.Tensor)) == (True, True, True)
+    by_c_string = ctypes.pythonapi.PyObject_GetAttrString  # calls tp_getattr where the type has one
+    by_c_string.restype = ctypes.py_object
+    by_c_string.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    a = tensors(dev)["a"]
+    assert by_c_string(a, b"_gp_h") == a._gp_h
+    assert by_c_string(a, b"__torch_dispatch__") == a.__torch_dispatch__
+    assert by_c_string(a, b"__torch_function__") is torch._C._disabled_torch_function_impl
+    assert by_c_string(RemoteTensor, b"__torch_dispatch__") == RemoteTensor.__torch_dispatch__
+    with pytest.raises(AttributeError):
+        by_c_string(a, b"no_such_attribute")
+    assert not torch._C._has_torch_function((a,))
+
+    class Logged(torch.Tensor):  # another subclass's __torch_function__ still runs
+        seen: list[Any] = []
+
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            cls.seen.append(func)
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    x = torch.ones(2).as_subclass(Logged)
+    assert torch._C._has_torch_function((x,))
+    torch.add(x, 1)
+    assert torch.add in Logged.seen
+
+    class Wrapped(torch.Tensor):  # and another wrapper subclass's __torch_dispatch__ (found on its class)
+        calls: list[Any] = []
+
+        @staticmethod
+        def __new__(cls, elem: torch.Tensor) -> Any:
+            return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype)
+
+        def __init__(self, elem: torch.Tensor) -> None:
+            self.elem = elem
+
+        @classmethod
+        def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            cls.calls.append(func)
+            return func(*[t.elem if isinstance(t, Wrapped) else t for t in args], **(kwargs or {}))
+
+    out = Wrapped(torch.ones(2)) + 1
+    assert Wrapped.calls and torch.equal(out, torch.full((2,), 2.0))
+
+
 def test_a_shared_handles_death_takes_one_holder_off_in_c(dev: torch.device, on: None) -> None:
     """native_ops.cpp `unshare`: the death of a tensor whose handle others hold (a detach) takes one holder off
     without DeviceRuntime.release; the last holder's death frees the handle."""
