@@ -27,6 +27,8 @@ from support import (
     verifier,
 )
 
+pytest_plugins = ["thread_state"]  # no test leaves the thread running the tests changed (tests/thread_state.py)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Every program the tests start speaks TLS (support.Pki); the CA lives as long as the session."""
