@@ -1,9 +1,9 @@
 """The C++ client's transfers of any size against a real daemon (`gpupool serve`, fake GPUs, loopback, TLS), with
 and without the bulk side port (`--bulk-listen`): an upload over 12 MiB (a frame holds 12 MiB of it at most, under the
 daemon's 16 MiB frame: 32 MiB until round 47, when one of 16-32 MiB ended the session; round 17 sends the larger ones
-through Session.upload, as the Python client's go), of 20 MB and of 40 MB, into a whole new tensor and into a slice of one,
-and downloads over 32 MiB and over gRPC's 64 MiB message limit, come back bit for bit and compute as local CPU does;
-an upload over the session's quota is the daemon's OutOfMemoryError at the next sync, and the session goes on.
+through Session.upload, as the Python client's go), of 20 MB and of 40 MB, into a whole new tensor and into a slice
+of one, and downloads over 32 MiB and over gRPC's 64 MiB message limit, come back bit for bit and compute as local
+CPU does; an upload over the session's quota is the daemon's OutOfMemoryError at the next sync, and the session goes on.
 
 The C++ client must own PrivateUse1 (this pytest process has given it to the shim), so each case runs in a child
 (TORCH_DEVICE_BACKEND_AUTOLOAD=0) that prints JSON. Skipped without a C++ compiler or ninja.
