@@ -218,10 +218,7 @@ def _scrapers_only(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterabl
 def metrics_tls(cfg: tls.TlsConfig) -> tls.SocketServerTls:
     """The metrics port's TLS: `cfg`'s certificate and key, a client certificate signed by its CA required."""
     if not cfg.ca:
-        raise InvalidArgument(
-            "metrics over TLS need --tls-ca (the CA of the scrapers' client certificates); --metrics-plaintext "
-            "serves them in plaintext, --metrics-listen 0 turns them off"
-        )
+        raise InvalidArgument(tls.METRICS_NEED_CA)
     return tls.SocketServerTls(dataclasses.replace(cfg, client_auth="require"), side=False)
 
 

@@ -122,6 +122,19 @@ def add_metrics_flags(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+METRICS_NEED_CA = (
+    "metrics over TLS need --tls-ca (the CA of the scrapers' client certificates); --metrics-plaintext serves them "
+    "in plaintext, --metrics-listen 0 turns them off"
+)
+
+
+def metrics_flags_problem(listen: str, plaintext: bool, insecure: bool, ca: str) -> str:
+    """Why --metrics-listen LISTEN cannot be served with these flags (`METRICS_NEED_CA`), or "": what
+    gpupool/metrics_http.py's `metrics_tls` refuses, told from the flags alone, so that a program says it before its
+    slow start (round 47: `gpupool serve` as the README wrote it said it 40 s later, after its torch imports)."""
+    return METRICS_NEED_CA if listen not in ("", "0") and not plaintext and not insecure and not ca else ""
+
+
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     """The client side: --tls-ca, --tls-cert, --tls-key, --api-token-file, --insecure (all also GPUPOOL_*)."""
     add_flag(parser, "--tls-ca", default="", help="PEM CA bundle that verifies the scheduler and daemons")

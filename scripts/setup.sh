@@ -24,9 +24,13 @@ fi
 # torch as pip's indexes have it: PyPI's Linux wheel is the CUDA build (GBs); GPUPOOL_TORCH_INDEX (an extra index,
 # e.g. https://download.pytorch.org/whl/cpu) offers 2.13.0+cpu, which pip prefers; a machine whose pip config already
 # offers a CPU wheel (the project's CI box: a local wheel folder) needs nothing.
+# (pip -q prints nothing while it works: say what is coming, as a fresh machine waits minutes here; round 47's fresh
+# clone sat 12 silent minutes at load 30 before the demo's first line)
+echo "setup: pip: torch==2.13.0 and gpupool with its dev extras (a fresh venv: minutes, quiet until done)"
 python3 -m pip install -q --disable-pip-version-check ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} \
   "torch==2.13.0"
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+echo "setup: building the native pieces into ~/.cache/gpupool (once: minutes on a fresh machine, seconds after)"
 GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
 import sys
 from gpupool.client.torch import native

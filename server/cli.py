@@ -502,6 +502,12 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    # A flag mix that cannot start, told now rather than after the zygote's and this process's torch imports
+    # (tens of seconds on a loaded machine; round 47: the README's hand-minted-token daemon said it 40 s later).
+    problem = tls.metrics_flags_problem(args.metrics_listen, args.metrics_plaintext, args.insecure, args.tls_ca)
+    if problem:
+        log.error("cannot start: %s", problem)
+        return 2
     if args.isolation == "process":
         from .zygote import shared_zygote  # (imports no torch)
 

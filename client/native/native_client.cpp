@@ -698,16 +698,9 @@ enum : uint8_t { T_NONE = 0, T_TENSOR, T_INT, T_FLOAT, T_BOOL, T_TENSORS, T_INTS
 constexpr size_t kMaxViewDims = 64;                      // compact.MAX_DIMS
 constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS (the default)
 constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: an upload's chunks
-// An upload's bytes go inside the frame up to this; a larger one through Session.upload (wire_big_upload). The frame
-// must stay under the daemon's message limit (`gpupool serve --max-message-size`, 16 MiB by default), which is what its
-// side socket and its stream accept: this, plus what the frame held before (under kFlushBytes and one command), is well
-// under it. Until round 47 it was 32 MiB (gRPC's 64 MiB send limit, the client's own), and a default daemon refused
-// every frame of an upload of 16 to 32 MiB (a 32000x256 float32 embedding, a 4096x1024 weight: "expected a frame
-// record ... 1 to 16777216 bytes" on the side socket).
-// A step being recorded (gpupool.torch.capture) keeps the earlier 32 MiB: there a larger upload is refused (the
-// Python side's `upload` is a sync point), and its tape's limits are the graph's (unchanged in round 47).
-constexpr size_t kMaxUpload = 8 * 1024 * 1024;
-constexpr size_t kMaxRecordedUpload = 32 * 1024 * 1024;
+constexpr size_t kMaxUpload = 12 * 1024 * 1024;         // a frame (< kFlushBytes before it) stays under the daemon's
+                                                          // 16 MiB default --max-message-size (until round 47: 32 MiB,
+                                                          // and an upload of 16-32 MiB ended the session)
 constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
 
 bool g_wire = false;                                      // wire mode (configure_wire ran for some device)
@@ -1594,13 +1587,13 @@ void sync_record(const at::Tensor& t) {
   finish_record(at);
 }
 
-// Wire mode: Command{upload}s of a contiguous CPU tensor of at most kMaxUpload into wire handle `wh`, in the frame: chunks
+// Wire mode: Command{upload}s of a contiguous CPU tensor of at most 12 MiB (kMaxUpload) into wire handle `wh`, in the frame: chunks
 // of at most 4 MiB, the first with the tensor's meta, the last marked (as client/session.py's `upload` writes them on
 // the stream). A larger one goes through Session.upload itself (wire_big_upload).
 void emit_upload(Dev& d, uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
-  TORCH_CHECK(n <= (recording_here(d) ? kMaxRecordedUpload : kMaxUpload), "gpupool native client: an upload of ", n,
-              " bytes into the frame (wire_copy_ sends larger ones through Session.upload)");
+  TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes into the frame (wire_copy_ sends those "
+              "over 12 MiB through Session.upload)");
   const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
   TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", c.scalar_type());
   Buf meta;
@@ -1686,7 +1679,7 @@ void emit_copy_from(Dev& d, const at::Tensor& self, uint64_t tmp) {
   emit_command(d, tag, 1, fr);
 }
 
-// Wire mode: an upload over kMaxUpload (8 MiB: a frame must stay under the daemon's message limit). The frame so far goes
+// Wire mode: an upload over 12 MiB (a frame could not hold it under the daemon's 16 MiB message limit). The frame so far goes
 // out, then client/session.py's Session.upload sends the bytes as the Python client's uploads go (the bulk side socket
 // when the session has one, else 4 MiB chunks on the stream, a frame each; the daemon's quota and bounds as for any
 // upload): into the held-back empty's handle when `self` is all of it, else into a temporary handle that a copy_
@@ -1741,7 +1734,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     Dev& d = dev_of(self);
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
-    if (c.nbytes() > (recording_here(d) ? kMaxRecordedUpload : kMaxUpload)) {
+    if (c.nbytes() > kMaxUpload) {
       wire_big_upload(self, c);
       return self;
     }
@@ -2472,6 +2465,6 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("send(Tensor frame, int index) -> ()");
   m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
   m.def("download(Tensor frame, int index, int handle, int[] shape, ScalarType dtype) -> Tensor");
-  m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // an upload over kMaxUpload: Session.upload
+  m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // an upload over 12 MiB: Session.upload
   m.def("autoconnect(int index) -> ()");  // gpupool run --native-client: attach the session of the lease's device
 }

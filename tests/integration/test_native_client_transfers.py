@@ -1,8 +1,9 @@
 """The C++ client's transfers of any size against a real daemon (`gpupool serve`, fake GPUs, loopback, TLS), with
-and without the bulk side port (`--bulk-listen`): an upload over 32 MiB (a frame holds 32 MiB at most; round 17 sends
-the larger ones through Session.upload, as the Python client's go) into a whole new tensor and into a slice of one,
-and downloads over 32 MiB and over gRPC's 64 MiB message limit, come back bit for bit and compute as local CPU does;
-an upload over the session's quota is the daemon's OutOfMemoryError at the next sync, and the session goes on.
+and without the bulk side port (`--bulk-listen`): an upload over 12 MiB (a frame holds 12 MiB of it at most, under the
+daemon's 16 MiB frame: 32 MiB until round 47, when one of 16-32 MiB ended the session; round 17 sends the larger ones
+through Session.upload, as the Python client's go), of 20 MB and of 40 MB, into a whole new tensor and into a slice
+of one, and downloads over 32 MiB and over gRPC's 64 MiB message limit, come back bit for bit and compute as local
+CPU does; an upload over the session's quota is the daemon's OutOfMemoryError at the next sync, and the session goes on.
 
 The C++ client must own PrivateUse1 (this pytest process has given it to the shim), so each case runs in a child
 (TORCH_DEVICE_BACKEND_AUTOLOAD=0) that prints JSON. Skipped without a C++ compiler or ninja.
@@ -53,6 +54,8 @@ want[1].copy_(x)
 want[2] = x.flip(0)
 out["slices"] = torch.equal(two.cpu(), want)  # a 120 MB download: over gRPC's 64 MiB message limit
 out["slice_ops"] = [two.sum(1).tolist(), want.sum(1).tolist()]
+m = torch.randn(5_000_000, generator=g)  # 20 MB: over the daemon's 16 MiB frame, under the 32 MiB of round 46's frame
+out["mid"] = torch.equal(m.to(dev).cpu(), m)  # (until round 47 the daemon refused its frame: the session ended)
 h = torch.randint(0, 2**62, (5_000_000,), generator=g)  # int64, 40 MB: another dtype
 out["int64"] = torch.equal(h.to(dev).cpu(), h)
 w = torch.randn(32000, 256, generator=g)  # 32.8 MB, under 32 MiB: until round 47 inside one frame, over the daemon's
@@ -103,10 +106,10 @@ def ran(daemon: tuple[ServeProcess, bool]) -> dict[str, Any]:
     return got
 
 
-def test_uploads_and_downloads_over_32_mib_are_bit_for_bit(ran: dict[str, Any]) -> None:
+def test_uploads_and_downloads_over_16_and_32_mib_are_bit_for_bit(ran: dict[str, Any]) -> None:
     got = ran
     assert got["bulk"] is got["daemon_bulk"]
-    assert got["whole"] and got["slices"] and got["int64"]
+    assert got["whole"] and got["slices"] and got["int64"] and got["mid"]
     assert got["ops"][0] == got["ops"][1]
     assert got["slice_ops"][0] == got["slice_ops"][1]
     assert got["uploads"] >= 4

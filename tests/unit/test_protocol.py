@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -51,7 +52,7 @@ import gpupool.server.zygote as zygote
 seen = []
 zygote.shared_zygote = lambda: seen.append("torch" in sys.modules)
 from gpupool.server import cli
-print(cli.main(["--token-public-keys", sys.argv[1]]), seen, "torch" in sys.modules)
+print(cli.main(["--token-public-keys", sys.argv[1], *sys.argv[2:]]), seen, "torch" in sys.modules)
 """
 
 
@@ -59,9 +60,25 @@ def test_gpupool_serve_starts_its_zygote_before_it_imports_torch(tmp_path: Path)
     """The zygote imports torch (~4-8 s) while the daemon's process imports it too, not after: one of the two imports
     off `gpupool serve`'s start (the daemon's module imports, server/daemon.py and speedmodel.py, load torch)."""
     missing = str(tmp_path / "no-such-key.pub")  # a config error: main returns 2 after the zygote's start
-    out = subprocess.run([sys.executable, "-c", SERVE_START, missing], capture_output=True, text=True, timeout=120)
+    argv = [missing, "--metrics-listen", "0"]  # (metrics over TLS without --tls-ca: refused before the zygote)
+    out = subprocess.run([sys.executable, "-c", SERVE_START, *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["2", "[False]", "True"], out.stdout + out.stderr[-2000:]
+
+
+def test_gpupool_serve_refuses_metrics_without_a_ca_before_its_slow_start(tmp_path: Path) -> None:
+    """The README's hand-minted-token daemon (`--tls-cert`, `--tls-key`, no `--tls-ca`, metrics on by default) cannot
+    serve its metrics over TLS: serve says so, one line, before the zygote starts and before torch is imported. Until
+    round 47 it said it ~40 s later on a loaded box ("cannot start: metrics over TLS need --tls-ca"), after both."""
+    missing = str(tmp_path / "no-such-key.pub")
+    argv = [missing, "--tls-cert", str(tmp_path / "host.crt"), "--tls-key", str(tmp_path / "host.key")]
+    env = {k: v for k, v in os.environ.items() if k != "GPUPOOL_TLS_CA"}  # (the session's test PKI sets one)
+    cmd = [sys.executable, "-c", SERVE_START, *argv]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "[]", "False"], out.stdout + out.stderr[-2000:]
+    assert "cannot start: metrics over TLS need --tls-ca" in out.stderr, out.stderr[-2000:]
+    assert "--metrics-listen 0 turns them off" in out.stderr
 
 
 ZYGOTE_LAUNCH = """
