@@ -699,6 +699,7 @@ constexpr size_t kMaxViewDims = 64;                      // compact.MAX_DIMS
 constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS (the default)
 constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: an upload's chunks
 constexpr size_t kMaxUpload = 32 * 1024 * 1024;         // a frame stays under gRPC's 64 MiB message limit
+constexpr size_t kBulkUpload = 1024 * 1024;  // client/bulk.py MIN_UPLOAD: from here on Session.upload (wire_big_upload)
 constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
 
 bool g_wire = false;                                      // wire mode (configure_wire ran for some device)
@@ -1587,7 +1588,8 @@ void sync_record(const at::Tensor& t) {
 
 // Wire mode: Command{upload}s of a contiguous CPU tensor of at most 32 MiB into wire handle `wh`, in the frame: chunks
 // of at most 4 MiB, the first with the tensor's meta, the last marked (as client/session.py's `upload` writes them on
-// the stream). A larger one goes through Session.upload itself (wire_big_upload).
+// the stream). Outside a recorded step only those under 1 MiB come here (round 47); a larger one goes through
+// Session.upload itself (wire_big_upload).
 void emit_upload(Dev& d, uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
   TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes into the frame (wire_copy_ sends those "
@@ -1677,7 +1679,11 @@ void emit_copy_from(Dev& d, const at::Tensor& self, uint64_t tmp) {
   emit_command(d, tag, 1, fr);
 }
 
-// Wire mode: an upload over 32 MiB (a frame could not hold it under gRPC's 64 MiB message limit). The frame so far goes
+// Wire mode: an upload of 1 MiB or more outside a recorded step, or over 32 MiB in one (a frame could not hold it under
+// gRPC's 64 MiB message limit). Round 47: from 1 MiB, as the Python client's go, not in the frame: a frame of 16 MiB or
+// more was over the daemon's default --max-message-size (16 MiB: such an upload ended the session), and on the side
+// socket the bytes go from the tensor's memory to the socket and from the socket into the worker's upload slot, where
+// in a frame the daemon held them in the frame's record and the frame's parsed message first. The frame so far goes
 // out, then client/session.py's Session.upload sends the bytes as the Python client's uploads go (the bulk side socket
 // when the session has one, else 4 MiB chunks on the stream, a frame each; the daemon's quota and bounds as for any
 // upload): into the held-back empty's handle when `self` is all of it, else into a temporary handle that a copy_
@@ -1732,7 +1738,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     Dev& d = dev_of(self);
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
-    if (c.nbytes() > kMaxUpload) {
+    if (c.nbytes() > kMaxUpload || (c.nbytes() >= kBulkUpload && !recording_here(d))) {
       wire_big_upload(self, c);
       return self;
     }
@@ -2463,6 +2469,6 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("send(Tensor frame, int index) -> ()");
   m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
   m.def("download(Tensor frame, int index, int handle, int[] shape, ScalarType dtype) -> Tensor");
-  m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // an upload over 32 MiB: Session.upload
+  m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // from 1 MiB (wire_big_upload): Session.upload
   m.def("autoconnect(int index) -> ()");  // gpupool run --native-client: attach the session of the lease's device
 }
