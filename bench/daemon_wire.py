@@ -704,17 +704,17 @@ def against(args: argparse.Namespace) -> int:
 
 
 # A sweep's session, run in a child process of the tree's own interpreter (so each tree's client talks to its own
-# daemon): argv ADDRESS TOKEN SIZES REPS CLIENT DAEMON_PID; prints one JSON object. CLIENT `python`: Session.upload
-# (then a Sync) and Session.download; `native`: the C++ client (client/native/, the default of `gpupool run`):
-# `x.to(dev)` then `torch.gpupool.synchronize()`, and `.cpu()`. Per size, after one untimed round, the median of REPS
-# of each, as GB/s (`up:SIZE`, `down:SIZE`), and the CPU seconds a GiB of this process (`up_client:SIZE`...) and of
-# the daemon's process tree (its front, zygote and the session's worker, schedstat: `up_daemon:SIZE`...), each
-# transfer checked bit-exact. A size that fails (the C++ client of 41939607 at 16 MiB) is reported; the sizes after it
-# are not measured.
+# daemon): argv ADDRESS TOKEN SIZES REPS CLIENT DAEMON_PID BENCH_DIR; prints one JSON object. CLIENT `python`:
+# Session.upload (then a Sync) and Session.download; `native`: the C++ client (client/native/, the default of
+# `gpupool run`): `x.to(dev)` then `torch.gpupool.synchronize()`, and `.cpu()`. Per size, after one untimed round,
+# the median of REPS of each, as GB/s (`up:SIZE`, `down:SIZE`), and the CPU seconds a GiB of this process
+# (`up_client:SIZE`...) and of the daemon's process tree (its front, zygote and the session's worker, schedstat:
+# `up_daemon:SIZE`...), each transfer checked bit-exact. A size that fails (the C++ client of 41939607 at 16 MiB) is
+# reported; the sizes after it are not measured.
 SWEEP_CHILD = r"""
 import json, os, statistics, sys, time
 import torch
-address, token, sizes, reps, client, daemon = sys.argv[1:7]
+address, token, sizes, reps, client, daemon, bench = sys.argv[1:8]
 sizes, reps, daemon = [int(x) for x in sizes.split(",")], int(reps), int(daemon)
 if client == "native":
     from gpupool.client.native import backend as nc
@@ -722,26 +722,11 @@ if client == "native":
     nc.claim()
 from gpupool.client.session import Session
 
-def tree_cpu(pid):  # CPU seconds of pid and its live descendants, to the ns (the scheduler's, schedstat)
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except OSError:
-                continue
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/schedstat", "rb") as f:
-                    total += int(f.read().split()[0])
-        except OSError:
-            pass
-        todo += [c for c, parent in parents.items() if parent == p]
-    return total / 1e9
+sys.path.insert(0, bench)
+from side_syscalls import tree_ns  # (this checkout's bench: the scheduler's CPU ns of the daemon's process tree)
+
+def tree_cpu(pid):
+    return tree_ns(pid) / 1e9
 
 session = Session.attach(address, token, timeout=120.0)
 if client == "native":
@@ -807,7 +792,7 @@ def sweep_figures(
     env.pop("GPUPOOL_INSECURE", None)
     if insecure:
         env["GPUPOOL_INSECURE"] = "1"
-    argv = [address, token, ",".join(map(str, sizes)), str(reps), client, str(daemon_pid)]
+    argv = [address, token, ",".join(map(str, sizes)), str(reps), client, str(daemon_pid), str(Path(__file__).parent)]
     done = subprocess.run([python, "-c", SWEEP_CHILD, *argv], cwd=cwd, env=env, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("SWEEP ")), None)
     if line is None:
