@@ -745,7 +745,8 @@ def measure(size):
             held = session.upload(big)
             session.sync()
         t1, c1 = time.perf_counter(), time.process_time()
-        d1 = tree_cpu(daemon)
+        d1 = tree_cpu(daemon)  # (a scan of /proc: milliseconds at load, so the download's clocks start after it)
+        c1b, t1b = time.process_time(), time.perf_counter()
         back = held.cpu() if client == "native" else session.download(held)
         t2, c2 = time.perf_counter(), time.process_time()
         d2 = tree_cpu(daemon)
@@ -759,9 +760,9 @@ def measure(size):
         if rep == 0:
             continue
         got["up"].append(t1 - t0)
-        got["down"].append(t2 - t1)
+        got["down"].append(t2 - t1b)
         got["up_client"].append((c1 - c0) / gib)
-        got["down_client"].append((c2 - c1) / gib)
+        got["down_client"].append((c2 - c1b) / gib)
         got["up_daemon"].append((d1 - d0) / gib)
         got["down_daemon"].append((d2 - d1) / gib)
     for k, v in got.items():
