@@ -12,7 +12,8 @@ can meet the transfer target, however little it adds.
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
     python bench/daemon_wire.py --isolation-cost [--repeat 5]
     python bench/daemon_wire.py --against /work/main [--against-python python3] [--tls] [--bulk] [--repeat 6]
-    python bench/daemon_wire.py --sweep 65536,1048576,16777216 --tls --bulk [--against DIR --against-python PY]
+    python bench/daemon_wire.py --sweep 1048576,16777216,67108864 --kinds tls,plain --clients python,native
+        [--against DIR --against-python PY] [--repeat 3 --reps 3]
 
 Each figure is the median of --repeat runs; the table prints gpupool / floor ratios. With --isolation-cost it
 instead compares two daemons started side by side, `--isolation process` (each session in its own worker
@@ -27,11 +28,17 @@ with --bulk also each session's second download of the same tensor with the clie
 memory turned off, gpupool/hostpool.py: the first lands where the previous session's dropped download was),
 and the session's second upload of the same size after it freed the first, as a loop's next batch (on a fake GPU
 the first lands in fresh host memory, the second, server/uploadpool.py, where the first was).
+
+--sweep (round 47): each tree's own client (the Python client, the C++ client or both: --clients), TLS and
+plaintext daemons (--kinds) with the side port, against raw TCP and raw TLS floors through Python's ssl and through
+OpenSSL in C (bench/tls_floor.c, built with `cc` into a temporary folder), with each end's CPU seconds a GiB
+(see `sweep`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import os
 import re
@@ -696,89 +703,287 @@ def against(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep_figures(address: str, token: str, sizes: list[int], reps: int) -> dict[str, float]:
-    """Per size: `reps` uploads (each then a Sync) and downloads of one tensor through one session, each checked
-    bit-exact; the median of each, as GB/s (keys `up:SIZE`, `down:SIZE`)."""
-    import torch
-    from gpupool.client.session import Session
+# A sweep's session, run in a child process of the tree's own interpreter (so each tree's client talks to its own
+# daemon): argv ADDRESS TOKEN SIZES REPS CLIENT DAEMON_PID BENCH_DIR; prints one JSON object. CLIENT `python`:
+# Session.upload (then a Sync) and Session.download; `native`: the C++ client (client/native/, the default of
+# `gpupool run`): `x.to(dev)` then `torch.gpupool.synchronize()`, and `.cpu()`. Per size, after one untimed round,
+# the median of REPS of each, as GB/s (`up:SIZE`, `down:SIZE`), and the CPU seconds a GiB of this process
+# (`up_client:SIZE`...) and of the daemon's process tree (its front, zygote and the session's worker, schedstat:
+# `up_daemon:SIZE`...), each transfer checked bit-exact. A size that fails (the C++ client of 41939607 at 16 MiB) is
+# reported; the sizes after it are not measured.
+SWEEP_CHILD = r"""
+import json, os, statistics, sys, time
+import torch
+address, token, sizes, reps, client, daemon, bench = sys.argv[1:8]
+sizes, reps, daemon = [int(x) for x in sizes.split(",")], int(reps), int(daemon)
+if client == "native":
+    from gpupool.client.native import backend as nc
+    nc.load()
+    nc.claim()
+from gpupool.client.session import Session
 
-    out: dict[str, float] = {}
-    with Session.attach(address, token) as s:
-        s.sync()
-        for size in sizes:
-            big = torch.randint(0, 255, (size,), dtype=torch.uint8)
-            ups, downs = [], []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                h = s.upload(big)
-                s.sync()
-                ups.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                back = s.download(h)
-                downs.append(time.perf_counter() - t0)
-                assert torch.equal(back, big), f"the {size}-byte round trip is not bit-exact"
-                s.free([h])
-            out[f"up:{size}"] = size / statistics.median(ups) / 1e9
-            out[f"down:{size}"] = size / statistics.median(downs) / 1e9
+sys.path.insert(0, bench)
+from side_syscalls import tree_ns  # (this checkout's bench: the scheduler's CPU ns of the daemon's process tree)
+
+def tree_cpu(pid):
+    return tree_ns(pid) / 1e9
+
+session = Session.attach(address, token, timeout=120.0)
+if client == "native":
+    nc.connect(session)
+    dev = nc.device()
+out = {"side": session._side is not None}
+def measure(size):
+    big = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    got = {"up": [], "down": [], "up_client": [], "down_client": [], "up_daemon": [], "down_daemon": []}
+    for rep in range(reps + 1):  # (the first, untimed, warms the size's paths up: slots, pools, pages)
+        d0, c0, t0 = tree_cpu(daemon), time.process_time(), time.perf_counter()
+        if client == "native":
+            held = big.to(dev)
+            torch.gpupool.synchronize()
+        else:
+            held = session.upload(big)
+            session.sync()
+        t1, c1 = time.perf_counter(), time.process_time()
+        d1 = tree_cpu(daemon)  # (a scan of /proc: milliseconds at load, so the download's clocks start after it)
+        c1b, t1b = time.process_time(), time.perf_counter()
+        back = held.cpu() if client == "native" else session.download(held)
+        t2, c2 = time.perf_counter(), time.process_time()
+        d2 = tree_cpu(daemon)
+        assert torch.equal(back, big), f"the {size}-byte round trip is not bit-exact"
+        del back
+        if client == "native":
+            del held
+        else:
+            session.free([held])
+        gib = size / 2**30
+        if rep == 0:
+            continue
+        got["up"].append(t1 - t0)
+        got["down"].append(t2 - t1b)
+        got["up_client"].append((c1 - c0) / gib)
+        got["down_client"].append((c2 - c1b) / gib)
+        got["up_daemon"].append((d1 - d0) / gib)
+        got["down_daemon"].append((d2 - d1) / gib)
+    for k, v in got.items():
+        out[f"{k}:{size}"] = size / statistics.median(v) / 1e9 if k in ("up", "down") else statistics.median(v)
+
+failed = None
+for size in sizes:  # in the order given; a failure (the session is then gone) is reported, the rest not measured
+    if failed is None:
+        try:
+            measure(size)
+        except Exception as exc:
+            failed = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}"
+    if failed is not None:
+        out[f"failed:{size}"] = failed
+if failed is None:
+    session.close()
+print("SWEEP " + json.dumps(out), flush=True)
+"""
+
+
+def sweep_figures(
+    address: str, token: str, sizes: list[int], reps: int, client: str, daemon_pid: int, python: str,
+    cwd: str | None, insecure: bool,
+) -> dict[str, float]:  # fmt: skip
+    """One session of `client` (python or native) in a child process of `python` (the tree's interpreter, run in
+    `cwd`): SWEEP_CHILD's figures."""
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}  # (the C++ client must own PrivateUse1)
+    env.pop("GPUPOOL_INSECURE", None)
+    if insecure:
+        env["GPUPOOL_INSECURE"] = "1"
+    argv = [address, token, ",".join(map(str, sizes)), str(reps), client, str(daemon_pid), str(Path(__file__).parent)]
+    done = subprocess.run([python, "-c", SWEEP_CHILD, *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("SWEEP ")), None)
+    if line is None:
+        raise RuntimeError(f"{client} sweep session failed ({done.returncode}): {done.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(line[6:])
+    if not out.pop("side"):
+        raise RuntimeError(f"the {client} client's session to {address} has no side socket")
     return out
+
+
+def c_floor_binary(tmp: str) -> str | None:
+    """bench/tls_floor.c built into `tmp` (raw TCP and raw TLS through OpenSSL in C), or None with a line on stderr
+    where no C compiler or OpenSSL headers are here."""
+    out = str(Path(tmp) / "tls_floor")
+    src = str(Path(__file__).with_name("tls_floor.c"))
+    done = subprocess.run(["cc", "-O2", src, "-o", out, "-lssl", "-lcrypto"], capture_output=True, text=True)
+    if done.returncode:
+        print(f"no C floors: building {src} failed: {done.stderr[-500:]}", file=sys.stderr)
+        return None
+    return out
+
+
+def c_floor_figures(binary: str, tls: bool, size: int, reps: int) -> dict[str, float]:
+    """bench/tls_floor.c's exchange (`tcp_figures`' in C), `reps` times on one connection: medians of GB/s each way
+    and of each end's CPU seconds a GiB (`up`, `down`, `up_client`, `up_server`, `down_client`, `down_server`)."""
+    ca, cert, key = _tls_files()
+    done = subprocess.run(
+        [binary, "tls" if tls else "tcp", cert, key, ca, str(size), str(reps)], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(f"tls_floor failed: {done.stderr[-1000:]}")
+    rows = [[float(x) for x in line.split()] for line in done.stdout.splitlines() if line.strip()]
+    names = ("up", "down", "up_client", "up_server", "down_client", "down_server")
+    return {name: statistics.median(r[i] for r in rows) for i, name in enumerate(names)}
 
 
 def sweep(args: argparse.Namespace) -> int:
     """--sweep: uploads and downloads of each size through this tree's daemon and, with --against, another
-    checkout's (their kind: --tls, --bulk as for --against), alternating sessions, next to the raw TCP and raw TLS
-    floors of the same size measured after each alternating pair (`tcp_figures`: one send of the bytes and a 1-byte
-    answer, one request and the bytes back), medians over --repeat; the ratios to raw TCP are issue 8's transfer
-    target (>= 0.6)."""
+    checkout's, each by its own client (--clients: the Python client, the C++ client or both, each session a child
+    process of the tree's interpreter), for each kind of daemon (--kinds: TLS, the default, and --insecure
+    plaintext; all with the side port, `--bulk-listen`, as `gpupool up` runs them), alternating trees; after each
+    round the floors of each size on the same box: raw TCP and raw TLS through Python's ssl (`tcp_figures`) and
+    through OpenSSL in C (bench/tls_floor.c: no Python between the records and the bytes), one send of the bytes
+    and a 1-byte answer, one request and the bytes back. Medians over --repeat rounds; the ratios to raw TCP are
+    issue 8's transfer target (>= 0.6), those to raw TLS in C say what TLS itself leaves. CPU seconds a GiB: each
+    end of ours (the client process; the daemon's process tree) and of the C floors (client, server)."""
     from gpupool import tokens
 
     sizes = [int(x) for x in args.sweep.split(",")]
-    extra: tuple[str, ...] = () if args.tls else ("--insecure",)
-    if args.bulk:
-        extra += ("--bulk-listen", "127.0.0.1:0")
+    kinds = args.kinds.split(",") if args.kinds else ["tls" if args.tls else "plain"]
+    clients = args.clients.split(",")
+    trees = ["this", "other"] if args.against else ["this"]
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        key, key_file = loopback_keys(tmp, args.tls)
-        daemons = {"this": start_daemon(key_file, *extra)}
-        if args.against:
-            daemons["other"] = start_daemon(key_file, *extra, python=args.against_python, cwd=args.against)
-        floor, (tcp_port, _, tls_port, _) = start_floor()
-        figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
-        raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": []}
+        key, key_file = loopback_keys(tmp, True)
+        daemons: dict[tuple[str, str], tuple[subprocess.Popen[str], str]] = {}
+        floor: subprocess.Popen[str] | None = None
+        binary: str | None = None
         try:
+            for kind in kinds:
+                extra = ("--bulk-listen", "127.0.0.1:0") + (("--insecure",) if kind == "plain" else ())
+                daemons[kind, "this"] = start_daemon(key_file, *extra)
+                if args.against:
+                    daemons[kind, "other"] = start_daemon(
+                        key_file, *extra, python=args.against_python, cwd=args.against
+                    )
+            floor, (tcp_port, _, tls_port, _) = start_floor()
+            binary = c_floor_binary(tmp)
+            figures: dict[str, list[dict[str, float]]] = {}
+            raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": []}  # Python's and (c:...) C's
             for i in range(args.repeat):
-                for name in daemons if i % 2 == 0 else reversed(list(daemons)):
-                    claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
-                    figures[name].append(sweep_figures(daemons[name][1], tokens.mint(key, claims), sizes, args.reps))
-                for kind, port, tls in (("tcp", tcp_port, False), ("tls", tls_port, True)):
-                    got: dict[str, float] = {}
+                for kind in kinds:
+                    for client in clients:
+                        for tree in trees if i % 2 == 0 else reversed(trees):
+                            proc, address = daemons[kind, tree]
+                            claims = tokens.TokenClaims(f"{tree}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
+                            python = sys.executable if tree == "this" else args.against_python
+                            cwd = None if tree == "this" else args.against
+                            got = sweep_figures(address, tokens.mint(key, claims), sizes, args.reps, client, proc.pid,
+                                                python, cwd, kind == "plain")  # fmt: skip
+                            figures.setdefault(f"{kind}/{client}/{tree}", []).append(got)
+                for name, port, tls in (("tcp", tcp_port, False), ("tls", tls_port, True)):
+                    row: dict[str, float] = {}
                     for size in sizes:
                         runs = [tcp_figures(int(port), size, 1, tls=tls) for _ in range(args.reps)]
-                        got[f"up:{size}"] = statistics.median(r["up"] for r in runs)
-                        got[f"down:{size}"] = statistics.median(r["down"] for r in runs)
-                    raws[kind].append(got)
+                        row[f"up:{size}"] = statistics.median(r["up"] for r in runs)
+                        row[f"down:{size}"] = statistics.median(r["down"] for r in runs)
+                        if binary:
+                            for k, v in c_floor_figures(binary, tls, size, args.reps).items():
+                                row[f"c:{k}:{size}"] = v
+                    raws[name].append(row)
                 print(f"sweep {i + 1}/{args.repeat} done", file=sys.stderr)
         finally:
-            stop([proc for proc, _ in daemons.values()], floor)
-    med = {k: median_of(v) for k, v in {**figures, **raws}.items()}
-    names = [n for n in ("this", "other") if n in daemons]
-    kind = ("TLS" if args.tls else "plaintext") + (" daemons with a side socket" if args.bulk else " daemons")
-    print(f"\nuploads (+ a Sync) and downloads, GB/s, medians of {args.reps} a session over {args.repeat} sessions "
-          f"each; {kind}; load {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
-    head = ["bytes", "dir"] + names + ["raw TCP", "raw TLS"] + [f"{n}/TCP" for n in names] + [f"{n}/TLS" for n in names]
-    if len(names) > 1:
-        head.append("this/other")
-    print("".join(f"{h:>11}" for h in head))
-    for size in sizes:
-        for d in ("up", "down"):
-            k = f"{d}:{size}"
-            row = [str(size), d] + [f"{med[n][k]:.3f}" for n in names]
-            row += [f"{med['tcp'][k]:.3f}", f"{med['tls'][k]:.3f}"]
-            row += [f"{med[n][k] / med['tcp'][k]:.2f}" for n in names]
-            row += [f"{med[n][k] / med['tls'][k]:.2f}" for n in names]
-            if len(names) > 1:
-                row.append(f"{med['this'][k] / med['other'][k]:.2f}")
-            print("".join(f"{c:>11}" for c in row))
+            for proc, _ in daemons.values():
+                proc.terminate()
+                proc.wait(30)
+            if floor is not None:
+                stop([], floor)
+    sweep_report(args, sizes, kinds, clients, trees, figures, raws, load0, binary is not None)
     return 0
+
+
+def sweep_report(
+    args: argparse.Namespace, sizes: list[int], kinds: list[str], clients: list[str], trees: list[str],
+    figures: dict[str, list[dict[str, float]]], raws: dict[str, list[dict[str, float]]], load0: float, c_floors: bool,
+) -> None:  # fmt: skip
+    """--sweep's tables, one set a kind of daemon: GB/s beside the floors, ratios to raw TCP and raw TLS in C (or,
+    without a C compiler, Python's), CPU seconds a GiB of each end, and issue 8's target for each column."""
+    med: dict[str, dict[str, Any]] = {}
+    for name, runs in figures.items():  # medians of what each session measured; a size that failed in any: its reason
+        keys = {k for r in runs for k in r}
+        med[name] = {k: statistics.median(r[k] for r in runs if k in r) for k in keys if not k.startswith("failed:")}
+        for k in keys - med[name].keys():
+            med[name][k] = next(r[k] for r in runs if k in r)
+            med[name].update({f"{d}{k[6:]}": None for d in ("up", "down", "up_client", "down_client", "up_daemon",
+                                                            "down_daemon")})  # fmt: skip
+            print(f"{name}: failed at {k[7:]} bytes (then not measured): {med[name][k]}")
+    floor = {k: median_of(v) for k, v in raws.items()}
+    where = "C" if c_floors else "py"
+    print(f"\nuploads (+ a Sync) and downloads, medians of {args.reps} a session over {args.repeat} sessions each, "
+          f"daemons with a side port; load {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
+
+    def floor_of(name: str, d: str, size: int) -> float:
+        return floor[name][f"c:{d}:{size}" if c_floors else f"{d}:{size}"]
+
+    def fmt(v: float | None, spec: str = ".3f") -> str:
+        return "fail" if v is None else format(v, spec)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if a is None or b is None else f"{a / b:.2f}"
+
+    def table(head: list[str], rows: list[list[str]], width: int = 10) -> None:
+        print("".join(f"{h:>{width}}" for h in head))
+        for row in rows:
+            print("".join(f"{c:>{width}}" for c in row))
+
+    short = {"python": "py", "native": "C++"}
+    for kind in kinds:
+        cols = [(c, t) for c in clients for t in trees]
+        names = [f"{short.get(c, c)}:{t}" for c, t in cols]
+        print(f"\n{'TLS' if kind == 'tls' else 'plaintext (--insecure)'} daemons, GB/s (ours: CLIENT:TREE; floors: raw "
+              f"TCP and raw TLS through Python, and through OpenSSL in C)")  # fmt: skip
+        rows = []
+        for size in sorted(sizes):
+            for d in ("up", "down"):
+                row = [str(size), d] + [fmt(med[f"{kind}/{c}/{t}"][f"{d}:{size}"]) for c, t in cols]
+                row += [f"{floor['tcp'][f'{d}:{size}']:.3f}", f"{floor['tls'][f'{d}:{size}']:.3f}"]
+                if c_floors:
+                    row += [f"{floor_of('tcp', d, size):.3f}", f"{floor_of('tls', d, size):.3f}"]
+                rows.append(row)
+        table(["bytes", "dir", *names, "TCP py", "TLS py"] + (["TCP C", "TLS C"] if c_floors else []), rows)
+        print(
+            f"ratios: ours / raw TCP ({where}), ours / raw TLS ({where})" + (", this / other" if len(trees) > 1 else "")
+        )
+        rows = []
+        for size in sorted(sizes):
+            for d in ("up", "down"):
+                ours = {(c, t): med[f"{kind}/{c}/{t}"][f"{d}:{size}"] for c, t in cols}
+                row = [str(size), d] + [ratio(v, floor_of("tcp", d, size)) for v in ours.values()]
+                row += [ratio(v, floor_of("tls", d, size)) for v in ours.values()]
+                if len(trees) > 1:
+                    row += [ratio(ours[c, "this"], ours[c, "other"]) for c in clients]
+                rows.append(row)
+        head = ["bytes", "dir"] + [f"{n}/TCP" for n in names] + [f"{n}/TLS" for n in names]
+        head += [f"{short.get(c, c)} t/o" for c in clients] if len(trees) > 1 else []
+        table(head, rows, 12)
+        print("CPU seconds a GiB: ours (client process / daemon process tree)" + (", C floors (client / server)"
+              if c_floors else ""))  # fmt: skip
+        rows = []
+        for size in sorted(sizes):
+            for d in ("up", "down"):
+                row = [str(size), d]
+                for c, t in cols:
+                    m = med[f"{kind}/{c}/{t}"]
+                    row.append(f"{fmt(m[f'{d}_client:{size}'], '.2f')}/{fmt(m[f'{d}_daemon:{size}'], '.2f')}")
+                if c_floors:
+                    for name in ("tcp", "tls"):
+                        f = floor[name]
+                        row.append(f"{f[f'c:{d}_client:{size}']:.2f}/{f[f'c:{d}_server:{size}']:.2f}")
+                rows.append(row)
+        table(["bytes", "dir", *names] + (["TCP C", "TLS C"] if c_floors else []), rows, 12)
+        for c, t in cols:
+            pairs = [(size, d) for size in sizes for d in ("up", "down")]
+            got = [med[f"{kind}/{c}/{t}"][f"{d}:{size}"] for size, d in pairs]
+            lows = [v / floor_of("tcp", d, size) for v, (size, d) in zip(got, pairs, strict=True) if v is not None]
+            verdict = "met" if lows and None not in got and min(lows) >= 0.6 else "NOT met"
+            lowest = f"{min(lows):.2f}" if lows else "-"
+            failed = ", some failed" if None in got else ""
+            print(f"  {kind} {c} client, {t}: transfers >= 0.6 x raw TCP ({where}), every size and way: {verdict} "
+                  f"(lowest {lowest}{failed})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -795,6 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", metavar="BYTES,...", default="", help="uploads and downloads of each size against the "
                    "raw TCP and TLS floors (with --against: both trees; --tls, --bulk as there)")  # fmt: skip
     p.add_argument("--reps", type=int, default=5, help="with --sweep: transfers of each size a session (the median)")
+    p.add_argument("--kinds", default="", help="with --sweep: the daemons' kinds, tls,plain (plain: --insecure); "
+                   "default: tls with --tls, else plain")  # fmt: skip
+    p.add_argument("--clients", default="python", help="with --sweep: python,native (native: the C++ client)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.floor_server:

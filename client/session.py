@@ -269,6 +269,7 @@ class _Want:
     shape: tuple[int, ...] | None
     dtype: torch.dtype | None
     limit: int
+    into: torch.Tensor | None = None  # the caller's tensor the bytes land in (`Session.download`'s `into`)
 
     def check(self, shape: list[int], dtype: torch.dtype) -> str | None:
         """Why a download's metadata from the daemon cannot be this download's, or None."""
@@ -353,7 +354,10 @@ class _Waiter:
         if wrong is not None:
             self.fail(InvalidArgument(f"the daemon sent a download of {wrong}"))
             return
-        self.tensor, kept = hostpool.empty(shape, dtype, _huge_pages)
+        if self.want.into is not None:  # (checked to be that shape and dtype: `Session.download`)
+            self.tensor, kept = self.want.into, False
+        else:
+            self.tensor, kept = hostpool.empty(shape, dtype, _huge_pages)
         self._bytes = wire.host_bytes(self.tensor)
         if not kept:
             self._prefault = prefault.start(self.tensor)
@@ -788,15 +792,31 @@ class Session:
         return [wire.scalar_from_proto(v) for v in w.reply.values]
 
     def download(
-        self, handle: int, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None
+        self,
+        handle: int,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The tensor's value as a CPU tensor (waits for the ops before it); like `sync`, raises the first error
         since the last sync instead. `shape` and `dtype`: what the caller knows the tensor to be (the daemon's
         reply must be that, else InvalidArgument, before any memory is allocated for it); without them a reply
-        of at most the session's quota is taken. Every byte of the returned tensor is one the daemon sent."""
+        of at most the session's quota is taken. Every byte of the returned tensor is one the daemon sent.
+        `into`: a contiguous CPU tensor of that shape and dtype (not bool, whose bytes are checked only once all
+        came) that the bytes are received into and that is returned, instead of new memory (the C++ client's
+        `.cpu()`, round 47: one copy of the download less); where the download fails, its contents are undefined."""
         if (shape is None) != (dtype is None):
             raise InvalidArgument("download: give both shape and dtype, or neither")
-        want = _Want(None if shape is None else tuple(shape), dtype, self.quota_bytes or sys.maxsize)
+        if into is not None and (
+            shape is None
+            or into.device.type != "cpu"
+            or not into.is_contiguous()
+            or tuple(into.shape) != tuple(shape)
+            or into.dtype != dtype
+            or dtype == torch.bool
+        ):
+            raise InvalidArgument("download: `into` must be a contiguous CPU tensor of the shape and dtype, not bool")
+        want = _Want(None if shape is None else tuple(shape), dtype, self.quota_bytes or sys.maxsize, into)
         cmd = device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None))
         rid, w = self._request(cmd, want)
         self._wait(rid, w)

@@ -309,6 +309,16 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
+    def download_into(frame: torch.Tensor, index: int, handle: int, out: torch.Tensor) -> None:
+        """A download into `out` (`.cpu()`'s fresh tensor, a contiguous one of the same shape and dtype, not bool:
+        native_client.cpp `wire_copy_`), the bytes received there instead of into new memory copied over after."""
+        send(frame, index)
+        refuse_in_recording("a sync point (.cpu(), printing, an op with data-dependent shapes)")
+        try:
+            _sessions[index].download(handle, tuple(out.shape), out.dtype, into=out)
+        except Exception as exc:  # noqa: BLE001
+            raise translate(exc) from exc
+
     def upload(frame: torch.Tensor, index: int, handle: int, data: torch.Tensor) -> None:
         """An upload over 12 MiB (native_client.cpp `wire_big_upload`, kMaxUpload): after the frame, as the Python
         client's go (the bulk side socket, or 4 MiB chunks on the stream)."""
@@ -323,6 +333,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     lib.impl("send", send, "CPU")
     lib.impl("sync_scalar", sync_scalar, "CPU")
     lib.impl("download", download, "CPU")
+    lib.impl("download_into", download_into, "CPU")
     lib.impl("upload", upload, "CPU")
     _libs.append(lib)
     if python:

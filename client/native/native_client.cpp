@@ -1589,7 +1589,8 @@ void sync_record(const at::Tensor& t) {
 
 // Wire mode: Command{upload}s of a contiguous CPU tensor of at most 12 MiB (kMaxUpload) into wire handle `wh`, in the frame: chunks
 // of at most 4 MiB, the first with the tensor's meta, the last marked (as client/session.py's `upload` writes them on
-// the stream). A larger one goes through Session.upload itself (wire_big_upload).
+// the stream). Outside a recorded step only those under 1 MiB come here (round 47); a larger one goes through
+// Session.upload itself (wire_big_upload).
 void emit_upload(Dev& d, uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
   TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes into the frame (wire_copy_ sends those "
@@ -1784,6 +1785,18 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     std::lock_guard<std::mutex> send(d.send_mu);
     uint64_t h;
     const at::Tensor frame = take_sync_frame(d, src, &h);
+    if (self.device().is_cpu() && self.is_contiguous() && self.sizes() == src.sizes() &&
+        self.scalar_type() == src.scalar_type() && self.scalar_type() != at::kBool && !self.is_conj() &&
+        !self.is_neg()) {
+      // `.cpu()`'s fresh tensor, or any contiguous one of the same shape and dtype (round 47): the bytes land in it,
+      // not in new memory copied over after (one copy of the download less). Not bool: Session.download checks a
+      // bool download's bytes only once all came, and `self` would hold them before that.
+      static auto into = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gpupool_native::download_into", "")
+                             .typed<void(const at::Tensor&, int64_t, int64_t, const at::Tensor&)>();
+      into.call(frame, index_of(d), static_cast<int64_t>(h), self);
+      return self;
+    }
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gpupool_native::download", "")
                          .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, c10::IntArrayRef, at::ScalarType)>();
@@ -2465,6 +2478,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("send(Tensor frame, int index) -> ()");
   m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
   m.def("download(Tensor frame, int index, int handle, int[] shape, ScalarType dtype) -> Tensor");
+  m.def("download_into(Tensor frame, int index, int handle, Tensor(a!) out) -> ()");  // into `.cpu()`'s tensor
   m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // an upload over 12 MiB: Session.upload
   m.def("autoconnect(int index) -> ()");  // gpupool run --native-client: attach the session of the lease's device
 }

@@ -56,6 +56,26 @@ def test_shapes_views_numpy_and_chunk_edges(daemon: Any) -> None:
         assert s.download(col).tolist() == [2.0, 6.0, 10.0]
 
 
+def test_a_download_into_a_given_tensor(daemon: Any) -> None:
+    """Session.download's `into` (round 47, the C++ client's `.cpu()`): the bytes land in the caller's tensor, which is
+    returned, across chunks; a tensor of another shape or dtype, a strided one or a bool one is refused first."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        t = torch.randn(wire.CHUNK_BYTES // 4 + 5)  # two chunks
+        h = s.upload(t)
+        out = torch.full_like(t, 7.0)
+        back = s.download(h, t.shape, t.dtype, into=out)
+        assert back is out and torch.equal(out, t)
+        for bad in (torch.empty(3), torch.empty_like(t, dtype=torch.float64), torch.empty(2 * t.numel())[::2]):
+            with pytest.raises(InvalidArgument, match="into"):
+                s.download(h, t.shape, t.dtype, into=bad)
+        b = s.upload(torch.tensor([True, False]))
+        with pytest.raises(InvalidArgument, match="not bool"):
+            s.download(b, (2,), torch.bool, into=torch.empty(2, dtype=torch.bool))
+        with pytest.raises(InvalidArgument, match="into"):
+            s.download(h, into=out)  # no shape and dtype
+        assert torch.equal(s.download(h), t)  # the session goes on
+
+
 def test_upload_into_chosen_handle_replaces_it(daemon: Any) -> None:
     with Session.attach(daemon.address, daemon.token()) as s:
         h = s.new_handle()

@@ -74,6 +74,16 @@ if session.quota_bytes:
                         "torch_oom": isinstance(exc, torch.OutOfMemoryError)}
     del big
     out["after"] = [(x.to(dev) * 2).sum().item(), (x * 2).sum().item()]
+try:  # 20 MB, whole and into a slice: over the daemon's default 16 MiB message (round 47: it ended the session)
+    m = torch.randn(5_000_000, generator=g)
+    md = m.to(dev)
+    pair = torch.zeros(2, 5_000_000, device=dev)
+    pair[1].copy_(m)  # into a slice: a temporary handle and copy_
+    out["mid2"] = [torch.equal(md.cpu(), m), torch.equal(pair[1].cpu(), m)]
+    out["mid2"].append((md * 2).sum().item() == (m * 2).sum().item())
+    del md, pair
+except Exception as exc:
+    out["mid2"] = type(exc).__name__ + ": " + str(exc)[:300]
 print(json.dumps(out))
 """.replace("MiB", str(MiB))
 
@@ -113,6 +123,13 @@ def test_uploads_and_downloads_over_16_and_32_mib_are_bit_for_bit(ran: dict[str,
     assert got["ops"][0] == got["ops"][1]
     assert got["slice_ops"][0] == got["slice_ops"][1]
     assert got["uploads"] >= 4
+
+
+def test_uploads_of_16_to_32_mib_go_through_on_a_default_daemon(ran: dict[str, Any]) -> None:
+    """Round 47: the C++ client wrote uploads of up to 32 MiB into its frame, and a frame of 16 MiB or more is over the
+    daemon's default --max-message-size: gRPC refused it on the stream, the side socket's reader ended the session.
+    Over 12 MiB they now go through Session.upload (4 MiB chunks: on the side socket, or a frame each)."""
+    assert ran["mid2"] == [True, True, True], ran["mid2"]
 
 
 def test_an_upload_over_the_quota_is_the_daemons_oom_and_the_session_goes_on(ran: dict[str, Any]) -> None:
