@@ -8,7 +8,8 @@ CPU batches in turn, then one `.item()` of the last loss. Windows, each counted 
 
 - `steps`: the replays (each call of the captured step until it returns; the frames they fill go out on the way);
 - `item`: the `.item()` after them (the last frame, the reply's wait and read);
-- `key`: the guard alone, `--steps` times (`_structure` and `_key` of the call's arguments: shapes, training flags,
+- `key`: the guard alone, `--steps` times (`_structure`, then `_lookup`, or `_key` and `_valid_graph` before round 47,
+  of the call's arguments: shapes, training flags,
   optimizer settings, Python values; the C++ client's `poll` of freed handles too where a replay makes that call
   first, as before round 44: since, `replay` hears of them): a part of `steps`.
 
@@ -54,6 +55,10 @@ def _setup(a: argparse.Namespace) -> tuple[Any, Any, list[Any], Any]:
 
     torch.set_num_threads(1)
     model, data, loss_fn = workload(a.model)
+    if a.measure == "instr":  # under valgrind on a loaded box the TLS handshake alone can outlast Attach's 10 s
+        from gpupool.client.session import Session
+
+        Session.attach.__func__.__kwdefaults__["timeout"] = 120.0  # type: ignore[attr-defined]
     if a.client == "native":
         from gpupool.client import native as nc
         from gpupool.client.native.capture import capture
@@ -83,7 +88,10 @@ def _setup(a: argparse.Namespace) -> tuple[Any, Any, list[Any], Any]:
 
             _device(0).poll()
         leaves, _, structure = step._structure((x, y), {})
-        return step._key(structure, leaves)
+        if hasattr(step, "_lookup"):  # round 47: the replay's lookup of key and graph (its short way where it holds)
+            return step._lookup(structure, leaves)
+        key = step._key(structure, leaves)
+        return key, step._valid_graph(key) if hasattr(step, "_valid_graph") else None
 
     return step, step, data, key
 

@@ -262,6 +262,38 @@ def difference(graphs: dict[Any, Any], new: Any) -> str:
     return f"a Python value it reads changed ({', '.join(changed)})"
 
 
+def tensors_check(leaves: list[Any]) -> Callable[..., bool] | None:
+    """A check of a later call's leaves against these (all plain CPU tensors), in one C call: torch's own guard of
+    compiled code (`torch._C._dynamo.guards.TensorGuards`: each leaf's Python type, dispatch keys, dtype, device,
+    requires_grad, sizes and strides, all static). Where it passes, every leaf's `leaf_key` is the one it has now
+    (a CPU tensor's is its shape and dtype): `StepCache._lookup` then skips making and hashing the key (round 47,
+    ~2.6k instructions against ~8.5k for two batches). None where there is no such check: a leaf that is not a plain
+    CPU tensor (a device tensor's key holds its storage offset, which the check does not read), no leaves, or no
+    TensorGuards in this torch."""
+    if not leaves or _TENSOR_GUARDS is None:
+        return None
+    for x in leaves:
+        if type(x) is not torch.Tensor or not x.is_cpu:
+            return None
+    try:
+        sizes = [list(x.shape) for x in leaves]
+        strides = [list(x.stride()) for x in leaves]
+        return _TENSOR_GUARDS(*leaves, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 - a torch whose TensorGuards takes other arguments: the key every call
+        return None
+
+
+def _tensor_guards() -> Any:
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+    except Exception:  # noqa: BLE001 - a torch without it (or without dynamo): no `tensors_check`
+        return None
+    return TensorGuards
+
+
+_TENSOR_GUARDS = _tensor_guards()
+
+
 def leaf_key(x: Any) -> Any:
     if type(x) is torch.Tensor:  # a CPU batch, the C++ client's tensors: no `_gp_key` to look for (a miss raises)
         if x.is_cpu:  # (a torch.Size hashes and compares as the tuple of its sizes: no copy into one)

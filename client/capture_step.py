@@ -50,6 +50,10 @@ class StepCache:
         # runs Python per node, and a key is hashed on every call. One number per structure seen.
         self._spec_ids: dict[Any, int] = {}
         self._arity: dict[int, tuple[Any, int]] = {}  # positional tensor arguments only: n -> (spec, its number)
+        # `_lookup`'s short way: (structure, leaves' check, key, graph) of the last call that found a valid graph
+        # with leaves `guard.tensors_check` checks; each key's check, made once (`_checks`)
+        self._last: tuple[int, Any, Any, Any] | None = None
+        self._checks: dict[Any, Any] = {}
 
     @property
     def state(self) -> str:
@@ -101,6 +105,34 @@ class StepCache:
             self._watch.key(),
             guard.values_key(self.values),
         )
+
+    def _lookup(self, structure: int, leaves: list[Any], device: Any = None) -> tuple[Any, Any]:
+        """(the call's guard key, its valid graph or None), the graph now the most recently used: `_graph_for(key,
+        device)`, or `_valid_graph(key)` (silently) where `device` is None. The short way (round 47): where the last
+        call that found a graph had the same structure and plain CPU tensor leaves, and this call's leaves pass
+        its check (`guard.tensors_check`: their keys are the same), that graph, still valid, still under that key
+        (`_forget` ends the short way), and still the most recently used (any other goes through here), is the
+        key's as long as the watched objects' and the Python values' parts are the same too: both read as ever."""
+        last = self._last
+        if last is not None and last[0] == structure:
+            key, g = last[2], last[3]
+            try:
+                same = last[1](*leaves)
+            except Exception:  # noqa: BLE001 - (cannot be: the same structure, the same count) the key
+                same = False
+            if same and g.valid and g.key is key and self._watch.key() == key[2]:
+                if guard.values_key(self.values) == key[3]:
+                    return key, g
+        self._last = None
+        key = self._key(structure, leaves)
+        g = self._valid_graph(key) if device is None else self._graph_for(key, device)
+        if g is not None:
+            check = self._checks.get(key)
+            if check is None:
+                check = self._checks[key] = guard.tensors_check(leaves) or False
+            if check:
+                self._last = (structure, check, g.key, g)
+        return key, g
 
     def _valid_graph(self, key: Any) -> Any:
         """The valid graph of `key` (now the most recently used), else None, silently (`_graph_for` then says why)."""
@@ -186,6 +218,7 @@ class StepCache:
                 other.key = k2
                 self.graphs[k2] = other
             self._recorded.clear()
+            self._checks.clear()  # (keyed by the old keys)
             return (*key[:3], guard.values_key(self.values))
         return None
 
@@ -195,6 +228,8 @@ class StepCache:
             self._forget(next(iter(self.graphs)), drop=True)
 
     def _forget(self, key: Any, drop: bool = False) -> None:
+        self._last = None
+        self._checks.pop(key, None)
         g = self.graphs.pop(key, None)
         if g is not None:
             self._release(g, drop)

@@ -149,8 +149,7 @@ class CapturedStep(StepCache):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec, structure = self._structure(args, kwargs)
-        key = self._key(structure, leaves)
-        g = self._valid_graph(key)
+        key, g = self._lookup(structure, leaves)
         while g is not None:  # `_replay` hears of the watched handles freed meanwhile (dev.poll's) before it runs
             out = self._replay(g, leaves)
             if out is not _AGAIN:

@@ -122,8 +122,7 @@ class CapturedStep(StepCache):
         for x in leaves:  # a graph's inputs are daemon tensors equal to them
             if type(x) is RemoteView:
                 own(x)
-        key = self._key(structure, leaves)
-        g = self._graph_for(key, rt.device)
+        key, g = self._lookup(structure, leaves, rt.device)
         if g is not None:
             return self._replay(rt, g, leaves)
         leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]

@@ -265,3 +265,93 @@ def test_kept_parts_are_read_again_not_recomputed() -> None:
         and second[1:] == first[1:]
         and all(a is b for a, b in zip(second[1:], first[1:], strict=True))
     )
+
+
+class _Graph:
+    """What `StepCache` asks of a graph: `valid`, `key` (and `built`, unread here); `watching`, `rt` for the Python
+    client's `_release` (nothing watched)."""
+
+    def __init__(self, key: object) -> None:
+        self.key, self.valid, self.built, self.watching, self.rt = key, True, None, [], None
+
+
+_SCALE = 1.0  # a plain Python value the step below reads (a global its code names)
+
+
+def _lookup_step() -> tuple[CapturedStep, torch.nn.Module]:
+    model = torch.nn.Linear(4, 2)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x * _SCALE) - y
+
+    return CapturedStep(step), model
+
+
+def _define(cs: CapturedStep, *args: torch.Tensor) -> tuple[object, _Graph]:
+    leaves, _, structure = cs._structure(args, {})
+    key = cs._key(structure, leaves)
+    g = cs.graphs[key] = _Graph(key)
+    return key, g
+
+
+def _found(cs: CapturedStep, *args: torch.Tensor) -> object:
+    leaves, _, structure = cs._structure(args, {})
+    key, g = cs._lookup(structure, leaves)
+    assert key == cs._key(structure, leaves)  # the short way's key is the full one's
+    return g
+
+
+def test_the_short_lookup_finds_what_the_key_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 47: a call whose plain CPU batches pass the last call's check (`guard.tensors_check`) skips the leaf keys,
+    and finds exactly the graph the full key finds: a batch of another shape, dtype or requires_grad, a module's
+    training flag, a Python value the step reads, a graph made invalid or forgotten all take the full key again."""
+    if guard._TENSOR_GUARDS is None:
+        pytest.skip("no TensorGuards in this torch: the full key every call")
+    global _SCALE
+    cs, model = _lookup_step()
+    x, y = torch.ones(3, 4), torch.zeros(3, 2)
+    key, g = _define(cs, x, y)
+    assert _found(cs, x, y) is g  # the full way, which keeps the check
+    keys = []
+    monkeypatch.setattr(guard, "leaf_key", lambda v: keys.append(v) or ("leaf", id(v)))
+    leaves, _, structure = cs._structure((torch.randn(3, 4), torch.randn(3, 2)), {})
+    assert cs._lookup(structure, leaves) == (key, g) and not keys  # the short way: no leaf key made
+    monkeypatch.undo()
+    assert _found(cs, torch.ones(5, 4), torch.zeros(5, 2)) is None  # another shape: another key, no graph
+    assert _found(cs, x, y) is g
+    assert _found(cs, x.double(), y) is None
+    assert _found(cs, x.t().contiguous().t(), y) is g  # other strides, the same CPU key: the full way finds it
+    assert _found(cs, x, y) is g
+    model.eval()
+    assert _found(cs, x, y) is None
+    model.train()
+    assert _found(cs, x, y) is g
+    _SCALE = 2.0
+    try:
+        assert _found(cs, x, y) is None
+    finally:
+        _SCALE = 1.0
+    assert _found(cs, x, y) is g
+    g.valid = False
+    assert _found(cs, x, y) is None
+    g.valid = True
+    assert _found(cs, x, y) is g
+    cs._forget(key)  # (gone from `graphs` first: no client's `_release` of this stand-in)
+    assert _found(cs, x, y) is None
+
+
+def test_the_short_lookup_is_for_plain_cpu_batches_only() -> None:
+    """A device tensor's key holds its storage offset, which the check does not read; a subclass, a number among the
+    arguments: no check, the full key every call."""
+    assert guard.tensors_check([torch.nn.Parameter(torch.ones(2))]) is None
+    assert guard.tensors_check([torch.ones(2), 3]) is None
+    assert guard.tensors_check([torch.ones(2, device="meta")]) is None
+    assert guard.tensors_check([]) is None
+    if guard._TENSOR_GUARDS is not None:
+        check = guard.tensors_check([torch.ones(2, 3), torch.zeros(4, dtype=torch.int64)])
+        assert check is not None
+        assert check(torch.randn(2, 3), torch.ones(4, dtype=torch.int64))
+        assert not check(torch.randn(3, 2), torch.ones(4, dtype=torch.int64))
+        assert not check(torch.randn(2, 3), torch.ones(4, dtype=torch.int32))
+        assert not check(torch.randn(2, 3).requires_grad_(), torch.ones(4, dtype=torch.int64))
+        assert not check(torch.randn(2, 3), torch.nn.Parameter(torch.ones(4)))
