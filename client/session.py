@@ -729,14 +729,27 @@ class Session:
     def drop_graph(self, graph_id: int) -> None:
         self._add(device_pb2.Command(drop_graph=device_pb2.DropGraph(graph_id=graph_id)))
 
+    @property
+    def closed(self) -> bool:
+        """This process closed the session (`close`: Detach sent)."""
+        return self._closed
+
     def refresh(self, token: str) -> None:
         """Hand the daemon a renewed token of this session's lease. Out of band (a unary call), not on the stream:
-        there it would wait behind queued work, which can outlast the old token."""
+        there it would wait behind queued work, which can outlast the old token. A session this process closed has
+        no use for a token: nothing is sent; one closed while the call was in flight (a renewal racing the end of
+        `gpupool run`'s child: atexit's Detach) is not an error either."""
+        if self._closed:
+            return
         try:
             self._stub.RefreshToken(
                 device_pb2.RefreshTokenRequest(session_id=self.session_id, token=token), timeout=REFRESH_TIMEOUT
             )
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, ValueError) as exc:  # ValueError: the channel closed under the call (`close`)
+            if self._closed:
+                return
+            if isinstance(exc, ValueError):
+                raise
             raise from_failure(exc) from None
 
     def flush(self) -> None:

@@ -11,6 +11,7 @@ bytes used and the limit as numbers (`ResourceExhausted.used_bytes`/`limit_bytes
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -161,7 +162,34 @@ def from_failure(failure: grpc.RpcError | tensor_pb2.Error) -> GpupoolError:
         )
     code = failure.code() if hasattr(failure, "code") else grpc.StatusCode.UNKNOWN
     details = failure.details() if hasattr(failure, "details") else str(failure)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (too_large := _TOO_LARGE.search(details or "")):
+        return MessageTooLarge(int(too_large[1]), int(too_large[2]))
     return from_status(code, details or code.name)
+
+
+# gRPC's own RESOURCE_EXHAUSTED for a message over a receiver's limit ("SERVER: Received message larger than max
+# (1048608 vs. 1048576)": the daemon's --max-message-size): the transport's
+# words, not a status of ours - the stream that carried it is over.
+_TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
+
+
+class MessageTooLarge(GpupoolError):
+    """gRPC refused a message over the receiver's limit (the daemon's `--max-message-size`): RESOURCE_EXHAUSTED, but
+    no memory quota's - not a ResourceExhausted, so the torch clients do not report it as an OutOfMemoryError (until
+    round 47 they did). The session's stream ended with it: the session is over."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"a gRPC message of {size} bytes is over the limit of {limit} bytes (the daemon's --max-message-size, "
+            f"`gpupool serve --max-message-size`; 16 MiB by default) and ended the session: send less at once, or "
+            f"start the daemon with a larger --max-message-size"
+        )
+        self.size, self.limit = size, limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return MessageTooLarge, (self.size, self.limit)
 
 
 MAX_DETAILS = 2000  # characters (and UTF-8 bytes) of an error's message a reply carries: see `bounded`

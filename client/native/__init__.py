@@ -333,6 +333,8 @@ def _close() -> None:
     from . import backend
 
     sessions, lease = _state.pop("sessions", {}), _state.pop("lease", None)
+    if lease is not None:  # the lease is `gpupool run`'s to release; no renewal forwards a token to a closing session
+        lease.stop_renewing()
     if sessions:
         try:
             backend.flush()
@@ -343,8 +345,6 @@ def _close() -> None:
             s.close()
         except Exception:  # noqa: BLE001, S110 - as above
             pass
-    if lease is not None:  # the lease is `gpupool run`'s to release
-        lease.stop_renewing()
 
 
 def session(device: Any = None) -> Any:

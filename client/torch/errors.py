@@ -95,6 +95,8 @@ def translate(exc: BaseException) -> BaseException:
     """The exception a torch user sees for an error of the session client."""
     if isinstance(exc, OutOfMemoryError | RemoteError):
         return exc
+    if isinstance(exc, errors.MessageTooLarge):  # gRPC's limit, not a quota's: no OutOfMemoryError; the session ended
+        return DeviceLost(exc.message, op=exc.op, code=exc.code)
     if isinstance(exc, errors.ResourceExhausted):
         return OutOfMemoryError(exc.message, op=exc.op, used_bytes=exc.used_bytes, limit_bytes=exc.limit_bytes)
     if isinstance(exc, errors.Unavailable | errors.FailedPrecondition):

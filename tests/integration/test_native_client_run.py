@@ -430,3 +430,32 @@ def test_a_seed_set_before_the_client_loads_seeds_the_daemon(pool: str, tmp_path
                 ran.communicate()
     assert first == again  # the same seed, the same dropout mask
     assert first != other and 0 < first.count(0.0) < 256
+
+
+# A run that ends its session while its lease still renews (--ttl 1: every 0.33 s): what the end of every run does for
+# the moment between atexit's Detach and the renewal thread's stop, held open here for 2 s.
+ENDS = """
+import time
+import torch
+from gpupool.client import native
+
+x = torch.arange(6.0, device="gpupool") * 2
+print(float(x.sum()))
+native.session().close()  # the session ends as at the process's exit (Detach; atexit's close is then a no-op)
+time.sleep(2)  # renewals go on meanwhile; each forwarded its token to the closed session
+"""
+
+
+def test_a_normal_end_logs_no_lease_subscriber_error(pool: str, tmp_path: Path) -> None:
+    """journey47: after a normal end (exit 0) the client logged "ERROR gpupool.client.pool: lease subscriber failed"
+    with a traceback: a renewal racing the session's Detach at exit forwarded its token to the closed session
+    (FailedPrecondition "session closed: detached", or the closed channel's ValueError). Now the lease stops renewing
+    before the sessions close, and a closed session takes no token."""
+    script = tmp_path / "ends.py"
+    script.write_text(ENDS)
+    ran = _run(pool, "-p", "0.5", "--ttl", "1", "--native-client", "--", sys.executable, str(script))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip().splitlines()[-1] == "30.0", ran.stdout
+    assert "lease subscriber failed" not in ran.stderr and "Traceback" not in ran.stderr, ran.stderr[-3000:]
+    assert "ERROR" not in ran.stderr, ran.stderr[-3000:]
+    wait_until(lambda: not SchedulerClient(pool).list_pool().leases, timeout=10, what="the run's lease released")
