@@ -816,8 +816,9 @@ class Session:
         reply must be that, else InvalidArgument, before any memory is allocated for it); without them a reply
         of at most the session's quota is taken. Every byte of the returned tensor is one the daemon sent.
         `into`: a contiguous CPU tensor of that shape and dtype (not bool, whose bytes are checked only once all
-        came) that the bytes are received into and that is returned, instead of new memory (the C++ client's
-        `.cpu()`, round 47: one copy of the download less); where the download fails, its contents are undefined."""
+        came; no conjugate or negative bit; its storage holding its elements) that the bytes are received into
+        and that is returned, instead of new memory (the C++ client's `.cpu()`, round 47: one copy of the download
+        less); where the download fails, its contents are undefined."""
         if (shape is None) != (dtype is None):
             raise InvalidArgument("download: give both shape and dtype, or neither")
         if into is not None and (
@@ -827,8 +828,16 @@ class Session:
             or tuple(into.shape) != tuple(shape)
             or into.dtype != dtype
             or dtype == torch.bool
+            or into.is_conj()
+            or into.is_neg()
+            or into.untyped_storage().nbytes() < (into.storage_offset() + into.numel()) * into.element_size()
         ):
-            raise InvalidArgument("download: `into` must be a contiguous CPU tensor of the shape and dtype, not bool")
+            # (a conjugate or negative bit would read the bytes conjugated or negated; a storage smaller than the
+            # elements, `untyped_storage().resize_(0)`, would have the bytes written past its memory)
+            raise InvalidArgument(
+                "download: `into` must be a contiguous CPU tensor of the shape and dtype, not bool, without a "
+                "conjugate or negative bit, its storage holding its elements"
+            )
         want = _Want(None if shape is None else tuple(shape), dtype, self.quota_bytes or sys.maxsize, into)
         cmd = device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None))
         rid, w = self._request(cmd, want)

@@ -268,3 +268,34 @@ def test_a_get_and_a_later_op_in_one_frame_return_the_value_at_the_get(daemon: A
         s._wait(rid, first)
         assert first.tensor is not None and torch.equal(first.tensor, x)
         assert not s.download(h).any()
+
+
+@pytest.mark.parametrize("carrier", ["stream", "side"])
+def test_a_download_into_refuses_what_would_not_hold_the_bytes_as_sent(daemon_factory: Any, carrier: str) -> None:
+    """Session.download's `into` (specrev47): a tensor with torch's conjugate or negative bit would read the bytes
+    conjugated or negated (the C++ client's `.cpu()` checks these itself, the API did not), and one whose storage is
+    smaller than its elements (`untyped_storage().resize_(0)`, FSDP's idiom) would be written past its memory (a crash
+    of the client); both refused first, on either carrier, and a failed download leaves the session going on."""
+    d = daemon_factory(bulk_listen="127.0.0.1:0") if carrier == "side" else daemon_factory()
+    with Session.attach(d.address, d.token()) as s:
+        assert (s._side is not None) == (carrier == "side")
+        c = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+        hc = s.upload(c)
+        with pytest.raises(InvalidArgument, match="into"):
+            s.download(hc, c.shape, c.dtype, into=torch.zeros_like(c).conj())
+        f = torch.arange(1.0, 5.0)
+        hf = s.upload(f)
+        with pytest.raises(InvalidArgument, match="into"):
+            s.download(hf, f.shape, f.dtype, into=torch.zeros_like(f)._neg_view())
+        shrunk = torch.empty(4)
+        shrunk.untyped_storage().resize_(0)
+        with pytest.raises(InvalidArgument, match="into"):
+            s.download(hf, f.shape, f.dtype, into=shrunk)
+        big = torch.zeros(10)
+        assert s.download(hf, f.shape, f.dtype, into=big[3:7]) is not None  # a contiguous view: its own elements
+        assert big.tolist() == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0]
+        out = torch.zeros(5)
+        with pytest.raises(InvalidArgument):  # the daemon's tensor is not that shape: refused before a byte lands
+            s.download(hf, (5,), torch.float32, into=out)
+        assert out.tolist() == [0.0] * 5
+        assert torch.equal(s.download(hc, c.shape, c.dtype, into=torch.zeros_like(c)), c)  # the session goes on

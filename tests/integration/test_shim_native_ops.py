@@ -853,3 +853,80 @@ def test_finalizers_run_in_the_middle_of_the_c_path(dev: torch.device, on: None)
     assert stats()[0] - ran > 200 * 5, "the ops did not run in C"
     assert h not in rt.shared
     assert torch.equal(out.cpu(), a.cpu() + 0.5 * c.cpu())
+
+
+def _ops_of_many_lengths(a: torch.Tensor) -> Iterator[Callable[[], Any]]:
+    """Ops whose records the C path sends, of lengths that step by 8, 9, 13 and 17 bytes (sizes, tensors, keywords)."""
+    extra = [{}, {"dtype": torch.float32}, {"layout": torch.strided}, {"pin_memory": False},
+             {"dtype": torch.float32, "pin_memory": False}, {"layout": torch.strided, "pin_memory": False},
+             {"dtype": torch.float32, "layout": torch.strided}, {"dtype": None}, {"pin_memory": None},
+             {"dtype": None, "pin_memory": None}, {"dtype": None, "layout": None, "pin_memory": None},
+             {"dtype": torch.float32, "pin_memory": None}, {"layout": torch.strided, "pin_memory": None}]  # fmt: skip
+    for m in range(3, 15):
+        for kw in extra:
+            yield lambda m=m, kw=kw: aten.new_zeros.default(a, [1] * m, **kw)
+            yield lambda m=m, kw=kw: aten.new_full.default(a, [1] * m, 1.5, **kw)
+            yield lambda m=m, kw=kw: aten.new_full.default(a, [1] * m, True, **kw)
+            yield lambda m=m, kw=kw: aten.new_empty_strided.default(a, [1] * m, [1] * m, **kw)
+    for k in range(6, 16):
+        yield lambda k=k: aten.cat.default([a] * k)
+        yield lambda k=k: aten.cat.default([a] * k, 1)
+        yield lambda k=k: aten._foreach_add.Scalar([a] * k, 1.5)
+        yield lambda k=k: aten._foreach_add.Scalar([a] * k, True)
+        yield lambda k=k: aten.cat.default([a] * k, True)
+        yield lambda k=k: aten._foreach_add.List([a] * k, [a] * k)
+        yield lambda k=k: aten._foreach_add.List([a] * k, [a] * k, alpha=2.0)
+
+
+def test_records_either_side_of_128_bytes_queue_in_c_as_python_writes_them(dev: torch.device, on: None) -> None:
+    """native_ops.cpp `session_append` (specrev47): records of 126 to 129 bytes, either side of the last short prefix
+    of `_EAGER_SHORT` (127) and the longer prefix (129: as 128, a two-byte length inside and out; no op here makes a
+    128-byte record), are queued in C with the bytes Session.eager_op writes, each prefix's length as protobuf's."""
+    from gpupool.client.session import Session
+
+    if runtime.FLUSH_OPS < 4:
+        pytest.skip("a frame of fewer than 4 records")
+    a = tensors(dev)["a"]
+    rt = a._gp_rt
+    session = rt.session
+    eager_op = Session.eager_op.__code__
+    covered: set[int] = set()
+    for op in _ops_of_many_lengths(a):
+        op()  # its op id defined (the first record of a name goes through the method)
+        rt.flush()
+        native_ops.use(False)
+        want, _ = python_calls(op, eager_op)
+        if len(session._eager) != 1:  # (a frame went out with it: Frees due first)
+            native_ops.use(True)
+            continue
+        py_command = session._eager[-1]
+        assert py_command[0] == 0x0A
+        if py_command[1] < 0x80:  # b"\x0a" + varint(len) + b"\xf2\x01" + varint(n): the record's length n
+            n = py_command[4]
+        else:
+            n = (py_command[5] & 0x7F) | (py_command[6] << 7) if py_command[5] >= 0x80 else py_command[5]
+        native_ops.use(True)
+        ran = stats()[0]
+        got, calls = python_calls(op, eager_op)
+        if not 126 <= n <= 129 or stats()[0] == ran:  # (an op the C path passes to Python: not this test's)
+            continue
+        covered.add(n)
+        assert calls == 0, (
+            f"a {n}-byte record did not join the batch in C",
+            len(session._eager),
+            len(rt._dead),
+            rt._unflushed,
+        )
+        assert len(session._eager) == 2
+        c_command = session._eager[-1]
+        outs = want if isinstance(want, list) else [want]
+        gots = got if isinstance(got, list) else [got]
+        expect = py_command
+        for w, g in zip(outs, gots, strict=True):
+            expect = expect.replace(struct.pack("<Q", w._gp_h), struct.pack("<Q", g._gp_h))
+        assert c_command == expect
+        inner = 2 + (1 if n < 128 else 2)  # b"\xf2\x01" + varint(n)
+        assert len(c_command) == 1 + (1 if inner + n < 128 else 2) + inner + n
+        for w, g in zip(outs, gots, strict=True):
+            assert torch.equal(w.cpu(), g.cpu())
+    assert 127 in covered and covered & {128, 129}, covered
