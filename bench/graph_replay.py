@@ -236,20 +236,25 @@ def outside_instr(path: str, steps: int) -> str:
 
 
 def _slice_of(ex: Any, s: Any) -> Any:
-    """What the session's worker does with a slice of one command's frame (server/worker.py: `_SessionState.run`,
-    then `slices.write_result` into the shared buffer): a function of the frame's bytes, as the request's payload
-    is a view of the shared memory."""
+    """What the session's worker does with a slice of one command's frame (server/worker.py: `run_owned_into`,
+    `slices.run_slice_into`; before round 47 `run_commands`, then `slices.write_result` into the shared buffer): a
+    function of the frame's bytes, as the request's payload is a view of the shared memory."""
     from gpupool.server import slices
 
     shared = memoryview(bytearray(1 << 20))
     result = memoryview(bytearray(1 << 20))
     mark = slices.word_mark(bytearray(64))
     timed = s.device.slice_timer()
+    into = getattr(slices, "run_slice_into", None)  # the worker's (round 47), else `run_commands` + `write_result`
 
     def run(frame: bytes) -> None:
         shared[: len(frame)] = frame
         req = slices.SliceRequest(1 << 32, 1 << 20, 1.0, shared[: len(frame)])
         with s.lock:
+            if into is not None:  # (round 47) the worker's entry: its result written straight into the buffer
+                if into(s, ex.execute, ex.ledger, req, timed, mark, result).__class__ is not int:
+                    raise SystemExit("the result did not fit the shared buffer")
+                return
             r = slices.run_commands(s, ex.execute, ex.ledger, req, timed, mark)
         if slices.write_result(r, result) < 0:
             raise SystemExit("the result did not fit the shared buffer")

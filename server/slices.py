@@ -788,9 +788,11 @@ def run_commands(
     req: SliceRequest,
     timed: Callable[[], Any],
     progress: Progress | None = None,
+    graphs_read: bool = False,
 ) -> SliceResult:
     """Run a slice's commands in order until done, past the time budget, or (before a Get/Sync) out of reply
-    room; `timed` measures the device time (CUDA events on GPUs)."""
+    room; `timed` measures the device time (CUDA events on GPUs). `graphs_read`: `run_slice_into` asked the
+    native runner's `graph_frame` already, and it said the frame is not one of RunGraphs only."""
     if req.uploads:
         return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer, copying its bytes fields: a batch's are taken out first
@@ -805,7 +807,7 @@ def run_commands(
     native = getattr(owner, "native", None)
     commands: Sequence[Any]
     records: list[bytes] | None = None
-    if taken is None and native is not None and span is not None:
+    if taken is None and native is not None and span is not None and not graphs_read:
         # a frame of RunGraphs only (a captured step's, or a batch of them) runs from its bytes (`_run_graphs`)
         runs = native.graph_frame(payload)
         if runs is not None and hasattr(owner, "run_graph_raw"):
@@ -858,6 +860,78 @@ def run_commands(
             # commands is the daemon's flush: a CUDA device's timer waits for the GPU at this slice's end.
             timed.settle()
     return _result(session, ledger, executed, measured, replies, partial, isinstance(timed, DeviceClock) and timed.busy)
+
+
+def run_slice_into(
+    session: Any,
+    execute: Execute,
+    ledger: SliceLedger,
+    req: SliceRequest,
+    timed: Callable[[], Any],
+    progress: Progress | None,
+    buf: memoryview,
+) -> int | SliceResult:
+    """`run_commands`, then `write_result` into `buf` (a session's worker's slice, server/worker.py): the size
+    written, or the result where it wrote nothing (the caller writes or sends it: `write_result`,
+    `encode_result`). A slice of one RunGraph on a fake device's timer (`WallTimer`) runs here, without
+    `run_commands`' and `_run_graphs`' frames, and its result of one event and nothing else (a captured step's
+    quiet replay) is packed straight from the session's and the ledger's counts, without a `SliceResult`
+    (round 47): the same checks, marks, ledger counts and bytes as `run_commands` and `write_result`."""
+    payload = req.payload
+    owner = getattr(execute, "__self__", None)
+    native = getattr(owner, "native", None)
+    if (
+        req.uploads
+        or native is None
+        or len(payload) >= bulk.STRIP_MIN
+        or getattr(owner, "eager_span", None) is None
+        or not hasattr(owner, "run_graph_raw")
+    ):
+        res = run_commands(session, execute, ledger, req, timed, progress)
+    else:
+        runs = native.graph_frame(payload)  # (`run_commands`' own look, which it then skips)
+        if runs is None:
+            res = run_commands(session, execute, ledger, req, timed, progress, graphs_read=True)
+        elif len(runs) != 1 or timed.__class__ is not WallTimer:
+            res = _run_graphs(session, owner, execute, ledger, req, timed, progress, runs)
+        else:
+            return _one_graph_into(session, owner, execute, ledger, req, progress, runs[0], buf)
+    size = write_result(res, buf)
+    return size if size >= 0 else res
+
+
+def _one_graph_into(
+    session: Any, owner: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, progress: Progress | None,
+    run: tuple[int, bytes], buf: memoryview
+) -> int | SliceResult:  # fmt: skip
+    """`_run_graphs` of a frame of one RunGraph on a fake device's timer, then `write_result` (`run_slice_into`)."""
+    session.memory.used = session.memory.device.capacity - max(0, req.device_free)
+    ledger.reset()
+    replies: list[Any] = []
+    start = time.perf_counter()
+    if progress is not None:
+        progress(0)
+    gid, raw = run
+    if not owner.run_graph_raw(session, raw, replies.append, gid):
+        execute(session, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), replies.append)
+    partial = session.download is not None or session.defining is not None or session.waiting is not None
+    seconds = time.perf_counter() - start
+    executed = 0 if partial else 1  # (one command: the budget's check after it ends nothing more)
+    events = ledger.events
+    if not replies and not ledger.errors and len(events) == 1:  # a captured step's quiet replay: one pack_into
+        for event, n in events.items():
+            one = _ONE_EVENT.get(event)
+            if one is not None and one[0].size <= len(buf):
+                flags = (_ERROR_PENDING if session.error is not None else 0) | (_PARTIAL if partial else 0)
+                one[0].pack_into(buf, 0, executed, seconds, session.used, session.ops, session.handle_count(),
+                                 session.graph_bytes, ledger.uploaded, ledger.downloaded, 0, 1, 0, flags, one[1], n,
+                                 one[2])  # fmt: skip
+                return one[0].size  # type: ignore[no-any-return]
+    if replies:
+        replies = [r.SerializeToString() if isinstance(r, device_pb2.ServerFrame) else r for r in replies]
+    res = _result(session, ledger, executed, (seconds,), replies, partial)
+    size = write_result(res, buf)
+    return size if size >= 0 else res
 
 
 def _loop(

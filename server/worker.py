@@ -277,6 +277,14 @@ class _SessionState:
         with self.session.lock:
             return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
 
+    def run_owned_into(self, req: SliceRequest, progress: slices.Progress | None, buf: memoryview) -> int | SliceResult:
+        """`run_owned`, its result written into `buf` (`slices.run_slice_into`): the size written, or the result
+        where nothing was (the caller encodes it)."""
+        with self.session.lock:
+            return slices.run_slice_into(
+                self.session, self.executor.execute, self.ledger, req, self.timed, progress, buf
+            )
+
     def contended(self, told: Callable[[], bool]) -> None:
         """Where the executor and the slice timer read whether another session of the device waits to run."""
         self.executor.collectives.contended = told
@@ -809,7 +817,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     # the index of the command running, for the daemon to read (a C call per command, no Python frame)
     mark = slices.word_mark(progress)
     state.own_thread()  # this thread runs the session's slices, and nothing else
-    run = state.run_owned
+    run = state.run_owned_into
 
     head = bytearray(4 + slices.REQUEST_HEAD)
     waiting = select.poll()
@@ -830,16 +838,15 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
             return 0
         state.executor.side_slot = slots[req.slot] if 0 <= req.slot < SLOTS else None
         state.executor.side_used = 0
-        result = run(req, mark)
+        got = run(req, mark, data)  # the usual result is written straight into the shared buffer (its size)
         state.executor.side_slot = None
         if audit is not None:
             audit.dump()
         try:
-            size = slices.write_result(result, data)  # the usual result, straight into the shared buffer
-            if size >= 0:
-                sock.sendall(_WORD.pack(size | slices.SHARED))
+            if got.__class__ is int:
+                sock.sendall(_WORD.pack(got | slices.SHARED))  # type: ignore[operator]
                 continue
-            parts = slices.encode_result(result)[1:]  # without its length word
+            parts = slices.encode_result(got)[1:]  # type: ignore[arg-type]  # without its length word
             size = sum(len(p) for p in parts)
             if size <= DATA_BYTES:
                 pos = 0

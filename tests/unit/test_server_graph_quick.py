@@ -920,3 +920,97 @@ def test_a_raw_run_ends_every_case_as_the_parsed_run(
     _both_same(quick, slow, lambda t: t.run(inputs=[0], outputs=[t.b]))  # one input of two: `b` poisoned
     got = _both_same(quick, slow, lambda t: _slice(t, _frame_of(_run_body(t, out=t.base + 300))))
     assert got[1] is not None and quick.base + 300 in quick.s.poisoned, got
+
+
+# ---- round 47: a slice of one quiet RunGraph written straight into the shared buffer (`slices.run_slice_into`)
+
+
+def _wire(t: Twin, payload: bytes, into: bool, budget: float = 10.0) -> tuple[Any, ...]:
+    """A slice as the daemon reads it back: the result's bytes decoded (all but its seconds), the progress marks,
+    the session's error and its state. `into`: the worker's `run_slice_into` (its result written into the shared
+    buffer, or returned and encoded); else `run_commands`, then `encode_result` (the reference)."""
+    t.s.error = None
+    req = slices.SliceRequest(1 << 30, 1 << 20, budget, memoryview(bytearray(payload)))
+    marks: list[int] = []
+    timer = t.s.memory.device.slice_timer()
+    if into:
+        buf = memoryview(bytearray(1 << 16))
+        got = slices.run_slice_into(t.s, t.ex.execute, t.ex.ledger, req, timer, marks.append, buf)
+        body = bytes(buf[:got]) if got.__class__ is int else b"".join(slices.encode_result(got)[1:])
+    else:
+        r = slices.run_commands(t.s, t.ex.execute, t.ex.ledger, req, timer, marks.append)
+        body = b"".join(slices.encode_result(r)[1:])
+    d = slices.decode_result(body, 1 << 20)
+    said = (d.executed, d.used, d.ops, d.handles, d.uploaded, d.downloaded, d.errors, d.events, d.replies,
+            d.error_pending, d.partial, d.busy, d.graph_bytes, d.malformed)  # fmt: skip
+    err = t.s.error
+    return said, marks, (None if err is None else (err.code, err.message)), t.state()
+
+
+def test_a_quiet_run_graph_slice_is_packed_from_the_counts_with_run_commands_bytes(
+    native_runner_module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 47: a worker's slice of one RunGraph its graph's quiet run takes (`slices.run_slice_into`) writes its
+    result of one event straight into the shared buffer from the session's and the ledger's counts: no
+    `run_commands`, no `SliceResult` made; every other slice (a failing run, one the plan declines, several
+    RunGraphs, a frame not of RunGraphs only, a malformed one, a reply) goes the usual way. Twin sessions, one
+    through `run_slice_into` and one through `run_commands` + `encode_result`, read back the same result bytes
+    (but the seconds), the same progress marks, errors and state. (cc9a7236 has no `run_slice_into`.)"""
+    quick, slow = _two(native_runner_module)
+    made: list[Any] = []
+    real_result, real_run = slices.SliceResult, slices.run_commands
+
+    class Counted(real_result):  # type: ignore[misc,valid-type]
+        def __init__(self, *a: Any, **k: Any) -> None:
+            made.append(1)
+            super().__init__(*a, **k)
+
+    def run_commands(*a: Any, **k: Any) -> Any:
+        made.append("run_commands")
+        return real_run(*a, **k)
+
+    for _ in range(5):  # traced and quiet
+        _both_same(quick, slow, lambda t: _wire(t, _frame_of(_run_body(t)), t is quick))
+    monkeypatch.setattr(slices, "SliceResult", Counted)
+    monkeypatch.setattr(slices, "run_commands", run_commands)
+    for _ in range(3):
+        said, marks, err, _ = _both_same(quick, slow, lambda t: _wire(t, _frame_of(_run_body(t)), t is quick))
+        assert said[0] == 1 and said[7] == {"replayed": 1} and marks == [0] and err is None
+    made.clear()
+    req = slices.SliceRequest(1 << 30, 1 << 20, 10.0, memoryview(bytearray(_frame_of(_run_body(quick)))))
+    buf = memoryview(bytearray(1 << 16))
+    got = slices.run_slice_into(quick.s, quick.ex.execute, quick.ex.ledger, req, quick.s.memory.device.slice_timer(),
+                                None, buf)  # fmt: skip
+    assert got.__class__ is int and made == []  # the quiet slice: packed from the counts
+    assert slices.decode_result(buf[:got], 1).events == {"replayed": 1} and quick.s.error is None
+    _wire(slow, _frame_of(_run_body(slow)), False)  # the same slice for the other twin
+    assert quick.state() == slow.state()
+    monkeypatch.setattr(slices, "SliceResult", real_result)
+    monkeypatch.setattr(slices, "run_commands", real_run)
+    other = device_pb2.RunGraph(graph_id=2).SerializeToString()
+    sync = device_pb2.Command(sync=device_pb2.Sync(request_id=7)).SerializeToString()
+
+    def variants(t: Twin) -> list[bytes]:
+        r = lambda **k: _run_body(t, **k)  # noqa: E731
+        return [
+            _frame_of(r(out=(9 << 32) + 1)),  # an output of another session: the run fails, an error counted
+            _frame_of(r() + b"\x20" + _varint(t.kept)),  # drop_writes: the plan declines, the parsed command
+            _frame_of(r() + other),  # another graph (never defined): NOT_FOUND
+            _frame_of(r(b=t.v)),  # an input of another shape: the Python path's error
+            _frames_of(r(), r(), r()),  # several RunGraphs
+            _frame_of(r() + b"\xf8\x01\x05"),  # an unknown field: not `graph_frame`'s, the whole frame parsed
+            _frames_of(r()) + b"\x0a" + _varint(len(sync)) + sync,  # a Sync after it: a reply
+            _frame_of(r()[:-3]),  # truncated inside input_data: malformed
+            b"\x0a" + _varint(len(sync)) + sync,  # no RunGraph at all
+        ]
+
+    n = len(variants(quick))
+    slow.next = quick.next
+    for k in range(n):
+        _both_same(quick, slow, lambda t, k=k: _wire(t, variants(t)[k], t is quick))
+        for _ in range(2):
+            assert _both_same(quick, slow, lambda t: _wire(t, _frame_of(_run_body(t)), t is quick))[2] is None
+    quick.op("aten::t_.default", quick.w)
+    slow.op("aten::t_.default", slow.w)
+    got = _both_same(quick, slow, lambda t: _wire(t, _frame_of(_run_body(t)), t is quick))
+    assert got[2] is not None  # reshaped in place: the Python path's error
