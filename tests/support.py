@@ -751,22 +751,31 @@ def native_runner_or_skip() -> Any:
     return m
 
 
-def in_fresh_thread(fn: Callable[[], None], timeout: float = 300) -> None:
-    """Run `fn` in a new thread and raise what it raised: its thread-local dispatch and autograd state is the default
-    a daemon's worker thread runs with (round 46: in a CI worker process whose main thread an earlier test had left
-    with another thread-local dispatch state, the runner's dispatcher-free views -- `views_here` -- rightly declined,
-    and the tests that count them failed)."""
+def in_threads(*fns: Callable[[], None], timeout: float = 300) -> None:
+    """Run each of `fns` in a new thread of its own, all at once, and raise the first error any raised (in the
+    caller's thread, where pytest reports it); each thread is waited for `timeout` seconds at most."""
     errors: list[BaseException] = []
 
-    def body() -> None:
+    def body(fn: Callable[[], None]) -> None:
         try:
             fn()
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
             errors.append(exc)
 
-    th = threading.Thread(target=body)
-    th.start()
-    th.join(timeout=timeout)
-    assert not th.is_alive(), f"{fn.__name__} still running after {timeout:g} s"
+    threads = [threading.Thread(target=body, args=(fn,)) for fn in fns]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=timeout)
+    late = [fn.__name__ for fn, th in zip(fns, threads, strict=True) if th.is_alive()]
+    assert not late, f"{', '.join(late)} still running after {timeout:g} s"
     if errors:
         raise errors[0]
+
+
+def in_fresh_thread(fn: Callable[[], None], timeout: float = 300) -> None:
+    """Run `fn` in a new thread and raise what it raised: its thread-local dispatch and autograd state is the default
+    a daemon's worker thread runs with (round 46: in a CI worker process whose main thread an earlier test had left
+    with another thread-local dispatch state, the runner's dispatcher-free views -- `views_here` -- rightly declined,
+    and the tests that count them failed)."""
+    in_threads(fn, timeout=timeout)

@@ -5,12 +5,12 @@ choice ("conv_layout" asked at Attach or not) must never become another's, which
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from gpupool.client.session import Session
+from support import in_threads
 from test_conv_layout import CL, _conv_read_as, _inputs
 
 from gpupool import protocol
@@ -27,28 +27,17 @@ def test_sessions_sharing_a_device_thread_keep_their_own_conv_layouts(daemon_fac
     x, w = _inputs()
     want = F.conv2d(x.to(memory_format=CL), w)
     ask = [protocol.FEATURE_CONV_LAYOUT]
-    errors: list[BaseException] = []
 
     def convolve(s: Session, fmt: torch.memory_format) -> None:
-        try:
-            for _ in range(4):
-                got = _conv_read_as(s, fmt)
-                assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"{fmt}: another layout's values"
-        except BaseException as exc:  # reported by the test's thread
-            errors.append(exc)
+        for _ in range(4):
+            got = _conv_read_as(s, fmt)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"{fmt}: another layout's values"
 
     with (
         Session.attach(daemon.address, daemon.token(tenant="cl"), features=ask) as a,
         Session.attach(daemon.address, daemon.token(tenant="plain")) as b,
     ):
-        threads = [threading.Thread(target=convolve, args=args) for args in ((a, CL), (b, torch.contiguous_format))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-        assert not any(th.is_alive() for th in threads)
-        if errors:
-            raise errors[0]
+        in_threads(lambda: convolve(a, CL), lambda: convolve(b, torch.contiguous_format), timeout=120)
     for features, fmt in (([], torch.contiguous_format), (ask, CL), ([], torch.contiguous_format)):
         with Session.attach(daemon.address, daemon.token(tenant=f"alone-{len(features)}"), features=features) as s:
             assert torch.allclose(_conv_read_as(s, fmt), want, rtol=1e-5, atol=1e-6), fmt

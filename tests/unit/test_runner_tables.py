@@ -6,11 +6,10 @@ slice -- tensors, tables, accounting, errors, marks."""
 from __future__ import annotations
 
 import itertools
-import threading
 
 import pytest
 from gpupool.server.sessions import WorkerSession
-from support import in_fresh_thread, native_runner_or_skip
+from support import in_fresh_thread, in_threads, native_runner_or_skip
 from test_server_runs import (  # noqa: F401 - the fixture
     BASE,
     Pair,
@@ -89,22 +88,11 @@ def test_two_sessions_in_one_worker_process_share_nothing_but_the_process(runner
     again by the other's outputs (native_runner.cpp `Entries`, shared by the process), and neither session's tables,
     accounting or results show the other's."""
     pairs = [Pair(), Pair()]
-    errors: list[BaseException] = []
 
     def train(p: Pair, cuts: list[int]) -> None:
-        try:
-            p.stream(training(p, 14), itertools.cycle(cuts))
-        except BaseException as exc:  # reported by the test's thread
-            errors.append(exc)
+        p.stream(training(p, 14), itertools.cycle(cuts))
 
-    threads = [threading.Thread(target=train, args=(p, cuts)) for p, cuts in zip(pairs, ([64], [13, 30]), strict=True)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in threads)
-    if errors:
-        raise errors[0]
+    in_threads(*(lambda p=p, c=c: train(p, c) for p, c in zip(pairs, ([64], [13, 30]), strict=True)), timeout=120)
     for p in pairs:
         assert p.hits > 60
         if runner == "native":
