@@ -4,7 +4,10 @@ authority, against real daemons and schedulers on loopback.
 1. The library's `gpupool.lease()` named $USER as the tenant when given none, so an operator's own lease taken there
    (an admin certificate, no `tenant=""`) was that tenant's, unbound: a bearer's token (`gpupool run` had stopped
    doing so in secrev47). Both now take `client.pool.default_tenant`.
-2. A daemon's `--tls-ca` verified both its scheduler and its clients: accepting client certificates of another CA
+2. An idle session (one that sends no frame) after a forward step of the daemon's wall clock past its lease's end
+   was closed at the reaper's next look, up to `reap_interval` (10 s) later: now within `clock_look` (1 s). A step
+   is simulated as test_sec47.py does (the `time` its module reads).
+3. A daemon's `--tls-ca` verified both its scheduler and its clients: accepting client certificates of another CA
    meant trusting that CA for the scheduler too. `--tls-client-ca` (default: `--tls-ca`) verifies the clients alone.
 """
 
@@ -14,21 +17,58 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 import test_control45
+import test_sec47
+import torch
+from gpupool.client.session import Session
 from support import DaemonFactory, get_pki
 from test_control45 import HOST, _code, _daemon, _status
 from test_sec46 import _allocate, _attach
 from test_security import Pool
 
-from gpupool import certrevoke, pki, tls, tokencli
+from gpupool import certrevoke, errors, pki, tls, tokencli
 from gpupool import tokens as token_module
 from gpupool._proto import device_pb2, device_pb2_grpc
 
 pool = test_control45.pool  # the fixture: a scheduler on a SQLite state of its own
+clock = test_sec47.clock  # the fixture: the daemon's `time`, its clocks stepped by the test
+
+
+def _open(daemon: Any, s: Session) -> bool:
+    return s.session_id in [x.session_id for x in daemon.running.daemon.session_list()]
+
+
+@pytest.mark.parametrize("step", ["wall clock", "both clocks"])
+def test_an_idle_session_is_closed_soon_after_its_end_whatever_the_clock_does(
+    daemon: Any, clock: test_sec47._Stepped, step: str
+) -> None:
+    """A session of an hour's lease that sends no frame after the daemon's clock moves two hours on, its wall clock
+    alone (a forward step: the lease's end on it has passed, its monotonic end has not) or both (the time passed in a
+    blink, as the reaper's sleep sees it): the reaper closes it within about a second (`clock_look`), and its next
+    frame finds it expired. On dabf16a0 it ran until the reaper's next look, 10 s after its attach (`reap_interval`)."""
+    s = Session.attach(daemon.address, daemon.token(ttl=3600))
+    s.upload(torch.ones(4))
+    s.sync()
+    time.sleep(0.5)  # (the reaper asleep again after the attach woke it)
+    if step == "wall clock":
+        clock.step = 7200.0
+    else:
+        clock.elapsed = 7200.0
+    stepped = time.monotonic()
+    while _open(daemon, s):
+        assert time.monotonic() < stepped + 4.0, "an idle session ran on past its lease's end after the step"
+        time.sleep(0.05)
+    with pytest.raises(errors.FailedPrecondition, match="expired"):
+        s.sync()
+    s.close()
+
 
 _LEASE = (
     "import sys, gpupool; held = gpupool.lease(fraction=0.25, ttl=600, scheduler=sys.argv[1]); "
