@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,14 @@ import torch
 from gpupool.client.session import Session
 from support import DaemonFactory, get_pki
 from test_control45 import HOST, _code, _daemon, _status
-from test_sec46 import _allocate, _attach
+from test_sec46 import _allocate
 from test_security import Pool
 
-from gpupool import certrevoke, errors, pki, tls, tokencli
-from gpupool import tokens as token_module
+from gpupool import pki, tls, tokencli
 from gpupool._proto import device_pb2, device_pb2_grpc
 
 pool = test_control45.pool  # the fixture: a scheduler on a SQLite state of its own
 clock = test_sec47.clock  # the fixture: the daemon's `time`, its clocks stepped by the test
-
-
-def _open(daemon: Any, s: Session) -> bool:
-    return s.session_id in [x.session_id for x in daemon.running.daemon.session_list()]
 
 
 @pytest.mark.parametrize("step", ["wall clock", "both clocks"])
@@ -61,44 +55,20 @@ def test_an_idle_session_is_closed_soon_after_its_end_whatever_the_clock_does(
         clock.step = 7200.0
     else:
         clock.elapsed = 7200.0
-    stepped = time.monotonic()
-    while _open(daemon, s):
-        assert time.monotonic() < stepped + 4.0, "an idle session ran on past its lease's end after the step"
-        time.sleep(0.05)
-    with pytest.raises(errors.FailedPrecondition, match="expired"):
-        s.sync()
-    s.close()
+    test_sec47.ends_by(daemon, s, time.monotonic() + 4.0, "an idle session ran on past its lease's end after the step")
 
 
 _LEASE = (
     "import sys, gpupool; held = gpupool.lease(fraction=0.25, ttl=600, scheduler=sys.argv[1]); "
-    "print(held.tenant, held.devices[0].token, flush=True); sys.stdin.read(); held.release()"
+    "print('LEASE', held.tenant, held.devices[0].token, flush=True); sys.stdin.read(); held.release()"
 )
 
 
-@contextlib.contextmanager
-def _library_lease(pool: Pool, role: str, name: str, **env: str) -> Iterator[tuple[str, str]]:
+def _library_lease(pool: Pool, role: str, name: str, **env: str) -> contextlib.AbstractContextManager[tuple[str, str]]:
     """(tenant, token) of the lease `gpupool.lease()` takes with no tenant named, in a process of its own presenting
     `role` `name`'s certificate (no API token, no $GPUPOOL_TENANT unless `env` sets one); released when the context
     ends."""
-    files = get_pki().issue(role, name)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_TENANT", "GPUPOOL_API_TOKEN"))}
-    base.update(get_pki().env(), GPUPOOL_TLS_CERT=str(files.cert), GPUPOOL_TLS_KEY=str(files.key), **env)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _LEASE, pool.address],
-        env=base, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        shown = proc.stdout.readline().split()
-        assert len(shown) == 2, proc.stderr.read() if proc.stderr else ""
-        yield shown[0], shown[1]
-        proc.stdin.close()
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    return test_sec47.held_lease([sys.executable, "-c", _LEASE, pool.address], role, name, **env)
 
 
 def test_an_operator_s_own_library_lease_is_bound_to_its_certificate(pool: Pool, daemon_factory: DaemonFactory) -> None:
@@ -107,21 +77,11 @@ def test_an_operator_s_own_library_lease_is_bound_to_its_certificate(pool: Pool,
     secrev47: one rule, `default_tenant`). On dabf16a0 it named $USER, an unbound lease for that tenant: any
     certificate of the pool's CA attached its token. $GPUPOOL_TENANT still names a tenant (unbound: that tenant's
     certificate presents it); a tenant's own lease is bound either way."""
-    host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
-    admin_cert = get_pki().issue("admin", "ops48").cert.read_bytes()
-    with _library_lease(pool, "admin", "ops48") as (tenant, token):
-        assert tenant == "ops48", tenant
-        assert token_module.unverified_claim(token, "cert") == certrevoke.fingerprint_pem(admin_cert)
-        code, words = _attach(host.address, "bob48", token)
-        assert code == grpc.StatusCode.PERMISSION_DENIED and "bound to client certificate" in words, (code, words)
-
-    with _library_lease(pool, "admin", "ops48", GPUPOOL_TENANT="alice48") as (tenant, token):
-        assert tenant == "alice48" and not token_module.unverified_claim(token, "cert"), tenant
-        assert _attach(host.address, "alice48", token) == (grpc.StatusCode.OK, "")
-
-    with _library_lease(pool, "tenant", "bob48") as (tenant, token):
-        assert tenant == "bob48" and token_module.unverified_claim(token, "cert"), tenant
+    test_sec47.check_operator_leases(
+        _daemon(daemon_factory, pool),
+        lambda role, name, tenant: _library_lease(pool, role, name, **({"GPUPOOL_TENANT": tenant} if tenant else {})),
+        "48",
+    )
 
 
 _SIDE_SESSION = (
