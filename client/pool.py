@@ -23,11 +23,12 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from gpupool import tls
+from gpupool import pki, tls
 from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
 from gpupool.config import parse_size
 from gpupool.errors import GpupoolError, InvalidArgument, from_failure
@@ -50,12 +51,36 @@ def resolve_scheduler(address: str | None = None) -> str:
     return address or os.environ.get(SCHEDULER_ENV) or DEFAULT_SCHEDULER
 
 
-def default_tenant() -> str:
-    """$GPUPOOL_TENANT, else the OS user name."""
+def default_tenant(cfg: tls.TlsConfig | None = None) -> str:
+    """The tenant an Allocate names where its caller named none (`lease`, `gpupool run` without `--tenant`):
+    $GPUPOOL_TENANT, else "" for an operator presenting its own certificate (an admin one, `cfg`'s or GPUPOOL_TLS_*'s,
+    and no API token): its own lease, which the scheduler binds to that certificate (round 46's `cert` claim: a daemon
+    under `--tls-client-auth require` attaches its tokens for that certificate only), else the OS user name. An
+    operator's Allocate naming a tenant is that tenant's (sec47), unbound: until sec48 only `gpupool run` (secrev47)
+    named no tenant for an operator, and `gpupool.lease()` named $USER, so an operator's own lease taken there was a
+    bearer's token. A tenant's certificate names its tenant whatever the request says, so only an operator's changes
+    (its lease is shown under its certificate's name, not $USER)."""
+    named = os.environ.get("GPUPOOL_TENANT", "")
+    if named:
+        return named
+    if _operator_certificate(cfg or tls.client_config()):
+        return ""
     try:
-        return os.environ.get("GPUPOOL_TENANT") or getpass.getuser()
+        return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def _operator_certificate(cfg: tls.TlsConfig) -> bool:
+    """Whether `cfg` presents an admin certificate as its credential (TLS, a client certificate, no API token: an API
+    token names the caller, whatever certificate is beside it)."""
+    if cfg.insecure or not cfg.cert or cfg.api_token_file or (cfg.env_token and tls.api_token(cfg)):
+        return False
+    try:
+        ident = pki.identity_of(Path(cfg.cert).read_bytes())
+    except (OSError, ValueError):
+        return False  # (the Allocate says what is wrong with it)
+    return ident is not None and ident[0] == "admin"
 
 
 class SchedulerClient:
@@ -428,6 +453,9 @@ def lease(
     """Allocate `gpus` devices, each `fraction` of a GPU or `memory` of one (a whole GPU if neither); renews.
 
     `policy` is "binpack" or "spread"; empty (the default) leaves the choice to the scheduler's `--policy`.
+    `tenant`: None (the default) is `default_tenant()` ($GPUPOOL_TENANT, else an operator's own lease where an admin
+    certificate is the credential, else the OS user); "" is the caller's own lease; a name is that tenant's (operators
+    only: a tenant's credential names its tenant whatever this says).
     """
     if fraction is not None and memory is not None:
         raise InvalidArgument("give fraction or memory, not both")

@@ -33,10 +33,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from types import FrameType
 
-from gpupool import pki, tls
+from gpupool import tls
 from gpupool.config import UnsafeCacheDir, add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 from gpupool.protocol import Policy
@@ -90,26 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
-
-
-def _tenant(named: str) -> str | None:
-    """The tenant `gpupool run`'s Allocate names: `--tenant`, else None (`lease`'s default: $GPUPOOL_TENANT, else the
-    OS user), except for an operator presenting its own certificate (an admin one, no API token) who named no tenant
-    either way: "" then, its own lease, which the scheduler binds to that certificate (round 46's `cert` claim: a
-    daemon under `--tls-client-auth require` attaches its tokens for that certificate only). Until secrev47 it named
-    $USER, and since sec47 an operator's Allocate naming any tenant is unbound (it is for that tenant's certificate),
-    so an operator's own `gpupool run` lease was a bearer's token. A tenant's certificate names its tenant whatever
-    the request says, so only an operator's changes (its lease is shown under its certificate's name, not $USER)."""
-    if named:  # (--tenant, or $GPUPOOL_TENANT: `add_flag`)
-        return named
-    cfg = tls.client_config()
-    if cfg.insecure or not cfg.cert or cfg.api_token_file or os.environ.get("GPUPOOL_API_TOKEN", "").strip():
-        return None  # (an API token names the caller, whatever certificate is beside it: nothing to bind)
-    try:
-        ident = pki.identity_of(Path(cfg.cert).read_bytes())
-    except (OSError, ValueError):
-        return None  # (the Allocate says what is wrong with it)
-    return "" if ident is not None and ident[0] == "admin" else None
 
 
 def _choose_client(args: argparse.Namespace) -> tuple[str, int]:
@@ -174,7 +153,7 @@ def main(argv: list[str]) -> int:
             args.memory,
             scheduler=args.scheduler or None,
             wait=args.wait,
-            tenant=_tenant(args.tenant),
+            tenant=args.tenant or None,  # (None: `default_tenant`, an operator's own lease included)
             policy=args.policy,
             ttl=args.ttl or None,
         )

@@ -216,8 +216,9 @@ def _scrapers_only(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterabl
 
 
 def metrics_tls(cfg: tls.TlsConfig) -> tls.SocketServerTls:
-    """The metrics port's TLS: `cfg`'s certificate and key, a client certificate signed by its CA required."""
-    if not cfg.ca:
+    """The metrics port's TLS: `cfg`'s certificate and key, a client certificate signed by its clients' CA required
+    (`TlsConfig.clients_ca`: a daemon's --tls-client-ca, else its --tls-ca)."""
+    if not cfg.clients_ca:
         raise InvalidArgument(tls.METRICS_NEED_CA)
     return tls.SocketServerTls(dataclasses.replace(cfg, client_auth="require"), side=False)
 

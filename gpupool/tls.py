@@ -2,7 +2,8 @@
 
 Servers (`gpupool serve`, `gpupool scheduler`) listen with TLS by default: `--tls-cert/--tls-key` (their
 certificate, reloaded from disk on the next handshake after it changes: rotate by replacing the files) and
-`--tls-ca` (the CA that verifies clients' certificates, where client certificates are required). Plaintext only
+`--tls-ca` (the CA that verifies clients' certificates, where client certificates are required; a daemon's
+`--tls-client-ca` names another for its clients, its `--tls-ca` then verifying only its scheduler). Plaintext only
 with `--insecure`, which logs a warning.
 
 Clients (the library, `gpupool run/smi`, sessions, a daemon talking to its scheduler) take the same variables:
@@ -46,7 +47,9 @@ _TRUE = ("1", "true", "yes", "on")
 @dataclass(frozen=True)
 class TlsConfig:
     """One program's TLS settings. For a server: its certificate; for a client: its (optional) client certificate.
-    `ca` verifies the peer. `client_auth` (servers): "require" a client certificate signed by `ca`, or "none".
+    `ca` verifies the peer. `client_auth` (servers): "require" a client certificate signed by `clients_ca`, or "none".
+    `client_ca` (a daemon's `--tls-client-ca`): the CA of its clients' certificates where it is not `ca`, which then
+    verifies only the servers this program dials (a daemon's scheduler).
     `env_token`: without `api_token_file`, $GPUPOOL_API_TOKEN is the bearer token (`client_config`, a tenant's
     settings from its environment); a configuration made by a program for itself (a daemon's to its scheduler,
     `gpupool up`'s) names its token file or has none, whatever token the environment it was started in holds."""
@@ -58,6 +61,13 @@ class TlsConfig:
     client_auth: str = "none"
     api_token_file: str = ""
     env_token: bool = False
+    client_ca: str = ""
+
+    @property
+    def clients_ca(self) -> str:
+        """The CA bundle that verifies a server's clients: `client_ca`, else `ca` (round 48: until then `ca` alone, so
+        a daemon that accepted client certificates of another CA trusted that CA for its scheduler too)."""
+        return self.client_ca or self.ca
 
     @property
     def verifies_clients(self) -> bool:
@@ -73,9 +83,9 @@ class TlsConfig:
                 "TLS needs --tls-cert and --tls-key (or GPUPOOL_TLS_CERT/GPUPOOL_TLS_KEY); `gpupool up` makes them; "
                 "--insecure serves plaintext"
             )
-        if self.client_auth == "require" and not self.ca:
+        if self.client_auth == "require" and not self.clients_ca:
             raise InvalidArgument("--tls-client-auth require needs --tls-ca (the CA that signs client certificates)")
-        for path in (self.cert, self.key, self.ca):
+        for path in (self.cert, self.key, self.ca, self.client_ca):
             if path and not Path(path).is_file():
                 raise InvalidArgument(f"TLS file {path} does not exist")
 
@@ -87,11 +97,16 @@ def add_tls_flags(
     client_auth_help: str = "require clients to present a certificate signed by --tls-ca, or not (then tokens identify "
     "them)",
     client_auth_choices: tuple[str, ...] = CLIENT_AUTH,
+    ca_help: str = "PEM CA bundle that verifies peers",
+    client_ca_help: str = "",
 ) -> None:
-    """--tls-cert, --tls-key, --tls-ca, --insecure (and --tls-client-auth where `client_auth` gives its default)."""
+    """--tls-cert, --tls-key, --tls-ca, --insecure (and --tls-client-auth where `client_auth` gives its default,
+    --tls-client-ca where `client_ca_help` is its help)."""
     add_flag(parser, "--tls-cert", default="", help="PEM certificate of this program (reloaded when the file changes)")
     add_flag(parser, "--tls-key", default="", help="PEM private key of --tls-cert")
-    add_flag(parser, "--tls-ca", default="", help="PEM CA bundle that verifies peers")
+    add_flag(parser, "--tls-ca", default="", help=ca_help)
+    if client_ca_help:
+        add_flag(parser, "--tls-client-ca", default="", help=client_ca_help)
     add_flag(parser, "--insecure", action="store_true", help="plaintext gRPC without TLS (unsafe: testing only)")
     if client_auth is not None:
         add_flag(
@@ -110,8 +125,8 @@ def add_metrics_flags(parser: argparse.ArgumentParser, default: str) -> None:
         parser,
         "--metrics-listen",
         default=default,
-        help="Prometheus metrics HOST:PORT ('0': off): HTTPS with --tls-cert, to client certificates of --tls-ca "
-        "naming a metrics or admin identity (docs/metrics.md)",
+        help="Prometheus metrics HOST:PORT ('0': off): HTTPS with --tls-cert, to client certificates of --tls-ca (a "
+        "daemon's --tls-client-ca where given) naming a metrics or admin identity (docs/metrics.md)",
     )
     add_flag(
         parser,
@@ -157,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> TlsConfig:
         ca=args.tls_ca,
         insecure=bool(args.insecure),
         client_auth=getattr(args, "tls_client_auth", "none"),
+        client_ca=getattr(args, "tls_client_ca", ""),
     )
 
 
@@ -246,7 +262,7 @@ class _Reloader:
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         out = []
-        for p in (self.cfg.cert, self.cfg.key, self.cfg.ca):
+        for p in (self.cfg.cert, self.cfg.key, self.cfg.clients_ca):
             try:
                 st = os.stat(p) if p else None
             except OSError:
@@ -256,7 +272,7 @@ class _Reloader:
 
     def load(self) -> grpc.ServerCertificateConfiguration:
         pair = [(_read(self.cfg.key, KEY), _read(self.cfg.cert))]
-        ca = _read(self.cfg.ca, CA) if self.cfg.ca else None
+        ca = _read(self.cfg.clients_ca, CA) if self.cfg.clients_ca else None
         return grpc.ssl_server_certificate_configuration(pair, root_certificates=ca)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
@@ -489,7 +505,9 @@ class SocketServerTls:
             ctx.load_cert_chain(self.cfg.cert, key)
         if self.cfg.client_auth == "require":
             ctx.verify_mode = ssl.CERT_REQUIRED
-            with _opened(self.cfg.ca, CA) as ca:  # as a file: `cadata` as str must be ASCII, a PEM bundle need not
+            with _opened(
+                self.cfg.clients_ca, CA
+            ) as ca:  # as a file: `cadata` as str must be ASCII, a PEM bundle need not
                 ctx.load_verify_locations(cafile=ca)
         return ctx
 

@@ -161,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         client_auth="auto",
         client_auth_choices=("auto", *tls.CLIENT_AUTH),
-        client_auth_help="require every client to present a certificate signed by --tls-ca (then revoked "
+        ca_help="PEM CA bundle that verifies the scheduler (and this daemon's clients, without --tls-client-ca)",
+        client_ca_help="PEM CA bundle that verifies the certificates of this daemon's clients (sessions, side sockets, "
+        "smi, metrics scrapers) under --tls-client-auth require, where they come from another CA than --tls-ca's "
+        "(which then verifies only the scheduler); default: --tls-ca",
+        client_auth_help="require every client to present a certificate signed by --tls-client-ca (then revoked "
         "certificates are refused, a lease token attaches only with the certificate it was allocated with, and Status "
         "shows an admin or metrics certificate every session, a tenant its own; deploy/'s units and `gpupool up` "
         "set it), or ask none (for pools whose tenants hold API tokens only, and hand-minted tokens' users without "
@@ -458,8 +462,9 @@ def resolve_client_auth(cfg: tls.TlsConfig, scheduler: str) -> tls.TlsConfig:
     elsewhere: an API-token pool's daemon joins with a token and its tenants may have no certificate, and a daemon
     without a scheduler serves hand-minted tokens whose users may have none (README). Until round 47 the default was
     `none` everywhere, so a certificate pool's daemon started without the flag refused no revoked certificate and
-    held no lease token to its certificate. The CA that verifies the scheduler is the one that verifies clients: a
-    pool whose client certificates come from another CA names both in --tls-ca, or passes the flag."""
+    held no lease token to its certificate. Clients' certificates are verified by --tls-client-ca where it is given
+    (round 48: a pool whose client certificates come from another CA; until then only by naming both CAs in
+    --tls-ca, which made the daemon trust the clients' CA for its scheduler too), else by --tls-ca."""
     if cfg.client_auth != "auto":
         return cfg
     by_cert = not cfg.insecure and bool(cfg.ca) and bool(scheduler) and not cfg.api_token_file
@@ -504,7 +509,8 @@ def main(argv: list[str]) -> int:
         return 2
     # A flag mix that cannot start, told now rather than after the zygote's and this process's torch imports
     # (tens of seconds on a loaded machine; round 47: the README's hand-minted-token daemon said it 40 s later).
-    problem = tls.metrics_flags_problem(args.metrics_listen, args.metrics_plaintext, args.insecure, args.tls_ca)
+    clients_ca = args.tls_client_ca or args.tls_ca
+    problem = tls.metrics_flags_problem(args.metrics_listen, args.metrics_plaintext, args.insecure, clients_ca)
     if problem:
         log.error("cannot start: %s", problem)
         return 2

@@ -179,10 +179,15 @@ class DaemonConfig:
     max_unread_bytes: int = 1 * GiB
     slice_seconds: float = 0.005
     drain_seconds: float = 10.0
-    # The longest the lease reaper sleeps: it wakes at the first session's lease end, for a new session and for a
-    # changed expiry hold (until round 45 every 0.5 s, ~2.9k instructions a wake); this bounds how late a jump of the
-    # wall clock leaves an expired session open.
+    # The longest the lease reaper sleeps on an idle daemon (no session open): it wakes at the first session's lease
+    # end, for a new session and for a changed expiry hold (until round 45 every 0.5 s, ~2.9k instructions a wake).
     reap_interval: float = 10.0
+    # ... and while any session is open: a step of the wall clock (an NTP step, a resumed VM) can bring a lease's end
+    # on it nearer at any moment, and nothing wakes a sleeper on the monotonic clock for it, so this bounds how late an
+    # idle session (one that sends no frame: `Daemon.lapsed` ends the others at their next) is closed after its end.
+    # Until round 48 `reap_interval` (10 s) bounded it. A look took 115-130 us of CPU at load ~20
+    # (bench/reaper_looks.py): ~0.1 ms a second while sessions are open.
+    clock_look: float = 1.0
     # torch intra-op threads (process-wide; 0 leaves torch's default, so results match a local torch bit for
     # bit). 1 keeps fake GPUs' busy time honest on a loaded host, where OpenMP teams spin and stretch a 0.2 ms
     # matmul past 20 ms.
@@ -907,15 +912,19 @@ class Daemon:
 
     def _reap(self) -> None:
         """Close the sessions whose lease ended (not before the registrar's expiry hold). It sleeps until the first
-        open session's end (a Refresh only moves an end later), at most `reap_interval`, and is woken by a new
-        session, a changed hold and the daemon's stop: an idle daemon's reaper wakes every `reap_interval` alone."""
+        open session's end (a Refresh only moves an end later), at most `clock_look` while any session is open (a
+        step of the wall clock moves a lease's end on it; round 48: until then `reap_interval`, 10 s, so an idle
+        session ran that long past its end after a forward step), and is woken by a new session, a changed hold and
+        the daemon's stop: an idle daemon's reaper wakes every `reap_interval` alone."""
         while not self._stop.is_set():
             self._reap_wake.clear()
             now = self.clock.now()
             mono = time.monotonic()
             hold = self._expiry_hold
-            first = mono + self.config.reap_interval
-            for s in self.session_list():
+            sessions = self.session_list()
+            look = min(self.config.reap_interval, self.config.clock_look) if sessions else self.config.reap_interval
+            first = mono + look
+            for s in sessions:
                 # (its wall-clock end on the monotonic clock from now: a forward step since its attach brings it nearer)
                 ends = min(s.ends_mono, mono + (s.expires_at - now))
                 if ends <= mono and mono >= hold:
@@ -923,7 +932,7 @@ class Daemon:
                 else:
                     first = min(first, max(ends, hold))
             # (measured from now: a close above may have taken long, an inline one waits for its session's slice)
-            self._reap_wake.wait(min(max(first - time.monotonic(), 0.01), self.config.reap_interval))
+            self._reap_wake.wait(min(max(first - time.monotonic(), 0.01), look))
 
     def _close_aside(self, s: FrontSession, reason: str) -> None:
         """Close one of several sessions (the reaper's expired ones, a revoked lease's): a session whose close

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,13 @@ def test_a_backward_step_of_the_wall_clock_does_not_lengthen_a_session(daemon: A
     s.upload(torch.ones(4))
     s.sync()
     clock.step = -3600.0
+    ends_by(daemon, s, ends + 3.0, "a step back of the wall clock kept the session open past its lease's end")
+
+
+def ends_by(daemon: Any, s: Session, deadline: float, why: str) -> None:
+    """`s`, sending no frame, is closed before `deadline` (monotonic), and then its next frame finds it expired."""
     while _open(daemon, s):
-        assert time.monotonic() < ends + 3.0, "a step back of the wall clock kept the session open past its lease's end"
+        assert time.monotonic() < deadline, why
         time.sleep(0.05)
     with pytest.raises(errors.FailedPrecondition, match="expired"):
         s.sync()
@@ -281,17 +286,25 @@ _SHOW_LEASE = (
 def _run_lease(pool: Pool, role: str, name: str, *flags: str) -> Iterator[tuple[str, str]]:
     """(tenant, token) of the lease a real `gpupool run` holds for its command (a child that waits), run with `role`
     `name`'s certificate and no API token or $GPUPOOL_TENANT; the lease is released when the context ends."""
-    files = get_pki().issue(role, name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_TENANT", "GPUPOOL_API_TOKEN"))}
-    env.update(get_pki().env(), GPUPOOL_TLS_CERT=str(files.cert), GPUPOOL_TLS_KEY=str(files.key))
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "--scheduler", pool.address, "-p", "0.25", "--ttl", "600"]
+    with held_lease([*cmd, *flags, "--", sys.executable, "-c", _SHOW_LEASE], role, name) as shown:
+        yield shown
+
+
+@contextlib.contextmanager
+def held_lease(cmd: list[str], role: str, name: str, **env: str) -> Iterator[tuple[str, str]]:
+    """(tenant, token) of the lease `cmd` holds, from its first line (`LEASE tenant token`) until the context ends
+    (then its stdin closes: it releases the lease and exits 0), run with `role` `name`'s certificate and no API token
+    or $GPUPOOL_TENANT (unless `env` sets one)."""
+    files = get_pki().issue(role, name)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_TENANT", "GPUPOOL_API_TOKEN"))}
+    environ.update(get_pki().env(), GPUPOOL_TLS_CERT=str(files.cert), GPUPOOL_TLS_KEY=str(files.key), **env)
     proc = subprocess.Popen(
-        [*cmd, *flags, "--", sys.executable, "-c", _SHOW_LEASE],
-        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cmd, env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdin is not None
-        line = proc.stdout.readline()  # (the child's first line; "" if gpupool run failed)
+        line = proc.stdout.readline()  # (the child's first line; "" if it failed)
         shown = line.split()
         assert len(shown) == 3 and shown[0] == "LEASE", (line, proc.stderr.read() if proc.stderr else "")
         yield shown[1], shown[2]
@@ -311,18 +324,31 @@ def test_an_operator_s_own_gpupool_run_lease_is_bound_to_its_certificate(
     On d5fc4fa4 `gpupool run` named $USER as the tenant, which made the operator's lease unbound (sec47: an operator's
     Allocate naming a tenant is that tenant's): any certificate of the pool's CA attached its token. `--tenant` still
     allocates for that tenant, unbound (its certificate presents it); a tenant's own lease is bound either way."""
-    host = _daemon(daemon_factory, pool)
+    check_operator_leases(
+        _daemon(daemon_factory, pool),
+        lambda role, name, tenant: _run_lease(pool, role, name, *(("--tenant", tenant) if tenant else ())),
+        "47",
+    )
+
+
+def check_operator_leases(
+    host: Any, lease: Callable[[str, str, str], contextlib.AbstractContextManager[tuple[str, str]]], n: str
+) -> None:
+    """`lease(role, name, tenant)` ((tenant, token) of a lease taken by a client presenting `role` `name`'s
+    certificate, naming `tenant` where it is not "") against `host` (a daemon under `require` of the pool): an
+    operator naming no tenant holds its own lease, bound to its certificate (another certificate is refused its
+    token); naming one, that tenant's, unbound (its certificate attaches it); a tenant's own lease is bound."""
     assert host.running.registrar.registered.wait(20)
-    admin_cert = get_pki().issue("admin", "ops47").cert.read_bytes()
-    with _run_lease(pool, "admin", "ops47") as (tenant, token):
-        assert tenant == "ops47", tenant
+    admin_cert = get_pki().issue("admin", f"ops{n}").cert.read_bytes()
+    with lease("admin", f"ops{n}", "") as (tenant, token):
+        assert tenant == f"ops{n}", tenant
         assert token_module.unverified_claim(token, "cert") == certrevoke.fingerprint_pem(admin_cert)
-        code, words = _attach(host.address, "bob47", token)
+        code, words = _attach(host.address, f"bob{n}", token)
         assert code == grpc.StatusCode.PERMISSION_DENIED and "bound to client certificate" in words, (code, words)
 
-    with _run_lease(pool, "admin", "ops47", "--tenant", "alice47") as (tenant, token):
-        assert tenant == "alice47" and not token_module.unverified_claim(token, "cert"), tenant
-        assert _attach(host.address, "alice47", token) == (grpc.StatusCode.OK, "")
+    with lease("admin", f"ops{n}", f"alice{n}") as (tenant, token):
+        assert tenant == f"alice{n}" and not token_module.unverified_claim(token, "cert"), tenant
+        assert _attach(host.address, f"alice{n}", token) == (grpc.StatusCode.OK, "")
 
-    with _run_lease(pool, "tenant", "bob47") as (tenant, token):
-        assert tenant == "bob47" and token_module.unverified_claim(token, "cert"), tenant
+    with lease("tenant", f"bob{n}", "") as (tenant, token):
+        assert tenant == f"bob{n}" and token_module.unverified_claim(token, "cert"), tenant
