@@ -1177,3 +1177,24 @@ def test_views_under_inference_mode_are_the_cpus(pool: str, client: tuple[str, .
     assert done.stdout == on_cpu("-c", INFERENCE_VIEWS).stdout, done.stdout + done.stderr[-2000:]
     assert done.stdout.count("[False, False, False, False, False, False, False, False] True [True, True]") == 3
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def test_rotary_embeddings_and_conjugates_give_the_cpu_values(pool: str) -> None:
+    """rotary.py (Llama's `apply_rotary_emb`: `view_as_complex`, a product with `torch.polar` frequencies,
+    `view_as_real`, trained; `.view(torch.int32)`, a write through `view_as_real`, `.conj()` resolved, multiplied,
+    matrix-multiplied, `.conj().imag`) on the C++ client: every loss and value equal to the CPU's. Until round 48 the
+    C++ client gave a view the dtype of its input (`view_as_complex` a float32 tensor of the float pairs; the script
+    died: "view_as_real does not support automatic differentiation for outputs with complex dtype"), refused any op on
+    a view of another dtype than its storage's, and dropped the conjugate and negative bits (`a * b.conj()` computed
+    `a * b`: a rotary model's gradients were wrong). (The Python client ran it right before.)"""
+    pooled = on_pool(pool, "rotary.py", "-p", "0.5")
+    local = on_cpu("rotary.py")
+    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout + pooled.stderr[-3000:]
+    losses = LOSS.findall(pooled.stdout)
+    assert len(losses) == 4, pooled.stdout
+    assert_loss_lines_close(losses, LOSS.findall(local.stdout))
+    rest = [line for line in pooled.stdout.splitlines() if not LOSS.match(line)]
+    assert rest == [line for line in local.stdout.splitlines() if not LOSS.match(line)], pooled.stdout + local.stdout
+    assert "complex torch.complex64" in pooled.stdout and "bits torch.int32 [1065353216, -1073741824]" in pooled.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
