@@ -1224,3 +1224,19 @@ def test_tensor_parallel_attention_gives_the_unsharded_cpu_losses(pool: str, cli
     assert [float(v) for v in got] == pytest.approx([float(v) for v in want], abs=2e-5), (weights, cpu_weights)
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_sdpa_kernel_without_math_fails_where_a_gpu_has_no_kernel(pool: str, client: tuple[str, ...]) -> None:
+    """sdpa_no_kernel.py: with `sdpa_kernel` leaving the math backend out, a call no enabled fused kernel of a GPU
+    takes (flash with float32 or a mask, 3-D inputs, no backend at all) raises torch's "No available kernel. Aborting
+    execution." as on a GPU, on both clients; a call one takes runs (equal to the math path's sum). Until round 48 all
+    of them ran on the math path."""
+    out = on_pool(pool, "sdpa_no_kernel.py", *client, "-p", "0.5").stdout
+    ran = dict(re.findall(r"^(.+) ran (\S+)$", out, re.M))
+    failed = re.findall(r"^(.+) error (.*)$", out, re.M)
+    assert set(ran) == {"flash float16", "efficient float32 mask", "math"}, out
+    assert [name for name, _ in failed] == ["flash float32", "flash mask", "efficient 3-D", "no backend"], out
+    assert all(why.startswith("No available kernel. Aborting execution.") for _, why in failed), out
+    assert float(ran["efficient float32 mask"]) == pytest.approx(float(ran["math"]), abs=2e-4), out  # an all-True mask
+    assert out.rstrip().endswith("done"), out
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
