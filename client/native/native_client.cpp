@@ -926,6 +926,16 @@ uint32_t internal_op(const char* name) {
   return id;
 }
 
+// View handle `vh` of storage `sid` (geometry `g`) kept: the recording thread's own while it records. Its wire handle.
+uint64_t keep_view(Dev& d, uint64_t sid, Store& s, const Geo& g, uint64_t vh, bool rec) {
+  if (rec)
+    d.rec_views.push_back({{sid, g}, vh});
+  else
+    s.views.emplace_back(g, vh);
+  g_wstats.view_handles++;
+  return d.base + vh;
+}
+
 // A view handle made now (cached like the others) whose tensor is `Geo g` of the tensor `from` names.
 uint64_t strided_handle(Dev& d, uint64_t sid, Store& s, uint64_t from, const Geo& g, bool rec) {
   const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
@@ -939,12 +949,7 @@ uint64_t strided_handle(Dev& d, uint64_t sid, Store& s, uint64_t from, const Geo
   put<int64_t>(local, g.offset);
   put<uint8_t>(local, 0);
   emit_record(d, internal_op("aten::as_strided"), {d.base + vh}, local);
-  if (rec)
-    d.rec_views.push_back({{sid, g}, vh});
-  else
-    s.views.emplace_back(g, vh);
-  g_wstats.view_handles++;
-  return d.base + vh;
+  return keep_view(d, sid, s, g, vh, rec);
 }
 
 // The handle of the whole storage `sid` as one flat tensor of `dtype` (a view of another dtype than its storage's:
@@ -978,12 +983,7 @@ uint64_t retyped_handle(Dev& d, uint64_t sid, Store& s, const at::Tensor& t, boo
   put<uint8_t>(local, static_cast<uint8_t>(code));
   put<uint8_t>(local, 0);
   emit_record(d, internal_op("aten::view.dtype"), {d.base + vh}, local);
-  if (rec)
-    d.rec_views.push_back({{sid, to}, vh});
-  else
-    s.views.emplace_back(to, vh);
-  g_wstats.view_handles++;
-  return d.base + vh;
+  return keep_view(d, sid, s, to, vh, rec);
 }
 
 // The wire handle of a device tensor: its storage's, or a view handle (made now, once per geometry and storage).

@@ -160,6 +160,21 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+def two_ranks_and_cpu(
+    pool: str, script: str, client: tuple[str, ...]
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """`gpupool run --cuda CLIENT -n 2 -p 0.5 -- torchrun --nproc-per-node 2 SCRIPT` and, beside it, the same
+    torchrun on the CPU (gloo): both runs."""
+    with ThreadPoolExecutor(1) as beside:
+        cpu = beside.submit(torchrun_on_cpu, script, 2)
+        pooled = run(
+            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
+             *torchrun(script, 2)],
+            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+        return pooled, cpu.result()
+
+
 TP_STEP = re.compile(r"^step \d rank \d loss \S+$", re.M)
 TP_END = re.compile(r"^rank \d tp allreduce .*$", re.M)
 
@@ -172,14 +187,7 @@ def test_tensor_parallel_2d_mesh_without_a_backend_gives_the_cpu_losses(pool: st
     allreduce and the full weights equal gloo's on the CPU, on both clients. Until round 47 every rank failed at
     `init_device_mesh`: the subgroup of a group made without a backend was refused as a second group ("a second gpupool
     process group on gpupool:0 (rank 0 of 2)")."""
-    with ThreadPoolExecutor(1) as beside:
-        cpu = beside.submit(torchrun_on_cpu, "tensor_parallel.py", 2)
-        pooled = run(
-            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
-             *torchrun("tensor_parallel.py", 2)],
-            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
-        )  # fmt: skip
-        local = cpu.result()
+    pooled, local = two_ranks_and_cpu(pool, "tensor_parallel.py", client)
     lines = sorted(TP_STEP.findall(pooled.stdout) + TP_END.findall(pooled.stdout))
     reference = sorted(TP_STEP.findall(local.stdout) + TP_END.findall(local.stdout))
     assert len(lines) == 10 and "tp allreduce 3.0" in lines[0], pooled.stdout
@@ -1206,14 +1214,7 @@ def test_tensor_parallel_attention_gives_the_unsharded_cpu_losses(pool: str, cli
     --cuda -n 2 -- torchrun`, both clients: every rank's losses and full weights within float32 rounding of the
     unsharded block trained on the CPU. Until round 48 both failed in DTensor: "Operator aten.
     _scaled_dot_product_fused_attention_overrideable.default does not have a sharding strategy registered"."""
-    with ThreadPoolExecutor(1) as beside:
-        cpu = beside.submit(torchrun_on_cpu, "tp_attention.py", 2)
-        pooled = run(
-            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
-             *torchrun("tp_attention.py", 2)],
-            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
-        )  # fmt: skip
-        local = cpu.result()
+    pooled, local = two_ranks_and_cpu(pool, "tp_attention.py", client)
     steps, reference = sorted(TP_STEP.findall(pooled.stdout)), sorted(TP_STEP.findall(local.stdout))
     assert len(steps) == 6, pooled.stdout
     assert_loss_lines_close(steps, reference)
