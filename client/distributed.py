@@ -37,7 +37,7 @@ from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, InvalidArgument
 from gpupool.tokens import unverified_claim
 
-from . import dcp, fsdp, funcol
+from . import dcp, dtensor_ops, fsdp, funcol
 
 log = logging.getLogger(__name__)
 
@@ -628,6 +628,7 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         )
     lease = Lease.from_env()
     assert lease is not None  # GPUPOOL_LEASE is set
+    dtensor_ops.register()  # DTensor's strategies for the fused attention op on gpupool tensors: client/dtensor_ops.py
     rt: Any
     if native.active():  # the C++ client (`gpupool run`'s default)
         from .native.group import NativeRuntime

@@ -36,16 +36,37 @@ inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const a
   // path, as on a GPU: a script asks for it where it takes a gradient of a gradient, which no fused kernel has (until
   // round 47: "derivative for aten::_scaled_dot_product_fused_attention_overrideable_backward is not implemented").
   const at::Context& ctx = at::globalContext();
-  if (!ctx.userEnabledFlashSDP() && !ctx.userEnabledMemEfficientSDP() && !ctx.userEnabledCuDNNSDP() &&
-      !ctx.userEnabledOverrideableSDP())
+  const bool flash = ctx.userEnabledFlashSDP(), efficient = ctx.userEnabledMemEfficientSDP();
+  const bool cudnn = ctx.userEnabledCuDNNSDP(), own = ctx.userEnabledOverrideableSDP();
+  // The math backend off too (`sdpa_kernel(SDPBackend.FLASH_ATTENTION)`, `sdpa_kernel([])`, `enable_math_sdp(False)`):
+  // where no enabled fused kernel of a GPU takes the call, a GPU raises torch's "No available kernel. Aborting
+  // execution." and so does this (until round 48 the math path ran). Where a GPU's fused kernel would take it and the
+  // daemon's does not (a mask that needs a gradient, GQA: CUDA's efficient/flash kernels), the math path still runs.
+  const bool math_on = ctx.userEnabledMathSDP();
+  auto none = [&](const char* why) -> int64_t {
+    TORCH_CHECK(math_on, "No available kernel. Aborting execution. (gpupool: scaled_dot_product_attention with the "
+                "math backend disabled and no enabled fused backend that takes this call, as on a GPU: ", why, ")");
     return math;
+  };
+  // Every fused backend off and math on (`sdpa_kernel(SDPBackend.MATH)`): the math path, as on a GPU; a script asks
+  // for it where it takes a gradient of a gradient, which no fused kernel has (until round 47: "derivative for
+  // aten::_scaled_dot_product_fused_attention_overrideable_backward is not implemented").
+  if (!flash && !efficient && !cudnn && !own) return none("every fused backend is disabled");
   // dropout_p in (0, 1): the daemon's dropout composition draws the math path's `native_dropout` numbers from the
   // session's seeded stream (server/attention.py); 1 (or out of range) keeps the math path, which handles it.
-  if (!fused || !(dropout_p >= 0.0 && dropout_p < 1.0) || (dropout_p != 0.0 && !dropout) || enable_gqa) return math;
-  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested()) return math;
+  if (!(dropout_p >= 0.0 && dropout_p < 1.0)) return none("dropout_p out of [0, 1)");
+  if (!fused || (dropout_p != 0.0 && !dropout) || enable_gqa) return math;
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested())
+    return none("inputs other than 4-D");
   const auto dt = q.scalar_type();
-  if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return math;
-  if (k.scalar_type() != dt || v.scalar_type() != dt) return math;
+  if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return none("the dtype");
+  if (k.scalar_type() != dt || v.scalar_type() != dt) return none("mixed dtypes");
+  if (dt == at::kDouble && !math_on) return none("float64 (no fused kernel of a GPU takes it)");
+  // flash or cuDNN alone: half and bfloat16 only; flash takes no mask
+  const bool half = dt == at::kHalf || dt == at::kBFloat16;
+  const bool masked = mask.has_value() && mask->defined();
+  if (!efficient && !own && !(half && ((flash && !masked) || cudnn)))
+    return none(half ? "flash attention takes no attn_mask" : "flash and cuDNN attention take float16 and bfloat16 only");
   // float64 without dropout: torch's math path, as CUDA's fused kernels take no float64. The daemon's CPU flash kernel
   // would return a float64 logsumexp where torch's meta kernel (the clients' shapes) says float32, which the backward
   // then refuses (round 26: no float64 backward through the pool). With dropout the daemon runs the math path's own
@@ -55,8 +76,8 @@ inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const a
   if (k.size(0) != b || v.size(0) != b || k.size(1) != h || v.size(1) != h || v.size(2) != s) return math;
   if (k.size(3) != e || v.size(3) != e) return math;
   if (b == 0 || h == 0 || l == 0 || e == 0 || s == 0) return math;
-  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return math;
-  if (mask.has_value() && mask->defined()) {
+  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return none("a last dimension not contiguous");
+  if (masked) {
     const at::Tensor& m = *mask;
     // (a 0-D or 1-D mask: the daemon takes 2 to 4 dims, as local CPU's flash kernel does; the math path takes any)
     if (is_causal || m.requires_grad() || m.is_nested() || m.dim() < 2 || m.dim() > 4) return math;

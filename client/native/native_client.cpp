@@ -649,8 +649,10 @@ at::Tensor make_out(const OutPlan& p, const IValue* args) {
                                    : (a.isTensorList() ? a.toTensorList().get(p.elem) : a.toListRef()[p.elem].toTensor());
   if (p.kind == OutPlan::INPUT) return in;
   g_stats.view_outputs++;
+  // The view's own dtype (the Meta kernel's): `view_as_complex`, `view_as_real` and `view(dtype)` change it; until
+  // round 48 the input's was kept (a float32 "view_as_complex" of the float pairs: silently wrong values).
   at::Tensor v = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(in.storage()),
-                                                           in.key_set(), in.dtype());
+                                                           in.key_set(), c10::scalarTypeToTypeMeta(p.dtype));
   v.unsafeGetTensorImpl()->set_sizes_and_strides(p.sizes, p.strides, p.offset);
   return v;
 }
@@ -689,7 +691,7 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 //     copy_/zero_/fill_/bernoulli_/normal_/uniform_: resize_, set_, t_, out= ops that resize);
 //   - a tensor list holding a None (the plain TENSORS form, 0 for the None; VIEWS has no None element);
 //   - whatever names a tensor by handle alone: a sync (`.item()`, `.cpu()`), the Python fallback (`wire_handle`);
-// and a view with another dtype than its storage's, or of more than 64 dims, is refused or goes by handle as before.
+// and a view with another dtype than its storage's (`retyped_handle`), or of more than 64 dims, goes by handle.
 // ---------------------------------------------------------------------------------------------------------------------
 
 // Compact tags (gpupool/compact.py).
@@ -906,7 +908,12 @@ inline void put_ints(Buf& b, uint8_t tag, c10::IntArrayRef v) {
 const c10::OperatorHandle& named_op(const char* name) {
   static std::unordered_map<std::string, c10::OperatorHandle> ops;
   auto it = ops.find(name);
-  if (it == ops.end()) it = ops.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name, "")).first;
+  if (it == ops.end()) {
+    const std::string full(name);  // "aten::view.dtype": the name and its overload
+    const size_t dot = full.find('.');
+    const std::string op = full.substr(0, dot), overload = dot == std::string::npos ? "" : full.substr(dot + 1);
+    it = ops.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), overload.c_str())).first;
+  }
   return it->second;
 }
 
@@ -917,6 +924,66 @@ uint32_t internal_op(const char* name) {
   const uint32_t id = op_id(op);
   wire_info(op, id, true);
   return id;
+}
+
+// View handle `vh` of storage `sid` (geometry `g`) kept: the recording thread's own while it records. Its wire handle.
+uint64_t keep_view(Dev& d, uint64_t sid, Store& s, const Geo& g, uint64_t vh, bool rec) {
+  if (rec)
+    d.rec_views.push_back({{sid, g}, vh});
+  else
+    s.views.emplace_back(g, vh);
+  g_wstats.view_handles++;
+  return d.base + vh;
+}
+
+// A view handle made now (cached like the others) whose tensor is `Geo g` of the tensor `from` names.
+uint64_t strided_handle(Dev& d, uint64_t sid, Store& s, uint64_t from, const Geo& g, bool rec) {
+  const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
+  Buf local;
+  put<uint8_t>(local, 4);
+  put<uint8_t>(local, T_TENSOR);
+  put<uint64_t>(local, from);
+  put_ints(local, T_INTS, g.sizes);
+  put_ints(local, T_INTS, g.strides);
+  put<uint8_t>(local, T_INT);
+  put<int64_t>(local, g.offset);
+  put<uint8_t>(local, 0);
+  emit_record(d, internal_op("aten::as_strided"), {d.base + vh}, local);
+  return keep_view(d, sid, s, g, vh, rec);
+}
+
+// The handle of the whole storage `sid` as one flat tensor of `dtype` (a view of another dtype than its storage's:
+// `view_as_complex` of a float tensor, `view_as_real`, `view(dtype)`): `as_strided` of the storage's tensor to its
+// elements in a row, then `view.dtype` of that (both cached as view handles of the storage, freed with it); the view
+// is then `as_strided` of this handle, in `dtype`'s elements. Until round 48 refused ("a view with another dtype than
+// its storage's").
+uint64_t retyped_handle(Dev& d, uint64_t sid, Store& s, const at::Tensor& t, bool rec) {
+  const at::ScalarType dtype = t.scalar_type();
+  const int code = g_dtype_code[static_cast<int>(dtype)];
+  TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", dtype);
+  const int64_t from_size = static_cast<int64_t>(c10::elementSize(s.base.dtype));
+  const int64_t to_size = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t unit = std::max(from_size, to_size);  // element sizes are powers of two: their lcm
+  const int64_t whole = (static_cast<int64_t>(t.storage().nbytes()) / unit) * unit;  // bytes both dtypes show
+  Geo to{dtype, {whole / to_size}, {1}, 0};
+  for (const auto& [g, h] : s.views)
+    if (g.dtype == to.dtype && g.sizes == to.sizes && g.strides == to.strides && g.offset == 0) return d.base + h;
+  if (rec)
+    for (const auto& [k, h] : d.rec_views)
+      if (k.first == sid && k.second.dtype == to.dtype && k.second.sizes == to.sizes && k.second.strides == to.strides &&
+          k.second.offset == 0)
+        return d.base + h;
+  const uint64_t flat = strided_handle(d, sid, s, d.handle(sid), Geo{s.base.dtype, {whole / from_size}, {1}, 0}, rec);
+  const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
+  Buf local;
+  put<uint8_t>(local, 2);
+  put<uint8_t>(local, T_TENSOR);
+  put<uint64_t>(local, flat);
+  put<uint8_t>(local, T_DTYPE);
+  put<uint8_t>(local, static_cast<uint8_t>(code));
+  put<uint8_t>(local, 0);
+  emit_record(d, internal_op("aten::view.dtype"), {d.base + vh}, local);
+  return keep_view(d, sid, s, to, vh, rec);
 }
 
 // The wire handle of a device tensor: its storage's, or a view handle (made now, once per geometry and storage).
@@ -932,25 +999,9 @@ uint64_t wire_handle(Dev& d, const at::Tensor& t) {
   if (rec)
     for (const auto& [k, h] : d.rec_views)
       if (k.first == sid && k.second.same(t)) return d.base + h;
-  TORCH_CHECK(t.scalar_type() == s.base.dtype, "gpupool native client: a view with another dtype than its storage's: not supported");
-  const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
-  const uint32_t id = internal_op("aten::as_strided");
-  Buf local;
-  put<uint8_t>(local, 4);
-  put<uint8_t>(local, T_TENSOR);
-  put<uint64_t>(local, d.handle(sid));
-  put_ints(local, T_INTS, t.sizes());
-  put_ints(local, T_INTS, t.strides());
-  put<uint8_t>(local, T_INT);
-  put<int64_t>(local, t.storage_offset());
-  put<uint8_t>(local, 0);
-  emit_record(d, id, {d.base + vh}, local);
-  if (rec)
-    d.rec_views.push_back({{sid, Geo::of(t)}, vh});
-  else
-    s.views.emplace_back(Geo::of(t), vh);
-  g_wstats.view_handles++;
-  return d.base + vh;
+  uint64_t from = d.handle(sid);
+  if (t.scalar_type() != s.base.dtype) from = retyped_handle(d, sid, s, t, rec);
+  return strided_handle(d, sid, s, from, Geo::of(t), rec);
 }
 
 // A device tensor as a record names it (`views`: the op may take view arguments, !WireOp.reshapes): its storage's
@@ -1401,9 +1452,37 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
 
 thread_local std::string t_key;
 
+at::Tensor& lazy_bits_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking);
+
+// A conjugate or negative view argument (`z.conj()`, its `.imag`) of an op torch lets through with the bit (its
+// Conjugate/Negative fallthroughs: clone, which resolve_conj() calls, mm, bmm, addmm, dot, vdot, ...; every other op
+// gets it materialized by torch first): a record names a storage, not the bit, so it is materialized here, as torch's
+// own kernels read it. Not for a view op (its output keeps the bit, make_out) nor a written argument (refused).
+// Until round 48 the bit was dropped: `a @ b.conj()`, `b.conj().resolve_conj()` computed with `b`.
+void resolve_lazy_bits(const c10::OperatorHandle& op, IValue* args, size_t nargs) {
+  const auto& schema = op.schema();
+  for (const auto& r : schema.returns())
+    if (r.alias_info() != nullptr && !r.alias_info()->isWrite()) return;
+  for (size_t i = 0; i < nargs; i++) {
+    if (!args[i].isTensor()) continue;
+    const at::Tensor t = args[i].toTensor();
+    if (!(t.is_conj() || t.is_neg()) || t.device().type() != kType) continue;
+    const auto* alias = schema.arguments()[i].alias_info();
+    TORCH_CHECK(alias == nullptr || !alias->isWrite(), "gpupool native client: ", schema.name(),
+                " writes a conjugate or negative view: not supported (resolve_conj() / resolve_neg() it first)");
+    at::Tensor plain = at::empty(t.sizes(), t.options());
+    lazy_bits_copy_(plain, t, false);
+    args[i] = std::move(plain);
+  }
+}
+
 void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t nargs = op.schema().arguments().size();
   IValue* args = stack->data() + (stack->size() - nargs);
+  bool bits = false;  // (two bits of each tensor argument's key set)
+  for (size_t i = 0; i < nargs; i++)
+    if (args[i].isTensor()) bits |= args[i].toTensor().is_conj() || args[i].toTensor().is_neg();
+  if (bits) resolve_lazy_bits(op, args, nargs);
   const DeviceIndex index = op_index(args, nargs);
   ensure_wire(index);
   if (g_wire) {
@@ -1815,7 +1894,30 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
   return self;
 }
 
+at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking);
+
+// A copy from a conjugate or negative view (`z.conj()`, its `.imag`; torch's Conjugate fallback materializes one with
+// a copy before `mul`, `add`, ...): the records and transfers name storages, not the bits, so the source's bytes are
+// copied as they are and the conjugate or negation then applied to the copy, as torch's own copy_ does in its kernel.
+// Until round 48 the bits were dropped: `a * b.conj()` multiplied by `b`, a rotary embedding's gradient was wrong.
+at::Tensor& lazy_bits_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
+  TORCH_CHECK(!self.is_conj() && !self.is_neg(),
+              "gpupool native client: a copy into a conjugate or negative view: not supported (copy into a tensor "
+              "of its own, then .conj() it)");
+  if (src.device().type() != kType) return spike_copy_(self, src.resolve_conj().resolve_neg(), non_blocking);
+  const at::Tensor plain = at::detail::make_tensor<c10::TensorImpl>(
+      c10::TensorImpl::VIEW, c10::Storage(src.storage()),
+      src.key_set().remove(c10::DispatchKey::Conjugate).remove(c10::DispatchKey::Negative), src.dtype());
+  plain.unsafeGetTensorImpl()->set_sizes_and_strides(src.sizes(), src.strides(), src.storage_offset());
+  spike_copy_(self, plain, non_blocking);
+  // (into a real dtype: the real part, unchanged; conj_physical_ has no kernel here: a DispatchStub of CPU and CUDA)
+  if (src.is_conj() && self.is_complex()) at::view_as_real(self).select(-1, 1).neg_();
+  if (src.is_neg()) self.neg_();
+  return self;
+}
+
 at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
+  if (src.is_conj() || src.is_neg() || self.is_conj() || self.is_neg()) return lazy_bits_copy_(self, src, non_blocking);
   if (g_wire) return wire_copy_(self, src, non_blocking);
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;

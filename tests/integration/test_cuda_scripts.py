@@ -160,6 +160,21 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+def two_ranks_and_cpu(
+    pool: str, script: str, client: tuple[str, ...]
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """`gpupool run --cuda CLIENT -n 2 -p 0.5 -- torchrun --nproc-per-node 2 SCRIPT` and, beside it, the same
+    torchrun on the CPU (gloo): both runs."""
+    with ThreadPoolExecutor(1) as beside:
+        cpu = beside.submit(torchrun_on_cpu, script, 2)
+        pooled = run(
+            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
+             *torchrun(script, 2)],
+            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+        return pooled, cpu.result()
+
+
 TP_STEP = re.compile(r"^step \d rank \d loss \S+$", re.M)
 TP_END = re.compile(r"^rank \d tp allreduce .*$", re.M)
 
@@ -172,14 +187,7 @@ def test_tensor_parallel_2d_mesh_without_a_backend_gives_the_cpu_losses(pool: st
     allreduce and the full weights equal gloo's on the CPU, on both clients. Until round 47 every rank failed at
     `init_device_mesh`: the subgroup of a group made without a backend was refused as a second group ("a second gpupool
     process group on gpupool:0 (rank 0 of 2)")."""
-    with ThreadPoolExecutor(1) as beside:
-        cpu = beside.submit(torchrun_on_cpu, "tensor_parallel.py", 2)
-        pooled = run(
-            [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
-             *torchrun("tensor_parallel.py", 2)],
-            clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
-        )  # fmt: skip
-        local = cpu.result()
+    pooled, local = two_ranks_and_cpu(pool, "tensor_parallel.py", client)
     lines = sorted(TP_STEP.findall(pooled.stdout) + TP_END.findall(pooled.stdout))
     reference = sorted(TP_STEP.findall(local.stdout) + TP_END.findall(local.stdout))
     assert len(lines) == 10 and "tp allreduce 3.0" in lines[0], pooled.stdout
@@ -1176,4 +1184,60 @@ def test_views_under_inference_mode_are_the_cpus(pool: str, client: tuple[str, .
     done = on_pool(pool, "-c", *client, "-p", "0.5", script_args=(INFERENCE_VIEWS,))
     assert done.stdout == on_cpu("-c", INFERENCE_VIEWS).stdout, done.stdout + done.stderr[-2000:]
     assert done.stdout.count("[False, False, False, False, False, False, False, False] True [True, True]") == 3
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def test_rotary_embeddings_and_conjugates_give_the_cpu_values(pool: str) -> None:
+    """rotary.py (Llama's `apply_rotary_emb`: `view_as_complex`, a product with `torch.polar` frequencies,
+    `view_as_real`, trained; `.view(torch.int32)`, a write through `view_as_real`, `.conj()` resolved, multiplied,
+    matrix-multiplied, `.conj().imag`) on the C++ client: every loss and value equal to the CPU's. Until round 48 the
+    C++ client gave a view the dtype of its input (`view_as_complex` a float32 tensor of the float pairs; the script
+    died: "view_as_real does not support automatic differentiation for outputs with complex dtype"), refused any op on
+    a view of another dtype than its storage's, and dropped the conjugate and negative bits (`a * b.conj()` computed
+    `a * b`: a rotary model's gradients were wrong). (The Python client ran it right before.)"""
+    pooled = on_pool(pool, "rotary.py", "-p", "0.5")
+    local = on_cpu("rotary.py")
+    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout + pooled.stderr[-3000:]
+    losses = LOSS.findall(pooled.stdout)
+    assert len(losses) == 4, pooled.stdout
+    assert_loss_lines_close(losses, LOSS.findall(local.stdout))
+    rest = [line for line in pooled.stdout.splitlines() if not LOSS.match(line)]
+    assert rest == [line for line in local.stdout.splitlines() if not LOSS.match(line)], pooled.stdout + local.stdout
+    assert "complex torch.complex64" in pooled.stdout and "bits torch.int32 [1065353216, -1073741824]" in pooled.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_tensor_parallel_attention_gives_the_unsharded_cpu_losses(pool: str, client: tuple[str, ...]) -> None:
+    """tp_attention.py (fsdp_tp_example.py's Llama attention in small: heads sharded over a two-rank "tp" mesh,
+    rotary embeddings on DTensors, `scaled_dot_product_attention(is_causal=True)`, AdamW foreach) under `gpupool run
+    --cuda -n 2 -- torchrun`, both clients: every rank's losses and full weights within float32 rounding of the
+    unsharded block trained on the CPU. Until round 48 both failed in DTensor: "Operator aten.
+    _scaled_dot_product_fused_attention_overrideable.default does not have a sharding strategy registered"."""
+    pooled, local = two_ranks_and_cpu(pool, "tp_attention.py", client)
+    steps, reference = sorted(TP_STEP.findall(pooled.stdout)), sorted(TP_STEP.findall(local.stdout))
+    assert len(steps) == 6, pooled.stdout
+    assert_loss_lines_close(steps, reference)
+    weights = sorted(re.findall(r"^rank \d weights .*$", pooled.stdout, re.M))
+    cpu_weights = sorted(re.findall(r"^rank \d weights .*$", local.stdout, re.M))
+    assert len(weights) == 2 and weights[0].split(" ", 2)[2] == weights[1].split(" ", 2)[2], pooled.stdout
+    got, want = (re.findall(r"-?\d+\.\d+", lines[0].split(" ", 2)[2]) for lines in (weights, cpu_weights))
+    assert [float(v) for v in got] == pytest.approx([float(v) for v in want], abs=2e-5), (weights, cpu_weights)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_sdpa_kernel_without_math_fails_where_a_gpu_has_no_kernel(pool: str, client: tuple[str, ...]) -> None:
+    """sdpa_no_kernel.py: with `sdpa_kernel` leaving the math backend out, a call no enabled fused kernel of a GPU
+    takes (flash with float32 or a mask, 3-D inputs, no backend at all) raises torch's "No available kernel. Aborting
+    execution." as on a GPU, on both clients; a call one takes runs (equal to the math path's sum). Until round 48 all
+    of them ran on the math path."""
+    out = on_pool(pool, "sdpa_no_kernel.py", *client, "-p", "0.5").stdout
+    ran = dict(re.findall(r"^(.+) ran (\S+)$", out, re.M))
+    failed = re.findall(r"^(.+) error (.*)$", out, re.M)
+    assert set(ran) == {"flash float16", "efficient float32 mask", "math"}, out
+    assert [name for name, _ in failed] == ["flash float32", "flash mask", "efficient 3-D", "no backend"], out
+    assert all(why.startswith("No available kernel. Aborting execution.") for _, why in failed), out
+    assert float(ran["efficient float32 mask"]) == pytest.approx(float(ran["math"]), abs=2e-4), out  # an all-True mask
+    assert out.rstrip().endswith("done"), out
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
