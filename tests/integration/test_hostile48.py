@@ -1,0 +1,165 @@
+"""Round 48 red team (hostile48): round 47's new surfaces attacked as a tenant would, against real daemons on loopback.
+
+1. slice47's captured-replay path (`slices.run_slice_into` / `_one_graph_into`: a session worker's slice of one
+   RunGraph, default isolation) against the old one (`run_commands` / `_run_graphs`, which `--isolation thread`
+   still runs): hostile RunGraphs after a graph's quiet, traced replays (wrong input and output counts, by-value
+   bytes of another length or dtype, a handle input of another shape or dtype, another session's handles, a dropped
+   graph, another session's graph id) get the same status and words on both, each session goes on, a neighbour's
+   verified work is unharmed.
+2. `Session.download(into=)` (transfer47, specrev47): an `into` that autograd tracks (a leaf that requires grad took
+   the bytes; a tensor saved for backward took them without its version moving: wrong gradients, no error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+from support import DaemonFactory, Healthy
+
+from gpupool import errors, wire
+from gpupool._proto import device_pb2, tensor_pb2
+
+MiB = 1024**2
+GID = 5
+
+
+def _slot(n: int) -> tensor_pb2.Arg:
+    return tensor_pb2.Arg(tensor=n)
+
+
+def _define(s: Session, w: int, gid: int = GID) -> None:
+    """Slot 1: x (4 floats, by value), slot 2: w (persistent); slot 3 = x + w, slot 4 = 3 * 2 (the output)."""
+    body = [
+        device_pb2.Op(name="aten::add.Tensor", args=[_slot(1), _slot(2)], outputs=[3]),
+        device_pb2.Op(name="aten::mul.Tensor", args=[_slot(3), tensor_pb2.Arg(f=2.0)], outputs=[4]),
+    ]
+    meta = [wire.meta_to_proto(torch.ones(4))]
+    s.define_graph(
+        device_pb2.DefineGraph(graph_id=gid, inputs=1, persistent=[w], input_meta=meta, ops=body, outputs=[4])
+    )
+
+
+def _x(k: int) -> torch.Tensor:
+    return torch.arange(4, dtype=torch.float32) + k
+
+
+def _replay(s: Session, k: int, gid: int = GID) -> torch.Tensor:
+    """One quiet replay (the batch by value, as a captured step sends it): its output downloaded."""
+    y = s.new_handle()
+    s.run_graph(gid, [0], [y], data=[_x(k).numpy().tobytes()])
+    got = s.download(y, (4,), torch.float32)
+    s.free([y])
+    return got
+
+
+def _outcome(s: Session, run: Any) -> tuple[str, str]:
+    """The error (its class and words) a hostile run gets at the next sync."""
+    run()
+    try:
+        s.sync()
+    except errors.GpupoolError as exc:
+        return type(exc).__name__, str(exc)  # (the sessions' numbers, in their handles, are the same on both)
+    return "ok", ""
+
+
+def _hostile_runs(s: Session, other: Session, theirs: int) -> dict[str, tuple[str, str]]:
+    """Each hostile RunGraph after a few quiet replays; after each, a right replay still computes right."""
+    w = Handle(s.upload(torch.full((4,), 0.5)))
+    _define(s, w)
+    for k in range(4):  # (traced, then quiet: the replays `run_raw` takes)
+        assert torch.equal(_replay(s, k), (_x(k) + 0.5) * 2)
+    f64 = torch.arange(4, dtype=torch.float64).numpy().tobytes()
+    wrong_shape = Handle(s.upload(torch.ones(5)))
+    wrong_dtype = Handle(s.upload(torch.ones(4, dtype=torch.int64)))
+    x = _x(0).numpy().tobytes()
+    cases = {
+        "two inputs": lambda: s.run_graph(GID, [0, 0], [s.new_handle()], data=[x, x]),
+        "no inputs": lambda: s.run_graph(GID, [], [s.new_handle()]),
+        "short bytes": lambda: s.run_graph(GID, [0], [s.new_handle()], data=[x[:12]]),
+        "long bytes": lambda: s.run_graph(GID, [0], [s.new_handle()], data=[x + b"\0\0\0\0"]),
+        "float64 bytes": lambda: s.run_graph(GID, [0], [s.new_handle()], data=[f64]),
+        "no bytes": lambda: s.run_graph(GID, [0], [s.new_handle()]),
+        "handle of 5": lambda: s.run_graph(GID, [wrong_shape], [s.new_handle()]),
+        "handle of int64": lambda: s.run_graph(GID, [wrong_dtype], [s.new_handle()]),
+        "two outputs": lambda: s.run_graph(GID, [0], [s.new_handle(), s.new_handle()], data=[x]),
+        "output theirs": lambda: s.run_graph(GID, [0], [theirs], data=[x]),
+        "output huge": lambda: s.run_graph(GID, [0], [(1 << 64) - 1], data=[x]),
+        "output is w": lambda: s.run_graph(GID, [0], [w], data=[x]),
+        "input theirs": lambda: s.run_graph(GID, [theirs], [s.new_handle()]),
+        "unknown graph": lambda: s.run_graph(GID + 1, [0], [s.new_handle()], data=[x]),
+        "their graph": lambda: s.run_graph(GID + 100, [0], [s.new_handle()], data=[x]),
+    }
+    seen: dict[str, tuple[str, str]] = {}
+    for k, (what, run) in enumerate(cases.items()):
+        seen[what] = _outcome(s, run)
+        if what == "output is w":  # (the session's own w now holds that run's output: its own choice)
+            assert torch.equal(s.download(w), (_x(0) + 0.5) * 2)
+            s.free([w])
+            w = Handle(s.upload(torch.full((4,), 0.5)))
+            _define(s, w)
+        assert torch.equal(_replay(s, k), (_x(k) + 0.5) * 2), what  # the session goes on, its graph computes right
+    s.drop_graph(GID)
+    seen["dropped graph"] = _outcome(s, lambda: s.run_graph(GID, [0], [s.new_handle()], data=[x]))
+    return seen
+
+
+@pytest.fixture
+def two_daemons(daemon_factory: DaemonFactory) -> Iterator[dict[str, Any]]:
+    yield {iso: daemon_factory(isolation=iso, fake_gpu_memory=64 * MiB) for iso in ("process", "thread")}
+
+
+def test_hostile_replays_get_the_same_words_on_the_new_slice_path_and_harm_no_neighbour(
+    two_daemons: dict[str, Any],
+) -> None:
+    """The default isolation's worker runs a lone RunGraph through `run_slice_into` (slice47); `--isolation thread`
+    through `run_commands`. Every hostile replay gets the same status and words on both; the neighbour's matmuls and
+    a graph of its own (the id the hostile session names) stay right. Pins behaviour that holds on dabf16a0."""
+    outcomes = {}
+    for iso, daemon in two_daemons.items():
+        healthy = Healthy(daemon.address, daemon.token(tenant="neighbour48", lease_id=f"n-{iso}"))
+        with (
+            Session.attach(daemon.address, daemon.token(tenant="mallory48", lease_id=f"m-{iso}")) as s,
+            Session.attach(daemon.address, daemon.token(tenant="alice48", lease_id=f"a-{iso}")) as other,
+        ):
+            theirs = Handle(other.upload(torch.full((4,), 7.0)))
+            _define(other, theirs, gid=GID + 100)
+            assert torch.equal(_replay(other, 1, GID + 100), (_x(1) + 7.0) * 2)
+            outcomes[iso] = _hostile_runs(s, other, theirs)
+            assert torch.equal(_replay(other, 2, GID + 100), (_x(2) + 7.0) * 2)
+            assert torch.equal(other.download(theirs), torch.full((4,), 7.0))
+        healthy.check()
+    thread, process = outcomes["thread"], outcomes["process"]
+    for what in thread:
+        assert process[what] == thread[what], (what, process[what], thread[what])
+        assert process[what][0] != "ok" or what == "output is w", (what, process[what])
+
+
+def test_download_into_refuses_a_tensor_autograd_differentiates_and_moves_the_version_of_others(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """`Session.download(into=)` wrote its bytes under autograd: into a leaf that requires grad (which torch's own
+    in-place ops refuse), and into a tensor a graph had saved for backward without moving its version counter, so
+    that backward ran on the downloaded values and gave wrong gradients without an error. Now the first is
+    INVALID_ARGUMENT with nothing written and the second's backward refuses, as after `copy_`. On dabf16a0 the leaf
+    took the bytes (and the saved tensor's backward ran on the downloaded values)."""
+    daemon = daemon_factory(isolation="thread", fake_gpu_memory=64 * MiB)
+    with Session.attach(daemon.address, daemon.token(tenant="into48")) as s:
+        h = s.upload(torch.full((4,), 3.0))
+        leaf = torch.ones(4, requires_grad=True)
+        with pytest.raises(errors.InvalidArgument, match="requiring grad"):
+            s.download(h, (4,), torch.float32, into=leaf)
+        assert torch.equal(leaf.detach(), torch.ones(4))
+        w = torch.ones(4, requires_grad=True)
+        saved = torch.ones(4)
+        loss = (w * saved).sum()  # (mul saves `saved` for w's gradient)
+        got = s.download(h, (4,), torch.float32, into=saved)
+        assert got is saved and torch.equal(saved, torch.full((4,), 3.0))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        assert w.grad is None
+        right = s.download(h, (4,), torch.float32, into=torch.zeros(4))  # (the usual case is untouched)
+        assert torch.equal(right, torch.full((4,), 3.0))
