@@ -816,15 +816,16 @@ class Session:
         reply must be that, else InvalidArgument, before any memory is allocated for it); without them a reply
         of at most the session's quota is taken. Every byte of the returned tensor is one the daemon sent.
         `into`: a contiguous CPU tensor of that shape and dtype (not bool, whose bytes are checked only once all
-        came; no conjugate or negative bit; its storage holding its elements; not one autograd differentiates) that
-        the bytes are received into and that is returned, instead of new memory (the C++ client's `.cpu()`, round 47:
-        one copy of the download less); where the download fails, its contents are undefined. Its version counter
-        moves as an in-place op's does (round 48), so a graph that saved it for backward refuses its new values."""
+        came; no conjugate or negative bit; its storage holding its elements; not one that requires grad, except under
+        `torch.no_grad()`, as torch's in-place ops) that the bytes are received into and that is returned, instead of
+        new memory (the C++ client's `.cpu()`, round 47: one copy of the download less); where the download fails, its
+        contents are undefined. Its version counter moves as an in-place op's does (round 48), so a graph that saved
+        it for backward refuses its new values."""
         if (shape is None) != (dtype is None):
             raise InvalidArgument("download: give both shape and dtype, or neither")
         if into is not None and (
             shape is None
-            or into.requires_grad
+            or (into.requires_grad and torch.is_grad_enabled())
             or into.device.type != "cpu"
             or not into.is_contiguous()
             or tuple(into.shape) != tuple(shape)
@@ -841,7 +842,8 @@ class Session:
             # tensor saved for backward gave wrong gradients without an error)
             raise InvalidArgument(
                 "download: `into` must be a contiguous CPU tensor of the shape and dtype, not bool, without a "
-                "conjugate or negative bit, its storage holding its elements, not requiring grad"
+                "conjugate or negative bit, its storage holding its elements, not requiring grad (but under "
+                "torch.no_grad())"
             )
         want = _Want(None if shape is None else tuple(shape), dtype, self.quota_bytes or sys.maxsize, into)
         cmd = device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None))

@@ -142,10 +142,10 @@ def test_download_into_refuses_a_tensor_autograd_differentiates_and_moves_the_ve
     daemon_factory: DaemonFactory,
 ) -> None:
     """`Session.download(into=)` wrote its bytes under autograd: into a leaf that requires grad (which torch's own
-    in-place ops refuse), and into a tensor a graph had saved for backward without moving its version counter, so
-    that backward ran on the downloaded values and gave wrong gradients without an error. Now the first is
-    INVALID_ARGUMENT with nothing written and the second's backward refuses, as after `copy_`. On dabf16a0 the leaf
-    took the bytes (and the saved tensor's backward ran on the downloaded values)."""
+    in-place ops refuse, but under `torch.no_grad()`), and into a tensor a graph had saved for backward without moving
+    its version counter, so that backward ran on the downloaded values and gave wrong gradients without an error. Now
+    the first is INVALID_ARGUMENT with nothing written (taken under no_grad) and the second's backward refuses, as
+    after `copy_`. On dabf16a0 the leaf took the bytes (and the saved tensor's backward ran on the bytes downloaded)."""
     daemon = daemon_factory(isolation="thread", fake_gpu_memory=64 * MiB)
     with Session.attach(daemon.address, daemon.token(tenant="into48")) as s:
         h = s.upload(torch.full((4,), 3.0))
@@ -153,6 +153,8 @@ def test_download_into_refuses_a_tensor_autograd_differentiates_and_moves_the_ve
         with pytest.raises(errors.InvalidArgument, match="requiring grad"):
             s.download(h, (4,), torch.float32, into=leaf)
         assert torch.equal(leaf.detach(), torch.ones(4))
+        with torch.no_grad():  # (where torch's own in-place ops take it: `load_state_dict`'s copy_ into parameters)
+            assert torch.equal(s.download(h, (4,), torch.float32, into=leaf), torch.full((4,), 3.0))
         w = torch.ones(4, requires_grad=True)
         saved = torch.ones(4)
         loss = (w * saved).sum()  # (mul saves `saved` for w's gradient)
