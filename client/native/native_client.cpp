@@ -1734,7 +1734,9 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
   if (dst_dev && !src_dev) {
     Dev& d = dev_of(self);
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
-    const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
+    // (a conjugate or negative bit resolved first: the frame takes the tensor's bytes, which hold the values without
+    // it, and copy_ reaches this kernel with the bit set; until round 48 the values went up unconjugated / unnegated)
+    const at::Tensor c = src.resolve_conj().resolve_neg().to(self.scalar_type()).expand(self.sizes()).contiguous();
     if (c.nbytes() > kMaxUpload) {
       wire_big_upload(self, c);
       return self;
@@ -1787,7 +1789,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     const at::Tensor frame = take_sync_frame(d, src, &h);
     if (self.device().is_cpu() && self.is_contiguous() && self.sizes() == src.sizes() &&
         self.scalar_type() == src.scalar_type() && self.scalar_type() != at::kBool && !self.is_conj() &&
-        !self.is_neg()) {
+        !self.is_neg() && !src.is_conj() && !src.is_neg()) {
       // `.cpu()`'s fresh tensor, or any contiguous one of the same shape and dtype (round 47): the bytes land in it,
       // not in new memory copied over after (one copy of the download less). Not bool: Session.download checks a
       // bool download's bytes only once all came, and `self` would hold them before that.
@@ -1806,7 +1808,10 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     TORCH_CHECK(value.sizes() == src.sizes() && value.scalar_type() == src.scalar_type() && value.is_contiguous(),
                 "gpupool native client: a download of ", src.sizes(), " ", src.scalar_type(), " came back as ",
                 value.sizes(), " ", value.scalar_type());
-    self.copy_(value);
+    // `src`'s conjugate or negative bit (a view's, `.conj().cpu()`): the bytes came without it, so it is applied here
+    // (until round 48 the values came back unconjugated / unnegated)
+    const at::Tensor logical = src.is_conj() ? value.conj_physical() : value;
+    self.copy_(src.is_neg() ? logical.neg() : logical);
     return self;
   }
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::copy_", "");

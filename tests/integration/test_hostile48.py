@@ -8,16 +8,26 @@
    verified work is unharmed.
 2. `Session.download(into=)` (transfer47, specrev47): an `into` that autograd tracks (a leaf that requires grad took
    the bytes; a tensor saved for backward took them without its version moving: wrong gradients, no error).
+3. The C++ client's copy_ between the host and the device (`wire_copy_`, whose download_into specrev47 held to a
+   destination without a conjugate or negative bit): a source with one lost it, both ways (the tensor's bytes went
+   up, or came down, without the bit applied).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from gpupool.client.native.backend import compiler_missing
 from gpupool.client.session import Handle, Session
+from shim_fixtures import ServeProcess
 from support import DaemonFactory, Healthy
 
 from gpupool import errors, wire
@@ -165,3 +175,48 @@ def test_download_into_refuses_a_tensor_autograd_differentiates_and_moves_the_ve
         assert w.grad is None
         right = s.download(h, (4,), torch.float32, into=torch.zeros(4))  # (the usual case is untouched)
         assert torch.equal(right, torch.full((4,), 3.0))
+
+
+COPIES = """
+import json, sys
+import torch
+from gpupool.client.native import backend as nc
+from gpupool.client.session import Session
+
+nc.load()
+nc.claim()
+nc.connect(Session.attach(sys.argv[1], sys.argv[2], timeout=120.0))
+dev = nc.device()
+out = {}
+for n in (4, 4_000_000):  # in the frame; over 12 MiB (Session.upload)
+    z = torch.complex(torch.arange(n, dtype=torch.float32), torch.ones(n))
+    x = torch.arange(n, dtype=torch.float32)
+    up = torch.zeros(n, dtype=torch.complex64, device=dev)
+    up.copy_(z.conj())
+    out[f"upload conj {n}"] = torch.equal(up.cpu(), z.conj().resolve_conj())
+    upn = torch.zeros(n, device=dev)
+    upn.copy_(torch._neg_view(x))
+    out[f"upload neg {n}"] = torch.equal(upn.cpu(), -x)
+    down = torch.empty(n, dtype=torch.complex64)
+    down.copy_(z.to(dev).conj())
+    out[f"download conj {n}"] = torch.equal(down, z.conj().resolve_conj())
+    downn = torch.empty(n)
+    downn.copy_(torch._neg_view(x.to(dev)))
+    out[f"download neg {n}"] = torch.equal(downn, -x)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_missing() is not None, reason="native client: no compiler")
+def test_the_cpp_clients_copies_keep_a_conjugate_or_negative_bit(serve: ServeProcess) -> None:
+    """`dev.copy_(cpu.conj())`, `cpu.copy_(dev.conj())` and the same of a negative view (torch's copy_ reaches the
+    backend's kernel with the bit set), in the frame and over 12 MiB: the values are the view's. On dabf16a0 each came
+    out unconjugated / unnegated (the tensor's bytes, as stored). (Still wrong, left: `.cpu()` of such a view and any
+    op taking one, whose tensor arguments go on the wire without the bit: the report.)"""
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", COPIES, serve.address, serve.token()], env=env, capture_output=True,
+                          text=True, timeout=280)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(got.values()), got
