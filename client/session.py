@@ -538,8 +538,10 @@ class Session:
     def upload(self, tensor: torch.Tensor | numpy.ndarray, handle: int | None = None) -> int:
         """Send a CPU tensor (copied now; fire-and-forget); returns its handle."""
         t = torch.from_numpy(numpy.ascontiguousarray(tensor)) if isinstance(tensor, numpy.ndarray) else tensor
-        if t.device.type != "cpu" or not t.is_contiguous():  # (the usual batch is neither: no calls for it)
-            t = t.detach().cpu().contiguous()
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():  # (the usual batch: none)
+            # (a conjugate or negative bit resolved: the bytes sent are the tensor's memory, its values without the
+            # bit; until round 48 such a view went up unconjugated / unnegated)
+            t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
         h = Handle(handle) if handle is not None else self.new_handle()
         data = wire.host_bytes(t)  # `t` stays referenced below while frames copy out of it
         total = data.nbytes

@@ -8,7 +8,8 @@
    verified work is unharmed.
 2. `Session.download(into=)` (transfer47, specrev47): an `into` that autograd tracks (a leaf that requires grad took
    the bytes; a tensor saved for backward took them without its version moving: wrong gradients, no error).
-3. The C++ client's copy_ between the host and the device (`wire_copy_`, whose download_into specrev47 held to a
+3. `Session.upload` of a tensor with a conjugate or negative bit: its bytes went up as stored, without the bit.
+4. The C++ client's copy_ between the host and the device (`wire_copy_`, whose download_into specrev47 held to a
    destination without a conjugate or negative bit): a source with one lost it, both ways (the tensor's bytes went
    up, or came down, without the bit applied).
 """
@@ -175,6 +176,19 @@ def test_download_into_refuses_a_tensor_autograd_differentiates_and_moves_the_ve
         assert w.grad is None
         right = s.download(h, (4,), torch.float32, into=torch.zeros(4))  # (the usual case is untouched)
         assert torch.equal(right, torch.full((4,), 3.0))
+
+
+def test_session_upload_keeps_a_conjugate_or_negative_bit(daemon_factory: DaemonFactory) -> None:
+    """`Session.upload` of a conjugate view and of a negative view, in one command and in 4 MiB chunks: the daemon holds
+    the view's values. On dabf16a0 it held the tensor's bytes as stored (unconjugated, unnegated)."""
+    daemon = daemon_factory(isolation="thread", fake_gpu_memory=64 * MiB)
+    with Session.attach(daemon.address, daemon.token(tenant="conj48")) as s:
+        for n in (4, 600_000):  # (4.8 MB of complex64: over one chunk)
+            z = torch.complex(torch.arange(n, dtype=torch.float32), torch.ones(n))
+            x = torch.arange(n, dtype=torch.float32)
+            assert torch.equal(s.download(s.upload(z.conj())), z.conj().resolve_conj()), n
+            assert torch.equal(s.download(s.upload(torch._neg_view(x))), -x), n
+            assert torch.equal(s.download(s.upload(torch._neg_view(z.conj()))), -z.conj().resolve_conj()), n
 
 
 COPIES = """
