@@ -1736,7 +1736,8 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     // (a conjugate or negative bit resolved first: the frame takes the tensor's bytes, which hold the values without
     // it, and copy_ reaches this kernel with the bit set; until round 48 the values went up unconjugated / unnegated)
-    const at::Tensor c = src.resolve_conj().resolve_neg().to(self.scalar_type()).expand(self.sizes()).contiguous();
+    const at::Tensor& plain = src.is_conj() || src.is_neg() ? src.resolve_conj().resolve_neg() : src;
+    const at::Tensor c = plain.to(self.scalar_type()).expand(self.sizes()).contiguous();
     if (c.nbytes() > kMaxUpload) {
       wire_big_upload(self, c);
       return self;
