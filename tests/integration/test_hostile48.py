@@ -123,6 +123,7 @@ def two_daemons(daemon_factory: DaemonFactory) -> Iterator[dict[str, Any]]:
     yield {iso: daemon_factory(isolation=iso, fake_gpu_memory=64 * MiB) for iso in ("process", "thread")}
 
 
+@pytest.mark.slow
 def test_hostile_replays_get_the_same_words_on_the_new_slice_path_and_harm_no_neighbour(
     two_daemons: dict[str, Any],
 ) -> None:
