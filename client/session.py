@@ -538,8 +538,10 @@ class Session:
     def upload(self, tensor: torch.Tensor | numpy.ndarray, handle: int | None = None) -> int:
         """Send a CPU tensor (copied now; fire-and-forget); returns its handle."""
         t = torch.from_numpy(numpy.ascontiguousarray(tensor)) if isinstance(tensor, numpy.ndarray) else tensor
-        if t.device.type != "cpu" or not t.is_contiguous():  # (the usual batch is neither: no calls for it)
-            t = t.detach().cpu().contiguous()
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():  # (the usual batch: none)
+            # (a conjugate or negative bit resolved: the bytes sent are the tensor's memory, its values without the
+            # bit; until round 48 such a view went up unconjugated / unnegated)
+            t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
         h = Handle(handle) if handle is not None else self.new_handle()
         data = wire.host_bytes(t)  # `t` stays referenced below while frames copy out of it
         total = data.nbytes
@@ -816,13 +818,16 @@ class Session:
         reply must be that, else InvalidArgument, before any memory is allocated for it); without them a reply
         of at most the session's quota is taken. Every byte of the returned tensor is one the daemon sent.
         `into`: a contiguous CPU tensor of that shape and dtype (not bool, whose bytes are checked only once all
-        came; no conjugate or negative bit; its storage holding its elements) that the bytes are received into
-        and that is returned, instead of new memory (the C++ client's `.cpu()`, round 47: one copy of the download
-        less); where the download fails, its contents are undefined."""
+        came; no conjugate or negative bit; its storage holding its elements; not one that requires grad, except under
+        `torch.no_grad()`, as torch's in-place ops) that the bytes are received into and that is returned, instead of
+        new memory (the C++ client's `.cpu()`, round 47: one copy of the download less); where the download fails, its
+        contents are undefined. Its version counter moves as an in-place op's does (round 48), so a graph that saved
+        it for backward refuses its new values."""
         if (shape is None) != (dtype is None):
             raise InvalidArgument("download: give both shape and dtype, or neither")
         if into is not None and (
             shape is None
+            or (into.requires_grad and torch.is_grad_enabled())
             or into.device.type != "cpu"
             or not into.is_contiguous()
             or tuple(into.shape) != tuple(shape)
@@ -834,14 +839,22 @@ class Session:
         ):
             # (a conjugate or negative bit would read the bytes conjugated or negated; a storage smaller than the
             # elements, `untyped_storage().resize_(0)`, would have the bytes written past its memory)
+            # (torch's in-place ops refuse a tensor that requires grad, and move the version counter of the others:
+            # until round 48 the bytes were written past both, so a leaf's values changed under autograd and a
+            # tensor saved for backward gave wrong gradients without an error)
             raise InvalidArgument(
                 "download: `into` must be a contiguous CPU tensor of the shape and dtype, not bool, without a "
-                "conjugate or negative bit, its storage holding its elements"
+                "conjugate or negative bit, its storage holding its elements, not requiring grad (but under "
+                "torch.no_grad())"
             )
         want = _Want(None if shape is None else tuple(shape), dtype, self.quota_bytes or sys.maxsize, into)
         cmd = device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None))
         rid, w = self._request(cmd, want)
-        self._wait(rid, w)
+        try:
+            self._wait(rid, w)
+        finally:
+            if into is not None:  # (its bytes are written, or undefined: either way, new)
+                torch.autograd.graph.increment_version(into)
         assert w.tensor is not None
         return w.tensor
 

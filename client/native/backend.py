@@ -315,7 +315,8 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         send(frame, index)
         refuse_in_recording("a sync point (.cpu(), printing, an op with data-dependent shapes)")
         try:
-            _sessions[index].download(handle, tuple(out.shape), out.dtype, into=out)
+            # (detached: autograd's copy_ kernel, above this one, recorded the copy where `out` requires grad)
+            _sessions[index].download(handle, tuple(out.shape), out.dtype, into=out.detach())
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
