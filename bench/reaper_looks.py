@@ -4,7 +4,11 @@ sessions of an hour's lease, sending nothing, for --seconds; the reaper thread's
 /proc/self/task/TID/status) and CPU time (/proc/self/task/TID/schedstat, nanoseconds on the CPU) are read before and
 after. Printed per side: looks a second and CPU microseconds a look and a second (medians of --rounds). Round 48
 (sec48) made the reaper look at least once a second while any session is open (`DaemonConfig.clock_look`); before, at
-most every `reap_interval` (10 s).
+most every `reap_interval` (10 s). The daemon's --max-sessions is raised to --sessions where it is more (64 by
+default); a daemon holds at most 248 sessions however it is configured (each holds a gRPC stream, and
+server/service.py serves `MAX_WORKERS - 8` RPCs at once: ResourceExhausted past them), so a look over thousands of
+sessions cannot happen (secrev48: a look costs ~1.5 us a session more at load ~20, BENCHMARKS.md "Round 48,
+secrev48").
 
     cd bench && nice -n 5 ../.venv/bin/python reaper_looks.py --against-python /work/wt/base/.venv/bin/python
 """
@@ -48,6 +52,7 @@ def measure(sessions: int, seconds: float) -> dict[str, float]:
         metrics_listen="0",
         tls=tls.TlsConfig(insecure=True),
         isolation="thread",
+        max_sessions=max(DaemonConfig.max_sessions, sessions),  # (--max-sessions: a daemon raised to thousands)
     )
     running = RunningDaemon(config)
     held = []
@@ -72,7 +77,7 @@ def measure(sessions: int, seconds: float) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sessions", type=int, default=4, help="sessions held open, sending nothing")
+    p.add_argument("--sessions", type=int, default=4, help="sessions held open, sending nothing (at most 248)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds measured a round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--against-python", default="", help="another checkout's python: the same rounds there")

@@ -58,15 +58,19 @@ SCRAPERS = ("metrics", "admin")  # the roles of the client certificates that may
 REFUSED = "gpupool.refused"  # the WSGI environ key: why this connection's client may not scrape ("" : it may)
 
 
-def scraper_refusal(der: bytes | None) -> str:
+def scraper_refusal(der: bytes | None, cfg: tls.TlsConfig | None = None) -> str:
     """Why the client certificate `der` (verified against the CA already) may not scrape, "" when it may: exactly
-    one gpupool identity, of a role in SCRAPERS."""
+    one gpupool identity, of a role in SCRAPERS (believed as `cfg` believes it: `TlsConfig.believed`, a daemon's
+    --tls-client-ca's certificate no operator's)."""
     if not der:
         return "no client certificate"
     try:
-        named = set(pki.identities(x509.load_der_x509_certificate(der)))
+        cert = x509.load_der_x509_certificate(der)
     except ValueError:
         return "a client certificate that does not parse"
+    named = cfg.believed(cert) if cfg is not None else set(pki.identities(cert))
+    if cfg is not None and not named and pki.identities(cert):
+        return "a metrics or admin certificate not of the pool's CA (--tls-ca: --tls-client-ca's name tenants only)"
     if len(named) != 1:
         return f"a client certificate naming {len(named)} gpupool identities (one gpupool://metrics/<name> is needed)"
     role, name = named.pop()
@@ -89,7 +93,9 @@ class _Quiet(WSGIRequestHandler):
     def get_environ(self) -> dict[str, Any]:
         env = super().get_environ()
         if isinstance(self.connection, ssl.SSLSocket):
-            env[REFUSED] = scraper_refusal(self.connection.getpeercert(binary_form=True))
+            env[REFUSED] = scraper_refusal(
+                self.connection.getpeercert(binary_form=True), getattr(self.server, "tls_config", None)
+            )
         return env
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
@@ -250,6 +256,7 @@ def serve_metrics(
             f"{program or 'this program'} another --metrics-listen HOST:PORT (port 0: a free one; 0: no metrics)",
         ) from None
     server.tls = context  # type: ignore[attr-defined]
+    server.tls_config = tls_config  # type: ignore[attr-defined]  # (`scraper_refusal`: which identities it believes)
     if context is None:
         log.warning(
             "%s serves its metrics in PLAINTEXT HTTP on %s:%d (%s): whoever reaches the port reads every tenant's "

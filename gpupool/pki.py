@@ -147,6 +147,21 @@ def issued_by(cert_pem: bytes, ca: LocalCA) -> bool:
     return cert.not_valid_after_utc > datetime.datetime.now(datetime.UTC) + 7 * DAY
 
 
+def issued_by_bundle(cert: x509.Certificate, bundle_pem: bytes) -> bool:
+    """Whether a certificate of the PEM bundle `bundle_pem` signed `cert` directly (its validity is the handshake's)."""
+    try:
+        cas = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError:
+        return False
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
 def identity_of(cert_pem: bytes) -> tuple[str, str] | None:
     """(role, name) from a certificate's ``gpupool://role/name`` URI, else None."""
     found = identities(x509.load_pem_x509_certificate(cert_pem))

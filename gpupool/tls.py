@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
+from gpupool import pki
 from gpupool.config import UnsafeFile, add_flag, env_name, open_trusted
 from gpupool.errors import ErrorInterceptor, InvalidArgument
 
@@ -42,6 +44,13 @@ plaintext_channel = grpc.insecure_channel  # the only plaintext channel: servers
 TOKEN_METADATA = "authorization"
 CLIENT_AUTH = ("require", "none")
 _TRUE = ("1", "true", "yes", "on")
+# The client certificates' roles that operate a pool (a daemon's Status shows them every session, its metrics port
+# serves them): believed only from the pool's CA where a daemon's clients have a CA of their own (`TlsConfig.believed`).
+OPERATOR_ROLES = ("admin", "metrics")
+CLIENT_CA_UNUSED = (
+    "--tls-client-ca names the CA of client certificates that --tls-client-auth none never asks for (no client's "
+    "certificate would be verified): drop one, or --tls-client-auth require/auto"
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,24 @@ class TlsConfig:
         a daemon that accepted client certificates of another CA trusted that CA for its scheduler too)."""
         return self.client_ca or self.ca
 
+    def believed(self, cert: x509.Certificate) -> set[tuple[str, str]]:
+        """The gpupool identities (role, name) a server of this configuration believes of a client certificate its
+        handshake verified: every one it names, but none of one naming an operator (`OPERATOR_ROLES`: admin,
+        metrics) that `ca` did not sign where `client_ca` is another CA (a daemon's --tls-client-ca). The clients'
+        CA is trusted for who its clients are, tenants; the pool's (--tls-ca, `gpupool up`'s and `gpupool cert`'s)
+        for who operates it: its admin certificates reach such a daemon where --tls-client-ca names both CAs. Round 48
+        (sec48) believed an admin certificate of the clients' CA as written: every session's usage in Status, the
+        metrics port (secrev48)."""
+        named = set(pki.identities(cert))
+        if self.client_ca and any(role in OPERATOR_ROLES for role, _ in named):
+            try:
+                pool_ca = _read(self.ca, CA) if self.ca else b""
+            except InvalidArgument:
+                pool_ca = b""
+            if not pki.issued_by_bundle(cert, pool_ca):
+                return set()
+        return named
+
     @property
     def verifies_clients(self) -> bool:
         """Whether a server of this configuration asks for, checks and so sees its clients' certificates (TLS with
@@ -83,6 +110,8 @@ class TlsConfig:
                 "TLS needs --tls-cert and --tls-key (or GPUPOOL_TLS_CERT/GPUPOOL_TLS_KEY); `gpupool up` makes them; "
                 "--insecure serves plaintext"
             )
+        if self.client_ca and self.client_auth == "none":
+            raise InvalidArgument(CLIENT_CA_UNUSED)
         if self.client_auth == "require" and not self.clients_ca:
             raise InvalidArgument("--tls-client-auth require needs --tls-ca (the CA that signs client certificates)")
         for path in (self.cert, self.key, self.ca, self.client_ca):
@@ -125,8 +154,9 @@ def add_metrics_flags(parser: argparse.ArgumentParser, default: str) -> None:
         parser,
         "--metrics-listen",
         default=default,
-        help="Prometheus metrics HOST:PORT ('0': off): HTTPS with --tls-cert, to client certificates of --tls-ca (a "
-        "daemon's --tls-client-ca where given) naming a metrics or admin identity (docs/metrics.md)",
+        help="Prometheus metrics HOST:PORT ('0': off): HTTPS with --tls-cert, to client certificates signed by "
+        "--tls-ca (and in a daemon's --tls-client-ca bundle where given) naming a metrics or admin identity "
+        "(docs/metrics.md)",
     )
     add_flag(
         parser,

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         ca_help="PEM CA bundle that verifies the scheduler (and this daemon's clients, without --tls-client-ca)",
         client_ca_help="PEM CA bundle that verifies the certificates of this daemon's clients (sessions, side sockets, "
         "smi, metrics scrapers) under --tls-client-auth require, where they come from another CA than --tls-ca's "
-        "(which then verifies only the scheduler); default: --tls-ca",
+        "(which then verifies only the scheduler; an admin or metrics certificate counts only where --tls-ca signed "
+        "it, so name both CAs here for the pool's operators); default: --tls-ca",
         client_auth_help="require every client to present a certificate signed by --tls-client-ca (then revoked "
         "certificates are refused, a lease token attaches only with the certificate it was allocated with, and Status "
         "shows an admin or metrics certificate every session, a tenant its own; deploy/'s units and `gpupool up` "
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "caller only the sessions it names; under either, an operator's smi, with the scheduler's admin credential, "
         "presents status tokens that show it every session); auto (the default): require where this daemon proves "
         "itself to its --scheduler with its certificate (TLS, a --tls-ca, no --join-token-file: that scheduler "
-        "requires client certificates, so the pool's clients hold them), none otherwise",
+        "requires client certificates, so the pool's clients hold them) or a --tls-client-ca is given, none otherwise "
+        "(none beside --tls-client-ca does not start)",
     )
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
@@ -464,10 +466,13 @@ def resolve_client_auth(cfg: tls.TlsConfig, scheduler: str) -> tls.TlsConfig:
     `none` everywhere, so a certificate pool's daemon started without the flag refused no revoked certificate and
     held no lease token to its certificate. Clients' certificates are verified by --tls-client-ca where it is given
     (round 48: a pool whose client certificates come from another CA; until then only by naming both CAs in
-    --tls-ca, which made the daemon trust the clients' CA for its scheduler too), else by --tls-ca."""
+    --tls-ca, which made the daemon trust the clients' CA for its scheduler too), else by --tls-ca; a --tls-client-ca
+    makes `auto` `require` wherever the daemon joins (secrev48: with a join token, or no scheduler, round 48 made it
+    `none`, so the flag verified nobody), and `none` beside it does not start (`tls.CLIENT_CA_UNUSED`)."""
     if cfg.client_auth != "auto":
         return cfg
-    by_cert = not cfg.insecure and bool(cfg.ca) and bool(scheduler) and not cfg.api_token_file
+    by_cert = bool(cfg.client_ca) or (bool(cfg.ca) and bool(scheduler) and not cfg.api_token_file)
+    by_cert = by_cert and not cfg.insecure
     return dataclasses.replace(cfg, client_auth="require" if by_cert else "none")
 
 
@@ -511,6 +516,8 @@ def main(argv: list[str]) -> int:
     # (tens of seconds on a loaded machine; round 47: the README's hand-minted-token daemon said it 40 s later).
     clients_ca = args.tls_client_ca or args.tls_ca
     problem = tls.metrics_flags_problem(args.metrics_listen, args.metrics_plaintext, args.insecure, clients_ca)
+    if not problem and args.tls_client_ca and args.tls_client_auth == "none" and not args.insecure:
+        problem = tls.CLIENT_CA_UNUSED
     if problem:
         log.error("cannot start: %s", problem)
         return 2

@@ -19,7 +19,7 @@ from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
-from gpupool import certrevoke, config, pki, protocol, tls, tokens
+from gpupool import certrevoke, config, protocol, tls, tokens
 from gpupool._proto import device_pb2
 from gpupool.callguard import RequestGuard
 from gpupool.errors import (
@@ -140,7 +140,7 @@ class DeviceServicer:
         pem = certrevoke.peer_pem(context)
         if pem is None:
             return "", ""
-        named = set(pki.identities(x509.load_pem_x509_certificate(pem)))
+        named = self.daemon.config.tls.believed(x509.load_pem_x509_certificate(pem))  # (an admin one: its CA's)
         return named.pop() if len(named) == 1 else ("", "")
 
     def RefreshToken(
