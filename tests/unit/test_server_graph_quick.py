@@ -14,10 +14,11 @@ import grpc
 import pytest
 import torch
 from google.protobuf.message import DecodeError
-from gpupool.server import graph, slices
+from gpupool.server import devices, graph, slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
+from test_server_slice_timer import _Event, _Stream
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -1014,3 +1015,61 @@ def test_a_quiet_run_graph_slice_is_packed_from_the_counts_with_run_commands_byt
     slow.op("aten::t_.default", slow.w)
     got = _both_same(quick, slow, lambda t: _wire(t, _frame_of(_run_body(t)), t is quick))
     assert got[2] is not None  # reshaped in place: the Python path's error
+
+
+# ---- round 48: a slice of one RunGraph on a GPU's timer takes the one-graph path (`slices._one_graph_into`)
+
+
+def test_a_run_graph_slice_on_a_gpus_timer_takes_the_one_graph_path(
+    native_runner_module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 48: a worker's slice of one RunGraph on a CUDA device's timer (`devices.SliceTimer`, driven here by
+    test_server_slice_timer's STAND-IN events and stream: no CUDA on this host) runs through `run_slice_into`'s
+    one-graph path (no `_run_graphs`, no `run_commands`), as a fake device's does: the quiet run packed from the
+    counts, every other case (a failing run, one the plan declines, another graph, an input of another shape) the
+    usual way. Each twin has a timer of its own over a stream that launches 4 ms of work a slice: the results read
+    back the same (their seconds too, booked late, and `busy`), with the same marks, errors, state and learned-run
+    epoch. On dabf16a0 such a slice went through `_run_graphs`."""
+    quick, slow = _two(native_runner_module)
+    for t in (quick, slow):  # (each twin's own FakeDevice object: its timer replaced on the instance only)
+        stream = _Stream(work_per_slice=0.004)
+        timer = devices.SliceTimer(_Event, lambda stream=stream: stream, None, 2)
+        monkeypatch.setattr(t.s.memory.device, "slice_timer", lambda timer=timer: timer)
+    ran: list[str] = []
+    real = slices._run_graphs
+
+    def spied(*a: Any, **k: Any) -> Any:
+        ran.append("_run_graphs")
+        return real(*a, **k)
+
+    def wire(t: Twin, payload: bytes, into: bool) -> tuple[Any, ...]:
+        timer = t.s.memory.device.slice_timer()
+        said = _wire(t, payload, into)
+        return (*said, timer.reported)  # every second booked so far, from the stand-in clock
+
+    def step(t: Twin) -> tuple[Any, ...]:
+        return wire(t, _frame_of(_run_body(t)), t is quick)
+
+    monkeypatch.setattr(slices, "_run_graphs", spied)
+    busy = []
+    for _ in range(4):
+        said = _both_same(quick, slow, step)
+        assert said[0][0] == 1 and said[0][7] == {"replayed": 1} and said[1] == [0] and said[2] is None
+        busy.append(said[0][11])
+    assert True in busy  # the stand-in GPU ran behind: results said so, and their seconds came later
+    assert ran.count("_run_graphs") == 4  # the slow twin's only (run_commands' frame of RunGraphs)
+    other = device_pb2.RunGraph(graph_id=2).SerializeToString()
+    cases = [
+        lambda t: _run_body(t, out=(9 << 32) + 1),  # an output of another session: the run fails, an error counted
+        lambda t: _run_body(t) + b"\x20" + _varint(t.kept),  # drop_writes: the plan declines, the parsed command
+        lambda t: _run_body(t) + other,  # another graph (never defined): NOT_FOUND
+        lambda t: _run_body(t, b=t.v),  # an input of another shape: the Python path's error
+    ]
+    slow.next = quick.next
+    for case in cases:
+        ran.clear()
+        got = _both_same(quick, slow, lambda t, case=case: wire(t, _frame_of(case(t)), t is quick))
+        assert ran == ["_run_graphs"], ran  # the slow twin's
+        assert got[0][0] == 1 and (got[2] is not None or case is cases[1]), got
+        for _ in range(2):
+            assert _both_same(quick, slow, step)[2] is None
