@@ -304,6 +304,8 @@ class GraphTable:
         if refs is None:
             return False
         try:
+            if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
+                self.host._seeded(s, graph_trace._nothing, [], {})
             r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)
             if r is None:
                 return False
@@ -361,6 +363,8 @@ class GraphTable:
             state[3].epoch += 1
         try:
             try:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
+                if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
+                    self.host._seeded(s, graph_trace._nothing, [], {})
                 r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
             except GpupoolError as exc:
                 _poison_run(s, g, device_pb2.RunGraph.FromString(raw), exc)
@@ -497,6 +501,8 @@ def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, dat
     if data is None:
         data = msg.input_data[:]
     outputs = msg.outputs[:]
+    if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
+        host._seeded(s, graph_trace._nothing, [], {})
     r = plan.run(s, msg.inputs[:], outputs, data, g.quiet_refs, g.writes, g.traced.fn)
     if r is None:
         return False
@@ -542,10 +548,13 @@ def _poison_run(s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, exc: Gpupo
 
 def _fast_plan(host: Host, s: WorkerSession, g: Graph) -> Any:
     """`_quick`'s C++ plan of a traced graph (`native_runner.GraphPlan`), or False where the graph takes `_run`: no
-    C++ runner, a session of a subclass, a graph off the CPU, a seeded trace (`Traced.run`'s generator), persistent
-    tensors the graph's own ops may reshape (`Graph.unstable`)."""
+    C++ runner, a session of a subclass, a graph off the CPU, persistent tensors the graph's own ops may reshape
+    (`Graph.unstable`). A seeded trace (random ops: dropout) takes the plan too (round 48; before, `_run`): its
+    callers load the session's stream into the device's generator first, as `Traced.run` does (`host._seeded`; a
+    traced graph runs only where the session owns its process's generator, `graph_trace.refusal`), which a plan
+    that then declines leaves as `_run`'s own `Traced.run` would find it."""
     traced, native = g.traced, host.native
-    if native is None or type(s) is not WorkerSession or g.device_type != "cpu" or traced.seeded or g.unstable:
+    if native is None or type(s) is not WorkerSession or g.device_type != "cpu" or g.unstable:
         return False
     return native.GraphPlan(
         g.n_slots, [tuple(m) for m in g.input_meta], list(g.input_bytes), list(g.contiguous), g.external_handles,

@@ -1073,3 +1073,61 @@ def test_a_run_graph_slice_on_a_gpus_timer_takes_the_one_graph_path(
         assert got[0][0] == 1 and (got[2] is not None or case is cases[1]), got
         for _ in range(2):
             assert _both_same(quick, slow, step)[2] is None
+
+
+def _dropout_steps(quick: bool, steps: int) -> tuple[Any, list[Any]]:
+    """A session whose graph draws random numbers (dropout: `aten::native_dropout`, a seeded call) run `steps` times
+    through a worker's slices from `torch.manual_seed(7)` (the session's Seed command), each run the same input: (its
+    graph, each run's dropout output and kept mask). `quick` False: the plan taken away (`_run`'s path, the
+    reference). Both in one process: one session's runs all end before the other's start (the device's generator
+    holds one session's stream at a time: `exclusive_rng`)."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True  # as in a session's worker process (graph_trace.refusal)
+    base, w, kept = s.handle_base, s.handle_base + 1, s.handle_base + 2
+    s.bind(w, torch.arange(12.0).reshape(4, 3))
+    ops = [
+        device_pb2.Op(name="aten::add.Tensor", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(tensor=2)], outputs=[3]),
+        device_pb2.Op(name="aten::native_dropout.default", outputs=[4, 5],
+                      args=[tensor_pb2.Arg(tensor=3), tensor_pb2.Arg(f=0.5), tensor_pb2.Arg(b=True)]),
+    ]  # fmt: skip
+    meta = wire.meta_to_proto(torch.ones(4, 3))
+    msg = device_pb2.DefineGraph(graph_id=GID, inputs=1, input_meta=[meta], persistent=[w], ops=ops, outputs=[4],
+                                 writes=[device_pb2.GraphWrite(handle=kept, slot=5)])  # fmt: skip
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    ex.execute(s, device_pb2.Command(seed=device_pb2.Seed(seed=7)), _no_reply)
+    assert s.error is None, s.error
+    g = ex.graphs._of(s)[GID]
+    if not quick:
+        g.fast = False
+    x = torch.full((4, 3), 1.5).numpy().tobytes()
+    got = []
+    for k in range(steps):
+        if k == steps // 2:  # `torch.manual_seed` again mid-stream: the next run's draws start from it
+            ex.execute(s, device_pb2.Command(seed=device_pb2.Seed(seed=11)), _no_reply)
+        out = base + 100 + k
+        body = device_pb2.RunGraph(graph_id=GID, inputs=[0], outputs=[out], input_data=[x]).SerializeToString()
+        req = slices.SliceRequest(1 << 30, 1 << 20, 10.0, memoryview(bytearray(_frame_of(body))))
+        buf = memoryview(bytearray(1 << 16))
+        res = slices.run_slice_into(s, ex.execute, ex.ledger, req, dev.slice_timer(), None, buf)
+        assert res.__class__ is int and s.error is None, s.error
+        assert slices.decode_result(buf[:res], 1).events.get("replayed") == 1
+        got.append((s.tensors[out].tolist(), s.tensors[kept].tolist()))
+        s.free([out])
+    return g, got
+
+
+def test_a_seeded_traced_graph_takes_the_plan_and_draws_as_the_python_path(native_runner_module: Any) -> None:
+    """Round 48: a traced graph with random ops (dropout, as the encoder's captured step) runs its quiet runs through
+    the C++ plan (`graph._fast_plan`; before, `_run` and `Traced.run` every step: the encoder's worker slice was
+    ~208k instructions, bench/graph_replay.py --measure outside-slice): the session's stream is loaded into the
+    device's generator before the plan's call, as `Traced.run` loads it, so every run draws the same numbers as the
+    reference path's, run after run (the stream moves: the masks differ), and from a new seed after a Seed command
+    (which leaves the next run quiet). On dabf16a0 a seeded trace had no plan."""
+    g, quick = _dropout_steps(True, 10)
+    assert g.traced is not None and g.traced.seeded and g.fast is not False, (g.traced, g.fast)
+    ref_g, slow = _dropout_steps(False, 10)
+    assert ref_g.traced is not None and ref_g.fast is False
+    assert quick == slow
+    assert len({str(mask) for _, mask in quick}) > 5  # (a fixed mask would pass the comparison for nothing)
