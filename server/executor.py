@@ -106,6 +106,10 @@ class CommandLedger(Protocol):
 class CommandExecutor:
     """Runs commands of sessions; holds only caches (op table, meta sizes), no session state."""
 
+    # a slice of RunGraphs runs from its bytes (`slices.run_slice_into`: `graphs.run_raw`, `run_graph_raw`,
+    # `eager_span`)
+    graph_slices = True
+
     def __init__(self, ledger: CommandLedger) -> None:
         self.ops = OpTable()
         self.sizer = MetaSizer()
@@ -125,6 +129,7 @@ class CommandExecutor:
         # session id -> (its op id table, its torch device (a property builds it anew), its record templates, its
         # learned runs of records)
         self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table, runs.Runs]] = {}
+        self.graphs.eager = self._eager  # (a RunGraph from its bytes ends the learned runs' epoch: `run_raw`)
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
         self._verdict_bytes = 0  # their signatures' bytes, estimated (`_key_bytes`, MAX_VERDICT_BYTES)
@@ -207,23 +212,13 @@ class CommandExecutor:
     def run_graph_raw(self, s: WorkerSession, raw: bytes, reply: Reply, graph_id: int) -> bool:
         """`execute` of a RunGraph given as its bytes, which no upb parse read (`slices.run_commands` of a frame of
         RunGraphs: native_runner.cpp `graph_frame`, which read `graph_id` as upb reads it), where the graph's quiet
-        run takes it (`GraphTable.run_raw`): True, run (or failed, its error recorded as `execute` records it).
-        False, nothing done (the counts `execute` makes taken back), where it does not: the caller parses the
-        command and executes it."""
-        s.mutations += 1  # as `execute` counts a RunGraph (`_RESHAPING`)
-        state = self._eager.get(s.session_id)
-        if state is not None:
-            state[3].epoch += 1
-        try:
-            if self.graphs.run_raw(s, raw, graph_id):
-                return True
-        except Exception as exc:  # raised once the plan read the bytes, which upb parses then
-            self._failed(s, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), exc, reply)
-            return True
-        s.mutations -= 1
-        if state is not None:
-            state[3].epoch -= 1
-        return False
+        run takes it (`GraphTable.run_raw`, which makes `execute`'s counts and records an error as it does): True,
+        run (or failed). False, nothing done, where it does not: the caller parses the command and executes it.
+        (A slice of one RunGraph calls `graphs.run_raw` itself: `slices.run_slice_into`.)"""
+        n = self.graphs.run_raw(s, raw, reply, graph_id)
+        if n > 0:  # a quiet run: its event is the caller's to count
+            self.ledger.graph(s, "replayed", n - 1)
+        return n >= 0
 
     def _failed(self, s: WorkerSession, cmd: device_pb2.Command, exc: Exception, reply: Reply) -> None:
         """A command raised `exc`: the error it answers or records, with its status (run spans share it)."""

@@ -141,6 +141,9 @@ class GraphTable:
         # > 0: a definition runs for about this many seconds per command (session workers: DEFINE_PIECE_SECONDS),
         # `define`'s pieces; 0: all of it at once
         self.piece_seconds = 0.0
+        # the executor's learned runs of each session (`CommandExecutor._eager`, session id -> (..., runs.Runs)):
+        # a RunGraph ends their epoch (`run_raw`)
+        self.eager: dict[str, Any] = {}
 
     def _of(self, s: WorkerSession) -> dict[int, Graph]:
         last = self._last  # (one read: another thread may replace it)
@@ -301,6 +304,8 @@ class GraphTable:
         if refs is None:
             return False
         try:
+            if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
+                self.host._seeded(s, graph_trace._nothing, [], {})
             r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)
             if r is None:
                 return False
@@ -329,38 +334,57 @@ class GraphTable:
             raise
         self._ran(s, g)
 
-    def run_raw(self, s: WorkerSession, raw: bytes, graph_id: int) -> bool:
-        """`run` of a RunGraph given as its bytes (`CommandExecutor.run_graph_raw`, round 43) and its `graph_id` as
-        upb reads it (native_runner.cpp `graph_frame`, round 44) where its graph's quiet run takes it (`run`'s
-        conditions, then `_quick_raw` of the bytes): True, run, or raised as `run` raises; False, nothing done,
-        elsewhere (an unknown graph, anything `run` does otherwise, a plan that declines)."""
-        g = self._of(s).get(graph_id)
+    def run_raw(self, s: WorkerSession, raw: bytes, reply: Callable[[Any], None], graph_id: int) -> int:
+        """`CommandExecutor.execute` of a RunGraph given as its bytes (round 43), its `graph_id` as upb reads it
+        (native_runner.cpp `graph_frame`, round 44), where its graph's quiet run takes it (`run`'s conditions, then
+        the plan's `run_raw` of the bytes): the executor's counts of a RunGraph (`s.mutations`, the learned runs'
+        epoch: `eager`) made, an error recorded as `execute` records it (`Host._failed`). Returns -1, nothing done
+        (no count made), elsewhere (an unknown graph, anything `run` does otherwise, a plan that declines: the
+        caller parses the command and executes it); 0, run (or failed) with its "replayed" event in the ledger;
+        or 1 + n: run quietly, its n ops counted in `s.ops` and its "replayed" event NOT in the ledger: the caller
+        reports it (`CommandExecutor.run_graph_raw`; `slices.run_slice_into` packs a slice's result of that one
+        event, round 48). Round 48: `run_graph_raw`'s, `_of`'s and the ledger's frames of a captured step's slice
+        are here."""
+        last = self._last  # `_of`, its usual case inline
+        g = (last[1] if last is not None and last[0]() is s else self._of(s)).get(graph_id)
         if g is None:
-            return False
+            return -1
         plan = g.fast
-        if not (plan and s.defining is None and g.quiet >= 0 and s.mutations == g.quiet + 1 and not s.uploads):
-            return False
-        # `_quick_raw(s, g, plan, None, None, raw)` with its common end and `_ran` inline (round 45: two Python
-        # frames of a captured step's slice; `_quick_rest` ends any other case as `_quick_raw` does)
+        # `run`'s quiet conditions, before `execute`'s count of this RunGraph (`s.mutations`, made below): the same
+        # checks as `s.mutations == g.quiet + 1` after it
+        if not (plan and s.defining is None and g.quiet >= 0 and s.mutations == g.quiet and not s.uploads):
+            return -1
         refs = g.quiet_refs
         if refs is None:
-            return False
-        try:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
-            r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
-        except GpupoolError as exc:
-            _poison_run(s, g, device_pb2.RunGraph.FromString(raw), exc)
-            raise
-        if r is None:
-            return False
-        if r is not True or g.mutated:
-            self._quick_rest(s, g, r, None, raw)
-            return True
+            return -1
+        s.mutations += 1  # as `execute` counts a RunGraph (`_RESHAPING`), and a RunGraph ends the learned runs' epoch
+        state = self.eager.get(s.session_id)
+        if state is not None:
+            state[3].epoch += 1
+        try:
+            try:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
+                if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
+                    self.host._seeded(s, graph_trace._nothing, [], {})
+                r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
+            except GpupoolError as exc:
+                _poison_run(s, g, device_pb2.RunGraph.FromString(raw), exc)
+                raise
+            if r is None:  # declined, nothing done: the counts taken back
+                s.mutations -= 1
+                if state is not None:
+                    state[3].epoch -= 1
+                return -1
+            if r is not True or g.mutated:
+                self._quick_rest(s, g, r, None, raw)
+                return 0
+        except Exception as exc:  # raised once the plan read the bytes, which upb parses then
+            self.host._failed(s, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), exc, reply)
+            return 0
         g.quiet = s.mutations
-        n = len(g.calls)  # `_ran`'s
+        n = len(g.calls)  # `_ran`'s, but the ledger's event
         g.runs += 1
         s.ops += n
-        self.host.ledger.graph(s, "replayed", n)
-        return True
+        return n + 1
 
     def _trace(self, s: WorkerSession, g: Graph) -> bool:
         """Build `g`'s TorchScript graph (graph_trace.trace) for at most about `piece_seconds` (0: all of it): True
@@ -477,6 +501,8 @@ def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, dat
     if data is None:
         data = msg.input_data[:]
     outputs = msg.outputs[:]
+    if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
+        host._seeded(s, graph_trace._nothing, [], {})
     r = plan.run(s, msg.inputs[:], outputs, data, g.quiet_refs, g.writes, g.traced.fn)
     if r is None:
         return False
@@ -522,10 +548,13 @@ def _poison_run(s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, exc: Gpupo
 
 def _fast_plan(host: Host, s: WorkerSession, g: Graph) -> Any:
     """`_quick`'s C++ plan of a traced graph (`native_runner.GraphPlan`), or False where the graph takes `_run`: no
-    C++ runner, a session of a subclass, a graph off the CPU, a seeded trace (`Traced.run`'s generator), persistent
-    tensors the graph's own ops may reshape (`Graph.unstable`)."""
+    C++ runner, a session of a subclass, a graph off the CPU, persistent tensors the graph's own ops may reshape
+    (`Graph.unstable`). A seeded trace (random ops: dropout) takes the plan too (round 48; before, `_run`): its
+    callers load the session's stream into the device's generator first, as `Traced.run` does (`host._seeded`; a
+    traced graph runs only where the session owns its process's generator, `graph_trace.refusal`), which a plan
+    that then declines leaves as `_run`'s own `Traced.run` would find it."""
     traced, native = g.traced, host.native
-    if native is None or type(s) is not WorkerSession or g.device_type != "cpu" or traced.seeded or g.unstable:
+    if native is None or type(s) is not WorkerSession or g.device_type != "cpu" or g.unstable:
         return False
     return native.GraphPlan(
         g.n_slots, [tuple(m) for m in g.input_meta], list(g.input_bytes), list(g.contiguous), g.external_handles,

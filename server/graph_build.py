@@ -76,13 +76,16 @@ NOT_IN_GRAPHS = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_o
 
 
 class Host(Protocol):
-    """What graphs need of the executor: its op table, its ledger and its seeded-op runner."""
+    """What graphs need of the executor: its op table, its ledger, its seeded-op runner and its record of a command's
+    error (`GraphTable.run_raw`)."""
 
     ops: OpTable
     ledger: Any
     native: Any  # the C++ runner's module (server/native_runner.py), or None
 
     def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any: ...
+
+    def _failed(self, s: WorkerSession, cmd: Any, exc: Exception, reply: Callable[[Any], None]) -> None: ...
 
 
 class _Ref:

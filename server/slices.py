@@ -873,63 +873,84 @@ def run_slice_into(
 ) -> int | SliceResult:
     """`run_commands`, then `write_result` into `buf` (a session's worker's slice, server/worker.py): the size
     written, or the result where it wrote nothing (the caller writes or sends it: `write_result`,
-    `encode_result`). A slice of one RunGraph on a fake device's timer (`WallTimer`) runs here, without
-    `run_commands`' and `_run_graphs`' frames, and its result of one event and nothing else (a captured step's
-    quiet replay) is packed straight from the session's and the ledger's counts, without a `SliceResult`
-    (round 47): the same checks, marks, ledger counts and bytes as `run_commands` and `write_result`."""
+    `encode_result`). A slice of one RunGraph runs here (`_one_graph_into`), without `run_commands`' and
+    `_run_graphs`' frames, on any device's timer (round 48: a CUDA device's `SliceTimer` too), and its result of
+    one event and nothing else (a captured step's quiet replay) is packed straight from the session's counts,
+    without a `SliceResult` (round 47): the same checks, marks, ledger counts and bytes as `run_commands` and
+    `write_result`."""
     payload = req.payload
     owner = getattr(execute, "__self__", None)
     native = getattr(owner, "native", None)
-    if (
-        req.uploads
-        or native is None
-        or len(payload) >= bulk.STRIP_MIN
-        or getattr(owner, "eager_span", None) is None
-        or not hasattr(owner, "run_graph_raw")
-    ):
+    # (an executor with the native runner whose `graph_slices` says it has `graphs.run_raw`, `eager_span` and
+    # `run_graph_raw`, which `run_commands` asks for one by one)
+    if req.uploads or native is None or len(payload) >= bulk.STRIP_MIN or not getattr(owner, "graph_slices", False):
         res = run_commands(session, execute, ledger, req, timed, progress)
     else:
         runs = native.graph_frame(payload)  # (`run_commands`' own look, which it then skips)
         if runs is None:
             res = run_commands(session, execute, ledger, req, timed, progress, graphs_read=True)
-        elif len(runs) != 1 or timed.__class__ is not WallTimer:
+        elif len(runs) != 1:
             res = _run_graphs(session, owner, execute, ledger, req, timed, progress, runs)
         else:
-            return _one_graph_into(session, owner, execute, ledger, req, progress, runs[0], buf)
+            return _one_graph_into(session, owner, execute, ledger, req, timed, progress, runs[0], buf)
     size = write_result(res, buf)
     return size if size >= 0 else res
 
 
+_REPLAYED = _ONE_EVENT["replayed"]  # a quiet replay's result: its head and its one event
+
+
 def _one_graph_into(
-    session: Any, owner: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, progress: Progress | None,
-    run: tuple[int, bytes], buf: memoryview
+    session: Any, owner: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, timed: Callable[[], Any],
+    progress: Progress | None, run: tuple[int, bytes], buf: memoryview
 ) -> int | SliceResult:  # fmt: skip
-    """`_run_graphs` of a frame of one RunGraph on a fake device's timer, then `write_result` (`run_slice_into`)."""
+    """`_run_graphs` of a frame of one RunGraph, then `write_result` (`run_slice_into`). The graph table's `run_raw`
+    runs it where its graph's quiet run takes it (round 48: no `run_graph_raw` frame; a quiet run leaves its
+    "replayed" event to this slice's result, packed here with one `pack_into`), else it is parsed and executed. A
+    fake device's timer (`WallTimer`) is read here; any other is entered as `_run_graphs` enters it (a CUDA device's
+    `SliceTimer`: settled where the run replied, its `busy` reported)."""
     session.memory.used = session.memory.device.capacity - max(0, req.device_free)
     ledger.reset()
     replies: list[Any] = []
-    start = time.perf_counter()
-    if progress is not None:
-        progress(0)
     gid, raw = run
-    if not owner.run_graph_raw(session, raw, replies.append, gid):
-        execute(session, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), replies.append)
+    if timed.__class__ is WallTimer:
+        start = time.perf_counter()
+        if progress is not None:
+            progress(0)
+        quiet = owner.graphs.run_raw(session, raw, replies.append, gid)
+        if quiet < 0:
+            execute(session, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), replies.append)
+        seconds = time.perf_counter() - start
+        busy = False
+    else:
+        with timed() as measured:
+            if progress is not None:
+                progress(0)
+            quiet = owner.graphs.run_raw(session, raw, replies.append, gid)
+            if quiet < 0:
+                execute(session, device_pb2.Command(run_graph=device_pb2.RunGraph.FromString(raw)), replies.append)
+            if replies and isinstance(timed, DeviceClock):
+                timed.settle()
+        seconds = measured[0] if measured else 0.0
+        busy = isinstance(timed, DeviceClock) and timed.busy
     partial = session.download is not None or session.defining is not None or session.waiting is not None
-    seconds = time.perf_counter() - start
     executed = 0 if partial else 1  # (one command: the budget's check after it ends nothing more)
-    events = ledger.events
-    if not replies and not ledger.errors and len(events) == 1:  # a captured step's quiet replay: one pack_into
-        for event, n in events.items():
-            one = _ONE_EVENT.get(event)
-            if one is not None and one[0].size <= len(buf):
-                flags = (_ERROR_PENDING if session.error is not None else 0) | (_PARTIAL if partial else 0)
-                one[0].pack_into(buf, 0, executed, seconds, session.used, session.ops, session.handle_count(),
-                                 session.graph_bytes, ledger.uploaded, ledger.downloaded, 0, 1, 0, flags, one[1], n,
-                                 one[2])  # fmt: skip
-                return one[0].size  # type: ignore[no-any-return]
+    if quiet > 0:  # a quiet run (`GraphTable.run_raw`): no reply, no error, nothing else in the ledger
+        if _REPLAYED[0].size <= len(buf):
+            flags = (
+                (_ERROR_PENDING if session.error is not None else 0)
+                | (_PARTIAL if partial else 0)
+                | (_BUSY if busy else 0)
+            )
+            # (`WorkerSession.handle_count`: a quiet run's session is one, `graph._fast_plan`)
+            _REPLAYED[0].pack_into(buf, 0, executed, seconds, session.used, session.ops,
+                                   len(session.tensors) + len(session.poisoned), session.graph_bytes, ledger.uploaded,
+                                   ledger.downloaded, 0, 1, 0, flags, _REPLAYED[1], 1, _REPLAYED[2])  # fmt: skip
+            return _REPLAYED[0].size  # type: ignore[no-any-return]
+        ledger.graph(session, "replayed", quiet - 1)
     if replies:
         replies = [r.SerializeToString() if isinstance(r, device_pb2.ServerFrame) else r for r in replies]
-    res = _result(session, ledger, executed, (seconds,), replies, partial)
+    res = _result(session, ledger, executed, (seconds,), replies, partial, busy)
     size = write_result(res, buf)
     return size if size >= 0 else res
 

@@ -14,10 +14,11 @@ import grpc
 import pytest
 import torch
 from google.protobuf.message import DecodeError
-from gpupool.server import graph, slices
+from gpupool.server import devices, graph, slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
+from test_server_slice_timer import _Event, _Stream
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -1014,3 +1015,119 @@ def test_a_quiet_run_graph_slice_is_packed_from_the_counts_with_run_commands_byt
     slow.op("aten::t_.default", slow.w)
     got = _both_same(quick, slow, lambda t: _wire(t, _frame_of(_run_body(t)), t is quick))
     assert got[2] is not None  # reshaped in place: the Python path's error
+
+
+# ---- round 48: a slice of one RunGraph on a GPU's timer takes the one-graph path (`slices._one_graph_into`)
+
+
+def test_a_run_graph_slice_on_a_gpus_timer_takes_the_one_graph_path(
+    native_runner_module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 48: a worker's slice of one RunGraph on a CUDA device's timer (`devices.SliceTimer`, driven here by
+    test_server_slice_timer's STAND-IN events and stream: no CUDA on this host) runs through `run_slice_into`'s
+    one-graph path (no `_run_graphs`, no `run_commands`), as a fake device's does: the quiet run packed from the
+    counts, every other case (a failing run, one the plan declines, another graph, an input of another shape) the
+    usual way. Each twin has a timer of its own over a stream that launches 4 ms of work a slice: the results read
+    back the same (their seconds too, booked late, and `busy`), with the same marks, errors, state and learned-run
+    epoch. On dabf16a0 such a slice went through `_run_graphs`."""
+    quick, slow = _two(native_runner_module)
+    for t in (quick, slow):  # (each twin's own FakeDevice object: its timer replaced on the instance only)
+        stream = _Stream(work_per_slice=0.004)
+        timer = devices.SliceTimer(_Event, lambda stream=stream: stream, None, 2)
+        monkeypatch.setattr(t.s.memory.device, "slice_timer", lambda timer=timer: timer)
+    ran: list[str] = []
+    real = slices._run_graphs
+
+    def spied(*a: Any, **k: Any) -> Any:
+        ran.append("_run_graphs")
+        return real(*a, **k)
+
+    def wire(t: Twin, payload: bytes, into: bool) -> tuple[Any, ...]:
+        timer = t.s.memory.device.slice_timer()
+        said = _wire(t, payload, into)
+        return (*said, timer.reported)  # every second booked so far, from the stand-in clock
+
+    def step(t: Twin) -> tuple[Any, ...]:
+        return wire(t, _frame_of(_run_body(t)), t is quick)
+
+    monkeypatch.setattr(slices, "_run_graphs", spied)
+    busy = []
+    for _ in range(4):
+        said = _both_same(quick, slow, step)
+        assert said[0][0] == 1 and said[0][7] == {"replayed": 1} and said[1] == [0] and said[2] is None
+        busy.append(said[0][11])
+    assert True in busy  # the stand-in GPU ran behind: results said so, and their seconds came later
+    assert ran.count("_run_graphs") == 4  # the slow twin's only (run_commands' frame of RunGraphs)
+    other = device_pb2.RunGraph(graph_id=2).SerializeToString()
+    cases = [
+        lambda t: _run_body(t, out=(9 << 32) + 1),  # an output of another session: the run fails, an error counted
+        lambda t: _run_body(t) + b"\x20" + _varint(t.kept),  # drop_writes: the plan declines, the parsed command
+        lambda t: _run_body(t) + other,  # another graph (never defined): NOT_FOUND
+        lambda t: _run_body(t, b=t.v),  # an input of another shape: the Python path's error
+    ]
+    slow.next = quick.next
+    for case in cases:
+        ran.clear()
+        got = _both_same(quick, slow, lambda t, case=case: wire(t, _frame_of(case(t)), t is quick))
+        assert ran == ["_run_graphs"], ran  # the slow twin's
+        assert got[0][0] == 1 and (got[2] is not None or case is cases[1]), got
+        for _ in range(2):
+            assert _both_same(quick, slow, step)[2] is None
+
+
+def _dropout_steps(quick: bool, steps: int) -> tuple[Any, list[Any]]:
+    """A session whose graph draws random numbers (dropout: `aten::native_dropout`, a seeded call) run `steps` times
+    through a worker's slices from `torch.manual_seed(7)` (the session's Seed command), each run the same input: (its
+    graph, each run's dropout output and kept mask). `quick` False: the plan taken away (`_run`'s path, the
+    reference). Both in one process: one session's runs all end before the other's start (the device's generator
+    holds one session's stream at a time: `exclusive_rng`)."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True  # as in a session's worker process (graph_trace.refusal)
+    base, w, kept = s.handle_base, s.handle_base + 1, s.handle_base + 2
+    s.bind(w, torch.arange(12.0).reshape(4, 3))
+    ops = [
+        device_pb2.Op(name="aten::add.Tensor", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(tensor=2)], outputs=[3]),
+        device_pb2.Op(name="aten::native_dropout.default", outputs=[4, 5],
+                      args=[tensor_pb2.Arg(tensor=3), tensor_pb2.Arg(f=0.5), tensor_pb2.Arg(b=True)]),
+    ]  # fmt: skip
+    meta = wire.meta_to_proto(torch.ones(4, 3))
+    msg = device_pb2.DefineGraph(graph_id=GID, inputs=1, input_meta=[meta], persistent=[w], ops=ops, outputs=[4],
+                                 writes=[device_pb2.GraphWrite(handle=kept, slot=5)])  # fmt: skip
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    ex.execute(s, device_pb2.Command(seed=device_pb2.Seed(seed=7)), _no_reply)
+    assert s.error is None, s.error
+    g = ex.graphs._of(s)[GID]
+    if not quick:
+        g.fast = False
+    x = torch.full((4, 3), 1.5).numpy().tobytes()
+    got = []
+    for k in range(steps):
+        if k == steps // 2:  # `torch.manual_seed` again mid-stream: the next run's draws start from it
+            ex.execute(s, device_pb2.Command(seed=device_pb2.Seed(seed=11)), _no_reply)
+        out = base + 100 + k
+        body = device_pb2.RunGraph(graph_id=GID, inputs=[0], outputs=[out], input_data=[x]).SerializeToString()
+        req = slices.SliceRequest(1 << 30, 1 << 20, 10.0, memoryview(bytearray(_frame_of(body))))
+        buf = memoryview(bytearray(1 << 16))
+        res = slices.run_slice_into(s, ex.execute, ex.ledger, req, dev.slice_timer(), None, buf)
+        assert res.__class__ is int and s.error is None, s.error
+        assert slices.decode_result(buf[:res], 1).events.get("replayed") == 1
+        got.append((s.tensors[out].tolist(), s.tensors[kept].tolist()))
+        s.free([out])
+    return g, got
+
+
+def test_a_seeded_traced_graph_takes_the_plan_and_draws_as_the_python_path(native_runner_module: Any) -> None:
+    """Round 48: a traced graph with random ops (dropout, as the encoder's captured step) runs its quiet runs through
+    the C++ plan (`graph._fast_plan`; before, `_run` and `Traced.run` every step: the encoder's worker slice was
+    ~208k instructions, bench/graph_replay.py --measure outside-slice): the session's stream is loaded into the
+    device's generator before the plan's call, as `Traced.run` loads it, so every run draws the same numbers as the
+    reference path's, run after run (the stream moves: the masks differ), and from a new seed after a Seed command
+    (which leaves the next run quiet). On dabf16a0 a seeded trace had no plan."""
+    g, quick = _dropout_steps(True, 10)
+    assert g.traced is not None and g.traced.seeded and g.fast is not False, (g.traced, g.fast)
+    ref_g, slow = _dropout_steps(False, 10)
+    assert ref_g.traced is not None and ref_g.fast is False
+    assert quick == slow
+    assert len({str(mask) for _, mask in quick}) > 5  # (a fixed mask would pass the comparison for nothing)
