@@ -130,3 +130,27 @@ def test_saved_model_is_the_evaluated_one(tmp_path: Path, tarball: Path, ema: st
         for tokens, labels in data.batches(test, 8, config.max_len):
             correct += int((model(tokens).argmax(dim=1) == labels).sum())
     assert correct / len(test) == meta["results"]["history"][-1]["test_acc"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a tar", "no reviews"])
+def test_a_damaged_tarball_is_one_line_not_a_traceback(
+    tmp_path: Path, tarball: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # --data pointing at a half-downloaded or wrong file: train.py stops with one line naming the file (exit 2)
+    bad = tmp_path / "bad.tar.gz"
+    if damage == "truncated":
+        bad.write_bytes(tarball.read_bytes()[: tarball.stat().st_size // 2])
+    elif damage == "not a tar":
+        bad.write_text("<html>404 Not Found</html>\n")
+    else:
+        import tarfile
+
+        with tarfile.open(bad, "w:gz"):
+            pass
+    argv = ["--device", "cpu", "--data", str(bad), "--no-cache", "--out", str(tmp_path / "out"), "--epochs", "1"]
+    with caplog.at_level("ERROR", logger="sentiment.train"):
+        assert train.main([*argv, *SMALL]) == 2
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    msg = record.getMessage()
+    assert str(bad) in msg and "\n" not in msg and "aclImdb" in msg
+    assert not (tmp_path / "out").exists()
