@@ -203,11 +203,12 @@ JSON API: <code>POST /api/classify {{"text": "..."}}</code>.</footer>
 
 
 def describe(model_dir: Path) -> str:
-    """A one-line name for the checkpoint: its folder, size and (when recorded) its best test accuracy."""
+    """A one-line name for the checkpoint: its folder, size and (when recorded) its test accuracy: that of the last
+    epoch, whose weights train.py saved (not the best epoch's: a run past its best saves later, worse weights)."""
     meta = json.loads((model_dir / "config.json").read_text())
     cfg, results = meta["model"], meta.get("results", {})
     accs = [h["test_acc"] for h in results.get("history", []) if "test_acc" in h]
-    best = f", {100 * max(accs):.1f}% test accuracy" if accs else ""
+    best = f", {100 * accs[-1]:.1f}% test accuracy" if accs else ""
     regions = ",".join(str(k) for k in cfg.get("kernel_sizes", []))
     return f"{model_dir.name}: SentimentCNN ({cfg['vocab_size']:,} words, regions {regions}{best})"
 

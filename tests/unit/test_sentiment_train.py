@@ -204,3 +204,14 @@ def test_infer_reads_windows_line_ends_as_text_without_carriage_returns(
     assert infer.main(["--model", str(tmp_path / "out"), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in rows] == ["great superb", "awful dull"]
+
+
+def test_the_web_page_names_the_accuracy_of_the_saved_weights(tmp_path: Path) -> None:
+    # train.py saves the last epoch's weights; a run past its best epoch (round 48's 91.12 % then 91.03 %) must not
+    # be shown with the best epoch's accuracy
+    from examples.sentiment import web
+
+    history = [{"epoch": 1, "test_acc": 0.8771}, {"epoch": 2, "test_acc": 0.9112}, {"epoch": 3, "test_acc": 0.9103}]
+    config = {"vocab_size": 49994, "kernel_sizes": [3]}
+    (tmp_path / "config.json").write_text(json.dumps({"model": config, "results": {"history": history}}))
+    assert web.describe(tmp_path) == f"{tmp_path.name}: SentimentCNN (49,994 words, regions 3, 91.0% test accuracy)"
