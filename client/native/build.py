@@ -156,7 +156,8 @@ def build(verbose: bool = False, retry_failed: bool = True) -> Path:
 def _build(final: Path, marker: Path, deadline: float, late: str, verbose: bool) -> None:
     with buildcache.private_build_dir(final.parent) as tmp:
         print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr, flush=True)  # fmt: skip
+        started = time.monotonic()
         spec: dict[str, Any] = {"name": _LIB, "sources": [str(SOURCE)], "extra_cflags": ["-O2"],
                                 "build_directory": str(tmp), "extra_include_paths": [str(HEADER.parent)],
                                 "is_python_module": False, "verbose": verbose}  # fmt: skip
@@ -170,6 +171,8 @@ def _build(final: Path, marker: Path, deadline: float, late: str, verbose: bool)
             raise BuildError(why)
         os.replace(tmp / f"{_LIB}.so", final)
     marker.unlink(missing_ok=True)
+    # the end of the wait the line above announced (2-5 min on a loaded host), as the runner and the shim's paths say
+    print(f"gpupool: built the native client in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
 
 
 def _check_private(path: Path) -> None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,22 +67,37 @@ class Review:
     rating: int = 0  # the star rating in the file name (1-4 neg, 7-10 pos)
 
 
+class BadTarball(ValueError):
+    """The file given as aclImdb cannot be read as its tarball (truncated, damaged, not a tar, no reviews); the message
+    is the one line to show the user."""
+
+
 def read_reviews(tar_path: Path) -> list[Review]:
-    """All labelled reviews of the tarball, sorted by (split, label, id) so the order never depends on the tar."""
+    """All labelled reviews of the tarball, sorted by (split, label, id) so the order never depends on the tar.
+
+    A file that is not a readable tarball (a truncated download, a damaged copy, another file) raises BadTarball."""
     if not tar_path.is_file():
         raise FileNotFoundError(f"aclImdb tarball not found: {tar_path} (set --data or $GPUPOOL_IMDB)")
     reviews: list[Review] = []
-    with tarfile.open(tar_path, "r:*") as tar:
-        for member in tar:
-            m = _MEMBER.match(member.name)
-            if not (m and member.isfile()):
-                continue
-            f = tar.extractfile(member)
-            if f is None:
-                continue
-            text = f.read().decode("utf-8", errors="replace")
-            label = 1 if m.group(2) == "pos" else 0
-            reviews.append(Review(m.group(1), label, int(m.group(3)), text, int(m.group(4))))
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for member in tar:
+                m = _MEMBER.match(member.name)
+                if not (m and member.isfile()):
+                    continue
+                f = tar.extractfile(member)
+                if f is None:
+                    continue
+                text = f.read().decode("utf-8", errors="replace")
+                label = 1 if m.group(2) == "pos" else 0
+                reviews.append(Review(m.group(1), label, int(m.group(3)), text, int(m.group(4))))
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:  # gzip's BadGzipFile: OSError
+        # tarfile's "could not be opened" lists every compression it tried, one a line: that is not a tar at all
+        why = "not a tar archive" if "\n" in str(exc) else (str(exc) or type(exc).__name__)
+        raise BadTarball(
+            f"{tar_path} is not a readable aclImdb tarball ({why}): truncated or damaged? Fetch it again "
+            "(examples/sentiment/README.md#data) or pass another --data"
+        ) from exc
     reviews.sort(key=lambda r: (r.split, r.label, r.review_id))
     return reviews
 
@@ -140,7 +157,7 @@ def build_dataset(tar_path: Path, vocab_size: int = 30000, min_freq: int = 2) ->
     train_rows = [i for i, r in enumerate(reviews) if r.split == "train"]
     test_rows = [i for i, r in enumerate(reviews) if r.split == "test"]
     if not train_rows or not test_rows:
-        raise ValueError(f"{tar_path}: expected aclImdb/train and aclImdb/test reviews, found none in one of them")
+        raise BadTarball(f"{tar_path}: expected aclImdb/train and aclImdb/test reviews, found none in one of them")
     vocab = build_vocab([tokens[i] for i in train_rows], vocab_size, min_freq)
     index = {w: i for i, w in enumerate(vocab)}
 

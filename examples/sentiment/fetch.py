@@ -29,6 +29,7 @@ URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
+_LOG_EVERY = 16 << 20  # bytes between log lines without a progress bar, when the size is unknown
 
 
 class DataNotFound(RuntimeError):
@@ -36,7 +37,8 @@ class DataNotFound(RuntimeError):
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = TIMEOUT_S, progress: bool = True) -> Path:
-    """Fetch url to dest (via dest.part), showing a progress bar; raise ValueError if its SHA-256 is not sha256.
+    """Fetch url to dest (via dest.part), showing a progress bar (progress=False, e.g. stderr not a terminal: a log
+    line at each quarter, or each 16 MiB when the size is unknown); raise ValueError if its SHA-256 is not sha256.
 
     Nothing is left at dest unless the whole file arrived and matched.
     """
@@ -45,20 +47,29 @@ def download(url: str, dest: Path, sha256: str, timeout: float = TIMEOUT_S, prog
     digest = hashlib.sha256()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())  # fmt: skip
+    got = 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:  # noqa: S310 (https/http)
             total = int(resp.headers.get("Content-Length") or 0) or None
+            step = total / 4 if total else _LOG_EVERY
+            next_log = step
             with Progress(*columns, disable=not progress, transient=True) as bar:
                 task = bar.add_task(f"downloading {dest.name}", total=total)
                 while chunk := resp.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     bar.advance(task, len(chunk))
+                    got += len(chunk)
+                    if not progress and got >= next_log and (total is None or got < total):
+                        of = f" of {total / 1e6:.1f} MB ({100 * got / total:.0f} %)" if total else ""
+                        log.info("downloading %s: %.1f MB%s", dest.name, got / 1e6, of)
+                        next_log += step
         if digest.hexdigest() != sha256:
             raise ValueError(f"{url}: SHA-256 {digest.hexdigest()} is not the expected {sha256}")
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
+    log.info("downloaded %s (%.1f MB, SHA-256 checked)", dest, got / 1e6)
     return dest
 
 

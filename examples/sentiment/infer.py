@@ -74,7 +74,7 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for line in lines:
         if line.strip():
-            batch.append(line.rstrip("\n"))
+            batch.append(line.rstrip("\r\n"))  # a file saved on Windows ends its lines in \r\n
         if len(batch) == size:
             yield batch
             batch = []
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "model.pt").is_file():
         log.error("no trained model in %s (run examples/sentiment/train.py --out %s first)", args.model, args.model)
         return 2
-    clf = Classifier.load(args.model, resolve_device(args.device))
+    try:
+        clf = Classifier.load(args.model, resolve_device(args.device))
+    except checkpoint.BadCheckpoint as exc:
+        log.error("%s", exc)
+        return 2
     for batch in _chunks(args.texts if args.texts else sys.stdin, args.batch_size):
         for pred in clf.predict(batch):
             if args.json:

@@ -262,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     except fetch.DataNotFound as exc:
         log.error("%s", exc)
         return 2
-    ds = data.load_dataset(tarball, None if args.no_cache else args.cache_dir, args.vocab_size)
+    try:
+        ds = data.load_dataset(tarball, None if args.no_cache else args.cache_dir, args.vocab_size)
+    except data.BadTarball as exc:
+        log.error("%s", exc)
+        return 2
     train, test = ds.train, ds.test
     if args.limit > 0:
         train = data.balanced_subset(train, args.limit, rng)

@@ -34,6 +34,7 @@ from werkzeug.serving import make_server
 if __package__ in (None, ""):  # run as a script: make `examples.sentiment` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from examples.sentiment import checkpoint
 from examples.sentiment.infer import Classifier, Prediction
 from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
 
@@ -202,11 +203,12 @@ JSON API: <code>POST /api/classify {{"text": "..."}}</code>.</footer>
 
 
 def describe(model_dir: Path) -> str:
-    """A one-line name for the checkpoint: its folder, size and (when recorded) its best test accuracy."""
+    """A one-line name for the checkpoint: its folder, size and (when recorded) its test accuracy: that of the last
+    epoch, whose weights train.py saved (not the best epoch's: a run past its best saves later, worse weights)."""
     meta = json.loads((model_dir / "config.json").read_text())
     cfg, results = meta["model"], meta.get("results", {})
     accs = [h["test_acc"] for h in results.get("history", []) if "test_acc" in h]
-    best = f", {100 * max(accs):.1f}% test accuracy" if accs else ""
+    best = f", {100 * accs[-1]:.1f}% test accuracy" if accs else ""
     regions = ",".join(str(k) for k in cfg.get("kernel_sizes", []))
     return f"{model_dir.name}: SentimentCNN ({cfg['vocab_size']:,} words, regions {regions}{best})"
 
@@ -226,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("no trained model in %s (run examples/sentiment/train.py --out %s first)", args.model, args.model)
         return 2
     device = resolve_device(args.device)
-    batcher = Batcher(Classifier.load(args.model, device), max_batch=args.max_batch)
+    try:
+        classifier = Classifier.load(args.model, device)
+    except checkpoint.BadCheckpoint as exc:
+        log.error("%s", exc)
+        return 2
+    batcher = Batcher(classifier, max_batch=args.max_batch)
     app = create_app(batcher, describe(args.model), str(device), args.max_bytes)
     server: Any = make_server(args.host, args.port, app, threaded=True)
     # One line a person or a test can read the address from (the port may have been 0).

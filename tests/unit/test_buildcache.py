@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -364,3 +365,21 @@ def test_a_waiter_has_the_build_lock_as_soon_as_its_holder_lets_go(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_native_client_build_says_when_it_is_done(tmp_path: Path) -> None:
+    """A user's first `gpupool run` waits minutes for the C++ client's build after one "building" line: the build's
+    end is one line too ("built the native client in N s", as the daemon's runner and the Python client's C paths
+    say), and a use of the cached library says neither. The base said nothing at the end."""
+    _skip_without_compiler()
+    cxx, source = _slow_compiler(tmp_path)
+    outs = []
+    for _ in range(2):
+        proc = _client_build(tmp_path, cxx, source, "")
+        outs.append(proc.communicate(timeout=300))
+        assert proc.returncode == 0, outs
+    (_, first), (_, again) = outs
+    lines = [ln for ln in first.splitlines() if ln.startswith("gpupool: ")]
+    assert lines[0].startswith("gpupool: building the native client") and len(lines) == 2, first
+    assert re.fullmatch(r"gpupool: built the native client in \d+ s", lines[1]), first
+    assert "gpupool:" not in again, again

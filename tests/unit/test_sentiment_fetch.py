@@ -107,3 +107,20 @@ def test_locate_downloads_into_the_cache_when_nothing_is_local(
     got = fetch.locate()
     assert got == clean_env / "xdg" / "gpupool" / data.TARBALL and got.read_bytes() == tar.read_bytes()
     assert fetch.locate() == got  # found in the cache the next time
+
+
+def test_a_download_without_a_terminal_logs_its_progress_and_its_check(
+    http_dir: tuple[Path, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stderr not a terminal (a CI log, `... 2>log`): no progress bar, so the 84 MB download says how far it is in log
+    # lines, and the end says that it arrived whole and was checked
+    root, base = http_dir
+    blob = bytes(range(256)) * (5 * 4096)  # 5 MiB: five of download's reads
+    (root / data.TARBALL).write_bytes(blob)
+    dest = tmp_path / "cache" / data.TARBALL
+    with caplog.at_level("INFO", logger=fetch.__name__):
+        fetch.download(f"{base}/{data.TARBALL}", dest, hashlib.sha256(blob).hexdigest(), progress=False)
+    lines = [r.getMessage() for r in caplog.records]
+    progress = [m for m in lines if m.startswith(f"downloading {data.TARBALL}: ")]
+    assert len(progress) >= 2 and all("of 5.2 MB" in m and "%" in m for m in progress), lines
+    assert lines[-1] == f"downloaded {dest} (5.2 MB, SHA-256 checked)"

@@ -130,3 +130,88 @@ def test_saved_model_is_the_evaluated_one(tmp_path: Path, tarball: Path, ema: st
         for tokens, labels in data.batches(test, 8, config.max_len):
             correct += int((model(tokens).argmax(dim=1) == labels).sum())
     assert correct / len(test) == meta["results"]["history"][-1]["test_acc"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a tar", "no reviews"])
+def test_a_damaged_tarball_is_one_line_not_a_traceback(
+    tmp_path: Path, tarball: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # --data pointing at a half-downloaded or wrong file: train.py stops with one line naming the file (exit 2)
+    bad = tmp_path / "bad.tar.gz"
+    if damage == "truncated":
+        bad.write_bytes(tarball.read_bytes()[: tarball.stat().st_size // 2])
+    elif damage == "not a tar":
+        bad.write_text("<html>404 Not Found</html>\n")
+    else:
+        import tarfile
+
+        with tarfile.open(bad, "w:gz"):
+            pass
+    argv = ["--device", "cpu", "--data", str(bad), "--no-cache", "--out", str(tmp_path / "out"), "--epochs", "1"]
+    with caplog.at_level("ERROR", logger="sentiment.train"):
+        assert train.main([*argv, *SMALL]) == 2
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    msg = record.getMessage()
+    assert str(bad) in msg and "\n" not in msg and "aclImdb" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_one_line_for_infer_and_web(
+    tmp_path: Path, tarball: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the edge site pointed at the wrong folder, a half-copied one, or weights of another configuration: exit 2 with
+    # one line naming the folder (infer.py and web.py), never a traceback; pickled objects stay refused
+    from examples.sentiment import web
+
+    _train(tmp_path, tarball, "--epochs", "1", "--limit", "10")
+    good = tmp_path / "out"
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "model.pt").write_bytes((good / "model.pt").read_bytes())  # copied without config.json and vocab.json
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("model.pt", "vocab.json"):
+        (other / name).write_bytes((good / name).read_bytes())
+    meta = json.loads((good / "config.json").read_text())
+    meta["model"]["filters"] = 32  # weights of 16 filters under a config of 32
+    (other / "config.json").write_text(json.dumps(meta))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for name in ("config.json", "vocab.json"):
+        (cut / name).write_bytes((good / name).read_bytes())
+    (cut / "model.pt").write_bytes((good / "model.pt").read_bytes()[:1000])  # an interrupted copy
+    for folder, why in ((half, "no config.json"), (other, "does not match"), (cut, "cannot be read")):
+        for script, logger in ((infer, "sentiment.infer"), (web, "sentiment.web")):
+            caplog.clear()
+            argv = ["--model", str(folder)] + (["some text"] if script is infer else ["--port", "0"])
+            with caplog.at_level("ERROR", logger=logger):
+                assert script.main(argv) == 2, (folder, script)
+            (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+            msg = record.getMessage()
+            assert str(folder) in msg and why in msg and "\n" not in msg, msg
+    with pytest.raises(checkpoint.BadCheckpoint, match="no config.json"):
+        checkpoint.load(half)
+
+
+def test_infer_reads_windows_line_ends_as_text_without_carriage_returns(
+    tmp_path: Path, tarball: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    _train(tmp_path, tarball, "--epochs", "1", "--limit", "10")
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("great superb\r\n\r\nawful dull\r\n"))
+    assert infer.main(["--model", str(tmp_path / "out"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["great superb", "awful dull"]
+
+
+def test_the_web_page_names_the_accuracy_of_the_saved_weights(tmp_path: Path) -> None:
+    # train.py saves the last epoch's weights; a run past its best epoch (round 48's 91.12 % then 91.03 %) must not
+    # be shown with the best epoch's accuracy
+    from examples.sentiment import web
+
+    history = [{"epoch": 1, "test_acc": 0.8771}, {"epoch": 2, "test_acc": 0.9112}, {"epoch": 3, "test_acc": 0.9103}]
+    config = {"vocab_size": 49994, "kernel_sizes": [3]}
+    (tmp_path / "config.json").write_text(json.dumps({"model": config, "results": {"history": history}}))
+    assert web.describe(tmp_path) == f"{tmp_path.name}: SentimentCNN (49,994 words, regions 3, 91.0% test accuracy)"
