@@ -62,8 +62,9 @@ from .sandbox import (
     worker_tasks,
 )
 from .sessions import MAX_GRAPH_BYTES, MAX_HANDLES, DeviceMemory
+from .slices import SliceRequest
 from .speedmodel import SpeedModel
-from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec, spin_default
+from .worker import BIG_PART, SMALL, InlineRunner, Runner, WorkerDied, WorkerSpec, spin_default
 from .zygote import Zygote, shared_zygote
 
 log = logging.getLogger(__name__)
@@ -807,8 +808,8 @@ class Daemon:
             return taken is None  # None: queued for the device's thread; []: the session is closed
         rest: list[Any] = []
         seconds = 0.0
-        try:  # as DeviceWorker.run does it
-            rest, seconds = self._run_slice(s.entry, taken, worker.slice_seconds)
+        try:  # as DeviceWorker.run does it (the slice all of the frame's commands, the usual: they hold `nbytes`)
+            rest, seconds = self._run_slice(s.entry, taken, worker.slice_seconds, nbytes if taken is commands else -1)
             s.hand_over()  # its replies to the stream's writer first, then the queue's bookkeeping (front.py)
         except Exception:  # the slice runner handles command errors; this is a last line of defence
             log.exception("stream reader of session %d: slice failed", s.number)
@@ -945,14 +946,15 @@ class Daemon:
 
     # ---- execution ----
 
-    def _run_slice(self, entry: Entry, items: list[Any], budget: float) -> tuple[list[Any], float]:
+    def _run_slice(self, entry: Entry, items: list[Any], budget: float, bound: int = -1) -> tuple[list[Any], float]:
         """Send the session's next commands to its worker; returns (the unexecuted rest, seconds to charge). Every
         slice is booked once (`_book`: the session's busy time, the ledger, the slice histogram), whatever happens;
         one that reached its worker before its replies are queued (`_apply`), so that a client that saw a reply
-        sees what its slice did in Status and the metrics."""
+        sees what its slice did in Status and the metrics. `bound`: at least the bytes of `items`' spans, where
+        known (`submit`: its frame's), else -1."""
         s: FrontSession = entry.owner
         try:
-            rest, seconds, booked = self._slice(s, items, budget)
+            rest, seconds, booked = self._slice(s, items, budget, bound)
         except BaseException:
             self._book(s, 0.0)
             raise
@@ -960,8 +962,10 @@ class Daemon:
             self._book(s, seconds)
         return rest, seconds
 
-    def _slice(self, s: FrontSession, items: list[Any], budget: float) -> tuple[list[Any], float, bool]:
-        """`_run_slice`'s work; the third value: whether `_apply` booked the slice."""
+    def _slice(
+        self, s: FrontSession, items: list[Any], budget: float, bound: int = -1
+    ) -> tuple[list[Any], float, bool]:
+        """`_run_slice`'s work; the third value: whether `_apply` booked the slice. `bound`: see `_run_slice`."""
         with s.lock:
             if s.closed or s.runner is None:
                 return [], 0.0, False
@@ -974,8 +978,13 @@ class Daemon:
             n = len(items) - 1 if last is END_OF_STREAM or isinstance(last, GpupoolError) else len(items)
             head = items[:n] if n < len(items) else items
             spans = [span for _, span in head]
-            size = sum(map(len, spans))  # (counted once: the runner's copy takes it from the request)
-            if size < bulk.BIG_UPLOAD:  # no big upload, and less than SLICE_BYTES in all
+            if 0 <= bound < BIG_PART and n == len(items):
+                # a small frame's slice (an eager step's), all of it: not counted here (~80 instructions a span),
+                # the runner's join counts its bytes (`worker.SMALL`; round 48)
+                size = SMALL
+                uploads = False
+            elif (size := sum(map(len, spans))) < bulk.BIG_UPLOAD:  # (counted once: the runner takes it from the
+                # request) no big upload, and less than SLICE_BYTES in all
                 uploads = False  # what slice_length says of them, without its loop: the usual slice, all of it
             else:
                 n, uploads = bulk.slice_length([k for k, _ in head], list(map(len, spans)))
@@ -988,14 +997,8 @@ class Daemon:
             room = self.config.outbox_bytes - s.outbox_bytes
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
                 return items, 0.0, False
-            req = slices.SliceRequest(
-                device_free=self._device_free(s),
-                reply_room=room,
-                budget=budget,
-                payload=b"",
-                uploads=uploads,
-                size=size,
-            )
+            # (device_free, reply_room, budget, payload, uploads, slot, size: by position, no keyword matched a slice)
+            req = SliceRequest(self._device_free(s), room, budget, b"", uploads, -1, size)
             start = time.perf_counter()
             try:
                 res = s.runner.run(req, len(batch), spans)
@@ -1114,6 +1117,8 @@ class Daemon:
         self.close_session(s, reason, StatusCode.RESOURCE_EXHAUSTED, drop_replies=True)
 
     def _set_used(self, s: FrontSession, used: int) -> None:
+        if used == s.used:  # (most slices: nothing to move; `s.used` changes under the session's lock only)
+            return
         mem = self.memory[s.device.index]
         with mem.lock:
             mem.used += used - s.used

@@ -182,7 +182,7 @@ class FairQueue:
         `charge`. None: queued as by `put` (the device's thread runs it; False from `put` reads as [])."""
         with self._cond:
             idle = not (self._claimed or entry.closed or self._stopped or entry.blocked or entry.commands)
-            if idle and not any(e.running for e in self._entries) and not self._ready():
+            if idle and not self._busy():
                 entry.vtime = max(entry.vtime, self._vnow)  # back from idle: no banked credit
                 self._claimed = True
                 self._tell(entry, False)  # nobody else waits (`_ready` is empty)
@@ -216,6 +216,14 @@ class FairQueue:
         entry.nbytes = before + delta
         if self.host is not None and (before > PARKED_BYTES or entry.nbytes > PARKED_BYTES):
             self.host.add(_excess(entry.nbytes) - _excess(before))
+
+    def _busy(self) -> bool:
+        """Whether a slice runs or a session waits to run (`_ready` not empty), in one pass over the sessions and no
+        list (`put_and_claim`'s question, every frame a reader runs itself: round 48)."""
+        for e in self._entries:
+            if e.running or (e.commands and not e.blocked):
+                return True
+        return False
 
     def _ready(self) -> list[Entry]:
         return [e for e in self._entries if e.commands and not e.running and not e.blocked]

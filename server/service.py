@@ -12,6 +12,9 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from functools import partial
+from time import monotonic as _monotonic
+from time import time as _wall
 from typing import Any
 
 import grpc
@@ -32,11 +35,14 @@ from gpupool.errors import (
 )
 
 from . import bulk, bulkside, slices
+from .bulk import STRIP_MIN
 from .bulkside import BulkPort
 from .daemon import END_OF_STREAM, Closed, Daemon
 from .front import FrontSession, Unsent
 
 log = logging.getLogger(__name__)
+lone_sync = protocol.lone_sync
+split_graphs = slices.split_graphs
 SERVICE = "gpupool.v1.Device"
 MAX_WORKERS = 256  # one thread per open stream plus unary calls; streams are long-lived, so be generous
 KEEPALIVE_TIME = 10.0  # seconds between the daemon's pings of a connection that is quiet
@@ -57,6 +63,7 @@ STATUS_ALL = ("admin", "metrics")
 class DeviceServicer:
     def __init__(self, daemon: Daemon, bulk_port: BulkPort | None = None) -> None:
         self.daemon = daemon
+        self._max_commands = daemon.config.max_frame_commands  # (its config is frozen: read once, not per frame)
         self.bulk_port = bulk_port.port if bulk_port is not None else 0
         # AttachReply.features: all of gpupool/protocol.py FEATURES but what $GPUPOOL_WITHHOLD_FEATURES withholds
         # (the workers' guards refuse those: server/guards.py `WITHHELD`)
@@ -248,9 +255,11 @@ class DeviceServicer:
         """One frame of the session (from either carrier): checked, split and queued (with `batch`, a side
         reader's, held there to be queued with the frames after it: `read_side`); False when it ended the session
         (its error is queued after the commands `batch` held: `_fail`) or the session is gone."""
-        if self.daemon.lapsed(s):  # its lease ended: the session is closed now (its stream ends saying so)
+        # its lease ended: the session is closed now (its stream ends saying so); `Daemon.lapsed` decides, the
+        # two ends read here first (round 48: no method call a frame while both are ahead)
+        if not (s.ends_mono > _monotonic() and s.expires_at > _wall()) and self.daemon.lapsed(s):
             return False
-        rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
+        rid = lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
         if rid is not None:
             if not self._flush(s, batch):  # what came before it runs first (then the session is idle, usually)
                 return False
@@ -260,8 +269,8 @@ class DeviceServicer:
         parsed: Any = None
         marked: list[int] = []  # the positions of its Uploads and Gets
         try:
-            commands, graphs = slices.split_graphs(raw, self.daemon.config.max_frame_commands, marked)  # counted first
-            if not graphs and len(raw) < bulk.STRIP_MIN:
+            commands, graphs = split_graphs(raw, self._max_commands, marked)  # counted first
+            if not graphs and len(raw) < STRIP_MIN:
                 # A small frame without a RunGraph (an eager step's): its commands go to the worker as they are, and
                 # the worker's parse, which comes before any of them runs, checks them (`slices.run_commands`: the
                 # commands before a malformed one run, then the session ends with INVALID_ARGUMENT,
@@ -272,7 +281,7 @@ class DeviceServicer:
                     parsed = device_pb2.ClientFrame.FromString(b"".join([commands[n][1] for n in marked])).commands
             elif not (len(raw) >= bulk.BIG_UPLOAD and bulk.uploads_only([span for _, span in commands])):
                 # a batch's upload among other commands: checked without copying its bytes, the rest by protobuf
-                stripped = bulk.strip_uploads(commands) if len(raw) >= bulk.STRIP_MIN else None
+                stripped = bulk.strip_uploads(commands) if len(raw) >= STRIP_MIN else None
                 if stripped is None:
                     # malformed commands end it here (a side socket's frame buffer: protobuf takes the view)
                     whole = device_pb2.ClientFrame.FromString(raw).commands  # type: ignore[arg-type]
@@ -291,7 +300,7 @@ class DeviceServicer:
         nbytes = len(raw)
         if marked:
             try:
-                flush = None if batch is None else lambda: self._flush(s, batch)
+                flush = None if batch is None else partial(self._flush, s, batch)
                 nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes, flush)
             except _Ended:
                 return False

@@ -50,6 +50,10 @@ DATA_BYTES = bulk.SLICE_BYTES  # a slice of four 4 MiB upload chunks, or a downl
 SLOTS_AT = DATA_AT + DATA_BYTES
 SLOT_BYTES = bulk.PIECE_BYTES
 BIG_PART = 64 * 1024  # spans at least this large on average are copied one by one into the shared buffer (`run`)
+# `SliceRequest.size` of a slice whose spans hold fewer than BIG_PART bytes in all, not counted (`Daemon._slice`: an
+# eager frame's, all of it): `run` joins them (as it would) and takes their count from the join (round 48: one pass
+# over the spans, where `sum(map(len, ...))` first read each one, ~80 instructions a span)
+SMALL = -2
 SLOTS = 2
 # Behind those, upload slots: the session's reader reads a big bulk upload's bytes (its canonical span) from the
 # side socket straight into a free one (`ProcessRunner.upload_span`), and the worker runs it from there: no copy
@@ -422,16 +426,29 @@ class ProcessRunner:
         return self._up_slot(span) >= 0
 
     def _up_slot(self, span: memoryview) -> int:
-        """The upload slot whose span `span` is (the very view `upload_span` handed out), or -1."""
-        return next((k for k, held in enumerate(self._up_spans) if held is not None and held() is span), -1)
+        """The upload slot whose span `span` is (the very view `upload_span` handed out), or -1 (a command's bytes
+        at once: no slot's span is a bytes object)."""
+        if span.__class__ is not memoryview:
+            return -1
+        for k, held in enumerate(self._up_spans):
+            if held is not None and held() is span:
+                return k
+        return -1
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         if self._closed:
             raise WorkerDied("the session's worker was stopped")
-        with self._slot_lock:
-            req.slot = next((k for k in range(SLOTS) if not self._slot_users[k]), -1)
+        users = self._slot_users
+        with self._slot_lock:  # the first download slot no side chunk holds (-1: none)
+            req.slot = users.index(0) if 0 in users else -1
         try:
-            size = req.size if req.size >= 0 else sum(map(len, parts))  # (the daemon's `_slice` counted them)
+            size = req.size  # (the daemon's `_slice` counted them, or left them to this)
+            joined = None
+            if size == SMALL:  # under BIG_PART in all: joined, as below, and counted by that
+                joined = parts[0] if len(parts) == 1 else b"".join(parts)
+                size = len(joined)
+            elif size < 0:
+                size = sum(map(len, parts))
             up = self._up_slot(parts[0]) if len(parts) == 1 else -1
             if up >= 0:  # an upload read straight into its slot (`upload_span`): the worker runs it from there
                 self._sock.sendall(slices.shared_request(req, size, up))
@@ -439,7 +456,9 @@ class ProcessRunner:
                 # One copy into the shared buffer. A frame's spans are tens of small pieces: joined in C, then
                 # copied; a slice of big uploads is a few 4 MiB spans: each copied straight to its place (a join
                 # would copy 16 MiB twice, the first time into fresh memory that faults page by page)
-                if len(parts) == 1:
+                if joined is not None:
+                    self._data[:size] = joined
+                elif len(parts) == 1:
                     self._data[:size] = parts[0]
                 elif size >= len(parts) * BIG_PART:
                     pos = 0
@@ -490,6 +509,8 @@ class ProcessRunner:
 
     def _hold_slot(self, k: int, res: SliceResult) -> SliceResult:
         """Count the result's side chunks as users of slot `k` (it is given to no slice until they are sent)."""
+        if not res.replies:  # (most slices of an eager step)
+            return res
         chunks: list[slices.SideChunk] = [f for f in res.replies if isinstance(f, slices.SideChunk)]
         if chunks:
             with self._slot_lock:

@@ -3,6 +3,7 @@ never more than one request at a time, and result words read whole. Real socket 
 
 from __future__ import annotations
 
+import mmap
 import select
 import socket
 import struct
@@ -180,3 +181,36 @@ def test_a_reader_waiting_for_its_next_request_or_result_is_not_woken_when_the_p
     finally:
         a.close()
         b.close()
+
+
+_SPANS = [b"\x0a\x02\x08\x01", b"\x0a\x03\x12\x01\x07" * 3, b"\x0a\x00"]
+
+
+@pytest.mark.parametrize("spans", [_SPANS[:1], _SPANS])
+def test_a_small_slice_left_uncounted_reaches_the_worker_as_the_join_of_its_spans(spans: list[bytes]) -> None:
+    """Round 48: the daemon leaves a small frame's spans uncounted (`SliceRequest.size` `worker.SMALL`, what
+    `Daemon._slice` sets for a frame's slice of fewer than BIG_PART bytes): `ProcessRunner.run` joins them into
+    the shared buffer as before and takes their count from the join, so the worker's request names exactly their
+    bytes, and the result comes back as ever. Here the worker's end reads the request as `worker_main` does."""
+    ours, theirs = socket.socketpair()
+    shared = mmap.mmap(-1, worker.SHARED_BYTES)
+    r = worker.ProcessRunner(0, ours, shared, 1 << 20)
+    seen: list[Any] = []
+
+    def play_worker() -> None:
+        body = worker._recv_request(theirs, bytearray(64))
+        req = slices.decode_request(body, memoryview(shared)[worker.DATA_AT : worker.SLOTS_AT])
+        seen.append(None if req is None else bytes(req.payload))
+        theirs.sendall(b"".join(slices.encode_result(slices.SliceResult(executed=len(spans)))))
+
+    t = threading.Thread(target=play_worker)
+    t.start()
+    try:
+        req = slices.SliceRequest(0, 1 << 20, 1.0, b"", False, -1, worker.SMALL)
+        res = r.run(req, len(spans), spans)
+    finally:
+        t.join(10)
+        r.close()
+        theirs.close()
+    assert seen == [b"".join(spans)]
+    assert res.executed == len(spans)
