@@ -760,9 +760,14 @@ struct Geo {
   Geo(at::ScalarType d, c10::IntArrayRef s, c10::IntArrayRef st, int64_t o)
       : dtype(d), sizes(s.begin(), s.end()), strides(st.begin(), st.end()), offset(o) {}
   static Geo of(const at::Tensor& t) { return {t.scalar_type(), t.sizes(), t.strides(), t.storage_offset()}; }
-  bool same(const at::Tensor& t) const {
-    return t.scalar_type() == dtype && t.storage_offset() == offset && t.sizes().equals(sizes) &&
-           t.strides().equals(strides);
+  bool same(const at::Tensor& t) const {  // a loop, not memcmp through the PLT: a few dims (round 48)
+    if (t.scalar_type() != dtype || t.storage_offset() != offset) return false;
+    const c10::IntArrayRef ts = t.sizes(), tt = t.strides();
+    const size_t n = sizes.size();
+    if (ts.size() != n || tt.size() != n) return false;
+    for (size_t i = 0; i < n; i++)
+      if (ts[i] != sizes[i] || tt[i] != strides[i]) return false;
+    return true;
   }
 };
 struct Store {
@@ -1207,6 +1212,7 @@ void put_wire_arg(Dev& d, Buf& b, std::string& k, const IValue& v, uint8_t kind,
     if (tensors) {
       // VIEWS (each element TENSOR or VIEW, tag included) when an element is a view and none is a None; else the
       // plain TENSORS list of handles (views by view handle, `wire_handle`)
+      // (no view: every element is its storage's base tensor, named by the storage's handle without a second look)
       bool any_view = false, any_none = false;
       for (const IValue& e : items) {
         if (e.isNone()) {
@@ -1233,6 +1239,8 @@ void put_wire_arg(Dev& d, Buf& b, std::string& k, const IValue& v, uint8_t kind,
         key_tensor(k, t);
         if (as_views) {
           put_ref(d, b, t, true);
+        } else if (!any_view) {
+          put<uint64_t>(b, d.handle(handle_of(t)));  // wire_handle's answer for a base tensor
         } else {
           put<uint64_t>(b, wire_handle(d, t));
         }
@@ -1426,8 +1434,11 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
       made.push_back(make_out(p, args));
       if (p.kind == OutPlan::NEW) {
         const uint64_t sid = handle_of(made.back());
-        Store& st = d.stores[sid];  // a new storage: handles are never reused
-        st.base = Geo{p.dtype, p.sizes, p.strides, p.offset};
+        Store& st = d.stores[sid];  // a new storage (handles are never reused): its geometry written in place
+        st.base.dtype = p.dtype;
+        st.base.sizes.assign(p.sizes.begin(), p.sizes.end());
+        st.base.strides.assign(p.strides.begin(), p.strides.end());
+        st.base.offset = p.offset;
         st.views.clear();
         outs.push_back(d.handle(sid));
       } else {
