@@ -494,7 +494,27 @@ struct Plan {
   bool python = false;  // wire mode: the Meta kernel cannot say (data-dependent shapes, a non-tensor return): Python
 };
 
-std::unordered_map<std::string, Plan> g_cache;  // guarded by g_mu
+// The meta-cache key's hash: 8 bytes at a time (round 48: std::hash's byte-wise _Hash_bytes over keys of 50-300
+// bytes, the geometry of every tensor argument, was ~5% of the fallback's instructions). Equality is still the whole
+// key's.
+struct KeyHash {
+  size_t operator()(const std::string& k) const noexcept {
+    const auto* p = reinterpret_cast<const unsigned char*>(k.data());
+    size_t n = k.size();
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ n;
+    for (; n >= 8; n -= 8, p += 8) {
+      uint64_t w;
+      std::memcpy(&w, p, 8);
+      h = (h ^ w) * 0xff51afd7ed558ccdULL;
+      h ^= h >> 32;
+    }
+    uint64_t w = 0;
+    std::memcpy(&w, p, n);
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
+    return static_cast<size_t>(h ^ (h >> 29));
+  }
+};
+std::unordered_map<std::string, Plan, KeyHash> g_cache;  // guarded by g_mu
 
 at::Tensor to_meta(const at::Tensor& t) {
   if (!t.defined()) return t;
@@ -731,14 +751,25 @@ inline DeviceIndex factory_index(std::optional<Device> device) {
   return checked_index(device && device->has_index() ? device->index() : t_current);
 }
 
+// A storage's geometry. Its dims are inline up to 6 (round 48: two std::vector copies, four heap calls, for every new
+// output's Store, made and freed once per op).
+using Dims = c10::SmallVector<int64_t, 6>;
 struct Geo {
   at::ScalarType dtype = at::kFloat;
-  std::vector<int64_t> sizes, strides;
+  Dims sizes, strides;
   int64_t offset = 0;
-  static Geo of(const at::Tensor& t) { return {t.scalar_type(), t.sizes().vec(), t.strides().vec(), t.storage_offset()}; }
-  bool same(const at::Tensor& t) const {
-    return t.scalar_type() == dtype && t.storage_offset() == offset && t.sizes().equals(sizes) &&
-           t.strides().equals(strides);
+  Geo() = default;
+  Geo(at::ScalarType d, c10::IntArrayRef s, c10::IntArrayRef st, int64_t o)
+      : dtype(d), sizes(s.begin(), s.end()), strides(st.begin(), st.end()), offset(o) {}
+  static Geo of(const at::Tensor& t) { return {t.scalar_type(), t.sizes(), t.strides(), t.storage_offset()}; }
+  bool same(const at::Tensor& t) const {  // a loop, not memcmp through the PLT: a few dims (round 48)
+    if (t.scalar_type() != dtype || t.storage_offset() != offset) return false;
+    const c10::IntArrayRef ts = t.sizes(), tt = t.strides();
+    const size_t n = sizes.size();
+    if (ts.size() != n || tt.size() != n) return false;
+    for (size_t i = 0; i < n; i++)
+      if (ts[i] != sizes[i] || tt[i] != strides[i]) return false;
+    return true;
   }
 };
 struct Store {
@@ -767,12 +798,15 @@ struct Dev {
   std::vector<std::pair<std::pair<uint64_t, Geo>, uint64_t>> rec_views;  // (storage id, geometry) -> view handle id
   std::unordered_set<uint64_t> watched;
   std::vector<int64_t> fired;
+  std::vector<uint64_t> dead;                 // drain_frees_wire's, swapped with this device's free list
   uint64_t handle(uint64_t sid) const { return base + (sid & kIdMask); }  // a storage's wire handle
 };
 Dev g_devs[kMaxDevices];
 thread_local int t_recdev = -1;  // the device this thread records a step on (-1: none)
 
-inline bool recording_here(const Dev& d) { return t_recdev >= 0 && t_recdev == &d - g_devs; }
+// Under g_mu. d.taping first: record_start/record_stop set it with t_recdev, so no step recorded on d costs no
+// thread-local read (round 48: a __tls_get_addr call in this shared library at every view argument).
+inline bool recording_here(const Dev& d) { return d.taping && t_recdev == &d - g_devs; }
 
 // The bytes a command just wrote into d's frame (from `start`), onto the tape of a step being recorded there: the
 // recording thread's commands, and every thread's Frees (`any_thread`).
@@ -806,7 +840,17 @@ struct WireOp {
   std::vector<uint8_t> kind;  // per schema argument: 0 (by value), T_DTYPE, T_LAYOUT, T_MEMORY_FORMAT
 };
 std::vector<WireOp> g_wire_info;  // by op id
-thread_local Buf t_rec, t_aux;
+// This thread's scratch for a record and its meta-cache key, reached once per op through a call (round 48: GCC's
+// global-dynamic TLS model in this shared library called __tls_get_addr at every use of a thread_local object, some
+// 20 times an op).
+struct Scratch {
+  Buf rec;
+  std::string key;
+};
+__attribute__((noinline)) Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
 struct WireStats {
   int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0, python_ops = 0, view_args = 0;
 } g_wstats;
@@ -876,27 +920,39 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
   return w;
 }
 
-// A compact record: head (op id, the name the first time), outputs, then `args` (the argument part).
+// A compact record: head (op id, the name the first time), outputs, then `args` (the argument part). Written
+// straight into d's frame as emit_command would write it (round 48: it was built in a thread-local buffer first and
+// copied over), its lengths known up front.
 void emit_record(Dev& d, uint32_t id, c10::ArrayRef<uint64_t> outs, const Buf& args) {
-  Buf& r = t_aux;
-  r.clear();
-  put<uint32_t>(r, id);
   if (d.named.size() <= id) d.named.resize(id + 1, 0);
-  if (!d.named[id]) {  // each session learns an op's name on its own stream
-    const std::string& name = g_op_names[id];
-    put<uint8_t>(r, static_cast<uint8_t>(name.size()));
-    put_bytes(r, name.data(), name.size());
-    d.named[id] = 1;
-  } else {
-    put<uint8_t>(r, 0);
-  }
-  put<uint8_t>(r, static_cast<uint8_t>(outs.size()));
-  put_bytes(r, outs.data(), outs.size() * sizeof(uint64_t));
-  put_bytes(r, args.v.data(), args.n);
+  const bool first = !d.named[id];  // each session learns an op's name on its own stream
+  const std::string* name = first ? &g_op_names[id] : nullptr;
+  const size_t name_len = first ? name->size() : 0;
+  const size_t body = 4 + 1 + name_len + 1 + outs.size() * sizeof(uint64_t) + args.n;
   static const uint8_t tag[] = {0xf2, 0x01};  // Command.eager_op (30)
-  emit_command(d, tag, 2, r);
+  const size_t cmd = sizeof(tag) + varint_len(body) + body;
+  const size_t start = d.buf.n;
+  put<uint8_t>(d.buf, 0x0a);  // ClientFrame.commands (1)
+  put_varint(d.buf, cmd);
+  put_bytes(d.buf, tag, sizeof(tag));
+  put_varint(d.buf, body);
+  uint8_t* p = d.buf.grow(body);
+  std::memcpy(p, &id, 4);
+  p[4] = static_cast<uint8_t>(name_len);
+  p += 5;
+  if (first) {
+    std::memcpy(p, name->data(), name_len);
+    p += name_len;
+    d.named[id] = 1;
+  }
+  *p++ = static_cast<uint8_t>(outs.size());
+  if (!outs.empty()) std::memcpy(p, outs.data(), outs.size() * sizeof(uint64_t));
+  p += outs.size() * sizeof(uint64_t);
+  if (args.n) std::memcpy(p, args.v.data(), args.n);
+  d.cmds++;
+  tape_from(d, start, false);
   g_stats.op_records++;
-  g_stats.bytes += static_cast<int64_t>(r.n);
+  g_stats.bytes += static_cast<int64_t>(body);
 }
 
 inline void put_ints(Buf& b, uint8_t tag, c10::IntArrayRef v) {
@@ -1049,7 +1105,8 @@ void emit_free(Dev& d, const Buf& packed) {
 }
 
 void drain_frees_wire(Dev& d) {
-  std::vector<uint64_t> dead;
+  std::vector<uint64_t>& dead = d.dead;  // swapped with the free list: both keep their capacity
+  dead.clear();
   {
     std::lock_guard<std::mutex> flock(g_free_mu);
     std::vector<uint64_t>& list = g_free[&d - g_devs];
@@ -1206,6 +1263,7 @@ void put_wire_arg(Dev& d, Buf& b, std::string& k, const IValue& v, uint8_t kind,
     if (tensors) {
       // VIEWS (each element TENSOR or VIEW, tag included) when an element is a view and none is a None; else the
       // plain TENSORS list of handles (views by view handle, `wire_handle`)
+      // (no view: every element is its storage's base tensor, named by the storage's handle without a second look)
       bool any_view = false, any_none = false;
       for (const IValue& e : items) {
         if (e.isNone()) {
@@ -1232,6 +1290,8 @@ void put_wire_arg(Dev& d, Buf& b, std::string& k, const IValue& v, uint8_t kind,
         key_tensor(k, t);
         if (as_views) {
           put_ref(d, b, t, true);
+        } else if (!any_view) {
+          put<uint64_t>(b, d.handle(handle_of(t)));  // wire_handle's answer for a base tensor
         } else {
           put<uint64_t>(b, wire_handle(d, t));
         }
@@ -1335,8 +1395,6 @@ void push_outputs(torch::jit::Stack* stack, const std::vector<RetPlan>& rets, c1
   }
 }
 
-thread_local std::string t_wkey;
-
 // The op the C++ encoder cannot send (outside the op set; an argument the compact form lacks: a string, a complex
 // number, a Generator, a CPU tensor of some size; outputs the Meta kernel cannot infer: data-dependent shapes, a
 // non-tensor return) goes to the Python fallback registered at PrivateUse2 (client/native/backend.py `_python_op`),
@@ -1368,9 +1426,10 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
     return;
   }
   prelude_wire(d);
-  Buf& rec = t_rec;
+  Scratch& sc = scratch();
+  Buf& rec = sc.rec;
   rec.clear();
-  std::string& key = t_wkey;
+  std::string& key = sc.key;
   key.clear();
   key.append(reinterpret_cast<const char*>(&id), sizeof(id));
   try {
@@ -1426,7 +1485,12 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
       made.push_back(make_out(p, args));
       if (p.kind == OutPlan::NEW) {
         const uint64_t sid = handle_of(made.back());
-        d.stores[sid] = Store{Geo{p.dtype, p.sizes, p.strides, p.offset}, {}};
+        Store& st = d.stores[sid];  // a new storage (handles are never reused): its geometry written in place
+        st.base.dtype = p.dtype;
+        st.base.sizes.assign(p.sizes.begin(), p.sizes.end());
+        st.base.strides.assign(p.strides.begin(), p.strides.end());
+        st.base.offset = p.offset;
+        st.views.clear();
         outs.push_back(d.handle(sid));
       } else {
         outs.push_back(0);
