@@ -1964,16 +1964,28 @@ at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocki
 // a copy before `mul`, `add`, ...): the records and transfers name storages, not the bits, so the source's bytes are
 // copied as they are and the conjugate or negation then applied to the copy, as torch's own copy_ does in its kernel.
 // Until round 48 the bits were dropped: `a * b.conj()` multiplied by `b`, a rotary embedding's gradient was wrong.
-at::Tensor& lazy_bits_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
-  TORCH_CHECK(!self.is_conj() && !self.is_neg(),
-              "gpupool native client: a copy into a conjugate or negative view: not supported (copy into a tensor "
-              "of its own, then .conj() it)");
-  if (src.device().type() != kType) return spike_copy_(self, src.resolve_conj().resolve_neg(), non_blocking);
+at::Tensor without_lazy_bits(const at::Tensor& t) {  // the same storage and geometry, no conjugate/negative bit
   const at::Tensor plain = at::detail::make_tensor<c10::TensorImpl>(
-      c10::TensorImpl::VIEW, c10::Storage(src.storage()),
-      src.key_set().remove(c10::DispatchKey::Conjugate).remove(c10::DispatchKey::Negative), src.dtype());
-  plain.unsafeGetTensorImpl()->set_sizes_and_strides(src.sizes(), src.strides(), src.storage_offset());
-  spike_copy_(self, plain, non_blocking);
+      c10::TensorImpl::VIEW, c10::Storage(t.storage()),
+      t.key_set().remove(c10::DispatchKey::Conjugate).remove(c10::DispatchKey::Negative), t.dtype());
+  plain.unsafeGetTensorImpl()->set_sizes_and_strides(t.sizes(), t.strides(), t.storage_offset());
+  return plain;
+}
+
+at::Tensor& lazy_bits_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
+  if (self.is_conj() || self.is_neg()) {
+    // A copy into a conjugate or negative view (`z.conj().mul_(2)`, `z.conj().zero_()`: torch's Conjugate fallback
+    // computes into a plain tensor and copies that back into the view): the viewed tensor gets the conjugate and
+    // negation of `src` (both their own inverses). Until round 48 (specrev48) refused; on dabf16a0 the bits were
+    // dropped (`z.conj().mul_(2)` wrote conj(2 conj(z)) into z).
+    at::Tensor plain = without_lazy_bits(self);
+    spike_copy_(plain, src, non_blocking);
+    if (self.is_conj() && plain.is_complex()) at::view_as_real(plain).select(-1, 1).neg_();
+    if (self.is_neg()) plain.neg_();
+    return self;
+  }
+  if (src.device().type() != kType) return spike_copy_(self, src.resolve_conj().resolve_neg(), non_blocking);
+  spike_copy_(self, without_lazy_bits(src), non_blocking);
   // (into a real dtype: the real part, unchanged; conj_physical_ has no kernel here: a DispatchStub of CPU and CUDA)
   if (src.is_conj() && self.is_complex()) at::view_as_real(self).select(-1, 1).neg_();
   if (src.is_neg()) self.neg_();
