@@ -177,6 +177,7 @@ class HostBook:
         with self.lock:
             old = self.pool.hosts.get(host_id)
             self._check_duplicate(old, host_id, address)
+            self._check_uuids(host_id, devices)
             cordoned = old is not None and old.cordoned
             host = Host(
                 host_id,
@@ -235,6 +236,30 @@ class HostBook:
             f"daemon restarted at another address takes its host id once the first has been silent for "
             f"{self.live_window:g} s"
         )
+
+    def _check_uuids(self, host_id: str, devices: list[DeviceSpec]) -> None:
+        """AlreadyExists when a device's GPU UUID is another live host's (up or draining, heard from within
+        `live_window`): the UUID is bound to the first host that registered it while that host lives. Until round 48
+        (warts48) a host could name another's GPU UUIDs, and placement, which gives a multi-GPU lease distinct
+        physical GPUs (distinct UUIDs), then could not place some of them (a semi-trusted host's denial of service).
+        The host itself re-registering (a restart) keeps them; a host silent past `live_window` or down frees them.
+        Not bound: an empty UUID and torch's fallback for a GPU that reports none (`GPU-cuda<index>`, server/devices.py),
+        which every such host shares."""
+        mine = {d.uuid for d in devices if d.uuid and not d.uuid.startswith("GPU-cuda")}
+        if not mine:
+            return
+        now = time.time()
+        for other in self.pool.hosts.values():
+            if other.host_id == host_id or other.state == HostState.DOWN or now - other.last_seen >= self.live_window:
+                continue
+            taken = sorted(mine & {d.uuid for d in other.devices.values()})
+            if taken:
+                raise AlreadyExists(
+                    f"host {host_id} registers GPU {taken[0]}{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}"
+                    f", which live host {other.host_id} registered first (refused; a GPU UUID is its first host's while "
+                    f"that host lives): two daemons may not offer one physical GPU. Once {other.host_id} has been silent "
+                    f"for {self.live_window:g} s (or is removed) its GPUs may be registered elsewhere"
+                )
 
     def heartbeat(
         self,
