@@ -243,8 +243,8 @@ class HostBook:
         (warts48) a host could name another's GPU UUIDs, and placement, which gives a multi-GPU lease distinct
         physical GPUs (distinct UUIDs), then could not place some of them (a semi-trusted host's denial of service).
         The host itself re-registering (a restart) keeps them; a host silent past `live_window` or down frees them.
-        Not bound: an empty UUID and torch's fallback for a GPU that reports none (`GPU-cuda<index>`, server/devices.py),
-        which every such host shares."""
+        Not bound: an empty UUID and the daemon's fallback for a GPU that reports none (`GPU-cuda<index>`,
+        server/devices.py), which every such host shares."""
         mine = {d.uuid for d in devices if d.uuid and not d.uuid.startswith("GPU-cuda")}
         if not mine:
             return
@@ -254,11 +254,12 @@ class HostBook:
                 continue
             taken = sorted(mine & {d.uuid for d in other.devices.values()})
             if taken:
+                more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
                 raise AlreadyExists(
-                    f"host {host_id} registers GPU {taken[0]}{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}"
-                    f", which live host {other.host_id} registered first (refused; a GPU UUID is its first host's while "
-                    f"that host lives): two daemons may not offer one physical GPU. Once {other.host_id} has been silent "
-                    f"for {self.live_window:g} s (or is removed) its GPUs may be registered elsewhere"
+                    f"host {host_id} registers GPU {taken[0]}{more}, which live host {other.host_id} registered "
+                    f"first (refused; a GPU UUID is its first host's while that host lives): two daemons may not "
+                    f"offer one physical GPU. Once {other.host_id} has been silent for {self.live_window:g} s (or is "
+                    f"removed) its GPUs may be registered elsewhere"
                 )
 
     def heartbeat(

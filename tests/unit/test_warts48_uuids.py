@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from gpupool.errors import AlreadyExists
 from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
 from gpupool.scheduler.store import MemoryStore
+
+from gpupool.errors import AlreadyExists
 
 GiB = 1024**3
 
