@@ -249,18 +249,24 @@ class HostBook:
         if not mine:
             return
         now = time.time()
-        for other in self.pool.hosts.values():
-            if other.host_id == host_id or other.state == HostState.DOWN or now - other.last_seen >= self.live_window:
+        taken: list[str] = []
+        other = None
+        for u in sorted(mine):  # (by the pool's index, not a look at every host: a 10,000-host pool re-registers)
+            owner = self.pool.hosts.get(self.pool.uuid_host.get(u, host_id))
+            if owner is None or owner.host_id == host_id or owner.state == HostState.DOWN:
                 continue
-            taken = sorted(mine & {d.uuid for d in other.devices.values()})
-            if taken:
-                more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
-                raise AlreadyExists(
-                    f"host {host_id} registers GPU {taken[0]}{more}, which live host {other.host_id} registered "
-                    f"first (refused; a GPU UUID is its first host's while that host lives): two daemons may not "
-                    f"offer one physical GPU. Once {other.host_id} has been silent for {self.live_window:g} s (or is "
-                    f"removed) its GPUs may be registered elsewhere"
-                )
+            if now - owner.last_seen >= self.live_window or all(d.uuid != u for d in owner.devices.values()):
+                continue
+            other = other or owner
+            taken += [u] if owner is other else []
+        if taken and other is not None:
+            more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+            raise AlreadyExists(
+                f"host {host_id} registers GPU {taken[0]}{more}, which live host {other.host_id} registered "
+                f"first (refused; a GPU UUID is its first host's while that host lives): two daemons may not "
+                f"offer one physical GPU. Once {other.host_id} has been silent for {self.live_window:g} s (or is "
+                f"removed) its GPUs may be registered elsewhere"
+            )
 
     def heartbeat(
         self,
