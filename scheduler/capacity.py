@@ -164,6 +164,9 @@ class Pool:
         self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
         # Changes whenever the devices up change (a host added, removed, up or not); not with allocations.
         self.epoch = 0
+        # GPU UUID -> the host that set it last (hosts.py `_check_uuids` checks that host still holds it and lives);
+        # an entry outlives its host's removal until another host sets the UUID (at most one a UUID ever set).
+        self.uuid_host: dict[str, str] = {}
 
     def device(self, key: DeviceKey) -> PoolDevice | None:
         host = self.hosts.get(key[0])
@@ -203,6 +206,8 @@ class Pool:
         if old is not None and old.state == HostState.UP:
             self._unindex(old)
         self.hosts[host.host_id] = host
+        for d in host.devices.values():
+            self.uuid_host[d.uuid] = host.host_id
         self.max_capacity = max([self.max_capacity, *(d.capacity_bytes for d in host.devices.values())])
         if host.state == HostState.UP:
             self._index(host)

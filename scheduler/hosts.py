@@ -177,6 +177,7 @@ class HostBook:
         with self.lock:
             old = self.pool.hosts.get(host_id)
             self._check_duplicate(old, host_id, address)
+            self._check_uuids(host_id, devices)
             cordoned = old is not None and old.cordoned
             host = Host(
                 host_id,
@@ -235,6 +236,37 @@ class HostBook:
             f"daemon restarted at another address takes its host id once the first has been silent for "
             f"{self.live_window:g} s"
         )
+
+    def _check_uuids(self, host_id: str, devices: list[DeviceSpec]) -> None:
+        """AlreadyExists when a device's GPU UUID is another live host's (up or draining, heard from within
+        `live_window`): the UUID is bound to the first host that registered it while that host lives. Until round 48
+        (warts48) a host could name another's GPU UUIDs, and placement, which gives a multi-GPU lease distinct
+        physical GPUs (distinct UUIDs), then could not place some of them (a semi-trusted host's denial of service).
+        The host itself re-registering (a restart) keeps them; a host silent past `live_window` or down frees them.
+        Not bound: an empty UUID and the daemon's fallback for a GPU that reports none (`GPU-cuda<index>`,
+        server/devices.py), which every such host shares."""
+        mine = {d.uuid for d in devices if d.uuid and not d.uuid.startswith("GPU-cuda")}
+        if not mine:
+            return
+        now = time.time()
+        taken: list[str] = []
+        other = None
+        for u in sorted(mine):  # (by the pool's index, not a look at every host: a 10,000-host pool re-registers)
+            owner = self.pool.hosts.get(self.pool.uuid_host.get(u, host_id))
+            if owner is None or owner.host_id == host_id or owner.state == HostState.DOWN:
+                continue
+            if now - owner.last_seen >= self.live_window or all(d.uuid != u for d in owner.devices.values()):
+                continue
+            other = other or owner
+            taken += [u] if owner is other else []
+        if taken and other is not None:
+            more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+            raise AlreadyExists(
+                f"host {host_id} registers GPU {taken[0]}{more}, which live host {other.host_id} registered "
+                f"first (refused; a GPU UUID is its first host's while that host lives): two daemons may not "
+                f"offer one physical GPU. Once {other.host_id} has been silent for {self.live_window:g} s (or is "
+                f"removed) its GPUs may be registered elsewhere"
+            )
 
     def heartbeat(
         self,

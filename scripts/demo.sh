@@ -11,6 +11,11 @@
 #
 # Environment: GPUPOOL_DEMO_SETUP=0 skips scripts/setup.sh (already installed); PYTHON (default python3);
 # GPUPOOL_WEB_PORT (default 8000).
+# --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 web=0

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Regenerate gpupool/_proto/ from proto/gpupool/v1/*.proto with pinned generators.
 # CI runs this and fails on any difference (tests/unit/test_proto_fresh.py does the same check).
+# --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GRPCIO_TOOLS_VERSION=1.85.1

@@ -2,6 +2,11 @@
 # Check the import contracts of .importlinter with import-linter (pip install -e '.[dev]').
 # import-linter follows packages on disk, but pyproject's package-dir maps server/, scheduler/ and client/
 # into the `gpupool` package: mirror that mapping as a tree of symlinks and run lint-imports inside it.
+# --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  exit 0
+fi
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 tree=$(mktemp -d); trap 'rm -rf "$tree"' EXIT

@@ -17,6 +17,11 @@
 # Why in-process: a session's worker caps its private mappings (RLIMIT_DATA, server/sandbox.py) and ASan's
 # shadow memory is terabytes of them, so a live daemon's workers cannot run it. The recordings are made first by a
 # plain Python (through a real daemon), then replayed under ASan.
+# --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -6,6 +6,11 @@
 # (pinned; the CPU build where the index has it, see GPUPOOL_TORCH_INDEX below), and the project with its dev extras. Last it builds the native device guard (client/torch/native_guard.cpp,
 # ~1-2 s) into the per-user cache, so that tests and CI find it built; `import gpupool.torch` would build it at
 # first use anyway, and without a compiler the client keeps torch's Python device guard (GPUPOOL_NATIVE=0 forces that).
+# --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }

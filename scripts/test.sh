@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run every check CI runs: generated code is fresh, ruff, mypy, import contracts, and the
 # test suite.
+# --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -494,6 +494,7 @@ class Daemon:
         # Set once the scheduler answered a heartbeat (told every revocation it holds for this host); at once for a
         # daemon that registers with none (its tokens' revocations have nowhere to come from).
         self._heard = threading.Event()
+        self._bearer_said = False  # (check_bound: a bound token taken unchecked, warned once)
         if not config.scheduler:
             self._heard.set()
         self._waiting_heard = 0  # calls in `_await_revocations` now (`REVOCATIONS_WAITERS`), under `_lock`
@@ -1372,8 +1373,24 @@ class Daemon:
         where this daemon sees client certificates (`--tls-client-auth require`); PERMISSION_DENIED otherwise. Until
         round 46 a token was a bearer credential: a session attached with another tenant's certificate (or none)
         using a revoked certificate holder's token. An unbound token (an API token's lease, a hand-minted or older
-        token) is anyone's, and a daemon under `none` sees no certificate to compare."""
-        if not claims.cert or not self.config.tls.verifies_clients:
+        token) is anyone's, and a daemon under `none` sees no certificate to compare: it takes a bound token as a
+        bearer's, and says so once (a WARNING naming `--tls-client-auth require`; round 48: silently before). Not
+        refused: a certificate pool's daemon under `none` is a configuration the docs keep (docs/security.md, round
+        46: a revocation ends its bound leases at the next heartbeat), and refusing would lock its tenants out."""
+        if not claims.cert:
+            return
+        if not self.config.tls.verifies_clients:
+            if not self._bearer_said:
+                self._bearer_said = True
+                log.warning(
+                    "lease %s's token is bound to client certificate %s..., but this daemon verifies no client "
+                    "certificate (%s): the token attaches here as a bearer's, whoever presents it (said once); serve "
+                    "with --tls-client-auth require (and a --tls-ca or --tls-client-ca) to hold bound tokens to "
+                    "their certificates",
+                    claims.lease_id,
+                    claims.cert[:23],
+                    "--insecure" if self.config.tls.insecure else "--tls-client-auth none",
+                )
             return
         shown = certrevoke.fingerprint_pem(peer) if peer is not None else "none"
         if shown != claims.cert:

@@ -180,8 +180,9 @@ def _registered_unread(tmp: Path, kind: str, hosts: int, env: dict[str, str] | N
         assert m, said[-2000:]
         channel = tls.channel(m.group(1).decode(), cfg=get_pki().client_config("admin", "ops"))
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        info = device_pb2.DeviceInfo(index=0, uuid="GPU-0", model="fake", memory_bytes=GiB, fake=True)
         for n in range(hosts):  # (its stderr is not read meanwhile)
+            # (a GPU UUID of each host's own: since round 48 a live host's UUID is refused to any other)
+            info = device_pb2.DeviceInfo(index=0, uuid=f"GPU-{n}", model="fake", memory_bytes=GiB, fake=True)
             request = scheduler_pb2.RegisterRequest(host_id=f"host{n:03d}", address="127.0.0.1:40001", devices=[info])
             try:
                 stub.Register(request, timeout=20)
