@@ -2240,6 +2240,31 @@ def test_pinned_records_whose_op_aliases_its_inputs_leave_every_count_as_unpinne
     assert seen[0] == seen[1]
 
 
+def test_pinned_list_records_of_many_tensors_pin_each_tensor_once(runner: str) -> None:
+    """A `_foreach_` record of two lists of 24 tensors, the second naming each tensor of the first again in another
+    order (48 inputs: past the 16 pins `Pins` scans, where it keeps them in a set that it grows past 32), pinned in
+    each step of a learned run: every tensor is pinned once however often its record names it, and the stream leaves
+    each tensor's Python and C++ references (`sys.getrefcount`, `_use_count`) and values as the normal path does."""
+    p = _pinning_pair()
+    alone = len(sys._current_frames()) == 1
+    many = [BASE + 5000 + j for j in range(24)]
+    p.stream([upload(hd, torch.full((2, 3), float(j))) for j, hd in enumerate(many)], iter([64]))
+    again = many[12:][::-1] + many[:12][::-1]
+    refs = {hd: [sys.getrefcount(s.tensors[hd]) for s in p.s] for hd in many}
+    pinned = []
+    for t in range(10):
+        p.stream(step(p, t) + ([free(t - 1)] if t else []), itertools.cycle([64]))
+        before = _pinned()
+        p.stream([p.rec(14, [], [L(many), L(again)], {"alpha": V(0.25)})], iter([64]))  # the run goes on in it
+        pinned.append(_pinned() - before)
+    assert {hd: [sys.getrefcount(s.tensors[hd]) for s in p.s] for hd in many} == refs
+    for hd in many:
+        assert p.s[0].tensors[hd]._use_count() == p.s[1].tensors[hd]._use_count(), hd
+        assert torch.equal(p.s[0].tensors[hd], p.s[1].tensors[hd]), hd
+    if runner == "native" and alone:
+        assert pinned[-4:] == [1, 1, 1, 1], pinned
+
+
 def test_the_tables_are_written_before_each_python_call_of_a_run(runner: str) -> None:
     """A progress mark that is Python code sees the session's tables (`tensors`, `_keys`, `_storages`) and byte
     counts exactly as on the normal path at each command (`_tables`), frees and uploads among a run's records
