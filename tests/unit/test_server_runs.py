@@ -12,6 +12,7 @@ C++ (a counter checks that it ran), and with `GPUPOOL_NATIVE_RUNNER=0` (the Pyth
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import itertools
 import random
@@ -1585,6 +1586,28 @@ def test_a_run_goes_on_into_the_run_that_followed_it_last_time_in_one_native_cal
         assert p.runs().native - native == 5 * (5 if python else 6)
         # one call a slice, which ran on into the second run (and one for its step after the Python one)
         assert calls.calls == ([(4, True), (1, False)] if python else [(6, True)]) * 5
+
+
+def test_a_run_goes_on_into_the_run_that_followed_it_whatever_the_form_of_its_trace(
+    runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Ctx::follow` reads a `runs.Trace`'s `next`, `quota`, `flops` and `native` from its slots (`SlotOf`) while
+    the class is as it was when it found them, and again after any change to the class (its attribute cache tag
+    changes); a `next` that is a callable but no weak reference is called: with the class changed before every
+    slice and such a `next`, the runs still go on into each other in one native call a slice, as the normal path."""
+    p, calls = chained()
+    first = next(tr for found in p.runs().heads.values() for tr in found if tr.next() is not None)
+    hits = p.hits
+    calls.calls.clear()
+    for t in range(4, 9):
+        monkeypatch.setattr(runs.Trace, "probe", t, raising=False)
+        if t == 6:
+            first.next = functools.partial(lambda cand: cand, first.next())
+        p.slice(part_a(p, t) + part_b(p, t))
+        p.slice([free_c(t)])
+    assert p.hits - hits == 5 * 6
+    if runner == "native":
+        assert calls.calls == [(6, True)] * 5
 
 
 def part_c(p: Pair, t: int) -> list[device_pb2.Command]:
