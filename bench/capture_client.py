@@ -163,7 +163,7 @@ def _total(path: Path) -> int:
 
 def top_functions(dump: Path, n: int, per: int) -> list[str]:
     """The `n` functions with the most inclusive instructions in a callgrind dump, per `per` (steps)."""
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", "--auto=no", str(dump)],
                          capture_output=True, text=True, check=False).stdout  # fmt: skip
     rows = []
     for line in out.splitlines():

@@ -199,7 +199,7 @@ RUNNER = {"runner": "(anonymous namespace)::Ctx::run(", "call_op": "(anonymous n
 
 def _inclusive(dump: Path, *symbols: str) -> list[int]:
     """Inclusive instructions of the functions whose name holds each of `symbols` in one dump (0 if none ran)."""
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", "--auto=no", str(dump)],
                          capture_output=True, text=True, check=False).stdout  # fmt: skip
     best = [0] * len(symbols)
     for line in out.splitlines():
@@ -247,7 +247,7 @@ GRPC_SHARE = 0.05
 
 def _grpc_thread(dump: Path) -> bool:
     """Whether one thread's dump of the front is one of gRPC's threads (`GRPC_CORE`)."""
-    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(dump)],
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", "--auto=no", str(dump)],
                          capture_output=True, text=True, check=False).stdout  # fmt: skip
     total = core = 0
     for line in out.splitlines():

@@ -532,7 +532,23 @@ inline double now() {
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
 }
 
-bool as_i64(PyObject* v, int64_t* out) {
+// An int's value where it fits in 64 bits (false, no error set, where it does not or `v` is no int). An exact int of
+// at most two digits (|v| < 2^60: a handle, a storage's address, a byte count) is read from its digits, as CPython's
+// own fast paths read them (3.11's layout: `ob_size` the signed digit count; ~5 instructions, not the ~35 of
+// `PyLong_AsLongLongAndOverflow`: a freed handle read three such ints, an output one)
+inline bool as_i64(PyObject* v, int64_t* out) {
+#if PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+  if (PyLong_CheckExact(v)) {
+    const Py_ssize_t n = Py_SIZE(v);
+    const digit* d = reinterpret_cast<PyLongObject*>(v)->ob_digit;
+    if (n >= -2 && n <= 2) {
+      const int64_t lo = n == 0 ? 0 : static_cast<int64_t>(d[0]);
+      const int64_t m = n == 2 || n == -2 ? lo | static_cast<int64_t>(d[1]) << 30 : lo;
+      *out = n < 0 ? -m : m;
+      return true;
+    }
+  }
+#endif
   int overflow = 0;
   long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
   if (overflow || (x == -1 && PyErr_Occurred())) {
@@ -774,18 +790,59 @@ struct Pins {
   };
   std::vector<Pin> v;
   std::vector<Pin>& home;
-  explicit Pins(std::vector<Pin>& room) : home(room) { v.swap(home); }
+  // The pinned TensorImpls by address once a record pins more than `SCAN` (a `_foreach_` op's lists: a parameter's
+  // tensors in each of 2-4 lists), for `add`'s test of a tensor pinned twice in one record: open addressing over a
+  // power-of-two table kept at most half full (null: an empty slot), emptied by `release`. A scan of the pins was
+  // quadratic in them (the encoder's Adam: ~160 inputs a `_foreach_` record, ~13k comparisons).
+  static constexpr size_t SCAN = 16;
+  std::vector<c10::TensorImpl*> set;
+  std::vector<c10::TensorImpl*>& set_home;
+  bool set_used = false;
+  Pins(std::vector<Pin>& room, std::vector<c10::TensorImpl*>& set_room) : home(room), set_home(set_room) {
+    v.swap(home);
+    set.swap(set_home);
+  }
   ~Pins() {
     release();
     if (v.capacity() > home.capacity()) v.swap(home);
+    if (set.capacity() > set_home.capacity()) set.swap(set_home);
   }
   Pins(const Pins&) = delete;
   Pins& operator=(const Pins&) = delete;
+  static size_t slot_of(const c10::TensorImpl* t, size_t mask) {
+    return static_cast<size_t>((reinterpret_cast<uintptr_t>(t) >> 4) * 0x9E3779B97F4A7C15ull >> 20) & mask;
+  }
+  // put `t` in the set; false where it was there already
+  bool insert(c10::TensorImpl* t) {
+    const size_t mask = set.size() - 1;
+    for (size_t i = slot_of(t, mask);; i = (i + 1) & mask) {
+      if (set[i] == t) return false;
+      if (set[i] == nullptr) {
+        set[i] = t;
+        return true;
+      }
+    }
+  }
+  // whether `t` is pinned already, and (false) room in the set for one more
+  bool pinned(c10::TensorImpl* t) {
+    if (v.size() < SCAN) {
+      for (const Pin& p : v) {
+        if (p.t == t) return true;
+      }
+      return false;
+    }
+    if (!set_used || 2 * (v.size() + 1) > set.size()) {  // (re)built from the pins, at most half full
+      size_t n = 64;
+      while (n < 4 * (v.size() + 1)) n <<= 1;
+      set.assign(n, nullptr);
+      for (const Pin& p : v) insert(p.t);
+      set_used = true;
+    }
+    return !insert(t);
+  }
   void add(const at::Tensor& t) {
     c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    for (const Pin& p : v) {
-      if (p.t == impl) return;  // the same tensor twice in one record
-    }
+    if (pinned(impl)) return;  // the same tensor twice in one record
     v.push_back({impl, false});  // first: a push_back that throws (bad_alloc) must leave no count behind
     const uint64_t before = combined_refcount(impl).fetch_add(c10::detail::kReferenceCountOne, std::memory_order_relaxed);
     v.back().owned = c10::detail::has_pyobject(before) && c10::detail::refcount(before) >= 2;
@@ -809,6 +866,10 @@ struct Pins {
       }
     }
     v.clear();
+    if (set_used) {
+      std::fill(set.begin(), set.end(), nullptr);
+      set_used = false;
+    }
   }
 };
 
@@ -918,6 +979,48 @@ PyObject* S_alt;
 PyObject* S_quota;
 PyObject* S_flops;
 PyObject* S_native;
+
+// `o.<name>` read from its `__slots__` member where getattr would read it there: the type's generic getattr, the
+// name's class attribute a member descriptor of an object slot (a data descriptor: it wins over anything else), the
+// type's attribute cache tag the one it had when the slot was found (any change to the class gives it another).
+// Borrowed; null where the slot is empty or the type is another (then getattr: its error, its value). `Plan`'s
+// `run_offset` reads `OpPlan.run` so; `Ctx::follow` reads a `runs.Trace`'s `next`, `alt`, `quota`, `flops` and
+// `native` so (~100-150 instructions each through getattr, ~5 here).
+struct SlotOf {
+  PyObject* name;
+  PyTypeObject* type = nullptr;
+  unsigned int tag = 0;
+  Py_ssize_t offset = -1;
+  explicit SlotOf(PyObject* n) : name(n) {}
+  PyObject* read(PyObject* o) {
+    PyTypeObject* tp = Py_TYPE(o);
+    if (tp != type || tp->tp_version_tag != tag || !PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG)) find(tp);
+    if (offset <= 0) return nullptr;
+    return *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(o) + offset);
+  }
+
+ private:
+  void find(PyTypeObject* tp) {
+    type = nullptr;
+    offset = -1;
+    if (tp->tp_getattro != PyObject_GenericGetAttr) return;
+    PyObject* d = _PyType_Lookup(tp, name);  // borrowed; sets the type's valid tag where it can
+    if (d == nullptr || Py_TYPE(d) != &PyMemberDescr_Type || tp->tp_version_tag == 0 ||
+        !PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG)) {
+      return;
+    }
+    const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+    if (m->type != T_OBJECT_EX || m->offset <= 0) return;
+    type = tp;
+    tag = tp->tp_version_tag;
+    offset = m->offset;
+  }
+};
+// `o.<name>` (a new reference; null with the error set): from its slot where `SlotOf` finds it, else getattr
+PyObject* slot_attr(SlotOf& slot, PyObject* o) {
+  PyObject* v = slot.read(o);
+  return v != nullptr ? Py_NewRef(v) : PyObject_GetAttr(o, slot.name);
+}
 PyObject* S_whole;  // `opargs.WHOLE`
 
 // ==== The fused attention's eager compositions in C++ (rounds 45, 46) ==============================================
@@ -2025,6 +2128,7 @@ struct Ctx {
   std::vector<c10::IValue> stack_room;
   std::vector<at::Tensor> held_room;
   std::vector<Pins::Pin> pin_room;
+  std::vector<c10::TensorImpl*> pin_set_room;
   // a session's own worker process (`exclusive_rng`): where it is the only Python thread, a record's op runs with
   // the GIL kept and its inputs pinned (`Pins`)
   bool own_process = false;
@@ -2036,6 +2140,10 @@ struct Ctx {
   bool between_here = false;
   py::object transfer = py::none(), pool = py::none(), pending = py::none();
   std::vector<at::ScalarType> dtypes;
+  // a `runs.Trace`'s slots as `follow` reads them (`SlotOf`)
+  struct TraceSlots {
+    SlotOf next{S_next}, alt{S_alt}, quota{S_quota}, flops{S_flops}, native{S_native};
+  } trace_slots;
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
@@ -2086,7 +2194,7 @@ struct Ctx {
     // Or, where no Python code can run while the op does (this session's own worker process, the interpreter's
     // only thread, a word mark, an op called as itself: `pin` per record), the op runs with the GIL kept (its
     // release and reacquisition ~410 instructions an op) and its inputs are pinned rather than held (`Pins`)
-    Pins pins(pin_room);
+    Pins pins(pin_room, pin_set_room);
     const bool pin_ok = own_process && word.buf != nullptr;
     Reused<uint64_t> hvals_(hvals_room);
     std::vector<uint64_t>& hvals = hvals_.v;  // a SEVERAL step's output handles (`hkeys`' values), for `several`
@@ -2485,14 +2593,23 @@ struct Ctx {
     PyObject* o = PyWeakref_GetObject(t.origin.ptr());  // borrowed; None once the trace is gone
     if (o == nullptr) throw py::error_already_set();
     if (o == Py_None) return nullptr;
-    Own next_of(PyObject_GetAttr(o, which));
+    Own next_of(slot_attr(which == S_alt ? trace_slots.alt : trace_slots.next, o));
     if (next_of.p == nullptr) throw py::error_already_set();
-    Own c(PyObject_CallNoArgs(next_of.p));
+    // `next_of()`: a weak reference's referent (or None) read as its call returns it; anything else called
+    Own c(PyWeakref_CheckRefExact(next_of.p) ? Py_NewRef(PyWeakref_GetObject(next_of.p))
+                                             : PyObject_CallNoArgs(next_of.p));
     if (c.p == nullptr) throw py::error_already_set();
     if (c.p == Py_None) return nullptr;
     int64_t q = 0, f = 0;
-    if (!attr_i64(c.p, S_quota, &q) || q != quota || !attr_i64(c.p, S_flops, &f) || f != flops) return nullptr;
-    Own nat(PyObject_GetAttr(c.p, S_native));
+    {
+      Own qv(slot_attr(trace_slots.quota, c.p));
+      if (qv.p == nullptr) throw py::error_already_set();
+      if (!as_i64(qv.p, &q) || q != quota) return nullptr;
+      Own fv(slot_attr(trace_slots.flops, c.p));
+      if (fv.p == nullptr) throw py::error_already_set();
+      if (!as_i64(fv.p, &f) || f != flops) return nullptr;
+    }
+    Own nat(slot_attr(trace_slots.native, c.p));
     if (nat.p == nullptr) throw py::error_already_set();
     const Trace* tn = trace_of(nat.p);
     if (tn == nullptr) return nullptr;  // not compiled yet (the Python path compiles it), or none runs
@@ -2518,7 +2635,12 @@ struct Ctx {
     // (torch's `decref_pyobject`, a `gil_scoped_acquire`, ~150 instructions an output)
     c10::SmallVector<const at::Tensor*, 16> outs;  // (a step's outputs, without allocating: ~300 instructions an op)
     static const at::Tensor undefined;
-    auto tensor_in = [](PyObject* o) { return THPVariable_Check(o) ? &THPVariable_Unpack(o) : &undefined; };
+    // (None and an int, which a Python run's tuple holds beside its tensors, are no tensor: told apart without
+    // `THPVariable_Check`'s `isinstance`, which calls the tensor metaclass's `__instancecheck__` for them, ~770
+    // instructions each)
+    auto tensor_in = [](PyObject* o) {
+      return o != Py_None && !PyLong_CheckExact(o) && THPVariable_Check(o) ? &THPVariable_Unpack(o) : &undefined;
+    };
     Own values(nullptr);
     bool flat = true;  // `values` are the slots `_bind_outputs` binds (`_slots`: no list or tuple among them)
     if (got != nullptr && PyTuple_Check(got)) {

@@ -12,6 +12,7 @@ C++ (a counter checks that it ran), and with `GPUPOOL_NATIVE_RUNNER=0` (the Pyth
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import itertools
 import random
@@ -1587,6 +1588,28 @@ def test_a_run_goes_on_into_the_run_that_followed_it_last_time_in_one_native_cal
         assert calls.calls == ([(4, True), (1, False)] if python else [(6, True)]) * 5
 
 
+def test_a_run_goes_on_into_the_run_that_followed_it_whatever_the_form_of_its_trace(
+    runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Ctx::follow` reads a `runs.Trace`'s `next`, `quota`, `flops` and `native` from its slots (`SlotOf`) while
+    the class is as it was when it found them, and again after any change to the class (its attribute cache tag
+    changes); a `next` that is a callable but no weak reference is called: with the class changed before every
+    slice and such a `next`, the runs still go on into each other in one native call a slice, as the normal path."""
+    p, calls = chained()
+    first = next(tr for found in p.runs().heads.values() for tr in found if tr.next() is not None)
+    hits = p.hits
+    calls.calls.clear()
+    for t in range(4, 9):
+        monkeypatch.setattr(runs.Trace, "probe", t, raising=False)
+        if t == 6:
+            first.next = functools.partial(lambda cand: cand, first.next())
+        p.slice(part_a(p, t) + part_b(p, t))
+        p.slice([free_c(t)])
+    assert p.hits - hits == 5 * 6
+    if runner == "native":
+        assert calls.calls == [(6, True)] * 5
+
+
 def part_c(p: Pair, t: int) -> list[device_pb2.Command]:
     """Another run that follows the first part elsewhere in a step: `part_b`'s records, its first under another
     template (op id 2, the first part's `mm`), so that `part_b`'s run does not take it."""
@@ -2238,6 +2261,31 @@ def test_pinned_records_whose_op_aliases_its_inputs_leave_every_count_as_unpinne
             if other.is_alive():
                 other.join()
     assert seen[0] == seen[1]
+
+
+def test_pinned_list_records_of_many_tensors_pin_each_tensor_once(runner: str) -> None:
+    """A `_foreach_` record of two lists of 24 tensors, the second naming each tensor of the first again in another
+    order (48 inputs: past the 16 pins `Pins` scans, where it keeps them in a set that it grows past 32), pinned in
+    each step of a learned run: every tensor is pinned once however often its record names it, and the stream leaves
+    each tensor's Python and C++ references (`sys.getrefcount`, `_use_count`) and values as the normal path does."""
+    p = _pinning_pair()
+    alone = len(sys._current_frames()) == 1
+    many = [BASE + 5000 + j for j in range(24)]
+    p.stream([upload(hd, torch.full((2, 3), float(j))) for j, hd in enumerate(many)], iter([64]))
+    again = many[12:][::-1] + many[:12][::-1]
+    refs = {hd: [sys.getrefcount(s.tensors[hd]) for s in p.s] for hd in many}
+    pinned = []
+    for t in range(10):
+        p.stream(step(p, t) + ([free(t - 1)] if t else []), itertools.cycle([64]))
+        before = _pinned()
+        p.stream([p.rec(14, [], [L(many), L(again)], {"alpha": V(0.25)})], iter([64]))  # the run goes on in it
+        pinned.append(_pinned() - before)
+    assert {hd: [sys.getrefcount(s.tensors[hd]) for s in p.s] for hd in many} == refs
+    for hd in many:
+        assert p.s[0].tensors[hd]._use_count() == p.s[1].tensors[hd]._use_count(), hd
+        assert torch.equal(p.s[0].tensors[hd], p.s[1].tensors[hd]), hd
+    if runner == "native" and alone:
+        assert pinned[-4:] == [1, 1, 1, 1], pinned
 
 
 def test_the_tables_are_written_before_each_python_call_of_a_run(runner: str) -> None:
