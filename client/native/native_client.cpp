@@ -790,9 +790,9 @@ struct Dev {
   // Step capture (client/native/capture.py): while a thread records a step on this device (`record_start`), every
   // command that thread writes into the frame, and every Free any thread writes, is also appended to `tape` (the
   // recording, decoded by Python at `record_stop`). The recording thread's view handles are its own (`rec_views`,
-  // freed at the end: two recordings of one step make the same as_strided records), and its records name views by
-  // view handle, never by view argument (a graph's op names tensors by slot). `watched`: handles a defined graph binds;
-  // their Frees are noted in `fired` (`fired`: the graph is re-recorded, or stops writing a handle).
+  // freed with their storage or at the end: two recordings of one step make the same as_strided records), and its
+  // records name views by view handle, never by view argument (a graph's op names tensors by slot). `watched`: handles
+  // a defined graph binds; their Frees are noted in `fired` (`fired`: the graph is re-recorded, or stops writing one).
   bool taping = false;
   Buf tape;
   std::vector<std::pair<std::pair<uint64_t, Geo>, uint64_t>> rec_views;  // (storage id, geometry) -> view handle id
@@ -1092,8 +1092,9 @@ void put_ref(Dev& d, Buf& b, const at::Tensor& t, bool views) {
   g_wstats.view_args++;
 }
 
-// Frees of the storages that died, as one Command{free}: a storage's handle and its view handles. A storage whose
-// empty was held back and never sent is simply forgotten.
+// Frees of the storages that died, as one Command{free}: a storage's handle and its view handles (a recording's own,
+// `rec_views`, too: none is found for a later storage, and the daemon holds none past its storage). A storage whose
+// empty was held back and never sent is simply forgotten. Storage ids are never reused (g_next counts up).
 // One Free command of the handles in `packed` (varints) into d's frame.
 void emit_free(Dev& d, const Buf& packed) {
   Buf fr;
@@ -1126,6 +1127,16 @@ void drain_frees_wire(Dev& d) {
       if (d.watched.erase(d.handle(sid))) d.fired.push_back(static_cast<int64_t>(d.handle(sid)));
       for (const auto& v : it->second.views)
         if (d.watched.erase(d.base + v.second)) d.fired.push_back(static_cast<int64_t>(d.base + v.second));
+    }
+    if (__builtin_expect(!d.rec_views.empty(), 0)) {  // a step records: its view handles of this storage die with it
+      auto& rv = d.rec_views;
+      rv.erase(std::remove_if(rv.begin(), rv.end(),
+                              [&](const auto& e) {
+                                if (e.first.first != sid) return false;
+                                put_varint(packed, d.base + e.second);
+                                return true;
+                              }),
+               rv.end());
     }
     d.stores.erase(it);
   }
