@@ -446,17 +446,21 @@ def python_calls(fn: Callable[[], Any], *codes: Any) -> tuple[Any, int]:
     return out, calls[0]
 
 
-def test_a_record_joins_the_sessions_batch_in_c_as_session_eager_op_queues_it(dev: torch.device, on: None) -> None:
-    """native_ops.cpp `session_append`: a record that joins a batch already holding some is queued in C, as the
-    same bytes Session.eager_op queues (the frame's bytes: the daemon reads them)."""
+def _batch_of(dev: torch.device) -> tuple[Any, Any, Any, Any]:
+    """The `session_append` tests' start (skipped where a frame holds fewer than 4 records): tensor "a", its runtime,
+    the runtime's session and Session.eager_op's code (a record through the Python method runs it)."""
     from gpupool.client.session import Session
 
     if runtime.FLUSH_OPS < 4:
         pytest.skip("a frame of fewer than 4 records")
     a = tensors(dev)["a"]
-    rt = a._gp_rt
-    session = rt.session
-    eager_op = Session.eager_op.__code__
+    return a, a._gp_rt, a._gp_rt.session, Session.eager_op.__code__
+
+
+def test_a_record_joins_the_sessions_batch_in_c_as_session_eager_op_queues_it(dev: torch.device, on: None) -> None:
+    """native_ops.cpp `session_append`: a record that joins a batch already holding some is queued in C, as the
+    same bytes Session.eager_op queues (the frame's bytes: the daemon reads them)."""
+    a, rt, session, eager_op = _batch_of(dev)
     aten.relu.default(a)  # warm
     rt.flush()  # an empty batch: the next record goes through the method, which seals the frame's other commands
     native_ops.use(False)
@@ -483,14 +487,7 @@ def test_a_record_joins_the_sessions_batch_in_c_as_session_eager_op_queues_it(de
 def test_a_long_record_joins_the_sessions_batch_in_c_too(dev: torch.device, on: None) -> None:
     """native_ops.cpp `session_append` with a record of >= 128 bytes (Adam's foreach ops' records: they went through
     Session.eager_op in Python until round 47): queued in C as the same bytes (`eager_command`'s longer prefix)."""
-    from gpupool.client.session import Session
-
-    if runtime.FLUSH_OPS < 4:
-        pytest.skip("a frame of fewer than 4 records")
-    a = tensors(dev)["a"]
-    rt = a._gp_rt
-    session = rt.session
-    eager_op = Session.eager_op.__code__
+    a, rt, session, eager_op = _batch_of(dev)
     for k in (16, 2100):  # 8 bytes a tensor: a record whose lengths take 2 bytes (>= 128), one whose take 3 (>= 16384)
         op = lambda k=k: aten.cat.default([a] * k)  # noqa: E731
         op()  # warm
@@ -882,14 +879,7 @@ def test_records_either_side_of_128_bytes_queue_in_c_as_python_writes_them(dev: 
     """native_ops.cpp `session_append` (specrev47): records of 126 to 129 bytes, either side of the last short prefix
     of `_EAGER_SHORT` (127) and the longer prefix (129: as 128, a two-byte length inside and out; no op here makes a
     128-byte record), are queued in C with the bytes Session.eager_op writes, each prefix's length as protobuf's."""
-    from gpupool.client.session import Session
-
-    if runtime.FLUSH_OPS < 4:
-        pytest.skip("a frame of fewer than 4 records")
-    a = tensors(dev)["a"]
-    rt = a._gp_rt
-    session = rt.session
-    eager_op = Session.eager_op.__code__
+    a, rt, session, eager_op = _batch_of(dev)
     covered: set[int] = set()
     for op in _ops_of_many_lengths(a):
         op()  # its op id defined (the first record of a name goes through the method)
