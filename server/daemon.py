@@ -494,7 +494,7 @@ class Daemon:
         # Set once the scheduler answered a heartbeat (told every revocation it holds for this host); at once for a
         # daemon that registers with none (its tokens' revocations have nowhere to come from).
         self._heard = threading.Event()
-        self._bearer_said = False  # (check_bound: a bound token taken unchecked, warned once)
+        self._bearer_said = False  # (check_bound: a bound token taken unchecked or refused under `none`, said once)
         if not config.scheduler:
             self._heard.set()
         self._waiting_heard = 0  # calls in `_await_revocations` now (`REVOCATIONS_WAITERS`), under `_lock`
@@ -1373,12 +1373,33 @@ class Daemon:
         where this daemon sees client certificates (`--tls-client-auth require`); PERMISSION_DENIED otherwise. Until
         round 46 a token was a bearer credential: a session attached with another tenant's certificate (or none)
         using a revoked certificate holder's token. An unbound token (an API token's lease, a hand-minted or older
-        token) is anyone's, and a daemon under `none` sees no certificate to compare: it takes a bound token as a
-        bearer's, and says so once (a WARNING naming `--tls-client-auth require`; round 48: silently before). Not
-        refused: a certificate pool's daemon under `none` is a configuration the docs keep (docs/security.md, round
-        46: a revocation ends its bound leases at the next heartbeat), and refusing would lock its tenants out."""
+        token) is anyone's. A daemon under `none` sees no certificate to compare: where `--tls-client-auth auto` chose
+        `none` (`TlsConfig.client_auth_auto`: a join token, no scheduler, `--insecure`) it refuses a bound token,
+        PERMISSION_DENIED (round 49: the token is genuine, so not UNAUTHENTICATED; what it may do is held to a
+        certificate no call here can show, as a wrong certificate's is under `require`), and says why once in its log;
+        where the operator named `none` it takes it as a bearer's and says so once (a WARNING naming `--tls-client-auth
+        require`; round 48 did so under `auto`'s `none` too, and said nothing before): a certificate pool's daemon
+        under a named `none` is a configuration the docs keep (docs/security.md, round 46: a revocation ends its bound
+        leases at the next heartbeat)."""
         if not claims.cert:
             return
+        if not self.config.tls.verifies_clients and self.config.tls.client_auth_auto:
+            if not self._bearer_said:
+                self._bearer_said = True
+                log.warning(
+                    "lease %s's token is bound to client certificate %s..., and this daemon asks no client for a "
+                    "certificate (--tls-client-auth %s -> none): refused (PERMISSION_DENIED; said once); serve with "
+                    "--tls-client-auth require (and a --tls-ca or --tls-client-ca) to attach bound tokens for their "
+                    "certificates, or name --tls-client-auth none to take them as bearer tokens",
+                    claims.lease_id,
+                    claims.cert[:23],
+                    self.config.tls.client_auth_auto,
+                )
+            raise PermissionDenied(
+                f"lease {claims.lease_id}'s token is bound to client certificate {claims.cert[:23]}..., and this "
+                "daemon asks no client for a certificate (its --tls-client-auth auto chose none), so no call here can "
+                "show it: refused; its operator serves bound tokens with --tls-client-auth require"
+            )
         if not self.config.tls.verifies_clients:
             if not self._bearer_said:
                 self._bearer_said = True

@@ -1,0 +1,116 @@
+"""Round 49 (sec49): what round 48 left in docs/security.md's Known limits, against real daemons and schedulers.
+
+1. A certificate-bound lease token (its `cert` claim) at a daemon whose `--tls-client-auth auto` chose `none` (no
+   scheduler, a join token, `--insecure`) attached as a bearer's, one WARNING said. The choice now travels with the
+   daemon's TLS settings (`TlsConfig.client_auth_auto`) and such a daemon refuses the token, PERMISSION_DENIED; a
+   daemon whose operator named `--tls-client-auth none` takes it as a bearer's, as before.
+2. The daemon's name of a GPU that reports no UUID (`GPU-cuda<index>`) was global at the scheduler: every such host's
+   `GPU-cuda0` counted as one GPU, so no multi-GPU lease was placed over two such hosts. It is its host's now.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from support import DaemonFactory, get_pki, start_serve_process, stop_process
+from test_sec46 import _attach, _fingerprint
+from test_sec47 import _mint
+
+from gpupool import protocol, tokencli
+from gpupool import tokens as token_module
+from gpupool._proto import device_pb2, device_pb2_grpc
+
+GiB = 1024**3
+
+
+def _serve_config(tmp_path: Path, public: Path, *flags: str) -> object:
+    """The daemon configuration `gpupool serve`'s own parser and config make of `flags` (a host certificate, the
+    tests' CA, no scheduler unless `flags` names one)."""
+    from gpupool.server.cli import build_parser, config_from_args
+
+    files = get_pki().issue("host", "gpu-49")
+    common = ["--token-public-keys", str(public), "--host-id", "gpu-49", "--tls-cert", str(files.cert), "--tls-key"]
+    return config_from_args(build_parser().parse_args([*common, str(files.key), "--tls-ca", get_pki().ca_file, *flags]))
+
+
+def test_a_bound_token_is_refused_where_auto_chose_no_client_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real `gpupool serve` under TLS without a scheduler (`auto` makes `none`: it asks no client for a
+    certificate). A token minted with `--cert` (bound to Alice's certificate) is refused at Attach and at Status,
+    PERMISSION_DENIED, with Alice's certificate and with none; the log says why once; an unbound token attaches. On
+    146577ae the bound token attached with any certificate or none (a bearer's)."""
+    token_key, public = tmp_path / "token.key", tmp_path / "token.key.pub"
+    assert tokencli.main(["keygen", str(token_key), "--public", str(public)]) == 0
+    files = get_pki().issue("host", "gpu-49")
+    get_pki().issue("tenant", "alice49")
+    bound = _mint(capsys, token_key, "--cert", _fingerprint("tenant", "alice49"))
+    unbound = _mint(capsys, token_key)
+    proc, address = start_serve_process(
+        token_key, "--fake-gpus", "1", "--isolation", "thread", "--tls-cert", str(files.cert), "--tls-key",
+        str(files.key), "--tls-ca", get_pki().ca_file,
+    )  # fmt: skip
+    try:
+        for name in ("alice49", None, "alice49"):
+            code, words = _attach(address, name, bound)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (name, code, words)
+            assert "bound to client certificate" in words and "auto chose none" in words, words
+            assert "--tls-client-auth require" in words, words
+        assert _attach(address, None, unbound) == (grpc.StatusCode.OK, "")
+        from test_sec46 import _stub
+
+        ch, stub = _stub(address, "alice49")
+        with ch:
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Status(device_pb2.StatusRequest(), timeout=10, metadata=((protocol.LEASE_TOKEN_METADATA, bound),))
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, raised.value.details()
+    finally:
+        stop_process(proc)
+    log = "".join(proc.log_lines)  # type: ignore[attr-defined]
+    said = [line for line in log.splitlines() if "refused (PERMISSION_DENIED; said once)" in line]
+    assert len(said) == 1 and "WARNING" in said[0] and "no --scheduler" in said[0], log[-3000:]
+    assert "--tls-client-auth auto chose none" in log and "refuses a lease token bound" in log, log[-3000:]
+
+
+def test_auto_s_choice_travels_with_the_daemon_s_settings_and_a_named_none_keeps_bearer_tokens(
+    daemon_factory: DaemonFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gpupool serve`'s config carries why `auto` chose (`TlsConfig.client_auth_auto`: no scheduler, a join token,
+    `--insecure`, or a certificate's link to the scheduler) and "" where the flag is named. Daemons started from
+    those settings: `--insecure` (auto's `none`) refuses a bound token; a named `--tls-client-auth none` attaches it
+    as a bearer's, the operator's explicit choice (round 48's behaviour, test_warts48). On 146577ae the settings had
+    no such field and both attached it."""
+    token_key, public = tmp_path / "token.key", tmp_path / "token.pub"
+    assert tokencli.main(["keygen", str(token_key), "--public", str(public)]) == 0
+    join = tmp_path / "join.token"
+    join.write_text("join-secret\n")
+    join.chmod(0o600)
+    tls_of = {
+        what: _serve_config(tmp_path, public, *flags).tls  # type: ignore[attr-defined]
+        for what, flags in {
+            "alone": (),
+            "join": ("--scheduler", "127.0.0.1:1", "--join-token-file", str(join)),
+            "by-cert": ("--scheduler", "127.0.0.1:1"),
+            "named": ("--scheduler", "127.0.0.1:1", "--tls-client-auth", "none"),
+            "insecure": ("--insecure",),
+        }.items()
+    }
+    assert tls_of["alone"].client_auth == "none" and "no --scheduler" in tls_of["alone"].client_auth_auto
+    assert tls_of["join"].client_auth == "none" and "--join-token-file" in tls_of["join"].client_auth_auto
+    assert tls_of["by-cert"].client_auth == "require" and "its certificate" in tls_of["by-cert"].client_auth_auto
+    assert tls_of["named"].client_auth == "none" and tls_of["named"].client_auth_auto == ""
+    assert tls_of["insecure"].client_auth_auto.startswith("auto: --insecure")
+    get_pki().issue("tenant", "alice49")
+    bound = _mint(capsys, token_key, "--cert", _fingerprint("tenant", "alice49"))
+    verifier = token_module.load_verifier(public)
+    insecure = daemon_factory(tls=tls_of["insecure"], isolation="thread", token_key=verifier)
+    ch = grpc.insecure_channel(insecure.address)
+    with ch:
+        stub = device_pb2_grpc.DeviceStub(ch)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Attach(device_pb2.AttachRequest(token=bound), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, raised.value.details()
+    host = daemon_factory(tls=tls_of["named"], isolation="thread", token_key=verifier)
+    assert _attach(host.address, None, bound) == (grpc.StatusCode.OK, "")
