@@ -9,6 +9,7 @@ placement never has to skip over a dead host.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -22,6 +23,22 @@ MAX_KTH = 8
 KTH_SCALE = 1 << 40  # key = k-th largest free units * KTH_SCALE + the host's total free units (the tie-break)
 
 DeviceKey = tuple[str, int]  # (host_id, device index)
+
+# The daemon's name of a GPU that reports no UUID (server/devices.py `CudaDevice`: "GPU-cuda<index>"): its host's
+# own, not the GPU's, so every such host has a "GPU-cuda0".
+FALLBACK_UUID = re.compile(r"GPU-cuda[0-9]+")
+
+
+def physical_gpu(host_id: str, uuid: str, index: int) -> str:
+    """The physical GPU a host's device is, as placement (distinct GPUs for a multi-GPU lease) and the UUID binding
+    (hosts.py `_check_uuids`) count it: its UUID where that names one GPU worldwide; where it does not (the daemon's
+    fallback `GPU-cuda<index>`, or none), the host's own name of it, host id first, so two hosts' `GPU-cuda0` are two
+    GPUs, each bound to its host. Until round 49 (sec49) such a name was global: the pool counted every host's
+    `GPU-cuda0` (and every "") as one GPU, so a multi-GPU lease over two such hosts was never placed, and none over
+    one host's devices without UUIDs; host ids are printable (hosts.py), so no real UUID has this form."""
+    if uuid and not FALLBACK_UUID.fullmatch(uuid):
+        return uuid
+    return f"{host_id}\x00{uuid or index}"
 
 
 K = TypeVar("K")
@@ -41,6 +58,10 @@ class PoolDevice:
     allocated_bytes: int = 0
     allocated_units: int = 0
     used_bytes: int = 0  # as last reported by the daemon
+    gpu: str = field(init=False, repr=False, compare=False)  # the physical GPU: `physical_gpu`
+
+    def __post_init__(self) -> None:
+        self.gpu = physical_gpu(self.host_id, self.uuid, self.index)
 
     @property
     def key(self) -> DeviceKey:
@@ -164,8 +185,9 @@ class Pool:
         self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
         # Changes whenever the devices up change (a host added, removed, up or not); not with allocations.
         self.epoch = 0
-        # GPU UUID -> the host that set it last (hosts.py `_check_uuids` checks that host still holds it and lives);
-        # an entry outlives its host's removal until another host sets the UUID (at most one a UUID ever set).
+        # Physical GPU (`physical_gpu`: a GPU UUID, or a host's own name of a GPU without one) -> the host that set it
+        # last (hosts.py `_check_uuids` checks that host still holds it and lives); an entry outlives its host's
+        # removal until another host sets it (at most one a GPU ever set).
         self.uuid_host: dict[str, str] = {}
 
     def device(self, key: DeviceKey) -> PoolDevice | None:
@@ -207,7 +229,7 @@ class Pool:
             self._unindex(old)
         self.hosts[host.host_id] = host
         for d in host.devices.values():
-            self.uuid_host[d.uuid] = host.host_id
+            self.uuid_host[d.gpu] = host.host_id
         self.max_capacity = max([self.max_capacity, *(d.capacity_bytes for d in host.devices.values())])
         if host.state == HostState.UP:
             self._index(host)

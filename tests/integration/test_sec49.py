@@ -14,13 +14,20 @@ from pathlib import Path
 
 import grpc
 import pytest
+from gpupool.client.pool import SchedulerClient
+from gpupool.scheduler.hosts import DeviceSpec
+from gpupool.scheduler.leases import Core, CoreConfig
+from gpupool.scheduler.placement import Request
+from gpupool.scheduler.store import MemoryStore
+from scheduler_fixtures import SimHost, start_scheduler
 from support import DaemonFactory, get_pki, start_serve_process, stop_process
 from test_sec46 import _attach, _fingerprint
 from test_sec47 import _mint
 
 from gpupool import protocol, tokencli
 from gpupool import tokens as token_module
-from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
+from gpupool.errors import AlreadyExists
 
 GiB = 1024**3
 
@@ -114,3 +121,56 @@ def test_auto_s_choice_travels_with_the_daemon_s_settings_and_a_named_none_keeps
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, raised.value.details()
     host = daemon_factory(tls=tls_of["named"], isolation="thread", token_key=verifier)
     assert _attach(host.address, None, bound) == (grpc.StatusCode.OK, "")
+
+
+def _fallback_host(address: str, host_id: str, gpus: int) -> SimHost:
+    """A host (the daemon's real Registrar) whose GPUs report no UUID: the daemon names them `GPU-cuda<index>`."""
+    host = SimHost(address, host_id, gpus=gpus)
+    for d in host._devices:
+        d.uuid = f"GPU-cuda{d.index}"
+    return host
+
+
+def test_gpus_without_a_uuid_are_their_own_hosts(tmp_path: Path) -> None:
+    """A real scheduler, two hosts whose two GPUs each report no UUID (`GPU-cuda0`, `GPU-cuda1` on both): a lease of
+    four whole GPUs is placed on all four, and of three too. A third host naming `GPU-cuda0` registers (its own
+    name) and takes nothing of theirs; a host naming one's real UUID is still refused. On 146577ae the pool counted
+    the two hosts' four GPUs as two (every host's `GPU-cuda0` one GPU): both leases were refused."""
+    proc, address = start_scheduler(tmp_path, "--heartbeat-interval", "0.3")
+    hosts = [_fallback_host(address, name, 2).start() for name in ("cuda-a", "cuda-b")]
+    client = SchedulerClient(address)
+    try:
+        lease = client.allocate(scheduler_pb2.AllocateRequest(gpus=4, fraction=1.0, ttl_seconds=60))
+        assert sorted((d.host_id, d.device) for d in lease.devices) == [
+            ("cuda-a", 0), ("cuda-a", 1), ("cuda-b", 0), ("cuda-b", 1)
+        ]  # fmt: skip
+        client.release(lease.lease_id)
+        hosts.append(_fallback_host(address, "cuda-c", 1).start())
+        lease = client.allocate(scheduler_pb2.AllocateRequest(gpus=3, fraction=0.5, ttl_seconds=60))
+        assert len({(d.host_id, d.device) for d in lease.devices}) == 3
+    finally:
+        for h in hosts:
+            h.stop()
+        client.close()
+        proc.stop()
+
+
+def test_a_fallback_name_binds_to_its_host_and_a_real_uuid_stays_bound() -> None:
+    """The binding (`HostBook._check_uuids`) in one process: `GPU-cuda0` of two hosts are two GPUs (neither is
+    refused, a two-GPU lease goes over both); a real UUID of a live host stays its own (ALREADY_EXISTS for another),
+    also beside fallback names; two devices without any UUID on one host are two. On 146577ae the two-GPU leases
+    were refused (no room)."""
+    core = Core(MemoryStore(), b"k" * 32, CoreConfig(host_timeout=60))
+    devs = lambda *uuids: [DeviceSpec(i, u, "fake", 8 * GiB, True) for i, u in enumerate(uuids)]  # noqa: E731
+    core.hosts.register("a", "127.0.0.1:6000", devs("GPU-cuda0"))
+    core.hosts.register("b", "127.0.0.1:6001", devs("GPU-cuda0"))
+    lease = core.allocate(Request(2, fraction=1.0), tenant="t", ttl=30)
+    assert sorted(g.host_id for g in lease.grants) == ["a", "b"]
+    core.hosts.register("c", "127.0.0.1:6002", devs("GPU-cuda0", "GPU-real-c"))
+    with pytest.raises(AlreadyExists, match="GPU GPU-real-c.*live host c"):
+        core.hosts.register("e", "127.0.0.1:6004", devs("GPU-cuda0", "GPU-real-c"))
+    core.release(lease.lease_id, "t")
+    alone = Core(MemoryStore(), b"k" * 32, CoreConfig(host_timeout=60))
+    alone.hosts.register("d", "127.0.0.1:6003", devs("", ""))  # (no UUID at all: an older daemon's, a raw Register)
+    lease = alone.allocate(Request(2, fraction=1.0), tenant="t", ttl=30)
+    assert sorted((g.host_id, g.device) for g in lease.grants) == [("d", 0), ("d", 1)]
