@@ -19,7 +19,7 @@ from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
 from gpupool.scheduler.store import MemoryStore
-from scheduler_fixtures import SimHost, start_scheduler
+from scheduler_fixtures import SimHost, start_scheduler, wait_until
 from support import DaemonFactory, get_pki, start_serve_process, stop_process
 from test_sec46 import _attach, _fingerprint
 from test_sec47 import _mint
@@ -174,3 +174,40 @@ def test_a_fallback_name_binds_to_its_host_and_a_real_uuid_stays_bound() -> None
     alone.hosts.register("d", "127.0.0.1:6003", devs("", ""))  # (no UUID at all: an older daemon's, a raw Register)
     lease = alone.allocate(Request(2, fraction=1.0), tenant="t", ttl=30)
     assert sorted((g.host_id, g.device) for g in lease.grants) == [("d", 0), ("d", 1)]
+
+
+def test_a_revoked_scrapers_certificate_reads_no_metrics(tmp_path: Path, daemon_factory: DaemonFactory) -> None:
+    """The metrics ports of a real scheduler and of a daemon registered with it: Prometheus' certificate reads both;
+    the operator revokes it (`gpupool cert revoke`): the scheduler answers it 403 at once and the daemon within its
+    heartbeats, naming the revocation, while another metrics certificate still reads both. Every gRPC call refused a
+    revoked certificate since round 45; on 146577ae the metrics ports went on answering it every tenant's figures
+    (and a revoked admin certificate, as the same check reads it)."""
+    import urllib.error
+
+    from support import scrape
+    from test_control45 import _daemon, _revoke
+    from test_security import start_pool
+
+    pool = start_pool(tmp_path, state=str(tmp_path / "state.db"), metrics_listen="127.0.0.1:0")
+    try:
+        host = _daemon(daemon_factory, pool)
+        assert host.running.registrar.registered.wait(20)
+        ports = {"scheduler": pool.scheduler.metrics_port, "daemon": host.metrics_port}
+        for where, port in ports.items():
+            assert "gpupool" in scrape(port, "metrics", "prom49"), where
+        _revoke(pool, str(get_pki().issue("metrics", "prom49").cert))
+
+        def refused(port: int) -> str:
+            try:
+                scrape(port, "metrics", "prom49")
+            except urllib.error.HTTPError as err:
+                assert err.code == 403, err.code
+                return str(err.read().decode())
+            return ""
+
+        assert "revoked" in refused(ports["scheduler"])
+        wait_until(lambda: "revoked" in refused(ports["daemon"]), timeout=15, what="the daemon refusing the scraper")
+        for where, port in ports.items():
+            assert "gpupool" in scrape(port, "metrics", "prom49-next"), where
+    finally:
+        pool.scheduler.stop(grace=0.5)
