@@ -44,6 +44,7 @@ from gpupool.protocol import COLLECTIVE_PORTS
 from gpupool.tls import TlsConfig
 
 from . import bulk, landlock, slices
+from .clocksteps import ClockSteps
 from .devices import Device, discover
 from .fairqueue import DeviceWorker, Entry, FairQueue, HostQueued
 from .front import FrontSession, Unread, reply_bytes
@@ -517,6 +518,7 @@ class Daemon:
             ).start()
         self._started_at = time.monotonic()
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
+        self._clock_steps: ClockSteps | None = None  # (`start`: wakes the reaper at a step of the wall clock)
         self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
         # each session granted network: a block of --collective-ports of its own, within its tenant's share
         self._port_shares = PortShares(config.collective_ports, config.collective_ports_per_tenant)
@@ -549,6 +551,12 @@ class Daemon:
         for w in self.workers:
             w.start()
         self._reaper.start()
+        # A step of the wall clock wakes the reaper at once (round 49), besides its `clock_look` looks.
+        self._clock_steps = ClockSteps.open()
+        if self._clock_steps is not None:
+            self._clock_steps.watch(self._reap_wake.set)
+        else:
+            log.info("no timerfd: the reaper looks for steps of the wall clock every %g s", self.config.clock_look)
 
     def _check_gpu_files(self) -> tuple[int, ...]:
         """A root daemon's workers on real GPUs run as no account: CUDA needs the NVIDIA device files read-write
@@ -916,8 +924,9 @@ class Daemon:
         """Close the sessions whose lease ended (not before the registrar's expiry hold). It sleeps until the first
         open session's end (a Refresh only moves an end later), at most `clock_look` while any session is open (a
         step of the wall clock moves a lease's end on it; round 48: until then `reap_interval`, 10 s, so an idle
-        session ran that long past its end after a forward step), and is woken by a new session, a changed hold and
-        the daemon's stop: an idle daemon's reaper wakes every `reap_interval` alone."""
+        session ran that long past its end after a forward step), and is woken by a new session, a changed hold,
+        the daemon's stop and (round 49) a step of the kernel's wall clock (server/clocksteps.py, a timerfd, where
+        Linux has one): an idle daemon's reaper wakes every `reap_interval` alone."""
         while not self._stop.is_set():
             self._reap_wake.clear()
             now = self.clock.now()
@@ -1453,6 +1462,8 @@ class Daemon:
         if self._revfile is not None and self._heard_at:  # (its last answer's time: the file's age starts there)
             self._write_revocations(self._revfile)
         self._reap_wake.set()
+        if self._clock_steps is not None:
+            self._clock_steps.close()
         for s in self.session_list():
             self.close_session(s, f"host {self.host_id} is shutting down", StatusCode.UNAVAILABLE)
         for q in self.queues.values():
