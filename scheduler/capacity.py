@@ -9,7 +9,6 @@ placement never has to skip over a dead host.
 from __future__ import annotations
 
 import bisect
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -26,7 +25,7 @@ DeviceKey = tuple[str, int]  # (host_id, device index)
 
 # The daemon's name of a GPU that reports no UUID (server/devices.py `CudaDevice`: "GPU-cuda<index>"): its host's
 # own, not the GPU's, so every such host has a "GPU-cuda0".
-FALLBACK_UUID = re.compile(r"GPU-cuda[0-9]+")
+FALLBACK_PREFIX = "GPU-cuda"
 
 
 def physical_gpu(host_id: str, uuid: str, index: int) -> str:
@@ -36,8 +35,8 @@ def physical_gpu(host_id: str, uuid: str, index: int) -> str:
     GPUs, each bound to its host. Until round 49 (sec49) such a name was global: the pool counted every host's
     `GPU-cuda0` (and every "") as one GPU, so a multi-GPU lease over two such hosts was never placed, and none over
     one host's devices without UUIDs; host ids are printable (hosts.py), so no real UUID has this form."""
-    if uuid and not FALLBACK_UUID.fullmatch(uuid):
-        return uuid
+    if uuid and not (uuid.startswith(FALLBACK_PREFIX) and uuid[8:].isascii() and uuid[8:].isdigit()):
+        return uuid  # (no regex: a Register of 8 GPUs computes it 16 times)
     return f"{host_id}\x00{uuid or index}"
 
 
@@ -58,10 +57,14 @@ class PoolDevice:
     allocated_bytes: int = 0
     allocated_units: int = 0
     used_bytes: int = 0  # as last reported by the daemon
+
     gpu: str = field(init=False, repr=False, compare=False)  # the physical GPU: `physical_gpu`
 
     def __post_init__(self) -> None:
-        self.gpu = physical_gpu(self.host_id, self.uuid, self.index)
+        uuid = self.uuid  # (a real UUID inline: a Register makes a PoolDevice of each of its GPUs)
+        self.gpu = (
+            uuid if uuid and not uuid.startswith(FALLBACK_PREFIX) else physical_gpu(self.host_id, uuid, self.index)
+        )
 
     @property
     def key(self) -> DeviceKey:
