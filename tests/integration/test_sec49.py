@@ -6,6 +6,8 @@
    daemon whose operator named `--tls-client-auth none` takes it as a bearer's, as before.
 2. The daemon's name of a GPU that reports no UUID (`GPU-cuda<index>`) was global at the scheduler: every such host's
    `GPU-cuda0` counted as one GPU, so no multi-GPU lease was placed over two such hosts. It is its host's now.
+3. The metrics ports (scheduler, daemon) answered a revoked `metrics` (or `admin`) certificate every tenant's figures,
+   which every gRPC call had refused since round 45. Now 403.
 """
 
 from __future__ import annotations
