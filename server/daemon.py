@@ -1118,11 +1118,16 @@ class Daemon:
         return True
 
     def _exhausted(self, s: FrontSession, own: int, total: int) -> None:
+        """End `s` for the host's unread replies. Its client is told its own bytes and the limit, not the host's
+        total (round 49, sec49: until then the reason named it, and with one other tenant on the host the total less
+        its own was that tenant's unread bytes); the log has the total."""
         reason = (
-            f"its client left {own} bytes of replies unread, and this host's unread replies would reach {total} "
-            f"bytes, past its limit of {self.config.max_unread_bytes} (--max-unread-bytes): read replies as they come"
+            f"its client left {own} bytes of replies unread, the most of this host's sessions, and this host's unread "
+            f"replies would pass its limit of {self.config.max_unread_bytes} bytes (--max-unread-bytes): read "
+            "replies as they come"
         )
-        log.warning("session %d (lease %s): %s", s.number, s.lease_id, reason)
+        log.warning("session %d (lease %s): %s (the host's unread replies: %d bytes)", s.number, s.lease_id, reason,
+                    total)  # fmt: skip
         self.ledger.add(s, 0, {StatusCode.RESOURCE_EXHAUSTED: 1}, 0, 0)
         self.close_session(s, reason, StatusCode.RESOURCE_EXHAUSTED, drop_replies=True)
 

@@ -213,3 +213,31 @@ def test_a_revoked_scrapers_certificate_reads_no_metrics(tmp_path: Path, daemon_
             assert "gpupool" in scrape(port, "metrics", "prom49-next"), where
     finally:
         pool.scheduler.stop(grace=0.5)
+
+
+def test_an_unread_replies_refusal_names_no_other_tenants_bytes(daemon_factory: DaemonFactory) -> None:
+    """Two tenants' sessions park 4 MiB of unread replies each on a host of `--max-unread-bytes` 10 MiB; a third
+    tenant's session that would take the host past it is ended RESOURCE_EXHAUSTED, told its own bytes and the limit.
+    On 146577ae it was told the host's total too ("would reach N bytes"): the total less its own is the other
+    tenants' unread bytes (one tenant's exactly where it is alone beside it)."""
+    import re
+
+    from test_daemon_unread import Hog, _gone, _parked
+
+    mib = 1024 * 1024
+    d = daemon_factory(fake_gpu_memory=512 * mib, outbox_bytes=4 * mib, max_unread_bytes=10 * mib)
+    a, b = Hog(d, "hog49-a"), Hog(d, "hog49-b")
+    try:
+        assert min(_parked(d, a, b), default=0) >= 4 * mib
+        c = Hog(d, "hog49-c")
+        with pytest.raises(grpc.RpcError) as info:
+            next(c.call)
+        c.end()
+        _gone(d, c)
+    finally:
+        a.end()
+        b.end()
+    details = info.value.details() or ""
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert "--max-unread-bytes" in details and str(10 * mib) in details, details
+    assert max(int(n) for n in re.findall(r"\d+", details)) == 10 * mib, details  # (no total: it is past the limit)
