@@ -46,7 +46,7 @@ from cryptography import x509
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
-from gpupool import pki, tls
+from gpupool import certrevoke, pki, tls
 from gpupool.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,18 @@ SCRAPERS = ("metrics", "admin")  # the roles of the client certificates that may
 REFUSED = "gpupool.refused"  # the WSGI environ key: why this connection's client may not scrape ("" : it may)
 
 
-def scraper_refusal(der: bytes | None, cfg: tls.TlsConfig | None = None) -> str:
+def scraper_refusal(
+    der: bytes | None, cfg: tls.TlsConfig | None = None, revoked: certrevoke.RevokedCerts | None = None
+) -> str:
     """Why the client certificate `der` (verified against the CA already) may not scrape, "" when it may: exactly
     one gpupool identity, of a role in SCRAPERS (believed as `cfg` believes it: `TlsConfig.believed`, a daemon's
-    --tls-client-ca's certificate no operator's)."""
+    --tls-client-ca's certificate no operator's), and not in `revoked` (the program's revoked client certificates,
+    `gpupool cert revoke`: round 49, sec49; until then a revoked metrics or admin certificate, refused at every gRPC
+    call, still read every tenant's figures here)."""
     if not der:
         return "no client certificate"
+    if revoked is not None and revoked.refused_der(der):
+        return "a revoked client certificate (gpupool cert revoke)"
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
@@ -94,7 +100,9 @@ class _Quiet(WSGIRequestHandler):
         env = super().get_environ()
         if isinstance(self.connection, ssl.SSLSocket):
             env[REFUSED] = scraper_refusal(
-                self.connection.getpeercert(binary_form=True), getattr(self.server, "tls_config", None)
+                self.connection.getpeercert(binary_form=True),
+                getattr(self.server, "tls_config", None),
+                getattr(self.server, "revoked", None),
             )
         return env
 
@@ -230,10 +238,16 @@ def metrics_tls(cfg: tls.TlsConfig) -> tls.SocketServerTls:
 
 
 def serve_metrics(
-    host: str, port: int, registry: CollectorRegistry, tls_config: tls.TlsConfig | None = None, program: str = ""
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    tls_config: tls.TlsConfig | None = None,
+    program: str = "",
+    revoked: certrevoke.RevokedCerts | None = None,
 ) -> WSGIServer:
     """Serve `registry` on https://HOST:PORT/metrics with `tls_config`'s certificate to scrapers' client
-    certificates (see the module), or on http:// when `tls_config` is None or insecure (warning, naming `program`);
+    certificates (see the module) that `revoked` (the program's list, kept current by it) does not hold, or on
+    http:// when `tls_config` is None or insecure (warning, naming `program`);
     port 0 picks one (`server.server_port` is the bound port); from a daemon thread; stop with `stop_metrics`. An
     IPv6 host gets an IPv6 socket (as prometheus_client does)."""
     context = None if tls_config is None or tls_config.insecure else metrics_tls(tls_config)
@@ -257,6 +271,7 @@ def serve_metrics(
         ) from None
     server.tls = context  # type: ignore[attr-defined]
     server.tls_config = tls_config  # type: ignore[attr-defined]  # (`scraper_refusal`: which identities it believes)
+    server.revoked = revoked  # type: ignore[attr-defined]  # (`scraper_refusal`: which certificates are revoked)
     if context is None:
         log.warning(
             "%s serves its metrics in PLAINTEXT HTTP on %s:%d (%s): whoever reaches the port reads every tenant's "

@@ -71,6 +71,10 @@ class TlsConfig:
     api_token_file: str = ""
     env_token: bool = False
     client_ca: str = ""
+    # Why `client_auth` is what it is where `--tls-client-auth auto` chose it (server/cli.py `resolve_client_auth`:
+    # "auto: ..."); "" where it was named (a flag, `gpupool up`, a program's own configuration). A daemon takes a
+    # certificate-bound lease token as a bearer's only where `none` was named (round 49: `Daemon.check_bound`).
+    client_auth_auto: str = ""
 
     @property
     def clients_ca(self) -> str:

@@ -23,6 +23,22 @@ KTH_SCALE = 1 << 40  # key = k-th largest free units * KTH_SCALE + the host's to
 
 DeviceKey = tuple[str, int]  # (host_id, device index)
 
+# The daemon's name of a GPU that reports no UUID (server/devices.py `CudaDevice`: "GPU-cuda<index>"): its host's
+# own, not the GPU's, so every such host has a "GPU-cuda0".
+FALLBACK_PREFIX = "GPU-cuda"
+
+
+def physical_gpu(host_id: str, uuid: str, index: int) -> str:
+    """The physical GPU a host's device is, as placement (distinct GPUs for a multi-GPU lease) and the UUID binding
+    (hosts.py `_check_uuids`) count it: its UUID where that names one GPU worldwide; where it does not (the daemon's
+    fallback `GPU-cuda<index>`, or none), the host's own name of it, host id first, so two hosts' `GPU-cuda0` are two
+    GPUs, each bound to its host. Until round 49 (sec49) such a name was global: the pool counted every host's
+    `GPU-cuda0` (and every "") as one GPU, so a multi-GPU lease over two such hosts was never placed, and none over
+    one host's devices without UUIDs; host ids are printable (hosts.py), so no real UUID has this form."""
+    if uuid and not (uuid.startswith(FALLBACK_PREFIX) and uuid[8:].isascii() and uuid[8:].isdigit()):
+        return uuid  # (no regex: a Register of 8 GPUs computes it 16 times)
+    return f"{host_id}\x00{uuid or index}"
+
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -41,6 +57,14 @@ class PoolDevice:
     allocated_bytes: int = 0
     allocated_units: int = 0
     used_bytes: int = 0  # as last reported by the daemon
+
+    gpu: str = field(init=False, repr=False, compare=False)  # the physical GPU: `physical_gpu`
+
+    def __post_init__(self) -> None:
+        uuid = self.uuid  # (a real UUID inline: a Register makes a PoolDevice of each of its GPUs)
+        self.gpu = (
+            uuid if uuid and not uuid.startswith(FALLBACK_PREFIX) else physical_gpu(self.host_id, uuid, self.index)
+        )
 
     @property
     def key(self) -> DeviceKey:
@@ -164,8 +188,9 @@ class Pool:
         self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
         # Changes whenever the devices up change (a host added, removed, up or not); not with allocations.
         self.epoch = 0
-        # GPU UUID -> the host that set it last (hosts.py `_check_uuids` checks that host still holds it and lives);
-        # an entry outlives its host's removal until another host sets the UUID (at most one a UUID ever set).
+        # Physical GPU (`physical_gpu`: a GPU UUID, or a host's own name of a GPU without one) -> the host that set it
+        # last (hosts.py `_check_uuids` checks that host still holds it and lives); an entry outlives its host's
+        # removal until another host sets it (at most one a GPU ever set).
         self.uuid_host: dict[str, str] = {}
 
     def device(self, key: DeviceKey) -> PoolDevice | None:
@@ -207,7 +232,7 @@ class Pool:
             self._unindex(old)
         self.hosts[host.host_id] = host
         for d in host.devices.values():
-            self.uuid_host[d.uuid] = host.host_id
+            self.uuid_host[d.gpu] = host.host_id
         self.max_capacity = max([self.max_capacity, *(d.capacity_bytes for d in host.devices.values())])
         if host.state == HostState.UP:
             self._index(host)

@@ -291,7 +291,9 @@ class SchedulerServer:
         if self.config.metrics_listen not in ("", "0"):
             host, port = split_address(self.config.metrics_listen)
             plain = self.config.metrics_plaintext
-            http = serve_metrics(host, port, self.metrics.registry, None if plain else self.config.tls, "the scheduler")
+            revoked = self.servicer.authn.revoked if self.servicer.authn is not None else None
+            tls_config = None if plain else self.config.tls
+            http = serve_metrics(host, port, self.metrics.registry, tls_config, "the scheduler", revoked)
             self._metrics_http = http
             self.metrics_port = http.server_port
         self.server.start()

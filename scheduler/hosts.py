@@ -22,7 +22,7 @@ from gpupool.config import split_address
 from gpupool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from gpupool.protocol import HostState, LeaseState
 
-from .capacity import Host, Pool, PoolDevice
+from .capacity import FALLBACK_PREFIX, Host, Pool, PoolDevice, physical_gpu
 from .store import Change, LeaseRecord
 
 log = logging.getLogger(__name__)
@@ -243,22 +243,26 @@ class HostBook:
         (warts48) a host could name another's GPU UUIDs, and placement, which gives a multi-GPU lease distinct
         physical GPUs (distinct UUIDs), then could not place some of them (a semi-trusted host's denial of service).
         The host itself re-registering (a restart) keeps them; a host silent past `live_window` or down frees them.
-        Not bound: an empty UUID and the daemon's fallback for a GPU that reports none (`GPU-cuda<index>`,
-        server/devices.py), which every such host shares."""
-        mine = {d.uuid for d in devices if d.uuid and not d.uuid.startswith("GPU-cuda")}
-        if not mine:
-            return
+        A GPU without a UUID of its own (the daemon's fallback `GPU-cuda<index>`, server/devices.py, or none) is
+        its host's (capacity.py `physical_gpu`, round 49): bound to that host for good, it is no other host's to
+        claim and claims no other host's (round 48 left those names unbound, and counted them as one GPU pool-wide)."""
+        mine = {
+            d.uuid
+            if d.uuid and not d.uuid.startswith(FALLBACK_PREFIX)
+            else physical_gpu(host_id, d.uuid, d.index): d.uuid
+            for d in devices
+        }
         now = time.time()
         taken: list[str] = []
         other = None
-        for u in sorted(mine):  # (by the pool's index, not a look at every host: a 10,000-host pool re-registers)
-            owner = self.pool.hosts.get(self.pool.uuid_host.get(u, host_id))
+        for gpu in sorted(mine):  # (by the pool's index, not a look at every host: a 10,000-host pool re-registers)
+            owner = self.pool.hosts.get(self.pool.uuid_host.get(gpu, host_id))
             if owner is None or owner.host_id == host_id or owner.state == HostState.DOWN:
                 continue
-            if now - owner.last_seen >= self.live_window or all(d.uuid != u for d in owner.devices.values()):
+            if now - owner.last_seen >= self.live_window or all(d.gpu != gpu for d in owner.devices.values()):
                 continue
             other = other or owner
-            taken += [u] if owner is other else []
+            taken += [mine[gpu]] if owner is other else []
         if taken and other is not None:
             more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
             raise AlreadyExists(

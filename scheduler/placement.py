@@ -112,7 +112,7 @@ def could_fit(pool: Pool, req: Request) -> bool:
     uuids = set()
     for host, dev in pool.up_devices():
         if (not req.labels or host.matches(dict(req.labels), dev)) and size_on(req, dev) is not None:
-            uuids.add(dev.uuid)
+            uuids.add(dev.gpu)
             if len(uuids) >= req.gpus:
                 return True
     return False
@@ -133,28 +133,28 @@ def place(pool: Pool, req: Request) -> list[Grant] | None:
         hosts = index.descending if spread else index.ascending
         for host in hosts(floor):
             fitting = [(dev, g) for dev in host.devices.values() if (g := _fits(req, host, dev)) is not None]
-            if len({dev.uuid for dev, _ in fitting}) >= req.gpus:
+            if len({dev.gpu for dev, _ in fitting}) >= req.gpus:
                 fitting.sort(key=lambda dg: (dg[0].free_units, dg[0].index), reverse=spread)
                 return _distinct(fitting, req.gpus)
     devices = pool.index.descending(least) if spread else pool.index.ascending(least)
     chosen: list[Grant] = []
     uuids: set[str] = set()
     for dev in devices:
-        grant = _fits(req, pool.hosts[dev.host_id], dev) if dev.uuid not in uuids else None
+        grant = _fits(req, pool.hosts[dev.host_id], dev) if dev.gpu not in uuids else None
         if grant is not None:
             chosen.append(grant)
-            uuids.add(dev.uuid)
+            uuids.add(dev.gpu)
             if len(chosen) == req.gpus:
                 return chosen
     return None
 
 
 def _distinct(fitting: list[tuple[PoolDevice, Grant]], n: int) -> list[Grant]:
-    """The first `n` grants in order whose devices are distinct physical GPUs."""
+    """The first `n` grants in order whose devices are distinct physical GPUs (`PoolDevice.gpu`)."""
     seen: set[str] = set()
     out: list[Grant] = []
     for dev, grant in fitting:
-        if dev.uuid not in seen:
-            seen.add(dev.uuid)
+        if dev.gpu not in seen:
+            seen.add(dev.gpu)
             out.append(grant)
     return out[:n]

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "shows an admin or metrics certificate every session, a tenant its own; deploy/'s units and `gpupool up` "
         "set it), or ask none (for pools whose tenants hold API tokens only, and hand-minted tokens' users without "
         "certificates; warned about at start: lease tokens identify clients, whoever holds one, and Status shows a "
-        "caller only the sessions it names; a token bound to a certificate attaches as a bearer's, warned once; "
+        "caller only the sessions it names; a token bound to a certificate attaches as a bearer's where none is named "
+        "here, warned once, and is refused, PERMISSION_DENIED, where auto chose none; "
         "under either, an operator's smi, with the scheduler's admin credential, "
         "presents status tokens that show it every session); auto (the default): require where this daemon proves "
         "itself to its --scheduler with its certificate (TLS, a --tls-ca, no --join-token-file: that scheduler "
@@ -469,12 +470,30 @@ def resolve_client_auth(cfg: tls.TlsConfig, scheduler: str) -> tls.TlsConfig:
     (round 48: a pool whose client certificates come from another CA; until then only by naming both CAs in
     --tls-ca, which made the daemon trust the clients' CA for its scheduler too), else by --tls-ca; a --tls-client-ca
     makes `auto` `require` wherever the daemon joins (secrev48: with a join token, or no scheduler, round 48 made it
-    `none`, so the flag verified nobody), and `none` beside it does not start (`tls.CLIENT_CA_UNUSED`)."""
+    `none`, so the flag verified nobody), and `none` beside it does not start (`tls.CLIENT_CA_UNUSED`).
+    The choice's reason goes with it (`TlsConfig.client_auth_auto`, round 49): the daemon refuses a certificate-bound
+    lease token where `auto` chose `none` (no client can show the certificate; `Daemon.check_bound`), and takes it as
+    a bearer's only where the operator named `--tls-client-auth none` (warts48 took it so everywhere, warned once)."""
     if cfg.client_auth != "auto":
         return cfg
-    by_cert = bool(cfg.client_ca) or (bool(cfg.ca) and bool(scheduler) and not cfg.api_token_file)
-    by_cert = by_cert and not cfg.insecure
-    return dataclasses.replace(cfg, client_auth="require" if by_cert else "none")
+    if cfg.insecure:
+        why = "--insecure: no TLS, no client certificate"
+    elif cfg.client_ca:
+        why = "--tls-client-ca names the CA of this daemon's clients' certificates"
+    elif not scheduler:
+        why = "this daemon has no --scheduler (hand-minted tokens' users may hold no certificate)"
+    elif cfg.api_token_file:
+        why = "this daemon joins its scheduler with --join-token-file (an API-token pool's tenants hold no certificate)"
+    elif not cfg.ca:
+        why = "this daemon has no --tls-ca to verify a client certificate with"
+    else:
+        why = (
+            "this daemon proves itself to its --scheduler with its certificate, so the pool's clients hold certificates"
+        )
+    by_cert = not cfg.insecure and (
+        bool(cfg.client_ca) or (bool(cfg.ca) and bool(scheduler) and not cfg.api_token_file)
+    )
+    return dataclasses.replace(cfg, client_auth="require" if by_cert else "none", client_auth_auto=f"auto: {why}")
 
 
 def client_auth_warning(cfg: tls.TlsConfig) -> str:
@@ -485,12 +504,22 @@ def client_auth_warning(cfg: tls.TlsConfig) -> str:
     deploy/ and `gpupool up` require."""
     if cfg.insecure or cfg.verifies_clients:
         return ""
+    if cfg.client_auth_auto:
+        named, bound = (
+            f"--tls-client-auth auto chose none ({cfg.client_auth_auto.removeprefix('auto: ')})",
+            "refuses a lease token bound to the certificate it was allocated with (PERMISSION_DENIED: no client can "
+            "show that certificate here; --tls-client-auth none would take such tokens as bearer tokens)",
+        )
+    else:
+        named, bound = (
+            "--tls-client-auth none",
+            "cannot hold a lease token to the certificate it was allocated with (any holder of a token attaches it)",
+        )
     return (
-        "--tls-client-auth none: this daemon asks no client for a certificate, so it cannot refuse a "
-        "revoked one (gpupool cert revoke), cannot hold a lease token to the certificate it was allocated with (any "
-        "holder of a token attaches it), and shows a tenant's certificate none of its sessions; where every client "
-        "holds a certificate of the pool's CA (the scheduler's default, --tls-client-auth require, means they do), "
-        "start it with --tls-client-auth require (docs/security.md, 'Known limits')"
+        f"{named}: this daemon asks no client for a certificate, so it cannot refuse a revoked one (gpupool cert "
+        f"revoke), {bound}, and shows a tenant's certificate none of its sessions; where every client holds a "
+        "certificate of the pool's CA (the scheduler's default, --tls-client-auth require, means they do), start it "
+        "with --tls-client-auth require (docs/security.md, 'Known limits')"
     )
 
 

@@ -44,6 +44,7 @@ from gpupool.protocol import COLLECTIVE_PORTS
 from gpupool.tls import TlsConfig
 
 from . import bulk, landlock, slices
+from .clocksteps import ClockSteps
 from .devices import Device, discover
 from .fairqueue import DeviceWorker, Entry, FairQueue, HostQueued
 from .front import FrontSession, Unread, reply_bytes
@@ -494,7 +495,7 @@ class Daemon:
         # Set once the scheduler answered a heartbeat (told every revocation it holds for this host); at once for a
         # daemon that registers with none (its tokens' revocations have nowhere to come from).
         self._heard = threading.Event()
-        self._bearer_said = False  # (check_bound: a bound token taken unchecked, warned once)
+        self._bearer_said = False  # (check_bound: a bound token taken unchecked or refused under `none`, said once)
         if not config.scheduler:
             self._heard.set()
         self._waiting_heard = 0  # calls in `_await_revocations` now (`REVOCATIONS_WAITERS`), under `_lock`
@@ -517,6 +518,7 @@ class Daemon:
             ).start()
         self._started_at = time.monotonic()
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
+        self._clock_steps: ClockSteps | None = None  # (`start`: wakes the reaper at a step of the wall clock)
         self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
         # each session granted network: a block of --collective-ports of its own, within its tenant's share
         self._port_shares = PortShares(config.collective_ports, config.collective_ports_per_tenant)
@@ -549,6 +551,12 @@ class Daemon:
         for w in self.workers:
             w.start()
         self._reaper.start()
+        # A step of the wall clock wakes the reaper at once (round 49), besides its `clock_look` looks.
+        self._clock_steps = ClockSteps.open()
+        if self._clock_steps is not None:
+            self._clock_steps.watch(self._reap_wake.set)
+        else:
+            log.info("no timerfd: the reaper looks for steps of the wall clock every %g s", self.config.clock_look)
 
     def _check_gpu_files(self) -> tuple[int, ...]:
         """A root daemon's workers on real GPUs run as no account: CUDA needs the NVIDIA device files read-write
@@ -916,8 +924,9 @@ class Daemon:
         """Close the sessions whose lease ended (not before the registrar's expiry hold). It sleeps until the first
         open session's end (a Refresh only moves an end later), at most `clock_look` while any session is open (a
         step of the wall clock moves a lease's end on it; round 48: until then `reap_interval`, 10 s, so an idle
-        session ran that long past its end after a forward step), and is woken by a new session, a changed hold and
-        the daemon's stop: an idle daemon's reaper wakes every `reap_interval` alone."""
+        session ran that long past its end after a forward step), and is woken by a new session, a changed hold,
+        the daemon's stop and (round 49) a step of the kernel's wall clock (server/clocksteps.py, a timerfd, where
+        Linux has one): an idle daemon's reaper wakes every `reap_interval` alone."""
         while not self._stop.is_set():
             self._reap_wake.clear()
             now = self.clock.now()
@@ -1109,11 +1118,16 @@ class Daemon:
         return True
 
     def _exhausted(self, s: FrontSession, own: int, total: int) -> None:
+        """End `s` for the host's unread replies. Its client is told its own bytes and the limit, not the host's
+        total (round 49, sec49: until then the reason named it, and with one other tenant on the host the total less
+        its own was that tenant's unread bytes); the log has the total."""
         reason = (
-            f"its client left {own} bytes of replies unread, and this host's unread replies would reach {total} "
-            f"bytes, past its limit of {self.config.max_unread_bytes} (--max-unread-bytes): read replies as they come"
+            f"its client left {own} bytes of replies unread, the most of this host's sessions, and this host's unread "
+            f"replies would pass its limit of {self.config.max_unread_bytes} bytes (--max-unread-bytes): read "
+            "replies as they come"
         )
-        log.warning("session %d (lease %s): %s", s.number, s.lease_id, reason)
+        log.warning("session %d (lease %s): %s (the host's unread replies: %d bytes)", s.number, s.lease_id, reason,
+                    total)  # fmt: skip
         self.ledger.add(s, 0, {StatusCode.RESOURCE_EXHAUSTED: 1}, 0, 0)
         self.close_session(s, reason, StatusCode.RESOURCE_EXHAUSTED, drop_replies=True)
 
@@ -1373,12 +1387,33 @@ class Daemon:
         where this daemon sees client certificates (`--tls-client-auth require`); PERMISSION_DENIED otherwise. Until
         round 46 a token was a bearer credential: a session attached with another tenant's certificate (or none)
         using a revoked certificate holder's token. An unbound token (an API token's lease, a hand-minted or older
-        token) is anyone's, and a daemon under `none` sees no certificate to compare: it takes a bound token as a
-        bearer's, and says so once (a WARNING naming `--tls-client-auth require`; round 48: silently before). Not
-        refused: a certificate pool's daemon under `none` is a configuration the docs keep (docs/security.md, round
-        46: a revocation ends its bound leases at the next heartbeat), and refusing would lock its tenants out."""
+        token) is anyone's. A daemon under `none` sees no certificate to compare: where `--tls-client-auth auto` chose
+        `none` (`TlsConfig.client_auth_auto`: a join token, no scheduler, `--insecure`) it refuses a bound token,
+        PERMISSION_DENIED (round 49: the token is genuine, so not UNAUTHENTICATED; what it may do is held to a
+        certificate no call here can show, as a wrong certificate's is under `require`), and says why once in its log;
+        where the operator named `none` it takes it as a bearer's and says so once (a WARNING naming `--tls-client-auth
+        require`; round 48 did so under `auto`'s `none` too, and said nothing before): a certificate pool's daemon
+        under a named `none` is a configuration the docs keep (docs/security.md, round 46: a revocation ends its bound
+        leases at the next heartbeat)."""
         if not claims.cert:
             return
+        if not self.config.tls.verifies_clients and self.config.tls.client_auth_auto:
+            if not self._bearer_said:
+                self._bearer_said = True
+                log.warning(
+                    "lease %s's token is bound to client certificate %s..., and this daemon asks no client for a "
+                    "certificate (--tls-client-auth %s -> none): refused (PERMISSION_DENIED; said once); serve with "
+                    "--tls-client-auth require (and a --tls-ca or --tls-client-ca) to attach bound tokens for their "
+                    "certificates, or name --tls-client-auth none to take them as bearer tokens",
+                    claims.lease_id,
+                    claims.cert[:23],
+                    self.config.tls.client_auth_auto,
+                )
+            raise PermissionDenied(
+                f"lease {claims.lease_id}'s token is bound to client certificate {claims.cert[:23]}..., and this "
+                "daemon asks no client for a certificate (its --tls-client-auth auto chose none), so no call here can "
+                "show it: refused; its operator serves bound tokens with --tls-client-auth require"
+            )
         if not self.config.tls.verifies_clients:
             if not self._bearer_said:
                 self._bearer_said = True
@@ -1432,6 +1467,8 @@ class Daemon:
         if self._revfile is not None and self._heard_at:  # (its last answer's time: the file's age starts there)
             self._write_revocations(self._revfile)
         self._reap_wake.set()
+        if self._clock_steps is not None:
+            self._clock_steps.close()
         for s in self.session_list():
             self.close_session(s, f"host {self.host_id} is shutting down", StatusCode.UNAVAILABLE)
         for q in self.queues.values():

@@ -270,6 +270,7 @@ class Metrics:
     def __init__(self, daemon: Daemon) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(daemon))
+        self._daemon = daemon  # (its revoked client certificates: a revoked scraper's is refused, `scraper_refusal`)
         self._server: Any = None
         self.port = 0
 
@@ -279,7 +280,7 @@ class Metrics:
         if address in ("", "0"):
             return 0
         host, port = split_address(address)
-        server = serve_metrics(host, port, self.registry, tls_config, "the daemon")
+        server = serve_metrics(host, port, self.registry, tls_config, "the daemon", self._daemon.revoked_certs)
         self._server = server
         self.port = int(server.server_port)
         return self.port
