@@ -274,11 +274,11 @@ def expected_seconds(cpu: float) -> float:
 
 
 def duration(seconds: float) -> str:
-    """'45 s', '4 min', '4 min 30 s' (to the ten seconds past a minute)."""
+    """'45 s', '4 min', '4 min 30 s' (from 90 s on, in whole ten seconds, rounded down)."""
     seconds = max(0.0, seconds)
     if seconds < 90:
         return f"{seconds:.0f} s"
-    minutes, rest = divmod(int(round(seconds / 10.0)) * 10, 60)
+    minutes, rest = divmod(int(seconds) // 10 * 10, 60)
     return f"{minutes} min {rest} s" if rest else f"{minutes} min"
 
 
@@ -331,16 +331,17 @@ def _compiling(sid: int) -> str:
 
 
 def progress_line(what: str, elapsed: float, used: float, cpu: float, sid: int = 0) -> str:
-    """One progress line of a build: 'building the native runner: 1 min 30 s so far, 38 s of CPU of the ~45 s a build
-    takes (compiling native_runner.cpp; load 5.2 on 2 cores)'."""
+    """One progress line of a build: 'still building the native runner: 1 min 30 s so far, 38 s of CPU of the ~45 s a
+    build takes on an idle core (compiling native_runner.cpp; load 5.2 on 2 cores)'. ("still": the build's first line,
+    "building the native client (...)", stays the one that starts "building", which callers and tests count.)"""
     try:
         load = f"load {os.getloadavg()[0]:.1f} on {cores()} cores"
     except OSError:
         load = f"{cores()} cores"
     doing = _compiling(sid) if sid else ""
-    of = f" of the ~{cpu:.0f} s a build takes" if cpu > 0 else ""
+    of = f" of the ~{cpu:.0f} s a build takes on an idle core" if cpu > 0 else ""  # (more on a busy one)
     where = f"{doing}; {load}" if doing else load
-    return f"building {what}: {duration(elapsed)} so far, {used:.0f} s of CPU{of} ({where})"
+    return f"still building {what}: {duration(elapsed)} so far, {used:.0f} s of CPU{of} ({where})"
 
 
 _ERROR = re.compile(r"\berror:|\bfatal error\b|undefined reference", re.IGNORECASE)

@@ -48,7 +48,7 @@ for _ in $(seq 1 2400); do
   exports=$(grep -E '^\s*export GPUPOOL_[A-Z_]+=' "$log" || true)
   [ -n "$exports" ] && break
   kill -0 $up_pid 2>/dev/null || { cat "$log"; exit 1; }
-  news=$(grep -o -E '(building the native runner|native runner built in|no native runner after|native runner: no build).*' "$log" || true)
+  news=$(grep -o -E '((still )?building the native runner|native runner built in|no native runner after|native runner: no build).*' "$log" || true)
   if [ -n "$news" ]; then
     count=$(printf '%s\n' "$news" | wc -l)
     [ "$count" -le "$said" ] || { printf '%s\n' "$news" | tail -n +$((said + 1)) | sed 's/^/waiting for gpupool up: /'; said=$count; }

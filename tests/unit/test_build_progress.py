@@ -89,11 +89,14 @@ def test_a_native_client_build_gives_its_estimate_then_a_line_while_it_compiles(
     assert re.match(r"gpupool: building the native client \(once per torch version and source: about \d+ (?:s|min) "
                     r"at this load \(load [0-9.]+ on \d+ cores; 40 s of CPU on an idle core\); a line every 1 s\) "
                     r"into ", lines[0]), lines  # fmt: skip
-    progress = [ln for ln in lines if ln.startswith("gpupool: building the native client: ")]
+    progress = [ln for ln in lines if ln.startswith("gpupool: still building the native client: ")]
     assert len(progress) >= 2, lines  # the compiler sleeps 4 s: a line a second meanwhile
     for ln in progress:
-        assert re.fullmatch(r"gpupool: building the native client: \d+ s so far, \d+ s of CPU of the ~40 s a build "
-                            r"takes \((?:[^;]+; )?load [0-9.]+ on \d+ cores\)", ln), ln  # fmt: skip
+        assert re.fullmatch(
+            r"gpupool: still building the native client: \d+ s so far, \d+ s of CPU of the ~40 s a "
+            r"build takes on an idle core \((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
+            ln,
+        ), ln
     assert re.fullmatch(r"gpupool: built the native client in \d+ s", lines[-1]), lines
 
 
@@ -134,8 +137,8 @@ def test_the_runners_build_logs_progress_and_a_one_line_failure(tmp_path: Path, 
         assert len(progress) >= 2, done.stderr
         for ln in progress:
             assert re.fullmatch(
-                r"INFO gpupool\.server\.native_runner: building the native runner: \d+ s so far, \d+ s "
-                r"of CPU of the ~45 s a build takes \((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
+                r"INFO gpupool\.server\.native_runner: still building the native runner: \d+ s so far, \d+ s "
+                r"of CPU of the ~45 s a build takes on an idle core \((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
                 ln,
             ), ln
         return
@@ -160,7 +163,7 @@ def test_the_progress_line_names_the_compilers_source_and_counts_its_cpu(tmp_pat
     code, out = buildcache.run_build(spec, float("inf"), "late", at_least=3.0, progress=lines.append,
                                      what="heavy", cpu=10.0, every=0.5)  # fmt: skip
     assert code == 0, out[-2000:]
-    assert lines and all(ln.startswith("building heavy: ") for ln in lines), lines
+    assert lines and all(ln.startswith("still building heavy: ") for ln in lines), lines
     used = [float(re.search(r"so far, (\d+) s of CPU", ln).group(1)) for ln in lines]  # type: ignore[union-attr]
     assert used == sorted(used), lines
     assert any("compiling heavy.cpp" in ln for ln in lines), lines
@@ -184,5 +187,5 @@ def test_failure_line_and_the_estimate() -> None:
     assert buildcache.expected_seconds(45.0) == pytest.approx(45.0 * max(1.0, (load + 1) / buildcache.cores()), 0.5)
     assert re.fullmatch(r"about (\d+ s|\d+ min) at this load \(load [0-9.]+ on \d+ cores; 45 s of CPU on an idle "
                         r"core\)", buildcache.estimate(45.0))  # fmt: skip
-    assert [buildcache.duration(s) for s in (5, 89, 95, 275, 3600)] == ["5 s", "89 s", "1 min 40 s", "4 min 40 s",
+    assert [buildcache.duration(s) for s in (5, 89, 95, 275, 3600)] == ["5 s", "89 s", "1 min 30 s", "4 min 30 s",
                                                                          "60 min"]  # fmt: skip
