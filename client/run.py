@@ -12,7 +12,7 @@ CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; doc
 GRPC_ENABLE_FORK_SUPPORT=0 unless the environment sets it (docs/cuda.md, "DataLoader workers").
 
 The child's `gpupool` device is the C++ client (gpupool.client.native; docs/native-client.md) wherever it is built or
-can be built: `run` builds it first (once per torch version and source, ~40 s of CPU: minutes on a loaded host, said up
+can be built: `run` builds it first (once per torch version and source, ~30 s of CPU: minutes on a loaded host, said up
 front, with a line every 15 s while it compiles; cached; scripts/setup.sh builds it), before it leases, and starts the
 child with GPUPOOL_CLIENT=native. Where it cannot be built (no g++ or ninja, a build error, a cache folder other users
 could write, a cache that cannot take a build: root's shared one, a read-only disk) `run` logs one line saying why and
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the client behind the child's `gpupool` device: native, the C++ client (fewer instructions per op; eager "
         "ops, step capture, several GPUs, collectives, --cuda), or shim, the Python client (also attach(), "
-        "RemoteTensor); default: native where it is built or can be built (g++ and ninja, once: ~40 s of CPU, "
+        "RemoteTensor); default: native where it is built or can be built (g++ and ninja, once: ~30 s of CPU, "
         "minutes under load, a progress line every 15 s), else shim with one line saying why (also "
         "$GPUPOOL_CLIENT=native|shim; docs/native-client.md)",
     )

@@ -27,6 +27,7 @@ log="$state/up.log"
 # pool. `up` runs in a session of its own, so that the terminal's SIGINT does not stop the pool under the training
 # (until round 40 it did: the job died of DeviceLost, "host vm is draining", and the demo said "training failed"),
 # and a script's background job ignores SIGINT, so the training never saw it.
+echo "starting the pool: gpupool up (a scheduler and a daemon on this machine; its log follows once it is up, ~30-60 s)"
 setsid gpupool up --state "$state/scheduler.db" --scheduler-listen 127.0.0.1:0 --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --scheduler-metrics-listen 127.0.0.1:0 >"$log" 2>&1 &
 up_pid=$!

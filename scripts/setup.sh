@@ -35,7 +35,7 @@ echo "setup: pip: torch==2.13.0 and gpupool with its dev extras (a fresh venv: m
 python3 -m pip install -q --disable-pip-version-check ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} \
   "torch==2.13.0"
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
-echo "setup: building the native pieces into ~/.cache/gpupool (once: minutes on a fresh machine, seconds after)"
+echo "setup: building the native pieces into ${XDG_CACHE_HOME:-$HOME/.cache}/gpupool (once: minutes on a fresh machine, seconds after)"
 GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
 import sys
 from gpupool.client.torch import native
@@ -78,7 +78,7 @@ else:
     if native_runner.load() is not None:
         print(f"setup: native runner: built in {buildcache.duration(time.monotonic() - began)}")
 PY
-# The C++ client, `gpupool run`'s default client (client/native/native_client.cpp, g++ and ninja, ~40 s of CPU once;
+# The C++ client, `gpupool run`'s default client (client/native/native_client.cpp, g++ and ninja, ~30 s of CPU once;
 # its estimate, then a line every 15 s while it compiles): built
 # now into the per-user cache, so that tests and a first `gpupool run` find it built (without it `gpupool run` falls
 # back to the Python client with one line saying why).

@@ -87,13 +87,13 @@ def test_a_native_client_build_gives_its_estimate_then_a_line_while_it_compiles(
     assert done.returncode == 0 and done.stdout.strip().endswith(".so"), done.stdout + done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("gpupool: ")]
     assert re.match(r"gpupool: building the native client \(once per torch version and source: about \d+ (?:s|min) "
-                    r"at this load \(load [0-9.]+ on \d+ cores; 40 s of CPU on an idle core\); a line every 1 s\) "
+                    r"at this load \(load [0-9.]+ on \d+ cores; 30 s of CPU on an idle core\); a line every 1 s\) "
                     r"into ", lines[0]), lines  # fmt: skip
     progress = [ln for ln in lines if ln.startswith("gpupool: still building the native client: ")]
     assert len(progress) >= 2, lines  # the compiler sleeps 4 s: a line a second meanwhile
     for ln in progress:
         assert re.fullmatch(
-            r"gpupool: still building the native client: \d+ s so far, \d+ s of CPU of the ~40 s a "
+            r"gpupool: still building the native client: \d+ s so far, \d+ s of CPU of the ~30 s a "
             r"build takes on an idle core \((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
             ln,
         ), ln
