@@ -12,13 +12,13 @@ CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; doc
 GRPC_ENABLE_FORK_SUPPORT=0 unless the environment sets it (docs/cuda.md, "DataLoader workers").
 
 The child's `gpupool` device is the C++ client (gpupool.client.native; docs/native-client.md) wherever it is built or
-can be built: `run` builds it first (once per torch version and source, ~1-2 min, cached; scripts/setup.sh builds it),
-before it leases, and starts the child with GPUPOOL_CLIENT=native. Where it cannot be built (no g++ or ninja, a build
-error, a cache folder other users could write, a cache that cannot take a build: root's shared one, a
-read-only disk) `run` logs one line saying why and the child gets the Python client
-(GPUPOOL_CLIENT=shim). `--client native` (alias `--native-client`) or `--client shim` (or $GPUPOOL_CLIENT=native|shim
-in `run`'s environment) chooses one: an explicit `native` that cannot be built is one line and exit 1. With --cuda as
-well, the CUDA mapping runs on the chosen client.
+can be built: `run` builds it first (once per torch version and source, ~30 s of CPU: minutes on a loaded host, said up
+front, with a line every 15 s while it compiles; cached; scripts/setup.sh builds it), before it leases, and starts the
+child with GPUPOOL_CLIENT=native. Where it cannot be built (no g++ or ninja, a build error, a cache folder other users
+could write, a cache that cannot take a build: root's shared one, a read-only disk) `run` logs one line saying why and
+the child gets the Python client (GPUPOOL_CLIENT=shim). `--client native` (alias `--native-client`) or `--client shim`
+(or $GPUPOOL_CLIENT=native|shim in `run`'s environment) chooses one: an explicit `native` that cannot be built is one
+line and exit 1. With --cuda as well, the CUDA mapping runs on the chosen client.
 
 Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ import tempfile
 from types import FrameType
 
 from gpupool import tls
-from gpupool.config import UnsafeCacheDir, add_flag, setup_logging, size_arg
+from gpupool.config import UnsafeCacheDir, add_flag, format_size, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 from gpupool.protocol import Policy
 
@@ -81,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the client behind the child's `gpupool` device: native, the C++ client (fewer instructions per op; eager "
         "ops, step capture, several GPUs, collectives, --cuda), or shim, the Python client (also attach(), "
-        "RemoteTensor); default: native where it is built or can be built (g++ and ninja, once, ~1-2 min), else shim "
-        "with one line saying why (also $GPUPOOL_CLIENT=native|shim; docs/native-client.md)",
+        "RemoteTensor); default: native where it is built or can be built (g++ and ninja, once: ~30 s of CPU, "
+        "minutes under load, a progress line every 15 s), else shim with one line saying why (also "
+        "$GPUPOOL_CLIENT=native|shim; docs/native-client.md)",
     )
     p.add_argument(
         "--native-client", dest="client", action="store_const", const="native", help="the same as --client native"
@@ -115,6 +117,26 @@ def _choose_client(args: argparse.Namespace) -> tuple[str, int]:
         log.warning("using the Python client (--client shim): %s", exc)
         return "shim", 0
     return "native", 0
+
+
+def more_memory(need: int, quota: int, share: float) -> str:
+    """The `gpupool run` size flags that lease `need` bytes of a device with room to spare (a quarter more, for what a
+    script's estimate leaves out: a batch's activations), for a script whose lease of `quota` bytes (`share` of its
+    device, as $GPUPOOL_LEASE says: the device is quota / share) is too small: '-p 0.5 (or -m 3GiB)' (-m in whole
+    16 MiB under a GiB); '-m 3GiB' alone where the share says nothing of the device; where no fraction of one device
+    would do, that too."""
+    want = need * 1.25
+    if want > 2**30:
+        by_memory = f"-m {math.ceil(want / 2**30)}GiB"
+    else:  # (whole 16 MiB)
+        by_memory = f"-m {16 * max(1, math.ceil(want / 2**24))}MiB"
+    if share <= 0 or quota <= 0:
+        return by_memory
+    device = quota / share
+    fraction = math.ceil(want / device * 4) / 4  # the next quarter of a GPU
+    if fraction <= 1:
+        return f"-p {fraction:g} (or {by_memory})"
+    return f"{by_memory}: more than one of these GPUs holds ({format_size(device)})"
 
 
 def _terminal_sent_both(child: int) -> bool:

@@ -282,6 +282,10 @@ def watch(args: argparse.Namespace, console: Console) -> int:
                 time.sleep(args.interval)
         except KeyboardInterrupt:
             return 130  # (Ctrl-C: 128 + SIGINT, so that a script running the watch, scripts/demo.sh, can tell)
+        finally:
+            if not console.is_terminal:  # rich ends its last frame without a newline there (a pipe, a log file):
+                live.stop()  # the next line written (the demo's training log) went on the frame's bottom border
+                console.line()
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,13 @@ which ninja starts in process groups of their own): PR_SET_PDEATHSIG tells it wh
 included), and it kills its session's other processes (`kill_session`) before it exits. Round 37 saw a build run on
 for minutes after its daemon was killed. The library is moved into place only by the builder, after a build that
 succeeded, so a killed build leaves no library, only its `build-*` folder, which the next build or use removes.
+
+A build takes minutes on a loaded host (the runner's 275 s at load ~15 on 2 cores, round 48), and said "~60 s" once
+and then nothing until round 49. Now each says up front what it expects at this machine's load (`estimate`: its CPU on
+an idle core stretched by the load per core), and `run_build` reports every PROGRESS_EVERY seconds while the compiler
+runs (`progress_line`: the time so far, the CPU the build's processes used against what a build takes, what the
+compiler is on). A failed build is one line: the compiler's first error (`failure_line`), not ninja's "build
+stopped: subcommand failed." nor 300 characters of a command line.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import resource
 import select
 import shutil
 import signal
@@ -33,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +50,7 @@ PREFIX = "build-"
 OWNER = ".owner"  # locked by the builder for as long as it builds
 LOCK = ".build-lock"  # in a cache folder: locked by the one process that builds into it (`exclusive`)
 ORPHAN_SECONDS = 3600.0  # a folder with no `.owner` this old is left over (a build takes 1-2 min)
+PROGRESS_EVERY = 15.0  # seconds between two progress lines of a build (`run_build`'s `progress`)
 
 
 @contextmanager
@@ -195,13 +205,26 @@ _BUILD = "import sys; from gpupool import buildcache as b; b._build_main(int(sys
 PR_SET_PDEATHSIG = 1
 
 
-def run_build(spec: dict[str, object], deadline: float, late: str, at_least: float = 0.0) -> tuple[int, str]:
+def run_build(
+    spec: dict[str, object],
+    deadline: float,
+    late: str,
+    at_least: float = 0.0,
+    progress: Callable[[str], None] | None = None,
+    what: str = "the build",
+    cpu: float = 0.0,
+    every: float | None = None,
+) -> tuple[int, str]:
     """`torch.utils.cpp_extension.load(**spec)` in a process of its own, the leader of a new session, by `deadline`
     (time.monotonic()): its exit status and its output (stdout and stderr). Past the deadline, or when this thread
     is interrupted, the whole session is killed (its compilers too), then RuntimeError(`late`) or the interruption.
     Should this process die first (SIGKILL included), the build's leader hears of it (PR_SET_PDEATHSIG: of the
     thread that started it, so call this from a thread that waits for it, as this does) and kills its session.
-    `at_least`: the build lasts at least this many seconds (tests, as a slow host)."""
+    `at_least`: the build lasts at least this many seconds (tests, as a slow host). `progress`: called with a line
+    (`progress_line` of `what` and `cpu`, the CPU seconds a build takes) every `every` seconds (None: PROGRESS_EVERY)
+    while it runs, from this thread (no thread of its own: the zygote that builds the runner must stay
+    single-threaded for its forks)."""
+    every = PROGRESS_EVERY if every is None else every
     proc = subprocess.Popen(
         [sys.executable, "-c", _BUILD, str(os.getpid()), json.dumps(spec), repr(float(at_least))],
         stdin=subprocess.DEVNULL,
@@ -210,8 +233,18 @@ def run_build(spec: dict[str, object], deadline: float, late: str, at_least: flo
         text=True,
         start_new_session=True,  # a session of its own: killed whole, its compilers too (`kill_session`)
     )
+    began = time.monotonic()
+    due = began + every if progress is not None else deadline
     try:
-        out = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))[0]
+        while True:
+            try:  # (communicate again after its timeout loses no output: Python's documented retry)
+                out = proc.communicate(timeout=max(0.0, min(due, deadline) - time.monotonic()))[0]
+                break
+            except subprocess.TimeoutExpired:
+                if progress is None or time.monotonic() >= deadline:
+                    raise
+                progress(progress_line(what, time.monotonic() - began, session_cpu(proc.pid), cpu, proc.pid))
+                due += every
     except BaseException as exc:  # late (or interrupted): the whole session goes, its leader not yet reaped
         kill_session(proc.pid)
         proc.communicate()
@@ -219,6 +252,120 @@ def run_build(spec: dict[str, object], deadline: float, late: str, at_least: flo
             raise RuntimeError(late) from None
         raise
     return proc.returncode, out
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def expected_seconds(cpu: float) -> float:
+    """How long a build of `cpu` seconds of CPU (one compiler at a time, as torch's builds of one source are) takes
+    here now, about: its CPU stretched by the load per core (the 1-minute load average, the compiler counted), never
+    less than the CPU itself. (Round 48's runner: ~45 s of CPU; 275 s at load ~15 on 2 cores, this says 6.2 min.)"""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return cpu * max(1.0, (load + 1.0) / cores())
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '4 min', '4 min 30 s' (from 90 s on, in whole ten seconds, rounded down)."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(int(seconds) // 10 * 10, 60)
+    return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+
+
+def estimate(cpu: float) -> str:
+    """What a build of `cpu` seconds of CPU should take here, in words: 'about 4 min at this load (load 5.2 on 2
+    cores; 45 s of CPU on an idle core)'."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    wait = expected_seconds(cpu)
+    about = duration(wait) if wait < 90 else f"{max(2, round(wait / 60.0))} min"  # (an estimate: whole minutes)
+    return f"about {about} at this load (load {load:.1f} on {cores()} cores; {cpu:.0f} s of CPU on an idle core)"
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def session_cpu(sid: int) -> float:
+    """CPU seconds (user + system) that session `sid`'s processes used so far: each live one's own, and its waited-for
+    children's (the compilers ninja ran and reaped: /proc/PID/stat's utime, stime, cutime, cstime)."""
+    total = 0
+    for pid in session_members(sid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / _TICKS
+
+
+def _compiling(sid: int) -> str:
+    """What the build in session `sid` is doing now: 'compiling native_runner.cpp', 'linking', or ''."""
+    names = []
+    for pid in session_members(sid):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            if comm in ("cc1plus", "cc1"):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                source = next((a for a in args if a.endswith((b".cpp", b".cc", b".cxx", b".c"))), b"")
+                names.append("compiling " + (os.path.basename(source.decode(errors="replace")) or "C++"))
+            elif comm in ("ld", "collect2", "ld.bfd", "ld.gold", "ld.lld"):
+                names.append("linking")
+        except OSError:
+            continue
+    return ", ".join(sorted(set(names)))
+
+
+def progress_line(what: str, elapsed: float, used: float, cpu: float, sid: int = 0) -> str:
+    """One progress line of a build: 'still building the native runner: 1 min 30 s so far, 38 s of CPU of the ~45 s a
+    build takes on an idle core (compiling native_runner.cpp; load 5.2 on 2 cores)'. ("still": the build's first line,
+    "building the native client (...)", stays the one that starts "building", which callers and tests count.)"""
+    try:
+        load = f"load {os.getloadavg()[0]:.1f} on {cores()} cores"
+    except OSError:
+        load = f"{cores()} cores"
+    doing = _compiling(sid) if sid else ""
+    of = f" of the ~{cpu:.0f} s a build takes on an idle core" if cpu > 0 else ""  # (more on a busy one)
+    where = f"{doing}; {load}" if doing else load
+    return f"still building {what}: {duration(elapsed)} so far, {used:.0f} s of CPU{of} ({where})"
+
+
+_ERROR = re.compile(r"\berror:|\bfatal error\b|undefined reference", re.IGNORECASE)
+
+
+def failure_line(out: str, code: int) -> str:
+    """The one line that says why a build failed, from its output: the compiler's first error (`file:line:col: error:
+    ...`, a linker's undefined reference, 'c++: fatal error: Killed signal terminated program cc1plus'), else the
+    last line that is not ninja's own 'build stopped' nor a traceback's frame, else its exit status."""
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    for ln in lines:
+        if _ERROR.search(ln) and not ln.startswith(("RuntimeError:", "subprocess.CalledProcessError", "Traceback")):
+            return ln[:300]
+    for ln in reversed(lines):
+        if not ln.startswith(("ninja: build stopped", "File ", "^")):
+            return ln[:300]
+    return f"exit status {code}"
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's waited-for children so far: its delta around `run_build` is
+    the build's (the build's process waits for ninja, which waits for its compilers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _build_main(parent: int, spec: str, at_least: str) -> None:

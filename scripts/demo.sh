@@ -27,6 +27,7 @@ log="$state/up.log"
 # pool. `up` runs in a session of its own, so that the terminal's SIGINT does not stop the pool under the training
 # (until round 40 it did: the job died of DeviceLost, "host vm is draining", and the demo said "training failed"),
 # and a script's background job ignores SIGINT, so the training never saw it.
+echo "starting the pool: gpupool up (a scheduler and a daemon on this machine; its log follows once it is up, ~30-60 s)"
 setsid gpupool up --state "$state/scheduler.db" --scheduler-listen 127.0.0.1:0 --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --scheduler-metrics-listen 127.0.0.1:0 >"$log" 2>&1 &
 up_pid=$!
@@ -40,15 +41,18 @@ stop() {  # (set -e: a wait's status, 143 for the stopped training, must not end
 trap stop EXIT
 trap 'echo "interrupted: stopping the training and the pool"; exit 130' INT
 # How a client reaches this pool: the `export ...` lines `gpupool up` prints (one place to change). `up` bounds its
-# own start (a daemon's first start builds its native runner where setup did not: minutes on a loaded machine, said
-# once here), so wait while it lives (20 min at most).
+# own start (a daemon's first start builds its native runner where setup did not: minutes on a loaded machine), so
+# wait while it lives (20 min at most), passing on the build's lines as they come: its estimate, a line every 15 s
+# while the compiler runs, its end (until round 49 one line, then minutes of silence).
 said=0
 for _ in $(seq 1 2400); do
   exports=$(grep -E '^\s*export GPUPOOL_[A-Z_]+=' "$log" || true)
   [ -n "$exports" ] && break
   kill -0 $up_pid 2>/dev/null || { cat "$log"; exit 1; }
-  if [ $said = 0 ] && grep -q 'building the native runner' "$log"; then
-    echo "waiting for gpupool up: $(grep -m 1 -o 'building the native runner.*' "$log")"; said=1
+  news=$(grep -o -E '((still )?building the native runner|native runner built in|no native runner after|native runner: no build).*' "$log" || true)
+  if [ -n "$news" ]; then
+    count=$(printf '%s\n' "$news" | wc -l)
+    [ "$count" -le "$said" ] || { printf '%s\n' "$news" | tail -n +$((said + 1)) | sed 's/^/waiting for gpupool up: /'; said=$count; }
   fi
   sleep 0.5
 done

@@ -35,7 +35,7 @@ echo "setup: pip: torch==2.13.0 and gpupool with its dev extras (a fresh venv: m
 python3 -m pip install -q --disable-pip-version-check ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} \
   "torch==2.13.0"
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
-echo "setup: building the native pieces into ~/.cache/gpupool (once: minutes on a fresh machine, seconds after)"
+echo "setup: building the native pieces into ${XDG_CACHE_HOME:-$HOME/.cache}/gpupool (once: minutes on a fresh machine, seconds after)"
 GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
 import sys
 from gpupool.client.torch import native
@@ -56,14 +56,30 @@ try:  # a captured step's guard check in C (client/capture_guard.cpp; CPython's 
 except native.BuildError as exc:  # optional: the guard key is read in Python
     print(f"setup: the capture guard check did not build ({exc}); its Python path is used", file=sys.stderr)
 PY
-# The daemon's native runner of learned runs (server/native_runner.cpp, g++ and ninja, ~1 min once): built now into
-# the per-user cache so that a daemon's zygote finds it built instead of building it while sessions wait to attach.
+# The daemon's native runner of learned runs (server/native_runner.cpp, g++ and ninja; ~45 s of CPU once, minutes on a
+# loaded machine): built now into the per-user cache so that a daemon's zygote finds it built instead of building it
+# while sessions wait to attach. Its estimate first, a progress line every 15 s while the compiler runs (round 48's
+# fresh clone sat here 2-5 silent minutes), and one line if it cannot build, naming the Python path the daemon takes.
 python3 - <<'PY'
+import logging, sys, time
+from gpupool import buildcache
 from gpupool.server import native_runner
+logging.basicConfig(level=logging.WARNING, format="setup: %(message)s", stream=sys.stdout, force=True)
+logging.getLogger(native_runner.__name__).setLevel(logging.INFO)  # its progress lines
 why = native_runner.missing()
-print("setup: native runner:", "built" if native_runner.load() is not None else f"not built ({why or 'the build failed'})")
+if why:
+    print(f"setup: native runner: not built ({why}): the daemon runs learned runs in Python (slower eager steps, the same results)")
+elif not native_runner.needs_build():
+    print("setup: native runner:", "built" if native_runner.load() is not None else "not loaded (the line above says why)")
+else:
+    print(f"setup: building the daemon's native runner ({buildcache.estimate(native_runner.BUILD_CPU)}; a line every "
+          f"{buildcache.PROGRESS_EVERY:.0f} s) into {native_runner.cache_dir()}", flush=True)
+    began = time.monotonic()
+    if native_runner.load() is not None:
+        print(f"setup: native runner: built in {buildcache.duration(time.monotonic() - began)}")
 PY
-# The C++ client, `gpupool run`'s default client (client/native/native_client.cpp, g++ and ninja, ~1-2 min once): built
+# The C++ client, `gpupool run`'s default client (client/native/native_client.cpp, g++ and ninja, ~30 s of CPU once;
+# its estimate, then a line every 15 s while it compiles): built
 # now into the per-user cache, so that tests and a first `gpupool run` find it built (without it `gpupool run` falls
 # back to the Python client with one line saying why).
 TORCH_DEVICE_BACKEND_AUTOLOAD=0 python3 - <<'PY'

@@ -152,6 +152,9 @@ killed then, its compiler too), one log line says so and the Python path runs. A
 first (server/zygote.py `_build_runner`), which waits for the build beyond its bound on the zygote's start. One process
 builds into a cache folder at a time (its build lock, `buildcache.exclusive`); the others wait and load that build.
 The build's process dies with the zygote (a daemon killed mid-build), its compilers too (`buildcache.run_build`).
+While it compiles, a log line every 15 s says how long so far, the CPU used against BUILD_CPU and what the compiler is
+on (`buildcache.progress_line`, INFO: the daemon's log through its zygote's); a failed build's warning is the
+compiler's first error line (`buildcache.failure_line`).
 
 `GPUPOOL_NATIVE_RUNNER_SANITIZE=1` builds it with AddressSanitizer and UBSan instead (its own cache folder,
 `asan/` under the cache), for tests in a Python started with the ASan runtime preloaded (`scripts/runner_asan.sh`,
@@ -194,7 +197,10 @@ NOTHING, ONE, SEVERAL = 0, 1, 2  # what a step's op returns (`Returns`)
 # took 1-3 min on a loaded 2-core box; a daemon waits for it at its first start beside its own bound on the zygote's
 # imports (server/zygote.py START_TIMEOUT), which a build no longer counts against.
 BUILD_TIMEOUT_ENV, BUILD_TIMEOUT = "GPUPOOL_NATIVE_RUNNER_BUILD_TIMEOUT", 900.0
-BUILD_ESTIMATE = 60  # seconds a build takes on an idle core, about (45 s of CPU here; 4.8 min at load 12 on 2 cores)
+# CPU seconds a build takes on an idle core, about (the compiler's, and torch.utils.cpp_extension's import): what the
+# estimate a build starts with scales by the load per core (`buildcache.estimate`: 275 s at load ~15 on 2 cores in
+# round 48, 4.8 min at load 12), and what its progress lines count against. Until round 49 the daemon said "~60 s".
+BUILD_CPU = 45.0
 # Test-only (tests/integration/test_first_start.py): a build lasts at least this many seconds, as on a slow host. Never
 # set it on a real host.
 SLOW_BUILD_ENV = "GPUPOOL_TEST_RUNNER_BUILD_SECONDS"
@@ -368,10 +374,16 @@ def _build(final: Path, data: bytes, deadline: float, late: str) -> None:
         # CUDA host, which would poison every fork of the zygote (the caller), and leaves threads behind in it. It
         # dies with the zygote, its compilers too (`buildcache.run_build`).
         at_least = float(os.environ.get(SLOW_BUILD_ENV) or 0)
-        code, out = buildcache.run_build(spec, deadline, late, at_least)
-        if code != 0:
-            raise RuntimeError(f"the native runner's build failed: {out.strip()[-1500:]}")
+        code, out = buildcache.run_build(spec, deadline, late, at_least, progress=_progress, what="the native runner",
+                                         cpu=BUILD_CPU)  # fmt: skip
+        if code != 0:  # one line: the compiler's first error (its whole output at DEBUG)
+            log.debug("the native runner's build output:\n%s", out[-20000:])
+            raise RuntimeError(f"the native runner's build failed: {buildcache.failure_line(out, code)}")
         os.replace(tmp / f"{_NAME}.so", final)
+
+
+def _progress(line: str) -> None:
+    log.info("%s", line)
 
 
 def _no_asan() -> str | None:

@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from gpupool import protocol
+from gpupool import buildcache, protocol
 
 from . import runner_source
 from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
@@ -393,8 +393,8 @@ class Zygote:
                 info = msg["building"]
                 self._building = (now, float(info["bound"]))
                 log.info(
-                    "building the native runner (first start, ~%d s, longer on a loaded host; at most %d s, %s) "
-                    "into %s: sessions can attach once it is done",
+                    "building the native runner (first start, %s; at most %d s, %s) into %s: sessions can attach "
+                    "once it is done (a line every 15 s meanwhile)",
                     info["estimate"], info["bound"], info["variable"], info["where"],
                 )  # fmt: skip
             elif self._building is not None:
@@ -562,8 +562,8 @@ def _build_runner(ctrl: socket.socket) -> None:
     except ValueError:  # `load` says so, and builds nothing
         bound = 0.0
     where = str(native_runner.cache_dir())
-    info = {"bound": bound, "estimate": native_runner.BUILD_ESTIMATE, "variable": native_runner.BUILD_TIMEOUT_ENV,
-            "where": where}  # fmt: skip
+    info = {"bound": bound, "estimate": buildcache.estimate(native_runner.BUILD_CPU),
+            "variable": native_runner.BUILD_TIMEOUT_ENV, "where": where}  # fmt: skip
     ctrl.sendall(json.dumps({"building": info}).encode() + b"\n")
     built = native_runner.load() is not None
     ctrl.sendall(json.dumps({"built": built}).encode() + b"\n")

@@ -27,6 +27,9 @@ _LIB = "gpupool_native_client"
 # How long a build may take, a wait for another process's build of the same library included (~1-2 min; minutes on
 # a loaded host), before it is given up (the build killed, BuildError: `gpupool run`'s default takes the Python client)
 BUILD_TIMEOUT = 900.0
+# CPU seconds a build takes on an idle core, about: the estimate its first line gives scales it by the load per core
+# (`buildcache.estimate`), and its progress lines (one every 15 s while it compiles) count against it
+BUILD_CPU = 30.0  # (round 49's walks: ~31 s of CPU and 177 s of wall time at load 22; 98 s of wall time at load 5)
 
 
 class BuildError(RuntimeError):
@@ -155,24 +158,30 @@ def build(verbose: bool = False, retry_failed: bool = True) -> Path:
 
 def _build(final: Path, marker: Path, deadline: float, late: str, verbose: bool) -> None:
     with buildcache.private_build_dir(final.parent) as tmp:
-        print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
+        print(f"gpupool: building the native client (once per torch version and source: "
+              f"{buildcache.estimate(BUILD_CPU)}; a line every {buildcache.PROGRESS_EVERY:.0f} s) into {final.parent}",
               file=sys.stderr, flush=True)  # fmt: skip
         started = time.monotonic()
         spec: dict[str, Any] = {"name": _LIB, "sources": [str(SOURCE)], "extra_cflags": ["-O2"],
                                 "build_directory": str(tmp), "extra_include_paths": [str(HEADER.parent)],
                                 "is_python_module": False, "verbose": verbose}  # fmt: skip
-        code, out = buildcache.run_build(spec, deadline, late)
+        code, out = buildcache.run_build(spec, deadline, late, progress=_progress, what="the native client",
+                                         cpu=BUILD_CPU)  # fmt: skip
         if verbose:
             print(out, end="", file=sys.stderr)
-        if code != 0:  # the compiler's output, then the error's: its last line says why
-            last = [ln for ln in out.splitlines() if ln.strip()][-1:] or [f"exit status {code}"]
-            why = f"the native client did not build: {last[0][:300]}"
+        if code != 0:  # one line: the compiler's first error (until round 49 the output's last line, ninja's
+            # "build stopped: subcommand failed.")
+            why = f"the native client did not build: {buildcache.failure_line(out, code)}"
             _remember_failure(marker, why)
             raise BuildError(why)
         os.replace(tmp / f"{_LIB}.so", final)
     marker.unlink(missing_ok=True)
     # the end of the wait the line above announced (2-5 min on a loaded host), as the runner and the shim's paths say
     print(f"gpupool: built the native client in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def _progress(line: str) -> None:
+    print(f"gpupool: {line}", file=sys.stderr, flush=True)
 
 
 def _check_private(path: Path) -> None:

@@ -32,6 +32,31 @@ def resolve_device(name: str) -> torch.device:
     raise SystemExit(f"unknown --device {name!r}; expected one of {', '.join(DEVICES)}")
 
 
+def leased_memory(device: torch.device) -> tuple[int, float] | None:
+    """The memory `gpupool run` leased on `device` (a `gpupool` device of the lease in $GPUPOOL_LEASE): (its quota in
+    bytes, the share of the GPU it is); None for another device or a device not of such a lease."""
+    if device.type != "gpupool":
+        return None
+    from gpupool.client.pool import Lease  # (no torch device code: both clients' children have it)
+
+    try:
+        lease = Lease.from_env()
+    except Exception:  # noqa: BLE001 - a malformed lease is the client's to report, at attach
+        return None
+    index = device.index or 0
+    if lease is None or index >= len(lease.devices) or lease.devices[index].quota_bytes <= 0:
+        return None
+    return lease.devices[index].quota_bytes, lease.devices[index].share
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued work, raising its first error (a remote device reports one only at a sync)."""
+    if device.type == "gpupool":
+        importlib.import_module("gpupool.torch").synchronize(device)
+    elif device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def setup_logging(verbose: bool = False) -> None:
     """One log format for the example's scripts: through rich on a terminal (so it does not tear the progress
     bars), plain one-line records otherwise (CI logs, pipes)."""

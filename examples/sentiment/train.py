@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `examples.sentiment` impo
 from examples.sentiment import checkpoint, data, fetch
 from examples.sentiment.lazy import LazyAdam, SparseBatch
 from examples.sentiment.model import BENCHMARK, BENCHMARK_VOCAB, SentimentCNN
-from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
+from examples.sentiment.runtime import DEVICES, leased_memory, resolve_device, setup_logging, synchronize
 
 log = logging.getLogger("sentiment.train")
 
@@ -198,6 +198,50 @@ class StepsPerSecond(ProgressColumn):
         return Text(f"{speed:.1f} steps/s" if speed else "- steps/s", style="progress.data.speed")
 
 
+def training_bytes(model: torch.nn.Module, lazy_tables: set[int], ema: bool) -> dict[str, int]:
+    """What training keeps on the device, by part (bytes): the weights, their average (--ema), Adam's two moments of
+    each trained weight (LazyAdam's for the tables, torch's Adam's for the rest), and the gradients of those not in
+    `lazy_tables` (ids: a lazily updated table's gradient is its batch's rows only). A batch's activations are not
+    counted."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    size = sum(p.numel() * p.element_size() for p in trained)
+    grads = sum(p.numel() * p.element_size() for p in trained if id(p) not in lazy_tables)
+    return {"weights": weights, "their average": size if ema else 0, "Adam's moments": 2 * size, "gradients": grads}
+
+
+def memory_too_small(
+    parts: dict[str, int], leased: tuple[int, float] | None, failed: BaseException | None = None, bigrams: bool = False
+) -> str:
+    """The one line that says the lease's memory is too small for this training, with the numbers and the flags that
+    fit (gpupool run -p / -m); "" where it fits (or the lease is not known). With `failed` (the device's own
+    OutOfMemoryError, from a sync): its message, and advice past the lease's memory even where the estimate fit (then
+    a batch's activations did not: a smaller batch too). `bigrams`: the model has a bigram table (a smaller model
+    drops it)."""
+    if leased is None:
+        return ""
+    quota, share = leased
+    need = sum(parts.values())
+    if failed is None and need <= quota:
+        return ""
+    from gpupool.client.run import more_memory
+
+    def size(n: float) -> str:  # (two decimals: 2.03GiB needed of 2.00GiB must not read as 2.0 of 2.0)
+        return f"{n / 2**30:.2f}GiB" if n >= 2**30 else f"{n / 2**20:.1f}MiB" if n >= 2**20 else f"{n / 2**10:.0f}KiB"
+
+    smaller = (
+        "train with a smaller batch (--batch-size)" if failed is not None and need <= quota else "train a smaller model"
+    )
+    if bigrams and smaller.endswith("model"):
+        smaller += " (--bigram-buckets 0: the hashed bigram table is most of its weights)"
+    spelled = ", ".join(f"{size(n)} {what}" for what, n in parts.items() if n)
+    of = f" ({share:g} of the GPU's {size(quota / share)})" if share > 0 else ""
+    said = f"the device ran out of the lease's memory ({failed}); " if failed is not None else ""
+    return (f"{said}training this model needs at least {size(need)} of the device's memory ({spelled}; a "
+            f"batch's activations besides), and this lease grants {size(quota)}{of}: run it with gpupool run "
+            f"{more_memory(max(need, quota + 1), quota, share)}, or {smaller}")  # fmt: skip
+
+
 def run_epoch(
     model: SentimentCNN,
     split: data.Split,
@@ -208,9 +252,12 @@ def run_epoch(
     rng: np.random.Generator | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     label: str = "",
+    sync_first: bool = False,
 ) -> tuple[float, float]:
     """One pass over split (training when step_fn is given): (mean loss, accuracy). Its progress bar (named
-    label) shows steps/s and, every --log-every steps, the running loss and accuracy."""
+    label) shows steps/s and, every --log-every steps, the running loss and accuracy. `sync_first`: wait for the
+    first step's work on the device, so that its error (a remote device's memory quota) comes now, not at the first
+    read-back (--log-every steps or the epoch's end later)."""
     training = step_fn is not None
     model.train(training)
     n_batches = -(-len(split) // args.batch_size)
@@ -233,6 +280,8 @@ def run_epoch(
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += labels.shape[0]
             step += 1
+            if sync_first and step == 1:
+                synchronize(device)
             if args.log_every > 0 and step % args.log_every == 0:
                 # One read-back every N steps: the running loss for the bar and the log, and it keeps an asynchronous
                 # device from falling minutes behind the script (a long remote op queue delays everything else).
@@ -286,13 +335,23 @@ def main(argv: list[str] | None = None) -> int:
         trigram_buckets=args.trigram_buckets,
         embed_dropout=args.embed_dropout,
     )
-    model = config.build().to(device)
+    model = config.build()
     if args.capture and device.type != "gpupool":
         log.error("--capture needs --device gpupool")
         return 2
     if args.capture and args.embedding_update == "lazy":
         log.info("--capture: the embedding tables get a dense Adam update (a replayed step has fixed shapes)")
         args.embedding_update = "dense"
+    # A lease too small for this training is said now, with its numbers and the flags that fit: until round 49 the
+    # quota's refusal came back at the first read-back (a short epoch later) as a traceback of raw byte counts.
+    leased = leased_memory(device)
+    parts = training_bytes(model, {id(p) for p in model.embedding_tables()} if args.embedding_update == "lazy"
+                           else set(), args.ema > 0)  # fmt: skip
+    too_small = memory_too_small(parts, leased, bigrams=args.bigram_buckets > 0)
+    if too_small:
+        log.error("%s", too_small)
+        return 2
+    model = model.to(device)
     # capturable=True keeps Adam's step count and bias corrections on the device, so a replayed step is exact.
     lr: float | torch.Tensor = torch.tensor(args.lr, device=device) if args.capture else args.lr
     lazy = LazyAdam(model.embedding_tables()) if args.embedding_update == "lazy" else None
@@ -312,9 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(*columns, disable=args.no_progress or not sys.stderr.isatty(), transient=False) as progress:
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, train_acc = run_epoch(
-                model, train, args, device, progress, train_step, rng, scheduler, f"epoch {epoch} train"
-            )
+            try:  # (the first step synced: a device that cannot hold it says so now)
+                first = epoch == 1 and leased is not None
+                train_loss, train_acc = run_epoch(
+                    model, train, args, device, progress, train_step, rng, scheduler, f"epoch {epoch} train", first
+                )
+            except torch.OutOfMemoryError as exc:
+                if leased is None:
+                    raise
+                log.error("%s", memory_too_small(parts, leased, exc, args.bigram_buckets > 0))
+                return 2
             t1 = time.perf_counter()
             if average is not None:
                 average.swap()  # evaluate the averaged weights

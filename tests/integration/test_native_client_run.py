@@ -296,7 +296,8 @@ def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool:
     refused = _run(pool, "--client", "native", "--", sys.executable, "-c", "print('ran')", **env)
     assert refused.returncode == 1 and "ran" not in refused.stdout
     building = why == "build-error"  # it tried: "gpupool: building the native client ... into ..." first
-    assert refused.stderr.count("\n") == 1 + building and reason in refused.stderr, refused.stderr
+    said = [ln for ln in refused.stderr.splitlines() if " still building " not in ln]  # (progress: a slow host's)
+    assert len(said) == 1 + building and reason in refused.stderr, refused.stderr
 
 
 def test_a_failed_build_is_not_tried_again_by_the_default(pool: str, tmp_path: Path) -> None:

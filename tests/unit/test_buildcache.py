@@ -379,7 +379,8 @@ def test_a_native_client_build_says_when_it_is_done(tmp_path: Path) -> None:
         outs.append(proc.communicate(timeout=300))
         assert proc.returncode == 0, outs
     (_, first), (_, again) = outs
-    lines = [ln for ln in first.splitlines() if ln.startswith("gpupool: ")]
+    # (its progress lines, "gpupool: still building ...", one every 15 s on a slow host: test_build_progress.py)
+    lines = [ln for ln in first.splitlines() if ln.startswith("gpupool: ") and " still building " not in ln]
     assert lines[0].startswith("gpupool: building the native client") and len(lines) == 2, first
     assert re.fullmatch(r"gpupool: built the native client in \d+ s", lines[1]), first
     assert "gpupool:" not in again, again
