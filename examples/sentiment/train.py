@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--embedding-update", choices=("lazy", "dense"), default="lazy",
-        help="lazy (default): Adam on the embedding rows each batch reads (LazyAdam, lazy.py); dense: torch's Adam "
-        "over the whole tables, as --capture needs (a replayed step has fixed shapes)",
+        help="lazy (default): Adam on the embedding rows each batch reads (LazyAdam, lazy.py; under --capture those "
+        "rows padded to one per token, a replayed step has fixed shapes); dense: torch's Adam over the whole tables",
     )  # fmt: skip
     p.add_argument(
         "--ema", type=float, default=0.998,
@@ -106,7 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--capture",
         action="store_true",
         help="gpupool only: record the training step once per batch shape and replay it as one command per step "
-        "(gpupool.torch.capture; Adam then runs with capturable=True and its lr on the device)",
+        "(gpupool.torch.capture; Adam and LazyAdam then run with capturable=True and the lr on the device; each new "
+        "batch shape records twice first, so a run of few steps is faster without it)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -156,7 +157,8 @@ def make_train_step(
     whole step is one unit). With `lazy`, the batch's SparseBatch goes to the model and LazyAdam updates the
     embedding rows it read (the lr is the dense optimizer's, so a scheduler drives both). With `capture`,
     `gpupool.torch.capture` replays the step on the daemon as one command per step once it has been recorded for
-    the batch's shape."""
+    the batch's shape (with `lazy`: the SparseBatch of `model.sparse_batch(tokens, fixed=True)`, whose tensors
+    become the captured step's arguments, and a `LazyAdam(capturable=True)`)."""
 
     def train_step(
         tokens: torch.Tensor, labels: torch.Tensor, sparse: SparseBatch | None = None
@@ -167,7 +169,8 @@ def make_train_step(
         loss.backward()
         optimizer.step()
         if lazy is not None and sparse is not None:
-            lazy.step(sparse, float(optimizer.param_groups[0]["lr"]))
+            lr = optimizer.param_groups[0]["lr"]
+            lazy.step(sparse, lr if isinstance(lr, torch.Tensor) else float(lr))
         if average is not None:
             average.update()
         return loss.detach(), logits.detach()
@@ -176,7 +179,28 @@ def make_train_step(
         return train_step
     import gpupool.torch  # only with --capture: the example runs without gpupool installed
 
-    return gpupool.torch.capture(train_step)  # type: ignore[no-any-return]
+    if lazy is None:
+        return gpupool.torch.capture(train_step)  # type: ignore[no-any-return]
+    tables = ["words"] + [n for n, t in (("bigrams", model.bigrams), ("trigrams", model.trigrams)) if t is not None]
+
+    def lazy_train_step(
+        tokens: torch.Tensor, labels: torch.Tensor, *rows_and_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_step(tokens, labels, SparseBatch.of_tensors(tables, rows_and_index))
+
+    # The SparseBatch travels as its tensors (capture binds tensor arguments); the model and the optimizer are not
+    # in lazy_train_step's closure, so they are named for the guard.
+    captured = gpupool.torch.capture(lazy_train_step, watch=[model, optimizer])
+
+    def step(
+        tokens: torch.Tensor, labels: torch.Tensor, sparse: SparseBatch | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sparse is None:
+            raise ValueError("a captured lazy step needs the batch's SparseBatch")
+        return captured(tokens, labels, *sparse.tensors())  # type: ignore[no-any-return]
+
+    step.captured = captured  # type: ignore[attr-defined]  # its stats, for tests and benches
+    return step
 
 
 def make_scheduler(
@@ -220,7 +244,8 @@ def run_epoch(
     seen = step = 0
     with torch.set_grad_enabled(training):
         for tokens, labels in data.batches(split, args.batch_size, args.max_len, rng=rng):
-            sparse = model.sparse_batch(tokens).to(device) if training and args.embedding_update == "lazy" else None
+            rows = training and args.embedding_update == "lazy"
+            sparse = model.sparse_batch(tokens, fixed=args.capture).to(device) if rows else None
             tokens, labels = tokens.to(device), labels.to(device)
             if step_fn is not None:
                 loss, logits = step_fn(tokens, labels) if sparse is None else step_fn(tokens, labels, sparse)
@@ -290,12 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.capture and device.type != "gpupool":
         log.error("--capture needs --device gpupool")
         return 2
-    if args.capture and args.embedding_update == "lazy":
-        log.info("--capture: the embedding tables get a dense Adam update (a replayed step has fixed shapes)")
-        args.embedding_update = "dense"
     # capturable=True keeps Adam's step count and bias corrections on the device, so a replayed step is exact.
     lr: float | torch.Tensor = torch.tensor(args.lr, device=device) if args.capture else args.lr
-    lazy = LazyAdam(model.embedding_tables()) if args.embedding_update == "lazy" else None
+    lazy = LazyAdam(model.embedding_tables(), capturable=args.capture) if args.embedding_update == "lazy" else None
     tables = {id(p) for p in model.embedding_tables()} if lazy is not None else set()
     dense = [p for p in model.parameters() if id(p) not in tables]
     optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=args.weight_decay, capturable=args.capture)
