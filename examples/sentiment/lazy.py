@@ -122,7 +122,7 @@ class LazyAdam:
         if self.capturable:
             self.step_count += 1
             corrections = 1.0 - self.beta_pair.pow(self.step_count)  # (1 - beta1^t, 1 - beta2^t), on the device
-            scale = -lr / corrections[0]
+            scale: float | torch.Tensor = -lr / corrections[0]
             root_correction2: float | torch.Tensor = corrections[1].sqrt()
         else:
             if isinstance(lr, torch.Tensor):
