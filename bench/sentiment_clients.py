@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from user_path import up
+from user_path import client_env, up
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sentiment" / "sample" / "aclImdb_sample.tar.xz"
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sentiment-clients-") as d:
         tmp = Path(d)
         proc, pool = up([sys.executable, "-m", "gpupool.cli"], tmp, cwd=ROOT)
-        env = {**os.environ, **pool, "PYTHONPATH": str(ROOT)}
-        for k in ("GPUPOOL_LEASE", "GPUPOOL_CLIENT", "GPUPOOL_CUDA"):
-            env.pop(k, None)
+        env = client_env(pool, ROOT)
         try:
             _run(modes[0], tmp, env, args)  # tokenizes the sample into the cache: not timed
             got: dict[str, list[dict[str, float]]] = {m: [] for m in modes}

@@ -124,6 +124,15 @@ def up(
     raise SystemExit(f"{' '.join(gpupool)}: gpupool up did not come up:\n{log.read_text()[-4000:]}")
 
 
+def client_env(pool: dict[str, str], root: Path) -> dict[str, str]:
+    """The environment of a `gpupool run` against `up`'s pool (its exported variables): this process's, with `root`
+    importable and no lease, client or CUDA choice of its own (bench/sentiment_clients.py, sentiment_capture.py)."""
+    env = {**os.environ, **pool, "PYTHONPATH": str(root)}
+    for k in ("GPUPOOL_LEASE", "GPUPOOL_CLIENT", "GPUPOOL_CUDA"):
+        env.pop(k, None)
+    return env
+
+
 def measure(
     mode: str,
     model: str,

@@ -108,13 +108,20 @@ class SentimentCNN(nn.Module):
         """The weights of the embedding tables (what LazyAdam updates; a dense optimizer takes the others)."""
         return [self.embedding.weight] + [t.weight for t in (self.bigrams, self.trigrams) if t is not None]
 
-    def sparse_batch(self, tokens: torch.Tensor) -> SparseBatch:
-        """The rows a (CPU) batch of tokens reads from each table: computed on the host, then sent with the batch."""
-        tables = {"words": TouchedRows.of(tokens, self.pad_id)}
+    def sparse_batch(self, tokens: torch.Tensor, fixed: bool = False) -> SparseBatch:
+        """The rows a (CPU) batch of tokens reads from each table: computed on the host, then sent with the batch.
+        `fixed` (a captured step): each table's rows padded to min(its rows - 1, tokens.numel()), a size that
+        depends on the batch's shape only (lazy.py)."""
+
+        def touched(ids: torch.Tensor, table: nn.Embedding, pad: int) -> TouchedRows:
+            capacity = min(table.num_embeddings - 1, ids.numel()) if fixed else None
+            return TouchedRows.of(ids, pad, capacity)
+
+        tables = {"words": touched(tokens, self.embedding, self.pad_id)}
         if self.bigrams is not None:
-            tables["bigrams"] = TouchedRows.of(self.bigram_ids(tokens))
+            tables["bigrams"] = touched(self.bigram_ids(tokens), self.bigrams, 0)
         if self.trigrams is not None:
-            tables["trigrams"] = TouchedRows.of(self.trigram_ids(tokens))
+            tables["trigrams"] = touched(self.trigram_ids(tokens), self.trigrams, 0)
         return SparseBatch(tables)
 
     def bigram_ids(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -59,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--embedding-update", choices=("lazy", "dense"), default="lazy",
-        help="lazy (default): Adam on the embedding rows each batch reads (LazyAdam, lazy.py); dense: torch's Adam "
-        "over the whole tables, as --capture needs (a replayed step has fixed shapes)",
+        help="lazy (default): Adam on the embedding rows each batch reads (LazyAdam, lazy.py; under --capture those "
+        "rows padded to one per token, a replayed step has fixed shapes); dense: torch's Adam over the whole tables",
     )  # fmt: skip
     p.add_argument(
         "--ema", type=float, default=0.998,
@@ -106,7 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--capture",
         action="store_true",
         help="gpupool only: record the training step once per batch shape and replay it as one command per step "
-        "(gpupool.torch.capture; Adam then runs with capturable=True and its lr on the device)",
+        "(gpupool.torch.capture; Adam and LazyAdam then run with capturable=True and the lr on the device; each new "
+        "batch shape records twice first, so a run of few steps is faster without it)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -115,31 +117,80 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 class WeightAverage:
     """An exponential moving average of the model's weights (Polyak averaging), evaluated and saved in place of
-    the raw weights: it smooths the noise of the last steps, which on IMDB is worth a few tenths of a percent."""
+    the raw weights: it smooths the noise of the last steps, which on IMDB is worth a few tenths of a percent.
 
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True) -> None:
+    `lazy_tables` (the embedding tables LazyAdam updates, whose rows change only in the steps that read them): their
+    average moves only on those rows each step, and a row catches up on the steps it missed when it is next read or
+    at `swap`: a row whose weight p stayed constant for k steps of decays d_i averages to p + (s - p) * prod(d_i),
+    which is what k dense steps of lerp would have given (within float rounding). The dense average read and wrote
+    every table every step: with 2^20 bigram buckets, ~0.4-0.6 s of a fake GPU's step (round 49)."""
+
+    def __init__(
+        self, model: torch.nn.Module, decay: float, warmup: bool = True, lazy_tables: list[torch.Tensor] | None = None
+    ) -> None:
         self.decay = decay
         self.warmup = warmup  # off under --capture: a replayed step keeps the decay it was recorded with
         self.updates = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
+        lazy_ids = {id(t) for t in lazy_tables or []}
+        self.lazy = {id(p): i for i, p in enumerate(self.params) if id(p) in lazy_ids}
+        self.live = True  # the model holds the live weights (not swapped)
+        self.row_log: dict[int, torch.Tensor] = {}
+        if self.lazy:
+            device = self.params[0].device
+            # The sum of log(decay) over the updates so far, and for each row of a lazy table its value when the
+            # row's average was last brought up to date (float64: a difference of two long sums).
+            self.log_decay = torch.zeros((), dtype=torch.float64, device=device)
+            for i in self.lazy.values():
+                self.row_log[i] = torch.zeros(self.params[i].shape[0], dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, touched: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """One step's update. `touched`: the (table, rows, their weights before this step's update) a lazy step read
+        (SparseBatch.leaves, taken before LazyAdam.step clears them); required where there are lazy tables."""
         # Warm-up: early on the decay is (1 + n) / (10 + n), so the average does not drag the random initial
         # weights along for thousands of steps (after the first epoch it is already the plain `decay`).
         self.updates += 1
         decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates)) if self.warmup else self.decay
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach(), 1.0 - decay)
+        for i, (s, p) in enumerate(zip(self.shadow, self.params, strict=True)):
+            if i not in self.row_log:
+                s.lerp_(p.detach(), 1.0 - decay)
+        if not self.lazy:
+            return
+        if touched is None:
+            raise ValueError("WeightAverage with lazy tables: update() needs the rows the step read")
+        for weight, rows, before in touched:
+            i = self.lazy[id(weight)]
+            # the missed steps (the row's weight was `before` all along), then this one
+            missed = torch.exp(self.log_decay - self.row_log[i].index_select(0, rows)).to(before.dtype).unsqueeze(1)
+            s = torch.lerp(before.detach(), self.shadow[i].index_select(0, rows), missed)
+            s.lerp_(weight.detach().index_select(0, rows), 1.0 - decay)
+            self.shadow[i].index_copy_(0, rows, s)
+        self.log_decay += math.log(decay)
+        for weight, rows, _ in touched:
+            i = self.lazy[id(weight)]
+            self.row_log[i].index_copy_(0, rows, self.log_decay.expand(rows.shape[0]))
+
+    @torch.no_grad()
+    def catch_up(self) -> None:
+        """Bring every row of the lazy tables' averages up to the last update (what `swap` does first)."""
+        for i, row_log in self.row_log.items():
+            p, s = self.params[i].detach(), self.shadow[i]
+            missed = torch.exp(self.log_decay - row_log).to(s.dtype).unsqueeze(1)
+            s.sub_(p).mul_(missed).add_(p)
+            row_log.copy_(self.log_decay.expand_as(row_log))
 
     @torch.no_grad()
     def swap(self) -> None:
         """Exchange the live and the averaged weights (call twice to undo)."""
+        if self.live and self.lazy:
+            self.catch_up()
         for s, p in zip(self.shadow, self.params, strict=True):
             tmp = p.detach().clone()
             p.copy_(s)
             s.copy_(tmp)
+        self.live = not self.live
 
 
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (tokens, labels[, sparse]) -> (loss, logits)
@@ -156,7 +207,8 @@ def make_train_step(
     whole step is one unit). With `lazy`, the batch's SparseBatch goes to the model and LazyAdam updates the
     embedding rows it read (the lr is the dense optimizer's, so a scheduler drives both). With `capture`,
     `gpupool.torch.capture` replays the step on the daemon as one command per step once it has been recorded for
-    the batch's shape."""
+    the batch's shape (with `lazy`: the SparseBatch of `model.sparse_batch(tokens, fixed=True)`, whose tensors
+    become the captured step's arguments, and a `LazyAdam(capturable=True)`)."""
 
     def train_step(
         tokens: torch.Tensor, labels: torch.Tensor, sparse: SparseBatch | None = None
@@ -166,17 +218,40 @@ def make_train_step(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        touched = list(sparse.leaves) if sparse is not None else None  # the rows read, as they were
         if lazy is not None and sparse is not None:
-            lazy.step(sparse, float(optimizer.param_groups[0]["lr"]))
+            lr = optimizer.param_groups[0]["lr"]
+            lazy.step(sparse, lr if isinstance(lr, torch.Tensor) else float(lr))
         if average is not None:
-            average.update()
+            average.update(touched if average.lazy else None)
         return loss.detach(), logits.detach()
 
     if not capture:
         return train_step
     import gpupool.torch  # only with --capture: the example runs without gpupool installed
 
-    return gpupool.torch.capture(train_step)  # type: ignore[no-any-return]
+    if lazy is None:
+        return gpupool.torch.capture(train_step)  # type: ignore[no-any-return]
+    tables = ["words"] + [n for n, t in (("bigrams", model.bigrams), ("trigrams", model.trigrams)) if t is not None]
+
+    def lazy_train_step(
+        tokens: torch.Tensor, labels: torch.Tensor, *rows_and_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_step(tokens, labels, SparseBatch.of_tensors(tables, rows_and_index))
+
+    # The SparseBatch travels as its tensors (capture binds tensor arguments); the model and the optimizer are not
+    # in lazy_train_step's closure, so they are named for the guard.
+    captured = gpupool.torch.capture(lazy_train_step, watch=[model, optimizer])
+
+    def step(
+        tokens: torch.Tensor, labels: torch.Tensor, sparse: SparseBatch | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sparse is None:
+            raise ValueError("a captured lazy step needs the batch's SparseBatch")
+        return captured(tokens, labels, *sparse.tensors())  # type: ignore[no-any-return]
+
+    step.captured = captured  # type: ignore[attr-defined]  # its stats, for tests and benches
+    return step
 
 
 def make_scheduler(
@@ -267,7 +342,8 @@ def run_epoch(
     seen = step = 0
     with torch.set_grad_enabled(training):
         for tokens, labels in data.batches(split, args.batch_size, args.max_len, rng=rng):
-            sparse = model.sparse_batch(tokens).to(device) if training and args.embedding_update == "lazy" else None
+            rows = training and args.embedding_update == "lazy"
+            sparse = model.sparse_batch(tokens, fixed=args.capture).to(device) if rows else None
             tokens, labels = tokens.to(device), labels.to(device)
             if step_fn is not None:
                 loss, logits = step_fn(tokens, labels) if sparse is None else step_fn(tokens, labels, sparse)
@@ -339,9 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.capture and device.type != "gpupool":
         log.error("--capture needs --device gpupool")
         return 2
-    if args.capture and args.embedding_update == "lazy":
-        log.info("--capture: the embedding tables get a dense Adam update (a replayed step has fixed shapes)")
-        args.embedding_update = "dense"
     # A lease too small for this training is said now, with its numbers and the flags that fit: until round 49 the
     # quota's refusal came back at the first read-back (a short epoch later) as a traceback of raw byte counts.
     leased = leased_memory(device)
@@ -354,11 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(device)
     # capturable=True keeps Adam's step count and bias corrections on the device, so a replayed step is exact.
     lr: float | torch.Tensor = torch.tensor(args.lr, device=device) if args.capture else args.lr
-    lazy = LazyAdam(model.embedding_tables()) if args.embedding_update == "lazy" else None
+    lazy = LazyAdam(model.embedding_tables(), capturable=args.capture) if args.embedding_update == "lazy" else None
     tables = {id(p) for p in model.embedding_tables()} if lazy is not None else set()
     dense = [p for p in model.parameters() if id(p) not in tables]
     optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=args.weight_decay, capturable=args.capture)
-    average = WeightAverage(model, args.ema, warmup=not args.capture) if args.ema > 0 else None
+    average = None
+    if args.ema > 0:
+        still = model.embedding_tables() if lazy is not None else None  # rows LazyAdam leaves alone stay still
+        average = WeightAverage(model, args.ema, warmup=not args.capture, lazy_tables=still)
     train_step = make_train_step(model, optimizer, average, args.capture, lazy)
     scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * -(-len(train) // args.batch_size))
     n_params = sum(p.numel() for p in model.parameters())

@@ -586,8 +586,12 @@ def test_sync_inside_a_captured_step_is_an_error(dev: torch.device, sync: str) -
     assert torch.zeros(2, device=dev).sum().item() == 0.0  # the device is fine
 
 
-def test_sentiment_train_py_with_capture(dev: torch.device, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """`examples/sentiment/train.py --capture` on a small synthetic aclImdb: it trains, and its steps replay."""
+@pytest.mark.parametrize("update, step", [("lazy", "lazy_train_step"), ("dense", "train_step")])
+def test_sentiment_train_py_with_capture(
+    dev: torch.device, tmp_path: Any, caplog: pytest.LogCaptureFixture, update: str, step: str
+) -> None:
+    """`examples/sentiment/train.py --capture` on a small synthetic aclImdb, with each --embedding-update: it trains,
+    and its steps replay."""
     import json
     import logging
 
@@ -598,12 +602,61 @@ def test_sentiment_train_py_with_capture(dev: torch.device, tmp_path: Any, caplo
     argv = ["--device", "gpupool", "--capture", "--epochs", "1", "--limit", "200", "--batch-size", "20",
             "--embed-dim", "16", "--filters", "16", "--bigram-buckets", "0", "--max-len", "128", "--data",
             str(tarball), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress",
-            "--log-every", "0"]  # fmt: skip
+            "--log-every", "0", "--embedding-update", update]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="gpupool.torch"):
         assert train.main(argv) == 0
     (epoch,) = json.loads((out / "config.json").read_text())["results"]["history"]
     assert 0.0 < epoch["train_loss"] < 1.0
-    assert any("defined for train_step" in r.getMessage() for r in caplog.records)
+    assert any(f"defined for {step}:" in r.getMessage() for r in caplog.records)
+
+
+def _sentiment_lazy(dev: torch.device, captured: bool, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """train.py's step with its default lazy embedding update (LazyAdam on the rows a batch reads) and the EMA:
+    eager as train.py runs it without --capture (rows unpadded, Python bias corrections), or as --capture does."""
+    from examples.sentiment import train
+    from examples.sentiment.lazy import LazyAdam
+
+    torch.manual_seed(0)
+    model = build_model(vocab_size=300, embed_dim=16, filters=8, bigram_buckets=500, embed_dropout=0.5).to(dev)
+    lr: Any = torch.tensor(1e-2, device=dev) if captured else 1e-2
+    lazy = LazyAdam(model.embedding_tables(), capturable=captured)
+    tables = {id(p) for p in model.embedding_tables()}
+    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], lr=lr, capturable=captured)
+    average = train.WeightAverage(model, 0.9, warmup=False, lazy_tables=model.embedding_tables())
+    step = train.make_train_step(model, opt, average, captured, lazy)
+    torch.manual_seed(1)  # after init: the same dropout stream for both
+    losses = []
+    for x, y in batches:
+        sparse = model.sparse_batch(x, fixed=captured).to(dev)
+        losses.append(step(x.to(dev), y.to(dev), sparse)[0])
+    average.swap()  # the averages, the tables' caught up
+    return [float(v.item()) for v in losses], model, step
+
+
+def test_sentiment_lazy_embedding_update_captures_and_stays_sparse(dev: torch.device) -> None:
+    """train.py --capture keeps the default lazy embedding update (round 49; it used to switch to torch's dense Adam
+    over the whole tables, slower than eager on a fake GPU): the replayed steps give eager's losses and weights, the
+    rows no batch read keep their weights, and no op of the graph takes a table-sized gradient. With train.py's EMA of
+    the weights, whose tables' rows move only when read (round 49 too): the model holds the averages at the end."""
+    batches = [make_batch(batch_size=6, seq_len=16 if i % 3 else 24, vocab_size=120, seed=i) for i in range(9)]
+    eager, eager_model, _ = _sentiment_lazy(dev, False, batches)
+    captured, model, step = _sentiment_lazy(dev, True, batches)
+    stats = step.captured.stats
+    assert stats["defined"] == 2 and stats["replayed"] == 9 - 1 - 4, stats  # two shapes, each recorded twice
+    assert_close(captured, eager, "sentiment lazy captured vs eager")
+    for (name, a), b in zip(eager_model.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.cpu(), a.cpu(), rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    unread = torch.ones(300, dtype=torch.bool)
+    for x, _ in batches:
+        unread[x.flatten()] = False
+    words = model.embedding.weight.detach().cpu()
+    torch.manual_seed(0)
+    start = build_model(vocab_size=300, embed_dim=16, filters=8, bigram_buckets=500, embed_dropout=0.5)
+    assert int(unread.sum()) > 100 and torch.equal(words[unread], start.embedding.weight.detach()[unread])
+    for g in step.captured.graphs.values():  # the graph's embedding gradients are of the batch's rows, not the tables'
+        backward = [op for op in g.built.ops if op.name == "aten::embedding_dense_backward"]
+        assert len(backward) == 2  # words and bigrams
+        assert all(op.args[2].i <= 6 * 24 + 1 for op in backward), backward  # num_weights: padded rows + the zero row
 
 
 def test_torch_compile_on_a_gpupool_model_trains_like_eager(dev: torch.device) -> None:

@@ -104,3 +104,46 @@ def test_learns_a_separable_task() -> None:
     x = torch.randint(10, 50, (64, 10), generator=gen)
     x[:, 0] = 2 + y
     assert (model(x).argmax(1) == y).float().mean().item() == pytest.approx(1.0)
+
+
+def test_touched_rows_with_a_capacity_pad_to_it_with_the_padding_id() -> None:
+    ids = torch.tensor([[5, 3, 0], [3, 9, 0]])
+    t = TouchedRows.of(ids, capacity=6)
+    assert t.rows.tolist() == [3, 5, 9, 0, 0, 0]
+    assert t.index.tolist() == [[1, 0, 6], [0, 2, 6]]  # padding reads the zero row after all 6
+    assert TouchedRows.of(torch.tensor([4, 2, 4]), capacity=3).index.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="3 distinct rows do not fit a capacity of 2"):
+        TouchedRows.of(ids, capacity=2)
+    model = _model(vocab=50, buckets=40)
+    x = torch.tensor([[2, 3, 4, 0], [7, 7, 7, 7]])
+    shapes = {n: (t.rows.shape, t.index.shape) for n, t in model.sparse_batch(x, fixed=True).tables.items()}
+    assert shapes == {"words": ((8,), (2, 4)), "bigrams": ((8,), (2, 4))}  # one row a token: the batch's shape only
+
+
+def test_capturable_lazy_adam_on_padded_rows_is_lazy_adam() -> None:
+    """What train.py --capture runs (rows padded to a fixed count, corrections and lr as tensors) gives the weights
+    and moments of the default eager update, and the tables' padding rows stay zero."""
+    reference = _model(dropout=0.0)
+    model = copy.deepcopy(reference)
+    dense_a, lazy_a = _lazy_optimizers(reference, 0.05)
+    tables = {id(p) for p in model.embedding_tables()}
+    dense_b = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], torch.tensor(0.05))
+    lazy_b = LazyAdam(model.embedding_tables(), capturable=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x, y = torch.randint(0, 50, (4, 7), generator=gen), torch.randint(0, 2, (4,), generator=gen)
+        _step_lazy(reference, dense_a, lazy_a, x, y)
+        sparse = model.sparse_batch(x, fixed=True)
+        dense_b.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x, sparse), y).backward()
+        dense_b.step()
+        lazy_b.step(sparse, dense_b.param_groups[0]["lr"])
+    for (name, a), b in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    for t, ref in zip(model.embedding_tables(), reference.embedding_tables(), strict=True):
+        m, v = lazy_b.moments[id(t)]
+        torch.testing.assert_close(m, lazy_a.moments[id(ref)][0], rtol=1e-5, atol=1e-6)
+        assert t[0].abs().sum() == 0 and m[0].abs().sum() == 0 and v[0].abs().sum() == 0
+    assert lazy_b.step_count.item() == 6.0
+    with pytest.raises(TypeError, match="capturable=False"):
+        lazy_a.step(model.sparse_batch(x), torch.tensor(0.05))

@@ -76,6 +76,45 @@ def test_weight_average_warms_up_then_keeps_its_decay() -> None:
     assert model.weight.item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_the_lazy_average_of_the_tables_is_the_dense_one(fixed: bool) -> None:
+    """WeightAverage(lazy_tables=...) (round 49: the average of an embedding row moves only when a batch reads it and
+    catches up on the steps it missed) gives the dense average's weights after every swap, with the warm-up's
+    changing decay, rows read again after a pause, rows never read, and (fixed) the padded rows of --capture."""
+    from examples.sentiment.lazy import LazyAdam
+    from examples.sentiment.model import SentimentCNN
+
+    torch.manual_seed(0)
+    model = SentimentCNN(40, embed_dim=4, filters=3, bigram_buckets=30, embed_std=0.1, dropout=0.0)
+    dense_avg = train.WeightAverage(model, decay=0.9)
+    lazy_avg = train.WeightAverage(model, decay=0.9, lazy_tables=model.embedding_tables())
+    tables = {id(p) for p in model.embedding_tables()}
+    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], 0.05)
+    lazy = LazyAdam(model.embedding_tables())
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        high = 40 if step % 4 == 3 else 12  # most steps read words 1-11 only: the others wait, then catch up
+        x, y = torch.randint(0, high, (3, 6), generator=gen), torch.randint(0, 2, (3,), generator=gen)
+        sparse = model.sparse_batch(x, fixed=fixed)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x, sparse), y).backward()
+        opt.step()
+        touched = list(sparse.leaves)
+        lazy.step(sparse, 0.05)
+        dense_avg.update()
+        lazy_avg.update(touched)
+        if step in (5, 11):
+            live = [p.detach().clone() for p in model.parameters()]
+            lazy_avg.swap()  # the model now holds the (caught up) lazy average
+            for a, b in zip(dense_avg.shadow, model.parameters(), strict=True):
+                torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=1e-7)
+            lazy_avg.swap()  # back to the live weights
+            assert all(torch.equal(a, b) for a, b in zip(live, model.parameters(), strict=True))
+    assert not torch.equal(lazy_avg.shadow[0][20:], model.embedding.weight.detach()[20:])  # averages that moved
+    with pytest.raises(ValueError, match="needs the rows"):
+        lazy_avg.update()
+
+
 def test_training_stops_at_the_target_and_limit_is_balanced(tmp_path: Path, tarball: Path) -> None:
     meta = _train(tmp_path, tarball, "--epochs", "5", "--target", "0.0", "--limit", "10")
     results = meta["results"]
