@@ -3955,7 +3955,8 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
       pairs.emplace_back(h, v);
     }
   }
-  Own pinned(pinned_of(s));
+  Own pinned(nullptr);  // `s.pinned`, read at the first live handle bound anew
+  bool pinned_read = false;
   // owned references, dropped at the end
   struct Refs {
     std::vector<PyObject*> v;
@@ -3974,10 +3975,6 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
   int64_t max_handles = -1;
   for (auto& [h, v] : pairs) {
     if (same_binding(tensors.p, keys.p, storages.p, uploads.p, h, v)) continue;  // rebinding it changes nothing
-    if (unpin(s, pinned.p, h) < 0) {
-      failed = true;
-      break;
-    }
     Own old(dict_pop(tensors.p, h));  // `tensors.pop(handle, None)`
     if (old.p == nullptr) {
       failed = true;
@@ -3985,6 +3982,14 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
     }
     if (old.p != MISSING && old.p != Py_None) {  // `unbind`
       old.reset(nullptr);
+      if (!pinned_read) {  // (a handle not live was unbound before: by a table method that counted it then)
+        pinned.reset(pinned_of(s));
+        pinned_read = true;
+      }
+      if (unpin(s, pinned.p, h) < 0) {
+        failed = true;
+        break;
+      }
       if (PyDict_GET_SIZE(uploads.p) > 0) {
         Own u(dict_pop(uploads.p, h));
         if (u.p == nullptr) {
@@ -4310,8 +4315,9 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
         PyBuffer_Release(&view);
         return py::none();
       }
-      py::object kept = std::move(p.spare_inputs[i]);  // the last run's tensor of this input, where it left one
-      if (kept && reusable(p, i, kept.ptr(), 1)) {
+      // the last run's tensor of this input, where it left one (`reusable` then; only the plan has held it since)
+      py::object kept = std::move(p.spare_inputs[i]);
+      if (kept && Py_REFCNT(kept.ptr()) == 1) {
         const at::Tensor& old = THPVariable_Unpack(kept.ptr());
         if (view.len > 0) std::memcpy(old.storage().mutable_data(), view.buf, static_cast<size_t>(view.len));
         PyBuffer_Release(&view);
@@ -4420,8 +4426,13 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
       throw py::error_already_set();
     }
   }
-  for (const Py_ssize_t at : p.ext_at) PyList_SetItem(slots.p, at, Py_NewRef(none));
-  for (const Py_ssize_t at : p.kept) PyList_SetItem(slots.p, at, Py_NewRef(none));
+  for (const auto* at : {&p.ext_at, &p.kept}) {
+    for (const Py_ssize_t k : *at) {  // (in range: the plan's making checked them)
+      PyObject* old = PyList_GET_ITEM(slots.p, k);
+      PyList_SET_ITEM(slots.p, k, Py_NewRef(none));
+      Py_DECREF(old);
+    }
+  }
   p.spare = py::reinterpret_steal<py::object>(std::exchange(slots.p, nullptr));
   return py::bool_(true);
 }
