@@ -220,8 +220,10 @@ class GraphTable:
             self._reserve(s, graphs, g)  # the whole graph's memory, before its first run
         except GpupoolError:
             self._reserve(s, graphs)  # the replaced graph is gone either way
+            _pin(s, graphs)
             raise
         graphs[msg.graph_id] = g
+        _pin(s, graphs)
         s.graph_bytes += g.host_bytes
         event = "rerecorded" if pending.replaced else "defined"
         self.host.ledger.graph(s, event)
@@ -248,6 +250,7 @@ class GraphTable:
         if g is not None:
             s.graph_bytes -= g.host_bytes
             self._reserve(s, graphs)
+            _pin(s, graphs)
             self.host.ledger.graph(s, "dropped")
 
     def run(self, s: WorkerSession, msg: device_pb2.RunGraph, data: list[Any] | None = None) -> None:
@@ -407,6 +410,18 @@ class GraphTable:
         if traced is not None:
             self.host.ledger.graph(s, "traced")
         return True
+
+
+def _pin(s: WorkerSession, graphs: dict[int, Graph]) -> None:
+    """`s.pinned` made the handles `graphs` read as persistent tensors, in place (the C++ runner holds the set): the
+    table methods that unbind one of them bump `s.pins`, whose value a plan's last run ended with lets its next skip
+    the persistent tensors' look-ups (native_runner.cpp `graph_run`). A kept tensor's handle that no graph reads is
+    not pinned: a step that leaves a new tensor there (`x + w` kept) keeps the skip."""
+    pinned: set[int] = set()
+    for g in graphs.values():
+        pinned.update(g.external_handles)
+    s.pinned.clear()
+    s.pinned.update(pinned)
 
 
 # ---- runs ----

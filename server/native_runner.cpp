@@ -2106,7 +2106,10 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
 // the tables `WorkerSession.free` reads and changes
 struct FreeTables {
   PyObject *tensors, *keys, *storages, *uploads, *poisoned;  // borrowed; exact dicts
+  PyObject* pinned;  // borrowed: the session's `pinned` set (null or not a set: none)
 };
+int unpin(PyObject* s, PyObject* pinned, PyObject* h);  // `s.pins += 1` where `h` is pinned (defined below)
+PyObject* pinned_of(PyObject* s);  // `s.pinned` (a new reference), or null (no error) where it is not a set
 bool free_loop(PyObject* s, const FreeTables& t, const std::vector<uint64_t>& hs, const Keys* cached, Counts* c,
                int64_t* freed_c, Own& freed);
 PyObject* dict_pop(PyObject* d, PyObject* key);  // `d.pop(key, MISSING)` (defined below)
@@ -2139,6 +2142,7 @@ struct Ctx {
   // session's upload pool and its table of half-uploaded handles, the wire's dtypes by number
   bool between_here = false;
   py::object transfer = py::none(), pool = py::none(), pending = py::none();
+  py::object pinned = py::none();  // the session's `pinned` set (None: none): `unpin`
   std::vector<at::ScalarType> dtypes;
   // a `runs.Trace`'s slots as `follow` reads them (`SlotOf`)
   struct TraceSlots {
@@ -2823,7 +2827,7 @@ struct Ctx {
   // `-=`, and synced the counters first (~4k instructions a `Free`). Raises (the error set) where a handle raised,
   // the bytes freed before it taken off first, as `WorkerSession.free`'s `finally`.
   void free_here(Counts& c, const std::vector<uint64_t>& hs) {
-    const FreeTables t{tensors.ptr(), keys.ptr(), storages.ptr(), pending.ptr(), poisoned.ptr()};
+    const FreeTables t{tensors.ptr(), keys.ptr(), storages.ptr(), pending.ptr(), poisoned.ptr(), pinned.ptr()};
     int64_t freed_c = 0;
     Own freed(nullptr);  // a sum of entries that are not ints `bind_new` made (never here): Python's
     const bool ok = free_loop(s.ptr(), t, hs, handle_keys.get(), &c, &freed_c, freed);
@@ -2946,6 +2950,7 @@ struct Ctx {
   // `WorkerSession.unbind` of a live handle (no upload in progress): its tensor dropped, its storage's count taken
   // down and the storage's bytes freed with its last handle
   void unbind(Counts& c, PyObject* hkey) {
+    if (unpin(s.ptr(), pinned.ptr(), hkey) < 0) throw py::error_already_set();
     Own t(dict_pop(tensors.ptr(), hkey));
     if (t.p == nullptr) throw py::error_already_set();
     if (is_missing(t.p)) return;
@@ -3474,6 +3479,32 @@ void sub_attr(PyObject* o, PyObject* name, PyObject* n) {
 
 PyObject* S_tensors;
 PyObject* S_keys;
+PyObject* S_pinned;
+PyObject* S_pins;
+
+// `WorkerSession.pinned` and `pins` (server/sessions.py): where handle `h` is in `pinned` (a set; null, None or any
+// other object: none), `s.pins += 1`, as the session's table methods count an unbinding of a pinned handle (a
+// captured step's persistent tensor or kept one: `graph_run` skips their look-ups while `pins` is what its last run
+// ended with). -1 with the error set where that failed.
+int unpin(PyObject* s, PyObject* pinned, PyObject* h) {
+  if (pinned == nullptr || !PyAnySet_CheckExact(pinned) || PySet_GET_SIZE(pinned) == 0) return 0;
+  const int in = PySet_Contains(pinned, h);
+  if (in <= 0) return in;
+  Own v(PyObject_GetAttr(s, S_pins));
+  if (v.p == nullptr) return -1;
+  Own one(PyLong_FromLong(1));
+  Own w(one.p != nullptr ? PyNumber_Add(v.p, one.p) : nullptr);
+  return w.p == nullptr || PyObject_SetAttr(s, S_pins, w.p) < 0 ? -1 : 0;
+}
+
+PyObject* pinned_of(PyObject* s) {
+  PyObject* p = PyObject_GetAttr(s, S_pinned);
+  if (p == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  return p;
+}
 PyObject* S_storages;
 PyObject* S_uploads;
 PyObject* S_poisoned;
@@ -3521,7 +3552,7 @@ bool free_loop(PyObject* s, const FreeTables& tables, const std::vector<uint64_t
   for (const uint64_t h : hs) {
     PyObject* known = cached != nullptr ? cached->find(h) : nullptr;  // borrowed
     Own key(known != nullptr ? Py_NewRef(known) : PyLong_FromUnsignedLongLong(h));
-    if (key.p == nullptr) {
+    if (key.p == nullptr || unpin(s, tables.pinned, key.p) < 0) {
       failed = true;
       break;
     }
@@ -3638,9 +3669,9 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
   }
   int64_t freed_c = 0;  // the bytes freed, summed in C (added to `freed` after the loop)
   Own freed(nullptr);
-  const bool failed =
-      !free_loop(s, FreeTables{tensors.p, keys.p, storages.p, uploads.p, poisoned.p}, hs, cached, nullptr, &freed_c,
-                 freed);
+  Own pinned(pinned_of(s));
+  const bool failed = !free_loop(s, FreeTables{tensors.p, keys.p, storages.p, uploads.p, poisoned.p, pinned.p}, hs,
+                                 cached, nullptr, &freed_c, freed);
   // `finally`: the bytes freed so far, also when a handle raised (that error is the one raised)
   PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
   if (failed) PyErr_Fetch(&type, &value, &tb);
@@ -3749,6 +3780,31 @@ bool found_same(PyObject* t, PyObject* ref) {
   PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
 #endif
   return obj == t;
+}
+
+// The object weak reference `ref` refers to (borrowed), or null where it is gone
+PyObject* referent(PyObject* ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* obj = nullptr;
+  if (PyWeakref_GetRef(ref, &obj) < 0) throw py::error_already_set();
+  Py_XDECREF(obj);  // alive while a table holds it: `graph_run` takes a new reference before any Python code runs
+  return obj;
+#else
+  PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
+  if (obj == nullptr) throw py::error_already_set();
+  return obj == Py_None ? nullptr : obj;
+#endif
+}
+
+// A session's `pins` (server/sessions.py), or -1 where it has none that is an int (no error set)
+int64_t pins_of(PyObject* s) {
+  Own v(PyObject_GetAttr(s, S_pins));
+  int64_t n = -1;
+  if (v.p == nullptr || !as_i64(v.p, &n) || n < 0) {
+    PyErr_Clear();
+    return -1;
+  }
+  return n;
 }
 
 // `graph._quiet`'s look-ups (server/graph.py): the persistent tensors of a captured step out of the session's table
@@ -3899,6 +3955,8 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
       pairs.emplace_back(h, v);
     }
   }
+  Own pinned(nullptr);  // `s.pinned`, read at the first live handle bound anew
+  bool pinned_read = false;
   // owned references, dropped at the end
   struct Refs {
     std::vector<PyObject*> v;
@@ -3924,6 +3982,14 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
     }
     if (old.p != MISSING && old.p != Py_None) {  // `unbind`
       old.reset(nullptr);
+      if (!pinned_read) {  // (a handle not live was unbound before: by a table method that counted it then)
+        pinned.reset(pinned_of(s));
+        pinned_read = true;
+      }
+      if (unpin(s, pinned.p, h) < 0) {
+        failed = true;
+        break;
+      }
       if (PyDict_GET_SIZE(uploads.p) > 0) {
         Own u(dict_pop(uploads.p, h));
         if (u.p == nullptr) {
@@ -4090,7 +4156,21 @@ struct GraphPlan {
   std::vector<Py_ssize_t> picks, kept;
   py::list out_slots;  // `Graph.outputs`, as `rebind_run` takes it
   uint64_t number = 0, base = 0;  // the session's number and handle 0 (`check_handle`)
+  // (round 49) the `refs` (held: its address is never another tuple's) and the session's `pins` (sessions.py) that
+  // the plan's last run ended with, its persistent handles found bound to those objects at its start and `pins`
+  // unchanged to its end: while both are what a run is given and finds, no table method unbound or bound anew a
+  // persistent handle since (each bumps `pins`), so each is still bound to its weak reference's object, which is
+  // taken without the table's look-up (~100 instructions a tensor: the encoder's 109 a step). -1: none.
+  mutable py::object seen_refs;
+  mutable int64_t seen_pins = -1;
+  // (round 49) what a run that ended well leaves for the next: its slot list, every slot None again (`PyList_New` of
+  // the encoder's 551 slots and their release were ~7k instructions a run), and each input sent by value whose
+  // tensor nothing else refers to (its memory, sizes and storage its own: `reusable`), filled again in place rather
+  // than allocated (~4k an input with its release). Null: none (a run that declines or fails leaves nothing).
+  mutable py::object spare;
+  mutable std::vector<py::object> spare_inputs;
 };
+
 
 std::vector<int64_t> int_list(py::handle l, const char* what) {
   std::vector<int64_t> out;
@@ -4176,6 +4256,18 @@ bool input_fits(const GraphPlan& p, size_t i, PyObject* v) {
          t.storage_offset() == p.offsets[i];
 }
 
+// Whether `obj`, a slot's value after a run, is an input sent by value that a next run may fill again in place:
+// no other reference to it (`refs`: those the caller holds) or to its TensorImpl and storage (no view of it is an
+// output or a kept tensor), still a plain CPU tensor of the input's metadata, its storage exactly the input's bytes
+bool reusable(const GraphPlan& p, size_t i, PyObject* obj, Py_ssize_t refs) {
+  if (Py_REFCNT(obj) != refs || !input_fits(p, i, obj)) return false;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (t.use_count() != 1 || t.requires_grad() || !t.is_contiguous()) return false;
+  const c10::Storage& st = t.storage();
+  return st.use_count() == 1 && st.nbytes() == static_cast<size_t>(p.nbytes[i]) && t.storage_offset() == 0 &&
+         (st.nbytes() == 0 || st.mutable_data() != nullptr);
+}
+
 py::object graph_run(const GraphPlan& p, const py::object& session, py::handle inputs, py::handle outputs,
                      py::handle data, py::handle refs, py::handle writes, py::handle fn) {
   PyObject *s = session.ptr(), *ins = inputs.ptr(), *outs = outputs.ptr(), *dt = data.ptr();
@@ -4186,9 +4278,16 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
   Own tensors(PyObject_GetAttr(s, S_tensors));
   if (tensors.p == nullptr) throw py::error_already_set();
   if (!PyDict_CheckExact(tensors.p)) return py::none();
-  Own slots(PyList_New(p.n_slots));
-  if (slots.p == nullptr) throw py::error_already_set();
-  for (Py_ssize_t k = 0; k < p.n_slots; ++k) PyList_SET_ITEM(slots.p, k, Py_NewRef(Py_None));
+  Own slots(nullptr);
+  if (p.spare && Py_REFCNT(p.spare.ptr()) == 1 && PyList_GET_SIZE(p.spare.ptr()) == p.n_slots) {
+    slots.reset(p.spare.release().ptr());  // the last run's, every slot None
+  } else {
+    p.spare = py::object();
+    slots.reset(PyList_New(p.n_slots));
+    if (slots.p == nullptr) throw py::error_already_set();
+    for (Py_ssize_t k = 0; k < p.n_slots; ++k) PyList_SET_ITEM(slots.p, k, Py_NewRef(Py_None));
+  }
+  if (p.spare_inputs.size() != n_in) p.spare_inputs.assign(n_in, py::object());
   for (size_t i = 0; i < n_in; ++i) {
     PyObject* h = PyList_GET_ITEM(ins, static_cast<Py_ssize_t>(i));
     const int set = PyObject_IsTrue(h);
@@ -4216,28 +4315,43 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
         PyBuffer_Release(&view);
         return py::none();
       }
-      at::Tensor made;
-      try {
-        made = filled_tensor(p.sizes[i], p.dtypes[i], view.buf, static_cast<size_t>(view.len));
-      } catch (...) {
+      // the last run's tensor of this input, where it left one (`reusable` then; only the plan has held it since)
+      py::object kept = std::move(p.spare_inputs[i]);
+      if (kept && Py_REFCNT(kept.ptr()) == 1) {
+        const at::Tensor& old = THPVariable_Unpack(kept.ptr());
+        if (view.len > 0) std::memcpy(old.storage().mutable_data(), view.buf, static_cast<size_t>(view.len));
         PyBuffer_Release(&view);
-        throw;
+        t = kept.release().ptr();
+      } else {
+        at::Tensor made;
+        try {
+          made = filled_tensor(p.sizes[i], p.dtypes[i], view.buf, static_cast<size_t>(view.len));
+        } catch (...) {
+          PyBuffer_Release(&view);
+          throw;
+        }
+        PyBuffer_Release(&view);
+        t = THPVariable_Wrap(std::move(made));
+        if (t == nullptr) throw py::error_already_set();
       }
-      PyBuffer_Release(&view);
-      t = THPVariable_Wrap(std::move(made));
-      if (t == nullptr) throw py::error_already_set();
     }
     PyList_SetItem(slots.p, static_cast<Py_ssize_t>(i) + 1, t);  // steals `t`, drops the None
   }
-  // the persistent tensors (`quiet_externals`, into the call's own slots)
+  // the persistent tensors (`quiet_externals`, into the call's own slots): without the table's look-ups where
+  // `refs` and the session's `pins` are those the plan's last run ended with (`GraphPlan.seen_pins`)
   PyObject* rs = refs.ptr();
   const size_t n_ext = p.ext_keys.size();
   if (static_cast<size_t>(PyTuple_GET_SIZE(rs)) != n_ext) return py::none();
+  const int64_t pins = pins_of(s);
+  const bool seen = pins >= 0 && p.seen_pins == pins && p.seen_refs.ptr() == rs;
   for (size_t k = 0; k < n_ext; ++k) {
     PyObject* ref = PyTuple_GET_ITEM(rs, static_cast<Py_ssize_t>(k));
     if (!PyWeakref_CheckRef(ref)) return py::none();
-    PyObject* t = get_item(tensors.p, p.ext_keys[k].ptr(), p.ext_values[k]);  // borrowed
-    if (!found_same(t, ref)) return py::none();  // freed, bound anew, or its tensor gone
+    PyObject* t = seen ? referent(ref) : nullptr;  // borrowed
+    if (t == nullptr) {
+      t = get_item(tensors.p, p.ext_keys[k].ptr(), p.ext_values[k]);  // borrowed
+      if (!found_same(t, ref)) return py::none();  // freed, bound anew, or its tensor gone
+    }
     PyList_SetItem(slots.p, p.ext_at[k], Py_NewRef(t));  // steals the new reference, drops the None
   }
   for (Py_ssize_t j = 0; j < PyList_GET_SIZE(outs); ++j) {  // `check_handle`
@@ -4290,6 +4404,36 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
   if (!rebind_run(session, outputs, p.out_slots, writes, slots.p)) {
     return py::reinterpret_steal<py::object>(std::exchange(slots.p, nullptr));
   }
+  // every persistent handle was bound to its reference's object at the start; where no table method unbound one
+  // since (`pins` as it was), the next run with these `refs` and `pins` takes them without the look-ups
+  if (pins >= 0 && pins_of(s) == pins) {
+    p.seen_refs = py::reinterpret_borrow<py::object>(refs);
+    p.seen_pins = pins;
+  } else {
+    p.seen_pins = -1;
+  }
+  // the slots this run wrote back to None (the list kept for the next run), an input sent by value whose tensor
+  // only the list holds kept for the next run to fill again
+  PyObject* none = Py_None;
+  for (size_t i = 0; i < n_in; ++i) {
+    const Py_ssize_t at = static_cast<Py_ssize_t>(i) + 1;
+    PyObject* v = PyList_GET_ITEM(slots.p, at);
+    if (!PyObject_IsTrue(PyList_GET_ITEM(ins, static_cast<Py_ssize_t>(i))) && THPVariable_CheckExact(v) &&
+        reusable(p, i, v, 1)) {
+      p.spare_inputs[i] = py::reinterpret_steal<py::object>(v);  // the list's reference, moved
+      PyList_SET_ITEM(slots.p, at, Py_NewRef(none));
+    } else if (PyList_SetItem(slots.p, at, Py_NewRef(none)) < 0) {
+      throw py::error_already_set();
+    }
+  }
+  for (const auto* at : {&p.ext_at, &p.kept}) {
+    for (const Py_ssize_t k : *at) {  // (in range: the plan's making checked them)
+      PyObject* old = PyList_GET_ITEM(slots.p, k);
+      PyList_SET_ITEM(slots.p, k, Py_NewRef(none));
+      Py_DECREF(old);
+    }
+  }
+  p.spare = py::reinterpret_steal<py::object>(std::exchange(slots.p, nullptr));
   return py::bool_(true);
 }
 
@@ -4500,6 +4644,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_whole = PyUnicode_InternFromString("_gpupool_whole");
   m.attr("WHOLE") = py::reinterpret_borrow<py::str>(S_whole);  // tests: the same name as `opargs.WHOLE`
   S_tensors = PyUnicode_InternFromString("tensors");
+  S_pinned = PyUnicode_InternFromString("pinned");
+  S_pins = PyUnicode_InternFromString("pins");
   S_keys = PyUnicode_InternFromString("_keys");
   S_storages = PyUnicode_InternFromString("_storages");
   S_next = PyUnicode_InternFromString("next");
@@ -4566,6 +4712,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         c.poisoned = s.attr("poisoned");
         c.storages = s.attr("_storages");
         c.keys = s.attr("_keys");
+        c.pinned = py::getattr(s, "pinned", py::none());
         if (!PyDict_CheckExact(c.tensors.ptr()) || !PyDict_CheckExact(c.poisoned.ptr()) ||
             !PyDict_CheckExact(c.storages.ptr()) || !PyDict_CheckExact(c.keys.ptr())) {
           throw std::invalid_argument("a session's tables must be dicts");
@@ -4639,6 +4786,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init(&make_graph_plan), py::arg("n_slots"), py::arg("metas"), py::arg("nbytes"), py::arg("contiguous"),
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
            py::arg("number"), py::arg("base"), py::arg("tensors"))
+      .def_property_readonly("seen_pins", [](const GraphPlan& p) { return p.seen_pins; })
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
            py::arg("refs"), py::arg("writes"), py::arg("fn"))
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),

@@ -136,6 +136,14 @@ class WorkerSession:
         # CommandExecutor.execute counts every kind but those of `executor.KEEPS_METAS`): a captured step's
         # persistent tensors are not read again while no such command ran between two runs (graph._externals)
         self.mutations = 0
+        # The handles a captured graph of the session reads as persistent tensors (the union over its graphs, kept
+        # by server/graph.py `_pin`; the same set object for the session's life: the C++ runner holds it), and
+        # `pins`, bumped by every table method that unbinds one of them or may bind it anew
+        # (`unbind`, `free`, `rebind_all`, `_uncount`; native_runner.cpp `free_loop`, `Ctx::unbind`, `rebind_run`):
+        # while it is unchanged, each such handle is bound to the very tensor object it was (a captured step's plan
+        # then skips its persistent tensors' look-ups: native_runner.cpp `graph_run`)
+        self.pinned: set[int] = set()
+        self.pins = 0
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
         # A fake GPU's big uploads land in the host memory of the session's freed ones (server/uploadpool.py)
         self.upload_pool = UploadPool(KEEP if device.fake else 0)
@@ -283,11 +291,13 @@ class WorkerSession:
     def rebind_all(self, pairs: Iterable[tuple[int, torch.Tensor]]) -> None:
         """`rebind` for several handles at once (a captured step's outputs and kept tensors, after every run): the
         same bookkeeping inline, the bytes accounted once at the end (also when the handle limit stops it midway)."""
-        tensors, keys, storages = self.tensors, self._keys, self._storages
+        tensors, keys, storages, pinned = self.tensors, self._keys, self._storages, self.pinned
         delta = 0
         fresh: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}  # zeroed at the end, as bind_outputs
         try:
             for handle, tensor in pairs:
+                if pinned and handle in pinned:
+                    self.pins += 1
                 if tensors.pop(handle, None) is not None:  # `unbind`
                     if self.uploads:
                         self.uploads.pop(handle, None)
@@ -335,6 +345,8 @@ class WorkerSession:
         self._keys[handle] = key
 
     def _uncount(self, handle: int) -> None:
+        if self.pinned and handle in self.pinned:  # (`recount`'s set_, server/storage_resize.py's resize away)
+            self.pins += 1
         key = self._keys.pop(handle)
         entry = self._storages[key]
         entry[0] -= 1
@@ -343,6 +355,8 @@ class WorkerSession:
             self._account(-entry[1])
 
     def unbind(self, handle: int) -> bool:
+        if self.pinned and handle in self.pinned:
+            self.pins += 1
         t = self.tensors.pop(handle, None)
         if self.uploads:
             self.uploads.pop(handle, None)
@@ -396,6 +410,8 @@ class WorkerSession:
         """`unbind` each (inline: every output of every step passes here), the bytes of the storages freed counted
         once at the end; freeing unknown handles is harmless, freeing another session's is not."""
         pop, keys, storages, uploads = self.tensors.pop, self._keys, self._storages, self.uploads
+        if self.pinned and not self.pinned.isdisjoint(handles):
+            self.pins += 1
         freed = 0
         try:
             for h in handles:
