@@ -73,10 +73,11 @@ def enable() -> None:
     _enabled.append(True)
     import gpupool.torch  # noqa: F401 - registers the device
 
-    from . import devices, facade, patches
+    from . import devices, facade, legacy, patches
 
     devices.install()
     facade.install()
+    legacy.install()
     patches.install()
     _announce()
 
