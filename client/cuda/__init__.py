@@ -73,11 +73,12 @@ def enable() -> None:
     _enabled.append(True)
     import gpupool.torch  # noqa: F401 - registers the device
 
-    from . import devices, facade, legacy, patches
+    from . import accel, devices, facade, legacy, patches
 
     devices.install()
     facade.install()
     legacy.install()
+    accel.install()
     patches.install()
     _announce()
 

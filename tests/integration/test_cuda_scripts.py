@@ -786,6 +786,26 @@ def test_legacy_cuda_tensor_types_script_runs_as_on_a_gpu(pool: str, client: tup
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+@pytest.mark.parametrize(
+    "cuda, client", [(True, ()), (True, ("--client", "shim")), (False, ())], ids=["default", "shim", "plain-native"]
+)
+def test_accelerator_synchronize_and_memory_api_answer_as_on_a_gpu(
+    pool: str, cuda: bool, client: tuple[str, ...]
+) -> None:
+    """accelerator_api.py (round 49): torch.accelerator.synchronize() and its memory API (memory_allocated,
+    max_memory_allocated, memory_stats, reset_peak_memory_stats, empty_cache, get_memory_info) answer from the
+    session, under `--cuda` on both clients and on the C++ client's plain `gpupool` accelerator; the losses are the
+    CPU's. Until round 49 synchronize() raised "Backend doesn't support synchronizing all streams on device." and each
+    memory call torch's INTERNAL ASSERT "Allocator for gpupool is not a DeviceAllocator"."""
+    pooled = on_pool(pool, "accelerator_api.py", *client, "-p", "0.5", cuda=cuda)
+    assert "FAIL" not in pooled.stdout, pooled.stdout
+    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("accelerator_api.py").stdout)
+    assert len(losses) == 4, pooled.stdout
+    assert_loss_lines_close(losses, reference)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
     """`gpupool run --cuda -n 2`: one process, layers on cuda:0 and cuda:1 (gpupool:0 and gpupool:1), backward across
     both; the losses of the script on the CPU (a fresh process: within float32 rounding)."""
