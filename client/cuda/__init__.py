@@ -58,6 +58,9 @@ def autoload() -> None:
 
     if native.requested():
         native.enable()
+        from . import accel
+
+        accel.install()  # torch.accelerator.synchronize() and its memory API on the device (accel.py)
     if requested():
         enable()
     elif os.environ.get("GPUPOOL_LEASE"):  # under `gpupool run` without --cuda: a CUDA script's error gets one hint

@@ -7,7 +7,8 @@ of gpupool has not: until round 49 `synchronize()` raised "Backend doesn't suppo
 device." and every memory call torch's INTERNAL ASSERT "Allocator for gpupool is not a DeviceAllocator". Those
 `torch._C` functions are replaced here by the facade's answers (client/cuda/facade.py: a sync of the device, the
 session's bytes on the daemon, the quota as the total), keyed by gpupool's numbers: torch.accelerator maps the
-script's numbers (CUDA's under `--cuda`, client/cuda/devices.py `accelerator_index`) before it calls them.
+script's numbers (CUDA's under `--cuda`, client/cuda/devices.py `accelerator_index`) before it calls them. Installed
+by client/cuda's `autoload` after it loads the C++ client and by its `enable()` (`--cuda`, either client).
 """
 
 from __future__ import annotations

@@ -92,9 +92,6 @@ def enable() -> None:
     mp_share.install()  # a gpupool tensor sent to another process: one clear error, as on the Python client
     _deepcopy_by_clone()  # copy.deepcopy of a device tensor (torch's storage copy makes one the daemon never saw)
     _pickle_storages_on_the_cpu()  # pickle.dumps of a device tensor (torch's legacy save: the same)
-    from gpupool.client.cuda import accel
-
-    accel.install()  # torch.accelerator.synchronize() and its memory API on the device (client/cuda/accel.py)
     torch.ops.gpupool_native.set_autoconnect()
     if torch.distributed.is_available():
         from gpupool.client import distributed
