@@ -750,6 +750,17 @@ def test_pytorch_examples_scripts_give_the_cpu_losses(
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+def assert_checks_and_cpu_losses(pool: str, pooled: subprocess.CompletedProcess[str], script: str, count: int) -> None:
+    """A check script's pooled run (amp_sdpa_idioms.py, legacy_types.py, accelerator_api.py): no `FAIL` line, ran to
+    `done`, `count` loss lines, the CPU run's losses; then its lease is released."""
+    assert "FAIL" not in pooled.stdout, pooled.stdout
+    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu(script).stdout)
+    assert len(losses) == count, pooled.stdout
+    assert_loss_lines_close(losses, reference)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
 def test_amp_sdpa_idioms_script_runs_as_on_a_gpu(pool: str, client: tuple[str, ...]) -> None:
     """amp_sdpa_idioms.py (round 47): every check holds (no `FAIL` line) and every printed loss is the CPU's, on both
@@ -761,12 +772,7 @@ def test_amp_sdpa_idioms_script_runs_as_on_a_gpu(pool: str, client: tuple[str, .
     `is_current_stream_capturing()` and `graph_pool_handle()` raised torch's "dummy base class" errors and
     `memory_snapshot()` an AttributeError."""
     pooled = on_pool(pool, "amp_sdpa_idioms.py", *client, "-p", "0.5")
-    assert "FAIL" not in pooled.stdout, pooled.stdout
-    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("amp_sdpa_idioms.py").stdout)
-    assert len(losses) == 8, pooled.stdout
-    assert_loss_lines_close(losses, reference)
-    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+    assert_checks_and_cpu_losses(pool, pooled, "amp_sdpa_idioms.py", 8)
 
 
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
@@ -778,12 +784,7 @@ def test_legacy_cuda_tensor_types_script_runs_as_on_a_gpu(pool: str, client: tup
     not compiled with CUDA enabled."), `initial_seed()` with an AttributeError (`_cuda_getDevice`) and `StreamContext`
     with another (`stream_id`)."""
     pooled = on_pool(pool, "legacy_types.py", *client, "-p", "0.5")
-    assert "FAIL" not in pooled.stdout, pooled.stdout
-    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("legacy_types.py").stdout)
-    assert len(losses) == 9, pooled.stdout
-    assert_loss_lines_close(losses, reference)
-    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+    assert_checks_and_cpu_losses(pool, pooled, "legacy_types.py", 9)
 
 
 @pytest.mark.parametrize(
@@ -798,12 +799,7 @@ def test_accelerator_synchronize_and_memory_api_answer_as_on_a_gpu(
     CPU's. Until round 49 synchronize() raised "Backend doesn't support synchronizing all streams on device." and each
     memory call torch's INTERNAL ASSERT "Allocator for gpupool is not a DeviceAllocator"."""
     pooled = on_pool(pool, "accelerator_api.py", *client, "-p", "0.5", cuda=cuda)
-    assert "FAIL" not in pooled.stdout, pooled.stdout
-    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("accelerator_api.py").stdout)
-    assert len(losses) == 4, pooled.stdout
-    assert_loss_lines_close(losses, reference)
-    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+    assert_checks_and_cpu_losses(pool, pooled, "accelerator_api.py", 4)
 
 
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
