@@ -55,6 +55,19 @@ inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const a
   // dropout_p in (0, 1): the daemon's dropout composition draws the math path's `native_dropout` numbers from the
   // session's seeded stream (server/attention.py); 1 (or out of range) keeps the math path, which handles it.
   if (!(dropout_p >= 0.0 && dropout_p < 1.0)) return none("dropout_p out of [0, 1)");
+  // Grouped-query attention (`enable_gqa=True`, fewer key/value heads than query heads): the fused op has no
+  // enable_gqa argument, so torch's math path (repeat_interleave of key and value, then the math path's ops) runs it,
+  // with local CPU's values. On a GPU flash attention (float16/bfloat16, no mask) and cuDNN take GQA, the
+  // memory-efficient kernel does not (`check_batch_size_and_num_heads_dense<false>` in torch's sdp_utils.cpp): with
+  // the math backend off and none of those two able to take the call, a GPU raises "No available kernel", and so does
+  // this (until round 49 the math path ran anyway).
+  if (enable_gqa && !math_on) {
+    const bool half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+    const bool masked = mask.has_value() && mask->defined();
+    if (!(half && ((flash && !masked) || cudnn)))
+      return none("grouped-query attention (enable_gqa) is taken by flash attention without attn_mask and cuDNN "
+                  "attention, in float16 and bfloat16 only; the memory-efficient kernel takes none");
+  }
   if (!fused || (dropout_p != 0.0 && !dropout) || enable_gqa) return math;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested())
     return none("inputs other than 4-D");
@@ -80,7 +93,12 @@ inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const a
   if (masked) {
     const at::Tensor& m = *mask;
     // (a 0-D or 1-D mask: the daemon takes 2 to 4 dims, as local CPU's flash kernel does; the math path takes any)
-    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() < 2 || m.dim() > 4) return math;
+    // attn_mask with is_causal=True: both apply, the fused op's way (server/attention.py: the CPU flash kernel, CUDA's
+    // memory-efficient kernel, its math composition and its dropout composition all take both), as local CPU's flash
+    // kernel and a GPU's memory-efficient and cuDNN kernels run it. torch's math path refuses the pair ("Explicit
+    // attn_mask should not be set when is_causal=True"): until round 49 this sent it there, and a script that runs on
+    // a GPU and on the CPU failed on gpupool. A mask the fused op does not take (below) still gets that error.
+    if (m.requires_grad() || m.is_nested() || m.dim() < 2 || m.dim() > 4) return math;
     if (m.scalar_type() != at::kBool && m.scalar_type() != dt) return math;
     const int64_t scores[4] = {b, h, l, s};
     for (int64_t i = 1; i <= m.dim(); i++) {

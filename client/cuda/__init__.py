@@ -58,6 +58,9 @@ def autoload() -> None:
 
     if native.requested():
         native.enable()
+        from . import accel
+
+        accel.install()  # torch.accelerator.synchronize() and its memory API on the device (accel.py)
     if requested():
         enable()
     elif os.environ.get("GPUPOOL_LEASE"):  # under `gpupool run` without --cuda: a CUDA script's error gets one hint
@@ -73,10 +76,12 @@ def enable() -> None:
     _enabled.append(True)
     import gpupool.torch  # noqa: F401 - registers the device
 
-    from . import devices, facade, patches
+    from . import accel, devices, facade, legacy, patches
 
     devices.install()
     facade.install()
+    legacy.install()
+    accel.install()
     patches.install()
     _announce()
 

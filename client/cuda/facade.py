@@ -202,8 +202,19 @@ def synchronize(device: Any = None) -> None:
     gt.synchronize(None if device is None else _index(device))
 
 
+_seeded: list[int] = []  # the last seed manual_seed gave the devices
+
+
 def manual_seed(seed: int) -> None:
     torch.gpupool.manual_seed_all(int(seed))  # type: ignore[attr-defined]
+    _seeded[:] = [int(seed)]
+
+
+def initial_seed() -> int:
+    """The devices' seed: the last `torch.cuda.manual_seed(_all)` (torch.manual_seed calls it), else torch's own
+    initial seed, which the devices' generators start from (client/native/__init__.py, client/torch/runtime.py).
+    Until round 49 torch's own function asked the absent CUDA library (AttributeError: `_cuda_getDevice`)."""
+    return _seeded[-1] if _seeded else torch.initial_seed()
 
 
 class device:  # noqa: N801 - the name of torch.cuda.device
@@ -264,6 +275,25 @@ def current_stream(device: Any = None) -> Stream:
 @contextlib.contextmanager
 def stream(s: Stream | None) -> Iterator[Stream | None]:
     yield s
+
+
+class StreamContext:
+    """`with torch.cuda.StreamContext(s):`, the class `torch.cuda.stream(s)` returns on a GPU: the device has one
+    ordered stream, so nothing to switch (torch's own read `s.stream_id`, which the facade's streams have not: until
+    round 49 an AttributeError)."""
+
+    def __init__(self, stream: Stream | None) -> None:
+        self.stream = stream
+
+    def __enter__(self) -> Stream | None:
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def set_stream(stream: Stream | None) -> None:
+    """`torch.cuda.set_stream(s)`: the device's one stream stays current (as `StreamContext`)."""
 
 
 def set_per_process_memory_fraction(fraction: float, device: Any = None) -> None:
@@ -368,6 +398,9 @@ def install() -> None:
         "current_stream": current_stream,
         "default_stream": current_stream,
         "stream": stream,
+        "StreamContext": StreamContext,
+        "set_stream": set_stream,
+        "initial_seed": initial_seed,
         "get_rng_state": get_rng_state,
         "set_rng_state": set_rng_state,
         "get_rng_state_all": get_rng_state_all,
@@ -391,7 +424,7 @@ def install() -> None:
     import torch.cuda.random as cuda_random
 
     for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all", "manual_seed",
-                 "manual_seed_all", "seed", "seed_all"):  # fmt: skip
+                 "manual_seed_all", "seed", "seed_all", "initial_seed"):  # fmt: skip
         setattr(cuda_random, name, answers[name])  # (HF Trainer saves torch.cuda.random.get_rng_state_all())
     cuda.memory.set_per_process_memory_fraction = set_per_process_memory_fraction
     for name in ("memory_stats", "memory_snapshot"):

@@ -28,5 +28,13 @@ attempt("flash mask", [SDPBackend.FLASH_ATTENTION], q.half(), q.half(), q.half()
 attempt("efficient float32 mask", [SDPBackend.EFFICIENT_ATTENTION], q, q, q, attn_mask=mask)
 attempt("efficient 3-D", [SDPBackend.EFFICIENT_ATTENTION], q[0], q[0], q[0])
 attempt("no backend", [], q, q, q)
+# grouped-query attention (2 query heads, 1 key/value head): flash (float16, no mask) and cuDNN take it, the
+# memory-efficient kernel does not; attn_mask with is_causal: the memory-efficient kernel applies both
+kv = q[:, :1]
+attempt("flash float16 gqa", [SDPBackend.FLASH_ATTENTION], q.half(), kv.half(), kv.half(), enable_gqa=True)
+attempt("flash float16 repeated", [SDPBackend.FLASH_ATTENTION], q.half(), *[kv.repeat(1, 2, 1, 1).half()] * 2)
+attempt("efficient gqa", [SDPBackend.EFFICIENT_ATTENTION], q, kv, kv, enable_gqa=True)
+attempt("efficient mask causal", [SDPBackend.EFFICIENT_ATTENTION], q, q, q, attn_mask=mask, is_causal=True)
+attempt("causal", [SDPBackend.MATH], q, q, q, is_causal=True)
 attempt("math", [SDPBackend.MATH], q, q, q)
 print("done")

@@ -60,6 +60,10 @@ CASES = {  # name: (dtype, mask, is_causal, scale)
     "bool-mask-scale": (torch.float32, "bool", False, 0.5),
     "bf16": (torch.bfloat16, "none", False, None),
     "bf16-mask-scale": (torch.bfloat16, "bool", False, 0.25),
+    # attn_mask and is_causal together: both apply (local CPU's flash kernel, a GPU's memory-efficient and cuDNN
+    # kernels); until round 49 the clients sent it to torch's math path, which refuses the pair
+    "bool-mask-causal": (torch.float32, "bool", True, None),
+    "float-mask-causal-scale": (torch.float32, "float", True, 0.5),
 }
 
 
@@ -312,14 +316,16 @@ torch.set_num_threads(1)
 nc.load(); nc.claim(); run_backward_on_calling_thread()
 nc.connect(Session.attach(sys.argv[1], sys.argv[2], timeout=120.0), None)
 dev = nc.device()
-torch.ops.gpupool_native.set_fused_sdp(sys.argv[3] == "1")
+fused = sys.argv[3] == "1"
+torch.ops.gpupool_native.set_fused_sdp(fused)
 g = torch.Generator().manual_seed(7)
 result = {}
-for name, dtype, mask, causal, scale in [
+for name, dtype, mask, causal, scale in [*[
     ("plain", torch.float32, None, False, None), ("causal-scale", torch.float32, None, True, 0.3),
     ("float-mask", torch.float32, torch.randn(16, 12, generator=g), False, None),
     ("bool-mask", torch.float32, torch.rand(2, 1, 16, 12, generator=g) > 0.3, False, 0.5),
-    ("bf16", torch.bfloat16, None, True, None), ("f64", torch.float64, None, True, 0.3)]:
+    ("bf16", torch.bfloat16, None, True, None), ("f64", torch.float64, None, True, 0.3)],
+    *[("mask-causal", torch.float32, torch.rand(2, 1, 16, 12, generator=g) > 0.3, True, None)] * fused]:
     ts = [torch.randn(2, 4, n, 8, generator=g, dtype=dtype) for n in (16, 12, 12)]
     m = None if mask is None or mask.dtype == torch.bool else mask.to(dtype)
     m = mask if mask is not None and mask.dtype == torch.bool else m
@@ -363,6 +369,8 @@ def test_the_cpp_client_equals_local_cpu(serve: Any, fused: bool) -> None:
     assert result["bf16"] <= (1e-5 if fused else 2e-2), result
     # float64: torch's math path either way (client/sdpa_choice.h), its gradients local CPU's within float64's rounding
     assert result["f64"] <= 1e-12 and result["f64:node"] == "UnsafeViewBackward0", result
+    if fused:  # attn_mask and is_causal: the fused op (the math path, GPUPOOL_FUSED_SDPA=0, refuses the pair: torch's)
+        assert result["mask-causal"] <= 1e-5 and result["mask-causal:node"] == node, result
 
 
 _NATIVE_ENV = r"""

@@ -750,6 +750,17 @@ def test_pytorch_examples_scripts_give_the_cpu_losses(
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+def assert_checks_and_cpu_losses(pool: str, pooled: subprocess.CompletedProcess[str], script: str, count: int) -> None:
+    """A check script's pooled run (amp_sdpa_idioms.py, legacy_types.py, accelerator_api.py): no `FAIL` line, ran to
+    `done`, `count` loss lines, the CPU run's losses; then its lease is released."""
+    assert "FAIL" not in pooled.stdout, pooled.stdout
+    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu(script).stdout)
+    assert len(losses) == count, pooled.stdout
+    assert_loss_lines_close(losses, reference)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
 def test_amp_sdpa_idioms_script_runs_as_on_a_gpu(pool: str, client: tuple[str, ...]) -> None:
     """amp_sdpa_idioms.py (round 47): every check holds (no `FAIL` line) and every printed loss is the CPU's, on both
@@ -761,12 +772,34 @@ def test_amp_sdpa_idioms_script_runs_as_on_a_gpu(pool: str, client: tuple[str, .
     `is_current_stream_capturing()` and `graph_pool_handle()` raised torch's "dummy base class" errors and
     `memory_snapshot()` an AttributeError."""
     pooled = on_pool(pool, "amp_sdpa_idioms.py", *client, "-p", "0.5")
-    assert "FAIL" not in pooled.stdout, pooled.stdout
-    assert pooled.stdout.rstrip().endswith("done"), pooled.stdout
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("amp_sdpa_idioms.py").stdout)
-    assert len(losses) == 8, pooled.stdout
-    assert_loss_lines_close(losses, reference)
-    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+    assert_checks_and_cpu_losses(pool, pooled, "amp_sdpa_idioms.py", 8)
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_legacy_cuda_tensor_types_script_runs_as_on_a_gpu(pool: str, client: tuple[str, ...]) -> None:
+    """legacy_types.py (round 49, the PyTorch-GAN style): `Tensor = torch.cuda.FloatTensor`, `Tensor(n, 1).fill_(1.0)`,
+    `Tensor(ndarray)`, `imgs.type(Tensor)`, `torch.set_default_tensor_type("torch.cuda.FloatTensor")`, `x.type()`,
+    `torch.cuda.initial_seed()`, `torch.cuda.StreamContext`/`set_stream`: every check holds and every loss is the CPU's,
+    on both clients. Until round 49 the first `Tensor(...)` failed ("type torch.cuda.FloatTensor not available. Torch
+    not compiled with CUDA enabled."), `initial_seed()` with an AttributeError (`_cuda_getDevice`) and `StreamContext`
+    with another (`stream_id`)."""
+    pooled = on_pool(pool, "legacy_types.py", *client, "-p", "0.5")
+    assert_checks_and_cpu_losses(pool, pooled, "legacy_types.py", 9)
+
+
+@pytest.mark.parametrize(
+    "cuda, client", [(True, ()), (True, ("--client", "shim")), (False, ())], ids=["default", "shim", "plain-native"]
+)
+def test_accelerator_synchronize_and_memory_api_answer_as_on_a_gpu(
+    pool: str, cuda: bool, client: tuple[str, ...]
+) -> None:
+    """accelerator_api.py (round 49): torch.accelerator.synchronize() and its memory API (memory_allocated,
+    max_memory_allocated, memory_stats, reset_peak_memory_stats, empty_cache, get_memory_info) answer from the
+    session, under `--cuda` on both clients and on the C++ client's plain `gpupool` accelerator; the losses are the
+    CPU's. Until round 49 synchronize() raised "Backend doesn't support synchronizing all streams on device." and each
+    memory call torch's INTERNAL ASSERT "Allocator for gpupool is not a DeviceAllocator"."""
+    pooled = on_pool(pool, "accelerator_api.py", *client, "-p", "0.5", cuda=cuda)
+    assert_checks_and_cpu_losses(pool, pooled, "accelerator_api.py", 4)
 
 
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
@@ -1231,13 +1264,21 @@ def test_sdpa_kernel_without_math_fails_where_a_gpu_has_no_kernel(pool: str, cli
     """sdpa_no_kernel.py: with `sdpa_kernel` leaving the math backend out, a call no enabled fused kernel of a GPU
     takes (flash with float32 or a mask, 3-D inputs, no backend at all) raises torch's "No available kernel. Aborting
     execution." as on a GPU, on both clients; a call one takes runs (equal to the math path's sum). Until round 48 all
-    of them ran on the math path."""
+    of them ran on the math path. Round 49: grouped-query attention where only the memory-efficient kernel is enabled
+    (which takes no GQA on a GPU) fails too, flash's GQA runs; attn_mask with is_causal runs (torch's math path, where
+    the clients sent it until round 49, refuses the pair)."""
     out = on_pool(pool, "sdpa_no_kernel.py", *client, "-p", "0.5").stdout
     ran = dict(re.findall(r"^(.+) ran (\S+)$", out, re.M))
     failed = re.findall(r"^(.+) error (.*)$", out, re.M)
-    assert set(ran) == {"flash float16", "efficient float32 mask", "math"}, out
-    assert [name for name, _ in failed] == ["flash float32", "flash mask", "efficient 3-D", "no backend"], out
+    assert set(ran) == {"flash float16", "efficient float32 mask", "math", "flash float16 gqa",
+                        "flash float16 repeated", "efficient mask causal", "causal"}, out  # fmt: skip
+    assert [name for name, _ in failed] == ["flash float32", "flash mask", "efficient 3-D", "no backend",
+                                            "efficient gqa"], out  # fmt: skip
     assert all(why.startswith("No available kernel. Aborting execution.") for _, why in failed), out
     assert float(ran["efficient float32 mask"]) == pytest.approx(float(ran["math"]), abs=2e-4), out  # an all-True mask
+    # attn_mask (all True) with is_causal: the causal call's values (until round 49 torch's math path refused the pair);
+    # GQA: the values of the same call with the key/value head repeated
+    assert float(ran["efficient mask causal"]) == pytest.approx(float(ran["causal"]), abs=2e-4), out
+    assert float(ran["flash float16 gqa"]) == pytest.approx(float(ran["flash float16 repeated"]), abs=2e-3), out
     assert out.rstrip().endswith("done"), out
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
