@@ -75,7 +75,12 @@ class ClockSteps:
         if fd < 0:
             log.debug("timerfd_create: %s", os.strerror(ctypes.get_errno()))
             return None
-        steps = cls(lib, fd)
+        try:
+            steps = cls(lib, fd)
+        except OSError as exc:  # (its stop pipe: out of descriptors) the timerfd is closed, not left open (secrev49)
+            os.close(fd)
+            log.debug("the step watch's pipe: %s", exc)
+            return None
         if not steps._arm():
             steps.close()
             return None
@@ -127,14 +132,20 @@ class ClockSteps:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop watching: `watch`'s thread ends (and closes the descriptors, which it alone polls), else at once."""
-        if self._thread is None:
-            self._close_fds()
-            return
-        try:
-            os.write(self._stop_w, b"x")
-        except OSError:
-            pass
+        """Stop watching: `watch`'s thread ends (and closes the descriptors, which it alone polls), else at once. Again,
+        or after the thread ended on its own, it does nothing: the stop byte is written under `_lock` while the pipe is
+        still open (secrev49: until then it went to the pipe's descriptor number whatever the process had opened there
+        since the thread closed it, a socket or a file of another part of the daemon)."""
+        with self._lock:
+            if not self._fds:
+                return
+            if self._thread is not None:
+                try:
+                    os.write(self._stop_w, b"x")
+                except OSError:  # (full: a stop byte is there already)
+                    pass
+                return
+        self._close_fds()
 
     def _close_fds(self) -> None:
         with self._lock:

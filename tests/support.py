@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import select
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -779,3 +781,21 @@ def in_fresh_thread(fn: Callable[[], None], timeout: float = 300) -> None:
     with another thread-local dispatch state, the runner's dispatcher-free views -- `views_here` -- rightly declined,
     and the tests that count them failed)."""
     in_threads(fn, timeout=timeout)
+
+
+KERNEL_CLOCK_LOCK = os.path.join(tempfile.gettempdir(), "gpupool-tests-kernel-clock-step.lock")
+
+
+@contextlib.contextmanager
+def kernel_clock_held(exclusive: bool) -> Iterator[None]:
+    """Hold the machine's lock of the tests' steps of the kernel's wall clock (an flock on a fixed path; secrev49).
+    The kernel's clock is the machine's, and a step of it wakes every daemon's reaper on the machine
+    (server/clocksteps.py): the tests that step it (test_sec49_clock.py) hold it `exclusive` for their whole run,
+    and a test that counts its reaper's wakes or asserts a session still open holds it shared over that window, so
+    that a step by the suite's other xdist worker, or another checkout's run on the same box, falls outside it."""
+    with open(KERNEL_CLOCK_LOCK, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
