@@ -18,7 +18,8 @@
 // (tests), kept for Python to decode.
 //
 // The Python side (client/native/backend.py) builds this with torch.utils.cpp_extension.load (is_python_module=False)
-// and talks to it through the `gpupool_native::*` operators below. No pybind, no Python headers.
+// and talks to it through the `gpupool_native::*` operators below. No pybind, no Python headers: the one direct call
+// into Python, a frame's hand-off (`PyHandOff`), reaches CPython's stable ABI through dlsym.
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -32,6 +33,7 @@
 #include <ATen/ops/view_native.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1180,9 +1182,93 @@ at::Tensor take_frame_locked(Dev& d) {
   return at::from_blob(d.out.data(), {static_cast<int64_t>(d.out.size())}, at::kByte);
 }
 
-// Hand device d's buffer to Python (gpupool_native::send, to its session): one call per frame.
+// A frame's hand-off to Python without the dispatcher (round 49): the Python function backend.py registered
+// (`gpupool_native_set_hand_off`, through ctypes.PyDLL: `_hand_off`, which calls the device's Session.send_commands)
+// called with the frame as one bytes object and the device's index, under the GIL. Until round 49 every frame went
+// through the `gpupool_native::send` operator: torch's boxed Python kernel (IValues to Python objects), a Tensor
+// object over the buffer, its `.numpy().tobytes()` (~25k instructions a frame of the ~50k the hand-off cost, tiny
+// MLP: BENCHMARKS.md "Round 49, transport49"). The bytes are the same (a copy of the buffer, as tobytes made). CPython's
+// functions are found with dlsym in the process (all of them in the stable ABI since 3.2): none, no fast path, and
+// the frame goes through the operator as before (a process without Python does not reach here: frames go to Python).
+struct PyHandOff {
+  using Obj = void*;
+  int (*ensure)() = nullptr;  // PyGILState_Ensure (PyGILState_STATE: an enum, int-sized)
+  void (*release)(int) = nullptr;
+  Obj (*bytes)(const char*, ssize_t) = nullptr;    // PyBytes_FromStringAndSize
+  Obj (*integer)(long long) = nullptr;             // PyLong_FromLongLong
+  Obj (*call)(Obj, ...) = nullptr;                 // PyObject_CallFunctionObjArgs (NULL-terminated)
+  int (*truth)(Obj) = nullptr;                     // PyObject_IsTrue
+  void (*decref)(Obj) = nullptr;                   // Py_DecRef
+  void (*incref)(Obj) = nullptr;                   // Py_IncRef
+  void (*clear)() = nullptr;                       // PyErr_Clear
+  std::atomic<Obj> fn{nullptr};                    // the Python function (a reference held for good)
+  template <typename F>
+  static bool find(F& f, const char* name) {
+    f = reinterpret_cast<F>(dlsym(RTLD_DEFAULT, name));
+    return f != nullptr;
+  }
+  bool resolve() {
+    return find(ensure, "PyGILState_Ensure") && find(release, "PyGILState_Release") &&
+           find(bytes, "PyBytes_FromStringAndSize") && find(integer, "PyLong_FromLongLong") &&
+           find(call, "PyObject_CallFunctionObjArgs") && find(truth, "PyObject_IsTrue") &&
+           find(decref, "Py_DecRef") && find(incref, "Py_IncRef") && find(clear, "PyErr_Clear");
+  }
+  // 0: handed over; 1: the Python function caught an error (it keeps it for `gpupool_native::hand_off_failed`);
+  // -1: the call itself failed before the function ran (no memory for the bytes object): nothing was handed over.
+  int operator()(Obj f, const uint8_t* p, size_t n, int64_t index) {
+    const int gil = ensure();
+    int r = -1;
+    if (Obj b = bytes(reinterpret_cast<const char*>(p), static_cast<ssize_t>(n))) {
+      if (Obj i = integer(index)) {
+        if (Obj res = call(f, b, i, nullptr)) {
+          r = truth(res);
+          decref(res);
+        }
+        decref(i);
+      }
+      decref(b);
+    }
+    if (r < 0) clear();
+    release(gil);
+    return r < 0 ? -1 : r;
+  }
+} g_hand_off;
+std::atomic<int64_t> g_direct_frames{0};  // frames handed over by g_hand_off (wire_stats' "direct_frames")
+
+// Hand device d's buffer to Python (to its session's send_commands): one call per frame, by `g_hand_off` where
+// backend.py registered it, else by the `gpupool_native::send` operator.
 void flush_frame(Dev& d) {
   std::lock_guard<std::mutex> send(d.send_mu);
+  if (void* fn = g_hand_off.fn.load(std::memory_order_acquire)) {
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      drain_frees_wire(d);
+      d.out.clear();
+      std::swap(d.out.v, d.buf.v);
+      std::swap(d.out.n, d.buf.n);
+      d.cmds = 0;
+      g_wstats.frames++;
+    }
+    if (d.out.empty()) return;
+    const int r = g_hand_off(fn, d.out.data(), d.out.size(), index_of(d));
+    if (r == 0) {
+      g_direct_frames.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    if (r > 0) {  // send_commands raised: the operator raises that exception (translated) as the old path did
+      static auto failed = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("gpupool_native::hand_off_failed", "")
+                               .typed<void(int64_t)>();
+      failed.call(index_of(d));
+      TORCH_CHECK(false, "gpupool native client: a frame's hand-off failed and left no error");
+    }
+    // r < 0: nothing was handed over; the operator's path below hands the same bytes over (or raises why not)
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("gpupool_native::send", "")
+                         .typed<void(const at::Tensor&, int64_t)>();
+    op.call(at::from_blob(d.out.data(), {static_cast<int64_t>(d.out.size())}, at::kByte), index_of(d));
+    return;
+  }
   at::Tensor frame;
   {
     std::lock_guard<std::mutex> lock(g_mu);
@@ -2286,7 +2372,8 @@ std::vector<int64_t> wire_stats() {
     pending += d.pending.size();
   }
   return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
-          static_cast<int64_t>(stores), static_cast<int64_t>(pending), g_wstats.python_ops, g_wstats.view_args};
+          static_cast<int64_t>(stores), static_cast<int64_t>(pending), g_wstats.python_ops, g_wstats.view_args,
+          g_direct_frames.load()};
 }
 
 // For the Python fallback (client/native/backend.py `_python_op`), wire mode.
@@ -2631,6 +2718,19 @@ bool set_fused_sdp(bool on) {
 
 }  // namespace
 
+// backend.py, through ctypes.PyDLL (the GIL held): the Python function every frame is handed to from now on
+// (`PyHandOff`), a reference to it kept for good; 0 where CPython's functions are not found (frames then go through
+// the `gpupool_native::send` operator, as before round 49). Set once (a second call keeps the first function).
+extern "C" __attribute__((visibility("default"))) int gpupool_native_set_hand_off(void* fn) {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  if (g_hand_off.fn.load() != nullptr) return 1;
+  if (fn == nullptr || !g_hand_off.resolve()) return 0;
+  g_hand_off.incref(fn);
+  g_hand_off.fn.store(fn, std::memory_order_release);
+  return 1;
+}
+
 TORCH_LIBRARY(gpupool_native, m) {
   m.def("stats() -> int[]", &stats);
   m.def("configure(bool keep, bool track, bool cache) -> ()", &configure);
@@ -2665,6 +2765,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   // Implemented in Python (client/native/backend.py, over client/session.py's Session of device `index`): the frame
   // hand-offs.
   m.def("send(Tensor frame, int index) -> ()");
+  m.def("hand_off_failed(int index) -> ()");  // raises the error `_hand_off` caught (g_hand_off's frames)
   m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
   m.def("download(Tensor frame, int index, int handle, int[] shape, ScalarType dtype) -> Tensor");
   m.def("download_into(Tensor frame, int index, int handle, Tensor(a!) out) -> ()");  // into `.cpu()`'s tensor
