@@ -801,6 +801,8 @@ struct Dev {
   std::unordered_set<uint64_t> watched;
   std::vector<int64_t> fired;
   std::vector<uint64_t> dead;                 // drain_frees_wire's, swapped with this device's free list
+  Buf freed, free_msg;                        // drain_frees_wire's Free handles, emit_free's message (kept: no
+                                              // allocation a frame)
   uint64_t handle(uint64_t sid) const { return base + (sid & kIdMask); }  // a storage's wire handle
 };
 Dev g_devs[kMaxDevices];
@@ -1099,7 +1101,8 @@ void put_ref(Dev& d, Buf& b, const at::Tensor& t, bool views) {
 // empty was held back and never sent is simply forgotten. Storage ids are never reused (g_next counts up).
 // One Free command of the handles in `packed` (varints) into d's frame.
 void emit_free(Dev& d, const Buf& packed) {
-  Buf fr;
+  Buf& fr = d.free_msg;
+  fr.clear();
   put<uint8_t>(fr, 0x0a);  // Free.handles (1), packed
   put_varint(fr, packed.n);
   put_bytes(fr, packed.v.data(), packed.n);
@@ -1116,7 +1119,8 @@ void drain_frees_wire(Dev& d) {
     if (list.empty()) return;
     dead.swap(list);
   }
-  Buf packed;
+  Buf& packed = d.freed;
+  packed.clear();
   for (uint64_t sid : dead) {
     auto p = std::find_if(d.pending.begin(), d.pending.end(), [sid](const auto& e) { return e.first == sid; });
     const bool held = p != d.pending.end();
@@ -1169,16 +1173,21 @@ inline void prelude_wire(Dev& d) {
 
 inline int64_t index_of(const Dev& d) { return &d - g_devs; }
 
-// The frame so far, as a tensor over d.out's bytes: the buffer's, swapped out of d.buf (no copy; both keep their
-// capacity). Not owning them: valid while the caller holds d.send_mu (whoever takes a frame holds it until it is sent).
-at::Tensor take_frame_locked(Dev& d) {
+// The frame so far, moved to d.out (swapped out of d.buf: no copy; both keep their capacity); its size. d.out is
+// valid while the caller holds d.send_mu (whoever takes a frame holds it until it is sent).
+size_t cut_frame_locked(Dev& d) {
   drain_frees_wire(d);
   d.out.clear();
   std::swap(d.out.v, d.buf.v);
   std::swap(d.out.n, d.buf.n);
   d.cmds = 0;
   g_wstats.frames++;
-  if (d.out.empty()) return at::empty({0}, at::kByte);
+  return d.out.size();
+}
+
+// The frame so far, as a tensor over d.out's bytes (`cut_frame_locked`; not owning them).
+at::Tensor take_frame_locked(Dev& d) {
+  if (cut_frame_locked(d) == 0) return at::empty({0}, at::kByte);
   return at::from_blob(d.out.data(), {static_cast<int64_t>(d.out.size())}, at::kByte);
 }
 
@@ -1239,46 +1248,31 @@ std::atomic<int64_t> g_direct_frames{0};  // frames handed over by g_hand_off (w
 // backend.py registered it, else by the `gpupool_native::send` operator.
 void flush_frame(Dev& d) {
   std::lock_guard<std::mutex> send(d.send_mu);
+  size_t n;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    n = cut_frame_locked(d);
+  }
+  if (n == 0) return;
   if (void* fn = g_hand_off.fn.load(std::memory_order_acquire)) {
-    {
-      std::lock_guard<std::mutex> lock(g_mu);
-      drain_frees_wire(d);
-      d.out.clear();
-      std::swap(d.out.v, d.buf.v);
-      std::swap(d.out.n, d.buf.n);
-      d.cmds = 0;
-      g_wstats.frames++;
-    }
-    if (d.out.empty()) return;
-    const int r = g_hand_off(fn, d.out.data(), d.out.size(), index_of(d));
+    const int r = g_hand_off(fn, d.out.data(), n, index_of(d));
     if (r == 0) {
       g_direct_frames.fetch_add(1, std::memory_order_relaxed);
       return;
     }
-    if (r > 0) {  // send_commands raised: the operator raises that exception (translated) as the old path did
+    if (r > 0) {  // send_commands raised: the operator raises that exception (translated) as `send` raised it
       static auto failed = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("gpupool_native::hand_off_failed", "")
                                .typed<void(int64_t)>();
       failed.call(index_of(d));
       TORCH_CHECK(false, "gpupool native client: a frame's hand-off failed and left no error");
     }
-    // r < 0: nothing was handed over; the operator's path below hands the same bytes over (or raises why not)
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("gpupool_native::send", "")
-                         .typed<void(const at::Tensor&, int64_t)>();
-    op.call(at::from_blob(d.out.data(), {static_cast<int64_t>(d.out.size())}, at::kByte), index_of(d));
-    return;
+    // r < 0: nothing was handed over; the operator below hands the same bytes over (or raises why not)
   }
-  at::Tensor frame;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    frame = take_frame_locked(d);
-  }
-  if (frame.numel() == 0) return;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gpupool_native::send", "")
                        .typed<void(const at::Tensor&, int64_t)>();
-  op.call(frame, index_of(d));
+  op.call(at::from_blob(d.out.data(), {static_cast<int64_t>(n)}, at::kByte), index_of(d));
 }
 
 inline bool frame_full(const Dev& d) { return d.cmds >= g_flush_commands || d.buf.size() >= kFlushBytes; }
