@@ -258,10 +258,12 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     """Send every op on gpupool:<index> from now on to `session` (client/session.py's Session, attached to a daemon;
     each device its own session, perhaps on another daemon) as compact records
     (docs/wire.md, "Compact eager ops"): the C++ side writes whole `ClientFrame.commands` entries and hands them over
-    once per frame (every 32 commands, and at each sync) through the `gpupool_native::send` / `sync_scalar` / `download`
-    operators, whose Python implementations here put the bytes on the session's stream (`Session.send_commands`) after
-    whatever the session itself queued. Errors are the shim's (`errors`): a daemon error surfaces at the next sync as
-    a RemoteError (an OutOfMemoryError for a quota refusal, a DeviceLost for a lost session) naming the op.
+    once per frame (every 32 commands, and at each sync): a full frame by a direct call of `_hand_off` below (round
+    49; the `gpupool_native::send` operator with GPUPOOL_NATIVE_HAND_OFF=0), a sync's or a download's through the
+    `sync_scalar` / `download` operators, whose Python implementations here put the bytes on the session's stream
+    (`Session.send_commands`) after whatever the session itself queued. Errors are the shim's (`errors`): a daemon
+    error surfaces at the next sync as a RemoteError (an OutOfMemoryError for a quota refusal, a DeviceLost for a
+    lost session) naming the op.
 
     `ops`: the op names the C++ encoder sends (None: every op). With `python` (the default) every other op, and every
     op the C++ encoder cannot send (an argument the compact form lacks, outputs the Meta kernel cannot infer, a
