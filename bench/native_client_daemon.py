@@ -128,6 +128,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             w: {k: round(statistics.median(v) * 1e6, 2) for k, v in parts.items()} for w, parts in split.items()
         }
     else:
+        # the frames the session is handed (Session.send_commands: the C++ client's hand-off, by its direct call or by
+        # the `send` operator with GPUPOOL_NATIVE_HAND_OFF=0): how many
+        sent = [0]
+        send_commands = session.send_commands
+
+        def counted(commands: bytes) -> None:
+            sent[0] += 1
+            send_commands(commands)
+
+        session.send_commands = counted
         out["local"] = [step("local", i).item() for i in range(args.steps)]
         out["spike"] = [step("spike", i).item() for i in range(args.steps)]
         diffs = {
@@ -154,6 +164,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["item_value"] = (p_remote * 2).sum().item()
         out["item_frames"] = session.frames_put - frames
         out["item_local"] = (p_remote.cpu() * 2).sum().item()  # (the spike trained a step more than local)
+        out["sent_frames"] = sent[0]
     torch.ops.gpupool_native.flush()
     out["stats"] = nc.stats()
     out["wire"] = nc.wire_stats()
@@ -321,6 +332,9 @@ def errors(nc: Any, session: Any, x: Any) -> dict[str, Any]:
     session.sync()
     session.close()
     out["closed"] = caught(lambda: (x + 1).sum().item())
+    # a frame handed over (not a sync's) to a closed session: send_commands' error, raised through the direct
+    # hand-off's `hand_off_failed` operator (the `send` operator's with GPUPOOL_NATIVE_HAND_OFF=0)
+    out["closed_send"] = caught(lambda: (x + 1, torch.ops.gpupool_native.flush()))
     return out
 
 

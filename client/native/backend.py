@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import struct
 import sys
 import threading
@@ -43,6 +44,7 @@ STATS = (
     "dropped_bytes", "meta_runs", "cache_hits", "view_outputs", "live", "free_pending", "cache_entries",
 )  # fmt: skip
 _loaded: list[bool] = []
+_dll: list[Any] = []  # the library as ctypes.PyDLL loaded it (`_register_hand_off` calls into it with the GIL held)
 
 
 def load(verbose: bool = False, name: str = NAME) -> None:
@@ -60,7 +62,7 @@ def load(verbose: bool = False, name: str = NAME) -> None:
         torch.utils.rename_privateuse1_backend(name)
     NAME = name
     # checked as opened, loaded as opened: not torch.ops.load_library, whose realpath() names the file again
-    config.load_private(path, ctypes.CDLL)
+    _dll.append(config.load_private(path, ctypes.PyDLL))  # (PyDLL: its calls hold the GIL; the same dlopen)
     _register_module()
     _loaded.append(True)
 
@@ -231,6 +233,7 @@ def decode(buf: bytes) -> list[dict[str, Any]]:
 
 WIRE_STATS = (
     "frames", "view_handles", "free_commands", "skipped_views", "storages", "pending", "python_ops", "view_args",
+    "direct_frames",  # frames handed over by native_client.cpp's direct call (`_hand_off`), not the `send` operator
 )  # fmt: skip
 _libs: list[Any] = []
 _sessions: dict[int, Any] = {}  # device index -> its Session
@@ -255,10 +258,12 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     """Send every op on gpupool:<index> from now on to `session` (client/session.py's Session, attached to a daemon;
     each device its own session, perhaps on another daemon) as compact records
     (docs/wire.md, "Compact eager ops"): the C++ side writes whole `ClientFrame.commands` entries and hands them over
-    once per frame (every 32 commands, and at each sync) through the `gpupool_native::send` / `sync_scalar` / `download`
-    operators, whose Python implementations here put the bytes on the session's stream (`Session.send_commands`) after
-    whatever the session itself queued. Errors are the shim's (`errors`): a daemon error surfaces at the next sync as
-    a RemoteError (an OutOfMemoryError for a quota refusal, a DeviceLost for a lost session) naming the op.
+    once per frame (every 32 commands, and at each sync): a full frame by a direct call of `_hand_off` below (round
+    49; the `gpupool_native::send` operator with GPUPOOL_NATIVE_HAND_OFF=0), a sync's or a download's through the
+    `sync_scalar` / `download` operators, whose Python implementations here put the bytes on the session's stream
+    (`Session.send_commands`) after whatever the session itself queued. Errors are the shim's (`errors`): a daemon
+    error surfaces at the next sync as a RemoteError (an OutOfMemoryError for a quota refusal, a DeviceLost for a
+    lost session) naming the op.
 
     `ops`: the op names the C++ encoder sends (None: every op). With `python` (the default) every other op, and every
     op the C++ encoder cannot send (an argument the compact form lacks, outputs the Meta kernel cannot infer, a
@@ -330,13 +335,36 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
+    failed: dict[int, BaseException] = {}  # device index -> the error `_hand_off` caught, raised by `hand_off_failed`
+
+    def _hand_off(frame: bytes, index: int) -> bool:
+        """A frame from native_client.cpp's direct hand-off (`PyHandOff`: the frame as one bytes object, no operator,
+        no tensor); True where send_commands raised: the error is kept, and the C++ side raises it next through the
+        `hand_off_failed` operator, as `send`'s would have been (translated)."""
+        try:
+            _sessions[index].send_commands(frame)
+            return False
+        except BaseException as exc:  # noqa: BLE001 - raised by hand_off_failed, as `send` raises it
+            failed[index] = exc
+            return True
+
+    def hand_off_failed(index: int) -> None:
+        exc = failed.pop(index)
+        raise translate(exc) from exc
+
     lib = torch.library.Library("gpupool_native", "IMPL")  # noqa: TOR901 (ops defined in C++, implemented here)
     lib.impl("send", send, "CPU")
+    # (no tensor argument: no backend key to dispatch on; a CPU kernel was never reached, NotImplementedError)
+    lib.impl("hand_off_failed", hand_off_failed, "CompositeExplicitAutograd")
     lib.impl("sync_scalar", sync_scalar, "CPU")
     lib.impl("download", download, "CPU")
     lib.impl("download_into", download_into, "CPU")
     lib.impl("upload", upload, "CPU")
     _libs.append(lib)
+    # every frame from now on goes to `_hand_off` straight from C++ (0: CPython's functions not found there: `send`)
+    _libs.append(_hand_off)  # (kept referenced here too: the C++ side holds a reference of its own)
+    if _dll and os.environ.get("GPUPOOL_NATIVE_HAND_OFF", "1") != "0":  # 0: the operator (A/B, tests)
+        _dll[0].gpupool_native_set_hand_off(ctypes.py_object(_hand_off))
     if python:
         fb = torch.library.Library("_", "IMPL")  # noqa: TOR901
         fb.fallback(lambda op, *args, **kwargs: _python_op(op, args, kwargs), "PrivateUse2")

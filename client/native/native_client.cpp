@@ -18,7 +18,8 @@
 // (tests), kept for Python to decode.
 //
 // The Python side (client/native/backend.py) builds this with torch.utils.cpp_extension.load (is_python_module=False)
-// and talks to it through the `gpupool_native::*` operators below. No pybind, no Python headers.
+// and talks to it through the `gpupool_native::*` operators below. No pybind, no Python headers: the one direct call
+// into Python, a frame's hand-off (`PyHandOff`), reaches CPython's stable ABI through dlsym.
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -32,6 +33,7 @@
 #include <ATen/ops/view_native.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -799,6 +801,8 @@ struct Dev {
   std::unordered_set<uint64_t> watched;
   std::vector<int64_t> fired;
   std::vector<uint64_t> dead;                 // drain_frees_wire's, swapped with this device's free list
+  Buf freed, free_msg;                        // drain_frees_wire's Free handles, emit_free's message (kept: no
+                                              // allocation a frame)
   uint64_t handle(uint64_t sid) const { return base + (sid & kIdMask); }  // a storage's wire handle
 };
 Dev g_devs[kMaxDevices];
@@ -1097,7 +1101,8 @@ void put_ref(Dev& d, Buf& b, const at::Tensor& t, bool views) {
 // empty was held back and never sent is simply forgotten. Storage ids are never reused (g_next counts up).
 // One Free command of the handles in `packed` (varints) into d's frame.
 void emit_free(Dev& d, const Buf& packed) {
-  Buf fr;
+  Buf& fr = d.free_msg;
+  fr.clear();
   put<uint8_t>(fr, 0x0a);  // Free.handles (1), packed
   put_varint(fr, packed.n);
   put_bytes(fr, packed.v.data(), packed.n);
@@ -1114,7 +1119,8 @@ void drain_frees_wire(Dev& d) {
     if (list.empty()) return;
     dead.swap(list);
   }
-  Buf packed;
+  Buf& packed = d.freed;
+  packed.clear();
   for (uint64_t sid : dead) {
     auto p = std::find_if(d.pending.begin(), d.pending.end(), [sid](const auto& e) { return e.first == sid; });
     const bool held = p != d.pending.end();
@@ -1167,32 +1173,106 @@ inline void prelude_wire(Dev& d) {
 
 inline int64_t index_of(const Dev& d) { return &d - g_devs; }
 
-// The frame so far, as a tensor over d.out's bytes: the buffer's, swapped out of d.buf (no copy; both keep their
-// capacity). Not owning them: valid while the caller holds d.send_mu (whoever takes a frame holds it until it is sent).
-at::Tensor take_frame_locked(Dev& d) {
+// The frame so far, moved to d.out (swapped out of d.buf: no copy; both keep their capacity); its size. d.out is
+// valid while the caller holds d.send_mu (whoever takes a frame holds it until it is sent).
+size_t cut_frame_locked(Dev& d) {
   drain_frees_wire(d);
   d.out.clear();
   std::swap(d.out.v, d.buf.v);
   std::swap(d.out.n, d.buf.n);
   d.cmds = 0;
   g_wstats.frames++;
-  if (d.out.empty()) return at::empty({0}, at::kByte);
+  return d.out.size();
+}
+
+// The frame so far, as a tensor over d.out's bytes (`cut_frame_locked`; not owning them).
+at::Tensor take_frame_locked(Dev& d) {
+  if (cut_frame_locked(d) == 0) return at::empty({0}, at::kByte);
   return at::from_blob(d.out.data(), {static_cast<int64_t>(d.out.size())}, at::kByte);
 }
 
-// Hand device d's buffer to Python (gpupool_native::send, to its session): one call per frame.
+// A frame's hand-off to Python without the dispatcher (round 49): the Python function backend.py registered
+// (`gpupool_native_set_hand_off`, through ctypes.PyDLL: `_hand_off`, which calls the device's Session.send_commands)
+// called with the frame as one bytes object and the device's index, under the GIL. Until round 49 every frame went
+// through the `gpupool_native::send` operator: torch's boxed Python kernel (IValues to Python objects), a Tensor
+// object over the buffer, its `.numpy().tobytes()` (~25k instructions a frame of the ~50k the hand-off cost, tiny
+// MLP: BENCHMARKS.md "Round 49, transport49"). The bytes are the same (a copy of the buffer, as tobytes made). CPython's
+// functions are found with dlsym in the process (all of them in the stable ABI since 3.2): none, no fast path, and
+// the frame goes through the operator as before (a process without Python does not reach here: frames go to Python).
+struct PyHandOff {
+  using Obj = void*;
+  int (*ensure)() = nullptr;  // PyGILState_Ensure (PyGILState_STATE: an enum, int-sized)
+  void (*release)(int) = nullptr;
+  Obj (*bytes)(const char*, ssize_t) = nullptr;    // PyBytes_FromStringAndSize
+  Obj (*integer)(long long) = nullptr;             // PyLong_FromLongLong
+  Obj (*call)(Obj, ...) = nullptr;                 // PyObject_CallFunctionObjArgs (NULL-terminated)
+  int (*truth)(Obj) = nullptr;                     // PyObject_IsTrue
+  void (*decref)(Obj) = nullptr;                   // Py_DecRef
+  void (*incref)(Obj) = nullptr;                   // Py_IncRef
+  void (*clear)() = nullptr;                       // PyErr_Clear
+  std::atomic<Obj> fn{nullptr};                    // the Python function (a reference held for good)
+  template <typename F>
+  static bool find(F& f, const char* name) {
+    f = reinterpret_cast<F>(dlsym(RTLD_DEFAULT, name));
+    return f != nullptr;
+  }
+  bool resolve() {
+    return find(ensure, "PyGILState_Ensure") && find(release, "PyGILState_Release") &&
+           find(bytes, "PyBytes_FromStringAndSize") && find(integer, "PyLong_FromLongLong") &&
+           find(call, "PyObject_CallFunctionObjArgs") && find(truth, "PyObject_IsTrue") &&
+           find(decref, "Py_DecRef") && find(incref, "Py_IncRef") && find(clear, "PyErr_Clear");
+  }
+  // 0: handed over; 1: the Python function caught an error (it keeps it for `gpupool_native::hand_off_failed`);
+  // -1: the call itself failed before the function ran (no memory for the bytes object): nothing was handed over.
+  int operator()(Obj f, const uint8_t* p, size_t n, int64_t index) {
+    const int gil = ensure();
+    int r = -1;
+    if (Obj b = bytes(reinterpret_cast<const char*>(p), static_cast<ssize_t>(n))) {
+      if (Obj i = integer(index)) {
+        if (Obj res = call(f, b, i, nullptr)) {
+          r = truth(res);
+          decref(res);
+        }
+        decref(i);
+      }
+      decref(b);
+    }
+    if (r < 0) clear();
+    release(gil);
+    return r < 0 ? -1 : r;
+  }
+} g_hand_off;
+std::atomic<int64_t> g_direct_frames{0};  // frames handed over by g_hand_off (wire_stats' "direct_frames")
+
+// Hand device d's buffer to Python (to its session's send_commands): one call per frame, by `g_hand_off` where
+// backend.py registered it, else by the `gpupool_native::send` operator.
 void flush_frame(Dev& d) {
   std::lock_guard<std::mutex> send(d.send_mu);
-  at::Tensor frame;
+  size_t n;
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    frame = take_frame_locked(d);
+    n = cut_frame_locked(d);
   }
-  if (frame.numel() == 0) return;
+  if (n == 0) return;
+  if (void* fn = g_hand_off.fn.load(std::memory_order_acquire)) {
+    const int r = g_hand_off(fn, d.out.data(), n, index_of(d));
+    if (r == 0) {
+      g_direct_frames.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    if (r > 0) {  // send_commands raised: the operator raises that exception (translated) as `send` raised it
+      static auto failed = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("gpupool_native::hand_off_failed", "")
+                               .typed<void(int64_t)>();
+      failed.call(index_of(d));
+      TORCH_CHECK(false, "gpupool native client: a frame's hand-off failed and left no error");
+    }
+    // r < 0: nothing was handed over; the operator below hands the same bytes over (or raises why not)
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gpupool_native::send", "")
                        .typed<void(const at::Tensor&, int64_t)>();
-  op.call(frame, index_of(d));
+  op.call(at::from_blob(d.out.data(), {static_cast<int64_t>(n)}, at::kByte), index_of(d));
 }
 
 inline bool frame_full(const Dev& d) { return d.cmds >= g_flush_commands || d.buf.size() >= kFlushBytes; }
@@ -2286,7 +2366,8 @@ std::vector<int64_t> wire_stats() {
     pending += d.pending.size();
   }
   return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
-          static_cast<int64_t>(stores), static_cast<int64_t>(pending), g_wstats.python_ops, g_wstats.view_args};
+          static_cast<int64_t>(stores), static_cast<int64_t>(pending), g_wstats.python_ops, g_wstats.view_args,
+          g_direct_frames.load()};
 }
 
 // For the Python fallback (client/native/backend.py `_python_op`), wire mode.
@@ -2631,6 +2712,19 @@ bool set_fused_sdp(bool on) {
 
 }  // namespace
 
+// backend.py, through ctypes.PyDLL (the GIL held): the Python function every frame is handed to from now on
+// (`PyHandOff`), a reference to it kept for good; 0 where CPython's functions are not found (frames then go through
+// the `gpupool_native::send` operator, as before round 49). Set once (a second call keeps the first function).
+extern "C" __attribute__((visibility("default"))) int gpupool_native_set_hand_off(void* fn) {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  if (g_hand_off.fn.load() != nullptr) return 1;
+  if (fn == nullptr || !g_hand_off.resolve()) return 0;
+  g_hand_off.incref(fn);
+  g_hand_off.fn.store(fn, std::memory_order_release);
+  return 1;
+}
+
 TORCH_LIBRARY(gpupool_native, m) {
   m.def("stats() -> int[]", &stats);
   m.def("configure(bool keep, bool track, bool cache) -> ()", &configure);
@@ -2665,6 +2759,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   // Implemented in Python (client/native/backend.py, over client/session.py's Session of device `index`): the frame
   // hand-offs.
   m.def("send(Tensor frame, int index) -> ()");
+  m.def("hand_off_failed(int index) -> ()");  // raises the error `_hand_off` caught (g_hand_off's frames)
   m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
   m.def("download(Tensor frame, int index, int handle, int[] shape, ScalarType dtype) -> Tensor");
   m.def("download_into(Tensor frame, int index, int handle, Tensor(a!) out) -> ()");  // into `.cpu()`'s tensor

@@ -81,6 +81,7 @@ def test_frames_follow_gpupool_flush_ops(serve: Any, trained: dict[str, Any]) ->
     the same training into several times the default's frames, with the same losses; a bad value is refused at attach.
     """
     small = _train(serve, "tiny-mlp", STEPS, "--op-set", env={"GPUPOOL_FLUSH_OPS": "4 "})
+    _SMALL.append(small)
     assert small["spike"] == trained["spike"]  # the same records, cut into frames elsewhere
     assert small["stats"]["op_records"] == trained["stats"]["op_records"]
     assert small["wire"]["frames"] > small["stats"]["op_records"] / 5  # the default's: fewer than records / 8
@@ -88,6 +89,26 @@ def test_frames_follow_gpupool_flush_ops(serve: Any, trained: dict[str, Any]) ->
     bad = _run(serve, "tiny-mlp", 1, env={"GPUPOOL_FLUSH_OPS": "0"})
     assert bad.returncode != 0
     assert "GPUPOOL_FLUSH_OPS=0 is not a number of commands from 1 to 65536" in bad.stderr
+
+
+_SMALL: list[dict[str, Any]] = []  # test_frames_follow_gpupool_flush_ops' training with GPUPOOL_FLUSH_OPS=4
+
+
+def test_frames_go_to_the_session_straight_from_cpp(serve: Any) -> None:
+    """A full frame reaches Session.send_commands by native_client.cpp's direct call (`PyHandOff`: one bytes object,
+    no operator, no tensor; round 49), counted by wire_stats' `direct_frames` (none on 146577ae: every frame went
+    through the `gpupool_native::send` operator; a sync's frame goes with its Sync, a download's by the operator, as
+    before). GPUPOOL_NATIVE_HAND_OFF=0 keeps the operator: the same training hands the session as many frames, of the
+    same records (the same losses). Frames of 4 commands: several a step."""
+    env = {"GPUPOOL_FLUSH_OPS": "4"}
+    new = _SMALL[0] if _SMALL else _train(serve, "tiny-mlp", STEPS, "--op-set", env=env)
+    assert new["wire"]["direct_frames"] > 3 * STEPS
+    assert new["sent_frames"] - new["wire"]["direct_frames"] <= 3  # the downloads' frames after the training
+    old = _train(serve, "tiny-mlp", STEPS, "--op-set", env={**env, "GPUPOOL_NATIVE_HAND_OFF": "0"})
+    assert old["wire"]["direct_frames"] == 0
+    assert old["sent_frames"] == new["sent_frames"] and old["wire"]["frames"] == new["wire"]["frames"]
+    assert old["spike"] == new["spike"]
+    assert old["stats"]["op_records"] == new["stats"]["op_records"]
 
 
 def test_an_op_outside_the_set_goes_to_the_python_fallback(trained: dict[str, Any]) -> None:
@@ -179,6 +200,7 @@ def test_daemon_errors_surface_at_the_next_sync_as_the_shims(breadth: dict[str, 
         remote, local = e[after]
         assert abs(remote - local) <= 1e-5, after
     assert e["closed"]["type"] == "DeviceLost" and "closed" in e["closed"]["message"]
+    assert e["closed_send"]["type"] == "DeviceLost" and "closed" in e["closed_send"]["message"]  # a frame's hand-off
 
 
 @pytest.mark.parametrize(("model", "steps"), [("mlp", 4), ("cnn", 3)])
