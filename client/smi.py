@@ -364,11 +364,22 @@ def main(argv: list[str]) -> int:
         f"of the lease whose tokens ${LEASE_ENV} holds, as in `gpupool run -- gpupool smi`). "
         "A device's memory used is (hidden) to a tenant where another tenant also holds a lease on it.",
     )
-    p.add_argument("-w", "--watch", action="store_true", help="keep a live view, refreshed every --interval s")
+    p.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help="keep a live view, refreshed every --interval s (off a terminal - a pipe, a log - a line of the pool "
+        "each interval, --log's new lines as they come and the full view at the end)",
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
     p.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes (default: until Ctrl-C)")
     p.add_argument("--until-pid", type=int, default=0, help="with --watch: stop when process PID has exited")
-    p.add_argument("--log", type=Path, default=None, help="with --watch: also show the last lines of this file")
+    p.add_argument(
+        "--log",
+        type=Path,
+        default=None,
+        help="with --watch: also show the last lines of this file (off a terminal: each new line)",
+    )
     args = p.parse_args(argv)
     if args.interval <= 0:
         p.error("--interval must be > 0")
