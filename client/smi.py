@@ -282,7 +282,11 @@ def summary(now: Sample, before: Sample | None) -> str:
         rows.append(f"{safe(u.tenant) or '?'} on {safe(key[0])}/{u.device}: memory {format_size(u.used_bytes)}/"
                     f"{format_size(u.limit_bytes)}, share {u.share:.2g}, busy {busy}, {ops} ops/s")  # fmt: skip
     if not rows:
-        rows = ["sessions: none shown to you" if now.pool.leases else "sessions: none (no lease is active)"]
+        rows = [
+            "sessions: none shown to you (none open yet, or not yours to see)"
+            if now.pool.leases
+            else "sessions: none (no lease is active)"
+        ]
     return "; ".join([head, *rows])
 
 
@@ -310,31 +314,25 @@ def watch(args: argparse.Namespace, console: Console) -> int:
     Off a terminal (a pipe, `| tee`, a CI log, a notebook) a redrawn frame shows nothing until the last one (round
     49: the piped demo sat 144-416 s silent while it trained): there each interval prints one line (`summary`), the
     --log file's new lines as they come, and the full view once at the end."""
-    if not console.is_terminal:
-        return watch_lines(args, console)
-    before: Sample | None = None
-    shown = 0
-    with Live(console=console, auto_refresh=False, transient=False) as live:
-        try:
-            while True:
-                pool = _fetch(args)
-                if pool is None:
-                    return 1
-                now = sample(pool)
-                live.update(view(now, before, args.log), refresh=True)
-                before, shown = now, shown + 1
-                if (args.count and shown >= args.count) or (args.until_pid and not _alive(args.until_pid)):
-                    return 0
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 130  # (Ctrl-C: 128 + SIGINT, so that a script running the watch, scripts/demo.sh, can tell)
-
-
-def watch_lines(args: argparse.Namespace, console: Console) -> int:
-    """--watch off a terminal: a line a refresh, the log's new lines, the last sample's full view at the end."""
-    before: Sample | None = None
-    shown = 0
+    if console.is_terminal:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            return _refresh(args, lambda now, before, _: live.update(view(now, before, args.log), refresh=True))
     follow = LogFollower(args.log) if args.log is not None else None
+
+    def lines(now: Sample, before: Sample | None, last: bool) -> None:
+        for line in follow.new_lines(final=last) if follow is not None else ():
+            print(line)
+        print(summary(now, before), flush=True)
+        if last:
+            console.print(view(now, before, args.log))
+
+    return _refresh(args, lines)
+
+
+def _refresh(args: argparse.Namespace, show: Callable[[Sample, Sample | None, bool], None]) -> int:
+    """--watch's loop: `show(now, before, last)` a sample every --interval s; 130 on Ctrl-C, 1 where no pool."""
+    before: Sample | None = None
+    shown = 0
     try:
         while True:
             pool = _fetch(args)
@@ -342,17 +340,14 @@ def watch_lines(args: argparse.Namespace, console: Console) -> int:
                 return 1
             now = sample(pool)
             shown += 1
-            done = bool(args.count and shown >= args.count) or bool(args.until_pid and not _alive(args.until_pid))
-            for line in follow.new_lines(final=done) if follow is not None else ():
-                print(line)
-            print(summary(now, before), flush=True)
-            if done:
-                console.print(view(now, before, args.log))
+            last = bool(args.count and shown >= args.count) or bool(args.until_pid and not _alive(args.until_pid))
+            show(now, before, last)
+            if last:
                 return 0
             before = now
             time.sleep(args.interval)
     except KeyboardInterrupt:
-        return 130  # (as on a terminal)
+        return 130  # (Ctrl-C: 128 + SIGINT, so that a script running the watch, scripts/demo.sh, can tell)
 
 
 def main(argv: list[str]) -> int:
