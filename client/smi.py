@@ -211,7 +211,6 @@ def leases_table(pool: scheduler_pb2.PoolState) -> Table:
 def tenants_table(now: Sample, before: Sample | None) -> Table:
     """One row per session: memory used/limit, captured graphs' host memory/limit, share, and busy % and ops/s
     since the previous sample."""
-    dt = now.at - before.at if before is not None else 0.0
     # A daemon shows a caller only the sessions its credentials hold (docs/security.md, "Credentials and what they
     # grant"): an empty table may be the caller's view, not an idle pool.
     caption = None if now.sessions else NO_SESSIONS if now.pool.leases else IDLE
@@ -221,12 +220,7 @@ def tenants_table(now: Sample, before: Sample | None) -> Table:
     for col in ("host/gpu", "tenant", "lease", "session", "memory", "limit", "graphs", "share", "busy", "ops/s"):
         table.add_column(col, justify="left" if col in ("host/gpu", "tenant", "lease", "session") else "right")
     for (host, tag), u in sorted(now.sessions.items()):
-        prev = before.sessions.get((host, tag)) if before is not None else None
-        if prev is not None and dt > 0:
-            busy = f"{100 * min(1.0, max(0.0, (u.busy_seconds - prev.busy_seconds) / dt)):.1f}%"
-            ops = f"{max(0, u.ops - prev.ops) / dt:,.0f}"
-        else:
-            busy = ops = "..."  # the first sample has nothing to compare with
+        busy, ops = rates(now, before, (host, tag))  # ("..." in the first sample: nothing to compare with)
         table.add_row(_cell(f"{host}/{u.device}"), _cell(u.tenant), _cell(u.lease_id[:12]), _cell(tag),
                       format_size(u.used_bytes), format_size(u.limit_bytes), graphs(u), f"{u.share:.2g}", busy,
                       ops)  # fmt: skip
@@ -264,28 +258,96 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def rates(now: Sample, before: Sample | None, key: tuple[str, str]) -> tuple[str, str]:
+    """A session's busy % and ops/s since the previous sample ("..." for both where there is none to compare)."""
+    u, dt = now.sessions[key], now.at - before.at if before is not None else 0.0
+    prev = before.sessions.get(key) if before is not None else None
+    if prev is None or dt <= 0:
+        return "...", "..."
+    busy = 100 * min(1.0, max(0.0, (u.busy_seconds - prev.busy_seconds) / dt))
+    return f"{busy:.1f}%", f"{max(0, u.ops - prev.ops) / dt:,.0f}"
+
+
+def summary(now: Sample, before: Sample | None) -> str:
+    """The view in one line (what --watch prints each interval off a terminal, where a redrawn frame cannot be
+    seen): hosts up, devices, leases, and each session shown: memory of its limit, busy %, ops/s."""
+    hosts = now.pool.hosts
+    up = sum(h.state == HostState.UP for h in hosts)
+    gpus = sum(len(h.devices) for h in hosts)
+    head = (f"{time.strftime('%H:%M:%S')} pool: {up}/{len(hosts)} host(s) up, {gpus} GPU(s), "
+            f"{len(now.pool.leases)} lease(s), {now.pool.waiting} waiting")  # fmt: skip
+    rows = []
+    for key, u in sorted(now.sessions.items()):
+        busy, ops = rates(now, before, key)
+        rows.append(f"{safe(u.tenant) or '?'} on {safe(key[0])}/{u.device}: memory {format_size(u.used_bytes)}/"
+                    f"{format_size(u.limit_bytes)}, share {u.share:.2g}, busy {busy}, {ops} ops/s")  # fmt: skip
+    if not rows:
+        rows = [
+            "sessions: none shown to you (none open yet, or not yours to see)"
+            if now.pool.leases
+            else "sessions: none (no lease is active)"
+        ]
+    return "; ".join([head, *rows])
+
+
+class LogFollower:
+    """The lines a file gained since the last read (`tail -f` by polls; a partial last line waits for its end)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new_lines(self, final: bool = False) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        end = len(data) if final else data.rfind(b"\n") + 1
+        self.offset += end
+        return data[:end].decode(errors="replace").splitlines()
+
+
 def watch(args: argparse.Namespace, console: Console) -> int:
-    """Refresh the view every --interval seconds until --count refreshes, --until-pid exits, or Ctrl-C."""
+    """Refresh the view every --interval seconds until --count refreshes, --until-pid exits, or Ctrl-C.
+
+    Off a terminal (a pipe, `| tee`, a CI log, a notebook) a redrawn frame shows nothing until the last one (round
+    49: the piped demo sat 144-416 s silent while it trained): there each interval prints one line (`summary`), the
+    --log file's new lines as they come, and the full view once at the end."""
+    if console.is_terminal:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            return _refresh(args, lambda now, before, _: live.update(view(now, before, args.log), refresh=True))
+    follow = LogFollower(args.log) if args.log is not None else None
+
+    def lines(now: Sample, before: Sample | None, last: bool) -> None:
+        for line in follow.new_lines(final=last) if follow is not None else ():
+            print(line)
+        print(summary(now, before), flush=True)
+        if last:
+            console.print(view(now, before, args.log))
+
+    return _refresh(args, lines)
+
+
+def _refresh(args: argparse.Namespace, show: Callable[[Sample, Sample | None, bool], None]) -> int:
+    """--watch's loop: `show(now, before, last)` a sample every --interval s; 130 on Ctrl-C, 1 where no pool."""
     before: Sample | None = None
     shown = 0
-    with Live(console=console, auto_refresh=False, transient=False) as live:
-        try:
-            while True:
-                pool = _fetch(args)
-                if pool is None:
-                    return 1
-                now = sample(pool)
-                live.update(view(now, before, args.log), refresh=True)
-                before, shown = now, shown + 1
-                if (args.count and shown >= args.count) or (args.until_pid and not _alive(args.until_pid)):
-                    return 0
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 130  # (Ctrl-C: 128 + SIGINT, so that a script running the watch, scripts/demo.sh, can tell)
-        finally:
-            if not console.is_terminal:  # rich ends its last frame without a newline there (a pipe, a log file):
-                live.stop()  # the next line written (the demo's training log) went on the frame's bottom border
-                console.line()
+    try:
+        while True:
+            pool = _fetch(args)
+            if pool is None:
+                return 1
+            now = sample(pool)
+            shown += 1
+            last = bool(args.count and shown >= args.count) or bool(args.until_pid and not _alive(args.until_pid))
+            show(now, before, last)
+            if last:
+                return 0
+            before = now
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 130  # (Ctrl-C: 128 + SIGINT, so that a script running the watch, scripts/demo.sh, can tell)
 
 
 def main(argv: list[str]) -> int:
@@ -297,11 +359,22 @@ def main(argv: list[str]) -> int:
         f"of the lease whose tokens ${LEASE_ENV} holds, as in `gpupool run -- gpupool smi`). "
         "A device's memory used is (hidden) to a tenant where another tenant also holds a lease on it.",
     )
-    p.add_argument("-w", "--watch", action="store_true", help="keep a live view, refreshed every --interval s")
+    p.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help="keep a live view, refreshed every --interval s (off a terminal - a pipe, a log - a line of the pool "
+        "each interval, --log's new lines as they come and the full view at the end)",
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
     p.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes (default: until Ctrl-C)")
     p.add_argument("--until-pid", type=int, default=0, help="with --watch: stop when process PID has exited")
-    p.add_argument("--log", type=Path, default=None, help="with --watch: also show the last lines of this file")
+    p.add_argument(
+        "--log",
+        type=Path,
+        default=None,
+        help="with --watch: also show the last lines of this file (off a terminal: each new line)",
+    )
     args = p.parse_args(argv)
     if args.interval <= 0:
         p.error("--interval must be > 0")

@@ -68,12 +68,16 @@ gpupool run -n 1 -p 0.5 -- "$py" examples/sentiment/train.py --device gpupool --
   "${args[@]}" >"$state/train.log" 2>&1 &
 train_pid=$!
 # The pool while it trains: devices, each tenant's memory / busy % / ops/s, leases, and the training log's tail.
+# Off a terminal (a pipe, `| tee`, a CI log) a redrawn view shows only its last frame (round 49: 144-416 s silent
+# while it trained): there smi prints a line of the pool every 5 s and the training's lines as they come, and the
+# training log is not printed again after.
 # (Ctrl-C ends the watch with 130, not by the signal, so bash runs no INT trap for it: stop here ourselves)
-gpupool smi --watch --interval 1 --until-pid $train_pid --log "$state/train.log" || {
+every=1; [ -t 1 ] || every=5
+gpupool smi --watch --interval $every --until-pid $train_pid --log "$state/train.log" || {
   [ $? != 130 ] || { echo "interrupted: stopping the training and the pool"; exit 130; }
 }
 rc=0; wait $train_pid || rc=$?
-grep -vE ' step [0-9]+: ' "$state/train.log" || true
+[ ! -t 1 ] || grep -vE ' step [0-9]+: ' "$state/train.log" || true
 [ $rc = 0 ] || { echo "training failed (exit $rc):"; tail -n 40 "$state/train.log"; exit $rc; }
 echo "classifying two reviews with the trained model on the CPU (the edge site):"
 "$py" examples/sentiment/infer.py --model "$out" "A moving, beautifully acted film. I loved every minute." \

@@ -29,12 +29,29 @@ fi
 # torch as pip's indexes have it: PyPI's Linux wheel is the CUDA build (GBs); GPUPOOL_TORCH_INDEX (an extra index,
 # e.g. https://download.pytorch.org/whl/cpu) offers 2.13.0+cpu, which pip prefers; a machine whose pip config already
 # offers a CPU wheel (the project's CI box: a local wheel folder) needs nothing.
-# (pip -q prints nothing while it works: say what is coming, as a fresh machine waits minutes here; round 47's fresh
-# clone sat 12 silent minutes at load 30 before the demo's first line)
-echo "setup: pip: torch==2.13.0 and gpupool with its dev extras (a fresh venv: minutes, quiet until done)"
-python3 -m pip install -q --disable-pip-version-check ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} \
-  "torch==2.13.0"
-python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+# pip -q prints nothing while it works (round 49's walk: 253 s silent at load 17; round 47's fresh clone sat 12 silent
+# minutes at load 30 before the demo's first line): `ticking` says what is coming, then a line every
+# $GPUPOOL_SETUP_TICK s (default 30) while it runs, and how long it took.
+ticking() {  # ticking WHAT COMMAND...: COMMAND's status
+  local what=$1 began rc=0 ticker
+  shift
+  began=$(date +%s)
+  echo "setup: $what (a line every ${GPUPOOL_SETUP_TICK:-30} s while it works)"
+  # (sleep's output goes nowhere: a ticker killed mid-sleep leaves no holder of setup's stdout, a reader's pipe;
+  # kill -0 $$: a ticker whose script died - Ctrl-C, which a script's background job ignores - stops by itself)
+  while sleep "${GPUPOOL_SETUP_TICK:-30}" </dev/null >/dev/null 2>&1 && kill -0 $$ 2>/dev/null; do
+    echo "setup: ... $what: $(($(date +%s) - began)) s so far"
+  done &
+  ticker=$!
+  "$@" || rc=$?
+  kill "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+  echo "setup: $what: $([ $rc = 0 ] && echo done || echo "failed (exit $rc)") in $(($(date +%s) - began)) s"
+  return $rc
+}
+ticking "pip: torch==2.13.0 (a fresh venv: minutes)" python3 -m pip install -q --disable-pip-version-check \
+  ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} "torch==2.13.0"
+ticking "pip: gpupool and its dev extras" python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
 echo "setup: building the native pieces into ${XDG_CACHE_HOME:-$HOME/.cache}/gpupool (once: minutes on a fresh machine, seconds after)"
 GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
 import sys

@@ -5,6 +5,7 @@ these tests without touching them). The pools shared by several modules are test
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -14,6 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# How long a test waits for `gpupool up` to print its exports while `up` lives (up bounds each phase of its start
+# itself - START_TIMEOUT, 120 s, for the scheduler, again for the daemon's registration - and exits saying which,
+# which ends the wait at once). Measured: 30-37 s at load 13-14 (4 starts, round 49, pipe49), 106 s and more at load
+# ~30 (seed49): the 120 s this was until round 49 left 13% over the latter, less than one of up's own phase bounds.
+UP_WAIT_S = 300.0
 EXPORT_RE = re.compile(r"^\s*export (GPUPOOL_[A-Z_]+)=(\S+)\s*$", re.MULTILINE)
 
 
@@ -33,12 +39,16 @@ def gpupool_up(tmp: Path, *flags: str) -> Iterator[dict[str, str]]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        deadline = time.monotonic() + 120
+        began = time.monotonic()
+        deadline = began + UP_WAIT_S
         env: dict[str, str] = {}
         while "GPUPOOL_SCHEDULER" not in env and time.monotonic() < deadline and proc.poll() is None:
             env = up_env(log_path.read_text())
             time.sleep(0.2)
-        assert "GPUPOOL_SCHEDULER" in env, f"gpupool up did not come up:\n{log_path.read_text()}"
+        if "GPUPOOL_SCHEDULER" not in env:
+            state = f"exit {proc.returncode}" if proc.poll() is not None else f"still starting after {UP_WAIT_S:g} s"
+            load = os.getloadavg()[0]
+            raise AssertionError(f"gpupool up did not come up ({state}, load {load:.0f}):\n{log_path.read_text()}")
         yield env
     finally:
         proc.send_signal(signal.SIGINT)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from examples_fixtures import REPO
@@ -100,3 +101,39 @@ def test_smi_shows_a_sessions_graph_memory_of_its_limit(pool_env: dict[str, str]
         assert limit == "256.0MiB", rows[-1]
         value, unit = re.fullmatch(r"([0-9.]+)(B|KiB|MiB)", used).groups()  # type: ignore[union-attr]
         assert float(value) > 0 and unit in ("KiB", "MiB"), rows[-1]  # two graphs of one op: ~10-20 KB
+
+
+def test_watch_into_a_pipe_prints_a_line_an_interval_and_the_logs_new_lines(
+    pool_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`gpupool smi --watch` off a terminal (scripts/demo.sh piped: `| tee`, a CI log, a notebook): a redrawn frame
+    shows nothing there until the last one (round 49's walk: the piped demo sat 144-416 s silent while it trained).
+    Each interval prints one line of the pool - the busy tenant's memory, busy % and ops/s - while smi still runs, and
+    every new line of --log as it comes (not only the last 8 in the final frame); the full view closes it."""
+    tenant = getpass.getuser()
+    log = tmp_path / "train.log"
+    log.write_text("".join(f"step {i}: loss 0.{i}\n" for i in range(20)))
+    with _tenant(pool_env, WORK, "0.5", "computing") as env:
+        cmd = [sys.executable, "-m", "gpupool.cli", "smi", "--watch", "--interval", "1", "--count", "4"]
+        smi = subprocess.Popen([*cmd, "--log", str(log)], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert smi.stdout is not None
+            lines = [smi.stdout.readline() for _ in range(21)]  # the log's 20 lines, then the first interval's
+            assert smi.poll() is None, lines  # ... while the watch still runs
+            with open(log, "a") as f:
+                f.write("epoch 1: train loss 0.5\n")
+            rest, _ = smi.communicate(timeout=120)
+        finally:
+            if smi.poll() is None:
+                smi.kill()
+                smi.wait()
+    assert smi.returncode == 0, rest
+    assert lines[:20] == [f"step {i}: loss 0.{i}\n" for i in range(20)], lines
+    out = "".join(lines) + rest
+    assert "epoch 1: train loss 0.5\n" in out, out  # a line the log gained while smi watched
+    summaries = [ln for ln in out.splitlines() if re.match(r"\d\d:\d\d:\d\d pool: 1/1 host\(s\) up, 1 GPU\(s\)", ln)]
+    assert len(summaries) == 4, out
+    busy = re.search(rf"{re.escape(tenant)} on \S+/0: memory \S+/\S+, share 0.5, busy (\d+\.\d)%, ([\d,]+) ops/s",
+                     summaries[-1])  # fmt: skip
+    assert busy and float(busy[1]) > 0 and int(busy[2].replace(",", "")) > 0, summaries
+    assert "tenants" in rest and rest.endswith("╯\n"), rest[-500:]  # the full view once, at the end

@@ -1,0 +1,44 @@
+"""scripts/setup.sh's quiet pip installs say they are alive: `ticking WHAT COMMAND...` (the function setup.sh runs each
+`pip install -q` under) prints what is coming, a line every $GPUPOOL_SETUP_TICK s (30 by default) while the command
+runs, and its end with the time it took, and returns the command's status (round 49's walk: pip sat 253 s silent at
+load 17, announced as "quiet until done"). The function is setup.sh's own text, run by bash; the command a real one."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _ticking(*command: str, tick: str = "0.5") -> tuple[subprocess.CompletedProcess[str], float]:
+    script = (REPO / "scripts" / "setup.sh").read_text()
+    function = re.search(r"^ticking\(\) \{.*?^\}\n", script, re.MULTILINE | re.DOTALL)
+    assert function, "scripts/setup.sh has no ticking() function"
+    assert re.search(r"^ticking \"pip: torch.*pip install -q", script, re.MULTILINE), "torch's pip not under ticking"
+    assert re.search(r"^ticking \"pip: gpupool.*pip install -q", script, re.MULTILINE), "the project's pip not either"
+    env = {**os.environ, "GPUPOOL_SETUP_TICK": tick}
+    began = time.monotonic()
+    done = subprocess.run(["bash", "-c", function[0] + 'set -euo pipefail\nticking "$@"', "bash", *command],
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return done, time.monotonic() - began
+
+
+def test_a_long_quiet_command_gets_a_line_every_tick_and_its_end() -> None:
+    done, took = _ticking("pip: something slow", "sleep", "2.2")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "setup: pip: something slow (a line every 0.5 s while it works)", lines
+    ticks = [ln for ln in lines if re.fullmatch(r"setup: \.\.\. pip: something slow: \d+ s so far", ln)]
+    assert 3 <= len(ticks) <= 5, lines
+    assert re.fullmatch(r"setup: pip: something slow: done in \d+ s", lines[-1]), lines
+    assert took < 10, took  # the ticker killed mid-sleep holds no pipe open: the output ends with the command
+
+
+def test_a_failing_command_keeps_its_status_and_says_so() -> None:
+    done, _ = _ticking("pip: broken", "bash", "-c", "exit 3", tick="30")
+    assert done.returncode == 3, done.stdout
+    assert done.stdout.splitlines()[-1].startswith("setup: pip: broken: failed (exit 3) in "), done.stdout
