@@ -2055,8 +2055,8 @@ bool parse_meta(const unsigned char* p, const unsigned char* end, SmallUpload* u
     } else if (key == (2 << 3) || key == (3 << 3)) {
       if (!read_varint(&p, end, &v) || !dim(v, key == (2 << 3))) return false;
     } else if (key == ((2 << 3) | 2) || key == ((3 << 3) | 2)) {
-      uint64_t len = 0;
-      if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      uint64_t len = 0;  // (`read_size`: upb refuses a length of more than five bytes)
+      if (!read_size(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
       const unsigned char* lim = p + len;
       while (p < lim) {
         if (!read_varint(&p, lim, &v) || !dim(v, key == ((2 << 3) | 2))) return false;
@@ -2080,8 +2080,8 @@ bool parse_upload(const unsigned char* p, const unsigned char* end, SmallUpload*
     if (field < 1 || field > 5 || (seen & (1u << field))) return false;
     seen |= 1u << field;
     if (key == ((2 << 3) | 2) || key == ((4 << 3) | 2)) {
-      uint64_t len = 0;
-      if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      uint64_t len = 0;  // (`read_size`: upb refuses a length of more than five bytes)
+      if (!read_size(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
       if (field == 2) {
         u->meta = true;
         if (!parse_meta(p, p + len, u)) return false;
@@ -3097,9 +3097,9 @@ bool parse_free(const unsigned char* p, const unsigned char* end, std::vector<ui
     if (tag == 0x08) {  // field 1, a varint
       if (!varint(end, &v)) return false;
       out->push_back(v);
-    } else if (tag == 0x0a) {  // field 1, packed
+    } else if (tag == 0x0a) {  // field 1, packed (its length canonical, `read_size`: upb refuses one of six bytes)
       uint64_t len = 0;
-      if (!varint(end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      if (!read_size(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
       const unsigned char* lim = p + len;
       while (p < lim) {
         if (!varint(lim, &v)) return false;
