@@ -1,5 +1,6 @@
 """A fuzz of the C++ paths that read a client's bytes (server/native_runner.cpp): the frame readers (`eager_frame`,
-`eager_records`, `split_frame`, `graph_frame`: frames of RunGraphs, round 44), the parsers of uploads and frees among
+also as `lazy` (round 49: the uploads and frees it reads upb never parses), `eager_records`, `split_frame` and the
+front's `plain_uploads`, `graph_frame`: frames of RunGraphs, round 44), the parsers of uploads and frees among
 a run's records (`parse_upload`, `parse_meta`, `parse_free`, run by `Ctx::between`) and `free` (`free_handles`),
 in-process and through a live daemon.
 
@@ -408,6 +409,26 @@ def check_frame(mod: Any, payload: bytes) -> str:
                     if b is not None:
                         kind = cmds[i].WhichOneof("cmd")
                         assert kind in ("upload", "free") and device_pb2.Command.FromString(b) == cmds[i], i
+    lazy = mod.eager_frame(payload, True, True)
+    if lazy is not None:  # round 49 (`slices.frame_commands`): the uploads and frees it reads are never upb's to parse
+        records, at, others, ask, between = lazy
+        others_cmds = _upb(others) if others else []
+        for i, b in enumerate(between or []):
+            if b is not None:  # one it reads is one upb takes, alone (a DecodeError here: a hostile one ran unparsed)
+                assert i not in at and device_pb2.Command.FromString(b).WhichOneof("cmd") in ("upload", "free"), i
+        if cmds is None:
+            assert others_cmds is None, "upb refuses the frame but parses what the lazy reading left to it"
+        else:
+            assert len(records) == len(cmds) and others_cmds is not None and len(others_cmds) == len(at)
+            for i, c in enumerate(cmds):
+                if i in at:
+                    assert others_cmds[at[i]] == c, i
+                    if i not in ask:
+                        assert records[i] == _record(c), i
+                elif between is not None and between[i] is not None:
+                    assert device_pb2.Command.FromString(between[i]) == c and records[i] == b"", i
+                else:
+                    assert c.WhichOneof("cmd") == "eager_op" and records[i] == c.eager_op, i
     runs = mod.graph_frame(payload)
     if runs is not None:  # a frame of RunGraphs only: upb parses it, and each one's bytes, to the same commands
         assert cmds is not None, "graph_frame read a frame upb refuses"
@@ -430,6 +451,14 @@ def check_frame(mod: Any, payload: bytes) -> str:
         # kinds say, and set wherever `graph_frame` takes the frame (a worker runs those without a parse)
         assert fast[2] is (RUN_GRAPH in [k for k, _ in ref]), "split_frame's RunGraph flag"
         assert fast[2] or runs is None or not ref, "a frame graph_frame runs, not flagged by split_frame"
+        # the front's reader (round 49, `slices.unread_bulk`): an Upload it does not leave to upb is one upb takes,
+        # alone, with no bulk_bytes
+        rest = mod.plain_uploads(fast[0], fast[1])
+        assert rest == [n for n in fast[1] if n in rest], "plain_uploads: not in order, or not marked"
+        for n in fast[1]:
+            if n not in rest:
+                got = device_pb2.ClientFrame.FromString(bytes(fast[0][n][1])).commands
+                assert len(got) == 1 and got[0].WhichOneof("cmd") == "upload" and not got[0].upload.bulk_bytes, n
     if runs is not None:
         return "run_graphs read"
     return "parsed" if cmds is not None else "refused"

@@ -2022,9 +2022,19 @@ struct SmallUpload {
 bool read_varint(const unsigned char** p, const unsigned char* lim, uint64_t* v);  // (defined below)
 inline bool read_size(const unsigned char** p, const unsigned char* lim, uint64_t* v);  // (defined below)
 
+// A key of one byte (fields 1 to 15), the only form the readers of an Upload and its TensorMeta below take: every
+// message they take is then one upb takes too (upb refuses a key of more than five bytes, which `read_varint` would
+// read), so a command they read may run, and be read again (`slices.FrameCommands`, the front's `plain_uploads`),
+// without upb's parse first; anything else is left to upb
+inline bool read_key(const unsigned char** p, const unsigned char* lim, uint64_t* key) {
+  if (*p >= lim || (**p & 0x80) != 0) return false;
+  *key = *(*p)++;
+  return true;
+}
+
 // A `TensorMeta`'s bytes: dtype (1) at most once, shape (2) and stride (3) packed or not (the values appended, as
-// upb appends them), storage_offset (4) at most once; anything else (another field or wire type, a dimension past
-// MAX_DIMS or negative, a truncated varint) false.
+// upb appends them), storage_offset (4) at most once, each key of one byte (`read_key`); anything else (another field
+// or wire type, a dimension past MAX_DIMS or negative, a truncated varint) false.
 bool parse_meta(const unsigned char* p, const unsigned char* end, SmallUpload* u) {
   bool dtype = false, offset = false;
   auto dim = [&](uint64_t v, bool is_shape) {
@@ -2035,7 +2045,7 @@ bool parse_meta(const unsigned char* p, const unsigned char* end, SmallUpload* u
   };
   while (p < end) {
     uint64_t key = 0, v = 0;
-    if (!read_varint(&p, end, &key)) return false;
+    if (!read_key(&p, end, &key)) return false;
     if (key == (1 << 3) && !dtype) {
       dtype = true;
       if (!read_varint(&p, end, &u->dtype)) return false;
@@ -2045,8 +2055,8 @@ bool parse_meta(const unsigned char* p, const unsigned char* end, SmallUpload* u
     } else if (key == (2 << 3) || key == (3 << 3)) {
       if (!read_varint(&p, end, &v) || !dim(v, key == (2 << 3))) return false;
     } else if (key == ((2 << 3) | 2) || key == ((3 << 3) | 2)) {
-      uint64_t len = 0;
-      if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      uint64_t len = 0;  // (`read_size`: upb refuses a length of more than five bytes)
+      if (!read_size(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
       const unsigned char* lim = p + len;
       while (p < lim) {
         if (!read_varint(&p, lim, &v) || !dim(v, key == ((2 << 3) | 2))) return false;
@@ -2058,19 +2068,20 @@ bool parse_meta(const unsigned char* p, const unsigned char* end, SmallUpload* u
   return true;
 }
 
-// An `Upload` message's bytes: handle (1), meta (2), offset (3), data (4), last (5), each at most once; anything else
-// (`bulk_bytes`, another field or wire type, a field twice, a truncated length) false: the Python path reads it.
+// An `Upload` message's bytes: handle (1), meta (2), offset (3), data (4), last (5), each at most once, each key of one
+// byte (`read_key`); anything else (`bulk_bytes`, another field or wire type, a field twice, a truncated length)
+// false: the Python path reads it. Whatever this takes, upb takes, and reads to the same fields.
 bool parse_upload(const unsigned char* p, const unsigned char* end, SmallUpload* u) {
   unsigned seen = 0;
   while (p < end) {
     uint64_t key = 0, v = 0;
-    if (!read_varint(&p, end, &key)) return false;
+    if (!read_key(&p, end, &key)) return false;
     const uint64_t field = key >> 3;
     if (field < 1 || field > 5 || (seen & (1u << field))) return false;
     seen |= 1u << field;
     if (key == ((2 << 3) | 2) || key == ((4 << 3) | 2)) {
-      uint64_t len = 0;
-      if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      uint64_t len = 0;  // (`read_size`: upb refuses a length of more than five bytes)
+      if (!read_size(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
       if (field == 2) {
         u->meta = true;
         if (!parse_meta(p, p + len, u)) return false;
@@ -3091,9 +3102,9 @@ bool parse_free(const unsigned char* p, const unsigned char* end, std::vector<ui
     if (tag == 0x08) {  // field 1, a varint
       if (!varint(end, &v)) return false;
       out->push_back(v);
-    } else if (tag == 0x0a) {  // field 1, packed
+    } else if (tag == 0x0a) {  // field 1, packed (its length canonical, `read_size`: upb refuses one of six bytes)
       uint64_t len = 0;
-      if (!varint(end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      if (!read_size(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
       const unsigned char* lim = p + len;
       while (p < lim) {
         if (!varint(lim, &v)) return false;
@@ -3257,8 +3268,13 @@ py::object eager_records(py::handle payload) {
 // in the canonical form (the key 12 or 22, a `read_size` length, the message at most `SMALL_COMMAND` bytes, nothing
 // else in the command) and None for every other command, or None where the slice has no such command
 // (`slices.FrameCommands.between`, which `Ctx.run` runs among a run's records; upb parses them as any other).
+//
+// With `lazy` too (round 49), such a command is in `between` only where its message is one `parse_upload` or
+// `parse_free` reads (each a message upb takes, to the same fields), and then it is not in `others` (nor `at`): upb
+// never parses it unless Python asks for it (`FrameCommands`, from its bytes here: it cannot fail). One they do not
+// read is in `others` only, for upb's parse before anything runs, as any other command.
 constexpr uint64_t SMALL_COMMAND = 64 << 10;
-py::object eager_frame(py::handle payload, bool between) {
+py::object eager_frame(py::handle payload, bool between, bool lazy) {
   Bytes buf(payload.ptr());
   if (!buf.ok) return py::none();
   const unsigned char* p = buf.begin();
@@ -3274,6 +3290,7 @@ py::object eager_frame(py::handle payload, bool between) {
   std::vector<std::pair<const unsigned char*, size_t>> others;  // each other command's whole entry
   size_t others_size = 0;
   std::vector<std::pair<Py_ssize_t, py::object>> ups;  // (index, its bytes) of the small uploads and frees
+  std::vector<uint64_t> free_room;  // a free's handles, read (`lazy`) and dropped
   while (p < end) {
     const unsigned char* entry = p;
     if (*p++ != ((1 << 3) | 2)) return py::none();  // field 1, length-delimited, as a one-byte key
@@ -3300,7 +3317,25 @@ py::object eager_frame(py::handle payload, bool between) {
     }
     plain = plain && rlen > 0;
     const Py_ssize_t i = PyList_GET_SIZE(records.p);
-    if (!plain) {
+    const unsigned char* q = p + 1;
+    uint64_t ulen = 0;
+    // an upload or a free the runner may run among the records (`between`), read here where `lazy` (then no upb)
+    const bool here = !plain && between && p < cend && (*p == ((2 << 3) | 2) || *p == ((4 << 3) | 2)) &&
+                      read_size(&q, cend, &ulen) && ulen <= SMALL_COMMAND && ulen == static_cast<uint64_t>(cend - q);
+    bool read = false;
+    if (here && lazy) {
+      if (*p == ((2 << 3) | 2)) {
+        SmallUpload u;
+        read = parse_upload(q, cend, &u);
+      } else {
+        free_room.clear();
+        read = parse_free(q, cend, &free_room);
+      }
+    }
+    if (read) {
+      rec = nullptr;
+      rlen = 0;
+    } else if (!plain) {
       others.emplace_back(entry, static_cast<size_t>(cend - entry));
       others_size += static_cast<size_t>(cend - entry);
       Own key(PyLong_FromSsize_t(i));
@@ -3312,14 +3347,11 @@ py::object eager_frame(py::handle payload, bool between) {
         rlen = 0;
         if (PyList_Append(ask.p, key.p) < 0) throw py::error_already_set();
       }
-      const unsigned char* q = p + 1;
-      uint64_t ulen = 0;
-      if (between && p < cend && (*p == ((2 << 3) | 2) || *p == ((4 << 3) | 2)) && read_size(&q, cend, &ulen) &&
-          ulen <= SMALL_COMMAND && ulen == static_cast<uint64_t>(cend - q)) {
-        PyObject* cmd = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(p), cend - p);
-        if (cmd == nullptr) throw py::error_already_set();
-        ups.emplace_back(i, py::reinterpret_steal<py::object>(cmd));
-      }
+    }
+    if (here && (read || !lazy)) {
+      PyObject* cmd = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(p), cend - p);
+      if (cmd == nullptr) throw py::error_already_set();
+      ups.emplace_back(i, py::reinterpret_steal<py::object>(cmd));
     }
     append_record(records.p, empty.p, rec, rlen);
     p = cend;
@@ -4608,6 +4640,65 @@ PyObject* fast_call(F&& f) {
   return nullptr;
 }
 
+// `eager_frame(payload, between=False, lazy=False)`, positional only: once a slice (`slices.frame_commands`)
+PyObject* eager_frame_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 3) {
+    PyErr_SetString(PyExc_TypeError, "eager_frame(payload, between=False, lazy=False) takes one to three arguments");
+    return nullptr;
+  }
+  int flags[2] = {0, 0};
+  for (Py_ssize_t k = 1; k < nargs; ++k) {
+    flags[k - 1] = PyObject_IsTrue(args[k]);
+    if (flags[k - 1] < 0) return nullptr;
+  }
+  return fast_call([&] { return eager_frame(args[0], flags[0] != 0, flags[1] != 0); });
+}
+
+// The front's reader (`service.DeviceServicer._frame`, round 49): of `marked` (the positions of a frame's Uploads and
+// Gets, `split_frame`'s), those whose command is not an Upload read here and asking nothing of the side channel: a
+// list of them, in order, for upb's parse (the reader's check, `_take_bulk`). An Upload read here is a `commands`
+// entry (`commands[n]`'s span: the byte 0a and a `read_size` length to its end) of one `upload` field (12, a
+// `read_size` length to the end) whose message `parse_upload` reads (no `bulk_bytes`: a field it refuses), which upb
+// takes to the same fields: its parse would refuse nothing and find no bulk to take. Anything else (a Get, a span
+// that is no buffer, any other form) is listed.
+py::object plain_uploads(PyObject* commands, PyObject* marked) {
+  if (!PyList_CheckExact(commands) || !PyList_CheckExact(marked)) throw py::type_error("plain_uploads(list, list)");
+  Own rest(PyList_New(0));
+  if (rest.p == nullptr) throw py::error_already_set();
+  const Py_ssize_t n = PyList_GET_SIZE(commands);
+  for (Py_ssize_t j = 0; j < PyList_GET_SIZE(marked); ++j) {
+    PyObject* pos = PyList_GET_ITEM(marked, j);
+    const Py_ssize_t at = PyLong_AsSsize_t(pos);
+    if (at == -1 && PyErr_Occurred()) throw py::error_already_set();
+    bool plain = false;
+    if (at >= 0 && at < n) {
+      PyObject* item = PyList_GET_ITEM(commands, at);
+      if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
+        Bytes buf(PyTuple_GET_ITEM(item, 1));
+        const unsigned char* p = buf.begin();
+        const unsigned char* end = buf.ok ? buf.end() : p;
+        uint64_t len = 0;
+        if (buf.ok && p < end && *p++ == ((1 << 3) | 2) && read_size(&p, end, &len) &&
+            len == static_cast<uint64_t>(end - p) && p < end && *p++ == ((2 << 3) | 2) &&
+            read_size(&p, end, &len) && len == static_cast<uint64_t>(end - p)) {
+          SmallUpload u;
+          plain = parse_upload(p, end, &u);
+        }
+      }
+    }
+    if (!plain && PyList_Append(rest.p, pos) < 0) throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(std::exchange(rest.p, nullptr));
+}
+
+PyObject* plain_uploads_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "plain_uploads(commands, marked) takes two arguments");
+    return nullptr;
+  }
+  return fast_call([&] { return plain_uploads(args[0], args[1]); });
+}
+
 PyObject* graph_frame_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 1) {
     PyErr_SetString(PyExc_TypeError, "graph_frame(payload) takes one argument");
@@ -4629,6 +4720,10 @@ PyObject* run_raw_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyMethodDef FAST_DEFS[] = {
+    {"eager_frame", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&eager_frame_fast)), METH_FASTCALL,
+     "A slice's commands read for slices.frame_commands: (records, at, others, ask[, between]), or None"},
+    {"plain_uploads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&plain_uploads_fast)),
+     METH_FASTCALL, "Of a frame's marked Uploads and Gets, those the front's reader leaves to upb's parse"},
     {"graph_frame", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&graph_frame_fast)), METH_FASTCALL,
      "A frame of RunGraphs only: [(graph_id, bytes)], or None (native_runner.cpp `graph_frame`)"},
     {"run_raw", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&run_raw_fast)), METH_FASTCALL,
@@ -4792,7 +4887,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),
            py::arg("writes"), py::arg("fn"), py::arg("graph_id") = py::none());
   m.def("eager_records", &eager_records);
-  m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);
   for (PyMethodDef* d = FAST_DEFS; d->ml_name != nullptr; ++d) {
     Own f(PyCFunction_NewEx(d, nullptr, nullptr));

@@ -80,9 +80,14 @@ fails on the Python path). A frame of RunGraphs only (round 43 for one, round 44
 batch of them) is not parsed at all where each graph's quiet run takes it: `graph_frame` reads the frame (each
 RunGraph's bytes and its `graph_id` as upb reads it, or None for any form a parser might refuse) and
 `GraphPlan.run_raw` each RunGraph's bytes as they came (`CommandExecutor.run_graph_raw`); a run it declines is parsed
-on its own and executed as any other. The daemon's front, too, imports the cached build (`built`: never a build there)
-for one function: `split_frame`, the stream reader's cut of every frame into its commands' spans
-(`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
+on its own and executed as any other. Since round 49 (`eager_frame` with `lazy`) upb does not parse a slice's small
+uploads and frees in canonical form either where `parse_upload` / `parse_free` read their messages (each key one byte,
+each field once: a message upb takes, to the same fields); their messages are made from their bytes only where Python
+asks for one (`slices.FrameCommands`), and any other goes to upb before anything runs, as before. The daemon's
+front, too, imports the cached build (`built`: never a build there) for two functions: `split_frame`, the stream
+reader's cut of every frame into its commands' spans (`slices.split_frame`), which hands any frame it does not accept
+back to the Python reading, and `plain_uploads` (round 49, `slices.unread_bulk`): of a small frame's Uploads and
+Gets, those its check still has upb parse (an Upload `parse_upload` reads, no `bulk_bytes`, is passed over).
 A captured step's run (server/graph.py, round 40) takes three functions of it: `quiet_externals`, a quiet run's
 persistent tensors out of the session's table, each the object its weak reference names, into their slots (None,
 nothing written, where one is not: the Python reads them the slow way and checks their metadata); `rebind_run`,

@@ -41,6 +41,7 @@ from .front import FrontSession, Unsent
 log = logging.getLogger(__name__)
 lone_sync = protocol.lone_sync
 split_graphs = slices.split_graphs
+unread_bulk = slices.unread_bulk
 SERVICE = "gpupool.v1.Device"
 MAX_WORKERS = 256  # one thread per open stream plus unary calls; streams are long-lived, so be generous
 KEEPALIVE_TIME = 10.0  # seconds between the daemon's pings of a connection that is quiet
@@ -273,10 +274,14 @@ class DeviceServicer:
                 # the worker's parse, which comes before any of them runs, checks them (`slices.run_commands`: the
                 # commands before a malformed one run, then the session ends with INVALID_ARGUMENT,
                 # `Daemon._malformed`), where this parse read them all again (round 44: ~0.6k instructions an eager
-                # op). Its Uploads and Gets are checked here, as `_take_bulk` reads them. (A RunGraph's frame is
-                # checked here: its worker may run it from its bytes, with no parse first: `slices.split_graphs`.)
+                # op). Its Uploads and Gets are checked here, as `_take_bulk` reads them, but for the Uploads the
+                # native runner's build reads whole (round 49: `slices.unread_bulk`, no upb; they ask nothing of the
+                # side channel). (A RunGraph's frame is checked here: its worker may run it from its bytes, with no
+                # parse first: `slices.split_graphs`.)
                 if marked:
-                    parsed = device_pb2.ClientFrame.FromString(b"".join([commands[n][1] for n in marked])).commands
+                    marked = unread_bulk(commands, marked)
+                    if marked:
+                        parsed = device_pb2.ClientFrame.FromString(b"".join([commands[n][1] for n in marked])).commands
             elif not (len(raw) >= bulk.BIG_UPLOAD and bulk.uploads_only([span for _, span in commands])):
                 # a batch's upload among other commands: checked without copying its bytes, the rest by protobuf
                 stripped = bulk.strip_uploads(commands) if len(raw) >= STRIP_MIN else None

@@ -108,8 +108,22 @@ def native_split() -> Any:
     if mod is None and not native_runner.decided():
         _native_asked[0] = now  # no build there yet: ask again later
         return None
+    if mod is not None:
+        _uploads[mod.split_frame] = mod.plain_uploads
     _native.append(None if mod is None else mod.split_frame)
     return _native[0]
+
+
+_uploads: dict[Any, Any] = {}  # a build's `split_frame` -> its `plain_uploads` (native_runner.cpp), `unread_bulk`'s
+
+
+def unread_bulk(commands: list[tuple[int, Any]], marked: list[int]) -> list[int]:
+    """Of `marked` (a frame's Uploads and Gets, `split_frame`'s positions), those the front's reader has upb parse
+    (its check of them, `service._take_bulk`): all of them, but where the native runner's build is at hand an Upload
+    it reads whole (native_runner.cpp `plain_uploads`: a message upb takes, no `bulk_bytes`) is left out: upb's parse
+    of it would refuse nothing and find nothing for the side channel (round 49; an eager step's inputs)."""
+    fast = _uploads.get(_native[0]) if _native else None
+    return marked if fast is None else fast(commands, marked)  # type: ignore[no-any-return]
 
 
 def py_split_frame(
@@ -671,13 +685,15 @@ def eager_records(commands: Sequence[device_pb2.Command], payload: Any = None, n
 
 
 class FrameCommands(Sequence[Any]):
-    """A slice's commands where upb parsed only those that are not plain eager records (`frame_commands`): command
-    i is upb's message where upb parsed it (`others[at[i]]`), else a `Command` holding `records[i]` as its
-    `eager_op`, made at the first `commands[i]` and kept (the same object each time): the message upb parses from
-    such a command's bytes. `records`: each command's eager record, as `eager_records` gives them. `between`: each
-    command's bytes where it is a small upload or free in canonical form (None for any other command), or None
-    where there is none: the native runner runs such commands among a run's records (native_runner.cpp
-    `Ctx::between`; upb parsed them too, as every other command)."""
+    """A slice's commands where upb parsed only those that are not plain eager records or small uploads and frees
+    (`frame_commands`): command i is upb's message where upb parsed it (`others[at[i]]`), else a `Command` made at the
+    first `commands[i]` and kept (the same object each time): from its bytes (`between[i]`) where it is a small upload
+    or free, else holding `records[i]` as its `eager_op`; the message upb parses from such a command's bytes, and a
+    parse that cannot fail (native_runner.cpp `eager_frame` read those bytes first: `parse_upload`, `parse_free`).
+    `records`: each command's eager record, as `eager_records` gives them. `between`: each command's bytes where it is
+    such an upload or free (None for any other command), or None where there is none: the native runner runs such
+    commands among a run's records (native_runner.cpp `Ctx::between`), and Python asks for its message only where the
+    runner leaves one to it (round 49: until then upb parsed every one of them before the slice ran)."""
 
     __slots__ = ("records", "between", "_at", "_others", "_made")
 
@@ -703,18 +719,24 @@ class FrameCommands(Sequence[Any]):
             return self._others[j]
         cmd = self._made.get(i)
         if cmd is None:
-            cmd = self._made[i] = device_pb2.Command(eager_op=record)
+            raw = self.between[i] if self.between is not None else None
+            if raw is None:
+                cmd = self._made[i] = device_pb2.Command(eager_op=record)
+            else:
+                cmd = self._made[i] = device_pb2.Command.FromString(raw)
         return cmd
 
 
 def frame_commands(payload: Any, native: Any) -> FrameCommands | None:
-    """A slice's commands with upb parsing only those that are not plain eager records (native_runner.cpp
-    `eager_frame` reads which, and copies the others' entries into one frame), or None for a frame the runner does
-    not read that way (the caller parses it whole). The others are parsed before anything runs, so a malformed one
-    raises upb's DecodeError where the whole frame's parse raised it (a repeated message's entries parse each on
-    their own: the same messages, the same errors); the plain records cannot fail to parse."""
+    """A slice's commands with upb parsing only those that are not plain eager records or small uploads and frees
+    the runner reads (native_runner.cpp `eager_frame` with `lazy`: it reads which, checks those uploads' and frees'
+    messages, and copies the others' entries into one frame), or None for a frame the runner does not read that way
+    (the caller parses it whole). The others are parsed before anything runs, so a malformed one raises upb's
+    DecodeError where the whole frame's parse raised it (a repeated message's entries parse each on their own: the
+    same messages, the same errors); the plain records, and the uploads and frees `eager_frame` read (messages upb
+    takes), cannot fail to parse."""
     read = getattr(native, "eager_frame", None)
-    got = read(payload, True) if read is not None else None
+    got = read(payload, True, True) if read is not None else None
     if got is None:
         return None
     records, at, others, ask, between = got

@@ -319,6 +319,52 @@ def test_frame_commands_hand_the_runner_each_small_upload_and_free(mod: Any) -> 
     assert slices.frame_commands(_frame(_field(30, b"r")), mod).between is None  # type: ignore[union-attr]
 
 
+def test_frame_commands_leave_upb_only_what_the_runner_does_not_read(mod: Any) -> None:
+    """Round 49: `eager_frame(payload, True, True)` (`lazy`, `slices.frame_commands`' reading) leaves the small
+    uploads and frees whose messages it reads (`parse_upload`, `parse_free`: messages upb takes, to the same fields)
+    out of `others`: upb parses only the rest before the slice runs, and such a command's message is made from its
+    bytes where Python asks for it (once). An upload or free it does not read (an overlong key, even one upb takes;
+    a field it refuses) goes to upb as before; one upb refuses still raises DecodeError before anything runs."""
+    up = device_pb2.Upload(handle=(5 << 32) + 1, data=b"\x01" * 16, last=True)
+    up.meta.dtype, up.meta.shape[:] = 1, [2, 2]
+    msg = up.SerializeToString()
+    free = device_pb2.Free(handles=[(5 << 32) + 3, (5 << 32) + 4]).SerializeToString()
+    odd_key = _overlong(1 << 3, 1) + msg[1:]  # the handle's key in two bytes: upb takes it
+    bulk = device_pb2.Upload(handle=(5 << 32) + 2, bulk_bytes=16).SerializeToString()
+    commands = [
+        _field(30, b"rec"),
+        _field(2, msg),
+        _field(4, free),
+        _field(3, device_pb2.Get(request_id=7, handle=(5 << 32) + 1).SerializeToString()),
+        _field(2, odd_key),
+        _field(2, bulk),
+        _field(4, b"\x0a\x01\x05"),
+        _field(30, b"rec2"),
+    ]
+    payload = _frame(*commands)
+    records, at, others, ask, between = mod.eager_frame(payload, True, True)
+    assert at == {3: 0, 4: 1, 5: 2} and ask == []  # the get, the overlong key, the bulk upload
+    assert between == [None, commands[1], commands[2], None, None, None, commands[6], None]
+    whole = device_pb2.ClientFrame.FromString(payload).commands
+    assert list(device_pb2.ClientFrame.FromString(others).commands) == [whole[i] for i in (3, 4, 5)]
+    assert records == [b"rec", b"", b"", b"", b"", b"", b"", b"rec2"]
+    got = slices.frame_commands(payload, mod)
+    assert got is not None and _frame_commands_agree(mod, payload) == "read"
+    assert len(got._others) == 3 and got[1] is got[1] and got[1] == whole[1] and got[6] == whole[6]
+    # six bytes of key: upb refuses the upload, and the frame (nothing of it read here)
+    bad = _frame(_field(30, b"rec"), _field(2, _overlong(1 << 3, 5) + msg[1:]))
+    assert mod.eager_frame(bad, True, True)[1] == {1: 0}
+    with pytest.raises(DecodeError):
+        slices.frame_commands(bad, mod)
+    # a packed length of six bytes (upb refuses it; `parse_free` read it until the fuzz of this round found it)
+    for odd in (_field(4, b"\x0a\x80\x80\x80\x80\x80\x00"), _field(2, b"\x22\x81\x80\x80\x80\x80\x00x")):
+        assert mod.eager_frame(_frame(_field(30, b"rec"), odd), True, True)[1] == {1: 0}
+        with pytest.raises(DecodeError):
+            slices.frame_commands(_frame(_field(30, b"rec"), odd), mod)
+    # the same frame without `lazy`: as before (every upload and free upb's)
+    assert mod.eager_frame(payload, True)[1] == {k: k - 1 for k in range(1, 7)}
+
+
 @pytest.mark.parametrize(
     "command, other, asked",
     [

@@ -640,6 +640,50 @@ def test_a_worker_runs_the_commands_before_a_malformed_one_and_says_so(
     assert not slices.decode_result(b"".join(slices.encode_result(res))[4:], 3).malformed
 
 
+def _odd_upload(handle: int, value: float, extra: int) -> bytes:
+    """`_upload`'s frame with its Upload's `handle` key written in 1 + `extra` bytes (an overlong varint: upb takes one
+    of up to five bytes, and refuses a longer one)."""
+    up = device_pb2.Upload(last=True, data=struct.pack("<f", value))
+    up.meta.dtype, up.meta.shape[:] = 1, [1]
+    key = bytes([0x88] + [0x80] * (extra - 1) + [0x00]) if extra else b"\x08"
+    body = key + _varint(handle) + up.SerializeToString()
+    cmd = b"\x12" + _varint(len(body)) + body
+    return b"\x0a" + _varint(len(cmd)) + cmd
+
+
+@pytest.mark.parametrize("runner", ["native", "python"])
+@pytest.mark.parametrize("extra", [0, 1, 4, 5, 9])
+def test_a_small_upload_upb_refuses_is_malformed_however_the_worker_reads_it(
+    runner: str, extra: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 49: with the native runner a slice's small uploads and frees are read from its bytes (native_runner.cpp
+    `eager_frame` with `lazy`, `parse_upload`) and upb never parses them (`slices.frame_commands`). An Upload whose
+    key is overlong runs where upb takes it (a key of up to five bytes: the Python path runs it, as before) and where
+    upb refuses it (six bytes or more) the slice is malformed at it, nothing at or after it begun, as when upb parsed
+    every command first: `parse_upload` reads only one-byte keys (`read_key`; `read_varint` took any)."""
+    from test_server_runs import _clock, use_runner
+
+    use_runner(runner, monkeypatch)
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    ex = CommandExecutor(slices.SliceLedger())
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s1", 1, dev, DeviceMemory(dev), 1 << 24)
+    handles = [s.handle_base + k for k in (1, 2, 3)]
+    spans = [_upload(handles[0], 1.0), _odd_upload(handles[1], 2.0, extra), _upload(handles[2], 3.0)]
+    marks: list[int] = []
+    req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, memoryview(b"".join(spans)))
+    res = slices.run_commands(s, ex.execute, ex.ledger, req, _clock, marks.append)
+    refused = extra >= 5
+    assert res.malformed is refused and s.error is None
+    assert res.executed == (1 if refused else 3) and marks == list(range(res.executed))
+    assert [h in s.tensors for h in handles] == [True, not refused, not refused]
+    if not refused:
+        assert s.tensors[handles[1]].tolist() == [2.0]
+
+
 def _written(res: slices.SliceResult) -> bytes:
     buf = memoryview(bytearray(1 << 16))
     n = slices.write_result(res, buf)
