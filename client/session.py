@@ -248,11 +248,15 @@ _COMMANDS_TAG = protocol.FRAME_COMMANDS_TAG[0]  # a ClientFrame.commands entry's
 
 
 def _commands_frame(commands: Any) -> bytes:
-    """`send_commands`'s bytes, checked (InvalidArgument for what cannot be such a frame)."""
+    """`send_commands`'s bytes, checked (InvalidArgument for what cannot be such a frame). A bytes object that passes
+    the checks (the C++ client's every frame) is taken as it is, before the `bytes | bytearray | memoryview` union's
+    isinstance, which builds the union anew each call (round 49)."""
+    if type(commands) is bytes and 0 < len(commands) <= MAX_FRAME_BYTES and commands[0] == _COMMANDS_TAG:
+        return commands
     if not isinstance(commands, bytes | bytearray | memoryview):
         raise InvalidArgument(f"send_commands takes bytes, not {type(commands).__name__}")
     raw = bytes(commands)
-    if not raw or raw[0] != protocol.FRAME_COMMANDS_TAG[0]:
+    if not raw or raw[0] != _COMMANDS_TAG:
         raise InvalidArgument("send_commands: the bytes do not start with a ClientFrame.commands entry")
     if len(raw) > MAX_FRAME_BYTES:
         raise InvalidArgument(f"send_commands: a frame of {len(raw)} bytes (at most {MAX_FRAME_BYTES})")
@@ -649,14 +653,8 @@ class Session:
         the session goes on. The bytes are not parsed here: the daemon reads them as it reads any frame (one it
         cannot parse ends the stream with INVALID_ARGUMENT). Raises InvalidArgument for what cannot be such a frame
         (not bytes, empty, not starting with a commands entry, over the channel's message limit)."""
-        # (the C++ client's every frame: a bytes object that passes the checks goes as it is; round 49 took the
-        # checks' isinstance of a `bytes | bytearray | memoryview` union, made anew each call, and a `flush` of an
-        # empty batch off this path: ~5k instructions a frame)
-        if type(commands) is bytes and 0 < len(commands) <= MAX_FRAME_BYTES and commands[0] == _COMMANDS_TAG:
-            raw = commands
-        else:
-            raw = _commands_frame(commands)
-        with self._lock:
+        raw = _commands_frame(commands)
+        with self._lock:  # (round 49: an empty batch is not flushed, `_flush`'s own test inline: ~5k a frame)
             if self._eager or self._sealed or len(self._frame.commands):
                 self._flush(False)
             self._put(raw)
