@@ -35,7 +35,8 @@ def physical_gpu(host_id: str, uuid: str, index: int) -> str:
     GPUs, each bound to its host. Until round 49 (sec49) such a name was global: the pool counted every host's
     `GPU-cuda0` (and every "") as one GPU, so a multi-GPU lease over two such hosts was never placed, and none over
     one host's devices without UUIDs; host ids are printable (hosts.py), so no real UUID has this form."""
-    if uuid and not (uuid.startswith(FALLBACK_PREFIX) and uuid[8:].isascii() and uuid[8:].isdigit()):
+    tail = uuid[len(FALLBACK_PREFIX) :]
+    if uuid and not (uuid.startswith(FALLBACK_PREFIX) and tail.isascii() and tail.isdigit()):
         return uuid  # (no regex: a Register of 8 GPUs computes it 16 times)
     return f"{host_id}\x00{uuid or index}"
 
@@ -61,10 +62,7 @@ class PoolDevice:
     gpu: str = field(init=False, repr=False, compare=False)  # the physical GPU: `physical_gpu`
 
     def __post_init__(self) -> None:
-        uuid = self.uuid  # (a real UUID inline: a Register makes a PoolDevice of each of its GPUs)
-        self.gpu = (
-            uuid if uuid and not uuid.startswith(FALLBACK_PREFIX) else physical_gpu(self.host_id, uuid, self.index)
-        )
+        self.gpu = physical_gpu(self.host_id, self.uuid, self.index)
 
     @property
     def key(self) -> DeviceKey:

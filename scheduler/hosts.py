@@ -22,7 +22,7 @@ from gpupool.config import split_address
 from gpupool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from gpupool.protocol import HostState, LeaseState
 
-from .capacity import FALLBACK_PREFIX, Host, Pool, PoolDevice, physical_gpu
+from .capacity import Host, Pool, PoolDevice, physical_gpu
 from .store import Change, LeaseRecord
 
 log = logging.getLogger(__name__)
@@ -246,12 +246,7 @@ class HostBook:
         A GPU without a UUID of its own (the daemon's fallback `GPU-cuda<index>`, server/devices.py, or none) is
         its host's (capacity.py `physical_gpu`, round 49): bound to that host for good, it is no other host's to
         claim and claims no other host's (round 48 left those names unbound, and counted them as one GPU pool-wide)."""
-        mine = {
-            d.uuid
-            if d.uuid and not d.uuid.startswith(FALLBACK_PREFIX)
-            else physical_gpu(host_id, d.uuid, d.index): d.uuid
-            for d in devices
-        }
+        mine = {physical_gpu(host_id, d.uuid, d.index): d.uuid for d in devices}
         now = time.time()
         taken: list[str] = []
         other = None
