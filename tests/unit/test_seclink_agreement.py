@@ -176,7 +176,13 @@ def liar(groups: list[collectives.Group], signature: bytes, says: int, then: byt
         if then is None:
             link.sock.shutdown(socket.SHUT_WR)
         else:
-            link.send_frame(memoryview(then), deadline)
+            try:
+                link.send_frame(memoryview(then), deadline)
+            except LinkError:
+                # the hub refused the frame on its length and ended the group with the frame's bytes still unsent:
+                # rank 1's send may then read the reset (ff0434df's CI, "frame-past-its-word"); the hub's verdict is
+                # what this test reads
+                pass
         exc = done.exception(timeout=10)
     assert torch.equal(mine, torch.ones(4))  # never written
     return exc
