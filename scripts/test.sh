@@ -19,5 +19,9 @@ bash scripts/lint_imports.sh  # .importlinter: the programs never import each ot
 # Two pytest-xdist workers, a test file each at a time (--dist loadfile: a module's fixtures are set up once, as in one
 # process). Much of the suite waits (children starting, daemons answering, timeouts): on two cores it took 11-18 min
 # this way against 34 min in one process (BENCHMARKS.md, "Round 26, suite26"). GPUPOOL_TEST_WORKERS=0: one process.
+# --no-loadscope-reorder (pytest-xdist 3.8): the workers take the files in tests/conftest.py's order, the modules with
+# a slow test first and the many short ones evening out the end. By default xdist sorts the files by their number of
+# tests instead, which put the long modules of one or two tests (the sentiment example, the fresh-clone demo, the
+# three ranks, op_db, the fuzzers) among the last 70 of 267 files, where one taken late runs alone (round 50).
 workers=${GPUPOOL_TEST_WORKERS:-2}
-python3 -m pytest -q -p no:cacheprovider --durations=30 -n "$workers" --dist loadfile "$@"
+python3 -m pytest -q -p no:cacheprovider --durations=30 -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

@@ -38,7 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The modules with a test marked `slow` first, each module's tests in their order: under scripts/test.sh's two
     workers (pytest-xdist, `--dist loadfile`: a worker takes the next module when it is done with one) the long
-    modules start early and the many short ones even out the end, instead of a long module running alone last."""
+    modules start early and the many short ones even out the end, instead of a long module running alone last.
+    (Only with `--no-loadscope-reorder`, which scripts/test.sh passes: by default xdist re-sorts the modules by their
+    number of tests, and the long modules of one or two tests came last.)"""
     slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: False (slow) first
 

@@ -122,13 +122,16 @@ def test_detach_frees_memory_and_ends_the_session(daemon_factory: Any) -> None:
 
 
 def test_expired_lease_closes_the_session_unless_refreshed(daemon: Any) -> None:
+    """`kept` refreshes its lease's token and outlives its first one; `dropped` does not. (Round 50: the refresh came
+    after both attaches and within the first token's 1.5 s, which loads of 30-47 outran, 1 run in 10: `kept` now
+    refreshes right after its attach, its first token as long as the sleep that outlasts it.)"""
     lease = "lease-refreshed"
-    kept = Session.attach(daemon.address, daemon.token(ttl=1.5, lease_id=lease))
+    kept = Session.attach(daemon.address, daemon.token(ttl=2.5, lease_id=lease))
+    kept.refresh(daemon.token(ttl=60, lease_id=lease))
     dropped = Session.attach(daemon.address, daemon.token(ttl=1.5))
     dropped.upload(torch.zeros(1000))
-    kept.refresh(daemon.token(ttl=60, lease_id=lease))
     kept.sync()
-    time.sleep(2.5)
+    time.sleep(2.5)  # past both first tokens' ends (each minted before this)
     with pytest.raises(errors.FailedPrecondition, match="expired"):
         dropped.sync()
     [h] = kept.call("aten::ones.default", [3])
@@ -180,15 +183,18 @@ def test_a_slow_close_does_not_make_the_reaper_late_for_the_next_lease(daemon: A
     """Round 45 review (datarev45): the reaper measured its next sleep from the time it took before closing the
     expired sessions, so a close that took long (an inline close waits for the session's running slice) made the
     next lease's end that much later: here A's close takes 3 s, B's lease ends 2 s after A's, and B was closed ~2 s
-    after A's close returned (the stale sleep); now at once (its end passed while the reaper was busy)."""
+    after A's close returned (the stale sleep); now at once (its end passed while the reaper was busy).
+
+    Both tokens are minted, and the close slowed, before either attach (round 50): A's lease of 1 s from its token
+    used to end during B's attach at load 20-30 (5 runs in 15), closed before the slow close was in place, and B's
+    end followed its own token's mint, after A's attach. A's lease is 3 s: its attach must come within it."""
     d = daemon.running.daemon
     original = d.close_session
     closed: dict[str, float] = {}
-    a = Session.attach(daemon.address, daemon.token(ttl=1.0))
-    b = Session.attach(daemon.address, daemon.token(ttl=3.0))
+    slow: set[str] = set()
 
     def slow_close(s: Any, *args: Any, **kwargs: Any) -> Any:
-        if s.session_id == a.session_id:
+        if s.session_id in slow:
             time.sleep(3.0)
         try:
             return original(s, *args, **kwargs)
@@ -196,6 +202,10 @@ def test_a_slow_close_does_not_make_the_reaper_late_for_the_next_lease(daemon: A
             closed.setdefault(s.session_id, time.monotonic())
 
     monkeypatch.setattr(d, "close_session", slow_close)
+    tokens = daemon.token(ttl=3.0), daemon.token(ttl=5.0)  # B's lease ends 2 s after A's, however long attaches take
+    a = Session.attach(daemon.address, tokens[0])
+    slow.add(a.session_id)
+    b = Session.attach(daemon.address, tokens[1])
     deadline = time.monotonic() + 15.0
     while b.session_id not in closed and time.monotonic() < deadline:
         time.sleep(0.05)
