@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> int:
         tables = {id(p) for p in model.embedding_tables()} if lazy is not None else set()
         opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], lr=lr, capturable=capture)
         still = model.embedding_tables() if lazy_ema else None
-        average = train.WeightAverage(model, 0.998, warmup=not capture, lazy_tables=still)
+        average = train.WeightAverage(model, 0.998, lazy_tables=still, capturable=capture)
         step = train.make_train_step(model, opt, average, capture, lazy)
         model.train()
         runs[m] = {"model": model, "step": step, "lazy": lazy_update, "capture": capture, "times": [], "replay": [],

@@ -80,14 +80,15 @@ def test_weight_average_warms_up_then_keeps_its_decay() -> None:
 def test_the_lazy_average_of_the_tables_is_the_dense_one(fixed: bool) -> None:
     """WeightAverage(lazy_tables=...) (round 49: the average of an embedding row moves only when a batch reads it and
     catches up on the steps it missed) gives the dense average's weights after every swap, with the warm-up's
-    changing decay, rows read again after a pause, rows never read, and (fixed) the padded rows of --capture."""
+    changing decay, rows read again after a pause, rows never read, and (fixed) the padded rows of --capture with its
+    capturable average (round 50: the warm-up's count and decay as device tensors)."""
     from examples.sentiment.lazy import LazyAdam
     from examples.sentiment.model import SentimentCNN
 
     torch.manual_seed(0)
     model = SentimentCNN(40, embed_dim=4, filters=3, bigram_buckets=30, embed_std=0.1, dropout=0.0)
     dense_avg = train.WeightAverage(model, decay=0.9)
-    lazy_avg = train.WeightAverage(model, decay=0.9, lazy_tables=model.embedding_tables())
+    lazy_avg = train.WeightAverage(model, decay=0.9, lazy_tables=model.embedding_tables(), capturable=fixed)
     tables = {id(p) for p in model.embedding_tables()}
     opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], 0.05)
     lazy = LazyAdam(model.embedding_tables())
