@@ -4199,6 +4199,9 @@ struct GraphPlan {
   // the encoder's 551 slots and their release were ~7k instructions a run), and each input sent by value whose
   // tensor nothing else refers to (its memory, sizes and storage its own: `reusable`), filled again in place rather
   // than allocated (~4k an input with its release). Null: none (a run that declines or fails leaves nothing).
+  // The inputs' memory is the graph's reservation (peak + inputs sent by value), which the session's count holds
+  // for its largest graph only: so one plan of a session at a time keeps them (server/graph.py `_spares`, `let_go`;
+  // secrev50: each of a session's 32 graphs kept its own, up to 31 graphs' inputs held beyond its count).
   mutable py::object spare;
   mutable std::vector<py::object> spare_inputs;
 };
@@ -4882,6 +4885,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
            py::arg("number"), py::arg("base"), py::arg("tensors"))
       .def_property_readonly("seen_pins", [](const GraphPlan& p) { return p.seen_pins; })
+      // (secrev50) the inputs sent by value its last run kept for the next (`spare_inputs`) let go: server/graph.py
+      // `_spares` keeps them in one plan of a session at a time, and in none while the Python path runs a graph
+      .def("let_go", [](const GraphPlan& p) { p.spare_inputs.clear(); })
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
            py::arg("refs"), py::arg("writes"), py::arg("fn"))
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),

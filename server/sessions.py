@@ -144,6 +144,9 @@ class WorkerSession:
         # then skips its persistent tensors' look-ups: native_runner.cpp `graph_run`)
         self.pinned: set[int] = set()
         self.pins = 0
+        # The one captured graph's C++ plan that may keep its inputs sent by value for its next run (server/graph.py
+        # `_spares`): None where none may (secrev50)
+        self.spare_plan: Any = None
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
         # A fake GPU's big uploads land in the host memory of the session's freed ones (server/uploadpool.py)
         self.upload_pool = UploadPool(KEEP if device.fake else 0)
