@@ -190,11 +190,18 @@ class WorkerSession:
             )
         dev = self.memory
         if dev.used + new_bytes > dev.device.capacity:
+            # What this session may know (secrev50): its own use and quota, and the device's size (every caller's
+            # ListPool and Status show that). Until round 50 the message and `used_bytes` were the device's total,
+            # so the total less its own was the other sessions' use (one tenant's exactly where two share a device),
+            # which ListPool and Status show a tenant only where it is alone on the device. Nor the device's free
+            # bytes (its size less that total: the same figure). The refusal itself says the free bytes are fewer
+            # than those asked, as any allocation's outcome does.
             raise ResourceExhausted(
-                f"device {dev.device.index} full: {new_bytes} bytes requested, "
-                f"{dev.used} used of {dev.device.capacity} bytes",
-                used_bytes=dev.used,
-                limit_bytes=dev.device.capacity,
+                f"device {dev.device.index} full: {new_bytes} bytes requested, more than its {dev.device.capacity} "
+                f"bytes have free beside its other sessions (whose use is not shown to a session); this session uses "
+                f"{self.used} of its {self.quota} byte quota",
+                used_bytes=self.used,
+                limit_bytes=self.quota,
             )
 
     def reserve(self, delta: int) -> None:

@@ -87,7 +87,9 @@ def test_admit_checks_quota_then_device() -> None:
     assert (quota.value.used_bytes, quota.value.limit_bytes) == (600, 800)
     with pytest.raises(ResourceExhausted, match="device 0 full") as full:
         b.admit(500)
-    assert (full.value.used_bytes, full.value.limit_bytes) == (600, 1000)
+    # b's own use and quota (secrev50: until round 50 the device's total, 600: `a`'s use, told to `b`)
+    assert (full.value.used_bytes, full.value.limit_bytes) == (0, 800)
+    assert "600" not in full.value.message and "uses 0 of its 800 byte quota" in full.value.message
     err = Poison.of(quota.value, "aten::empty.memory_format").to_proto()  # what the client reads
     assert (err.code, err.op, err.used_bytes, err.limit_bytes) == (
         "RESOURCE_EXHAUSTED",
