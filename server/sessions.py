@@ -8,6 +8,7 @@ outputs: using such a handle fails with the original error.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -481,6 +482,22 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
         isinstance(exc, RuntimeError) and _CPU_OOM in str(exc)
     )
+
+
+_TRIED = re.compile(r"Tried to allocate ([0-9][0-9.]* ?[KMGTPE]?i?B)")
+
+
+def oom_message(exc: BaseException) -> str:
+    """What a session is told of an allocation that failed (`out_of_memory`): "device out of memory", and for the
+    CPU allocator's and Python's errors their text (the bytes this session asked for). Of CUDA's caching allocator's
+    (torch.OutOfMemoryError) only the size it tried to allocate (secrev50): the rest of its text is the device's
+    ("GPU 0 has a total capacity of C of which F is free", "Process P has M memory in use" for every process on the
+    GPU: the other sessions' workers, their pids and use), which ListPool and Status show a tenant only where it is
+    alone on the device (`WorkerSession.admit`'s refusal alike). Until round 50 the session was told all of it."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        tried = _TRIED.search(str(exc))
+        return "device out of memory" + (f": tried to allocate {tried.group(1)}" if tried else "")
+    return f"device out of memory: {exc}"
 
 
 def _zero_outside(
