@@ -4351,7 +4351,8 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
         return py::none();
       }
       // the last run's tensor of this input, where it left one (`reusable` then; only the plan has held it since)
-      py::object kept = std::move(p.spare_inputs[i]);
+      // (bounds checked: `let_go` empties the list, and Python code may run inside a run)
+      py::object kept = i < p.spare_inputs.size() ? std::move(p.spare_inputs[i]) : py::object();
       if (kept && Py_REFCNT(kept.ptr()) == 1) {
         const at::Tensor& old = THPVariable_Unpack(kept.ptr());
         if (view.len > 0) std::memcpy(old.storage().mutable_data(), view.buf, static_cast<size_t>(view.len));
@@ -4453,8 +4454,8 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
   for (size_t i = 0; i < n_in; ++i) {
     const Py_ssize_t at = static_cast<Py_ssize_t>(i) + 1;
     PyObject* v = PyList_GET_ITEM(slots.p, at);
-    if (!PyObject_IsTrue(PyList_GET_ITEM(ins, static_cast<Py_ssize_t>(i))) && THPVariable_CheckExact(v) &&
-        reusable(p, i, v, 1)) {
+    if (i < p.spare_inputs.size() && !PyObject_IsTrue(PyList_GET_ITEM(ins, static_cast<Py_ssize_t>(i))) &&
+        THPVariable_CheckExact(v) && reusable(p, i, v, 1)) {
       p.spare_inputs[i] = py::reinterpret_steal<py::object>(v);  // the list's reference, moved
       PyList_SET_ITEM(slots.p, at, Py_NewRef(none));
     } else if (PyList_SetItem(slots.p, at, Py_NewRef(none)) < 0) {

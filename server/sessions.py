@@ -468,6 +468,9 @@ class WorkerSession:
                 self._storages.clear()
             self.uploads.clear()
             self.upload_pool.release()
+            if self.spare_plan is not None:  # a graph's inputs kept for its next run (server/graph.py `_spares`)
+                self.spare_plan.let_go()
+                self.spare_plan = None
             if self.staging is not None:
                 self.staging.close()
 
