@@ -9,9 +9,10 @@ read tensor values (embedding backward index ranges), and binds outputs. No prot
 checks per op.
 
 Memory: a session that holds graphs has its largest graph's peak (temporaries plus inputs sent by value) counted
-in its used bytes for as long as it holds it, so the quota is checked once, at definition, and `gpupool smi` and
-the device's accounting see what the steps need; each graph captured as a CUDA graph counts its whole peak on top
-(its private pool holds that memory from the capture on; a capture the quota has no room for is not made).
+in its used bytes for as long as it holds it (one graph's inputs at most are kept past its run: `_spares`), so the
+quota is checked once, at definition, and `gpupool smi` and the device's accounting see what the steps need; each
+graph captured as a CUDA graph counts its whole peak on top (its private pool holds that memory from the capture on;
+a capture the quota has no room for is not made).
 The host memory a session's graphs hold (their prebuilt calls, slot tables and TorchScript graphs: ~5 KB an op,
 graph_build.host_bytes) is bounded apart from the quota, by the daemon's --max-graph-memory per session: a
 definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB); a
