@@ -106,7 +106,21 @@ class TlsConfig:
         `--tls-client-auth require`): only then do names and revocations of client certificates apply."""
         return not self.insecure and self.client_auth == "require"
 
+    def check_client_auth(self) -> None:
+        """Refuse a `client_auth` that is not a server's setting: `--tls-client-auth auto` is `serve`'s flag, which
+        server/cli.py `resolve_client_auth` makes `require` or `none` (and says why, `client_auth_auto`) before the
+        daemon is built. Until round 50 (secrev50) a configuration built in code with "auto" left as it was asked no
+        client for a certificate and took certificate-bound lease tokens as a bearer's (`Daemon.check_bound` read it
+        as a named `none`); now the daemon and every TLS server refuse it at their start (INVALID_ARGUMENT)."""
+        if self.client_auth not in CLIENT_AUTH:
+            raise InvalidArgument(
+                f"--tls-client-auth {self.client_auth!r} is not a server's setting: a server requires client "
+                "certificates or not (require, none); serve's auto is resolved to one of them before its daemon "
+                "starts (server/cli.py resolve_client_auth)"
+            )
+
     def check_server(self) -> None:
+        self.check_client_auth()
         if self.insecure:
             return
         if not (self.cert and self.key):

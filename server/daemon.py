@@ -453,6 +453,7 @@ class Closed:
 
 class Daemon:
     def __init__(self, config: DaemonConfig, devices: list[Device] | None = None) -> None:
+        config.tls.check_client_auth()  # (secrev50: "auto" left unresolved took bound tokens as a bearer's)
         self.config = config
         self.host_id = config.host_id
         self.device_list = devices or discover(config.host_id, config.fake_gpus, config.fake_gpu_memory)

@@ -27,7 +27,7 @@ from . import bulk, checks, cost, guards, native_runner, runs, sizing, storage_r
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
-from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, out_of_memory, zero_made
+from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, oom_message, out_of_memory, zero_made
 from .sizing import NO_META, MetaSizer
 from .slices import SideChunk, eager_records, mark_word
 from .speedmodel import SpeedModel
@@ -228,7 +228,7 @@ class CommandExecutor:
             self._fail(s, cmd, Poison.of(exc, self._what(s, cmd)), reply)
         elif out_of_memory(exc):
             s.upload_pool.release()  # the host memory of freed uploads kept for reuse: the session's next try has it
-            err = Poison(StatusCode.RESOURCE_EXHAUSTED, self._what(s, cmd), f"device out of memory: {exc}")
+            err = Poison(StatusCode.RESOURCE_EXHAUSTED, self._what(s, cmd), oom_message(exc))
             self._fail(s, cmd, err, reply)
         elif isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError):
             self._fail(s, cmd, Poison(StatusCode.INVALID_ARGUMENT, self._what(s, cmd), _first_lines(exc)), reply)

@@ -9,9 +9,10 @@ read tensor values (embedding backward index ranges), and binds outputs. No prot
 checks per op.
 
 Memory: a session that holds graphs has its largest graph's peak (temporaries plus inputs sent by value) counted
-in its used bytes for as long as it holds it, so the quota is checked once, at definition, and `gpupool smi` and
-the device's accounting see what the steps need; each graph captured as a CUDA graph counts its whole peak on top
-(its private pool holds that memory from the capture on; a capture the quota has no room for is not made).
+in its used bytes for as long as it holds it (one graph's inputs at most are kept past its run: `_spares`), so the
+quota is checked once, at definition, and `gpupool smi` and the device's accounting see what the steps need; each
+graph captured as a CUDA graph counts its whole peak on top (its private pool holds that memory from the capture on;
+a capture the quota has no room for is not made).
 The host memory a session's graphs hold (their prebuilt calls, slot tables and TorchScript graphs: ~5 KB an op,
 graph_build.host_bytes) is bounded apart from the quota, by the daemon's --max-graph-memory per session: a
 definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB); a
@@ -309,6 +310,7 @@ class GraphTable:
         try:
             if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
                 self.host._seeded(s, graph_trace._nothing, [], {})
+            _spares(s, plan)
             r = plan.run_raw(s, msg.SerializeToString(), data, refs, g.writes, g.traced.fn)
             if r is None:
                 return False
@@ -368,6 +370,8 @@ class GraphTable:
             try:  # (the module's METH_FASTCALL `run_raw`: no pybind11 dispatch, round 44)
                 if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
                     self.host._seeded(s, graph_trace._nothing, [], {})
+                if s.spare_plan is not plan:
+                    _spares(s, plan)
                 r = self.host.native.run_raw(plan, s, raw, refs, g.writes, g.traced.fn, g.graph_id)
             except GpupoolError as exc:
                 _poison_run(s, g, device_pb2.RunGraph.FromString(raw), exc)
@@ -412,6 +416,23 @@ class GraphTable:
         return True
 
 
+def _spares(s: WorkerSession, plan: Any) -> None:
+    """Make `plan` (a graph's C++ plan about to run; None: the Python path about to run a graph, or a definition or
+    drop) the session's one plan that may keep its run's inputs sent by value for its next run (native_runner.cpp
+    `GraphPlan.spare_inputs`, round 49), letting go of another's. Those inputs' memory is their graph's reservation
+    (`Graph.reserve`: peak + inputs sent by value), and the session's count holds the reservation of its largest graph
+    only (`GraphTable._reserve`: one graph runs at a time, its memory freed after it): while every plan kept its
+    own (round 49), a session of 32 graphs, each run quietly once, held the inputs of all 32 in the worker's memory
+    (under `--isolation thread` the daemon's) and counted one graph's, up to 31 quotas more than its count said
+    (secrev50: 8 graphs of 32 MiB inputs, the process +291 MiB, the count +0). Now at most one graph's inputs are
+    kept, within its reservation, and none while another graph runs."""
+    held = s.spare_plan
+    if held is not plan:
+        if held is not None:
+            held.let_go()
+        s.spare_plan = plan
+
+
 def _pin(s: WorkerSession, graphs: dict[int, Graph]) -> None:
     """`s.pinned` made the handles `graphs` read as persistent tensors, in place (the C++ runner holds the set): the
     table methods that unbind one of them bump `s.pins`, whose value a plan's last run ended with lets its next skip
@@ -422,6 +443,7 @@ def _pin(s: WorkerSession, graphs: dict[int, Graph]) -> None:
         pinned.update(g.external_handles)
     s.pinned.clear()
     s.pinned.update(pinned)
+    _spares(s, None)  # (a graph dropped or replaced: its plan's inputs go with its reservation)
 
 
 # ---- runs ----
@@ -433,6 +455,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, hold:
     the inputs' bytes taken out of the command's span (`GraphTable.run`), else None: `msg.input_data`. With
     `piece_seconds` > 0, a Python replay of more than REPLAY_PIECE_CALLS calls stops at the first piece's end past
     about that long and returns what is left (`_resume` goes on with it); None: the run is done."""
+    if s.spare_plan is not None:
+        _spares(s, None)  # (its inputs are made anew here: none kept beside them)
     # [:]: a repeated field's slice is a list in one call; list() iterates it item by item to an IndexError
     inputs = msg.inputs[:]
     outputs = msg.outputs[:]
@@ -518,6 +542,7 @@ def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, dat
     outputs = msg.outputs[:]
     if g.traced.seeded:  # (`Traced.run`'s: the device's generator holds this session's stream)
         host._seeded(s, graph_trace._nothing, [], {})
+    _spares(s, plan)
     r = plan.run(s, msg.inputs[:], outputs, data, g.quiet_refs, g.writes, g.traced.fn)
     if r is None:
         return False

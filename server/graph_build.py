@@ -26,7 +26,7 @@ from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
 from . import attention, checks, cost, fallbacks, guards, metalists
-from .sessions import WorkerSession, extent, out_of_memory
+from .sessions import WorkerSession, extent, oom_message, out_of_memory
 
 metas.register()  # Meta kernels torch lacks (a fused Adam's tensor-lr overload): a graph's ops run on meta tensors
 
@@ -871,5 +871,5 @@ def step_error(graph_id: int, i: int, name: str, exc: BaseException) -> GpupoolE
     if isinstance(exc, GpupoolError):
         return type(exc)(f"{where}: {exc.message}")
     if out_of_memory(exc):
-        return ResourceExhausted(f"{where}: device out of memory: {exc}")
+        return ResourceExhausted(f"{where}: {oom_message(exc)}")
     return InvalidArgument(f"{where}: {str(exc)[:300]}")

@@ -47,7 +47,7 @@ from gpupool.errors import InvalidArgument, ResourceExhausted
 
 from . import attention, guards, metalists, opargs
 from .graph_build import Graph, Host
-from .sessions import out_of_memory
+from .sessions import oom_message, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ def failure(g: Graph, exc: BaseException) -> BaseException:
     if not isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError | MemoryError):
         return exc
     if out_of_memory(exc):
-        return ResourceExhausted(f"graph {g.graph_id}: device out of memory: {exc}")
+        return ResourceExhausted(f"graph {g.graph_id}: {oom_message(exc)}")
     return InvalidArgument(f"graph {g.graph_id}: {_reason(exc)}")
 
 

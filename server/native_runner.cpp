@@ -4199,6 +4199,9 @@ struct GraphPlan {
   // the encoder's 551 slots and their release were ~7k instructions a run), and each input sent by value whose
   // tensor nothing else refers to (its memory, sizes and storage its own: `reusable`), filled again in place rather
   // than allocated (~4k an input with its release). Null: none (a run that declines or fails leaves nothing).
+  // The inputs' memory is the graph's reservation (peak + inputs sent by value), which the session's count holds
+  // for its largest graph only: so one plan of a session at a time keeps them (server/graph.py `_spares`, `let_go`;
+  // secrev50: each of a session's 32 graphs kept its own, up to 31 graphs' inputs held beyond its count).
   mutable py::object spare;
   mutable std::vector<py::object> spare_inputs;
 };
@@ -4348,7 +4351,8 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
         return py::none();
       }
       // the last run's tensor of this input, where it left one (`reusable` then; only the plan has held it since)
-      py::object kept = std::move(p.spare_inputs[i]);
+      // (bounds checked: `let_go` empties the list, and Python code may run inside a run)
+      py::object kept = i < p.spare_inputs.size() ? std::move(p.spare_inputs[i]) : py::object();
       if (kept && Py_REFCNT(kept.ptr()) == 1) {
         const at::Tensor& old = THPVariable_Unpack(kept.ptr());
         if (view.len > 0) std::memcpy(old.storage().mutable_data(), view.buf, static_cast<size_t>(view.len));
@@ -4450,8 +4454,8 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
   for (size_t i = 0; i < n_in; ++i) {
     const Py_ssize_t at = static_cast<Py_ssize_t>(i) + 1;
     PyObject* v = PyList_GET_ITEM(slots.p, at);
-    if (!PyObject_IsTrue(PyList_GET_ITEM(ins, static_cast<Py_ssize_t>(i))) && THPVariable_CheckExact(v) &&
-        reusable(p, i, v, 1)) {
+    if (i < p.spare_inputs.size() && !PyObject_IsTrue(PyList_GET_ITEM(ins, static_cast<Py_ssize_t>(i))) &&
+        THPVariable_CheckExact(v) && reusable(p, i, v, 1)) {
       p.spare_inputs[i] = py::reinterpret_steal<py::object>(v);  // the list's reference, moved
       PyList_SET_ITEM(slots.p, at, Py_NewRef(none));
     } else if (PyList_SetItem(slots.p, at, Py_NewRef(none)) < 0) {
@@ -4882,6 +4886,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
            py::arg("number"), py::arg("base"), py::arg("tensors"))
       .def_property_readonly("seen_pins", [](const GraphPlan& p) { return p.seen_pins; })
+      // (secrev50) the inputs sent by value its last run kept for the next (`spare_inputs`) let go: server/graph.py
+      // `_spares` keeps them in one plan of a session at a time, and in none while the Python path runs a graph
+      .def("let_go", [](const GraphPlan& p) { p.spare_inputs.clear(); })
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
            py::arg("refs"), py::arg("writes"), py::arg("fn"))
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),

@@ -8,6 +8,7 @@ outputs: using such a handle fails with the original error.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class WorkerSession:
         # then skips its persistent tensors' look-ups: native_runner.cpp `graph_run`)
         self.pinned: set[int] = set()
         self.pins = 0
+        # The one captured graph's C++ plan that may keep its inputs sent by value for its next run (server/graph.py
+        # `_spares`): None where none may (secrev50)
+        self.spare_plan: Any = None
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
         # A fake GPU's big uploads land in the host memory of the session's freed ones (server/uploadpool.py)
         self.upload_pool = UploadPool(KEEP if device.fake else 0)
@@ -187,11 +191,18 @@ class WorkerSession:
             )
         dev = self.memory
         if dev.used + new_bytes > dev.device.capacity:
+            # What this session may know (secrev50): its own use and quota, and the device's size (every caller's
+            # ListPool and Status show that). Until round 50 the message and `used_bytes` were the device's total,
+            # so the total less its own was the other sessions' use (one tenant's exactly where two share a device),
+            # which ListPool and Status show a tenant only where it is alone on the device. Nor the device's free
+            # bytes (its size less that total: the same figure). The refusal itself says the free bytes are fewer
+            # than those asked, as any allocation's outcome does.
             raise ResourceExhausted(
-                f"device {dev.device.index} full: {new_bytes} bytes requested, "
-                f"{dev.used} used of {dev.device.capacity} bytes",
-                used_bytes=dev.used,
-                limit_bytes=dev.device.capacity,
+                f"device {dev.device.index} full: {new_bytes} bytes requested, more than its {dev.device.capacity} "
+                f"bytes have free beside its other sessions (whose use is not shown to a session); this session uses "
+                f"{self.used} of its {self.quota} byte quota",
+                used_bytes=self.used,
+                limit_bytes=self.quota,
             )
 
     def reserve(self, delta: int) -> None:
@@ -457,6 +468,9 @@ class WorkerSession:
                 self._storages.clear()
             self.uploads.clear()
             self.upload_pool.release()
+            if self.spare_plan is not None:  # a graph's inputs kept for its next run (server/graph.py `_spares`)
+                self.spare_plan.let_go()
+                self.spare_plan = None
             if self.staging is not None:
                 self.staging.close()
 
@@ -471,6 +485,22 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
         isinstance(exc, RuntimeError) and _CPU_OOM in str(exc)
     )
+
+
+_TRIED = re.compile(r"Tried to allocate ([0-9][0-9.]* ?[KMGTPE]?i?B)")
+
+
+def oom_message(exc: BaseException) -> str:
+    """What a session is told of an allocation that failed (`out_of_memory`): "device out of memory", and for the
+    CPU allocator's and Python's errors their text (the bytes this session asked for). Of CUDA's caching allocator's
+    (torch.OutOfMemoryError) only the size it tried to allocate (secrev50): the rest of its text is the device's
+    ("GPU 0 has a total capacity of C of which F is free", "Process P has M memory in use" for every process on the
+    GPU: the other sessions' workers, their pids and use), which ListPool and Status show a tenant only where it is
+    alone on the device (`WorkerSession.admit`'s refusal alike). Until round 50 the session was told all of it."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        tried = _TRIED.search(str(exc))
+        return "device out of memory" + (f": tried to allocate {tried.group(1)}" if tried else "")
+    return f"device out of memory: {exc}"
 
 
 def _zero_outside(

@@ -87,7 +87,9 @@ def test_admit_checks_quota_then_device() -> None:
     assert (quota.value.used_bytes, quota.value.limit_bytes) == (600, 800)
     with pytest.raises(ResourceExhausted, match="device 0 full") as full:
         b.admit(500)
-    assert (full.value.used_bytes, full.value.limit_bytes) == (600, 1000)
+    # b's own use and quota (secrev50: until round 50 the device's total, 600: `a`'s use, told to `b`)
+    assert (full.value.used_bytes, full.value.limit_bytes) == (0, 800)
+    assert "600" not in full.value.message and "uses 0 of its 800 byte quota" in full.value.message
     err = Poison.of(quota.value, "aten::empty.memory_format").to_proto()  # what the client reads
     assert (err.code, err.op, err.used_bytes, err.limit_bytes) == (
         "RESOURCE_EXHAUSTED",
@@ -96,6 +98,47 @@ def test_admit_checks_quota_then_device() -> None:
         800,
     )
     b.admit(400)
+
+
+# CUDA's caching allocator's OutOfMemoryError as torch 2.x words it (c10/cuda/CUDACachingAllocator.cpp): the device's
+# total and free bytes and every process on the GPU (other sessions' workers) with its use
+_CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is "
+    "free. Process 4242 has 40.00 GiB memory in use. Process 4343 has 38.10 GiB memory in use. Of the allocated "
+    "memory 37.50 GiB is allocated by PyTorch, and 112.00 MiB is reserved by PyTorch but unallocated. If reserved "
+    "but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid "
+    "fragmentation."
+)
+
+
+def test_a_cuda_oom_tells_the_session_what_it_asked_for_and_nothing_of_the_device() -> None:
+    """secrev50: a session whose allocation CUDA's allocator refused (an eager command, a graph's op) is told the size
+    it asked for, not the device's free bytes nor the other processes on the GPU (their pids and use: the other
+    sessions' workers). On 086d7cb1 it was told torch's whole text. (A fake GPU cannot raise CUDA's error: its text
+    is torch's own here.) The CPU allocator's refusal (a fake GPU's) names only the bytes asked for: kept whole."""
+    from gpupool.server import slices
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.graph_build import step_error
+
+    from gpupool._proto import device_pb2
+
+    s = make()
+    ex = CommandExecutor(slices.SliceLedger())
+    told: list[str] = []
+    replies: list[object] = []
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes. Error code 12")
+    for exc in (torch.OutOfMemoryError(_CUDA_OOM), cpu):
+        s.error = None
+        ex._failed(s, device_pb2.Command(op=device_pb2.Op(name="aten::empty.memory_format")), exc, replies.append)
+        assert s.error is not None and s.error.code is StatusCode.RESOURCE_EXHAUSTED
+        told.append(s.error.message)
+    told.append(step_error(7, 3, "aten::mm", torch.OutOfMemoryError(_CUDA_OOM)).message)
+    cuda = [told[0], told[2]]
+    for message in cuda:
+        for leak in ("free", "Process", "4242", "79.19", "capacity", "40.00 GiB"):
+            assert leak not in message, (leak, message)
+        assert "tried to allocate 2.00 GiB" in message, message
+    assert told[1] == f"device out of memory: {cpu}"
 
 
 def test_poisoned_handles_carry_the_original_error() -> None:
