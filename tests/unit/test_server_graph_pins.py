@@ -212,3 +212,103 @@ def test_an_input_sent_by_value_is_filled_again_only_where_nothing_else_holds_it
         if keep:
             assert bool((quick.s.tensors[quick.base + 60] == float(step)).all())  # the kept `x`: this run's
     assert quick.ex.graphs._of(quick.s)[GID + 2].fast not in (None, False)  # the plan ran
+
+
+# ---- round 50: a plan's kept tensors left bound to the same objects skip `same_binding`'s look-ups while `pins` is
+# what its last run ended with (native_runner.cpp `BindCache`), for pinned handles only; the entry's count and bytes,
+# the storage's address and size are read again every run
+
+
+def _define(t: Twin, gid: int, persistent: list[int], ops: list[device_pb2.Op], outputs: list[int],
+            writes: dict[int, int]) -> None:  # fmt: skip
+    meta = wire.meta_to_proto(torch.ones(4, 3))
+    msg = device_pb2.DefineGraph(
+        graph_id=gid, inputs=1, input_meta=[meta], persistent=persistent, ops=ops, outputs=outputs,
+        writes=[device_pb2.GraphWrite(handle=h, slot=k) for h, k in writes.items()],
+    )  # fmt: skip
+    err, _ = t.command(device_pb2.Command(define_graph=msg))
+    assert err is None, err
+
+
+def _in_place(t: Twin, keep: int) -> None:
+    """Graph GID + 3: `w += x` in place, output `w * 2`, its `w` (the same object every run) kept under `keep`."""
+    k = tensor_pb2.Arg
+    ops = [device_pb2.Op(name="aten::add_.Tensor", args=[k(tensor=2), k(tensor=1)], outputs=[3]),
+           device_pb2.Op(name="aten::mul.Tensor", args=[k(tensor=3), k(f=2.0)], outputs=[4])]  # fmt: skip
+    _define(t, GID + 3, [t.w], ops, [4], {keep: 3})
+
+
+def _run_in_place(t: Twin) -> tuple[Any, ...]:
+    t.next += 1
+    run = device_pb2.RunGraph(graph_id=GID + 3, inputs=[0], outputs=[t.base + t.next])
+    run.input_data.append(torch.full((4, 3), 0.25).numpy().tobytes())
+    return t.command(device_pb2.Command(run_graph=run))
+
+
+def _reader(t: Twin, h: int) -> None:
+    """Graph GID + 4, which reads `h` as a persistent tensor (so pins it): `h * 3`."""
+    k = tensor_pb2.Arg
+    _define(t, GID + 4, [h], [device_pb2.Op(name="aten::mul.Tensor", args=[k(tensor=2), k(f=3.0)], outputs=[3])], [3],
+            {})  # fmt: skip
+
+
+KEPT_PATHS = ["kept under w", "kept under a handle another graph pins, dropped", "kept under a handle no graph pins"]
+
+
+@pytest.mark.parametrize("path", KEPT_PATHS)
+def test_a_kept_handle_freed_between_quiet_runs_is_bound_again(twins: Any, path: str) -> None:
+    """A graph updating `w` in place keeps the same tensor object every run: its plan skips the kept pair's look-ups
+    (`bound_kept`) while `pins` holds. Then the kept handle is freed (a Free: no mutation, the next run quiet) and
+    both twins bind it again at the next run. Where the handle is not pinned (no graph reads it: never recorded; or
+    the graph that read it dropped: `graph._pin` bumps `pins` as the set shrinks), its free bumps nothing. With the
+    recording's pinned check (native_runner.cpp `rebind_run`) or `_pin`'s bump taken out, the last two parted (the
+    quick twin left the handle unbound); round 49 made no such skip."""
+    quick, slow, _ = twins
+    keep = quick.w if path == "kept under w" else quick.base + 70
+    for t in (quick, slow):
+        _in_place(t, keep)
+        if path.startswith("kept under a handle another"):
+            assert _run_in_place(t)[0] is None  # (binds `keep`, which the reader then reads)
+            _reader(t, keep)
+    for _ in range(6):
+        assert _both(quick, slow, _run_in_place) is None
+    plan = quick.ex.graphs._of(quick.s)[GID + 3].fast
+    assert plan not in (None, False)
+    assert plan.bound_pins == quick.s.pins
+    assert plan.bound_kept == 1 or path.endswith("no graph pins")  # (that one's checked by its runs below)
+    if path.startswith("kept under a handle another"):
+        _both(quick, slow, lambda t: t.command(device_pb2.Command(drop_graph=device_pb2.DropGraph(graph_id=GID + 4))))
+        assert _both(quick, slow, _run_in_place) is None  # (after a DropGraph: `_run`, whose binding bumps nothing)
+    _both(quick, slow, lambda t: t.command(device_pb2.Command(free=device_pb2.Free(handles=[keep]))))
+    if keep == quick.w:  # the graph's own persistent tensor: the run's error, the same (round 49's bump), then bound
+        assert _both(quick, slow, _run_in_place) is not None
+        for t in (quick, slow):
+            t.s.bind(t.w, torch.ones(4, 3))
+    for _ in range(3):
+        assert _both(quick, slow, _run_in_place) is None
+        assert keep in quick.s.tensors
+    assert plan.bound_kept == (1 if keep == quick.w else 0)  # (the dropped graph pins it no more)
+
+
+def test_a_kept_tensors_storage_shared_through_a_view_freed_between_quiet_runs(twins: Any) -> None:
+    """`w` a view of half a storage that an unpinned handle `q` holds whole: the kept pair's entry counts two, so
+    rebinding `w` changes nothing. `q` freed between quiet runs bumps nothing (not pinned): the entry now counts one
+    and `w` does not cover its storage, so the next run binds `w` anew, as a new storage, its bytes past `w` zeroed
+    (`zero_new`: `q`'s old values are not left there), which a view of `w`'s whole storage reads.
+    The skip reads the entry's count each run: with its answer kept from the last run instead, the twins parted."""
+    quick, slow, _ = twins
+    for t in (quick, slow):
+        big = torch.full((24,), 9.0)
+        t.s.free([t.w])
+        t.s.bind(t.base + 71, big)  # (first: `w` bound first, as a new storage's, would have its bytes past it zeroed)
+        t.s.bind(t.w, big[:12].view(4, 3))
+        _in_place(t, t.w)
+    for _ in range(6):
+        assert _both(quick, slow, _run_in_place) is None
+    plan = quick.ex.graphs._of(quick.s)[GID + 3].fast
+    assert plan not in (None, False) and plan.bound_kept == 1 and plan.bound_pins == quick.s.pins
+    _both(quick, slow, lambda t: t.command(device_pb2.Command(free=device_pb2.Free(handles=[t.base + 71]))))
+    assert _both(quick, slow, _run_in_place) is None
+    whole = {t: t.s.tensors[t.w].as_strided((24,), (1,), 0).tolist() for t in (quick, slow)}
+    assert whole[quick] == whole[slow]
+    assert whole[quick][12:] == [0.0] * 12
