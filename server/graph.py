@@ -416,16 +416,12 @@ def _pin(s: WorkerSession, graphs: dict[int, Graph]) -> None:
     """`s.pinned` made the handles `graphs` read as persistent tensors, in place (the C++ runner holds the set): the
     table methods that unbind one of them bump `s.pins`, whose value a plan's last run ended with lets its next skip
     the persistent tensors' look-ups (native_runner.cpp `graph_run`). A kept tensor's handle that no graph reads is
-    not pinned: a step that leaves a new tensor there (`x + w` kept) keeps the skip. Round 50: a plan also skips
-    its kept tensors' look-ups for the pinned ones (native_runner.cpp `BindCache`), so a handle leaving the set (no
-    bump when it is bound anew from then on) bumps `pins` here, as any change of the set does."""
+    not pinned: a step that leaves a new tensor there (`x + w` kept) keeps the skip."""
     pinned: set[int] = set()
     for g in graphs.values():
         pinned.update(g.external_handles)
-    if pinned != s.pinned:
-        s.pinned.clear()
-        s.pinned.update(pinned)
-        s.pins += 1
+    s.pinned.clear()
+    s.pinned.update(pinned)
 
 
 # ---- runs ----

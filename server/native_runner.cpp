@@ -3891,10 +3891,8 @@ PyObject* S_zero_new;
 // in place (a captured step's parameters and optimizer state) is the same object after each run: the tiny MLP's 6
 // of its 7 pairs, ~2.4k instructions each through the pops and inserts. (The full path also moves the handle to its
 // tables' ends; nothing reads their order.)
-bool entry_keeps(PyObject* entry, const at::Tensor& t, const c10::StorageImpl* st);
-
 bool same_binding(PyObject* tensors, PyObject* keys, PyObject* storages, PyObject* uploads, PyObject* h,
-                  PyObject* v, PyObject** found = nullptr) {
+                  PyObject* v) {
   PyObject* cur = PyDict_GetItemWithError(tensors, h);  // borrowed
   if (cur != v) {
     if (cur == nullptr && PyErr_Occurred()) throw py::error_already_set();
@@ -3924,41 +3922,6 @@ bool same_binding(PyObject* tensors, PyObject* keys, PyObject* storages, PyObjec
     if (PyErr_Occurred()) throw py::error_already_set();
     return false;
   }
-  if (found != nullptr) *found = entry;
-  return entry_keeps(entry, t, st);
-}
-
-// (round 50) What a captured step's plan remembers of a kept tensor's binding (`rebind_run`'s pairs of its
-// `writes`) that the last run found or left as `same_binding` asks: handle `h` (held: compared by identity) bound to
-// tensor object `v` (compared by identity only: the table holds it while `h` is bound), under storage key `st`, whose
-// entry in the session's `_storages` is the list `entry` (held: an entry is one list object from the count's first
-// handle to its last, mutated in place: `[count, bytes]`; nothing recycles a list that is held, `Entries::give`).
-struct KeptBinding {
-  py::object h;
-  PyObject* v = nullptr;
-  const c10::StorageImpl* st = nullptr;
-  py::object entry;
-};
-
-// (round 50) `same_binding`'s answers of a plan's kept tensors without the three table look-ups each (the encoder's
-// 27 a step, ~600 instructions each through their ints' hashes): valid while the session's `pins` is the value its
-// last run ended with (`GraphPlan.bound`), the same tables and `writes` objects, and every kept handle pinned (in
-// `WorkerSession.pinned` when it was recorded; `graph._pin` bumps `pins` whenever it changes the set). Then no table
-// method unbound or bound anew a kept handle since (each bumps `pins` for a pinned handle), so it is still bound to
-// the object the run left, under the same key, and that key's entry is the same list. What else can change through
-// unpinned handles (another handle's view bound or freed: the entry's count; a resize: its bytes and the storage's;
-// a set_ by the run itself: the tensor's storage) is read again each run: the storage's address and size, the
-// entry's count and bytes, `Ctx::outside`; and an upload in progress anywhere takes the look-ups.
-struct BindCache {
-  int64_t pins = -1;  // -1: none
-  py::object tensors, keys, storages, writes;
-  std::vector<KeptBinding> kept;  // one per pair of `writes`, in its order
-  std::vector<KeptBinding> next;  // the run's, recorded as it goes
-};
-
-// `same_binding`'s answer from the count and bytes of the storage entry that `h`'s key names (`entry`, borrowed):
-// `t` (storage `st`) shares it with another handle, or its own entry at the storage's bytes and `t` covers them
-bool entry_keeps(PyObject* entry, const at::Tensor& t, const c10::StorageImpl* st) {
   int64_t count = 0, nbytes = 0;
   if (!(PyList_CheckExact(entry) && PyList_GET_SIZE(entry) == 2 && as_i64(PyList_GET_ITEM(entry, 0), &count) &&
         as_i64(PyList_GET_ITEM(entry, 1), &nbytes))) {
@@ -3968,14 +3931,6 @@ bool entry_keeps(PyObject* entry, const at::Tensor& t, const c10::StorageImpl* s
   if (count > 1) return true;
   return count == 1 && static_cast<size_t>(nbytes) == st->nbytes() &&
          !Ctx::outside(t.unsafeGetTensorImpl(), static_cast<size_t>(nbytes));
-}
-
-// `same_binding` of pair (h, v) from `kb`, what the plan's last run left (valid: the caller's `BindCache` checks)
-bool kept_same(const KeptBinding& kb, PyObject* h, PyObject* v) {
-  if (kb.h.ptr() != h || kb.v != v) return false;
-  const at::Tensor& t = THPVariable_Unpack(v);
-  const c10::StorageImpl* st = t.storage().unsafeGetStorageImpl();
-  return st == kb.st && entry_keeps(kb.entry.ptr(), t, st);
 }
 
 // `WorkerSession.rebind_all` (server/sessions.py) of a captured step's run (`graph._finish`): the pairs
@@ -3988,11 +3943,8 @@ bool kept_same(const KeptBinding& kb, PyObject* h, PyObject* v) {
 // (session and device) once at the end, also when a handle raised. False, nothing done, where a table is not a dict
 // or a value is not a tensor: the caller runs `rebind_all`. The session's class must be `WorkerSession` itself
 // (the caller's check): its handles were checked by the caller (outputs) and at definition (writes).
-// (round 50) `cache`: a plan's (`graph_run`), whose `kept` answer `same_binding` for the pairs of `writes` where
-// `valid` (the caller's check of its `pins`; here its tables and `writes`), and whose `next` this run records (the
-// caller keeps it where the run ends with `pins` unchanged; `cache->pins` is -1 until it does).
 bool rebind_run(const py::object& session, py::handle outputs, py::handle out_slots, py::handle writes,
-                py::handle slots, BindCache* cache = nullptr, bool valid = false) {
+                py::handle slots) {
   PyObject *s = session.ptr(), *outs = outputs.ptr(), *oslots = out_slots.ptr(), *wr = writes.ptr(),
            *sl = slots.ptr();
   if (!PyList_CheckExact(outs) || !PyList_CheckExact(oslots) || !PyDict_CheckExact(wr) || !PyList_CheckExact(sl)) {
@@ -4026,7 +3978,6 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
     if (v == nullptr) return false;
     pairs.emplace_back(h, v);
   }
-  const size_t n_out_pairs = pairs.size();
   {
     PyObject *h, *slot;
     Py_ssize_t pos = 0;
@@ -4054,48 +4005,8 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
   int64_t delta = 0;
   bool failed = false;
   int64_t max_handles = -1;
-  // (round 50) the plan's kept bindings: read where valid (the same tables and `writes`, as many pairs, no upload in
-  // progress), recorded for the next run (a pinned handle found as `same_binding` wants it; any other pair: none,
-  // its look-ups made each run)
-  const size_t n_kept = pairs.size() - n_out_pairs;
-  const bool record = cache != nullptr && PyDict_GET_SIZE(uploads.p) == 0;
-  if (cache != nullptr) {
-    valid = valid && record && cache->kept.size() == n_kept && cache->tensors.ptr() == tensors.p &&
-            cache->keys.ptr() == keys.p && cache->storages.ptr() == storages.p && cache->writes.ptr() == wr;
-    cache->next.clear();
-  }
-  Own pinned_set(nullptr);  // `s.pinned`, read once where a pair is recorded
-  bool pinned_set_read = false;
-  for (size_t i = 0; i < pairs.size(); ++i) {
-    PyObject *h = pairs[i].first, *v = pairs[i].second;
-    if (i >= n_out_pairs && record) {
-      const KeptBinding* kb = valid ? &cache->kept[i - n_out_pairs] : nullptr;
-      if (kb != nullptr && kept_same(*kb, h, v)) {
-        cache->next.push_back(*kb);
-        continue;  // rebinding it changes nothing
-      }
-      PyObject* entry = nullptr;
-      const bool same = same_binding(tensors.p, keys.p, storages.p, uploads.p, h, v, &entry);
-      int in = 0;
-      if (same) {
-        if (!pinned_set_read) {
-          pinned_set.reset(pinned_of(s));
-          pinned_set_read = true;
-        }
-        in = pinned_set.p != nullptr && PyAnySet_CheckExact(pinned_set.p) ? PySet_Contains(pinned_set.p, h) : 0;
-        if (in < 0) throw py::error_already_set();
-      }
-      if (in) {
-        cache->next.push_back(KeptBinding{py::reinterpret_borrow<py::object>(h), v,
-                                          THPVariable_Unpack(v).storage().unsafeGetStorageImpl(),
-                                          py::reinterpret_borrow<py::object>(entry)});
-      } else {
-        cache->next.emplace_back();  // none: a handle not pinned may be bound anew without a bump
-      }
-      if (same) continue;  // rebinding it changes nothing
-    } else if (same_binding(tensors.p, keys.p, storages.p, uploads.p, h, v)) {
-      continue;  // rebinding it changes nothing
-    }
+  for (auto& [h, v] : pairs) {
+    if (same_binding(tensors.p, keys.p, storages.p, uploads.p, h, v)) continue;  // rebinding it changes nothing
     Own old(dict_pop(tensors.p, h));  // `tensors.pop(handle, None)`
     if (old.p == nullptr) {
       failed = true;
@@ -4243,14 +4154,6 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
     PyErr_Restore(type, val, tb);
     throw py::error_already_set();
   }
-  if (record) {  // every kept pair met (the loop ended well): what the next run may read
-    cache->kept.swap(cache->next);
-    cache->next.clear();
-    cache->tensors = py::reinterpret_borrow<py::object>(tensors.p);
-    cache->keys = py::reinterpret_borrow<py::object>(keys.p);
-    cache->storages = py::reinterpret_borrow<py::object>(storages.p);
-    cache->writes = py::reinterpret_borrow<py::object>(wr);
-  }
   return true;
 }
 
@@ -4298,9 +4201,6 @@ struct GraphPlan {
   // than allocated (~4k an input with its release). Null: none (a run that declines or fails leaves nothing).
   mutable py::object spare;
   mutable std::vector<py::object> spare_inputs;
-  // (round 50) its kept tensors' bindings as its last run left them (`BindCache`: `rebind_run` reads them while
-  // `pins` is the value that run ended with)
-  mutable BindCache bound;
 };
 
 
@@ -4533,23 +4433,17 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
       throw py::error_already_set();
     }
   }
-  // (round 50) the kept tensors' bindings as the last run left them, where `pins` is still what it ended with
-  const int64_t pins_bound = pins_of(s);
-  const bool bound = pins_bound >= 0 && p.bound.pins == pins_bound;
-  p.bound.pins = -1;  // (kept by a run that ends well with `pins` unchanged, below)
-  if (!rebind_run(session, outputs, p.out_slots, writes, slots.p, &p.bound, bound)) {
+  if (!rebind_run(session, outputs, p.out_slots, writes, slots.p)) {
     return py::reinterpret_steal<py::object>(std::exchange(slots.p, nullptr));
   }
   // every persistent handle was bound to its reference's object at the start; where no table method unbound one
   // since (`pins` as it was), the next run with these `refs` and `pins` takes them without the look-ups
-  const int64_t pins_end = pins >= 0 || pins_bound >= 0 ? pins_of(s) : -1;
-  if (pins >= 0 && pins_end == pins) {
+  if (pins >= 0 && pins_of(s) == pins) {
     p.seen_refs = py::reinterpret_borrow<py::object>(refs);
     p.seen_pins = pins;
   } else {
     p.seen_pins = -1;
   }
-  if (pins_bound >= 0 && pins_end == pins_bound) p.bound.pins = pins_bound;
   // the slots this run wrote back to None (the list kept for the next run), an input sent by value whose tensor
   // only the list holds kept for the next run to fill again
   PyObject* none = Py_None;
@@ -4982,18 +4876,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pinned", [] { return pinned_records; });
   m.def("plain_views", [] { return plain_views; });
   m.def("quiet_externals", &quiet_externals);
-  m.def("rebind_run", [](const py::object& s, py::handle outputs, py::handle out_slots, py::handle writes,
-                         py::handle slots) { return rebind_run(s, outputs, out_slots, writes, slots); });
+  m.def("rebind_run", &rebind_run);
   py::class_<GraphPlan>(m, "GraphPlan")
       .def(py::init(&make_graph_plan), py::arg("n_slots"), py::arg("metas"), py::arg("nbytes"), py::arg("contiguous"),
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
            py::arg("number"), py::arg("base"), py::arg("tensors"))
       .def_property_readonly("seen_pins", [](const GraphPlan& p) { return p.seen_pins; })
-      // (round 50, tests) `pins` its kept bindings were left at (-1: none), and how many of them it holds
-      .def_property_readonly("bound_pins", [](const GraphPlan& p) { return p.bound.pins; })
-      .def_property_readonly("bound_kept", [](const GraphPlan& p) {
-        return std::count_if(p.bound.kept.begin(), p.bound.kept.end(), [](const KeptBinding& k) { return bool(k.h); });
-      })
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
            py::arg("refs"), py::arg("writes"), py::arg("fn"))
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),
