@@ -141,8 +141,7 @@ class WorkerSession:
         # `pins`, bumped by every table method that unbinds one of them or may bind it anew
         # (`unbind`, `free`, `rebind_all`, `_uncount`; native_runner.cpp `free_loop`, `Ctx::unbind`, `rebind_run`):
         # while it is unchanged, each such handle is bound to the very tensor object it was (a captured step's plan
-        # then skips its persistent tensors' look-ups: native_runner.cpp `graph_run`; round 50: and its kept tensors'
-        # look-ups for pinned handles, `BindCache`; `graph._pin` bumps it as the set changes)
+        # then skips its persistent tensors' look-ups: native_runner.cpp `graph_run`)
         self.pinned: set[int] = set()
         self.pins = 0
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
