@@ -15,6 +15,7 @@ also those of launch_bound's local step with the same `--adam` (the baseline the
     python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
     python bench/graph_replay.py --measure outside --models tiny-mlp,mlp   # the worker's own, no kernels
     python bench/graph_replay.py --measure outside-slice --models tiny-mlp   # the same from the frame's bytes
+    python bench/graph_replay.py --measure outside-slice --against ../base --against-python ../base/.venv/bin/python
     python bench/graph_replay.py --measure outside-cpu --models tiny-mlp,mlp --steps 300   # the same, CPU time
     python bench/graph_replay.py --measure outside-slice-cpu --models tiny-mlp,mlp   # outside-slice's, CPU time
 
@@ -312,17 +313,33 @@ def outside_cpu(path: str, steps: int, repeats: int, sliced: bool = False) -> st
            f"{statistics.median(runs) * 1e6:.1f} us"  # fmt: skip
 
 
-def _outside(model: str, path: str, steps: int, tmp: str, flag: str = "--outside-instr") -> str:
+def _outside(model: str, path: str, steps: int, tmp: str, flag: str = "--outside-instr",
+             against: tuple[str, str] | None = None) -> str:  # fmt: skip
+    """`flag`'s count of `path` minus the harness's; `against` (python, checkout): that checkout's bench and python
+    on the same dumped graph (round 50), counted at the same time."""
     sys.path.insert(0, str(HERE))
     from daemon_ab import _total
 
-    counts = []
-    for n in (steps, 0):
-        out = Path(tmp) / f"cg.outside.{model}.{n}"
-        cmd = [*cgtools.valgrind(out), sys.executable, __file__, flag, path, "--steps", str(n)]
-        subprocess.run(cmd, check=True, capture_output=True)
-        counts.append(_total(out))
-    return f"worker per RunGraph outside the kernels {(counts[0] - counts[1]) / steps / 1e3:8.1f}k instructions"
+    sides = [("", sys.executable, __file__)]
+    if against is not None:
+        sides.append(("base ", against[0], str(Path(against[1]) / "bench" / "graph_replay.py")))
+    procs = []
+    for tag, python, script in sides:
+        for n in (steps, 0):
+            out = Path(tmp) / f"cg.outside.{model}.{n}.{len(procs)}"
+            cmd = [*cgtools.valgrind(out), python, script, flag, path, "--steps", str(n)]
+            procs.append((tag, n, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    counts: dict[str, list[int]] = {}
+    for tag, _, out, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{tag or 'this '}checkout's count failed: {err.decode(errors='replace')[-2000:]}")
+        counts.setdefault(tag, []).append(_total(out))
+    per = {tag: (c[0] - c[1]) / steps for tag, c in counts.items()}
+    line = f"worker per RunGraph outside the kernels {per[''] / 1e3:8.1f}k instructions"
+    if against is not None:
+        line += f"  (base {per['base '] / 1e3:8.1f}k, ratio {per[''] / per['base ']:.3f})"
+    return line
 
 
 def local_instr(model_name: str, adam_kind: str, steps: int) -> str:
@@ -407,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                    "them); outside-slice: the same, each RunGraph a slice of one command from its frame's bytes "
                    "(the frame's parse, the slice's loop and its result counted too); outside-cpu: outside's, the "
                    "thread's CPU time (min and median of --repeats); outside-slice-cpu: outside-slice's")  # fmt: skip
+    p.add_argument("--against", metavar="DIR", help="outside, outside-slice: also count checkout DIR's worker (its "
+                   "graph_replay.py, run by --against-python) on the same dumped graphs, side by side")  # fmt: skip
+    p.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = p.parse_args(argv)
     if args.dump:
         dump(*args.dump, args.adam)
@@ -442,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.measure in ("outside", "outside-slice"):
                 flag = f"--{args.measure}-instr"
-                print(f"{model:10s} {_outside(model, path, min(args.steps, 20), tmp, flag)}", flush=True)
+                against = (args.against_python, args.against) if args.against else None
+                print(f"{model:10s} {_outside(model, path, min(args.steps, 20), tmp, flag, against)}", flush=True)
                 continue
             if args.measure == "instr":
                 print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
