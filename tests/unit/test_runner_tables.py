@@ -13,13 +13,19 @@ from support import in_fresh_thread, in_threads, native_runner_or_skip
 from test_server_runs import (  # noqa: F401 - the fixture
     BASE,
     Pair,
+    T,
+    V,
+    W,
+    X,
     _python_frees,
+    _python_uploads,
     free,
     h,
     inplace_view_step,
     runner,
     step,
     training,
+    upload,
 )
 
 from gpupool._proto import device_pb2
@@ -133,3 +139,125 @@ def _views_without_the_dispatcher(kind: str) -> None:
         assert p.runs().native > 0
         tls = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
         assert mod.plain_views() - before >= 8, (tls, torch.is_grad_enabled())
+
+
+def test_tensors_rebound_from_python_between_runs_are_what_later_runs_read(runner: str) -> None:  # noqa: F811
+    """Between slices the weight every step reads (W, an external input of the learned runs) is bound anew from
+    Python: `bind` over the live handle (the dict keeps its key and replaces the value), a free then a bind, a Python
+    free of a step's outputs; each in both sessions alike. Every later record reads the new tensor, as on the normal
+    path. (Round 50's handles50 wrote these four tests for a cache of tensor objects by handle in the runner's context,
+    not merged: they pin what any such cache must keep.)"""
+    import torch
+
+    p = Pair()
+    p.stream(training(p, 3), itertools.cycle([64]))
+    hits = p.hits
+    want = p.s[0].tensors[W].clone()
+    for t in range(3, 12):
+        if t % 3 != 2:
+            want = torch.full((3, 5), 0.25 * t - 1.0)
+        for s in p.s:
+            new = want.clone()
+            if t % 3 == 0:
+                s.bind(W, new)
+            elif t % 3 == 1:
+                s.free([W])
+                s.bind(W, new)
+            else:
+                s.free([h(t - 1, j) for j in range(11)])
+        p.slice([*step(p, t), *([free(t - 1)] if t % 3 != 2 else [])])
+        assert torch.equal(p.s[0].tensors[W], want)
+    assert p.hits - hits >= 9 * 11 * 0.7
+    if runner == "native":
+        assert p.runs().native > 9 * 11 * 0.5
+
+
+def _mini(p: Pair, t: int) -> list[device_pb2.Command]:
+    """A step of three records the runner runs in C++: a product of the batch, its mm by the weight W (an external
+    input of the run), a relu of that."""
+    return [
+        p.rec(1, [h(t, 0)], [T(X), V(1.0 + t)]),
+        p.rec(2, [h(t, 1)], [T(h(t, 0)), T(W)]),
+        p.rec(3, [h(t, 2)], [T(h(t, 1))]),
+    ]
+
+
+def _mini_free(t: int) -> device_pb2.Command:
+    return device_pb2.Command(free=device_pb2.Free(handles=[h(t, j) for j in range(3)]))
+
+
+def _mini_pair() -> Pair:
+    p = Pair()
+    cmds: list[device_pb2.Command] = []
+    for t in range(6):
+        cmds += [*_mini(p, t), *([_mini_free(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([64]))
+    return p
+
+
+def test_a_weight_freed_in_cpp_inside_a_run_is_not_read_by_a_later_record(runner: str) -> None:  # noqa: F811
+    """The runner's own free of a handle (`free_loop` inside `Ctx.run`): the weight W, read by the record just
+    before, is freed among the run's records while the test still holds its tensor (a stale reference would find it
+    alive and read it); the next step's mm of W fails as on the normal path (the pair compares errors and poisoned
+    handles)."""
+    p = _mini_pair()
+    old = [s.tensors[W] for s in p.s]  # noqa: F841 - held: a stale read finds the freed weight alive
+    frees, hits = _python_frees(p), p.hits
+    cmds = _mini(p, 6)
+    cmds[2:2] = [device_pb2.Command(free=device_pb2.Free(handles=[W]))]
+    p.slice([*cmds, _mini_free(5), *_mini(p, 7)])
+    for s in p.s:
+        assert W not in s.tensors and h(7, 1) in s.poisoned and h(7, 2) in s.poisoned
+        assert h(6, 2) in s.tensors and h(7, 0) in s.tensors
+    assert p.hits - hits >= 4
+    if runner == "native":
+        assert frees == []  # both frees ran inside `Ctx.run`
+
+
+def test_a_weight_uploaded_over_in_cpp_inside_a_run_is_what_a_later_record_reads(runner: str) -> None:  # noqa: F811
+    """The runner's own upload over a live handle (`Ctx::upload`: `Ctx::unbind`, then `bind_new`): W, read by the
+    record just before, is uploaded over among the run's records while the test holds the old tensor; the next step's
+    mm reads the uploaded bytes, as on the normal path (the pair compares every tensor)."""
+    import torch
+
+    p = _mini_pair()
+    old = [s.tensors[W] for s in p.s]  # noqa: F841 - held: a stale read finds the old weight alive
+    uploads, hits = _python_uploads(p), p.hits
+    new = torch.full((3, 5), -0.5)
+    cmds = _mini(p, 6)
+    cmds[2:2] = [upload(W, new)]
+    p.slice([*cmds, _mini_free(5), *_mini(p, 7)])
+    for s in p.s:
+        assert torch.equal(s.tensors[W], new)
+        assert torch.equal(s.tensors[h(7, 1)], s.tensors[h(7, 0)] @ new)
+    assert p.hits - hits >= 6
+    if runner == "native":
+        assert uploads == []  # the upload ran inside `Ctx.run`
+
+
+def test_a_pinned_weight_uploaded_over_or_freed_in_cpp_bumps_pins_as_the_normal_path(runner: str) -> None:  # noqa: F811
+    """The runner's own unbindings of a handle a captured graph reads as a persistent tensor (`s.pinned`, kept by
+    server/graph.py `_pin`): an upload over it and a free of it among a run's records (`Ctx::unbind`, `free_loop`)
+    bump the session's `pins` as the normal path's table methods do, so a graph plan's next run looks its persistent
+    tensors up again (native_runner.cpp `graph_run`). Round 49 had no test of the C++ upload's bump (its `upload
+    into it` case takes the Python path): with the bump taken out of `Ctx::unbind` this fails."""
+    import torch
+
+    p = _mini_pair()
+    for s in p.s:
+        s.pinned.add(W)  # (in place: the runner's context holds the set, as `_pin` keeps it)
+    uploads, frees = _python_uploads(p), _python_frees(p)
+    before = [s.pins for s in p.s]
+    cmds = _mini(p, 6)
+    cmds[2:2] = [upload(W, torch.full((3, 5), 0.5))]
+    p.slice([*cmds, _mini_free(5), *_mini(p, 7)])
+    mid = [s.pins for s in p.s]
+    assert mid[0] - before[0] == mid[1] - before[1] >= 1
+    cmds = _mini(p, 8)
+    cmds[2:2] = [device_pb2.Command(free=device_pb2.Free(handles=[W]))]
+    p.slice([*cmds, _mini_free(7)])
+    after = [s.pins for s in p.s]
+    assert after[0] - mid[0] == after[1] - mid[1] >= 1
+    assert all(W not in s.tensors for s in p.s)
+    if runner == "native":
+        assert uploads == [] and frees == []  # both ran inside `Ctx.run`
