@@ -285,6 +285,8 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         config.fused_sdpa(),  # $GPUPOOL_FUSED_SDPA: the same parser as the shim's (the C++ client reads no environment)
         protocol.FEATURE_SDPA_DROPOUT in getattr(session, "features", ()),  # its daemon runs dropout fused
     )  # fmt: skip
+    # A tensor over the session's whole quota is refused at the call (native_client.cpp HandleAllocator), as on CUDA
+    torch.ops.gpupool_native.set_quota(index, int(getattr(session, "quota_bytes", 0) or 0))
     _sessions[index] = session
     if _libs:  # the hand-offs below serve every device (by index)
         return

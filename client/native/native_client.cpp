@@ -214,9 +214,22 @@ void free_handle(void* ctx) {
   g_freed.fetch_add(1, std::memory_order_relaxed);
 }
 
+// Per device: the session's memory quota in bytes (0: not attached, or unknown), set when it attaches (`set_quota`).
+std::atomic<int64_t> g_quota[kMaxDevices];
+
 struct HandleAllocator final : public c10::Allocator {
-  c10::DataPtr allocate(size_t /*nbytes*/) override {
+  c10::DataPtr allocate(size_t nbytes) override {
     const DeviceIndex i = t_current;
+    // A tensor larger than the session's whole quota: a torch.OutOfMemoryError now, as CUDA's allocator raises one at
+    // the call (round 50). The daemon would refuse it too, but at the next sync, after the ops that followed had run on
+    // a tensor with no value: a backward over it left a `.grad` with none, which every later step read (a script that
+    // caught the error and went on with a smaller batch failed again until `zero_grad`). One that fits the quota but
+    // not what is free is the daemon's to refuse, at the next sync. (An op's other outputs made before this one die
+    // unsent: freeing a handle the daemon never made is harmless there.)
+    const int64_t quota = i >= 0 && i < kMaxDevices ? g_quota[i].load(std::memory_order_relaxed) : 0;
+    TORCH_CHECK_WITH(OutOfMemoryError, quota <= 0 || nbytes <= static_cast<size_t>(quota), "gpupool:", int(i),
+                     " out of memory: a tensor of ", nbytes, " bytes is more than the session's whole memory quota (",
+                     quota, " bytes, the lease's share of the device); nothing was allocated");
     const uint64_t h = g_next.fetch_add(1, std::memory_order_relaxed) | (static_cast<uint64_t>(i) << kIndexShift);
     g_allocated.fetch_add(1, std::memory_order_relaxed);
     if (g_track.load(std::memory_order_relaxed)) {
@@ -2633,6 +2646,12 @@ int64_t py_new_handle(int64_t index) {
   return static_cast<int64_t>(d.base + g_next.fetch_add(1, std::memory_order_relaxed));
 }
 
+// Device `index`'s session's memory quota (backend.connect: the Attach reply's), which HandleAllocator checks.
+void set_quota(int64_t index, int64_t bytes) {
+  TORCH_CHECK(index >= 0 && index < kMaxDevices, "gpupool native client: no device ", index);
+  g_quota[index].store(bytes, std::memory_order_relaxed);
+}
+
 // The devices the process can name (the lease's, 1..kMaxDevices), set before the first tensor (enable()).
 void set_device_count(int64_t n) {
   TORCH_CHECK(n >= 1 && n <= kMaxDevices, "gpupool native client: ", n, " devices (1..", kMaxDevices, ")");
@@ -2752,6 +2771,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("replay_forget(int index, int graph_id) -> ()", &replay_forget);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);
+  m.def("set_quota(int index, int bytes) -> ()", &set_quota);  // the session's memory quota (HandleAllocator)
   m.def("device_count() -> int", &device_count);
   m.def("current_device() -> int", &current_device);
   m.def("set_current_device(int index) -> ()", &set_current_device);
