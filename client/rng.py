@@ -196,6 +196,10 @@ class Generator(_GENERATOR, metaclass=_GeneratorMeta):
     def device(self) -> torch.device:  # type: ignore[override]
         return self._gp_device
 
+    def __reduce__(self) -> Any:  # deepcopy, pickle: this class again, on the same device, with the same state
+        _, _, state = super().__reduce__()
+        return (Generator, (self._gp_device,), state)
+
 
 def install() -> None:
     """Put `fork_rng` in torch.random and `Generator` in torch (idempotent): both clients, when they make

@@ -248,8 +248,8 @@ def _fits_quota(rt: DeviceRuntime, nbytes: int) -> None:
         from .errors import OutOfMemoryError
 
         raise OutOfMemoryError(
-            f"{rt.device} out of memory: a tensor of {nbytes} bytes is more than the session's whole memory quota "
-            f"({rt.quota} bytes, the lease's share of the device); nothing was allocated",
+            f"memory quota exceeded: {nbytes} bytes requested, more than the session's whole {rt.quota} byte limit "
+            f"({rt.device}): refused at the call, nothing was allocated",
             op="aten::empty",
             limit_bytes=rt.quota,
         )

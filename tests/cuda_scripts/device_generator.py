@@ -6,6 +6,7 @@ the device (`randn`, `rand`, `randint`, `randperm`, `bernoulli` and an inverted-
 `python device_generator.py [DEVICE]`: DEVICE `cuda` where CUDA is available (the default), else `cpu`; `gpupool`
 (no --cuda: the device's own name)."""
 
+import copy
 import sys
 
 import torch
@@ -40,6 +41,9 @@ state = g.get_state()
 first = torch.rand(3, device=device, generator=g)
 g.set_state(state)
 print("state", state.dtype, torch.equal(first.cpu(), torch.rand(3, device=device, generator=g).cpu()))
+twin = copy.deepcopy(g)  # (pickle alike): the same device and state
+same = torch.equal(torch.rand(3, device=device, generator=twin).cpu(), torch.rand(3, device=device, generator=g).cpu())
+print("deepcopy", twin.device == g.device, same)
 loader = DataLoader(list(range(10)), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(0))
 print("loader", [batch.tolist() for batch in loader], torch.Generator().device)
 print("generator on", g.device)

@@ -1332,14 +1332,14 @@ def test_a_refusal_met_again_says_how_to_clear_it(pool: str, client: tuple[str, 
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
 def test_a_cuda_generator_draws_from_its_own_seed(pool: str, client: tuple[str, ...]) -> None:
     """device_generator.py: `torch.Generator(device="cuda")` under --cuda, seeded, handed to randn, rand, randint,
-    randperm, bernoulli(_), multinomial and nn.init, its state saved and loaded: what it draws is reproducible from its
-    seed, independent of `torch.manual_seed`, and (the client draws it on its CPU) the CPU run's numbers, on both
-    clients; its `.device` is the device's, as a tensor's. Until round 50 its construction failed ("Cannot get CUDA
-    generator without ATen_cuda library"), and the shim refused any generator an op was given ("cannot send an
-    argument of type Generator")."""
+    randperm, bernoulli(_), multinomial and nn.init, its state saved and loaded, deep-copied: what it draws is
+    reproducible from its seed, independent of `torch.manual_seed`, and (the client draws it on its CPU) the CPU run's
+    numbers, on both clients; its `.device` is the device's, as a tensor's. Until round 50 its construction failed
+    ("Cannot get CUDA generator without ATen_cuda library"), and the shim refused any generator an op was given
+    ("cannot send an argument of type Generator")."""
     pooled = on_pool(pool, "device_generator.py", *client, "-p", "0.5").stdout.splitlines()
     local = on_cpu("device_generator.py").stdout.splitlines()
-    assert pooled[:-1] == local[:-1] and len(local) == 11, (pooled, local)
+    assert pooled[:-1] == local[:-1] and len(local) == 12, (pooled, local)
     assert "same again True default differs True" in local[0] and local[-1] == "generator on cpu", local
     assert pooled[-1] == "generator on gpupool:0", pooled
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
