@@ -19,6 +19,7 @@ import torch
 
 NAME = "gpupool"
 _FORK_RNG = torch.random.fork_rng  # torch's own, which `fork_rng` wraps
+_GENERATOR = torch._C.Generator  # torch's own class (`torch.Generator` until `install`)
 
 
 def index_of(device: Any) -> int | None:
@@ -143,6 +144,65 @@ def fork_rng(
         yield
 
 
+class _GeneratorMeta(type(_GENERATOR)):  # type: ignore[misc]
+    """`isinstance(g, torch.Generator)` and `issubclass` stay torch's: every generator is one (torch's own
+    `default_generator`, a DataLoader's), not only those made here."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, _GENERATOR)
+
+    def __subclasscheck__(cls, sub: Any) -> bool:
+        return issubclass(sub, _GENERATOR)
+
+
+def generator_device(device: Any) -> torch.device | None:
+    """The gpupool device a `torch.Generator(device=...)` names (`gpupool`, `gpupool:N`, and under `--cuda` `cuda`,
+    `cuda:N`; an index-less one is the current device), or None for any other (the CPU's, torch's own)."""
+    if not isinstance(device, str | torch.device):
+        return None
+    d = torch.device(device)
+    cuda = sys.modules.get(f"{__package__}.cuda")
+    if d.type == "cuda" and cuda is not None and cuda.enabled():
+        from .cuda.devices import to_gpupool
+
+        d = to_gpupool(d)
+    if d.type != NAME:
+        return None
+    return d if d.index is not None else torch.device(NAME, int(getattr(torch, NAME).current_device()))
+
+
+class Generator(_GENERATOR, metaclass=_GeneratorMeta):
+    """`torch.Generator(device="gpupool")` (and `device="cuda"` under `--cuda`), both clients (round 50; until then
+    torch's "register `PrivateUse1HooksInterface` ... `getNewGenerator`", and for `cuda` "Cannot get CUDA generator
+    without ATen_cuda library"). The generator is the client's own: a CPU generator whose `device` says the gpupool
+    device, seeded by its `manual_seed`/`seed` and nothing else (the daemon's generator, which `torch.manual_seed`
+    seeds, is another). An op given it (`torch.randn(..., device=, generator=g)`, `x.bernoulli_(p, generator=g)`,
+    `nn.init.normal_(w, generator=g)`, `torch.randperm`, `multinomial`) draws on the CPU from it and uploads what it
+    drew (the clients' CPU path: one upload an op): reproducible from its seed, the numbers a CPU generator of that
+    seed draws, not a CUDA GPU's (Philox). `get_state` is the CPU generator's 5,056 bytes. Any other device goes to
+    torch's own class."""
+
+    _gp_device: torch.device
+
+    def __new__(cls, device: Any = None) -> Any:
+        where = generator_device(device)
+        if where is None:
+            return _GENERATOR() if device is None else _GENERATOR(device)
+        g = super().__new__(cls, "cpu")  # type: ignore[call-arg]
+        g._gp_device = where
+        return g
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self._gp_device
+
+    def __reduce__(self) -> Any:  # deepcopy, pickle: this class again, on the same device, with the same state
+        _, _, state = super().__reduce__()
+        return (Generator, (self._gp_device,), state)
+
+
 def install() -> None:
-    """Put `fork_rng` in torch.random (idempotent): both clients, when they make `torch.gpupool`."""
+    """Put `fork_rng` in torch.random and `Generator` in torch (idempotent): both clients, when they make
+    `torch.gpupool`."""
     torch.random.fork_rng = fork_rng  # type: ignore[assignment]
+    torch.Generator = Generator  # type: ignore[misc]

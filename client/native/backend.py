@@ -285,6 +285,8 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         config.fused_sdpa(),  # $GPUPOOL_FUSED_SDPA: the same parser as the shim's (the C++ client reads no environment)
         protocol.FEATURE_SDPA_DROPOUT in getattr(session, "features", ()),  # its daemon runs dropout fused
     )  # fmt: skip
+    # A tensor over the session's whole quota is refused at the call (native_client.cpp HandleAllocator), as on CUDA
+    torch.ops.gpupool_native.set_quota(index, int(getattr(session, "quota_bytes", 0) or 0))
     _sessions[index] = session
     if _libs:  # the hand-offs below serve every device (by index)
         return
@@ -352,10 +354,20 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         exc = failed.pop(index)
         raise translate(exc) from exc
 
+    def over_quota(index: int, nbytes: int, quota: int) -> None:
+        """A tensor larger than the session's whole memory quota, refused at the call (native_client.cpp
+        HandleAllocator): the error a daemon's quota refusal is."""
+        raise errors().OutOfMemoryError(
+            f"memory quota exceeded: {nbytes} bytes requested, more than the session's whole {quota} byte limit "
+            f"(gpupool:{index}): refused at the call, nothing was allocated",
+            limit_bytes=quota,
+        )
+
     lib = torch.library.Library("gpupool_native", "IMPL")  # noqa: TOR901 (ops defined in C++, implemented here)
     lib.impl("send", send, "CPU")
     # (no tensor argument: no backend key to dispatch on; a CPU kernel was never reached, NotImplementedError)
     lib.impl("hand_off_failed", hand_off_failed, "CompositeExplicitAutograd")
+    lib.impl("over_quota", over_quota, "CompositeExplicitAutograd")
     lib.impl("sync_scalar", sync_scalar, "CPU")
     lib.impl("download", download, "CPU")
     lib.impl("download_into", download_into, "CPU")

@@ -214,9 +214,47 @@ void free_handle(void* ctx) {
   g_freed.fetch_add(1, std::memory_order_relaxed);
 }
 
+// Per device: the session's memory quota in bytes (0: not attached, or unknown), set when it attaches (`set_quota`).
+std::atomic<int64_t> g_quota[kMaxDevices];
+
+// A tensor larger than its session's whole quota (HandleAllocator): torch's OutOfMemoryError where nothing catches it;
+// the kernels that make most tensors (the encoder's outputs, the factories) catch it, with g_mu released, and raise
+// the shim's OutOfMemoryError instead (`raise_over_quota`), as a daemon's quota refusal is raised.
+struct QuotaExceeded : public c10::OutOfMemoryError {
+  QuotaExceeded(DeviceIndex i, size_t n, int64_t q, const std::string& msg)
+      : c10::OutOfMemoryError(msg), index(i), nbytes(n), quota(q) {}
+  DeviceIndex index;
+  size_t nbytes;
+  int64_t quota;
+};
+
+// The shim's OutOfMemoryError (a torch.OutOfMemoryError and a gpupool.errors.ResourceExhausted), raised by the
+// `over_quota` operator's Python implementation (backend.connect); `e` itself where it has none. Never under g_mu.
+[[noreturn]] void raise_over_quota(const QuotaExceeded& e) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gpupool_native::over_quota", "")
+                       .typed<void(int64_t, int64_t, int64_t)>();
+  if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd)) {
+    op.call(e.index, static_cast<int64_t>(e.nbytes), e.quota);
+  }
+  throw e;
+}
+
 struct HandleAllocator final : public c10::Allocator {
-  c10::DataPtr allocate(size_t /*nbytes*/) override {
+  c10::DataPtr allocate(size_t nbytes) override {
     const DeviceIndex i = t_current;
+    // A tensor larger than the session's whole quota: an OutOfMemoryError now, as CUDA's allocator raises one at the
+    // call (round 50). The daemon would refuse it too, but at the next sync, after the ops that followed had run on a
+    // tensor with no value: a backward over it left a `.grad` with none, which every later step read (a script that
+    // caught the error and went on with a smaller batch failed again until `zero_grad`). One that fits the quota but
+    // not what is free is the daemon's to refuse, at the next sync. (An op's other outputs made before this one die
+    // unsent: freeing a handle the daemon never made is harmless there.)
+    const int64_t quota = i >= 0 && i < kMaxDevices ? g_quota[i].load(std::memory_order_relaxed) : 0;
+    if (quota > 0 && nbytes > static_cast<size_t>(quota)) {
+      throw QuotaExceeded(i, nbytes, quota, c10::str("memory quota exceeded: ", nbytes, " bytes requested, more than the "
+                          "session's whole ", quota, " byte limit (gpupool:", int(i), "): refused at the call, nothing "
+                          "was allocated"));
+    }
     const uint64_t h = g_next.fetch_add(1, std::memory_order_relaxed) | (static_cast<uint64_t>(i) << kIndexShift);
     g_allocated.fetch_add(1, std::memory_order_relaxed);
     if (g_track.load(std::memory_order_relaxed)) {
@@ -1573,7 +1611,12 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
   const AtDevice at_device(index);  // new outputs on the op's device
   for (const RetPlan& r : plan->rets) {
     for (const OutPlan& p : r.outs) {
-      made.push_back(make_out(p, args));
+      try {
+        made.push_back(make_out(p, args));
+      } catch (const QuotaExceeded& e) {
+        lock.unlock();
+        raise_over_quota(e);
+      }
       if (p.kind == OutPlan::NEW) {
         const uint64_t sid = handle_of(made.back());
         Store& st = d.stores[sid];  // a new storage (handles are never reused): its geometry written in place
@@ -1751,7 +1794,12 @@ at::Tensor spike_empty(c10::IntArrayRef size, std::optional<at::ScalarType> dtyp
   ensure_wire(index);
   const AtDevice at_device(index);
   TORCH_CHECK(!layout || *layout == at::kStrided, "gpupool native client: only strided tensors");
-  at::Tensor t = at::detail::empty_generic(size, &g_alloc, kKeys, dtype.value_or(at::get_default_dtype_as_scalartype()), mf);
+  at::Tensor t;
+  try {
+    t = at::detail::empty_generic(size, &g_alloc, kKeys, dtype.value_or(at::get_default_dtype_as_scalartype()), mf);
+  } catch (const QuotaExceeded& e) {
+    raise_over_quota(e);
+  }
   alloc_record(t);
   return t;
 }
@@ -1763,8 +1811,12 @@ at::Tensor spike_empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, s
   ensure_wire(index);
   const AtDevice at_device(index);
   TORCH_CHECK(!layout || *layout == at::kStrided, "gpupool native client: only strided tensors");
-  at::Tensor t = at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys,
-                                                   dtype.value_or(at::get_default_dtype_as_scalartype()));
+  at::Tensor t;
+  try {
+    t = at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype.value_or(at::get_default_dtype_as_scalartype()));
+  } catch (const QuotaExceeded& e) {
+    raise_over_quota(e);
+  }
   alloc_record(t);
   return t;
 }
@@ -2386,7 +2438,11 @@ at::Tensor py_new_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::Sca
   const DeviceIndex i = checked_index(static_cast<DeviceIndex>(index));
   ensure_wire(i);
   const AtDevice at_device(i);
-  return at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype);
+  try {
+    return at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype);
+  } catch (const QuotaExceeded& e) {
+    raise_over_quota(e);
+  }
 }
 
 // A finished ClientFrame.commands entry (the Python fallback's `Op`) into device `index`'s frame, in order with its
@@ -2633,6 +2689,12 @@ int64_t py_new_handle(int64_t index) {
   return static_cast<int64_t>(d.base + g_next.fetch_add(1, std::memory_order_relaxed));
 }
 
+// Device `index`'s session's memory quota (backend.connect: the Attach reply's), which HandleAllocator checks.
+void set_quota(int64_t index, int64_t bytes) {
+  TORCH_CHECK(index >= 0 && index < kMaxDevices, "gpupool native client: no device ", index);
+  g_quota[index].store(bytes, std::memory_order_relaxed);
+}
+
 // The devices the process can name (the lease's, 1..kMaxDevices), set before the first tensor (enable()).
 void set_device_count(int64_t n) {
   TORCH_CHECK(n >= 1 && n <= kMaxDevices, "gpupool native client: ", n, " devices (1..", kMaxDevices, ")");
@@ -2752,6 +2814,8 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("replay_forget(int index, int graph_id) -> ()", &replay_forget);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);
+  m.def("set_quota(int index, int bytes) -> ()", &set_quota);  // the session's memory quota (HandleAllocator)
+  m.def("over_quota(int index, int nbytes, int quota) -> ()");  // raises the shim's OutOfMemoryError (backend.py)
   m.def("device_count() -> int", &device_count);
   m.def("current_device() -> int", &current_device);
   m.def("set_current_device(int index) -> ()", &set_current_device);

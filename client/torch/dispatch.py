@@ -32,8 +32,8 @@ def _route(func: Any) -> tuple[int, Any, bool]:
     sch = meta.schema_of(func)
     if special is not None:
         route: tuple[int, Any, bool] = (_SPECIAL, special, sch.views)
-    else:
-        route = (_PLAIN if sch.plain else _OTHER, sch, sch.views)
+    else:  # (a random op takes `_other`, which sees its generator; the C path still runs it without one)
+        route = (_PLAIN if sch.plain and sch.generator_at < 0 else _OTHER, sch, sch.views)
     func._gp_sch = sch  # for the C path's view ops (native_ops.cpp `fast_view`)
     func._gp_route = route
     return route
@@ -96,10 +96,22 @@ def torch_dispatch(cls: Any, func: Any, types: Any, args: Any = (), kwargs: Any 
     return _other(func, how, args, kwargs)
 
 
+def _given_generator(sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a random op was given a generator: a gpupool device's is a CPU generator of the client's
+    (client/rng.py `Generator`), which the op draws from on the CPU (torch's own CPU generators alike)."""
+    if sch.generator_at < 0:
+        return False
+    if kwargs.get("generator") is not None:
+        return True
+    return len(args) > sch.generator_at and args[sch.generator_at] is not None
+
+
 def _other(func: Any, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     rt = find_runtime(args, kwargs)
     if rt is None:  # only possible for ops whose remote tensors hide in unusual places
         raise RuntimeError(f"{func}: no gpupool tensor among the arguments")
+    if sch.generator_at >= 0 and _given_generator(sch, args, kwargs):
+        return cpu_fallback(rt, func, args, kwargs)
     if sch.implicit:
         out = func.decompose(*args, **kwargs)
         if out is not NotImplemented:
@@ -171,6 +183,6 @@ def factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     sch = meta.schema_of(func)
     if func in LAZY_EMPTY:
         return lazy_empty(rt, sch, args, kwargs)
-    if not sch.returns_tensors:
+    if not sch.returns_tensors or _given_generator(sch, args, kwargs):
         return cpu_fallback(rt, func, args, kwargs)
     return run_remote(rt, sch, args, kwargs)

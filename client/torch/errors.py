@@ -91,6 +91,19 @@ def _rebuild(base: str, message: str, op: str, code: str) -> RemoteError:
     return cls(message, op=op, code=errors.status_code(code))
 
 
+# What a memory refusal raised the second time says (round 50). The daemon refuses an allocation at the op, but the
+# script hears of it at the next sync, after the ops that followed it ran: their outputs carry the same error. A
+# backward's gradient is one such output, and where a leaf had no `.grad` torch keeps it as the `.grad`, which every
+# later backward adds to: a script that caught the error and went on with a smaller batch without `zero_grad` got the
+# first refusal again (a GPU raises at the allocation, before any of that runs, and the `.grad` stays None).
+AGAIN = (
+    " (the refusal a sync raised before, met again: a later op read a tensor the refused op left without a value; a"
+    " .grad that the failed backward set is one, and every later backward adds to it: after catching the error, set"
+    " the gradients to None with optimizer.zero_grad() or model.zero_grad(), and drop the tensors of the failed step)"
+)
+_last_refusal: list[tuple[str, str, int | None]] = []  # the last memory refusal translated: op, message, used bytes
+
+
 def translate(exc: BaseException) -> BaseException:
     """The exception a torch user sees for an error of the session client."""
     if isinstance(exc, OutOfMemoryError | RemoteError):
@@ -98,7 +111,13 @@ def translate(exc: BaseException) -> BaseException:
     if isinstance(exc, errors.MessageTooLarge):  # gRPC's limit, not a quota's: no OutOfMemoryError; the session ended
         return DeviceLost(exc.message, op=exc.op, code=exc.code)
     if isinstance(exc, errors.ResourceExhausted):
-        return OutOfMemoryError(exc.message, op=exc.op, used_bytes=exc.used_bytes, limit_bytes=exc.limit_bytes)
+        again = getattr(exc, "_gp_again", None)  # (an error translated twice says the same both times)
+        if again is None:
+            seen = (exc.op, exc.message, exc.used_bytes)
+            again = exc._gp_again = _last_refusal == [seen]  # type: ignore[attr-defined]
+            _last_refusal[:] = [seen]
+        message = exc.message + AGAIN if again else exc.message
+        return OutOfMemoryError(message, op=exc.op, used_bytes=exc.used_bytes, limit_bytes=exc.limit_bytes)
     if isinstance(exc, errors.Unavailable | errors.FailedPrecondition):
         return DeviceLost(exc.message, op=exc.op, code=exc.code)
     if isinstance(exc, errors.GpupoolError):

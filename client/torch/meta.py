@@ -160,6 +160,9 @@ class Schema:
         )
         self.arg_names = [a.name for a in schema.arguments]
         self.has_device_arg = "device" in self.kwarg_kinds
+        # A random op's `Generator?` argument: one given (a gpupool device's, client/rng.py `Generator`) is the
+        # client's own CPU generator, so the op draws on the CPU (dispatch.py `_other`, `factory`).
+        self.generator_at = next((i for i, a in enumerate(schema.arguments) if "Generator" in str(a.type)), -1)
         # Composite ops normally decompose above the Python key; below autograd (inside custom ops) they
         # arrive whole, and are decomposed here so that only kernels travel.
         self.implicit = (

@@ -237,6 +237,24 @@ def cpu_fallback(rt: DeviceRuntime, func: Any, args: tuple[Any, ...], kwargs: di
     return tree_map(back, out)
 
 
+def _fits_quota(rt: DeviceRuntime, nbytes: int) -> None:
+    """A factory's tensor (`torch.empty`, `randn`, `zeros`, ... on the device) larger than the session's whole memory
+    quota: a torch.OutOfMemoryError now, as CUDA's allocator raises one at the call (round 50). The daemon would
+    refuse it too, but at the next sync, after the ops that followed had run on a tensor with no value: a backward
+    over it left a `.grad` with none, which every later step read (a script that caught the error and went on with
+    a smaller batch failed again until `zero_grad`). A tensor that fits the quota but not what is free is refused
+    by the daemon, at the next sync (docs/cuda.md)."""
+    if nbytes > rt.quota:
+        from .errors import OutOfMemoryError
+
+        raise OutOfMemoryError(
+            f"memory quota exceeded: {nbytes} bytes requested, more than the session's whole {rt.quota} byte limit "
+            f"({rt.device}): refused at the call, nothing was allocated",
+            op="aten::empty",
+            limit_bytes=rt.quota,
+        )
+
+
 def copy_into(dst: RemoteTensor, src: torch.Tensor) -> None:
     """dst.copy_(src) for a CPU src (broadcasting and dtype conversion happen on the daemon)."""
     rt = dst._gp_rt
@@ -262,6 +280,10 @@ def lazy_empty(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
     _, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
     (m,) = meta.CACHE.outputs(sch, args, kwargs, key).metas
     assert m is not None
+    if rt.quota and 0 not in m.shape:
+        _fits_quota(
+            rt, (m.offset + sum((n - 1) * s for n, s in zip(m.shape, m.stride, strict=True)) + 1) * m.dtype.itemsize
+        )
     h = rt.new_handle()
     # made by a thread recording a step: an op of its recording (runtime.materialize_pending)
     rt.pending[h] = (sch.name, wire_args, wire_kwargs, rt.recording())

@@ -60,7 +60,7 @@ class DeviceRuntime:
         self.closed = False
         self._dead: list[int] = []
         self._dead_bytes = 0
-        quota = int(getattr(session, "quota_bytes", 0) or 0)
+        quota = self.quota = int(getattr(session, "quota_bytes", 0) or 0)  # the session's memory quota (0: unknown)
         self.free_bytes = max(64 * 1024, quota // FREE_QUOTA_FRACTION) if quota else 64 * 1024 * 1024
         # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
         # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.

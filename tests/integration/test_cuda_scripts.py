@@ -1282,3 +1282,73 @@ def test_sdpa_kernel_without_math_fails_where_a_gpu_has_no_kernel(pool: str, cli
     assert float(ran["flash float16 gqa"]) == pytest.approx(float(ran["flash float16 repeated"]), abs=2e-3), out
     assert out.rstrip().endswith("done"), out
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+OOM_LINE = re.compile(r"^epoch \d rows \d+ out of memory, grad kept \S+$", re.M)
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_a_caught_out_of_memory_leaves_the_grads_as_they_were(pool: str, client: tuple[str, ...]) -> None:
+    """oom_retry.py: a batch of 2^34 rows (4 TiB) raises torch.cuda.OutOfMemoryError at `torch.randn(..., device=)`,
+    before its backward, as on a GPU; the script goes on with smaller batches without `zero_grad`, and every loss and
+    the trained weights are the CPU run's (which raises the error itself), on both clients. Until round 50 the daemon
+    refused the tensor at the next sync, after the backward had run on it: the first `.grad` of each parameter was a
+    tensor with no value, and every later backward (adding to it) failed with the first refusal again."""
+    pooled = on_pool(pool, "oom_retry.py", *client, "-p", "0.5")
+    local = on_cpu("oom_retry.py")
+    assert (
+        OOM_LINE.findall(pooled.stdout)
+        == OOM_LINE.findall(local.stdout)
+        == [f"epoch {e} rows {1 << 34} out of memory, grad kept False" for e in (0, 1)]
+    ), pooled.stdout
+    losses = LOSS.findall(pooled.stdout)
+    assert len(losses) == 4, pooled.stdout
+    assert_loss_lines_close(losses, LOSS.findall(local.stdout))
+    weights = [re.findall(r"^weight (.*)$", run.stdout, re.M) for run in (pooled, local)]
+    assert pytest.approx(eval_list(weights[0][0]), abs=2e-6) == eval_list(weights[1][0]), weights
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def eval_list(text: str) -> list[float]:
+    """A printed list of floats ("[0.1, -2.0]")."""
+    return [float(v) for v in text.strip("[]").split(",")]
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_a_refusal_met_again_says_how_to_clear_it(pool: str, client: tuple[str, ...]) -> None:
+    """oom_retry.py fits: a batch of 3/4 of the lease's memory fits, the step's activations do not: the daemon refuses
+    one in the backward, and the script hears of it at its `loss.item()`, after the backward has set every `.grad` to
+    a tensor with no value. The next (small) batch's backward adds to those and meets the same refusal: that error
+    says so and names the way out (`zero_grad`), on both clients. Until round 50 it read as the first, as if the small
+    batch had run out of memory too."""
+    out = on_pool(pool, "oom_retry.py", *client, "-p", "0.5", script_args=("fits",)).stdout
+    caught = dict(re.findall(r"^(large|small) caught (.*)$", out, re.M))
+    assert set(caught) == {"large", "small"}, out
+    assert "memory quota exceeded" in caught["large"] and "zero_grad" not in caught["large"], out
+    assert caught["small"].startswith(caught["large"]) and "optimizer.zero_grad()" in caught["small"], out
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_a_cuda_generator_draws_from_its_own_seed(pool: str, client: tuple[str, ...]) -> None:
+    """device_generator.py: `torch.Generator(device="cuda")` under --cuda, seeded, handed to randn, rand, randint,
+    randperm, bernoulli(_), multinomial and nn.init, its state saved and loaded, deep-copied: what it draws is
+    reproducible from its seed, independent of `torch.manual_seed`, and (the client draws it on its CPU) the CPU run's
+    numbers, on both clients; its `.device` is the device's, as a tensor's. Until round 50 its construction failed
+    ("Cannot get CUDA generator without ATen_cuda library"), and the shim refused any generator an op was given
+    ("cannot send an argument of type Generator")."""
+    pooled = on_pool(pool, "device_generator.py", *client, "-p", "0.5").stdout.splitlines()
+    local = on_cpu("device_generator.py").stdout.splitlines()
+    assert pooled[:-1] == local[:-1] and len(local) == 12, (pooled, local)
+    assert "same again True default differs True" in local[0] and local[-1] == "generator on cpu", local
+    assert pooled[-1] == "generator on gpupool:0", pooled
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def test_a_gpupool_generator_on_the_cpp_client_without_cuda(pool: str) -> None:
+    """`torch.Generator("gpupool")` on the C++ client (`gpupool run`'s default, no --cuda): the CPU run's numbers, as
+    above. Until round 50 torch refused it ("register `PrivateUse1HooksInterface` ... `getNewGenerator`")."""
+    done = on_pool(pool, "device_generator.py", "-p", "0.5", cuda=False, script_args=("gpupool",))
+    pooled, local = done.stdout.splitlines(), on_cpu("device_generator.py").stdout.splitlines()
+    assert pooled[:-1] == local[:-1] and pooled[-1] == "generator on gpupool:0", (pooled, local)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
