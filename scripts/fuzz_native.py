@@ -467,26 +467,36 @@ def check_frame(mod: Any, payload: bytes) -> str:
     return "parsed" if cmds is not None else "refused"
 
 
+def twin_session(number: int, fake: bool = True) -> Any:
+    """A fuzz bench's session (`FreeBench`, `BetweenBench`): four handles bound, two of them on one storage."""
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    dev = FakeDevice(0, "fz", 1 << 30)
+    dev.fake = fake
+    s = WorkerSession("fz", number, dev, DeviceMemory(dev), 1 << 24)
+    base = number << 32
+    t = torch.arange(12.0)
+    s.bind(base + 1, t)
+    s.bind(base + 2, t[2:5])  # the same storage
+    s.bind(base + 3, torch.ones(3, dtype=torch.int16))
+    s.bind(base + 4, torch.zeros(0))
+    return s
+
+
 class FreeBench:
     """Two identical sessions: `free` (C++) on one, `WorkerSession.free` on the other, compared."""
 
     NUMBER = 5
 
     def __init__(self) -> None:
-        from gpupool.server.devices import FakeDevice
-        from gpupool.server.sessions import DeviceMemory, Poison, WorkerSession
+        from gpupool.server.sessions import Poison
         from grpc import StatusCode
 
         self.pair = []
         base = self.NUMBER << 32
         for _ in range(2):
-            dev = FakeDevice(0, "fz", 1 << 30)
-            s = WorkerSession("fz", self.NUMBER, dev, DeviceMemory(dev), 1 << 24)
-            t = torch.arange(12.0)
-            s.bind(base + 1, t)
-            s.bind(base + 2, t[2:5])  # the same storage
-            s.bind(base + 3, torch.ones(3, dtype=torch.int16))
-            s.bind(base + 4, torch.zeros(0))
+            s = twin_session(self.NUMBER)
             s.bind(base + 5, torch.ones(4))
             s.uploads[base + 5] = 4  # an upload under way
             s.poisoned[base + 6] = Poison(StatusCode.INVALID_ARGUMENT, "op", "failed")
@@ -530,24 +540,11 @@ class BetweenBench:
     ran = 0  # commands run from their bytes, all benches
 
     def __init__(self, fake: bool = True) -> None:
-        from gpupool.server.devices import FakeDevice
         from gpupool.server.executor import CommandExecutor
-        from gpupool.server.sessions import DeviceMemory, WorkerSession
         from gpupool.server.slices import SliceLedger
 
-        self.pair = []
-        base = self.NUMBER << 32
-        for _ in range(2):
-            ex = CommandExecutor(SliceLedger())
-            dev = FakeDevice(0, "fz", 1 << 30)
-            dev.fake = fake  # False: as a real GPU's session (its uploads Python's, its frees the runner's)
-            s = WorkerSession("fz", self.NUMBER, dev, DeviceMemory(dev), 1 << 24)
-            t = torch.arange(12.0)
-            s.bind(base + 1, t)
-            s.bind(base + 2, t[2:5])  # the same storage
-            s.bind(base + 3, torch.ones(3, dtype=torch.int16))
-            s.bind(base + 4, torch.zeros(0))
-            self.pair.append((ex, s, []))
+        # fake False: as a real GPU's session (its uploads Python's, its frees the runner's)
+        self.pair = [(CommandExecutor(SliceLedger()), twin_session(self.NUMBER, fake), []) for _ in range(2)]
 
     def state(self, s: Any, replies: list[Any]) -> tuple[Any, ...]:
         err, s.error = s.error, None

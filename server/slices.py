@@ -991,8 +991,8 @@ def _loop(
     i = 0
     # the uploads and frees the native runner read (`FrameCommands.between`), run from their bytes where it takes
     # them (the executor's `run_between`, round 50: upb parsed each into a message here before)
-    ups = getattr(commands, "between", None)
-    quick = getattr(getattr(execute, "__self__", None), "run_between", None) if ups is not None else None
+    ups: Any = getattr(commands, "between", None)
+    quick: Any = getattr(getattr(execute, "__self__", None), "run_between", None) if ups is not None else None
     while i < n:
         if span is not None and records is not None and records[i]:  # (else `eager_span` runs nothing)
             j, over = span(session, commands, i, reply, progress, start, req.budget, records, execute)
