@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                     taken[got[2]] += 1
                 return got
 
+            def __getattr__(self, name: str) -> Any:  # (`between`: the module's Ctx's own)
+                return getattr(self.ctx, name)
+
         ex.native = type("Native", (), {"Ctx": Ctx, "__getattr__": lambda _, name: getattr(native, name)})()
 
     def watched_span(session: Any, commands: Any, *a: Any) -> Any:

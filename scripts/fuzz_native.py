@@ -12,8 +12,11 @@ Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summ
            parse of the same bytes (`eager_frame`, `eager_records`, `graph_frame`: a fifth of the frames are
            RunGraph commands, hostile ones), `slices.py_split_frame` (`split_frame`), and
            `WorkerSession.free` on an identical session (`free`: the same tensors, poisons, uploads, accounting and
-           error); at the end an upload split at every byte (two chunks) and at pairs of bytes (three), frees
-           among the chunks, with the runner on and off: exactly the bytes sent, the same accounting.
+           error); frames of uploads and frees (round 50, `BetweenBench`): each one the lazy `eager_frame` reads run
+           from its bytes outside a run (`CommandExecutor.run_between`, `Ctx.between`) on one session and through
+           upb's message (`execute`) on its twin: the same tensors, poisons, accounting, storages, error; at the end
+           an upload split at every byte (two chunks) and at pairs of bytes (three), frees among the chunks, with
+           the runner on and off: exactly the bytes sent, the same accounting.
   runs     in-process: a recorded training stream (bench/eager_replay.py --dump) replayed into three executors
            (tests/integration/test_runner_fuzz.py `Three`: the native runner, the Python path, every command on its
            own), its uploads and frees among the records damaged at the byte level, RunGraphs (of no defined
@@ -464,26 +467,36 @@ def check_frame(mod: Any, payload: bytes) -> str:
     return "parsed" if cmds is not None else "refused"
 
 
+def twin_session(number: int, fake: bool = True) -> Any:
+    """A fuzz bench's session (`FreeBench`, `BetweenBench`): four handles bound, two of them on one storage."""
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    dev = FakeDevice(0, "fz", 1 << 30)
+    dev.fake = fake
+    s = WorkerSession("fz", number, dev, DeviceMemory(dev), 1 << 24)
+    base = number << 32
+    t = torch.arange(12.0)
+    s.bind(base + 1, t)
+    s.bind(base + 2, t[2:5])  # the same storage
+    s.bind(base + 3, torch.ones(3, dtype=torch.int16))
+    s.bind(base + 4, torch.zeros(0))
+    return s
+
+
 class FreeBench:
     """Two identical sessions: `free` (C++) on one, `WorkerSession.free` on the other, compared."""
 
     NUMBER = 5
 
     def __init__(self) -> None:
-        from gpupool.server.devices import FakeDevice
-        from gpupool.server.sessions import DeviceMemory, Poison, WorkerSession
+        from gpupool.server.sessions import Poison
         from grpc import StatusCode
 
         self.pair = []
         base = self.NUMBER << 32
         for _ in range(2):
-            dev = FakeDevice(0, "fz", 1 << 30)
-            s = WorkerSession("fz", self.NUMBER, dev, DeviceMemory(dev), 1 << 24)
-            t = torch.arange(12.0)
-            s.bind(base + 1, t)
-            s.bind(base + 2, t[2:5])  # the same storage
-            s.bind(base + 3, torch.ones(3, dtype=torch.int16))
-            s.bind(base + 4, torch.zeros(0))
+            s = twin_session(self.NUMBER)
             s.bind(base + 5, torch.ones(4))
             s.uploads[base + 5] = 4  # an upload under way
             s.poisoned[base + 6] = Poison(StatusCode.INVALID_ARGUMENT, "op", "failed")
@@ -516,6 +529,55 @@ class FreeBench:
         return "error" if err_a is not None else "freed"
 
 
+class BetweenBench:
+    """Two identical sessions (round 50): a command's bytes that the lazy `eager_frame` reads as an upload or a free
+    (`slices.FrameCommands.between`) run from those bytes on one (`CommandExecutor.run_between`, native_runner.cpp
+    `Ctx::between_one`; where it leaves one to Python, `execute` of upb's message of it, as the slice loop does),
+    through upb's message on the other (`execute`: the path before round 50); the same tensors (dtype, shape, bytes),
+    poisons, uploads under way, accounting, storages, first error and replies after each."""
+
+    NUMBER = FreeBench.NUMBER
+    ran = 0  # commands run from their bytes, all benches
+
+    def __init__(self, fake: bool = True) -> None:
+        from gpupool.server.executor import CommandExecutor
+        from gpupool.server.slices import SliceLedger
+
+        # fake False: as a real GPU's session (its uploads Python's, its frees the runner's)
+        self.pair = [(CommandExecutor(SliceLedger()), twin_session(self.NUMBER, fake), []) for _ in range(2)]
+
+    def state(self, s: Any, replies: list[Any]) -> tuple[Any, ...]:
+        err, s.error = s.error, None
+        return (
+            {h: (str(v.dtype), tuple(v.shape),  # (the bytes of one half uploaded: not yet written, never read)
+                 b"" if h in s.uploads else bytes(v.contiguous().view(-1).view(torch.uint8).numpy()))
+             for h, v in s.tensors.items()},
+            {h: (p.code, p.message) for h, p in s.poisoned.items()}, sorted(s.uploads.items()), s.used, s.memory.used,
+            sorted(tuple(v) for v in s._storages.values()), None if err is None else (err.code, err.message),
+            [r if isinstance(r, bytes) else r.SerializeToString() for r in replies],
+        )  # fmt: skip
+
+    def check(self, mod: Any, payload: bytes) -> str:
+        got = mod.eager_frame(payload, True, True)
+        if got is None or got[4] is None:
+            return "none"
+        (ex, a, ra), (ex_b, b, rb) = self.pair
+        for raw in got[4]:
+            if raw is None:
+                continue
+            cmd = device_pb2.Command.FromString(raw)  # (`check_frame`: a DecodeError here is its failure)
+            if ex.run_between(a, raw, ra.append):
+                BetweenBench.ran += 1
+            else:
+                ex.execute(a, cmd, ra.append)
+            ex_b.execute(b, cmd, rb.append)
+            sa, sb = self.state(a, ra), self.state(b, rb)
+            assert sa == sb, (raw.hex(), [(x, y) for x, y in zip(sa, sb, strict=True) if x != y])
+            ra.clear()
+            rb.clear()
+        return "compared"
+
+
 def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
     rng = random.Random(args.seed)
     counts: Counter[str] = Counter()
@@ -523,6 +585,7 @@ def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
     deadline = time.monotonic() + args.seconds
     n = 0
     bench: FreeBench | None = None
+    between: BetweenBench | None = None
     while time.monotonic() < deadline and (args.inputs == 0 or n < args.inputs):
         n += 1
         seed = rng.getrandbits(64)  # each input from its own seed: --skip N starts at input N + 1 as it was
@@ -536,6 +599,15 @@ def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
                 if bench is None or r.random() < 0.2:
                     bench = FreeBench()
                 counts["free:" + bench.check(mod, gen.free())] += 1
+                continue
+            if r.random() < 0.25:  # uploads and frees from their bytes outside a run (round 50)
+                if between is None or r.random() < 0.05:
+                    between = BetweenBench(r.random() < 0.8)
+                gen.metas = {h: (1, [12]) for h in gen.live[:1]}
+                cmds = [gen.fitting() if r.random() < 0.3 and gen.metas else
+                        gen.command(gen.upload() if r.random() < 0.6 else gen.free(), r.choice([UPLOAD_KEY, FREE_KEY]))
+                        for _ in range(r.randrange(1, 5))]  # fmt: skip
+                counts["between:" + between.check(mod, frame_of(cmds))] += 1
                 continue
             bodies = []
             graphs = r.random() < 0.2  # a frame of RunGraphs (`graph_frame`), now and then another command among them
@@ -564,6 +636,7 @@ def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
             print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
             raise
     counts["inputs"] = n - min(n, args.skip)
+    counts["between: run from their bytes"] = BetweenBench.ran
     counts["upload splits"] = split_sweep(mod)
     return counts
 

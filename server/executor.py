@@ -52,6 +52,7 @@ _COMPUTE = object()  # _run_op's default: compute the op's signature
 # The commands `eager_span` runs among eager records (through `run_commands`' own `execute`) without ending the span:
 # they answer nothing, never end a slice (no reply room, no piece left) and change no tensor's meta in place
 _BETWEEN = frozenset({"upload", "free"})
+_FREE_KEY = 0x22  # a command's first byte where it is one `free` field (`Command.free`, 4, length-delimited)
 
 
 def _carry(s: WorkerSession, epoch: int, trace: Any, k: int, objs: list[Any], after: Any) -> tuple[Any, ...] | None:
@@ -208,6 +209,35 @@ class CommandExecutor:
                 raise InvalidArgument("empty command")
         except Exception as exc:
             self._failed(s, cmd, exc, reply)
+
+    def run_between(self, s: WorkerSession, raw: bytes, reply: Reply) -> bool:
+        """`execute` of an upload or a free given as its command's bytes, outside a learned run
+        (`slices.FrameCommands.between`: native_runner.cpp `eager_frame` read them, a message upb takes, to the same
+        fields; a step's first uploads, a free after a run ended), run by the native runner (`Ctx.between`) where
+        it takes it, as it runs one among a run's records (round 40): `_upload`'s checks in its order and its
+        one-chunk `filled` path (a fake GPU's), `WorkerSession.free` (any device's, as `native.free`). True: run,
+        or failed and recorded as `execute` records it. False: nothing done (no runner, another session class, a
+        real GPU's upload, a chunk, a check that fails, whose error is Python's): the caller parses the command and
+        executes it. Until round 50 upb parsed each such command into a message here, and a free's was serialized
+        again for `native.free`. Neither kind counts in `s.mutations` (`KEEPS_METAS`) nor ends an epoch, as in
+        `execute`."""
+        native = self.native
+        if native is None or s.__class__ is not WorkerSession or (raw[0] != _FREE_KEY and not s.device.fake):
+            return False  # (a real GPU's context runs frees only: `_native_ctx`'s `ups`)
+        state = self._eager.get(s.session_id)
+        if state is None:
+            state = self._eager_state(s)
+        memory = s.memory
+        count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
+        ctx = self._native_ctx(native, s, state[3], memory, memory.device.capacity, count, state[1])
+        try:
+            got = ctx.between(raw)
+        except Exception as exc:  # (an upload's transfer count raised after it bound the tensor) as `execute`
+            got = exc
+        if got.__class__ is bool:
+            return got  # type: ignore[no-any-return]
+        self._failed(s, device_pb2.Command.FromString(raw), got, reply)  # (cannot fail: read by `eager_frame`)
+        return True
 
     def run_graph_raw(self, s: WorkerSession, raw: bytes, reply: Reply, graph_id: int) -> bool:
         """`execute` of a RunGraph given as its bytes, which no upb parse read (`slices.run_commands` of a frame of
@@ -422,8 +452,10 @@ class CommandExecutor:
                 if not data:
                     if between is None:
                         break
-                    cmd = commands[i]
-                    if cmd.WhichOneof("cmd") not in _BETWEEN:
+                    # an upload or a free the runner read (`FrameCommands.between`): run from its bytes where it
+                    # takes it (`run_between`), else through its message; any other command ends the span
+                    raw = ups[i] if ups is not None else None
+                    if raw is None and commands[i].WhichOneof("cmd") not in _BETWEEN:
                         break
                     if known.rec is not None:  # the recording ends here, as at a span's end (runs learned as before)
                         self._learn(known, s)
@@ -432,13 +464,14 @@ class CommandExecutor:
                     if objs:  # held weakly across it (`_carry`'s reason): nothing else here holds them
                         refs = _refs(objs)
                         objs = tries = o = got = None  # type: ignore[assignment]
-                        between(s, cmd, reply)
+                        if raw is None or not self.run_between(s, raw, reply):
+                            between(s, commands[i], reply)
                         if refs is None:  # (an output that takes no weak reference: the run ends)
                             trace, objs = None, _NO_OBJS
                         else:
                             objs = [None if r is None else r() for r in refs]
-                    else:
-                        between(s, cmd, reply)
+                    elif raw is None or not self.run_between(s, raw, reply):
+                        between(s, commands[i], reply)
                     if s.uploads:  # a handle half uploaded: the records take the normal path's checks until it is done
                         trace, objs, after = None, _NO_OBJS, None
                     i += 1

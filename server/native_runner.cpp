@@ -2832,6 +2832,32 @@ struct Ctx {
     return true;
   }
 
+  // One such command outside a run (round 50, `Ctx.between`, `CommandExecutor.run_between`: the uploads at a step's
+  // start, a free after a run ended, which Python ran through upb's message and `execute`), run by `between` as it
+  // runs one among a run's records: the same readers (`parse_upload`, `parse_free`: a message upb takes, read to the
+  // same fields), the same checks in `_upload`'s order, the same tables. True: run. False: nothing done (another
+  // device's context, bytes the readers leave to upb, a check that fails, whose error is Python's: the caller parses
+  // the command and executes it). The exception a free raised midway (the handles before it freed): the command
+  // failed, as `execute` records it. The progress mark is the caller's (`slices._loop`, `eager_span`). A context
+  // without `between` (a real GPU's session: no upload runs here) runs a free only (`free_parsed`, as `native.free`).
+  py::object between_one(py::handle cmd) {
+    if (!between_here && !(PyBytes_CheckExact(cmd.ptr()) && PyBytes_GET_SIZE(cmd.ptr()) > 0 &&
+                           PyBytes_AS_STRING(cmd.ptr())[0] == static_cast<char>((4 << 3) | 2))) {
+      return py::bool_(false);
+    }
+    const py::object no_progress = py::none();
+    Word word(no_progress);
+    Fields sf(s.ptr(), {S_used, S_ops}), mf(memory.ptr(), {S_used});
+    Counts c(sf, mf);  // written back before the transfer's call, at the end, and on a raise
+    Own objs(PyList_New(0));  // no run, no kept outputs
+    if (objs.p == nullptr) throw py::error_already_set();
+    py::object exc = py::none();
+    const bool ran = between(c, cmd.ptr(), 0, word, no_progress, objs.p, &exc);
+    c.sync_all();
+    if (!exc.is_none()) return exc;
+    return py::bool_(ran);
+  }
+
   // `free_parsed` on the context's own tables (the session's, which it never replaces: `_native_ctx`), the bytes
   // freed taken off `s.used` and `memory.used` through the run's counters (written back before any Python code the
   // run calls, as every count of the run): a free among the records read five attributes and wrote two with
@@ -4869,6 +4895,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("capacity"), py::arg("rng") = py::none(), py::arg("between") = py::none())
       .def("run", &Ctx::run, py::arg("first"), py::arg("k"), py::arg("records"), py::arg("i"), py::arg("objs"),
            py::arg("progress"), py::arg("start"), py::arg("budget"), py::arg("between") = py::none())
+      // one upload or free from its command's bytes outside a run (`Ctx::between_one`): True, False or an exception
+      .def("between", &Ctx::between_one, py::arg("cmd"))
       // the int its lookups of handle `h` use now (`Keys`), or None: for tests
       .def("cached_key", [](const Ctx& c, uint64_t h) -> py::object {
         PyObject* k = c.handle_keys->find(h);

@@ -83,7 +83,10 @@ RunGraph's bytes and its `graph_id` as upb reads it, or None for any form a pars
 on its own and executed as any other. Since round 49 (`eager_frame` with `lazy`) upb does not parse a slice's small
 uploads and frees in canonical form either where `parse_upload` / `parse_free` read their messages (each key one byte,
 each field once: a message upb takes, to the same fields); their messages are made from their bytes only where Python
-asks for one (`slices.FrameCommands`), and any other goes to upb before anything runs, as before. The daemon's
+asks for one (`slices.FrameCommands`), and any other goes to upb before anything runs, as before. Since round 50 one
+such upload or free outside a learned run (a step's first uploads, a free after a run ended: `slices._loop`,
+`eager_span`) runs from its bytes too (`Ctx.between`, `CommandExecutor.run_between`: `Ctx::between`'s checks and
+paths, as among a run's records); one it leaves to Python (a failing check, a chunk) gets its message then. The daemon's
 front, too, imports the cached build (`built`: never a build there) for two functions: `split_frame`, the stream
 reader's cut of every frame into its commands' spans (`slices.split_frame`), which hands any frame it does not accept
 back to the Python reading, and `plain_uploads` (round 49, `slices.unread_bulk`): of a small frame's Uploads and

@@ -693,7 +693,8 @@ class FrameCommands(Sequence[Any]):
     `records`: each command's eager record, as `eager_records` gives them. `between`: each command's bytes where it is
     such an upload or free (None for any other command), or None where there is none: the native runner runs such
     commands among a run's records (native_runner.cpp `Ctx::between`), and Python asks for its message only where the
-    runner leaves one to it (round 49: until then upb parsed every one of them before the slice ran)."""
+    runner leaves one to it (round 49: until then upb parsed every one of them before the slice ran); outside a run
+    too, Python runs one from its bytes where the runner takes it (round 50, `CommandExecutor.run_between`)."""
 
     __slots__ = ("records", "between", "_at", "_others", "_made")
 
@@ -988,6 +989,10 @@ def _loop(
     partial = False
     n = len(commands)
     i = 0
+    # the uploads and frees the native runner read (`FrameCommands.between`), run from their bytes where it takes
+    # them (the executor's `run_between`, round 50: upb parsed each into a message here before)
+    ups: Any = getattr(commands, "between", None)
+    quick: Any = getattr(getattr(execute, "__self__", None), "run_between", None) if ups is not None else None
     while i < n:
         if span is not None and records is not None and records[i]:  # (else `eager_span` runs nothing)
             j, over = span(session, commands, i, reply, progress, start, req.budget, records, execute)
@@ -996,12 +1001,19 @@ def _loop(
                 if over:
                     break
                 continue
-        cmd = commands[i]
-        if i and req.reply_room - produced[0] <= 0 and cmd.WhichOneof("cmd") in ("get", "sync"):
-            break
-        if progress is not None:
-            progress(i)
-        execute(session, cmd, reply)
+        raw = ups[i] if quick is not None else None  # (an upload or a free answers nothing: no reply room needed)
+        if raw is not None:
+            if progress is not None:
+                progress(i)
+            if not quick(session, raw, reply):
+                execute(session, commands[i], reply)
+        else:
+            cmd = commands[i]
+            if i and req.reply_room - produced[0] <= 0 and cmd.WhichOneof("cmd") in ("get", "sync"):
+                break
+            if progress is not None:
+                progress(i)
+            execute(session, cmd, reply)
         if session.download is not None or session.defining is not None or session.waiting is not None:
             partial = True  # a piece of a big Get or of a graph's definition, a waiting collective: runs again
             break

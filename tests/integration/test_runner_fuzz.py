@@ -352,6 +352,9 @@ def clean(path: Path, frames: list[list[device_pb2.Command]], number: int) -> tu
                     ran.append((a[3], got[0] + (got[4] is not None), len(a[2])))
                     return got
 
+                def __getattr__(self, name: str) -> Any:  # (`between`: the module's Ctx's own)
+                    return getattr(self.ctx, name)
+
             ex.native = type("Native", (), {"Ctx": Ctx, "__getattr__": lambda _, name: getattr(mod, name)})()
         dev = FakeDevice(0, "fuzz", 1 << 32)
         s = WorkerSession("clean", number, dev, DeviceMemory(dev), QUOTA)

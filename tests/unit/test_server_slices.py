@@ -689,3 +689,115 @@ def _written(res: slices.SliceResult) -> bytes:
     n = slices.write_result(res, buf)
     assert n > 0
     return bytes(buf[:n])
+
+
+def _one(cmd: device_pb2.Command) -> bytes:
+    return device_pb2.ClientFrame(commands=[cmd]).SerializeToString()
+
+
+def _up(h: int, data: bytes, dtype: int = 1, shape: tuple[int, ...] = (1,), last: bool = True, offset: int = 0
+        ) -> bytes:  # fmt: skip
+    up = device_pb2.Upload(handle=h, last=last, offset=offset, data=data)
+    if offset == 0:
+        up.meta.dtype, up.meta.shape[:] = dtype, list(shape)
+    return _one(device_pb2.Command(upload=up))
+
+
+def _free(*hs: int) -> bytes:
+    return _one(device_pb2.Command(free=device_pb2.Free(handles=list(hs))))
+
+
+def _between_slices(base: int, foreign: int) -> list[list[bytes]]:
+    """Slices of uploads and frees only (a step's start: no learned run under way), good and hostile: each slice's
+    commands as their frames. `base`: the session's handle base; `foreign`: another session's."""
+    f4 = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+    return [
+        [_up(base + 1, f4, shape=(2, 2)), _up(base + 2, b"\x01\x00", dtype=10, shape=(2,)), _up(base + 3, f4[:4])],
+        [_up(base + 1, f4[:8], shape=(2,)), _free(base + 3), _up(base + 4, b"\x00" * 16, dtype=8, shape=(2,))],
+        [_up(base + 5, b"\x02\x00", dtype=10, shape=(2,)), _up(base + 6, f4, shape=(3,))],  # a bool of 2; short bytes
+        [_up(foreign + 1, f4[:4]), _up(base, f4[:4]), _free(base + 1, foreign + 2, base + 2)],  # foreign, reserved
+        [_up(base + 7, f4[:8], shape=(2,), last=False), _free(base + 9), _up(base + 7, f4[8:], offset=8)],  # chunks
+        [_up(base + 8, f4[:4], shape=(-1,)), _up(base + 8, b"", shape=(0, 3)), _free(base + 4, base + 4)],
+        [_up(base + 9, b"\x00" * 4, shape=(1 << 40,)), _free(base + 8, base + 5, base + 6)],  # past the quota
+    ]
+
+
+@pytest.mark.parametrize("bus", ["slice", "span", "real"])
+def test_uploads_and_frees_outside_a_run_run_from_their_bytes_as_upb_s_path_runs_them(
+    bus: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 50: a slice's uploads and frees that the native runner read (`FrameCommands.between`) run from their
+    bytes outside a learned run too (`CommandExecutor.run_between`, native_runner.cpp `Ctx::between_one`: a step's
+    first uploads, a free after a run ended), through `slices._loop` ("slice") and `eager_span`'s path among records
+    ("span": each slice starts with an eager record); Python asks for the message only of those the runner leaves
+    to it (a check that fails, whose error is Python's; a chunk). Until round 50 upb parsed each one into a message
+    there (`FrameCommands.__getitem__`) and `execute` ran it, a free's message serialized again for `native.free`.
+    A twin session whose executor runs every one of them through its message (`run_between` off) must end each
+    slice identical: the tensors' bytes and storages, the accounting, the poisons, the first error's status and
+    text, the ledger's transfers, the progress marks."""
+    from test_server_runs import _clock, native_runner_or_skip
+
+    native_runner_or_skip()
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    from gpupool import compact
+
+    asked: list[bytes] = []
+    get = slices.FrameCommands.__getitem__
+
+    def spy(self: slices.FrameCommands, i: Any) -> Any:
+        if self.between is not None and self.between[i] is not None and i not in self._made:
+            asked.append(self.between[i])
+        return get(self, i)
+
+    monkeypatch.setattr(slices.FrameCommands, "__getitem__", spy)
+    twins = []
+    for ref in (False, True):
+        ex = CommandExecutor(slices.SliceLedger())
+        assert ex.native is not None
+        if ref:  # the path before round 50: every such command through its message
+            ex.run_between = lambda *a: False  # type: ignore[method-assign]
+        transfers: list[Any] = []
+        ex.ledger.transfer = lambda *a, _t=transfers, _f=ex.ledger.transfer: (_t.append(a), _f(*a))[1]  # type: ignore[method-assign]
+        dev = FakeDevice(0, "h", 1 << 30)
+        dev.fake = bus != "real"  # "real": a real GPU's session (its uploads Python's, its frees the runner's)
+        twins.append((ex, WorkerSession("s1", 1, dev, DeviceMemory(dev), 1 << 20), transfers))
+    s = twins[0][1]
+    left = []  # the commands the runner leaves to Python
+    for n, frames in enumerate(_between_slices(s.handle_base, 2 << 32)):
+        if bus == "span":  # aten::zeros([2]) into a handle of its own, defining an op id of its own
+            rec = compact.head(3 + n, "aten::zeros", [s.handle_base + 20]) + b"\x01" + compact.encode_value([2])
+            frames = [_one(device_pb2.Command(eager_op=rec + b"\x00")), *frames]
+        got = []
+        for e, t, transfers in twins:
+            marks: list[int] = []
+            transfers.clear()
+            asked.clear()
+            req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, memoryview(b"".join(frames)))
+            res = slices.run_commands(t, e.execute, e.ledger, req, _clock, marks.append)
+            err, t.error = t.error, None
+            got.append((
+                res.executed, res.partial, res.malformed, marks, list(transfers),
+                None if err is None else (err.code, err.message),
+                {h: (str(v.dtype), v.shape, bytes(v.numpy().view("u1")), v.untyped_storage().nbytes())
+                 for h, v in t.tensors.items()},
+                {h: (p.code, p.message) for h, p in t.poisoned.items()}, dict(t.uploads), t.used, t.memory.used,
+                sorted(tuple(v) for v in t._storages.values()),
+            ))  # fmt: skip
+            if e is twins[0][0]:
+                left += asked
+        assert got[0] == got[1], n
+        assert got[0][0] == len(frames) and not got[0][1]
+        assert (s.handle_base + 20 in s.tensors) is (bus == "span")  # the record ran
+    # Python asked only for those the runner left to it: a bool of 2, bytes not the shape's, another session's
+    # handle, the reserved one, a chunk and the one after it, one past the quota (a negative shape's upload is
+    # upb's from the start: `parse_meta` refuses it); every free ran from its bytes (one of another session's
+    # handle failed there: PERMISSION_DENIED, recorded as `execute` records it)
+    kinds = [device_pb2.Command.FromString(b).WhichOneof("cmd") for b in left]
+    if bus == "real":
+        assert kinds == ["upload"] * 13, kinds  # every upload that was not upb's from the start
+        return
+    ups = [device_pb2.Command.FromString(b).upload for b in left]
+    assert [u.handle - s.handle_base for u in ups] == [5, 6, (2 << 32) + 1 - s.handle_base, 0, 7, 7, 9], left
