@@ -163,12 +163,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model, data, loss_fn = workload(args.model)
     rt = None
     step_obj: Any = None
-    native = None
+    native: Any = None
     if args.mode == "local":
         device = torch.device("cuda" if args.gpu else "cpu")
     elif args.mode in ("native", "native-captured"):  # the C++ client (gpupool run --native-client's), same daemon
         from gpupool.client import native as nc
-        from gpupool.client.native import backend as native
+        from gpupool.client.native import backend
+
+        native = backend
 
         nc.enable()
         nc.attach(args.address, args.token)
@@ -259,7 +261,7 @@ def steady_for_callgrind(mode: str) -> None:
         # the module: `from gpupool.client.torch import capture` is the function, and an attribute set on it
         # changed nothing (before round 19 a valgrind-slowed client sent its steps one to a frame, by the timer)
         capture = importlib.import_module("gpupool.client.torch.capture")
-        capture.HOLD_SECONDS = 3600.0
+        setattr(capture, "HOLD_SECONDS", 3600.0)  # noqa: B010 - mypy reads the module import_module names
         grpc._common.MAXIMUM_WAIT_TIMEOUT = 3600.0  # type: ignore[attr-defined]
 
 
