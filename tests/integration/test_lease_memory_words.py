@@ -64,9 +64,9 @@ def test_what_the_estimate_leaves_out_is_said_at_the_first_step(pool_env: dict[s
     errors = [ln for ln in ran.stderr.splitlines() if " ERROR " in ln]
     assert len(errors) == 1 and "Traceback" not in ran.stderr, ran.stderr[-3000:]
     assert re.search(r"the device ran out of the lease's memory \(.*memory quota exceeded: \d+ bytes .*12582912 byte "
-                     r"limit[^;]*\); training this model needs at least [0-9.]+MiB of the device's memory \(.*\), and this "
-                     r"lease grants 12\.0MiB \([0-9.]+ of the GPU's 8\.00GiB\): run it with gpupool run -p 0\.25 \(or "
-                     r"-m 16MiB\), or train with a smaller batch \(--batch-size\)", errors[0]), errors  # fmt: skip
+                     r"limit[^;]*\); training this model needs at least [0-9.]+MiB of the device's memory \(.*\), and "
+                     r"this lease grants 12\.0MiB \([0-9.]+ of the GPU's 8\.00GiB\): run it with gpupool run -p 0\.25 "
+                     r"\(or -m 16MiB\), or train with a smaller batch \(--batch-size\)", errors[0]), errors  # fmt: skip
     assert "epoch 1:" not in ran.stderr
 
 
