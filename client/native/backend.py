@@ -357,11 +357,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     def over_quota(index: int, nbytes: int, quota: int) -> None:
         """A tensor larger than the session's whole memory quota, refused at the call (native_client.cpp
         HandleAllocator): the error a daemon's quota refusal is."""
-        raise errors().OutOfMemoryError(
-            f"memory quota exceeded: {nbytes} bytes requested, more than the session's whole {quota} byte limit "
-            f"(gpupool:{index}): refused at the call, nothing was allocated",
-            limit_bytes=quota,
-        )
+        raise errors().over_quota(nbytes, quota, f"gpupool:{index}")
 
     lib = torch.library.Library("gpupool_native", "IMPL")  # noqa: TOR901 (ops defined in C++, implemented here)
     lib.impl("send", send, "CPU")

@@ -91,6 +91,18 @@ def _rebuild(base: str, message: str, op: str, code: str) -> RemoteError:
     return cls(message, op=op, code=errors.status_code(code))
 
 
+def over_quota(nbytes: int, quota: int, device: str, op: str = "") -> OutOfMemoryError:
+    """A tensor larger than the session's whole memory quota, refused at the call that makes it, as CUDA's allocator
+    refuses one (round 50): both clients' error (the shim's `remote._fits_quota`, the C++ client's `over_quota`
+    operator, client/native/backend.py), an OutOfMemoryError as the daemon's quota refusal is."""
+    return OutOfMemoryError(
+        f"memory quota exceeded: {nbytes} bytes requested, more than the session's whole {quota} byte limit "
+        f"({device}): refused at the call, nothing was allocated",
+        op=op,
+        limit_bytes=quota,
+    )
+
+
 # What a memory refusal raised the second time says (round 50). The daemon refuses an allocation at the op, but the
 # script hears of it at the next sync, after the ops that followed it ran: their outputs carry the same error. A
 # backward's gradient is one such output, and where a leaf had no `.grad` torch keeps it as the `.grad`, which every

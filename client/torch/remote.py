@@ -245,14 +245,9 @@ def _fits_quota(rt: DeviceRuntime, nbytes: int) -> None:
     a smaller batch failed again until `zero_grad`). A tensor that fits the quota but not what is free is refused
     by the daemon, at the next sync (docs/cuda.md)."""
     if nbytes > rt.quota:
-        from .errors import OutOfMemoryError
+        from .errors import over_quota
 
-        raise OutOfMemoryError(
-            f"memory quota exceeded: {nbytes} bytes requested, more than the session's whole {rt.quota} byte limit "
-            f"({rt.device}): refused at the call, nothing was allocated",
-            op="aten::empty",
-            limit_bytes=rt.quota,
-        )
+        raise over_quota(nbytes, rt.quota, str(rt.device), op="aten::empty")
 
 
 def copy_into(dst: RemoteTensor, src: torch.Tensor) -> None:
