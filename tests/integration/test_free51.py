@@ -3,23 +3,31 @@ e23fda42). Until round 51 the daemon sent each slice's worker the device's free 
 the device's size less every session's use), so a worker (code a tenant may influence) knew its co-tenants' total use
 at every slice. Now it is told the fewer of those and its quota's room (daemon.py `_device_free`): the co-tenants'
 use only where the device's free bytes are the binding limit, which any refusal of an allocation discloses anyway, and
-every refusal is what it was (the quota's where the quota binds, "device N full" where the device does)."""
+every refusal is what it was (the quota's where the quota binds, "device N full" where the device does). And the
+scheduler's ListPool showed a tenant a device's memory used (the daemon's total) wherever no other tenant held an
+active lease on it, including while its daemon still reported a session of a lease just released (or of none)."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.server import worker
+from scheduler_fixtures import wait_until
+from support import registered_host
+from test_security import start_pool
 
 from gpupool import errors, protocol
-from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 
 KiB = 1024
 MiB = 1024**2
+HOST = "free51-host"
 
 
 def _told(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[int]]:
@@ -95,3 +103,68 @@ def test_a_worker_is_told_its_quota_room_not_its_co_tenants_use(
     finally:
         alice.close()
         bob.close()
+
+
+def test_list_pool_hides_the_memory_of_a_session_whose_lease_is_not_the_callers(
+    tmp_path: Path, daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real scheduler and daemon: alice (4,000 bytes) and bob (1.2 MB) share a device. Bob releases his lease while
+    his session is still open on the daemon (held open here: the daemon closes it once a heartbeat's reply names the
+    lease, and reports it until the heartbeat after): ListPool gives alice 0, not the total holding bob's 1.2 MB (on
+    e23fda42: alice held the device's only active lease, so she was shown the total); once the daemon reports bob's
+    session gone, her own 4,000 bytes. Then alice releases hers, held open too: carol, who holds no lease, is shown 0
+    (on e23fda42: a device nobody holds a lease on showed her alice's usage). An operator sees the totals throughout."""
+    pool = start_pool(tmp_path)
+    clients: list[SchedulerClient] = []
+    sessions: list[Session] = []
+    try:
+        host = registered_host(daemon_factory, pool.address, pool.public, HOST)
+        daemon = host.running.daemon
+        alice, bob, carol, admin = (pool.client(*who) for who in [("tenant", "alice")] + [("tenant", "bob")] + [
+            ("tenant", "carol"), ("admin", "ops")])  # fmt: skip
+        clients += [alice, bob, carol, admin]
+        leases = []
+        for client, n in ((alice, 1000), (bob, 300_000)):
+            lease = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+            sessions.append(Session.attach(host.address, lease.devices[0].token))
+            sessions[-1].upload(torch.ones(n))
+            sessions[-1].sync()
+            leases.append(lease.lease_id)
+
+        def used(client: SchedulerClient) -> int:
+            (h,) = [h for h in client.list_pool().hosts if h.host_id == HOST]
+            return int(h.devices[0].used_bytes)
+
+        wait_until(lambda: used(admin) >= 1_204_000, timeout=60, what="the heartbeat's memory used")
+        assert used(alice) == used(bob) == used(carol) == 0  # shared (round 42)
+        real = daemon.revoke_leases
+        heard: list[str] = []
+        held: set[str] = set()
+
+        def revoke(ids: list[str]) -> None:  # the daemon's close of a revoked lease's sessions, held for `held`
+            heard.extend(ids)
+            real([x for x in ids if x not in held])
+
+        monkeypatch.setattr(daemon, "revoke_leases", revoke)
+        held.add(leases[1])
+        bob.release(leases[1])
+        wait_until(lambda: leases[1] in heard, timeout=60, what="a heartbeat after bob's release")
+        assert used(admin) >= 1_204_000  # the daemon still reports bob's session
+        assert used(alice) == 0 and used(carol) == 0
+        held.discard(leases[1])
+        real([leases[1]])  # bob's session closes now
+        wait_until(lambda: 0 < used(admin) < 1_200_000, timeout=60, what="bob's session gone from a heartbeat")
+        assert used(alice) == used(admin) == 4000  # hers alone: her own
+
+        held.add(leases[0])
+        alice.release(leases[0])
+        wait_until(lambda: leases[0] in heard, timeout=60, what="a heartbeat after alice's release")
+        assert used(admin) == 4000 and used(carol) == 0 and used(alice) == 0
+        held.discard(leases[0])
+        real([leases[0]])
+    finally:
+        for s in sessions:
+            s.close()
+        for c in clients:
+            c.close()
+        pool.scheduler.stop(grace=0.5)
