@@ -283,11 +283,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                         # the daemon last reported a session of a lease not the caller's (free51: a lease just
                         # released, whose session its daemon has not closed yet, or no lease of this scheduler's:
                         # its tenant held no lease, and its usage was shown to whoever held the device or none).
-                        key = (host.host_id, d.info.index)
+                        where = (host.host_id, d.info.index)
                         dev = host.devices.get(d.info.index)
                         if not caller.admin and (
-                            not all(caller.may_see(t) for t in holders.get(key, ()))
-                            or (dev is not None and not dev.session_leases <= mine.get(key, set()))
+                            not all(caller.may_see(t) for t in holders.get(where, ()))
+                            or (dev is not None and not dev.session_leases <= mine.get(where, set()))
                         ):
                             d.used_bytes = 0
                     n = pb.ByteSize() + (_status_token_bytes(host.host_id) if caller.admin else 0)
