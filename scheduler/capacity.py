@@ -58,6 +58,9 @@ class PoolDevice:
     allocated_bytes: int = 0
     allocated_units: int = 0
     used_bytes: int = 0  # as last reported by the daemon
+    # the leases of the sessions on it, as last reported by the daemon (its heartbeat's; "" for an id no lease has):
+    # ListPool shows a tenant `used_bytes` only where they are all its own (free51)
+    session_leases: frozenset[str] = frozenset()
 
     gpu: str = field(init=False, repr=False, compare=False)  # the physical GPU: `physical_gpu`
 

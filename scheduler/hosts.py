@@ -275,6 +275,7 @@ class HostBook:
         draining: bool,
         until: dict[str, float] | None = None,
         address: str = "",
+        leases_on: Mapping[int, frozenset[str]] | None = None,
     ) -> tuple[list[str], bool]:
         """Record liveness and usage; returns (leases to revoke, whether the host must register again). `until`
         is given, for each lease revoked, until when one of its tokens may be presented (`HeartbeatReply`): a
@@ -283,7 +284,8 @@ class HostBook:
         daemon, not compared); another than the host's is a daemon whose id was taken over (`_check_duplicate`)
         while it was silent: it must register again, and takes neither the host's revocations nor its liveness.
         Until the round 44 review such a daemon, resumed, took the revocations due to the one that took over (each
-        is told once): a lease released then still attached there."""
+        is told once): a lease released then still attached there. `leases_on`: each device's sessions' leases (the
+        heartbeat's sessions; None: not known, left as they were), kept with its usage (`PoolDevice.session_leases`)."""
         with self.lock:
             host = self.pool.hosts.get(host_id)
             if host is None or host.state == HostState.DOWN or (address and address != host.address):
@@ -293,6 +295,8 @@ class HostBook:
                 dev = host.devices.get(index)
                 if dev is not None:
                     dev.used_bytes = used
+                    if leases_on is not None:
+                        dev.session_leases = leases_on.get(index, frozenset())
             want = _heartbeat_state(host, draining)
             if host.state != want:
                 self.lease_book.write(Change(hosts=[dataclasses.replace(host, state=want)]))

@@ -134,10 +134,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if self.core.hosts.changes_state(request.host_id, request.draining):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
+        on: dict[int, set[str]] = {}  # each device's sessions' leases ("": an id longer than any lease's)
+        for x in request.sessions:
+            on.setdefault(x.device, set()).add(x.lease_id if len(x.lease_id) <= MAX_ID_LENGTH else "")
         until: dict[str, float] = {}
         revoked, again = self.core.hosts.heartbeat(
-            request.host_id, leases, used, request.draining, until, address=request.address
-        )
+            request.host_id, leases, used, request.draining, until, address=request.address,
+            leases_on={i: frozenset(x) for i, x in on.items()},
+        )  # fmt: skip
         if foreign and not again:
             revoked = sorted(foreign.union(revoked))
         longest = time.time() + tokens.MAX_TTL
@@ -264,16 +268,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if kind in ("", "h"):
                 hosts = sorted((h for h in self.core.pool.hosts.values() if h.host_id > after), key=lambda h: h.host_id)
                 holders: dict[tuple[str, int], set[str]] = {}
+                mine: dict[tuple[str, int], set[str]] = {}  # the caller's own leases on each device
                 for lease in self.core.active_leases() if not caller.admin else ():  # an operator sees all
                     for g in lease.grants:
                         holders.setdefault((g.host_id, g.device), set()).add(lease.tenant)
+                        if caller.may_see(lease.tenant):
+                            mine.setdefault((g.host_id, g.device), set()).add(lease.lease_id)
                 for host in hosts:
                     pb = self._host_pb(host)
                     for d in pb.devices:
                         # A device's memory used (the daemon's total, from its heartbeats) only where it is the
                         # caller's alone: where another tenant holds a lease on it, the total less the caller's own
-                        # (its daemon's Status) is that tenant's usage (round 42: shown to every caller).
-                        if not all(caller.may_see(t) for t in holders.get((host.host_id, d.info.index), ())):
+                        # (its daemon's Status) is that tenant's usage (round 42: shown to every caller); nor where
+                        # the daemon last reported a session of a lease not the caller's (free51: a lease just
+                        # released, whose session its daemon has not closed yet, or no lease of this scheduler's:
+                        # its tenant held no lease, and its usage was shown to whoever held the device or none).
+                        where = (host.host_id, d.info.index)
+                        dev = host.devices.get(d.info.index)
+                        if not caller.admin and (
+                            not all(caller.may_see(t) for t in holders.get(where, ()))
+                            or (dev is not None and not dev.session_leases <= mine.get(where, set()))
+                        ):
                             d.used_bytes = 0
                     n = pb.ByteSize() + (_status_token_bytes(host.host_id) if caller.admin else 0)
                     if count and (count >= size or used + n > PAGE_BYTES):

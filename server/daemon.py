@@ -1051,8 +1051,16 @@ class Daemon:
         self.close_session(s, reason, StatusCode.INVALID_ARGUMENT)
 
     def _device_free(self, s: FrontSession) -> int:
-        """The bytes `s`'s device has left beyond what its sessions hold now (`SliceRequest.device_free`)."""
-        return s.device.capacity - self.memory[s.device.index].used
+        """What `s`'s worker is told it may still allocate (`SliceRequest.device_free`): the bytes its device has left
+        beyond what its sessions hold now, or its quota's room (`s.quota - s.used`), whichever is fewer. Its worker
+        checks every allocation against both (sessions.py `WorkerSession.admit`, the executor's and the native
+        runner's inline checks), so the smaller one refuses exactly what the device's free bytes refused: where the
+        quota's room is the smaller the quota refuses first anyway. Until round 51 (free51) the free bytes were sent
+        every slice, and a worker (code a tenant may influence) knew its co-tenants' total use (the device's size
+        less its own and the free bytes) at every slice; now only where they are the binding limit, which any refusal
+        of an allocation discloses (docs/security.md, "What a tenant can learn of other tenants"). Under the
+        session's lock (`s.used` changes under it only)."""
+        return min(s.device.capacity - self.memory[s.device.index].used, s.quota - s.used)
 
     def _flush(self, s: FrontSession) -> float:
         """The GPU seconds of a closing session's slices still unreported (`device_busy`: a CUDA device's

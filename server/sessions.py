@@ -75,8 +75,10 @@ class Poison:
 class DeviceMemory:
     """Bytes in use on one device across all its sessions. The daemon's count of each device (daemon.py) is shared
     by its threads and changed under `lock`; a session's own copy (worker._SessionState makes one per session,
-    and slices.run_commands sets it from the daemon's count before each slice) is changed by `WorkerSession`
-    only, on the one thread that runs the session's commands, without the lock."""
+    and slices.run_commands sets it before each slice from what the daemon says the session may still allocate:
+    the device's free bytes or its quota's room, whichever is fewer, daemon.py `_device_free`, so it is the device's
+    count only where the device binds first) is changed by `WorkerSession` only, on the one thread that runs the
+    session's commands, without the lock."""
 
     device: Device
     used: int = 0
@@ -196,7 +198,8 @@ class WorkerSession:
             # so the total less its own was the other sessions' use (one tenant's exactly where two share a device),
             # which ListPool and Status show a tenant only where it is alone on the device. Nor the device's free
             # bytes (its size less that total: the same figure). The refusal itself says the free bytes are fewer
-            # than those asked, as any allocation's outcome does.
+            # than those asked, as any allocation's outcome does. Nor did its worker know them before it asked (free51:
+            # `dev.used` is the size less its quota's room where that binds first: then the quota refused above).
             raise ResourceExhausted(
                 f"device {dev.device.index} full: {new_bytes} bytes requested, more than its {dev.device.capacity} "
                 f"bytes have free beside its other sessions (whose use is not shown to a session); this session uses "

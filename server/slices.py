@@ -214,7 +214,9 @@ _SIDE = struct.Struct("<qqBqq")  # request id, offset, last, offset in the slot,
 
 @dataclass
 class SliceRequest:
-    device_free: int  # bytes the device has left for this session beyond what it uses now
+    # bytes the session may still allocate: its device's free bytes or its quota's room, whichever is fewer (daemon.py
+    # `_device_free`: never its co-tenants' use where the quota binds first)
+    device_free: int
     reply_room: int  # bytes of replies the session may still produce before it must wait for its reader
     budget: float  # seconds: stop after the command that passes it
     payload: bytes | memoryview  # the concatenated command spans
@@ -861,7 +863,8 @@ def run_commands(
             produced[0] += len(item)
         replies.append(item)
 
-    # The device's other sessions live in other processes: the daemon says how much of the device is free.
+    # The device's other sessions live in other processes: the daemon says how much this session may still allocate
+    # (the device's free bytes, or its quota's room where that is fewer: daemon.py `_device_free`).
     session.memory.used = session.memory.device.capacity - max(0, req.device_free)
     ledger.reset()
     if records is None and span is not None:  # `eager_span`'s, read once (from the frame's bytes where it can)
