@@ -45,6 +45,25 @@ def alive(pid: int, start: int | None) -> bool:
     return start is not None and started(pid) == start
 
 
+def descendants(pid: int) -> dict[int, int | None]:
+    """`pid` and every process below it (its children, theirs: the daemon's zygote, its session workers, the log
+    pumps), each with its start time (`started`); {} without /proc."""
+    parents: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if entry.name.isdigit():
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    parents.setdefault(parent, []).append(int(entry.name))
+    found: dict[int, int | None] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        found[p] = started(p)
+        todo += parents.get(p, [])
+    return found
+
+
 def is_up(pid: int, start: int | None) -> bool:
     """Whether `pid` is the `gpupool up` that started at `start`: that start time, and `up` on its command line."""
     try:
@@ -166,6 +185,7 @@ def stop(state: Path, timeout: float) -> int:
             print(f"gpupool down: {folder / RECORD} names pid {pid}, which is not that gpupool up: nothing signalled",
                   file=sys.stderr)  # fmt: skip
             return 1
+        tree = descendants(pid)  # (each waited for below: the daemon's zygote and workers end after the daemon)
         os.kill(pid, signal.SIGTERM)
         print(f"gpupool down: stopping the pool on {state} (gpupool up, pid {pid})", file=sys.stderr, flush=True)
         deadline = time.monotonic() + timeout
@@ -177,15 +197,25 @@ def stop(state: Path, timeout: float) -> int:
             time.sleep(0.1)
     finally:
         os.close(fd)
-    stopped = [f"gpupool up (pid {pid})"]
-    for name in ("daemon", "scheduler"):  # `up` waited for them; one left (up killed meanwhile) gets SIGKILL
+    # `up` waited for its scheduler and daemon; what ran below them ends after them (a daemon's zygote when the
+    # daemon's end of its socket closes). One still there at the deadline (`up` killed meanwhile) gets SIGKILL.
+    for name in ("daemon", "scheduler"):
         child = rec.get(name) or {}
-        if not child.get("pid"):
-            continue
-        while alive(child["pid"], child.get("start")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if alive(child["pid"], child.get("start")):
-            os.kill(child["pid"], signal.SIGKILL)
-        stopped.append(f"its {name} {child.get('address') or ''} (pid {child['pid']})".replace("  ", " "))
-    print(f"gpupool down: stopped {', '.join(stopped)}; the state in {folder} is kept for the next `gpupool up`")
+        tree.setdefault(child.get("pid", pid), child.get("start"))
+    while any(alive(p, start) for p, start in tree.items()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = [p for p, start in tree.items() if alive(p, start)]
+    for p in killed:
+        os.kill(p, signal.SIGKILL)
+    stopped = [f"gpupool up (pid {pid})"]
+    for name in ("daemon", "scheduler"):
+        child = rec.get(name) or {}
+        if child.get("pid"):
+            stopped.append(f"its {name} {child.get('address') or ''} (pid {child['pid']})".replace("  ", " "))
+    others = len(tree) - len(stopped)
+    print(
+        f"gpupool down: stopped {', '.join(stopped)}" + (f" and {others} processes under them" if others > 0 else "")
+        + (f" ({len(killed)} killed: still there after {timeout:g} s)" if killed else "")
+        + f"; the state in {folder} is kept for the next `gpupool up`"
+    )  # fmt: skip
     return 0

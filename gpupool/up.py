@@ -384,9 +384,12 @@ class Child:
             self.lines.append(line)
             sys.stderr.write(line)
 
-    def find(self, rx: re.Pattern[str], timeout: float) -> str | None:
+    def find(self, rx: re.Pattern[str], timeout: float, signals: StopSignals | None = None) -> str | None:
+        """The first match of `rx` in the program's log; None when it ended or `timeout` passed without one;
+        `Stopped` when one of `signals` came meanwhile."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            _check(signals)
             for line in list(self.lines):
                 m = rx.search(line)
                 if m:
@@ -405,6 +408,16 @@ class Child:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM while `up` starts its pool (a first start's build may take minutes: `gpupool down` or Ctrl-C
+    then stops it at once; until round 51 they waited for the start to end)."""
+
+
+def _check(signals: StopSignals | None) -> None:
+    if signals is not None and signals.wait(0) is not None:
+        raise Stopped
 
 
 def _daemon_start_bound() -> float:
@@ -430,7 +443,9 @@ def _tls_args(who: pki.CertFiles, ca: Path) -> list[str]:
     return ["--tls-cert", str(who.cert), "--tls-key", str(who.key), "--tls-ca", str(ca)]
 
 
-def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tls.TlsConfig) -> bool:
+def _wait_registered(
+    scheduler: str, daemon: str, timeout: float, tls_config: tls.TlsConfig, signals: StopSignals | None = None
+) -> bool:
     from gpupool.client.pool import SchedulerClient  # the client only, never the daemon or scheduler code
 
     client = SchedulerClient(scheduler, tls_config)
@@ -438,6 +453,7 @@ def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tl
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
+            _check(signals)
             try:
                 if any(h.state == HostState.UP and h.address.endswith(f":{port}") for h in client.list_pool().hosts):
                     return True
@@ -473,6 +489,12 @@ def main(argv: list[str]) -> int:
     os.umask(0o077)  # what we and the children write (state with lease ids, WAL, keys) is owner-only
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
     a.host_id = a.host_id or default_host_id(cfg.state)
+    # SIGINT and SIGTERM through a wakeup pipe (`StopSignals`), waited for below: until round 41 `up`'s handler set an
+    # Event, which takes the Event's lock, in the main thread between two bytecodes: a signal landing while that thread
+    # held it (inside `stop.wait` between its waits, or in the handler of a signal just before: a double Ctrl-C, a
+    # Ctrl-C and a SIGTERM) waited for it forever, and `up` never stopped (stop40's deadlock of the daemon). Before
+    # up.json names this process: a `gpupool down` that finds it is never lost.
+    signals = StopSignals()
     try:
         check_state_dir(cfg.state.parent)
         # Before the credentials: a second `up` on this folder must not issue its certificates anew under the first
@@ -481,7 +503,7 @@ def main(argv: list[str]) -> int:
         print(f"gpupool up: {exc}", file=sys.stderr)
         return 1
     try:
-        return _run(a, cfg, record)
+        return _run(a, cfg, record, signals)
     finally:
         record.close()
 
@@ -492,7 +514,7 @@ def _stop_line(state: Path) -> str:
     return f"Ctrl-C stops both (or `{down}` from another shell, or `kill -INT {os.getpid()}`)."
 
 
-def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord) -> int:
+def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord, signals: StopSignals) -> int:
     try:
         creds = make_credentials(
             cfg.state.parent,
@@ -511,12 +533,6 @@ def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord) -> int:
     for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):
         if path.exists():
             os.chmod(path, 0o600)  # made by an older version with the default umask
-
-    # SIGINT and SIGTERM through a wakeup pipe (`StopSignals`), waited for below: until round 41 `up`'s handler set an
-    # Event, which takes the Event's lock, in the main thread between two bytecodes: a signal landing while that thread
-    # held it (inside `stop.wait` between its waits, or in the handler of a signal just before: a double Ctrl-C, a
-    # Ctrl-C and a SIGTERM) waited for it forever, and `up` never stopped (stop40's deadlock of the daemon).
-    signals = StopSignals()
     children: list[Child] = []
     try:
         sched = Child(
@@ -529,7 +545,7 @@ def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord) -> int:
         # torch's import for the GPU count (2-5 s on 2 cores) runs while the scheduler starts, not before it
         real = _real_gpus() if cfg.fake_gpus is None else 0
         fake = 0 if real else (2 if cfg.fake_gpus is None else cfg.fake_gpus)
-        sched_addr = sched.find(LISTEN_RE, START_TIMEOUT)
+        sched_addr = sched.find(LISTEN_RE, START_TIMEOUT, signals)
         if sched_addr is None:
             print(f"gpupool up: the scheduler did not start (see its log above){_in_use(sched)}", file=sys.stderr)
             return 1
@@ -551,9 +567,9 @@ def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord) -> int:
         children.append(daemon)
         record.child("scheduler", sched.popen.pid, sched_addr)
         record.child("daemon", daemon.popen.pid)
-        daemon_addr = daemon.find(LISTEN_RE, _daemon_start_bound())
+        daemon_addr = daemon.find(LISTEN_RE, _daemon_start_bound(), signals)
         admin = creds.client(creds.admin)
-        if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT, admin):
+        if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT, admin, signals):
             print(
                 f"gpupool up: the daemon did not start or register (see its log above){_in_use(daemon)}",
                 file=sys.stderr,
@@ -597,6 +613,8 @@ def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord) -> int:
                     return 1
                 record.child(child.name, child.popen.pid)
                 print(f"gpupool up: the {child.name} exited ({code}); started it again", file=sys.stderr, flush=True)
+        return 0
+    except Stopped:  # (while it started)
         return 0
     finally:
         for child in reversed(children):  # the daemon first: it drains its sessions while the scheduler lives

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 from gpupool.client.pool import SchedulerClient
-from scheduler_fixtures import ROOT, Proc
+from scheduler_fixtures import ROOT, Proc, wait_until
 
 from gpupool import tls
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
-from gpupool.down import started
+from gpupool.down import descendants, started
 
 pytestmark = pytest.mark.slow
 
@@ -39,21 +39,12 @@ def gpupool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     )
 
 
-def descendants(pid: int) -> dict[int, int | None]:
-    """`pid` and every process below it, each with its start time (`gpupool.down.started`)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        found[p] = started(p)
-        todo += [child for child, parent in parents.items() if parent == p]
-    return found
+def recorded(state: Path) -> dict[str, object]:
+    """up.json ({} before `up` wrote it, or while it writes it)."""
+    try:
+        return dict(json.loads((state.parent / "up.json").read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def attach(banner: str) -> None:
@@ -121,6 +112,27 @@ def test_down_stops_the_pool_and_every_process_it_started(how: str, request: pyt
     again = gpupool("down", "--state", str(state))
     assert again.returncode == 1 and again.stdout == ""
     assert again.stderr == f"gpupool down: no pool runs on {state} (`gpupool up` starts one)\n"
+
+
+def test_down_stops_a_pool_while_it_starts(tmp_path: Path) -> None:
+    """`gpupool down` while `up` waits for its scheduler to say where it listens (here never: its log level is
+    WARNING, and that line is INFO; on a first start the daemon's build can take minutes): `up` stops at once, its
+    scheduler with it, and exits 0. Until round 51 `up` read a signal only once its pool was up (here after its 120 s
+    bound on the scheduler's start: `down` gave up after its 60 s)."""
+    state = tmp_path / "state" / "scheduler.db"
+    proc = Proc(["up", *LOOPBACK, "--state", str(state)], env={"GPUPOOL_LOG_LEVEL": "WARNING"})
+    try:
+        wait_until(lambda: "scheduler" in recorded(state), timeout=120, what="up.json to name the scheduler")
+        record = recorded(state)
+        processes = descendants(record["pid"])
+        done = gpupool("down", "--state", str(state), "--timeout", "60")
+        assert done.returncode == 0, done.stderr + proc.log()
+        assert proc.popen.wait(30) == 0, proc.log()
+        assert "gpupool up: stopped" in proc.log() and "gpupool is up" not in proc.log()
+        left = {pid: start for pid, start in processes.items() if start is not None and started(pid) == start}
+        assert not left, f"left running: {left}"
+    finally:
+        proc.stop()
 
 
 @pytest.mark.parametrize("locked", [False, True])
