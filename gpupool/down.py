@@ -186,7 +186,8 @@ def stop(state: Path, timeout: float) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
         tree = descendants(pid)  # (each waited for below: the daemon's zygote and workers end after the daemon)
-        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # (it ended just now: its lock is free below)
+            os.kill(pid, signal.SIGTERM)
         print(f"gpupool down: stopping the pool on {state} (gpupool up, pid {pid})", file=sys.stderr, flush=True)
         deadline = time.monotonic() + timeout
         while not _free(fd):
@@ -206,7 +207,8 @@ def stop(state: Path, timeout: float) -> int:
         time.sleep(0.1)
     killed = [p for p, start in tree.items() if alive(p, start)]
     for p in killed:
-        os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
     stopped = [f"gpupool up (pid {pid})"]
     for name in ("daemon", "scheduler"):
         child = rec.get(name) or {}

@@ -177,7 +177,7 @@ def _detach(argv: list[str], state: Path) -> int:
     check_state_dir(state.parent)  # (raised: the one-line refusal of gpupool/cli.py)
     log = state.parent / "up.log"
     env = {k: v for k, v in os.environ.items() if k != "GPUPOOL_DETACH"}
-    args = [x for x in argv if not (len(x) > 3 and "--detach".startswith(x))]  # (argparse takes --det too)
+    args = [x for x in argv if not (len(x) > 2 and "--detach".startswith(x))]  # (argparse takes --d too)
     with open(log, "wb") as out:  # (truncated: this start's own log)
         popen = subprocess.Popen(
             [sys.executable, "-m", "gpupool.cli", "up", *args],
