@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gpupool.server.cli", "run the daemon on a GPU host"),
     "scheduler": ("gpupool.scheduler.cli", "run the pool scheduler"),
     "up": ("gpupool.up", "run a scheduler and a daemon on this machine (fake GPUs without CUDA)"),
+    "down": ("gpupool.down", "stop the pool `gpupool up` runs (its --state) from another shell"),
     "run": ("gpupool.client.run", "run a command on leased GPUs: gpupool run -n 1 -p 0.5 -- python train.py"),
     "smi": ("gpupool.client.smi", "show the pool: hosts, devices, memory, shares, leases"),
     "list-gpus": ("gpupool.client.smi", "list the pool's GPUs, one line each"),
@@ -21,10 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "token": ("gpupool.tokencli", "keys (keygen, public-key), API tokens (api-token), a lease token by hand (mint)"),
 }
 
-# Commands a user tries that gpupool has not, and what does it instead (a journey of round 41 typed `gpupool down`).
+# Commands a user tries that gpupool has not, and what does it instead (a journey of round 41 typed `gpupool down`,
+# a command since round 51).
 HINTS: dict[str, str] = {
-    "down": "`gpupool up` stops with Ctrl-C in its terminal, or SIGINT/SIGTERM to the pid its banner prints "
-    "(kill -INT PID): it stops its daemon and scheduler; its state folder is kept for the next `gpupool up`",
     "status": "the pool: `gpupool smi` (or `gpupool list-gpus`)",
     "ls": "the pool: `gpupool smi` (or `gpupool list-gpus`)",
     "ps": "the pool's leases and sessions: `gpupool smi`",

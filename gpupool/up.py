@@ -10,7 +10,8 @@ metrics pages too (HTTPS). The daemon serves the real GPUs
 torch sees, else 2 fake ones, with its side port on (`--bulk-listen`: a session's frames, replies and large
 transfers on one TLS socket instead of gRPC messages, docs/wire.md; `--bulk-listen off` keeps them on the gRPC
 stream). Once the daemon has registered, `up` prints where everything listens and the
-exports clients use; Ctrl-C or SIGTERM stops both.
+exports clients use; Ctrl-C or SIGTERM stops both, or `gpupool down` from another shell (gpupool/down.py: it
+finds this `up` by the `up.json` it keeps locked in the state folder while it runs).
 Ports may be 0 (tests): the bound ports are read from the children's "listening on" log lines.
 
 `up` supervises: a child that dies is started again on the address it had bound (the daemon alone when
@@ -50,6 +51,7 @@ from gpupool.config import (
     size_arg,
     split_address,
 )
+from gpupool.down import PoolRecord
 from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import HostState
 
@@ -157,7 +159,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="issue certificates from the CA in DIR (ca.crt, ca.key; made if absent): a folder of this user's that "
         "no other user can write",
     )
+    add_flag(
+        p,
+        "--detach",
+        action="store_true",
+        help="run the pool in the background: return once it is up, printing its banner; its log goes to up.log in "
+        "the state folder; `gpupool down` stops it",
+    )
     return p
+
+
+def _detach(argv: list[str], state: Path) -> int:
+    """`up --detach`: this `up` again, without --detach, in a session of its own (no terminal's Ctrl-C or hangup
+    reaches it) with its log in up.log; its lines are passed on until it is up, then its banner printed."""
+    os.umask(0o077)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    check_state_dir(state.parent)  # (raised: the one-line refusal of gpupool/cli.py)
+    log = state.parent / "up.log"
+    env = {k: v for k, v in os.environ.items() if k != "GPUPOOL_DETACH"}
+    args = [x for x in argv if not (len(x) > 2 and "--detach".startswith(x))]  # (argparse takes --d too)
+    with open(log, "wb") as out:  # (truncated: this start's own log)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "gpupool.cli", "up", *args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    banner: list[str] = []
+    pending, ended = "", False
+    with open(log, errors="replace") as lines:
+        try:
+            while not banner or not banner[-1].startswith("Ctrl-C stops both"):
+                chunk = lines.readline()
+                if not chunk:
+                    if ended:  # (read to its end after it exited)
+                        sys.stderr.write(pending)
+                        print(f"gpupool up: the pool did not start (its log: {log})", file=sys.stderr)
+                        return 1
+                    ended = popen.poll() is not None
+                    time.sleep(0 if ended else 0.1)
+                    continue
+                pending += chunk
+                if pending.endswith("\n"):  # (else a line still being written)
+                    if banner or pending.startswith("gpupool is up:"):
+                        banner.append(pending)
+                    else:
+                        sys.stderr.write(pending)
+                    pending = ""
+        except KeyboardInterrupt:
+            os.killpg(popen.pid, signal.SIGTERM)  # its scheduler and daemon are of its process group
+            popen.wait()
+            print("gpupool up: interrupted: the pool that was starting is stopped", file=sys.stderr)
+            return 130
+    down = banner[-1].split("`")[1]  # (the banner's `gpupool down ...`)
+    print("".join(banner[:-1]) + f"It runs detached (pid {popen.pid}; its log: {log}): `{down}` stops it.", flush=True)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -329,9 +384,12 @@ class Child:
             self.lines.append(line)
             sys.stderr.write(line)
 
-    def find(self, rx: re.Pattern[str], timeout: float) -> str | None:
+    def find(self, rx: re.Pattern[str], timeout: float, signals: StopSignals | None = None) -> str | None:
+        """The first match of `rx` in the program's log; None when it ended or `timeout` passed without one;
+        `Stopped` when one of `signals` came meanwhile."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            _check(signals)
             for line in list(self.lines):
                 m = rx.search(line)
                 if m:
@@ -350,6 +408,16 @@ class Child:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM while `up` starts its pool (a first start's build may take minutes: `gpupool down` or Ctrl-C
+    then stops it at once; until round 51 they waited for the start to end)."""
+
+
+def _check(signals: StopSignals | None) -> None:
+    if signals is not None and signals.wait(0) is not None:
+        raise Stopped
 
 
 def _daemon_start_bound() -> float:
@@ -375,7 +443,9 @@ def _tls_args(who: pki.CertFiles, ca: Path) -> list[str]:
     return ["--tls-cert", str(who.cert), "--tls-key", str(who.key), "--tls-ca", str(ca)]
 
 
-def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tls.TlsConfig) -> bool:
+def _wait_registered(
+    scheduler: str, daemon: str, timeout: float, tls_config: tls.TlsConfig, signals: StopSignals | None = None
+) -> bool:
     from gpupool.client.pool import SchedulerClient  # the client only, never the daemon or scheduler code
 
     client = SchedulerClient(scheduler, tls_config)
@@ -383,6 +453,7 @@ def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tl
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
+            _check(signals)
             try:
                 if any(h.state == HostState.UP and h.address.endswith(f":{port}") for h in client.list_pool().hosts):
                     return True
@@ -409,6 +480,8 @@ def _bulk_listen(value: str, listen: str) -> str:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    if a.detach:
+        return _detach(argv, Path(a.state))
     cfg = UpConfig(
         a.fake_gpus, a.fake_gpu_memory, a.scheduler_listen, a.listen, Path(a.state), a.metrics_listen,
         a.scheduler_metrics_listen, _bulk_listen(a.bulk_listen, a.listen),
@@ -416,6 +489,32 @@ def main(argv: list[str]) -> int:
     os.umask(0o077)  # what we and the children write (state with lease ids, WAL, keys) is owner-only
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
     a.host_id = a.host_id or default_host_id(cfg.state)
+    # SIGINT and SIGTERM through a wakeup pipe (`StopSignals`), waited for below: until round 41 `up`'s handler set an
+    # Event, which takes the Event's lock, in the main thread between two bytecodes: a signal landing while that thread
+    # held it (inside `stop.wait` between its waits, or in the handler of a signal just before: a double Ctrl-C, a
+    # Ctrl-C and a SIGTERM) waited for it forever, and `up` never stopped (stop40's deadlock of the daemon). Before
+    # up.json names this process: a `gpupool down` that finds it is never lost.
+    signals = StopSignals()
+    try:
+        check_state_dir(cfg.state.parent)
+        # Before the credentials: a second `up` on this folder must not issue its certificates anew under the first
+        record = PoolRecord(cfg.state.parent)  # (up.json: how `gpupool down` finds and stops this pool)
+    except (GpupoolError, OSError) as exc:
+        print(f"gpupool up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run(a, cfg, record, signals)
+    finally:
+        record.close()
+
+
+def _stop_line(state: Path) -> str:
+    """The banner's last line: how this pool stops (`gpupool down` names a --state other than the default)."""
+    down = "gpupool down" + ("" if state == Path(build_parser().get_default("state")) else f" --state {state}")
+    return f"Ctrl-C stops both (or `{down}` from another shell, or `kill -INT {os.getpid()}`)."
+
+
+def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord, signals: StopSignals) -> int:
     try:
         creds = make_credentials(
             cfg.state.parent,
@@ -434,12 +533,6 @@ def main(argv: list[str]) -> int:
     for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):
         if path.exists():
             os.chmod(path, 0o600)  # made by an older version with the default umask
-
-    # SIGINT and SIGTERM through a wakeup pipe (`StopSignals`), waited for below: until round 41 `up`'s handler set an
-    # Event, which takes the Event's lock, in the main thread between two bytecodes: a signal landing while that thread
-    # held it (inside `stop.wait` between its waits, or in the handler of a signal just before: a double Ctrl-C, a
-    # Ctrl-C and a SIGTERM) waited for it forever, and `up` never stopped (stop40's deadlock of the daemon).
-    signals = StopSignals()
     children: list[Child] = []
     try:
         sched = Child(
@@ -448,10 +541,11 @@ def main(argv: list[str]) -> int:
              str(creds.key), "--metrics-listen", cfg.scheduler_metrics_listen, *_tls_args(creds.scheduler, creds.ca)],
         )  # fmt: skip
         children.append(sched)
+        record.child("scheduler", sched.popen.pid)
         # torch's import for the GPU count (2-5 s on 2 cores) runs while the scheduler starts, not before it
         real = _real_gpus() if cfg.fake_gpus is None else 0
         fake = 0 if real else (2 if cfg.fake_gpus is None else cfg.fake_gpus)
-        sched_addr = sched.find(LISTEN_RE, START_TIMEOUT)
+        sched_addr = sched.find(LISTEN_RE, START_TIMEOUT, signals)
         if sched_addr is None:
             print(f"gpupool up: the scheduler did not start (see its log above){_in_use(sched)}", file=sys.stderr)
             return 1
@@ -471,9 +565,11 @@ def main(argv: list[str]) -> int:
             daemon_args += ["--fake-gpus", str(fake), "--fake-gpu-memory", str(cfg.fake_gpu_memory)]
         daemon = Child("daemon", daemon_args)
         children.append(daemon)
-        daemon_addr = daemon.find(LISTEN_RE, _daemon_start_bound())
+        record.child("scheduler", sched.popen.pid, sched_addr)
+        record.child("daemon", daemon.popen.pid)
+        daemon_addr = daemon.find(LISTEN_RE, _daemon_start_bound(), signals)
         admin = creds.client(creds.admin)
-        if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT, admin):
+        if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT, admin, signals):
             print(
                 f"gpupool up: the daemon did not start or register (see its log above){_in_use(daemon)}",
                 file=sys.stderr,
@@ -500,9 +596,10 @@ def main(argv: list[str]) -> int:
             + "  gpupool run -n 1 -p 0.5 -- python train.py\n"
             + _example()
             + "  gpupool smi\n"
-            f"Ctrl-C stops both (or `kill -INT {os.getpid()}`).",
+            + _stop_line(cfg.state),
             flush=True,
         )
+        record.child("daemon", daemon.popen.pid, daemon_addr)
         # From now on each restarts on the address it bound, so leases and the daemon's registration stay valid.
         sched.args = _with(sched.args, "--listen", sched_addr)
         daemon.args = _with(_with(daemon.args, "--listen", daemon_addr), "--scheduler", sched_addr)
@@ -514,7 +611,10 @@ def main(argv: list[str]) -> int:
                 if not child.restart(child.args):
                     print(f"gpupool up: the {child.name} keeps exiting ({code}); stopping", file=sys.stderr)
                     return 1
+                record.child(child.name, child.popen.pid)
                 print(f"gpupool up: the {child.name} exited ({code}); started it again", file=sys.stderr, flush=True)
+        return 0
+    except Stopped:  # (while it started)
         return 0
     finally:
         for child in reversed(children):  # the daemon first: it drains its sessions while the scheduler lives

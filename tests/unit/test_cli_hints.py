@@ -1,19 +1,22 @@
-"""`gpupool COMMAND` for a command gpupool has not but a user tries (round 41's journey typed `gpupool down`): the
-refusal says what does it instead, as well as the usage."""
+"""`gpupool COMMAND` for a command gpupool has not but a user tries (round 41's journey typed `gpupool down`, a
+command since round 51): the refusal says what does it instead, as well as the usage."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from gpupool import cli
 
 
-def test_down_says_how_up_stops(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["down"]) == 2
+def test_down_is_a_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Round 51: `gpupool down` stops the pool `gpupool up` runs (tests/integration/test_up_down51.py); with none on its
+    --state it says so in one line."""
+    assert cli.main(["down", "--state", str(tmp_path / "none" / "scheduler.db")]) == 1
     err = capsys.readouterr().err
-    assert "unknown command 'down'" in err
-    assert "Ctrl-C" in err and "kill -INT" in err  # how `gpupool up` stops instead
-    assert "usage: gpupool COMMAND" in err
+    assert err == f"gpupool down: no pool runs on {tmp_path / 'none' / 'scheduler.db'} (`gpupool up` starts one)\n"
+    assert "down " in cli.usage()
 
 
 @pytest.mark.parametrize("name", ["status", "ls"])
