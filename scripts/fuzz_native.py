@@ -14,7 +14,9 @@ Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summ
            `WorkerSession.free` on an identical session (`free`: the same tensors, poisons, uploads, accounting and
            error); frames of uploads and frees (round 50, `BetweenBench`): each one the lazy `eager_frame` reads run
            from its bytes outside a run (`CommandExecutor.run_between`, `Ctx.between`) on one session and through
-           upb's message (`execute`) on its twin: the same tensors, poisons, accounting, storages, error; at the end
+           upb's message (`execute`) on its twin: the same tensors, poisons, accounting, storages, error (secrev51:
+           now and then on sessions at their quota's, device's and handle limit's edges, with pinned handles, whose
+           tensor unbound or replaced must move `pins`, and an upload pool holding memory); at the end
            an upload split at every byte (two chunks) and at pairs of bytes (three), frees among the chunks, with
            the runner on and off: exactly the bytes sent, the same accounting.
   runs     in-process: a recorded training stream (bench/eager_replay.py --dump) replayed into three executors
@@ -34,6 +36,8 @@ Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summ
            run by twin sessions of one traced graph (tests/unit/test_server_graph_quick.py `Twin`): one whose quiet
            runs read a lone frame's bytes in C++ (`native_runner.graph_frame`, `GraphPlan.run_raw`),
            one that parses them; both must say and hold the same, and the front's readers agree on each frame.
+           (secrev51) Half the twins hold a second graph of the shape, run now and then among the first's: at most
+           one plan of the session keeps its inputs sent by value (`GraphPlan.spares`), the session's `spare_plan`.
   graph-daemon  those frames through a live `gpupool serve --bulk-listen`, from hostile sessions on their side
            sockets (frames there) and their streams, each graph quiet and traced first: every error actionable,
            only malformed frames end a session, a session that goes on computes right; a neighbour's matmuls and its
@@ -539,16 +543,28 @@ class BetweenBench:
     NUMBER = FreeBench.NUMBER
     ran = 0  # commands run from their bytes, all benches
 
-    def __init__(self, fake: bool = True) -> None:
+    def __init__(self, fake: bool = True, tight: tuple[int, int, int] | None = None) -> None:
         from gpupool.server.executor import CommandExecutor
         from gpupool.server.slices import SliceLedger
 
         # fake False: as a real GPU's session (its uploads Python's, its frees the runner's)
         self.pair = [(CommandExecutor(SliceLedger()), twin_session(self.NUMBER, fake), []) for _ in range(2)]
+        self.tight = tight
+        if tight is not None:  # (secrev51) the checks `Ctx::upload` makes before it declines, at their edges
+            quota_room, device_room, handles_room = tight
+            for _, s, _ in self.pair:
+                s.quota = s.used + quota_room
+                s.memory.device.capacity = s.memory.used + device_room
+                s.max_handles = len(s.tensors) + len(s.poisoned) + handles_room
+                s.pinned.add((self.NUMBER << 32) + 1)  # a graph's persistent tensor: freeing or binding it anew
+                s.pinned.add((self.NUMBER << 32) + 3)  # moves `pins`
+                if fake:  # the host memory of a freed big upload, kept (`admit` sheds it near the quota)
+                    s.upload_pool.take_upload([64], torch.float32)
 
     def state(self, s: Any, replies: list[Any]) -> tuple[Any, ...]:
         err, s.error = s.error, None
         return (
+            s.upload_pool.held,
             {h: (str(v.dtype), tuple(v.shape),  # (the bytes of one half uploaded: not yet written, never read)
                  b"" if h in s.uploads else bytes(v.contiguous().view(-1).view(torch.uint8).numpy()))
              for h, v in s.tensors.items()},
@@ -566,16 +582,21 @@ class BetweenBench:
             if raw is None:
                 continue
             cmd = device_pb2.Command.FromString(raw)  # (`check_frame`: a DecodeError here is its failure)
+            pinned = {h: a.tensors.get(h) for h in a.pinned}, a.pins
             if ex.run_between(a, raw, ra.append):
                 BetweenBench.ran += 1
             else:
                 ex.execute(a, cmd, ra.append)
             ex_b.execute(b, cmd, rb.append)
+            # a pinned handle's tensor unbound or replaced moved `pins` (the graph plans' look-ups skipped while it
+            # holds; a handle bound where none was moves nothing: its free moved it)
+            moved = [h for h, t in pinned[0].items() if t is not None and a.tensors.get(h) is not t]
+            assert not moved or a.pins > pinned[1], (raw.hex(), moved)
             sa, sb = self.state(a, ra), self.state(b, rb)
             assert sa == sb, (raw.hex(), [(x, y) for x, y in zip(sa, sb, strict=True) if x != y])
             ra.clear()
             rb.clear()
-        return "compared"
+        return "compared" if self.tight is None else "compared at the edges"
 
 
 def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
@@ -602,7 +623,11 @@ def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
                 continue
             if r.random() < 0.25:  # uploads and frees from their bytes outside a run (round 50)
                 if between is None or r.random() < 0.05:
-                    between = BetweenBench(r.random() < 0.8)
+                    tight = None  # (secrev51) now and then the quota's, device's and handle limit's edges
+                    if r.random() < 0.4:
+                        tight = (r.choice([0, 1, 4, 16, 48, 100, 1024]), r.choice([0, 4, 48, 1024, 1 << 20]),
+                                 r.choice([0, 1, 2, 8]))  # fmt: skip
+                    between = BetweenBench(r.random() < 0.8, tight)
                 gen.metas = {h: (1, [12]) for h in gen.live[:1]}
                 cmds = [gen.fitting() if r.random() < 0.3 and gen.metas else
                         gen.command(gen.upload() if r.random() < 0.6 else gen.free(), r.choice([UPLOAD_KEY, FREE_KEY]))
@@ -1118,12 +1143,33 @@ class ShapeTwin:
         """Run `k`'s input_data: the by-value inputs' bytes, empty for the others."""
         return [self.shape.value(i, k).numpy().tobytes() if not h else b"" for i, h in enumerate(self.inputs)]
 
-    def body(self) -> bytes:
-        """A RunGraph that runs: its inputs, fresh outputs."""
+    def body(self, gid: int = 0) -> bytes:
+        """A RunGraph that runs (of graph `gid`, GID by default): its inputs, fresh outputs."""
         self.next += 1
         outs = [self.base + self.next + 0x100000 * j for j in range(len(self.shape.outputs))]
-        return device_pb2.RunGraph(graph_id=GID, inputs=self.inputs, outputs=outs,
+        return device_pb2.RunGraph(graph_id=gid or GID, inputs=self.inputs, outputs=outs,
                                    input_data=self.data(self.next)).SerializeToString()  # fmt: skip
+
+    def second(self) -> None:
+        """(secrev51) Graph GID2 of the twin's shape defined beside GID (its own kept handles; the slow twin's
+        without a plan too): a session of two graphs, whose runs hand the one plan that keeps its inputs sent by
+        value for its next run from graph to graph (server/graph.py `_spares`, `GraphPlan.let_go`)."""
+        fresh = iter(range(self.base + 0x300, self.base + 0x400))
+        kept = self.shape.kept_handles(self.persistent, lambda: next(fresh))
+        msg = device_pb2.Command(define_graph=self.shape.define(GID2, self.persistent, kept))
+        self.ex.execute(self.s, msg, _unanswered)
+        assert self.s.error is None, (self.shape.name, self.s.error)
+        if self.g.fast is False:
+            self.ex.graphs._of(self.s)[GID2].fast = False
+
+    def spares(self) -> str:
+        """(secrev51) At most one of the session's plans keeps inputs (`GraphPlan.spares`), and that one is the
+        session's `spare_plan`: their memory is one graph's reservation, the largest graph's the count holds.
+        Which graph's plan keeps them, for the counts."""
+        graphs = self.ex.graphs._of(self.s)
+        holders = [gid for gid, g in graphs.items() if g.fast and g.fast.spares]
+        assert len(holders) <= 1 and all(graphs[h].fast is self.s.spare_plan for h in holders), (holders, self.s)
+        return f"inputs kept by graph {holders[0]}" if holders else "no inputs kept"
 
     def state(self) -> tuple[Any, ...]:
         """What `Twin.state` says of a twin (its session's tensors, poisons, storages, counts; the graph's runs)."""
@@ -1131,6 +1177,7 @@ class ShapeTwin:
 
 
 GID = 1  # the twins' graph id
+GID2 = 2  # (secrev51) their second graph's (`ShapeTwin.second`)
 
 
 def _quick_tests() -> Any:
@@ -1352,6 +1399,9 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
                 table.run_raw = _counted(table.run_raw, counts)  # type: ignore[method-assign]
                 for _ in range(5):  # traced and quiet: the plan's runs
                     assert Q._same(*twins, lambda t: Q._slice(t, Q._frame_of(t.body())))[1] is None, shape.name
+                if r.random() < 0.5:  # (secrev51) a second graph, its runs among the first's (`_spares`)
+                    for t in twins:
+                        t.second()
             quick, slow = twins
             counts["shape:" + quick.shape.name] += 1
             owned = [*quick.persistent, *quick.kept, *(h for h in quick.inputs if h)]
@@ -1363,6 +1413,9 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
             counts[
                 f"{kind}:" + ("refused" if got[0][0] in ("DecodeError", "malformed") else "error" if got[1] else "ran")
             ] += 1
+            counts[quick.spares()] += 1
+            if GID2 in quick.ex.graphs._of(quick.s) and r.random() < 0.3:
+                _second_runs(Q, r, quick, slow, counts)
             if kind == "drop" and GID not in quick.ex.graphs._of(quick.s):
                 twins = None
             elif Q._same(quick, slow, lambda t: Q._slice(t, Q._frame_of(t.body())))[1] is not None:
@@ -1372,6 +1425,27 @@ def graphs(args: argparse.Namespace, mod: Any) -> Counter[str]:
             print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
             raise
     return counts
+
+
+def _second_runs(Q: Any, r: random.Random, quick: Any, slow: Any, counts: Counter[str]) -> None:
+    """(secrev51) Runs of the twins' second graph (`ShapeTwin.second`) after a frame of the first's: twice on their
+    own (its second run quiet: its plan keeps its inputs), in one frame with the first's (which, no longer quiet,
+    replays in Python: `_spares(s, None)`), once; or once and dropped (its plan's inputs let go with it); both twins
+    the same after each frame, at most one plan of the session keeping inputs."""
+    how = r.randrange(4)
+    if how == 0:
+        frames = [lambda t: Q._frame_of(t.body(GID2)) for _ in range(2)]
+    elif how == 1:
+        frames = [lambda t: Q._frame_of(t.body(GID2)) + Q._frame_of(t.body()) + Q._frame_of(t.body(GID2))]
+    elif how == 2:
+        frames = [lambda t: Q._frame_of(t.body(GID2))]
+    else:
+        drop = device_pb2.Command(drop_graph=device_pb2.DropGraph(graph_id=GID2)).SerializeToString()
+        frames = [lambda t: Q._frame_of(t.body(GID2)), lambda t: b"\x0a" + varint(len(drop)) + drop]
+    for frame in frames:
+        Q._same(quick, slow, lambda t, f=frame: Q._slice(t, f(t)))
+        counts[quick.spares()] += 1
+    counts[f"second graph:{how}"] += 1
 
 
 # ---- attention: the fused attention's C++ compositions (native_runner.cpp `attn::run`, round 45) ----

@@ -4917,6 +4917,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       // (secrev50) the inputs sent by value its last run kept for the next (`spare_inputs`) let go: server/graph.py
       // `_spares` keeps them in one plan of a session at a time, and in none while the Python path runs a graph
       .def("let_go", [](const GraphPlan& p) { p.spare_inputs.clear(); })
+      // (secrev51) how many inputs it keeps now (`spare_inputs` set): for tests, the fuzz's graphs campaign
+      .def_property_readonly("spares",
+                             [](const GraphPlan& p) {
+                               size_t n = 0;
+                               for (const auto& o : p.spare_inputs) n += o ? 1 : 0;
+                               return n;
+                             })
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
            py::arg("refs"), py::arg("writes"), py::arg("fn"))
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),

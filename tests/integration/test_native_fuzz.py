@@ -53,6 +53,9 @@ def test_parsers_agree_with_their_references(native_runner_module: Any, recordin
     assert counts["frame:parsed"] > 200 and counts["frame:refused"] > 200, counts
     assert counts["free:freed"] > 30 and counts["free:error"] > 30 and counts["free:left"] > 10, counts
     assert counts["upload splits"] > 100, counts  # an upload split at every byte (and pairs of bytes), N and P alike
+    # (secrev51) uploads and frees outside a run compared on sessions at their quota's, device's and handle limit's
+    # edges, with pinned handles and an upload pool holding memory
+    assert counts["between:compared at the edges"] > 20, counts
 
 
 def test_damaged_uploads_and_frees_among_records_run_alike(native_runner_module: Any, recording: Path) -> None:
@@ -86,6 +89,9 @@ def test_run_graph_frames_run_alike_from_their_bytes_and_parsed(native_runner_mo
     # (hostile45) every graph shape drawn, each for at least a few frames
     shapes = {k: v for k, v in counts.items() if k.startswith("shape:")}
     assert len(shapes) == len(fuzz_native._shapes()) and min(shapes.values()) >= 5, counts
+    # (secrev51) a second graph's runs among the first's: each graph's plan kept its inputs at times, never both
+    assert all(counts[f"second graph:{k}"] > 0 for k in range(4)), counts
+    assert counts["inputs kept by graph 1"] > 10 and counts["inputs kept by graph 2"] > 0, counts
 
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
