@@ -15,6 +15,8 @@ INVALID_ARGUMENT was a `RemoteError` with `code` INVALID_ARGUMENT only, which no
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -116,8 +118,47 @@ AGAIN = (
 _last_refusal: list[tuple[str, str, int | None]] = []  # the last memory refusal translated: op, message, used bytes
 
 
+# The client's wire handle of a device tensor (its storage's, or its own view handle) and the Session holding it, None
+# for a tensor of no session: each client sets it on its copy of this module (the shim: client/torch/runtime.py; the
+# C++ client: client/native/backend.py, which loads this file as a module of its own).
+tensor_handle: Callable[[torch.Tensor], tuple[Any, int] | None] | None = None
+
+
+def clear_grads(exc: BaseException) -> int:
+    """Set back to None every `.grad` that a daemon's error at a sync names as having no value (`exc.poisoned` of
+    `exc.session`, the op stream's `Error.poisoned`); how many. The daemon refuses an allocation at its op, but the
+    script hears of it at the next sync, after the ops queued behind it ran on a tensor with no value: a backward's
+    gradient is one, and where a leaf had no `.grad`, torch kept it as the `.grad`, which every later backward adds to
+    (and `zero_grad(set_to_none=False)` zeroes in place: both failed again). CUDA raises at the allocation, and the
+    `.grad` stays None (round 51: before, a script that caught the error had to `zero_grad()` before the next step, and
+    `set_to_none=False` did not help). A `.grad` that held a value keeps it: a failed in-place op (the backward's
+    accumulation, an optimizer's update) leaves its tensor as it was. The leaves are found among the objects Python's
+    garbage collector tracks (every tensor object is one): a walk of the heap, on this error path only."""
+    handles, session = getattr(exc, "poisoned", None), getattr(exc, "session", None)
+    where = tensor_handle
+    if not handles or session is None or where is None or getattr(exc, "_gp_cleared", False):
+        return 0
+    exc._gp_cleared = True  # type: ignore[attr-defined]  # (an error translated twice clears once)
+    cleared = 0
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # (isinstance would read a proxy's __class__: warnings)
+            continue
+        try:
+            grad = obj.grad if obj.is_leaf else None
+            found = where(grad) if grad is not None else None
+        except Exception:  # noqa: BLE001, S112 - a tensor of another kind (a meta or fake one): none of ours
+            continue
+        if found is not None and found[0] is session and found[1] in handles:
+            obj.grad = None
+            cleared += 1
+    return cleared
+
+
 def translate(exc: BaseException) -> BaseException:
-    """The exception a torch user sees for an error of the session client."""
+    """The exception a torch user sees for an error of the session client (the `.grad`s it left without a value set
+    back to None first: `clear_grads`)."""
+    if getattr(exc, "poisoned", None):
+        clear_grads(exc)
     if isinstance(exc, OutOfMemoryError | RemoteError):
         return exc
     if isinstance(exc, errors.MessageTooLarge):  # gRPC's limit, not a quota's: no OutOfMemoryError; the session ended
