@@ -1174,7 +1174,7 @@ class Session:
 
     def _in_band(self, error: tensor_pb2.Error) -> GpupoolError:
         """The exception of an op stream's `Error` (a Sync's, a Get's), naming this session where it names handles
-        without a value (`GpupoolError.poisoned`: client/torch/errors.py `clear_grads` sets back the `.grad`s on them)."""
+        without a value (`GpupoolError.poisoned`: client/torch/errors.py `clear_grads` sets such `.grad`s to None)."""
         exc = from_failure(error)
         if exc.poisoned:
             exc.session = self
