@@ -109,7 +109,9 @@ def over_quota(nbytes: int, quota: int, device: str, op: str = "") -> OutOfMemor
 # script hears of it at the next sync, after the ops that followed it ran: their outputs carry the same error. A
 # backward's gradient is one such output, and where a leaf had no `.grad` torch keeps it as the `.grad`, which every
 # later backward adds to: a script that caught the error and went on with a smaller batch without `zero_grad` got the
-# first refusal again (a GPU raises at the allocation, before any of that runs, and the `.grad` stays None).
+# first refusal again (a GPU raises at the allocation, before any of that runs, and the `.grad` stays None). Since
+# round 51 the sync sets such `.grad`s back to None (`clear_grads`): this is met where one is left (a daemon before
+# round 51, more handles without a value than its reply names, such a tensor the script kept otherwise).
 AGAIN = (
     " (the refusal a sync raised before, met again: a later op read a tensor the refused op left without a value; a"
     " .grad that the failed backward set is one, and every later backward adds to it: after catching the error, set"
