@@ -431,7 +431,7 @@ def errors() -> types.ModuleType:
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        mod.tensor_handle = _tensor_handle  # (`clear_grads`: the tensors of this client's sessions)
+        mod.__dict__["tensor_handle"] = _tensor_handle  # (`clear_grads`: the tensors of this client's sessions)
         _errors.append(mod)
     return _errors[0]
 
