@@ -1298,17 +1298,27 @@ def test_a_caught_out_of_memory_leaves_the_grads_as_they_were(pool: str, client:
     tensor with no value, and every later backward (adding to it) failed with the first refusal again."""
     pooled = on_pool(pool, "oom_retry.py", *client, "-p", "0.5")
     local = on_cpu("oom_retry.py")
-    assert (
-        OOM_LINE.findall(pooled.stdout)
-        == OOM_LINE.findall(local.stdout)
-        == [f"epoch {e} rows {1 << 34} out of memory, grad kept False" for e in (0, 1)]
-    ), pooled.stdout
-    losses = LOSS.findall(pooled.stdout)
-    assert len(losses) == 4, pooled.stdout
-    assert_loss_lines_close(losses, LOSS.findall(local.stdout))
-    weights = [re.findall(r"^weight (.*)$", run.stdout, re.M) for run in (pooled, local)]
-    assert pytest.approx(eval_list(weights[0][0]), abs=2e-6) == eval_list(weights[1][0]), weights
+    expected = [f"epoch {e} rows {1 << 34} out of memory, grad kept False" for e in (0, 1)]
+    assert_skipped_as_on_the_cpu(pooled, local, OOM_LINE, expected, 4, "weight")
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def assert_skipped_as_on_the_cpu(
+    pooled: subprocess.CompletedProcess[str],
+    local: subprocess.CompletedProcess[str],
+    caught: re.Pattern[str],
+    expected: list[str],
+    losses: int,
+    weights: str,
+) -> None:
+    """The lines of the errors a script caught (`caught`) are `expected` in its pooled run and its CPU run; its
+    `losses` losses and the list it prints after `weights` are the CPU run's, within float32 rounding."""
+    assert caught.findall(pooled.stdout) == caught.findall(local.stdout) == expected, pooled.stdout
+    got = LOSS.findall(pooled.stdout)
+    assert len(got) == losses, pooled.stdout
+    assert_loss_lines_close(got, LOSS.findall(local.stdout))
+    printed = [re.findall(rf"^{weights} (.*)$", run.stdout, re.M) for run in (pooled, local)]
+    assert pytest.approx(eval_list(printed[0][0]), abs=2e-6) == eval_list(printed[1][0]), printed
 
 
 def eval_list(text: str) -> list[float]:
@@ -1364,16 +1374,8 @@ def test_a_batch_within_the_quota_but_not_the_free_memory_is_skipped_as_on_a_gpu
     rows = str(192 * 1024**2 // 256)
     pooled = on_pool(small_worker_pool, "oom_skip.py", *client, "-p", "0.5", script_args=(rows,))
     local = on_cpu("oom_skip.py", rows)
-    assert (
-        SKIPPED.findall(pooled.stdout)
-        == SKIPPED.findall(local.stdout)
-        == [f"epoch {e} batch 0 out of memory, grads None [True, True, True, True]" for e in (0, 1)]
-    ), pooled.stdout
-    losses = LOSS.findall(pooled.stdout)
-    assert len(losses) == 6, pooled.stdout
-    assert_loss_lines_close(losses, LOSS.findall(local.stdout))
-    weights = [re.findall(r"^weights (.*)$", run.stdout, re.M) for run in (pooled, local)]
-    assert pytest.approx(eval_list(weights[0][0]), abs=2e-6) == eval_list(weights[1][0]), weights
+    expected = [f"epoch {e} batch 0 out of memory, grads None [True, True, True, True]" for e in (0, 1)]
+    assert_skipped_as_on_the_cpu(pooled, local, SKIPPED, expected, 6, "weights")
     wait_until(lambda: no_leases(small_worker_pool), timeout=10, what="the run's lease to be released")
 
 
