@@ -138,9 +138,9 @@ def clear_grads(exc: BaseException) -> int:
     garbage collector tracks (every tensor object is one): a walk of the heap, on this error path only."""
     handles, session = getattr(exc, "poisoned", None), getattr(exc, "session", None)
     where = tensor_handle
-    if not handles or session is None or where is None or getattr(exc, "_gp_cleared", False):
+    if not handles or session is None or where is None:
         return 0
-    exc._gp_cleared = True  # type: ignore[attr-defined]  # (an error translated twice clears once)
+    exc.session = None  # type: ignore[attr-defined]  # (translated twice, cleared once; and no Session to pickle)
     cleared = 0
     for obj in gc.get_objects():
         if not issubclass(type(obj), torch.Tensor):  # (isinstance would read a proxy's __class__: warnings)
