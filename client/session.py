@@ -811,7 +811,7 @@ class Session:
             return []
         assert w.reply is not None
         if w.reply.HasField("error"):
-            raise from_failure(w.reply.error)
+            raise self._in_band(w.reply.error)
         return [wire.scalar_from_proto(v) for v in w.reply.values]
 
     def download(
@@ -1170,7 +1170,15 @@ class Session:
                 return
             w.chunk(frame.chunk)
         elif kind == "error":
-            w.fail(from_failure(frame.error))
+            w.fail(self._in_band(frame.error))
+
+    def _in_band(self, error: tensor_pb2.Error) -> GpupoolError:
+        """The exception of an op stream's `Error` (a Sync's, a Get's), naming this session where it names handles
+        without a value (`GpupoolError.poisoned`: client/torch/errors.py `clear_grads` sets such `.grad`s to None)."""
+        exc = from_failure(error)
+        if exc.poisoned:
+            exc.session = self
+        return exc
 
     def _end_reason(self, exc: GpupoolError, wait: float = 5.0) -> GpupoolError:
         """Why a session whose side socket closed or broke ended: the stream's status (the daemon's reason),

@@ -26,6 +26,10 @@ class GpupoolError(Exception):
     """Base of every gpupool failure; `code` is the gRPC status it travels as."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # A daemon's error at a sync point: its session's handles that have no value (the op stream's `Error.poisoned`),
+    # and the client session that raised it (client/session.py); client/torch/errors.py `clear_grads` reads both
+    poisoned: frozenset[int] = frozenset()
+    session: Any = None
 
     def __init__(self, message: str, *, op: str = "") -> None:
         super().__init__(message)
@@ -153,13 +157,16 @@ def from_failure(failure: grpc.RpcError | tensor_pb2.Error) -> GpupoolError:
     """The client's one translation: a failed call (UNAVAILABLE for a dead peer, ...) or an in-band `Error` of
     the op stream becomes the matching exception."""
     if isinstance(failure, tensor_pb2.Error):
-        return from_status(
+        exc = from_status(
             status_code(failure.code),
             failure.message,
             failure.op,
             used_bytes=failure.used_bytes if failure.HasField("used_bytes") else None,
             limit_bytes=failure.limit_bytes if failure.HasField("limit_bytes") else None,
         )
+        if failure.poisoned:
+            exc.poisoned = frozenset(failure.poisoned)
+        return exc
     code = failure.code() if hasattr(failure, "code") else grpc.StatusCode.UNKNOWN
     details = failure.details() if hasattr(failure, "details") else str(failure)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (too_large := _TOO_LARGE.search(details or "")):

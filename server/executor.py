@@ -288,12 +288,12 @@ class CommandExecutor:
         self.ledger.error(s, err.code)
         kind = cmd.WhichOneof("cmd")
         if kind == "get":
-            reply(device_pb2.ServerFrame(request_id=cmd.get.request_id, error=err.to_proto()))
+            reply(device_pb2.ServerFrame(request_id=cmd.get.request_id, error=s.error_proto(err)))
             return
         if kind == "sync":  # a failed sync (bad scalar handle) reports its own error
             first = s.error or err
             s.error = None
-            sync = device_pb2.SyncReply(error=first.to_proto())
+            sync = device_pb2.SyncReply(error=s.error_proto(first))
             reply(device_pb2.ServerFrame(request_id=cmd.sync.request_id, sync=sync))
             return
         s.record_error(err)
@@ -1122,7 +1122,7 @@ class CommandExecutor:
             src, offset = pending[2], pending[3]
         elif s.error is not None:
             first, s.error = s.error, None
-            return device_pb2.ServerFrame(request_id=get.request_id, error=first.to_proto())
+            return device_pb2.ServerFrame(request_id=get.request_id, error=s.error_proto(first))
         else:
             t = s.resolve(get.handle)
             if t.numel() * t.element_size() > s.quota:  # an expanded view: its copy would be a memory bomb
@@ -1193,7 +1193,7 @@ class CommandExecutor:
                 else:
                     reply.values.append(wire.scalar_to_proto(v))
         else:
-            reply.error.CopyFrom(s.error.to_proto())
+            reply.error.CopyFrom(s.error_proto(s.error))
             s.error = None
         return frame
 

@@ -8,6 +8,7 @@ outputs: using such a handle fails with the original error.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections.abc import Iterable
@@ -41,6 +42,9 @@ MAX_HANDLES = 1 << 18
 # Host memory one session's captured graphs may hold in all, as graph_build.host_bytes estimates it (their prebuilt
 # calls, slot tables and TorchScript graphs; round 35): an honest training step's graph is a few MiB.
 MAX_GRAPH_BYTES = 256 * 1024**2
+# Handles a sync's error names as having no value (`WorkerSession.error_proto`, the op stream's `Error.poisoned`): the
+# most recently failed first, so a bounded reply however many a client made fail (round 51).
+MAX_POISONED_REPLY = 1 << 14
 
 
 @dataclass
@@ -453,6 +457,15 @@ class WorkerSession:
             self.unbind(handle)
             if handle in self.poisoned or self.handle_count() < self.max_handles:
                 self.poisoned[handle] = err  # past the limit the error still reaches the next sync
+
+    def error_proto(self, err: Poison) -> tensor_pb2.Error:
+        """The `Error` a sync point (a Sync's or a Get's answer) reports `err` with: with the session's handles that
+        have no value, the most recently failed first, at most MAX_POISONED_REPLY (a client sets back to None the
+        `.grad`s a failed backward left on them: client/torch/errors.py `clear_grads`)."""
+        proto = err.to_proto()
+        if self.poisoned:
+            proto.poisoned.extend(itertools.islice(reversed(self.poisoned), MAX_POISONED_REPLY))
+        return proto
 
     def record_error(self, err: Poison) -> None:
         if self.error is None:

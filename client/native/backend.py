@@ -403,6 +403,17 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
 
 
 _errors: list[types.ModuleType] = []
+_ID_BITS = (1 << 48) - 1  # a storage id's counter bits (native_client.cpp kIdMask; its top bits are the device's)
+
+
+def _tensor_handle(t: torch.Tensor) -> tuple[Any, int] | None:
+    """The Session and wire handle of a device tensor's storage (errors.clear_grads): the HandleAllocator's data
+    pointer is the storage's id, its handle the session's base + the id's counter bits (native_client.cpp
+    `Dev::handle`). None for a tensor of no session."""
+    session = _sessions.get(t.device.index or 0) if t.device.type == NAME else None
+    if session is None:
+        return None
+    return session, int(session.handle_base) + (t.untyped_storage().data_ptr() & _ID_BITS)
 
 
 def errors() -> types.ModuleType:
@@ -420,6 +431,7 @@ def errors() -> types.ModuleType:
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
+        mod.__dict__["tensor_handle"] = _tensor_handle  # (`clear_grads`: the tensors of this client's sessions)
         _errors.append(mod)
     return _errors[0]
 

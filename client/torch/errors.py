@@ -15,6 +15,8 @@ INVALID_ARGUMENT was a `RemoteError` with `code` INVALID_ARGUMENT only, which no
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -107,7 +109,9 @@ def over_quota(nbytes: int, quota: int, device: str, op: str = "") -> OutOfMemor
 # script hears of it at the next sync, after the ops that followed it ran: their outputs carry the same error. A
 # backward's gradient is one such output, and where a leaf had no `.grad` torch keeps it as the `.grad`, which every
 # later backward adds to: a script that caught the error and went on with a smaller batch without `zero_grad` got the
-# first refusal again (a GPU raises at the allocation, before any of that runs, and the `.grad` stays None).
+# first refusal again (a GPU raises at the allocation, before any of that runs, and the `.grad` stays None). Since
+# round 51 the sync sets such `.grad`s back to None (`clear_grads`): this is met where one is left (a daemon before
+# round 51, more handles without a value than its reply names, such a tensor the script kept otherwise).
 AGAIN = (
     " (the refusal a sync raised before, met again: a later op read a tensor the refused op left without a value; a"
     " .grad that the failed backward set is one, and every later backward adds to it: after catching the error, set"
@@ -116,8 +120,47 @@ AGAIN = (
 _last_refusal: list[tuple[str, str, int | None]] = []  # the last memory refusal translated: op, message, used bytes
 
 
+# The client's wire handle of a device tensor (its storage's, or its own view handle) and the Session holding it, None
+# for a tensor of no session: each client sets it on its copy of this module (the shim: client/torch/runtime.py; the
+# C++ client: client/native/backend.py, which loads this file as a module of its own).
+tensor_handle: Callable[[torch.Tensor], tuple[Any, int] | None] | None = None
+
+
+def clear_grads(exc: BaseException) -> int:
+    """Set back to None every `.grad` that a daemon's error at a sync names as having no value (`exc.poisoned` of
+    `exc.session`, the op stream's `Error.poisoned`); how many. The daemon refuses an allocation at its op, but the
+    script hears of it at the next sync, after the ops queued behind it ran on a tensor with no value: a backward's
+    gradient is one, and where a leaf had no `.grad`, torch kept it as the `.grad`, which every later backward adds to
+    (and `zero_grad(set_to_none=False)` zeroes in place: both failed again). CUDA raises at the allocation, and the
+    `.grad` stays None (round 51: before, a script that caught the error had to `zero_grad()` before the next step, and
+    `set_to_none=False` did not help). A `.grad` that held a value keeps it: a failed in-place op (the backward's
+    accumulation, an optimizer's update) leaves its tensor as it was. The leaves are found among the objects Python's
+    garbage collector tracks (every tensor object is one): a walk of the heap, on this error path only."""
+    handles, session = getattr(exc, "poisoned", None), getattr(exc, "session", None)
+    where = tensor_handle
+    if not handles or session is None or where is None:
+        return 0
+    exc.session = None  # type: ignore[attr-defined]  # (translated twice, cleared once; and no Session to pickle)
+    cleared = 0
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # (isinstance would read a proxy's __class__: warnings)
+            continue
+        try:
+            grad = obj.grad if obj.is_leaf else None
+            found = where(grad) if grad is not None else None
+        except Exception:  # noqa: BLE001, S112 - a tensor of another kind (a meta or fake one): none of ours
+            continue
+        if found is not None and found[0] is session and found[1] in handles:
+            obj.grad = None
+            cleared += 1
+    return cleared
+
+
 def translate(exc: BaseException) -> BaseException:
-    """The exception a torch user sees for an error of the session client."""
+    """The exception a torch user sees for an error of the session client (the `.grad`s it left without a value set
+    back to None first: `clear_grads`)."""
+    if getattr(exc, "poisoned", None):
+        clear_grads(exc)
     if isinstance(exc, OutOfMemoryError | RemoteError):
         return exc
     if isinstance(exc, errors.MessageTooLarge):  # gRPC's limit, not a quota's: no OutOfMemoryError; the session ended

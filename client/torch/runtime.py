@@ -410,6 +410,16 @@ class DeviceRuntime:
 ONE_OUTPUT = struct.Struct("<BQ").pack
 
 
+def tensor_handle(t: torch.Tensor) -> tuple[Any, int] | None:
+    """The Session and wire handle of a device tensor (errors.clear_grads), None for one of no session."""
+    d = t.__dict__
+    rt, h = d.get("_gp_rt"), d.get("_gp_h")
+    return None if rt is None or not h else (rt.session, h)
+
+
+errors.tensor_handle = tensor_handle
+
+
 def translate_and_mark(rt: DeviceRuntime, exc: BaseException) -> BaseException:
     out = errors.translate(exc)
     if isinstance(out, errors.DeviceLost) and out.code is grpc.StatusCode.UNAVAILABLE:

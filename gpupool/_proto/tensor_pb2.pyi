@@ -418,6 +418,7 @@ class Error(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     USED_BYTES_FIELD_NUMBER: _builtins.int
     LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    POISONED_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """grpc.StatusCode name, e.g. "INVALID_ARGUMENT" """
     op: _builtins.str
@@ -428,6 +429,14 @@ class Error(_message.Message):
     ahead, and the limit it ran into. Absent for every other error.
     """
     limit_bytes: _builtins.int
+    @_builtins.property
+    def poisoned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """At a sync point (a Sync's or a Get's answer) reporting a failed op: handles of the session that have no value
+        (the failed op's outputs and those of the ops that read them), the most recently failed first, at most
+        sessions.MAX_POISONED_REPLY of them (round 51). A client sets back to None each `.grad` the failed backward left
+        on one of them, as CUDA, which raises at the allocation, never sets it. Absent elsewhere; old clients ignore it.
+        """
+
     def __init__(
         self,
         *,
@@ -436,10 +445,11 @@ class Error(_message.Message):
         message: _builtins.str = ...,
         used_bytes: _builtins.int | None = ...,
         limit_bytes: _builtins.int | None = ...,
+        poisoned: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes", "_used_bytes", b"_used_bytes", "limit_bytes", b"limit_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes", "_used_bytes", b"_used_bytes", "code", b"code", "limit_bytes", b"limit_bytes", "message", b"message", "op", b"op", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes", "_used_bytes", b"_used_bytes", "code", b"code", "limit_bytes", b"limit_bytes", "message", b"message", "op", b"op", "poisoned", b"poisoned", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__limit_bytes: _TypeAlias = _typing.Literal["limit_bytes"]  # noqa: Y015
     _WhichOneofArgType__limit_bytes: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes"]  # noqa: Y015

@@ -29,27 +29,29 @@ def up_env(log: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def gpupool_up(tmp: Path, *flags: str) -> Iterator[dict[str, str]]:
-    """A running `gpupool up FLAGS` (fake GPUs, loopback, port 0, state and log in `tmp`); yields the client
-    environment and stops the pool after."""
+def gpupool_up(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """A running `gpupool up FLAGS` (fake GPUs, loopback, port 0, state and log in `tmp`; `env`: variables of its own,
+    which its daemon reads too: `GPUPOOL_WORKER_MEMORY`); yields the client environment and stops the pool after."""
     log_path = tmp / "up.log"
     cmd = [sys.executable, "-m", "gpupool.cli", "up", "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--scheduler-metrics-listen", "0", "--state", str(tmp / "scheduler.db"),
            *flags]  # fmt: skip
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=None if env is None else {**os.environ, **env}
+        )
     try:
         began = time.monotonic()
         deadline = began + UP_WAIT_S
-        env: dict[str, str] = {}
-        while "GPUPOOL_SCHEDULER" not in env and time.monotonic() < deadline and proc.poll() is None:
-            env = up_env(log_path.read_text())
+        exports: dict[str, str] = {}
+        while "GPUPOOL_SCHEDULER" not in exports and time.monotonic() < deadline and proc.poll() is None:
+            exports = up_env(log_path.read_text())
             time.sleep(0.2)
-        if "GPUPOOL_SCHEDULER" not in env:
+        if "GPUPOOL_SCHEDULER" not in exports:
             state = f"exit {proc.returncode}" if proc.poll() is not None else f"still starting after {UP_WAIT_S:g} s"
             load = os.getloadavg()[0]
             raise AssertionError(f"gpupool up did not come up ({state}, load {load:.0f}):\n{log_path.read_text()}")
-        yield env
+        yield exports
     finally:
         proc.send_signal(signal.SIGINT)
         try:

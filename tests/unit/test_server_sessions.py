@@ -155,6 +155,42 @@ def test_poisoned_handles_carry_the_original_error() -> None:
         s.resolve(h)
 
 
+def test_a_sync_point_names_the_handles_without_a_value_latest_first_and_bounded() -> None:
+    """A Sync's or a Get's error names the session's handles that have no value (`Error.poisoned`, round 51: the
+    client sets the `.grad`s on them back to None): the latest failed first, a freed one not, at most
+    MAX_POISONED_REPLY however many a client made fail (a hostile client cannot make the reply unbounded); a sync
+    without an error names none. The Python client reads them into the exception (`GpupoolError.poisoned`)."""
+    from gpupool.client.session import Session
+    from gpupool.server import slices
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import MAX_POISONED_REPLY
+
+    from gpupool._proto import device_pb2
+
+    s, ex = make(), CommandExecutor(slices.SliceLedger())
+    err = Poison(StatusCode.RESOURCE_EXHAUSTED, "aten::randn", "device 0 full", 7, 9)
+    n = MAX_POISONED_REPLY + 100
+    for i in range(1, n + 1):
+        s.poison(s.handle_base + i, err)
+    s.record_error(err)
+    s.free([s.handle_base + n])
+    frame = ex._sync(s, device_pb2.Sync(request_id=5))
+    assert isinstance(frame, device_pb2.ServerFrame) and frame.sync.error.message == "device 0 full"
+    named = list(frame.sync.error.poisoned)
+    assert named == [s.handle_base + i for i in range(n - 1, n - 1 - MAX_POISONED_REPLY, -1)]
+    assert (
+        ex._sync(s, device_pb2.Sync(request_id=6))
+        == device_pb2.ServerFrame(request_id=6, sync=device_pb2.SyncReply()).SerializeToString()
+    )
+    s.record_error(err)
+    got = ex._get(s, device_pb2.Get(request_id=7, handle=s.handle_base + 1))
+    assert isinstance(got, device_pb2.ServerFrame) and list(got.error.poisoned) == named
+    exc = Session._in_band(Session.__new__(Session), got.error)
+    assert isinstance(exc, ResourceExhausted) and exc.poisoned == frozenset(named) and exc.used_bytes == 7
+    clean = Poison(StatusCode.INVALID_ARGUMENT, "aten::add.Tensor", "bad")
+    assert not make(2).error_proto(clean).poisoned  # a session with none names none
+
+
 def test_fake_devices_and_discovery() -> None:
     devs = discover("host-a", fake_gpus=3, fake_memory=123)
     assert [(d.index, d.capacity, d.fake) for d in devs] == [(0, 123, True), (1, 123, True), (2, 123, True)]
