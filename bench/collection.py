@@ -48,7 +48,7 @@ def timed(python: str, root: Path, args: list[str], write_bytecode: bool = False
     done = subprocess.run([python, *args], cwd=root, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode not in (0, 5) or not re.search(r"\d+ (?:tests? collected|deselected)", done.stdout):
+    if done.returncode not in (0, 5) or not re.search(r"\d+ (?:tests? collected|deselected)|no tests ran", done.stdout):
         raise SystemExit(f"{root}: {args} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     return wall, cpu
