@@ -9,6 +9,9 @@ module), a base checkout against this one in one run, rounds alternating:
   `--collect-only` allowed to write .pyc files, which the script runs beside ruff and mypy), then the same
   `-n 2 -k NOTHING` with PYTHONDONTWRITEBYTECODE=1.
 
+Then a program the tests start, after the warm-up: a fresh interpreter importing the daemon's, the scheduler's and
+the client's modules (as each `gpupool serve`, zygote and `gpupool run` script does; --child-rounds times each tree).
+
 Wall seconds and CPU seconds (user + sys of the processes: the controller and its workers) of each, and medians.
 Wall times under load vary: compare the rounds side by side, and the CPU seconds.
 
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
 # scripts/test.sh's workers, each collecting the suite, and no test selected (xdist ignores -n under --collect-only)
 WORKERS = [*PYTEST, "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", "-k", "no_test_is_named_this_51"]
+CHILD = "import gpupool.server.app, gpupool.scheduler.cli, gpupool.client.session"
 TREES = ("tests", "gpupool", "server", "client", "scheduler", "examples", "bench", "deploy", "proto", "scripts")
 
 
@@ -48,7 +52,8 @@ def timed(python: str, root: Path, args: list[str], write_bytecode: bool = False
     done = subprocess.run([python, *args], cwd=root, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode not in (0, 5) or not re.search(r"\d+ (?:tests? collected|deselected)|no tests ran", done.stdout):
+    collected = args[0] == "-c" or re.search(r"\d+ (?:tests? collected|deselected)|no tests ran", done.stdout)
+    if done.returncode not in (0, 5) or not collected:
         raise SystemExit(f"{root}: {args} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     return wall, cpu
@@ -61,6 +66,7 @@ def caches(root: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child-rounds", type=int, default=5)
     parser.add_argument("--against", type=Path, required=True, help="a base checkout (its scripts/test.sh's way)")
     parser.add_argument("--against-python", default="", help="the base checkout's Python (default: this one)")
     args = parser.parse_args()
@@ -80,6 +86,11 @@ def main() -> None:
         rows["branch: 2 workers"].append(timed(sys.executable, ROOT, WORKERS))
         print(f"round {r + 1}: " + "  ".join(f"{k} {w:.1f} s wall {c:.1f} s CPU" for k, [*_, (w, c)] in rows.items()),
               flush=True)  # fmt: skip
+    children: dict[str, list[tuple[float, float]]] = {"base: a child's imports": [], "branch: a child's imports": []}
+    for _ in range(args.child_rounds):  # (the branch's .pyc files: the last round's warm-up's)
+        children["base: a child's imports"].append(timed(base_python, args.against, ["-c", CHILD]))
+        children["branch: a child's imports"].append(timed(sys.executable, ROOT, ["-c", CHILD]))
+    rows.update(children)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"{'median of ' + str(args.rounds):24} {'wall s':>8} {'CPU s':>8}")
     for name, runs in rows.items():
