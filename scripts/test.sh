@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run every check CI runs: generated code is fresh, ruff, mypy, import contracts, and the
-# test suite.
+# test suite (its bytecode written once beforehand, beside the checks: __pycache__/, git-ignored).
 # --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
   sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
@@ -9,7 +9,17 @@ fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+tmp=$(mktemp -d); warm=""; trap '[ -z "$warm" ] || kill "$warm" 2>/dev/null; rm -rf "$tmp"' EXIT
+# Bytecode written once, beside the checks below: a `--collect-only` of the same tests, allowed to write .pyc files
+# (__pycache__/, git-ignored), imports every test module and what it imports. Each pytest-xdist worker collects the
+# whole suite, and with PYTHONDONTWRITEBYTECODE=1 (this box's environment) each compiled every module from source and
+# pytest rewrote the asserts of all 272 test files again (504 s at load 20 in round 50); so did every `gpupool serve`,
+# zygote and script the tests start, for the product's modules. The run itself still writes nothing: Python and
+# pytest read a .pyc whose source's mtime and size match, else compile the source as before. At load 14-16 the two
+# workers' collection took 55 s (14 CPU s) after a 100 s warm-up, which overlaps mypy (142 s), against 193 s (33 CPU
+# s) on the base (BENCHMARKS.md "Round 51, suite51").
+env -u PYTHONDONTWRITEBYTECODE python3 -m pytest -q -p no:cacheprovider --collect-only "$@" >"$tmp/warm.log" 2>&1 &
+warm=$!
 bash scripts/gen_proto.sh "$tmp/_proto" >/dev/null
 diff -r -x __pycache__ "$tmp/_proto" gpupool/_proto || { echo "gpupool/_proto is stale: run scripts/gen_proto.sh" >&2; exit 1; }
 python3 -m ruff check .
@@ -24,4 +34,6 @@ bash scripts/lint_imports.sh  # .importlinter: the programs never import each ot
 # tests instead, which put the long modules of one or two tests (the sentiment example, the fresh-clone demo, the
 # three ranks, op_db, the fuzzers) among the last 70 of 267 files, where one taken late runs alone (round 50).
 workers=${GPUPOOL_TEST_WORKERS:-2}
+wait "$warm" || true  # (a collection error is the run's to report)
+warm=""
 python3 -m pytest -q -p no:cacheprovider --durations=30 -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import ipaddress
 import os
 import re
 import select
@@ -547,6 +548,47 @@ def dead_port(ports: tuple[int, int] | None = None) -> Iterator[int]:
 
             bind_in(ports, lambda port: held.bind(("127.0.0.1", port)))
         yield int(held.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (/proc's children lists)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):  # (a task that ended meanwhile)
+                todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def listening_sockets(pids: Sequence[int]) -> set[tuple[str, int]]:
+    """The TCP sockets these processes listen on: (address, port), from /proc (the kernel's word: for a program
+    that cannot say which port it bound, such as a daemon whose log goes nowhere)."""
+    inodes = set()
+    for p in pids:
+        for fd in Path(f"/proc/{p}/fd").glob("*"):
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                raw, port = cols[1].split(":")
+                found.add((_proc_net_address(raw), int(port, 16)))
+    return found
+
+
+def _proc_net_address(raw: str) -> str:
+    """An address of /proc/net/tcp (one little-endian 32-bit word) or tcp6 (four); IPv4-mapped ones as IPv4."""
+    ip = ipaddress.ip_address(b"".join(bytes.fromhex(raw[i : i + 8])[::-1] for i in range(0, len(raw), 8)))
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped or ip)
 
 
 def shut(*socks: socket.socket) -> None:

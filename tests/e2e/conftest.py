@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -114,10 +114,19 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             program.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _bound_port(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> int:
+    """The port Prometheus, started on 127.0.0.1:0, says it listens on (its log's whole "Listening on" line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r'msg="Listening on" address=127\.0\.0\.1:(\d+)\s', log.read_text())
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"prometheus named no port it listens on in {timeout:.0f} s:\n{log.read_text()}")
 
 
 class Prometheus:
@@ -165,31 +174,26 @@ def prometheus(pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(given[key], tmp / name)
     (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
-    for attempt in range(5):
-        # Prometheus cannot report a port it picked itself: take a free one, retry if another process won it.
-        port = _free_port()
-        log = tmp / f"prometheus-{attempt}.log"
-        with log.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-                stdout=log_file, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        server = Prometheus(f"http://127.0.0.1:{port}", proc, log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        if proc.poll() is None:
-            break
-        if "address already in use" not in log.read_text():
-            raise AssertionError(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
-    else:
-        raise AssertionError("no free port for prometheus after 5 attempts")
+    # Prometheus binds port 0 itself and logs the port it got ("Listening on" address=127.0.0.1:PORT, exporter-toolkit).
+    # Until round 51 the test took a free port, closed it and passed the number: another process could win it first.
+    log = tmp / "prometheus.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+             "--web.listen-address=127.0.0.1:0", "--storage.tsdb.retention.time=1h"],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    server = Prometheus(f"http://127.0.0.1:{_bound_port(proc, log)}", proc, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.2)
+    if proc.poll() is not None:
+        raise AssertionError(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
     try:
         yield server
     finally:

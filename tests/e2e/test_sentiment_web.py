@@ -25,7 +25,6 @@ import pytest
 
 from examples.sentiment import data, train
 from examples.sentiment.infer import Classifier
-from examples.sentiment.web import Batcher
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -112,6 +111,8 @@ def test_bad_input_gets_a_clear_error(server: str, body: bytes, ctype: str, stat
 
 
 def test_concurrent_requests_are_batched(model_dir: Path) -> None:
+    from examples.sentiment.web import Batcher  # (here: Flask imported by this test, not by every worker's collection)
+
     batcher = Batcher(Classifier.load(model_dir, "cpu"), max_batch=64, window_s=0.5)
     results: list[str] = []
     threads = [threading.Thread(target=lambda i=i: results.append(batcher.classify([f"review {i} good"])[0].label))

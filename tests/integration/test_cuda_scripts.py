@@ -356,9 +356,21 @@ def test_distributed_checkpoint_of_device_tensors_gives_the_cpu_results(pool: st
 
 
 def free_port() -> str:
+    """A port that was free a moment ago, for a script told its MASTER_PORT before it starts (ddp_spawn.py: rank 0's
+    TCPStore binds it, the other rank dials it, so port 0 cannot do): its runs retry on EADDRINUSE (`with_a_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def with_a_port(cmd: list[str], env: dict[str, str], *after: str) -> subprocess.CompletedProcess[str]:
+    """`run(CMD PORT AFTER...)` with a free port, and again with another where a process took it before rank 0's
+    store bound it (torch's DistNetworkError: "EADDRINUSE"). Until round 51 one try: the race failed the test."""
+    for _ in range(5):
+        done = launch([*cmd, free_port(), *after], env)
+        if done.returncode == 0 or "EADDRINUSE" not in done.stderr:
+            return checked(cmd, done)
+    raise AssertionError(f"{cmd}: every port was taken before rank 0's store bound it:\n{done.stderr[-3000:]}")
 
 
 WEIGHTS = re.compile(r"^rank (\d) weights (.*)$", re.M)
@@ -372,7 +384,7 @@ def test_spawned_ddp_script_with_nccl_and_a_snapshot_gives_the_cpu_losses(pool: 
     bound to gpupool:0 while it claimed lease device 1: its daemon refused the join."""
 
     def twice(cmd: list[str], env: dict[str, str], snapshot: Path) -> str:
-        return "".join(run([*cmd, str(epochs), free_port(), str(snapshot)], env).stdout for epochs in (1, 2))
+        return "".join(with_a_port([*cmd, str(epochs)], env, str(snapshot)).stdout for epochs in (1, 2))
 
     script = [sys.executable, "ddp_spawn.py"]
     with ThreadPoolExecutor(1) as beside:  # the CPU's two runs beside the pool's two

@@ -17,8 +17,6 @@ Found and fixed here (fails on a490c2a):
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import os
 import re
 import resource
 import socket
@@ -40,7 +38,16 @@ from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from grpc_health.v1 import health_pb2
 from scheduler_fixtures import Proc, SimHost, key_file, start_scheduler, wait_until
-from support import DaemonFactory, get_pki, mint_token, scrape, start_serve_process, stop_process
+from support import (
+    DaemonFactory,
+    get_pki,
+    listening_sockets,
+    mint_token,
+    process_tree,
+    scrape,
+    start_serve_process,
+    stop_process,
+)
 from test_up import start_up
 
 from gpupool import tls, tokens
@@ -352,45 +359,6 @@ def test_the_schedulers_log_and_metrics_hold_no_secret(tmp_path: Path) -> None:
         proc.stop()
 
 
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants (/proc's children lists)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            todo += [int(c) for c in task.read_text().split()]
-    return out
-
-
-def _listening(pids: list[int]) -> set[tuple[str, int]]:
-    """The TCP sockets these processes listen on: (address, port)."""
-    inodes = set()
-    for p in pids:
-        for fd in Path(f"/proc/{p}/fd").glob("*"):
-            try:
-                link = os.readlink(fd)
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
-                raw, port = cols[1].split(":")
-                found.add((_address(raw), int(port, 16)))
-    return found
-
-
-def _address(raw: str) -> str:
-    """An address of /proc/net/tcp (one little-endian 32-bit word) or tcp6 (four); IPv4-mapped ones as IPv4."""
-    ip = ipaddress.ip_address(b"".join(bytes.fromhex(raw[i : i + 8])[::-1] for i in range(0, len(raw), 8)))
-    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-    return str(mapped or ip)
-
-
 def test_every_socket_gpupool_up_listens_on_is_tls(tmp_path: Path) -> None:
     """The scheduler's and the daemon's gRPC ports, the daemon's side port and (since round 40) the two metrics
     pages, whatever the processes of `gpupool up` (the zygote and workers too) listen on, shake hands in TLS with a
@@ -402,7 +370,7 @@ def test_every_socket_gpupool_up_listens_on_is_tls(tmp_path: Path) -> None:
         env = dict(re.findall(r"^\s+export (GPUPOOL_\w+)=(\S+)$", "\n".join(proc.lines), re.M))
         metrics = {int(m) for m in re.findall(r"metrics on https://127\.0\.0\.1:(\d+)", "\n".join(proc.lines))}
         assert len(metrics) == 2, proc.log()
-        sockets = _listening(_tree(proc.popen.pid))
+        sockets = listening_sockets(process_tree(proc.popen.pid))
         assert len(sockets) == 5, sockets  # two gRPC ports, the side port, two metrics pages
         context = ssl.create_default_context(cafile=env["GPUPOOL_TLS_CA"])
         context.load_cert_chain(env["GPUPOOL_TLS_CERT"], env["GPUPOOL_TLS_KEY"])

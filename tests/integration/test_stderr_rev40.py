@@ -3,7 +3,6 @@ closed, C code that writes there holding the GIL."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,22 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import MiB, mint_token, public_key_file, stop_process
+from support import MiB, listening_sockets, mint_token, process_tree, public_key_file, stop_process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _listening_port(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The port of the one TCP socket the daemon (and its children) listen on, once there is one: it binds
+    127.0.0.1:0 itself, and with its stderr closed its "listening on" line goes nowhere, so the kernel says which
+    (support.listening_sockets). Until round 51 the test bound port 0, closed it and passed the number on: any other
+    process could take the port in between (the daemon then failed to start, or the test spoke to a stranger)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the daemon exited ({proc.returncode})"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        found = listening_sockets(process_tree(proc.pid))
+        if found:
+            assert len(found) == 1, found  # (--metrics-listen 0, no --bulk-listen: its gRPC port only)
+            [(address, port)] = found
+            assert address == "127.0.0.1", found
+            return port
         time.sleep(0.5)
     raise AssertionError("the daemon never listened")
 
@@ -38,13 +38,12 @@ def test_a_daemon_started_with_its_stderr_closed_serves_sessions(
     """`gpupool serve 2>&-` (a supervisor that closes the descriptor): the first descriptor the daemon opens takes
     number 2, and its log lines went there (on 38080f0 the zygote's control socket: "the zygote died", no session
     started). Now `gpupool` opens /dev/null on a closed 0, 1 or 2 first (gpupool/cli.py `standard_descriptors`)."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "0"]
+    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
     cmd += ["--token-public-keys", str(public_key_file(token_key_file)), "--host-id", "test-host"]
     cmd += ["--fake-gpus", "1", "--fake-gpu-memory", "256MiB"]
     proc = subprocess.Popen(["sh", "-c", 'exec "$@" 2>&-', "sh", *cmd], stdout=subprocess.DEVNULL)
     try:
-        _wait_listening(port, proc, 150)
+        port = _listening_port(proc, 150)
         for _ in range(3):
             token = mint_token(token_key, host="test-host", quota_bytes=16 * MiB)
             with Session.attach(f"127.0.0.1:{port}", token) as s:

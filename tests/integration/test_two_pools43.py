@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from gpupool.client.pool import SchedulerClient
 from gpupool.server.cli import default_host_id
-from scheduler_fixtures import ROOT, Proc, key_file, start_scheduler, wait_until
+from scheduler_fixtures import LISTEN_RE, ROOT, Proc, key_file, start_scheduler, wait_until
 
 pytestmark = pytest.mark.slow
 REGISTERED = re.compile(r"registered with scheduler \S+ as (\S+) \(")
@@ -37,32 +37,20 @@ def test_two_daemons_without_a_host_id_are_two_hosts_to_one_scheduler(tmp_path: 
     """Two `gpupool serve --fake-gpus 2` on this host, neither given --host-id, registering with one scheduler:
     two hosts, four distinct UUIDs (round 42: one host, whichever registered last, two UUIDs)."""
     sched, address = start_scheduler(tmp_path)
-    daemons = []
+    daemons: list[Proc] = []
+    args = ["--metrics-listen", "0", "--fake-gpus", "2", "--fake-gpu-memory", "256MiB", "--token-key-file",
+            str(key_file(tmp_path)), "--scheduler", address, "--heartbeat-interval", "0.5",
+            "--isolation", "thread"]  # fmt: skip
     try:
-        for port in (0, _free_port()):
-            daemons.append(
-                Proc(
-                    [
-                        "serve",
-                        "--listen",
-                        f"127.0.0.1:{port}",
-                        "--metrics-listen",
-                        "0",
-                        "--fake-gpus",
-                        "2",
-                        "--fake-gpu-memory",
-                        "256MiB",
-                        "--token-key-file",
-                        str(key_file(tmp_path)),
-                        "--scheduler",
-                        address,
-                        "--heartbeat-interval",
-                        "0.5",
-                        "--isolation",
-                        "thread",
-                    ]
-                )  # fmt: skip
-            )
+        daemons.append(Proc(["serve", "--listen", "127.0.0.1:0", *args]))
+        for _ in range(5):  # the second on a port named in advance (its host id names it): it binds the port itself
+            port = _free_port()
+            daemons.append(Proc(["serve", "--listen", f"127.0.0.1:{port}", *args]))
+            if "in use" not in daemons[-1].wait_for(rf"{LISTEN_RE.pattern}|the port is in use", timeout=150).group(0):
+                break
+            daemons.pop().stop()  # another process took the free port before the daemon bound it: another one
+        else:
+            raise AssertionError("no free port for the second daemon after 5 attempts")
         ids = [d.wait_for(REGISTERED, timeout=150).group(1) for d in daemons]
         assert len(set(ids)) == 2 and ids[1] == f"{socket.gethostname()}-{port}", ids
         client = SchedulerClient(address)
@@ -81,6 +69,8 @@ def test_two_daemons_without_a_host_id_are_two_hosts_to_one_scheduler(tmp_path: 
 
 
 def _free_port() -> int:
+    """A port that was free a moment ago: only for a program that must be told its port before it starts (its callers
+    retry when another process took it meanwhile), never for one that can bind port 0 and say which it got."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

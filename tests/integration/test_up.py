@@ -37,6 +37,8 @@ print("side", reply.bulk_port > 0, "side_frames" in reply.features, flush=True)
 sys.exit(7)
 """
 
+RUN_LINE = re.escape("gpupool run -n 1 -p 0.5 -- python train.py")  # the banner's line after its export lines
+
 
 def gpupool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -59,8 +61,9 @@ def start_up(tmp: Path) -> tuple[Proc, str]:
 
 
 def exports(proc: Proc) -> dict[str, str]:
-    """The `export GPUPOOL_...=...` lines `gpupool up` printed: the scheduler, its CA and the user's certificate."""
-    proc.wait_for(r"export GPUPOOL_TLS_KEY=")
+    """The `export GPUPOOL_...=...` lines `gpupool up` printed: the scheduler, its CA and the user's certificate (all
+    of them: the banner's line after the last, waited for)."""
+    proc.wait_for(RUN_LINE, timeout=60)
     return dict(re.findall(r"^\s+export (GPUPOOL_\w+)=(\S+)$", "\n".join(proc.lines), re.M))
 
 
@@ -86,10 +89,12 @@ def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -
     for secret in ("token.key", f"pki/tenant-{getpass.getuser()}.key", "pki/admin-admin.key", "scheduler.db"):
         assert (state / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
     assert b"PRIVATE" not in (state / "token.pub").read_bytes()
-    assert "gpupool run -n 1 -p 0.5 -- python train.py" in proc.log()
+    # The banner's lines after the export one the fixture waited for: waited for too (a banner that reaches the pipe
+    # in two reads is not all in the log yet when that line is).
+    proc.wait_for(RUN_LINE, timeout=60)
     # and, in a checkout, one to try (ops43: a new user ran the line above in a fresh clone: no train.py there)
-    example = re.search(r"to try one: python (\S+) --device gpupool --data sample", proc.log())
-    assert example and Path(example.group(1)) == ROOT / "examples" / "sentiment" / "train.py", proc.log()
+    example = proc.wait_for(r"to try one: python (\S+) --device gpupool --data sample", timeout=60)
+    assert Path(example.group(1)) == ROOT / "examples" / "sentiment" / "train.py", proc.log()
     env = {**exports(proc), "GPUPOOL_TENANT": "carol"}  # the tenant comes from the certificate, not from this
     assert env["GPUPOOL_SCHEDULER"] == address and env["GPUPOOL_TLS_CERT"].startswith(str(state))
     client_tls = tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
