@@ -242,19 +242,22 @@ def _kernels_out(path: str) -> tuple[Any, Any, Any]:
 
 
 def _anew(out: Any, there: set[int]) -> Any:
-    """`out` (a real run's outputs) with each tensor not in `there` made anew: a copy of its storage (one per storage
-    the outputs share) and a tensor over it at the same offset, sizes and strides."""
-    copies: dict[int, Any] = {}
+    """`out` (a real run's outputs) with each tensor not in `there` made anew: a copy of its storage's bytes (one per
+    storage the outputs share) and a tensor over it at the same offset, sizes and strides. Made with tensors only, as
+    a kernel makes its output: a storage made from Python (`UntypedStorage.clone`) has a Python object, whose
+    deallocation (~1.3k instructions, the GIL taken) the tensor's rebinding would count and a real step's does not."""
+    copies: dict[int, torch.Tensor] = {}
     res = []
     for t in out:
         if not isinstance(t, torch.Tensor) or id(t) in there:
             res.append(t)
             continue
         storage = t.untyped_storage()
-        copy = copies.get(storage._cdata)
-        if copy is None:
-            copy = copies[storage._cdata] = storage.clone()
-        res.append(torch.empty(0, dtype=t.dtype).set_(copy, t.storage_offset(), t.size(), t.stride()))
+        base = copies.get(storage._cdata)
+        if base is None:
+            base = copies[storage._cdata] = torch.empty(storage.nbytes(), dtype=torch.uint8)
+            base.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        res.append(torch.empty(0, dtype=t.dtype).set_(base.view(t.dtype), t.storage_offset(), t.size(), t.stride()))
     return type(out)(res)
 
 
