@@ -3963,9 +3963,10 @@ bool same_binding(PyObject* keys, PyObject* storages, PyObject* uploads, PyObjec
 // that lie in it zeroed at the end, `zero_new`, where none of them covers it), the handle bound. The bytes counted
 // (session and device) once at the end, also when a handle raised. False, nothing done, where a table is not a dict
 // or a value is not a tensor: the caller runs `rebind_all`. The session's class must be `WorkerSession` itself
-// (the caller's check): its handles were checked by the caller (outputs) and at definition (writes).
+// (the caller's check): its handles were checked by the caller (outputs) and at definition (writes). `in_place`: a
+// live handle's table entries written over, not popped and inserted again (below).
 bool rebind_run(const py::object& session, py::handle outputs, py::handle out_slots, py::handle writes,
-                py::handle slots) {
+                py::handle slots, bool in_place) {
   PyObject *s = session.ptr(), *outs = outputs.ptr(), *oslots = out_slots.ptr(), *wr = writes.ptr(),
            *sl = slots.ptr();
   if (!PyList_CheckExact(outs) || !PyList_CheckExact(oslots) || !PyDict_CheckExact(wr) || !PyList_CheckExact(sl)) {
@@ -4034,11 +4035,15 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
       break;
     }
     if (cur == v && same_binding(keys.p, storages.p, uploads.p, h, v)) continue;  // rebinding it changes nothing
-    // A live handle is rebound in place (round 51): its entries in `tensors` and `keys` written over below, not
-    // popped and inserted again (a real step's kept tensors are new objects each run, the pops and inserts ~1k
-    // instructions a pair and the tables' resizes as their popped slots piled up). Where that fails midway the
+    // `in_place` (a quiet run's, `graph_run`; round 51): a live handle's entries in `tensors` and `keys` are written
+    // over below, not popped and inserted again (a real step's kept tensors are new objects each run; the pop and
+    // the insert into a table with popped slots piling up, ~600 instructions a pair). Where that fails midway the
     // handle is taken out of both tables once its storage no longer counts it (`unbound`), as `rebind_all` leaves a
-    // handle it popped; before that, it stays bound as it was.
+    // handle it popped; before that, it stays bound as it was. Otherwise (the Python's `_finish`) both are popped and
+    // inserted again, as `rebind_all` does: the tables' key objects are then `writes`' own, those of every later run's
+    // look-ups, which find a key by its identity where it is the same object (~110 instructions each less than
+    // comparing two ints); a handle bound first by an eager op or an upload is keyed by that command's int, which a
+    // run in place would keep.
     const bool live = cur != nullptr && cur != Py_None;
     if (live) {  // `unbind`
       if (!pinned_read) {  // (a handle not live was unbound before: by a table method that counted it then)
@@ -4056,15 +4061,22 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
           break;
         }
       }
-      PyObject* skey = PyDict_GetItemWithError(keys.p, h);  // borrowed: `keys[handle]`, written over below
-      if (skey == nullptr) {
+      Own old(in_place ? nullptr : dict_pop(tensors.p, h));  // `tensors.pop(handle)`
+      if (!in_place && old.p == nullptr) {
+        failed = true;
+        break;
+      }
+      old.reset(nullptr);
+      // `keys[handle]` (written over below) or `keys.pop(handle)`
+      Own skey(in_place ? Py_XNewRef(PyDict_GetItemWithError(keys.p, h)) : dict_pop(keys.p, h));
+      if (skey.p == nullptr || skey.p == MISSING) {
         if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, h);
         failed = true;
         break;
       }
-      PyObject* entry = PyDict_GetItemWithError(storages.p, skey);  // borrowed: `storages[old]`
+      PyObject* entry = PyDict_GetItemWithError(storages.p, skey.p);  // borrowed: `storages[old]`
       if (entry == nullptr) {
-        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, skey);
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, skey.p);
         failed = true;
         break;
       }
@@ -4083,7 +4095,7 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
       }
       unbound = h;  // its storage no longer counts it
       if (count - 1 == 0) {
-        if (PyDict_DelItem(storages.p, skey) < 0) {
+        if (PyDict_DelItem(storages.p, skey.p) < 0) {
           failed = true;
           break;
         }
@@ -4480,7 +4492,7 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
       throw py::error_already_set();
     }
   }
-  if (!rebind_run(session, outputs, p.out_slots, writes, slots.p)) {
+  if (!rebind_run(session, outputs, p.out_slots, writes, slots.p, true)) {  // (its last run put `writes`' keys there)
     return py::reinterpret_steal<py::object>(std::exchange(slots.p, nullptr));
   }
   // every persistent handle was bound to its reference's object at the start; where no table method unbound one
@@ -4925,7 +4937,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pinned", [] { return pinned_records; });
   m.def("plain_views", [] { return plain_views; });
   m.def("quiet_externals", &quiet_externals);
-  m.def("rebind_run", &rebind_run);
+  m.def("rebind_run", &rebind_run, py::arg("session"), py::arg("outputs"), py::arg("out_slots"), py::arg("writes"),
+        py::arg("slots"), py::arg("in_place") = false);
   py::class_<GraphPlan>(m, "GraphPlan")
       .def(py::init(&make_graph_plan), py::arg("n_slots"), py::arg("metas"), py::arg("nbytes"), py::arg("contiguous"),
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
