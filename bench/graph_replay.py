@@ -26,6 +26,7 @@ the replay binds a fresh tensor of the input's metadata per command for them, as
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import statistics
 import subprocess
@@ -199,32 +200,72 @@ def replay_instr(path: str, steps: int) -> str:
 
 
 def _kernels_out(path: str) -> tuple[Any, Any, Any]:
-    """A worker whose graph ran (and was traced), its traced function replaced by one returning a real run's outputs
-    (the same objects every run): what a RunGraph then costs is the worker's own work, not the kernels'. Returns
-    (executor, session, command maker)."""
-    ex, s, command = _worker(path)
-    for _ in range(5):
-        c = command()
+    """A worker whose graph ran (and was traced), its traced function replaced by one returning what a real run
+    returns without running the kernels: what a RunGraph then costs is the worker's own work, not the kernels'. Each
+    run gets tensors of its own, as a real run's (round 51): the outputs a real run made anew (the step's gradients,
+    its loss) are new objects over new storages of the same bytes and layout, made when the command is (outside the
+    count) and handed to the run that command starts; those it updated in place (an input or a tensor bound in the
+    session: its parameters, its optimizer state) are the same objects. Until round 50 every run returned one real
+    run's outputs, the very same objects, so each kept tensor was found bound already (native_runner.cpp
+    `same_binding`) and its rebinding, a real step's, was never counted. Returns (executor, session, command maker)."""
+    ex, s, make = _worker(path)
+
+    def run() -> None:
+        c = make()
         ex.execute(s, c, _no_reply)
         s.free(_fresh(s, c))
+
+    for _ in range(5):
+        run()
     traced = next(iter(ex.graphs._of(s).values())).traced
     if traced is None:
         raise SystemExit("the graph did not trace: no TorchScript call to take out")
-    real, kept = traced.fn, []
+    real, last = traced.fn, []
 
-    def outputs(*args: Any) -> Any:
-        if not kept:
-            kept.append(real(*args))
-        return kept[0]
+    def recording(*args: Any) -> Any:  # a real run: what it returned, and which of it was there before
+        there = {id(a) for a in args} | {id(t) for t in s.tensors.values()}
+        out = real(*args)
+        last[:] = [out, there]
+        return out
 
-    traced.fn = outputs
+    traced.fn = recording
+    run()
+    out, there = last
+    queue: collections.deque[Any] = collections.deque()
+
+    def command() -> Any:
+        queue.append(_anew(out, there))
+        return make()
+
+    traced.fn = lambda *args: queue.popleft()
     return ex, s, command
+
+
+def _anew(out: Any, there: set[int]) -> Any:
+    """`out` (a real run's outputs) with each tensor not in `there` made anew: a copy of its storage's bytes (one per
+    storage the outputs share) and a tensor over it at the same offset, sizes and strides. Made with tensors only, as
+    a kernel makes its output: a storage made from Python (`UntypedStorage.clone`) has a Python object, whose
+    deallocation (~1.3k instructions, the GIL taken) the tensor's rebinding would count and a real step's does not."""
+    copies: dict[int, torch.Tensor] = {}
+    res = []
+    for t in out:
+        if not isinstance(t, torch.Tensor) or id(t) in there:
+            res.append(t)
+            continue
+        storage = t.untyped_storage()
+        base = copies.get(storage._cdata)
+        if base is None:
+            base = copies[storage._cdata] = torch.empty(storage.nbytes(), dtype=torch.uint8)
+            base.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        res.append(torch.empty(0, dtype=t.dtype).set_(base.view(t.dtype), t.storage_offset(), t.size(), t.stride()))
+    return type(out)(res)
 
 
 def outside_instr(path: str, steps: int) -> str:
     """Inside valgrind: the worker's own instructions per RunGraph, without the kernels: the traced function replaced
-    by one returning a real run's outputs (the same objects every run), so that what is counted is the run's inputs,
-    persistent tensors, binding and accounting (`steps` 0: the harness alone, subtracted by `_outside`)."""
+    by one returning what a real run returns (`_kernels_out`: new tensors where a real run makes them), so that what is
+    counted is the run's inputs, persistent tensors, binding and accounting (`steps` 0: the harness alone, subtracted
+    by `_outside`)."""
     ex, s, command = _kernels_out(path)
     cmds = [command() for _ in range(steps + 1)]
     ex.execute(s, cmds[0], _no_reply)
@@ -313,32 +354,46 @@ def outside_cpu(path: str, steps: int, repeats: int, sliced: bool = False) -> st
            f"{statistics.median(runs) * 1e6:.1f} us"  # fmt: skip
 
 
+# The worker's parts of a captured step's slice shown apart (callgrind's inclusive counts): the C++ runner's whole
+# quiet run (`graph_run`: checks, the traced call, the binding) and in it the binding of its outputs and kept tensors
+RUN_PARTS = {"graph_run": "graph_run(", "rebind_run": "rebind_run("}
+
+
 def _outside(model: str, path: str, steps: int, tmp: str, flag: str = "--outside-instr",
              against: tuple[str, str] | None = None) -> str:  # fmt: skip
-    """`flag`'s count of `path` minus the harness's; `against` (python, checkout): that checkout's bench and python
-    on the same dumped graph (round 50), counted at the same time."""
+    """`flag`'s count of `path` minus the harness's, and of it `RUN_PARTS`; `against` (python, checkout): that
+    checkout's worker (its python imports its gpupool) counted by this bench on the same dumped graph at the same time
+    (round 51: until then that checkout's own bench, whose kept tensors were the same objects every run)."""
     sys.path.insert(0, str(HERE))
-    from daemon_ab import _total
+    from daemon_ab import _inclusive, _total
 
-    sides = [("", sys.executable, __file__)]
+    sides = [("", sys.executable)]
     if against is not None:
-        sides.append(("base ", against[0], str(Path(against[1]) / "bench" / "graph_replay.py")))
+        sides.append(("base ", against[0]))
+        where = subprocess.run([against[0], "-c", "import gpupool; print(gpupool.__file__)"], cwd=HERE,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        if not Path(where).resolve().is_relative_to(Path(against[1]).resolve()):
+            raise SystemExit(f"{against[0]} imports the gpupool of {where}, not {against[1]}'s")
     procs = []
-    for tag, python, script in sides:
+    for tag, python in sides:
         for n in (steps, 0):
             out = Path(tmp) / f"cg.outside.{model}.{n}.{len(procs)}"
-            cmd = [*cgtools.valgrind(out), python, script, flag, path, "--steps", str(n)]
+            cmd = [*cgtools.valgrind(out), python, __file__, flag, path, "--steps", str(n)]
             procs.append((tag, n, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-    counts: dict[str, list[int]] = {}
+    counts: dict[str, list[list[int]]] = {}
     for tag, _, out, proc in procs:
         _, err = proc.communicate()
         if proc.returncode:
             raise SystemExit(f"{tag or 'this '}checkout's count failed: {err.decode(errors='replace')[-2000:]}")
-        counts.setdefault(tag, []).append(_total(out))
-    per = {tag: (c[0] - c[1]) / steps for tag, c in counts.items()}
-    line = f"worker per RunGraph outside the kernels {per[''] / 1e3:8.1f}k instructions"
+        counts.setdefault(tag, []).append([_total(out), *_inclusive(out, *RUN_PARTS.values())])
+    per = {tag: [(a - b) / steps for a, b in zip(*c, strict=True)] for tag, c in counts.items()}
+    line = ""
+    for tag, (total, *parts) in per.items():
+        line += f"  {tag}" if tag else "worker per RunGraph outside the kernels"
+        line += f" {total / 1e3:8.1f}k instructions ("
+        line += ", ".join(f"{name} {n / 1e3:.1f}k" for name, n in zip(RUN_PARTS, parts, strict=True)) + ")"
     if against is not None:
-        line += f"  (base {per['base '] / 1e3:8.1f}k, ratio {per[''] / per['base ']:.3f})"
+        line += f"  ratio {per[''][0] / per['base '][0]:.3f}"
     return line
 
 
@@ -424,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
                    "them); outside-slice: the same, each RunGraph a slice of one command from its frame's bytes "
                    "(the frame's parse, the slice's loop and its result counted too); outside-cpu: outside's, the "
                    "thread's CPU time (min and median of --repeats); outside-slice-cpu: outside-slice's")  # fmt: skip
-    p.add_argument("--against", metavar="DIR", help="outside, outside-slice: also count checkout DIR's worker (its "
-                   "graph_replay.py, run by --against-python) on the same dumped graphs, side by side")  # fmt: skip
+    p.add_argument("--against", metavar="DIR", help="outside, outside-slice: also count checkout DIR's worker (this "
+                   "bench run by --against-python, which imports DIR's gpupool) on the same dumped graphs, side by "
+                   "side")  # fmt: skip
     p.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = p.parse_args(argv)
     if args.dump:

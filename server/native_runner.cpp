@@ -3913,17 +3913,12 @@ PyObject* S_zero_new;
 // key counts, and that storage's entry either shared with another handle (the unbind and the bind then take one
 // from its count and add it back) or its own at the bytes counted and covered by the tensor (the unbind then frees
 // it and the bind counts it again at the same bytes, with nothing to zero). A storage the run grew, moved or that
-// the tensor does not cover takes the full rebinding, which counts and zeroes it. A kept tensor that a step updates
-// in place (a captured step's parameters and optimizer state) is the same object after each run: the tiny MLP's 6
-// of its 7 pairs, ~2.4k instructions each through the pops and inserts. (The full path also moves the handle to its
-// tables' ends; nothing reads their order.)
-bool same_binding(PyObject* tensors, PyObject* keys, PyObject* storages, PyObject* uploads, PyObject* h,
-                  PyObject* v) {
-  PyObject* cur = PyDict_GetItemWithError(tensors, h);  // borrowed
-  if (cur != v) {
-    if (cur == nullptr && PyErr_Occurred()) throw py::error_already_set();
-    return false;
-  }
+// the tensor does not cover takes the full rebinding, which counts and zeroes it. The caller found `v` bound to `h`
+// already. (Round 51: a real captured step's kept tensors are new objects each run, its new gradients: the tiny MLP's
+// 6 and the encoder's 27 `writes`, none found bound; its parameters and optimizer state, updated in place, are
+// persistent tensors, not kept ones. Until then the bench's kernels-out replay handed one run's outputs back every
+// run, which this found bound.)
+bool same_binding(PyObject* keys, PyObject* storages, PyObject* uploads, PyObject* h, PyObject* v) {
   if (PyDict_GET_SIZE(uploads) > 0) {
     const int up = PyDict_Contains(uploads, h);
     if (up < 0) throw py::error_already_set();
@@ -3963,14 +3958,15 @@ bool same_binding(PyObject* tensors, PyObject* keys, PyObject* storages, PyObjec
 // `(outputs[j], slots[out_slots[j]])` for each nonzero handle of `outputs` (a list of ints, at most as long as
 // `out_slots`), then `(h, slots[slot])` for each of `writes` (a dict handle -> slot), step for step: a live handle
 // unbound (an upload in progress forgotten, its storage's count dropped and the storage's bytes freed with the
-// last), a failed one forgotten, any other admitted (`admit_handles(1)` where the session is at its limit: it
+// last; its table entries kept and written over by the binding), a failed one forgotten, any other admitted (`admit_handles(1)` where the session is at its limit: it
 // raises, ending the loop); the tensor's storage counted once (a new storage's bytes outside the tensors of the run
 // that lie in it zeroed at the end, `zero_new`, where none of them covers it), the handle bound. The bytes counted
 // (session and device) once at the end, also when a handle raised. False, nothing done, where a table is not a dict
 // or a value is not a tensor: the caller runs `rebind_all`. The session's class must be `WorkerSession` itself
-// (the caller's check): its handles were checked by the caller (outputs) and at definition (writes).
+// (the caller's check): its handles were checked by the caller (outputs) and at definition (writes). `in_place`: a
+// live handle's table entries written over, not popped and inserted again (below).
 bool rebind_run(const py::object& session, py::handle outputs, py::handle out_slots, py::handle writes,
-                py::handle slots) {
+                py::handle slots, bool in_place) {
   PyObject *s = session.ptr(), *outs = outputs.ptr(), *oslots = out_slots.ptr(), *wr = writes.ptr(),
            *sl = slots.ptr();
   if (!PyList_CheckExact(outs) || !PyList_CheckExact(oslots) || !PyDict_CheckExact(wr) || !PyList_CheckExact(sl)) {
@@ -4031,15 +4027,25 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
   int64_t delta = 0;
   bool failed = false;
   int64_t max_handles = -1;
+  PyObject* unbound = nullptr;  // a live handle whose rebinding failed midway: taken out of `tensors` and `keys`
   for (auto& [h, v] : pairs) {
-    if (same_binding(tensors.p, keys.p, storages.p, uploads.p, h, v)) continue;  // rebinding it changes nothing
-    Own old(dict_pop(tensors.p, h));  // `tensors.pop(handle, None)`
-    if (old.p == nullptr) {
+    PyObject* cur = PyDict_GetItemWithError(tensors.p, h);  // borrowed
+    if (cur == nullptr && PyErr_Occurred()) {
       failed = true;
       break;
     }
-    if (old.p != MISSING && old.p != Py_None) {  // `unbind`
-      old.reset(nullptr);
+    if (cur == v && same_binding(keys.p, storages.p, uploads.p, h, v)) continue;  // rebinding it changes nothing
+    // `in_place` (a quiet run's, `graph_run`; round 51): a live handle's entries in `tensors` and `keys` are written
+    // over below, not popped and inserted again (a real step's kept tensors are new objects each run; the pop and
+    // the insert into a table with popped slots piling up, ~600 instructions a pair). Where that fails midway the
+    // handle is taken out of both tables once its storage no longer counts it (`unbound`), as `rebind_all` leaves a
+    // handle it popped; before that, it stays bound as it was. Otherwise (the Python's `_finish`) both are popped and
+    // inserted again, as `rebind_all` does: the tables' key objects are then `writes`' own, those of every later run's
+    // look-ups, which find a key by its identity where it is the same object (~110 instructions each less than
+    // comparing two ints); a handle bound first by an eager op or an upload is keyed by that command's int, which a
+    // run in place would keep.
+    const bool live = cur != nullptr && cur != Py_None;
+    if (live) {  // `unbind`
       if (!pinned_read) {  // (a handle not live was unbound before: by a table method that counted it then)
         pinned.reset(pinned_of(s));
         pinned_read = true;
@@ -4055,9 +4061,16 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
           break;
         }
       }
-      Own skey(dict_pop(keys.p, h));  // `keys.pop(handle)`
+      Own old(in_place ? nullptr : dict_pop(tensors.p, h));  // `tensors.pop(handle)`
+      if (!in_place && old.p == nullptr) {
+        failed = true;
+        break;
+      }
+      old.reset(nullptr);
+      // `keys[handle]` (written over below) or `keys.pop(handle)`
+      Own skey(in_place ? Py_XNewRef(PyDict_GetItemWithError(keys.p, h)) : dict_pop(keys.p, h));
       if (skey.p == nullptr || skey.p == MISSING) {
-        if (skey.p == MISSING) PyErr_SetObject(PyExc_KeyError, h);
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, h);
         failed = true;
         break;
       }
@@ -4080,6 +4093,7 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
         failed = true;
         break;
       }
+      unbound = h;  // its storage no longer counts it
       if (count - 1 == 0) {
         if (PyDict_DelItem(storages.p, skey.p) < 0) {
           failed = true;
@@ -4089,6 +4103,13 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
         entries.give(std::exchange(e.p, nullptr));
       }
     } else {
+      if (cur == Py_None) {  // (no table method binds None: `tensors.pop(handle, None)` as `rebind_all`)
+        Own gone(dict_pop(tensors.p, h));
+        if (gone.p == nullptr) {
+          failed = true;
+          break;
+        }
+      }
       Own poison(dict_pop(poisoned.p, h));  // `poisoned.pop(handle, None) is None`: `admit_handles(1)`
       if (poison.p == nullptr) {
         failed = true;
@@ -4151,15 +4172,23 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
       }
       if (failed) break;
     }
+    // a live handle's entries written over (its old tensor dropped here), a new one's inserted
     if (PyDict_SetItem(keys.p, h, skey.p) < 0 || PyDict_SetItem(tensors.p, h, v) < 0) {
       failed = true;
       break;
     }
+    unbound = nullptr;
   }
   // `finally`: the new storages zeroed and the bytes counted, also when a handle raised (that error is raised)
   PyObject *type = nullptr, *val = nullptr, *tb = nullptr;
   if (failed) PyErr_Fetch(&type, &val, &tb);
   try {
+    if (failed && unbound != nullptr) {  // its old storage no longer counts it: forgotten, as `rebind_all` leaves it
+      for (PyObject* table : {tensors.p, keys.p}) {
+        Own gone(dict_pop(table, unbound));
+        if (gone.p == nullptr) PyErr_Clear();  // (the handle's first error is the one raised)
+      }
+    }
     for (auto& f : fresh) {
       Own r(PyObject_CallMethodOneArg(s, S_zero_new, f.second));
       if (r.p == nullptr) throw py::error_already_set();
@@ -4463,7 +4492,7 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
       throw py::error_already_set();
     }
   }
-  if (!rebind_run(session, outputs, p.out_slots, writes, slots.p)) {
+  if (!rebind_run(session, outputs, p.out_slots, writes, slots.p, true)) {  // (its last run put `writes`' keys there)
     return py::reinterpret_steal<py::object>(std::exchange(slots.p, nullptr));
   }
   // every persistent handle was bound to its reference's object at the start; where no table method unbound one
@@ -4908,7 +4937,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pinned", [] { return pinned_records; });
   m.def("plain_views", [] { return plain_views; });
   m.def("quiet_externals", &quiet_externals);
-  m.def("rebind_run", &rebind_run);
+  m.def("rebind_run", &rebind_run, py::arg("session"), py::arg("outputs"), py::arg("out_slots"), py::arg("writes"),
+        py::arg("slots"), py::arg("in_place") = false);
   py::class_<GraphPlan>(m, "GraphPlan")
       .def(py::init(&make_graph_plan), py::arg("n_slots"), py::arg("metas"), py::arg("nbytes"), py::arg("contiguous"),
            py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),

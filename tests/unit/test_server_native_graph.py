@@ -240,3 +240,77 @@ def test_rebind_run_of_a_handle_to_its_own_tensor_counts_what_changed_as_rebind_
         assert s.used == sum(live.values()) == s.memory.used, native
     assert results[0] == results[1]
     assert results[1][5] == {}  # the upload in progress forgotten
+
+
+def test_rebind_run_rebinds_a_live_handle_in_place_and_forgets_it_where_that_fails(mod: Any) -> None:
+    """Round 51: a real step's kept tensors are new objects each run (its new gradients), and a quiet run's
+    `rebind_run` (`in_place`) writes a live handle's entries in `tensors` and `keys` over where they are instead of
+    popping and inserting them: the tables keep their order and their key objects (what fails on the base, e23fda42,
+    which moved the handles to the ends), the old tensor is let go (no stale binding: its weak reference dies), its
+    storage's bytes uncounted and the new one's counted (session and device), a pinned handle's rebinding bumps
+    `pins`, an upload in progress is forgotten: the same tables as `rebind_all` leaves. Not in place (the Python's
+    `_finish`), the tables' keys are the caller's int objects afterwards, as `rebind_all` leaves them (the later
+    runs' look-ups then find them by identity). Where the rebinding fails after the old storage stopped counting the
+    handle (here a storage entry that is not [count, bytes]), the handle is taken out of both tables, as
+    `rebind_all` leaves it, not left bound to its old tensor."""
+
+    def setup(s: WorkerSession) -> list[weakref.ref[torch.Tensor]]:
+        olds = [torch.ones(4), torch.ones(8), torch.ones(2), torch.ones(3)]
+        for k, t in enumerate(olds):
+            s.bind(s.handle_base + 1 + k, t)
+        s.pinned.add(s.handle_base + 2)
+        s.uploads[s.handle_base + 3] = 4
+        return [weakref.ref(t) for t in olds]
+
+    def state(s: WorkerSession, slots: list[Any]) -> tuple[object, ...]:  # `_state` of each side's own old tensors
+        ids = {id(t): k for k, t in enumerate(slots)}
+        at = {h: ids.get(id(t), "old") for h, t in s.tensors.items()}
+        return (s.used, s.memory.used, at, sorted(s.poisoned), sorted(map(str, s._storages.values())), s.uploads)
+
+    b = _session().handle_base
+    new = [torch.zeros(16), torch.zeros(6), torch.zeros(1), torch.zeros(5)]
+    slots: list[Any] = [None, *new]
+    outputs, out_slots = [b + 9], [3]
+    writes = {int(str(b + k)): slot for k, slot in ((1, 1), (2, 2), (3, 4))}  # int objects of their own
+    sides = []
+    for way in ("python", "native", "in place"):
+        s = _session()
+        refs = setup(s)
+        order, pins, keys = list(s.tensors), s.pins, dict(zip(s.tensors, s.tensors, strict=True))
+        if way == "python":
+            s.rebind_all([(b + 9, slots[3])] + [(h, slots[k]) for h, k in writes.items()])
+        else:
+            assert mod.rebind_run(s, outputs, out_slots, writes, slots, in_place=way == "in place") is True
+        assert s.pins == pins + 1  # b + 2, pinned: once
+        assert [r() is None for r in refs] == [True, True, True, False]  # b + 4's tensor is still bound
+        assert s.used == s.memory.used == 4 * (16 + 6 + 5 + 3 + 1)
+        assert s.uploads == {}
+        sides.append(state(s, slots))
+        own = {h: h for h in writes}  # the key objects the tables hold: the caller's, or those they held
+        for table in (s.tensors, s._keys):
+            assert [next(k for k in table if k == h) is (keys if way == "in place" else own)[h] for h in writes] == [
+                True
+            ] * 3, way
+        if way == "in place":
+            assert list(s.tensors) == list(s._keys) == [*order, b + 9]
+        else:
+            assert list(s.tensors) == list(s._keys) == [b + 4, b + 9, *writes]
+    assert sides[0] == sides[1] == sides[2]
+
+    failed = []
+    for native in (False, True):
+        s = _session()
+        refs = setup(s)
+        shared = s.tensors[b + 4]
+        s._storages[shared.untyped_storage()._cdata][0] = "x"
+        pairs = [(b + 1, slots[1]), (b + 2, shared[1:])]  # b + 2's new tensor over that storage: its count raises
+        with pytest.raises(TypeError):
+            if native:
+                writes = {h: k for k, (h, _) in enumerate(pairs)}
+                mod.rebind_run(s, [], [], writes, [v for _, v in pairs], in_place=True)
+            else:
+                s.rebind_all(pairs)
+        assert b + 2 not in s.tensors and b + 2 not in s._keys and refs[1]() is None  # forgotten, not left stale
+        assert s.tensors[b + 1] is slots[1] and s.pins == 1
+        failed.append(state(s, [v for _, v in pairs]))
+    assert failed[0] == failed[1]
