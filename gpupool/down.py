@@ -29,14 +29,19 @@ RECORD = "up.json"
 TIMEOUT = 90.0  # `up` bounds its stop (each child 15 s, then SIGKILL): this is a backstop
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (which may hold spaces and parentheses): the state first,
+    the parent's pid second; OSError where there is no such process (or no /proc)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+
+
 def started(pid: int) -> int | None:
     """The kernel's start time of process `pid` (clock ticks after boot, /proc/PID/stat's 22nd field): with the pid
     it names one process, never a later one given the same pid. None where there is no such process (or no /proc)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat(pid)
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[-1].split()  # (after the command's name, which may hold spaces and parentheses)
     return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else None  # a zombie has ended
 
 
@@ -53,7 +58,7 @@ def descendants(pid: int) -> dict[int, int | None]:
         for entry in Path("/proc").iterdir():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 if entry.name.isdigit():
-                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    parent = int(_stat(entry.name)[1])
                     parents.setdefault(parent, []).append(int(entry.name))
     found: dict[int, int | None] = {}
     todo = [pid]
