@@ -195,7 +195,13 @@ def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None
     master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
     upstream = socket.create_connection(("127.0.0.1", master.port), timeout=5)
     stop = threading.Event()
-    relay = _Relay(upstream, stop)
+    # 127.0.0.1:<the relay's port> held, bound and not listening, for the test's length: a connect there is refused
+    # unless the relay listens there, and no other process of the host takes it (round 51's CI: a relay's port of
+    # --collective-ports on its random address, while another test's listener held 127.0.0.1 at the same number)
+    hold = socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    port = hold.getsockname()[1]
+    relay = _Relay(upstream, stop, (port, port))
     flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(relay.port), "16", "127.0.0.1"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -216,3 +222,4 @@ def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None
             flood.wait()
         stop.set()
         assert relay.done.wait(5)
+        hold.close()
