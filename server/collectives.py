@@ -567,16 +567,21 @@ def _store_master(host: str, bind: str, port: int, size: int, timeout: float) ->
     into them (each up to 8 MiB, any number of keys: memory of rank 0's worker, under --isolation thread of the
     daemon) or delete them. Now the listener is bound here and handed to the store (`master_listen_fd`, a duplicate:
     the store closes its own)."""
-    if not bind:
-        return dist.TCPStore(
-            host, port, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
-        )  # fmt: skip
-    family = socket.getaddrinfo(bind, 0, type=socket.SOCK_STREAM)[0][0]
-    with socket.create_server((bind, port), family=family, backlog=64) as listener:
-        return dist.TCPStore(
-            host, port, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
-            master_listen_fd=os.dup(listener.fileno()),
-        )  # fmt: skip
+    try:
+        family = socket.getaddrinfo(bind, 0, type=socket.SOCK_STREAM)[0][0] if bind else 0
+        listener = socket.create_server((bind, port), family=family, backlog=64) if bind else None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise
+        listener = None  # not an address of this host (a NAT's --advertise): every interface, as before round 52
+    fd = None
+    if listener is not None:
+        with listener:  # (the duplicate keeps the socket listening)
+            fd = os.dup(listener.fileno())
+    return dist.TCPStore(
+        host, port, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
+        master_listen_fd=fd,
+    )  # fmt: skip
 
 
 def _check_owner(store: Any, lease_id: str, owner: str, stop: threading.Event, deadline: float) -> None:
