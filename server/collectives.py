@@ -559,6 +559,31 @@ def _connect_store(
         return store
 
 
+def _store_master(host: str, bind: str, port: int, size: int, timeout: float) -> Any:
+    """Rank 0's TCPStore on PORT, listening on the address `bind` only (the daemon's peer-facing host, where its secure
+    hub listens too), or on every interface where `bind` is "" (a daemon listening on a wildcard address). torch's
+    TCPStore binds every interface whatever host it is given: until round 52 a daemon listening on 127.0.0.1 (`gpupool
+    up`'s default) had its groups' stores reachable from every network of the host, where anyone could write values
+    into them (each up to 8 MiB, any number of keys: memory of rank 0's worker, under --isolation thread of the
+    daemon) or delete them. Now the listener is bound here and handed to the store (`master_listen_fd`, a duplicate:
+    the store closes its own)."""
+    try:
+        family = socket.getaddrinfo(bind, 0, type=socket.SOCK_STREAM)[0][0] if bind else 0
+        listener = socket.create_server((bind, port), family=family, backlog=64) if bind else None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise
+        listener = None  # not an address of this host (a NAT's --advertise): every interface, as before round 52
+    fd = None
+    if listener is not None:
+        with listener:  # (the duplicate keeps the socket listening)
+            fd = os.dup(listener.fileno())
+    return dist.TCPStore(
+        host, port, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
+        master_listen_fd=fd,
+    )  # fmt: skip
+
+
 def _check_owner(store: Any, lease_id: str, owner: str, stop: threading.Event, deadline: float) -> None:
     """Rank 0's mark in the store: waits for it in steps that give up once `stop` is set (a get on the store
     waited the group's timeout whatever the session did), until `deadline`."""
@@ -742,6 +767,7 @@ class Collectives:
         self.confined = False  # a worker under Landlock or seccomp (server/worker.py): its groups never try NCCL
         self.ports = COLLECTIVE_PORTS  # --collective-ports: the peers' ports its groups reach
         self.own = COLLECTIVE_PORTS  # where its groups listen: the session's block of them (server/portshare.py)
+        self.store_host = "127.0.0.1"  # the address rank 0's store listens on (`_store_master`; "": every one)
         # Whether another session of the device waits to run (the daemon says: server/worker.py `contend`): a
         # waiting collective keeps the device's thread while nobody does. Until told: always (it yields).
         self.contended: Callable[[], bool] = _always
@@ -760,7 +786,9 @@ class Collectives:
         self.transport = transport
         self.ports = (int(ports[0]), int(ports[1]))
         self.own = (int(own[0]), int(own[1])) if own else self.ports
-        self.host = host if host not in ("", "0.0.0.0", "::", "[::]") else socket.gethostname()
+        wildcard = host in ("", "0.0.0.0", "::", "[::]")
+        self.host = socket.gethostname() if wildcard else host
+        self.store_host = "" if wildcard else host  # where rank 0's store listens ("": every interface)
 
     # ---- joining ----
 
@@ -805,12 +833,8 @@ class Collectives:
         if rank == 0:
             if size > 1:
                 group.store = seclink.bind_in(
-                    self.own,
-                    lambda port: dist.TCPStore(
-                        self.host, port, size, is_master=True, timeout=timedelta(seconds=timeout),
-                        wait_for_workers=False,
-                    ),
-                )  # fmt: skip
+                    self.own, lambda port: _store_master(self.host, self.store_host, port, size, timeout)
+                )
             port = torch.tensor(group.store.port if size > 1 else 0, dtype=torch.int64)
             s.admit(8)
             s.bind(msg.port_handle, port)
