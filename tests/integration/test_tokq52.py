@@ -1,0 +1,161 @@
+"""tokq52: the scheduler as the credential authority of a live session, against a real scheduler and daemon on loopback
+(each test fails on da68e41a). Until round 52 a session kept the quota of its lease's first token for its life: a
+refreshed token's quota (a scheduler that changes a lease's terms at its renewal) reached neither the daemon nor its
+worker nor the client, and RefreshToken took a token of another tenant, another network grant or collective group, and
+answered one of another host, lease or device UNAUTHENTICATED (the token is genuine: PERMISSION_DENIED, as Attach)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.session import Session
+from support import mint_token, registered_host
+from test_security import Pool, start_pool
+
+from gpupool import errors, protocol, tokens
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
+
+KiB = 1024
+MiB = 1024**2
+HOST = "tokq52-host"
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = start_pool(tmp_path)
+    yield p
+    p.scheduler.stop(grace=0.5)
+
+
+def _limits(s: Session) -> tuple[int, int]:
+    """(used, limit) of `s` in its daemon's Status, as its holder may read them."""
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(
+        device_pb2.StatusRequest(), timeout=30, metadata=((protocol.SESSION_METADATA, s.session_id),)
+    )
+    (u,) = reply.sessions
+    return int(u.used_bytes), int(u.limit_bytes)
+
+
+def _terms(signer: tokens.Signer, token: str, later: float, **changed: Any) -> str:
+    """`token`'s claims with `changed`, `later` seconds further in expiry, signed by the scheduler's key: what a
+    scheduler that changes a lease's terms at its renewal hands out."""
+    claims = tokens.verify(signer, token)
+    return tokens.mint(signer, dataclasses.replace(claims, expires_at=claims.expires_at + later, **changed))
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_a_refreshed_tokens_quota_holds_from_the_refresh_on(pool: Pool, daemon_factory: Any, isolation: str) -> None:
+    """Alice's lease of half a 16 MiB fake GPU (8 MiB), her session holding 3 MiB. A renewal's token (same terms)
+    changes nothing. A token of 2 MiB: from the refresh on her allocations are refused by the 2 MiB quota (the
+    worker's words: "memory quota exceeded", her 3 MiB and the 2 MiB limit), her 3 MiB are intact and hers, the
+    client's `quota_bytes` and Status say 2 MiB; once freed, what fits 2 MiB fits. The renewal's older token shown
+    again (8 MiB, an earlier expiry) brings nothing back. A token of 12 MiB (more than her attach's 8): 10 MiB fit and
+    come back whole. On da68e41a the 2 MiB token's refresh left her 8 MiB quota: the 1 KiB upload went through."""
+    host = registered_host(daemon_factory, pool.address, pool.public, HOST, fake_gpu_memory=16 * MiB,
+                           isolation=isolation)  # fmt: skip
+    alice = pool.client("tenant", "alice")
+    signer = tokens.load_signer(pool.key)
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    told: list[int] = []
+    with Session.attach(host.address, lease.devices[0].token) as s:
+        s.quota_hooks.append(told.append)
+        assert s.quota_bytes == 8 * MiB
+        x = torch.arange(3 * MiB // 4, dtype=torch.float32)
+        h = s.upload(x)
+        s.sync()
+        renewed = alice.renew(lease.lease_id).devices[0].token  # the scheduler's renewal: the same terms
+        s.refresh(renewed)
+        assert (s.quota_bytes, told, _limits(s)) == (8 * MiB, [], (3 * MiB, 8 * MiB))
+
+        s.refresh(_terms(signer, renewed, 1.0, quota_bytes=2 * MiB))
+        assert (s.quota_bytes, told, _limits(s)) == (2 * MiB, [2 * MiB], (3 * MiB, 2 * MiB))
+        s.upload(torch.zeros(KiB // 4))
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded") as over:
+            s.sync()
+        assert (over.value.used_bytes, over.value.limit_bytes) == (3 * MiB, 2 * MiB), over.value.message
+        assert torch.equal(s.download(h), x)  # what it held is intact, and still its own
+        assert _limits(s) == (3 * MiB, 2 * MiB)
+
+        s.refresh(renewed)  # the older token (8 MiB, an earlier end) again: it brings no quota back
+        assert (s.quota_bytes, _limits(s)) == (2 * MiB, (3 * MiB, 2 * MiB))
+
+        s.free([h])
+        s.sync()
+        assert _limits(s) == (0, 2 * MiB)
+        small = s.upload(torch.ones(MiB // 4))
+        s.sync()
+        s.upload(torch.ones(MiB // 4 + 1))  # 1 MiB + 4 bytes more: past 2 MiB
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
+            s.sync()
+        s.free([small])
+        s.sync()
+
+        s.refresh(_terms(signer, renewed, 2.0, quota_bytes=12 * MiB))  # more than the attach's 8 MiB
+        assert (s.quota_bytes, told, _limits(s)) == (12 * MiB, [2 * MiB, 12 * MiB], (0, 12 * MiB))
+        y = torch.arange(10 * MiB // 4, dtype=torch.float32)
+        big = s.upload(y)
+        s.sync()
+        assert torch.equal(s.download(big), y)
+        assert _limits(s) == (10 * MiB, 12 * MiB)
+    alice.close()
+
+
+def test_a_refresh_refuses_a_token_of_another_host_device_lease_or_tenant_and_harms_nothing(
+    pool: Pool, daemon_factory: Any
+) -> None:
+    """Alice's session, refreshed with hostile tokens: each refused with the right status and words, her session's
+    end, quota and tensor untouched, bob's session on the same device untouched. Another host, device, lease (bob's
+    real token), tenant, network grant or collective group, or a certificate binding not hers: PERMISSION_DENIED (on
+    da68e41a: the first three UNAUTHENTICATED, the tenant, network and group ones taken). Another key, a changed
+    signature, an expired token, garbage, an oversized token: UNAUTHENTICATED."""
+    host = registered_host(daemon_factory, pool.address, pool.public, HOST, fake_gpu_memory=16 * MiB)
+    alice, bob = pool.client("tenant", "alice"), pool.client("tenant", "bob")
+    signer = tokens.load_signer(pool.key)
+    a_lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+    b_lease = bob.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+    token, b_token = a_lease.devices[0].token, b_lease.devices[0].token
+    daemon = host.running.daemon
+    with Session.attach(host.address, token) as s, Session.attach(host.address, b_token) as b:
+        x, z = torch.arange(1000.0), torch.ones(10)
+        h, bh = s.upload(x), b.upload(z)
+        s.sync()
+        b.sync()
+        (front,) = [f for f in daemon.session_list() if f.lease_id == a_lease.lease_id]
+        ends = front.expires_at
+        before = _limits(s)
+        kid, body, sig = token.split(".")
+        flipped = "B" if sig[10] == "A" else "A"
+        claims = tokens.verify(signer, token)
+        hostile: list[tuple[str, type[errors.GpupoolError], str]] = [
+            (mint_token(b"not the scheduler's key", host=HOST, lease_id=a_lease.lease_id), errors.Unauthenticated,
+             "unknown key"),
+            (f"{kid}.{body}.{sig[:10]}{flipped}{sig[11:]}", errors.Unauthenticated, "signature|malformed"),
+            (_terms(signer, token, -claims.expires_at + time.time() - 60), errors.Unauthenticated, "expired"),
+            ("x", errors.Unauthenticated, "malformed"),
+            ("a" * (tokens.MAX_TOKEN_LENGTH + 1), errors.Unauthenticated, "too long|malformed"),
+            (_terms(signer, token, 60, host="other-host"), errors.PermissionDenied, "for host 'other-host'"),
+            (_terms(signer, token, 60, device=1), errors.PermissionDenied, "another lease or device"),
+            (b_token, errors.PermissionDenied, "another lease or device"),
+            (_terms(signer, token, 60, tenant="bob"), errors.PermissionDenied, "tenant 'bob'"),
+            (_terms(signer, token, 60, network=True), errors.PermissionDenied, "network grant, collective group"),
+            (_terms(signer, token, 60, group=tokens.lease_group(signer, "another lease")), errors.PermissionDenied,
+             "network grant, collective group"),
+            (_terms(signer, token, 60, quota_bytes=16 * MiB, cert="sha256:" + "0" * 64), errors.PermissionDenied,
+             "certificate binding"),
+        ]  # fmt: skip
+        for bad, what, words in hostile:
+            with pytest.raises(what, match=words):
+                s.refresh(bad)
+            assert (front.expires_at, front.quota, s.quota_bytes) == (ends, 4 * MiB, 4 * MiB), words
+        assert _limits(s) == before
+        assert torch.equal(s.download(h), x) and torch.equal(b.download(bh), z)
+        s.refresh(alice.renew(a_lease.lease_id).devices[0].token)  # her own renewal still goes through
+        assert front.expires_at > ends
+    alice.close()
+    bob.close()
