@@ -1069,7 +1069,7 @@ class Daemon:
                 return items, 0.0, False
             # (device_free, reply_room, budget, payload, uploads, slot, size: by position, no keyword matched a slice)
             req = SliceRequest(self._device_free(s), room, budget, b"", uploads, -1, size, s.tell_quota)
-            s.tell_quota = 0  # (told once: a worker that did not run it is ended)
+            s.tell_quota = -1  # (told once: a worker that did not run it is ended)
             start = time.perf_counter()
             try:
                 res = s.runner.run(req, len(batch), spans)

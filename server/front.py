@@ -95,9 +95,9 @@ class FrontSession:
         self.share = claims.share
         self.claims = claims  # the token whose terms it holds (its newest: `Daemon.refresh`)
         # a refreshed token's (quota, share), taken under its lock (`Daemon._take_terms`); its worker's new quota,
-        # told with its next slice (0: none); what it held past a smaller quota at that refresh, still its own
+        # told with its next slice (-1: none); what it held past a smaller quota at that refresh, still its own
         self.next_terms: tuple[int, float] | None = None
-        self.tell_quota = 0
+        self.tell_quota = -1
         self.kept = 0
         self.expires_at = claims.expires_at
         # its lease's end on the monotonic clock, taken at its attach and each renewal (`Daemon.lapsed`: no step of the

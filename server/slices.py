@@ -206,7 +206,7 @@ REQ_UPLOADS = 0x10  # or-ed into the kind: the payload is big uploads only (serv
 REQ_UP_SLOT = 0x20  # or-ed into RUN_SHARED, an upload slot's number (0-3) in the top 2 bits: the payload is there
 SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
 # kind, free device bytes, reply room (bytes), shared payload length, budget (s), download slot (-1: none), the
-# session's new quota (0: unchanged)
+# session's new quota (-1: unchanged)
 _REQ = struct.Struct("<Bqqqdbq")
 REQUEST_HEAD = _REQ.size  # bytes of a request without a payload in the socket (after its length word)
 SIDE = 0x80000000  # set in a reply frame's length word: a side chunk record (`SideChunk`), not frame bytes
@@ -224,8 +224,8 @@ class SliceRequest:
     uploads: bool = False  # the spans are big uploads only (bulk.slice_length): copied once, no budget cut
     slot: int = -1  # a download slot of the shared memory the worker may write side chunks into (-1: none)
     size: int = -1  # the daemon's: its spans' bytes in all where it counted them (-1: not counted); never sent
-    # the session's quota from this slice on, a refreshed token's (daemon.py `Daemon._take_terms`); 0: unchanged
-    quota: int = 0
+    # the session's quota from this slice on, a refreshed token's (daemon.py `Daemon._take_terms`); -1: unchanged
+    quota: int = -1
 
 
 class SideChunk:
@@ -303,9 +303,9 @@ def decode_request(
     return SliceRequest(device_free, reply_room, budget, body, uploads, slot, -1, quota)
 
 
-EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0, -1, 0)
+EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0, -1, -1)
 REQ_PING = 4  # is the worker alive? it answers PONG at once (the daemon's fast Sync asks before answering)
-PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0, -1, 0)
+PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0, -1, -1)
 PONG = 0xFFFFFFFF  # a result length word that is no result (a late pong is skipped)
 
 

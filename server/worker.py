@@ -271,7 +271,7 @@ class _SessionState:
 
     def run(self, req: SliceRequest, progress: slices.Progress | None = None) -> SliceResult:
         with self.session.lock, self._conv_layout(self.conv_layout):
-            if req.quota:
+            if req.quota >= 0:
                 self.set_quota(req.quota)
             return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
 
@@ -284,7 +284,7 @@ class _SessionState:
         """`run` in the thread `own_thread` gave this session: no conv layout context manager a slice (a generator
         made, entered and closed: ~12k instructions a slice under callgrind, round 46)."""
         with self.session.lock:
-            if req.quota:
+            if req.quota >= 0:
                 self.set_quota(req.quota)
             return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
 
@@ -292,7 +292,7 @@ class _SessionState:
         """`run_owned`, its result written into `buf` (`slices.run_slice_into`): the size written, or the result
         where nothing was (the caller encodes it)."""
         with self.session.lock:
-            if req.quota:
+            if req.quota >= 0:
                 self.set_quota(req.quota)
             return slices.run_slice_into(
                 self.session, self.executor.execute, self.ledger, req, self.timed, progress, buf

@@ -159,3 +159,36 @@ def test_a_refresh_refuses_a_token_of_another_host_device_lease_or_tenant_and_ha
         assert front.expires_at > ends
     alice.close()
     bob.close()
+
+
+def _share(s: Session) -> float:
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(
+        device_pb2.StatusRequest(), timeout=30, metadata=((protocol.SESSION_METADATA, s.session_id),)
+    )
+    (u,) = reply.sessions
+    return float(u.share)
+
+
+def test_a_refreshed_tokens_share_weighs_the_session_and_a_share_below_the_schedulers_unit_is_refused(
+    daemon: Any,
+) -> None:
+    """A refresh's share weighs the session in its device's queue from then on (Status, the queue's entry, the
+    client). A share below the scheduler's unit (1e-6) is refused at Attach and at a refresh, UNAUTHENTICATED, the
+    session untouched: on da68e41a a token of share 5e-324 attached, and the device's fair queue charged its first
+    slice seconds / 5e-324 = inf, its virtual clock inf after the next: from then on it served its sessions in list
+    order, one busy session starving the rest (checked on the queue alone)."""
+    lease = "tokq52-share"
+    with Session.attach(daemon.address, daemon.token(lease_id=lease, share=0.5, quota_bytes=MiB)) as s:
+        (front,) = [f for f in daemon.running.daemon.session_list() if f.lease_id == lease]
+        assert (front.entry.share, _share(s)) == (0.5, 0.5)
+        s.refresh(daemon.token(lease_id=lease, share=0.25, quota_bytes=MiB, ttl=7200))
+        assert (front.entry.share, _share(s), s.share) == (0.25, 0.25, 0.25)
+        with pytest.raises(errors.Unauthenticated, match="out of range"):
+            s.refresh(daemon.token(lease_id=lease, share=5e-324, quota_bytes=MiB, ttl=7300))
+        assert (front.entry.share, _share(s), s.share) == (0.25, 0.25, 0.25)
+        [h] = s.call("aten::ones.default", [3])
+        assert s.download(h).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(errors.Unauthenticated, match="out of range"):
+        Session.attach(daemon.address, daemon.token(share=5e-324, quota_bytes=MiB)).close()
+    with Session.attach(daemon.address, daemon.token(share=tokens.MIN_SHARE, quota_bytes=MiB)) as least:
+        least.sync()
