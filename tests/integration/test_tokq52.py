@@ -7,6 +7,9 @@ answered one of another host, lease or device UNAUTHENTICATED (the token is genu
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Session
+from scheduler_fixtures import ROOT
 from support import mint_token, registered_host
 from test_security import Pool, start_pool
 
@@ -192,3 +196,43 @@ def test_a_refreshed_tokens_share_weighs_the_session_and_a_share_below_the_sched
         Session.attach(daemon.address, daemon.token(share=5e-324, quota_bytes=MiB)).close()
     with Session.attach(daemon.address, daemon.token(share=tokens.MIN_SHARE, quota_bytes=MiB)) as least:
         least.sync()
+
+
+NATIVE = """
+import sys
+import torch
+from gpupool.client import native
+native.enable()
+session = native.attach(sys.argv[1], sys.argv[2])
+x = torch.ones(3 * 1024 * 1024 // 4, device="gpupool")  # 3 MiB: within the 8 MiB quota
+torch.gpupool.synchronize()  # (ran: a refresh is out of band, what is queued behind it meets the new quota)
+session.refresh(sys.argv[3])  # the quota is 2 MiB from here on
+print("quota", session.quota_bytes)
+try:
+    torch.empty(3 * 1024 * 1024 // 4, device="gpupool")  # more than the whole new quota
+except Exception as exc:
+    print("refused", type(exc).__name__, exc)
+print("kept", float(x.cpu().sum()))  # (downloaded: a sum on the daemon would allocate, past the quota)
+"""
+
+
+def test_the_cpp_clients_quota_follows_a_refresh(daemon: Any) -> None:
+    """The C++ client (`set_quota`, native_client.cpp HandleAllocator: a tensor over the session's whole quota is
+    refused at its call, torch's OutOfMemoryError) takes a refresh's smaller quota: a 3 MiB tensor after a refresh to
+    2 MiB is refused at the call, and the 3 MiB the session held before come back whole. On da68e41a the client kept
+    the attach's 8 MiB: nothing was refused at the call."""
+    from gpupool.client.native.backend import compiler_missing
+
+    why = compiler_missing()
+    if why is not None:
+        pytest.skip(f"C++ client: {why}")
+    lease = "tokq52-native"
+    token = daemon.token(lease_id=lease, quota_bytes=8 * MiB)
+    smaller = daemon.token(lease_id=lease, quota_bytes=2 * MiB, ttl=7200)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    cmd = [sys.executable, "-c", NATIVE, daemon.address, token, smaller]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"quota {2 * MiB}\n" in done.stdout, done.stdout
+    assert "refused OutOfMemoryError" in done.stdout and "refused at the call" in done.stdout, done.stdout
+    assert f"kept {3 * MiB // 4:.1f}\n" in done.stdout, done.stdout
