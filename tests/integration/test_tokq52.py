@@ -236,3 +236,22 @@ def test_the_cpp_clients_quota_follows_a_refresh(daemon: Any) -> None:
     assert f"quota {2 * MiB}\n" in done.stdout, done.stdout
     assert "refused OutOfMemoryError" in done.stdout and "refused at the call" in done.stdout, done.stdout
     assert f"kept {3 * MiB // 4:.1f}\n" in done.stdout, done.stdout
+
+
+def test_the_shims_quota_follows_a_refresh(attach: Any, serve: Any) -> None:
+    """The Python shim's device (`DeviceRuntime.quota`: a factory's tensor over the whole quota is refused at its call,
+    client/torch/remote.py `_fits_quota`) takes a refresh's smaller quota: after a refresh to 2 MiB a 3 MiB
+    `torch.empty` is refused at the call, and the 3 MiB held before come back whole. On da68e41a it kept 8 MiB."""
+    from gpupool.client.torch import runtime
+
+    lease = "tokq52-shim"
+    d = attach(lease_id=lease, quota_bytes=8 * MiB)
+    x = torch.ones(3 * MiB // 4, device=d)
+    torch.gpupool.synchronize()  # type: ignore[attr-defined]
+    rt = runtime.get(d.index)
+    assert rt is not None and rt.quota == 8 * MiB
+    rt.refresh(serve.token(lease_id=lease, quota_bytes=2 * MiB, ttl=7200))
+    assert rt.quota == rt.session.quota_bytes == 2 * MiB
+    with pytest.raises(torch.OutOfMemoryError, match="refused at the call"):
+        torch.empty(3 * MiB // 4, device=d)
+    assert float(x.cpu().sum()) == 3 * MiB // 4
