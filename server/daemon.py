@@ -867,11 +867,14 @@ class Daemon:
                 "which hold for its life: attach a new session with it"
             )
         self.check_bound(claims, s.cert_pem)  # (the caller is the session's certificate: `check_holder`)
-        s.ends_mono = max(s.ends_mono, self.clock.ends_mono(claims.expires_at))
-        s.expires_at = max(s.expires_at, claims.expires_at)
-        if claims.expires_at >= held.expires_at:  # (not older than the token whose terms hold)
-            s.claims = claims
-            s.next_terms = (_quota_of(claims, s.device), claims.share)
+        ends_mono = self.clock.ends_mono(claims.expires_at)
+        with self._lock:  # (two refreshes at once: the newer token's terms hold, whichever comes last)
+            s.ends_mono = max(s.ends_mono, ends_mono)
+            s.expires_at = max(s.expires_at, claims.expires_at)
+            newer = claims.expires_at >= s.claims.expires_at  # (not older than the token whose terms hold)
+            if newer:
+                s.claims = claims
+        if newer:
             if s.lock.acquire(blocking=False):  # else the running slice's end leaves it to the next slice's start
                 try:
                     self._take_terms(s)
@@ -888,11 +891,12 @@ class Daemon:
         """Under the session's lock: the terms of its newest token (`refresh`) hold from here on: its quota here
         and, with its next slice (`SliceRequest.quota`), in its worker; its share in its device's queue. What it
         holds past a smaller quota stays its own (`s.kept`, `_apply`) until freed; its worker refuses allocations
-        past the quota, with the quota's words."""
-        terms, s.next_terms = s.next_terms, None
-        if terms is None or s.closed:
+        past the quota, with the quota's words. (`s.claims` is read once: a refresh meanwhile is taken next time.)"""
+        claims = s.claims
+        if claims is s.terms_of or s.closed:
             return
-        quota, share = terms
+        s.terms_of = claims
+        quota, share = _quota_of(claims, s.device), claims.share
         s.kept = s.used if s.used > quota else 0
         if quota != s.quota:
             s.quota = s.tell_quota = quota
@@ -1037,7 +1041,7 @@ class Daemon:
         with s.lock:
             if s.closed or s.runner is None:
                 return [], 0.0, False
-            if s.next_terms is not None:  # a refresh's, while a slice ran (`refresh`)
+            if s.claims is not s.terms_of:  # a refresh's, while a slice ran (`refresh`)
                 self._take_terms(s)
             first = items[0]
             if first is END_OF_STREAM or isinstance(first, GpupoolError):  # everything before it ran: the end
