@@ -24,7 +24,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -437,6 +437,11 @@ class Session:
         self.device: device_pb2.DeviceInfo = reply.device
         self.quota_bytes: int = reply.quota_bytes
         self.share: float = reply.share
+        # the most it may hold: its largest quota yet (a download's bound; what it held past a quota a refresh made
+        # smaller stays its own)
+        self._most_bytes = reply.quota_bytes
+        # called with the new quota after a refresh changed it (`refresh`: the C++ client's `set_quota`)
+        self.quota_hooks: list[Callable[[int], None]] = []
         # What the daemon supports beyond every daemon (gpupool/protocol.py FEATURES; none from a daemon before
         # round 24): the clients' choice of scaled_dot_product_attention's backend reads it (sdpa_dropout)
         self.features: frozenset[str] = frozenset(reply.features)
@@ -752,7 +757,7 @@ class Session:
         if self._closed:
             return
         try:
-            self._stub.RefreshToken(
+            reply = self._stub.RefreshToken(
                 device_pb2.RefreshTokenRequest(session_id=self.session_id, token=token), timeout=REFRESH_TIMEOUT
             )
         except (grpc.RpcError, ValueError) as exc:  # ValueError: the channel closed under the call (`close`)
@@ -761,6 +766,15 @@ class Session:
             if isinstance(exc, ValueError):
                 raise
             raise from_failure(exc) from None
+        # The terms the session holds from now on (its lease's renewal may change them: round 52); a daemon from
+        # before round 52 sends none (0), and kept the first token's
+        if reply.quota_bytes and reply.quota_bytes != self.quota_bytes:
+            self.quota_bytes = reply.quota_bytes
+            self._most_bytes = max(self._most_bytes, reply.quota_bytes)
+            for hook in self.quota_hooks:
+                hook(reply.quota_bytes)
+        if reply.share:
+            self.share = reply.share
 
     def flush(self) -> None:
         self._flush(False)
@@ -855,7 +869,7 @@ class Session:
                 "conjugate or negative bit, its storage holding its elements, not requiring grad (but under "
                 "torch.no_grad())"
             )
-        want = _Want(None if shape is None else tuple(shape), dtype, self.quota_bytes or sys.maxsize, into)
+        want = _Want(None if shape is None else tuple(shape), dtype, self._most_bytes or sys.maxsize, into)
         cmd = device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None))
         rid, w = self._request(cmd, want)
         try:

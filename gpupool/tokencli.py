@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--token-key-file", help="the scheduler's Ed25519 private key (PEM)")
     add_flag(p, "--host", default=socket.gethostname(), help="host id of the daemon the token is for")
     add_flag(p, "--device", type=int, default=0, help="device index on that host")
-    add_flag(p, "--fraction", type=float, default=1.0, help="compute share in (0, 1]; quota = fraction x capacity")
+    add_flag(p, "--fraction", type=float, default=1.0, help="compute share in [1e-06, 1]; quota = fraction x capacity")
     add_flag(p, "--memory", type=size_arg, default=0, help="memory quota (e.g. 6GiB) instead of the fraction's")
     add_flag(p, "--ttl", type=float, default=3600.0, help="seconds until the token expires (at most a day)")
     add_flag(p, "--tenant", default="", help="tenant name shown in metrics")
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _mint(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not 0.0 < args.fraction <= 1.0:
-        print("gpupool token: --fraction must be in (0, 1]", file=sys.stderr)
+    if not tokens.MIN_SHARE <= args.fraction <= 1.0:
+        print(f"gpupool token: --fraction must be in [{tokens.MIN_SHARE:g}, 1]", file=sys.stderr)
         return 2
     if not 0 < args.ttl <= tokens.MAX_TTL:
         print(f"gpupool token: --ttl must be in (0, {tokens.MAX_TTL:g}]", file=sys.stderr)

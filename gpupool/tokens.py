@@ -52,6 +52,11 @@ _OPTIONAL_CLAIMS: dict[str, object] = {"network": False, "group": "", "cert": ""
 # prefix first, so that no signature of one kind verifies as the other's.
 STATUS_DOMAIN = b"gpupool-status-token\0"
 STATUS_TTL = 120.0
+# The least compute share a token grants: the scheduler's unit (scheduler/capacity.py SHARE_UNITS). A device's fair
+# queue charges a session seconds / share (server/fairqueue.py): a share of 5e-324 made it inf, and the device's
+# virtual clock with it, after which the queue served its sessions in list order (one busy session starved the rest:
+# round 52, tokq52).
+MIN_SHARE = 1 / 1_000_000
 
 
 @dataclass(frozen=True)
@@ -405,7 +410,7 @@ def _claims(body: bytes) -> TokenClaims:
         raise Unauthenticated("malformed lease token claims") from exc
     # json.loads reads NaN and Infinity: a NaN expiry passes every comparison with the clock (it never expires).
     if (
-        not 0.0 < claims.share <= 1.0
+        not MIN_SHARE <= claims.share <= 1.0
         or claims.quota_bytes < 0
         or claims.device < 0
         or not math.isfinite(claims.expires_at)

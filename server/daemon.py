@@ -36,7 +36,6 @@ from gpupool.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
-    Unauthenticated,
     Unavailable,
     error_class,
 )
@@ -72,6 +71,7 @@ log = logging.getLogger(__name__)
 GiB = 1024**3
 KEEP_USER = "keep"  # --worker-user keep: workers of a root daemon stay root (an explicit, logged opt-out)
 RECENTLY_CLOSED = 4096
+REPLY_SLACK = 16 * 1024 * 1024  # a worker's result may hold its quota of downloads and this much more (framing)
 # The longest the daemon waits for a closing session's worker to report its GPU time (`Daemon._flush`): at most
 # devices.RUN_AHEAD slices of kernels to finish.
 FLUSH_SECONDS = 10.0
@@ -423,6 +423,11 @@ def _unreadable_by(uid: int, gid: int, path: str) -> str:
     return ""
 
 
+def _quota_of(claims: tokens.TokenClaims, dev: Device) -> int:
+    """The memory quota a token grants on `dev` (its `quota_bytes`, or its share of the device where that is 0)."""
+    return min(claims.quota_bytes or int(claims.share * dev.capacity), dev.capacity)
+
+
 def _contend(entry: Entry, contended: bool) -> None:
     """The fair queue says whether another session of the device waits while `entry`'s slice runs: its worker
     reads it (a collective waiting for its peers keeps the device until someone does: server/collectives.py)."""
@@ -598,7 +603,7 @@ class Daemon:
         dev = next((d for d in self.device_list if d.index == claims.device), None)
         if dev is None:
             raise NotFound(f"token is for device {claims.device}; host {self.host_id} has {len(self.device_list)}")
-        quota = min(claims.quota_bytes or int(claims.share * dev.capacity), dev.capacity)
+        quota = _quota_of(claims, dev)
         key = (claims.lease_id, claims.device)
         with self._lock:
             # A copied token must not evict the session that holds it: one session per (lease, device).
@@ -723,7 +728,7 @@ class Daemon:
         while True:
             try:
                 # A result holds at most the session's quota of downloads beyond its reply room, plus framing.
-                return self.zygote.spawn(spec, max_reply=s.quota + 16 * 1024 * 1024, spin=self._worker_spin())
+                return self.zygote.spawn(spec, max_reply=s.quota + REPLY_SLACK, spin=self._worker_spin())
             except (OSError, RuntimeError) as exc:
                 short = _SHORT_OF.get(exc.errno or 0) if isinstance(exc, OSError) else None
                 pause = next(pauses, None) if short is not None else None
@@ -836,14 +841,70 @@ class Daemon:
         return not self._draining and s.answer_sync(request_id, self.queues[s.device.index], self.config.outbox_bytes)
 
     def refresh(self, s: FrontSession, token: str) -> float:
-        """Extend a session with a renewed token of its own lease; returns its new end (unix seconds)."""
+        """Extend a session with a renewed token of its own lease; returns its new end (unix seconds). The token is
+        checked as Attach checks one (signature, expiry, revocation: UNAUTHENTICATED; this host, the certificate it
+        is bound to: PERMISSION_DENIED), and must name the session's lease, device and tenant, and grant the same
+        network, collective group and certificate binding (PERMISSION_DENIED otherwise: those are fixed for the
+        session's life); a refused token changes nothing. Its terms (quota, share) hold from now on where it is at
+        least as new as the token whose terms the session holds (by expiry: the scheduler's renewals only move it
+        later), so an older token shown again cannot bring back a quota the scheduler took away (tokq52: until round
+        52 the first token's quota held for the session's life, whatever its lease's renewals said). A smaller quota
+        refuses the session's allocations past it, and takes nothing it holds (`_take_terms`)."""
         claims = tokens.verify(self.config.token_key, token, now=self.clock.now())
-        if (claims.lease_id, claims.host, claims.device) != (s.lease_id, self.host_id, s.device.index):
-            raise Unauthenticated("refreshed token is for another lease or device")
+        if claims.host != self.host_id:
+            raise PermissionDenied(f"refreshed token is for host {claims.host!r}, this is {self.host_id!r}")
+        if (claims.lease_id, claims.device) != (s.lease_id, s.device.index):
+            raise PermissionDenied(
+                f"refreshed token is for another lease or device (lease {claims.lease_id[:40]!r} device "
+                f"{claims.device}; this session's: lease {s.lease_id[:40]!r} device {s.device.index})"
+            )
+        if (claims.tenant or claims.lease_id) != s.tenant:
+            raise PermissionDenied(f"refreshed token names tenant {claims.tenant!r}, this session's is {s.tenant!r}")
+        held = s.claims
+        if (claims.network, claims.group, claims.cert) != (held.network, held.group, held.cert):
+            raise PermissionDenied(
+                "refreshed token changes the session's network grant, collective group or client certificate binding, "
+                "which hold for its life: attach a new session with it"
+            )
         self.check_bound(claims, s.cert_pem)  # (the caller is the session's certificate: `check_holder`)
-        s.ends_mono = max(s.ends_mono, self.clock.ends_mono(claims.expires_at))
-        s.expires_at = max(s.expires_at, claims.expires_at)
+        ends_mono = self.clock.ends_mono(claims.expires_at)
+        with self._lock:  # (two refreshes at once: the newer token's terms hold, whichever comes last)
+            s.ends_mono = max(s.ends_mono, ends_mono)
+            s.expires_at = max(s.expires_at, claims.expires_at)
+            newer = claims.expires_at >= s.claims.expires_at  # (not older than the token whose terms hold)
+            if newer:
+                s.claims = claims
+        if newer:
+            if s.lock.acquire(blocking=False):  # else the running slice's end leaves it to the next slice's start
+                try:
+                    self._take_terms(s)
+                finally:
+                    s.lock.release()
         return s.expires_at
+
+    def terms(self, s: FrontSession) -> tuple[int, float]:
+        """The quota and share `s` holds from now on: its newest token's (`refresh`; its next slice takes them)."""
+        claims = s.claims
+        return _quota_of(claims, s.device), claims.share
+
+    def _take_terms(self, s: FrontSession) -> None:
+        """Under the session's lock: the terms of its newest token (`refresh`) hold from here on: its quota here
+        and, with its next slice (`SliceRequest.quota`), in its worker; its share in its device's queue. What it
+        holds past a smaller quota stays its own (`s.kept`, `_apply`) until freed; its worker refuses allocations
+        past the quota, with the quota's words. (`s.claims` is read once: a refresh meanwhile is taken next time.)"""
+        claims = s.claims
+        if claims is s.terms_of or s.closed:
+            return
+        s.terms_of = claims
+        quota, share = _quota_of(claims, s.device), claims.share
+        s.kept = s.used if s.used > quota else 0
+        if quota != s.quota:
+            s.quota = s.tell_quota = quota
+            if s.runner is not None:
+                s.runner.reply_bound(quota + REPLY_SLACK)
+        if share != s.share:
+            s.share = share
+            self.queues[s.device.index].reweigh(s.entry, share)
 
     def lapsed(self, s: FrontSession) -> bool:
         """Whether `s`'s lease has ended (its session then closed here, as the reaper closes it): checked at each of its
@@ -980,6 +1041,8 @@ class Daemon:
         with s.lock:
             if s.closed or s.runner is None:
                 return [], 0.0, False
+            if s.claims is not s.terms_of:  # a refresh's, while a slice ran (`refresh`)
+                self._take_terms(s)
             first = items[0]
             if first is END_OF_STREAM or isinstance(first, GpupoolError):  # everything before it ran: the end
                 s.outbox.put(first)
@@ -1009,7 +1072,8 @@ class Daemon:
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
                 return items, 0.0, False
             # (device_free, reply_room, budget, payload, uploads, slot, size: by position, no keyword matched a slice)
-            req = SliceRequest(self._device_free(s), room, budget, b"", uploads, -1, size)
+            req = SliceRequest(self._device_free(s), room, budget, b"", uploads, -1, size, s.tell_quota)
+            s.tell_quota = -1  # (told once: a worker that did not run it is ended)
             start = time.perf_counter()
             try:
                 res = s.runner.run(req, len(batch), spans)
@@ -1085,7 +1149,10 @@ class Daemon:
     def _apply(self, s: FrontSession, res: slices.SliceResult, seconds: float) -> None:
         """Mirror a slice's outcome: memory, counters, ledger, replies (a worker may lie only about itself); the
         slice is booked (`seconds`) before its replies are queued."""
-        self._set_used(s, min(res.used, s.quota))
+        # (what it held past a smaller quota at a refresh stays its own until freed: `_take_terms`)
+        used = min(res.used, max(s.quota, s.kept))
+        s.kept = used if s.kept and used > s.quota else 0
+        self._set_used(s, used)
         ops = max(0, res.ops - s.ops)
         s.ops, s.handles, s.graph_bytes = max(s.ops, res.ops), res.handles, res.graph_bytes
         s.busy_seconds += seconds

@@ -120,6 +120,11 @@ class FairQueue:
             self._entries.append(entry)
         return entry
 
+    def reweigh(self, entry: Entry, share: float) -> None:
+        """A session's share from its next charge on (a refreshed token's: daemon.py `Daemon._take_terms`)."""
+        with self._cond:
+            entry.share = share
+
     def remove(self, entry: Entry) -> None:
         """Forget a session: drop what it queued and wake its blocked reader."""
         with self._cond:

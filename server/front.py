@@ -93,6 +93,13 @@ class FrontSession:
         self.device = device
         self.quota = quota
         self.share = claims.share
+        self.claims = claims  # the token whose terms it holds (its newest: `Daemon.refresh`)
+        # the claims whose terms its count and queue have taken, under its lock (`Daemon._take_terms`); its worker's
+        # new quota, told with its next slice (-1: none); what it held past a smaller quota at that refresh, still
+        # its own
+        self.terms_of = claims
+        self.tell_quota = -1
+        self.kept = 0
         self.expires_at = claims.expires_at
         # its lease's end on the monotonic clock, taken at its attach and each renewal (`Daemon.lapsed`: no step of the
         # wall clock lengthens it)

@@ -155,7 +155,8 @@ class DeviceServicer:
         s = self.daemon.session(request.session_id)
         self.daemon.check_holder(s, self._peer(context))
         expires_at = self.daemon.refresh(s, request.token)
-        return device_pb2.RefreshTokenReply(expires_at=expires_at)
+        quota, share = self.daemon.terms(s)
+        return device_pb2.RefreshTokenReply(expires_at=expires_at, quota_bytes=quota, share=share)
 
     def Stream(
         self, requests: Iterator[bytes], context: grpc.ServicerContext

@@ -205,8 +205,9 @@ REQ_RUN, REQ_EXIT, REQ_RUN_SHARED = 1, 2, 3  # RUN_SHARED: the payload is in the
 REQ_UPLOADS = 0x10  # or-ed into the kind: the payload is big uploads only (server/bulk.py's copy-once path)
 REQ_UP_SLOT = 0x20  # or-ed into RUN_SHARED, an upload slot's number (0-3) in the top 2 bits: the payload is there
 SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
-# kind, free device bytes, reply room (bytes), shared payload length, budget (s), download slot (-1: none)
-_REQ = struct.Struct("<Bqqqdb")
+# kind, free device bytes, reply room (bytes), shared payload length, budget (s), download slot (-1: none), the
+# session's new quota (-1: unchanged)
+_REQ = struct.Struct("<Bqqqdbq")
 REQUEST_HEAD = _REQ.size  # bytes of a request without a payload in the socket (after its length word)
 SIDE = 0x80000000  # set in a reply frame's length word: a side chunk record (`SideChunk`), not frame bytes
 _SIDE = struct.Struct("<qqBqq")  # request id, offset, last, offset in the slot, length; then the meta's bytes
@@ -223,6 +224,8 @@ class SliceRequest:
     uploads: bool = False  # the spans are big uploads only (bulk.slice_length): copied once, no budget cut
     slot: int = -1  # a download slot of the shared memory the worker may write side chunks into (-1: none)
     size: int = -1  # the daemon's: its spans' bytes in all where it counted them (-1: not counted); never sent
+    # the session's quota from this slice on, a refreshed token's (daemon.py `Daemon._take_terms`); -1: unchanged
+    quota: int = -1
 
 
 class SideChunk:
@@ -257,9 +260,11 @@ def encode_request(
     the payload (that many bytes) was written to the shared buffer instead."""
     flag = REQ_UPLOADS if req.uploads else 0
     if shared >= 0:
-        head = _REQ.pack(REQ_RUN_SHARED | flag, req.device_free, req.reply_room, shared, req.budget, req.slot)
+        head = _REQ.pack(
+            REQ_RUN_SHARED | flag, req.device_free, req.reply_room, shared, req.budget, req.slot, req.quota
+        )
         return [struct.pack("<I", len(head)), head]
-    head = _REQ.pack(REQ_RUN | flag, req.device_free, req.reply_room, 0, req.budget, req.slot)
+    head = _REQ.pack(REQ_RUN | flag, req.device_free, req.reply_room, 0, req.budget, req.slot, req.quota)
     body = list(parts) if parts else [req.payload]
     return [struct.pack("<I", len(head) + sum(len(b) for b in body)), head, *body]
 
@@ -274,7 +279,7 @@ def shared_request(req: SliceRequest, size: int, up_slot: int = -1) -> bytes:
     if up_slot >= 0:
         flag |= REQ_UP_SLOT | up_slot << 6
     return _SHARED_REQ.pack(
-        _REQ.size, REQ_RUN_SHARED | flag, req.device_free, req.reply_room, size, req.budget, req.slot
+        _REQ.size, REQ_RUN_SHARED | flag, req.device_free, req.reply_room, size, req.budget, req.slot, req.quota
     )
 
 
@@ -283,23 +288,24 @@ def decode_request(
 ) -> SliceRequest | None:
     """The request in `body` (its payload in `body`, in `shared`, or in one of `up_slots`); None: the exit, or
     a request this worker does not know."""
-    kind, device_free, reply_room, shared_len, budget, slot = _REQ.unpack_from(body, 0)
+    kind, device_free, reply_room, shared_len, budget, slot, quota = _REQ.unpack_from(body, 0)
     up = kind >> 6 if kind & REQ_UP_SLOT else -1
     uploads, kind = bool(kind & REQ_UPLOADS), kind & ~(REQ_UPLOADS | REQ_UP_SLOT | 0xC0)
     if up >= 0:
         if kind != REQ_RUN_SHARED or up >= len(up_slots) or not 0 <= shared_len <= len(up_slots[up]):
             return None
-        return SliceRequest(device_free, reply_room, budget, up_slots[up][:shared_len], uploads, slot)
+        return SliceRequest(device_free, reply_room, budget, up_slots[up][:shared_len], uploads, slot, -1, quota)
     if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
-        return SliceRequest(device_free, reply_room, budget, shared[:shared_len], uploads, slot)
+        return SliceRequest(device_free, reply_room, budget, shared[:shared_len], uploads, slot, -1, quota)
     if kind != REQ_RUN:
         return None
-    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :], uploads, slot)  # no copy
+    body = memoryview(body)[_REQ.size :]  # no copy
+    return SliceRequest(device_free, reply_room, budget, body, uploads, slot, -1, quota)
 
 
-EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0, -1)
+EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0, -1, -1)
 REQ_PING = 4  # is the worker alive? it answers PONG at once (the daemon's fast Sync asks before answering)
-PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0, -1)
+PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0, -1, -1)
 PONG = 0xFFFFFFFF  # a result length word that is no result (a late pong is skipped)
 
 

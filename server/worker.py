@@ -171,6 +171,7 @@ class Runner(Protocol):
     def idle(self) -> bool: ...
     def progress(self) -> int: ...
     def contend(self, contended: bool) -> None: ...
+    def reply_bound(self, nbytes: int) -> None: ...
     def upload_span(self, size: int) -> memoryview | None: ...
     def holds(self, span: memoryview) -> bool: ...
     def close(self) -> None: ...
@@ -231,6 +232,8 @@ class _SessionState:
 
         self.device = _device(spec, ordinal)
         self.conv_layout = spec.conv_layout
+        self.gpu_margin = spec.gpu_margin
+        self.caps_gpu = False  # its process's CUDA allocator is capped by its quota (a real GPU's worker process)
         from gpupool.metas import conv_layout_for, own_conv_layout
 
         self._conv_layout = conv_layout_for
@@ -268,6 +271,8 @@ class _SessionState:
 
     def run(self, req: SliceRequest, progress: slices.Progress | None = None) -> SliceResult:
         with self.session.lock, self._conv_layout(self.conv_layout):
+            if req.quota >= 0:
+                self.set_quota(req.quota)
             return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
 
     def own_thread(self) -> None:
@@ -279,15 +284,28 @@ class _SessionState:
         """`run` in the thread `own_thread` gave this session: no conv layout context manager a slice (a generator
         made, entered and closed: ~12k instructions a slice under callgrind, round 46)."""
         with self.session.lock:
+            if req.quota >= 0:
+                self.set_quota(req.quota)
             return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
 
     def run_owned_into(self, req: SliceRequest, progress: slices.Progress | None, buf: memoryview) -> int | SliceResult:
         """`run_owned`, its result written into `buf` (`slices.run_slice_into`): the size written, or the result
         where nothing was (the caller encodes it)."""
         with self.session.lock:
+            if req.quota >= 0:
+                self.set_quota(req.quota)
             return slices.run_slice_into(
                 self.session, self.executor.execute, self.ledger, req, self.timed, progress, buf
             )
+
+    def set_quota(self, quota: int) -> None:
+        """The session's quota from this slice on (a refreshed token's: `SliceRequest.quota`); on a real GPU the
+        CUDA allocator's cap follows it (`cap_gpu_memory`, as at the worker's start). Allocations past it are
+        refused from here on (`WorkerSession.admit` and the inline checks read `session.quota`); what the session
+        holds stays."""
+        self.session.quota = quota
+        if self.caps_gpu:  # (a worker process's own allocator: never the daemon's, under --isolation thread)
+            cap_gpu_memory(self.device, quota, self.gpu_margin if self.gpu_margin >= 0 else gpu_margin(quota))
 
     def contended(self, told: Callable[[], bool]) -> None:
         """Where the executor and the slice timer read whether another session of the device waits to run."""
@@ -308,6 +326,9 @@ class InlineRunner:
 
     def contend(self, contended: bool) -> None:
         self._contended = contended
+
+    def reply_bound(self, nbytes: int) -> None:
+        pass  # (its results are objects of this process: no bound to read them by)
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         import torch
@@ -392,6 +413,12 @@ class ProcessRunner:
         self._result_poller = select.poll()
         self._result_poller.register(sock, select.POLLIN)
         self._stat_fd = -1
+
+    def reply_bound(self, nbytes: int) -> None:
+        """The most bytes a result may hold beyond its reply room from now on (the session's quota of downloads and
+        framing: a refreshed token's larger quota, `Daemon._take_terms`; never less: what the session holds past a
+        smaller one stays its own to download)."""
+        self._max_reply = max(self._max_reply, nbytes)
 
     def contend(self, contended: bool) -> None:
         try:
@@ -795,6 +822,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     if not state.device.fake:
         margin = spec.gpu_margin if spec.gpu_margin >= 0 else gpu_margin(spec.quota)
         capped = cap_gpu_memory(state.device, spec.quota, margin)
+        state.caps_gpu = True  # (its quota's changes move the cap: `set_quota`)
         log.debug("session %d worker %d: CUDA allocator cap %s of the device", spec.number, os.getpid(), capped)
         _warm_cuda(state.device)
     audit = None

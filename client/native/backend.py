@@ -287,6 +287,8 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     )  # fmt: skip
     # A tensor over the session's whole quota is refused at the call (native_client.cpp HandleAllocator), as on CUDA
     torch.ops.gpupool_native.set_quota(index, int(getattr(session, "quota_bytes", 0) or 0))
+    if hasattr(session, "quota_hooks"):  # and the quota a refresh gives it (client/session.py `refresh`)
+        session.quota_hooks.append(lambda quota: torch.ops.gpupool_native.set_quota(index, int(quota)))
     _sessions[index] = session
     if _libs:  # the hand-offs below serve every device (by index)
         return

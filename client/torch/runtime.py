@@ -60,8 +60,7 @@ class DeviceRuntime:
         self.closed = False
         self._dead: list[int] = []
         self._dead_bytes = 0
-        quota = self.quota = int(getattr(session, "quota_bytes", 0) or 0)  # the session's memory quota (0: unknown)
-        self.free_bytes = max(64 * 1024, quota // FREE_QUOTA_FRACTION) if quota else 64 * 1024 * 1024
+        self._set_quota(int(getattr(session, "quota_bytes", 0) or 0))
         # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
         # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.
         # The last item: the recorder of the thread that made it while that thread recorded a step, else None
@@ -366,6 +365,12 @@ class DeviceRuntime:
             self.session.refresh(token)
         except Exception as exc:
             self._raise(exc)
+        self._set_quota(int(getattr(self.session, "quota_bytes", 0) or 0))  # (a renewal may change it: round 52)
+
+    def _set_quota(self, quota: int) -> None:
+        """The session's memory quota (0: unknown), and the bytes of dead handles batched before a free is sent."""
+        self.quota = quota
+        self.free_bytes = max(64 * 1024, quota // FREE_QUOTA_FRACTION) if quota else 64 * 1024 * 1024
 
     def materialize_pending(self) -> None:
         """Send the held-back empties (in creation order) before anything that might use them.

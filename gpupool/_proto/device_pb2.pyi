@@ -202,16 +202,25 @@ class RefreshTokenReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
     expires_at: _builtins.float
     """unix seconds: the session's new end"""
+    quota_bytes: _builtins.int
+    """The terms the session holds from now on: its token's (the newest it was shown), as Attach's reply gives them.
+    A quota below what the session holds refuses its allocations until it has freed below it (nothing is taken).
+    """
+    share: _builtins.float
     def __init__(
         self,
         *,
         expires_at: _builtins.float = ...,
+        quota_bytes: _builtins.int = ...,
+        share: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "quota_bytes", b"quota_bytes", "share", b"share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,6 +102,23 @@ def test_claims_out_of_range() -> None:
         verifier_for(signer).verify(tokens.mint(signer, claims(share=1.5)))
 
 
+def test_each_claim_out_of_range_is_refused_and_the_least_share_is_the_schedulers_unit() -> None:
+    """Signed by the scheduler's key and still refused: a share of 0, NaN, past 1 or below the scheduler's unit (1e-6:
+    a share of 5e-324 made a device's fair queue charge inf, round 52; on da68e41a it and 1e-7 verified), a negative
+    quota or device, a device or quota spelled `true`, an infinite or NaN expiry; the scheduler's least share
+    verifies."""
+    signer = tokens.Signer.from_seed(SEED)
+    v = verifier_for(signer)
+    for bad in (
+        {"share": 0.0}, {"share": float("nan")}, {"share": 1.0000001}, {"share": 5e-324}, {"share": 1e-7},
+        {"quota_bytes": -1}, {"device": -1}, {"device": True}, {"quota_bytes": True},
+        {"expires_at": float("inf")}, {"expires_at": float("nan")},
+    ):  # fmt: skip
+        with pytest.raises(errors.Unauthenticated, match="range|malformed|expired|longer"):
+            v.verify(tokens.mint(signer, claims(**bad)))
+    assert v.verify(tokens.mint(signer, claims(share=1 / 1_000_000))).share == tokens.MIN_SHARE
+
+
 def test_revoked_leases_are_refused_until_their_tokens_could_expire() -> None:
     signer = tokens.Signer.from_seed(SEED)
     v = verifier_for(signer)

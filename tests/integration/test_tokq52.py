@@ -1,0 +1,257 @@
+"""tokq52: the scheduler as the credential authority of a live session, against a real scheduler and daemon on loopback
+(each test fails on da68e41a). Until round 52 a session kept the quota of its lease's first token for its life: a
+refreshed token's quota (a scheduler that changes a lease's terms at its renewal) reached neither the daemon nor its
+worker nor the client, and RefreshToken took a token of another tenant, another network grant or collective group, and
+answered one of another host, lease or device UNAUTHENTICATED (the token is genuine: PERMISSION_DENIED, as Attach)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.session import Session
+from scheduler_fixtures import ROOT
+from support import mint_token, registered_host
+from test_security import Pool, start_pool
+
+from gpupool import errors, protocol, tokens
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
+
+KiB = 1024
+MiB = 1024**2
+HOST = "tokq52-host"
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = start_pool(tmp_path)
+    yield p
+    p.scheduler.stop(grace=0.5)
+
+
+def _limits(s: Session) -> tuple[int, int]:
+    """(used, limit) of `s` in its daemon's Status, as its holder may read them."""
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(
+        device_pb2.StatusRequest(), timeout=30, metadata=((protocol.SESSION_METADATA, s.session_id),)
+    )
+    (u,) = reply.sessions
+    return int(u.used_bytes), int(u.limit_bytes)
+
+
+def _terms(signer: tokens.Signer, token: str, later: float, **changed: Any) -> str:
+    """`token`'s claims with `changed`, `later` seconds further in expiry, signed by the scheduler's key: what a
+    scheduler that changes a lease's terms at its renewal hands out."""
+    claims = tokens.verify(signer, token)
+    return tokens.mint(signer, dataclasses.replace(claims, expires_at=claims.expires_at + later, **changed))
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_a_refreshed_tokens_quota_holds_from_the_refresh_on(pool: Pool, daemon_factory: Any, isolation: str) -> None:
+    """Alice's lease of half a 16 MiB fake GPU (8 MiB), her session holding 3 MiB. A renewal's token (same terms)
+    changes nothing. A token of 2 MiB: from the refresh on her allocations are refused by the 2 MiB quota (the
+    worker's words: "memory quota exceeded", her 3 MiB and the 2 MiB limit), her 3 MiB are intact and hers, the
+    client's `quota_bytes` and Status say 2 MiB; once freed, what fits 2 MiB fits. The renewal's older token shown
+    again (8 MiB, an earlier expiry) brings nothing back. A token of 12 MiB (more than her attach's 8): 10 MiB fit and
+    come back whole. On da68e41a the 2 MiB token's refresh left her 8 MiB quota: the 1 KiB upload went through."""
+    host = registered_host(daemon_factory, pool.address, pool.public, HOST, fake_gpu_memory=16 * MiB,
+                           isolation=isolation)  # fmt: skip
+    alice = pool.client("tenant", "alice")
+    signer = tokens.load_signer(pool.key)
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    told: list[int] = []
+    with Session.attach(host.address, lease.devices[0].token) as s:
+        getattr(s, "quota_hooks", []).append(told.append)  # (the C++ client's set_quota; none on da68e41a)
+        assert s.quota_bytes == 8 * MiB
+        x = torch.arange(3 * MiB // 4, dtype=torch.float32)
+        h = s.upload(x)
+        s.sync()
+        renewed = alice.renew(lease.lease_id).devices[0].token  # the scheduler's renewal: the same terms
+        s.refresh(renewed)
+        assert (s.quota_bytes, told, _limits(s)) == (8 * MiB, [], (3 * MiB, 8 * MiB))
+
+        s.refresh(_terms(signer, renewed, 1.0, quota_bytes=2 * MiB))
+        assert (s.quota_bytes, told, _limits(s)) == (2 * MiB, [2 * MiB], (3 * MiB, 2 * MiB))
+        s.upload(torch.zeros(KiB // 4))
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded") as over:
+            s.sync()
+        assert (over.value.used_bytes, over.value.limit_bytes) == (3 * MiB, 2 * MiB), over.value.message
+        assert torch.equal(s.download(h), x)  # what it held is intact, and still its own
+        assert _limits(s) == (3 * MiB, 2 * MiB)
+
+        s.refresh(renewed)  # the older token (8 MiB, an earlier end) again: it brings no quota back
+        assert (s.quota_bytes, _limits(s)) == (2 * MiB, (3 * MiB, 2 * MiB))
+
+        s.free([h])
+        s.sync()
+        assert _limits(s) == (0, 2 * MiB)
+        small = s.upload(torch.ones(MiB // 4))
+        s.sync()
+        s.upload(torch.ones(MiB // 4 + 1))  # 1 MiB + 4 bytes more: past 2 MiB
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
+            s.sync()
+        s.free([small])
+        s.sync()
+
+        s.refresh(_terms(signer, renewed, 2.0, quota_bytes=12 * MiB))  # more than the attach's 8 MiB
+        assert (s.quota_bytes, told, _limits(s)) == (12 * MiB, [2 * MiB, 12 * MiB], (0, 12 * MiB))
+        y = torch.arange(10 * MiB // 4, dtype=torch.float32)
+        big = s.upload(y)
+        s.sync()
+        assert torch.equal(s.download(big), y)
+        assert _limits(s) == (10 * MiB, 12 * MiB)
+    alice.close()
+
+
+def test_a_refresh_refuses_a_token_of_another_host_device_lease_or_tenant_and_harms_nothing(
+    pool: Pool, daemon_factory: Any
+) -> None:
+    """Alice's session, refreshed with hostile tokens: each refused with the right status and words, her session's
+    end, quota and tensor untouched, bob's session on the same device untouched. Another host, device, lease (bob's
+    real token), tenant, network grant or collective group, or a certificate binding not hers: PERMISSION_DENIED (on
+    da68e41a: the first three UNAUTHENTICATED, the tenant, network and group ones taken). Another key, a changed
+    signature, an expired token, garbage, an oversized token: UNAUTHENTICATED."""
+    host = registered_host(daemon_factory, pool.address, pool.public, HOST, fake_gpu_memory=16 * MiB)
+    alice, bob = pool.client("tenant", "alice"), pool.client("tenant", "bob")
+    signer = tokens.load_signer(pool.key)
+    a_lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+    b_lease = bob.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+    token, b_token = a_lease.devices[0].token, b_lease.devices[0].token
+    daemon = host.running.daemon
+    with Session.attach(host.address, token) as s, Session.attach(host.address, b_token) as b:
+        x, z = torch.arange(1000.0), torch.ones(10)
+        h, bh = s.upload(x), b.upload(z)
+        s.sync()
+        b.sync()
+        (front,) = [f for f in daemon.session_list() if f.lease_id == a_lease.lease_id]
+        ends = front.expires_at
+        before = _limits(s)
+        kid, body, sig = token.split(".")
+        flipped = "B" if sig[10] == "A" else "A"
+        claims = tokens.verify(signer, token)
+        hostile: list[tuple[str, type[errors.GpupoolError], str]] = [
+            (mint_token(b"not the scheduler's key", host=HOST, lease_id=a_lease.lease_id), errors.Unauthenticated,
+             "unknown key"),
+            (f"{kid}.{body}.{sig[:10]}{flipped}{sig[11:]}", errors.Unauthenticated, "signature|malformed"),
+            (_terms(signer, token, -claims.expires_at + time.time() - 60), errors.Unauthenticated, "expired"),
+            ("x", errors.Unauthenticated, "malformed"),
+            ("a" * (tokens.MAX_TOKEN_LENGTH + 1), errors.Unauthenticated, "too long|malformed"),
+            (_terms(signer, token, 60, host="other-host"), errors.PermissionDenied, "for host 'other-host'"),
+            (_terms(signer, token, 60, device=1), errors.PermissionDenied, "another lease or device"),
+            (b_token, errors.PermissionDenied, "another lease or device"),
+            (_terms(signer, token, 60, tenant="bob"), errors.PermissionDenied, "tenant 'bob'"),
+            (_terms(signer, token, 60, network=True), errors.PermissionDenied, "network grant, collective group"),
+            (_terms(signer, token, 60, group=tokens.lease_group(signer, "another lease")), errors.PermissionDenied,
+             "network grant, collective group"),
+            (_terms(signer, token, 60, quota_bytes=16 * MiB, cert="sha256:" + "0" * 64), errors.PermissionDenied,
+             "certificate binding"),
+        ]  # fmt: skip
+        for bad, what, words in hostile:
+            with pytest.raises(what, match=words):
+                s.refresh(bad)
+            assert (front.expires_at, front.quota, s.quota_bytes) == (ends, 4 * MiB, 4 * MiB), words
+        assert _limits(s) == before
+        assert torch.equal(s.download(h), x) and torch.equal(b.download(bh), z)
+        s.refresh(alice.renew(a_lease.lease_id).devices[0].token)  # her own renewal still goes through
+        assert front.expires_at > ends
+    alice.close()
+    bob.close()
+
+
+def _share(s: Session) -> float:
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(
+        device_pb2.StatusRequest(), timeout=30, metadata=((protocol.SESSION_METADATA, s.session_id),)
+    )
+    (u,) = reply.sessions
+    return float(u.share)
+
+
+def test_a_refreshed_tokens_share_weighs_the_session_and_a_share_below_the_schedulers_unit_is_refused(
+    daemon: Any,
+) -> None:
+    """A refresh's share weighs the session in its device's queue from then on (Status, the queue's entry, the
+    client). A share below the scheduler's unit (1e-6) is refused at Attach and at a refresh, UNAUTHENTICATED, the
+    session untouched: on da68e41a a token of share 5e-324 attached, and the device's fair queue charged its first
+    slice seconds / 5e-324 = inf, its virtual clock inf after the next: from then on it served its sessions in list
+    order, one busy session starving the rest (checked on the queue alone)."""
+    lease = "tokq52-share"
+    with Session.attach(daemon.address, daemon.token(lease_id=lease, share=0.5, quota_bytes=MiB)) as s:
+        (front,) = [f for f in daemon.running.daemon.session_list() if f.lease_id == lease]
+        assert (front.entry.share, _share(s)) == (0.5, 0.5)
+        s.refresh(daemon.token(lease_id=lease, share=0.25, quota_bytes=MiB, ttl=7200))
+        assert (front.entry.share, _share(s), s.share) == (0.25, 0.25, 0.25)
+        with pytest.raises(errors.Unauthenticated, match="out of range"):
+            s.refresh(daemon.token(lease_id=lease, share=5e-324, quota_bytes=MiB, ttl=7300))
+        assert (front.entry.share, _share(s), s.share) == (0.25, 0.25, 0.25)
+        [h] = s.call("aten::ones.default", [3])
+        assert s.download(h).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(errors.Unauthenticated, match="out of range"):
+        Session.attach(daemon.address, daemon.token(share=5e-324, quota_bytes=MiB)).close()
+    with Session.attach(daemon.address, daemon.token(share=tokens.MIN_SHARE, quota_bytes=MiB)) as least:
+        least.sync()
+
+
+NATIVE = """
+import sys
+import torch
+from gpupool.client import native
+native.enable()
+session = native.attach(sys.argv[1], sys.argv[2])
+x = torch.ones(3 * 1024 * 1024 // 4, device="gpupool")  # 3 MiB: within the 8 MiB quota
+torch.gpupool.synchronize()  # (ran: a refresh is out of band, what is queued behind it meets the new quota)
+session.refresh(sys.argv[3])  # the quota is 2 MiB from here on
+print("quota", session.quota_bytes)
+try:
+    torch.empty(3 * 1024 * 1024 // 4, device="gpupool")  # more than the whole new quota
+except Exception as exc:
+    print("refused", type(exc).__name__, exc)
+print("kept", float(x.cpu().sum()))  # (downloaded: a sum on the daemon would allocate, past the quota)
+"""
+
+
+def test_the_cpp_clients_quota_follows_a_refresh(daemon: Any) -> None:
+    """The C++ client (`set_quota`, native_client.cpp HandleAllocator: a tensor over the session's whole quota is
+    refused at its call, torch's OutOfMemoryError) takes a refresh's smaller quota: a 3 MiB tensor after a refresh to
+    2 MiB is refused at the call, and the 3 MiB the session held before come back whole. On da68e41a the client kept
+    the attach's 8 MiB: nothing was refused at the call."""
+    from gpupool.client.native.backend import compiler_missing
+
+    why = compiler_missing()
+    if why is not None:
+        pytest.skip(f"C++ client: {why}")
+    lease = "tokq52-native"
+    token = daemon.token(lease_id=lease, quota_bytes=8 * MiB)
+    smaller = daemon.token(lease_id=lease, quota_bytes=2 * MiB, ttl=7200)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    cmd = [sys.executable, "-c", NATIVE, daemon.address, token, smaller]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"quota {2 * MiB}\n" in done.stdout, done.stdout
+    assert "refused OutOfMemoryError" in done.stdout and "refused at the call" in done.stdout, done.stdout
+    assert f"kept {3 * MiB // 4:.1f}\n" in done.stdout, done.stdout
+
+
+def test_the_shims_quota_follows_a_refresh(attach: Any, serve: Any) -> None:
+    """The Python shim's device (`DeviceRuntime.quota`: a factory's tensor over the whole quota is refused at its call,
+    client/torch/remote.py `_fits_quota`) takes a refresh's smaller quota: after a refresh to 2 MiB a 3 MiB
+    `torch.empty` is refused at the call, and the 3 MiB held before come back whole. On da68e41a it kept 8 MiB."""
+    from gpupool.client.torch import runtime
+
+    lease = "tokq52-shim"
+    d = attach(lease_id=lease, quota_bytes=8 * MiB)
+    x = torch.ones(3 * MiB // 4, device=d)
+    torch.gpupool.synchronize()  # type: ignore[attr-defined]
+    rt = runtime.get(d.index)
+    assert rt is not None and rt.quota == 8 * MiB
+    rt.refresh(serve.token(lease_id=lease, quota_bytes=2 * MiB, ttl=7200))
+    assert rt.quota == rt.session.quota_bytes == 2 * MiB
+    with pytest.raises(torch.OutOfMemoryError, match="refused at the call"):
+        torch.empty(3 * MiB // 4, device=d)
+    assert float(x.cpu().sum()) == 3 * MiB // 4
