@@ -1,7 +1,8 @@
 """pytest-xdist's controller (scripts/test.sh: `-n 2`) loads tests/conftest.py and calls its hooks, but runs no test:
 it starts the workers once those hooks are done. Round 51's conftest imported support.py (torch, grpc, the client and
 the daemon's registration) and thread_state.py (torch), and made a CA, in the controller too: 2.4-2.7 s of CPU before
-the first worker started, at load 8. Now what only tests use is imported in the processes that run them."""
+the first worker started, at load 8 (and tests/integration/conftest.py the shim's and the pools' fixtures, where a
+run names that folder). Now what only tests use is imported in the processes that run them."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_the_xdist_controller_imports_nothing_of_the_tests(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     ran = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "controller_probe", "-n", "2",
-         "--dist", "loadfile", "tests"],
+         "--dist", "loadfile", "tests", "tests/integration"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
