@@ -51,9 +51,21 @@ class Cluster:
     def wait_hosts_up(self, n: int) -> None:
         wait_until(lambda: sum(h.state == "up" for h in self.client().list_pool().hosts) == n, what=f"{n} hosts up")
 
+    def wait_idle(self) -> None:
+        """No lease held, both hosts up: as a fresh cluster (each test's leases are released or expired)."""
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+        def idle() -> bool:
+            pool = self.client().list_pool()
+            return not pool.leases and sum(h.state == "up" for h in pool.hosts) == 2
+
+        wait_until(idle, timeout=60, what="the cluster idle: no lease, both hosts up")
+
+
+@pytest.fixture(scope="module")
+def _cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One scheduler and two daemons for the module's tests (a fresh cluster per test until round 52: three starts
+    of a scheduler and two `gpupool serve`); the restart test, last, leaves its restarted scheduler to this fixture."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     sched, address = start_scheduler(tmp_path)
     c = Cluster(tmp_path, sched, address, {})
     started: list[Proc] = []
@@ -68,6 +80,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for proc in {*started, *(proc for proc, _ in c.daemons.values())}:
             proc.stop()
         c.scheduler.stop()
+
+
+@pytest.fixture
+def cluster(_cluster: Cluster) -> Iterator[Cluster]:
+    """The module's cluster, idle before the test (and after it: the next test's start does not wait on this one's
+    leases)."""
+    _cluster.wait_idle()
+    yield _cluster
+    _cluster.wait_idle()
 
 
 def attach(x: Lease, i: int = 0) -> tuple[device_pb2_grpc.DeviceStub, device_pb2.AttachReply]:
