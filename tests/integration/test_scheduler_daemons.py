@@ -128,7 +128,7 @@ def test_binpack_wait_and_tokens_the_daemons_accept(cluster: Cluster) -> None:
     a.release()
     wait_until(
         lambda: public_session_id(reply.session_id) not in session_ids(stub, reply.session_id),
-        timeout=10,
+        timeout=30,
         what="the daemon to drop the session",
     )
     for x in (c, d, got[0]):
@@ -143,10 +143,10 @@ def test_unrenewed_lease_expires_and_the_daemon_drops_its_session(cluster: Clust
     assert public_session_id(reply.session_id) in session_ids(stub, reply.session_id)
     wait_until(
         lambda: public_session_id(reply.session_id) not in session_ids(stub, reply.session_id),
-        timeout=15,
+        timeout=30,
         what="the session to close",
     )
-    wait_until(lambda: not client.list_pool().leases, timeout=5, what="the lease to expire")
+    wait_until(lambda: not client.list_pool().leases, timeout=30, what="the lease to expire")
     with pytest.raises(FailedPrecondition, match="expired"):
         x.renew()
     pool = client.list_pool()
