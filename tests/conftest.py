@@ -10,29 +10,35 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from support import (
-    TEST_HOST,
-    DaemonFactory,
-    DaemonHandle,
-    MiB,
-    dead_port,
-    get_pki,
-    install_test_tls,
-    native_runner_or_skip,
-    start_serve_process,
-    stop_process,
-    verifier,
-)
 
-pytest_plugins = ["thread_state"]  # no test leaves the thread running the tests changed (tests/thread_state.py)
+if TYPE_CHECKING:
+    from support import DaemonFactory, DaemonHandle
+
+# support.py (and thread_state.py) import torch, grpc and the product (1-3 s of CPU): imported where a test process
+# needs them, not at this module's import, which pytest-xdist's controller does too though it runs no test
+_PKI_DIRECTORY: list[Path] = []
+
+
+def runs_no_test(config: pytest.Config) -> bool:
+    """Whether this process is pytest-xdist's controller (tests given to workers, not only collected): it loads this
+    module and calls its hooks, but runs no test nor fixture, so it sets up nothing of the tests' (round 51: it
+    imported torch and made a CA before it started the workers)."""
+    dist = getattr(config.option, "dist", "no") != "no" and bool(getattr(config.option, "tx", None))
+    return dist and not hasattr(config, "workerinput") and not config.option.collectonly
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Every program the tests start speaks TLS (support.Pki); the CA lives as long as the session."""
-    install_test_tls(Path(tempfile.mkdtemp(prefix="gpupool-test-pki-")))
+    """Every program the tests start speaks TLS (support.Pki); the CA lives as long as the session. No test leaves
+    the thread running the tests changed (tests/thread_state.py, a plugin registered here)."""
+    if runs_no_test(config):
+        return
+    from support import install_test_tls
+
+    config.pluginmanager.import_plugin("thread_state")
+    _PKI_DIRECTORY.append(install_test_tls(Path(tempfile.mkdtemp(prefix="gpupool-test-pki-"))).directory)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -59,7 +65,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(get_pki().directory, ignore_errors=True)
+    for directory in _PKI_DIRECTORY:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,12 +86,16 @@ def warm_this_process() -> None:
 def native_runner_module() -> Any:
     """The daemon's native runner (server/native_runner.cpp), built or loaded from its cache; skips where it cannot be
     built (fails where it can and did not: `support.native_runner_or_skip`)."""
+    from support import native_runner_or_skip
+
     return native_runner_or_skip()
 
 
 @pytest.fixture
 def closed_port() -> Iterator[int]:
     """A loopback port that refuses connections for the whole test (support.dead_port: bound, not listening)."""
+    from support import dead_port
+
     with dead_port() as port:
         yield port
 
@@ -92,6 +103,8 @@ def closed_port() -> Iterator[int]:
 @pytest.fixture
 def closed_collective_port() -> Iterator[int]:
     """`closed_port` in the daemons' default --collective-ports (a rank names no group store port outside it)."""
+    from support import dead_port
+
     from gpupool.protocol import COLLECTIVE_PORTS
 
     with dead_port(COLLECTIVE_PORTS) as port:
@@ -117,6 +130,7 @@ def daemon_factory(token_key: bytes) -> Iterator[DaemonFactory]:
     """Start in-process daemons: `daemon_factory(fake_gpus=2, fake_gpu_memory=64 * MiB, **Config fields)`."""
     from gpupool.server.app import RunningDaemon
     from gpupool.server.daemon import DaemonConfig
+    from support import TEST_HOST, DaemonHandle, MiB, get_pki, verifier
 
     started: list[RunningDaemon] = []
 
@@ -154,6 +168,8 @@ def daemon(daemon_factory: DaemonFactory) -> DaemonHandle:
 @pytest.fixture
 def serve_process(token_key_file: Path, token_key: bytes) -> Iterator[Callable[..., DaemonHandle]]:
     """Start `gpupool serve` subprocesses: `serve_process("--fake-gpus", "1")` -> DaemonHandle."""
+    from support import TEST_HOST, DaemonHandle, start_serve_process, stop_process
+
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str, env: dict[str, str] | None = None, wrap: Sequence[str] = ()) -> DaemonHandle:

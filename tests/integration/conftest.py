@@ -15,17 +15,20 @@ detached after the test, which frees what they held), the daemon's isolation of 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import torch
-from examples_fixtures import gpupool_up, idle_pool
-from shim_fixtures import Attach, ServeProcess, start_daemon
-from support import Healthy, stop_process
+
+if TYPE_CHECKING:  # (imported where used: pytest-xdist's controller loads this module too, tests/conftest.py)
+    import torch
+    from shim_fixtures import Attach, ServeProcess
+    from support import Healthy
 
 
 @pytest.fixture(scope="session")
 def _two_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from examples_fixtures import gpupool_up
+
     with gpupool_up(tmp_path_factory.mktemp("up2"), "--fake-gpus", "2", "--fake-gpu-memory", "512MiB") as env:
         yield env["GPUPOOL_SCHEDULER"]
 
@@ -35,12 +38,16 @@ def two_gpu_pool(_two_gpu_pool: str) -> Iterator[str]:
     """`gpupool up` with two fake GPUs of 512 MiB (the scheduler's address), idle at the module's start and end:
     test_cuda_scripts, test_shim_lease and the C++ client's test_native_client_*. A lease of one device there is what
     a one-GPU pool gives (the lease's count, its fraction of 512 MiB)."""
+    from examples_fixtures import idle_pool
+
     yield idle_pool(_two_gpu_pool)
     idle_pool(_two_gpu_pool)
 
 
 @pytest.fixture(scope="session")
 def _example_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    from examples_fixtures import gpupool_up
+
     with gpupool_up(tmp_path_factory.mktemp("pool"), "--fake-gpus", "1") as env:
         yield env
 
@@ -49,6 +56,8 @@ def _example_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
 def pool_env(_example_pool: dict[str, str]) -> Iterator[dict[str, str]]:
     """`gpupool up` with one fake GPU (8 GiB, the default) for the example tests, idle at the module's start and end;
     yields the client environment that `gpupool up` prints."""
+    from examples_fixtures import idle_pool
+
     idle_pool(_example_pool["GPUPOOL_SCHEDULER"])
     yield _example_pool
     idle_pool(_example_pool["GPUPOOL_SCHEDULER"])
@@ -58,6 +67,9 @@ def pool_env(_example_pool: dict[str, str]) -> Iterator[dict[str, str]]:
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """`gpupool serve --fake-gpus 2 --fake-gpu-memory 2GiB` for the session: the shim tests (gpupool:0 unless they
     ask for device 1), the C++ client's daemon tests, test_multi_device (both devices)."""
+    from shim_fixtures import start_daemon
+    from support import stop_process
+
     daemon = start_daemon(tmp_path_factory.mktemp("shim"), "2GiB", 2)
     yield daemon
     stop_process(daemon.process)
@@ -86,6 +98,8 @@ def healthy(daemon: Any) -> Iterator[Healthy]:
     results in a thread the whole test; its check after the test fails the test if one of its results was wrong or
     refused (test_daemon_bad_input.py, test_daemon_compact.py, test_daemon_graph.py: a hostile session's failure never
     touches another)."""
+    from support import Healthy
+
     h = Healthy(daemon.address, daemon.token(tenant="healthy"))
     yield h
     h.check()

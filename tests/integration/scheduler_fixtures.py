@@ -39,6 +39,7 @@ class Proc:
         self.args = daemon_args(list(args))  # a daemon gets the public key of the scheduler's key file
         self.lines: list[str] = []
         self._seen = threading.Condition()
+        self._eof = threading.Event()  # `_drain` read the end of its output
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "gpupool.cli", *self.args],
             stdout=subprocess.PIPE,
@@ -55,10 +56,13 @@ class Proc:
                 self.lines.append(line.rstrip("\n"))
                 self._seen.notify_all()
         with self._seen:
+            self._eof.set()
             self._seen.notify_all()
 
     def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 60.0) -> re.Match[str]:
-        """The first log line matching `pattern` (waiting for it), or AssertionError with the log."""
+        """The first log line matching `pattern` (waiting for it), or AssertionError with the log. A program that
+        has ended is looked for until `_drain` has read all it wrote (round 51 gave up once it had ended: its last
+        lines, still in the pipe, unread)."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         with self._seen:
@@ -68,14 +72,16 @@ class Proc:
                     if m:
                         return m
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.popen.poll() is not None and not self._more_coming()):
-                    raise AssertionError(f"{self.args[0]}: no {rx.pattern!r} in log:\n" + self.log())
+                if left <= 0 or self._eof.is_set():
+                    break
                 self._seen.wait(min(left, 0.2))
-
-    def _more_coming(self) -> bool:
-        return self.popen.stdout is not None and not self.popen.stdout.closed and self.popen.returncode is None
+        raise AssertionError(f"{self.args[0]}: no {rx.pattern!r} in log:\n" + self.log())
 
     def log(self) -> str:
+        """Its last 80 lines; of a program that has ended, once `_drain` has read all it wrote (up to 30 s: a test
+        that reads the log of a program just ended, `popen.wait()` returned, read it before the last lines came)."""
+        if self.popen.poll() is not None:
+            self._eof.wait(30)
         return "\n".join(self.lines[-80:])
 
     def port(self) -> int:

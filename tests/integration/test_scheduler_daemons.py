@@ -51,9 +51,21 @@ class Cluster:
     def wait_hosts_up(self, n: int) -> None:
         wait_until(lambda: sum(h.state == "up" for h in self.client().list_pool().hosts) == n, what=f"{n} hosts up")
 
+    def wait_idle(self) -> None:
+        """No lease held, both hosts up: as a fresh cluster (each test's leases are released or expired)."""
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+        def idle() -> bool:
+            pool = self.client().list_pool()
+            return not pool.leases and sum(h.state == "up" for h in pool.hosts) == 2
+
+        wait_until(idle, timeout=60, what="the cluster idle: no lease, both hosts up")
+
+
+@pytest.fixture(scope="module")
+def _cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One scheduler and two daemons for the module's tests (a fresh cluster per test until round 52: three starts
+    of a scheduler and two `gpupool serve`); the restart test, last, leaves its restarted scheduler to this fixture."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     sched, address = start_scheduler(tmp_path)
     c = Cluster(tmp_path, sched, address, {})
     started: list[Proc] = []
@@ -68,6 +80,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for proc in {*started, *(proc for proc, _ in c.daemons.values())}:
             proc.stop()
         c.scheduler.stop()
+
+
+@pytest.fixture
+def cluster(_cluster: Cluster) -> Iterator[Cluster]:
+    """The module's cluster, idle before the test (and after it: the next test's start does not wait on this one's
+    leases)."""
+    _cluster.wait_idle()
+    yield _cluster
+    _cluster.wait_idle()
 
 
 def attach(x: Lease, i: int = 0) -> tuple[device_pb2_grpc.DeviceStub, device_pb2.AttachReply]:
@@ -107,7 +128,7 @@ def test_binpack_wait_and_tokens_the_daemons_accept(cluster: Cluster) -> None:
     a.release()
     wait_until(
         lambda: public_session_id(reply.session_id) not in session_ids(stub, reply.session_id),
-        timeout=10,
+        timeout=30,
         what="the daemon to drop the session",
     )
     for x in (c, d, got[0]):
@@ -122,10 +143,10 @@ def test_unrenewed_lease_expires_and_the_daemon_drops_its_session(cluster: Clust
     assert public_session_id(reply.session_id) in session_ids(stub, reply.session_id)
     wait_until(
         lambda: public_session_id(reply.session_id) not in session_ids(stub, reply.session_id),
-        timeout=15,
+        timeout=30,
         what="the session to close",
     )
-    wait_until(lambda: not client.list_pool().leases, timeout=5, what="the lease to expire")
+    wait_until(lambda: not client.list_pool().leases, timeout=30, what="the lease to expire")
     with pytest.raises(FailedPrecondition, match="expired"):
         x.renew()
     pool = client.list_pool()

@@ -76,16 +76,18 @@ def refused(address: str) -> bool:
         return True
 
 
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[tuple[Proc, str]]:
-    proc, address = start_up(tmp_path)
-    yield proc, address
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str, Path]]:
+    """One `gpupool up` for the module's tests that only use it (one start, not one a test, until round 52): its
+    process, the scheduler's address and its --state folder. Its tests leave no lease held."""
+    tmp = tmp_path_factory.mktemp("up")
+    proc, address = start_up(tmp)
+    yield proc, address, tmp / "state"
     proc.stop()
 
 
-def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -> None:
-    proc, address = up
-    state = tmp_path / "state"
+def test_up_serves_run_smi_and_list_gpus(up: tuple[Proc, str, Path]) -> None:
+    proc, address, state = up
     for secret in ("token.key", f"pki/tenant-{getpass.getuser()}.key", "pki/admin-admin.key", "scheduler.db"):
         assert (state / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
     assert b"PRIVATE" not in (state / "token.pub").read_bytes()
@@ -107,7 +109,7 @@ def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -
     assert f"attached 0.5 {256 * 1024**2} {getpass.getuser()}" in ran.stdout
     assert "side True True" in ran.stdout  # the daemon's side port is on: frames travel there (docs/wire.md)
     pool = SchedulerClient(address, client_tls)
-    wait_until(lambda: not pool.list_pool().leases, timeout=10, what="run to release its lease")
+    wait_until(lambda: not pool.list_pool().leases, timeout=30, what="run to release its lease")
     too_big = gpupool("run", "-n", "3", "--", "true", env=env)
     assert too_big.returncode == 1 and "no room for 3 GPU(s)" in too_big.stderr
     smi = gpupool("smi", env={**env, "COLUMNS": "200"})
@@ -142,7 +144,7 @@ def test_up_refuses_a_name_no_certificate_can_hold_in_one_line(
     assert not state.exists()
 
 
-def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: Path, up: tuple[Proc, str]) -> None:
+def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(up: tuple[Proc, str, Path]) -> None:
     """`gpupool up` runs its daemon with client certificates required (round 42: under the default `none` its
     Status, `gpupool smi`'s tenants table, showed every tenant's sessions to anyone who reached the port): the
     operator's smi (its admin certificate) lists every session, the user's (its tenant certificate) its own, a caller
@@ -151,21 +153,22 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: 
 
     from gpupool._proto import device_pb2, scheduler_pb2
 
-    proc, address = up
+    proc, address, state_dir = up
     daemon = proc.wait_for(r"daemon\s+(\S+)").group(1)
     env = {**exports(proc), "COLUMNS": "250"}
-    state = tmp_path / "state" / "pki"
+    state = state_dir / "pki"
     admin = {
         **env,
         "GPUPOOL_TLS_CERT": str(state / "admin-admin.crt"),
         "GPUPOOL_TLS_KEY": str(state / "admin-admin.key"),
     }
     user_tls = tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
-    sessions = []
+    sessions, leases = [], []
     for cfg in (user_tls, get_pki().client_config("tenant", "mallory")):  # the user, and another tenant
         pool = SchedulerClient(address, cfg)
         lease = pool.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
         pool.close()
+        leases.append((cfg, lease.lease_id))
         # attached with the certificate the lease was allocated with (round 46: its token is bound to it)
         ch = tls.channel(daemon, cfg=cfg, token=False)
         reply = device_pb2_grpc.DeviceStub(ch).Attach(
@@ -194,3 +197,7 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(tmp_path: 
         for ch, session_id in sessions:
             device_pb2_grpc.DeviceStub(ch).Detach(device_pb2.DetachRequest(session_id=session_id), timeout=10)
             ch.close()
+        for cfg, lease_id in leases:  # (the module's pool: no lease left to the next test)
+            pool = SchedulerClient(address, cfg)
+            pool.release(lease_id)
+            pool.close()
