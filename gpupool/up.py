@@ -273,9 +273,7 @@ def _keep_log(path: str, limit: int) -> None:
     global KEEPER
     read, write = os.pipe()
     try:
-        KEEPER = subprocess.Popen(
-            [sys.executable, "-I", "-S", uplog.__file__, path, str(limit)], stdin=read, stdout=subprocess.DEVNULL
-        )
+        KEEPER = uplog.start(read, path, limit)
     except OSError as exc:
         print(f"gpupool up: its log is not capped (no keeper: {exc})", file=sys.stderr)
     else:

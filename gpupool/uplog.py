@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 
 DEFAULT_BYTES = 10 * 1024**2
@@ -62,10 +63,27 @@ def keep(source: int, path: str, limit: int) -> None:
     os.close(out)
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # ignored: it ends when `up` does (its pipe's end)
+
+
+def _ignore_stops() -> None:
+    for sig in STOPS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def start(source: int, path: str, limit: int) -> subprocess.Popen[bytes]:
+    """The keeper of `path`, reading the pipe `source`: its stop signals ignored from its first instruction (an exec
+    keeps an ignored signal ignored; set in its `main` only, a SIGTERM to `up`'s process group in its first
+    milliseconds - Ctrl-C of `up --detach` while it starts - ended it before it set them)."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", __file__, path, str(limit)], stdin=source, stdout=subprocess.DEVNULL,
+        preexec_fn=_ignore_stops,  # noqa: PLW1509 - signal dispositions only, no locks taken
+    )  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     """The keeper: `uplog.py PATH LIMIT`, the pipe on its stdin."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # it ends when `up` does (its pipe's end)
-        signal.signal(sig, signal.SIG_IGN)
+    _ignore_stops()
     keep(0, argv[0], int(argv[1]))
 
 

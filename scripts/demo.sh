@@ -36,9 +36,9 @@ stop() {  # (set -e: a wait's status, 143 for the stopped training, must not end
   if [ -n "$train_pid" ] && kill -0 "$train_pid" 2>/dev/null; then
     kill -TERM "$train_pid" 2>/dev/null || true; wait "$train_pid" 2>/dev/null || true
   fi
-  # `gpupool down` waits for every process of the pool (the daemon's zygote, workers and log pumps too: `kill -INT`
-  # and a wait, until round 52, waited for `up` alone, and the folder went while they ended); a SIGTERM where `up`
-  # has not yet written the record `down` reads (Ctrl-C in its first second)
+  # `gpupool down` (until round 52 `kill -INT` and a wait for `up` alone) waits for every process of the pool, the
+  # daemon's zygote, workers and log pumps too, before the folder goes; a SIGTERM where `up` has not yet written the
+  # record `down` reads (Ctrl-C in its first second)
   if kill -0 $up_pid 2>/dev/null; then
     echo "stopping the pool: gpupool down --state $state/scheduler.db"
     gpupool down --state "$state/scheduler.db" >/dev/null 2>&1 || kill -TERM $up_pid 2>/dev/null || true

@@ -66,9 +66,8 @@ def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Pat
     verdicts = [line.split("\t")[0] for line in done.stdout.splitlines() if line.count("\t") == 2]
     assert len(verdicts) == 2 and set(verdicts) <= {"pos", "neg"}, done.stdout[-2000:]
     assert (clone / "runs" / "demo" / "model.pt").is_file()
-    # The pool stopped by `gpupool down`, which returns once every process of the pool has ended: nothing started in
-    # the clone still runs when the demo has exited. Until round 52 the demo sent `up` SIGINT and waited for it alone:
-    # the daemon's zygote and the log pumps of the daemon and the scheduler were still ending.
+    # The pool stopped by `gpupool down` (until round 52 by `kill -INT` and a wait for `up`), which returns once every
+    # process of the pool has ended: nothing started in the clone still runs when the demo has exited.
     assert "stopping the pool: gpupool down --state " in out, out[-4000:]
     assert not _running_in(clone), f"left running: {_running_in(clone)}"
 
