@@ -120,7 +120,7 @@ class SchedulerClient:
                     self._connect()
                     continue
                 if "lease" not in exc.message and "state" not in exc.message:
-                    why = tls.unreachable(self.address, exc.message, self.tls_config)
+                    why = tls.unreachable(exc.message, self.tls_config)
                     exc.message = f"scheduler {self.address} unreachable: {why}"
                 raise exc from None
         raise AssertionError("unreachable")

@@ -487,17 +487,17 @@ def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
 
 
-def unreachable(address: str, message: str, cfg: TlsConfig | None = None) -> str:
-    """Why a client did not reach the server at `address`, from gRPC's `message`, and what to do, in a line. Until
-    round 52 it was gRPC's words and, only without a CA, a TLS hint: "Connection refused ... (TLS: set
-    GPUPOOL_TLS_CA ...)" where no pool ran, a bare "Socket closed" where the scheduler refused a client without a
-    certificate or with another pool's, "CERTIFICATE_VERIFY_FAILED" with another pool's CA."""
+def unreachable(message: str, cfg: TlsConfig | None = None) -> str:
+    """Why a client did not reach a server, from gRPC's `message`, and what to do, in a line. Until round 52 it was
+    gRPC's words and, only without a CA, a TLS hint: "Connection refused ... (TLS: set GPUPOOL_TLS_CA ...)" where no
+    pool ran, a bare "Socket closed" where the scheduler refused a client without a certificate or with another
+    pool's, "CERTIFICATE_VERIFY_FAILED" with another pool's CA."""
     cfg = cfg or client_config()
     up = "as `gpupool up` prints"
     connecting = "failed to connect to all addresses" in message  # (no connection made: not a call cut short)
     if connecting and "Connection refused" in message:
         return (
-            f"nothing listens on {address}: no pool runs there (`gpupool up` starts one), or it is elsewhere "
+            "nothing listens there: no pool runs there (`gpupool up` starts one), or it is elsewhere "
             f"(GPUPOOL_SCHEDULER, {up})"
         )
     if cfg.insecure or not connecting:

@@ -34,8 +34,8 @@ def test_a_client_of_no_pool_is_told_to_start_one(closed_port: int) -> None:
     done = smi({"GPUPOOL_SCHEDULER": f"127.0.0.1:{closed_port}"})
     assert done.returncode == 1 and done.stdout == "", done.stdout
     assert done.stderr == (
-        f"gpupool: scheduler 127.0.0.1:{closed_port} unreachable: nothing listens on 127.0.0.1:{closed_port}: no pool "
-        "runs there (`gpupool up` starts one), or it is elsewhere (GPUPOOL_SCHEDULER, as `gpupool up` prints)\n"
+        f"gpupool: scheduler 127.0.0.1:{closed_port} unreachable: nothing listens there: no pool runs there (`gpupool "
+        "up` starts one), or it is elsewhere (GPUPOOL_SCHEDULER, as `gpupool up` prints)\n"
     )
 
 
