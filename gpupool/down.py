@@ -89,10 +89,7 @@ class PoolRecord:
         except BlockingIOError:
             other = read(self.fd).get("pid", "?")
             os.close(self.fd)
-            raise InvalidArgument(
-                f"a pool already runs on {folder} (gpupool up, pid {other}): `gpupool down` with its --state stops "
-                "it; a second pool needs its own --state and ports"
-            ) from None
+            raise InvalidArgument(already_runs(folder, other)) from None
         self.fields: dict[str, Any] = {"pid": os.getpid(), "start": started(os.getpid())}
         self.write()
 
@@ -113,6 +110,26 @@ class PoolRecord:
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
         os.close(self.fd)
+
+
+def already_runs(folder: Path, pid: object) -> str:
+    """The refusal of a second `gpupool up` on a state folder whose pool runs."""
+    return (
+        f"a pool already runs on {folder} (gpupool up, pid {pid}): `gpupool down` with its --state stops it; a second "
+        "pool needs its own --state and ports"
+    )
+
+
+def running(folder: Path) -> dict[str, Any] | None:
+    """The record of the `gpupool up` that runs on `folder` (it holds up.json's lock); None where none does."""
+    try:
+        fd = os.open(folder / RECORD, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return None if _free(fd) else read(fd)
+    finally:
+        os.close(fd)
 
 
 def read(fd: int) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from gpupool.config import (
     size_arg,
     split_address,
 )
-from gpupool.down import PoolRecord
+from gpupool.down import PoolRecord, already_runs, running
 from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import HostState
 
@@ -185,6 +185,9 @@ def _detach(argv: list[str], state: Path) -> int:
     os.umask(0o077)
     state.parent.mkdir(parents=True, exist_ok=True)
     check_state_dir(state.parent)  # (raised: the one-line refusal of gpupool/cli.py)
+    other = running(state.parent)
+    if other is not None:  # (refused before its log is touched: until round 52 this truncated the running pool's)
+        raise InvalidArgument(already_runs(state.parent, other.get("pid", "?")))
     log = state.parent / "up.log"
     with contextlib.suppress(OSError):  # (this start's log a fresh one: the previous start's kept in up.log.1)
         if log.stat().st_size:

@@ -59,6 +59,16 @@ def test_a_detached_pools_log_is_capped_and_the_last_starts_kept(tmp_path: Path)
         assert len(keepers) == 1, processes
         sizes = [os.stat(f).st_size for f in (log, Path(f"{log}.1"))]
         assert all(0 < size <= 2048 for size in sizes), sizes
+        # A second `up --detach` on the folder: refused in a line, the running pool's log untouched (until round 52
+        # it was truncated, its start's lines lost)
+        logs = log.read_bytes(), Path(f"{log}.1").read_bytes()
+        second = gpupool("up", "--detach", *LOOPBACK, "--state", str(state))
+        assert second.returncode == 1 and second.stdout == "", second.stdout
+        assert (
+            second.stderr == f"gpupool up: a pool already runs on {state.parent} (gpupool up, pid {record['pid']}): "
+            "`gpupool down` with its --state stops it; a second pool needs its own --state and ports\n"
+        )
+        assert (log.read_bytes(), Path(f"{log}.1").read_bytes()) == logs
         stopped = gpupool("down", "--state", str(state))
         assert stopped.returncode == 0, stopped.stderr
         assert started(keepers[0]) is None  # `down` waited for it: the log's last line is written
