@@ -52,7 +52,7 @@ from gpupool.config import (
     size_arg,
     split_address,
 )
-from gpupool.down import PoolRecord, already_runs, running
+from gpupool.down import PoolRecord, already_runs, running, state_file
 from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import HostState
 
@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--state",
         default=str(default_state_dir() / "scheduler.db"),
-        help="scheduler state (SQLite); the token keys and the local CA are kept next to it",
+        help="scheduler state (SQLite; a folder: DIR/scheduler.db); the token keys and the local CA are kept next to "
+        "it",
     )
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT, HTTPS (0: off)")
     add_flag(
@@ -552,6 +553,7 @@ def _bulk_listen(value: str, listen: str) -> str:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    a.state = str(state_file(a.state))
     if a.detach:
         return _detach(argv, Path(a.state))
     log = os.environ.pop(LOG_ENV, "")  # (a detached `up`: none of its children's business)

@@ -41,15 +41,21 @@ def test_a_client_of_no_pool_is_told_to_start_one(closed_port: int) -> None:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A pool of `gpupool up --detach` on loopback: the exports its banner prints."""
-    state = tmp_path_factory.mktemp("journey52") / "state" / "scheduler.db"
-    done = gpupool("up", "--detach", *LOOPBACK, "--state", str(state))
+    """A pool of `gpupool up --detach` on loopback, its `--state` a folder (as `down`'s): the exports its banner
+    prints. Until round 52 `up --state DIR` kept its keys and CA in DIR's parent and stopped ("unable to open database
+    file"), and `down --state DIR` checked DIR's parent."""
+    folder = tmp_path_factory.mktemp("journey52") / "pool"
+    folder.mkdir(mode=0o700)
+    done = gpupool("up", "--detach", *LOOPBACK, "--state", str(folder))
     try:
         assert done.returncode == 0, done.stdout + done.stderr
+        assert f"`gpupool down --state {folder / 'scheduler.db'}` stops it" in done.stdout
+        assert (folder / "scheduler.db").is_file() and (folder / "token.key").is_file()
         exports = dict(x.split("=", 1) for x in done.stdout.split() if x.startswith("GPUPOOL_"))
         yield exports
     finally:
-        gpupool("down", "--state", str(state))
+        stopped = gpupool("down", "--state", str(folder))
+    assert stopped.returncode == 0 and stopped.stdout.startswith("gpupool down: stopped gpupool up"), stopped.stderr
 
 
 @pytest.mark.parametrize(
