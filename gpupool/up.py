@@ -23,6 +23,7 @@ children never outlive `up`: each asks the kernel for SIGTERM when its parent di
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import getpass
@@ -283,9 +284,24 @@ def _keep_log(path: str, limit: int) -> None:
     else:
         os.dup2(write, 1)
         os.dup2(write, 2)
+        atexit.register(_log_written, KEEPER)
     finally:
         os.close(read)
         os.close(write)
+
+
+def _log_written(keeper: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """At `up`'s exit: its end of the pipe closed and the keeper waited for, so that the log is whole when `up` has
+    ended (`up --detach`, which reads it to its end once `up` exits, shows a failed start's last lines: its reason)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        keeper.wait(timeout)
 
 
 @dataclass(frozen=True)
