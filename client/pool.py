@@ -120,7 +120,8 @@ class SchedulerClient:
                     self._connect()
                     continue
                 if "lease" not in exc.message and "state" not in exc.message:
-                    exc.message = f"scheduler {self.address} unreachable: {exc.message}{tls.hint()}"
+                    why = tls.unreachable(exc.message, self.tls_config)
+                    exc.message = f"scheduler {self.address} unreachable: {why}"
                 raise exc from None
         raise AssertionError("unreachable")
 

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "token": ("gpupool.tokencli", "keys (keygen, public-key), API tokens (api-token), a lease token by hand (mint)"),
 }
 
+CLIENTS = ("run", "smi", "list-gpus", "host", "lease", "cert")  # a client's commands (not the programs' nor `up`'s)
+
 # Commands a user tries that gpupool has not, and what does it instead (a journey of round 41 typed `gpupool down`,
 # a command since round 51).
 HINTS: dict[str, str] = {
@@ -68,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"\n{HINTS[name]}" if name in HINTS else ""
         print(f"gpupool: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name in CLIENTS:
+        # gRPC's core logs a failed TLS handshake at INFO to stderr (grpc 1.85: "I1207 ... Handshake failed with error
+        # SSL_ERROR_SSL ..."), a line before the client's own one-line error; the programs it runs (`gpupool run`'s)
+        # inherit it
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     module = importlib.import_module(COMMANDS[name][0])
     try:
         if name == "list-gpus":

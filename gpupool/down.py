@@ -89,10 +89,7 @@ class PoolRecord:
         except BlockingIOError:
             other = read(self.fd).get("pid", "?")
             os.close(self.fd)
-            raise InvalidArgument(
-                f"a pool already runs on {folder} (gpupool up, pid {other}): `gpupool down` with its --state stops "
-                "it; a second pool needs its own --state and ports"
-            ) from None
+            raise InvalidArgument(already_runs(folder, other)) from None
         self.fields: dict[str, Any] = {"pid": os.getpid(), "start": started(os.getpid())}
         self.write()
 
@@ -113,6 +110,34 @@ class PoolRecord:
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
         os.close(self.fd)
+
+
+def state_file(state: str) -> Path:
+    """`--state` of `up` and `down`: the scheduler's state file, `DIR/scheduler.db` where it names a folder (until
+    round 52 `up --state DIR` kept its keys and CA in DIR's parent and stopped: "unable to open database file", and
+    `down --state DIR` checked DIR's parent: "/tmp is writable by other users")."""
+    path = Path(state)
+    return path / "scheduler.db" if path.is_dir() else path
+
+
+def already_runs(folder: Path, pid: object) -> str:
+    """The refusal of a second `gpupool up` on a state folder whose pool runs."""
+    return (
+        f"a pool already runs on {folder} (gpupool up, pid {pid}): `gpupool down` with its --state stops it; a second "
+        "pool needs its own --state and ports"
+    )
+
+
+def running(folder: Path) -> dict[str, Any] | None:
+    """The record of the `gpupool up` that runs on `folder` (it holds up.json's lock); None where none does."""
+    try:
+        fd = os.open(folder / RECORD, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return None if _free(fd) else read(fd)
+    finally:
+        os.close(fd)
 
 
 def read(fd: int) -> dict[str, Any]:
@@ -146,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--state",
         default=str(default_state_dir() / "scheduler.db"),
-        help="the pool's scheduler state, as given to `gpupool up` (its folder holds up.json)",
+        help="the pool's scheduler state, as given to `gpupool up`, or its folder (which holds up.json)",
     )
     add_flag(p, "--timeout", type=float, default=TIMEOUT, help="seconds to wait for the pool to stop")
     return p
@@ -155,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return stop(Path(a.state), a.timeout)
+        return stop(state_file(a.state), a.timeout)
     except (InvalidArgument, OSError) as exc:  # a folder of another user's, or one we may not read: one line
         print(f"gpupool down: {exc}", file=sys.stderr)
         return 1

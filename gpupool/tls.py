@@ -487,9 +487,44 @@ def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
 
 
-def hint() -> str:
+def unreachable(message: str, cfg: TlsConfig | None = None) -> str:
+    """Why a client did not reach a server, from gRPC's `message`, and what to do, in a line. Until round 52 it was
+    gRPC's words and, only without a CA, a TLS hint: "Connection refused ... (TLS: set GPUPOOL_TLS_CA ...)" where no
+    pool ran, a bare "Socket closed" where the scheduler refused a client without a certificate or with another
+    pool's, "CERTIFICATE_VERIFY_FAILED" with another pool's CA."""
+    cfg = cfg or client_config()
+    up = "as `gpupool up` prints"
+    connecting = "failed to connect to all addresses" in message  # (no connection made: not a call cut short)
+    if connecting and "Connection refused" in message:
+        return (
+            "nothing listens there: no pool runs there (`gpupool up` starts one), or it is elsewhere "
+            f"(GPUPOOL_SCHEDULER, {up})"
+        )
+    if cfg.insecure or not connecting:
+        return message + hint(cfg)
+    if "CERTIFICATE_VERIFY_FAILED" in message:
+        if not cfg.ca:
+            return (
+                "its certificate is of a CA this client does not know: set GPUPOOL_TLS_CA to the pool's CA, and "
+                f"GPUPOOL_TLS_CERT/_KEY, {up}"
+            )
+        return f"its certificate is not of the CA in {cfg.ca} (GPUPOOL_TLS_CA: another pool's?): set this pool's, {up}"
+    if "Socket closed" in message or "Connection reset" in message:  # (the server ended the TLS handshake)
+        if not cfg.cert:
+            return (
+                "it closed the TLS connection: it admits clients with a certificate of its CA only: set "
+                f"GPUPOOL_TLS_CERT and GPUPOOL_TLS_KEY, {up}"
+            )
+        return (
+            f"it closed the TLS connection: it did not take the client certificate {cfg.cert} (GPUPOOL_TLS_CERT: "
+            f"another pool's?): set this pool's, {up}"
+        )
+    return message + hint(cfg)
+
+
+def hint(cfg: TlsConfig | None = None) -> str:
     """What to check when a TLS connection fails: said after "unreachable" errors of clients."""
-    cfg = client_config()
+    cfg = cfg or client_config()
     if cfg.insecure:
         return " (connecting in plaintext: GPUPOOL_INSECURE is set)"
     if not cfg.ca:

@@ -23,6 +23,8 @@ children never outlive `up`: each asks the kernel for SIGTERM when its parent di
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import ctypes
 import getpass
 import hashlib
@@ -41,7 +43,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gpupool import pki, tls, tokens
+from gpupool import pki, tls, tokens, uplog
 from gpupool.config import (
     StopSignals,
     UnsafeCacheDir,
@@ -51,7 +53,7 @@ from gpupool.config import (
     size_arg,
     split_address,
 )
-from gpupool.down import PoolRecord
+from gpupool.down import PoolRecord, already_runs, running, state_file
 from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import HostState
 
@@ -65,6 +67,7 @@ BUILD_TIMEOUT_ENV, BUILD_TIMEOUT = "GPUPOOL_NATIVE_RUNNER_BUILD_TIMEOUT", 900.0
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 PR_SET_PDEATHSIG = 1
+LOG_ENV = "GPUPOOL_UP_LOG"  # set by `up --detach` for the `up` it starts: the path of up.log (`_keep_log`)
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -131,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--state",
         default=str(default_state_dir() / "scheduler.db"),
-        help="scheduler state (SQLite); the token keys and the local CA are kept next to it",
+        help="scheduler state (SQLite; a folder: DIR/scheduler.db); the token keys and the local CA are kept next to "
+        "it",
     )
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT, HTTPS (0: off)")
     add_flag(
@@ -164,7 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach",
         action="store_true",
         help="run the pool in the background: return once it is up, printing its banner; its log goes to up.log in "
-        "the state folder; `gpupool down` stops it",
+        "the state folder (the previous start's in up.log.1); `gpupool down` stops it",
+    )
+    add_flag(
+        p,
+        "--log-size",
+        type=size_arg,
+        default=uplog.DEFAULT_BYTES,
+        help="with --detach: past SIZE, up.log is moved to up.log.1 (the one before dropped) and a fresh one begun, so "
+        "the log takes at most twice SIZE on disk; 0: no cap",
     )
     return p
 
@@ -175,18 +187,27 @@ def _detach(argv: list[str], state: Path) -> int:
     os.umask(0o077)
     state.parent.mkdir(parents=True, exist_ok=True)
     check_state_dir(state.parent)  # (raised: the one-line refusal of gpupool/cli.py)
+    other = running(state.parent)
+    if other is not None:  # (refused before its log is touched: until round 52 this truncated the running pool's)
+        raise InvalidArgument(already_runs(state.parent, other.get("pid", "?")))
     log = state.parent / "up.log"
+    with contextlib.suppress(OSError):  # (this start's log a fresh one: the previous start's kept in up.log.1)
+        if log.stat().st_size:
+            os.replace(log, f"{log}.1")
     env = {k: v for k, v in os.environ.items() if k != "GPUPOOL_DETACH"}
     args = [x for x in argv if not (len(x) > 2 and "--detach".startswith(x))]  # (argparse takes --d too)
-    with open(log, "wb") as out:  # (truncated: this start's own log)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:  # (`up` writes its log through a keeper of its own that caps up.log, `_keep_log`: until then, here)
         popen = subprocess.Popen(
             [sys.executable, "-m", "gpupool.cli", "up", *args],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**env, "PYTHONUNBUFFERED": "1"},
+            env={**env, "PYTHONUNBUFFERED": "1", LOG_ENV: str(log)},
         )  # fmt: skip
+    finally:
+        os.close(out)
     banner: list[str] = []
     pending, ended = "", False
-    with open(log, errors="replace") as lines:
+    with _Follow(log) as lines:
         try:
             while not banner or not banner[-1].startswith("Ctrl-C stops both"):
                 chunk = lines.readline()
@@ -213,6 +234,74 @@ def _detach(argv: list[str], state: Path) -> int:
     down = banner[-1].split("`")[1]  # (the banner's `gpupool down ...`)
     print("".join(banner[:-1]) + f"It runs detached (pid {popen.pid}; its log: {log}): `{down}` stops it.", flush=True)
     return 0
+
+
+class _Follow:
+    """up.log read line by line as its keeper writes it, across a rotation (`--log-size`): the moved file read to its
+    end (complete once moved: the keeper moves it at a line's start and writes to the new one after), then the new."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, errors="replace")  # noqa: SIM115 - closed by __exit__, or replaced and closed here
+
+    def readline(self) -> str:
+        line = self.file.readline()
+        if line:
+            return line
+        try:
+            moved = os.stat(self.path).st_ino != os.fstat(self.file.fileno()).st_ino
+        except FileNotFoundError:  # (between the keeper's move and its new file)
+            moved = False
+        if not moved:
+            return ""
+        line = self.file.readline()  # (what it wrote before it moved the file and after our read above)
+        if line:
+            return line
+        self.file.close()
+        self.file = open(self.path, errors="replace")  # noqa: SIM115
+        return self.file.readline()
+
+    def __enter__(self) -> _Follow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+KEEPER: subprocess.Popen[bytes] | None = None
+
+
+def _keep_log(path: str, limit: int) -> None:
+    """The detached `up`'s descriptors 1 and 2 made a pipe that its log's keeper (gpupool/uplog.py, a child process:
+    `gpupool down` waits for it) appends to `path`, capped at `limit` bytes. Without a keeper (it did not start) they
+    stay up.log itself, uncapped, as until round 52."""
+    global KEEPER
+    read, write = os.pipe()
+    try:
+        KEEPER = uplog.start(read, path, limit)
+    except OSError as exc:
+        print(f"gpupool up: its log is not capped (no keeper: {exc})", file=sys.stderr)
+    else:
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        atexit.register(_log_written, KEEPER)
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def _log_written(keeper: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """At `up`'s exit: its end of the pipe closed and the keeper waited for, so that the log is whole when `up` has
+    ended (`up --detach`, which reads it to its end once `up` exits, shows a failed start's last lines: its reason)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        keeper.wait(timeout)
 
 
 @dataclass(frozen=True)
@@ -480,8 +569,12 @@ def _bulk_listen(value: str, listen: str) -> str:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    a.state = str(state_file(a.state))
     if a.detach:
         return _detach(argv, Path(a.state))
+    log = os.environ.pop(LOG_ENV, "")  # (a detached `up`: none of its children's business)
+    if log:
+        _keep_log(log, a.log_size)
     cfg = UpConfig(
         a.fake_gpus, a.fake_gpu_memory, a.scheduler_listen, a.listen, Path(a.state), a.metrics_listen,
         a.scheduler_metrics_listen, _bulk_listen(a.bulk_listen, a.listen),

@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install, start a one-machine pool (`gpupool up`: scheduler + daemon, real GPUs if
 # torch sees any, else 2 fake GPUs), train the MLPerf sentiment CNN through it on half a GPU while a live view of the
 # pool (`gpupool smi --watch`) shows each tenant's memory, busy % and ops/s, classify two reviews with the trained
-# model on the CPU (the edge site), then stop the pool.
+# model on the CPU (the edge site), then stop the pool (`gpupool down`: it waits for every process of the pool).
 #
 #   bash scripts/demo.sh                 # 3 epochs of the plain CNN on the 5,000 real reviews shipped in the repo
 #   bash scripts/demo.sh --web           # ... then serve the model on a web page (http://127.0.0.1:8000)
@@ -36,7 +36,14 @@ stop() {  # (set -e: a wait's status, 143 for the stopped training, must not end
   if [ -n "$train_pid" ] && kill -0 "$train_pid" 2>/dev/null; then
     kill -TERM "$train_pid" 2>/dev/null || true; wait "$train_pid" 2>/dev/null || true
   fi
-  kill -INT $up_pid 2>/dev/null || true; wait $up_pid 2>/dev/null || true; rm -rf "$state"
+  # `gpupool down` (until round 52 `kill -INT` and a wait for `up` alone) waits for every process of the pool, the
+  # daemon's zygote, workers and log pumps too, before the folder goes; a SIGTERM where `up` has not yet written the
+  # record `down` reads (Ctrl-C in its first second)
+  if kill -0 $up_pid 2>/dev/null; then
+    echo "stopping the pool: gpupool down --state $state/scheduler.db"
+    gpupool down --state "$state/scheduler.db" >/dev/null 2>&1 || kill -TERM $up_pid 2>/dev/null || true
+  fi
+  wait $up_pid 2>/dev/null || true; rm -rf "$state"
 }
 trap stop EXIT
 trap 'echo "interrupted: stopping the training and the pool"; exit 130' INT

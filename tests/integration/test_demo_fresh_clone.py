@@ -66,6 +66,10 @@ def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Pat
     verdicts = [line.split("\t")[0] for line in done.stdout.splitlines() if line.count("\t") == 2]
     assert len(verdicts) == 2 and set(verdicts) <= {"pos", "neg"}, done.stdout[-2000:]
     assert (clone / "runs" / "demo" / "model.pt").is_file()
+    # The pool stopped by `gpupool down` (until round 52 by `kill -INT` and a wait for `up`), which returns once every
+    # process of the pool has ended: nothing started in the clone still runs when the demo has exited.
+    assert "stopping the pool: gpupool down --state " in out, out[-4000:]
+    assert not _running_in(clone), f"left running: {_running_in(clone)}"
 
 
 def test_ctrl_c_of_the_demo_stops_the_training_then_the_pool(tmp_path: Path) -> None:
@@ -105,7 +109,21 @@ def test_ctrl_c_of_the_demo_stops_the_training_then_the_pool(tmp_path: Path) -> 
     assert "interrupted: stopping the training and the pool" in text, text[-4000:]
     assert "Traceback" not in text and "training failed" not in text, text[-4000:]
     left = subprocess.run(["pgrep", "-f", str(clone)], capture_output=True, text=True).stdout.split()
-    assert not left, f"left running: {left}"
+    assert not left and not _running_in(clone), f"left running: {left} {_running_in(clone)}"
+
+
+def _running_in(folder: Path) -> dict[int, str]:
+    """The processes whose working folder is `folder` or below it (what the demo started there: `gpupool up` and
+    every process under it, the training), with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            if entry.name.isdigit() and (cwd == folder or folder in cwd.parents):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # (ended meanwhile, or not ours to read)
+            continue
+    return found
 
 
 def _read(fd: int) -> bytes | None:

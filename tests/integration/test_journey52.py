@@ -1,0 +1,95 @@
+"""A new user's first errors (journey of round 52): a client command with no pool running, or with a pool but not
+its credentials (none, the CA alone, another pool's CA, another pool's certificate), fails in one line that says
+what is wrong and what to set. Until round 52 each was gRPC's words ("failed to connect to all addresses; last
+error: UNAVAILABLE: ipv4:...: Socket closed", with no hint where a CA was set; "Connection refused" with a TLS hint
+where no pool ran), and a failed TLS handshake printed a line of gRPC's core first ("I1207 ... Handshake failed")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scheduler_fixtures import ROOT
+from test_up_down51 import LOOPBACK, gpupool
+
+from gpupool import pki
+
+pytestmark = pytest.mark.slow
+
+
+def smi(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`gpupool smi` with `env` for its GPUPOOL_* (none of the test's own)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "GRPC_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "smi", *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**base, "PYTHONPATH": str(ROOT), **env},
+    )  # fmt: skip
+
+
+def test_a_client_of_no_pool_is_told_to_start_one(closed_port: int) -> None:
+    done = smi({"GPUPOOL_SCHEDULER": f"127.0.0.1:{closed_port}"})
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert done.stderr == (
+        f"gpupool: scheduler 127.0.0.1:{closed_port} unreachable: nothing listens there: no pool runs there (`gpupool "
+        "up` starts one), or it is elsewhere (GPUPOOL_SCHEDULER, as `gpupool up` prints)\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A pool of `gpupool up --detach` on loopback, its `--state` a folder (as `down`'s): the exports its banner
+    prints. Until round 52 `up --state DIR` kept its keys and CA in DIR's parent and stopped ("unable to open database
+    file"), and `down --state DIR` checked DIR's parent."""
+    folder = tmp_path_factory.mktemp("journey52") / "pool"
+    folder.mkdir(mode=0o700)
+    done = gpupool("up", "--detach", *LOOPBACK, "--state", str(folder))
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"`gpupool down --state {folder / 'scheduler.db'}` stops it" in done.stdout
+        assert (folder / "scheduler.db").is_file() and (folder / "token.key").is_file()
+        exports = dict(x.split("=", 1) for x in done.stdout.split() if x.startswith("GPUPOOL_"))
+        yield exports
+    finally:
+        stopped = gpupool("down", "--state", str(folder))
+    assert stopped.returncode == 0 and stopped.stdout.startswith("gpupool down: stopped gpupool up"), stopped.stderr
+
+
+@pytest.mark.parametrize(
+    ("credentials", "words"),
+    [
+        ("none", "its certificate is of a CA this client does not know: set GPUPOOL_TLS_CA to the pool's CA, and "
+                 "GPUPOOL_TLS_CERT/_KEY, as `gpupool up` prints"),
+        ("the CA alone", "it closed the TLS connection: it admits clients with a certificate of its CA only: set "
+                         "GPUPOOL_TLS_CERT and GPUPOOL_TLS_KEY, as `gpupool up` prints"),
+        ("another pool's CA", "its certificate is not of the CA in {other}/ca.crt (GPUPOOL_TLS_CA: another pool's?): "
+                              "set this pool's, as `gpupool up` prints"),
+        ("another pool's certificate", "it closed the TLS connection: it did not take the client certificate "
+                                       "{other}/tenant-me.crt (GPUPOOL_TLS_CERT: another pool's?): set this pool's, "
+                                       "as `gpupool up` prints"),
+    ],
+)  # fmt: skip
+def test_a_client_without_the_pools_credentials_is_told_which_to_set(
+    pool: dict[str, str], tmp_path: Path, credentials: str, words: str
+) -> None:
+    exports = pool
+    address = exports["GPUPOOL_SCHEDULER"]
+    other = tmp_path / "other"
+    ca = pki.LocalCA(other)
+    theirs = ca.issue("tenant", "me", other / "tenant-me")
+    env = {"GPUPOOL_SCHEDULER": address}
+    if credentials != "none":
+        env["GPUPOOL_TLS_CA"] = str(ca.cert_path) if credentials == "another pool's CA" else exports["GPUPOOL_TLS_CA"]
+    if credentials == "another pool's CA":
+        env.update(GPUPOOL_TLS_CERT=exports["GPUPOOL_TLS_CERT"], GPUPOOL_TLS_KEY=exports["GPUPOOL_TLS_KEY"])
+    if credentials == "another pool's certificate":
+        env.update(GPUPOOL_TLS_CERT=str(theirs.cert), GPUPOOL_TLS_KEY=str(theirs.key))
+    done = smi(env)
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert done.stderr == f"gpupool: scheduler {address} unreachable: {words.format(other=other)}\n"
+    # (and the pool's own credentials work)
+    ok = smi(exports)
+    assert ok.returncode == 0, ok.stderr
