@@ -64,7 +64,7 @@ class BulkSocket:
         blocks here: the stream's back-pressure."""
         # (a big frame, a batch's upload, goes as its header and its own bytes, not joined into a new record: a copy
         # and the fresh pages of one less, the records copied into the TLS socket's write buffer either way)
-        record = (
+        record: list[memoryview | bytes] = (
             [protocol.frame_head(len(frame)), frame]
             if len(frame) >= tls.BUFFERED_MIN
             else [protocol.frame_record(frame)]
