@@ -62,8 +62,15 @@ class BulkSocket:
     def send_frame(self, frame: bytes) -> None:
         """A ClientFrame's bytes as a record (`protocol.frame_record`); a full socket (the daemon's queue is full)
         blocks here: the stream's back-pressure."""
+        # (a big frame, a batch's upload, goes as its header and its own bytes, not joined into a new record: a copy
+        # and the fresh pages of one less, the records copied into the TLS socket's write buffer either way)
+        record: list[memoryview | bytes] = (
+            [protocol.frame_head(len(frame)), frame]
+            if len(frame) >= tls.BUFFERED_MIN
+            else [protocol.frame_record(frame)]
+        )
         try:
-            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame)], None)
+            duplex.send_all(self.sock, self.lock, record, None)
         except (OSError, ValueError) as exc:
             raise Unavailable(f"side socket: sending a frame failed: {exc}") from None
 

@@ -557,7 +557,10 @@ class Session:
         h = Handle(handle) if handle is not None else self.new_handle()
         data = wire.host_bytes(t)  # `t` stays referenced below while frames copy out of it
         total = data.nbytes
-        if total <= wire.CHUNK_BYTES:  # one command, written as bytes like the eager ops (no protobuf, no seal)
+        # One command, written as bytes like the eager ops (no protobuf, no seal); with a side socket only under
+        # bulk.MIN_UPLOAD (round 52: one of 1-4 MiB in the frame cost three copies of its bytes here, fresh pages each,
+        # against none on the side socket, and the daemon one copy more)
+        if total <= wire.CHUNK_BYTES and (self._side is None or total < bulk.MIN_UPLOAD):
             cmd = upload_command(h, wire.dtype_to_proto(t.dtype), t.shape, t.stride(), data.tobytes())
             with self._lock:
                 if not self._eager and len(self._frame.commands):

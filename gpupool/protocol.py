@@ -188,6 +188,11 @@ BULK_FRAME, BULK_END = 3, 4
 BULK_END_BYTES = 4096  # the longest BULK_END reason: the daemon cuts one to it, a client refuses a longer one
 
 
+def frame_head(n: int) -> bytes:
+    """The BULK_HEAD of a frame of `n` bytes on the side socket (`frame_record` without the frame)."""
+    return BULK_HEAD.pack(BULK_FRAME, 0, 0, n)
+
+
 def frame_record(frame: bytes) -> bytes:
     """A frame as the side socket carries it: its BULK_HEAD (kind BULK_FRAME), then its bytes."""
     return BULK_HEAD.pack(BULK_FRAME, 0, 0, len(frame)) + frame

@@ -330,8 +330,9 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
             raise translate(exc) from exc
 
     def upload(frame: torch.Tensor, index: int, handle: int, data: torch.Tensor) -> None:
-        """An upload over 12 MiB (native_client.cpp `wire_big_upload`, kMaxUpload): after the frame, as the Python
-        client's go (the bulk side socket, or 4 MiB chunks on the stream)."""
+        """An upload over 12 MiB (native_client.cpp `wire_big_upload`, kMaxUpload), or of 1 MiB or more outside a
+        recorded step (kSideUpload, round 52): after the frame, as the Python client's go (the bulk side socket, or 4
+        MiB chunks on the stream)."""
         send(frame, index)
         refuse_in_recording("an upload of more than 12 MiB")
         try:

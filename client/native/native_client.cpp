@@ -764,6 +764,9 @@ constexpr size_t kMaxUpload = 12 * 1024 * 1024;         // a frame (< kFlushByte
                                                           // 16 MiB default --max-message-size (until round 47: 32 MiB,
                                                           // and an upload of 16-32 MiB ended the session)
 constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
+constexpr size_t kSideUpload = 1024 * 1024;              // client/bulk.py MIN_UPLOAD: outside a recorded step an upload
+                                                          // of this many bytes or more goes through Session.upload (the
+                                                          // side socket's bulk bytes, straight from the tensor: round 52)
 
 bool g_wire = false;                                      // wire mode (configure_wire ran for some device)
 size_t g_flush_commands = kFlushCommands;                 // commands a frame (configure_wire: $GPUPOOL_FLUSH_OPS)
@@ -1875,8 +1878,8 @@ void sync_record(const at::Tensor& t) {
 
 // Wire mode: Command{upload}s of a contiguous CPU tensor of at most 12 MiB (kMaxUpload) into wire handle `wh`, in the frame: chunks
 // of at most 4 MiB, the first with the tensor's meta, the last marked (as client/session.py's `upload` writes them on
-// the stream). Outside a recorded step only those under 1 MiB come here (round 47); a larger one goes through
-// Session.upload itself (wire_big_upload).
+// the stream). Outside a recorded step only those under 1 MiB come here (kSideUpload, round 52); a larger one goes
+// through Session.upload itself (wire_big_upload).
 void emit_upload(Dev& d, uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
   TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes into the frame (wire_copy_ sends those "
@@ -1966,7 +1969,8 @@ void emit_copy_from(Dev& d, const at::Tensor& self, uint64_t tmp) {
   emit_command(d, tag, 1, fr);
 }
 
-// Wire mode: an upload over 12 MiB (a frame could not hold it under the daemon's 16 MiB message limit). The frame so far goes
+// Wire mode: an upload over 12 MiB (a frame could not hold it under the daemon's 16 MiB message limit), or outside a recorded
+// step one of 1 MiB or more (kSideUpload: on the side socket its bytes leave from the tensor's memory). The frame so far goes
 // out, then client/session.py's Session.upload sends the bytes as the Python client's uploads go (the bulk side socket
 // when the session has one, else 4 MiB chunks on the stream, a frame each; the daemon's quota and bounds as for any
 // upload): into the held-back empty's handle when `self` is all of it, else into a temporary handle that a copy_
@@ -2021,7 +2025,8 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     Dev& d = dev_of(self);
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
-    if (c.nbytes() > kMaxUpload) {
+    // (a recorded step's upload stays in the frame, on its tape, up to kMaxUpload; `t_recdev`: this thread's)
+    if (c.nbytes() > kMaxUpload || (c.nbytes() >= kSideUpload && t_recdev < 0)) {
       wire_big_upload(self, c);
       return self;
     }
@@ -2827,6 +2832,6 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
   m.def("download(Tensor frame, int index, int handle, int[] shape, ScalarType dtype) -> Tensor");
   m.def("download_into(Tensor frame, int index, int handle, Tensor(a!) out) -> ()");  // into `.cpu()`'s tensor
-  m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // an upload over 12 MiB: Session.upload
+  m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // wire_big_upload's: Session.upload
   m.def("autoconnect(int index) -> ()");  // gpupool run --native-client: attach the session of the lease's device
 }

@@ -777,3 +777,29 @@ def test_the_reader_reads_the_next_chunk_while_the_worker_runs_one(
         big = _bits(3 * protocol.CHUNK_BYTES + 8, seed=35)
         assert torch.equal(s.download(s.upload(big)), big)
     assert overlapped == [True], (overlapped, spans)
+
+
+def test_uploads_from_the_bulk_threshold_up_take_the_side_socket(daemon_factory: Any) -> None:
+    """Round 52: an upload of `bulk.MIN_UPLOAD` (1 MiB) to `CHUNK_BYTES` (4 MiB) goes on the side socket straight from
+    the tensor's memory, as larger ones did (until round 52 inside a frame: three copies of its bytes on the client,
+    fresh pages each, and one more in the daemon), so a daemon whose frames hold little more than 1 MiB
+    (`max_message_bytes`) takes them; until round 52 the frame of one over its limit ended the session. The sizes at and
+    around the threshold and the chunk size come back bit for bit, those under it inside a frame as before, and a
+    neighbour session on the same device, uploading its own bytes of the same sizes in between, reads only its own."""
+    d = daemon_factory(fake_gpu_memory=128 * MiB, bulk_listen="127.0.0.1:0", max_message_bytes=MiB + 4096)
+    low, chunk = client_bulk.MIN_UPLOAD, protocol.CHUNK_BYTES
+    with (
+        Session.attach(d.address, d.token(lease_id="a")) as a,
+        Session.attach(d.address, d.token(lease_id="b")) as b,
+    ):
+        assert a._side is not None and b._side is not None
+        for n in (low - 4, low, low + 64 * 1024, chunk - 4, chunk, chunk + 4):
+            x, y = _bits(n, seed=n), _bits(n, seed=n + 1)
+            hx = a.upload(x)
+            hy = b.upload(y)
+            assert torch.equal(a.download(hx), x), n
+            assert torch.equal(b.download(hy), y), n
+            a.free([hx])
+            b.free([hy])
+        a.sync()
+        b.sync()

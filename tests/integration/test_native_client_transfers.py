@@ -138,3 +138,53 @@ def test_an_upload_over_the_quota_is_the_daemons_oom_and_the_session_goes_on(ran
     assert q.get("type") == "OutOfMemoryError" and q["torch_oom"], q
     assert "memory quota exceeded" in q["message"], q
     assert got["after"][0] == got["after"][1]
+
+
+THRESHOLD_CHILD = """
+import json, sys
+import torch
+from gpupool.client.native import backend as nc
+from gpupool.client.session import Session
+
+nc.load()
+nc.claim()
+session = Session.attach(sys.argv[1], sys.argv[2], timeout=120.0)
+other = Session.attach(sys.argv[1], sys.argv[3], timeout=120.0)  # a neighbour on the same device
+nc.connect(session)
+dev = nc.device()
+out = {"bulk": session._side is not None, "sizes": {}}
+for n in (MiB - 4, MiB, MiB + 65536, 4 * MiB + 4, 12 * MiB, 12 * MiB + 4):
+    x = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    y = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + 1))
+    d = x.to(dev)  # a whole new tensor
+    hy = other.upload(y)
+    pair = torch.zeros(2, n, dtype=torch.uint8, device=dev)
+    pair[1].copy_(x)  # into a slice: a temporary handle and copy_
+    out["sizes"][n] = [torch.equal(d.cpu(), x), torch.equal(pair[1].cpu(), x), not pair[0].cpu().any().item(),
+                       torch.equal(other.download(hy), y)]
+    other.free([hy])
+    del d, pair
+torch.gpupool.synchronize()
+other.close()
+print(json.dumps(out))
+""".replace("MiB", str(MiB))
+
+
+def test_uploads_from_1_mib_go_on_the_side_socket(tmp_path: Path) -> None:
+    """Round 52: outside a recorded step an upload of 1 MiB (bulk.MIN_UPLOAD) or more goes through Session.upload
+    (the side socket's bulk bytes, straight from the tensor's memory), not into the frame (two copies of its bytes on
+    the client, fresh pages, one more in the daemon), so a daemon whose frames hold little more than 1 MiB
+    (`--max-message-size`) takes them; until round 52 one of 1-12 MiB went into the frame, over that limit: the session
+    ended. Sizes at and around 1, 4 and 12 MiB, whole and into a slice, come back bit for bit, and a neighbour session's
+    uploads of the same sizes in between stay its own."""
+    d = start_daemon(tmp_path, "1GiB", 1, "--bulk-listen", "127.0.0.1:0", "--max-message-size", str(MiB + 4096))
+    try:
+        env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-c", THRESHOLD_CHILD, d.address, d.token(lease_id="a"), d.token(lease_id="b")]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=280)
+    finally:
+        stop_process(d.process)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["bulk"]
+    assert len(got["sizes"]) == 6 and all(v == [True] * 4 for v in got["sizes"].values()), got["sizes"]
