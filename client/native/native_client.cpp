@@ -1345,6 +1345,8 @@ void flush_frame(Dev& d) {
   {
     std::lock_guard<std::mutex> lock(g_mu);
     if (recording_here(d) || !d.near.exchange(false, std::memory_order_relaxed)) return;
+    drain_frees_wire(d);  // storages that died since (a refused one): back within the quota, no sync
+    if (d.held <= g_quota[index_of(d)].load(std::memory_order_relaxed)) return;
   }
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gpupool_native::sync_near", "").typed<void(int64_t)>();
   if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd)) op.call(index_of(d));
