@@ -7,6 +7,7 @@ child (it must own PrivateUse1: test_native_client_transfers.py), on the session
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -28,9 +29,10 @@ MiB = 1024 * 1024
 QUOTA = 16 * MiB
 
 
-LOOP = """
-def _loop(device, steps):
-    torch.manual_seed(0)  # a small training loop that syncs once a step (`loss.item()`), far from a 16 MiB quota
+def _loop(device: Any, steps: int) -> list[float]:
+    """A small training loop that syncs once a step (`loss.item()`), far from a 16 MiB quota. (Its source runs in the
+    C++ client's child too, which must not import this module: it imports the shim.)"""
+    torch.manual_seed(0)
     model = torch.nn.Linear(64, 8).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
@@ -41,8 +43,6 @@ def _loop(device, steps):
         opt.zero_grad()
         losses.append(loss.item())
     return losses
-"""
-exec(LOOP)  # the same loop in the C++ client's child (which must not import this module: it imports the shim)
 
 
 def test_the_shim_syncs_only_past_the_quota_and_raises_the_refusal_at_the_call(
@@ -99,7 +99,7 @@ out["near"] = len(syncs)
 fits = torch.ones(1024 * 1024 // 4, device=dev) * 2
 out["fits"] = [fits.sum().item(), len(syncs)]
 print(json.dumps(out))
-""".replace("LOOP", LOOP)
+""".replace("LOOP", "from typing import Any\n" + inspect.getsource(_loop))
 
 
 @pytest.mark.skipif(compiler_missing() is not None, reason=f"native client: {compiler_missing()}")
