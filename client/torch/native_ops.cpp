@@ -419,12 +419,12 @@ int spend_room(PyObject* rt, PyObject* outs) {
   if (n == -1 && PyErr_Occurred()) return -1;
   bool near = false;
   if (n != 0) {
-    PyObject* room = dict_get(*dp, s_room);  // borrowed
+    PyObject* room = dict_get(*dp, s_room);  // borrowed: a float (runtime.py says why)
     if (room == nullptr) return PyErr_Occurred() ? -1 : 0;
-    long long left = PyLong_AsLongLong(room);
-    if (left == -1 && PyErr_Occurred()) return -1;
-    left -= n;
-    Ref now(PyLong_FromLongLong(left));
+    double left = PyFloat_AsDouble(room);
+    if (left == -1.0 && PyErr_Occurred()) return -1;
+    left -= static_cast<double>(n);
+    Ref now(PyFloat_FromDouble(left));
     if (now.p == nullptr || PyDict_SetItem(*dp, s_room, now.p) < 0) return -1;
     near = left < 0;
   }

@@ -64,8 +64,9 @@ class DeviceRuntime:
         self.free_bytes = max(64 * 1024, quota // FREE_QUOTA_FRACTION) if quota else 64 * 1024 * 1024
         # The quota less the bytes of the session's tensors as the client counts them (reserve52): each new output's
         # and empty's (`spend`), given back as its Free goes out (`flush_frees`). A tensor made past it sets `_near`:
-        # the op then syncs (`near`). The daemon knows the exact figure; no other tenant's use is in either.
-        self._room = quota if quota else 1 << 62
+        # the op then syncs (`near`). The daemon knows the exact figure; no other tenant's use is in either. A float
+        # (exact to 2^53 bytes): native_ops.cpp reads and writes it without a multi-digit int's conversions.
+        self._room = float(quota) if quota else 2.0**62
         self._near = False
         # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
         # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.
