@@ -101,13 +101,8 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
             rt.eager_op(sch.name, ONE_OUTPUT(1, h) + tail)
         else:
             rt.op(sch.name, wire_args, wire_kwargs, [h])
-        n = outs.nbytes  # rt.spend(n), inline: past the quota by the client's count, a sync now (reserve52)
-        if n:
-            rt._room -= n
-            if rt._room < 0:
-                rt._near = True
-        if rt._near:
-            rt.near()
+        if outs.nbytes or rt._near:  # past the quota by the client's count, a sync now (reserve52)
+            rt.spend(outs.nbytes)
         return result
 
     # Outputs that are written arguments (in-place ops, out=) keep their tensor: no new handle.
