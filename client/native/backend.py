@@ -362,11 +362,22 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         HandleAllocator): the error a daemon's quota refusal is."""
         raise errors().over_quota(nbytes, quota, f"gpupool:{index}")
 
+    def sync_near(index: int) -> None:
+        """A sync after a frame whose tensors take the session past its quota (native_client.cpp `flush_frame`,
+        reserve52): the daemon's refusal is raised here, at the call that made the tensor, as on CUDA."""
+        if getattr(RECORDING, "on", False):
+            return
+        try:
+            _sessions[index].sync()
+        except Exception as exc:  # noqa: BLE001
+            raise translate(exc) from exc
+
     lib = torch.library.Library("gpupool_native", "IMPL")  # noqa: TOR901 (ops defined in C++, implemented here)
     lib.impl("send", send, "CPU")
     # (no tensor argument: no backend key to dispatch on; a CPU kernel was never reached, NotImplementedError)
     lib.impl("hand_off_failed", hand_off_failed, "CompositeExplicitAutograd")
     lib.impl("over_quota", over_quota, "CompositeExplicitAutograd")
+    lib.impl("sync_near", sync_near, "CompositeExplicitAutograd")
     lib.impl("sync_scalar", sync_scalar, "CPU")
     lib.impl("download", download, "CPU")
     lib.impl("download_into", download_into, "CPU")

@@ -818,6 +818,7 @@ struct Geo {
 struct Store {
   Geo base;
   std::vector<std::pair<Geo, uint64_t>> views;  // as_strided handles on this storage
+  int64_t nbytes = 0;                           // the storage's bytes, counted in its Dev's `held` (`hold`)
 };
 // One device's session as the records see it (wire mode; the fields but send_mu are guarded by g_mu).
 struct Dev {
@@ -841,12 +842,27 @@ struct Dev {
   std::vector<std::pair<std::pair<uint64_t, Geo>, uint64_t>> rec_views;  // (storage id, geometry) -> view handle id
   std::unordered_set<uint64_t> watched;
   std::vector<int64_t> fired;
+  // The bytes of the storages in `stores` (reserve52): a bound of what the session holds on the daemon, which
+  // knows no other tenant's use. Past the session's quota (`hold`) `near` makes the next frame a sync (`flush_frame`,
+  // `sync_near`): the daemon's refusal of that op is raised at the call that made it, as CUDA's allocator raises.
+  int64_t held = 0;
+  std::atomic<bool> near{false};              // (read without g_mu by frame_full and flush_frame)
   std::vector<uint64_t> dead;                 // drain_frees_wire's, swapped with this device's free list
   Buf freed, free_msg;                        // drain_frees_wire's Free handles, emit_free's message (kept: no
                                               // allocation a frame)
   uint64_t handle(uint64_t sid) const { return base + (sid & kIdMask); }  // a storage's wire handle
 };
 Dev g_devs[kMaxDevices];
+
+// A storage the daemon holds from now on (its Store `st`, of `n` bytes), or one resized to `n`: counted in d.held.
+// Past the session's quota the frame that carries it goes out as a sync (`near`): far from the quota nothing more.
+// Under g_mu.
+inline void hold(Dev& d, Store& st, size_t n) {
+  d.held += static_cast<int64_t>(n) - st.nbytes;
+  st.nbytes = static_cast<int64_t>(n);
+  const int64_t quota = g_quota[&d - g_devs].load(std::memory_order_relaxed);
+  if (__builtin_expect(quota > 0 && d.held > quota, 0)) d.near.store(true, std::memory_order_relaxed);
+}
 thread_local int t_recdev = -1;  // the device this thread records a step on (-1: none)
 
 // Under g_mu. d.taping first: record_start/record_stop set it with t_recdev, so no step recorded on d costs no
@@ -1185,6 +1201,7 @@ void drain_frees_wire(Dev& d) {
                               }),
                rv.end());
     }
+    d.held -= it->second.nbytes;
     d.stores.erase(it);
   }
   if (packed.n == 0) return;
@@ -1287,7 +1304,7 @@ std::atomic<int64_t> g_direct_frames{0};  // frames handed over by g_hand_off (w
 
 // Hand device d's buffer to Python (to its session's send_commands): one call per frame, by `g_hand_off` where
 // backend.py registered it, else by the `gpupool_native::send` operator.
-void flush_frame(Dev& d) {
+void send_frame(Dev& d) {
   std::lock_guard<std::mutex> send(d.send_mu);
   size_t n;
   {
@@ -1316,7 +1333,27 @@ void flush_frame(Dev& d) {
   op.call(at::from_blob(d.out.data(), {static_cast<int64_t>(n)}, at::kByte), index_of(d));
 }
 
-inline bool frame_full(const Dev& d) { return d.cmds >= g_flush_commands || d.buf.size() >= kFlushBytes; }
+inline bool frame_full(const Dev& d) {
+  return d.cmds >= g_flush_commands || d.buf.size() >= kFlushBytes || d.near.load(std::memory_order_relaxed);
+}
+
+// A frame out (send_frame) at the end of a kernel. Past the session's quota (Dev::near, `hold`: reserve52) a sync
+// follows, by the `gpupool_native::sync_near` operator (backend.py): the daemon's refusal of the op that went past is
+// raised at its call, as CUDA's allocator raises at the allocation, before the script's next lines (its backward, an
+// optimizer's step) run on a tensor without a value. Not on a thread recording a step (a sync is refused there: the
+// flag waits for its end). An empty held back goes with the op that first names it, whose end is the next flush here.
+void flush_frame(Dev& d) {
+  send_frame(d);
+  if (__builtin_expect(!d.near.load(std::memory_order_relaxed), 1)) return;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (recording_here(d) || !d.near.exchange(false, std::memory_order_relaxed)) return;
+    drain_frees_wire(d);  // storages that died since (a refused one): back within the quota, no sync
+    if (d.held <= g_quota[index_of(d)].load(std::memory_order_relaxed)) return;
+  }
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gpupool_native::sync_near", "").typed<void(int64_t)>();
+  if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd)) op.call(index_of(d));
+}
 
 // A tensor argument. A 0-dim CPU tensor goes as a number only where that is what it is and the daemon's call of the op
 // takes one (`numbers`: add, mul, ...; a Python number `x * 2` reaches the op as a wrapped number); any other throws
@@ -1628,6 +1665,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
         st.base.strides.assign(p.strides.begin(), p.strides.end());
         st.base.offset = p.offset;
         st.views.clear();
+        hold(d, st, made.back().storage().nbytes());
         outs.push_back(d.handle(sid));
       } else {
         outs.push_back(0);
@@ -1771,7 +1809,7 @@ void wire_alloc(const at::Tensor& t) {
   put_bytes(b, "device", 6);
   put<uint8_t>(b, T_DEVICE);
   const uint64_t sid = handle_of(t);
-  d.stores[sid] = Store{Geo::of(t), {}};
+  hold(d, d.stores[sid] = Store{Geo::of(t), {}}, t.storage().nbytes());
   d.pending.emplace_back(sid, std::vector<uint8_t>(b.v.data(), b.v.data() + b.n));
   g_stats.alloc_records++;
 }
@@ -1850,7 +1888,8 @@ void resize_storage_bytes(const c10::Storage& storage, size_t n) {
       TORCH_CHECK(!recording_here(d), "gpupool native client: a storage resize (untyped_storage().resize_) inside a ",
                   "recorded step: not supported (resize it outside gpupool.torch.capture)");
       prelude_wire(d);  // an empty held back goes out first: the resize names its handle
-      if (d.stores.count(sid)) {
+      if (auto it = d.stores.find(sid); it != d.stores.end()) {
+        hold(d, it->second, n);
         Buf b;
         put<uint8_t>(b, 0x08);  // ResizeStorage.handle (1)
         put_varint(b, d.handle(sid));
@@ -1946,6 +1985,7 @@ at::Tensor take_sync_frame(Dev& d, const at::Tensor& t, uint64_t* h) {
   prelude_wire(d);
   *h = wire_handle(d, t);
   g_stats.syncs++;
+  d.near.store(false, std::memory_order_relaxed);  // (a sync itself: its reply raises a refusal)
   return take_frame_locked(d);
 }
 
@@ -1991,7 +2031,7 @@ void wire_big_upload(const at::Tensor& self, const at::Tensor& c) {
               self.nbytes() == self.storage().nbytes();
       if (whole) {
         d.pending.erase(p);
-        d.stores[sid] = Store{Geo::of(self), {}};
+        d.stores[sid].base = Geo::of(self);  // (held since wire_alloc: no views yet)
         h = d.handle(sid);
       } else {
         materialize_pending(d);
@@ -2010,7 +2050,7 @@ void wire_big_upload(const at::Tensor& self, const at::Tensor& c) {
       full = frame_full(d);
     }
   }
-  if (full) flush_frame(d);
+  if (full || d.near.load(std::memory_order_relaxed)) flush_frame(d);  // (past the quota: a sync, even for `whole`)
 }
 
 at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
@@ -2038,7 +2078,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
       if (p != d.pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
           self.nbytes() == self.storage().nbytes()) {
         d.pending.erase(p);  // the held-back empty becomes the upload itself
-        d.stores[sid] = Store{Geo::of(self), {}};
+        d.stores[sid].base = Geo::of(self);  // (held since wire_alloc: no views yet)
         emit_upload(d, d.handle(sid), c);
       } else {  // into a temporary handle, then copy_ on the daemon
         materialize_pending(d);
@@ -2412,7 +2452,7 @@ int64_t scalar_type_of(const at::Tensor& t) { return static_cast<int64_t>(t.scal
 // Every attached device's frame goes out (a sync of all of them, an exit).
 void flush_now() {
   for (Dev& d : g_devs)
-    if (d.wire) flush_frame(d);
+    if (d.wire) send_frame(d);
 }
 
 std::vector<int64_t> wire_stats() {
@@ -2480,6 +2520,7 @@ void py_resize_output(const at::Tensor& t, c10::IntArrayRef size, c10::IntArrayR
   t.storage().unsafeGetStorageImpl()->set_nbytes(at::detail::computeStorageNbytes(size, stride, t.dtype().itemsize()));
   t.unsafeGetTensorImpl()->set_sizes_and_strides(size, stride, 0);
   it->second.base = Geo::of(t);
+  hold(d, it->second, t.storage().nbytes());
 }
 
 // The handles of new outputs (their storages' ids + the session's base); with `commit`, the daemon now holds them
@@ -2492,7 +2533,7 @@ std::vector<int64_t> py_adopt(const std::vector<at::Tensor>& ts, bool commit) {
     TORCH_CHECK(t.device().type() == kType && t.storage_offset() == 0, "gpupool native client: adopt of a tensor that is no output");
     Dev& d = g_devs[wired(t.device().index())];
     const uint64_t sid = handle_of(t);
-    if (commit) d.stores[sid] = Store{Geo::of(t), {}};
+    if (commit) hold(d, d.stores[sid] = Store{Geo::of(t), {}}, t.storage().nbytes());
     out.push_back(static_cast<int64_t>(d.handle(sid)));
   }
   return out;
@@ -2677,7 +2718,7 @@ Replayed replay(int64_t index, int64_t graph_id, bool current,
     }
     static const uint8_t tag[] = {0xaa, 0x01};  // Command.run_graph (21)
     emit_command(d, tag, 2, b);
-    for (const at::Tensor& t : made) d.stores[handle_of(t)] = Store{Geo::of(t), {}};
+    for (const at::Tensor& t : made) hold(d, d.stores[handle_of(t)] = Store{Geo::of(t), {}}, t.storage().nbytes());
     if (++g_held[i] >= kHoldSteps) {
       g_held[i] = 0;
       flush = true;
@@ -2821,6 +2862,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("set_device_count(int n) -> ()", &set_device_count);
   m.def("set_quota(int index, int bytes) -> ()", &set_quota);  // the session's memory quota (HandleAllocator)
   m.def("over_quota(int index, int nbytes, int quota) -> ()");  // raises the shim's OutOfMemoryError (backend.py)
+  m.def("sync_near(int index) -> ()");  // a sync past the session's quota, its error raised at the call (backend.py)
   m.def("device_count() -> int", &device_count);
   m.def("current_device() -> int", &current_device);
   m.def("set_current_device(int index) -> ()", &set_current_device);

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -236,6 +237,7 @@ class CapturedStep(StepCache):
         out = list(g.leaves)
         for h, (i, m) in zip(handles, g.outputs, strict=True):
             out[i] = wrap(rt, h, m[0], m[1], m[2], m[3], m)
+        rt.spend(sum(math.prod(m[0]) * m[3].itemsize for _, m in g.outputs))  # (the client's count: reserve52)
         return out[0] if g.single else tree_unflatten(out, g.spec)
 
 

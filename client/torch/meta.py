@@ -58,6 +58,9 @@ class Outputs:
     # the usual op's one new tensor, all `remote.run_remote` needs of it in one unpacking: (meta, shape, strides,
     # storage offset, dtype) with strides and offset as `wrapper` has them; None for any other outputs
     one: tuple[Any, ...] | None = field(init=False, repr=False, compare=False)
+    # the bytes of its new tensors, as a tensor's death counts them (`RemoteTensor.__del__`): the client's count of
+    # the session's bytes (`DeviceRuntime.spend`, reserve52); a written argument's output (first_is_new False) is none
+    nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         args = tuple(None if m is None else wrapper_args(m.shape, m.stride, m.offset) for m in self.metas)
@@ -67,6 +70,16 @@ class Outputs:
         if self.spec is None and self.first_is_new and m is not None and args[0] is not None:
             one = (m, m.shape, args[0][0], args[0][1], m.dtype)
         object.__setattr__(self, "one", one)
+        first = 0 if self.first_is_new else 1
+        sizes = (_numel(m.shape) * m.dtype.itemsize for m in self.metas[first:] if m is not None)
+        object.__setattr__(self, "nbytes", sum(sizes))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _kind(t: Any) -> str:

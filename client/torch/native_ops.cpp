@@ -54,7 +54,7 @@ PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op
     *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
     *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
     *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire, *s_eager, *s_sealed_count, *s_max_batch,
-    *s_qualname, *s_singleton, *s_data, *s_rules;
+    *s_qualname, *s_singleton, *s_data, *s_rules, *s_nbytes, *s_room, *s_near, *s_near_flag;
 
 // Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
 enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
@@ -407,6 +407,36 @@ PyObject* new_handle(PyObject* base, PyObject* counter) {
   return PyNumber_Add(base, n.p);
 }
 
+// runtime.DeviceRuntime.spend(outs.nbytes), inline (reserve52): rt._room less the op's new bytes; below 0, or
+// after an empty made past it (rt._near), rt.near(): a sync, which raises the daemon's refusal at this call.
+// 0, or -1 with an error set.
+int spend_room(PyObject* rt, PyObject* outs) {
+  Ref nb(get_attr(outs, s_nbytes));
+  if (nb.p == nullptr) return -1;
+  PyObject** dp = _PyObject_GetDictPtr(rt);
+  if (dp == nullptr || *dp == nullptr) return 0;  // (a runtime without the count: nothing to keep)
+  const long long n = PyLong_AsLongLong(nb.p);
+  if (n == -1 && PyErr_Occurred()) return -1;
+  bool near = false;
+  if (n != 0) {
+    PyObject* room = dict_get(*dp, s_room);  // borrowed: a float (runtime.py says why)
+    if (room == nullptr) return PyErr_Occurred() ? -1 : 0;
+    double left = PyFloat_AsDouble(room);
+    if (left == -1.0 && PyErr_Occurred()) return -1;
+    left -= static_cast<double>(n);
+    Ref now(PyFloat_FromDouble(left));
+    if (now.p == nullptr || PyDict_SetItem(*dp, s_room, now.p) < 0) return -1;
+    near = left < 0;
+  }
+  if (!near) {
+    PyObject* flag = dict_get(*dp, s_near_flag);  // borrowed
+    if (flag == nullptr) return PyErr_Occurred() ? -1 : 0;
+    if (flag != Py_True) return 0;
+  }
+  Ref done(PyObject_CallMethodNoArgs(rt, s_near));
+  return done.p == nullptr ? -1 : 0;
+}
+
 // The fast path proper. Returns a new reference (the op's result), nullptr with an error set, or nullptr without
 // one: not this path's (the caller falls back to the Python dispatcher).
 PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
@@ -611,6 +641,7 @@ PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
   }
   body += tail;
   if (send_record(rt, name, body) < 0) return nullptr;
+  if (spend_room(rt, outs) < 0) return nullptr;
   return result.release();
 }
 
@@ -1527,7 +1558,9 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_raise, "_raise"}, {&s_lock, "_lock"}, {&s_acquire, "acquire"},
                         {&s_eager, "_eager"}, {&s_sealed_count, "_sealed_count"},
                         {&s_max_batch, "MAX_BATCH_COMMANDS"}, {&s_qualname, "__qualname__"},
-                        {&s_singleton, "singleton"}, {&s_data, "_data"}, {&s_rules, "torch_dispatch_rules"}};
+                        {&s_singleton, "singleton"}, {&s_data, "_data"}, {&s_rules, "torch_dispatch_rules"},
+                        {&s_nbytes, "nbytes"}, {&s_room, "_room"}, {&s_near, "near"},
+                        {&s_near_flag, "_near"}};
   for (const Name& n : names) {
     *n.slot = PyUnicode_InternFromString(n.text);
     if (*n.slot == nullptr) return nullptr;

@@ -101,6 +101,8 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
             rt.eager_op(sch.name, ONE_OUTPUT(1, h) + tail)
         else:
             rt.op(sch.name, wire_args, wire_kwargs, [h])
+        if outs.nbytes or rt._near:  # past the quota by the client's count, a sync now (reserve52)
+            rt.spend(outs.nbytes)
         return result
 
     # Outputs that are written arguments (in-place ops, out=) keep their tensor: no new handle.
@@ -126,6 +128,7 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
         rt.eager_op(sch.name, compact.outputs_part(handles) + tail)
     else:
         rt.op(sch.name, wire_args, wire_kwargs, handles)
+    rt.spend(outs.nbytes)
 
     for i, value in outs.values:  # sizes the meta kernel gave (meta.SHAPE_INTS)
         results[i] = value
@@ -198,6 +201,7 @@ def round_trip(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
         rt.release(h)
         local = rt.download(final)
         results.append(wrap(rt, final, tuple(local.shape), local.stride(), 0, local.dtype))
+        rt.spend(local.nelement() * local.element_size())
     return results[0] if len(results) == 1 else tuple(results)
 
 
@@ -266,6 +270,7 @@ def copy_into(dst: RemoteTensor, src: torch.Tensor) -> None:
             held = rt.pending.pop(dst._gp_h, None) is not None
         if held:
             rt.upload(src.detach().cpu().contiguous(), dst._gp_h)
+            rt.spend(0)  # (its bytes were counted with the empty)
             return
     tmp = upload_new(rt, src)
     run_remote(rt, meta.schema_of(aten.copy_.default), (dst, tmp), {})
@@ -273,7 +278,8 @@ def copy_into(dst: RemoteTensor, src: torch.Tensor) -> None:
 
 def lazy_empty(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTensor:
     _, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
-    (m,) = meta.CACHE.outputs(sch, args, kwargs, key).metas
+    outs = meta.CACHE.outputs(sch, args, kwargs, key)
+    (m,) = outs.metas
     assert m is not None
     if rt.quota and 0 not in m.shape:
         _fits_quota(
@@ -282,4 +288,7 @@ def lazy_empty(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
     h = rt.new_handle()
     # made by a thread recording a step: an op of its recording (runtime.materialize_pending)
     rt.pending[h] = (sch.name, wire_args, wire_kwargs, rt.recording())
+    rt._room -= outs.nbytes  # counted now; past the quota the next op syncs (runtime.spend), as it sends the empty
+    if rt._room < 0:
+        rt._near = True
     return wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m)

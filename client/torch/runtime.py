@@ -60,6 +60,13 @@ class DeviceRuntime:
         self.closed = False
         self._dead: list[int] = []
         self._dead_bytes = 0
+        # The quota less the bytes of the session's tensors as the client counts them (reserve52): each new output's
+        # and empty's (`spend`), given back as its Free goes out (`flush_frees`). A tensor made past it sets `_near`:
+        # the op then syncs (`near`). The daemon knows the exact figure; no other tenant's use is in either. A float
+        # (exact to 2^53 bytes): native_ops.cpp reads and writes it without a multi-digit int's conversions.
+        self.quota = 0
+        self._room = 2.0**62
+        self._near = False
         self._set_quota(int(getattr(session, "quota_bytes", 0) or 0))
         # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
         # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.
@@ -128,7 +135,10 @@ class DeviceRuntime:
             if self.watched:
                 for watcher in self.watched.pop(handle, ()):
                     watcher(handle)
-            if self.closed or self.pending.pop(handle, None) is not None:
+            if self.closed:
+                return
+            if self.pending.pop(handle, None) is not None:  # an empty never sent: its bytes were counted (`spend`)
+                self._room += nbytes
                 return
             self._dead.append(handle)
             self._dead_bytes += nbytes
@@ -139,8 +149,34 @@ class DeviceRuntime:
                 n = len(self._dead)  # take the first n (appends go to the end; `release`), keep the list itself
                 dead = self._dead[:n]
                 del self._dead[:n]
+                self._room += self._dead_bytes
                 self._dead_bytes = 0
             self.free(dead)
+
+    def spend(self, nbytes: int) -> None:
+        """The op just queued made tensors of `nbytes`: past the quota by the client's count, or after an empty made
+        past it (`remote.lazy_empty`: it goes with the op that first names it), `near`. (native_ops.cpp `spend_room`
+        has it inline, remote.run_remote its usual case: keep the three alike.)"""
+        if nbytes:
+            self._room -= nbytes
+            if self._room < 0:
+                self._near = True
+        if self._near:
+            self.near()
+
+    def near(self) -> None:
+        """Past the quota by the client's count (reserve52): the frees queued go out, and if it is still past, a sync,
+        so that the daemon's refusal of the op just queued is raised at its call, as CUDA's allocator raises one,
+        before the script's next lines (its backward, an optimizer's step) run on a tensor without a value. A sync
+        that passes changes no count (a refused tensor is counted until it dies, as the C++ client's `Dev::held`):
+        each new tensor past the quota syncs again. Far from the quota nothing of this runs. Not on a thread
+        recording a step (a sync is refused there: the flag waits for its end)."""
+        if self.recorders and get_ident() in self.recorders:
+            return
+        self._near = False
+        self.flush_frees(force=True)
+        if self._room < 0:
+            self.sync()
 
     # ---- commands: each a session method, its failures raised as torch-facing exceptions ----
 
@@ -153,9 +189,12 @@ class DeviceRuntime:
     def _raise(self, exc: Exception) -> NoReturn:
         """Re-raise a session failure as what a torch user catches (`errors.translate`)."""
         translated = translate_and_mark(self, exc)
-        if translated is exc:
-            raise exc
-        raise translated from exc
+        try:
+            if translated is exc:
+                raise exc
+            raise translated from exc
+        finally:  # no cycle of this frame and the error: the tensors its traceback holds die with it, not at a GC
+            exc = translated = None  # type: ignore[assignment]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Any other session method (client/distributed.py: `command`, `flush`, `free`), failures translated."""
@@ -368,9 +407,12 @@ class DeviceRuntime:
         self._set_quota(int(getattr(self.session, "quota_bytes", 0) or 0))  # (a renewal may change it: round 52)
 
     def _set_quota(self, quota: int) -> None:
-        """The session's memory quota (0: unknown), and the bytes of dead handles batched before a free is sent."""
+        """The session's memory quota (0: unknown), the bytes of dead handles batched before a free is sent, and the
+        count's room: a renewal's new quota moves it by the difference (the tensors held stay counted)."""
+        held = float(self.quota) - self._room if self.quota else 0.0
         self.quota = quota
         self.free_bytes = max(64 * 1024, quota // FREE_QUOTA_FRACTION) if quota else 64 * 1024 * 1024
+        self._room = float(quota) - held if quota else 2.0**62
 
     def materialize_pending(self) -> None:
         """Send the held-back empties (in creation order) before anything that might use them.

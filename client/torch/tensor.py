@@ -213,6 +213,9 @@ def own(t: RemoteTensor) -> None:
             d["_gp_h"] = h
             d["_gp_v"] = None
     rt.release(base if won else h)
+    if won:  # its own bytes from now on, as its death counts them (the client's count: runtime.spend)
+        key = d["_gp_key"]
+        rt.spend(_prod(key[0]) * key[3].itemsize)
 
 
 _ONE_OUTPUT = struct.Struct("<BQ").pack
@@ -294,7 +297,9 @@ def upload_new(rt: DeviceRuntime, t: torch.Tensor) -> RemoteTensor:
     if local.device.type != "cpu" or not local.is_contiguous():  # the usual batch is neither: no calls for it
         local = local.detach().cpu().contiguous()
     h = rt.upload(local)  # the session copies the bytes now
-    return wrap(rt, h, tuple(local.shape), local.stride(), 0, local.dtype)
+    t = wrap(rt, h, tuple(local.shape), local.stride(), 0, local.dtype)
+    rt.spend(local.nelement() * local.element_size())
+    return t
 
 
 def to_cpu(t: RemoteTensor) -> torch.Tensor:

@@ -1391,6 +1391,25 @@ def test_a_batch_within_the_quota_but_not_the_free_memory_is_skipped_as_on_a_gpu
     wait_until(lambda: no_leases(small_worker_pool), timeout=10, what="the run's lease to be released")
 
 
+HELD = re.compile(r"^epoch \d batch \d out of memory at \S+$", re.M)
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_a_batch_past_the_quota_beside_held_tensors_is_refused_at_the_call(pool: str, client: tuple[str, ...]) -> None:
+    """oom_held.py: the script holds 5/8 of its lease's memory; a batch of half of it (within the quota by itself: no
+    round-50 refusal) made on the device is refused by the daemon's quota, and the client, whose count of the
+    session's bytes passed the quota there, syncs at that call (reserve52): torch.cuda.OutOfMemoryError comes out of
+    `torch.randn(..., device=)`, before the forward, the backward and SGD's step, as on a GPU. Every loss and the
+    trained weights are the CPU run's, which skips that batch, on both clients. Until round 52 the refusal came at
+    the `loss.item()` after `opt.step()`: that step had made SGD's momentum buffers from gradients without a value,
+    and the run went wrong from there."""
+    pooled = on_pool(pool, "oom_held.py", *client, "-p", "0.25")
+    local = on_cpu("oom_held.py")
+    expected = [f"epoch {e} batch 0 out of memory at batch" for e in (0, 1)]
+    assert_skipped_as_on_the_cpu(pooled, local, HELD, expected, 6, "weights")
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
 def test_a_cuda_generator_draws_from_its_own_seed(pool: str, client: tuple[str, ...]) -> None:
     """device_generator.py: `torch.Generator(device="cuda")` under --cuda, seeded, handed to randn, rand, randint,
