@@ -445,7 +445,7 @@ def _instr(model: str, path: str, steps: int, tmp: str) -> str:
     out = Path(tmp) / f"cg.{model}"
     cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--replay-instr", path, "--steps", str(steps)]
     subprocess.run(cmd, check=True, capture_output=True)
-    total, kernels = _total(out) / steps, _inclusive(out, KERNELS) / steps
+    total, kernels = _total(out) / steps, _inclusive(out, KERNELS)[0] / steps
     return (f"worker per RunGraph {total / 1e3:8.1f}k instructions: TorchScript call {kernels / 1e3:8.1f}k, "
             f"outside it {(total - kernels) / 1e3:8.1f}k")  # fmt: skip
 

@@ -476,7 +476,8 @@ def _into_buffers(b: _Builder, g: Graph, kept: list[int], result: Any) -> list[B
     whose memory one op of `_OUT_FORMS` makes -- the op's result itself or a chain of views of it (a weight's
     gradient is `t(mm(...))`, a bias's `view(sum(...))`) -- is written into a buffer the function takes as an
     argument: that op's out= form into the buffer (viewed as the op's result by `as_strided` where the kept tensor
-    is a view of it), and the function returns the buffer as the kept tensor. The buffer must be laid out as the
+    is a view of it), and the function returns the buffer as the kept tensor, which the graph's later ops read
+    (the views made of the result for it are gone: the `as_strided` is the one view a run makes, as before). The buffer must be laid out as the
     kept tensor (offset 0, its storage exactly the result's): the last run's kept tensor is, and a fresh one
     (`Buffer.fresh`) is. Round 52: a step's new gradients were new tensors every run, the last run's freed (~2.3k
     instructions a tensor of the worker's, an allocation each on a real device). `result`: the graph's output list
@@ -520,11 +521,12 @@ def _into_buffers(b: _Builder, g: Graph, kept: list[int], result: Any) -> list[B
         out.output().setType(_C.TensorType.get())
         node.output().replaceAllUsesWith(out.output())
         node.destroy()
-        result.replaceInput(k, into)
-        for view in chain:  # the views only the output list read
-            if view.output().uses():
-                break
-            view.destroy()
+        if chain:  # every reader of the kept tensor (the output list, the optimizer's ops) reads the buffer itself:
+            value.replaceAllUsesWith(into)  # laid out as the views made it, on the memory the op wrote
+            for view in chain:  # the views no one reads now (the first one at least)
+                if view.output().uses():
+                    break
+                view.destroy()
         found.append(buffer)
     return found
 
