@@ -477,11 +477,11 @@ def _into_buffers(b: _Builder, g: Graph, kept: list[int], result: Any) -> list[B
     gradient is `t(mm(...))`, a bias's `view(sum(...))`) -- is written into a buffer the function takes as an
     argument: that op's out= form into the buffer (viewed as the op's result by `as_strided` where the kept tensor
     is a view of it), and the function returns the buffer as the kept tensor, which the graph's later ops read
-    (the views made of the result for it are gone: the `as_strided` is the one view a run makes, as before). The buffer must be laid out as the
-    kept tensor (offset 0, its storage exactly the result's): the last run's kept tensor is, and a fresh one
-    (`Buffer.fresh`) is. Round 52: a step's new gradients were new tensors every run, the last run's freed (~2.3k
-    instructions a tensor of the worker's, an allocation each on a real device). `result`: the graph's output list
-    node."""
+    (the views made of the result for it are gone: the `as_strided` is the one view a run makes, as before). The
+    buffer must be laid out as the kept tensor (offset 0, its storage exactly the result's): the last run's kept
+    tensor is, and a fresh one (`Buffer.fresh`) is. Round 52: a step's new gradients were new tensors every run, the
+    last run's freed (~2.3k instructions a tensor of the worker's, an allocation each on a real device). `result`:
+    the graph's output list node."""
     handles: dict[int, list[int]] = {}
     for h, slot in g.writes.items():
         handles.setdefault(slot, []).append(h)
