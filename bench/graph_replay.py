@@ -225,19 +225,31 @@ def _kernels_out(path: str) -> tuple[Any, Any, Any]:
     def recording(*args: Any) -> Any:  # a real run: what it returned, and which of it was there before
         there = {id(a) for a in args} | {id(t) for t in s.tensors.values()}
         out = real(*args)
-        last[:] = [out, there]
+        given = {id(a): j for j, a in enumerate(args)}
+        last[:] = [out, there, [(k, given[id(t)]) for k, t in enumerate(out) if id(t) in given]]
         return out
 
     traced.fn = recording
     run()
-    out, there = last
+    out, there, taken = last
+    # (round 52) a kept tensor the function wrote into a buffer it was given (graph_trace.Buffer) is that argument,
+    # as a real run returns it: taken from the call's arguments, never held here (a run writes into the last run's
+    # kept tensor only where nothing else holds it)
+    out = type(out)(None if any(k == i for i, _ in taken) else t for k, t in enumerate(out))
+    last.clear()
     queue: collections.deque[Any] = collections.deque()
 
     def command() -> Any:
         queue.append(_anew(out, there))
         return make()
 
-    traced.fn = lambda *args: queue.popleft()
+    def replayed(*args: Any) -> Any:
+        made = queue.popleft()
+        for k, j in taken:
+            made[k] = args[j]
+        return made
+
+    traced.fn = replayed
     return ex, s, command
 
 
@@ -433,7 +445,7 @@ def _instr(model: str, path: str, steps: int, tmp: str) -> str:
     out = Path(tmp) / f"cg.{model}"
     cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--replay-instr", path, "--steps", str(steps)]
     subprocess.run(cmd, check=True, capture_output=True)
-    total, kernels = _total(out) / steps, _inclusive(out, KERNELS) / steps
+    total, kernels = _total(out) / steps, _inclusive(out, KERNELS)[0] / steps
     return (f"worker per RunGraph {total / 1e3:8.1f}k instructions: TorchScript call {kernels / 1e3:8.1f}k, "
             f"outside it {(total - kernels) / 1e3:8.1f}k")  # fmt: skip
 

@@ -569,9 +569,14 @@ def _quick_end(host: Host, s: WorkerSession, g: Graph, r: Any, outputs: list[int
         try:
             for slot, value in zip(g.traced.kept, out, strict=True):
                 slots[slot] = value
-        except BaseException:
+        except BaseException as exc:
             _failed(s, g)
-            raise
+            # (round 52: an error of the run, as `Traced.run` raises it: the kept tensors poisoned, their buffers
+            # having been written into)
+            err = graph_trace.failure(g, exc)
+            if err is exc:
+                raise
+            raise err from None
     else:
         slots = r
     _finish(s, g, slots, outputs, None, host.native)
@@ -596,10 +601,26 @@ def _fast_plan(host: Host, s: WorkerSession, g: Graph) -> Any:
     traced, native = g.traced, host.native
     if native is None or type(s) is not WorkerSession or g.device_type != "cpu" or g.unstable:
         return False
-    return native.GraphPlan(
+    plan = native.GraphPlan(
         g.n_slots, [tuple(m) for m in g.input_meta], list(g.input_bytes), list(g.contiguous), g.external_handles,
         g.external_slots, list(traced.picks), list(traced.kept), list(g.outputs), s.number, s.handle_base, s.tensors,
     )  # fmt: skip
+    if traced.buffers:  # (round 52) each run writes them into the last run's kept tensors where it may
+        bufs = [(b.handle, b.slot, b.sizes, b.strides, b.dtype, b.nbytes) for b in traced.buffers]
+        plan.buffers(bufs, _fresh_said(s.number, g.graph_id, traced.buffers))
+    return plan
+
+
+def _fresh_said(number: int, graph_id: int, buffers: list[graph_trace.Buffer]) -> Callable[[int, str], None]:
+    """What a plan calls the first time a buffer of its graph's traced function is a fresh one, not the tensor its
+    handle held (native_runner.cpp `buffer_arg`): a log at debug level. (The session's number, not the session: the
+    plan is held by its graph, which the session's table holds weakly keyed by it.)"""
+
+    def said(i: int, why: str) -> None:
+        log.debug("session %d: graph %d: kept tensor %#x is written into a new buffer, not into its last one: %s",
+                  number, graph_id, buffers[i].handle, why)  # fmt: skip
+
+    return said
 
 
 def _resume(s: WorkerSession, pending: Replaying, piece_seconds: float) -> bool:

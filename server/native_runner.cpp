@@ -4259,7 +4259,75 @@ struct GraphPlan {
   // secrev50: each of a session's 32 graphs kept its own, up to 31 graphs' inputs held beyond its count).
   mutable py::object spare;
   mutable std::vector<py::object> spare_inputs;
+  // (round 52) the kept tensors the traced function writes into a buffer it takes after the `picks`
+  // (graph_trace.Buffer, `_into_buffers`): each its handle (the int object of `writes`), the slot `writes` binds it
+  // to, its sizes, strides and dtype (offset 0) and its storage's bytes. `buffer_arg` gives the tensor the handle
+  // holds where the run may write over it, else a fresh one; `said` (a Python callable, or None) hears of a fresh
+  // one where the buffer's last run wrote into its old one (`was_fresh` false: a client's alias of a gradient every
+  // step is said once, not per run; the first plan run after a Python one, whose kept tensors are views holding
+  // their base, is not said): the log at debug level. `reused`, `fresh`: counts of either (tests, the bench).
+  struct Buf {
+    py::object handle;
+    int64_t slot = 0;
+    std::vector<int64_t> sizes, strides;
+    at::ScalarType dtype = at::kFloat;
+    int64_t nbytes = 0;
+    mutable bool was_fresh = true;
+  };
+  std::vector<Buf> bufs;
+  py::object said;
+  mutable int64_t reused = 0, fresh = 0;
 };
+
+// The argument of buffer `b` for a run (`GraphPlan.bufs`): the tensor its handle is bound to, where the run may write
+// over it -- the handle still the one `writes` binds to the buffer's slot; nothing but the session's table holding
+// the tensor or its memory (its Python object, its TensorImpl and its storage each held once: no other handle, view,
+// slot, input, persistent tensor or eager run of the session sees it, so no one reads its old values after); laid
+// out as the buffer (a plain strided CPU tensor of its sizes, strides and dtype, offset 0, no conjugate or negative
+// bit, not requiring grad, on a resizable storage of exactly its bytes from the CPU allocator: what a kernel or
+// `fresh` made) -- else a fresh one, `why` saying which did not hold. (A plan runs only where no upload is under way:
+// `s.uploads` empty, `graph._quick`'s and `run_raw`'s condition.) A new reference.
+PyObject* buffer_arg(const GraphPlan& p, const GraphPlan::Buf& b, PyObject* tensors, PyObject* writes,
+                     const char** why) {
+  *why = nullptr;
+  PyObject* slot = PyDict_GetItemWithError(writes, b.handle.ptr());  // borrowed
+  int64_t at = -1;
+  if (slot == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  if (slot == nullptr || !as_i64(slot, &at) || at != b.slot) {
+    PyErr_Clear();
+    *why = "its handle is no longer written by the graph";
+  }
+  PyObject* cur = *why ? nullptr : PyDict_GetItemWithError(tensors, b.handle.ptr());  // borrowed
+  if (cur == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  if (*why == nullptr && (cur == nullptr || !THPVariable_CheckExact(cur))) *why = "its handle holds no tensor";
+  if (*why == nullptr && Py_REFCNT(cur) != 1) *why = "its tensor is held elsewhere too";
+  if (*why == nullptr) {
+    const at::Tensor& t = THPVariable_Unpack(cur);
+    if (!t.defined() || t.use_count() != 1) {
+      *why = "its tensor is held elsewhere too";
+    } else if (!t.storage() || t.storage().use_count() != 1) {
+      *why = "another tensor (a view, another handle) shares its memory";
+    } else {
+      const c10::Storage& st = t.storage();
+      const bool laid = t.layout() == at::kStrided && t.is_cpu() && t.scalar_type() == b.dtype &&
+                        t.storage_offset() == 0 && t.sizes().equals(at::IntArrayRef(b.sizes)) &&
+                        t.strides().equals(at::IntArrayRef(b.strides)) && !t.is_conj() && !t.is_neg() &&
+                        !t.requires_grad() && (!t.is_inference() || c10::InferenceMode::is_enabled()) &&
+                        st.nbytes() == static_cast<size_t>(b.nbytes) && st.resizable() &&
+                        st.allocator() == c10::GetAllocator(c10::DeviceType::CPU) && (b.nbytes == 0 || st.mutable_data() != nullptr);
+      if (laid) {
+        ++p.reused;
+        b.was_fresh = false;
+        return Py_NewRef(cur);
+      }
+      *why = "its tensor is laid out otherwise";
+    }
+  }
+  ++p.fresh;
+  PyObject* made = THPVariable_Wrap(at::empty_strided(b.sizes, b.strides, at::TensorOptions().dtype(b.dtype)));
+  if (made == nullptr) throw py::error_already_set();
+  return made;
+}
 
 
 std::vector<int64_t> int_list(py::handle l, const char* what) {
@@ -4457,12 +4525,25 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
     }
     if ((v >> 32) != p.number || v == p.base) return py::none();
   }
-  // the traced function's call (`Traced.run`)
+  // the traced function's call (`Traced.run`): the picks, then the buffers (`buffer_arg`, after every check above:
+  // a plan that declines has written over nothing)
   const Py_ssize_t n_args = static_cast<Py_ssize_t>(p.picks.size());
-  Own args(PyTuple_New(n_args));
+  Own args(PyTuple_New(n_args + static_cast<Py_ssize_t>(p.bufs.size())));
   if (args.p == nullptr) throw py::error_already_set();
   for (Py_ssize_t k = 0; k < n_args; ++k) {
     PyTuple_SET_ITEM(args.p, k, Py_NewRef(PyList_GET_ITEM(slots.p, p.picks[static_cast<size_t>(k)])));
+  }
+  if (!p.bufs.empty()) {
+    PyObject* wr = writes.ptr();
+    if (!PyDict_CheckExact(wr)) return py::none();
+    for (size_t i = 0; i < p.bufs.size(); ++i) {
+      const char* why = nullptr;
+      PyTuple_SET_ITEM(args.p, n_args + static_cast<Py_ssize_t>(i), buffer_arg(p, p.bufs[i], tensors.p, wr, &why));
+      if (why != nullptr && !std::exchange(p.bufs[i].was_fresh, true) && p.said && !p.said.is_none()) {
+        Own r(PyObject_CallFunction(p.said.ptr(), "ns", static_cast<Py_ssize_t>(i), why));  // (a log at debug level)
+        if (r.p == nullptr) PyErr_Clear();  // (a log that failed fails nothing)
+      }
+    }
   }
   Own out(PyObject_Call(fn.ptr(), args.p, nullptr));
   args.reset(nullptr);
@@ -4954,6 +5035,38 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                for (const auto& o : p.spare_inputs) n += o ? 1 : 0;
                                return n;
                              })
+      // (round 52) the kept tensors its traced function writes into buffers it takes (graph_trace.Buffer, in
+      // order): (handle, slot, sizes, strides, dtype, nbytes) each; `said(index, why)` hears of a buffer's first
+      // fresh one
+      .def("buffers",
+           [](GraphPlan& p, py::list bufs, py::object said) {
+             std::vector<GraphPlan::Buf> made;
+             for (auto item : bufs) {
+               py::tuple b = item.cast<py::tuple>();
+               if (b.size() != 6 || !PyLong_CheckExact(b[0].ptr()) || !THPDtype_Check(b[4].ptr())) {
+                 throw std::invalid_argument("GraphPlan.buffers: a bad buffer");
+               }
+               GraphPlan::Buf x;
+               x.handle = b[0];
+               x.slot = b[1].cast<int64_t>();
+               x.sizes = int_list(b[2], "sizes");
+               x.strides = int_list(b[3], "strides");
+               x.dtype = reinterpret_cast<THPDtype*>(b[4].ptr())->scalar_type;
+               x.nbytes = b[5].cast<int64_t>();
+               if (x.sizes.size() != x.strides.size() || x.sizes.size() > MAX_DIMS || x.slot < 1 ||
+                   x.slot >= p.n_slots || x.nbytes < 0) {
+                 throw std::invalid_argument("GraphPlan.buffers: a bad buffer");
+               }
+               for (size_t d = 0; d < x.sizes.size(); ++d) {
+                 if (x.sizes[d] < 0 || x.strides[d] < 0) throw std::invalid_argument("GraphPlan.buffers: a bad buffer");
+               }
+               made.push_back(std::move(x));
+             }
+             p.bufs = std::move(made);
+             p.said = std::move(said);
+           })
+      .def_property_readonly("reused", [](const GraphPlan& p) { return p.reused; })
+      .def_property_readonly("fresh", [](const GraphPlan& p) { return p.fresh; })
       .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
            py::arg("refs"), py::arg("writes"), py::arg("fn"))
       .def("run_raw", &graph_run_raw, py::arg("session"), py::arg("raw"), py::arg("data"), py::arg("refs"),
