@@ -18,35 +18,16 @@ from pathlib import Path
 
 import pytest
 from gpupool.client.native.backend import compiler_missing
+from test_capture_grad_buffers52 import SCRIPT as BUFFERS52
 from test_native_client_capture import _run
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow]
 
-SCRIPT = """
-import json
-import torch
-from torch import nn
-import gpupool.torch as gt
-
-DEV = "gpupool"
-
-
-def run(case, captured, steps=8):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(DEV)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(16, 16, generator=gen), torch.randint(0, 4, (16,), generator=gen)) for _ in range(4)]
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=case != "zero")
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    f = gt.capture(step) if captured else step
+# test_capture_grad_buffers52.py's model, data and step (its "accum" case unused here), then each step's reads
+SCRIPT = (
+    BUFFERS52.split("    f = gt.capture")[0]
+    + """    f = gt.capture(step) if captured else step
     losses, grads, params = [], [], []
     for i in range(steps):
         x, y = data[i % 4]
@@ -59,6 +40,7 @@ def run(case, captured, steps=8):
 res = {case: {"eager": run(case, False), "captured": run(case, True)} for case in ("none", "zero")}
 print(json.dumps(res))
 """
+)
 
 
 def _check(got: dict) -> None:
