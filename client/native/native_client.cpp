@@ -2609,18 +2609,46 @@ struct ReplayOut {
   std::vector<int64_t> sizes, strides;
   at::ScalarType dtype;
 };
-std::unordered_map<int64_t, std::vector<ReplayOut>> g_replays[kMaxDevices];
+// A defined graph as `replay` needs it: its outputs, and the handles it writes (a kept tensor's storage, bound anew by
+// every run: the view handles made of it since are of the last run's tensor, freed at the next).
+struct ReplayGraph {
+  std::vector<ReplayOut> outs;
+  std::vector<uint64_t> writes;
+};
+std::unordered_map<int64_t, ReplayGraph> g_replays[kMaxDevices];
 constexpr size_t kByValueBytes = 256 * 1024;  // capture.py BY_VALUE_BYTES: CPU arguments up to this go inside the run
 constexpr int kHoldSteps = 4;                  // capture.py HOLD_STEPS: replays a frame at most before it goes out
 int g_held[kMaxDevices] = {};                  // replays appended to a device's frame since one sent it (g_mu)
 thread_local Buf t_run;
 
-void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tensor>& outputs) {
+void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tensor>& outputs, c10::IntArrayRef writes) {
   checked_index(static_cast<DeviceIndex>(index));
-  std::vector<ReplayOut> outs;
-  for (const at::Tensor& t : outputs) outs.push_back({t.sizes().vec(), t.strides().vec(), t.scalar_type()});
+  ReplayGraph g;
+  for (const at::Tensor& t : outputs) g.outs.push_back({t.sizes().vec(), t.strides().vec(), t.scalar_type()});
+  for (const int64_t h : writes) g.writes.push_back(static_cast<uint64_t>(h));
   std::lock_guard<std::mutex> lock(g_mu);
-  g_replays[index][graph_id] = std::move(outs);
+  g_replays[index][graph_id] = std::move(g);
+}
+
+// The view handles of the storages graph `g` writes, freed into d's frame (before its run binds those handles anew):
+// made since the last run (`wire_handle`: `p.grad` of a bias, a view of the kept sum), they name its tensor on the
+// daemon, not the one this run leaves; the next `wire_handle` makes them anew. A watched one is noted in `fired`.
+void free_write_views(Dev& d, DeviceIndex i, const ReplayGraph& g) {
+  Buf& packed = d.freed;
+  packed.clear();
+  for (const uint64_t h : g.writes) {
+    if (h < d.base) continue;
+    auto it = d.stores.find((static_cast<uint64_t>(i) << kIndexShift) | ((h - d.base) & kIdMask));
+    if (it == d.stores.end() || it->second.views.empty()) continue;
+    for (const auto& v : it->second.views) {
+      put_varint(packed, d.base + v.second);
+      if (d.watched.erase(d.base + v.second)) d.fired.push_back(static_cast<int64_t>(d.base + v.second));
+    }
+    it->second.views.clear();
+  }
+  if (packed.n == 0) return;
+  emit_free(d, packed);
+  g_wstats.frees++;
 }
 
 void replay_forget(int64_t index, int64_t graph_id) {
@@ -2674,22 +2702,25 @@ Replayed replay(int64_t index, int64_t graph_id, bool current,
   bool flush = false;
   {
     std::lock_guard<std::mutex> lock(g_mu);
+    auto g = g_replays[i].find(graph_id);
+    TORCH_CHECK(g != g_replays[i].end(), "gpupool native client: graph ", graph_id, " is not defined on gpupool:",
+                static_cast<int>(i));
     if (!d.watched.empty()) {
       drain_frees_wire(d);
+      free_write_views(d, i, g->second);
       if (!d.fired.empty()) {
         fired.swap(d.fired);
         return not_run(std::move(fired));
       }
+    } else {
+      free_write_views(d, i, g->second);
     }
     if (cpu_bytes > kByValueBytes) return not_run({-2});
-    auto g = g_replays[i].find(graph_id);
-    TORCH_CHECK(g != g_replays[i].end(), "gpupool native client: graph ", graph_id, " is not defined on gpupool:",
-                static_cast<int>(i));
     prelude_wire(d);
     {
       const AtDevice at_device(i);
-      made.reserve(g->second.size());
-      for (const ReplayOut& o : g->second)
+      made.reserve(g->second.outs.size());
+      for (const ReplayOut& o : g->second.outs)
         made.push_back(at::detail::empty_strided_generic(o.sizes, o.strides, &g_alloc, kKeys, o.dtype));
     }
     c10::SmallVector<uint64_t, 8> ins, outs;
@@ -2856,7 +2887,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("watch(int index, int[] handles, bool on) -> ()", &watch);
   m.def("fired(int index) -> int[]", &fired);
   m.def("replay(int index, int graph_id, bool current, Tensor[] inputs, int[] drop_writes) -> (Tensor[], int[])", &replay);
-  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs) -> ()", &replay_outputs);
+  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs, int[] writes) -> ()", &replay_outputs);
   m.def("replay_forget(int index, int graph_id) -> ()", &replay_forget);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);
