@@ -76,5 +76,9 @@ def test_a_test_that_leaves_the_thread_changed_fails_and_the_next_runs_clean(tmp
 def test_the_state_of_this_thread_is_a_fresh_threads() -> None:
     """What the check compares: here (pytest's thread, between tests) the thread-local part is a new thread's."""
     assert ThreadState.now().changes_from(ThreadState.in_fresh_thread(), thread_local_only=True) == ""
+    # A new thread's count of torch threads is the last one any thread set (OpenMP's is per thread; torch's new thread
+    # takes the process's last `set_num_threads`): an earlier test's in-process daemon under `--isolation thread` set
+    # its own threads' (round 52's CI: "threads: 1 -> 2"). This thread's count set again, a new thread's is this one's.
+    torch.set_num_threads(torch.get_num_threads())
     with torch.no_grad():
         assert ThreadState.now().changes_from(ThreadState.in_fresh_thread()) == "grad: True -> False"
