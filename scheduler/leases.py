@@ -40,7 +40,7 @@ from gpupool.protocol import HostState, LeaseState
 
 from .capacity import SHARE_UNITS, Grant, Pool
 from .hosts import REVOCATION_SLACK, HostBook
-from .placement import Request, could_fit, min_units, place, validate
+from .placement import Request, could_fit, fraction_units, min_units, place, size_on, validate
 from .store import CertRow, Change, LeaseRecord, Store
 
 log = logging.getLogger(__name__)
@@ -471,6 +471,90 @@ class Core:
             self.write(Change(leases=[dataclasses.replace(lease, expires_at=now + ttl, ttl=ttl)]))
             lease.expires_at, lease.ttl, lease.grace_until = now + ttl, ttl, 0.0
             return lease
+
+    def set_terms(
+        self, lease_id: str, fraction: float | None = None, memory_bytes: int | None = None, share: float | None = None
+    ) -> LeaseRecord:
+        """Operators (terms53): an active lease's new terms on each of its devices, as Allocate sizes them: `fraction`
+        (quota = fraction x capacity, share = fraction) or `memory_bytes` (share = memory / capacity), `share` in
+        (0, 1] whatever the size says; a quota left out stays. Decided under the lock and saved before it applies,
+        as a grant is: the pool's accounting (each device's bytes and share units, the tenant's held share) takes
+        them at once, so a device's leases never hold more than its memory or one whole share. Its next renewal's
+        tokens carry them (`token`); its daemons' sessions hold them from that refresh on (server/daemon.py
+        `Daemon.refresh`: a quota below what a session holds refuses its allocations, and takes nothing). Room it
+        gives back serves the waiting requests. Refused, nothing changed: more than a device's free memory or share
+        beside what the lease holds on it, or past the tenant's --tenant-max-share (RESOURCE_EXHAUSTED); a lease
+        not active (FAILED_PRECONDITION)."""
+        if fraction is None and memory_bytes is None and share is None:
+            raise InvalidArgument("give the lease's new fraction, memory or share")
+        if fraction is not None and memory_bytes is not None:
+            raise InvalidArgument("give a fraction or a memory size, not both")
+        for name, value in (("fraction", fraction), ("share", share)):
+            if value is not None and not (math.isfinite(value) and 0.0 < value <= 1.0):
+                raise InvalidArgument(f"{name} must be in (0, 1], got {value:g}")
+        if memory_bytes is not None and memory_bytes <= 0:
+            raise InvalidArgument("memory must be positive")
+        with self.lock:
+            lease = self._get(lease_id)
+            now = time.time()
+            if lease.state == LeaseState.ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
+                self.end([lease], LeaseState.EXPIRED)
+            if lease.state != LeaseState.ACTIVE:
+                raise FailedPrecondition(f"lease {lease_id} is {lease.state}: its terms are those it ended with")
+            grants = [self._new_terms(g, fraction, memory_bytes, share) for g in lease.grants]
+            more = sum(g.units for g in grants) - sum(g.units for g in lease.grants)
+            limit = self.config.tenant_max_share
+            if more > 0 and limit > 0:
+                held = self.held_units.get(lease.tenant, 0) + sum(
+                    w.units for w in self.waiters if w.tenant == lease.tenant
+                )
+                if held + more > round(limit * SHARE_UNITS):
+                    raise ResourceExhausted(
+                        f"tenant {lease.tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
+                        f"these terms add {more / SHARE_UNITS:.3g}: past its limit of {limit:g} (--tenant-max-share); "
+                        "nothing changed"
+                    )
+            self.write(Change(leases=[dataclasses.replace(lease, grants=grants)]))
+            self.pool.give(lease.grants)
+            self._hold(lease, -1)
+            lease.grants = grants
+            self.pool.take(grants)
+            self._hold(lease, +1)
+            self.events.lease_event("changed")
+            log.info(
+                "lease %s of tenant %r: terms set to %s",
+                lease_id,
+                lease.tenant,
+                ", ".join(f"{g.host_id}/{g.device} {format_size(g.quota_bytes)} share {g.share:g}" for g in grants),
+            )
+            self.serve_waiters()  # (room a lowered quota or share gave back)
+            return lease
+
+    def _new_terms(self, g: Grant, fraction: float | None, memory_bytes: int | None, share: float | None) -> Grant:
+        """`g` with the new terms on its device (`set_terms`); refused where they do not fit beside the others'."""
+        dev = self.pool.device(g.key)
+        if dev is None:
+            raise FailedPrecondition(f"device {g.device} of host {g.host_id!r} is no longer in the pool")
+        quota, units = g.quota_bytes, g.units
+        if fraction is not None or memory_bytes is not None:
+            size = size_on(Request(1, fraction, memory_bytes), dev)
+            if size is None:
+                raise InvalidArgument(
+                    f"memory {format_size(memory_bytes or 0)} is more than device {g.device} of host {g.host_id!r} "
+                    f"has ({format_size(dev.capacity_bytes)})"
+                )
+            quota, units = size
+        if share is not None:
+            units = fraction_units(share)
+        free_bytes, free_units = dev.free_bytes + g.quota_bytes, dev.free_units + g.units
+        if quota > free_bytes or units > free_units:
+            raise ResourceExhausted(
+                f"device {g.device} of host {g.host_id!r} has {format_size(free_bytes)} and share "
+                f"{free_units / SHARE_UNITS:.6g} free with this lease's {format_size(g.quota_bytes)} and share "
+                f"{g.share:.6g}: a quota of {format_size(quota)} and share {units / SHARE_UNITS:.6g} do not fit; "
+                "nothing changed"
+            )
+        return Grant(g.host_id, g.device, quota, units)
 
     def release(self, lease_id: str, tenant: str | None = None) -> None:
         """Give a lease's capacity back (releasing an ended lease again is harmless)."""
