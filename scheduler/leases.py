@@ -128,6 +128,9 @@ class Core:
         self.hosts = HostBook(self.lock, self.pool, self, config.host_timeout)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.held_leases: dict[str, int] = {}  # active leases per tenant
+        # (terms53) lease id -> until when a token minted before its quota was lowered may live: its bytes past the
+        # new quota stay counted until then (`note_kept`)
+        self.kept_until: dict[str, float] = {}
         # per tenant: until when the tokens of each of its ended leases may live (a heap; `tenant_max_revoked`)
         self.revoked_until: dict[str, list[float]] = {}
         self.revoked_all: list[float] = []  # the same, every tenant's together (a heap; `max_revoked`)
@@ -481,8 +484,9 @@ class Core:
         as a grant is: the pool's accounting (each device's bytes and share units, the tenant's held share) takes
         them at once, so a device's leases never hold more than its memory or one whole share. Its next renewal's
         tokens carry them (`token`); its daemons' sessions hold them from that refresh on (server/daemon.py
-        `Daemon.refresh`: a quota below what a session holds refuses its allocations, and takes nothing). Room it
-        gives back serves the waiting requests. Refused, nothing changed: more than a device's free memory or share
+        `Daemon.refresh`: a quota below what a session holds refuses its allocations, and takes nothing). The share
+        a lowering gives back serves the waiting requests at once; its memory once the session cannot hold it any
+        more (`Grant.kept_bytes`, `note_kept`). Refused, nothing changed: more than a device's free memory or share
         beside what the lease holds on it, or past the tenant's --tenant-max-share (RESOURCE_EXHAUSTED); a lease
         not active (FAILED_PRECONDITION)."""
         if fraction is None and memory_bytes is None and share is None:
@@ -515,11 +519,9 @@ class Core:
                         "nothing changed"
                     )
             self.write(Change(leases=[dataclasses.replace(lease, grants=grants)]))
-            self.pool.give(lease.grants)
-            self._hold(lease, -1)
-            lease.grants = grants
-            self.pool.take(grants)
-            self._hold(lease, +1)
+            self._regrant(lease, grants)
+            if any(g.kept_bytes for g in grants):  # (the tokens minted before now end at the lease's end of now)
+                self.kept_until[lease_id] = max(self.kept_until.get(lease_id, 0.0), lease.expires_at)
             self.events.lease_event("changed")
             log.info(
                 "lease %s of tenant %r: terms set to %s",
@@ -546,15 +548,65 @@ class Core:
             quota, units = size
         if share is not None:
             units = fraction_units(share)
-        free_bytes, free_units = dev.free_bytes + g.quota_bytes, dev.free_units + g.units
-        if quota > free_bytes or units > free_units:
+        # What the lease may hold there now (its quota, or what an older token's quota lets its session hold) stays
+        # counted: a lowered quota's bytes come back through `note_kept`, never here.
+        kept = max(0, g.held_bytes - quota)
+        free_bytes, free_units = dev.free_bytes + g.held_bytes, dev.free_units + g.units
+        if quota + kept > free_bytes or units > free_units:
             raise ResourceExhausted(
                 f"device {g.device} of host {g.host_id!r} has {format_size(free_bytes)} and share "
-                f"{free_units / SHARE_UNITS:.6g} free with this lease's {format_size(g.quota_bytes)} and share "
+                f"{free_units / SHARE_UNITS:.6g} free with this lease's {format_size(g.held_bytes)} and share "
                 f"{g.share:.6g}: a quota of {format_size(quota)} and share {units / SHARE_UNITS:.6g} do not fit; "
                 "nothing changed"
             )
-        return Grant(g.host_id, g.device, quota, units)
+        return Grant(g.host_id, g.device, quota, units, kept)
+
+    def _regrant(self, lease: LeaseRecord, grants: list[Grant]) -> None:
+        """Replace an active lease's grants in the pool's accounting and its tenant's (the lock held)."""
+        self.pool.give(lease.grants)
+        self._hold(lease, -1)
+        lease.grants = grants
+        self.pool.take(grants)
+        self._hold(lease, +1)
+
+    def note_kept(self, host_id: str, sessions: Iterable[tuple[str, int, int]], now: float | None = None) -> None:
+        """A heartbeat of `host_id` (its sessions' lease id, device and bytes used): the bytes a lease may hold past
+        a quota an operator lowered (`set_terms`, `Grant.kept_bytes`) stay counted on their device until every token
+        minted before the change has ended (`kept_until`: one of those attaches, or keeps its session, at the older
+        quota), and from then on only what its daemon reports its session holding past the new quota, never more
+        than before (the session holds the new terms now: it cannot grow past them); the room freed serves the
+        waiting requests. (Given back at once, a lowered quota's room would be promised to others while the session
+        still held it.)"""
+        if not self.kept_until:
+            return
+        now = time.time() if now is None else now
+        with self.lock:
+            used: dict[tuple[str, int], int] | None = None
+            freed = False
+            for lease_id, until in list(self.kept_until.items()):
+                lease = self.leases.get(lease_id)
+                if lease is None or lease.state != LeaseState.ACTIVE or not any(g.kept_bytes for g in lease.grants):
+                    del self.kept_until[lease_id]
+                    continue
+                if until > now or host_id not in lease.hosts:
+                    continue
+                if used is None:
+                    used = {}
+                    for lease_of, device, n in sessions:
+                        used[(lease_of, device)] = used.get((lease_of, device), 0) + n
+                grants = [
+                    dataclasses.replace(
+                        g, kept_bytes=min(g.kept_bytes, max(0, used.get((lease_id, g.device), 0) - g.quota_bytes))
+                    )
+                    if g.host_id == host_id
+                    else g
+                    for g in lease.grants
+                ]
+                if grants != lease.grants:
+                    self._regrant(lease, grants)
+                    freed = True
+            if freed:
+                self.serve_waiters()
 
     def release(self, lease_id: str, tenant: str | None = None) -> None:
         """Give a lease's capacity back (releasing an ended lease again is harmless)."""

@@ -144,6 +144,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )  # fmt: skip
         if foreign and not again:
             revoked = sorted(foreign.union(revoked))
+        if not again:  # (terms53) the bytes kept past a lowered quota, counted until the daemon reports them freed
+            self.core.note_kept(request.host_id, ((x.lease_id, x.device, x.used_bytes) for x in request.sessions))
         longest = time.time() + tokens.MAX_TTL
         reply = scheduler_pb2.HeartbeatReply(
             revoked_leases=revoked,

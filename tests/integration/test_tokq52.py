@@ -20,7 +20,7 @@ import torch
 from gpupool.client import admin as admin_cli
 from gpupool.client.pool import Lease
 from gpupool.client.session import Session
-from scheduler_fixtures import ROOT
+from scheduler_fixtures import ROOT, wait_until
 from support import mint_token, registered_host
 from test_security import Pool, start_pool
 
@@ -276,12 +276,14 @@ def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_f
     """terms53. Alice's half of a 16 MiB fake GPU holds 3 MiB; bob's quarter 1 MiB. Alice (her own lease), bob and a
     host's credential may not change its terms (PERMISSION_DENIED), nothing changed. The operator lowers alice's
     tenant to an eighth (`gpupool lease terms --tenant alice -p 0.125`): ListPool and the scheduler's metrics say 2
-    MiB and 0.125 at once, her session keeps 8 MiB until her lease's next renewal, from which on (one renewal, its
-    subscriber's refresh, as the clients wire it) the daemon refuses her allocations past 2 MiB, her 3 MiB intact, and
-    Status and the client say 2 MiB and 0.125. Raised to 12 MiB at a share of 0.75 (all bob leaves): 8 MiB more fit
-    after her next renewal. A byte more than the device has free, a share past the whole, more than the device's
-    memory: refused at the call, nothing changed. Bob's terms, session and tensor are untouched throughout. On
-    536d6f64 there was no such call (SetLeaseTerms UNIMPLEMENTED): a renewal re-minted the first terms."""
+    MiB and 0.125 at once (the device's 8 MiB she may still hold stay counted), her session keeps 8 MiB until her
+    lease's next renewal, from which on (one renewal, its subscriber's refresh, as the clients wire it) the daemon
+    refuses her allocations past 2 MiB, her 3 MiB intact, and Status and the client say 2 MiB and 0.125. Once her
+    older tokens have ended, the device counts what her daemon's heartbeats report past 2 MiB (1 MiB; none once
+    freed). Raised to 12 MiB at a share of 0.75 (all bob leaves): 8 MiB fit after her next renewal. A byte more than
+    the device has free, a share past the whole, more than the device's memory: refused at the call, nothing changed.
+    Bob's terms, session and tensor are untouched throughout. On 536d6f64 there was no such call (SetLeaseTerms
+    UNIMPLEMENTED): a renewal re-minted the first terms."""
     host = registered_host(daemon_factory, pool.address, pool.public, HOST, fake_gpu_memory=16 * MiB)
     alice, bob, ops = pool.client("tenant", "alice"), pool.client("tenant", "bob"), pool.client("admin", "ops")
     a_pb = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
@@ -310,8 +312,8 @@ def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_f
 
         assert admin_cli.lease_main(["terms", "--tenant", "alice", "-p", "0.125", "--scheduler", pool.address]) == 0
         assert f"lease {a_pb.lease_id}: {HOST}/0 2.0MiB share 0.125 (its sessions hold" in capsys.readouterr().out
-        assert _pool_terms(ops) == ({"alice": (2 * MiB, 0.125), "bob": (4 * MiB, 0.25)}, (6 * MiB, 0.375))
-        assert metric("gpupool_pool_memory_allocated_bytes", {"host": HOST}) == 6 * MiB
+        assert _pool_terms(ops) == ({"alice": (2 * MiB, 0.125), "bob": (4 * MiB, 0.25)}, (12 * MiB, 0.375))
+        assert metric("gpupool_pool_memory_allocated_bytes", {"host": HOST}) == 12 * MiB
         assert metric("gpupool_lease_events_total", {"event": "changed"}) == 1
         assert (s.quota_bytes, _limits(s)) == (8 * MiB, (3 * MiB, 8 * MiB))  # until the lease's next renewal
 
@@ -321,15 +323,22 @@ def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_f
         with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
             s.sync()
         assert torch.equal(s.download(h), x)
+        core = pool.scheduler.core
+        with core.lock:  # as once her older tokens (8 MiB) have ended: what her daemon reports past 2 MiB counts
+            core.kept_until[a_pb.lease_id] = 0.0
+        wait_until(lambda: _pool_terms(ops)[1] == (7 * MiB, 0.375), 60, what="her 1 MiB past the quota counted")
+        s.free([h])
+        s.sync()
+        wait_until(lambda: _pool_terms(ops)[1] == (6 * MiB, 0.375), 60, what="her memory freed, heartbeated")
 
         changed = ops.set_lease_terms(a_pb.lease_id, memory_bytes=12 * MiB, share=0.75)
         assert [(d.quota_bytes, d.share, d.token) for d in changed.devices] == [(12 * MiB, 0.75, "")]
         lease.renew()
-        assert (s.quota_bytes, _limits(s), _share(s)) == (12 * MiB, (3 * MiB, 12 * MiB), 0.75)
+        assert (s.quota_bytes, _limits(s), _share(s)) == (12 * MiB, (0, 12 * MiB), 0.75)
         y = torch.arange(8 * MiB // 4, dtype=torch.float32)
         big = s.upload(y)
         s.sync()
-        assert torch.equal(s.download(big), y) and _limits(s) == (11 * MiB, 12 * MiB)
+        assert torch.equal(s.download(big), y) and _limits(s) == (8 * MiB, 12 * MiB)
 
         for bad, what, words in (
             ({"memory_bytes": 12 * MiB + 1}, errors.ResourceExhausted, "12.0MiB and share 0.75 free .* do not fit"),

@@ -505,12 +505,13 @@ def test_pending_revocations_last_until_their_tokens_have_expired() -> None:
 
 def test_an_operators_new_terms_are_accounted_at_once_saved_and_carried_by_the_next_renewal(tmp_path: Path) -> None:
     """terms53 (`Core.set_terms`; on 536d6f64 no such call: Renew minted a lease's first terms for its life). One 8 GiB
-    device: alice's half, bob's quarter, carol's half waiting. Lowered to an eighth: the room it gives back serves
-    carol, the device's accounting (7 GiB, 0.875) and alice's held share follow at once, her renewal's token says 1 GiB
-    and 0.125, bob's lease is untouched. Raised to 6 GiB (share 0.75 by the memory) beside bob's 2 GiB and carol's 4:
-    no room, RESOURCE_EXHAUSTED, nothing changed; carol gone, it fits exactly (8 GiB, a whole share). A byte more, or a
-    share past the whole device, is refused; more than the device's memory INVALID_ARGUMENT. The terms survive a
-    restart from the SQLite file."""
+    device: alice's half, bob's quarter, carol's half waiting. Lowered to an eighth: the share (0.375) and alice's held
+    share follow at once, her renewal's token says 1 GiB and 0.125, bob's lease is untouched; the memory she may still
+    hold (her older token's 4 GiB) stays counted until that token has ended, then what her daemon reports her holding
+    past 1 GiB (`note_kept`, never more than before): 1.5 GiB reported, carol's 4 GiB fit (7.5 GiB); 0 reported, 7.
+    Raised to 6 GiB (share 0.75 by the memory) beside bob's 2 GiB and carol's 4: no room, RESOURCE_EXHAUSTED, nothing
+    changed; carol gone, it fits exactly (8 GiB, a whole share). A byte more, or a share past the whole device, is
+    refused; more than the device's memory INVALID_ARGUMENT. The terms survive a restart from the SQLite file."""
     path = tmp_path / "s.db"
     first = SqliteStore(path)
     core = core_with(first, hosts=1)
@@ -521,10 +522,18 @@ def test_an_operators_new_terms_are_accounted_at_once_saved_and_carried_by_the_n
     waiting = threading.Thread(target=lambda: got.append(core.allocate(half(), tenant="carol", wait=60)))
     waiting.start()
     in_line(core, 1)  # (a quarter is free)
+    older = alice.expires_at  # (the end of the tokens minted so far)
     assert core.set_terms(alice.lease_id, fraction=0.125) is alice
+    assert (allocated(core)[dev], core.held_units["alice"]) == ((6 * GiB, 375_000), 125_000)
+    core.note_kept("h0", [(alice.lease_id, 0, 3 * GiB)], now=older - 1)  # her older token still lives
+    assert (allocated(core)[dev], len(core.waiters)) == ((6 * GiB, 375_000), 1)
+    core.note_kept("h0", [(alice.lease_id, 0, GiB + GiB // 2), ("another", 0, 8 * GiB)], now=older + 1)
     waiting.join(60)
     (carol,) = got  # the room alice's lease gave back
-    assert (allocated(core)[dev], core.held_units["alice"]) == ((7 * GiB, 875_000), 125_000)
+    assert allocated(core)[dev] == (7 * GiB + GiB // 2, 875_000)
+    core.note_kept("h0", [], now=older + 2)  # (freed, or her session gone)
+    core.note_kept("h0", [(alice.lease_id, 0, 3 * GiB)], now=older + 3)  # (she can no longer grow past 1 GiB)
+    assert (allocated(core)[dev], core.kept_until) == ((7 * GiB, 875_000), {})
     claims = tokens.verify(KEY, core.token(core.renew(alice.lease_id), 0))
     assert (claims.quota_bytes, claims.share) == (GiB, 0.125)
     assert (bob.grants[0].quota_bytes, bob.grants[0].share) == (2 * GiB, 0.25)
