@@ -1,10 +1,15 @@
-"""`gpupool host drain|undrain|remove HOST`: operator commands on the scheduler's hosts; `gpupool lease release`.
+"""`gpupool host drain|undrain|remove HOST`: operator commands on the scheduler's hosts; `gpupool lease release|terms`.
 
 - ``drain``: no new leases are placed on the host; the leases it holds run on (until released or expired).
   It stays drained across scheduler restarts and re-registrations, until ``undrain``.
 - ``remove``: forget a host that is gone for good. Refused while it holds active leases unless ``--force``
   (they are then lost, and their clients told so at their next renewal). A daemon that is still running
   registers again at its next heartbeat: stop it first.
+
+`gpupool lease terms LEASE... | --tenant NAME (--fraction F | --memory SIZE) [--share S]` (operators) changes active
+leases' terms: the scheduler accounts them at once (refused, nothing changed, where they do not fit a device beside
+its other leases: RESOURCE_EXHAUSTED), the next renewal's tokens carry them, and the sessions hold them from that
+refresh on (a quota below what a session holds refuses its allocations until it frees below it; nothing is taken).
 
 `gpupool lease release LEASE... | --tenant NAME` ends leases now: their capacity goes back, their daemons close
 their sessions and refuse their tokens at their next heartbeat. An operator's way to end the leases of a tenant
@@ -29,7 +34,7 @@ import time
 from collections.abc import Callable
 
 from gpupool import certrevoke
-from gpupool.config import add_flag
+from gpupool.config import add_flag, format_size, parse_size
 from gpupool.errors import GpupoolError
 
 from .pool import SchedulerClient
@@ -73,15 +78,35 @@ def _on_scheduler(address: str, what: str, act: Callable[[SchedulerClient], int]
 
 def lease_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="gpupool lease", description="End leases now (operators: any tenant's; tenants: their own)."
+        prog="gpupool lease",
+        description="End leases now (operators: any tenant's; tenants: their own), or change their terms (operators: "
+        "`terms`, a new quota and share on each of their devices, which their sessions hold from the lease's next "
+        "renewal on).",
     )
-    p.add_argument("action", choices=("release",), help="what to do with the leases")
+    p.add_argument("action", choices=("release", "terms"), help="what to do with the leases")
     p.add_argument("leases", nargs="*", help="lease ids, or prefixes that name one (as `gpupool smi` shows them)")
     p.add_argument("--tenant", default="", help="every active lease of this tenant (its credential removed, say)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "-p", "--fraction", type=float, default=None,
+        help="terms: the new fraction of each device (quota = fraction x its memory, share = fraction)",
+    )  # fmt: skip
+    size.add_argument(
+        "-m", "--memory", default=None,
+        help="terms: the new memory quota on each device, e.g. 4GiB (share = memory / the device's, unless --share)",
+    )  # fmt: skip
+    p.add_argument("--share", type=float, default=0.0, help="terms: the new compute share on each device, in (0, 1]")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
     args = p.parse_args(argv)
     if not args.leases and not args.tenant:
         p.error("name the leases, or --tenant")
+    sized = args.fraction is not None or args.memory is not None or args.share
+    if (args.action == "terms") != bool(sized):
+        p.error("terms: give --fraction, --memory or --share" if args.action == "terms" else "release takes no terms")
+    try:
+        memory = parse_size(args.memory) if args.memory is not None else None
+    except ValueError as exc:
+        p.error(f"--memory: {exc}")
 
     def act(client: SchedulerClient) -> int:
         shown = [x for x in client.list_pool().leases if x.lease_id]  # a tenant is shown the ids of its own only
@@ -90,12 +115,19 @@ def lease_main(argv: list[str]) -> int:
             hits = [x.lease_id for x in shown if given and x.lease_id.startswith(given)]
             if len(hits) != 1:
                 what = "no active lease you may see" if not hits else f"{len(hits)} leases"
-                print(f"gpupool lease release: {given!r} names {what}", file=sys.stderr)
+                print(f"gpupool lease {args.action}: {given!r} names {what}", file=sys.stderr)
                 return 1
             chosen.add(hits[0])
         for lease_id in sorted(chosen):
-            client.release(lease_id)
-            print(f"lease {lease_id} released")
+            if args.action == "release":
+                client.release(lease_id)
+                print(f"lease {lease_id} released")
+                continue
+            lease = client.set_lease_terms(lease_id, args.fraction, memory, args.share)
+            terms = ", ".join(
+                f"{d.host_id}/{d.device} {format_size(d.quota_bytes)} share {d.share:g}" for d in lease.devices
+            )
+            print(f"lease {lease_id}: {terms} (its sessions hold them from its next renewal)")
         if not chosen:
             print(f"no active lease of tenant {args.tenant!r}")
         return 0

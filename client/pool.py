@@ -166,6 +166,18 @@ class SchedulerClient:
         request = scheduler_pb2.RevokeCertificatesRequest(revoke=revoke, unrevoke=unrevoke, note=note)
         return self._call("RevokeCertificates", request)  # type: ignore[no-any-return]
 
+    def set_lease_terms(
+        self, lease_id: str, fraction: float | None = None, memory_bytes: int | None = None, share: float = 0.0
+    ) -> scheduler_pb2.Lease:
+        """Operators: an active lease's new quota and share on each of its devices (a fraction, or a memory size; a
+        share, 0: as the size gives it); its next renewal carries them to its sessions. The lease, without tokens."""
+        request = scheduler_pb2.SetLeaseTermsRequest(lease_id=lease_id, share=share)
+        if fraction is not None:
+            request.fraction = fraction
+        if memory_bytes is not None:
+            request.memory_bytes = memory_bytes
+        return self._call("SetLeaseTerms", request)  # type: ignore[no-any-return]
+
     def close(self) -> None:
         self._channel.close()
 

@@ -17,7 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "smi": ("gpupool.client.smi", "show the pool: hosts, devices, memory, shares, leases"),
     "list-gpus": ("gpupool.client.smi", "list the pool's GPUs, one line each"),
     "host": ("gpupool.client.admin", "operators: drain, undrain or remove a host of the pool"),
-    "lease": ("gpupool.client.admin", "release leases now: a tenant's own, or any (operators; --tenant NAME)"),
+    "lease": (
+        "gpupool.client.admin",
+        "release leases now (a tenant's own; operators: any, --tenant NAME) or change their terms (operators: terms)",
+    ),
     "cert": ("gpupool.client.admin", "operators: revoke client certificates (revoke, unrevoke, list)"),
     "token": ("gpupool.tokencli", "keys (keygen, public-key), API tokens (api-token), a lease token by hand (mint)"),
 }

@@ -119,10 +119,19 @@ class Grant:
     device: int
     quota_bytes: int
     units: int
+    # (terms53) Bytes counted on the device past the quota: what its session may hold past a quota an operator lowered
+    # (`Core.set_terms`) until the lease's older tokens have ended and its daemon reports them freed (`Core.note_kept`).
+    # Not stored (a restarted scheduler counts the quota), not in its tokens.
+    kept_bytes: int = 0
 
     @property
     def key(self) -> DeviceKey:
         return (self.host_id, self.device)
+
+    @property
+    def held_bytes(self) -> int:
+        """What the device's accounting counts for it: its quota and the bytes kept past it."""
+        return self.quota_bytes + self.kept_bytes
 
     @property
     def share(self) -> float:
@@ -273,7 +282,7 @@ class Pool:
                     self.index.remove(dev.key, dev.free_units)
             for g in mine:
                 if g.device in moved:
-                    moved[g.device].allocated_bytes += sign * g.quota_bytes
+                    moved[g.device].allocated_bytes += sign * g.held_bytes
                     moved[g.device].allocated_units += sign * g.units
             if indexed:
                 for dev in moved.values():

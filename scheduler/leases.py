@@ -40,7 +40,7 @@ from gpupool.protocol import HostState, LeaseState
 
 from .capacity import SHARE_UNITS, Grant, Pool
 from .hosts import REVOCATION_SLACK, HostBook
-from .placement import Request, could_fit, min_units, place, validate
+from .placement import Request, could_fit, fraction_units, min_units, place, size_on, validate
 from .store import CertRow, Change, LeaseRecord, Store
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ class Core:
         self.hosts = HostBook(self.lock, self.pool, self, config.host_timeout)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.held_leases: dict[str, int] = {}  # active leases per tenant
+        # (terms53) lease id -> until when a token minted before its quota was lowered may live: its bytes past the
+        # new quota stay counted until then (`note_kept`)
+        self.kept_until: dict[str, float] = {}
         # per tenant: until when the tokens of each of its ended leases may live (a heap; `tenant_max_revoked`)
         self.revoked_until: dict[str, list[float]] = {}
         self.revoked_all: list[float] = []  # the same, every tenant's together (a heap; `max_revoked`)
@@ -471,6 +474,139 @@ class Core:
             self.write(Change(leases=[dataclasses.replace(lease, expires_at=now + ttl, ttl=ttl)]))
             lease.expires_at, lease.ttl, lease.grace_until = now + ttl, ttl, 0.0
             return lease
+
+    def set_terms(
+        self, lease_id: str, fraction: float | None = None, memory_bytes: int | None = None, share: float | None = None
+    ) -> LeaseRecord:
+        """Operators (terms53): an active lease's new terms on each of its devices, as Allocate sizes them: `fraction`
+        (quota = fraction x capacity, share = fraction) or `memory_bytes` (share = memory / capacity), `share` in
+        (0, 1] whatever the size says; a quota left out stays. Decided under the lock and saved before it applies,
+        as a grant is: the pool's accounting (each device's bytes and share units, the tenant's held share) takes
+        them at once, so a device's leases never hold more than its memory or one whole share. Its next renewal's
+        tokens carry them (`token`); its daemons' sessions hold them from that refresh on (server/daemon.py
+        `Daemon.refresh`: a quota below what a session holds refuses its allocations, and takes nothing). The share
+        a lowering gives back serves the waiting requests at once; its memory once the session cannot hold it any
+        more (`Grant.kept_bytes`, `note_kept`). Refused, nothing changed: more than a device's free memory or share
+        beside what the lease holds on it, or past the tenant's --tenant-max-share (RESOURCE_EXHAUSTED); a lease
+        not active (FAILED_PRECONDITION)."""
+        if fraction is None and memory_bytes is None and share is None:
+            raise InvalidArgument("give the lease's new fraction, memory or share")
+        if fraction is not None and memory_bytes is not None:
+            raise InvalidArgument("give a fraction or a memory size, not both")
+        for name, value in (("fraction", fraction), ("share", share)):
+            if value is not None and not (math.isfinite(value) and 0.0 < value <= 1.0):
+                raise InvalidArgument(f"{name} must be in (0, 1], got {value:g}")
+        if memory_bytes is not None and memory_bytes <= 0:
+            raise InvalidArgument("memory must be positive")
+        with self.lock:
+            lease = self._get(lease_id)
+            now = time.time()
+            if lease.state == LeaseState.ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
+                self.end([lease], LeaseState.EXPIRED)
+            if lease.state != LeaseState.ACTIVE:
+                raise FailedPrecondition(f"lease {lease_id} is {lease.state}: its terms are those it ended with")
+            grants = [self._new_terms(g, fraction, memory_bytes, share) for g in lease.grants]
+            more = sum(g.units for g in grants) - sum(g.units for g in lease.grants)
+            limit = self.config.tenant_max_share
+            if more > 0 and limit > 0:
+                held = self.held_units.get(lease.tenant, 0) + sum(
+                    w.units for w in self.waiters if w.tenant == lease.tenant
+                )
+                if held + more > round(limit * SHARE_UNITS):
+                    raise ResourceExhausted(
+                        f"tenant {lease.tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
+                        f"these terms add {more / SHARE_UNITS:.3g}: past its limit of {limit:g} (--tenant-max-share); "
+                        "nothing changed"
+                    )
+            self.write(Change(leases=[dataclasses.replace(lease, grants=grants)]))
+            self._regrant(lease, grants)
+            if any(g.kept_bytes for g in grants):  # (the tokens minted before now end at the lease's end of now)
+                self.kept_until[lease_id] = max(self.kept_until.get(lease_id, 0.0), lease.expires_at)
+            self.events.lease_event("changed")
+            log.info(
+                "lease %s of tenant %r: terms set to %s",
+                lease_id,
+                lease.tenant,
+                ", ".join(f"{g.host_id}/{g.device} {format_size(g.quota_bytes)} share {g.share:g}" for g in grants),
+            )
+            self.serve_waiters()  # (room a lowered quota or share gave back)
+            return lease
+
+    def _new_terms(self, g: Grant, fraction: float | None, memory_bytes: int | None, share: float | None) -> Grant:
+        """`g` with the new terms on its device (`set_terms`); refused where they do not fit beside the others'."""
+        dev = self.pool.device(g.key)
+        if dev is None:
+            raise FailedPrecondition(f"device {g.device} of host {g.host_id!r} is no longer in the pool")
+        quota, units = g.quota_bytes, g.units
+        if fraction is not None or memory_bytes is not None:
+            size = size_on(Request(1, fraction, memory_bytes), dev)
+            if size is None:
+                raise InvalidArgument(
+                    f"memory {format_size(memory_bytes or 0)} is more than device {g.device} of host {g.host_id!r} "
+                    f"has ({format_size(dev.capacity_bytes)})"
+                )
+            quota, units = size
+        if share is not None:
+            units = fraction_units(share)
+        # What the lease may hold there now (its quota, or what an older token's quota lets its session hold) stays
+        # counted: a lowered quota's bytes come back through `note_kept`, never here.
+        kept = max(0, g.held_bytes - quota)
+        free_bytes, free_units = dev.free_bytes + g.held_bytes, dev.free_units + g.units
+        if quota + kept > free_bytes or units > free_units:
+            raise ResourceExhausted(
+                f"device {g.device} of host {g.host_id!r} has {format_size(free_bytes)} and share "
+                f"{free_units / SHARE_UNITS:.6g} free with this lease's {format_size(g.held_bytes)} and share "
+                f"{g.share:.6g}: a quota of {format_size(quota)} and share {units / SHARE_UNITS:.6g} do not fit; "
+                "nothing changed"
+            )
+        return Grant(g.host_id, g.device, quota, units, kept)
+
+    def _regrant(self, lease: LeaseRecord, grants: list[Grant]) -> None:
+        """Replace an active lease's grants in the pool's accounting and its tenant's (the lock held)."""
+        self.pool.give(lease.grants)
+        self._hold(lease, -1)
+        lease.grants = grants
+        self.pool.take(grants)
+        self._hold(lease, +1)
+
+    def note_kept(self, host_id: str, sessions: Iterable[tuple[str, int, int]], now: float | None = None) -> None:
+        """A heartbeat of `host_id` (its sessions' lease id, device and bytes used): the bytes a lease may hold past
+        a quota an operator lowered (`set_terms`, `Grant.kept_bytes`) stay counted on their device until every token
+        minted before the change has ended (`kept_until`: one of those attaches, or keeps its session, at the older
+        quota), and from then on only what its daemon reports its session holding past the new quota, never more
+        than before (the session holds the new terms now: it cannot grow past them); the room freed serves the
+        waiting requests. (Given back at once, a lowered quota's room would be promised to others while the session
+        still held it.)"""
+        if not self.kept_until:
+            return
+        now = time.time() if now is None else now
+        with self.lock:
+            used: dict[tuple[str, int], int] | None = None
+            freed = False
+            for lease_id, until in list(self.kept_until.items()):
+                lease = self.leases.get(lease_id)
+                if lease is None or lease.state != LeaseState.ACTIVE or not any(g.kept_bytes for g in lease.grants):
+                    del self.kept_until[lease_id]
+                    continue
+                if until > now or host_id not in lease.hosts:
+                    continue
+                if used is None:
+                    used = {}
+                    for lease_of, device, n in sessions:
+                        used[(lease_of, device)] = used.get((lease_of, device), 0) + n
+                grants = [
+                    dataclasses.replace(
+                        g, kept_bytes=min(g.kept_bytes, max(0, used.get((lease_id, g.device), 0) - g.quota_bytes))
+                    )
+                    if g.host_id == host_id
+                    else g
+                    for g in lease.grants
+                ]
+                if grants != lease.grants:
+                    self._regrant(lease, grants)
+                    freed = True
+            if freed:
+                self.serve_waiters()
 
     def release(self, lease_id: str, tenant: str | None = None) -> None:
         """Give a lease's capacity back (releasing an ended lease again is harmless)."""

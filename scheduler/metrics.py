@@ -21,7 +21,7 @@ from .leases import Events
 if TYPE_CHECKING:
     from .leases import Core
 
-LEASE_EVENTS = ("granted", "released", "expired", "lost")
+LEASE_EVENTS = ("granted", "released", "expired", "lost", "changed")
 ALLOCATION_RESULTS = ("granted", "exhausted", "invalid", "timeout")
 HOST_STATES = (HostState.UP, HostState.DOWN, HostState.DRAINING)
 

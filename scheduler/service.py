@@ -144,6 +144,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )  # fmt: skip
         if foreign and not again:
             revoked = sorted(foreign.union(revoked))
+        if not again:  # (terms53) the bytes kept past a lowered quota, counted until the daemon reports them freed
+            self.core.note_kept(request.host_id, ((x.lease_id, x.device, x.used_bytes) for x in request.sessions))
         longest = time.time() + tokens.MAX_TTL
         reply = scheduler_pb2.HeartbeatReply(
             revoked_leases=revoked,
@@ -229,6 +231,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._check_owner(request.lease_id)
         self.core.release(request.lease_id)
         return scheduler_pb2.ReleaseReply()
+
+    def SetLeaseTerms(self, request: scheduler_pb2.SetLeaseTermsRequest, context: grpc.ServicerContext) -> Any:
+        """Operators (auth.py: not in METHOD_ROLES, so a tenant's or a host's credential is PERMISSION_DENIED, its own
+        lease or not): an active lease's new quota and share (`Core.set_terms`); its next Renew carries them."""
+        _check_lease_id(request.lease_id)
+        which = request.WhichOneof("size")
+        if not (math.isfinite(request.fraction) and math.isfinite(request.share)) or request.share < 0:
+            raise InvalidArgument("fraction and share must be finite, and the share not negative")
+        lease = self.core.set_terms(
+            request.lease_id,
+            fraction=request.fraction if which == "fraction" else None,
+            memory_bytes=request.memory_bytes if which == "memory_bytes" else None,
+            share=request.share or None,
+        )
+        return self._lease_pb(lease, with_tokens=False)
 
     def _check_owner(self, lease_id: str) -> None:
         """Renew/Release only by the lease's tenant (or an operator); unknown ids fall through to NOT_FOUND."""

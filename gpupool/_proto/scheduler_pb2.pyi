@@ -734,3 +734,34 @@ class RevokeCertificatesReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeCertificatesReply: _TypeAlias = RevokeCertificatesReply  # noqa: Y015
+
+@_typing.final
+class SetLeaseTermsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    FRACTION_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    fraction: _builtins.float
+    memory_bytes: _builtins.int
+    share: _builtins.float
+    """(0, 1]: the compute share on each device, whatever the size says; 0: as the size gives it"""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        fraction: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        share: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "memory_bytes", b"memory_bytes", "size", b"size"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "lease_id", b"lease_id", "memory_bytes", b"memory_bytes", "share", b"share", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_size: _TypeAlias = _typing.Literal["fraction", "memory_bytes"]  # noqa: Y015
+    _WhichOneofArgType_size: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_size) -> _WhichOneofReturnType_size | None: ...
+
+Global___SetLeaseTermsRequest: _TypeAlias = SetLeaseTermsRequest  # noqa: Y015

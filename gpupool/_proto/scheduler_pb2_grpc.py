@@ -79,6 +79,11 @@ class SchedulerStub:
                 request_serializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesReply.FromString,
                 _registered_method=True)
+        self.SetLeaseTerms = channel.unary_unary(
+                '/gpupool.v1.Scheduler/SetLeaseTerms',
+                request_serializer=gpupool_dot_v1_dot_scheduler__pb2.SetLeaseTermsRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_scheduler__pb2.Lease.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -141,6 +146,15 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLeaseTerms(self, request, context):
+        """Operators: change an active lease's terms (quota, share) on each of its devices. The scheduler's accounting takes
+        them at once; the lease's next renewal (Renew) mints tokens of them, and its sessions hold them from the refresh
+        on (device.proto RefreshTokenReply). Answers the lease, no tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +202,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.RevokeCertificates,
                     request_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesReply.SerializeToString,
+            ),
+            'SetLeaseTerms': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLeaseTerms,
+                    request_deserializer=gpupool_dot_v1_dot_scheduler__pb2.SetLeaseTermsRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_scheduler__pb2.Lease.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +452,33 @@ class Scheduler:
             '/gpupool.v1.Scheduler/RevokeCertificates',
             gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesRequest.SerializeToString,
             gpupool_dot_v1_dot_scheduler__pb2.RevokeCertificatesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLeaseTerms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Scheduler/SetLeaseTerms',
+            gpupool_dot_v1_dot_scheduler__pb2.SetLeaseTermsRequest.SerializeToString,
+            gpupool_dot_v1_dot_scheduler__pb2.Lease.FromString,
             options,
             channel_credentials,
             insecure,

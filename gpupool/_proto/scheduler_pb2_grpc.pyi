@@ -44,6 +44,11 @@ class SchedulerStub:
     """Operators: revoke client certificates (by fingerprint) or take revocations back; answers the whole list. The
     scheduler refuses a revoked certificate on every call, and tells the daemons (HeartbeatReply), which refuse it too.
     """
+    SetLeaseTerms: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SetLeaseTermsRequest, _scheduler_pb2.Lease]
+    """Operators: change an active lease's terms (quota, share) on each of its devices. The scheduler's accounting takes
+    them at once; the lease's next renewal (Renew) mints tokens of them, and its sessions hold them from the refresh
+    on (device.proto RefreshTokenReply). Answers the lease, no tokens.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -60,6 +65,11 @@ class SchedulerAsyncStub(SchedulerStub):
     RevokeCertificates: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RevokeCertificatesRequest, _scheduler_pb2.RevokeCertificatesReply]  # type: ignore[assignment]
     """Operators: revoke client certificates (by fingerprint) or take revocations back; answers the whole list. The
     scheduler refuses a revoked certificate on every call, and tells the daemons (HeartbeatReply), which refuse it too.
+    """
+    SetLeaseTerms: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SetLeaseTermsRequest, _scheduler_pb2.Lease]  # type: ignore[assignment]
+    """Operators: change an active lease's terms (quota, share) on each of its devices. The scheduler's accounting takes
+    them at once; the lease's next renewal (Renew) mints tokens of them, and its sessions hold them from the refresh
+    on (device.proto RefreshTokenReply). Answers the lease, no tokens.
     """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
@@ -128,6 +138,17 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.RevokeCertificatesReply, _abc.Awaitable[_scheduler_pb2.RevokeCertificatesReply]]:
         """Operators: revoke client certificates (by fingerprint) or take revocations back; answers the whole list. The
         scheduler refuses a revoked certificate on every call, and tells the daemons (HeartbeatReply), which refuse it too.
+        """
+
+    @_abc_1.abstractmethod
+    def SetLeaseTerms(
+        self,
+        request: _scheduler_pb2.SetLeaseTermsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Lease, _abc.Awaitable[_scheduler_pb2.Lease]]:
+        """Operators: change an active lease's terms (quota, share) on each of its devices. The scheduler's accounting takes
+        them at once; the lease's next renewal (Renew) mints tokens of them, and its sessions hold them from the refresh
+        on (device.proto RefreshTokenReply). Answers the lease, no tokens.
         """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

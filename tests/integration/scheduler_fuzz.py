@@ -58,7 +58,8 @@ ACTIONABLE = {
 }
 API_TOKENS = {"alice": "alice-api-token-0123456789", "mallory": "mallory-api-token-9876543210",
               "h1": "h1-join-token-abcdef", "h2": "h2-join-token-fedcba", "ops": "ops-admin-token-424242"}  # fmt: skip
-METHODS = ("Register", "Heartbeat", "Allocate", "Renew", "Release", "ListPool", "DrainHost", "RemoveHost")
+METHODS = ("Register", "Heartbeat", "Allocate", "Renew", "Release", "ListPool", "DrainHost", "RemoveHost",
+           "SetLeaseTerms")  # fmt: skip
 REQUESTS: dict[str, Any] = {
     "Register": scheduler_pb2.RegisterRequest,
     "Heartbeat": scheduler_pb2.HeartbeatRequest,
@@ -68,6 +69,7 @@ REQUESTS: dict[str, Any] = {
     "ListPool": scheduler_pb2.ListPoolRequest,
     "DrainHost": scheduler_pb2.DrainHostRequest,
     "RemoveHost": scheduler_pb2.RemoveHostRequest,
+    "SetLeaseTerms": scheduler_pb2.SetLeaseTermsRequest,
 }
 STRINGS = ["", "\x00", "é" * 40, "x" * 300, "y" * 20_000, "h1", "h2", "../../etc", "\u202e", "a b", "%s%n"]
 FLOATS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 5e-324, 1e-300, 1.0000001, 2.0, 1e308, -0.0]
@@ -197,6 +199,8 @@ class Fuzzer:
         if method in ("Renew", "Release"):
             lease_id = self.mine[-1] if self.mine and self.rng.random() < 0.5 else alice.lease_id
             return "mallory", REQUESTS[method](lease_id=lease_id)
+        if method == "SetLeaseTerms":  # (terms53) an operator's: refused to its tenant and to mallory alike
+            return self.rng.choice(["mallory", "alice"]), REQUESTS[method](lease_id=alice.lease_id, fraction=0.25)
         if method == "ListPool":
             return "mallory", scheduler_pb2.ListPoolRequest(page_size=1)
         return self.rng.choice(["mallory", "h1"]), REQUESTS[method](host_id="h2")

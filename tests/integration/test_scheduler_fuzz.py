@@ -166,7 +166,7 @@ def test_a_valid_host_flooding_registrations_is_bounded_and_an_honest_restart_st
 
 def test_refused_calls_leave_the_store_as_it_was(pool: sf.Pool) -> None:
     """A few of the campaign's refusals, spelled out: another tenant's lease, another host's id, an operator's method
-    by a tenant, a tampered token."""
+    by a tenant (a lease's terms by its own tenant too), a tampered token."""
     alice_lease = pool.alice.lease_id
     before = pool.rows()
     refused = [
@@ -177,6 +177,9 @@ def test_refused_calls_leave_the_store_as_it_was(pool: sf.Pool) -> None:
         ("RemoveHost", scheduler_pb2.RemoveHostRequest(host_id="h1", force=True), "mallory",
          grpc.StatusCode.PERMISSION_DENIED),
         ("DrainHost", scheduler_pb2.DrainHostRequest(host_id="h1"), "h1", grpc.StatusCode.PERMISSION_DENIED),
+        # (terms53) a lease's terms are an operator's: not its own tenant's, another's, nor a host's
+        *(("SetLeaseTerms", scheduler_pb2.SetLeaseTermsRequest(lease_id=alice_lease, fraction=1.0), who,
+            grpc.StatusCode.PERMISSION_DENIED) for who in ("alice", "mallory", "h1")),
     ]  # fmt: skip
     for method, request, who, want in refused:
         code, details = raw(pool, method, request.SerializeToString(), who)

@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from gpupool.client import admin as admin_cli
+from gpupool.client.pool import Lease
 from gpupool.client.session import Session
-from scheduler_fixtures import ROOT
+from scheduler_fixtures import ROOT, wait_until
 from support import mint_token, registered_host
 from test_security import Pool, start_pool
 
@@ -255,3 +257,103 @@ def test_the_shims_quota_follows_a_refresh(attach: Any, serve: Any) -> None:
     with pytest.raises(torch.OutOfMemoryError, match="refused at the call"):
         torch.empty(3 * MiB // 4, device=d)
     assert float(x.cpu().sum()) == 3 * MiB // 4
+
+
+# ---- terms53: the scheduler changes a lease's terms (`gpupool lease terms`), its renewal carries them ----
+
+
+def _pool_terms(client: Any) -> tuple[dict[str, tuple[int, float]], tuple[int, float]]:
+    """Each active lease's (quota, share) by tenant, and the device's (allocated bytes, share): ListPool's."""
+    state = client.list_pool()
+    leases = {x.tenant: (x.devices[0].quota_bytes, round(x.devices[0].share, 6)) for x in state.leases}
+    ((dev,),) = [h.devices for h in state.hosts]
+    return leases, (dev.allocated_bytes, round(dev.allocated_share, 6))
+
+
+def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_from_its_next_renewal(
+    pool: Pool, daemon_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """terms53. Alice's half of a 16 MiB fake GPU holds 3 MiB; bob's quarter 1 MiB. Alice (her own lease), bob and a
+    host's credential may not change its terms (PERMISSION_DENIED), nothing changed. The operator lowers alice's
+    tenant to an eighth (`gpupool lease terms --tenant alice -p 0.125`): ListPool and the scheduler's metrics say 2
+    MiB and 0.125 at once (the device's 8 MiB she may still hold stay counted), her session keeps 8 MiB until her
+    lease's next renewal, from which on (one renewal, its subscriber's refresh, as the clients wire it) the daemon
+    refuses her allocations past 2 MiB, her 3 MiB intact, and Status and the client say 2 MiB and 0.125. Once her
+    older tokens have ended, the device counts what her daemon's heartbeats report past 2 MiB (1 MiB; none once
+    freed). Raised to 12 MiB at a share of 0.75 (all bob leaves): 8 MiB fit after her next renewal. A byte more than
+    the device has free, a share past the whole, more than the device's memory: refused at the call, nothing changed.
+    Bob's terms, session and tensor are untouched throughout. On 536d6f64 there was no such call (SetLeaseTerms
+    UNIMPLEMENTED): a renewal re-minted the first terms."""
+    host = registered_host(daemon_factory, pool.address, pool.public, HOST, fake_gpu_memory=16 * MiB)
+    alice, bob, ops = pool.client("tenant", "alice"), pool.client("tenant", "bob"), pool.client("admin", "ops")
+    a_pb = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    b_pb = bob.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+    lease = Lease._from_pb(a_pb, pool.address)
+    lease._client = alice  # (renewed by alice's certificate)
+
+    def metric(name: str, labels: dict[str, str]) -> float:  # (the samples whose labels include `labels`)
+        families = pool.scheduler.metrics.registry.collect()
+        samples = [x for f in families for x in f.samples if x.name == name]
+        return sum(x.value for x in samples if labels.items() <= x.labels.items())
+
+    with (
+        Session.attach(host.address, a_pb.devices[0].token) as s,
+        Session.attach(host.address, b_pb.devices[0].token) as b,
+    ):
+        lease.subscribe(lambda fresh: s.refresh(fresh.devices[0].token))  # (client/native/__init__.py's wiring)
+        x = torch.arange(3 * MiB // 4, dtype=torch.float32)
+        h, bh = s.upload(x), b.upload(torch.ones(MiB // 4))
+        s.sync()
+        b.sync()
+        for who in (alice, bob, pool.client("host", HOST), pool.token_client("t0k")):
+            with pytest.raises(errors.PermissionDenied, match="may not call this method"):
+                who.set_lease_terms(a_pb.lease_id, fraction=1.0)
+        assert _pool_terms(ops) == ({"alice": (8 * MiB, 0.5), "bob": (4 * MiB, 0.25)}, (12 * MiB, 0.75))
+
+        assert admin_cli.lease_main(["terms", "--tenant", "alice", "-p", "0.125", "--scheduler", pool.address]) == 0
+        assert f"lease {a_pb.lease_id}: {HOST}/0 2.0MiB share 0.125 (its sessions hold" in capsys.readouterr().out
+        assert _pool_terms(ops) == ({"alice": (2 * MiB, 0.125), "bob": (4 * MiB, 0.25)}, (12 * MiB, 0.375))
+        assert metric("gpupool_pool_memory_allocated_bytes", {"host": HOST}) == 12 * MiB
+        assert metric("gpupool_lease_events_total", {"event": "changed"}) == 1
+        assert (s.quota_bytes, _limits(s)) == (8 * MiB, (3 * MiB, 8 * MiB))  # until the lease's next renewal
+
+        lease.renew()
+        assert (s.quota_bytes, s.share, _limits(s), _share(s)) == (2 * MiB, 0.125, (3 * MiB, 2 * MiB), 0.125)
+        s.upload(torch.zeros(KiB // 4))
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
+            s.sync()
+        assert torch.equal(s.download(h), x)
+        core = pool.scheduler.core
+        with core.lock:  # as once her older tokens (8 MiB) have ended: what her daemon reports past 2 MiB counts
+            core.kept_until[a_pb.lease_id] = 0.0
+        wait_until(lambda: _pool_terms(ops)[1] == (7 * MiB, 0.375), 60, what="her 1 MiB past the quota counted")
+        s.free([h])
+        s.sync()
+        wait_until(lambda: _pool_terms(ops)[1] == (6 * MiB, 0.375), 60, what="her memory freed, heartbeated")
+
+        changed = ops.set_lease_terms(a_pb.lease_id, memory_bytes=12 * MiB, share=0.75)
+        assert [(d.quota_bytes, d.share, d.token) for d in changed.devices] == [(12 * MiB, 0.75, "")]
+        lease.renew()
+        assert (s.quota_bytes, _limits(s), _share(s)) == (12 * MiB, (0, 12 * MiB), 0.75)
+        y = torch.arange(8 * MiB // 4, dtype=torch.float32)
+        big = s.upload(y)
+        s.sync()
+        assert torch.equal(s.download(big), y) and _limits(s) == (8 * MiB, 12 * MiB)
+
+        for bad, what, words in (
+            ({"memory_bytes": 12 * MiB + 1}, errors.ResourceExhausted, "12.0MiB and share 0.75 free .* do not fit"),
+            ({"share": 0.76}, errors.ResourceExhausted, "do not fit; nothing changed"),
+            ({"memory_bytes": 17 * MiB}, errors.InvalidArgument, r"more than device 0 of host .* has \(16\.0MiB\)"),
+            ({"fraction": 0.0}, errors.InvalidArgument, r"fraction must be in \(0, 1\]"),
+        ):
+            with pytest.raises(what, match=words):
+                ops.set_lease_terms(a_pb.lease_id, **bad)
+        with pytest.raises(errors.NotFound):
+            ops.set_lease_terms("0" * 32, fraction=0.5)
+        assert _pool_terms(ops) == ({"alice": (12 * MiB, 0.75), "bob": (4 * MiB, 0.25)}, (16 * MiB, 1.0))
+        lease.renew()
+        assert (s.quota_bytes, _share(s)) == (12 * MiB, 0.75)
+        assert (b.quota_bytes, _limits(b), _share(b)) == (4 * MiB, (MiB, 4 * MiB), 0.25)
+        assert torch.equal(b.download(bh), torch.ones(MiB // 4))
+    for c in (alice, bob, ops):
+        c.close()

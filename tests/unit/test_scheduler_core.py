@@ -25,7 +25,7 @@ from gpupool.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from gpupool.protocol import HostState, LeaseState
+from gpupool.protocol import HostState, LeaseState, Policy
 
 KEY = b"k" * 32
 GiB = 1024**3
@@ -501,3 +501,95 @@ def test_pending_revocations_last_until_their_tokens_have_expired() -> None:
     assert set(core.hosts.revoked[later.grants[0].host_id]) >= {later.lease_id}
     core.sweep(later.expires_at + REVOCATION_SLACK + 1)
     assert all(later.lease_id not in pending for pending in core.hosts.revoked.values())
+
+
+def test_an_operators_new_terms_are_accounted_at_once_saved_and_carried_by_the_next_renewal(tmp_path: Path) -> None:
+    """terms53 (`Core.set_terms`; on 536d6f64 no such call: Renew minted a lease's first terms for its life). One 8 GiB
+    device: alice's half, bob's quarter, carol's half waiting. Lowered to an eighth: the share (0.375) and alice's held
+    share follow at once, her renewal's token says 1 GiB and 0.125, bob's lease is untouched; the memory she may still
+    hold (her older token's 4 GiB) stays counted until that token has ended, then what her daemon reports her holding
+    past 1 GiB (`note_kept`, never more than before): 1.5 GiB reported, carol's 4 GiB fit (7.5 GiB); 0 reported, 7.
+    Raised to 6 GiB (share 0.75 by the memory) beside bob's 2 GiB and carol's 4: no room, RESOURCE_EXHAUSTED, nothing
+    changed; carol gone, it fits exactly (8 GiB, a whole share). A byte more, or a share past the whole device, is
+    refused; more than the device's memory INVALID_ARGUMENT. The terms survive a restart from the SQLite file."""
+    path = tmp_path / "s.db"
+    first = SqliteStore(path)
+    core = core_with(first, hosts=1)
+    alice = core.allocate(half(), tenant="alice")
+    bob = core.allocate(Request(1, fraction=0.25), tenant="bob")
+    dev = ("h0", 0)
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.append(core.allocate(half(), tenant="carol", wait=60)))
+    waiting.start()
+    in_line(core, 1)  # (a quarter is free)
+    older = alice.expires_at  # (the end of the tokens minted so far)
+    assert core.set_terms(alice.lease_id, fraction=0.125) is alice
+    assert (allocated(core)[dev], core.held_units["alice"]) == ((6 * GiB, 375_000), 125_000)
+    core.note_kept("h0", [(alice.lease_id, 0, 3 * GiB)], now=older - 1)  # her older token still lives
+    assert (allocated(core)[dev], len(core.waiters)) == ((6 * GiB, 375_000), 1)
+    core.note_kept("h0", [(alice.lease_id, 0, GiB + GiB // 2), ("another", 0, 8 * GiB)], now=older + 1)
+    waiting.join(60)
+    (carol,) = got  # the room alice's lease gave back
+    assert allocated(core)[dev] == (7 * GiB + GiB // 2, 875_000)
+    core.note_kept("h0", [], now=older + 2)  # (freed, or her session gone)
+    core.note_kept("h0", [(alice.lease_id, 0, 3 * GiB)], now=older + 3)  # (she can no longer grow past 1 GiB)
+    assert (allocated(core)[dev], core.kept_until) == ((7 * GiB, 875_000), {})
+    claims = tokens.verify(KEY, core.token(core.renew(alice.lease_id), 0))
+    assert (claims.quota_bytes, claims.share) == (GiB, 0.125)
+    assert (bob.grants[0].quota_bytes, bob.grants[0].share) == (2 * GiB, 0.25)
+    with pytest.raises(ResourceExhausted, match=r"has 2\.0GiB and share 0\.25 free .* do not fit; nothing changed"):
+        core.set_terms(alice.lease_id, memory_bytes=6 * GiB)
+    assert allocated(core)[dev] == (7 * GiB, 875_000)
+    core.release(carol.lease_id)  # type: ignore[attr-defined]
+    core.set_terms(alice.lease_id, memory_bytes=6 * GiB)
+    assert (alice.grants[0].quota_bytes, alice.grants[0].units, allocated(core)[dev]) == (
+        6 * GiB, 750_000, (8 * GiB, SHARE_UNITS),
+    )  # fmt: skip
+    for bad in ({"memory_bytes": 6 * GiB + 1}, {"share": 0.76}):
+        with pytest.raises(ResourceExhausted, match="do not fit; nothing changed"):
+            core.set_terms(alice.lease_id, **bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"more than device 0 of host 'h0' has \(8\.0GiB\)"):
+        core.set_terms(alice.lease_id, memory_bytes=9 * GiB)
+    core.set_terms(alice.lease_id, share=0.5)  # the quota stays: 6 GiB, now at half the device's time
+    assert (alice.grants[0].quota_bytes, alice.grants[0].share, allocated(core)[dev]) == (
+        6 * GiB, 0.5, (8 * GiB, 750_000),
+    )  # fmt: skip
+    books = allocated(core)
+    first.disown()
+    again = Core(SqliteStore(path), KEY, CoreConfig())
+    assert allocated(again) == books
+    claims = tokens.verify(KEY, again.token(again.renew(alice.lease_id), 0))
+    assert (claims.quota_bytes, claims.share) == (6 * GiB, 0.5)
+
+
+def test_new_terms_are_refused_past_the_tenants_limit_or_for_a_lease_not_active_and_bad_values_change_nothing() -> None:
+    """terms53: a raise past --tenant-max-share is RESOURCE_EXHAUSTED (where the device has the room); a
+    released lease FAILED_PRECONDITION, an unknown one NOT_FOUND; no size, both sizes, a fraction or share outside
+    (0, 1] or not finite, a memory of 0: INVALID_ARGUMENT, nothing changed."""
+    core = core_with(tenant_max_share=1.0)
+    one = core.allocate(half(), tenant="alice")
+    two = core.allocate(Request(1, fraction=0.25, policy=Policy.SPREAD), tenant="alice")  # (the other device)
+    with pytest.raises(ResourceExhausted, match=r"holds or waits for 0\.75 .* these terms add 0\.5: past its limit"):
+        core.set_terms(two.lease_id, fraction=0.75)
+    core.set_terms(two.lease_id, fraction=0.5)  # exactly the limit
+    core.set_terms(one.lease_id, fraction=0.25)
+    assert core.held_units["alice"] == 750_000
+    before = allocated(core)
+    for bad, words in (
+        ({}, "give the lease's new fraction, memory or share"),
+        ({"fraction": 0.5, "memory_bytes": GiB}, "not both"),
+        ({"fraction": 0.0}, r"fraction must be in \(0, 1\]"),
+        ({"fraction": 1.5}, r"fraction must be in \(0, 1\]"),
+        ({"share": float("nan")}, r"share must be in \(0, 1\]"),
+        ({"share": -0.5}, r"share must be in \(0, 1\]"),
+        ({"memory_bytes": 0}, "memory must be positive"),
+    ):
+        with pytest.raises(InvalidArgument, match=words):
+            core.set_terms(one.lease_id, **bad)  # type: ignore[arg-type]
+    assert allocated(core) == before
+    with pytest.raises(NotFound):
+        core.set_terms("no-such-lease", fraction=0.5)
+    core.release(one.lease_id)
+    with pytest.raises(FailedPrecondition, match="released: its terms are those it ended with"):
+        core.set_terms(one.lease_id, fraction=0.5)
+    assert core.held_units["alice"] == 500_000
