@@ -26,11 +26,17 @@ if TYPE_CHECKING:  # (imported where used: pytest-xdist's controller loads this 
 
 
 @pytest.fixture(scope="session")
-def _two_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _two_gpu_pool_exports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The two-GPU pool's client environment, as its `gpupool up` prints it (test_journey52: its credentials)."""
     from examples_fixtures import gpupool_up
 
     with gpupool_up(tmp_path_factory.mktemp("up2"), "--fake-gpus", "2", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
+        yield env
+
+
+@pytest.fixture(scope="session")
+def _two_gpu_pool(_two_gpu_pool_exports: dict[str, str]) -> str:
+    return _two_gpu_pool_exports["GPUPOOL_SCHEDULER"]
 
 
 @pytest.fixture(scope="module")
