@@ -42,8 +42,8 @@ def _two_gpu_pool(_two_gpu_pool_exports: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def two_gpu_pool(_two_gpu_pool: str) -> Iterator[str]:
     """`gpupool up` with two fake GPUs of 512 MiB (the scheduler's address), idle at the module's start and end:
-    test_cuda_scripts, test_shim_lease and the C++ client's test_native_client_*. A lease of one device there is what
-    a one-GPU pool gives (the lease's count, its fraction of 512 MiB)."""
+    test_cuda_scripts, test_shim_lease, the C++ client's test_native_client_*, test_journey52 (its credentials). A lease
+    of one device there is what a one-GPU pool gives (the lease's count, its fraction of 512 MiB)."""
     from examples_fixtures import idle_pool
 
     yield idle_pool(_two_gpu_pool)
