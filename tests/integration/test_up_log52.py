@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_up_down51 import LOOPBACK, gpupool
+from test_up_down51 import LOOPBACK, down_stops_the_pool_and_every_process_it_started, gpupool
 
 from gpupool import uplog
 from gpupool.down import descendants, started
@@ -83,8 +83,11 @@ def test_a_detached_pools_log_is_capped_and_the_last_starts_kept(tmp_path: Path)
         assert os.stat(log).st_size <= 2048
 
         again = gpupool("up", "--detach", *LOOPBACK, "--state", str(state))  # the default cap, 10 MiB
-        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.returncode == 0 and again.stdout.startswith("gpupool is up:"), again.stdout + again.stderr
+        assert f"its log: {log}): `gpupool down --state {state}` stops it." in again.stdout
         assert Path(f"{log}.1").read_text().endswith("gpupool up: stopped\n")  # the previous start's log, kept
         assert "gpupool is up:" in log.read_text() and "gpupool up: stopped" not in log.read_text()
+        # test_up_down51's detached pool (its own start until round 53)
+        down_stops_the_pool_and_every_process_it_started(again.stdout, state, detached=True)
     finally:
         gpupool("down", "--state", str(state))
