@@ -35,6 +35,10 @@ from gpupool import pki, protocol, tls, tokens
 from gpupool._proto import device_pb2, device_pb2_grpc
 
 TEST_HOST = "test-host"
+# How long a test waits for a daemon it started to register with its scheduler (a heartbeat after the daemon's start;
+# seconds on an idle box, more at load 30: 20 s until round 53). A bound on a hang, not a timing: the wait ends at
+# the registration.
+REGISTER_WAIT_S = 60.0
 MiB = 1024**2
 TEST_IDENTITY = ("admin", "test")  # the test process, and every server the helpers start, use this certificate
 
@@ -477,7 +481,7 @@ def registered_host(factory: DaemonFactory, address: str, public: Path, host_id:
         tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
         **flags,
     )
-    assert handle.running.registrar.registered.wait(20)
+    assert handle.running.registrar.registered.wait(REGISTER_WAIT_S)
     return handle
 
 

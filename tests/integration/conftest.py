@@ -26,18 +26,24 @@ if TYPE_CHECKING:  # (imported where used: pytest-xdist's controller loads this 
 
 
 @pytest.fixture(scope="session")
-def _two_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _two_gpu_pool_exports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The two-GPU pool's client environment, as its `gpupool up` prints it (test_journey52: its credentials)."""
     from examples_fixtures import gpupool_up
 
     with gpupool_up(tmp_path_factory.mktemp("up2"), "--fake-gpus", "2", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
+        yield env
+
+
+@pytest.fixture(scope="session")
+def _two_gpu_pool(_two_gpu_pool_exports: dict[str, str]) -> str:
+    return _two_gpu_pool_exports["GPUPOOL_SCHEDULER"]
 
 
 @pytest.fixture(scope="module")
 def two_gpu_pool(_two_gpu_pool: str) -> Iterator[str]:
     """`gpupool up` with two fake GPUs of 512 MiB (the scheduler's address), idle at the module's start and end:
-    test_cuda_scripts, test_shim_lease and the C++ client's test_native_client_*. A lease of one device there is what
-    a one-GPU pool gives (the lease's count, its fraction of 512 MiB)."""
+    test_cuda_scripts, test_shim_lease, the C++ client's test_native_client_*, test_journey52 (its credentials). A lease
+    of one device there is what a one-GPU pool gives (the lease's count, its fraction of 512 MiB)."""
     from examples_fixtures import idle_pool
 
     yield idle_pool(_two_gpu_pool)

@@ -31,7 +31,7 @@ from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import Proc, SimHost, wait_until
-from support import DaemonFactory, get_pki, register_host, tls_channel
+from support import REGISTER_WAIT_S, DaemonFactory, get_pki, register_host, tls_channel
 from test_security import Pool, start_pool
 
 from gpupool import errors, protocol, tls, tokens
@@ -77,7 +77,7 @@ def test_a_restarted_daemon_attaches_no_revoked_token_before_its_first_heartbeat
     heartbeat interval of 30 s and Alice attaches with the released lease's token at once: refused (UNAUTHENTICATED,
     released or revoked). On b647913 it attached (the restarted daemon's list was empty until a heartbeat 30 s on)."""
     first = _daemon(daemon_factory, pool)
-    assert first.running.registrar.registered.wait(20)
+    assert first.running.registrar.registered.wait(REGISTER_WAIT_S)
     alice = pool.client("tenant", "alice")
     try:
         lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=3600))
@@ -234,7 +234,7 @@ def test_a_removed_admins_status_token_is_refused_at_the_next_heartbeat(
     (UNAUTHENTICATED, revoked), while a status token minted since (another admin's) is served. On b647913 the
     removed admin's token showed every session for its 120 s."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     kept = pool.credentials.read_text()
     with pool.credentials.open("a") as f:
         f.write(credential_line("admin", "ops-token", "a0k"))
@@ -264,7 +264,7 @@ def test_a_restarted_scheduler_revokes_the_status_tokens_it_minted_before(
     key) has answered the daemon's heartbeat: the successor may run with another credentials file, and cannot know
     whose the old tokens were. On b647913 it was served for its 120 s."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     admin = pool.client("admin", "ops")
     try:
         (mine,) = [h for h in admin.list_pool().hosts if h.host_id == HOST]

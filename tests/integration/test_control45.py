@@ -33,7 +33,7 @@ from gpupool.scheduler import service as scheduler_service
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerServer
 from scheduler_fixtures import wait_until
-from support import DaemonFactory, get_pki
+from support import REGISTER_WAIT_S, DaemonFactory, get_pki
 from test_security import Pool, start_pool
 
 from gpupool import errors, protocol, tls, tokens
@@ -97,7 +97,7 @@ def test_a_revoked_tenant_certificate_is_refused_by_the_scheduler_and_its_daemon
     UNAUTHENTICATED naming the revocation; Alice's certificate goes on. On f47ac67 there was no way to revoke it
     (`gpupool cert` did not exist) and it worked until it expired."""
     host = _daemon(daemon_factory, pool, bulk_listen="127.0.0.1:0")
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     mallory = pool.client("tenant", "mallory")
     try:
         lease = mallory.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=600))
@@ -212,7 +212,7 @@ def test_a_revoked_admin_certificate_gets_no_status_token_and_its_old_ones_are_r
     few heartbeats (`status_tokens_not_before`), while another admin's fresh token is served. On f47ac67 the
     certificate could not be revoked: it fetched fresh status tokens until it expired."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     rogue = pool.client("admin", "rogue")
     try:
         (mine,) = [h for h in rogue.list_pool().hosts if h.host_id == HOST]
@@ -267,7 +267,7 @@ def _restart_after_a_release(
     """A daemon with `--state-dir STATE` hears Alice release the first of her N leases (written to its file); then it
     stops, and so does the scheduler: (its address, the leases, the file)."""
     first = _daemon(factory, pool, state_dir=str(state))
-    assert first.running.registrar.registered.wait(20)
+    assert first.running.registrar.registered.wait(REGISTER_WAIT_S)
     leases = _alice_leases(pool, n)
     alice = pool.client("tenant", "alice")
     try:
@@ -362,7 +362,7 @@ def test_a_list_pool_in_flight_at_an_admins_removal_returns_no_token(
     the status tokens (the minting made to wait for it): the reply is refused UNAUTHENTICATED. On f47ac67 it returned a
     status token minted after the removal, which the daemon served for its 120 s."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     kept = pool.credentials.read_text()
     with pool.credentials.open("a") as f:
         f.write(credential_line("admin", "ops-token", "a0k"))
@@ -399,7 +399,7 @@ def test_a_scheduler_started_while_its_clock_ran_ahead_does_not_refuse_status_to
     tokens' not-before, lies in the future. A fresh status token is served by the daemon within a few heartbeats. On
     f47ac67 every daemon refused every status token for that hour."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     pool.scheduler.core.started_at = time.time() + 3600  # type: ignore[union-attr]
     time.sleep(1.0)  # a few heartbeats
     ops = pool.client("admin", "ops")

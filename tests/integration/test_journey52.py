@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from scheduler_fixtures import ROOT
-from test_up_down51 import LOOPBACK, gpupool
 
 from gpupool import pki
 
@@ -40,22 +38,12 @@ def test_a_client_of_no_pool_is_told_to_start_one(closed_port: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A pool of `gpupool up --detach` on loopback, its `--state` a folder (as `down`'s): the exports its banner
-    prints. Until round 52 `up --state DIR` kept its keys and CA in DIR's parent and stopped ("unable to open database
-    file"), and `down --state DIR` checked DIR's parent."""
-    folder = tmp_path_factory.mktemp("journey52") / "pool"
-    folder.mkdir(mode=0o700)
-    done = gpupool("up", "--detach", *LOOPBACK, "--state", str(folder))
-    try:
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert f"`gpupool down --state {folder / 'scheduler.db'}` stops it" in done.stdout
-        assert (folder / "scheduler.db").is_file() and (folder / "token.key").is_file()
-        exports = dict(x.split("=", 1) for x in done.stdout.split() if x.startswith("GPUPOOL_"))
-        yield exports
-    finally:
-        stopped = gpupool("down", "--state", str(folder))
-    assert stopped.returncode == 0 and stopped.stdout.startswith("gpupool down: stopped gpupool up"), stopped.stderr
+def pool(two_gpu_pool: str, _two_gpu_pool_exports: dict[str, str]) -> dict[str, str]:
+    """The session's two-GPU `gpupool up` (tests/integration/conftest.py, idle at the module's start and end): the
+    exports its banner prints. (`up --detach --state DIR`, which this module's own pool checked until round 53, is
+    test_up_log52's detached pool.)"""
+    assert _two_gpu_pool_exports["GPUPOOL_SCHEDULER"] == two_gpu_pool
+    return _two_gpu_pool_exports
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ import test_control45
 from gpupool.scheduler.cli import SchedulerServer
 from gpupool.scheduler.store import SqliteStore
 from scheduler_fixtures import wait_until
-from support import DaemonFactory, get_pki
+from support import REGISTER_WAIT_S, DaemonFactory, get_pki
 from test_control45 import _code, _daemon, _revoke, side_hello
 from test_security import Pool, start_pool
 
@@ -71,7 +71,7 @@ def test_a_lease_token_attaches_only_with_the_certificate_it_was_allocated_with(
     presented by Alice's certificate it is refused at Attach and at Status (PERMISSION_DENIED, naming the binding),
     by Mallory's it attaches. On 67a03c05 the token had no such claim and attached with Alice's certificate."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     lease = _allocate(pool, "tenant", "mallory46")
     token = lease.devices[0].token
     code, words = _attach(host.address, "alice46", token)
@@ -101,7 +101,7 @@ def test_a_session_id_serves_only_the_certificate_that_attached_it(pool: Pool, d
     """Mallory attaches; her session's id presented with Alice's certificate (RefreshToken, Detach, Stream, the side
     port's hello) is refused, and the session runs on for Mallory. On 67a03c05 Alice's certificate detached it."""
     host = _daemon(daemon_factory, pool, bulk_listen="127.0.0.1:0")
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     lease = _allocate(pool, "tenant", "mallory46")
     ch, mallory = _stub(host.address, "mallory46")
     with ch:
@@ -144,7 +144,7 @@ def test_revoking_a_certificate_ends_its_leases_at_daemons_that_see_no_certifica
     files = get_pki().issue("host", "ctl45-host")
     cfg = tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file, client_auth="none")
     host = _daemon(daemon_factory, pool, tls=cfg)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     first = _allocate(pool, "tenant", "mallory46")
     second = _allocate(pool, "tenant", "mallory46")
     alices = _allocate(pool, "tenant", "alice46")
@@ -176,7 +176,7 @@ def test_leases_of_api_tokens_and_for_named_tenants_are_unbound(pool: Pool, daem
     token's tenant (a shared certificate beside the token: the token names the caller) and an operator's lease for a
     named tenant attach with the tenant's own certificate. (Behaviour kept, not a fix: passes on 67a03c05 too.)"""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     tina = pool.token_client("t0k")
     try:
         by_token = tina.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, ttl_seconds=600))
@@ -270,7 +270,7 @@ def test_an_allocate_waiting_when_its_certificate_is_revoked_gets_no_lease(
     import threading
 
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     whole = pool.client("tenant", "alice46")
     try:
         held = whole.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=1.0, ttl_seconds=600))

@@ -30,7 +30,7 @@ import test_control45
 import torch
 from gpupool.client.session import Session
 from gpupool.server import daemon as server_daemon
-from support import TEST_HOST, DaemonFactory, get_pki, operator_tls, start_serve_process, stop_process
+from support import REGISTER_WAIT_S, TEST_HOST, DaemonFactory, get_pki, operator_tls, start_serve_process, stop_process
 from test_control45 import _code, _daemon
 from test_sec46 import _allocate, _attach, _fingerprint, _stub
 from test_security import Pool
@@ -219,7 +219,7 @@ def test_an_operator_named_as_the_tenant_allocates_it_an_unbound_lease(
     it. On 41939607 it was bound to the admin certificate and the tenant's was refused. An operator allocating with no
     tenant named (its own lease) is still bound to its certificate."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     named = _allocate(pool, "admin", "alice47", tenant="alice47")
     assert named.tenant == "alice47"
     token = named.devices[0].token
@@ -345,7 +345,7 @@ def check_operator_leases(
     certificate, naming `tenant` where it is not "") against `host` (a daemon under `require` of the pool): an
     operator naming no tenant holds its own lease, bound to its certificate (another certificate is refused its
     token); naming one, that tenant's, unbound (its certificate attaches it); a tenant's own lease is bound."""
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     admin_cert = get_pki().issue("admin", f"ops{n}").cert.read_bytes()
     with lease("admin", f"ops{n}", "") as (tenant, token):
         assert tenant == f"ops{n}", tenant

@@ -27,7 +27,7 @@ import test_control45
 import test_sec47
 import torch
 from gpupool.client.session import Session
-from support import DaemonFactory, get_pki
+from support import REGISTER_WAIT_S, DaemonFactory, get_pki
 from test_control45 import HOST, _code, _daemon, _status
 from test_sec46 import _allocate
 from test_security import Pool
@@ -113,7 +113,9 @@ def test_a_daemon_verifies_its_clients_by_tls_client_ca_and_its_scheduler_by_tls
         client_auth="require",
     )
     host = _daemon(daemon_factory, pool, tls=cfg, bulk_listen="127.0.0.1:0")
-    assert host.running.registrar.registered.wait(20), "the daemon did not register: its scheduler's CA is --tls-ca's"
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S), (
+        "the daemon did not register: its scheduler's CA is --tls-ca's"
+    )
     as_carol = tls.TlsConfig(cert=str(carol.cert), key=str(carol.key), ca=get_pki().ca_file)
     with tls.channel(host.address, cfg=as_carol, token=False) as ch:
         stub = device_pb2_grpc.DeviceStub(ch)

@@ -22,7 +22,7 @@ from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
 from gpupool.scheduler.store import MemoryStore
 from scheduler_fixtures import SimHost, start_scheduler, wait_until
-from support import DaemonFactory, get_pki, start_serve_process, stop_process
+from support import REGISTER_WAIT_S, DaemonFactory, get_pki, start_serve_process, stop_process
 from test_sec46 import _attach, _fingerprint
 from test_sec47 import _mint
 
@@ -193,7 +193,7 @@ def test_a_revoked_scrapers_certificate_reads_no_metrics(tmp_path: Path, daemon_
     pool = start_pool(tmp_path, state=str(tmp_path / "state.db"), metrics_listen="127.0.0.1:0")
     try:
         host = _daemon(daemon_factory, pool)
-        assert host.running.registrar.registered.wait(20)
+        assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
         ports = {"scheduler": pool.scheduler.metrics_port, "daemon": host.metrics_port}
         for where, port in ports.items():
             assert "gpupool" in scrape(port, "metrics", "prom49"), where

@@ -19,7 +19,7 @@ import pytest
 from gpupool.client.pool import SchedulerClient
 from gpupool.server.revocations import Heard, RevocationFile
 from scheduler_fixtures import wait_until
-from support import DaemonFactory, get_pki
+from support import REGISTER_WAIT_S, DaemonFactory, get_pki
 from test_control45 import HOST, _alice_leases, _attach, _code, _daemon, _revoke, _status, side_hello
 from test_security import Pool, start_pool
 
@@ -54,7 +54,7 @@ def test_the_twin_of_a_revoked_ecdsa_certificate_is_refused_too(
     CA's signature verifies), and the scheduler (Allocate), the daemon (Status) and its side port's hello refuse it as
     the revoked certificate. On control45's merge (5c6c360a) the twin allocated and the daemon served it."""
     host = _daemon(daemon_factory, pool, bulk_listen="127.0.0.1:0")
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     twin = _twin_config(tmp_path, "tenant", "mallory45")
     before = SchedulerClient(pool.address, twin)
     try:  # the twin is a certificate of the CA: served while nothing is revoked
@@ -93,7 +93,7 @@ def _file_and_token(pool: Pool, factory: DaemonFactory, state: Path, heard_at: f
     """A lease token of HOST (its daemon and the scheduler then stopped), and a valid revocations file in `state` (the
     daemon's key) saying the scheduler last answered at `heard_at`."""
     first = _daemon(factory, pool, state_dir=str(state))
-    assert first.running.registrar.registered.wait(20)
+    assert first.running.registrar.registered.wait(REGISTER_WAIT_S)
     (lease,) = _alice_leases(pool, 1)
     first.running.stop(grace=0.5, drain=False)
     pool.scheduler.stop(grace=0)
@@ -138,7 +138,7 @@ def test_a_revocation_ends_the_sessions_the_certificate_attached(pool: Pool, dae
     ends (UNAUTHENTICATED, naming the revocation, its stream and side socket with it) within a few heartbeats,
     Alice's runs on. On 5c6c360a the session, attached before, ran on until its lease ended (a day at most)."""
     host = _daemon(daemon_factory, pool)
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     daemon = host.running.daemon
     attached = {}
     for name in ("mallory46", "alice46"):
@@ -204,7 +204,7 @@ def test_the_file_never_says_heard_at_a_time_without_what_was_heard_then(
     earlier `heard_at`, never the new time without the lease (a restart within --revocations-max-age would attach
     that lease's token). On 5c6c360a `heard_at` was read after the revocations."""
     host = _daemon(daemon_factory, pool, state_dir=str(pool.tmp / "daemon-state"))
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
     daemon = host.running.daemon
     verifier = daemon._verifier
     read = verifier.revocations

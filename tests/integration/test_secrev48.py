@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support import DaemonFactory, get_pki
+from support import REGISTER_WAIT_S, DaemonFactory, get_pki
 from test_control45 import HOST, _daemon
 from test_sec46 import _allocate
 from test_security import Pool
@@ -69,7 +69,7 @@ def test_an_operator_certificate_of_the_clients_ca_is_no_operator_of_the_daemon(
         client_auth="require",
     )
     host = _daemon(daemon_factory, pool, tls=cfg, metrics_listen="127.0.0.1:0")
-    assert host.running.registrar.registered.wait(20)
+    assert host.running.registrar.registered.wait(REGISTER_WAIT_S)
 
     def as_(files: pki.CertFiles) -> tls.TlsConfig:
         return tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file)

@@ -27,7 +27,15 @@ from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from gpupool.server.registration import Registrar
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler_fixtures import wait_until
-from support import DaemonFactory, get_pki, mint_token, plaintext_channel, register_host, registered_host
+from support import (
+    REGISTER_WAIT_S,
+    DaemonFactory,
+    get_pki,
+    mint_token,
+    plaintext_channel,
+    register_host,
+    registered_host,
+)
 
 from gpupool import errors, pki, protocol, tls, tokens
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
@@ -483,7 +491,7 @@ def test_only_tokens_of_leases_of_several_devices_grant_network(pool: Pool, daem
         token_key=tokens.load_verifier(pool.public),
         tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
     )
-    assert d.running.registrar.registered.wait(20)
+    assert d.running.registrar.registered.wait(REGISTER_WAIT_S)
     alice = pool.client("tenant", "alice")
     signer = tokens.load_signer(pool.key)
     pair = alice.allocate(scheduler_pb2.AllocateRequest(gpus=2, fraction=0.5))

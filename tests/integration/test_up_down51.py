@@ -1,7 +1,7 @@
 """`gpupool down` (round 51): stops, from another process, the pool a real `gpupool up` runs on a state folder (in the
-foreground, or `up --detach`): every process that pool started gone, its sessions ended with the daemon's "shutting
-down", exit 0; a second `down` fails in one line; a stale up.json naming an unrelated live process (a `sleep`) kills
-nothing. Until round 51 there was no `gpupool down` (a hint said Ctrl-C or `kill -INT PID`)."""
+foreground, or `up --detach`: test_up_log52's last start): every process that pool started gone, its sessions ended
+with the daemon's "shutting down", exit 0; a second `down` fails in one line; a stale up.json naming an unrelated live
+process (a `sleep`) kills nothing. Until round 51 there was no `gpupool down` (a hint: Ctrl-C or `kill -INT PID`)."""
 
 from __future__ import annotations
 
@@ -88,22 +88,13 @@ def foreground(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         proc.stop()
 
 
-@pytest.fixture
-def detached(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    state = tmp_path / "state" / "scheduler.db"
-    done = gpupool("up", "--detach", *LOOPBACK, "--state", str(state))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.startswith("gpupool is up:"), done.stdout
-    assert f"its log: {state.parent / 'up.log'}): `gpupool down --state {state}` stops it." in done.stdout
-    try:
-        yield done.stdout, state
-    finally:
-        gpupool("down", "--state", str(state))  # (a test that failed before its own)
+def test_down_stops_the_pool_and_every_process_it_started(foreground: tuple[str, Path]) -> None:
+    down_stops_the_pool_and_every_process_it_started(*foreground, detached=False)
 
 
-@pytest.mark.parametrize("how", ["foreground", "detached"])
-def test_down_stops_the_pool_and_every_process_it_started(how: str, request: pytest.FixtureRequest) -> None:
-    banner, state = request.getfixturevalue(how)
+def down_stops_the_pool_and_every_process_it_started(banner: str, state: Path, *, detached: bool) -> None:
+    """The pool `up` runs on `state` (its banner: `banner`; `detached`: `up --detach`, test_up_log52's last start)
+    holds a session; `down` stops it and every process it started."""
     record = settled(state, "scheduler", "daemon")
     attach(banner)  # the daemon's worker for it, one more process
     processes = descendants(record["pid"])
@@ -120,7 +111,7 @@ def test_down_stops_the_pool_and_every_process_it_started(how: str, request: pyt
     left = {pid: start for pid, start in processes.items() if start is not None and started(pid) == start}
     assert not left, f"left running: {left}"
     assert not (state.parent / "up.json").exists()
-    if how == "detached":
+    if detached:
         log = (state.parent / "up.log").read_text()
         assert re.search(r"closed session \d+ \(lease \S+\): host \S+ is shutting down", log), log[-3000:]
         assert "gpupool up: stopped" in log

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_up_down51 import LOOPBACK, gpupool
+from test_up_down51 import LOOPBACK, down_stops_the_pool_and_every_process_it_started, gpupool
 
 from gpupool import uplog
 from gpupool.down import descendants, started
@@ -46,12 +46,19 @@ def test_the_keeper_caps_the_log_at_a_lines_start_and_outlives_a_stop_signal(tmp
 
 
 def test_a_detached_pools_log_is_capped_and_the_last_starts_kept(tmp_path: Path) -> None:
-    state = tmp_path / "state" / "scheduler.db"
-    log = state.parent / "up.log"
+    """(Its `--state` a folder, as `down`'s: until round 52 `up --state DIR` kept its keys and CA in DIR's parent and
+    stopped, "unable to open database file", and `down --state DIR` checked DIR's parent; test_journey52's own pool
+    checked it until round 53.)"""
+    folder = tmp_path / "state"
+    folder.mkdir(mode=0o700)
+    state = folder / "scheduler.db"
+    log = folder / "up.log"
     try:
-        done = gpupool("up", "--detach", *LOOPBACK, "--state", str(state), "--log-size", "2KiB")
+        done = gpupool("up", "--detach", *LOOPBACK, "--state", str(folder), "--log-size", "2KiB")
         # (its start's lines, several KiB, rotated while `--detach` followed them: the banner still came)
         assert done.returncode == 0 and done.stdout.startswith("gpupool is up:"), done.stdout + done.stderr
+        assert f"`gpupool down --state {state}` stops it" in done.stdout
+        assert state.is_file() and (folder / "token.key").is_file()
         assert "listening on" in done.stderr  # the start's lines passed on, across the rotation
         record = json.loads((state.parent / "up.json").read_text())
         processes = descendants(record["pid"])
@@ -69,15 +76,18 @@ def test_a_detached_pools_log_is_capped_and_the_last_starts_kept(tmp_path: Path)
             "`gpupool down` with its --state stops it; a second pool needs its own --state and ports\n"
         )
         assert (log.read_bytes(), Path(f"{log}.1").read_bytes()) == logs
-        stopped = gpupool("down", "--state", str(state))
-        assert stopped.returncode == 0, stopped.stderr
+        stopped = gpupool("down", "--state", str(folder))
+        assert stopped.returncode == 0 and stopped.stdout.startswith("gpupool down: stopped gpupool up"), stopped.stderr
         assert started(keepers[0]) is None  # `down` waited for it: the log's last line is written
         assert log.read_text().endswith("gpupool up: stopped\n"), log.read_text()[-2000:]
         assert os.stat(log).st_size <= 2048
 
         again = gpupool("up", "--detach", *LOOPBACK, "--state", str(state))  # the default cap, 10 MiB
-        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.returncode == 0 and again.stdout.startswith("gpupool is up:"), again.stdout + again.stderr
+        assert f"its log: {log}): `gpupool down --state {state}` stops it." in again.stdout
         assert Path(f"{log}.1").read_text().endswith("gpupool up: stopped\n")  # the previous start's log, kept
         assert "gpupool is up:" in log.read_text() and "gpupool up: stopped" not in log.read_text()
+        # test_up_down51's detached pool (its own start until round 53)
+        down_stops_the_pool_and_every_process_it_started(again.stdout, state, detached=True)
     finally:
         gpupool("down", "--state", str(state))
