@@ -275,8 +275,8 @@ class _Relay:
     store address that accepts and never answers held the join's thread and socket for the daemon's life (round 22);
     the relay's close is an end of stream the client sees. Since round 53 it reads the store protocol as it passes
     (`_Scan`: `_queries`, `_replies`) and closes both connections at a length past MAX_STORE_VALUE, a reply no query
-    asked for or a query the rendezvous never sends: torch's client allocated whatever length a reply named. It accepts one
-    connection, from this process's TCPStore client, and then listens no more: a connection from any other process
+    asked for or a query the rendezvous never sends: torch's client allocated whatever length a reply named. It accepts
+    one connection, from this process's TCPStore client, and then listens no more: a connection from any other process
     on the host (a client on the same machine, another session's worker with a network token) is closed unread
     (`_keep_own`; round 23 forwarded the first connection to arrive, whoever made it: store traffic on this
     join's connection, and the join's own client refused)."""
