@@ -156,8 +156,8 @@ def _relay_twice_then_store() -> None:
         relay = _Relay(upstream, stop, (port, port))
         assert relay.port == port
         client = socket.create_connection((relay.host, port), timeout=30)  # this process's: forwarded
-        client.sendall(b"ping")
-        assert here.recv(4) == b"ping"
+        client.sendall(b"\x0dping")  # a store's ping (the relay reads the store protocol since round 53)
+        assert here.recv(5) == b"\x0dping"
         stop.set()  # the relay closes first ...
         assert relay.done.wait(30)
         assert client.recv(1) == b""
