@@ -50,7 +50,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from datetime import timedelta
 from typing import Any
 
@@ -273,8 +273,10 @@ class _Relay:
     join's deadline), or when either side closes. torch's TCPStore client waits for the store's answers without its
     timeout (2.13: its constructor's handshake, and each call after) and cannot be interrupted from Python, so a
     store address that accepts and never answers held the join's thread and socket for the daemon's life (round 22);
-    the relay's close is an end of stream the client sees. No protocol is read here: bytes only. It accepts one
-    connection, from this process's TCPStore client, and then listens no more: a connection from any other process
+    the relay's close is an end of stream the client sees. Since round 53 it reads the store protocol as it passes
+    (`_Scan`: `_queries`, `_replies`) and closes both connections at a length past MAX_STORE_VALUE, a reply no query
+    asked for or a query the rendezvous never sends: torch's client allocated whatever length a reply named. It accepts
+    one connection, from this process's TCPStore client, and then listens no more: a connection from any other process
     on the host (a client on the same machine, another session's worker with a network token) is closed unread
     (`_keep_own`; round 23 forwarded the first connection to arrive, whoever made it: store traffic on this
     join's connection, and the join's own client refused)."""
@@ -306,6 +308,8 @@ class _Relay:
                 client = _keep_own(self._accept_pending([first]))
             self._close_listener()
             ends = {client: self.upstream, self.upstream: client}
+            asked: collections.deque[list[int]] = collections.deque()  # (store53) the store protocol, read both ways
+            scans = {client: _Scan(_queries(asked)), self.upstream: _Scan(_replies(asked))}
             for sock in ends:
                 sock.settimeout(STOP_POLL_SECONDS)
             with selectors.DefaultSelector() as sel:
@@ -316,7 +320,10 @@ class _Relay:
                         data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
                         if not data:
                             return
+                        scans[key.fileobj].feed(data)  # type: ignore[index]
                         _send_until(ends[key.fileobj], data, self._over)  # type: ignore[index]
+        except StoreRefused as exc:
+            _STORE_LOG.warning("a group's store relay closed: %s", exc)
         except OSError:
             return
         finally:
@@ -345,6 +352,121 @@ class _Relay:
         if self.listener.fileno() >= 0:
             self.listener.close()
             _unlist(self.port)
+
+
+# (store53) The store protocol the relay reads: torch 2.13's TCPStore (c10d TCPStoreBackend.hpp `QueryType`). A store's
+# reply is read against the query that asked for it: a length past MAX_STORE_VALUE, bytes no query asked for, or a
+# query the daemon's store client never sends close the relay (both connections) before the client reads a byte of
+# it. torch's client allocated and zero-filled the length a store's reply named before a byte of the value came: a
+# store a tenant named (its own listener on the hosts' network) answered a `get` with 1 GiB and grew rank > 0's
+# worker (under --isolation thread the daemon) by 1 GiB (secrev52).
+MAX_STORE_VALUE = 1 << 20  # a key or value of the store (the rendezvous's are a few hundred bytes: measured)
+MAX_STORE_KEYS = 1 << 16  # the keys of one check or wait
+_VALIDATE, _SET, _COMPARE_SET, _GET, _ADD, _CHECK, _WAIT, _NUM_KEYS, _DELETE_KEY = range(9)
+_CANCEL_WAIT, _PING = 12, 13
+_VECTOR, _WAITING = -1, -2  # replies: a length and its bytes; a wait's answer (a byte, two after a cancel's)
+
+
+class StoreRefused(ValueError):
+    """The relay read what it refuses in the store protocol (both connections close)."""
+
+
+class _Scan:
+    """One direction of a relay's stream, read as it passes by `script`, a generator that yields how many bytes it
+    needs next (n > 0: those bytes are sent back to it; n < 0: -n bytes to pass unread, a key's or value's) and
+    raises StoreRefused on what it refuses. Holds at most one length field: values pass through in chunks."""
+
+    def __init__(self, script: Generator[int, bytes, None]) -> None:
+        self._script = script
+        self._want = next(script)
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._want < 0:
+                n = min(-self._want, len(view))
+                view, self._want = view[n:], self._want + n
+                if not self._want:
+                    self._want = self._script.send(b"")
+                continue
+            n = min(self._want - len(self._buf), len(view))
+            self._buf += view[:n]
+            view = view[n:]
+            if len(self._buf) == self._want:
+                got = bytes(self._buf)
+                self._buf.clear()
+                self._want = self._script.send(got)
+
+
+def _length(raw: bytes, what: str) -> int:
+    n = int.from_bytes(raw, "little")
+    if n > MAX_STORE_VALUE:
+        raise StoreRefused(f"{what} of {n} bytes (at most {MAX_STORE_VALUE})")
+    return n
+
+
+def _string(what: str) -> Generator[int, bytes, None]:
+    n = _length((yield 8), what)
+    if n:
+        yield -n
+
+
+def _queries(asked: collections.deque[list[int]]) -> Generator[int, bytes, None]:
+    """The store client's queries (this process's TCPStore client: what the daemon's rendezvous sends), each noted in
+    `asked` with the reply it takes, for `_replies`."""
+    while True:
+        (query,) = yield 1
+        reply = 0  # bytes of a fixed-size reply; 0: none
+        if query in (_VALIDATE, _PING):
+            yield 4
+            reply = 4 if query == _PING else 0
+        elif query == _SET:
+            yield from _string("a key")
+            yield from _string("a value")
+        elif query in (_GET, _COMPARE_SET, _ADD, _DELETE_KEY):
+            yield from _string("a key")
+            for _ in range(2 if query == _COMPARE_SET else 0):
+                yield from _string("a value")
+            if query == _ADD:
+                yield 8
+            reply = _VECTOR if query in (_GET, _COMPARE_SET) else 8
+        elif query in (_CHECK, _WAIT):
+            keys = int.from_bytes((yield 8), "little")
+            if keys > MAX_STORE_KEYS:
+                raise StoreRefused(f"a query of {keys} keys (at most {MAX_STORE_KEYS})")
+            for _ in range(keys):
+                yield from _string("a key")
+            reply = 1 if query == _CHECK else _WAITING
+        elif query == _NUM_KEYS:
+            reply = 8
+        elif query == _CANCEL_WAIT:
+            if asked and asked[-1][0] == _WAITING:
+                asked[-1].append(1)  # the wait's answer: its own byte and then the cancel's, or the cancel's alone
+                continue
+            reply = 1  # the wait was answered already: the cancel's own
+        else:
+            raise StoreRefused(f"a store query of type {query}, which the daemon's rendezvous never sends")
+        if reply:
+            asked.append([reply])
+
+
+def _replies(asked: collections.deque[list[int]]) -> Generator[int, bytes, None]:
+    """The store's replies, each read as the reply of the query it answers (`_queries`' `asked`, in order)."""
+    while True:
+        first = yield 1
+        if not asked:
+            raise StoreRefused("the store sent bytes that no query asked for")
+        reply = asked.popleft()
+        if reply[0] == _VECTOR:
+            n = _length(first + (yield 7), "a value in the store's reply")
+            if n:
+                yield -n
+        elif reply[0] == _WAITING:
+            while len(reply) > 1 and first == b"\0":  # canceled: its answer came before the cancel's
+                first = yield 1
+        elif reply[0] > 1:
+            yield reply[0] - 1
 
 
 # The ports of this process's live store relays (bound, until their pump ends). A store address is never one: under

@@ -156,8 +156,8 @@ def _relay_twice_then_store() -> None:
         relay = _Relay(upstream, stop, (port, port))
         assert relay.port == port
         client = socket.create_connection((relay.host, port), timeout=30)  # this process's: forwarded
-        client.sendall(b"ping")
-        assert here.recv(4) == b"ping"
+        client.sendall(b"\x0dping")  # a store's ping (the relay reads the store protocol since round 53)
+        assert here.recv(5) == b"\x0dping"
         stop.set()  # the relay closes first ...
         assert relay.done.wait(30)
         assert client.recv(1) == b""
@@ -242,3 +242,29 @@ def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None
         stop.set()
         assert relay.done.wait(30)
         hold.close()
+
+
+def test_every_query_of_the_rendezvous_passes_the_relay_and_a_value_past_1_mib_ends_it() -> None:
+    """(store53) The relay reads the store protocol both ways (`_Scan`): every query the daemon's rendezvous sends
+    through `PrefixStore` and `_SignedStore` (set, get, check, wait, a wait that times out and its cancel, add,
+    compare_set, delete_key, num_keys) passes with its reply, a value of 1 MiB included; a value past MAX_STORE_VALUE
+    (1 MiB) closes both connections before the store takes it (on the base: stored)."""
+    bound = 1 << 20  # MAX_STORE_VALUE
+    master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    store = _connect_store(["127.0.0.1"], master.port, 2, 10.0, threading.Event())
+    keys = dist.PrefixStore("gpupool/x/", store)
+    keys.set("k", b"v" * bound)
+    assert len(keys.get("k")) == bound
+    assert keys.check(["k"]) and not keys.check(["absent"])
+    keys.wait(["k"])
+    keys.wait(["k"], timedelta(seconds=5))
+    with pytest.raises(dist.DistStoreError):
+        keys.wait(["absent"], timedelta(seconds=0.2))  # its cancel and the cancel's answer
+    assert keys.add("n", 3) == 3 and keys.add("n", 1) == 4
+    assert keys.compare_set("c", b"", b"y") == b"y"
+    assert keys.delete_key("k") and not keys.delete_key("k")
+    assert keys.num_keys() == master.num_keys() == 2 + 1  # n, c and the store's own init/ key
+    with pytest.raises(dist.DistError):
+        keys.set("big", b"v" * (bound + 1))
+        keys.get("n")  # (a set has no reply: the next call meets the closed connection)
+    assert not master.check(["gpupool/x/big"])
