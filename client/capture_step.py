@@ -54,6 +54,7 @@ class StepCache:
         # with leaves `guard.tensors_check` checks; each key's check, made once (`_checks`)
         self._last: tuple[int, Any, Any, Any] | None = None
         self._checks: dict[Any, Any] = {}
+        self._told: set[str] = set()  # what `_level` has logged at INFO once
 
     @property
     def state(self) -> str:
@@ -156,8 +157,19 @@ class StepCache:
             self.stats["rerecorded"] += 1
             self._forget(key)
         elif self.graphs and key not in self._recorded:
-            log.info("%s: %s records a new graph: %s", device, self.name, guard.difference(self.graphs, key))
+            level = self._level("new")
+            log.log(level, "%s: %s records a new graph: %s%s", device, self.name, guard.difference(self.graphs, key),
+                    "; further ones at DEBUG level" if level == logging.INFO else "")  # fmt: skip
         return None
+
+    def _level(self, what: str) -> int:
+        """The level of this step's log line of `what` ("new": a call records a new graph, "defined"): INFO the first
+        time, DEBUG after (`stats` counts them). A step whose batches vary in shape (the sentiment example's lazy
+        step: the rows a batch reads) logged a pair of INFO lines for each of a dozen graphs until round 53."""
+        if what in self._told:
+            return logging.DEBUG
+        self._told.add(what)
+        return logging.INFO
 
     def _eager_now(self) -> bool:
         """Whether this call is the first, which runs eagerly (the optimizer creates its state)."""

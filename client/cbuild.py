@@ -51,9 +51,12 @@ def build_cached(path: Path, command: Any, what: str) -> Path:
 
 def extension_path(source: Path, prefix: str) -> Path:
     """Where a CPython extension built from `source` lives: one file per (Python build, machine, source). It uses
-    CPython's C API only."""
+    CPython's C API only. The interpreter is its file, not the name it was started by: a venv's `python` and
+    `python3` (scripts/setup.sh builds with the one, the README's commands run the other) are one Python, and until
+    round 53 a script's first captured step built the capture guard again (a new user's first `--capture`)."""
     key = hashlib.sha256()
-    for part in (sys.version, sysconfig.get_config_var("SOABI") or "", platform.machine(), sys.executable):
+    python = os.path.realpath(sys.executable)
+    for part in (sys.version, sysconfig.get_config_var("SOABI") or "", platform.machine(), python):
         key.update(str(part).encode() + b"\0")
     key.update(source.read_bytes())
     return cache_dir() / f"{prefix}-{sys.implementation.cache_tag}-{key.hexdigest()[:16]}.so"

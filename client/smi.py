@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -33,6 +34,7 @@ from .pool import LEASE_ENV, Lease, SchedulerClient
 
 STATE_STYLE: dict[str, str] = {HostState.UP: "green", HostState.DOWN: "red", HostState.DRAINING: "yellow"}
 STATUS_TIMEOUT_S = 5.0
+WIDEST = 1000  # columns `show` measures the tables in, off a terminal
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 NO_SESSIONS = (
     "none shown to you: a daemon shows an operator (an admin credential of the scheduler: certificate or API token) "
@@ -51,6 +53,7 @@ HIDDEN_USED = (
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
+    p.set_defaults(prog=prog)  # (the start of its one-line errors: `_fetch`)
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
     tls.add_client_flags(p)
     return p
@@ -61,8 +64,8 @@ def _fetch(args: argparse.Namespace) -> scheduler_pb2.PoolState | None:
     client = SchedulerClient(args.scheduler or None)
     try:
         return client.list_pool()
-    except GpupoolError as exc:
-        print(f"gpupool: {exc}", file=sys.stderr)
+    except GpupoolError as exc:  # "gpupool smi: ...", as every command's one-line error (until round 53 "gpupool: ")
+        print(f"{args.prog}: {exc}", file=sys.stderr)
         return None
     finally:
         client.close()
@@ -248,6 +251,18 @@ def view(now: Sample, before: Sample | None, log: Path | None = None, log_lines:
     return Group(*parts)
 
 
+def show(console: Console, frame: RenderableType) -> None:
+    """Print `frame` (a `view`) whole: off a terminal (`gpupool smi | cat`, `| tee`, a log) as wide as its tables'
+    natural width, where rich used 80 columns and cut each header and cell past them ("alloc…", "capaci…": round 53);
+    on a terminal, or where COLUMNS is set, at that width as before."""
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        wide = console.options.update(width=WIDEST)
+        parts = frame.renderables if isinstance(frame, Group) else [frame]
+        tables = [Measurement.get(console, wide, part).maximum for part in parts if isinstance(part, Table)]
+        console.width = max([console.width, *tables])
+    console.print(frame)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -324,7 +339,7 @@ def watch(args: argparse.Namespace, console: Console) -> int:
             print(line)
         print(summary(now, before), flush=True)
         if last:
-            console.print(view(now, before, args.log))
+            show(console, view(now, before, args.log))
 
     return _refresh(args, lines)
 
@@ -384,7 +399,7 @@ def main(argv: list[str]) -> int:
     pool = _fetch(args)
     if pool is None:
         return 1
-    console.print(view(sample(pool), None))
+    show(console, view(sample(pool), None))
     return 0
 
 

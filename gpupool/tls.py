@@ -22,6 +22,7 @@ import ctypes
 import errno
 import logging
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -35,7 +36,7 @@ import grpc
 from cryptography import x509
 
 from gpupool import pki
-from gpupool.config import UnsafeFile, add_flag, env_name, open_trusted
+from gpupool.config import UnsafeFile, add_flag, env_name, open_trusted, split_address
 from gpupool.errors import ErrorInterceptor, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -356,9 +357,35 @@ HANDSHAKE_SECONDS = 10.0
 HANDSHAKE_OPTION = ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_SECONDS * 1000))
 
 
+def _unbindable(address: str) -> bool:
+    """Whether no address `address` resolves to can be bound (each in use, or not this machine's), tried as gRPC binds
+    (SO_REUSEADDR, no SO_REUSEPORT) on sockets closed at once: a port already bound (0 asks for none) is told before
+    gRPC tries it, whose core printed "E... add_port.cc:83] Failed to add port to server: ... Address already in
+    use" to descriptor 2 ahead of the caller's one-line reason (round 53; no GRPC_VERBOSITY silences one line of one
+    call). What this cannot tell (a name that does not resolve, a port taken between the two) is gRPC's to find."""
+    try:
+        host, port = split_address(address)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE) if port else []
+    except (ValueError, OSError):
+        return False
+    for family, kind, proto, _, where in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    continue
+            return False
+    return bool(found)
+
+
 def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) -> int:
     """Bind `address` with TLS (or plaintext with cfg.insecure, warning); the bound port, 0 on failure (grpcio
-    raises "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...": the callers name the fix instead)."""
+    raises "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...": the callers name the fix instead; a port
+    in use is found first, without gRPC's line: `_unbindable`)."""
+    if _unbindable(address):
+        return 0
     try:
         if cfg.insecure:
             log.warning("%s serves PLAINTEXT gRPC on %s (--insecure): tokens and data cross the network readable",
@@ -425,7 +452,7 @@ def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
         options=[("grpc.so_reuseport", 0)],  # a second program on the port fails to start, not shares it
     )
     add_health(server, servicer)
-    port = server.add_insecure_port(address)
+    port = 0 if _unbindable(address) else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()

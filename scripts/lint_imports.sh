@@ -19,4 +19,14 @@ ln -s "$repo/scheduler" "$tree/gpupool/scheduler"
 ln -s "$repo/client" "$tree/gpupool/client"
 cd "$tree"
 # `python3 -c` rather than the lint-imports script: the same interpreter as the rest of scripts/test.sh.
-PYTHONPATH="$tree" exec "${PYTHON:-python3}" -c "import sys; from importlinter.cli import lint_imports_command; sys.argv[0] = \"lint-imports\"; sys.exit(lint_imports_command())" --no-cache --config "$repo/.importlinter" "$@"
+# The config file as a positional argument and no logo where this import-linter takes them (2.17's: a fresh clone's
+# `bash scripts/test.sh` printed a DeprecationWarning of --config and a 10-line ASCII logo until round 53); else
+# --config, as import-linter 2.1 takes it.
+PYTHONPATH="$tree" exec "${PYTHON:-python3}" -c "
+import sys
+from importlinter.cli import lint_imports_command as command
+names = {p.name for p in command.params}
+sys.argv[0] = 'lint-imports'
+if 'config_files' in names:
+    sys.argv[1:3] = [sys.argv[2]] + (['--no-logo'] if 'no_logo' in names else [])
+sys.exit(command())" --config "$repo/.importlinter" --no-cache "$@"

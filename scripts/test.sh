@@ -20,7 +20,8 @@ tmp=$(mktemp -d); warm=""; trap '[ -z "$warm" ] || kill "$warm" 2>/dev/null; rm 
 # s) on the base (BENCHMARKS.md "Round 51, suite51").
 env -u PYTHONDONTWRITEBYTECODE python3 -m pytest -q -p no:cacheprovider --collect-only "$@" >"$tmp/warm.log" 2>&1 &
 warm=$!
-bash scripts/gen_proto.sh "$tmp/_proto" >/dev/null
+# (its output, protoc's "Writing mypy to gpupool/v1/..." lines of each file, shown only where it fails: round 53)
+bash scripts/gen_proto.sh "$tmp/_proto" >"$tmp/gen_proto.log" 2>&1 || { cat "$tmp/gen_proto.log" >&2; exit 1; }
 diff -r -x __pycache__ "$tmp/_proto" gpupool/_proto || { echo "gpupool/_proto is stale: run scripts/gen_proto.sh" >&2; exit 1; }
 python3 -m ruff check .
 python3 -m mypy gpupool server scheduler client

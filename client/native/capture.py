@@ -228,7 +228,8 @@ class CapturedStep(StepCache):
         dev.watch(g)
         self.graphs[key] = g
         self.stats["defined"] += 1
-        log.info(
+        log.log(
+            self._level("defined"),  # (the first at INFO)
             "%s: graph %d defined for %s: %d ops, %d inputs, %d persistent tensors",
             dev.device, graph_id, self.name, len(msg.ops), msg.inputs, len(msg.persistent),
         )  # fmt: skip

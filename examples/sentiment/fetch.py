@@ -7,10 +7,14 @@
   4. a download of the official tarball from its canonical URL into the cache, with a progress bar, checked
      against its published SHA-256 (a wrong or truncated download is deleted, never used).
 When all of that fails, ``DataNotFound`` says in one line what to do.
+
+As a script, ``python examples/sentiment/fetch.py [--data PATH] [--no-download]`` does that and prints the
+tarball's path (until round 53 it ended in a traceback: "No module named 'examples'").
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -19,6 +23,9 @@ import urllib.request
 from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+if __package__ in (None, ""):  # run as a script: make `examples.sentiment` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.sentiment.data import SAMPLE, SHARED_DATA, TARBALL, cache_root
 
@@ -104,3 +111,27 @@ def locate(arg: str | os.PathLike[str] | None = None, allow_download: bool = Tru
         f"aclImdb not found in {' or '.join(map(str, paths))} and {reason}: fetch {URL} into {dest.parent}/, "
         "pass --data PATH, or use --data sample (the 5,000-review subset in the repository)"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python examples/sentiment/fetch.py`: `locate` (downloading where the tarball is nowhere), its path printed;
+    one line and exit status 1 when it is not found."""
+    p = argparse.ArgumentParser(
+        prog="examples/sentiment/fetch.py",
+        description="Find aclImdb_v1.tar.gz (--data or $GPUPOOL_IMDB, the cache, ../shared/data), else download it "
+        "into the cache (84 MB, its SHA-256 checked); print its path.",
+    )
+    p.add_argument("--data", default=None, help="a tarball's path, or 'sample' (the subset in the repository)")
+    p.add_argument("--no-download", action="store_true", help="only look: fail where it is not found")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        print(locate(args.data, allow_download=not args.no_download))
+    except DataNotFound as exc:
+        print(f"{p.prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -498,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if average is not None and epoch < args.epochs:
                 average.swap()  # back to the live weights for the next epoch
+    if args.capture:  # (each graph after the first is logged at DEBUG level: a batch of new shapes records one)
+        stats = getattr(train_step, "captured", train_step).stats
+        log.info("captured step: %d graph(s) recorded, %d step(s) replayed (%d recorded, %d eager)",
+                 stats["defined"], stats["replayed"], stats["recorded"], stats["eager"])  # fmt: skip
     if history and not reached:
         log.info(  # the demo's 3 epochs on the 5,000-review sample stop near 0.75: not a failure
             "test accuracy target %.4f (--target; MLPerf's, for the full data) not reached in %d epoch(s): best %.4f",

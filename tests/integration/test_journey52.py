@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def smi(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`gpupool smi` with `env` for its GPUPOOL_* (none of the test's own)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "GRPC_"))}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "GRPC_")) and k != "COLUMNS"}
     return subprocess.run(
         [sys.executable, "-m", "gpupool.cli", "smi", *args],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**base, "PYTHONPATH": str(ROOT), **env},
@@ -32,8 +32,8 @@ def test_a_client_of_no_pool_is_told_to_start_one(closed_port: int) -> None:
     done = smi({"GPUPOOL_SCHEDULER": f"127.0.0.1:{closed_port}"})
     assert done.returncode == 1 and done.stdout == "", done.stdout
     assert done.stderr == (
-        f"gpupool: scheduler 127.0.0.1:{closed_port} unreachable: nothing listens there: no pool runs there (`gpupool "
-        "up` starts one), or it is elsewhere (GPUPOOL_SCHEDULER, as `gpupool up` prints)\n"
+        f"gpupool smi: scheduler 127.0.0.1:{closed_port} unreachable: nothing listens there: no pool runs there "
+        "(`gpupool up` starts one), or it is elsewhere (GPUPOOL_SCHEDULER, as `gpupool up` prints)\n"
     )
 
 
@@ -77,7 +77,11 @@ def test_a_client_without_the_pools_credentials_is_told_which_to_set(
         env.update(GPUPOOL_TLS_CERT=str(theirs.cert), GPUPOOL_TLS_KEY=str(theirs.key))
     done = smi(env)
     assert done.returncode == 1 and done.stdout == "", done.stdout
-    assert done.stderr == f"gpupool: scheduler {address} unreachable: {words.format(other=other)}\n"
+    assert done.stderr == f"gpupool smi: scheduler {address} unreachable: {words.format(other=other)}\n"
     # (and the pool's own credentials work)
     ok = smi(exports)
     assert ok.returncode == 0, ok.stderr
+    # whole into a pipe: until round 53 rich cut it at 80 columns ("alloc…", "capaci…", the model in four lines)
+    header = next(line for line in ok.stdout.splitlines() if " host " in line)
+    assert "memory used" in header and "allocated" in header and "capacity" in header, ok.stdout
+    assert "gpupool fake GPU (CPU)" in ok.stdout and "…" not in ok.stdout, ok.stdout

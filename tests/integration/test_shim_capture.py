@@ -299,19 +299,27 @@ def test_broken_assumptions_record_again(dev: torch.device, change: str) -> None
     assert step.stats["rerecorded"] == before["rerecorded"] + (change == "parameter-replaced")  # ...or replaces one
 
 
-def test_alternating_shapes_and_modes_replay_cached_graphs(dev: torch.device) -> None:
+def test_alternating_shapes_and_modes_replay_cached_graphs(dev: torch.device, caplog: pytest.LogCaptureFixture) -> None:
     step, model, _ = capture_small(dev)
     small, large = xy(n=4), xy(n=6)
-    replaying(step, *small)
-    replaying(step, *large)
-    model.eval()
-    replaying(step, *small)
+    with caplog.at_level("DEBUG", logger="gpupool.torch"):
+        replaying(step, *small)
+        replaying(step, *large)
+        model.eval()
+        replaying(step, *small)
     model.train()
     recorded = step.stats["recorded"]
     for _ in range(3):
         step(*small)
         step(*large)
     assert step.stats["recorded"] == recorded and step.stats["defined"] == 3
+    # the first graph defined and the first new one at INFO, the others at DEBUG (until round 53 a step whose batches
+    # vary in shape logged a pair of INFO lines for each of its graphs: a dozen in the sentiment example's epoch)
+    said = [(r.levelname, r.getMessage().split(": ", 1)[1]) for r in caplog.records]
+    assert [(level, m.split()[0]) for level, m in said if m.startswith("graph ")] == [
+        ("INFO", "graph"), ("DEBUG", "graph"), ("DEBUG", "graph")
+    ], said  # fmt: skip
+    assert [level for level, m in said if " records a new graph" in m] == ["INFO", "DEBUG"], said
 
 
 def test_rerecorded_step_trains_like_eager(dev: torch.device) -> None:
@@ -594,6 +602,7 @@ def test_sentiment_train_py_with_capture(
     and its steps replay."""
     import json
     import logging
+    import re
 
     from examples.sentiment import fake_data, train
 
@@ -603,11 +612,21 @@ def test_sentiment_train_py_with_capture(
             "--embed-dim", "16", "--filters", "16", "--bigram-buckets", "0", "--max-len", "128", "--data",
             str(tarball), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress",
             "--log-every", "0", "--embedding-update", update]  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="gpupool.torch"):
+    with caplog.at_level(logging.INFO, logger="sentiment"), caplog.at_level(logging.DEBUG, logger="gpupool.torch"):
         assert train.main(argv) == 0
     (epoch,) = json.loads((out / "config.json").read_text())["results"]["history"]
     assert 0.0 < epoch["train_loss"] < 1.0
-    assert any(f"defined for {step}:" in r.getMessage() for r in caplog.records)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    defined = [level for level, m in said if f"defined for {step}:" in m]
+    new = [level for level, m in said if f"{step} records a new graph" in m]
+    # one INFO line of each, the rest at DEBUG, and their count at the end (until round 53 the lazy step logged a
+    # pair of INFO lines for each of its graphs: a dozen on the 5,000-review sample)
+    assert defined[0] == logging.INFO and set(defined[1:]) <= {logging.DEBUG}, said
+    assert new[:1] in ([], [logging.INFO]) and set(new[1:]) <= {logging.DEBUG}, said
+    (summary,) = [m for _, m in said if m.startswith("captured step: ")]
+    counts = re.fullmatch(r"captured step: (\d+) graph\(s\) recorded, \d+ step\(s\) replayed \(\d+ recorded, 1 eager\)",
+                          summary)  # fmt: skip
+    assert counts is not None and int(counts[1]) == len(defined), summary
 
 
 def _sentiment_lazy(dev: torch.device, captured: bool, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:

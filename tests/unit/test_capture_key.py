@@ -6,6 +6,8 @@ Python values (`capture_guard.value_key`'s fast path against its general one). N
 from __future__ import annotations
 
 import collections
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,3 +357,16 @@ def test_the_short_lookup_is_for_plain_cpu_batches_only() -> None:
         assert not check(torch.randn(2, 3), torch.ones(4, dtype=torch.int32))
         assert not check(torch.randn(2, 3).requires_grad_(), torch.ones(4, dtype=torch.int64))
         assert not check(torch.randn(2, 3), torch.nn.Parameter(torch.ones(4)))
+
+
+def test_the_guards_build_is_one_for_a_pythons_every_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venv's `python` and `python3` (links to one interpreter) find one build of the capture guard: until round 53
+    each had its own (sys.executable in the key), and the README's `python train.py --capture` built it again after
+    scripts/setup.sh's `python3` had."""
+    from gpupool.client import cbuild
+
+    built = cbuild.extension_path(guard.SOURCE, "capture-guard")
+    link = tmp_path / "python3"
+    link.symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(link))
+    assert cbuild.extension_path(guard.SOURCE, "capture-guard") == built

@@ -67,3 +67,13 @@ def test_script_help_prints_its_header_and_runs_nothing(script: str, flag: str, 
     assert not (tmp_path / "asan").exists()  # (runner_asan.sh's work folder: nothing made)
     if script == "fuzz_native.sh":
         assert "--seconds" in out  # (fuzz_native.py's own options follow the header)
+
+
+def test_lint_imports_says_its_contracts_only() -> None:
+    """scripts/lint_imports.sh (scripts/test.sh runs it) prints its contracts and their verdicts: until round 53 a
+    fresh clone's import-linter 2.17 put a DeprecationWarning of its --config and a 10-line ASCII logo first."""
+    done = subprocess.run(["bash", str(REPO / "scripts" / "lint_imports.sh")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Contracts: 3 kept, 0 broken." in done.stdout, done.stdout
+    assert "Deprecat" not in done.stdout + done.stderr and "╔" not in done.stdout, done.stdout + done.stderr

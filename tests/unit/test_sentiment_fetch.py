@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -124,3 +126,22 @@ def test_a_download_without_a_terminal_logs_its_progress_and_its_check(
     progress = [m for m in lines if m.startswith(f"downloading {data.TARBALL}: ")]
     assert len(progress) >= 2 and all("of 5.2 MB" in m and "%" in m for m in progress), lines
     assert lines[-1] == f"downloaded {dest} (5.2 MB, SHA-256 checked)"
+
+
+def test_fetch_runs_as_a_script_and_fails_in_one_line(tmp_path: Path) -> None:
+    """`python examples/sentiment/fetch.py` from anywhere: the tarball's path, or one line and status 1 (until round
+    53 a traceback: "No module named 'examples'", the module importing its package)."""
+    script = str(Path(fetch.__file__))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)  # fmt: skip
+
+    found = run("--data", "sample")
+    assert found.returncode == 0 and found.stdout == f"{data.SAMPLE}\n", found.stdout + found.stderr
+    missing = run("--data", str(tmp_path / "nope.tar.gz"), "--no-download")
+    assert missing.returncode == 1 and missing.stdout == "", missing.stdout
+    assert missing.stderr == (
+        f"examples/sentiment/fetch.py: aclImdb: {tmp_path / 'nope.tar.gz'} does not exist (from --data / "
+        "$GPUPOOL_IMDB)\n"
+    )
