@@ -13,6 +13,7 @@ also those of launch_bound's local step with the same `--adam` (the baseline the
     python bench/graph_replay.py --models classifier --steps 20
     python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
     python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
+    python bench/graph_replay.py --measure instr --against ../base --against-python ../base/.venv/bin/python
     python bench/graph_replay.py --measure outside --models tiny-mlp,mlp   # the worker's own, no kernels
     python bench/graph_replay.py --measure outside-slice --models tiny-mlp   # the same from the frame's bytes
     python bench/graph_replay.py --measure outside-slice --against ../base --against-python ../base/.venv/bin/python
