@@ -13,6 +13,7 @@ also those of launch_bound's local step with the same `--adam` (the baseline the
     python bench/graph_replay.py --models classifier --steps 20
     python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
     python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
+    python bench/graph_replay.py --measure instr --against ../base --against-python ../base/.venv/bin/python
     python bench/graph_replay.py --measure outside --models tiny-mlp,mlp   # the worker's own, no kernels
     python bench/graph_replay.py --measure outside-slice --models tiny-mlp   # the same from the frame's bytes
     python bench/graph_replay.py --measure outside-slice --against ../base --against-python ../base/.venv/bin/python
@@ -438,12 +439,14 @@ def _local_instr(model: str, adam_kind: str, steps: int, tmp: str) -> str:
     return f"local step {_total(out) / steps / 1e3:8.1f}k instructions (Adam: {adam_kind})"
 
 
-def _instr(model: str, path: str, steps: int, tmp: str) -> str:
+def _instr(model: str, path: str, steps: int, tmp: str, python: str = sys.executable) -> str:
+    """`--replay-instr`'s count of `path` by `python` (round 53: `--against`'s, which imports that checkout's
+    gpupool: the whole worker's step, the kernels' copies a rewrite of the graph adds included)."""
     sys.path.insert(0, str(HERE))
     from daemon_ab import KERNELS, _inclusive, _total
 
-    out = Path(tmp) / f"cg.{model}"
-    cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--replay-instr", path, "--steps", str(steps)]
+    out = Path(tmp) / f"cg.{model}"  # (read before the next count writes it)
+    cmd = [*cgtools.valgrind(out), python, __file__, "--replay-instr", path, "--steps", str(steps)]
     subprocess.run(cmd, check=True, capture_output=True)
     total, kernels = _total(out) / steps, _inclusive(out, KERNELS)[0] / steps
     return (f"worker per RunGraph {total / 1e3:8.1f}k instructions: TorchScript call {kernels / 1e3:8.1f}k, "
@@ -491,9 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                    "them); outside-slice: the same, each RunGraph a slice of one command from its frame's bytes "
                    "(the frame's parse, the slice's loop and its result counted too); outside-cpu: outside's, the "
                    "thread's CPU time (min and median of --repeats); outside-slice-cpu: outside-slice's")  # fmt: skip
-    p.add_argument("--against", metavar="DIR", help="outside, outside-slice: also count checkout DIR's worker (this "
-                   "bench run by --against-python, which imports DIR's gpupool) on the same dumped graphs, side by "
-                   "side")  # fmt: skip
+    p.add_argument("--against", metavar="DIR", help="instr, outside, outside-slice: also count checkout DIR's worker "
+                   "(this bench run by --against-python, which imports DIR's gpupool) on the same dumped graphs, "
+                   "side by side")  # fmt: skip
     p.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = p.parse_args(argv)
     if args.dump:
@@ -535,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.measure == "instr":
                 print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
+                if args.against:  # (round 53) the same dumped graph by that checkout's worker
+                    line = _instr(model, path, min(args.steps, 20), tmp, args.against_python)
+                    print(f"{'  base':10s} {line}", flush=True)
                 print(f"{model:10s} {_local_instr(model, args.adam, min(args.steps, 20), tmp)}", flush=True)
                 continue
             argv = ["--replay", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
