@@ -424,8 +424,14 @@ int spend_room(PyObject* rt, PyObject* outs) {
     double left = PyFloat_AsDouble(room);
     if (left == -1.0 && PyErr_Occurred()) return -1;
     left -= static_cast<double>(n);
-    Ref now(PyFloat_FromDouble(left));
-    if (now.p == nullptr || PyDict_SetItem(*dp, s_room, now.p) < 0) return -1;
+    if (Py_REFCNT(room) == 1 && PyFloat_CheckExact(room)) {
+      // only the runtime's dict holds it (no constant, no reader): written in place, no new float and no dict store
+      // (~250 instructions an op of the ~550 this count costs: round 53, perf53)
+      reinterpret_cast<PyFloatObject*>(room)->ob_fval = left;
+    } else {
+      Ref now(PyFloat_FromDouble(left));
+      if (now.p == nullptr || PyDict_SetItem(*dp, s_room, now.p) < 0) return -1;
+    }
     near = left < 0;
   }
   if (!near) {

@@ -72,6 +72,28 @@ def test_the_shim_syncs_only_past_the_quota_and_raises_the_refusal_at_the_call(
     del held, fits
 
 
+def test_the_shims_fast_path_counts_into_the_same_float(attach: Any) -> None:
+    """perf53: the C fast path (native_ops.cpp `spend_room`) writes the count into the float only the runtime's dict
+    holds, in place (no new float and dict store an op), and the count is the one a new float would give; a float
+    someone else holds is replaced, not written."""
+    dev = attach(quota_bytes=QUOTA)
+    rt = runtime.get(dev.index or 0)
+    assert rt is not None
+    x = torch.ones(64, 64, device=dev)
+    y = x * 2  # (the op's schema learned: the next ones take the fast path)
+    same = 0
+    for _ in range(10):
+        before, room = id(rt._room), rt._room
+        del room
+        y = x * 2
+        same += id(rt._room) == before
+    assert same == 10
+    held = rt._room
+    y = x * 3
+    assert held - rt._room == 64 * 64 * 4 and rt._room is not held  # (`held` kept its value: a new float)
+    del x, y
+
+
 CHILD = """
 import json, sys
 import torch
