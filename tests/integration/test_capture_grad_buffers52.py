@@ -7,13 +7,13 @@ and the aliases of the in-place gradients (`set_to_none=False`) change under the
 eager run's bit for bit, with `zero_grad(set_to_none=True)` (the gradients are new tensors the step leaves behind:
 written into the buffers), `set_to_none=False` (persistent tensors accumulated in place: their aliases change, eager
 or captured) and two backward passes a step (the first pass's gradient accumulated by the second).
-(Not held here: on both clients an alias a script keeps of a replayed step's new gradient is a tensor of the same
-storage as the kept one, and reads the latest step's values (capgrad52, docs/native-client.md "Step capture": until
-then the C++ client's aliases of a bias's gradient kept theirs only because its `p.grad` itself was stale, a view
-handle of the last recorded step's tensor: tests/integration/test_capture_grad_read52.py). The clones a script keeps
-keep their values; the daemon's side of aliases is tests/unit/test_server_graph_buffers52.py's.)
+Round 53 (alias53): aliases (`detach`, `view(-1)`) and clones of every parameter's gradient (weights' too), kept
+from two replayed steps and read after the last, equal the eager run's bit for bit on both clients (until then an alias
+of a replayed step's new gradient shared the kept tensor's handle and read the latest replay's values: native_client.cpp
+`move_kept`, client/torch/capture.py `_unalias`).
 
-Slow (the C++ client's first build takes ~1 min; cached after). Skipped only where no C++ compiler or ninja exists.
+Slow (the C++ client's first build takes ~1 min; cached after). The C++ client's test is skipped only where no C++
+compiler or ninja exists.
 """
 
 from __future__ import annotations
