@@ -2673,6 +2673,8 @@ void move_kept(Dev& d, DeviceIndex i, c10::TensorImpl* t, uint64_t sid) {
   put<uint8_t>(local, 0);
   emit_record(d, internal_op("aten::alias"), {d.handle(moved)}, local);
   Store st = std::move(d.stores[sid]);
+  for (const auto& v : st.views)  // a graph that binds one by identity would now read the old tensor: recorded anew
+    if (d.watched.erase(d.base + v.second)) d.fired.push_back(static_cast<int64_t>(d.base + v.second));
   Store& now = d.stores[sid] = Store{st.base, {}, 0};
   hold(d, now, n);
   d.stores[moved] = std::move(st);

@@ -67,7 +67,15 @@ def run(case, captured, steps=10):
     clones = [c.cpu().tolist() == then for _, _, c, then, _ in biases]
     values = [[a.cpu().tolist(), v.cpu().tolist(), c.cpu().tolist()] for a, v, c, _, _ in kept]
     return {"losses": losses, "aliases": aliases, "clones": clones, "values": values,
-            "stats": dict(f.stats) if captured else None}
+            "stats": dict(f.stats) if captured else None, "moves": moves()}
+
+
+def moves():  # the C++ client's kept tensors moved off a storage an alias shares (native_client.cpp `move_kept`)
+    import sys
+    if "gpupool.client.torch" in sys.modules:
+        return None
+    from gpupool.client.native import backend
+    return backend.wire_stats()["kept_moves"]
 
 
 res = {case: {"eager": run(case, False), "captured": run(case, True)} for case in ("none", "zero", "accum")}
@@ -95,7 +103,11 @@ def _check(got: dict) -> None:
 def test_aliases_of_earlier_steps_gradients_keep_their_values_across_replays(two_gpu_pool: str, tmp_path: Path) -> None:
     ran = _run(two_gpu_pool, tmp_path, SCRIPT)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    _check(json.loads(ran.stdout.strip().splitlines()[-1]))
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    _check(got)
+    # the C++ client moved p.grad off the aliased storages: 4 gradients at each of 2 replays with set_to_none=True
+    moved = [got[c]["captured"]["moves"] - got[c]["eager"]["moves"] for c in ("none", "zero", "accum")]
+    assert moved == [8, 0, 0], moved
 
 
 def test_aliases_of_earlier_steps_gradients_keep_their_values_python_client(two_gpu_pool: str, tmp_path: Path) -> None:

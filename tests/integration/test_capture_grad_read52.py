@@ -34,7 +34,16 @@ SCRIPT = (
         losses.append(f(x.to(DEV), y.to(DEV)).item())
         grads.append([p.grad.cpu().tolist() for p in model.parameters()])
         params.append([p.detach().cpu().tolist() for p in model.parameters()])
-    return {"losses": losses, "grads": grads, "params": params, "stats": dict(f.stats) if captured else None}
+    return {"losses": losses, "grads": grads, "params": params, "stats": dict(f.stats) if captured else None,
+            "moves": moves()}
+
+
+def moves():  # the C++ client's kept tensors moved off a storage an alias shares (native_client.cpp `move_kept`)
+    import sys
+    if "gpupool.client.torch" in sys.modules:
+        return None
+    from gpupool.client.native import backend
+    return backend.wire_stats()["kept_moves"]
 
 
 res = {case: {"eager": run(case, False), "captured": run(case, True)} for case in ("none", "zero")}
@@ -58,7 +67,10 @@ def _check(got: dict) -> None:
 def test_grads_read_after_each_captured_step_are_eagers_cpp_client(two_gpu_pool: str, tmp_path: Path) -> None:
     ran = _run(two_gpu_pool, tmp_path, SCRIPT)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    _check(json.loads(ran.stdout.strip().splitlines()[-1]))
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    _check(got)
+    # no alias kept: no replay moved a gradient (native_client.cpp `move_kept` engages only where one shares it)
+    assert [got[c]["captured"]["moves"] for c in ("none", "zero")] == [0, 0], got
 
 
 def test_grads_read_after_each_captured_step_are_eagers_python_client(two_gpu_pool: str, tmp_path: Path) -> None:
