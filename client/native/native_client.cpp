@@ -2619,11 +2619,16 @@ struct ReplayOut {
 };
 // A defined graph as `replay` needs it: its outputs, and the handles it writes (a kept tensor's storage, bound anew by
 // every run: the view handles made of it since are of the last run's tensor, freed at the next), with the kept tensor
-// of each where the script's `.grad`s hold it (`kept`, by write; an empty one elsewhere: `move_kept`).
+// of each where the script's `.grad`s hold it (`kept`, by write, with its storage as last seen: `move_kept`; empty
+// elsewhere).
+struct Kept {
+  c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // its use count read without a lock: 1, held by it alone
+};
 struct ReplayGraph {
   std::vector<ReplayOut> outs;
   std::vector<uint64_t> writes;
-  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> kept;
+  std::vector<Kept> kept;
 };
 std::unordered_map<int64_t, ReplayGraph> g_replays[kMaxDevices];
 constexpr size_t kByValueBytes = 256 * 1024;  // capture.py BY_VALUE_BYTES: CPU arguments up to this go inside the run
@@ -2642,10 +2647,13 @@ void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tenso
   const Dev& d = g_devs[i];
   for (const uint64_t h : g.writes) {
     c10::intrusive_ptr<c10::TensorImpl> found;
+    c10::intrusive_ptr<c10::StorageImpl> storage;
     for (const at::Tensor& t : grads)
-      if (t.defined() && t.device() == Device(kType, i) && t.has_storage() && d.handle(handle_of(t)) == h)
+      if (t.defined() && t.device() == Device(kType, i) && t.has_storage() && d.handle(handle_of(t)) == h) {
         found = t.getIntrusivePtr();
-    g.kept.emplace_back(found);
+        storage = t.storage().getWeakStorageImpl().lock();
+      }
+    g.kept.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(found), c10::weak_intrusive_ptr<c10::StorageImpl>(storage)});
   }
   g_replays[index][graph_id] = std::move(g);
 }
@@ -2685,18 +2693,20 @@ void move_kept(Dev& d, DeviceIndex i, c10::TensorImpl* t, uint64_t sid) {
 // made since the last run (`wire_handle`: `p.grad` of a bias, a view of the kept sum), they name its tensor on the
 // daemon, not the one this run leaves; the next `wire_handle` makes them anew. A watched one is noted in `fired`.
 // A kept tensor whose storage another tensor shares moves to a new one first (`move_kept`: the views stay).
-void free_write_views(Dev& d, DeviceIndex i, const ReplayGraph& g) {
+void free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
   Buf& packed = d.freed;
   packed.clear();
   for (size_t k = 0; k < g.writes.size(); k++) {
     const uint64_t h = g.writes[k];
     if (h < d.base) continue;
     const uint64_t sid = (static_cast<uint64_t>(i) << kIndexShift) | ((h - d.base) & kIdMask);
-    if (g.kept[k].use_count() > 0) {  // (the usual case: its storage held by it alone)
-      const c10::intrusive_ptr<c10::TensorImpl> t = g.kept[k].lock();
-      if (t && t->has_storage() && t->storage().use_count() > 1 && handle_of_impl(*t) == sid &&
-          d.stores.count(sid))
-        move_kept(d, i, t.get(), sid);
+    Kept& kept = g.kept[k];
+    if (kept.storage.use_count() != 1 && kept.tensor.use_count() > 0) {  // (usual: its storage held by it alone)
+      const c10::intrusive_ptr<c10::TensorImpl> t = kept.tensor.lock();
+      if (t && t->has_storage() && handle_of_impl(*t) == sid) {
+        if (t->storage().use_count() > 1 && d.stores.count(sid)) move_kept(d, i, t.get(), sid);
+        kept.storage = t->storage().getWeakStorageImpl();
+      }
     }
     auto it = d.stores.find(sid);
     if (it == d.stores.end() || it->second.views.empty()) continue;
