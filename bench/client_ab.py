@@ -65,6 +65,9 @@ def _instrumented_worker(argv: list[str]) -> int:
     return 0
 
 
+CAPTURED = ("captured", "native-captured")  # modes measured per step
+
+
 def _run(side: dict[str, Any], model: str, a: argparse.Namespace, remote: dict[str, Any], tmp: str) -> float:
     """One worker run of one side: client CPU microseconds or instructions per aten op."""
     flags = ["--model", model, "--mode", a.mode, "--steps", str(a.steps), "--blocks", str(a.blocks),
@@ -82,7 +85,7 @@ def _run(side: dict[str, Any], model: str, a: argparse.Namespace, remote: dict[s
     if out.returncode != 0:
         raise RuntimeError(f"{side['name']} {model} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    ops = (1 if a.mode == "captured" else r["commands_per_step"]) * a.blocks * a.steps  # captured: per step
+    ops = (1 if a.mode in CAPTURED else r["commands_per_step"]) * a.blocks * a.steps  # captured: per step
     if a.measure == "cpu":
         return float(r["client_cpu_per_step_s"] * a.blocks * a.steps / ops * 1e6)
     totals = [line for line in cg.read_text().splitlines() if line.startswith(("totals:", "summary:"))]
@@ -96,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", choices=("cpu", "instr"), default="instr")
     p.add_argument("--models", default="tiny-mlp", help="comma-separated: " + ",".join(lb.MODELS))
-    p.add_argument("--mode", choices=("eager", "captured", "native"), default="eager", help="captured: the step "
-                   "as one RunGraph (gpupool.torch.capture), figures per step instead of per op; native: the C++ "
-                   "client (`gpupool run --native-client`'s), per op record")  # fmt: skip
+    p.add_argument("--mode", choices=("eager", "captured", "native", *CAPTURED[1:]), default="eager", help="captured: "
+                   "the step as one RunGraph (gpupool.torch.capture), figures per step instead of per op; native: the "
+                   "C++ client (`gpupool run --native-client`'s), per op record; native-captured: the C++ client's "
+                   "captured step, per step")  # fmt: skip
     p.add_argument("--rounds", type=int, default=0, help="runs of each side (default: 5 for cpu, 1 for instr)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--blocks", type=int, default=5)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--measure instr needs valgrind (apt-get install valgrind)")
     if a.measure == "instr" and a.steps * a.blocks > 20:
         a.steps, a.blocks, a.warmup = 10, 2, 4  # exact counts: a few steps are enough, and valgrind is slow
-    if a.mode == "captured":
+    if a.mode in CAPTURED:
         a.warmup = max(a.warmup, 7)  # one eager, two recorded, then replays: count replays only
     # the interpreter itself (valgrind would count a launcher script such as pyenv's shim instead)
     base_python = subprocess.check_output([a.base_python, "-c", "import sys; print(sys.executable)"], text=True).strip()
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         k, v = kv.split("=", 1)
         next(s for s in sides if s["name"] == name)["env"][k] = v
     rounds = a.rounds or (5 if a.measure == "cpu" else 1)
-    per = "step" if a.mode == "captured" else "op"
+    per = "step" if a.mode in CAPTURED else "op"
     unit = f"us/{per}" if a.measure == "cpu" else f"instr/{per}"
     res: dict[tuple[str, str], list[float]] = {}
     print(f"load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -234,6 +234,7 @@ def decode(buf: bytes) -> list[dict[str, Any]]:
 WIRE_STATS = (
     "frames", "view_handles", "free_commands", "skipped_views", "storages", "pending", "python_ops", "view_args",
     "direct_frames",  # frames handed over by native_client.cpp's direct call (`_hand_off`), not the `send` operator
+    "kept_moves",  # kept tensors a replay moved off a storage an alias the script keeps shares (`move_kept`)
 )  # fmt: skip
 _libs: list[Any] = []
 _sessions: dict[int, Any] = {}  # device index -> its Session

@@ -255,6 +255,10 @@ struct HandleAllocator final : public c10::Allocator {
                           "session's whole ", quota, " byte limit (gpupool:", int(i), "): refused at the call, nothing "
                           "was allocated"));
     }
+    return storage_ptr(i);
+  }
+  // A new storage id on device i, as its DataPtr (data and context: the id; freed by free_handle).
+  static c10::DataPtr storage_ptr(DeviceIndex i) {
     const uint64_t h = g_next.fetch_add(1, std::memory_order_relaxed) | (static_cast<uint64_t>(i) << kIndexShift);
     g_allocated.fetch_add(1, std::memory_order_relaxed);
     if (g_track.load(std::memory_order_relaxed)) {
@@ -275,6 +279,9 @@ struct HandleAllocator final : public c10::Allocator {
 HandleAllocator g_alloc;
 
 inline uint64_t handle_of(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.storage().data_ptr().get_context());
+}
+inline uint64_t handle_of_impl(const c10::TensorImpl& t) {
   return reinterpret_cast<uintptr_t>(t.storage().data_ptr().get_context());
 }
 
@@ -914,6 +921,7 @@ __attribute__((noinline)) Scratch& scratch() {
 }
 struct WireStats {
   int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0, python_ops = 0, view_args = 0;
+  int64_t kept_moves = 0;  // `move_kept`: kept tensors moved off a storage an alias shares, at a replay
 } g_wstats;
 
 inline void put_varint(Buf& b, uint64_t v) {
@@ -2464,7 +2472,7 @@ std::vector<int64_t> wire_stats() {
   }
   return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
           static_cast<int64_t>(stores), static_cast<int64_t>(pending), g_wstats.python_ops, g_wstats.view_args,
-          g_direct_frames.load()};
+          g_direct_frames.load(), g_wstats.kept_moves};
 }
 
 // For the Python fallback (client/native/backend.py `_python_op`), wire mode.
@@ -2610,10 +2618,17 @@ struct ReplayOut {
   at::ScalarType dtype;
 };
 // A defined graph as `replay` needs it: its outputs, and the handles it writes (a kept tensor's storage, bound anew by
-// every run: the view handles made of it since are of the last run's tensor, freed at the next).
+// every run: the view handles made of it since are of the last run's tensor, freed at the next), with the kept tensor
+// of each where the script's `.grad`s hold it (`kept`, by write, with its storage as last seen: `move_kept`; empty
+// elsewhere).
+struct Kept {
+  c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // its use count read without a lock: 1, held by it alone
+};
 struct ReplayGraph {
   std::vector<ReplayOut> outs;
   std::vector<uint64_t> writes;
+  std::vector<Kept> kept;
 };
 std::unordered_map<int64_t, ReplayGraph> g_replays[kMaxDevices];
 constexpr size_t kByValueBytes = 256 * 1024;  // capture.py BY_VALUE_BYTES: CPU arguments up to this go inside the run
@@ -2621,24 +2636,79 @@ constexpr int kHoldSteps = 4;                  // capture.py HOLD_STEPS: replays
 int g_held[kMaxDevices] = {};                  // replays appended to a device's frame since one sent it (g_mu)
 thread_local Buf t_run;
 
-void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tensor>& outputs, c10::IntArrayRef writes) {
-  checked_index(static_cast<DeviceIndex>(index));
+// `grads`: the `.grad`s of the step's parameters (capture_step.py `kept_grads`), the candidates for `kept`.
+void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tensor>& outputs, c10::IntArrayRef writes,
+                    const std::vector<at::Tensor>& grads) {
+  const DeviceIndex i = checked_index(static_cast<DeviceIndex>(index));
   ReplayGraph g;
   for (const at::Tensor& t : outputs) g.outs.push_back({t.sizes().vec(), t.strides().vec(), t.scalar_type()});
   for (const int64_t h : writes) g.writes.push_back(static_cast<uint64_t>(h));
   std::lock_guard<std::mutex> lock(g_mu);
+  const Dev& d = g_devs[i];
+  for (const uint64_t h : g.writes) {
+    c10::intrusive_ptr<c10::TensorImpl> found;
+    c10::intrusive_ptr<c10::StorageImpl> storage;
+    for (const at::Tensor& t : grads)
+      if (t.defined() && t.device() == Device(kType, i) && t.has_storage() && d.handle(handle_of(t)) == h) {
+        found = t.getIntrusivePtr();
+        storage = t.storage().getWeakStorageImpl().lock();
+      }
+    g.kept.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(found), c10::weak_intrusive_ptr<c10::StorageImpl>(storage)});
+  }
   g_replays[index][graph_id] = std::move(g);
+}
+
+// Kept tensor `t` (on storage `sid`, which graph `g` writes) shares its storage with another tensor: an alias the
+// script keeps (`p.grad.detach()`, `p.grad.view(-1)`). Eager autograd would leave a new tensor in `p.grad` and the
+// alias its old values, so before the run binds the storage's handle anew: the old storage (its aliases, its view
+// handles) takes a new storage id, whose handle is an `alias` of the old tensor on the daemon; `t` takes a new storage
+// with the old id, which the run binds. Under g_mu.
+void move_kept(Dev& d, DeviceIndex i, c10::TensorImpl* t, uint64_t sid) {
+  c10::StorageImpl* old = t->storage().unsafeGetStorageImpl();
+  c10::DataPtr mine = old->set_data_ptr(HandleAllocator::storage_ptr(i));
+  const uint64_t moved = reinterpret_cast<uintptr_t>(old->data_ptr().get_context());
+  const size_t n = old->nbytes();
+  c10::Storage fresh(c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), n, std::move(mine),
+                                                           &g_alloc, old->resizable()));
+  const bool allow = t->allow_tensor_metadata_change();
+  t->set_allow_tensor_metadata_change(true);
+  t->set_storage_keep_dtype(std::move(fresh));
+  t->set_allow_tensor_metadata_change(allow);
+  Buf local;
+  put<uint8_t>(local, 1);
+  put<uint8_t>(local, T_TENSOR);
+  put<uint64_t>(local, d.handle(sid));
+  put<uint8_t>(local, 0);
+  emit_record(d, internal_op("aten::alias"), {d.handle(moved)}, local);
+  Store st = std::move(d.stores[sid]);
+  for (const auto& v : st.views)  // a graph that binds one by identity would now read the old tensor: recorded anew
+    if (d.watched.erase(d.base + v.second)) d.fired.push_back(static_cast<int64_t>(d.base + v.second));
+  Store& now = d.stores[sid] = Store{st.base, {}, 0};
+  hold(d, now, n);
+  d.stores[moved] = std::move(st);
+  g_wstats.kept_moves++;
 }
 
 // The view handles of the storages graph `g` writes, freed into d's frame (before its run binds those handles anew):
 // made since the last run (`wire_handle`: `p.grad` of a bias, a view of the kept sum), they name its tensor on the
 // daemon, not the one this run leaves; the next `wire_handle` makes them anew. A watched one is noted in `fired`.
-void free_write_views(Dev& d, DeviceIndex i, const ReplayGraph& g) {
+// A kept tensor whose storage another tensor shares moves to a new one first (`move_kept`: the views stay).
+void free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
   Buf& packed = d.freed;
   packed.clear();
-  for (const uint64_t h : g.writes) {
+  for (size_t k = 0; k < g.writes.size(); k++) {
+    const uint64_t h = g.writes[k];
     if (h < d.base) continue;
-    auto it = d.stores.find((static_cast<uint64_t>(i) << kIndexShift) | ((h - d.base) & kIdMask));
+    const uint64_t sid = (static_cast<uint64_t>(i) << kIndexShift) | ((h - d.base) & kIdMask);
+    Kept& kept = g.kept[k];
+    if (kept.storage.use_count() != 1 && kept.tensor.use_count() > 0) {  // (usual: its storage held by it alone)
+      const c10::intrusive_ptr<c10::TensorImpl> t = kept.tensor.lock();
+      if (t && t->has_storage() && handle_of_impl(*t) == sid) {
+        if (t->storage().use_count() > 1 && d.stores.count(sid)) move_kept(d, i, t.get(), sid);
+        kept.storage = t->storage().getWeakStorageImpl();
+      }
+    }
+    auto it = d.stores.find(sid);
     if (it == d.stores.end() || it->second.views.empty()) continue;
     for (const auto& v : it->second.views) {
       put_varint(packed, d.base + v.second);
@@ -2887,7 +2957,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("watch(int index, int[] handles, bool on) -> ()", &watch);
   m.def("fired(int index) -> int[]", &fired);
   m.def("replay(int index, int graph_id, bool current, Tensor[] inputs, int[] drop_writes) -> (Tensor[], int[])", &replay);
-  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs, int[] writes) -> ()", &replay_outputs);
+  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs, int[] writes, Tensor[] grads) -> ()", &replay_outputs);
   m.def("replay_forget(int index, int graph_id) -> ()", &replay_forget);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);

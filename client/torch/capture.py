@@ -59,9 +59,9 @@ from gpupool.client.capture_record import Built, CaptureError, Elsewhere, Record
 from gpupool.client.capture_step import MAX_GRAPHS, RECORD_ATTEMPTS, StepCache
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from gpupool import wire
+from gpupool import compact, wire
 
-from . import api, native, native_ops, runtime
+from . import api, encode, native, native_ops, runtime
 from .runtime import DeviceRuntime
 from .tensor import RemoteTensor, RemoteView, own, upload_new, wrap
 
@@ -107,6 +107,7 @@ class _Graph:
     watching: list[int] = field(default_factory=list)  # handles whose release this graph hears of
     ops: int = 0  # aten ops it runs per step
     single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
+    writes: list[int] = field(default_factory=list)  # handles it writes (`rt.kept`: their aliases move at a replay)
 
 
 class CapturedStep(StepCache):
@@ -186,6 +187,9 @@ class CapturedStep(StepCache):
         for h in built.writes:
             rt.watched.setdefault(h, []).append(g.drop_writes.append)
         g.watching = list(built.persistent) + list(built.writes)
+        g.writes = list(built.writes)
+        for h in g.writes:
+            rt.kept.setdefault(h, [])
         self.graphs[key] = g
         self.stats["defined"] += 1
         log.log(
@@ -202,6 +206,8 @@ class CapturedStep(StepCache):
                                and getattr(w, "__self__", None) is not g.drop_writes]  # fmt: skip
                 if not watchers:
                     del g.rt.watched[h]
+        for h in g.writes:
+            g.rt.kept.pop(h, None)
         if drop:
             g.rt.drop_graph(g.graph_id)
 
@@ -229,6 +235,10 @@ class CapturedStep(StepCache):
                     keep.append(upload_new(rt, x))
                     inputs.append(keep[-1]._gp_h)
                     data.append(b"")
+        kept = rt.kept
+        for h in g.writes:
+            if kept.get(h):  # aliases of a kept tensor made since the last run
+                _unalias(rt, h)
         handles = [rt.new_handle() for _ in g.outputs]
         drops, g.drop_writes[:] = list(g.drop_writes), []
         held = _held(rt)
@@ -319,6 +329,32 @@ def _held(rt: DeviceRuntime) -> _Held:
             if h is None:
                 h = _holders[rt] = _Held(rt)
     return h
+
+
+def _unalias(rt: DeviceRuntime, h: int) -> None:
+    """Before a run binds handle `h` anew (a kept tensor: a new `p.grad` a step), the tensors that share it since the
+    last run (`p.grad.detach()`, `p.grad.view(-1)`: transfer.py `_keep`) move to a new handle, an alias of the old
+    tensor on the daemon: as eagerly, where autograd leaves a new tensor in `p.grad`, they keep their values."""
+    refs, rt.kept[h] = rt.kept[h], []
+    aliases = [t for t in (r() for r in refs) if t is not None and t.__dict__.get("_gp_h") == h]
+    with rt._lock:
+        extra = rt.shared.get(h, 0) - len(aliases)
+        if not aliases or extra < 0:  # none alive, or the kept tensor itself is gone (the run drops its write)
+            return
+        if extra:
+            rt.shared[h] = extra
+        else:
+            del rt.shared[h]
+        moved = rt.new_handle()
+        if len(aliases) > 1:
+            rt.shared[moved] = len(aliases) - 1
+        rt.op("aten::alias", [encode.handle_arg(h)], {}, [moved])
+        for t in aliases:
+            d = t.__dict__
+            d["_gp_h"] = moved
+            arg = d.get("_gp_v")
+            if arg is not None:  # a lazy view: its view argument names the handle
+                d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
 
 
 def _invalidate(g: _Graph, handle: int) -> None:

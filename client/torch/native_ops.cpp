@@ -54,7 +54,7 @@ PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op
     *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
     *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
     *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire, *s_eager, *s_sealed_count, *s_max_batch,
-    *s_qualname, *s_singleton, *s_data, *s_rules, *s_nbytes, *s_room, *s_near, *s_near_flag;
+    *s_qualname, *s_singleton, *s_data, *s_rules, *s_nbytes, *s_room, *s_near, *s_near_flag, *s_kept;
 
 // Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
 enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
@@ -816,6 +816,15 @@ int quiet(PyObject* rt) {
   return 1;
 }
 
+// Whether handle `h` is one a captured step's graph writes (`rt.kept`: its aliases are noted, transfer.py `_keep`):
+// 1 yes (the Python path), 0 no, -1 an error.
+int kept_handle(PyObject* rt, PyObject* h) {
+  Ref kept(get_attr(rt, s_kept));
+  if (kept.p == nullptr) return -1;
+  if (!PyDict_CheckExact(kept.p) || PyDict_GET_SIZE(kept.p) == 0) return 0;
+  return PyDict_Contains(kept.p, h);
+}
+
 // transfer._alias (detach, alias): a new tensor sharing the daemon tensor, or a lazy view of the same one.
 PyObject* fast_alias(PyObject* args) {
   if (PyTuple_GET_SIZE(args) != 1) return nullptr;
@@ -826,7 +835,7 @@ PyObject* fast_alias(PyObject* args) {
   Ref keep_rt(rt), keep_h(h), keep_key(key), keep_view(view);  // the tensor's dict may change in the calls below
   Py_INCREF(rt), Py_INCREF(h), Py_INCREF(key), Py_XINCREF(view);
   const int q = quiet(rt);  // (_alias sends held-back empties first: that, and recorders' release hooks, in Python)
-  if (q <= 0) return nullptr;
+  if (q <= 0 || kept_handle(rt, h) != 0) return nullptr;
   Ref device(get_attr(rt, s_device));
   if (device.p == nullptr) return nullptr;
   Ref wargs(wrapper_args(PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1), PyTuple_GET_ITEM(key, 2)));
@@ -872,7 +881,7 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
     PyTuple_SET_ITEM(key.p, i + 1, part);
   }
   const int q = quiet(rt);
-  if (q <= 0) return nullptr;
+  if (q <= 0 || kept_handle(rt, base) != 0) return nullptr;
   Ref entries(get_attr(g_cache, s_entries));
   if (entries.p == nullptr || !PyDict_Check(entries.p)) return nullptr;
   PyObject* outs = PyDict_GetItemWithError(entries.p, key.p);
@@ -1556,7 +1565,7 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_handle_base, "_handle_base"}, {&s_handle_count, "_handle_count"},
                         {&s_device, "device"}, {&s_eager_op, "eager_op"},
                         {&s_is_compiling, "_is_compiling_flag"}, {&s_gp_v, "_gp_v"}, {&s_closed, "closed"},
-                        {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"},
+                        {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"}, {&s_kept, "kept"},
                         {&s_watched, "watched"}, {&s_dead, "_dead"}, {&s_dead_bytes, "_dead_bytes"},
                         {&s_release, "release"}, {&s_itemsize, "itemsize"}, {&s_heads, "_heads"},
                         {&s_ops_sent, "ops_sent"}, {&s_unflushed, "_unflushed"}, {&s_session, "session"},

@@ -84,6 +84,9 @@ class DeviceRuntime:
         # client lets go of it). The hot paths test `if self.recorders` (empty: nobody records) before any lookup.
         self.recorders: dict[int, Recorder] = {}
         self.watched: dict[int, list[Callable[[int], None]]] = {}
+        # Handles a defined graph writes (a new `p.grad` a step): the tensors made since that share one (a detach, a
+        # lazy view: transfer.py `_keep`), weakly; a replay moves them to a handle of their own (capture.py `_unalias`)
+        self.kept: dict[int, list[Any]] = {}
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
         # Handles straight from the session's counter (the same one Session.new_handle draws from, so the two

@@ -9,6 +9,7 @@ whose ops send its geometry). `SPECIAL` maps each such op to its handler.
 
 from __future__ import annotations
 
+import weakref
 from _thread import get_ident
 from collections.abc import Callable
 from typing import Any
@@ -112,8 +113,20 @@ def _alias(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTe
     key = t._gp_key  # (shape, stride, offset, dtype), as the tensor has it
     arg = t.__dict__.get("_gp_v")
     if arg is not None:  # a lazy view: so is its alias, of the same daemon tensor
-        return _lazy_view(rt, t._gp_h, key, arg, *wrapper_args(key[0], key[1], key[2]))
-    return wrap(rt, t._gp_h, key[0], key[1], key[2], key[3], key)
+        out: RemoteTensor = _lazy_view(rt, t._gp_h, key, arg, *wrapper_args(key[0], key[1], key[2]))
+    else:
+        out = wrap(rt, t._gp_h, key[0], key[1], key[2], key[3], key)
+    if rt.kept:
+        _keep(rt, out)
+    return out
+
+
+def _keep(rt: Any, t: RemoteTensor) -> None:
+    """`t` shares its handle with another tensor: where a captured step's graph writes that handle (a new `p.grad` a
+    step), note it, so that a replay moves it to a handle of the old tensor (capture.py `_unalias`), as eagerly."""
+    aliases = rt.kept.get(t._gp_h)
+    if aliases is not None:
+        aliases.append(weakref.ref(t))
 
 
 def _lazy_view(rt: Any, base: int, m: Any, arg: bytes, strides: Any, offset: int | None) -> RemoteView:
@@ -193,7 +206,10 @@ def _view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         rt.materialize_pending()
     base = t._gp_h
     rt.share(base)
-    return _lazy_view(rt, base, m, _VIEW_HEAD(compact.VIEW, base) + geometry, one[2], one[3])
+    out = _lazy_view(rt, base, m, _VIEW_HEAD(compact.VIEW, base) + geometry, one[2], one[3])
+    if rt.kept:
+        _keep(rt, out)
+    return out
 
 
 @_special(aten._copy_from.default)

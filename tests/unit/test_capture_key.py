@@ -270,11 +270,11 @@ def test_kept_parts_are_read_again_not_recomputed() -> None:
 
 
 class _Graph:
-    """What `StepCache` asks of a graph: `valid`, `key` (and `built`, unread here); `watching`, `rt` for the Python
-    client's `_release` (nothing watched)."""
+    """What `StepCache` asks of a graph: `valid`, `key` (and `built`, unread here); `watching`, `writes`, `rt` for the
+    Python client's `_release` (nothing watched or written)."""
 
     def __init__(self, key: object) -> None:
-        self.key, self.valid, self.built, self.watching, self.rt = key, True, None, [], None
+        self.key, self.valid, self.built, self.watching, self.writes, self.rt = key, True, None, [], [], None
 
 
 _SCALE = 1.0  # a plain Python value the step below reads (a global its code names)
