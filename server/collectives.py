@@ -829,11 +829,10 @@ class _StoreFront:
     def _handshake(self, conn: socket.socket) -> bool:
         deadline = time.monotonic() + FRONT_HANDSHAKE_SECONDS
         try:
-            hello = _recv_exact(conn, len(FRONT_HELLO) + 32, deadline)
-            if not hello.startswith(FRONT_HELLO):
+            if _recv_exact(conn, len(FRONT_HELLO), deadline) != FRONT_HELLO:  # (a TCPStore client's first query)
                 return False
             mine = secrets.token_bytes(32)
-            nonces = hello[len(FRONT_HELLO) :] + mine
+            nonces = _recv_exact(conn, 32, deadline) + mine
             conn.sendall(mine + _front_mac(self.key, b"front", nonces))
             return hmac.compare_digest(_recv_exact(conn, 32, deadline), _front_mac(self.key, b"rank", nonces))
         except OSError:
