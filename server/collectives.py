@@ -495,12 +495,13 @@ def _unlist(port: int) -> None:
             del _RELAY_PORTS[port]
 
 
-def _loopback_listener(port: int) -> socket.socket:
+def _loopback_listener(port: int, relay: bool = True) -> socket.socket:
     """A relay's listener on PORT of a random address of 127.0.0.0/8 (`_relay_address`; 127.0.0.1 where that address
     is not there), with a backlog of RELAY_BACKLOG. SO_REUSEADDR: the relay closes its connection first, so the port
     sits in TIME_WAIT for 60 s after; without it that port took no bind for as long (round 42 review: a loop of joins
     and closes used up --collective-ports for every group of the host). Another listener on the port it still
-    refuses."""
+    refuses. (hole53) Rank 0's store's too (`relay` False: not listed in `_RELAY_PORTS`, where a rank of the same
+    daemon dialing its front's port, the same number on 127.0.0.1, would be refused)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listed = False
     try:
@@ -511,9 +512,10 @@ def _loopback_listener(port: int) -> socket.socket:
             if exc.errno != errno.EADDRNOTAVAIL:
                 raise
             listener.bind(("127.0.0.1", port))  # a loopback of 127.0.0.1 alone
-        with _RELAY_LOCK:  # before it listens: no connection reaches it unregistered
-            _RELAY_PORTS[listener.getsockname()[1]] += 1
-        listed = True
+        if relay:
+            with _RELAY_LOCK:  # before it listens: no connection reaches it unregistered
+                _RELAY_PORTS[listener.getsockname()[1]] += 1
+            listed = True
         listener.listen(RELAY_BACKLOG)
     except OSError:
         if listed:
@@ -695,24 +697,32 @@ def _connect_store(
         return store
 
 
-def _store_master(size: int, timeout: float, ports: tuple[int, int]) -> Any:
-    """Rank 0's TCPStore, on a port of `ports` of a random address of 127.0.0.0/8 (`_loopback_listener`, handed to the
-    store: `master_listen_fd`, a duplicate; the store closes its own), where rank 0's own client reaches it. Peers
-    reach it through its `_StoreFront` only (hole53): until round 53 the store listened on the daemon's peer-facing
-    address (round 52; every interface before), where anyone who reached it could write values into it (each up to 8
-    MiB, any number of keys: memory of rank 0's worker, under --isolation thread of the daemon) or delete them. Its
-    port is listed in `_RELAY_PORTS` (a join naming it is refused) until the front closes."""
-    listener = seclink.bind_in(ports, _loopback_listener)
-    host, port = listener.getsockname()[:2]
+def _store_master(bind: str, port: int, size: int, timeout: float, key: bytes, ports: tuple[int, int]) -> Any:
+    """Rank 0's store for PORT (hole53): its front (`_StoreFront`) on PORT of the address `bind` (`_front_listener`),
+    and torch's TCPStore behind it on a random address of 127.0.0.0/8 (`_loopback_listener`, handed to the store:
+    `master_listen_fd`, a duplicate; the store closes its own), PORT too where that is free (another of `ports`
+    where it is not: a front on every interface), where rank 0's own client reaches it. Until round 53 the store
+    itself listened on the daemon's peer-facing address (round 52; every interface before), where anyone who reached
+    it could write values into it (each up to 8 MiB, any number of keys: memory of rank 0's worker, under --isolation
+    thread of the daemon) or delete them. Returns (the store, its front)."""
+    front = _front_listener(bind, port)
     try:
+        try:
+            listener = _loopback_listener(port, relay=False)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            listener = seclink.bind_in(ports, functools.partial(_loopback_listener, relay=False))
+        host, inner = listener.getsockname()[:2]
         with listener:  # (the duplicate keeps the socket listening)
             fd = os.dup(listener.fileno())
-        return dist.TCPStore(
-            host, port, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
+        store = dist.TCPStore(
+            host, inner, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
             master_listen_fd=fd,
         )  # fmt: skip
+        return store, _StoreFront(front, (host, inner), key, size)
     except BaseException:
-        _unlist(port)
+        front.close()
         raise
 
 
@@ -802,7 +812,6 @@ class _StoreFront:
         for sock in socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        _unlist(self.inner[1])
 
     def _accept(self) -> None:
         self.listener.settimeout(STOP_POLL_SECONDS)
@@ -1132,19 +1141,10 @@ class Collectives:
                 )
         if rank == 0:
             if size > 1:
-                group.store = _store_master(size, timeout, self.own)
-                inner = (_address((group.store.host, group.store.port))[0], group.store.port)
-                try:
-                    group.front = seclink.bind_in(
-                        self.own,
-                        lambda port: _StoreFront(
-                            _front_listener(self.store_host, port), inner, _front_key(secret), size
-                        ),
-                    )
-                except BaseException:
-                    group.store = None
-                    _unlist(inner[1])
-                    raise
+                group.store, group.front = seclink.bind_in(
+                    self.own,
+                    lambda port: _store_master(self.store_host, port, size, timeout, _front_key(secret), self.own),
+                )
             port = torch.tensor(group.front.port if group.front is not None else 0, dtype=torch.int64)
             s.admit(8)
             s.bind(msg.port_handle, port)
