@@ -36,6 +36,7 @@ the group's, and its collectives (`Collective.subgroup`) run in the group's thre
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import hashlib
@@ -144,6 +145,7 @@ class Group:
         self.ready = threading.Event()
         self.pg: Any = None
         self.store: Any = None
+        self.front: _StoreFront | None = None  # (hole53) rank 0's: the store's port that peers reach
         self.broken: str | None = None
         self.closed = False
         self.stop = threading.Event()  # set by `close`: a join still in progress gives up (its thread and sockets end)
@@ -256,6 +258,8 @@ class Group:
             self.pg.close()
         elif self.pg is not None and self.parent is not None and not isinstance(self.pg, _Solo):
             _shutdown(self.pg)  # (round 46) a subgroup left mid-job: gloo's (NCCL's) connections close now
+        if self.front is not None:
+            self.front.close()
         self.pg, self.store = None, None
         for sub in [*self.subgroups.values(), *self.leaving]:  # formed over this group: they end with it
             sub.close()
@@ -491,12 +495,13 @@ def _unlist(port: int) -> None:
             del _RELAY_PORTS[port]
 
 
-def _loopback_listener(port: int) -> socket.socket:
+def _loopback_listener(port: int, relay: bool = True) -> socket.socket:
     """A relay's listener on PORT of a random address of 127.0.0.0/8 (`_relay_address`; 127.0.0.1 where that address
     is not there), with a backlog of RELAY_BACKLOG. SO_REUSEADDR: the relay closes its connection first, so the port
     sits in TIME_WAIT for 60 s after; without it that port took no bind for as long (round 42 review: a loop of joins
     and closes used up --collective-ports for every group of the host). Another listener on the port it still
-    refuses."""
+    refuses. (hole53) Rank 0's store's too (`relay` False: not listed in `_RELAY_PORTS`, where a rank of the same
+    daemon dialing its front's port, the same number on 127.0.0.1, would be refused)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listed = False
     try:
@@ -507,9 +512,10 @@ def _loopback_listener(port: int) -> socket.socket:
             if exc.errno != errno.EADDRNOTAVAIL:
                 raise
             listener.bind(("127.0.0.1", port))  # a loopback of 127.0.0.1 alone
-        with _RELAY_LOCK:  # before it listens: no connection reaches it unregistered
-            _RELAY_PORTS[listener.getsockname()[1]] += 1
-        listed = True
+        if relay:
+            with _RELAY_LOCK:  # before it listens: no connection reaches it unregistered
+                _RELAY_PORTS[listener.getsockname()[1]] += 1
+            listed = True
         listener.listen(RELAY_BACKLOG)
     except OSError:
         if listed:
@@ -611,6 +617,7 @@ def _connect_store(
     timeout: float,
     stop: threading.Event,
     ports: tuple[int, int] = COLLECTIVE_PORTS,
+    key: bytes | None = None,
 ) -> Any:
     """A client of the group's TCPStore at PORT of the first of `addresses` (IPs, `_resolve_store`'s: never a name,
     which would be resolved again) that accepts, connected within `timeout` s, in attempts of
@@ -626,7 +633,9 @@ def _connect_store(
     back off, doubling from STORE_ATTEMPT_SECONDS to STORE_BACKOFF_SECONDS: at most ~10 such traces per join.
     The connection that accepted is kept as the store's: the client talks to it through a `_Relay`, which ends a
     constructor still waiting at `timeout` and every call once `stop` is set (torch's client waits for answers
-    without its timeout: an address that accepts and never answers held this thread for the daemon's life)."""
+    without its timeout: an address that accepts and never answers held this thread for the daemon's life).
+    (hole53) With `key` (`_front_key` of the group's secret) each connection first passes `_prove` (rank 0's
+    `_StoreFront` forwards no byte of a connection that has not): one that fails is an address without the store."""
     deadline = time.monotonic() + timeout
     backoff = STORE_ATTEMPT_SECONDS
     while True:
@@ -651,6 +660,13 @@ def _connect_store(
             if _own_relay(upstream.getpeername()):  # a relay bound between the check and the connection
                 upstream.close()
                 raise PermissionDenied(f"{ip}:{port} is another group's store relay on this host, not a store")
+            if key is not None:
+                try:
+                    _prove(upstream, key, min(deadline, time.monotonic() + FRONT_HANDSHAKE_SECONDS))
+                except (OSError, PermissionDenied) as exc:
+                    upstream.close()
+                    failure = exc if isinstance(exc, OSError) else OSError(str(exc))
+                    continue
             host = ip
             break
         if not host:
@@ -681,29 +697,200 @@ def _connect_store(
         return store
 
 
-def _store_master(host: str, bind: str, port: int, size: int, timeout: float) -> Any:
-    """Rank 0's TCPStore on PORT, listening on the address `bind` only (the daemon's peer-facing host, where its secure
-    hub listens too), or on every interface where `bind` is "" (a daemon listening on a wildcard address). torch's
-    TCPStore binds every interface whatever host it is given: until round 52 a daemon listening on 127.0.0.1 (`gpupool
-    up`'s default) had its groups' stores reachable from every network of the host, where anyone could write values
-    into them (each up to 8 MiB, any number of keys: memory of rank 0's worker, under --isolation thread of the
-    daemon) or delete them. Now the listener is bound here and handed to the store (`master_listen_fd`, a duplicate:
-    the store closes its own)."""
+def _store_master(bind: str, port: int, size: int, timeout: float, key: bytes, ports: tuple[int, int]) -> Any:
+    """Rank 0's store for PORT (hole53): its front (`_StoreFront`) on PORT of the address `bind` (`_front_listener`),
+    and torch's TCPStore behind it on a random address of 127.0.0.0/8 (`_loopback_listener`, handed to the store:
+    `master_listen_fd`, a duplicate; the store closes its own), PORT too where that is free (another of `ports`
+    where it is not: a front on every interface), where rank 0's own client reaches it. Until round 53 the store
+    itself listened on the daemon's peer-facing address (round 52; every interface before), where anyone who reached
+    it could write values into it (each up to 8 MiB, any number of keys: memory of rank 0's worker, under --isolation
+    thread of the daemon) or delete them. Returns (the store, its front)."""
+    front = _front_listener(bind, port)
     try:
-        family = socket.getaddrinfo(bind, 0, type=socket.SOCK_STREAM)[0][0] if bind else 0
-        listener = socket.create_server((bind, port), family=family, backlog=64) if bind else None
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise
-        listener = None  # not an address of this host (a NAT's --advertise): every interface, as before round 52
-    fd = None
-    if listener is not None:
+        try:
+            listener = _loopback_listener(port, relay=False)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            listener = seclink.bind_in(ports, functools.partial(_loopback_listener, relay=False))
+        host, inner = listener.getsockname()[:2]
         with listener:  # (the duplicate keeps the socket listening)
             fd = os.dup(listener.fileno())
-    return dist.TCPStore(
-        host, port, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
-        master_listen_fd=fd,
-    )  # fmt: skip
+        store = dist.TCPStore(
+            host, inner, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
+            master_listen_fd=fd,
+        )  # fmt: skip
+        return store, _StoreFront(front, (host, inner), key, size)
+    except BaseException:
+        front.close()
+        raise
+
+
+def _front_listener(bind: str, port: int) -> socket.socket:
+    """The front's listener on PORT of the address `bind` only (the daemon's peer-facing host, where its secure hub
+    listens too: secrev52), or of every interface where `bind` is "" (a wildcard --listen) or not an address of this
+    host (a NAT's --advertise)."""
+    if bind:
+        try:
+            family = socket.getaddrinfo(bind, 0, type=socket.SOCK_STREAM)[0][0]
+            return socket.create_server((bind, port), family=family, backlog=64)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("", port), family=socket.AF_INET6, backlog=64, dualstack_ipv6=True)
+    return socket.create_server(("", port), backlog=64)
+
+
+# (hole53) Rank 0's store behind the group's keys. A connection to the store's port (`_StoreFront`) is forwarded to
+# the store only once it has proved the group's secret: the dialer sends FRONT_HELLO and a nonce, the front its own
+# nonce and HMAC(key, "front" nonces), the dialer HMAC(key, "rank" nonces) (`_prove`; key: `_front_key`), all within
+# FRONT_HANDSHAKE_SECONDS. So each side knows the other holds the secret; the bytes after are not MACed (the values
+# are: `_SignedStore`), so one who can rewrite the hosts' traffic can still alter them in flight.
+FRONT_HELLO = b"GPSTORE1"
+FRONT_HANDSHAKE_SECONDS = 10.0
+MAX_FRONT_PENDING = 16  # connections in their handshake at once; past it a newcomer is closed unread
+FRONT_SPARE = 8  # proved connections at once past the group's size (a rank's store client holds one)
+
+
+def _front_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), b"gpupool-store-front", hashlib.sha256).digest()
+
+
+def _front_mac(key: bytes, side: bytes, nonces: bytes) -> bytes:
+    return hmac.new(key, side + b"\0" + nonces, hashlib.sha256).digest()
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the store's handshake timed out")
+        sock.settimeout(left)
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the store's handshake was closed")
+        data += chunk
+    return bytes(data)
+
+
+def _prove(sock: socket.socket, key: bytes, deadline: float) -> None:
+    """The dialer's side of the front's handshake: PermissionDenied where the other end does not know the key."""
+    mine = secrets.token_bytes(32)
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    sock.sendall(FRONT_HELLO + mine)
+    answer = _recv_exact(sock, 64, deadline)
+    nonces = mine + answer[:32]
+    if not hmac.compare_digest(answer[32:], _front_mac(key, b"front", nonces)):
+        raise PermissionDenied("the store's address does not know the group's secret")
+    sock.sendall(_front_mac(key, b"rank", nonces))
+
+
+class _StoreFront:
+    """Rank 0's listener on the store's port (the port its peers are told): a connection that passes the handshake
+    (`_prove`'s other side) is forwarded to the store's loopback address `inner`, byte for byte; any other is closed
+    without a byte read past the handshake or sent to the store. Closed with the group (`Group.close`)."""
+
+    def __init__(self, listener: socket.socket, inner: tuple[str, int], key: bytes, size: int) -> None:
+        self.listener, self.inner, self.key = listener, inner, key
+        self.port = listener.getsockname()[1]
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._proved = 0
+        self._limit = size + FRONT_SPARE
+        self._socks: set[socket.socket] = set()
+        threading.Thread(target=self._accept, name="gpupool-store-front", daemon=True).start()
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        with self._lock:
+            socks = list(self._socks)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        self.listener.settimeout(STOP_POLL_SECONDS)
+        try:
+            while not self.closed.is_set():
+                try:
+                    conn, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                with self._lock:
+                    admit = self._pending < MAX_FRONT_PENDING and not self.closed.is_set()
+                    if admit:
+                        self._pending += 1
+                        self._socks.add(conn)
+                if not admit:
+                    conn.close()
+                    continue
+                threading.Thread(target=self._serve, args=(conn,), name="gpupool-store-front", daemon=True).start()
+        except OSError:
+            return
+        finally:
+            self.listener.close()
+
+    def _handshake(self, conn: socket.socket) -> bool:
+        deadline = time.monotonic() + FRONT_HANDSHAKE_SECONDS
+        try:
+            if _recv_exact(conn, len(FRONT_HELLO), deadline) != FRONT_HELLO:  # (a TCPStore client's first query)
+                return False
+            mine = secrets.token_bytes(32)
+            nonces = _recv_exact(conn, 32, deadline) + mine
+            conn.sendall(mine + _front_mac(self.key, b"front", nonces))
+            return hmac.compare_digest(_recv_exact(conn, 32, deadline), _front_mac(self.key, b"rank", nonces))
+        except OSError:
+            return False
+
+    def _serve(self, conn: socket.socket) -> None:
+        inner: socket.socket | None = None
+        proved = False
+        try:
+            ok = self._handshake(conn)
+            with self._lock:
+                self._pending -= 1
+                proved = ok and self._proved < self._limit and not self.closed.is_set()
+                self._proved += proved
+            if not proved:
+                _STORE_LOG.warning("rank 0's store refused a connection that did not prove the group's secret")
+                return
+            inner = socket.create_connection(self.inner, timeout=FRONT_HANDSHAKE_SECONDS)
+            with self._lock:
+                self._socks.add(inner)
+            if self.closed.is_set():
+                return
+            _splice(conn, inner, self.closed.is_set)
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._proved -= proved
+                self._socks.discard(conn)
+                if inner is not None:
+                    self._socks.discard(inner)
+            for sock in (conn, inner):
+                if sock is not None:
+                    sock.close()
+
+
+def _splice(a: socket.socket, b: socket.socket, over: Callable[[], bool]) -> None:
+    """Forward bytes both ways between `a` and `b` until either closes or `over()`."""
+    ends = {a: b, b: a}
+    with selectors.DefaultSelector() as sel:
+        for sock in ends:
+            sock.settimeout(STOP_POLL_SECONDS)
+            sel.register(sock, selectors.EVENT_READ)
+        while not over():
+            for key, _ in sel.select(STOP_POLL_SECONDS):
+                data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+                if not data:
+                    return
+                _send_until(ends[key.fileobj], data, over)  # type: ignore[index]
 
 
 def _check_owner(store: Any, lease_id: str, owner: str, stop: threading.Event, deadline: float) -> None:
@@ -954,10 +1141,11 @@ class Collectives:
                 )
         if rank == 0:
             if size > 1:
-                group.store = seclink.bind_in(
-                    self.own, lambda port: _store_master(self.host, self.store_host, port, size, timeout)
+                group.store, group.front = seclink.bind_in(
+                    self.own,
+                    lambda port: _store_master(self.store_host, port, size, timeout, _front_key(secret), self.own),
                 )
-            port = torch.tensor(group.store.port if size > 1 else 0, dtype=torch.int64)
+            port = torch.tensor(group.front.port if group.front is not None else 0, dtype=torch.int64)
             s.admit(8)
             s.bind(msg.port_handle, port)
         s.group = group
@@ -981,7 +1169,9 @@ class Collectives:
             if group.store is None:
                 try:
                     addresses = _resolve_store(host, port_num)  # once: the IPs checked are the IPs connected to
-                    group.store = _connect_store(addresses, port_num, size, timeout, group.stop, self.own)
+                    group.store = _connect_store(
+                        addresses, port_num, size, timeout, group.stop, self.own, _front_key(secret)
+                    )
                     _check_owner(group.store, s.lease_id, owner, group.stop, deadline)
                 except Exception as exc:
                     # One message, one status, at the group's deadline, whatever the address's state: the daemon

@@ -20,14 +20,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 from gpupool.client.session import Session
-from gpupool.server import seclink
+from gpupool.server import collectives, seclink
 from gpupool.server.collectives import _SignedStore, group_secret
 from support import MiB, TcpRelay, shut
 from test_collectives import collective, join_all
@@ -62,8 +61,9 @@ def sessions_of(
 
 def group_store(port: int, token0: str) -> Any:
     """The group's signed keys in rank 0's store, as a holder of the lease's tokens sees them."""
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
-    secret = group_secret(token0)
+    secret = group_secret(token0)  # (hole53) rank 0's store asks for the group's secret first
+    key = collectives._front_key(secret)
+    store = collectives._connect_store(["127.0.0.1"], port, 2, 10.0, threading.Event(), key=key)
     name = hashlib.sha256(b"gpupool-group-keys:" + secret.encode()).hexdigest()
     return _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode())
 

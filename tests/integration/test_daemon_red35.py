@@ -8,7 +8,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -28,7 +27,8 @@ N = 64
 def _forged_rank(port: int, lease: str, basis: str, transport: str) -> collectives.Group:
     """Rank 1 of a group of two, run in this process (no daemon session): all it needs is the group's secret,
     which the lease's tokens give (a hand-minted lease's: rank 0's token; the scheduler's: their `group` claim)."""
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=10))
+    key = collectives._front_key(collectives.group_secret(basis))  # (hole53) rank 0's store asks for the secret
+    store = collectives._connect_store(["127.0.0.1"], port, 2, 10.0, threading.Event(), key=key)
     owner = hashlib.sha256(b"gpupool-group:" + basis.encode()).hexdigest()
     g = collectives.Group(lease, 1, 2, 10.0, transport)
     g.form(store, owner, collectives.group_secret(basis), "127.0.0.1", torch.device("cpu"))

@@ -526,13 +526,12 @@ def test_a_forged_value_in_a_groups_store_fails_the_join(daemon_factory: DaemonF
     even knows where the group's keys are) and overwrites rank 0's published address does not steer rank 1's
     links to itself: the value's HMAC does not match and the join fails, saying so."""
     import hashlib
+    import threading
     import uuid
-    from datetime import timedelta
 
     import torch
-    import torch.distributed as dist
     from gpupool.server import seclink
-    from gpupool.server.collectives import group_secret
+    from gpupool.server.collectives import _connect_store, _front_key, group_secret
 
     lease = uuid.uuid4().hex
     daemons = [
@@ -551,7 +550,11 @@ def test_a_forged_value_in_a_groups_store_fails_the_join(daemon_factory: DaemonF
     join0 = device_pb2.GroupJoin(rank=0, size=2, tokens=toks, port_handle=h, timeout_seconds=8)
     s0.command(device_pb2.Command(group_join=join0))
     (port,) = s0.sync([h])
-    stranger = dist.TCPStore("127.0.0.1", int(port), is_master=False, timeout=timedelta(seconds=20))
+    # (hole53) rank 0's store forwards only connections that prove the group's secret (one without it:
+    # test_a_connection_without_the_groups_secret_writes_nothing_in_rank_0s_store): this one holds it (a tenant's, or
+    # one who rewrites the proved connection's traffic in flight) but not a rank's MAC over the value it forges
+    key = _front_key(group_secret(toks[0]))
+    stranger = _connect_store(["127.0.0.1"], int(port), 2, 20.0, threading.Event(), key=key)
     name = hashlib.sha256(b"gpupool-group-keys:" + group_secret(toks[0]).encode()).hexdigest()
     # (PrefixStore adds a /) where gloo's rendezvous, or the secure links', keep rank 0's address
     key = f"gpupool/{name}//" + ("0/0" if transport == "gloo" else seclink.HUB_KEY)

@@ -16,6 +16,7 @@ import uuid
 
 import torch
 from gpupool.client.session import Session
+from gpupool.server.collectives import FRONT_HELLO, _front_key, _front_mac, group_secret
 from gpupool.server.seclink import bind_in
 from support import MiB
 
@@ -37,9 +38,11 @@ def _peak_rss() -> int:
 class _HostileStore:
     """A listener in --collective-ports that speaks torch's TCPStore protocol to one client (its constructor's
     validate, ping and add; checks and waits answered "ready") and answers its first `get` with a length of 1 GiB,
-    then waits for the client's side to close (`closed`)."""
+    then waits for the client's side to close (`closed`). (hole53) It first answers the join's proof of the group's
+    secret as rank 0's front does (`key`: the tenant holds the lease's tokens, and so the secret)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes) -> None:
+        self.key = key
         self.listener = socket.socket()
         bind_in(COLLECTIVE_PORTS, lambda port: self.listener.bind(("127.0.0.1", port)))
         self.listener.listen(4)
@@ -72,6 +75,10 @@ class _HostileStore:
 
         with conn:
             try:
+                hello = take(len(FRONT_HELLO) + 32)
+                mine = b"\1" * 32
+                conn.sendall(mine + _front_mac(self.key, b"front", hello[len(FRONT_HELLO) :] + mine))
+                take(32)
                 while True:
                     query = take(1)[0]
                     if query == 0:  # validate
@@ -109,9 +116,9 @@ def test_a_store_s_huge_length_is_refused_by_rank_1_without_the_allocation(daemo
     connection stayed open until the session closed); the join fails at its deadline as at any address that is no
     store, and the session is unharmed."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
-    store = _HostileStore()
     lease = uuid.uuid4().hex
     tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
+    store = _HostileStore(_front_key(group_secret(tokens[0])))
     s = Session.attach(daemon.address, tokens[1])
     try:
         before = _peak_rss()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import torch
 from examples_fixtures import REPO, gpupool_up
 from gpupool.client.native.backend import compiler_missing
 from gpupool.client.session import Session
+from gpupool.server import collectives
 from support import MiB
 from test_collectives import TIMEOUT, collective, join_all
 from test_three_ranks import _ranks
@@ -287,7 +289,8 @@ def test_subgroups_made_and_left_in_a_loop_leave_no_keys_in_rank_0s_store(daemon
 
     try:
         port = join_all(sessions, toks)
-        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
+        key = collectives._front_key(collectives.group_secret(toks[0]))  # (hole53) rank 0's store asks for it
+        store = collectives._connect_store(["127.0.0.1"], port, 2, TIMEOUT, threading.Event(), key=key)
         cycle(1)  # the default group's links formed: count from here
         keys = store.num_keys()
         for number in range(2, 14):
