@@ -47,7 +47,8 @@ def main(rank, world_size, epochs, port, snapshot_path):
         snapshot = torch.load(snapshot_path, map_location=f"cuda:{rank}" if use_cuda else "cpu")
         model.load_state_dict(snapshot["MODEL_STATE"])
         epochs_run = snapshot["EPOCHS_RUN"] + 1
-        print(f"rank {rank} resuming at epoch {epochs_run}", flush=True)
+        # one write with its newline (as the weights' line below): two ranks' lines cannot run together
+        print(f"rank {rank} resuming at epoch {epochs_run}\n", end="", flush=True)
     model = DDP(model, device_ids=[rank] if use_cuda else None)
     for epoch in range(epochs_run, epochs):
         loader.sampler.set_epoch(epoch)
