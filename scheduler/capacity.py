@@ -121,7 +121,7 @@ class Grant:
     units: int
     # (terms53) Bytes counted on the device past the quota: what its session may hold past a quota an operator lowered
     # (`Core.set_terms`) until the lease's older tokens have ended and its daemon reports them freed (`Core.note_kept`).
-    # Not stored (a restarted scheduler counts the quota), not in its tokens.
+    # Stored with its lease (store.py, the `kept` column: terms54), not in its tokens.
     kept_bytes: int = 0
 
     @property

@@ -156,8 +156,10 @@ class Core:
         for lease in leases:
             self.leases[lease.lease_id] = lease
             if lease.state == LeaseState.ACTIVE:
-                self.pool.take(lease.grants)
+                self.pool.take(lease.grants)  # (with the bytes kept past a lowered quota: terms54)
                 self._hold(lease, +1)
+                if any(g.kept_bytes for g in lease.grants):
+                    self.kept_until[lease.lease_id] = lease.kept_until or lease.expires_at
                 # Nobody could renew it while we were down: give its tenant time to do so now.
                 lease.grace_until = now + self.config.outage_grace
             elif lease.expires_at + REVOCATION_SLACK > now:
@@ -518,10 +520,14 @@ class Core:
                         f"these terms add {more / SHARE_UNITS:.3g}: past its limit of {limit:g} (--tenant-max-share); "
                         "nothing changed"
                     )
-            self.write(Change(leases=[dataclasses.replace(lease, grants=grants)]))
+            # (the tokens minted before now end at the lease's end of now; stored with the kept bytes: terms54)
+            kept = any(g.kept_bytes for g in grants)
+            until = max(self.kept_until.get(lease_id, 0.0), lease.expires_at) if kept else 0.0
+            self.write(Change(leases=[dataclasses.replace(lease, grants=grants, kept_until=until)]))
             self._regrant(lease, grants)
-            if any(g.kept_bytes for g in grants):  # (the tokens minted before now end at the lease's end of now)
-                self.kept_until[lease_id] = max(self.kept_until.get(lease_id, 0.0), lease.expires_at)
+            lease.kept_until = until
+            if until:
+                self.kept_until[lease_id] = until
             self.events.lease_event("changed")
             log.info(
                 "lease %s of tenant %r: terms set to %s",
@@ -603,7 +609,13 @@ class Core:
                     for g in lease.grants
                 ]
                 if grants != lease.grants:
+                    stored = lease.kept_until if any(g.kept_bytes for g in grants) else 0.0
+                    try:  # (stored first, as every change: a restart must not count more, nor less - terms54)
+                        self.write(Change(leases=[dataclasses.replace(lease, grants=grants, kept_until=stored)]))
+                    except Unavailable:
+                        continue  # (counted as it was; the next heartbeat tries again)
                     self._regrant(lease, grants)
+                    lease.kept_until = stored
                     freed = True
             if freed:
                 self.serve_waiters()
