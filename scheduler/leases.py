@@ -508,6 +508,9 @@ class Core:
             if lease.state != LeaseState.ACTIVE:
                 raise FailedPrecondition(f"lease {lease_id} is {lease.state}: its terms are those it ended with")
             grants = [self._new_terms(g, fraction, memory_bytes, share) for g in lease.grants]
+            for old, new in zip(lease.grants, grants, strict=True):
+                if new.quota_bytes > old.held_bytes:  # (a raise: it must fit what the device has free, terms54)
+                    self._check_measured(lease, new)
             more = sum(g.units for g in grants) - sum(g.units for g in lease.grants)
             limit = self.config.tenant_max_share
             if more > 0 and limit > 0:
@@ -566,6 +569,34 @@ class Core:
                 "nothing changed"
             )
         return Grant(g.host_id, g.device, quota, units, kept)
+
+    def _check_measured(self, lease: LeaseRecord, g: Grant) -> None:
+        """(terms54) ResourceExhausted unless `lease`'s raised quota `g` fits its device's free memory as the daemon
+        last measured it (`PoolDevice.measured_free`: a real GPU's driver's count, where memory outside the pool is
+        not free - other processes, CUDA contexts; a fake GPU's capacity less its sessions' bytes): what this lease
+        may still grow by (its quota less what its sessions hold) and what every other lease on the device was
+        promised and does not hold yet (their `held_bytes` less their use; a lease using more than it holds leaves
+        nothing) must both fit it. Not measured (an older daemon, a real GPU whose daemon holds no CUDA context, no
+        heartbeat since a restart): the books alone (`_new_terms`)."""
+        dev = self.pool.device(g.key)
+        if dev is None or dev.measured_free is None:
+            return
+        used = dev.lease_used
+        grow = max(0, g.quota_bytes - used.get(lease.lease_id, 0))
+        others = sum(
+            max(0, o.held_bytes - used.get(x.lease_id, 0))
+            for x in self.active_on(g.host_id)
+            if x is not lease
+            for o in x.grants
+            if o.key == g.key
+        )
+        if grow + others > dev.measured_free:
+            raise ResourceExhausted(
+                f"device {g.device} of host {g.host_id!r} has {format_size(dev.measured_free)} free by its daemon's "
+                f"last measure, {format_size(others)} of it promised to other leases: a quota of "
+                f"{format_size(g.quota_bytes)} (this lease's sessions hold {format_size(used.get(lease.lease_id, 0))}) "
+                "does not fit; nothing changed"
+            )
 
     def _regrant(self, lease: LeaseRecord, grants: list[Grant]) -> None:
         """Replace an active lease's grants in the pool's accounting and its tenant's (the lock held)."""

@@ -632,3 +632,21 @@ def test_the_bytes_kept_past_a_lowered_quota_stay_counted_across_a_restart(tmp_p
     last.allocate(Request(1, memory_bytes=4 * GiB), tenant="carol")
     third.disown()
     assert allocated(Core(SqliteStore(path), KEY, CoreConfig()))[dev] == (7 * GiB, 875_000)
+
+
+def test_a_raise_must_fit_what_the_daemon_measures_free_beside_a_lease_using_more_than_its_promise() -> None:
+    """terms54. One 8 GiB device: alice's half, bob's quarter (2 GiB) whose sessions hold 3 GiB (a daemon reporting
+    more used than promised); measured free 5 GiB. Alice to 6 GiB fits the books (6 + 2) but not the device: 6 GiB
+    to grow into, 5 free (bob's promise is all in use, and then some): RESOURCE_EXHAUSTED, nothing changed; 5 GiB fits.
+    Unmeasured (None), the books alone. On 1ddcc310 the heartbeat carried no measure and the 6 GiB went through."""
+    core = core_with(hosts=1)
+    alice = core.allocate(half(), tenant="alice")
+    bob = core.allocate(Request(1, fraction=0.25), tenant="bob")
+    core.hosts.heartbeat("h0", [bob.lease_id], {0: 3 * GiB}, False, measured={0: (5 * GiB, {bob.lease_id: 3 * GiB})})
+    with pytest.raises(ResourceExhausted, match=r"has 5\.0GiB free by its daemon's last measure, 0B of it promised"):
+        core.set_terms(alice.lease_id, memory_bytes=6 * GiB, share=0.5)
+    assert allocated(core)[("h0", 0)] == (6 * GiB, 750_000)
+    core.set_terms(alice.lease_id, memory_bytes=5 * GiB, share=0.5)
+    core.hosts.heartbeat("h0", [bob.lease_id], {0: 3 * GiB}, False, measured={0: (None, {bob.lease_id: 3 * GiB})})
+    core.set_terms(alice.lease_id, memory_bytes=6 * GiB, share=0.5)
+    assert allocated(core)[("h0", 0)] == (8 * GiB, 750_000)
