@@ -317,7 +317,9 @@ class CudaDevice(Device):
         if not own_context:
             return None
         try:
-            return int(torch.cuda.mem_get_info(self._device)[0])
+            free = torch.cuda.mem_get_info(self._device)[0]
+            # (the blocks this process's caching allocator holds free are the sessions' to take as well)
+            return int(free + torch.cuda.memory_reserved(self._device) - torch.cuda.memory_allocated(self._device))
         except Exception:  # noqa: BLE001 - a driver that cannot say: not measured (the scheduler keeps its books)
             log.debug("free memory of %s not measured", self, exc_info=True)
             return None
