@@ -489,8 +489,8 @@ class Core:
         `Daemon.refresh`: a quota below what a session holds refuses its allocations, and takes nothing). The share
         a lowering gives back serves the waiting requests at once; its memory once the session cannot hold it any
         more (`Grant.kept_bytes`, `note_kept`). Refused, nothing changed: more than a device's free memory or share
-        beside what the lease holds on it, or past the tenant's --tenant-max-share (RESOURCE_EXHAUSTED); a lease
-        not active (FAILED_PRECONDITION)."""
+        beside what the lease holds on it, a raise past the memory its daemon measures free (`_check_measured`), or
+        past the tenant's --tenant-max-share (RESOURCE_EXHAUSTED); a lease not active (FAILED_PRECONDITION)."""
         if fraction is None and memory_bytes is None and share is None:
             raise InvalidArgument("give the lease's new fraction, memory or share")
         if fraction is not None and memory_bytes is not None:
