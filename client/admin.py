@@ -8,8 +8,9 @@
 
 `gpupool lease terms LEASE... | --tenant NAME (--fraction F | --memory SIZE) [--share S]` (operators) changes active
 leases' terms: the scheduler accounts them at once (refused, nothing changed, where they do not fit a device beside
-its other leases: RESOURCE_EXHAUSTED), the next renewal's tokens carry them, and the sessions hold them from that
-refresh on (a quota below what a session holds refuses its allocations until it frees below it; nothing is taken).
+its other leases, or a raise does not fit the free memory its daemon measures: RESOURCE_EXHAUSTED), the next renewal's
+tokens carry them, and the sessions hold them from that refresh on (a quota below what a session holds refuses its
+allocations until it frees below it; nothing is taken).
 
 `gpupool lease release LEASE... | --tenant NAME` ends leases now: their capacity goes back, their daemons close
 their sessions and refuse their tokens at their next heartbeat. An operator's way to end the leases of a tenant
@@ -81,7 +82,7 @@ def lease_main(argv: list[str]) -> int:
         prog="gpupool lease",
         description="End leases now (operators: any tenant's; tenants: their own), or change their terms (operators: "
         "`terms`, a new quota and share on each of their devices, which their sessions hold from the lease's next "
-        "renewal on).",
+        "renewal on; a raise must fit beside the device's other leases and the free memory its daemon measures).",
     )
     p.add_argument("action", choices=("release", "terms"), help="what to do with the leases")
     p.add_argument("leases", nargs="*", help="lease ids, or prefixes that name one (as `gpupool smi` shows them)")

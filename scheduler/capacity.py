@@ -9,7 +9,7 @@ placement never has to skip over a dead host.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -61,6 +61,10 @@ class PoolDevice:
     # the leases of the sessions on it, as last reported by the daemon (its heartbeat's; "" for an id no lease has):
     # ListPool shows a tenant `used_bytes` only where they are all its own (free51)
     session_leases: frozenset[str] = frozenset()
+    # (terms54) its free memory as the daemon last measured it (`DeviceUsage.free_bytes`; None: not measured) and the
+    # bytes each lease's sessions held then (by lease id): a raised quota must fit them (leases.py `Core._new_terms`)
+    measured_free: int | None = None
+    lease_used: Mapping[str, int] = field(default_factory=dict)
 
     gpu: str = field(init=False, repr=False, compare=False)  # the physical GPU: `physical_gpu`
 
@@ -121,7 +125,7 @@ class Grant:
     units: int
     # (terms53) Bytes counted on the device past the quota: what its session may hold past a quota an operator lowered
     # (`Core.set_terms`) until the lease's older tokens have ended and its daemon reports them freed (`Core.note_kept`).
-    # Not stored (a restarted scheduler counts the quota), not in its tokens.
+    # Stored with its lease (store.py, the `kept` column: terms54), not in its tokens.
     kept_bytes: int = 0
 
     @property

@@ -276,6 +276,7 @@ class HostBook:
         until: dict[str, float] | None = None,
         address: str = "",
         leases_on: Mapping[int, frozenset[str]] | None = None,
+        measured: Mapping[int, tuple[int | None, Mapping[str, int]]] | None = None,
     ) -> tuple[list[str], bool]:
         """Record liveness and usage; returns (leases to revoke, whether the host must register again). `until`
         is given, for each lease revoked, until when one of its tokens may be presented (`HeartbeatReply`): a
@@ -285,7 +286,9 @@ class HostBook:
         while it was silent: it must register again, and takes neither the host's revocations nor its liveness.
         Until the round 44 review such a daemon, resumed, took the revocations due to the one that took over (each
         is told once): a lease released then still attached there. `leases_on`: each device's sessions' leases (the
-        heartbeat's sessions; None: not known, left as they were), kept with its usage (`PoolDevice.session_leases`)."""
+        heartbeat's sessions; None: not known, left as they were), kept with its usage (`PoolDevice.session_leases`).
+        `measured` (terms54): each device's measured free memory (None: not measured) and its leases' bytes in use
+        (`PoolDevice.measured_free`, `lease_used`); None: left as they were."""
         with self.lock:
             host = self.pool.hosts.get(host_id)
             if host is None or host.state == HostState.DOWN or (address and address != host.address):
@@ -297,6 +300,8 @@ class HostBook:
                     dev.used_bytes = used
                     if leases_on is not None:
                         dev.session_leases = leases_on.get(index, frozenset())
+                    if measured is not None:
+                        dev.measured_free, dev.lease_used = measured.get(index, (None, {}))
             want = _heartbeat_state(host, draining)
             if host.state != want:
                 self.lease_book.write(Change(hosts=[dataclasses.replace(host, state=want)]))

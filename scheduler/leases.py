@@ -156,8 +156,10 @@ class Core:
         for lease in leases:
             self.leases[lease.lease_id] = lease
             if lease.state == LeaseState.ACTIVE:
-                self.pool.take(lease.grants)
+                self.pool.take(lease.grants)  # (with the bytes kept past a lowered quota: terms54)
                 self._hold(lease, +1)
+                if any(g.kept_bytes for g in lease.grants):
+                    self.kept_until[lease.lease_id] = lease.kept_until or lease.expires_at
                 # Nobody could renew it while we were down: give its tenant time to do so now.
                 lease.grace_until = now + self.config.outage_grace
             elif lease.expires_at + REVOCATION_SLACK > now:
@@ -487,8 +489,8 @@ class Core:
         `Daemon.refresh`: a quota below what a session holds refuses its allocations, and takes nothing). The share
         a lowering gives back serves the waiting requests at once; its memory once the session cannot hold it any
         more (`Grant.kept_bytes`, `note_kept`). Refused, nothing changed: more than a device's free memory or share
-        beside what the lease holds on it, or past the tenant's --tenant-max-share (RESOURCE_EXHAUSTED); a lease
-        not active (FAILED_PRECONDITION)."""
+        beside what the lease holds on it, a raise past the memory its daemon measures free (`_check_measured`), or
+        past the tenant's --tenant-max-share (RESOURCE_EXHAUSTED); a lease not active (FAILED_PRECONDITION)."""
         if fraction is None and memory_bytes is None and share is None:
             raise InvalidArgument("give the lease's new fraction, memory or share")
         if fraction is not None and memory_bytes is not None:
@@ -506,6 +508,9 @@ class Core:
             if lease.state != LeaseState.ACTIVE:
                 raise FailedPrecondition(f"lease {lease_id} is {lease.state}: its terms are those it ended with")
             grants = [self._new_terms(g, fraction, memory_bytes, share) for g in lease.grants]
+            for old, new in zip(lease.grants, grants, strict=True):
+                if new.quota_bytes > old.held_bytes:  # (a raise: it must fit what the device has free, terms54)
+                    self._check_measured(lease, new)
             more = sum(g.units for g in grants) - sum(g.units for g in lease.grants)
             limit = self.config.tenant_max_share
             if more > 0 and limit > 0:
@@ -518,10 +523,14 @@ class Core:
                         f"these terms add {more / SHARE_UNITS:.3g}: past its limit of {limit:g} (--tenant-max-share); "
                         "nothing changed"
                     )
-            self.write(Change(leases=[dataclasses.replace(lease, grants=grants)]))
+            # (the tokens minted before now end at the lease's end of now; stored with the kept bytes: terms54)
+            kept = any(g.kept_bytes for g in grants)
+            until = max(self.kept_until.get(lease_id, 0.0), lease.expires_at) if kept else 0.0
+            self.write(Change(leases=[dataclasses.replace(lease, grants=grants, kept_until=until)]))
             self._regrant(lease, grants)
-            if any(g.kept_bytes for g in grants):  # (the tokens minted before now end at the lease's end of now)
-                self.kept_until[lease_id] = max(self.kept_until.get(lease_id, 0.0), lease.expires_at)
+            lease.kept_until = until
+            if until:
+                self.kept_until[lease_id] = until
             self.events.lease_event("changed")
             log.info(
                 "lease %s of tenant %r: terms set to %s",
@@ -560,6 +569,34 @@ class Core:
                 "nothing changed"
             )
         return Grant(g.host_id, g.device, quota, units, kept)
+
+    def _check_measured(self, lease: LeaseRecord, g: Grant) -> None:
+        """(terms54) ResourceExhausted unless `lease`'s raised quota `g` fits its device's free memory as the daemon
+        last measured it (`PoolDevice.measured_free`: a real GPU's driver's count, where memory outside the pool is
+        not free - other processes, CUDA contexts; a fake GPU's capacity less its sessions' bytes): what this lease
+        may still grow by (its quota less what its sessions hold) and what every other lease on the device was
+        promised and does not hold yet (their `held_bytes` less their use; a lease using more than it holds leaves
+        nothing) must both fit it. Not measured (an older daemon, a real GPU whose daemon holds no CUDA context, no
+        heartbeat since a restart): the books alone (`_new_terms`)."""
+        dev = self.pool.device(g.key)
+        if dev is None or dev.measured_free is None:
+            return
+        used = dev.lease_used
+        grow = max(0, g.quota_bytes - used.get(lease.lease_id, 0))
+        others = sum(
+            max(0, o.held_bytes - used.get(x.lease_id, 0))
+            for x in self.active_on(g.host_id)
+            if x is not lease
+            for o in x.grants
+            if o.key == g.key
+        )
+        if grow + others > dev.measured_free:
+            raise ResourceExhausted(
+                f"device {g.device} of host {g.host_id!r} has {format_size(dev.measured_free)} free by its daemon's "
+                f"last measure, {format_size(others)} of it promised to other leases: a quota of "
+                f"{format_size(g.quota_bytes)} (this lease's sessions hold {format_size(used.get(lease.lease_id, 0))}) "
+                "does not fit; nothing changed"
+            )
 
     def _regrant(self, lease: LeaseRecord, grants: list[Grant]) -> None:
         """Replace an active lease's grants in the pool's accounting and its tenant's (the lock held)."""
@@ -603,7 +640,13 @@ class Core:
                     for g in lease.grants
                 ]
                 if grants != lease.grants:
+                    stored = lease.kept_until if any(g.kept_bytes for g in grants) else 0.0
+                    try:  # (stored first, as every change: a restart must not count more, nor less - terms54)
+                        self.write(Change(leases=[dataclasses.replace(lease, grants=grants, kept_until=stored)]))
+                    except Unavailable:
+                        continue  # (counted as it was; the next heartbeat tries again)
                     self._regrant(lease, grants)
+                    lease.kept_until = stored
                     freed = True
             if freed:
                 self.serve_waiters()

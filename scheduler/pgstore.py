@@ -31,9 +31,10 @@ CREATE TABLE IF NOT EXISTS gpupool_hosts (
 CREATE TABLE IF NOT EXISTS gpupool_leases (
   lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
   expires_at DOUBLE PRECISION NOT NULL, ttl DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL,
-  ended_at DOUBLE PRECISION NOT NULL, cert TEXT NOT NULL DEFAULT ''
+  ended_at DOUBLE PRECISION NOT NULL, cert TEXT NOT NULL DEFAULT '', kept TEXT NOT NULL DEFAULT ''
 );
 ALTER TABLE gpupool_leases ADD COLUMN IF NOT EXISTS cert TEXT NOT NULL DEFAULT '';
+ALTER TABLE gpupool_leases ADD COLUMN IF NOT EXISTS kept TEXT NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS gpupool_revoked_certs (
   fingerprint TEXT PRIMARY KEY, revoked_at DOUBLE PRECISION NOT NULL, note TEXT NOT NULL
 );
@@ -97,10 +98,11 @@ class PostgresStore:
                 )
             if lease_rows:
                 cur.executemany(
-                    f"INSERT INTO gpupool_leases ({LEASE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    f"INSERT INTO gpupool_leases ({LEASE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (lease_id) DO UPDATE SET tenant = EXCLUDED.tenant, state = EXCLUDED.state, "
                     "grants = EXCLUDED.grants, expires_at = EXCLUDED.expires_at, ttl = EXCLUDED.ttl, "
-                    "created_at = EXCLUDED.created_at, ended_at = EXCLUDED.ended_at, cert = EXCLUDED.cert",
+                    "created_at = EXCLUDED.created_at, ended_at = EXCLUDED.ended_at, cert = EXCLUDED.cert, "
+                    "kept = EXCLUDED.kept",
                     lease_rows,
                 )
             if forget_rows:

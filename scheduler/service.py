@@ -135,12 +135,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
         on: dict[int, set[str]] = {}  # each device's sessions' leases ("": an id longer than any lease's)
+        by: dict[int, dict[str, int]] = {}  # (terms54) each device's leases' bytes in use
         for x in request.sessions:
-            on.setdefault(x.device, set()).add(x.lease_id if len(x.lease_id) <= MAX_ID_LENGTH else "")
+            lease_id = x.lease_id if len(x.lease_id) <= MAX_ID_LENGTH else ""
+            on.setdefault(x.device, set()).add(lease_id)
+            mine = by.setdefault(x.device, {})
+            mine[lease_id] = mine.get(lease_id, 0) + x.used_bytes
+        measured = {d.info.index: (d.free_bytes if d.HasField("free_bytes") else None, by.get(d.info.index, {}))
+                    for d in request.devices}  # fmt: skip
         until: dict[str, float] = {}
         revoked, again = self.core.hosts.heartbeat(
             request.host_id, leases, used, request.draining, until, address=request.address,
-            leases_on={i: frozenset(x) for i, x in on.items()},
+            leases_on={i: frozenset(x) for i, x in on.items()}, measured=measured,
         )  # fmt: skip
         if foreign and not again:
             revoked = sorted(foreign.union(revoked))

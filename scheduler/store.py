@@ -52,6 +52,10 @@ class LeaseRecord:
     # fingerprints_der`), space-separated; "" for none (an API token, an operator's lease for a named tenant, a lease
     # from before round 46). Its tokens carry the first (`TokenClaims.cert`); revoking any of them ends the lease.
     cert: str = ""
+    # (terms54) Until when a token minted before an operator lowered its quota may live (0: none such): its grants'
+    # `kept_bytes` stay counted until then (leases.py `Core.note_kept`). Stored with them (the `kept` column), so that
+    # a restarted scheduler does not promise another lease the bytes its session may still hold.
+    kept_until: float = 0.0
 
     @property
     def cert_fingerprints(self) -> list[str]:
@@ -148,7 +152,7 @@ CREATE TABLE IF NOT EXISTS hosts (
 CREATE TABLE IF NOT EXISTS leases (
   lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
   expires_at REAL NOT NULL, ttl REAL NOT NULL, created_at REAL NOT NULL, ended_at REAL NOT NULL,
-  cert TEXT NOT NULL DEFAULT ''
+  cert TEXT NOT NULL DEFAULT '', kept TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS revoked_certs (
   fingerprint TEXT PRIMARY KEY, revoked_at REAL NOT NULL, note TEXT NOT NULL
@@ -157,7 +161,7 @@ CREATE TABLE IF NOT EXISTS revoked_certs (
 
 
 HOST_COLUMNS = "host_id, address, state, labels, devices, cordoned"
-LEASE_COLUMNS = "lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at, cert"
+LEASE_COLUMNS = "lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at, cert, kept"
 
 
 def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[LeaseRecord]]:
@@ -171,20 +175,25 @@ def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list
             for d in json.loads(devices)
         }
         hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), HostState(state), cordoned=bool(cordoned)))
-    leases = [
-        LeaseRecord(
-            lease_id,
-            tenant,
-            [Grant(str(h), int(d), int(q), int(u)) for h, d, q, u in json.loads(grants)],
-            expires_at,
-            ttl,
-            created_at,
-            LeaseState(state),
-            ended_at,
-            cert=str(cert or ""),
+    leases = []
+    for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at, cert, kept in lease_rows:
+        until, held = json.loads(kept) if kept else (0.0, [])  # (none kept, or a row from before round 54)
+        rows = json.loads(grants)
+        held = [int(n) for n in held] + [0] * (len(rows) - len(held))
+        leases.append(
+            LeaseRecord(
+                lease_id,
+                tenant,
+                [Grant(str(h), int(d), int(q), int(u), n) for (h, d, q, u), n in zip(rows, held, strict=False)],
+                expires_at,
+                ttl,
+                created_at,
+                LeaseState(state),
+                ended_at,
+                cert=str(cert or ""),
+                kept_until=float(until),
+            )
         )
-        for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at, cert in lease_rows
-    ]
     return hosts, leases
 
 
@@ -196,9 +205,13 @@ def _host_row(h: Host) -> tuple[str, str, str, str, str, int]:
     return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices), int(h.cordoned))
 
 
-def _lease_row(x: LeaseRecord) -> tuple[str, str, str, str, float, float, float, float, str]:
+def _lease_row(x: LeaseRecord) -> tuple[str, str, str, str, float, float, float, float, str, str]:
     grants = [[g.host_id, g.device, g.quota_bytes, g.units] for g in x.grants]
-    return (x.lease_id, x.tenant, x.state, json.dumps(grants), x.expires_at, x.ttl, x.created_at, x.ended_at, x.cert)
+    # (terms54) [until, each grant's kept bytes] where any are kept; "" else (what an older row reads as)
+    kept = json.dumps([x.kept_until, [g.kept_bytes for g in x.grants]]) if any(g.kept_bytes for g in x.grants) else ""
+    return (
+        x.lease_id, x.tenant, x.state, json.dumps(grants), x.expires_at, x.ttl, x.created_at, x.ended_at, x.cert, kept
+    )  # fmt: skip
 
 
 class SqliteStore:
@@ -215,8 +228,11 @@ class SqliteStore:
         self._db.executescript(_SCHEMA)
         if "cordoned" not in {row[1] for row in self._db.execute("PRAGMA table_info(hosts)")}:  # an older file
             self._db.execute("ALTER TABLE hosts ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0")
-        if "cert" not in {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}:  # before round 46
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
+        if "cert" not in columns:  # before round 46
             self._db.execute("ALTER TABLE leases ADD COLUMN cert TEXT NOT NULL DEFAULT ''")
+        if "kept" not in columns:  # before round 54
+            self._db.execute("ALTER TABLE leases ADD COLUMN kept TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
 
     def load(self) -> tuple[list[Host], list[LeaseRecord]]:
@@ -243,7 +259,7 @@ class SqliteStore:
                     )
                 if lease_rows:
                     self._db.executemany(
-                        f"INSERT OR REPLACE INTO leases ({LEASE_COLUMNS}) VALUES ({', '.join('?' * 9)})", lease_rows
+                        f"INSERT OR REPLACE INTO leases ({LEASE_COLUMNS}) VALUES ({', '.join('?' * 10)})", lease_rows
                     )
                 if forget_rows:
                     self._db.executemany("DELETE FROM leases WHERE lease_id = ?", forget_rows)

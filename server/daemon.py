@@ -1274,12 +1274,14 @@ class Daemon:
             for s in self.session_list()
         ]
         busy = self.ledger.snapshot()["device_busy"]
-        devs = [
-            device_pb2.DeviceUsage(
-                info=d.info(), used_bytes=self.memory[d.index].used, busy_seconds=busy.get(d.index, 0.0)
-            )
-            for d in self.device_list
-        ]
+        devs = []
+        for d in self.device_list:
+            used = self.memory[d.index].used
+            u = device_pb2.DeviceUsage(info=d.info(), used_bytes=used, busy_seconds=busy.get(d.index, 0.0))
+            free = d.measured_free(used, self.config.isolation == "thread")  # (terms54: what a raise must fit)
+            if free is not None:
+                u.free_bytes = free
+            devs.append(u)
         return sessions, devs
 
     def draining(self) -> bool:
@@ -1445,6 +1447,7 @@ class Daemon:
             sessions = [u for u in sessions if sees(u)]
             for d in devs:
                 d.used_bytes = sum(u.used_bytes for u in sessions if u.device == d.info.index)
+                d.ClearField("free_bytes")  # (terms54: the device's free memory would tell the others' use)
                 d.busy_seconds = sum(u.busy_seconds for u in sessions if u.device == d.info.index)
         return device_pb2.StatusReply(host_id=self.host_id, devices=devs, sessions=sessions, draining=self._draining)
 

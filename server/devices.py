@@ -74,6 +74,11 @@ class Device(ABC):
         """The generator state right after `torch.manual_seed(seed)` on this kind of device."""
         return torch.Generator().manual_seed(seed).get_state()
 
+    def measured_free(self, used: int, own_context: bool) -> int | None:
+        """(terms54) The device's free memory as measured (the heartbeat's `DeviceUsage.free_bytes`), `used` being
+        what its sessions hold by the daemon's count; None where not measured. A fake GPU's bound is its capacity."""
+        return max(0, self.capacity - used)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.index}, {self.model!r}, {self.capacity} bytes)"
 
@@ -304,6 +309,20 @@ class CudaDevice(Device):
             torch.cuda.device(dev),
             RUN_AHEAD_SET,
         )
+
+    def measured_free(self, used: int, own_context: bool) -> int | None:
+        """The driver's free memory of the GPU (what every process on it leaves: contexts, caching allocators, other
+        programs), where this process holds a CUDA context of its own (`own_context`: sessions run in it, `--isolation
+        thread`); else None: asking the driver would make one here, itself hundreds of MiB of every GPU."""
+        if not own_context:
+            return None
+        try:
+            free = torch.cuda.mem_get_info(self._device)[0]
+            # (the blocks this process's caching allocator holds free are the sessions' to take as well)
+            return int(free + torch.cuda.memory_reserved(self._device) - torch.cuda.memory_allocated(self._device))
+        except Exception:  # noqa: BLE001 - a driver that cannot say: not measured (the scheduler keeps its books)
+            log.debug("free memory of %s not measured", self, exc_info=True)
+            return None
 
     def get_rng_state(self) -> torch.Tensor:
         return torch.cuda.get_rng_state(self._device)

@@ -294,8 +294,15 @@ class DeviceUsage(_message.Message):
     INFO_FIELD_NUMBER: _builtins.int
     USED_BYTES_FIELD_NUMBER: _builtins.int
     BUSY_SECONDS_FIELD_NUMBER: _builtins.int
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
     used_bytes: _builtins.int
     busy_seconds: _builtins.float
+    free_bytes: _builtins.int
+    """(terms54) The device's free memory as its daemon measures it: a real GPU's driver's count (memory other processes,
+    CUDA contexts and caching allocators hold is not free), a fake GPU's capacity less its sessions' bytes. Unset:
+    not measured (an older daemon; a real GPU whose daemon holds no CUDA context of its own). The scheduler holds a
+    lease's raised quota to it (SetLeaseTerms); a tenant's Status never carries it (it would tell its co-tenants' use).
+    """
     @_builtins.property
     def info(self) -> Global___DeviceInfo: ...
     def __init__(
@@ -304,12 +311,15 @@ class DeviceUsage(_message.Message):
         info: Global___DeviceInfo | None = ...,
         used_bytes: _builtins.int = ...,
         busy_seconds: _builtins.float = ...,
+        free_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_free_bytes", b"_free_bytes", "free_bytes", b"free_bytes", "info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "info", b"info", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_free_bytes", b"_free_bytes", "busy_seconds", b"busy_seconds", "free_bytes", b"free_bytes", "info", b"info", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__free_bytes: _TypeAlias = _typing.Literal["free_bytes"]  # noqa: Y015
+    _WhichOneofArgType__free_bytes: _TypeAlias = _typing.Literal["_free_bytes", b"_free_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__free_bytes) -> _WhichOneofReturnType__free_bytes | None: ...
 
 Global___DeviceUsage: _TypeAlias = DeviceUsage  # noqa: Y015
 

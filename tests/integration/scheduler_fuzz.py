@@ -191,7 +191,8 @@ class Fuzzer:
         if method == "Register":
             return "h1", scheduler_pb2.RegisterRequest(host_id="h1", address="127.0.0.1:4001", devices=devices("h1"))
         if method == "Heartbeat":
-            usage = [device_pb2.DeviceUsage(info=d, used_bytes=1) for d in devices("h1")]
+            free = self.rng.choice([0, 1, 2**64 - 1])  # (terms54: the measured free memory a raise must fit)
+            usage = [device_pb2.DeviceUsage(info=d, used_bytes=1, free_bytes=free) for d in devices("h1")]
             sessions = [device_pb2.SessionUsage(lease_id=self.mine[-1])] if self.mine else []
             return "h1", scheduler_pb2.HeartbeatRequest(host_id="h1", sessions=sessions, devices=usage)
         if method == "Allocate":

@@ -274,6 +274,7 @@ def test_registration_source_protocol(daemon: Any) -> None:
         sessions, devices = source.usage()
         assert [(x.lease_id, x.tenant, x.share, x.used_bytes) for x in sessions] == [("L9", "team", 0.5, 1024)]
         assert devices[0].used_bytes == 1024 and source.devices()[0].fake
+        assert devices[0].free_bytes == devices[0].info.memory_bytes - 1024  # (terms54: a fake GPU's own bound)
         assert source.host_id == daemon.host_id and not source.draining()
 
 

@@ -330,6 +330,12 @@ def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_f
         s.free([h])
         s.sync()
         wait_until(lambda: _pool_terms(ops)[1] == (6 * MiB, 0.375), 60, what="her memory freed, heartbeated")
+        # (terms54) the daemon measures its fake GPU's free memory (16 MiB less bob's 1), to the scheduler only
+        assert core.pool.device((HOST, 0)).measured_free == 15 * MiB  # type: ignore[union-attr]
+        mine = device_pb2_grpc.DeviceStub(s._channel).Status(
+            device_pb2.StatusRequest(), timeout=30, metadata=((protocol.SESSION_METADATA, s.session_id),)
+        )
+        assert [d.HasField("free_bytes") for d in mine.devices] == [False]
 
         changed = ops.set_lease_terms(a_pb.lease_id, memory_bytes=12 * MiB, share=0.75)
         assert [(d.quota_bytes, d.share, d.token) for d in changed.devices] == [(12 * MiB, 0.75, "")]
@@ -356,4 +362,48 @@ def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_f
         assert (b.quota_bytes, _limits(b), _share(b)) == (4 * MiB, (MiB, 4 * MiB), 0.25)
         assert torch.equal(b.download(bh), torch.ones(MiB // 4))
     for c in (alice, bob, ops):
+        c.close()
+
+
+def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool) -> None:
+    """terms54. A 16 MiB device (registered and heartbeated over the wire with the host's certificate, as a daemon
+    does): alice's half (8 MiB), bob's quarter (4 MiB) holding 1 MiB. A heartbeat without a measure (an older daemon):
+    the books alone, alice raised to 10 MiB. Its daemon then measures 5 MiB free (another process holds 10 MiB outside
+    the pool): raising alice to 12 MiB (the books' room: 12 + 4 = 16) is refused, RESOURCE_EXHAUSTED naming the free
+    memory and bob's 3 MiB promised and not yet used; nothing changed. Measured 14 MiB free: 12 + 3 > 14, refused;
+    15 MiB: it fits. On 1ddcc310 a raise was checked against the books alone (the 12 MiB went through with 5 MiB
+    free) and a heartbeat had no free memory to carry."""
+    host = pool.client("host", HOST)
+    ops, alice, bob = pool.client("admin", "ops"), pool.client("tenant", "alice"), pool.client("tenant", "bob")
+    info = device_pb2.DeviceInfo(index=0, uuid="GPU-terms54", model="fake", memory_bytes=16 * MiB, fake=True)
+    host._call("Register", scheduler_pb2.RegisterRequest(host_id=HOST, address="127.0.0.1:1", devices=[info]))
+    a_pb = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    b_pb = bob.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25))
+
+    def beat(free: int | None) -> None:
+        usage = device_pb2.DeviceUsage(info=info, used_bytes=MiB)
+        if free is not None:
+            usage.free_bytes = free
+        bobs = device_pb2.SessionUsage(lease_id=b_pb.lease_id, device=0, tenant="bob", used_bytes=MiB)
+        reply = host._call("Heartbeat", scheduler_pb2.HeartbeatRequest(host_id=HOST, sessions=[bobs], devices=[usage],
+                                                                       address="127.0.0.1:1"))  # fmt: skip
+        assert not reply.reregister and not reply.revoked_leases
+
+    beat(None)
+    ops.set_lease_terms(a_pb.lease_id, memory_bytes=10 * MiB, share=0.5)
+    before = ({"alice": (10 * MiB, 0.5), "bob": (4 * MiB, 0.25)}, (14 * MiB, 0.75))
+    assert _pool_terms(ops) == before
+    for free in (5 * MiB, 14 * MiB):
+        beat(free)
+        with pytest.raises(errors.ResourceExhausted) as refused:
+            ops.set_lease_terms(a_pb.lease_id, memory_bytes=12 * MiB, share=0.5)
+        assert (
+            f"has {free // MiB}.0MiB free by its daemon's last measure, 3.0MiB of it promised to other leases: a quota "
+            "of 12.0MiB (this lease's sessions hold 0B) does not fit; nothing changed" in refused.value.message
+        ), refused.value.message
+        assert _pool_terms(ops) == before
+    beat(15 * MiB)
+    ops.set_lease_terms(a_pb.lease_id, memory_bytes=12 * MiB, share=0.5)
+    assert _pool_terms(ops)[1] == (16 * MiB, 0.75)
+    for c in (host, ops, alice, bob):
         c.close()

@@ -593,3 +593,60 @@ def test_new_terms_are_refused_past_the_tenants_limit_or_for_a_lease_not_active_
     with pytest.raises(FailedPrecondition, match="released: its terms are those it ended with"):
         core.set_terms(one.lease_id, fraction=0.5)
     assert core.held_units["alice"] == 500_000
+
+
+def test_the_bytes_kept_past_a_lowered_quota_stay_counted_across_a_restart(tmp_path: Path) -> None:
+    """terms54. One 8 GiB device: alice's half (4 GiB), bob's quarter. The operator lowers alice to an eighth: her
+    session may hold her older token's 4 GiB until that token ends (3 GiB kept past the 1 GiB quota). A scheduler
+    restarted from the SQLite state inside that window still counts them: carol's 4 GiB do not fit (2 GiB free). On
+    1ddcc310 the kept bytes were not stored: the restarted scheduler counted alice's 1 GiB and gave carol 4 GiB that
+    alice's session still held. Past the window her daemon's report (1.5 GiB) leaves 0.5 GiB kept, stored too: a
+    second restart counts 3.5 GiB; none reported, none kept, and carol fits."""
+    path = tmp_path / "s.db"
+    first = SqliteStore(path)
+    core = core_with(first, hosts=1)
+    alice = core.allocate(half(), tenant="alice")
+    core.allocate(Request(1, fraction=0.25), tenant="bob")
+    dev = ("h0", 0)
+    older = alice.expires_at
+    core.set_terms(alice.lease_id, fraction=0.125)
+    assert allocated(core)[dev] == (6 * GiB, 375_000)
+    first.disown()  # (as after kill -9)
+
+    second = SqliteStore(path)
+    again = Core(second, KEY, CoreConfig())
+    assert (allocated(again)[dev], again.kept_until) == ((6 * GiB, 375_000), {alice.lease_id: older})
+    with pytest.raises(ResourceExhausted, match=r"largest free memory 2\.0GiB"):
+        again.allocate(Request(1, memory_bytes=4 * GiB), tenant="carol")
+    again.note_kept("h0", [(alice.lease_id, 0, 3 * GiB)], now=older - 1)  # her older token still lives
+    assert allocated(again)[dev] == (6 * GiB, 375_000)
+    again.note_kept("h0", [(alice.lease_id, 0, GiB + GiB // 2)], now=older + 1)
+    assert allocated(again)[dev] == (3 * GiB + GiB // 2, 375_000)
+    second.disown()
+
+    third = SqliteStore(path)
+    last = Core(third, KEY, CoreConfig())
+    assert (allocated(last)[dev], last.kept_until) == ((3 * GiB + GiB // 2, 375_000), {alice.lease_id: older})
+    last.note_kept("h0", [], now=older + 2)
+    assert allocated(last)[dev] == (3 * GiB, 375_000)
+    last.allocate(Request(1, memory_bytes=4 * GiB), tenant="carol")
+    third.disown()
+    assert allocated(Core(SqliteStore(path), KEY, CoreConfig()))[dev] == (7 * GiB, 875_000)
+
+
+def test_a_raise_must_fit_what_the_daemon_measures_free_beside_a_lease_using_more_than_its_promise() -> None:
+    """terms54. One 8 GiB device: alice's half, bob's quarter (2 GiB) whose sessions hold 3 GiB (a daemon reporting
+    more used than promised); measured free 5 GiB. Alice to 6 GiB fits the books (6 + 2) but not the device: 6 GiB
+    to grow into, 5 free (bob's promise is all in use, and then some): RESOURCE_EXHAUSTED, nothing changed; 5 GiB fits.
+    Unmeasured (None), the books alone. On 1ddcc310 the heartbeat carried no measure and the 6 GiB went through."""
+    core = core_with(hosts=1)
+    alice = core.allocate(half(), tenant="alice")
+    bob = core.allocate(Request(1, fraction=0.25), tenant="bob")
+    core.hosts.heartbeat("h0", [bob.lease_id], {0: 3 * GiB}, False, measured={0: (5 * GiB, {bob.lease_id: 3 * GiB})})
+    with pytest.raises(ResourceExhausted, match=r"has 5\.0GiB free by its daemon's last measure, 0B of it promised"):
+        core.set_terms(alice.lease_id, memory_bytes=6 * GiB, share=0.5)
+    assert allocated(core)[("h0", 0)] == (6 * GiB, 750_000)
+    core.set_terms(alice.lease_id, memory_bytes=5 * GiB, share=0.5)
+    core.hosts.heartbeat("h0", [bob.lease_id], {0: 3 * GiB}, False, measured={0: (None, {bob.lease_id: 3 * GiB})})
+    core.set_terms(alice.lease_id, memory_bytes=6 * GiB, share=0.5)
+    assert allocated(core)[("h0", 0)] == (8 * GiB, 750_000)
