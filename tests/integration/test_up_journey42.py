@@ -53,8 +53,9 @@ def test_a_scheduler_port_held_with_so_reuseport_is_refused_with_the_fix(tmp_pat
     try:
         done = up(tmp_path, "--scheduler-listen", f"127.0.0.1:{port}")
         generate_key_file(tmp_path / "k.pem")
-        alone = run_cli("scheduler", "--listen", f"127.0.0.1:{port}", "--insecure", "--token-key-file",
-                        str(tmp_path / "k.pem"), "--state", str(tmp_path / "alone.db"), "--metrics-listen", "0")  # fmt: skip
+        key, state = str(tmp_path / "k.pem"), str(tmp_path / "alone.db")
+        alone = run_cli("scheduler", "--listen", f"127.0.0.1:{port}", "--insecure", "--token-key-file", key,
+                        "--state", state, "--metrics-listen", "0")  # fmt: skip
     finally:
         held.stop(None)
     assert alone.returncode == 1, alone.stderr
