@@ -53,7 +53,7 @@ ticking() {  # ticking WHAT COMMAND...: COMMAND's status
 ticking "pip: torch==2.13.0 (a fresh venv: minutes)" python3 -m pip install -q --disable-pip-version-check \
   ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} "torch==2.13.0"
 # GPUPOOL_SETUP_EXTRAS: the project's extras to install (default dev: the tests' and checks' tools); the demo asks for
-# `demo` alone (flask, for --web): round 54's fresh-clone walk spent 6+ min of its ~10 installing dev's linters, type
+# `demo` alone (flask, for --web): round 54's fresh-clone walk spent 7+ min (load 15) installing dev's linters, type
 # checkers, test runners, selenium and scikit-learn (scipy), none of which the demo runs
 extras=${GPUPOOL_SETUP_EXTRAS-dev}
 ticking "pip: gpupool${extras:+ and its $extras extras}" python3 -m pip install -q --disable-pip-version-check \
