@@ -18,6 +18,7 @@ import resource
 import select
 import signal
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,23 +86,31 @@ def add_flag(
     type: Callable[[str], Any] = str,
     help: str,
     shown_as: Callable[[Any], str] = str,
+    env: str = "",
+    old_env: str = "",
     **kwargs: Any,
 ) -> None:
-    """Add `--flag` whose default comes from $GPUPOOL_FLAG when set; the help text names the variable and shows the
+    """Add `--flag` whose default comes from $GPUPOOL_FLAG when set (`env`: another name, where GPUPOOL_FLAG says too
+    little: `gpupool down --timeout`'s $GPUPOOL_DOWN_TIMEOUT); the help text names the variable and shows the
     default as `shown_as` writes it (a connection string without its password; a size as its flag takes it, 8GiB
-    not 8589934592)."""
+    not 8589934592). `old_env`: the variable's former name, still read where `env` is not set, with a line saying
+    it is deprecated."""
     if type is size_arg and shown_as is str:
         shown_as = _size_text
-    env = env_name(flag)
-    if env in os.environ:
-        raw = os.environ[env]
+    env = env or env_name(flag)
+    read = env
+    if old_env in os.environ and env not in os.environ:
+        print(f"{parser.prog}: ${old_env} ({flag}) is deprecated: set ${env} instead (read this time)", file=sys.stderr)
+        read = old_env
+    if read in os.environ:
+        raw = os.environ[read]
         if kwargs.get("action") == "store_true":
             default = raw.strip().lower() in ("1", "true", "yes", "on")
         else:
             try:
                 default = type(raw)
             except (ValueError, TypeError) as exc:
-                parser.error(f"${env}={raw!r}: {exc}")
+                parser.error(f"${read}={raw!r}: {exc}")
     shown = "" if default in (None, False, "") else f" (default: {shown_as(default)})"
     if kwargs.get("action") == "store_true":
         parser.add_argument(flag, default=default, help=f"{help}{shown} [env {env}]", **kwargs)

@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(default_state_dir() / "scheduler.db"),
         help="the pool's scheduler state, as given to `gpupool up`, or its folder (which holds up.json)",
     )
-    add_flag(p, "--timeout", type=float, default=TIMEOUT, help="seconds to wait for the pool to stop")
+    # $GPUPOOL_DOWN_TIMEOUT: $GPUPOOL_TIMEOUT, the name of every `--timeout`, until round 54 (still read, deprecated)
+    add_flag(p, "--timeout", type=float, default=TIMEOUT, help="seconds to wait for the pool to stop",
+             env="GPUPOOL_DOWN_TIMEOUT", old_env="GPUPOOL_TIMEOUT")  # fmt: skip
     return p
 
 

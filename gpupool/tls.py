@@ -380,6 +380,22 @@ def _unbindable(address: str) -> bool:
     return bool(found)
 
 
+def listen_refusal(address: str, flag: str, other: str) -> str:
+    """The one line of a program whose `flag` address cannot be bound (`add_port` returned 0, `first_unbindable`);
+    `other`: who most likely holds the port ("daemon", "scheduler")."""
+    return (
+        f"cannot listen on {address}: the port is in use (another {other}, a second pool on this host?) or the host "
+        f"is not this machine's; pass another {flag} HOST:PORT (port 0: a free one)"
+    )
+
+
+def first_unbindable(listens: dict[str, str]) -> str:
+    """The first flag of `listens` (flag: its HOST:PORT; "", "0" and port 0 skipped) whose address cannot be bound
+    (`_unbindable`), "" when none: told at a program's start, before its slow part (round 54: a daemon on a busy
+    --listen said so after its zygote had imported torch, 6-13 s; `gpupool up` after its scheduler had started)."""
+    return next((flag for flag, address in listens.items() if address not in ("", "0") and _unbindable(address)), "")
+
+
 def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) -> int:
     """Bind `address` with TLS (or plaintext with cfg.insecure, warning); the bound port, 0 on failure (grpcio
     raises "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...": the callers name the fix instead; a port

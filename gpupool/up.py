@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _detach(argv: list[str], state: Path) -> int:
+def _detach(argv: list[str], state: Path, a: argparse.Namespace) -> int:
     """`up --detach`: this `up` again, without --detach, in a session of its own (no terminal's Ctrl-C or hangup
     reaches it) with its log in up.log; its lines are passed on until it is up, then its banner printed."""
     os.umask(0o077)
@@ -190,6 +190,10 @@ def _detach(argv: list[str], state: Path) -> int:
     other = running(state.parent)
     if other is not None:  # (refused before its log is touched: until round 52 this truncated the running pool's)
         raise InvalidArgument(already_runs(state.parent, other.get("pid", "?")))
+    busy = _busy(a)
+    if busy:
+        print(busy, file=sys.stderr)
+        return 1
     log = state.parent / "up.log"
     with contextlib.suppress(OSError):  # (this start's log a fresh one: the previous start's kept in up.log.1)
         if log.stat().st_size:
@@ -423,14 +427,33 @@ def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Pat
     )  # fmt: skip
 
 
+SECOND_POOL = (
+    "a second pool needs its own --state and ports: --scheduler-listen, --listen, --metrics-listen, "
+    "--scheduler-metrics-listen 127.0.0.1:0 each (free ones)"
+)
+
+
 def _in_use(child: Child) -> str:
     """The fix, when `child` died of a port in use: most often a second `gpupool up` on one host (journey42), whose
     defaults are the first one's ports (and state)."""
     if child.popen.poll() is None or not any("is in use" in line for line in child.lines):
         return ""
+    return f": a port is in use (another `gpupool up` on this host?); {SECOND_POOL}"
+
+
+def _busy(a: argparse.Namespace) -> str:
+    """The one line when a port of the pool cannot be bound (`tls.first_unbindable`), "" when none: told before its
+    programs start (round 54: a busy --listen was found after the scheduler had started and the daemon's zygote had
+    imported torch, 10-20 s), its log lines and gRPC's none of it."""
+    listens = {"--scheduler-listen": a.scheduler_listen, "--listen": a.listen, "--metrics-listen": a.metrics_listen,
+               "--scheduler-metrics-listen": a.scheduler_metrics_listen,
+               "--bulk-listen": _bulk_listen(a.bulk_listen, a.listen)}  # fmt: skip
+    flag = tls.first_unbindable(listens)
+    if not flag:
+        return ""
     return (
-        ": a port is in use (another `gpupool up` on this host?); a second pool needs its own --state and ports: "
-        "--scheduler-listen, --listen, --metrics-listen, --scheduler-metrics-listen 127.0.0.1:0 each (free ones)"
+        f"gpupool up: {flag} {listens[flag]}: the port is in use (another `gpupool up` on this host?) or the host is "
+        f"not this machine's; {SECOND_POOL}"
     )
 
 
@@ -571,7 +594,7 @@ def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     a.state = str(state_file(a.state))
     if a.detach:
-        return _detach(argv, Path(a.state))
+        return _detach(argv, Path(a.state), a)
     log = os.environ.pop(LOG_ENV, "")  # (a detached `up`: none of its children's business)
     if log:
         _keep_log(log, a.log_size)
@@ -608,6 +631,10 @@ def _stop_line(state: Path) -> str:
 
 
 def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord, signals: StopSignals) -> int:
+    busy = _busy(a)
+    if busy:
+        print(busy, file=sys.stderr)
+        return 1
     try:
         creds = make_credentials(
             cfg.state.parent,

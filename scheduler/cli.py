@@ -251,10 +251,7 @@ class SchedulerServer:
             self._lead(store if store is not None else open_store(config.state))
         self.port = tls.add_port(self.server, config.listen, config.tls, "the scheduler")
         if self.port == 0:
-            raise GpupoolError(
-                f"cannot listen on {config.listen}: the port is in use (another scheduler, a second pool on this host?)"
-                " or the host is not this machine's; pass another --listen HOST:PORT (port 0: a free one)"
-            )
+            raise GpupoolError(tls.listen_refusal(config.listen, "--listen", "scheduler"))
         self.host = split_address(config.listen)[0]
         self.metrics_port = 0
         self._metrics_http: WSGIServer | None = None

@@ -3,7 +3,8 @@
 # PostgreSQL for the scheduler's HA tests - the tests start their own server with initdb/pg_ctl -, libseccomp2 for
 # the daemon's sandboxed session workers, Chromium and its WebDriver for the browser test of the sentiment web page,
 # g++ for the client's native device guard, ninja for the daemon's native runner and the C++ client), torch 2.13.0
-# (pinned; the CPU build where the index has it, see GPUPOOL_TORCH_INDEX below), and the project with its dev extras. Last it builds the native device guard (client/torch/native_guard.cpp,
+# (pinned; the CPU build where the index has it, see GPUPOOL_TORCH_INDEX below), and the project with its dev extras
+# (GPUPOOL_SETUP_EXTRAS=NAMES: those instead; scripts/demo.sh: demo). Last it builds the native device guard (client/torch/native_guard.cpp,
 # ~1-2 s) into the per-user cache, so that tests and CI find it built; `import gpupool.torch` would build it at
 # first use anyway, and without a compiler the client keeps torch's Python device guard (GPUPOOL_NATIVE=0 forces that).
 # --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
@@ -51,7 +52,12 @@ ticking() {  # ticking WHAT COMMAND...: COMMAND's status
 }
 ticking "pip: torch==2.13.0 (a fresh venv: minutes)" python3 -m pip install -q --disable-pip-version-check \
   ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} "torch==2.13.0"
-ticking "pip: gpupool and its dev extras" python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+# GPUPOOL_SETUP_EXTRAS: the project's extras to install (default dev: the tests' and checks' tools); the demo asks for
+# `demo` alone (flask, for --web): round 54's fresh-clone walk spent 7+ min (load 15) installing dev's linters, type
+# checkers, test runners, selenium and scikit-learn (scipy), none of which the demo runs
+extras=${GPUPOOL_SETUP_EXTRAS-dev}
+ticking "pip: gpupool${extras:+ and its $extras extras}" python3 -m pip install -q --disable-pip-version-check \
+  -e ".${extras:+[$extras]}"
 echo "setup: building the native pieces into ${XDG_CACHE_HOME:-$HOME/.cache}/gpupool (once: minutes on a fresh machine, seconds after)"
 GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
 import sys

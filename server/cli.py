@@ -551,6 +551,13 @@ def main(argv: list[str]) -> int:
     if problem:
         log.error("cannot start: %s", problem)
         return 2
+    # A port in use, told before the zygote's start too (round 54: 6-13 s later, after the zygote's torch import)
+    listens = {"--listen": args.listen, "--bulk-listen": args.bulk_listen, "--metrics-listen": args.metrics_listen,
+               "--health-listen": args.health_listen}  # fmt: skip
+    busy = tls.first_unbindable(listens)
+    if busy:
+        log.error("cannot start: %s", tls.listen_refusal(listens[busy], busy, "daemon"))
+        return 1
     if args.isolation == "process":
         from .zygote import shared_zygote  # (imports no torch)
 

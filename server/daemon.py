@@ -397,13 +397,19 @@ def check_python_readable(name: str, uids: WorkerUids | None, python: str = "") 
         uid, gid, who = entry.pw_uid, entry.pw_gid, name
     else:
         return ""
-    unreadable = _unreadable_by(uid, gid, python or os.path.dirname(os.__file__))
+    python = python or os.path.dirname(os.__file__)
+    unreadable = _unreadable_by(uid, gid, python)
     if not unreadable:
         return ""
-    text = (f"session workers run as {who}, who cannot read {unreadable} (Python's files): a module a worker imports "
-            f"that its zygote did not (server/zygote.py PRELOAD) fails; install Python where other users can read "
-            f"it, or pass --worker-user {KEEP_USER} (`gpupool up`, which has no such flag: GPUPOOL_WORKER_USER="
-            f"{KEEP_USER} in its environment)")  # fmt: skip
+    # What it means and what to do, in its one line (round 54: a root/pyenv box's demo printed it, its "fails"
+    # alarming a user whose training was fine, and its fix, `--worker-user keep`, root workers without saying so)
+    text = (f"session workers run as {who}, who cannot read {unreadable}, on the way to Python's files ({python}): "
+            f"sessions run on the modules their zygote imported before the workers dropped privileges (all that "
+            f"gpupool's demo and tests use; server/zygote.py PRELOAD), and one that needs another module of "
+            f"Python's fails in its session (ModuleNotFoundError); a Python other users can read (installed outside "
+            f"{unreadable}) avoids that; so would --worker-user {KEEP_USER} (`gpupool up`: "
+            f"GPUPOOL_WORKER_USER={KEEP_USER} in its environment), but it keeps the workers root: no isolation "
+            f"of sessions by user")  # fmt: skip
     log.warning("%s", text)
     return text
 

@@ -662,10 +662,7 @@ def create_server(
     tls.add_health(server, health_servicer)  # Check; Watch UNIMPLEMENTED (tls.CheckOnly)
     port = tls.add_port(server, address, daemon.config.tls, "the daemon")
     if port == 0:
-        raise OSError(
-            f"cannot listen on {address}: the port is in use (another daemon, a second pool on this host?) or the host"
-            " is not this machine's; pass another --listen HOST:PORT (port 0: a free one)"
-        )
+        raise OSError(tls.listen_refusal(address, "--listen", "daemon"))
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

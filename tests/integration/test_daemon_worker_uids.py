@@ -168,11 +168,15 @@ def test_the_unreadable_python_warning_names_the_uids_workers_run_as(caplog: pyt
         with caplog.at_level("WARNING"):
             said = daemon.check_python_readable("nobody", uids, python)
         assert said.startswith(f"session workers run as uids of --worker-uids ({FIRST}-{FIRST + 1}), who cannot "
-                               f"read {private} "), said  # fmt: skip
+                               f"read {private}, on the way to Python's files ({python}): "), said  # fmt: skip
         assert "nobody" not in said and said in caplog.text
-        assert said.endswith("GPUPOOL_WORKER_USER=keep in its environment)"), said  # up's fix too (journey42)
+        assert "GPUPOOL_WORKER_USER=keep in its environment" in said, said  # up's fix too (journey42)
+        # what it means for a user, and the cost of the fix it names (round 54: "fails", no word of what works, and
+        # `--worker-user keep` offered as a fix without saying it keeps the workers root)
+        assert "all that gpupool's demo and tests use" in said and "ModuleNotFoundError" in said, said
+        assert said.endswith("keeps the workers root: no isolation of sessions by user"), said
         assert daemon.check_python_readable("nobody", None, python).startswith(
-            f"session workers run as nobody, who cannot read {private} "
+            f"session workers run as nobody, who cannot read {private}, "
         )
         assert daemon.check_python_readable("keep", None, python) == ""  # root workers read everything
         os.chmod(private, 0o755)

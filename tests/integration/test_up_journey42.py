@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gpupool.tokens import generate_key_file
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -36,23 +38,35 @@ def up(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", *args], capture_output=True, text=True, timeout=90, cwd=ROOT, check=False
+    )
+
+
 def test_a_scheduler_port_held_with_so_reuseport_is_refused_with_the_fix(tmp_path: Path) -> None:
-    """A gRPC server with gRPC's default options (SO_REUSEPORT, as the base's scheduler) holds the port: the new
-    scheduler refuses to share it, and `up` says which port and what to pass."""
+    """A gRPC server with gRPC's default options (SO_REUSEPORT, as the base's scheduler) holds the port: a new
+    scheduler refuses to share it, and `up` says which port and what to pass (since round 54 before it starts one)."""
     held = grpc.server(futures.ThreadPoolExecutor(1))
     port = held.add_insecure_port("127.0.0.1:0")
     held.start()
     try:
         done = up(tmp_path, "--scheduler-listen", f"127.0.0.1:{port}")
+        generate_key_file(tmp_path / "k.pem")
+        key, state = str(tmp_path / "k.pem"), str(tmp_path / "alone.db")
+        alone = run_cli("scheduler", "--listen", f"127.0.0.1:{port}", "--insecure", "--token-key-file", key,
+                        "--state", state, "--metrics-listen", "0")  # fmt: skip
     finally:
         held.stop(None)
-    assert done.returncode == 1, done.stderr
-    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in done.stderr, done.stderr
+    assert alone.returncode == 1, alone.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in alone.stderr, alone.stderr
     # our line only: until round 53 gRPC's core printed "E1207 ... add_port.cc:83] Failed to add port to server: No
     # address added out of total 1 resolved ... Address already in use" first
-    assert "Failed to add port" not in done.stderr and "add_port.cc" not in done.stderr, done.stderr
-    last = done.stderr.rstrip().splitlines()[-1]
-    assert last.startswith("gpupool up: the scheduler did not start") and SECOND_POOL in last, done.stderr
+    for stderr in (done.stderr, alone.stderr):
+        assert "Failed to add port" not in stderr and "add_port.cc" not in stderr, stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"gpupool up: --scheduler-listen 127.0.0.1:{port}: the port is in use"), done.stderr
+    assert SECOND_POOL in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_a_metrics_port_in_use_names_the_port_and_the_flag(tmp_path: Path) -> None:
@@ -63,6 +77,31 @@ def test_a_metrics_port_in_use_names_the_port_and_the_flag(tmp_path: Path) -> No
         done = up(tmp_path, "--scheduler-metrics-listen", f"127.0.0.1:{port}")
     assert done.returncode == 1, done.stderr
     assert "Errno 98" not in done.stderr, done.stderr
-    assert f"metrics port 127.0.0.1:{port} is in use" in done.stderr and "--metrics-listen" in done.stderr
-    last = done.stderr.rstrip().splitlines()[-1]
-    assert SECOND_POOL in last and "--scheduler-metrics-listen" in last, done.stderr
+    line = f"gpupool up: --scheduler-metrics-listen 127.0.0.1:{port}: the port is in use"
+    assert done.stderr.startswith(line) and SECOND_POOL in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_a_port_in_use_is_told_before_any_program_starts(tmp_path: Path) -> None:
+    """A busy --listen (or --bulk-listen, --metrics-listen): `gpupool serve` says so before its zygote starts, and
+    `gpupool up` before its scheduler does (round 54: both found out after the zygote had imported torch and started
+    its workers' uids, 6-13 s; `up` also after its scheduler had started, 11.7 s on an idle box)."""
+    generate_key_file(tmp_path / "k.pem", tmp_path / "k.pub")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = f"127.0.0.1:{s.getsockname()[1]}"
+        daemons = {}
+        for flag in ("--listen", "--bulk-listen", "--metrics-listen"):
+            ports = {"--listen": "127.0.0.1:0", "--metrics-listen": "0", flag: busy}
+            daemons[flag] = run_cli("serve", "--insecure", "--token-public-keys", str(tmp_path / "k.pub"),
+                                    "--fake-gpus", "1", *[x for pair in ports.items() for x in pair])  # fmt: skip
+        pool = up(tmp_path, "--listen", busy)
+    for flag, done in daemons.items():
+        assert done.returncode == 1, done.stderr
+        assert f"cannot listen on {busy}: the port is in use" in done.stderr and f"another {flag} HOST" in done.stderr
+        # the zygote never started: its line, and the workers' uids it is started for, are not in the log
+        assert "zygote" not in done.stderr and "session workers" not in done.stderr, done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert pool.returncode == 1, pool.stderr
+    assert pool.stderr.startswith(f"gpupool up: --listen {busy}: the port is in use"), pool.stderr
+    assert len(pool.stderr.splitlines()) == 1, pool.stderr  # (the base's scheduler had started and logged)

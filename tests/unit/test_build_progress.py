@@ -94,7 +94,8 @@ def test_a_native_client_build_gives_its_estimate_then_a_line_while_it_compiles(
     for ln in progress:
         assert re.fullmatch(
             r"gpupool: still building the native client: \d+ s so far, \d+ s of CPU of the ~30 s a "
-            r"build takes on an idle core \((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
+            r"build takes on an idle core(?:, about [0-9a-z ]+ left at this pace)? "
+            r"\((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
             ln,
         ), ln
     assert re.fullmatch(r"gpupool: built the native client in \d+ s", lines[-1]), lines
@@ -138,7 +139,8 @@ def test_the_runners_build_logs_progress_and_a_one_line_failure(tmp_path: Path, 
         for ln in progress:
             assert re.fullmatch(
                 r"INFO gpupool\.server\.native_runner: still building the native runner: \d+ s so far, \d+ s "
-                r"of CPU of the ~45 s a build takes on an idle core \((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
+                r"of CPU of the ~45 s a build takes on an idle core(?:, about [0-9a-z ]+ left at this pace)? "
+                r"\((?:[^;]+; )?load [0-9.]+ on \d+ cores\)",
                 ln,
             ), ln
         return
@@ -189,3 +191,15 @@ def test_failure_line_and_the_estimate() -> None:
                         r"core\)", buildcache.estimate(45.0))  # fmt: skip
     assert [buildcache.duration(s) for s in (5, 89, 95, 275, 3600)] == ["5 s", "89 s", "1 min 30 s", "4 min 30 s",
                                                                          "60 min"]  # fmt: skip
+
+
+def test_the_progress_line_says_the_time_left_at_the_pace_so_far() -> None:
+    """Round 54's walk: the first line's estimate, the CPU stretched by the load ("about 11 min" at load 27, niced
+    processes counted), was 3x the runner's build (3 min 20 s); each progress line says what is left at the pace the
+    build's CPU has grown so far, once it has used a tenth of what a build takes, and nothing past its CPU."""
+    line = buildcache.progress_line("the native runner", 60.0, 15.0, 45.0)
+    assert line.startswith("still building the native runner: 60 s so far, 15 s of CPU of the ~45 s a build takes "
+                           "on an idle core, about 2 min left at this pace ("), line  # fmt: skip
+    for used in (2.0, 50.0):  # too early to tell; past what a build takes on an idle core (a busy core's cache)
+        assert "left" not in buildcache.progress_line("the native runner", 60.0, used, 45.0)
+    assert "left" not in buildcache.progress_line("the native runner", 60.0, 15.0, 0.0)

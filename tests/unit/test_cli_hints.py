@@ -19,6 +19,27 @@ def test_down_is_a_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "down " in cli.usage()
 
 
+def test_downs_timeout_variable_is_its_own(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Round 54: `gpupool down --timeout` is $GPUPOOL_DOWN_TIMEOUT (it was $GPUPOOL_TIMEOUT, a name any command's
+    timeout could claim); the old name, shown in --help until then, is still read, with a line saying it is
+    deprecated, and the new one wins over it."""
+    from gpupool import down
+
+    monkeypatch.delenv("GPUPOOL_DOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("GPUPOOL_TIMEOUT", raising=False)
+    parser = down.build_parser()
+    assert "GPUPOOL_DOWN_TIMEOUT" in parser.format_help() and "GPUPOOL_TIMEOUT" not in parser.format_help()
+    monkeypatch.setenv("GPUPOOL_DOWN_TIMEOUT", "7")
+    assert down.build_parser().parse_args([]).timeout == 7 and capsys.readouterr().err == ""
+    monkeypatch.setenv("GPUPOOL_TIMEOUT", "5")
+    assert down.build_parser().parse_args([]).timeout == 7 and capsys.readouterr().err == ""
+    monkeypatch.delenv("GPUPOOL_DOWN_TIMEOUT")
+    assert down.build_parser().parse_args([]).timeout == 5
+    assert capsys.readouterr().err == (
+        "gpupool down: $GPUPOOL_TIMEOUT (--timeout) is deprecated: set $GPUPOOL_DOWN_TIMEOUT instead (read this time)\n"
+    )
+
+
 @pytest.mark.parametrize("name", ["status", "ls"])
 def test_status_like_names_point_at_smi(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([name]) == 2

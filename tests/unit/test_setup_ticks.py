@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,3 +43,27 @@ def test_a_failing_command_keeps_its_status_and_says_so() -> None:
     done, _ = _ticking("pip: broken", "bash", "-c", "exit 3", tick="30")
     assert done.returncode == 3, done.stdout
     assert done.stdout.splitlines()[-1].startswith("setup: pip: broken: failed (exit 3) in "), done.stdout
+
+
+def test_the_demos_setup_installs_the_project_without_devs_tools() -> None:
+    """Round 54's fresh-clone walk: the demo's setup spent 7+ min (load 15) pip-installing `.[dev]` (linters, type
+    checkers, test runners, selenium, scikit-learn), none of which the demo runs: it asks setup.sh for `.[demo]`
+    (flask, for --web); setup.sh's own default stays dev (scripts/test.sh). setup.sh's lines, run by bash, with
+    `ticking` saying what it would run."""
+    script = (REPO / "scripts" / "setup.sh").read_text()
+    lines = re.search(r"^extras=.*\nticking \"pip: gpupool.*\\\n.*\n", script, re.MULTILINE)
+    assert lines, "scripts/setup.sh: no `extras=` before the project's pip install"
+    demo = (REPO / "scripts" / "demo.sh").read_text()
+    assert "GPUPOOL_SETUP_EXTRAS=demo bash scripts/setup.sh" in demo
+
+    def installs(**env: str) -> str:
+        given = {k: v for k, v in os.environ.items() if k != "GPUPOOL_SETUP_EXTRAS"} | env
+        done = subprocess.run(["bash", "-c", 'ticking() { echo "$1 | ${*: -2}"; }\n' + lines[0]], env=given,
+                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        return done.stdout.strip()
+
+    assert installs(GPUPOOL_SETUP_EXTRAS="demo") == "pip: gpupool and its demo extras | -e .[demo]"
+    assert installs() == "pip: gpupool and its dev extras | -e .[dev]"
+    assert installs(GPUPOOL_SETUP_EXTRAS="") == "pip: gpupool | -e ."
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["demo"] == ["flask>=3"] and "flask>=3" in extras["dev"]
