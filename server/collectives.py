@@ -358,7 +358,7 @@ MAX_STORE_KEYS = 1 << 16  # the keys of one check or wait
 # (front54) What the holders of a group's secret may keep in rank 0's store through its front (`_StoreTally`):
 MAX_STORE_BYTES = 4 << 20  # keys and values in all (gloo's rendezvous of 32 ranks: 16,773; bench/store_front_tally.py)
 MAX_FRONT_KEYS = 16384  # distinct keys (gloo, 32 ranks: 34; the secure links' p2p keys of every pair: 992)
-MAX_FRONT_ASKED = 8  # queries a connection has not had answered (torch's client: one; a wait and its cancel: 2)
+MAX_FRONT_ASKED = 2  # queries a connection has not had answered (torch's client asks one at a time)
 ADDED_BYTES = 20  # an add's counter, counted as the longest int64 it may hold
 _VALIDATE, _SET, _COMPARE_SET, _GET, _ADD, _CHECK, _WAIT, _NUM_KEYS, _DELETE_KEY = range(9)
 _CANCEL_WAIT, _PING = 12, 13

@@ -5,7 +5,8 @@ Rank 0's group store (torch's TCPStore) listened on every interface of its host 
 given: a daemon of `gpupool up` (127.0.0.1) had its groups' stores open to every network of the machine, where anyone
 wrote values into them (up to 8 MiB each, any number of keys: rank 0's worker's memory, the daemon's under --isolation
 thread) or deleted them. It now listens on the daemon's peer-facing host only, as the secure hub does. (hole53) And
-there it forwards to the store only a connection that proves the group's secret.
+there it forwards to the store only a connection that proves the group's secret. (front54) And what such a connection
+sets is bounded, and a stranger's silent connections hold no rank's handshake out.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gpupool.server.collectives import (
     group_secret,
 )
 from support import MiB
+from test_store53 import _peak_rss
 
 from gpupool._proto import device_pb2
 
@@ -60,15 +62,6 @@ def _closed(sock: socket.socket) -> bool:
 
 
 _VALIDATE = 0x3C85F7CE  # torch 2.13's TCPStore's first query (`validate`), its magic number
-
-
-def _peak_rss() -> int:
-    """This process's peak resident memory (VmHWM, bytes): the in-process daemon's store, under --isolation thread."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
 
 
 def _set(key: bytes, value: bytes) -> bytes:
