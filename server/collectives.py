@@ -382,6 +382,7 @@ class _Scan:
         self._hold, self._held, self._out, self._open = hold, bytearray(), bytearray(), False
         self._buf = bytearray()
         self._want = 0
+        self.refused: StoreRefused | None = None  # what it refused (`feed` returned what passes before it)
         self._next(next(script))
 
     def _next(self, want: int) -> None:
@@ -395,7 +396,19 @@ class _Scan:
         self._want = want
 
     def feed(self, data: bytes) -> bytes:
-        view = memoryview(data)
+        try:
+            self._take(memoryview(data))
+        except StoreRefused as exc:  # (with `hold`, the queries before it in `data` still pass: then it is raised)
+            self.refused = exc
+            if not self._hold:
+                return b""
+        if not self._hold:
+            return data
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _take(self, view: memoryview) -> None:
         while view:
             if self._want < 0:
                 n = min(-self._want, len(view))
@@ -414,11 +427,6 @@ class _Scan:
                 got = bytes(self._buf)
                 self._buf.clear()
                 self._next(self._script.send(got))
-        if not self._hold:
-            return data
-        out = bytes(self._out)
-        self._out.clear()
-        return out
 
 
 def _length(raw: bytes, what: str) -> int:
@@ -995,7 +1003,10 @@ def _forward(a: socket.socket, b: socket.socket, over: Callable[[], bool], scans
                 data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
                 if not data:
                     return
-                _send_until(ends[key.fileobj], scans[key.fileobj].feed(data), over)  # type: ignore[index]
+                scan = scans[key.fileobj]  # type: ignore[index]
+                _send_until(ends[key.fileobj], scan.feed(data), over)  # type: ignore[index]
+                if scan.refused is not None:
+                    raise scan.refused
 
 
 def _check_owner(store: Any, lease_id: str, owner: str, stop: threading.Event, deadline: float) -> None:
