@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch.distributed as dist
@@ -258,6 +259,18 @@ def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None
         hold.close()
 
 
+def _rendezvous_queries(keys: Any) -> None:
+    """The queries of the rendezvous other than set and get, on a store holding "k" (deleted at the end)."""
+    assert keys.check(["k"]) and not keys.check(["absent"])
+    keys.wait(["k"])
+    keys.wait(["k"], timedelta(seconds=5))
+    with pytest.raises(dist.DistStoreError):
+        keys.wait(["absent"], timedelta(seconds=0.2))  # its cancel and the cancel's answer
+    assert keys.add("n", 3) == 3 and keys.add("n", 1) == 4
+    assert keys.compare_set("c", b"", b"y") == b"y"
+    assert keys.delete_key("k") and not keys.delete_key("k")
+
+
 def test_every_query_of_the_rendezvous_passes_the_relay_and_a_value_past_1_mib_ends_it() -> None:
     """(store53) The relay reads the store protocol both ways (`_Scan`): every query the daemon's rendezvous sends
     through `PrefixStore` and `_SignedStore` (set, get, check, wait, a wait that times out and its cancel, add,
@@ -269,19 +282,12 @@ def test_every_query_of_the_rendezvous_passes_the_relay_and_a_value_past_1_mib_e
     keys = dist.PrefixStore("gpupool/x/", store)
     keys.set("k", b"v" * bound)
     assert len(keys.get("k")) == bound
-    assert keys.check(["k"]) and not keys.check(["absent"])
-    keys.wait(["k"])
-    keys.wait(["k"], timedelta(seconds=5))
-    with pytest.raises(dist.DistStoreError):
-        keys.wait(["absent"], timedelta(seconds=0.2))  # its cancel and the cancel's answer
-    assert keys.add("n", 3) == 3 and keys.add("n", 1) == 4
-    assert keys.compare_set("c", b"", b"y") == b"y"
-    assert keys.delete_key("k") and not keys.delete_key("k")
+    _rendezvous_queries(keys)
     assert keys.num_keys() == master.num_keys() == 2 + 1  # n, c and the store's own init/ key
     with pytest.raises(dist.DistError):
         keys.set("big", b"v" * (bound + 1))
         keys.get("n")  # (a set has no reply: the next call meets the closed connection)
-    assert not master.check(["gpupool/x/big"])
+    assert not dist.PrefixStore("gpupool/x/", master).check(["big"])  # (PrefixStore's keys: "gpupool/x//big")
 
 
 def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_keep(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -300,13 +306,7 @@ def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_k
         keys.set("k", b"v" * 4000)
         keys.set("k", b"v" * 4000)  # the same key again: replaced, not added
         assert len(keys.get("k")) == 4000
-        assert keys.check(["k"]) and not keys.check(["absent"])
-        keys.wait(["k"], timedelta(seconds=5))
-        with pytest.raises(dist.DistStoreError):
-            keys.wait(["absent"], timedelta(seconds=0.2))  # its cancel and the cancel's answer
-        assert keys.add("n", 3) == 3 and keys.add("n", 1) == 4
-        assert keys.compare_set("c", b"", b"y") == b"y"
-        assert keys.delete_key("k") and not keys.delete_key("k")
+        _rendezvous_queries(keys)
         assert keys.num_keys() == master.num_keys()
         keys.set("k2", b"w" * 7000)  # fits once "k" is gone
         with pytest.raises(dist.DistError):
