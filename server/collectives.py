@@ -68,6 +68,7 @@ from gpupool.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from gpupool.peers import push_out, source_key
 from gpupool.protocol import COLLECTIVE_PORTS
 from gpupool.tokens import TokenClaims
 
@@ -311,21 +312,9 @@ class _Relay:
                     continue
                 client = _keep_own(self._accept_pending([first]))
             self._close_listener()
-            ends = {client: self.upstream, self.upstream: client}
             asked: collections.deque[list[int]] = collections.deque()  # (store53) the store protocol, read both ways
             scans = {client: _Scan(_queries(asked)), self.upstream: _Scan(_replies(asked))}
-            for sock in ends:
-                sock.settimeout(STOP_POLL_SECONDS)
-            with selectors.DefaultSelector() as sel:
-                for sock in ends:
-                    sel.register(sock, selectors.EVENT_READ)
-                while not self._over():
-                    for key, _ in sel.select(STOP_POLL_SECONDS):
-                        data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
-                        if not data:
-                            return
-                        scans[key.fileobj].feed(data)  # type: ignore[index]
-                        _send_until(ends[key.fileobj], data, self._over)  # type: ignore[index]
+            _forward(client, self.upstream, self._over, scans)
         except StoreRefused as exc:
             _STORE_LOG.warning("a group's store relay closed: %s", exc)
         except OSError:
@@ -366,6 +355,11 @@ class _Relay:
 # worker (under --isolation thread the daemon) by 1 GiB (secrev52).
 MAX_STORE_VALUE = 1 << 20  # a key or value of the store (the rendezvous's are a few hundred bytes: measured)
 MAX_STORE_KEYS = 1 << 16  # the keys of one check or wait
+# (front54) What the holders of a group's secret may keep in rank 0's store through its front (`_StoreTally`):
+MAX_STORE_BYTES = 4 << 20  # keys and values in all (gloo's rendezvous of 32 ranks: 16,773; bench/store_front_tally.py)
+MAX_FRONT_KEYS = 16384  # distinct keys (gloo, 32 ranks: 34; the secure links' p2p keys of every pair: 992)
+MAX_FRONT_ASKED = 2  # queries a connection has not had answered (torch's client asks one at a time)
+ADDED_BYTES = 20  # an add's counter, counted as the longest int64 it may hold
 _VALIDATE, _SET, _COMPARE_SET, _GET, _ADD, _CHECK, _WAIT, _NUM_KEYS, _DELETE_KEY = range(9)
 _CANCEL_WAIT, _PING = 12, 13
 _VECTOR, _WAITING = -1, -2  # replies: a length and its bytes; a wait's answer (a byte, two after a cancel's)
@@ -377,30 +371,62 @@ class StoreRefused(ValueError):
 
 class _Scan:
     """One direction of a relay's stream, read as it passes by `script`, a generator that yields how many bytes it
-    needs next (n > 0: those bytes are sent back to it; n < 0: -n bytes to pass unread, a key's or value's) and
-    raises StoreRefused on what it refuses. Holds at most one length field: values pass through in chunks."""
+    needs next (n > 0: those bytes are sent back to it; n < 0: -n bytes to pass unread, a key's or value's; 0: what
+    it read so far may pass) and raises StoreRefused on what it refuses. Holds at most one length field: values pass
+    through in chunks. `feed` returns the bytes that may pass on: all it was given, or with `hold` (front54: rank 0's
+    front) those up to the script's last 0, so that nothing of a query it refuses reaches the store (what it holds: a
+    query's header, its keys, a compare_set's expected value)."""
 
-    def __init__(self, script: Generator[int, bytes, None]) -> None:
+    def __init__(self, script: Generator[int, bytes, None], hold: bool = False) -> None:
         self._script = script
-        self._want = next(script)
+        self._hold, self._held, self._out, self._open = hold, bytearray(), bytearray(), False
         self._buf = bytearray()
+        self._want = 0
+        self.refused: StoreRefused | None = None  # what it refused (`feed` returned what passes before it)
+        self._next(next(script))
 
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _next(self, want: int) -> None:
+        while not want:  # what it read may pass on
+            if self._hold:
+                self._out += self._held
+                self._held.clear()
+            self._open = True
+            want = self._script.send(b"")
+        self._open = self._open and want < 0
+        self._want = want
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            self._take(memoryview(data))
+        except StoreRefused as exc:  # (with `hold`, the queries before it in `data` still pass: then it is raised)
+            self.refused = exc
+            if not self._hold:
+                return b""
+        if not self._hold:
+            return data
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _take(self, view: memoryview) -> None:
         while view:
             if self._want < 0:
                 n = min(-self._want, len(view))
+                if self._hold:
+                    (self._out if self._open else self._held).extend(view[:n])
                 view, self._want = view[n:], self._want + n
                 if not self._want:
-                    self._want = self._script.send(b"")
+                    self._next(self._script.send(b""))
                 continue
             n = min(self._want - len(self._buf), len(view))
             self._buf += view[:n]
+            if self._hold:
+                self._held += view[:n]
             view = view[n:]
             if len(self._buf) == self._want:
                 got = bytes(self._buf)
                 self._buf.clear()
-                self._want = self._script.send(got)
+                self._next(self._script.send(got))
 
 
 def _length(raw: bytes, what: str) -> int:
@@ -410,15 +436,30 @@ def _length(raw: bytes, what: str) -> int:
     return n
 
 
-def _string(what: str) -> Generator[int, bytes, None]:
+def _string(what: str, tally: _StoreTally | None = None) -> Generator[int, bytes, bytes]:
+    """A length and its bytes: passed unread, or (`tally`: rank 0's front, which counts keys) read and returned."""
     n = _length((yield 8), what)
+    if n and tally is not None:
+        return (yield n)
+    if n:
+        yield -n
+    return b""
+
+
+def _value(tally: _StoreTally | None, key: bytes, replace: bool) -> Generator[int, bytes, None]:
+    """A value set under `key`: its length counted (`tally`) before a byte of it passes."""
+    n = _length((yield 8), "a value")
+    if tally is not None:
+        tally.set(key, n, replace)
+    yield 0
     if n:
         yield -n
 
 
-def _queries(asked: collections.deque[list[int]]) -> Generator[int, bytes, None]:
+def _queries(asked: collections.deque[list[int]], tally: _StoreTally | None = None) -> Generator[int, bytes, None]:
     """The store client's queries (this process's TCPStore client: what the daemon's rendezvous sends), each noted in
-    `asked` with the reply it takes, for `_replies`."""
+    `asked` with the reply it takes, for `_replies`. With `tally` (front54: rank 0's front, queries of any holder of
+    the group's secret) the keys are read and what the store keeps is counted against the group's bounds."""
     while True:
         (query,) = yield 1
         reply = 0  # bytes of a fixed-size reply; 0: none
@@ -426,33 +467,79 @@ def _queries(asked: collections.deque[list[int]]) -> Generator[int, bytes, None]
             yield 4
             reply = 4 if query == _PING else 0
         elif query == _SET:
-            yield from _string("a key")
-            yield from _string("a value")
+            key = yield from _string("a key", tally)
+            yield from _value(tally, key, True)
         elif query in (_GET, _COMPARE_SET, _ADD, _DELETE_KEY):
-            yield from _string("a key")
-            for _ in range(2 if query == _COMPARE_SET else 0):
-                yield from _string("a value")
+            key = yield from _string("a key", tally)
+            if query == _COMPARE_SET:
+                yield from _string("a value")  # the expected one (not kept)
+                yield from _value(tally, key, False)  # the new one, where the expected one is there
             if query == _ADD:
                 yield 8
+                if tally is not None:
+                    tally.set(key, ADDED_BYTES, False)
+            if query == _DELETE_KEY and tally is not None:
+                tally.delete(key)
             reply = _VECTOR if query in (_GET, _COMPARE_SET) else 8
         elif query in (_CHECK, _WAIT):
             keys = int.from_bytes((yield 8), "little")
             if keys > MAX_STORE_KEYS:
                 raise StoreRefused(f"a query of {keys} keys (at most {MAX_STORE_KEYS})")
+            total = 0
             for _ in range(keys):
-                yield from _string("a key")
+                total += len((yield from _string("a key", tally)))
+                if total > MAX_STORE_VALUE:  # (front54; a wait's keys stay in the store until it is answered)
+                    raise StoreRefused(f"a query's keys of more than {MAX_STORE_VALUE} bytes")
             reply = 1 if query == _CHECK else _WAITING
         elif query == _NUM_KEYS:
             reply = 8
         elif query == _CANCEL_WAIT:
             if asked and asked[-1][0] == _WAITING:
                 asked[-1].append(1)  # the wait's answer: its own byte and then the cancel's, or the cancel's alone
+                yield 0
                 continue
             reply = 1  # the wait was answered already: the cancel's own
         else:
             raise StoreRefused(f"a store query of type {query}, which the daemon's rendezvous never sends")
         if reply:
+            if tally is not None and len(asked) >= MAX_FRONT_ASKED:
+                raise StoreRefused(f"more than {MAX_FRONT_ASKED} queries unanswered on one connection")
             asked.append([reply])
+        yield 0
+
+
+class _StoreTally:
+    """(front54) What the holders of a group's secret set into rank 0's store through its front, all its
+    connections together: each key's bytes (key and value; an `add`'s counter as ADDED_BYTES), at most
+    MAX_STORE_BYTES in all and MAX_FRONT_KEYS keys, checked before a byte of the value passes (`_value`). A set
+    replaces its key's count, a compare_set or add (which may leave the old value) keeps the larger, a delete_key
+    frees it. What rank 0's daemon sets itself (its own client reaches the store directly) is not counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[bytes, int] = {}
+        self.bytes = 0
+        self.peak_bytes = self.peak_keys = 0  # (the bound's measurement: bench/store_front.py)
+
+    def set(self, key: bytes, n: int, replace: bool) -> None:
+        with self._lock:
+            old = self._keys.get(key)
+            if old is None and len(self._keys) >= MAX_FRONT_KEYS:
+                raise StoreRefused(f"a key past the group's {MAX_FRONT_KEYS} keys")
+            if not replace and old is not None:
+                n = max(n, old)
+            total = self.bytes - (len(key) + old if old is not None else 0) + len(key) + n
+            if total > MAX_STORE_BYTES:
+                raise StoreRefused(f"{total} bytes in the group's store (at most {MAX_STORE_BYTES})")
+            self._keys[key] = n
+            self.bytes = total
+            self.peak_bytes, self.peak_keys = max(self.peak_bytes, total), max(self.peak_keys, len(self._keys))
+
+    def delete(self, key: bytes) -> None:
+        with self._lock:
+            old = self._keys.pop(key, None)
+            if old is not None:
+                self.bytes -= len(key) + old
 
 
 def _replies(asked: collections.deque[list[int]]) -> Generator[int, bytes, None]:
@@ -697,7 +784,9 @@ def _connect_store(
         return store
 
 
-def _store_master(bind: str, port: int, size: int, timeout: float, key: bytes, ports: tuple[int, int]) -> Any:
+def _store_master(
+    bind: str, port: int, size: int, timeout: float, key: bytes, ports: tuple[int, int], name: str = ""
+) -> Any:
     """Rank 0's store for PORT (hole53): its front (`_StoreFront`) on PORT of the address `bind` (`_front_listener`),
     and torch's TCPStore behind it on a random address of 127.0.0.0/8 (`_loopback_listener`, handed to the store:
     `master_listen_fd`, a duplicate; the store closes its own), PORT too where that is free (another of `ports`
@@ -720,7 +809,7 @@ def _store_master(bind: str, port: int, size: int, timeout: float, key: bytes, p
             host, inner, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
             master_listen_fd=fd,
         )  # fmt: skip
-        return store, _StoreFront(front, (host, inner), key, size)
+        return store, _StoreFront(front, (host, inner), key, size, name)
     except BaseException:
         front.close()
         raise
@@ -749,7 +838,9 @@ def _front_listener(bind: str, port: int) -> socket.socket:
 # are: `_SignedStore`), so one who can rewrite the hosts' traffic can still alter them in flight.
 FRONT_HELLO = b"GPSTORE1"
 FRONT_HANDSHAKE_SECONDS = 10.0
-MAX_FRONT_PENDING = 16  # connections in their handshake at once; past it a newcomer is closed unread
+MAX_FRONT_PENDING = 16  # connections in their handshake at once; a newcomer past it pushes out the busiest source's
+MAX_FRONT_PENDING_PER_SOURCE = 8  # oldest (front54); ... of one source address (the hub's; a host of 8 GPUs' ranks at
+# once), a newcomer past it pushing out its own source's oldest
 FRONT_SPARE = 8  # proved connections at once past the group's size (a rank's store client holds one)
 
 
@@ -789,15 +880,20 @@ def _prove(sock: socket.socket, key: bytes, deadline: float) -> None:
 
 class _StoreFront:
     """Rank 0's listener on the store's port (the port its peers are told): a connection that passes the handshake
-    (`_prove`'s other side) is forwarded to the store's loopback address `inner`, byte for byte; any other is closed
-    without a byte read past the handshake or sent to the store. Closed with the group (`Group.close`)."""
+    (`_prove`'s other side) is forwarded to the store's loopback address `inner`, its queries read as they pass
+    (front54: `_queries` with the group's `_StoreTally`, `_forward`); any other is closed without a byte read past
+    the handshake or sent to the store. A newcomer is never refused a handshake slot (front54; `peers.push_out`, as
+    the collective hub's): past MAX_FRONT_PENDING_PER_SOURCE of its source address it pushes out that source's
+    oldest, past MAX_FRONT_PENDING in all the busiest source's oldest (round 53 closed newcomers past 16: a stranger
+    holding 16 for 10 s each delayed every rank's join). Closed with the group (`Group.close`)."""
 
-    def __init__(self, listener: socket.socket, inner: tuple[str, int], key: bytes, size: int) -> None:
-        self.listener, self.inner, self.key = listener, inner, key
+    def __init__(self, listener: socket.socket, inner: tuple[str, int], key: bytes, size: int, name: str) -> None:
+        self.listener, self.inner, self.key, self.name = listener, inner, key, name
         self.port = listener.getsockname()[1]
         self.closed = threading.Event()
+        self.tally = _StoreTally()
         self._lock = threading.Lock()
-        self._pending = 0
+        self._pending: list[tuple[str, socket.socket]] = []  # (source, connection), in arrival order
         self._proved = 0
         self._limit = size + FRONT_SPARE
         self._socks: set[socket.socket] = set()
@@ -818,14 +914,23 @@ class _StoreFront:
         try:
             while not self.closed.is_set():
                 try:
-                    conn, _ = self.listener.accept()
+                    conn, addr = self.listener.accept()
                 except TimeoutError:
                     continue
+                source = source_key(str(addr[0]), v6_prefix=128)
+                out: socket.socket | None = None
                 with self._lock:
-                    admit = self._pending < MAX_FRONT_PENDING and not self.closed.is_set()
+                    admit = not self.closed.is_set()
                     if admit:
-                        self._pending += 1
+                        at = push_out([p[0] for p in self._pending], source, MAX_FRONT_PENDING_PER_SOURCE,
+                                      MAX_FRONT_PENDING)  # fmt: skip
+                        if at is not None:
+                            out = self._pending.pop(at[0])[1]
+                        self._pending.append((source, conn))
                         self._socks.add(conn)
+                if out is not None:  # its handshake fails now (its thread closes it)
+                    with contextlib.suppress(OSError):
+                        out.shutdown(socket.SHUT_RDWR)
                 if not admit:
                     conn.close()
                     continue
@@ -853,8 +958,10 @@ class _StoreFront:
         try:
             ok = self._handshake(conn)
             with self._lock:
-                self._pending -= 1
-                proved = ok and self._proved < self._limit and not self.closed.is_set()
+                mine = [p for p in self._pending if p[1] is conn]  # (none: pushed out by a newcomer)
+                for p in mine:
+                    self._pending.remove(p)
+                proved = ok and bool(mine) and self._proved < self._limit and not self.closed.is_set()
                 self._proved += proved
             if not proved:
                 _STORE_LOG.warning("rank 0's store refused a connection that did not prove the group's secret")
@@ -864,7 +971,11 @@ class _StoreFront:
                 self._socks.add(inner)
             if self.closed.is_set():
                 return
-            _splice(conn, inner, self.closed.is_set)
+            asked: collections.deque[list[int]] = collections.deque()
+            scans = {conn: _Scan(_queries(asked, self.tally), hold=True), inner: _Scan(_replies(asked))}
+            _forward(conn, inner, self.closed.is_set, scans)
+        except StoreRefused as exc:
+            _STORE_LOG.warning("rank 0's store of lease %s closed a proved connection: %s", self.name, exc)
         except OSError:
             return
         finally:
@@ -878,8 +989,10 @@ class _StoreFront:
                     sock.close()
 
 
-def _splice(a: socket.socket, b: socket.socket, over: Callable[[], bool]) -> None:
-    """Forward bytes both ways between `a` and `b` until either closes or `over()`."""
+def _forward(a: socket.socket, b: socket.socket, over: Callable[[], bool], scans: dict[socket.socket, _Scan]) -> None:
+    """Forward bytes both ways between `a` and `b` until either closes or `over()`: rank > 0's relay (`_Relay`) and
+    rank 0's front (`_StoreFront`), one loop (front54). Each direction's bytes pass its `_Scan` (`scans`) first,
+    and on only as far as it lets them; its StoreRefused ends the loop (the caller closes both connections)."""
     ends = {a: b, b: a}
     with selectors.DefaultSelector() as sel:
         for sock in ends:
@@ -890,7 +1003,10 @@ def _splice(a: socket.socket, b: socket.socket, over: Callable[[], bool]) -> Non
                 data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
                 if not data:
                     return
-                _send_until(ends[key.fileobj], data, over)  # type: ignore[index]
+                scan = scans[key.fileobj]  # type: ignore[index]
+                _send_until(ends[key.fileobj], scan.feed(data), over)  # type: ignore[index]
+                if scan.refused is not None:
+                    raise scan.refused
 
 
 def _check_owner(store: Any, lease_id: str, owner: str, stop: threading.Event, deadline: float) -> None:
@@ -1143,7 +1259,9 @@ class Collectives:
             if size > 1:
                 group.store, group.front = seclink.bind_in(
                     self.own,
-                    lambda port: _store_master(self.store_host, port, size, timeout, _front_key(secret), self.own),
+                    lambda port: _store_master(
+                        self.store_host, port, size, timeout, _front_key(secret), self.own, s.lease_id
+                    ),
                 )
             port = torch.tensor(group.front.port if group.front is not None else 0, dtype=torch.int64)
             s.admit(8)

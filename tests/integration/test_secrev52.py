@@ -5,13 +5,15 @@ Rank 0's group store (torch's TCPStore) listened on every interface of its host 
 given: a daemon of `gpupool up` (127.0.0.1) had its groups' stores open to every network of the machine, where anyone
 wrote values into them (up to 8 MiB each, any number of keys: rank 0's worker's memory, the daemon's under --isolation
 thread) or deleted them. It now listens on the daemon's peer-facing host only, as the secure hub does. (hole53) And
-there it forwards to the store only a connection that proves the group's secret.
+there it forwards to the store only a connection that proves the group's secret. (front54) And what such a connection
+sets is bounded, and a stranger's silent connections hold no rank's handshake out.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -19,8 +21,18 @@ import pytest
 import torch
 import torch.distributed as dist
 from gpupool.client.session import Session
-from gpupool.server.collectives import _connect_store, _front_key, group_secret
+from gpupool.server.collectives import (
+    MAX_FRONT_KEYS,
+    MAX_FRONT_PENDING,
+    MAX_STORE_BYTES,
+    MAX_STORE_VALUE,
+    _connect_store,
+    _front_key,
+    _prove,
+    group_secret,
+)
 from support import MiB
+from test_store53 import _peak_rss
 
 from gpupool._proto import device_pb2
 
@@ -49,6 +61,33 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
+_VALIDATE = 0x3C85F7CE  # torch 2.13's TCPStore's first query (`validate`), its magic number
+
+
+def _set(key: bytes, value: bytes) -> bytes:
+    """A TCPStore `set` query (torch 2.13's protocol: type 1, key and value each after its 8-byte length; a key of
+    torch's client is "/" and the key it is given)."""
+    return b"\x01" + len(key).to_bytes(8, "little") + key + len(value).to_bytes(8, "little") + value
+
+
+def _keyed(port: int, key: bytes, source: str = "") -> socket.socket:
+    """A connection to rank 0's front that proved the group's secret (as a holder of the lease's tokens can)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0) if source else None)
+    _prove(sock, key, time.monotonic() + 30)
+    sock.sendall(b"\0" + _VALIDATE.to_bytes(4, "little"))  # (the store answers nothing else before it)
+    sock.settimeout(60)
+    return sock
+
+
+def _send_closed(sock: socket.socket, data: bytes) -> bool:
+    """Send `data` (the front may close the connection meanwhile) and whether the front then closed it."""
+    try:
+        sock.sendall(data)
+    except OSError:  # (closed while we wrote)
+        return True
+    return _closed(sock)
+
+
 @pytest.mark.parametrize("isolation", ["process", "thread"])
 def test_rank_0s_store_listens_on_its_daemons_own_address_only(daemon_factory, isolation: str) -> None:  # type: ignore[no-untyped-def]
     """A daemon on 127.0.0.1: its group's store answers there, and on no other address of the host (127.0.0.2 stands
@@ -74,9 +113,43 @@ def test_rank_0s_store_listens_on_its_daemons_own_address_only(daemon_factory, i
             dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=3))
         with pytest.raises(Exception, match="nothing answers"):
             _connect_store(["127.0.0.1"], port, 2, 1.0, threading.Event(), key=_front_key("not the group's"))
-        store = _connect_store(["127.0.0.1"], port, 2, 30.0, threading.Event(), key=_front_key(group_secret(tokens[0])))
+        secret = _front_key(group_secret(tokens[0]))
+        store = _connect_store(["127.0.0.1"], port, 2, 30.0, threading.Event(), key=secret)
         assert not store.check(["stranger"]), "a connection without the group's secret wrote into rank 0's store"
         assert dist.PrefixStore(f"gpupool/{lease}/", store).check(["owner"])  # (rank 0's mark: the group's own store)
+        # (front54) a holder of the secret (the tenant) is bounded too: a value past MAX_STORE_VALUE, more than
+        # MAX_STORE_BYTES in all, more than MAX_FRONT_KEYS keys each close its connection before the offending set
+        # reaches the store (the base kept them all: under --isolation thread the daemon's memory, without bound)
+        before = _peak_rss()
+        with _keyed(port, secret) as raw:
+            assert _send_closed(raw, _set(b"/huge", b"x" * (MAX_STORE_VALUE + 1))), "a set of 1 MiB + 1 was kept"
+        big = b"y" * MAX_STORE_VALUE
+        with _keyed(port, secret) as raw:  # 128 MiB in sets of 1 MiB, as long as the front takes them
+            for i in range(128):
+                try:
+                    raw.sendall(_set(b"/fill/%d" % i, big))
+                except OSError:  # (closed while we wrote)
+                    break
+            assert _closed(raw), "sets of 128 MiB in all were kept"
+        with _keyed(port, secret) as raw:  # tiny sets under ever new keys
+            assert _send_closed(raw, b"".join(_set(b"/k%d" % i, b"") for i in range(MAX_FRONT_KEYS + 1)))
+        if isolation == "thread":
+            grown = _peak_rss() - before
+            assert grown < MAX_STORE_BYTES + 48 * MiB, f"the daemon grew by {grown / MiB:.0f} MiB (128 MiB sent)"
+        assert not store.check(["huge"]), "a value past MAX_STORE_VALUE reached the store"
+        assert not store.check([f"fill/{MAX_STORE_BYTES // MAX_STORE_VALUE}"]), "a set past the budget was kept"
+        assert not store.check([f"k{MAX_FRONT_KEYS}"]), "a key past MAX_FRONT_KEYS was kept"
+        # (front54) one source holding every handshake slot (a stranger's connections that never speak) keeps no
+        # other source's proof out (the base closed the 17th connection unread: every rank's join waited 10 s)
+        strangers = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(MAX_FRONT_PENDING + 4)]
+        try:
+            with _keyed(port, secret, source="127.0.0.3") as rank:
+                rank.sendall(b"\x05" + (1).to_bytes(8, "little") + (7).to_bytes(8, "little") + b"/fill/0")  # check
+                assert rank.recv(1) == b"\x00"  # ready: the store answers it
+        finally:
+            for sock in strangers:
+                sock.close()
+        assert store.check(["fill/0"])  # the group's own connection lives on (what it set before the bounds stays)
         assert s.download(s.upload(torch.ones(2))).tolist() == [1.0, 1.0]  # the session is unharmed
     finally:
         s.close()

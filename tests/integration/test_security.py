@@ -559,7 +559,11 @@ def test_a_forged_value_in_a_groups_store_fails_the_join(daemon_factory: DaemonF
     # (PrefixStore adds a /) where gloo's rendezvous, or the secure links', keep rank 0's address
     key = f"gpupool/{name}//" + ("0/0" if transport == "gloo" else seclink.HUB_KEY)
     stranger.wait([key])
-    stranger.set(key, b"\0" * 32 + b"an address of the stranger's choosing")
+    forged = b"\0" * 32 + b"an address of the stranger's choosing"
+    stranger.set(key, forged)
+    # (front54) a set has no reply: read it back on the same connection, so that it is in the store before rank 1
+    # reads the key (rank 0's front reads each query as it passes; under load rank 1's get came first)
+    assert stranger.get(key) == forged
     join1 = device_pb2.GroupJoin(rank=1, size=2, tokens=toks, store_address=f"127.0.0.1:{port}", timeout_seconds=8)
     s1.command(device_pb2.Command(group_join=join1))
     s1.sync()

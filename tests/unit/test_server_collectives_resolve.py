@@ -5,17 +5,32 @@ on loopback."""
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import socket
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch.distributed as dist
-from gpupool.server.collectives import _connect_store, _peer_address, _Relay, _resolve_store
+from gpupool.server import collectives
+from gpupool.server.collectives import (
+    _connect_store,
+    _front_key,
+    _peer_address,
+    _queries,
+    _Relay,
+    _resolve_store,
+    _Scan,
+    _store_master,
+    _StoreTally,
+)
+from gpupool.server.seclink import bind_in
 
 from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from gpupool.protocol import COLLECTIVE_PORTS
 
 
 def test_a_name_becomes_the_checked_ips_and_the_store_is_reached_at_one_of_them() -> None:
@@ -244,6 +259,18 @@ def test_a_join_gets_through_its_relay_while_another_process_floods_it() -> None
         hold.close()
 
 
+def _rendezvous_queries(keys: Any) -> None:
+    """The queries of the rendezvous other than set and get, on a store holding "k" (deleted at the end)."""
+    assert keys.check(["k"]) and not keys.check(["absent"])
+    keys.wait(["k"])
+    keys.wait(["k"], timedelta(seconds=5))
+    with pytest.raises(dist.DistStoreError):
+        keys.wait(["absent"], timedelta(seconds=0.2))  # its cancel and the cancel's answer
+    assert keys.add("n", 3) == 3 and keys.add("n", 1) == 4
+    assert keys.compare_set("c", b"", b"y") == b"y"
+    assert keys.delete_key("k") and not keys.delete_key("k")
+
+
 def test_every_query_of_the_rendezvous_passes_the_relay_and_a_value_past_1_mib_ends_it() -> None:
     """(store53) The relay reads the store protocol both ways (`_Scan`): every query the daemon's rendezvous sends
     through `PrefixStore` and `_SignedStore` (set, get, check, wait, a wait that times out and its cancel, add,
@@ -255,16 +282,44 @@ def test_every_query_of_the_rendezvous_passes_the_relay_and_a_value_past_1_mib_e
     keys = dist.PrefixStore("gpupool/x/", store)
     keys.set("k", b"v" * bound)
     assert len(keys.get("k")) == bound
-    assert keys.check(["k"]) and not keys.check(["absent"])
-    keys.wait(["k"])
-    keys.wait(["k"], timedelta(seconds=5))
-    with pytest.raises(dist.DistStoreError):
-        keys.wait(["absent"], timedelta(seconds=0.2))  # its cancel and the cancel's answer
-    assert keys.add("n", 3) == 3 and keys.add("n", 1) == 4
-    assert keys.compare_set("c", b"", b"y") == b"y"
-    assert keys.delete_key("k") and not keys.delete_key("k")
+    _rendezvous_queries(keys)
     assert keys.num_keys() == master.num_keys() == 2 + 1  # n, c and the store's own init/ key
     with pytest.raises(dist.DistError):
         keys.set("big", b"v" * (bound + 1))
         keys.get("n")  # (a set has no reply: the next call meets the closed connection)
-    assert not master.check(["gpupool/x/big"])
+    assert not dist.PrefixStore("gpupool/x/", master).check(["big"])  # (PrefixStore's keys: "gpupool/x//big")
+
+
+def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_keep(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """(front54) Rank 0's front reads each proved connection's queries (`_Scan` with `hold`, `_StoreTally`): every
+    query of the rendezvous passes through a real front with its reply; a set replaces its key's count and a delete
+    frees it; a set that would keep more than MAX_STORE_BYTES in the group's store closes its connection before a byte
+    of it reaches the store, and the group's other connections go on (on the base: the front forwarded it all)."""
+    monkeypatch.setattr(collectives, "MAX_STORE_BYTES", 8192)
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    try:
+        client = _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        keys = dist.PrefixStore("gpupool/x/", client)
+        keys.set("k", b"v" * 4000)
+        keys.set("k", b"v" * 4000)  # the same key again: replaced, not added
+        assert len(keys.get("k")) == 4000
+        _rendezvous_queries(keys)
+        assert keys.num_keys() == master.num_keys()
+        keys.set("k2", b"w" * 7000)  # fits once "k" is gone
+        with pytest.raises(dist.DistError):
+            keys.set("big", b"v" * 2000)  # past 8192 bytes kept in all
+            keys.get("n")  # (a set has no reply: the next call meets the closed connection)
+        kept = dist.PrefixStore("gpupool/x/", master)
+        assert not kept.check(["big"]) and kept.check(["k2"])
+        other = _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        assert dist.PrefixStore("gpupool/x/", other).check(["k2"])  # the group's other connections go on
+    finally:
+        front.close()
+    query = b"\x01" + (2).to_bytes(8, "little") + b"/a" + (3).to_bytes(8, "little") + b"xyz"  # a set, byte by byte
+    scan = _Scan(_queries(collections.deque(), _StoreTally()), hold=True)
+    passed = [scan.feed(query[i : i + 1]) for i in range(len(query))]
+    assert b"".join(passed[:18]) == b""  # nothing of it before its value's length (its 19th byte) is counted
+    assert passed[18] == query[:19] and b"".join(passed) == query
