@@ -385,7 +385,7 @@ def main(argv: list[str]) -> int:
         f"of the lease whose tokens ${LEASE_ENV} holds, as in `gpupool run -- gpupool smi`). "
         "A device's memory used is (hidden) to a tenant where another tenant also holds a lease on it. An "
         f"operator's view adds a \"{FREE}\" column: each device's free memory as its daemon last measured it (the "
-        "driver's count on a real GPU, where memory used outside the pool shows), \"-\" where not measured.",
+        'driver\'s count on a real GPU, where memory used outside the pool shows), "-" where not measured.',
     )
     p.add_argument(
         "-w",
