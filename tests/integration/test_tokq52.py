@@ -369,7 +369,7 @@ def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_f
         c.close()
 
 
-def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool) -> None:
+def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
     """terms54. A 16 MiB device (registered and heartbeated over the wire with the host's certificate, as a daemon
     does): alice's half (8 MiB), bob's quarter (4 MiB) holding 1 MiB. A heartbeat without a measure (an older daemon):
     the books alone, alice raised to 10 MiB. Its daemon then measures 5 MiB free (another process holds 10 MiB outside
@@ -401,6 +401,7 @@ def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool) -> Non
         whole, as into a pipe), and the samples of the scheduler's free-memory gauge of the device."""
         state = client.list_pool()
         ((dev,),) = [h.devices for h in state.hosts]
+        monkeypatch.delenv("COLUMNS", raising=False)  # (as into a pipe: the tables' natural width, nothing cut)
         out = rich.console.Console(file=io.StringIO(), force_terminal=False)
         smi.show(out, smi.devices_table(state))
         table = [[c.strip() for c in re.split("[┃│]", line) if c.strip()] for line in out.file.getvalue().splitlines()]
