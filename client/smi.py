@@ -176,7 +176,7 @@ def devices_table(pool: scheduler_pb2.PoolState) -> Table:
         caption=HIDDEN_USED if hidden else None,
         caption_justify="left",
     )
-    # (smi54) the operator's view (ListPool gives an admin a status token for each host that is up, and the measure):
+    # (smi54) the operator's view (ListPool gives an admin a status token for each host not down, and the measure):
     # each device's free memory as its daemon last measured it, "-" where not measured (or its host down)
     operator = any(h.status_token or any(d.HasField("measured_free_bytes") for d in h.devices) for h in pool.hosts)
     columns = ["host", "state", "gpu", "model", "memory used", *([FREE] if operator else []), "allocated", "capacity"]
