@@ -45,6 +45,7 @@ NO_SESSIONS = (
 # The tenants table's caption where no lease is active (ListPool lists every tenant's): no session can be, and
 # NO_SESSIONS ("none shown to you ...") read as a credential problem, an operator's too (round 42's demo ended on it).
 IDLE = "none: no lease is active (a session is a leased GPU in use by a program)"
+FREE = "free (measured)"  # (smi54) the operator's column: ListPool's `DeviceState.measured_free_bytes`
 HIDDEN_USED = (
     "memory used (hidden): another tenant also holds a lease on the device, and its total less yours would be "
     "that tenant's usage; your own sessions' memory is in the tenants table"
@@ -175,17 +176,27 @@ def devices_table(pool: scheduler_pb2.PoolState) -> Table:
         caption=HIDDEN_USED if hidden else None,
         caption_justify="left",
     )
-    for col in ("host", "state", "gpu", "model", "memory used", "allocated", "capacity", "share", "tenants"):
-        devices.add_column(col, justify="right" if col in ("gpu", "memory used", "allocated", "capacity") else "left")
+    # (smi54) the operator's view (ListPool gives an admin a status token for each host not down, and the measure):
+    # each device's free memory as its daemon last measured it, "-" where not measured (or its host down)
+    operator = any(h.status_token or any(d.HasField("measured_free_bytes") for d in h.devices) for h in pool.hosts)
+    columns = ["host", "state", "gpu", "model", "memory used", *([FREE] if operator else []), "allocated", "capacity"]
+    for col in (*columns, "share", "tenants"):
+        devices.add_column(
+            col, justify="right" if col in ("gpu", "memory used", FREE, "allocated", "capacity") else "left"
+        )
     for h in pool.hosts:
         style = STATE_STYLE.get(h.state, "")
         for i, d in enumerate(h.devices):
+            free = (
+                [format_size(d.measured_free_bytes) if d.HasField("measured_free_bytes") else "-"] if operator else []
+            )
             devices.add_row(
                 _cell(h.host_id if i == 0 else ""),
                 Text(safe(h.state), style=style) if i == 0 else "",
                 str(d.info.index),
                 _cell(d.info.model),
                 "(hidden)" if (h.host_id, d.info.index) in hidden else format_size(d.used_bytes),
+                *free,
                 format_size(d.allocated_bytes),
                 format_size(d.info.memory_bytes),
                 _pct(d.allocated_share),
@@ -372,7 +383,9 @@ def main(argv: list[str]) -> int:
         "session to an operator: smi presents the status tokens the scheduler gives an admin credential, certificate "
         "or API token; a tenant's own to its certificate, where daemons require certificates; anywhere, the sessions "
         f"of the lease whose tokens ${LEASE_ENV} holds, as in `gpupool run -- gpupool smi`). "
-        "A device's memory used is (hidden) to a tenant where another tenant also holds a lease on it.",
+        "A device's memory used is (hidden) to a tenant where another tenant also holds a lease on it. An "
+        f"operator's view adds a \"{FREE}\" column: each device's free memory as its daemon last measured it (the "
+        'driver\'s count on a real GPU, where memory used outside the pool shows), "-" where not measured.',
     )
     p.add_argument(
         "-w",

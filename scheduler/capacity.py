@@ -103,6 +103,12 @@ class Host:
     def free_units(self) -> int:
         return sum(d.free_units for d in self.devices.values())
 
+    def measured_free(self, device: PoolDevice) -> int | None:
+        """(smi54) `device`'s free memory as its daemon last measured it, as an operator sees it (ListPool's
+        `DeviceState.measured_free_bytes`, the scheduler's `gpupool_pool_memory_free_bytes`): None where not measured,
+        or where this host is down (a measure of a daemon no longer heard from)."""
+        return device.measured_free if self.state != HostState.DOWN else None
+
     def matches(self, labels: dict[str, str], device: PoolDevice) -> bool:
         """Does this host/device carry every requested label? `model` also matches the device model."""
         for k, v in labels.items():

@@ -76,6 +76,11 @@ class PoolCollector(Collector):
         share = GaugeMetricFamily(
             "gpupool_pool_share_allocated", "Compute share leased out on each device (0..1)", labels=dev_labels
         )
+        free = GaugeMetricFamily(
+            "gpupool_pool_memory_free_bytes",
+            "Free memory of each device as its daemon last measured it (absent where not measured or its host is down)",
+            labels=dev_labels,
+        )
         leases = GaugeMetricFamily("gpupool_leases", "Leases by state", labels=["state"])
         waiting = GaugeMetricFamily("gpupool_allocation_requests_waiting", "Allocate requests waiting for room")
         with self.core.lock:
@@ -89,6 +94,9 @@ class PoolCollector(Collector):
                     capacity.add_metric(values, d.capacity_bytes)
                     allocated.add_metric(values, d.allocated_bytes)
                     share.add_metric(values, d.allocated_units / SHARE_UNITS)
+                    measured = h.measured_free(d)
+                    if measured is not None:
+                        free.add_metric(values, measured)
             active = sum(1 for x in self.core.leases.values() if x.state == LeaseState.ACTIVE)
             n_waiting = len(self.core.waiters)
         for state, n in host_counts.items():
@@ -97,4 +105,4 @@ class PoolCollector(Collector):
             devices.add_metric([state], n)
         leases.add_metric([LeaseState.ACTIVE.value], active)
         waiting.add_metric([], n_waiting)
-        yield from (hosts, devices, capacity, allocated, share, leases, waiting)
+        yield from (hosts, devices, capacity, allocated, share, free, leases, waiting)

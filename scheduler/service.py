@@ -313,6 +313,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                             or (dev is not None and not dev.session_leases <= mine.get(where, set()))
                         ):
                             d.used_bytes = 0
+                        free = host.measured_free(dev) if caller.admin and dev is not None else None
+                        if free is not None:  # (smi54) to an operator only: capacity less every tenant's use
+                            d.measured_free_bytes = free
                     n = pb.ByteSize() + (_status_token_bytes(host.host_id) if caller.admin else 0)
                     if count and (count >= size or used + n > PAGE_BYTES):
                         reply.next_page_token = f"h:{reply.hosts[-1].host_id}"

@@ -423,9 +423,16 @@ class DeviceState(_message.Message):
     ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     ALLOCATED_SHARE_FIELD_NUMBER: _builtins.int
     USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEASURED_FREE_BYTES_FIELD_NUMBER: _builtins.int
     allocated_bytes: _builtins.int
     allocated_share: _builtins.float
     used_bytes: _builtins.int
+    measured_free_bytes: _builtins.int
+    """(smi54) To an operator (an admin's ListPool) only: the device's free memory as its daemon last measured it (the
+    heartbeat's `DeviceUsage.free_bytes`: a real GPU's driver's count, a fake GPU's capacity less its sessions'
+    bytes), what a raised quota must fit (SetLeaseTerms). Unset: not measured, its host down, or the caller not an
+    operator (it is capacity less every tenant's use and memory held outside the pool: co-tenants' use).
+    """
     @_builtins.property
     def info(self) -> _device_pb2.DeviceInfo: ...
     def __init__(
@@ -435,12 +442,15 @@ class DeviceState(_message.Message):
         allocated_bytes: _builtins.int = ...,
         allocated_share: _builtins.float = ...,
         used_bytes: _builtins.int = ...,
+        measured_free_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_measured_free_bytes", b"_measured_free_bytes", "info", b"info", "measured_free_bytes", b"measured_free_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "allocated_share", b"allocated_share", "info", b"info", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_free_bytes", b"_measured_free_bytes", "allocated_bytes", b"allocated_bytes", "allocated_share", b"allocated_share", "info", b"info", "measured_free_bytes", b"measured_free_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__measured_free_bytes: _TypeAlias = _typing.Literal["measured_free_bytes"]  # noqa: Y015
+    _WhichOneofArgType__measured_free_bytes: _TypeAlias = _typing.Literal["_measured_free_bytes", b"_measured_free_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__measured_free_bytes) -> _WhichOneofReturnType__measured_free_bytes | None: ...
 
 Global___DeviceState: _TypeAlias = DeviceState  # noqa: Y015
 

@@ -7,7 +7,9 @@ answered one of another host, lease or device UNAUTHENTICATED (the token is genu
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rich.console
 import torch
 from gpupool.client import admin as admin_cli
+from gpupool.client import smi
 from gpupool.client.pool import Lease
 from gpupool.client.session import Session
 from scheduler_fixtures import ROOT, wait_until
@@ -365,14 +369,17 @@ def test_an_operator_changes_a_leases_terms_mid_job_and_its_session_holds_them_f
         c.close()
 
 
-def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool) -> None:
+def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
     """terms54. A 16 MiB device (registered and heartbeated over the wire with the host's certificate, as a daemon
     does): alice's half (8 MiB), bob's quarter (4 MiB) holding 1 MiB. A heartbeat without a measure (an older daemon):
     the books alone, alice raised to 10 MiB. Its daemon then measures 5 MiB free (another process holds 10 MiB outside
     the pool): raising alice to 12 MiB (the books' room: 12 + 4 = 16) is refused, RESOURCE_EXHAUSTED naming the free
     memory and bob's 3 MiB promised and not yet used; nothing changed. Measured 14 MiB free: 12 + 3 > 14, refused;
     15 MiB: it fits. On 1ddcc310 a raise was checked against the books alone (the 12 MiB went through with 5 MiB
-    free) and a heartbeat had no free memory to carry."""
+    free) and a heartbeat had no free memory to carry.
+    smi54: each measure is the operator's to see (ListPool's `measured_free_bytes`, `gpupool smi`'s "free (measured)"
+    column whole into a pipe, the scheduler's `gpupool_pool_memory_free_bytes`), none where unmeasured ("-", no
+    series); a tenant's ListPool and smi show none (co-tenants' use). On 17b896e7 no view showed it."""
     host = pool.client("host", HOST)
     ops, alice, bob = pool.client("admin", "ops"), pool.client("tenant", "alice"), pool.client("tenant", "bob")
     info = device_pb2.DeviceInfo(index=0, uuid="GPU-terms54", model="fake", memory_bytes=16 * MiB, fake=True)
@@ -389,12 +396,37 @@ def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool) -> Non
                                                                        address="127.0.0.1:1"))  # fmt: skip
         assert not reply.reregister and not reply.revoked_leases
 
+    def shown(client: Any) -> tuple[list[bool | int], dict[str, str], list[float]]:
+        """(smi54) ListPool's measure to `client` (False: unset), `gpupool smi`'s devices row by its header (printed
+        whole, as into a pipe), and the samples of the scheduler's free-memory gauge of the device."""
+        state = client.list_pool()
+        ((dev,),) = [h.devices for h in state.hosts]
+        monkeypatch.delenv("COLUMNS", raising=False)  # (as into a pipe: the tables' natural width, nothing cut)
+        out = rich.console.Console(file=io.StringIO(), force_terminal=False)
+        smi.show(out, smi.devices_table(state))
+        table = [[c.strip() for c in re.split("[┃│]", line) if c.strip()] for line in out.file.getvalue().splitlines()]
+        header = next(cells for cells in table if "host" in cells and "capacity" in cells)
+        row = next(cells for cells in table if cells and cells[0] == HOST)
+        gauge = [x.value for f in pool.scheduler.metrics.registry.collect() for x in f.samples
+                 if x.name == "gpupool_pool_memory_free_bytes" and x.labels["host"] == HOST]  # fmt: skip
+        return (
+            [dev.HasField("measured_free_bytes") and dev.measured_free_bytes],
+            dict(zip(header, row, strict=True)),
+            gauge,
+        )
+
     beat(None)
+    views, row, gauge = shown(ops)  # unmeasured: "-", no series
+    assert (views, row["free (measured)"], row["capacity"], gauge) == ([False], "-", "16.0MiB", []), row
     ops.set_lease_terms(a_pb.lease_id, memory_bytes=10 * MiB, share=0.5)
     before = ({"alice": (10 * MiB, 0.5), "bob": (4 * MiB, 0.25)}, (14 * MiB, 0.75))
     assert _pool_terms(ops) == before
     for free in (5 * MiB, 14 * MiB):
         beat(free)
+        views, row, gauge = shown(ops)
+        assert (views, row["free (measured)"], gauge) == ([free], f"{free // MiB}.0MiB", [free]), row
+        views, row, _ = shown(alice)  # a tenant: none (nor the column)
+        assert views == [False] and "free (measured)" not in row and row["capacity"] == "16.0MiB", row
         with pytest.raises(errors.ResourceExhausted) as refused:
             ops.set_lease_terms(a_pb.lease_id, memory_bytes=12 * MiB, share=0.5)
         assert (

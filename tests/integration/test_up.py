@@ -148,7 +148,8 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(up: tuple[
     """`gpupool up` runs its daemon with client certificates required (round 42: under the default `none` its
     Status, `gpupool smi`'s tenants table, showed every tenant's sessions to anyone who reached the port): the
     operator's smi (its admin certificate) lists every session, the user's (its tenant certificate) its own, a caller
-    without a certificate is refused at the handshake."""
+    without a certificate is refused at the handshake. Only the operator's has the devices' "free (measured)" column
+    (smi54: ListPool's measure is an admin's only)."""
     from support import daemon_status, get_pki
 
     from gpupool._proto import device_pb2, scheduler_pb2
@@ -178,14 +179,19 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(up: tuple[
     try:
         user = getpass.getuser()
 
+        measured: list[bool] = []  # (smi54) whether the devices table has the operator's "free (measured)" column
+
         def tenants(environment: dict[str, str]) -> list[str]:
             smi = gpupool("smi", env=environment)
             assert smi.returncode == 0, smi.stderr
-            table = smi.stdout.split("tenants (sessions on the daemons)")[1].split("leases (")[0]
+            devices, table = smi.stdout.split("tenants (sessions on the daemons)")
+            measured.append("free (measured)" in devices)
+            table = table.split("leases (")[0]
             return sorted(t for t in (user, "mallory") if re.search(rf"[│┃]\s*{t}\s*[│┃]", table))
 
         assert tenants(admin) == sorted([user, "mallory"])
         assert tenants(env) == [user]
+        assert measured == [True, False]  # the operator's view only
         carol = get_pki().issue("tenant", "carol")  # a tenant with no session: an empty table, and why
         smi = gpupool("smi", env={**env, "GPUPOOL_TLS_CERT": str(carol.cert), "GPUPOOL_TLS_KEY": str(carol.key)})
         assert smi.returncode == 0 and "none shown to you" in smi.stdout, smi.stdout + smi.stderr

@@ -161,6 +161,12 @@ def run_ops(session: Session) -> None:
         session.sync()
 
 
+def measured_below(text: str, capacity: int) -> bool:
+    """Does the scheduler's exposition `text` show a device measured with less than `capacity` free?"""
+    families = text_string_to_metric_families(text)
+    return any(x.value < capacity for f in families if f.name == "gpupool_pool_memory_free_bytes" for x in f.samples)
+
+
 @pytest.fixture(scope="module")
 def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
     tmp = tmp_path_factory.mktemp("contract")
@@ -200,8 +206,13 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
             session = Session.attach(f"127.0.0.1:{daemon_port}", leased.token)
             try:
                 run_ops(session)
-                # Let a heartbeat carry the session's usage to the scheduler before scraping.
-                time.sleep(1.0)
+                # Let a heartbeat carry the session's usage to the scheduler before scraping: its device's measured
+                # free memory (smi54: `gpupool_pool_memory_free_bytes`, absent until a heartbeat brings it) below
+                # the 256 MiB the device has.
+                deadline = time.monotonic() + 60
+                while not measured_below(scrape(sched_metrics), 256 * 2**20):
+                    assert time.monotonic() < deadline, "no heartbeat brought the session's usage in 60 s"
+                    time.sleep(0.2)
                 yield Scrapes(daemon=scrape(daemon_metrics), scheduler=scrape(sched_metrics))
             finally:
                 session.close()

@@ -34,6 +34,8 @@ def test_counters_and_gauges_follow_the_core() -> None:
     core.hosts.register(
         "a", "127.0.0.1:1", [DeviceSpec(0, "GPU-a", "T4", 16 * GiB), DeviceSpec(1, "GPU-b", "T4", 16 * GiB)]
     )
+    # (smi54) device 0's free memory as its daemon measures it; device 1 not measured: no series
+    core.hosts.heartbeat("a", [], {0: 0, 1: 0}, False, measured={0: (5 * GiB, {}), 1: (None, {})})
     released = core.allocate(Request(1, fraction=0.5))
     expiring = core.allocate(Request(1, fraction=1.0), ttl=1)
     lost = core.allocate(Request(1, memory_bytes=4 * GiB))
@@ -54,6 +56,9 @@ def test_counters_and_gauges_follow_the_core() -> None:
         sum(v for (n, _), v in s.items() if n == "gpupool_pool_memory_allocated_bytes") == 8 * GiB + 16 * GiB + 4 * GiB
     )
     assert s[("gpupool_leases", (("state", "active"),))] == 3
+    assert [(labels, v) for (n, labels), v in s.items() if n == "gpupool_pool_memory_free_bytes"] == [
+        ((("UUID", "GPU-a"), ("device", "0"), ("host", "a"), ("model", "T4")), 5 * GiB)
+    ]
     core.release(released.lease_id)
     core.sweep(time.time() + 2)  # expires `expiring`
     core.sweep(time.time() + 10)  # host silent: `lost` is lost
@@ -66,6 +71,7 @@ def test_counters_and_gauges_follow_the_core() -> None:
     assert s[("gpupool_allocation_duration_seconds_count", ())] == 6
     assert s[("gpupool_pool_hosts", (("state", "down"),))] == 1
     assert s[("gpupool_pool_devices", (("state", "down"),))] == 2
+    assert not [n for (n, _) in s if n == "gpupool_pool_memory_free_bytes"]  # a down host's measure: none
     assert s[("gpupool_leases", (("state", "active"),))] == 0
     assert s[("gpupool_allocation_requests_waiting", ())] == 0
     assert lost.lease_id and expiring.lease_id
