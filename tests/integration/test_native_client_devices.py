@@ -21,7 +21,7 @@ from gpupool.client.native.backend import compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
 from support import assert_loss_lines_close
-from test_cuda_scripts import LOSS, RANK_LINE, SCRIPTS, on_cpu, torchrun, torchrun_on_cpu, values
+from test_cuda_scripts import LOSS, RANK_LINE, SCRIPTS, beside, on_cpu, torchrun, torchrun_on_cpu, values
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -221,8 +221,10 @@ def test_torchrun_ddp_cuda_script_with_nccl_gives_the_cpu_losses(pool: str) -> N
     --nproc-per-node 2`: nccl is the gpupool backend on the C++ client too, cuda:LOCAL_RANK each rank's own leased
     device; the losses and weights of the same script under torchrun on the CPU with gloo (test_cuda_scripts.py's
     check)."""
-    pooled = _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", *torchrun("ddp_torchrun.py", 2))
-    local = torchrun_on_cpu("ddp_torchrun.py", 2)
+    pooled, local = beside(
+        lambda: _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", *torchrun("ddp_torchrun.py", 2)),
+        torchrun_on_cpu, "ddp_torchrun.py", 2,
+    )  # fmt: skip
     losses, reference = values(LOSS.findall(pooled.stdout)), values(LOSS.findall(local.stdout))
     assert len(losses) == 8 and len(reference) == 8, pooled.stdout + local.stdout
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
