@@ -26,7 +26,8 @@ diff -r -x __pycache__ "$tmp/_proto" gpupool/_proto || { echo "gpupool/_proto is
 python3 -m ruff check .
 python3 -m mypy gpupool server scheduler client
 bash scripts/lint_imports.sh  # .importlinter: the programs never import each other; client/torch is layered
-# --durations=30: every log ends with the 30 slowest setups, calls and teardowns (the suite should stay under ~30 min).
+# --durations=30: every log ends with the 30 slowest setups, calls and teardowns (the suite should stay under ~30 min),
+# then (tests/conftest.py, round 54) the 30 test files with the most summed seconds and each worker's busy total.
 # Two pytest-xdist workers, a test file each at a time (--dist loadfile: a module's fixtures are set up once, as in one
 # process). Much of the suite waits (children starting, daemons answering, timeouts): on two cores it took 11-18 min
 # this way against 34 min in one process (BENCHMARKS.md, "Round 26, suite26"). GPUPOOL_TEST_WORKERS=0: one process.

@@ -8,7 +8,8 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,37 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         from gpupool.server.zygote import shared_zygote
 
         shared_zygote()
+
+
+# Each test's setup + call + teardown seconds, summed per test file and per pytest-xdist worker ("main" without xdist):
+# on xdist's controller, which receives every worker's reports (with their `duration`), for the summary below
+_FILE_SECONDS: defaultdict[str, float] = defaultdict(float)
+_WORKER_SECONDS: defaultdict[str, float] = defaultdict(float)
+SLOWEST_FILES = 30
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+    _WORKER_SECONDS[getattr(report, "worker_id", None) or "main"] += report.duration
+
+
+def slowest(seconds: Mapping[str, float], count: int) -> list[tuple[str, float]]:
+    """The `count` entries with the most seconds, most first (ties by name)."""
+    return sorted(seconds.items(), key=lambda entry: (-entry[1], entry[0]))[:count]
+
+
+@pytest.hookimpl(trylast=True)  # (after the durations)
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """After `--durations=30`'s phases: the SLOWEST_FILES test files with the most summed seconds, and each xdist
+    worker's busy total (round 54: a file's tests and fixtures together, to balance the workers' files by)."""
+    if not _FILE_SECONDS or hasattr(terminalreporter.config, "workerinput"):
+        return
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("=", f"slowest {SLOWEST_FILES} test files (setup + call + teardown, summed)")
+    for name, seconds in slowest(_FILE_SECONDS, SLOWEST_FILES):
+        write(f"{seconds:8.2f}s {name}")
+    busy = ", ".join(f"{worker} {seconds:.1f}s" for worker, seconds in sorted(_WORKER_SECONDS.items()))
+    write(f"busy per worker: {busy}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -12,9 +12,10 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from examples_fixtures import gpupool_up
@@ -78,6 +79,19 @@ def on_cpu(*args: str) -> subprocess.CompletedProcess[str]:
     return run(warmed_python(*args), cpu_env())
 
 
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def beside(pooled: Callable[[], P], reference: Callable[..., R], *args: Any) -> tuple[P, R]:
+    """`pooled()` (a run on the pool) with its CPU reference `reference(*args)` (on_cpu, torchrun_on_cpu: cached, at
+    once when an earlier test ran it) run beside it in a thread, as the DDP tests below did already: the pooled run
+    spends much of its time waiting on its daemons (round 54: one after the other until then). Both results."""
+    with ThreadPoolExecutor(1) as thread:
+        local = thread.submit(reference, *args)
+        return pooled(), local.result()
+
+
 @functools.cache
 def amp_on_pool(pool: str) -> subprocess.CompletedProcess[str]:
     """The one pooled run kept for the session: `gpupool run --cuda --client shim -p 0.5 -- python amp.py` (the
@@ -98,8 +112,9 @@ def no_leases(address: str) -> bool:
     "script", ["mnist_style.py", "device_agnostic.py", "checkpoint.py", "amp.py", "lstm_lm.py", "custom_function.py"]
 )
 def test_unmodified_script_gives_the_cpu_losses(pool: str, script: str) -> None:
-    pooled = amp_on_pool(pool) if script == "amp.py" else on_pool(pool, script, "-p", "0.5")
-    local = on_cpu(script)
+    pooled, local = beside(
+        lambda: amp_on_pool(pool) if script == "amp.py" else on_pool(pool, script, "-p", "0.5"), on_cpu, script
+    )
     losses = LOSS.findall(pooled.stdout)
     assert len(losses) >= 4, pooled.stdout
     if script == "amp.py":  # float16 matmuls on the pool (autocast), float32 on the CPU (AMP off there)
@@ -217,12 +232,7 @@ def test_torchrun_fsdp2_script_gives_the_cpu_losses(pool: str, client: tuple[str
     `init_device_mesh` failed: "ProcessGroup name not set" (then, one at a time: a "cuda" mesh FSDP2 found no parameter
     on, CPU tensors it could not move in place, storages it could not resize, functional collectives torch sent to a
     C++ backend the group has not, a group with no device types, no scatter, no all-to-all)."""
-    pooled = run(
-        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
-         *torchrun("fsdp2.py", 2)],
-        clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
-    local = torchrun_on_cpu("fsdp2.py", 2)
+    pooled, local = two_ranks_and_cpu(pool, "fsdp2.py", client)
     steps, reference = FSDP_STEP.findall(pooled.stdout), FSDP_STEP.findall(local.stdout)
     assert len(steps) == 6 and len(reference) == 6, pooled.stdout + local.stdout
     assert [float(v) for s in steps for v in s] == pytest.approx([float(v) for s in reference for v in s], abs=1e-5)
@@ -267,8 +277,8 @@ def collectives_on_pool(pool: str, client: tuple[str, ...]) -> dict[tuple[str, s
 def assert_collectives_give_the_cpu_results(pool: str, client: tuple[str, ...], names: list[str]) -> None:
     """Each of `names` printed the same (repr of lists of Python floats, ints, objects) on both ranks as the same
     script under torchrun on the CPU with gloo."""
-    pooled = collectives_on_pool(pool, client)
-    local = {(r, name): value for r, name, value in RESULT.findall(torchrun_on_cpu("collectives.py", 2).stdout)}
+    pooled, cpu = beside(lambda: collectives_on_pool(pool, client), torchrun_on_cpu, "collectives.py", 2)
+    local = {(r, name): value for r, name, value in RESULT.findall(cpu.stdout)}
     mine = {key: value for key, value in pooled.items() if key[1] in names}
     expected = {key: value for key, value in local.items() if key[1] in names}
     assert {name for _, name in expected} == set(names), local
@@ -380,21 +390,23 @@ def test_spawned_ddp_script_with_nccl_and_a_snapshot_gives_the_cpu_losses(pool: 
     """ddp_spawn.py (pytorch/examples' ddp-tutorial-series multigpu.py, trimmed): `torch.multiprocessing.spawn`, so no
     LOCAL_RANK; `torch.cuda.set_device(rank)` and `init_process_group("nccl", rank=, world_size=)`. Run for one epoch,
     then again for two, resuming from rank 0's snapshot (`torch.load(map_location=f"cuda:{rank}")`): the losses and
-    the final weights of both ranks equal the same two runs on the CPU with gloo. Until round 33 rank 1's group was
-    bound to gpupool:0 while it claimed lease device 1: its daemon refused the join."""
+    the final weights of both ranks equal the same script's two epochs on the CPU with gloo, run at once (SGD without
+    momentum: the snapshot, the weights and the epoch, is all its state; until round 54 the CPU ran twice too, and
+    printed the same). Until round 33 rank 1's group was bound to gpupool:0 while it claimed lease device 1: its daemon
+    refused the join."""
 
     def twice(cmd: list[str], env: dict[str, str], snapshot: Path) -> str:
         return "".join(with_a_port([*cmd, str(epochs)], env, str(snapshot)).stdout for epochs in (1, 2))
 
     script = [sys.executable, "ddp_spawn.py"]
-    with ThreadPoolExecutor(1) as beside:  # the CPU's two runs beside the pool's two
-        cpu = beside.submit(twice, script, cpu_env(OMP_NUM_THREADS="1"), tmp_path / "cpu.pt")
-        pooled = twice(
+    pooled, local = beside(
+        lambda: twice(
             [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--", *script],
             clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
             tmp_path / "pool.pt",
-        )
-        local = cpu.result()
+        ),
+        lambda: with_a_port([*script, "2"], cpu_env(OMP_NUM_THREADS="1"), str(tmp_path / "cpu.pt")).stdout,
+    )
     losses, reference = values(LOSS.findall(pooled)), values(LOSS.findall(local))
     assert len(losses) == 8 and len(reference) == 8, pooled + local  # 4 steps, then the resumed epoch's 4
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
@@ -447,11 +459,11 @@ def test_dataloader_workers_fork_without_grpc_log_lines(pool: str) -> None:
     once a worker (round 32: mnist, vae, siamese). `gpupool run` gives its child GRPC_ENABLE_FORK_SUPPORT=0 (the
     workers never use gRPC): no such line, the CPU's losses."""
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-p", "0.5", "--", sys.executable, "-c", WORKERS]
-    done = run(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
+    done, local = beside(lambda: run(cmd, clean_env(GPUPOOL_SCHEDULER=pool)), on_cpu, "-c", WORKERS)
     assert "fork" not in done.stderr, done.stderr
     losses = LOSS.findall(done.stdout)
     assert len(losses) == 4, done.stdout
-    assert_loss_lines_close(losses, LOSS.findall(on_cpu("-c", WORKERS).stdout))
+    assert_loss_lines_close(losses, LOSS.findall(local.stdout))
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
@@ -511,8 +523,8 @@ def test_cuda_idioms_script_gives_the_cpu_losses(pool: str, client: tuple[str, .
     parameter type", and, past it, the conv net trained on scrambled activations: the daemon's channels_last conv
     output was read through the contiguous geometry the client computed for `torch.flatten` (step 0's loss 2.459
     against the CPU's 2.724)."""
-    pooled = on_pool(pool, "cuda_idioms.py", *client, "-p", "0.5")
-    steps, reference = IDIOM.findall(pooled.stdout), IDIOM.findall(on_cpu("cuda_idioms.py").stdout)
+    pooled, local = beside(lambda: on_pool(pool, "cuda_idioms.py", *client, "-p", "0.5"), on_cpu, "cuda_idioms.py")
+    steps, reference = IDIOM.findall(pooled.stdout), IDIOM.findall(local.stdout)
     assert len(steps) == 6 and len(reference) == 6, pooled.stdout
     assert [float(v) for s in steps for v in s] == pytest.approx([float(v) for s in reference for v in s], rel=1e-5)
     assert "idioms done on cuda" in pooled.stdout and "gpu gpupool fake GPU (CPU) memory 268435456" in pooled.stdout
@@ -573,8 +585,8 @@ def _same_lines_pooled_and_local(
     """`python -c CODE` through `gpupool run --cuda CLIENT -p 0.5` and on the CPU: each prints `count` lines that
     match `pattern`, and each pooled line's text before its "[" equals the local run's (strides, layouts, whether a
     view exists), its numbers after it equal within float32 rounding. The pooled stdout and lines, for more checks."""
-    pooled = on_pool(pool, "-c", *client, "-p", "0.5", script_args=(code,)).stdout
-    local = on_cpu("-c", code).stdout
+    done, cpu = beside(lambda: on_pool(pool, "-c", *client, "-p", "0.5", script_args=(code,)), on_cpu, "-c", code)
+    pooled, local = done.stdout, cpu.stdout
     got, want = re.findall(pattern, pooled, re.M), re.findall(pattern, local, re.M)
     assert len(got) == count and len(want) == count, pooled
     for line, ref in zip(got, want, strict=True):
@@ -701,8 +713,8 @@ def test_fork_rng_and_rng_states_restore_the_generator_as_on_a_gpu(pool: str, cl
     attribute 'get_rng_state'" (torch's "cuda" is gpupool under --cuda) and torch.cuda.get_rng_state was refused
     ("... the generator lives on the daemon"), on both clients."""
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
-    pooled = run([*cmd, RNG_STATE], clean_env(GPUPOOL_SCHEDULER=pool)).stdout
-    local = on_cpu("-c", RNG_STATE).stdout
+    done, cpu = beside(lambda: run([*cmd, RNG_STATE], clean_env(GPUPOOL_SCHEDULER=pool)), on_cpu, "-c", RNG_STATE)
+    pooled, local = done.stdout, cpu.stdout
     kinds = ("fork", "seeded inside", "state", "checkpoint")
     got = [line for line in pooled.splitlines() if line.startswith(kinds)]
     want = [line for line in local.splitlines() if line.startswith(kinds)]
@@ -728,8 +740,14 @@ def test_dcgan_script_gives_the_cpu_losses(pool: str, client: tuple[str, ...], t
     the CPU's, on both clients, and the saved checkpoint loads back onto the device. It ran so before round 38 too
     (pinned)."""
     script_args = ("--accel", "--channels-last", "--outf", str(tmp_path / "pool"))
-    pooled = on_pool(pool, "dcgan.py", *client, "-p", "0.5", script_args=script_args)
-    local = on_cpu("dcgan.py", "--channels-last", "--outf", str(tmp_path.parent / "dcgan-cpu"))
+    pooled, local = beside(
+        lambda: on_pool(pool, "dcgan.py", *client, "-p", "0.5", script_args=script_args),
+        on_cpu,
+        "dcgan.py",
+        "--channels-last",
+        "--outf",
+        str(tmp_path.parent / "dcgan-cpu"),
+    )
     steps, reference = DCGAN_STEP.findall(pooled.stdout), DCGAN_STEP.findall(local.stdout)
     assert len(steps) == 4 and len(reference) == 4, pooled.stdout
     assert [float(v) for s in steps for v in s] == pytest.approx([float(v) for s in reference for v in s], rel=1e-5)
@@ -755,8 +773,8 @@ def test_pytorch_examples_scripts_give_the_cpu_losses(
     `div_` in place and its `eval().cpu()` / `to(device).train()` checkpoint with Adam kept): every printed loss, test
     loss, PSNR and sum within 1e-5 of the CPU's, on both clients. vae and super_resolution ran so before round 38 too
     (pinned); style_transfer was denied `upsample_nearest2d` and `reflection_pad2d` (not on the allowlist) until it."""
-    pooled = on_pool(pool, script, *client, "-p", "0.5", script_args=flags)
-    lines, reference = EXAMPLE_LINE.findall(pooled.stdout), EXAMPLE_LINE.findall(on_cpu(script).stdout)
+    pooled, local = beside(lambda: on_pool(pool, script, *client, "-p", "0.5", script_args=flags), on_cpu, script)
+    lines, reference = EXAMPLE_LINE.findall(pooled.stdout), EXAMPLE_LINE.findall(local.stdout)
     assert len(lines) >= 4 and len(lines) == len(reference), pooled.stdout
     assert [NUMBER.sub("#", line) for line in lines] == [NUMBER.sub("#", line) for line in reference]
     got = [float(v) for line in lines for v in NUMBER.findall(line)]
@@ -819,8 +837,9 @@ def test_accelerator_synchronize_and_memory_api_answer_as_on_a_gpu(
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
     """`gpupool run --cuda -n 2`: one process, layers on cuda:0 and cuda:1 (gpupool:0 and gpupool:1), backward across
     both; the losses of the script on the CPU (a fresh process: within float32 rounding)."""
-    pooled = on_pool(pool, "model_parallel.py", "-n", "2", "-p", "0.5")
-    local = on_cpu("model_parallel.py")
+    pooled, local = beside(
+        lambda: on_pool(pool, "model_parallel.py", "-n", "2", "-p", "0.5"), on_cpu, "model_parallel.py"
+    )
     losses = LOSS.findall(pooled.stdout)
     assert len(losses) == 6, pooled.stdout + local.stdout
     assert_loss_lines_close(losses, LOSS.findall(local.stdout))
@@ -1021,8 +1040,8 @@ def test_gpt2_style_training_loop_gives_the_cpu_losses(pool: str, client: tuple[
     eval loss and the weight sum within 1e-5 of the CPU's and the same generated tokens, on both clients. Until round 39
     the shim failed at the first backward: `logits[..., :-1, :]`'s `slice_backward` was sent whole and denied
     (not on the daemon's allowlist; transfer.py COMPOSITE_HERE)."""
-    pooled = on_pool(pool, "gpt2_train.py", *client, "-p", "0.5")
-    (shape, got), (ref_shape, want) = gpt2_lines(pooled.stdout), gpt2_lines(on_cpu("gpt2_train.py").stdout)
+    pooled, local = beside(lambda: on_pool(pool, "gpt2_train.py", *client, "-p", "0.5"), on_cpu, "gpt2_train.py")
+    (shape, got), (ref_shape, want) = gpt2_lines(pooled.stdout), gpt2_lines(local.stdout)
     assert len(shape) == 7 and shape == [line.replace(" on cpu", " on #") for line in ref_shape], pooled.stdout
     assert got == pytest.approx(want, rel=1e-5)
     assert "generated" in pooled.stdout and " on cuda" in pooled.stdout and "tied True" in pooled.stdout
@@ -1056,9 +1075,16 @@ def test_mnist_rnn_script_gives_the_cpu_losses(pool: str, client: tuple[str, ...
     and the test loss within 1e-5 of the CPU's (bit for bit by hand), on both clients. With the dropout on, both
     clients print the same lines, the device's masks not the CPU's. It ran so before round 39 (pinned)."""
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
-    pooled = run([*cmd, NO_DROPOUT2D, "--accel", "--epochs", "1"], clean_env(GPUPOOL_SCHEDULER=pool))
+    pooled, local = beside(
+        lambda: run([*cmd, NO_DROPOUT2D, "--accel", "--epochs", "1"], clean_env(GPUPOOL_SCHEDULER=pool)),
+        on_cpu,
+        "-c",
+        NO_DROPOUT2D,
+        "--epochs",
+        "1",
+    )
     lines = MNIST_LINE.findall(pooled.stdout)
-    reference = MNIST_LINE.findall(on_cpu("-c", NO_DROPOUT2D, "--epochs", "1").stdout)
+    reference = MNIST_LINE.findall(local.stdout)
     assert len(lines) == 5 and [NUMBER.sub("#", x) for x in lines] == [NUMBER.sub("#", x) for x in reference]
     got = [float(v) for line in lines for v in NUMBER.findall(line)]
     assert got == pytest.approx([float(v) for line in reference for v in NUMBER.findall(line)], rel=1e-5)
@@ -1094,8 +1120,10 @@ def test_training_idioms_script_gives_the_cpu_losses(pool: str, client: tuple[st
     at `Gamma.rsample` (`_standard_gamma`, then the shim's `_standard_gamma_grad`), the shim at `Beta.rsample`
     (`_sample_dirichlet`). Until round 41 forward-mode AD (`jvp`, `jacfwd`, `torch.func.hessian`) failed on both
     clients: `aten::_efficientzerotensor` (a weight's zero tangent) denied (client/zerotensor.py)."""
-    pooled = on_pool(pool, "training_idioms.py", *client, "-p", "0.5")
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("training_idioms.py").stdout)
+    pooled, local = beside(
+        lambda: on_pool(pool, "training_idioms.py", *client, "-p", "0.5"), on_cpu, "training_idioms.py"
+    )
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(local.stdout)
     assert len(losses) == 35, pooled.stdout
     assert_loss_lines_close(losses, reference)
     assert "training idioms done on cuda" in pooled.stdout
@@ -1139,8 +1167,10 @@ def test_transformer_eval_loop_gives_the_cpu_values(pool: str, client: tuple[str
     path). Until round 41 an encoder's padded positions held the ordinary path's attention values where torch's
     nested-tensor path (CPU, and CUDA in eval under no_grad) writes zeros before the final norm (the "whole" lines:
     client/fastpath.py `_encoder_padded`)."""
-    pooled = on_pool(pool, "transformer_eval.py", *client, "-p", "0.5")
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("transformer_eval.py").stdout)
+    pooled, local = beside(
+        lambda: on_pool(pool, "transformer_eval.py", *client, "-p", "0.5"), on_cpu, "transformer_eval.py"
+    )
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(local.stdout)
     assert len(losses) == 14, pooled.stdout + pooled.stderr[-2000:]
     assert_loss_lines_close(losses, reference)
     assert "transformer eval done on cuda" in pooled.stdout
@@ -1162,8 +1192,11 @@ def test_resnet_rnn_script_gives_the_cpu_losses(pool: str, client: tuple[str, ..
     shim failed at the first view under inference mode ("Cannot set version_counter for inference tensor":
     client/torch/dispatch.py `_outside_inference`), then at pack_padded_sequence (its CPU lengths made meta) and
     at F.affine_grid (`affine_grid_generator` sent whole, denied: client/torch/transfer.py COMPOSITE_HERE)."""
-    pooled = on_pool(pool, "resnet_rnn.py", *client, "-p", "0.5", script_args=("--amp",) if amp else ())
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("resnet_rnn.py").stdout)
+    flags = ("--amp",) if amp else ()
+    pooled, local = beside(
+        lambda: on_pool(pool, "resnet_rnn.py", *client, "-p", "0.5", script_args=flags), on_cpu, "resnet_rnn.py"
+    )
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(local.stdout)
     assert len(losses) == 37, pooled.stdout + pooled.stderr[-2000:]
     if amp:
         got, want = values(losses), values(reference)
@@ -1190,8 +1223,13 @@ def test_channels_last_amp_script_gives_the_cpu_losses(pool: str, client: tuple[
     parameters stay channels_last, an eval activation's `.cpu()` too. Until round 42 it stopped at `torch.compile`
     (refused), past that at NVTX's "NVTX functions not installed" and `set_per_process_memory_fraction`
     (AttributeError), and on the shim at its first batch's layout (uploaded contiguous)."""
-    pooled = on_pool(pool, "channels_last_amp.py", *client, "-p", "0.5", script_args=("--amp",) if amp else ())
-    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("channels_last_amp.py").stdout)
+    flags = ("--amp",) if amp else ()
+    pooled, local = beside(
+        lambda: on_pool(pool, "channels_last_amp.py", *client, "-p", "0.5", script_args=flags),
+        on_cpu,
+        "channels_last_amp.py",
+    )
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(local.stdout)
     assert len(losses) == 33 and len(reference) == 33, pooled.stdout + pooled.stderr[-2000:]
     if amp:  # the losses within 1e-3 (measured: 3e-4), the float16 gradients' norms within 3e-2 (measured: 1.5e-2)
         norms = [i for i, line in enumerate(reference) if " grad norm " in line]
@@ -1242,8 +1280,7 @@ def test_rotary_embeddings_and_conjugates_give_the_cpu_values(pool: str) -> None
     died: "view_as_real does not support automatic differentiation for outputs with complex dtype"), refused any op on
     a view of another dtype than its storage's, and dropped the conjugate and negative bits (`a * b.conj()` computed
     `a * b`: a rotary model's gradients were wrong). (The Python client ran it right before.)"""
-    pooled = on_pool(pool, "rotary.py", "-p", "0.5")
-    local = on_cpu("rotary.py")
+    pooled, local = beside(lambda: on_pool(pool, "rotary.py", "-p", "0.5"), on_cpu, "rotary.py")
     assert pooled.stdout.rstrip().endswith("done"), pooled.stdout + pooled.stderr[-3000:]
     losses = LOSS.findall(pooled.stdout)
     assert len(losses) == 4, pooled.stdout
@@ -1308,8 +1345,7 @@ def test_a_caught_out_of_memory_leaves_the_grads_as_they_were(pool: str, client:
     the trained weights are the CPU run's (which raises the error itself), on both clients. Until round 50 the daemon
     refused the tensor at the next sync, after the backward had run on it: the first `.grad` of each parameter was a
     tensor with no value, and every later backward (adding to it) failed with the first refusal again."""
-    pooled = on_pool(pool, "oom_retry.py", *client, "-p", "0.5")
-    local = on_cpu("oom_retry.py")
+    pooled, local = beside(lambda: on_pool(pool, "oom_retry.py", *client, "-p", "0.5"), on_cpu, "oom_retry.py")
     expected = [f"epoch {e} rows {1 << 34} out of memory, grad kept False" for e in (0, 1)]
     assert_skipped_as_on_the_cpu(pooled, local, OOM_LINE, expected, 4, "weight")
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
@@ -1384,8 +1420,12 @@ def test_a_batch_within_the_quota_but_not_the_free_memory_is_skipped_as_on_a_gpu
     each `.grad` a tensor with no value, which the next batch's backward added to (and `zero_grad(set_to_none=False)`
     zeroed in place): every later step, and the final read of the weights, raised the first refusal again."""
     rows = str(192 * 1024**2 // 256)
-    pooled = on_pool(small_worker_pool, "oom_skip.py", *client, "-p", "0.5", script_args=(rows,))
-    local = on_cpu("oom_skip.py", rows)
+    pooled, local = beside(
+        lambda: on_pool(small_worker_pool, "oom_skip.py", *client, "-p", "0.5", script_args=(rows,)),
+        on_cpu,
+        "oom_skip.py",
+        rows,
+    )
     expected = [f"epoch {e} batch 0 out of memory, grads None [True, True, True, True]" for e in (0, 1)]
     assert_skipped_as_on_the_cpu(pooled, local, SKIPPED, expected, 6, "weights")
     wait_until(lambda: no_leases(small_worker_pool), timeout=10, what="the run's lease to be released")
@@ -1403,8 +1443,7 @@ def test_a_batch_past_the_quota_beside_held_tensors_is_refused_at_the_call(pool:
     trained weights are the CPU run's, which skips that batch, on both clients. Until round 52 the refusal came at
     the `loss.item()` after `opt.step()`: that step had made SGD's momentum buffers from gradients without a value,
     and the run went wrong from there."""
-    pooled = on_pool(pool, "oom_held.py", *client, "-p", "0.25")
-    local = on_cpu("oom_held.py")
+    pooled, local = beside(lambda: on_pool(pool, "oom_held.py", *client, "-p", "0.25"), on_cpu, "oom_held.py")
     expected = [f"epoch {e} batch 0 out of memory at batch" for e in (0, 1)]
     assert_skipped_as_on_the_cpu(pooled, local, HELD, expected, 6, "weights")
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
@@ -1418,8 +1457,10 @@ def test_a_cuda_generator_draws_from_its_own_seed(pool: str, client: tuple[str, 
     numbers, on both clients; its `.device` is the device's, as a tensor's. Until round 50 its construction failed
     ("Cannot get CUDA generator without ATen_cuda library"), and the shim refused any generator an op was given
     ("cannot send an argument of type Generator")."""
-    pooled = on_pool(pool, "device_generator.py", *client, "-p", "0.5").stdout.splitlines()
-    local = on_cpu("device_generator.py").stdout.splitlines()
+    done, cpu = beside(
+        lambda: on_pool(pool, "device_generator.py", *client, "-p", "0.5"), on_cpu, "device_generator.py"
+    )
+    pooled, local = done.stdout.splitlines(), cpu.stdout.splitlines()
     assert pooled[:-1] == local[:-1] and len(local) == 12, (pooled, local)
     assert "same again True default differs True" in local[0] and local[-1] == "generator on cpu", local
     assert pooled[-1] == "generator on gpupool:0", pooled

@@ -21,7 +21,7 @@ from gpupool.client.native.backend import compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
 from support import assert_loss_lines_close
-from test_cuda_scripts import LOSS, RANK_LINE, SCRIPTS, on_cpu, torchrun, torchrun_on_cpu, values
+from test_cuda_scripts import LOSS, RANK_LINE, SCRIPTS, beside, on_cpu, torchrun, torchrun_on_cpu, values
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -112,13 +112,17 @@ TORCH_MIXED = "Expected all tensors to be on the same device, but found at least
 
 
 def test_a_model_split_over_two_devices_gives_the_shims_and_the_cpus_losses_and_weights(pool: str) -> None:
-    native = _last_json(_run(pool, "--native-client", "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT,
-                             "gpupool:0", "gpupool:1"))  # fmt: skip
-    released(pool)
-    shim = _last_json(_run(pool, "--client", "shim", "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT,
-                           "gpupool:0", "gpupool:1"))  # fmt: skip
-    released(pool)
-    local = _last_json(on_cpu("-c", SPLIT, "cpu", "cpu"))
+    def pooled() -> tuple[dict, dict]:
+        native = _last_json(_run(pool, "--native-client", "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT,
+                                 "gpupool:0", "gpupool:1"))  # fmt: skip
+        released(pool)
+        shim = _last_json(_run(pool, "--client", "shim", "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT,
+                               "gpupool:0", "gpupool:1"))  # fmt: skip
+        released(pool)
+        return native, shim
+
+    (native, shim), cpu = beside(pooled, on_cpu, "-c", SPLIT, "cpu", "cpu")
+    local = _last_json(cpu)
     assert native["client"] == "native" and shim["client"] == "python shim"
     assert len(set(native["losses"])) == 6  # it trains
     # bit for bit with the CPU too, though its run is a fresh process (support.assert_float32_close): no tensor here
@@ -163,8 +167,8 @@ def test_a_device_past_the_lease_is_one_clear_message(pool: str) -> None:
 def test_model_parallel_cuda_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
     """tests/cuda_scripts/model_parallel.py under `--native-client --cuda -n 2`: layers on cuda:0 and cuda:1,
     `torch.cuda.device_count()` 2, `torch.cuda.set_device(1)` then a factory on "cuda"; the CPU's losses."""
-    done = _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", sys.executable, "model_parallel.py")
-    local = on_cpu("model_parallel.py")
+    cmd = ("--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", sys.executable, "model_parallel.py")
+    done, local = beside(lambda: _run(pool, *cmd), on_cpu, "model_parallel.py")
     losses = LOSS.findall(done.stdout)
     assert len(losses) == 6, done.stdout + local.stdout
     assert_loss_lines_close(losses, LOSS.findall(local.stdout))  # a fresh CPU process: float32 rounding
@@ -221,8 +225,10 @@ def test_torchrun_ddp_cuda_script_with_nccl_gives_the_cpu_losses(pool: str) -> N
     --nproc-per-node 2`: nccl is the gpupool backend on the C++ client too, cuda:LOCAL_RANK each rank's own leased
     device; the losses and weights of the same script under torchrun on the CPU with gloo (test_cuda_scripts.py's
     check)."""
-    pooled = _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", *torchrun("ddp_torchrun.py", 2))
-    local = torchrun_on_cpu("ddp_torchrun.py", 2)
+    pooled, local = beside(
+        lambda: _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", *torchrun("ddp_torchrun.py", 2)),
+        torchrun_on_cpu, "ddp_torchrun.py", 2,
+    )  # fmt: skip
     losses, reference = values(LOSS.findall(pooled.stdout)), values(LOSS.findall(local.stdout))
     assert len(losses) == 8 and len(reference) == 8, pooled.stdout + local.stdout
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
