@@ -348,26 +348,37 @@ def _unalias(rt: DeviceRuntime, h: int) -> None:
     """Before a run binds handle `h` anew (a kept tensor: a new `p.grad` a step), the tensors that share it since the
     last run (`p.grad.detach()`, `p.grad.view(-1)`: transfer.py `_keep`) move to a new handle, an alias of the old
     tensor on the daemon: as eagerly, where autograd leaves a new tensor in `p.grad`, they keep their values."""
-    refs, rt.kept[h] = rt.kept[h], []
-    aliases = [t for t in (r() for r in refs) if t is not None and t.__dict__.get("_gp_h") == h]
+    aliases = _noted(rt, h)
     with rt._lock:
         extra = rt.shared.get(h, 0) - len(aliases)
         if not aliases or extra < 0:  # none alive, or the kept tensor itself is gone (the run drops its write)
             return
-        if extra:
-            rt.shared[h] = extra
-        else:
-            del rt.shared[h]
-        moved = rt.new_handle()
-        if len(aliases) > 1:
-            rt.shared[moved] = len(aliases) - 1
-        rt.op("aten::alias", [encode.handle_arg(h)], {}, [moved])
-        for t in aliases:
-            d = t.__dict__
-            d["_gp_h"] = moved
-            arg = d.get("_gp_v")
-            if arg is not None:  # a lazy view: its view argument names the handle
-                d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
+        _move(rt, h, aliases, extra)
+
+
+def _noted(rt: DeviceRuntime, h: int) -> list[RemoteTensor]:
+    """The aliases of kept handle `h` noted since the last run (`_keep`) still on it; the notes start again."""
+    refs, rt.kept[h] = rt.kept.get(h, []), []
+    return [t for t in (r() for r in refs) if t is not None and t.__dict__.get("_gp_h") == h]
+
+
+def _move(rt: DeviceRuntime, h: int, tensors: list[RemoteTensor], extra: int) -> None:
+    """Under rt._lock: `tensors`, which share handle `h`, move to a new handle, an `alias` of the old tensor on the
+    daemon; `extra` holders of `h` besides its first stay (`rt.shared`)."""
+    if extra:
+        rt.shared[h] = extra
+    else:
+        rt.shared.pop(h, None)
+    moved = rt.new_handle()
+    if len(tensors) > 1:
+        rt.shared[moved] = len(tensors) - 1
+    rt.op("aten::alias", [encode.handle_arg(h)], {}, [moved])
+    for t in tensors:
+        d = t.__dict__
+        d["_gp_h"] = moved
+        arg = d.get("_gp_v")
+        if arg is not None:  # a lazy view: its view argument names the handle
+            d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
 
 
 # References to a parameter's `.grad` in `_replay`'s check when nothing else holds it: its local name, getrefcount's
@@ -376,40 +387,25 @@ _GRAD_REFS = 3
 
 
 def _regrad(rt: DeviceRuntime, entry: list[Any], grad: RemoteTensor) -> None:
-    """The script holds a parameter's `.grad` (`g = p.grad`) that the run is about to write anew (handle `h`): as
-    eagerly, where autograd leaves a new tensor in `p.grad` each step, `g` keeps its values. `g` and the aliases noted
-    of it (`_unalias`'s) move to a new handle, an alias of the old tensor on the daemon; a new tensor on `h`, which the
-    run writes, becomes `p.grad`."""
+    """The script holds a parameter's `.grad` (`g = p.grad`) that the run is about to write anew (`entry`: its handle,
+    the parameter): as eagerly, where autograd leaves a new tensor in `p.grad` each step, `g` keeps its values. `g`
+    and the aliases noted of it (`_unalias`'s) move to a new handle, an alias of the old tensor on the daemon; a new
+    tensor on the handle, which the run writes, becomes `p.grad`."""
     h, p = entry[0], entry[1]()
     d = grad.__dict__
     if p is None or p.grad is not grad or d.get("_gp_h") != h:
         return
-    refs, rt.kept[h] = rt.kept.get(h, []), []
-    aliases = [t for t in (r() for r in refs) if t is not None and t.__dict__.get("_gp_h") == h]
+    aliases = _noted(rt, h)
+    key, arg = d["_gp_key"], d.get("_gp_v")
     with rt._lock:
         extra = rt.shared.get(h, 0) - len(aliases)
         if extra < 0:
             return
-        if extra:
-            rt.shared[h] = extra
-        else:
-            rt.shared.pop(h, None)
-        moved = rt.new_handle()
-        if aliases:
-            rt.shared[moved] = len(aliases)
-        rt.op("aten::alias", [encode.handle_arg(h)], {}, [moved])
-        key = d["_gp_key"]
-        arg = d.get("_gp_v")
         if arg is not None:  # a lazy view: so is the new `.grad`, its view argument naming `h`
             fresh: RemoteTensor = _lazy_view(rt, h, key, arg, *wrapper_args(key[0], key[1], key[2]))
         else:
             fresh = wrap(rt, h, key[0], key[1], key[2], key[3], key)
-        for t in [grad, *aliases]:
-            td = t.__dict__
-            td["_gp_h"] = moved
-            targ = td.get("_gp_v")
-            if targ is not None:
-                td["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + targ[compact.TAG_U64.size :]
+        _move(rt, h, [grad, *aliases], extra)  # (`fresh` is now the first holder of `h`)
     p.grad = fresh
     entry[2] = weakref.ref(fresh)
 

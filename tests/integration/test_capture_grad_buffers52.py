@@ -106,8 +106,8 @@ def _count_regrads():
 _count_regrads()
 
 
-CASES = ("none", "zero", "accum", "sgd-none", "sgd-zero")
-res = {case: {"eager": run(case, False), "captured": run(case, True)} for case in CASES}
+res = {case: {"eager": run(case, False), "captured": run(case, True)}
+       for case in ("none", "zero", "accum", "sgd-none", "sgd-zero")}
 print(json.dumps(res))
 """
 
