@@ -2637,6 +2637,22 @@ constexpr int kHoldSteps = 4;                  // capture.py HOLD_STEPS: replays
 int g_held[kMaxDevices] = {};                  // replays appended to a device's frame since one sent it (g_mu)
 thread_local Buf t_run;
 
+// A Python object's reference count. torch's interpreter call takes the GIL around reading it (~600 instructions a
+// `.grad` a replay: +18k a step of the encoder's 28); it reads the object's first word, which this reads directly once
+// `replay_outputs` has seen the two agree (CPython's PyObject_HEAD; `g_refcnt_direct`), else it makes the call.
+std::atomic<bool> g_refcnt_direct{false};
+inline int64_t py_refcnt(PyObject* o) {
+  if (g_refcnt_direct.load(std::memory_order_relaxed)) return *reinterpret_cast<const volatile int64_t*>(o);
+  return static_cast<int64_t>((*c10::impl::getGlobalPyInterpreter())->refcnt(o));
+}
+void check_refcnt(const at::Tensor& t) {
+  PyObject* o = t.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
+  if (o == nullptr) return;
+  const int64_t direct = *reinterpret_cast<const volatile int64_t*>(o);
+  g_refcnt_direct.store(direct == static_cast<int64_t>((*c10::impl::getGlobalPyInterpreter())->refcnt(o)),
+                        std::memory_order_relaxed);
+}
+
 // `params`: the step's parameters with a `.grad` (capture_step.py `kept_params`), their `.grad`s the candidates for
 // `kept`. A graph writes a `.grad`'s handle only where the recorded step made that `.grad` anew (`zero_grad()` with
 // set_to_none=True): as eagerly, a replay then leaves a new tensor in `p.grad` where the script holds the old one.
@@ -2657,6 +2673,7 @@ void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tenso
         found = t.getIntrusivePtr();
         storage = t.storage().getWeakStorageImpl().lock();
         param = p.getIntrusivePtr();
+        check_refcnt(t);
       }
     }
     g.kept.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(found), c10::weak_intrusive_ptr<c10::StorageImpl>(storage),
@@ -2669,9 +2686,9 @@ void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tenso
 // Expected: the parameter's `.grad` slot, the tensor's PyObject where one was made (it holds the tensor), and that
 // PyObject's one reference from C++ (torch's PyObject preservation: held while C++ holds the tensor).
 bool held_elsewhere(const c10::TensorImpl& t, uint32_t uses) {
-  const c10::impl::PyObjectSlot* slot = t.pyobj_slot();
-  if (slot->load_pyobj() == nullptr) return uses > 1;
-  return uses > 2 || !slot->has_unique_reference();
+  PyObject* o = t.pyobj_slot()->load_pyobj();
+  if (o == nullptr) return uses > 1;
+  return uses > 2 || py_refcnt(o) > 1;
 }
 
 // Kept tensor `t` (on storage `sid`, which graph `g` writes) shares its storage with another tensor: an alias the
