@@ -56,17 +56,18 @@ class StepCache:
         self._checks: dict[Any, Any] = {}
         self._told: set[str] = set()  # what `_level` has logged at INFO once
 
-    def kept_grads(self) -> list[torch.Tensor]:
-        """The `.grad`s of the parameters of the modules and optimizers the step uses (`watched`): where a graph
-        writes one (a new gradient a step: `zero_grad(set_to_none=True)`), a replay moves it off a storage an alias
-        the script keeps shares, so that the alias keeps its values, as eagerly (native_client.cpp `move_kept`)."""
+    def kept_params(self) -> list[torch.Tensor]:
+        """The parameters with a `.grad` of the modules and optimizers the step uses (`watched`): where a graph writes
+        one's `.grad` (a new gradient a step: `zero_grad(set_to_none=True)`), a replay moves it off a storage an alias
+        the script keeps shares, and leaves a new `.grad` where the script holds the old one (`g = p.grad`), so that
+        the alias and `g` keep their values, as eagerly (native_client.cpp `move_kept`)."""
         params: dict[int, torch.Tensor] = {}
         for w in self.watched:
             if isinstance(w, torch.nn.Module):
                 params.update((id(p), p) for p in w.parameters())
             elif isinstance(w, torch.optim.Optimizer):
                 params.update((id(p), p) for group in w.param_groups for p in group["params"])
-        return [p.grad for p in params.values() if p.grad is not None]
+        return [p for p in params.values() if p.grad is not None]
 
     @property
     def state(self) -> str:

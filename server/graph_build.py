@@ -673,6 +673,21 @@ def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStor
     return [meta_slots[r].untyped_storage() for r in reads if isinstance(meta_slots[r], torch.Tensor)]
 
 
+def _meta_arg(v: Any, meta_slots: list[Any]) -> Any:
+    """A decoded argument of a graph's op as its dry run takes it: slots as their meta tensors. (A module function, not
+    a closure calling itself: that closure's cell made a reference cycle holding `meta_slots`, the graph's meta
+    tensors, until the next garbage collection: one per definition until round 54.)"""
+    if isinstance(v, _Ref):
+        return meta_slots[v.slot]
+    if isinstance(v, list):
+        return [_meta_arg(x, meta_slots) for x in v]
+    if isinstance(v, torch.device):
+        return _META
+    if isinstance(v, torch.Tensor) and v.dim() > 0:  # inline tensors live on the device
+        return v.to(_META)
+    return v
+
+
 def _prebuild(
     host: Host,
     s: WorkerSession,
@@ -711,19 +726,8 @@ def _prebuild(
             "within an op, and its checks of each entry would hold the device for seconds); split the call"
         )
 
-    def meta(v: Any) -> Any:
-        if isinstance(v, _Ref):
-            return meta_slots[v.slot]
-        if isinstance(v, list):
-            return [meta(x) for x in v]
-        if isinstance(v, torch.device):
-            return _META
-        if isinstance(v, torch.Tensor) and v.dim() > 0:  # inline tensors live on the device
-            return v.to(_META)
-        return v
-
-    margs = [meta(a) for a in args]
-    mkwargs = {k: meta(v) for k, v in kwargs.items()}
+    margs = [_meta_arg(a, meta_slots) for a in args]
+    mkwargs = {k: _meta_arg(v, meta_slots) for k, v in kwargs.items()}
     guards.check_enums(op, margs, mkwargs)
     # the slots' layouts are the runs' (inputs and persistent tensors are checked per run)
     guards.check_written(op, margs, mkwargs)

@@ -215,7 +215,8 @@ class CapturedStep(StepCache):
         backend.session(dev.index).define_graph(msg)
         out_leaves, spec = tree_flatten(result)
         outputs = [i for i, x in enumerate(out_leaves) if _on_device(x)]
-        ops.replay_outputs(dev.index, graph_id, [out_leaves[i] for i in outputs], list(built.writes), self.kept_grads())
+        params = self.kept_params()  # (their `.grad`s: `move_kept`)
+        ops.replay_outputs(dev.index, graph_id, [out_leaves[i] for i in outputs], list(built.writes), params)
         plain = [None if _on_device(x) else x for x in out_leaves]
         # The call's arguments as its guard key has them (client/capture_guard.py leaf_key): a tensor's key starts
         # with "cpu" or its device, any other value's with "value"

@@ -2624,6 +2624,7 @@ struct ReplayOut {
 struct Kept {
   c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // its use count read without a lock: 1, held by it alone
+  c10::weak_intrusive_ptr<c10::TensorImpl> param;     // the parameter whose `.grad` it is (`held_elsewhere`)
 };
 struct ReplayGraph {
   std::vector<ReplayOut> outs;
@@ -2636,9 +2637,27 @@ constexpr int kHoldSteps = 4;                  // capture.py HOLD_STEPS: replays
 int g_held[kMaxDevices] = {};                  // replays appended to a device's frame since one sent it (g_mu)
 thread_local Buf t_run;
 
-// `grads`: the `.grad`s of the step's parameters (capture_step.py `kept_grads`), the candidates for `kept`.
+// A Python object's reference count. torch's interpreter call takes the GIL around reading it (~600 instructions a
+// `.grad` a replay: +18k a step of the encoder's 28); it reads the object's first word, which this reads directly once
+// `replay_outputs` has seen the two agree (CPython's PyObject_HEAD; `g_refcnt_direct`), else it makes the call.
+std::atomic<bool> g_refcnt_direct{false};
+inline int64_t py_refcnt(PyObject* o) {
+  if (g_refcnt_direct.load(std::memory_order_relaxed)) return *reinterpret_cast<const volatile int64_t*>(o);
+  return static_cast<int64_t>((*c10::impl::getGlobalPyInterpreter())->refcnt(o));
+}
+void check_refcnt(const at::Tensor& t) {
+  PyObject* o = t.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
+  if (o == nullptr) return;
+  const int64_t direct = *reinterpret_cast<const volatile int64_t*>(o);
+  g_refcnt_direct.store(direct == static_cast<int64_t>((*c10::impl::getGlobalPyInterpreter())->refcnt(o)),
+                        std::memory_order_relaxed);
+}
+
+// `params`: the step's parameters with a `.grad` (capture_step.py `kept_params`), their `.grad`s the candidates for
+// `kept`. A graph writes a `.grad`'s handle only where the recorded step made that `.grad` anew (`zero_grad()` with
+// set_to_none=True): as eagerly, a replay then leaves a new tensor in `p.grad` where the script holds the old one.
 void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tensor>& outputs, c10::IntArrayRef writes,
-                    const std::vector<at::Tensor>& grads) {
+                    const std::vector<at::Tensor>& params) {
   const DeviceIndex i = checked_index(static_cast<DeviceIndex>(index));
   ReplayGraph g;
   for (const at::Tensor& t : outputs) g.outs.push_back({t.sizes().vec(), t.strides().vec(), t.scalar_type()});
@@ -2646,34 +2665,59 @@ void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tenso
   std::lock_guard<std::mutex> lock(g_mu);
   const Dev& d = g_devs[i];
   for (const uint64_t h : g.writes) {
-    c10::intrusive_ptr<c10::TensorImpl> found;
+    c10::intrusive_ptr<c10::TensorImpl> found, param;
     c10::intrusive_ptr<c10::StorageImpl> storage;
-    for (const at::Tensor& t : grads)
+    for (const at::Tensor& p : params) {
+      const at::Tensor& t = p.grad();
       if (t.defined() && t.device() == Device(kType, i) && t.has_storage() && d.handle(handle_of(t)) == h) {
         found = t.getIntrusivePtr();
         storage = t.storage().getWeakStorageImpl().lock();
+        param = p.getIntrusivePtr();
+        check_refcnt(t);
       }
-    g.kept.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(found), c10::weak_intrusive_ptr<c10::StorageImpl>(storage)});
+    }
+    g.kept.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(found), c10::weak_intrusive_ptr<c10::StorageImpl>(storage),
+                      c10::weak_intrusive_ptr<c10::TensorImpl>(param)});
   }
   g_replays[index][graph_id] = std::move(g);
 }
 
+// Whether something besides its parameter holds kept tensor `t` (`uses` strong references): the script's `g = p.grad`.
+// Expected: the parameter's `.grad` slot, the tensor's PyObject where one was made (it holds the tensor), and that
+// PyObject's one reference from C++ (torch's PyObject preservation: held while C++ holds the tensor).
+bool held_elsewhere(const c10::TensorImpl& t, uint32_t uses) {
+  PyObject* o = t.pyobj_slot()->load_pyobj();
+  if (o == nullptr) return uses > 1;
+  return uses > 2 || py_refcnt(o) > 1;
+}
+
 // Kept tensor `t` (on storage `sid`, which graph `g` writes) shares its storage with another tensor: an alias the
-// script keeps (`p.grad.detach()`, `p.grad.view(-1)`). Eager autograd would leave a new tensor in `p.grad` and the
-// alias its old values, so before the run binds the storage's handle anew: the old storage (its aliases, its view
-// handles) takes a new storage id, whose handle is an `alias` of the old tensor on the daemon; `t` takes a new storage
-// with the old id, which the run binds. Under g_mu.
-void move_kept(Dev& d, DeviceIndex i, c10::TensorImpl* t, uint64_t sid) {
+// script keeps (`p.grad.detach()`, `p.grad.view(-1)`), or the script holds `t` itself (`g = p.grad`: `param`, whose
+// `.grad` it is). Eager autograd would leave a new tensor in `p.grad` and the alias (or `g`) its old values, so before
+// the run binds the storage's handle anew: the old storage (its aliases, its view handles) takes a new storage id,
+// whose handle is an `alias` of the old tensor on the daemon; a new storage takes the old id, which the run binds: `t`
+// takes it, or, where `param` is given, a new tensor on it becomes `param.grad` (`t` keeps the old storage). The new
+// `.grad` goes into `kept`. Under g_mu.
+void move_kept(Dev& d, DeviceIndex i, Kept& kept, c10::TensorImpl* t, uint64_t sid, const at::Tensor* param) {
   c10::StorageImpl* old = t->storage().unsafeGetStorageImpl();
   c10::DataPtr mine = old->set_data_ptr(HandleAllocator::storage_ptr(i));
   const uint64_t moved = reinterpret_cast<uintptr_t>(old->data_ptr().get_context());
   const size_t n = old->nbytes();
   c10::Storage fresh(c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), n, std::move(mine),
                                                            &g_alloc, old->resizable()));
-  const bool allow = t->allow_tensor_metadata_change();
-  t->set_allow_tensor_metadata_change(true);
-  t->set_storage_keep_dtype(std::move(fresh));
-  t->set_allow_tensor_metadata_change(allow);
+  if (param != nullptr) {
+    at::Tensor grad = at::detail::make_tensor<c10::TensorImpl>(std::move(fresh), kKeys, t->dtype());
+    grad.unsafeGetTensorImpl()->set_sizes_and_strides(t->sizes(), t->strides(), t->storage_offset());
+    kept.tensor = c10::weak_intrusive_ptr<c10::TensorImpl>(grad.getIntrusivePtr());
+    kept.storage = grad.storage().getWeakStorageImpl();
+    param->mutable_grad() = std::move(grad);
+  } else {
+    const bool allow = t->allow_tensor_metadata_change();
+    t->set_allow_tensor_metadata_change(true);
+    t->set_storage_keep_dtype(std::move(fresh));
+    t->set_allow_tensor_metadata_change(allow);
+    kept.storage = t->storage().getWeakStorageImpl();
+  }
   Buf local;
   put<uint8_t>(local, 1);
   put<uint8_t>(local, T_TENSOR);
@@ -2701,11 +2745,19 @@ void free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
     if (h < d.base) continue;
     const uint64_t sid = (static_cast<uint64_t>(i) << kIndexShift) | ((h - d.base) & kIdMask);
     Kept& kept = g.kept[k];
-    if (kept.storage.use_count() != 1 && kept.tensor.use_count() > 0) {  // (usual: its storage held by it alone)
+    const uint32_t uses = kept.tensor.use_count();  // (usual: its storage held by it alone, it by its parameter)
+    const bool held = uses > 1 && held_elsewhere(*kept.tensor._unsafe_get_target(), uses);
+    if (uses > 0 && (held || kept.storage.use_count() != 1)) {
       const c10::intrusive_ptr<c10::TensorImpl> t = kept.tensor.lock();
       if (t && t->has_storage() && handle_of_impl(*t) == sid) {
-        if (t->storage().use_count() > 1 && d.stores.count(sid)) move_kept(d, i, t.get(), sid);
-        kept.storage = t->storage().getWeakStorageImpl();
+        at::Tensor param;
+        if (held)
+          if (c10::intrusive_ptr<c10::TensorImpl> p = kept.param.lock()) param = at::Tensor(std::move(p));
+        const bool mine = param.defined() && param.grad().unsafeGetTensorImpl() == t.get();  // still its `.grad`
+        if ((mine || t->storage().use_count() > 1) && d.stores.count(sid))
+          move_kept(d, i, kept, t.get(), sid, mine ? &param : nullptr);
+        else
+          kept.storage = t->storage().getWeakStorageImpl();
       }
     }
     auto it = d.stores.find(sid);
@@ -2957,7 +3009,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("watch(int index, int[] handles, bool on) -> ()", &watch);
   m.def("fired(int index) -> int[]", &fired);
   m.def("replay(int index, int graph_id, bool current, Tensor[] inputs, int[] drop_writes) -> (Tensor[], int[])", &replay);
-  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs, int[] writes, Tensor[] grads) -> ()", &replay_outputs);
+  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs, int[] writes, Tensor[] params) -> ()", &replay_outputs);
   m.def("replay_forget(int index, int graph_id) -> ()", &replay_forget);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);

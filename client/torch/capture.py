@@ -47,6 +47,7 @@ import functools
 import itertools
 import logging
 import math
+import sys
 import threading
 import time
 import weakref
@@ -63,7 +64,8 @@ from gpupool import compact, wire
 
 from . import api, encode, native, native_ops, runtime
 from .runtime import DeviceRuntime
-from .tensor import RemoteTensor, RemoteView, own, upload_new, wrap
+from .tensor import RemoteTensor, RemoteView, own, upload_new, wrap, wrapper_args
+from .transfer import _lazy_view
 
 # Whether a recorded step's scaled_dot_product_attention calls WITH dropout send the fused op (as eager calls do) or
 # torch's math path. The math path: its ~30 aten calls per call become TorchScript nodes of the step's graph
@@ -108,6 +110,8 @@ class _Graph:
     ops: int = 0  # aten ops it runs per step
     single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
     writes: list[int] = field(default_factory=list)  # handles it writes (`rt.kept`: their aliases move at a replay)
+    # [handle, the parameter, its `.grad`] (weak references) where it writes a parameter's `.grad`: `_regrad`
+    grads: list[list[Any]] = field(default_factory=list)
 
 
 class CapturedStep(StepCache):
@@ -190,6 +194,11 @@ class CapturedStep(StepCache):
         g.writes = list(built.writes)
         for h in g.writes:
             rt.kept.setdefault(h, [])
+        writes = set(g.writes)
+        for p in self.kept_params():  # a `.grad` the recorded step made anew (zero_grad(set_to_none=True))
+            h = p.grad.__dict__.get("_gp_h")
+            if h in writes:
+                g.grads.append([h, weakref.ref(p), weakref.ref(p.grad)])
         self.graphs[key] = g
         self.stats["defined"] += 1
         log.log(
@@ -235,6 +244,10 @@ class CapturedStep(StepCache):
                     keep.append(upload_new(rt, x))
                     inputs.append(keep[-1]._gp_h)
                     data.append(b"")
+        for entry in g.grads:  # (usual: a `.grad` held by its parameter alone)
+            grad = entry[2]()
+            if grad is not None and sys.getrefcount(grad) > _GRAD_REFS:
+                _regrad(rt, entry, grad)
         kept = rt.kept
         for h in g.writes:
             if kept.get(h):  # aliases of a kept tensor made since the last run
@@ -335,26 +348,66 @@ def _unalias(rt: DeviceRuntime, h: int) -> None:
     """Before a run binds handle `h` anew (a kept tensor: a new `p.grad` a step), the tensors that share it since the
     last run (`p.grad.detach()`, `p.grad.view(-1)`: transfer.py `_keep`) move to a new handle, an alias of the old
     tensor on the daemon: as eagerly, where autograd leaves a new tensor in `p.grad`, they keep their values."""
-    refs, rt.kept[h] = rt.kept[h], []
-    aliases = [t for t in (r() for r in refs) if t is not None and t.__dict__.get("_gp_h") == h]
+    aliases = _noted(rt, h)
     with rt._lock:
         extra = rt.shared.get(h, 0) - len(aliases)
         if not aliases or extra < 0:  # none alive, or the kept tensor itself is gone (the run drops its write)
             return
-        if extra:
-            rt.shared[h] = extra
+        _move(rt, h, aliases, extra)
+
+
+def _noted(rt: DeviceRuntime, h: int) -> list[RemoteTensor]:
+    """The aliases of kept handle `h` noted since the last run (`_keep`) still on it; the notes start again."""
+    refs, rt.kept[h] = rt.kept.get(h, []), []
+    return [t for t in (r() for r in refs) if t is not None and t.__dict__.get("_gp_h") == h]
+
+
+def _move(rt: DeviceRuntime, h: int, tensors: list[RemoteTensor], extra: int) -> None:
+    """Under rt._lock: `tensors`, which share handle `h`, move to a new handle, an `alias` of the old tensor on the
+    daemon; `extra` holders of `h` besides its first stay (`rt.shared`)."""
+    if extra:
+        rt.shared[h] = extra
+    else:
+        rt.shared.pop(h, None)
+    moved = rt.new_handle()
+    if len(tensors) > 1:
+        rt.shared[moved] = len(tensors) - 1
+    rt.op("aten::alias", [encode.handle_arg(h)], {}, [moved])
+    for t in tensors:
+        d = t.__dict__
+        d["_gp_h"] = moved
+        arg = d.get("_gp_v")
+        if arg is not None:  # a lazy view: its view argument names the handle
+            d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
+
+
+# References to a parameter's `.grad` in `_replay`'s check when nothing else holds it: its local name, getrefcount's
+# argument, and torch's own (the tensor's Python object is kept while its parameter's `.grad` slot holds the tensor).
+_GRAD_REFS = 3
+
+
+def _regrad(rt: DeviceRuntime, entry: list[Any], grad: RemoteTensor) -> None:
+    """The script holds a parameter's `.grad` (`g = p.grad`) that the run is about to write anew (`entry`: its handle,
+    the parameter): as eagerly, where autograd leaves a new tensor in `p.grad` each step, `g` keeps its values. `g`
+    and the aliases noted of it (`_unalias`'s) move to a new handle, an alias of the old tensor on the daemon; a new
+    tensor on the handle, which the run writes, becomes `p.grad`."""
+    h, p = entry[0], entry[1]()
+    d = grad.__dict__
+    if p is None or p.grad is not grad or d.get("_gp_h") != h:
+        return
+    aliases = _noted(rt, h)
+    key, arg = d["_gp_key"], d.get("_gp_v")
+    with rt._lock:
+        extra = rt.shared.get(h, 0) - len(aliases)
+        if extra < 0:
+            return
+        if arg is not None:  # a lazy view: so is the new `.grad`, its view argument naming `h`
+            fresh: RemoteTensor = _lazy_view(rt, h, key, arg, *wrapper_args(key[0], key[1], key[2]))
         else:
-            del rt.shared[h]
-        moved = rt.new_handle()
-        if len(aliases) > 1:
-            rt.shared[moved] = len(aliases) - 1
-        rt.op("aten::alias", [encode.handle_arg(h)], {}, [moved])
-        for t in aliases:
-            d = t.__dict__
-            d["_gp_h"] = moved
-            arg = d.get("_gp_v")
-            if arg is not None:  # a lazy view: its view argument names the handle
-                d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
+            fresh = wrap(rt, h, key[0], key[1], key[2], key[3], key)
+        _move(rt, h, [grad, *aliases], extra)  # (`fresh` is now the first holder of `h`)
+    p.grad = fresh
+    entry[2] = weakref.ref(fresh)
 
 
 def _invalidate(g: _Graph, handle: int) -> None:

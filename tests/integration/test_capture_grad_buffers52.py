@@ -40,7 +40,11 @@ DEV = "gpupool"
 def run(case, captured, steps=10):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(DEV)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+    if case.startswith("sgd"):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        case = case[4:]
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(16, 16, generator=gen), torch.randint(0, 4, (16,), generator=gen)) for _ in range(4)]
 
@@ -55,30 +59,55 @@ def run(case, captured, steps=10):
         return loss
 
     f = gt.capture(step) if captured else step
-    losses, kept = [], []
+    losses, kept, held = [], [], []
     for i in range(steps):
         x, y = data[i % 4]
         losses.append(f(x.to(DEV), y.to(DEV)).item())
         if i in (4, 6):  # replays: aliases of this step's gradients, kept while later steps run
             for p in model.parameters():
                 kept.append((p.grad.detach(), p.grad.view(-1), p.grad.clone(), p.grad.cpu().tolist(), p.dim()))
+                if i == 6 or p.dim() == 1:  # `p.grad` itself (the biases' from step 4, every one from step 6)
+                    held.append((p.grad, p.grad.cpu().tolist()))
     biases = [k for k in kept if k[4] == 1]
     aliases = [[a.cpu().tolist() == then, v.cpu().tolist() == then] for a, v, _, then, _ in biases]
     clones = [c.cpu().tolist() == then for _, _, c, then, _ in biases]
     values = [[a.cpu().tolist(), v.cpu().tolist(), c.cpu().tolist()] for a, v, c, _, _ in kept]
     return {"losses": losses, "aliases": aliases, "clones": clones, "values": values,
+            "held": [g.cpu().tolist() == then for g, then in held], "held_values": [g.cpu().tolist() for g, _ in held],
+            "grads": [p.grad.cpu().tolist() for p in model.parameters()],
             "stats": dict(f.stats) if captured else None, "moves": moves()}
 
 
 def moves():  # the C++ client's kept tensors moved off a storage an alias shares (native_client.cpp `move_kept`)
     import sys
     if "gpupool.client.torch" in sys.modules:
-        return None
+        return REGRADS[0]
     from gpupool.client.native import backend
     return backend.wire_stats()["kept_moves"]
 
 
-res = {case: {"eager": run(case, False), "captured": run(case, True)} for case in ("none", "zero", "accum")}
+REGRADS = [0]  # the Python client's checks that found `p.grad` held (capture.py `_regrad`), counted
+
+
+def _count_regrads():
+    import sys
+    capture = sys.modules.get("gpupool.client.torch.capture")  # (the package's `capture` is the function)
+    regrad = getattr(capture, "_regrad", None)
+    if regrad is None:
+        return
+
+    def counted(*args):
+        REGRADS[0] += 1
+        return regrad(*args)
+
+    capture._regrad = counted
+
+
+_count_regrads()
+
+
+res = {case: {"eager": run(case, False), "captured": run(case, True)}
+       for case in ("none", "zero", "accum", "sgd-none", "sgd-zero")}
 print(json.dumps(res))
 """
 
@@ -98,12 +127,20 @@ def _check(got: dict) -> None:
         assert captured["losses"] == eager["losses"], case
         # eagerly each alias keeps its step's values where the step's gradients are new tensors (the in-place zeroed
         # and accumulated ones of set_to_none=False change under their aliases, eager or captured)
-        assert eager["aliases"] == [[case != "zero"] * 2] * 4, case
+        fresh = not case.endswith("zero")
+        assert eager["aliases"] == [[fresh] * 2] * 4, case
         assert captured["aliases"] == eager["aliases"], (case, captured["aliases"], eager["aliases"])
         assert captured["clones"] == eager["clones"] == [True] * 4, (case, captured["clones"])
         # every kept alias and clone of every parameter's gradient (weights' too), read after the last step: eager's
         bad = [i for i, (e, c) in enumerate(zip(eager["values"], captured["values"], strict=True)) if e != c]
         assert not bad, (case, "kept tensors", bad)
+        # `g = p.grad` (the same object) held across replays: eagerly a new `.grad` each step leaves `g` its values
+        # (set_to_none=True); the zeroed and refilled one (set_to_none=False) reads the latest (round 54)
+        assert eager["held"] == [fresh] * 6, (case, eager["held"])
+        assert captured["held"] == eager["held"], (case, captured["held"])
+        bad = [i for i, (e, c) in enumerate(zip(eager["held_values"], captured["held_values"], strict=True)) if e != c]
+        assert not bad, (case, "held gradients", bad)
+        assert captured["grads"] == eager["grads"], case
 
 
 @pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")
@@ -112,9 +149,15 @@ def test_aliases_of_earlier_steps_gradients_keep_their_values_across_replays(two
     _check(got)
     # the C++ client moved p.grad off the aliased storages: 4 gradients at each of 2 replays with set_to_none=True
     # ("none", "accum"); none where the gradients are accumulated in place
-    moved = [got[c]["captured"]["moves"] - got[c]["eager"]["moves"] for c in ("none", "zero", "accum")]
-    assert moved == [8, 0, 8], moved
+    # (round 54: and gave `p.grad` a new tensor where the script held the old one: counted as one move)
+    moved = [got[c]["captured"]["moves"] - got[c]["eager"]["moves"] for c in ("none", "zero", "accum", "sgd-none")]
+    assert moved == [8, 0, 8, 8], moved
 
 
 def test_aliases_of_earlier_steps_gradients_keep_their_values_python_client(two_gpu_pool: str, tmp_path: Path) -> None:
-    _check(results(two_gpu_pool, tmp_path, SCRIPT, native=False))
+    got = results(two_gpu_pool, tmp_path, SCRIPT, native=False)
+    _check(got)
+    # `p.grad` found held (round 54: `_regrad`): the biases' at replay 5, every one at replay 7; never where nothing
+    # holds it, nor where the gradients are accumulated in place (no graph writes them)
+    held = [got[c]["captured"]["moves"] - got[c]["eager"]["moves"] for c in ("none", "zero", "accum", "sgd-none")]
+    assert held == [6, 0, 6, 6], held
