@@ -238,6 +238,8 @@ WIRE_STATS = (
 )  # fmt: skip
 _libs: list[Any] = []
 _sessions: dict[int, Any] = {}  # device index -> its Session
+
+
 class _Recording(threading.local):
     """`on` while the thread records a captured step (capture.py): a sync then sends its frame and raises CaptureError.
     False as a class default: a thread that never recorded reads it without a failed look-up (an AttributeError
