@@ -519,7 +519,7 @@ class _StoreTally:
         self._lock = threading.Lock()
         self._keys: dict[bytes, int] = {}
         self.bytes = 0
-        self.peak_bytes = self.peak_keys = 0  # (the bound's measurement: bench/store_front.py)
+        self.peak_bytes = self.peak_keys = 0  # (the bound's measurement: bench/store_front_tally.py)
 
     def set(self, key: bytes, n: int, replace: bool) -> None:
         with self._lock:
