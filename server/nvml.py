@@ -125,7 +125,9 @@ class Nvml:
         """One debug line per device and error (a heartbeat asks every ~2 s)."""
         if (uuid, pci, rc) not in self._told:
             self._told.add((uuid, pci, rc))
-            log.debug("free memory of GPU %s (%s) not measured by NVML: %s: %s", uuid, pci or "?", what, _error(lib, rc))
+            log.debug(
+                "free memory of GPU %s (%s) not measured by NVML: %s: %s", uuid, pci or "?", what, _error(lib, rc)
+            )
 
 
 def _error(lib: ctypes.CDLL, rc: int) -> str:
