@@ -161,6 +161,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def operators_view(pool: scheduler_pb2.PoolState) -> bool:
+    """(smi54) Whether `pool` is an operator's view (ListPool gives an admin a status token for each host not down, and
+    the measure), which shows each device's free memory as its daemon last measured it (`measured_free`)."""
+    return any(h.status_token or any(d.HasField("measured_free_bytes") for d in h.devices) for h in pool.hosts)
+
+
+def measured_free(d: scheduler_pb2.DeviceState) -> str:
+    """A device's free memory by its daemon's last measure, "-" where not measured (or its host down)."""
+    return format_size(d.measured_free_bytes) if d.HasField("measured_free_bytes") else "-"
+
+
 def devices_table(pool: scheduler_pb2.PoolState) -> Table:
     holders: dict[tuple[str, int], list[str]] = defaultdict(list)
     shared: set[tuple[str, int]] = set()  # devices where the scheduler hid the memory used (`hidden_used`)
@@ -176,9 +187,7 @@ def devices_table(pool: scheduler_pb2.PoolState) -> Table:
         caption=HIDDEN_USED if hidden else None,
         caption_justify="left",
     )
-    # (smi54) the operator's view (ListPool gives an admin a status token for each host not down, and the measure):
-    # each device's free memory as its daemon last measured it, "-" where not measured (or its host down)
-    operator = any(h.status_token or any(d.HasField("measured_free_bytes") for d in h.devices) for h in pool.hosts)
+    operator = operators_view(pool)
     columns = ["host", "state", "gpu", "model", "memory used", *([FREE] if operator else []), "allocated", "capacity"]
     for col in (*columns, "share", "tenants"):
         devices.add_column(
@@ -187,9 +196,7 @@ def devices_table(pool: scheduler_pb2.PoolState) -> Table:
     for h in pool.hosts:
         style = STATE_STYLE.get(h.state, "")
         for i, d in enumerate(h.devices):
-            free = (
-                [format_size(d.measured_free_bytes) if d.HasField("measured_free_bytes") else "-"] if operator else []
-            )
+            free = [measured_free(d)] if operator else []
             devices.add_row(
                 _cell(h.host_id if i == 0 else ""),
                 Text(safe(h.state), style=style) if i == 0 else "",
@@ -296,12 +303,17 @@ def rates(now: Sample, before: Sample | None, key: tuple[str, str]) -> tuple[str
 
 def summary(now: Sample, before: Sample | None) -> str:
     """The view in one line (what --watch prints each interval off a terminal, where a redrawn frame cannot be
-    seen): hosts up, devices, leases, and each session shown: memory of its limit, busy %, ops/s."""
+    seen): hosts up, devices, leases, in an operator's view each device's measured free memory (quota55, as the
+    devices table's "free (measured)"), and each session shown: memory of its limit, busy %, ops/s."""
     hosts = now.pool.hosts
     up = sum(h.state == HostState.UP for h in hosts)
     gpus = sum(len(h.devices) for h in hosts)
     head = (f"{time.strftime('%H:%M:%S')} pool: {up}/{len(hosts)} host(s) up, {gpus} GPU(s), "
             f"{len(now.pool.leases)} lease(s), {now.pool.waiting} waiting")  # fmt: skip
+    if operators_view(now.pool):
+        head += f"; {FREE}: " + ", ".join(
+            f"{safe(h.host_id)}/{d.info.index} {measured_free(d)}" for h in hosts for d in h.devices
+        )
     rows = []
     for key, u in sorted(now.sessions.items()):
         busy, ops = rates(now, before, key)
@@ -392,7 +404,8 @@ def main(argv: list[str]) -> int:
         "--watch",
         action="store_true",
         help="keep a live view, refreshed every --interval s (off a terminal - a pipe, a log - a line of the pool "
-        "each interval, --log's new lines as they come and the full view at the end)",
+        f"each interval, an operator's with each device's \"{FREE}\", --log's new lines as they come and the full "
+        "view at the end)",
     )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
     p.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes (default: until Ctrl-C)")
@@ -416,16 +429,29 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def list_gpus(pool: scheduler_pb2.PoolState) -> list[str]:
+    """`gpupool list-gpus`'s lines: one a device; in an operator's view with its measured free memory (quota55)."""
+    operator = operators_view(pool)
+    return [
+        f"{safe(h.host_id)}/{d.info.index}: {safe(d.info.model)}{' (fake)' if d.info.fake else ''} "
+        f"(UUID: {safe(d.info.uuid)}) {format_size(d.info.memory_bytes)}, "
+        f"{_pct(d.allocated_share)} allocated, {f'{FREE} {measured_free(d)}, ' if operator else ''}"
+        f"{safe(h.state)}, {safe(h.address)}"
+        for h in pool.hosts
+        for d in h.devices
+    ]
+
+
 def list_gpus_main(argv: list[str]) -> int:
-    args = _parser("gpupool list-gpus", "List the pool's GPUs, one line each.").parse_args(argv)
+    args = _parser(
+        "gpupool list-gpus",
+        f"List the pool's GPUs, one line each. An operator's (an admin credential's) lines add \"{FREE} SIZE\": "
+        "each device's free memory as its daemon last measured it (the driver's count on a real GPU), \"-\" where "
+        "not measured.",
+    ).parse_args(argv)
     pool = _fetch(args)
     if pool is None:
         return 1
-    for h in pool.hosts:
-        for d in h.devices:
-            print(
-                f"{safe(h.host_id)}/{d.info.index}: {safe(d.info.model)}{' (fake)' if d.info.fake else ''} "
-                f"(UUID: {safe(d.info.uuid)}) {format_size(d.info.memory_bytes)}, "
-                f"{_pct(d.allocated_share)} allocated, {safe(h.state)}, {safe(h.address)}"
-            )
+    for line in list_gpus(pool):
+        print(line)
     return 0

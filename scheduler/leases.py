@@ -576,7 +576,7 @@ class Core:
         not free - other processes, CUDA contexts; a fake GPU's capacity less its sessions' bytes): what this lease
         may still grow by (its quota less what its sessions hold) and what every other lease on the device was
         promised and does not hold yet (their `held_bytes` less their use; a lease using more than it holds leaves
-        nothing) must both fit it. Not measured (an older daemon, a real GPU whose daemon holds no CUDA context, no
+        nothing) must both fit it. Not measured (an older daemon, a real GPU NVML cannot measure (quota55), no
         heartbeat since a restart): the books alone (`_new_terms`)."""
         dev = self.pool.device(g.key)
         if dev is None or dev.measured_free is None:

@@ -21,7 +21,7 @@ import torch
 from gpupool._proto import device_pb2
 from gpupool.wire import device_info
 
-from . import landlock
+from . import landlock, nvml
 from .slices import WALL_TIMER, DeviceClock, Timed, WallTimer
 
 log = logging.getLogger(__name__)
@@ -312,10 +312,12 @@ class CudaDevice(Device):
 
     def measured_free(self, used: int, own_context: bool) -> int | None:
         """The driver's free memory of the GPU (what every process on it leaves: contexts, caching allocators, other
-        programs), where this process holds a CUDA context of its own (`own_context`: sessions run in it, `--isolation
-        thread`); else None: asking the driver would make one here, itself hundreds of MiB of every GPU."""
+        programs). Where this process holds a CUDA context of its own (`own_context`: sessions run in it, `--isolation
+        thread`), CUDA's count plus the blocks its caching allocator holds free; else NVML's (quota55: server/nvml.py,
+        no CUDA context: making one here would itself take hundreds of MiB of every GPU), None where NVML cannot say.
+        """
         if not own_context:
-            return None
+            return nvml.NVML.free_memory(self.uuid, self.pci)
         try:
             free = torch.cuda.mem_get_info(self._device)[0]
             # (the blocks this process's caching allocator holds free are the sessions' to take as well)

@@ -53,7 +53,7 @@ from typing import Any
 
 from gpupool import buildcache, protocol
 
-from . import runner_source
+from . import nvml, runner_source
 from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -475,6 +475,7 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     sandbox.seccomp_library()  # (`ldconfig -p`: an exec, once here rather than in every worker)
     _stop_blas_threads()
     _release_nvml()
+    nvml.NVML.forbid()  # (quota55: the front's measure of free memory never starts NVML here nor in a worker)
     children: set[int] = set()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)

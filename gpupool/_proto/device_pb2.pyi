@@ -300,8 +300,9 @@ class DeviceUsage(_message.Message):
     free_bytes: _builtins.int
     """(terms54) The device's free memory as its daemon measures it: a real GPU's driver's count (memory other processes,
     CUDA contexts and caching allocators hold is not free), a fake GPU's capacity less its sessions' bytes. Unset:
-    not measured (an older daemon; a real GPU whose daemon holds no CUDA context of its own). The scheduler holds a
-    lease's raised quota to it (SetLeaseTerms); a tenant's Status never carries it (it would tell its co-tenants' use).
+    not measured (an older daemon; a real GPU whose daemon holds no CUDA context of its own and whose NVML cannot
+    say: quota55). The scheduler holds a lease's raised quota to it (SetLeaseTerms); a tenant's Status never carries
+    it (it would tell its co-tenants' use).
     """
     @_builtins.property
     def info(self) -> Global___DeviceInfo: ...

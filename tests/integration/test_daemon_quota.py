@@ -132,7 +132,9 @@ def test_temporaries_past_the_quota_are_that_tenants_out_of_memory(daemon_factor
     its memory lives (fake GPU: host memory, RLIMIT_DATA of the quota plus 1 GiB; real GPU: its CUDA caching
     allocator at the quota plus a margin, server/worker.py `cap_gpu_memory`): the op fails as RESOURCE_EXHAUSTED
     for that tenant, another tenant of the device is served throughout, and the tenant's session goes on. (No GPU
-    was lent where this was written: the "cuda" case ran only as a skip.)"""
+    was lent where this was written: the "cuda" case ran only as a skip.) quota55: under --isolation process (this
+    daemon's) its front, which holds no CUDA context, measures the GPU's free memory by NVML for its heartbeat (none on
+    0c688a96); written without a GPU too."""
     if gpu == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     daemon = daemon_factory(fake_gpus=1 if gpu == "fake" else 0, fake_gpu_memory=256 * MiB)
@@ -147,6 +149,8 @@ def test_temporaries_past_the_quota_are_that_tenants_out_of_memory(daemon_factor
             s.sync()
         [z] = s.call("aten::mvlgamma.default", Handle(s.upload(torch.tensor([1000.0]))), 4)
         assert torch.allclose(s.download(z), torch.mvlgamma(torch.tensor([1000.0]), 4))
+        _, (usage,) = daemon.running.daemon.usage()  # (what its heartbeat carries)
+        assert usage.HasField("free_bytes") and 0 < usage.free_bytes < usage.info.memory_bytes, usage
     healthy.check()
 
 

@@ -379,7 +379,9 @@ def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool, monkey
     free) and a heartbeat had no free memory to carry.
     smi54: each measure is the operator's to see (ListPool's `measured_free_bytes`, `gpupool smi`'s "free (measured)"
     column whole into a pipe, the scheduler's `gpupool_pool_memory_free_bytes`), none where unmeasured ("-", no
-    series); a tenant's ListPool and smi show none (co-tenants' use). On 17b896e7 no view showed it."""
+    series); a tenant's ListPool and smi show none (co-tenants' use). On 17b896e7 no view showed it. quota55: nor
+    did `gpupool list-gpus`' lines and `gpupool smi --watch`'s one-line summary on 0c688a96; now an operator's do
+    ("free (measured) 5.0MiB", "-" where unmeasured), a tenant's not."""
     host = pool.client("host", HOST)
     ops, alice, bob = pool.client("admin", "ops"), pool.client("tenant", "alice"), pool.client("tenant", "bob")
     info = device_pb2.DeviceInfo(index=0, uuid="GPU-terms54", model="fake", memory_bytes=16 * MiB, fake=True)
@@ -396,11 +398,15 @@ def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool, monkey
                                                                        address="127.0.0.1:1"))  # fmt: skip
         assert not reply.reregister and not reply.revoked_leases
 
-    def shown(client: Any) -> tuple[list[bool | int], dict[str, str], list[float]]:
-        """(smi54) ListPool's measure to `client` (False: unset), `gpupool smi`'s devices row by its header (printed
-        whole, as into a pipe), and the samples of the scheduler's free-memory gauge of the device."""
+    def shown(client: Any) -> tuple[list[bool | int | str | None], dict[str, str], list[float]]:
+        """(smi54) ListPool's measure to `client` (False: unset) with (quota55) the one `gpupool list-gpus`' line and
+        `gpupool smi --watch`'s summary line show (None: no such field), `gpupool smi`'s devices row by its header
+        (printed whole, as into a pipe), and the samples of the scheduler's free-memory gauge of the device."""
         state = client.list_pool()
         ((dev,),) = [h.devices for h in state.hosts]
+        (listed,) = smi.list_gpus(state)
+        summary = smi.summary(smi.Sample(state), None)
+        lines = [re.search(rf"free \(measured\):? (?:{HOST}/0 )?(\S+?)[,;]?(?: |$)", t) for t in (listed, summary)]
         monkeypatch.delenv("COLUMNS", raising=False)  # (as into a pipe: the tables' natural width, nothing cut)
         out = rich.console.Console(file=io.StringIO(), force_terminal=False)
         smi.show(out, smi.devices_table(state))
@@ -410,23 +416,24 @@ def test_a_raise_must_fit_the_free_memory_its_daemon_measures(pool: Pool, monkey
         gauge = [x.value for f in pool.scheduler.metrics.registry.collect() for x in f.samples
                  if x.name == "gpupool_pool_memory_free_bytes" and x.labels["host"] == HOST]  # fmt: skip
         return (
-            [dev.HasField("measured_free_bytes") and dev.measured_free_bytes],
+            [dev.HasField("measured_free_bytes") and dev.measured_free_bytes, *(m and m.group(1) for m in lines)],
             dict(zip(header, row, strict=True)),
             gauge,
         )
 
     beat(None)
     views, row, gauge = shown(ops)  # unmeasured: "-", no series
-    assert (views, row["free (measured)"], row["capacity"], gauge) == ([False], "-", "16.0MiB", []), row
+    assert (views, row["free (measured)"], row["capacity"], gauge) == ([False, "-", "-"], "-", "16.0MiB", []), row
     ops.set_lease_terms(a_pb.lease_id, memory_bytes=10 * MiB, share=0.5)
     before = ({"alice": (10 * MiB, 0.5), "bob": (4 * MiB, 0.25)}, (14 * MiB, 0.75))
     assert _pool_terms(ops) == before
     for free in (5 * MiB, 14 * MiB):
         beat(free)
         views, row, gauge = shown(ops)
-        assert (views, row["free (measured)"], gauge) == ([free], f"{free // MiB}.0MiB", [free]), row
+        size = f"{free // MiB}.0MiB"
+        assert (views, row["free (measured)"], gauge) == ([free, size, size], size, [free]), (views, row)
         views, row, _ = shown(alice)  # a tenant: none (nor the column)
-        assert views == [False] and "free (measured)" not in row and row["capacity"] == "16.0MiB", row
+        assert views == [False, None, None] and "free (measured)" not in row and row["capacity"] == "16.0MiB", row
         with pytest.raises(errors.ResourceExhausted) as refused:
             ops.set_lease_terms(a_pb.lease_id, memory_bytes=12 * MiB, share=0.5)
         assert (

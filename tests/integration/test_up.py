@@ -104,6 +104,7 @@ def test_up_serves_run_smi_and_list_gpus(up: tuple[Proc, str, Path]) -> None:
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.strip().splitlines()
     assert len(lines) == 2 and all("512.0MiB" in line and "up" in line for line in lines)
+    assert "free (measured)" not in listed.stdout  # (quota55: a tenant's lines have no measure)
     ran = gpupool("run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", CHILD, env=env)
     assert ran.returncode == 7, ran.stderr
     assert f"attached 0.5 {256 * 1024**2} {getpass.getuser()}" in ran.stdout
@@ -149,7 +150,8 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(up: tuple[
     Status, `gpupool smi`'s tenants table, showed every tenant's sessions to anyone who reached the port): the
     operator's smi (its admin certificate) lists every session, the user's (its tenant certificate) its own, a caller
     without a certificate is refused at the handshake. Only the operator's has the devices' "free (measured)" column
-    (smi54: ListPool's measure is an admin's only)."""
+    (smi54: ListPool's measure is an admin's only), and (quota55) the measure in `smi --watch`'s one-line summary and
+    in `list-gpus`' lines (neither had it on 0c688a96)."""
     from support import daemon_status, get_pki
 
     from gpupool._proto import device_pb2, scheduler_pb2
@@ -179,19 +181,26 @@ def test_up_daemon_shows_the_admin_every_session_and_a_tenant_its_own(up: tuple[
     try:
         user = getpass.getuser()
 
-        measured: list[bool] = []  # (smi54) whether the devices table has the operator's "free (measured)" column
+        # (smi54) whether the devices table has the operator's "free (measured)" column; (quota55) whether --watch's
+        # summary line has each device's measure (a fake GPU's: always measured)
+        measured: list[tuple[bool, bool]] = []
 
         def tenants(environment: dict[str, str]) -> list[str]:
-            smi = gpupool("smi", env=environment)
+            smi = gpupool("smi", "--watch", "--count", "1", env=environment)  # (piped: a summary line, then the view)
             assert smi.returncode == 0, smi.stderr
-            devices, table = smi.stdout.split("tenants (sessions on the daemons)")
-            measured.append("free (measured)" in devices)
+            summary, devices = smi.stdout.split("\n", 1)
+            devices, table = devices.split("tenants (sessions on the daemons)")
+            measured.append(("free (measured)" in devices, bool(re.search(r"; free \(measured\): \S+/0 \d", summary))))
             table = table.split("leases (")[0]
             return sorted(t for t in (user, "mallory") if re.search(rf"[│┃]\s*{t}\s*[│┃]", table))
 
         assert tenants(admin) == sorted([user, "mallory"])
         assert tenants(env) == [user]
-        assert measured == [True, False]  # the operator's view only
+        assert measured == [(True, True), (False, False)]  # the operator's view only
+        listed = gpupool("list-gpus", env=admin)
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.strip().splitlines()
+        assert len(lines) == 2 and all(re.search(r"free \(measured\) \d+\.\d+MiB, up", x) for x in lines), lines
         carol = get_pki().issue("tenant", "carol")  # a tenant with no session: an empty table, and why
         smi = gpupool("smi", env={**env, "GPUPOOL_TLS_CERT": str(carol.cert), "GPUPOOL_TLS_KEY": str(carol.key)})
         assert smi.returncode == 0 and "none shown to you" in smi.stdout, smi.stdout + smi.stderr
