@@ -106,3 +106,16 @@ def test_the_banner_offers_ctrl_c_only_where_a_terminals_reaches_up() -> None:
         r"`kill -INT \d+`\)\.",
         terminal,
     ), terminal
+
+
+def test_the_usage_says_which_flags_read_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 55: `gpupool --help` said "every flag can also be set as GPUPOOL_<FLAG>", but `gpupool run`'s lease size
+    reads no variable (nor smi's view flags): $GPUPOOL_GPUS is not -n. It names the rule --help shows, [env NAME]."""
+    from gpupool.client import run
+
+    monkeypatch.setenv("GPUPOOL_GPUS", "3")
+    parser = run.build_parser()
+    assert parser.parse_args(["--", "true"]).gpus == 1 and "GPUPOOL_GPUS" not in parser.format_help()
+    assert "[env GPUPOOL_SCHEDULER]" in " ".join(parser.format_help().split())
+    usage = " ".join(cli.usage().split())
+    assert "every flag" not in usage and "one whose help ends [env NAME] can also be set by that variable" in usage
