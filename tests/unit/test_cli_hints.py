@@ -119,3 +119,15 @@ def test_the_usage_says_which_flags_read_a_variable(monkeypatch: pytest.MonkeyPa
     assert "[env GPUPOOL_SCHEDULER]" in " ".join(parser.format_help().split())
     usage = " ".join(cli.usage().split())
     assert "every flag" not in usage and "one whose help ends [env NAME] can also be set by that variable" in usage
+
+
+def test_smis_line_of_a_lease_without_sessions_does_not_say_not_yet() -> None:
+    """Round 55's walk: at the demo's end, its training's session closed, its lease lived on seconds until `gpupool
+    run` released it, and `smi --watch`'s line said "none open yet"."""
+    from gpupool.client import smi
+
+    from gpupool._proto import scheduler_pb2
+
+    now = smi.Sample(pool=scheduler_pb2.PoolState(leases=[scheduler_pb2.LeaseInfo(lease_id="l1")]))
+    line = smi.summary(now, None)
+    assert line.endswith("sessions: none shown to you (none open now - not yet, or no longer -, or not yours to see)")
