@@ -321,7 +321,9 @@ def summary(now: Sample, before: Sample | None) -> str:
                     f"{format_size(u.limit_bytes)}, share {u.share:.2g}, busy {busy}, {ops} ops/s")  # fmt: skip
     if not rows:
         rows = [
-            "sessions: none shown to you (none open yet, or not yours to see)"
+            # (until round 55 "none open yet": also after its program's session had closed, while its lease lived
+            # on until `gpupool run` released it, seconds at the demo's end)
+            "sessions: none shown to you (none open now - not yet, or no longer -, or not yours to see)"
             if now.pool.leases
             else "sessions: none (no lease is active)"
         ]

@@ -39,7 +39,9 @@ HINTS: dict[str, str] = {
 def usage() -> str:
     lines = ["usage: gpupool COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "gpupool COMMAND --help shows the flags of each; every flag can also be set as GPUPOOL_<FLAG>."]
+    # (until round 55 "every flag can also be set as GPUPOOL_<FLAG>": not `run`'s size, policy and ttl, nor smi's view)
+    lines += ["", "gpupool COMMAND --help shows the flags of each; one whose help ends [env NAME] can also be set by",
+              "that variable (most as GPUPOOL_<FLAG>: --fake-gpus as GPUPOOL_FAKE_GPUS)."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -2,11 +2,12 @@
 
 While it runs, `gpupool up` keeps `up.json` in its state folder (the folder of `--state`, owner-only): its pid and
 the kernel's start time of that pid, its scheduler's and daemon's addresses and pids, and an exclusive lock
-(flock) on that file, which the kernel drops when `up` ends, however it ends. `down` sends that `up` SIGTERM - the
-stop of Ctrl-C: the daemon first (its sessions end with "host ... is shutting down", UNAVAILABLE, to their
-clients), then the scheduler, each waited for - and waits until the lock is free and the children are gone. A file
-whose lock nobody holds is stale (its `up` died): removed, nothing signalled, so a pid the kernel gave since to
-another process is never killed; nor is a pid whose start time or command line is not the recorded `gpupool up`'s.
+(flock) on that file, which the kernel drops when `up` ends, however it ends. `down` sends that `up` SIGTERM - its
+stop: the daemon first (its sessions end with "host ... is shutting down", UNAVAILABLE, to their clients), then the
+scheduler, each waited for (a terminal's Ctrl-C reaches the two with `up`: they stop together) - and waits until
+the lock is free and the children are gone. A file whose lock nobody holds is stale (its `up` died): removed,
+nothing signalled, so a pid the kernel gave since to another process is never killed; nor is a pid whose start time
+or command line is not the recorded `gpupool up`'s.
 """
 
 from __future__ import annotations

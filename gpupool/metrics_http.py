@@ -264,11 +264,10 @@ def serve_metrics(
         if exc.errno != errno.EADDRINUSE:
             raise
         # was "[Errno 98] Address already in use", naming neither the port nor the flag (journey42: a second
-        # `gpupool up` on one host)
-        raise OSError(
-            f"metrics port {host}:{port} is in use (another program, or a second pool on this host): give "
-            f"{program or 'this program'} another --metrics-listen HOST:PORT (port 0: a free one; 0: no metrics)",
-        ) from None
+        # `gpupool up` on one host); the programs' one wording since round 55
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        other = program.removeprefix("the ") or "program"
+        raise OSError(tls.listen_refusal(address, "--metrics-listen", other)) from None
     server.tls = context  # type: ignore[attr-defined]
     server.tls_config = tls_config  # type: ignore[attr-defined]  # (`scraper_refusal`: which identities it believes)
     server.revoked = revoked  # type: ignore[attr-defined]  # (`scraper_refusal`: which certificates are revoked)

@@ -380,12 +380,16 @@ def _unbindable(address: str) -> bool:
     return bool(found)
 
 
-def listen_refusal(address: str, flag: str, other: str) -> str:
-    """The one line of a program whose `flag` address cannot be bound (`add_port` returned 0, `first_unbindable`);
-    `other`: who most likely holds the port ("daemon", "scheduler")."""
+def listen_refusal(address: str, flag: str, other: str, more: str = "") -> str:
+    """The one line of a program whose `flag` address cannot be bound (`first_unbindable` before its start, `add_port`
+    and the metrics and health servers at their binds; `gpupool up` too, `more` its second pool's flags): `other`, who
+    most likely holds the port ("daemon", "scheduler", "program"). A metrics flag's says that 0 turns metrics off
+    (until round 55 a busy --metrics-listen of the scheduler got gpupool/metrics_http.py's own wording, `up` one
+    more, and a busy --health-listen "cannot listen on ADDRESS" alone)."""
+    off = "; 0: no metrics" if "metrics" in flag else "; 0: no health port" if "health" in flag else ""
     return (
-        f"cannot listen on {address}: the port is in use (another {other}, a second pool on this host?) or the host "
-        f"is not this machine's; pass another {flag} HOST:PORT (port 0: a free one)"
+        f"cannot listen on {address} ({flag}): the port is in use (another {other}, a second pool on this host?) or "
+        f"the host is not this machine's; pass another {flag} HOST:PORT (port 0: a free one{off}){more}"
     )
 
 
@@ -470,7 +474,7 @@ def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
     add_health(server, servicer)
     port = 0 if _unbindable(address) else server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(listen_refusal(address, "--health-listen", "program"))
     server.start()
     log.info("health checks (plaintext, grpc.health.v1 only) on %s", address.rsplit(":", 1)[0] + f":{port}")
     return server, port

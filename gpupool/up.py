@@ -10,7 +10,8 @@ metrics pages too (HTTPS). The daemon serves the real GPUs
 torch sees, else 2 fake ones, with its side port on (`--bulk-listen`: a session's frames, replies and large
 transfers on one TLS socket instead of gRPC messages, docs/wire.md; `--bulk-listen off` keeps them on the gRPC
 stream). Once the daemon has registered, `up` prints where everything listens and the
-exports clients use; Ctrl-C or SIGTERM stops both, or `gpupool down` from another shell (gpupool/down.py: it
+exports clients use; SIGINT (Ctrl-C, where its terminal's reaches it) or SIGTERM stops both, or `gpupool down`
+from another shell (gpupool/down.py: it
 finds this `up` by the `up.json` it keeps locked in the state folder while it runs).
 Ports may be 0 (tests): the bound ports are read from the children's "listening on" log lines.
 
@@ -213,7 +214,7 @@ def _detach(argv: list[str], state: Path, a: argparse.Namespace) -> int:
     pending, ended = "", False
     with _Follow(log) as lines:
         try:
-            while not banner or not banner[-1].startswith("Ctrl-C stops both"):
+            while not banner or STOPS not in banner[-1]:
                 chunk = lines.readline()
                 if not chunk:
                     if ended:  # (read to its end after it exited)
@@ -444,17 +445,15 @@ def _in_use(child: Child) -> str:
 def _busy(a: argparse.Namespace) -> str:
     """The one line when a port of the pool cannot be bound (`tls.first_unbindable`), "" when none: told before its
     programs start (round 54: a busy --listen was found after the scheduler had started and the daemon's zygote had
-    imported torch, 10-20 s), its log lines and gRPC's none of it."""
+    imported torch, 10-20 s), its log lines and gRPC's none of it; the daemon's and the scheduler's wording since round
+    55, where `up` had its own)."""
     listens = {"--scheduler-listen": a.scheduler_listen, "--listen": a.listen, "--metrics-listen": a.metrics_listen,
                "--scheduler-metrics-listen": a.scheduler_metrics_listen,
                "--bulk-listen": _bulk_listen(a.bulk_listen, a.listen)}  # fmt: skip
     flag = tls.first_unbindable(listens)
     if not flag:
         return ""
-    return (
-        f"gpupool up: {flag} {listens[flag]}: the port is in use (another `gpupool up` on this host?) or the host is "
-        f"not this machine's; {SECOND_POOL}"
-    )
+    return f"gpupool up: {tls.listen_refusal(listens[flag], flag, 'program', f'; {SECOND_POOL}')}"
 
 
 class Child:
@@ -624,10 +623,33 @@ def main(argv: list[str]) -> int:
         record.close()
 
 
+STOPS = "stops both"  # the banner's last line's words (`_stop_line`), which `_detach` waits for
+
+
 def _stop_line(state: Path) -> str:
-    """The banner's last line: how this pool stops (`gpupool down` names a --state other than the default)."""
+    """The banner's last line: how this pool stops (`gpupool down` names a --state other than the default). Ctrl-C
+    only where one reaches this `up` (`ctrl_c_reaches`): until round 55 every banner said "Ctrl-C stops both", also
+    `--detach`'s child's and scripts/demo.sh's `up` (sessions of their own: no terminal's Ctrl-C reaches them; the
+    demo's Ctrl-C is the demo's own, which stops its training first)."""
     down = "gpupool down" + ("" if state == Path(build_parser().get_default("state")) else f" --state {state}")
-    return f"Ctrl-C stops both (or `{down}` from another shell, or `kill -INT {os.getpid()}`)."
+    if ctrl_c_reaches():
+        return f"Ctrl-C {STOPS} (or `{down}` from another shell, or `kill -INT {os.getpid()}`)."
+    return f"`{down}` {STOPS} (or `kill -INT {os.getpid()}`; no terminal's Ctrl-C reaches this `up`)."
+
+
+def ctrl_c_reaches() -> bool:
+    """Whether a Ctrl-C typed at a terminal reaches this process: its controlling terminal's foreground process group
+    is its own (False without one: `setsid`, `up --detach`'s child, a service; or in its background: `gpupool up &`)."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # (ENXIO: no controlling terminal)
+        return False
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
 
 
 def _run(a: argparse.Namespace, cfg: UpConfig, record: PoolRecord, signals: StopSignals) -> int:

@@ -411,6 +411,14 @@ def main(argv: list[str]) -> int:
     config = config_from_args(args)
     setup_logging("scheduler", background=True)  # its log lines never wait on stderr (gpupool/logsink.py)
     more_open_files()
+    # A port in use, told before the state is opened (until round 55 a busy --metrics-listen was found after the
+    # state had been opened and --listen bound, in gpupool/metrics_http.py's own words)
+    listens = {"--listen": config.listen, "--metrics-listen": config.metrics_listen,
+               "--health-listen": config.health_listen}  # fmt: skip
+    busy = tls.first_unbindable(listens)
+    if busy:
+        log.error("cannot start: %s", tls.listen_refusal(listens[busy], busy, "scheduler"))
+        return 1
     try:
         key = tokens.load_signer(config.token_key_file)
         server = SchedulerServer(config, key).start()

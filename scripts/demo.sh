@@ -66,7 +66,11 @@ for _ in $(seq 1 2400); do
 done
 [ -n "${exports:-}" ] || { echo "gpupool up did not come up:"; cat "$log"; exit 1; }
 eval "$exports"
-cat "$log"
+# `up`'s log, but for its banner's last line: how to stop that `up` (`gpupool down --state ...`, which here would stop
+# the pool under the training, and the state folder is this script's). Here Ctrl-C is this script's (until round 55
+# the line said "Ctrl-C stops both", `up`'s own Ctrl-C, which no terminal's reaches under setsid)
+grep -v -F ' stops both (' "$log" || true
+echo "Ctrl-C stops the training, then the pool (this script's own: gpupool down --state $state/scheduler.db)"
 py=${PYTHON:-python3}
 out=runs/demo
 args=("$@")

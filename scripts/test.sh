@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run every check CI runs: generated code is fresh, ruff, mypy, import contracts, and the
-# test suite (its bytecode written once beforehand, beside the checks: __pycache__/, git-ignored).
+# test suite (its bytecode written once beforehand, beside the checks: __pycache__/, git-ignored). Each step says
+# what it runs before it starts: the suite takes about 30 min on 2 cores (mypy 2-3 min), and until round 55 nothing
+# said so. Arguments go to pytest: `bash scripts/test.sh tests/unit` checks everything but runs only tests/unit.
 # --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
   sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
@@ -8,6 +10,7 @@ if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
 fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
+say() { echo "test.sh: $*"; }
 bash scripts/setup.sh
 tmp=$(mktemp -d); warm=""; trap '[ -z "$warm" ] || kill "$warm" 2>/dev/null; rm -rf "$tmp"' EXIT
 # Bytecode written once, beside the checks below: a `--collect-only` of the same tests, allowed to write .pyc files
@@ -21,10 +24,14 @@ tmp=$(mktemp -d); warm=""; trap '[ -z "$warm" ] || kill "$warm" 2>/dev/null; rm 
 env -u PYTHONDONTWRITEBYTECODE python3 -m pytest -q -p no:cacheprovider --collect-only "$@" >"$tmp/warm.log" 2>&1 &
 warm=$!
 # (its output, protoc's "Writing mypy to gpupool/v1/..." lines of each file, shown only where it fails: round 53)
+say "generated code: gpupool/_proto as scripts/gen_proto.sh makes it"
 bash scripts/gen_proto.sh "$tmp/_proto" >"$tmp/gen_proto.log" 2>&1 || { cat "$tmp/gen_proto.log" >&2; exit 1; }
 diff -r -x __pycache__ "$tmp/_proto" gpupool/_proto || { echo "gpupool/_proto is stale: run scripts/gen_proto.sh" >&2; exit 1; }
+say "ruff check ."
 python3 -m ruff check .
+say "mypy gpupool server scheduler client (2-3 min on 2 cores)"
 python3 -m mypy gpupool server scheduler client
+say "import contracts: scripts/lint_imports.sh"
 bash scripts/lint_imports.sh  # .importlinter: the programs never import each other; client/torch is layered
 # --durations=30: every log ends with the 30 slowest setups, calls and teardowns (the suite should stay under ~30 min),
 # then (tests/conftest.py, round 54) the 30 test files with the most summed seconds and each worker's busy total.
@@ -38,4 +45,5 @@ bash scripts/lint_imports.sh  # .importlinter: the programs never import each ot
 workers=${GPUPOOL_TEST_WORKERS:-2}
 wait "$warm" || true  # (a collection error is the run's to report)
 warm=""
+say "pytest ${*:-(the whole suite: about 30 min on 2 cores, a dot a test, the 30 slowest phases at the end)}"
 python3 -m pytest -q -p no:cacheprovider --durations=30 -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

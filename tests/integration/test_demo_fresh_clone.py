@@ -70,6 +70,10 @@ def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Pat
     # process of the pool has ended: nothing started in the clone still runs when the demo has exited.
     assert "stopping the pool: gpupool down --state " in out, out[-4000:]
     assert not _running_in(clone), f"left running: {_running_in(clone)}"
+    # How it stops, in the demo's words: until round 55 it printed `up`'s banner's "Ctrl-C stops both (or `gpupool
+    # down --state ...` from another shell ...)" - `up`'s own Ctrl-C, which no terminal's reaches under setsid, and
+    # a `gpupool down` that stops the pool under the training
+    assert "Ctrl-C stops the training, then the pool" in out and "stops both" not in out, out[-4000:]
 
 
 def test_ctrl_c_of_the_demo_stops_the_training_then_the_pool(tmp_path: Path) -> None:

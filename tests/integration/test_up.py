@@ -138,7 +138,11 @@ def test_up_refuses_a_name_no_certificate_can_hold_in_one_line(
     """A host id or user name with a '/' cannot be an identity's name (gpupool://host/<id>): `gpupool up` says so in
     one line and starts nothing (round 35: a ValueError's traceback)."""
     state = tmp_path / "state" / "scheduler.db"
-    done = gpupool("up", "--fake-gpus", "1", "--state", str(state), *flag, env=env)
+    # (free ports: with the defaults, a pool of another test or program on 127.0.0.1:50050 made this `up` refuse the
+    # busy port first, round 55)
+    ports = ["--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--metrics-listen", "0",
+             "--scheduler-metrics-listen", "0"]  # fmt: skip
+    done = gpupool("up", "--fake-gpus", "1", "--state", str(state), *ports, *flag, env=env)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "no '/'" in done.stderr and ("a/b" in done.stderr or "rack/7" in done.stderr), done.stderr

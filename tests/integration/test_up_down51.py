@@ -80,7 +80,7 @@ def foreground(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     state = tmp_path / "state" / "scheduler.db"
     proc = Proc(["up", *LOOPBACK, "--state", str(state)])
     try:
-        proc.wait_for("Ctrl-C stops both", timeout=300)
+        proc.wait_for("stops both", timeout=300)  # (`up._stop_line`: "Ctrl-C stops both" at a terminal)
         yield "\n".join(proc.lines), state
         assert proc.popen.wait(60) == 0, proc.log()
         assert "gpupool up: stopped" in proc.log()

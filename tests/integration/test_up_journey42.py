@@ -59,26 +59,48 @@ def test_a_scheduler_port_held_with_so_reuseport_is_refused_with_the_fix(tmp_pat
     finally:
         held.stop(None)
     assert alone.returncode == 1, alone.stderr
-    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in alone.stderr, alone.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (--listen): the port is in use" in alone.stderr, alone.stderr
     # our line only: until round 53 gRPC's core printed "E1207 ... add_port.cc:83] Failed to add port to server: No
     # address added out of total 1 resolved ... Address already in use" first
     for stderr in (done.stderr, alone.stderr):
         assert "Failed to add port" not in stderr and "add_port.cc" not in stderr, stderr
     assert done.returncode == 1, done.stderr
-    assert done.stderr.startswith(f"gpupool up: --scheduler-listen 127.0.0.1:{port}: the port is in use"), done.stderr
+    line = f"gpupool up: cannot listen on 127.0.0.1:{port} (--scheduler-listen): the port is in use"
+    assert done.stderr.startswith(line), done.stderr
     assert SECOND_POOL in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_a_metrics_port_in_use_names_the_port_and_the_flag(tmp_path: Path) -> None:
+    """`up`, and a scheduler alone (its --metrics-listen, --health-listen), say one line, the daemon's wording, before
+    the scheduler opens its state: a metrics port's says that 0 turns metrics off. Until round 55 the scheduler found
+    a busy --metrics-listen after it had opened its state and bound --listen, and said it in gpupool/metrics_http.py's
+    words ("metrics port ... is in use ...: give the scheduler another --metrics-listen"), a busy --health-listen
+    "cannot listen on ADDRESS" alone, and `up` its own words."""
+    generate_key_file(tmp_path / "k.pem")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         done = up(tmp_path, "--scheduler-metrics-listen", f"127.0.0.1:{port}")
+        alone = {}
+        for flag in ("--metrics-listen", "--health-listen"):
+            alone[flag] = run_cli("scheduler", "--listen", "127.0.0.1:0", "--insecure", "--token-key-file",
+                                  str(tmp_path / "k.pem"), "--state", str(tmp_path / f"{flag}.db"),
+                                  "--metrics-listen", "0", flag, f"127.0.0.1:{port}")  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "Errno 98" not in done.stderr, done.stderr
-    line = f"gpupool up: --scheduler-metrics-listen 127.0.0.1:{port}: the port is in use"
+    line = f"gpupool up: cannot listen on 127.0.0.1:{port} (--scheduler-metrics-listen): the port is in use"
     assert done.stderr.startswith(line) and SECOND_POOL in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "pass another --scheduler-metrics-listen HOST:PORT (port 0: a free one; 0: no metrics)" in done.stderr
+    for flag, off in (("--metrics-listen", "0: no metrics"), ("--health-listen", "0: no health port")):
+        assert alone[flag].returncode == 1, alone[flag].stderr
+        (said,) = alone[flag].stderr.splitlines()
+        assert said.endswith(
+            f"cannot start: cannot listen on 127.0.0.1:{port} ({flag}): the port is in use (another scheduler, a "
+            f"second pool on this host?) or the host is not this machine's; pass another {flag} HOST:PORT (port 0: "
+            f"a free one; {off})"
+        ), said
+        assert not (tmp_path / f"{flag}.db").exists()  # told before the state was opened
 
 
 def test_a_port_in_use_is_told_before_any_program_starts(tmp_path: Path) -> None:
@@ -98,10 +120,12 @@ def test_a_port_in_use_is_told_before_any_program_starts(tmp_path: Path) -> None
         pool = up(tmp_path, "--listen", busy)
     for flag, done in daemons.items():
         assert done.returncode == 1, done.stderr
-        assert f"cannot listen on {busy}: the port is in use" in done.stderr and f"another {flag} HOST" in done.stderr
+        assert f"cannot listen on {busy} ({flag}): the port is in use" in done.stderr, done.stderr
+        off = "; 0: no metrics" if flag == "--metrics-listen" else ""
+        assert f"another {flag} HOST:PORT (port 0: a free one{off})" in done.stderr, done.stderr
         # the zygote never started: its line, and the workers' uids it is started for, are not in the log
         assert "zygote" not in done.stderr and "session workers" not in done.stderr, done.stderr
         assert len(done.stderr.splitlines()) == 1, done.stderr
     assert pool.returncode == 1, pool.stderr
-    assert pool.stderr.startswith(f"gpupool up: --listen {busy}: the port is in use"), pool.stderr
+    assert pool.stderr.startswith(f"gpupool up: cannot listen on {busy} (--listen): the port is in use"), pool.stderr
     assert len(pool.stderr.splitlines()) == 1, pool.stderr  # (the base's scheduler had started and logged)

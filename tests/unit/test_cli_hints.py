@@ -3,6 +3,9 @@ command since round 51): the refusal says what does it instead, as well as the u
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,81 @@ def test_other_unknown_commands_have_no_hint(capsys: pytest.CaptureFixture[str])
     assert cli.main(["frobnicate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gpupool: unknown command 'frobnicate'\n\nusage:")
+
+
+STOP_LINE = "from pathlib import Path; from gpupool import up; print(up._stop_line(Path('/tmp/p/scheduler.db')))"
+
+
+def _stop_line_in_a_terminal() -> str:
+    """`up`'s banner's last line, said by a process in a terminal of its own (pty.fork: its session leader, in the
+    terminal's foreground process group), as a user's shell runs `gpupool up`."""
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", STOP_LINE])
+        finally:
+            os._exit(127)
+    out = b""
+    try:
+        while chunk := _read_pty(fd):
+            out += chunk
+    finally:
+        os.close(fd)
+        os.waitpid(pid, 0)
+    return out.decode().strip()
+
+
+def _read_pty(fd: int) -> bytes:
+    import os
+
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # (EIO: the process that held the terminal has ended)
+        return b""
+
+
+def test_the_banner_offers_ctrl_c_only_where_a_terminals_reaches_up() -> None:
+    """Round 55: `gpupool up`'s banner ended "Ctrl-C stops both" also where no terminal's Ctrl-C reaches it: in a
+    session of its own (`up --detach`'s child; scripts/demo.sh's `setsid gpupool up`, whose log the demo printed,
+    where Ctrl-C is the demo's own, which stops its training first). There it names `gpupool down` first."""
+    alone = subprocess.run([sys.executable, "-c", STOP_LINE], capture_output=True, text=True, check=True,
+                           start_new_session=True, timeout=60).stdout.strip()  # fmt: skip
+    assert re.fullmatch(
+        r"`gpupool down --state /tmp/p/scheduler\.db` stops both \(or `kill -INT \d+`; no terminal's Ctrl-C reaches "
+        r"this `up`\)\.",
+        alone,
+    ), alone
+    terminal = _stop_line_in_a_terminal()
+    assert re.fullmatch(
+        r"Ctrl-C stops both \(or `gpupool down --state /tmp/p/scheduler\.db` from another shell, or "
+        r"`kill -INT \d+`\)\.",
+        terminal,
+    ), terminal
+
+
+def test_the_usage_says_which_flags_read_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 55: `gpupool --help` said "every flag can also be set as GPUPOOL_<FLAG>", but `gpupool run`'s lease size
+    reads no variable (nor smi's view flags): $GPUPOOL_GPUS is not -n. It names the rule --help shows, [env NAME]."""
+    from gpupool.client import run
+
+    monkeypatch.setenv("GPUPOOL_GPUS", "3")
+    parser = run.build_parser()
+    assert parser.parse_args(["--", "true"]).gpus == 1 and "GPUPOOL_GPUS" not in parser.format_help()
+    assert "[env GPUPOOL_SCHEDULER]" in " ".join(parser.format_help().split())
+    usage = " ".join(cli.usage().split())
+    assert "every flag" not in usage and "one whose help ends [env NAME] can also be set by that variable" in usage
+
+
+def test_smis_line_of_a_lease_without_sessions_does_not_say_not_yet() -> None:
+    """Round 55's walk: at the demo's end, its training's session closed, its lease lived on seconds until `gpupool
+    run` released it, and `smi --watch`'s line said "none open yet"."""
+    from gpupool.client import smi
+
+    from gpupool._proto import scheduler_pb2
+
+    now = smi.Sample(pool=scheduler_pb2.PoolState(leases=[scheduler_pb2.LeaseInfo(lease_id="l1")]))
+    line = smi.summary(now, None)
+    assert line.endswith("sessions: none shown to you (none open now - not yet, or no longer -, or not yours to see)")

@@ -77,3 +77,38 @@ def test_lint_imports_says_its_contracts_only() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Contracts: 3 kept, 0 broken." in done.stdout, done.stdout
     assert "Deprecat" not in done.stdout + done.stderr and "╔" not in done.stdout, done.stdout + done.stderr
+
+
+def test_test_sh_names_each_step_before_it_runs(tmp_path: Path) -> None:
+    """Round 55's walk of the README's second command: `bash scripts/test.sh` ran mypy (2-3 min) and the suite (~30
+    min on 2 cores) without a word of what ran or how long it takes. Each step is named as it starts, the suite with
+    its length (or the arguments that narrow it). The tools are stubs that print what they were asked to run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for stub, does in (("python3", 'echo "RUN python3 $*"'), ("bash", 'echo "RUN bash $*"'), ("diff", "true")):
+        (bin_dir / stub).write_text(f"#!/bin/sh\n{does}\n")
+        (bin_dir / stub).chmod(0o755)
+    for tool in ("env", "mktemp", "rm", "dirname", "sed", "cat"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    bash = shutil.which("bash")
+    assert bash is not None
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+
+    def steps(*args: str) -> list[str]:
+        done = subprocess.run([bash, str(REPO / "scripts" / "test.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.splitlines()
+
+    lines = steps()
+    assert lines[0] == "RUN bash scripts/setup.sh", lines
+    runs = [i for i, line in enumerate(lines) if line.startswith("RUN ")][1:]
+    assert len(runs) == 4 and all(lines[i - 1].startswith("test.sh: ") for i in runs), lines
+    assert lines[1].startswith("test.sh: generated code"), lines  # (gen_proto.sh's output goes to a log)
+    assert lines[runs[0] - 1] == "test.sh: ruff check ." and "(2-3 min on 2 cores)" in lines[runs[1] - 1], lines
+    said = lines[runs[3] - 1]
+    assert said.startswith("test.sh: pytest (the whole suite: about 30 min on 2 cores"), said
+    assert lines[runs[3]].startswith("RUN python3 -m pytest -q -p no:cacheprovider --durations=30"), lines
+    assert steps("tests/unit")[-2] == "test.sh: pytest tests/unit"
