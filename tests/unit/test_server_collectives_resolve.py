@@ -329,8 +329,8 @@ def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_k
 def test_a_wait_canceled_again_and_again_is_bounded_as_any_query() -> None:
     """(audit55) A cancel of a wait already canceled is a query of its own (the store answers each cancel with a
     byte): on rank 0's front it counts against MAX_FRONT_ASKED. On the base each cancel was appended to the wait's
-    entry in `asked`, unbounded: a keyed client's wait and 3.5 MB of cancels grew rank 0's front by ~3.4 M entries
-    (+20 MiB) before the store's replies closed it."""
+    entry in `asked`, unbounded, and forwarded: a keyed client's wait and 3.5 MB of cancels grew rank 0's front by ~20
+    MiB and made the store write 61,466 c10d warning lines before the store's replies closed it."""
     wait = b"\x06" + (1).to_bytes(8, "little") + (5).to_bytes(8, "little") + b"never"
     asked: collections.deque[list[int]] = collections.deque()
     front = _Scan(_queries(asked, _StoreTally()), hold=True)
