@@ -494,7 +494,7 @@ def _queries(asked: collections.deque[list[int]], tally: _StoreTally | None = No
         elif query == _NUM_KEYS:
             reply = 8
         elif query == _CANCEL_WAIT:
-            if asked and asked[-1][0] == _WAITING:
+            if asked and asked[-1] == [_WAITING]:  # (audit55: a cancel after the first is a query of its own)
                 asked[-1].append(1)  # the wait's answer: its own byte and then the cancel's, or the cancel's alone
                 yield 0
                 continue

@@ -1299,5 +1299,8 @@ def _sizes_overflow(shape: list[int]) -> bool:
 
 
 def _first_lines(exc: BaseException, limit: int = 600) -> str:
+    """`exc`'s words for the client, without a C++ backtrace (audit55: torch's argument parser's c10 errors carry one,
+    e.g. a graph input's metadata of more than 2^63 bytes: its frames named the worker's library paths and addresses,
+    which tell a tenant where the daemon's code lies in memory under --isolation thread)."""
     text = str(exc).strip() or type(exc).__name__
-    return text[:limit]
+    return text.split("\nException raised from ", 1)[0].split("\nframe #", 1)[0][:limit]

@@ -410,6 +410,12 @@ class Fuzzer:
                     problems.append(f"another party's secret {secret[:12]}... in the reply")
         if out.code != grpc.StatusCode.OK and before != after:
             problems.append("a refused call changed the store")
+        if case.method == "ListPool" and case.who != "ops" and out.code == grpc.StatusCode.OK:
+            # (audit55) an operator's fields: a host's status token, a device's measured free memory (smi54: beside
+            # a tenant's own use it tells the others')
+            hosts = scheduler_pb2.PoolState.FromString(out.reply).hosts
+            if any(h.status_token or any(d.HasField("measured_free_bytes") for d in h.devices) for h in hosts):
+                problems.append("an operator's field (status token, measured free memory) in its ListPool")
         return problems
 
 

@@ -392,3 +392,16 @@ def test_batches_sent_by_value_around_the_strip_size_reach_each_sessions_graph_e
     with ThreadPoolExecutor(2) as pool:  # two sessions at once
         for done in [pool.submit(tenant, k) for k in range(2)]:
             done.result(timeout=120)
+
+
+def test_a_graph_input_past_2_63_bytes_is_refused_without_the_daemons_backtrace(session: Session) -> None:
+    """(audit55) An input's metadata whose bytes pass 2^63 (4 floats' meta with a shape of 2^63 - 1) is refused with
+    torch's words alone: on the base the refusal carried c10's C++ backtrace (its frames' absolute addresses in the
+    worker's libc10.so, and the daemon's install path)."""
+    meta = wire.meta_to_proto(torch.ones(4))
+    meta.shape[:] = [2**63 - 1]
+    session.define_graph(device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[meta], ops=[], outputs=[1]))
+    with pytest.raises(errors.InvalidArgument, match="failed to unpack") as refused:
+        session.sync()
+    assert "frame #" not in str(refused.value) and "Exception raised from" not in str(refused.value), refused.value
+    assert_still_usable(session)

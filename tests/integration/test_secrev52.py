@@ -139,6 +139,16 @@ def test_rank_0s_store_listens_on_its_daemons_own_address_only(daemon_factory, i
         assert not store.check(["huge"]), "a value past MAX_STORE_VALUE reached the store"
         assert not store.check([f"fill/{MAX_STORE_BYTES // MAX_STORE_VALUE}"]), "a set past the budget was kept"
         assert not store.check([f"k{MAX_FRONT_KEYS}"]), "a key past MAX_FRONT_KEYS was kept"
+        # (audit55) a wait's cancel sent again and again is a query of its own, two at most unanswered: closed at the
+        # third (the base took each into the wait's entry and forwarded it: the store queued an answer for each)
+        with _keyed(port, secret) as raw:
+            raw.sendall(b"\x06" + (1).to_bytes(8, "little") + (7).to_bytes(8, "little") + b"/absent")  # a wait
+            try:
+                for _ in range(256):  # up to 16 MiB of cancels, as long as the front takes them
+                    raw.sendall(b"\x0c" * (1 << 16))
+            except OSError:  # (closed while we wrote)
+                pass
+            assert _closed(raw), "a wait canceled 16 million times was served"
         # (front54) one source holding every handshake slot (a stranger's connections that never speak) keeps no
         # other source's proof out (the base closed the 17th connection unread: every rank's join waited 10 s)
         strangers = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(MAX_FRONT_PENDING + 4)]

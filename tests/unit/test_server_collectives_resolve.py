@@ -22,6 +22,7 @@ from gpupool.server.collectives import (
     _peer_address,
     _queries,
     _Relay,
+    _replies,
     _resolve_store,
     _Scan,
     _store_master,
@@ -323,3 +324,21 @@ def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_k
     passed = [scan.feed(query[i : i + 1]) for i in range(len(query))]
     assert b"".join(passed[:18]) == b""  # nothing of it before its value's length (its 19th byte) is counted
     assert passed[18] == query[:19] and b"".join(passed) == query
+
+
+def test_a_wait_canceled_again_and_again_is_bounded_as_any_query() -> None:
+    """(audit55) A cancel of a wait already canceled is a query of its own (the store answers each cancel with a
+    byte): on rank 0's front it counts against MAX_FRONT_ASKED. On the base each cancel was appended to the wait's
+    entry in `asked`, unbounded, and forwarded: a keyed client's wait and 3.5 MB of cancels grew rank 0's front by ~20
+    MiB and made the store write 61,466 c10d warning lines before the store's replies closed it."""
+    wait = b"\x06" + (1).to_bytes(8, "little") + (5).to_bytes(8, "little") + b"never"
+    asked: collections.deque[list[int]] = collections.deque()
+    front = _Scan(_queries(asked, _StoreTally()), hold=True)
+    assert front.feed(wait + b"\x0c\x0c") == wait + b"\x0c\x0c" and front.refused is None
+    front.feed(b"\x0c" * 100_000)
+    assert front.refused is not None and "unanswered" in str(front.refused)
+    assert sum(len(a) for a in asked) <= 4
+    relay_asked: collections.deque[list[int]] = collections.deque()  # the relay: each cancel's answer passes
+    queries, replies = _Scan(_queries(relay_asked)), _Scan(_replies(relay_asked))
+    queries.feed(wait + b"\x0c\x0c")
+    assert replies.feed(b"\x00\x01\x01") == b"\x00\x01\x01" and replies.refused is None and not relay_asked
