@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gpupool.server import seclink
 from gpupool.server.seclink import Channel, LinkError
+from support import TcpRelay, shut
 
 from gpupool.errors import ResourceExhausted
 from gpupool.peers import push_out
@@ -449,16 +450,6 @@ def test_32_ranks_of_one_host_form_past_a_strangers_flood_and_sum(monkeypatch) -
         g.close()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    for sock in (src, dst):
-        sock.close()
-
-
 def test_a_rank_pushed_out_between_the_hubs_hello_and_its_proof_dials_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Round 55: the handshake's last message was the rank's proof, so a rank whose link the hub pushed out after its
     hello (9 connections from its address) believed itself in while the hub waited for it until the group's timeout.
@@ -469,43 +460,33 @@ def test_a_rank_pushed_out_between_the_hubs_hello_and_its_proof_dials_again(monk
 
     for name in ("HELLO_SECONDS", "HANDSHAKE_SECONDS"):  # the relay's steps, however slow, are not a late hello
         monkeypatch.setattr(seclink, name, 60.0)
-    relay = in_range_listener()
-    hub_at: list[tuple[str, int]] = []
+    strangers: list[socket.socket] = []
+
+    class Relay(TcpRelay):  # connection 0: rank 1's proof held until the hub pushed its link out, then closed
+        def _relay(self, down: socket.socket, up: socket.socket, n: int) -> None:
+            if n > 0:
+                return super()._relay(down, up, n)
+            for sock in (down, up):
+                sock.settimeout(60)
+            up.sendall(down.recv(seclink.HELLO_BYTES, socket.MSG_WAITALL))
+            down.sendall(up.recv(seclink.HUB_HELLO_BYTES, socket.MSG_WAITALL))
+            proof = down.recv(seclink.CONFIRM_BYTES, socket.MSG_WAITALL)
+            strangers.extend(socket.create_connection(self.upstream) for _ in range(seclink.MAX_PENDING_PER_SOURCE))
+            with contextlib.suppress(ConnectionResetError):
+                assert up.recv(1) == b""  # the hub pushed this link out, its proof not yet read
+            with contextlib.suppress(OSError):
+                up.sendall(proof)
+            shut(up, down)  # what rank 1 sees of the push-out
+
+    relays: list[Relay] = []
 
     class Rewriting(HeldStore):  # rank 1 reads the relay's port where the hub published its own
         def set(self, key: str, value: str) -> None:
             generation, host, port = value.split()
-            hub_at.append((host, int(port)))
-            super().set(key, f"{generation} {host} {relay.getsockname()[1]}")
+            relays.append(Relay((host, int(port)), ports=COLLECTIVE_PORTS))
+            super().set(key, f"{generation} {host} {relays[0].port}")
 
-    store, strangers, dialled = Rewriting(), [], [0]
-
-    def man_in_the_middle() -> None:
-        down, _ = relay.accept()
-        dialled[0] += 1
-        up = socket.create_connection(hub_at[0])
-        for sock in (down, up):
-            sock.settimeout(60)
-        up.sendall(down.recv(seclink.HELLO_BYTES, socket.MSG_WAITALL))
-        down.sendall(up.recv(seclink.HUB_HELLO_BYTES, socket.MSG_WAITALL))
-        proof = down.recv(seclink.CONFIRM_BYTES, socket.MSG_WAITALL)
-        strangers.extend(socket.create_connection(hub_at[0]) for _ in range(seclink.MAX_PENDING_PER_SOURCE))
-        try:
-            assert up.recv(1) == b""  # the hub pushed this link out, its proof not yet read
-        except ConnectionResetError:
-            pass
-        with contextlib.suppress(OSError):
-            up.sendall(proof)
-        up.close()
-        down.close()  # what rank 1 sees of the push-out
-        down, _ = relay.accept()  # its next dial goes through
-        dialled[0] += 1
-        up = socket.create_connection(hub_at[0])
-        threading.Thread(target=_pump, args=(up, down), daemon=True).start()
-        _pump(down, up)
-
-    middle = threading.Thread(target=man_in_the_middle, daemon=True)
-    middle.start()
+    store = Rewriting()
     try:
         groups = form_all(store, [0, 1], 2, timeout=30.0)
         values = [torch.tensor([1.5, 2.0]), torch.tensor([0.25, -4.0])]
@@ -514,11 +495,9 @@ def test_a_rank_pushed_out_between_the_hubs_hello_and_its_proof_dials_again(monk
         with ThreadPoolExecutor(2) as pool:
             for done in [pool.submit(g.allreduce, [v], opts) for g, v in zip(groups, values, strict=True)]:
                 done.result(timeout=60)
-        assert [v.tolist() for v in values] == [[1.75, -2.0]] * 2 and dialled[0] == 2
+        assert [v.tolist() for v in values] == [[1.75, -2.0]] * 2 and relays[0].connections == 2
         for g in groups:
             g.close()
     finally:
-        relay.close()
-        for sock in strangers:
+        for sock in [*strangers, *relays]:
             sock.close()
-    middle.join(60)
