@@ -553,7 +553,7 @@ class _Hub:
     of the source holding the most (so strangers on other addresses push out each other's connections, not a
     rank's). A rank's connector dials again, with back-off, until the hub's WELCOME comes (round 55: until then a
     rank pushed out in the round trip between the hub's hello and its proof could not know it, and the group
-    failed at its timeout: 32 ranks of one host pushed each other out, 12 did most times)."""
+    failed at its timeout: 32 ranks of one host pushed each other out, 12 often)."""
 
     def __init__(
         self,
@@ -651,7 +651,7 @@ class _Hub:
             if h.rank in self.channels:
                 raise LinkError(f"rank {h.rank} is connected already")
             welcome = _mac(m_s, b"in", h.transcript)  # the rank is in: it waits for this (a pushed-out one sees EOF)
-            if h.sock.send(welcome) != len(welcome):  # 160 bytes in all on this socket: its buffer takes them
+            if h.sock.send(welcome) != len(welcome):  # 108 bytes in all on this socket: its buffer takes them
                 raise LinkError("the connection does not take the hub's welcome")
         except (LinkError, OSError) as exc:
             self._drop(sel, h, _why(exc))

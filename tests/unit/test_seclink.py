@@ -390,7 +390,7 @@ def form_all(store: DictStore, ranks: list[int], size: int, timeout: float = 60.
 def test_32_ranks_of_one_host_form_past_a_strangers_flood_and_sum(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Round 55: a hub took at most 8 handshakes from one address, and the 9th pushed out the oldest, which could be
     a rank between the hub's hello and its proof: that rank never knew, and the group failed at its timeout (32
-    ranks of one process always did, 12 most times). The hub's per-source cap now grows to the ranks it expects
+    ranks of one process mostly did, 12 often). The hub's per-source cap now grows to the ranks it expects
     (`_caps`), so ranks of one host (16 GPUs, or 4 ranks a GPU) never push each other out; a stranger flooding
     hellos from one other address still pushes out only its own connections, and the group sums."""
     import torch
