@@ -20,6 +20,7 @@ Handshake (fixed sizes, no lengths to trust):
     connector -> hub   HELLO  = MAGIC, rank (u32), nonce_c (32 random bytes)
     hub -> connector   HELLO' = MAGIC, 0 (u32), nonce_s (32 random bytes), HMAC(m_s, b"hub" + transcript)
     connector -> hub   HMAC(m_c, b"rank" + transcript)            transcript = HELLO + HELLO' without its MAC
+    hub -> connector   WELCOME = HMAC(m_s, b"in" + transcript)    (v3, round 55: the hub took the link)
 
     k_c2s, k_s2c, m_c, m_s = HKDF-SHA256(ikm=secret, salt=nonce_c + nonce_s,
                                         info=VERSION, lease id, generation, size, connector rank, hub rank)
@@ -28,7 +29,7 @@ Each side proves it holds the secret before the other sends a tensor byte; a con
 outsider, a replayed handshake, a rank rewritten on the way) is closed and the hub keeps waiting for the
 real peer, until the group's timeout. Strangers cannot crowd a rank out: the hub runs every handshake in
 one thread with per-source and total caps, the newest connection pushing out the busiest source's oldest
-(`_Hub`), and a rank whose link was dropped before the hub answered connects again. Binding the lease,
+(`_Hub`), and a rank whose link was dropped before the hub's WELCOME connects again. Binding the lease,
 generation, size and both ranks into the keys means a recorded connection cannot be replayed into another
 group, generation or rank, and both sides' fresh nonces mean no two connections ever share a key, even if one
 side's random numbers repeated.
@@ -83,8 +84,9 @@ from gpupool.protocol import COLLECTIVE_PORTS
 
 log = logging.getLogger(__name__)
 
-VERSION = b"gpupool-seclink-v2"  # v2 (round 40): a collective's first frames carry its agreement (`Agreement`)
-MAGIC = b"GPSLINK2"  # daemons of v1 and v2 do not form one group: the hub drops a hello of the other magic
+# v2 (round 40): a collective's first frames carry its agreement (`Agreement`); v3 (round 55): the hub's WELCOME
+VERSION = b"gpupool-seclink-v3"
+MAGIC = b"GPSLINK3"  # daemons of two versions do not form one group: the hub drops a hello of another magic
 NONCE_BYTES = 32
 MAC_BYTES = 32
 TAG_BYTES = 16
@@ -92,14 +94,17 @@ HELLO = struct.Struct("!8sI32s")  # magic, rank, nonce
 HELLO_BYTES = HELLO.size
 HUB_HELLO_BYTES = HELLO_BYTES + MAC_BYTES
 CONFIRM_BYTES = MAC_BYTES
+WELCOME_BYTES = MAC_BYTES
 STOP_POLL_SECONDS = 0.1  # how soon a closed session's join gives up (the hub looks this often)
 MAX_FRAME = 1 << 20  # plaintext bytes of one frame (a multiple of every element size; several in flight pipeline)
 MAX_FRAMES = 1 << 48  # per direction of a connection: far below 2^64 counter values
 MAX_PENDING = 32  # handshakes in progress at the hub at once; a newcomer past it pushes out the busiest source's oldest
 MAX_PENDING_PER_SOURCE = 8  # ... from one source address; a newcomer past it pushes out its own oldest
+MAX_GROWN_PER_SOURCE = 32  # (round 55) the per-source cap grows to the ranks a hub expects, up to this (`_caps`)
 HELLO_SECONDS = 2.0  # a connection's hello is due this soon (a rank sends it as soon as it connects)
 HANDSHAKE_SECONDS = 10.0  # at most, per connection: an outsider that sent a hello and no proof is dropped after this
-RETRY_SECONDS = 0.1  # a rank whose link the hub dropped before its hello connects again after this
+RETRY_SECONDS = 0.1  # a rank whose link the hub dropped before its WELCOME connects again after this, doubled
+RETRY_MAX_SECONDS = 1.6  # ... each time up to this (each wait jittered: x 0.5-1.5), within the group's timeout
 HUB_KEY = "seclink/hub"
 P2P_KEY = "seclink/p2p"  # + /<low rank>/<high rank>: the lower rank's listener for their link (`Links`)
 _P2P = struct.Struct("!qqqq")  # a transfer's header on a rank-to-rank link: tag, dtype code, elements, bytes after it
@@ -368,6 +373,7 @@ def _dial(
             f"rank {hub} listens on port {port}, outside this daemon's --collective-ports {ports[0]}-{ports[1]} "
             "(every daemon of a job needs the same range)"
         )
+    tries = 0  # links pushed out: the next wait doubles (ranks of one host dropped at once spread out)
     while True:
         try:
             sock = socket.create_connection((hub_host, port), timeout=max(0.1, deadline - time.monotonic()))
@@ -381,11 +387,13 @@ def _dial(
         try:
             deadline_hs = min(deadline, _handshake_deadline())
             return _connect(sock, secret, lease_id, generation, size, rank, deadline_hs, hub)
-        except _Dropped:  # strangers crowd the listener, which pushed this link out before it answered: again
+        except _Dropped:  # strangers (or this host's other ranks) crowd the listener: it pushed this link out
             sock.close()
-            if time.monotonic() + RETRY_SECONDS >= deadline:
+            wait = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2**tries) * random.uniform(0.5, 1.5)
+            tries += 1
+            if time.monotonic() + wait >= deadline:
                 raise
-            time.sleep(RETRY_SECONDS)
+            time.sleep(wait)
         except BaseException:
             sock.close()
             raise
@@ -539,12 +547,13 @@ class _Handshake:
 class _Hub:
     """Rank 0 forming the star: one thread runs every handshake (non-blocking sockets, one selector), so what
     strangers hold is bounded and a newcomer never waits for a slot. A hello is due within HELLO_SECONDS of
-    the connection, the proof within HANDSHAKE_SECONDS; at most MAX_PENDING_PER_SOURCE handshakes per source
-    address and MAX_PENDING in all are in progress. A connection past either cap drops the oldest handshake of
-    its own source, or when the hub is full, of the source holding the most (so strangers on other addresses
-    push out each other's connections, not a rank's: a rank's connector retries a link the hub dropped). A rank
-    pushed out in the one round trip between the hub's hello and its proof cannot know it: the join fails (the
-    hub's timeout), and that rank's first collective with it, each with a clear error."""
+    the connection, the proof within HANDSHAKE_SECONDS; at most `per_source` handshakes per source address and
+    `total` in all are in progress (`_caps`: MAX_PENDING_PER_SOURCE and MAX_PENDING, more for a group of more than
+    8 ranks). A connection past either cap drops the oldest handshake of its own source, or when the hub is full,
+    of the source holding the most (so strangers on other addresses push out each other's connections, not a
+    rank's). A rank's connector dials again, with back-off, until the hub's WELCOME comes (round 55: until then a
+    rank pushed out in the round trip between the hub's hello and its proof could not know it, and the group
+    failed at its timeout: 32 ranks of one host pushed each other out, 12 often)."""
 
     def __init__(
         self,
@@ -562,6 +571,7 @@ class _Hub:
         self.stop = stop  # the session closed: the hub gives up within STOP_POLL_SECONDS
         self.hub = hub  # this rank: 0 for the star; a rank's own for its rank-to-rank links (`Links`)
         self.expect = set(range(1, size)) if expect is None else expect  # the ranks that connect here
+        self.per_source, self.total = _caps(len(self.expect))
         self.channels: dict[int, Channel] = {}
         self.pending: list[_Handshake] = []  # in the order they were accepted
         # the star's channels are used by one thread, one at a time; rank-to-rank links each by a thread of its own
@@ -601,7 +611,7 @@ class _Hub:
                 time.sleep(0.05)  # not a busy loop on a listener that stays readable
                 return
             source = source_key(addr[0], v6_prefix=128)  # ranks on hosts of one IPv6 subnet stay apart
-            out = push_out([h.source for h in self.pending], source, MAX_PENDING_PER_SOURCE, MAX_PENDING)
+            out = push_out([h.source for h in self.pending], source, self.per_source, self.total)
             if out is not None:
                 at, own = out
                 why = "from its address" if own else "(too many handshakes in progress)"
@@ -636,10 +646,13 @@ class _Hub:
                 h.buf, h.want = b"", CONFIRM_BYTES
                 h.until = min(self.deadline, h.accepted + HANDSHAKE_SECONDS)
                 return
-            c2s, s2c, m_c, _ = h.keys
+            c2s, s2c, m_c, m_s = h.keys
             _hub_check(h.buf, m_c, h.transcript, h.rank)
             if h.rank in self.channels:
                 raise LinkError(f"rank {h.rank} is connected already")
+            welcome = _mac(m_s, b"in", h.transcript)  # the rank is in: it waits for this (a pushed-out one sees EOF)
+            if h.sock.send(welcome) != len(welcome):  # 108 bytes in all on this socket: its buffer takes them
+                raise LinkError("the connection does not take the hub's welcome")
         except (LinkError, OSError) as exc:
             self._drop(sel, h, _why(exc))
             return
@@ -664,6 +677,17 @@ class _Hub:
         for c in self.channels.values():
             c.close()
         self.channels.clear()
+
+
+def _caps(expected: int) -> tuple[int, int]:
+    """The hub's caps on handshakes in progress (per source address, in all) when `expected` ranks connect to it
+    (round 55): every one of them may dial from one host (16 GPUs, or 4 ranks a GPU), so the per-source cap is
+    `expected` (MAX_PENDING_PER_SOURCE at least, MAX_GROWN_PER_SOURCE at most: past it the ranks of one host push
+    each other out and dial again), and the total grows twice as much (MAX_PENDING for 8), so that one source at
+    its cap never makes a rank's own host the busiest. `expected` is the group's size, which the join fixes (the
+    lease's tokens), never a connection's say: strangers hold at most 32 of one source and 80 in all."""
+    per_source = min(max(MAX_PENDING_PER_SOURCE, expected), MAX_GROWN_PER_SOURCE)
+    return per_source, MAX_PENDING + 2 * (per_source - MAX_PENDING_PER_SOURCE)
 
 
 def _handshake_deadline() -> float:
@@ -698,7 +722,13 @@ def _connect(
         raise LinkError(
             f"rank {hub_rank}'s end of the link does not hold the group's keys (a stranger or a tampered handshake)"
         )
-    sock.sendall(_mac(m_c, b"rank", transcript))
+    try:  # (round 55) a link pushed out before the hub read its proof is closed: the WELCOME never comes
+        sock.sendall(_mac(m_c, b"rank", transcript))
+        welcome = _recv_exact(sock, WELCOME_BYTES, deadline, hub_rank)
+    except (LinkError, OSError) as exc:
+        raise _Dropped(_why(exc)) from None
+    if not hmac.compare_digest(welcome, _mac(m_s, b"in", transcript)):
+        raise LinkError(f"rank {hub_rank}'s welcome does not hold the group's keys (a tampered handshake)")
     return Channel(sock, hub_rank, c2s, s2c)
 
 
@@ -714,10 +744,11 @@ def _accept(
     """The hub's end of one handshake on a blocking socket (what `_Hub` does on many at once)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     hello = _recv_exact(sock, HELLO_BYTES, deadline, -1)
-    rank, reply, (c2s, s2c, m_c, _), transcript = _hub_hello(hello, secret, lease_id, generation, size)
+    rank, reply, (c2s, s2c, m_c, m_s), transcript = _hub_hello(hello, secret, lease_id, generation, size)
     _set_deadline(sock, deadline, rank)
     sock.sendall(reply)
     _hub_check(_recv_exact(sock, CONFIRM_BYTES, deadline, rank), m_c, transcript, rank)
+    sock.sendall(_mac(m_s, b"in", transcript))
     return Channel(sock, rank, s2c, c2s, buffers)
 
 

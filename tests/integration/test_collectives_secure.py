@@ -101,7 +101,7 @@ class Relay(TcpRelay):
 
     def _relay(self, down: socket.socket, up: socket.socket, n: int) -> None:
         first_up = [(seclink.HELLO_BYTES, self.hello), (seclink.CONFIRM_BYTES, None)]
-        first_down = [(seclink.HUB_HELLO_BYTES, None)]
+        first_down = [(seclink.HUB_HELLO_BYTES, None), (seclink.WELCOME_BYTES, None)]
         threading.Thread(target=self._frames, args=(down, up, n, first_up, self.tamper_up), daemon=True).start()
         threading.Thread(target=self._frames, args=(up, down, n, first_down, self.tamper_down), daemon=True).start()
 

@@ -4,6 +4,7 @@ the generation, and a handshake without the group's secret is refused on both en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -15,8 +16,10 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gpupool.server import seclink
 from gpupool.server.seclink import Channel, LinkError
+from support import TcpRelay, shut
 
 from gpupool.errors import ResourceExhausted
+from gpupool.peers import push_out
 from gpupool.protocol import COLLECTIVE_PORTS
 
 SECRET = b"s" * 64
@@ -357,3 +360,144 @@ def test_allreduce_sums_in_rank_order_and_streams_only_past_one_frame(numel: int
     assert streamed == ([] if numel * 4 <= seclink.MAX_FRAME else [0, 0])
     for g in groups:
         g.close()
+
+
+class HeldStore(DictStore):
+    """The group's store as `form` uses it from many ranks: `get` waits for its key (as the signed store does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = threading.Condition()
+
+    def set(self, key: str, value: str) -> None:
+        with self.changed:
+            super().set(key, value)
+            self.changed.notify_all()
+
+    def get(self, key: str) -> bytes:
+        with self.changed:
+            assert self.changed.wait_for(lambda: key in self.values, timeout=60), key
+            return self.values[key]
+
+
+def form_all(store: DictStore, ranks: list[int], size: int, timeout: float = 60.0) -> list[seclink.SecureGroup]:
+    """`seclink.form` of `ranks` of a group of `size` on loopback, each in a thread of its own (a failure raised)."""
+    with ThreadPoolExecutor(len(ranks)) as pool:
+        joins = [pool.submit(seclink.form, store, SECRET, "lease", r, size, timeout, "127.0.0.1") for r in ranks]
+        return [j.result(timeout=2 * timeout) for j in joins]
+
+
+def test_32_ranks_of_one_host_form_past_a_strangers_flood_and_sum(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Round 55: a hub took at most 8 handshakes from one address, and the 9th pushed out the oldest, which could be
+    a rank between the hub's hello and its proof: that rank never knew, and the group failed at its timeout (32
+    ranks of one process mostly did, 12 often). The hub's per-source cap now grows to the ranks it expects
+    (`_caps`), so ranks of one host (16 GPUs, or 4 ranks a GPU) never push each other out; a stranger flooding
+    hellos from one other address still pushes out only its own connections, and the group sums."""
+    import torch
+    import torch.distributed as dist
+
+    pushed: list[str] = []  # the source of every connection the hub pushed out
+
+    def spy(sources: list[str], new: str, per_source: int, total: int) -> tuple[int, bool] | None:
+        out = push_out(sources, new, per_source, total)
+        if out is not None:
+            pushed.append(sources[out[0]])
+        return out
+
+    monkeypatch.setattr(seclink, "push_out", spy)
+    store, size = HeldStore(), 32
+    stop, opened = threading.Event(), [0]
+
+    def flood() -> None:  # fresh hellos claiming rank 1 (without the keys), from 127.0.0.2, as fast as it can
+        address = store.get(seclink.HUB_KEY).decode().split()
+        held: list[socket.socket] = []
+        while not stop.is_set():
+            try:
+                s = socket.create_connection((address[1], int(address[2])), timeout=1, source_address=("127.0.0.2", 0))
+                s.sendall(seclink.HELLO.pack(seclink.MAGIC, 1, os.urandom(32)))
+            except OSError:
+                continue
+            opened[0] += 1
+            held.append(s)
+            while len(held) > 2 * seclink.MAX_GROWN_PER_SOURCE:
+                held.pop(0).close()
+        for s in held:
+            s.close()
+
+    flooding = threading.Thread(target=flood)
+    flooding.start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            hub = pool.submit(seclink.form, store, SECRET, "lease", 0, size, 60.0, "127.0.0.1")
+            deadline = later(60)
+            while opened[0] <= seclink.MAX_GROWN_PER_SOURCE:  # the ranks dial once the flood is past its cap
+                assert time.monotonic() < deadline and not hub.done()
+                time.sleep(0.01)
+            others = form_all(store, list(range(1, size)), size)
+            groups = [hub.result(timeout=120), *others]
+    finally:
+        stop.set()
+        flooding.join()
+    assert "127.0.0.1" not in pushed  # the flood's own connections only, never a rank's
+    values = [torch.full((3,), float(r)) for r in range(size)]
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
+    with ThreadPoolExecutor(size) as pool:
+        for done in [pool.submit(g.allreduce, [v], opts) for g, v in zip(groups, values, strict=True)]:
+            done.result(timeout=60)
+    assert all(v.tolist() == [float(sum(range(size)))] * 3 for v in values)
+    for g in groups:
+        g.close()
+
+
+def test_a_rank_pushed_out_between_the_hubs_hello_and_its_proof_dials_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Round 55: the handshake's last message was the rank's proof, so a rank whose link the hub pushed out after its
+    hello (9 connections from its address) believed itself in while the hub waited for it until the group's timeout.
+    Now the hub's WELCOME ends the handshake: the rank sees its link closed before it and dials again. A relay holds
+    rank 1's proof until 8 connections from its address pushed its link out, then lets the next one through."""
+    import torch
+    import torch.distributed as dist
+
+    for name in ("HELLO_SECONDS", "HANDSHAKE_SECONDS"):  # the relay's steps, however slow, are not a late hello
+        monkeypatch.setattr(seclink, name, 60.0)
+    strangers: list[socket.socket] = []
+
+    class Relay(TcpRelay):  # connection 0: rank 1's proof held until the hub pushed its link out, then closed
+        def _relay(self, down: socket.socket, up: socket.socket, n: int) -> None:
+            if n > 0:
+                return super()._relay(down, up, n)
+            for sock in (down, up):
+                sock.settimeout(60)
+            up.sendall(down.recv(seclink.HELLO_BYTES, socket.MSG_WAITALL))
+            down.sendall(up.recv(seclink.HUB_HELLO_BYTES, socket.MSG_WAITALL))
+            proof = down.recv(seclink.CONFIRM_BYTES, socket.MSG_WAITALL)
+            strangers.extend(socket.create_connection(self.upstream) for _ in range(seclink.MAX_PENDING_PER_SOURCE))
+            with contextlib.suppress(ConnectionResetError):
+                assert up.recv(1) == b""  # the hub pushed this link out, its proof not yet read
+            with contextlib.suppress(OSError):
+                up.sendall(proof)
+            shut(up, down)  # what rank 1 sees of the push-out
+
+    relays: list[Relay] = []
+
+    class Rewriting(HeldStore):  # rank 1 reads the relay's port where the hub published its own
+        def set(self, key: str, value: str) -> None:
+            generation, host, port = value.split()
+            relays.append(Relay((host, int(port)), ports=COLLECTIVE_PORTS))
+            super().set(key, f"{generation} {host} {relays[0].port}")
+
+    store = Rewriting()
+    try:
+        groups = form_all(store, [0, 1], 2, timeout=30.0)
+        values = [torch.tensor([1.5, 2.0]), torch.tensor([0.25, -4.0])]
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(g.allreduce, [v], opts) for g, v in zip(groups, values, strict=True)]:
+                done.result(timeout=60)
+        assert [v.tolist() for v in values] == [[1.75, -2.0]] * 2 and relays[0].connections == 2
+        for g in groups:
+            g.close()
+    finally:
+        for sock in [*strangers, *relays]:
+            sock.close()
