@@ -899,9 +899,11 @@ def _front_listener(bind: str, port: int) -> socket.socket:
 # (hole53) Rank 0's store behind the group's keys. A connection to the store's port (`_StoreFront`) is forwarded to
 # the store only once it has proved the group's secret: the dialer sends FRONT_HELLO and a nonce, the front its own
 # nonce and HMAC(key, "front" nonces), the dialer HMAC(key, "rank" nonces) (`_prove`; key: `_front_key`), all within
-# FRONT_HANDSHAKE_SECONDS. So each side knows the other holds the secret; the bytes after are not MACed (the values
-# are: `_SignedStore`), so one who can rewrite the hosts' traffic can still alter them in flight.
-FRONT_HELLO = b"GPSTORE1"
+# FRONT_HANDSHAKE_SECONDS, and (sec55b) the front FRONT_ADMITTED once it forwards the connection. So each side knows
+# the other holds the secret; the bytes after are not MACed (the values are: `_SignedStore`), so one who can rewrite
+# the hosts' traffic can still alter them in flight.
+FRONT_HELLO = b"GPSTORE2"  # (sec55b: 2, the front's FRONT_ADMITTED after the proof; a daemon of 1 is told apart)
+FRONT_ADMITTED = b"\1"
 FRONT_HANDSHAKE_SECONDS = 10.0
 MAX_FRONT_PENDING = 16  # connections in their handshake at once; a newcomer past it pushes out the busiest source's
 MAX_FRONT_PENDING_PER_SOURCE = 8  # oldest (front54); ... of one source address (the hub's; a host of 8 GPUs' ranks at
@@ -941,6 +943,15 @@ def _prove(sock: socket.socket, key: bytes, deadline: float) -> None:
     if not hmac.compare_digest(answer[32:], _front_mac(key, b"front", nonces)):
         raise PermissionDenied("the store's address does not know the group's secret")
     sock.sendall(_front_mac(key, b"rank", nonces))
+    # (sec55b) the front's word that it forwards this connection: one it pushed out as its proof came (a newcomer's
+    # handshake slot), or past its proved connections, is closed instead, here, before a TCPStore client is made on it
+    # (whose failure wrote c10d's trace to the daemon's stderr; the join now tries again at once, as at any refusal)
+    try:
+        admitted = _recv_exact(sock, len(FRONT_ADMITTED), deadline)
+    except ConnectionError:  # (closed: a reset too)
+        admitted = b""
+    if admitted != FRONT_ADMITTED:
+        raise ConnectionError("the store's handshake ended without its admission")
 
 
 class _StoreFront:
@@ -1037,6 +1048,7 @@ class _StoreFront:
                 self._socks.add(inner)
             if self.closed.is_set():
                 return
+            conn.sendall(FRONT_ADMITTED)  # (sec55b; `_prove`)
             asked: collections.deque[list[int]] = collections.deque()
             flight = _Flight(self.tally)  # (given back below: what its closed connection held is gone)
             scans = {conn: _Scan(_queries(asked, self.tally, flight), hold=True), inner: _Scan(_replies(asked, flight))}

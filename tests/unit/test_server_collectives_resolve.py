@@ -17,6 +17,7 @@ import pytest
 import torch.distributed as dist
 from gpupool.server import collectives
 from gpupool.server.collectives import (
+    FRONT_SPARE,
     _connect_store,
     _Flight,
     _front_key,
@@ -387,6 +388,10 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
         _until(lambda: front.tally.flying == 0)  # what a closed connection held is given back
         assert len(dist.PrefixStore("gpupool/x/", other).get("a")) == 4000
         assert front.tally.flying == 0 and front.tally.peak_flying <= 4096
+        with pytest.raises(ConnectionError, match="without its admission"):
+            for _ in range(FRONT_SPARE + 2 + 1):  # past the group's size + 8 proved connections: told in the handshake
+                held.append(socket.create_connection(("127.0.0.1", front.port), timeout=60))  # (the base admitted
+                _prove(held[-1], key, time.monotonic() + 60)  # the proof, then closed: a TCPStore client failed on it)
     finally:
         for sock in held:
             sock.close()
