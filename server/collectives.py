@@ -1256,9 +1256,11 @@ class _CountedStore(dist.Store):
         self._count(key, ADDED_BYTES, False)
         return int(self._inner.add(key, amount))
 
-    def delete_key(self, key: str) -> bool:
+    def deleteKey(self, key: str) -> bool:  # noqa: N802 (the name torch's C++ calls: a PrefixStore over this store)
         self.tally.delete(b"/" + key.encode())
         return bool(self._inner.delete_key(key))
+
+    delete_key = deleteKey  # (the name Python calls)
 
     def wait(self, keys: list[str], timeout: Any = None) -> None:
         if timeout is None:
@@ -1269,8 +1271,10 @@ class _CountedStore(dist.Store):
     def check(self, keys: list[str]) -> bool:
         return bool(self._inner.check(keys))
 
-    def num_keys(self) -> int:
+    def getNumKeys(self) -> int:  # noqa: N802 (as deleteKey)
         return int(self._inner.num_keys())
+
+    num_keys = getNumKeys
 
 
 def use_nccl(device: torch.device, confined: bool) -> bool:

@@ -370,6 +370,7 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
         assert keys.check(["theirs"])  # (a set has no reply: this one's says the front read the set)
         own.set("theirs", b"o" * 10)  # replaced from rank 0's side
         assert front.tally.bytes == init + len(b"/gpupool/x//theirs") + 10
+        assert own.delete_key("theirs") and own.num_keys() == 1 and front.tally.bytes == init  # (1: "init/")
         own.set("a", b"a" * 4000)
         with pytest.raises(Exception, match="in the group's store"):
             own.set("b", b"b" * 13000)  # rank 0's own set past MAX_STORE_BYTES
