@@ -1205,10 +1205,7 @@ class _SignedStore(dist.Store):
 
     def wait(self, keys: list[str], timeout: Any = None) -> None:
         self._await(keys, self._timeout if timeout is None else timedelta_seconds(timeout))
-        if timeout is None:
-            self._inner.wait(keys)
-        else:
-            self._inner.wait(keys, timeout)
+        _wait(self._inner, keys, timeout)
 
     def check(self, keys: list[str]) -> bool:
         return bool(self._inner.check(keys))
@@ -1263,10 +1260,7 @@ class _CountedStore(dist.Store):
     delete_key = deleteKey  # (the name Python calls)
 
     def wait(self, keys: list[str], timeout: Any = None) -> None:
-        if timeout is None:
-            self._inner.wait(keys)
-        else:
-            self._inner.wait(keys, timeout)
+        _wait(self._inner, keys, timeout)
 
     def check(self, keys: list[str]) -> bool:
         return bool(self._inner.check(keys))
@@ -1275,6 +1269,14 @@ class _CountedStore(dist.Store):
         return int(self._inner.num_keys())
 
     num_keys = getNumKeys
+
+
+def _wait(store: Any, keys: list[str], timeout: Any) -> None:
+    """`store.wait(keys)` with its own timeout, or `timeout` where one is given."""
+    if timeout is None:
+        store.wait(keys)
+    else:
+        store.wait(keys, timeout)
 
 
 def use_nccl(device: torch.device, confined: bool) -> bool:
