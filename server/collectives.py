@@ -361,7 +361,7 @@ MAX_FRONT_KEYS = 16384  # distinct keys (gloo, 32 ranks: 34; the secure links' p
 MAX_FRONT_ASKED = 2  # queries a connection has not had answered (torch's client asks one at a time)
 # (sec55b) bytes of queries and replies in flight through the front, all the group's connections together (`_Flight`):
 MAX_FRONT_FLYING = 8 << 20  # (each connection alone held up to ~6 MiB: at 32 ranks + 8 spare ~250 MiB; gloo's 32
-# ranks: at most 7,207 at once, bench/store_front_tally.py; one query of the largest: a compare_set's 3 MiB + reply)
+# ranks: at most 8,189 at once, bench/store_front_tally.py; one query of the largest: a compare_set's 3 MiB + reply)
 ADDED_BYTES = 20  # an add's counter, counted as the longest int64 it may hold
 _VALIDATE, _SET, _COMPARE_SET, _GET, _ADD, _CHECK, _WAIT, _NUM_KEYS, _DELETE_KEY = range(9)
 _CANCEL_WAIT, _PING = 12, 13
