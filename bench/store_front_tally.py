@@ -1,7 +1,8 @@
 """What a group's rendezvous keeps in rank 0's store (front54: the bound of server/collectives.py `MAX_STORE_BYTES`,
 `MAX_FRONT_KEYS`), measured: one process forms a group of `--ranks` ranks (threads) over a real `_store_master`,
-every rank's store a client through the front (`_connect_store` with the group's key, rank 0's too: so all of the
-rendezvous is counted), for each transport; prints the front's `_StoreTally` high-water marks (bytes, keys).
+every rank > 0's store a client through the front (`_connect_store` with the group's key), rank 0's the store's own
+client as the daemon's (sec55b: counted too, `_CountedStore`), for each transport; prints the front's `_StoreTally`
+high-water marks (bytes, keys) and (sec55b) of bytes in flight through the front, all connections (`MAX_FRONT_FLYING`).
 
     nice -n 5 python bench/store_front_tally.py --ranks 32
 """
@@ -17,12 +18,12 @@ import torch
 from gpupool.server import collectives as c
 
 
-def measure(transport: str, ranks: int, timeout: float) -> tuple[int, int, float, list[str]]:
+def measure(transport: str, ranks: int, timeout: float) -> tuple[int, int, int, float, list[str]]:
     lease = uuid.uuid4().hex
     secret = c.group_secret(lease)
     owner = "owner-" + lease
     key = c._front_key(secret)
-    store, front = c.seclink.bind_in(
+    master, front = c.seclink.bind_in(
         c.COLLECTIVE_PORTS,
         lambda port: c._store_master("127.0.0.1", port, ranks, timeout, key, c.COLLECTIVE_PORTS, lease),
     )
@@ -30,7 +31,10 @@ def measure(transport: str, ranks: int, timeout: float) -> tuple[int, int, float
     stores: list[object] = [None] * ranks
 
     def rank(r: int) -> None:
-        stores[r] = c._connect_store(["127.0.0.1"], front.port, ranks, timeout, groups[r].stop, key=key)
+        if r == 0:
+            stores[r] = master
+        else:
+            stores[r] = c._connect_store(["127.0.0.1"], front.port, ranks, timeout, groups[r].stop, key=key)
         groups[r].form(stores[r], owner, secret, "127.0.0.1", torch.device("cpu"))
 
     start = time.monotonic()
@@ -44,8 +48,7 @@ def measure(transport: str, ranks: int, timeout: float) -> tuple[int, int, float
     for g in groups:
         g.close()
     front.close()
-    del store
-    return front.tally.peak_bytes, front.tally.peak_keys, took, broken
+    return front.tally.peak_bytes, front.tally.peak_keys, front.tally.peak_flying, took, broken
 
 
 def main() -> None:
@@ -54,11 +57,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--transports", default="gloo,secure")
     args = parser.parse_args()
-    print(f"{'transport':>10} {'ranks':>6} {'bytes kept':>11} {'keys':>6} {'formed in':>10}  "
-          f"(bounds: {c.MAX_STORE_BYTES} bytes, {c.MAX_FRONT_KEYS} keys)")  # fmt: skip
+    print(f"{'transport':>10} {'ranks':>6} {'bytes kept':>11} {'keys':>6} {'in flight':>10} {'formed in':>10}  "
+          f"(bounds: {c.MAX_STORE_BYTES} bytes, {c.MAX_FRONT_KEYS} keys, {c.MAX_FRONT_FLYING} in flight)")  # fmt: skip
     for transport in args.transports.split(","):
-        peak, keys, took, broken = measure(transport, args.ranks, args.timeout)
-        print(f"{transport:>10} {args.ranks:>6} {peak:>11} {keys:>6} {took:>9.1f}s  {broken[:1] or 'formed'}")
+        peak, keys, flying, took, broken = measure(transport, args.ranks, args.timeout)
+        done = broken[:1] or "formed"
+        print(f"{transport:>10} {args.ranks:>6} {peak:>11} {keys:>6} {flying:>10} {took:>9.1f}s  {done}")
 
 
 if __name__ == "__main__":

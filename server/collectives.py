@@ -359,6 +359,9 @@ MAX_STORE_KEYS = 1 << 16  # the keys of one check or wait
 MAX_STORE_BYTES = 4 << 20  # keys and values in all (gloo's rendezvous of 32 ranks: 16,773; bench/store_front_tally.py)
 MAX_FRONT_KEYS = 16384  # distinct keys (gloo, 32 ranks: 34; the secure links' p2p keys of every pair: 992)
 MAX_FRONT_ASKED = 2  # queries a connection has not had answered (torch's client asks one at a time)
+# (sec55b) bytes of queries and replies in flight through the front, all the group's connections together (`_Flight`):
+MAX_FRONT_FLYING = 8 << 20  # (each connection alone held up to ~6 MiB: at 32 ranks + 8 spare ~250 MiB; gloo's 32
+# ranks: at most 8,189 at once, bench/store_front_tally.py; one query of the largest: a compare_set's 3 MiB + reply)
 ADDED_BYTES = 20  # an add's counter, counted as the longest int64 it may hold
 _VALIDATE, _SET, _COMPARE_SET, _GET, _ADD, _CHECK, _WAIT, _NUM_KEYS, _DELETE_KEY = range(9)
 _CANCEL_WAIT, _PING = 12, 13
@@ -436,58 +439,72 @@ def _length(raw: bytes, what: str) -> int:
     return n
 
 
-def _string(what: str, tally: _StoreTally | None = None) -> Generator[int, bytes, bytes]:
-    """A length and its bytes: passed unread, or (`tally`: rank 0's front, which counts keys) read and returned."""
+def _string(what: str, flight: _Flight | None = None, read: bool = True) -> Generator[int, bytes, bytes]:
+    """A length and its bytes: passed unread, or (`flight`: rank 0's front, which counts keys) read and returned; with
+    `flight` its bytes are in flight (sec55b: taken before a byte of them is held)."""
     n = _length((yield 8), what)
-    if n and tally is not None:
+    if flight is not None:
+        flight.take(n)
+    if n and flight is not None and read:
         return (yield n)
     if n:
         yield -n
     return b""
 
 
-def _value(tally: _StoreTally | None, key: bytes, replace: bool) -> Generator[int, bytes, None]:
-    """A value set under `key`: its length counted (`tally`) before a byte of it passes."""
+def _value(flight: _Flight | None, key: bytes, replace: bool) -> Generator[int, bytes, None]:
+    """A value set under `key`: its length counted (`flight`'s tally; in flight too) before a byte of it passes."""
     n = _length((yield 8), "a value")
-    if tally is not None:
-        tally.set(key, n, replace)
+    if flight is not None:
+        flight.take(n)  # (first: a set refused here changes nothing the store keeps)
+        flight.tally.set(key, n, replace)
     yield 0
     if n:
         yield -n
 
 
-def _queries(asked: collections.deque[list[int]], tally: _StoreTally | None = None) -> Generator[int, bytes, None]:
+def _queries(
+    asked: collections.deque[list[int]], tally: _StoreTally | None = None, flight: _Flight | None = None
+) -> Generator[int, bytes, None]:
     """The store client's queries (this process's TCPStore client: what the daemon's rendezvous sends), each noted in
     `asked` with the reply it takes, for `_replies`. With `tally` (front54: rank 0's front, queries of any holder of
-    the group's secret) the keys are read and what the store keeps is counted against the group's bounds."""
+    the group's secret) the keys are read and what the store keeps is counted against the group's bounds; and
+    (sec55b) each query's bytes are in flight (`flight`, the connection's share of the group's MAX_FRONT_FLYING)
+    until the store has them (a set) or its reply has passed (`_replies`), with the largest value the group set for
+    a get's or compare_set's reply."""
+    if tally is not None and flight is None:
+        flight = _Flight(tally)
     while True:
         (query,) = yield 1
+        held = flight.held if flight is not None else 0
         reply = 0  # bytes of a fixed-size reply; 0: none
         if query in (_VALIDATE, _PING):
             yield 4
             reply = 4 if query == _PING else 0
         elif query == _SET:
-            key = yield from _string("a key", tally)
-            yield from _value(tally, key, True)
+            key = yield from _string("a key", flight)
+            yield from _value(flight, key, True)
         elif query in (_GET, _COMPARE_SET, _ADD, _DELETE_KEY):
-            key = yield from _string("a key", tally)
+            key = yield from _string("a key", flight)
             if query == _COMPARE_SET:
-                yield from _string("a value")  # the expected one (not kept)
-                yield from _value(tally, key, False)  # the new one, where the expected one is there
+                yield from _string("a value", flight, read=False)  # the expected one (not kept)
+                yield from _value(flight, key, False)  # the new one, where the expected one is there
             if query == _ADD:
                 yield 8
-                if tally is not None:
-                    tally.set(key, ADDED_BYTES, False)
-            if query == _DELETE_KEY and tally is not None:
-                tally.delete(key)
+                if flight is not None:
+                    flight.tally.set(key, ADDED_BYTES, False)
+            if query == _DELETE_KEY and flight is not None:
+                flight.tally.delete(key)
             reply = _VECTOR if query in (_GET, _COMPARE_SET) else 8
+            if flight is not None and reply == _VECTOR:
+                flight.take(flight.tally.largest)  # its reply (the store makes it before the front reads a byte)
         elif query in (_CHECK, _WAIT):
             keys = int.from_bytes((yield 8), "little")
             if keys > MAX_STORE_KEYS:
                 raise StoreRefused(f"a query of {keys} keys (at most {MAX_STORE_KEYS})")
             total = 0
             for _ in range(keys):
-                total += len((yield from _string("a key", tally)))
+                total += len((yield from _string("a key", flight)))
                 if total > MAX_STORE_VALUE:  # (front54; a wait's keys stay in the store until it is answered)
                     raise StoreRefused(f"a query's keys of more than {MAX_STORE_VALUE} bytes")
             reply = 1 if query == _CHECK else _WAITING
@@ -501,11 +518,14 @@ def _queries(asked: collections.deque[list[int]], tally: _StoreTally | None = No
             reply = 1  # the wait was answered already: the cancel's own
         else:
             raise StoreRefused(f"a store query of type {query}, which the daemon's rendezvous never sends")
+        flying = flight.held - held if flight is not None else 0
         if reply:
-            if tally is not None and len(asked) >= MAX_FRONT_ASKED:
+            if flight is not None and len(asked) >= MAX_FRONT_ASKED:
                 raise StoreRefused(f"more than {MAX_FRONT_ASKED} queries unanswered on one connection")
-            asked.append([reply])
+            asked.append([reply, flying])
         yield 0
+        if flight is not None and flying and not reply:  # (a set's value passed: the store holds it, counted as kept)
+            flight.give(flying)
 
 
 class _StoreTally:
@@ -520,6 +540,8 @@ class _StoreTally:
         self._keys: dict[bytes, int] = {}
         self.bytes = 0
         self.peak_bytes = self.peak_keys = 0  # (the bound's measurement: bench/store_front_tally.py)
+        self.largest = 0  # (sec55b) the largest value ever set: what a get's reply may be
+        self.flying = self.peak_flying = 0  # (sec55b) bytes in flight through the front (`_Flight`), all connections
 
     def set(self, key: bytes, n: int, replace: bool) -> None:
         with self._lock:
@@ -532,7 +554,7 @@ class _StoreTally:
             if total > MAX_STORE_BYTES:
                 raise StoreRefused(f"{total} bytes in the group's store (at most {MAX_STORE_BYTES})")
             self._keys[key] = n
-            self.bytes = total
+            self.bytes, self.largest = total, max(self.largest, n)
             self.peak_bytes, self.peak_keys = max(self.peak_bytes, total), max(self.peak_keys, len(self._keys))
 
     def delete(self, key: bytes) -> None:
@@ -541,9 +563,45 @@ class _StoreTally:
             if old is not None:
                 self.bytes -= len(key) + old
 
+    def fly(self, n: int) -> None:
+        """(sec55b) `n` bytes more in flight (n < 0: fewer): StoreRefused past MAX_FRONT_FLYING."""
+        with self._lock:
+            if n > 0 and self.flying + n > MAX_FRONT_FLYING:
+                raise StoreRefused(
+                    f"{self.flying + n} bytes of queries and replies in flight through the group's store's front "
+                    f"(at most {MAX_FRONT_FLYING}, all its connections)"
+                )
+            self.flying += n
+            self.peak_flying = max(self.peak_flying, self.flying)
 
-def _replies(asked: collections.deque[list[int]]) -> Generator[int, bytes, None]:
-    """The store's replies, each read as the reply of the query it answers (`_queries`' `asked`, in order)."""
+
+class _Flight:
+    """(sec55b) One connection's bytes in flight through rank 0's front (`_queries`, `_replies`), counted in its
+    group's `_StoreTally` (`fly`) until the store holds them or their reply passed, all of them given back when the
+    connection closes (`close`). A connection alone held up to ~6 MiB (a query's key and a compare_set's expected
+    value held by the front, a value on its way to the store, two waits' keys and replies in the store), and the front
+    takes the group's size + 8 of them (size up to MAX_RANKS): now MAX_FRONT_FLYING is the whole group's."""
+
+    def __init__(self, tally: _StoreTally) -> None:
+        self.tally, self.held = tally, 0
+
+    def take(self, n: int) -> None:
+        if n:
+            self.tally.fly(n)
+            self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+        self.tally.fly(-n)
+
+    def close(self) -> None:
+        self.give(self.held)
+
+
+def _replies(asked: collections.deque[list[int]], flight: _Flight | None = None) -> Generator[int, bytes, None]:
+    """The store's replies, each read as the reply of the query it answers (`_queries`' `asked`, in order: [its
+    reply, its bytes in flight, a cancel's byte]); (sec55b) with `flight` its bytes in flight are given back once it
+    passed, a value's length past what its query took taken first."""
     while True:
         first = yield 1
         if not asked:
@@ -551,13 +609,18 @@ def _replies(asked: collections.deque[list[int]]) -> Generator[int, bytes, None]
         reply = asked.popleft()
         if reply[0] == _VECTOR:
             n = _length(first + (yield 7), "a value in the store's reply")
+            if flight is not None and n > reply[1]:
+                flight.take(n - reply[1])
+                reply[1] = n
             if n:
                 yield -n
         elif reply[0] == _WAITING:
-            while len(reply) > 1 and first == b"\0":  # canceled: its answer came before the cancel's
+            while len(reply) > 2 and first == b"\0":  # canceled: its answer came before the cancel's
                 first = yield 1
         elif reply[0] > 1:
             yield reply[0] - 1
+        if flight is not None:
+            flight.give(reply[1])
 
 
 # The ports of this process's live store relays (bound, until their pump ends). A store address is never one: under
@@ -793,7 +856,8 @@ def _store_master(
     where it is not: a front on every interface), where rank 0's own client reaches it. Until round 53 the store
     itself listened on the daemon's peer-facing address (round 52; every interface before), where anyone who reached
     it could write values into it (each up to 8 MiB, any number of keys: memory of rank 0's worker, under --isolation
-    thread of the daemon) or delete them. Returns (the store, its front)."""
+    thread of the daemon) or delete them. Returns (the store, its front): the store as rank 0's own client, its writes
+    counted in the front's tally (sec55b: `_CountedStore`)."""
     front = _front_listener(bind, port)
     try:
         try:
@@ -809,7 +873,8 @@ def _store_master(
             host, inner, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False,
             master_listen_fd=fd,
         )  # fmt: skip
-        return store, _StoreFront(front, (host, inner), key, size, name)
+        served = _StoreFront(front, (host, inner), key, size, name)
+        return _CountedStore(store, served.tally), served
     except BaseException:
         front.close()
         raise
@@ -834,9 +899,11 @@ def _front_listener(bind: str, port: int) -> socket.socket:
 # (hole53) Rank 0's store behind the group's keys. A connection to the store's port (`_StoreFront`) is forwarded to
 # the store only once it has proved the group's secret: the dialer sends FRONT_HELLO and a nonce, the front its own
 # nonce and HMAC(key, "front" nonces), the dialer HMAC(key, "rank" nonces) (`_prove`; key: `_front_key`), all within
-# FRONT_HANDSHAKE_SECONDS. So each side knows the other holds the secret; the bytes after are not MACed (the values
-# are: `_SignedStore`), so one who can rewrite the hosts' traffic can still alter them in flight.
-FRONT_HELLO = b"GPSTORE1"
+# FRONT_HANDSHAKE_SECONDS, and (sec55b) the front FRONT_ADMITTED once it forwards the connection. So each side knows
+# the other holds the secret; the bytes after are not MACed (the values are: `_SignedStore`), so one who can rewrite
+# the hosts' traffic can still alter them in flight.
+FRONT_HELLO = b"GPSTORE2"  # (sec55b: 2, the front's FRONT_ADMITTED after the proof; a daemon of 1 is told apart)
+FRONT_ADMITTED = b"\1"
 FRONT_HANDSHAKE_SECONDS = 10.0
 MAX_FRONT_PENDING = 16  # connections in their handshake at once; a newcomer past it pushes out the busiest source's
 MAX_FRONT_PENDING_PER_SOURCE = 8  # oldest (front54); ... of one source address (the hub's; a host of 8 GPUs' ranks at
@@ -876,6 +943,15 @@ def _prove(sock: socket.socket, key: bytes, deadline: float) -> None:
     if not hmac.compare_digest(answer[32:], _front_mac(key, b"front", nonces)):
         raise PermissionDenied("the store's address does not know the group's secret")
     sock.sendall(_front_mac(key, b"rank", nonces))
+    # (sec55b) the front's word that it forwards this connection: one it pushed out as its proof came (a newcomer's
+    # handshake slot), or past its proved connections, is closed instead, here, before a TCPStore client is made on it
+    # (whose failure wrote c10d's trace to the daemon's stderr; the join now tries again at once, as at any refusal)
+    try:
+        admitted = _recv_exact(sock, len(FRONT_ADMITTED), deadline)
+    except ConnectionError:  # (closed: a reset too)
+        admitted = b""
+    if admitted != FRONT_ADMITTED:
+        raise ConnectionError("the store's handshake ended without its admission")
 
 
 class _StoreFront:
@@ -954,6 +1030,7 @@ class _StoreFront:
 
     def _serve(self, conn: socket.socket) -> None:
         inner: socket.socket | None = None
+        flight: _Flight | None = None
         proved = False
         try:
             ok = self._handshake(conn)
@@ -971,14 +1048,18 @@ class _StoreFront:
                 self._socks.add(inner)
             if self.closed.is_set():
                 return
+            conn.sendall(FRONT_ADMITTED)  # (sec55b; `_prove`)
             asked: collections.deque[list[int]] = collections.deque()
-            scans = {conn: _Scan(_queries(asked, self.tally), hold=True), inner: _Scan(_replies(asked))}
+            flight = _Flight(self.tally)  # (given back below: what its closed connection held is gone)
+            scans = {conn: _Scan(_queries(asked, self.tally, flight), hold=True), inner: _Scan(_replies(asked, flight))}
             _forward(conn, inner, self.closed.is_set, scans)
         except StoreRefused as exc:
             _STORE_LOG.warning("rank 0's store of lease %s closed a proved connection: %s", self.name, exc)
         except OSError:
             return
         finally:
+            if flight is not None:
+                flight.close()
             with self._lock:
                 self._proved -= proved
                 self._socks.discard(conn)
@@ -1124,10 +1205,7 @@ class _SignedStore(dist.Store):
 
     def wait(self, keys: list[str], timeout: Any = None) -> None:
         self._await(keys, self._timeout if timeout is None else timedelta_seconds(timeout))
-        if timeout is None:
-            self._inner.wait(keys)
-        else:
-            self._inner.wait(keys, timeout)
+        _wait(self._inner, keys, timeout)
 
     def check(self, keys: list[str]) -> bool:
         return bool(self._inner.check(keys))
@@ -1140,6 +1218,65 @@ class _SignedStore(dist.Store):
 
     def num_keys(self) -> int:
         return int(self._inner.num_keys())
+
+
+class _CountedStore(dist.Store):
+    """(sec55b) Rank 0's own client of its group's store (the TCPStore that serves it), whose writes are counted in the
+    front's `_StoreTally` as a keyed client's are: they reach the store directly, not through the front, and front54
+    did not count them. They are the daemon's own (the group's and each subgroup's rendezvous through `_SignedStore`:
+    gloo's addresses, the secure hub's and p2p keys, NCCL's ids; the owner mark), but a tenant's script decides how
+    many subgroups it forms and leaves: a subgroup's keys NCCL kept are never deleted (`Group.form` forgets gloo's
+    and the secure transport's only). Now past MAX_STORE_BYTES or MAX_FRONT_KEYS rank 0's own set fails too (its
+    group's or subgroup's join fails, saying so). Keys are counted as torch's TCPStore client sends them (its "/"
+    first), so that a key rank 0 set and a keyed client deleted, or the other way round, is one key of the tally."""
+
+    def __init__(self, inner: Any, tally: _StoreTally) -> None:
+        super().__init__()
+        self._inner, self.tally = inner, tally
+
+    def _count(self, key: str, n: int, replace: bool) -> None:
+        self.tally.set(b"/" + key.encode(), n, replace)
+
+    def set(self, key: str, value: Any) -> None:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        self._count(key, len(data), True)
+        self._inner.set(key, data)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self._inner.get(key))
+
+    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
+        self._count(key, len(desired), False)
+        return bytes(self._inner.compare_set(key, expected, desired))
+
+    def add(self, key: str, amount: int) -> int:
+        self._count(key, ADDED_BYTES, False)
+        return int(self._inner.add(key, amount))
+
+    def deleteKey(self, key: str) -> bool:  # noqa: N802 (the name torch's C++ calls: a PrefixStore over this store)
+        self.tally.delete(b"/" + key.encode())
+        return bool(self._inner.delete_key(key))
+
+    delete_key = deleteKey  # (the name Python calls)
+
+    def wait(self, keys: list[str], timeout: Any = None) -> None:
+        _wait(self._inner, keys, timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        return bool(self._inner.check(keys))
+
+    def getNumKeys(self) -> int:  # noqa: N802 (as deleteKey)
+        return int(self._inner.num_keys())
+
+    num_keys = getNumKeys
+
+
+def _wait(store: Any, keys: list[str], timeout: Any) -> None:
+    """`store.wait(keys)` with its own timeout, or `timeout` where one is given."""
+    if timeout is None:
+        store.wait(keys)
+    else:
+        store.wait(keys, timeout)
 
 
 def use_nccl(device: torch.device, confined: bool) -> bool:

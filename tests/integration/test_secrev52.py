@@ -11,6 +11,7 @@ sets is bounded, and a stranger's silent connections hold no rank's handshake ou
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from gpupool.client.session import Session
 from gpupool.server.collectives import (
+    MAX_FRONT_FLYING,
     MAX_FRONT_KEYS,
     MAX_FRONT_PENDING,
     MAX_STORE_BYTES,
@@ -77,6 +79,15 @@ def _keyed(port: int, key: bytes, source: str = "") -> socket.socket:
     sock.sendall(b"\0" + _VALIDATE.to_bytes(4, "little"))  # (the store answers nothing else before it)
     sock.settimeout(60)
     return sock
+
+
+def _sent_or_closed(sock: socket.socket, data: bytes) -> bool:
+    """Send `data`: whether the front closed the connection meanwhile."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        return True
+    return False
 
 
 def _send_closed(sock: socket.socket, data: bytes) -> bool:
@@ -149,6 +160,23 @@ def test_rank_0s_store_listens_on_its_daemons_own_address_only(daemon_factory, i
             except OSError:  # (closed while we wrote)
                 pass
             assert _closed(raw), "a wait canceled 16 million times was served"
+        # (sec55b) what the group's connections hold in flight is bounded for all of them together: a compare_set
+        # of a 1 MiB key and a 1 MiB expected value, left before its new value (the front holds both), on each of 7
+        # connections: 4 fit MAX_FRONT_FLYING (8 MiB), the others are closed (the base held each, ~3 MiB a
+        # connection, and took the group's size + 8 connections: 6 GiB for a group of 1,024)
+        stalled = [_keyed(port, secret) for _ in range(7)]
+        try:
+            n = MAX_STORE_VALUE
+            query = b"\x02" + n.to_bytes(8, "little") + b"/" + b"c" * (n - 1) + n.to_bytes(8, "little") + b"e" * n
+            closed = {sock for sock in stalled if _sent_or_closed(sock, query)}
+            deadline = time.monotonic() + 60
+            while len(closed) < len(stalled) - MAX_FRONT_FLYING // (2 * n) and time.monotonic() < deadline:
+                readable, _, _ = select.select([x for x in stalled if x not in closed], [], [], 1.0)
+                closed |= {sock for sock in readable if _closed(sock)}  # (the front answers none of them)
+            assert len(closed) == len(stalled) - MAX_FRONT_FLYING // (2 * n), "a group held more than 8 MiB in flight"
+        finally:
+            for sock in stalled:
+                sock.close()
         # (front54) one source holding every handshake slot (a stranger's connections that never speak) keeps no
         # other source's proof out (the base closed the 17th connection unread: every rank's join waited 10 s)
         strangers = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(MAX_FRONT_PENDING + 4)]

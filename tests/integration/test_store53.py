@@ -16,7 +16,7 @@ import uuid
 
 import torch
 from gpupool.client.session import Session
-from gpupool.server.collectives import FRONT_HELLO, _front_key, _front_mac, group_secret
+from gpupool.server.collectives import FRONT_ADMITTED, FRONT_HELLO, _front_key, _front_mac, group_secret
 from gpupool.server.seclink import bind_in
 from support import MiB
 
@@ -79,6 +79,7 @@ class _HostileStore:
                 mine = b"\1" * 32
                 conn.sendall(mine + _front_mac(self.key, b"front", hello[len(FRONT_HELLO) :] + mine))
                 take(32)
+                conn.sendall(FRONT_ADMITTED)
                 while True:
                     query = take(1)[0]
                     if query == 0:  # validate

@@ -17,9 +17,12 @@ import pytest
 import torch.distributed as dist
 from gpupool.server import collectives
 from gpupool.server.collectives import (
+    FRONT_SPARE,
     _connect_store,
+    _Flight,
     _front_key,
     _peer_address,
+    _prove,
     _queries,
     _Relay,
     _replies,
@@ -342,3 +345,81 @@ def test_a_wait_canceled_again_and_again_is_bounded_as_any_query() -> None:
     queries, replies = _Scan(_queries(relay_asked)), _Scan(_replies(relay_asked))
     queries.feed(wait + b"\x0c\x0c")
     assert replies.feed(b"\x00\x01\x01") == b"\x00\x01\x01" and replies.refused is None and not relay_asked
+def _get(key: bytes) -> bytes:
+    return b"\x03" + len(key).to_bytes(8, "little") + key  # a TCPStore `get` (torch 2.13: type 3)
+
+
+def _set_head(key: bytes, n: int) -> bytes:
+    return b"\x01" + len(key).to_bytes(8, "little") + key + n.to_bytes(8, "little")  # a `set` up to its value
+
+
+def _until(what: Any) -> None:
+    deadline = time.monotonic() + 60
+    while not what():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_together(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """(sec55b) Rank 0's own client of its store (`_store_master`'s: the daemon's rendezvous, its subgroups'; on the
+    base uncounted, front54) counts in the group's `_StoreTally` as a keyed client's sets do, one key whichever side
+    set or deleted it, and is refused past MAX_STORE_BYTES. And what the group's connections hold in flight through
+    the front (`_Flight`: a query's key and value on their way, a get's reply at the largest value set) is bounded
+    for all of them together (MAX_FRONT_FLYING), given back as queries are answered and connections close: on the
+    base each connection held its own ~6 MiB, the group's size + 8 of them."""
+    monkeypatch.setattr(collectives, "MAX_STORE_BYTES", 16384)
+    monkeypatch.setattr(collectives, "MAX_FRONT_FLYING", 4096)
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    held: list[socket.socket] = []
+    try:
+        own = dist.PrefixStore("gpupool/x/", master)
+        own.set("mine", b"m" * 3000)
+        assert front.tally.bytes == len(b"/gpupool/x//mine") + 3000  # (on the base: 0)
+        client = _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        keys = dist.PrefixStore("gpupool/x/", client)
+        init = front.tally.bytes - len(b"/gpupool/x//mine") - 3000  # (the client's constructor's `add` of "init/")
+        assert keys.delete_key("mine") and front.tally.bytes == init  # one key of the tally, set there, deleted here
+        keys.set("theirs", b"t" * 3000)
+        assert keys.check(["theirs"])  # (a set has no reply: this one's says the front read the set)
+        own.set("theirs", b"o" * 10)  # replaced from rank 0's side
+        assert front.tally.bytes == init + len(b"/gpupool/x//theirs") + 10
+        assert own.delete_key("theirs") and own.num_keys() == 1 and front.tally.bytes == init  # (1: "init/")
+        own.set("a", b"a" * 4000)
+        with pytest.raises(Exception, match="in the group's store"):
+            own.set("b", b"b" * 13000)  # rank 0's own set past MAX_STORE_BYTES
+        assert not own.check(["b"]) and front.tally.flying == 0
+        for _ in range(2):  # two connections each with a set of 2,000 bytes half sent: 4,000 bytes in flight
+            sock = socket.create_connection(("127.0.0.1", front.port), timeout=60)
+            held.append(sock)
+            _prove(sock, key, time.monotonic() + 60)
+            sock.sendall(_set_head(b"/slow", 2000) + b"s" * 1000)
+        _until(lambda: front.tally.flying >= 4000)
+        with pytest.raises(dist.DistError):
+            keys.get("a")  # its reply past the group's 4,096 bytes in flight: the connection closes
+        other = _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        for sock in held:
+            sock.close()
+        _until(lambda: front.tally.flying == 0)  # what a closed connection held is given back
+        assert len(dist.PrefixStore("gpupool/x/", other).get("a")) == 4000
+        assert front.tally.flying == 0 and front.tally.peak_flying <= 4096
+        with pytest.raises(ConnectionError, match="without its admission"):
+            for _ in range(FRONT_SPARE + 2 + 1):  # past the group's size + 8 proved connections: told in the handshake
+                held.append(socket.create_connection(("127.0.0.1", front.port), timeout=60))  # (the base admitted
+                _prove(held[-1], key, time.monotonic() + 60)  # the proof, then closed: a TCPStore client failed on it)
+    finally:
+        for sock in held:
+            sock.close()
+        front.close()
+    tally = _StoreTally()  # in the scans: a get takes its key and the largest value set until its reply passed
+    tally.set(b"/v", 100, True)
+    asked: collections.deque[list[int]] = collections.deque()
+    flight = _Flight(tally)
+    ask, answer = _Scan(_queries(asked, tally, flight), hold=True), _Scan(_replies(asked, flight))
+    assert ask.feed(_get(b"/v")) == _get(b"/v") and tally.flying == 2 + 100
+    answer.feed((100).to_bytes(8, "little") + b"r" * 60)
+    assert tally.flying == 102
+    answer.feed(b"r" * 40)
+    assert tally.flying == 0 and not asked
