@@ -511,7 +511,7 @@ def _queries(
         elif query == _NUM_KEYS:
             reply = 8
         elif query == _CANCEL_WAIT:
-            if asked and asked[-1] == [_WAITING]:  # (audit55: a cancel after the first is a query of its own)
+            if asked and asked[-1][0] == _WAITING and len(asked[-1]) == 2:  # (audit55: a 2nd cancel: a query)
                 asked[-1].append(1)  # the wait's answer: its own byte and then the cancel's, or the cancel's alone
                 yield 0
                 continue
