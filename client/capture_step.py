@@ -28,7 +28,7 @@ MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 p
 # Why a graph is recorded anew at a call (`_note_grads`): a parameter's `.grad` that eagerly the step would add to
 NOT_AS_RECORDED = (
     "a parameter's `.grad` is not as the recorded step found it (a `.grad` the step would add to, where the recording "
-    "began without one: `opt.zero_grad()` before every call, or inside the step; or another tensor)"
+    "began without one: `opt.zero_grad()` before every call, or inside the step)"
 )
 
 
@@ -82,8 +82,8 @@ class StepCache:
     def _note_grads(self) -> None:
         """Before a recording: which parameters have no `.grad` as it starts (`opt.zero_grad()` before the call). A
         graph that makes one's `.grad` anew where the recording began without one is replayed only while it has none
-        at the call, or the recorded gradient (given back then): a `.grad` the step would add to eagerly (no
-        `zero_grad()` since the last step) or another tensor makes the step record again (`_define`: `fresh`)."""
+        at the call (then given back): a `.grad` the step would add to eagerly (no `zero_grad()` since the last step)
+        makes the step record again (the graphs' `fresh`)."""
         self._no_grad = {id(p) for p in self._params() if p.grad is None}
 
     @property

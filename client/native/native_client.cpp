@@ -2701,18 +2701,19 @@ bool held_elsewhere(const c10::TensorImpl& t, uint32_t uses) {
 }
 
 // Parameter `kept.param`'s `.grad` is not the one graph `g` writes on storage `sid` before a run (`kept.fresh`: the
-// recording began without one). Where it is None (`opt.zero_grad()` since the last step), as eagerly, where autograd
-// leaves a new `.grad` each step, the run's becomes `p.grad`: the kept tensor, or where the script holds it (`g =
-// p.grad`) a new tensor on the storage (`move_kept`: `g` keeps the old values), or where it died a new tensor on the
-// storage held here. False where it is another tensor, or the kept one where the recording began without a `.grad`:
-// eagerly the step would add to it; the graph cannot replay that. Under g_mu.
+// recording began without one). Where it is None (`opt.zero_grad()` since the last step) or another tensor (another
+// graph's of the step, which sets it to None itself), as eagerly, where autograd leaves a new `.grad` each step, the
+// run's becomes `p.grad`: the kept tensor, or where the script holds it (`g = p.grad`) a new tensor on the storage
+// (`move_kept`: `g` keeps the old values), or where it died a new tensor on the storage held here. False where the
+// recording began without a `.grad` and there is one: eagerly the step would add to it; the graph cannot replay that.
+// Under g_mu.
 void move_kept(Dev& d, DeviceIndex i, Kept& kept, c10::TensorImpl* t, uint64_t sid, const at::Tensor* param);
 bool regrad(Dev& d, DeviceIndex i, Kept& kept, uint64_t sid) {
   at::Tensor param(kept.param.lock());
   if (!param.defined()) return true;
   const c10::intrusive_ptr<c10::TensorImpl> t = kept.tensor.lock();
   const at::Tensor& now = param.grad();
-  if (now.defined()) return now.unsafeGetTensorImpl() == t.get() && !kept.fresh;
+  if (now.defined() && (kept.fresh || now.unsafeGetTensorImpl() == t.get())) return !kept.fresh;
   if (t && t->has_storage() && handle_of_impl(*t) == sid && d.stores.count(sid)) {
     move_kept(d, i, kept, t.get(), sid, &param);
     return true;

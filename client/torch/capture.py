@@ -114,6 +114,7 @@ class _Graph:
     # The graph holds the `.grad` itself, so that `opt.zero_grad()` between steps (`p.grad = None`) leaves its handle
     # to the run, which gives it back; fresh: the recording began with no `.grad` there (capture_step `_note_grads`)
     grads: list[list[Any]] = field(default_factory=list)
+    fresh: bool = False  # one of them is (`_replay` then looks at every parameter's `.grad`)
 
 
 class CapturedStep(StepCache):
@@ -204,6 +205,7 @@ class CapturedStep(StepCache):
             h = p.grad.__dict__.get("_gp_h")
             if h in writes:
                 g.grads.append([h, weakref.ref(p), p.grad, id(p) in self._no_grad])
+                g.fresh |= g.grads[-1][3]
         self.graphs[key] = g
         self.stats["defined"] += 1
         log.log(
@@ -222,7 +224,6 @@ class CapturedStep(StepCache):
                     del g.rt.watched[h]
         for h in g.writes:
             g.rt.kept.pop(h, None)
-        g.grads.clear()  # (the `.grad`s it held)
         if drop:
             g.rt.drop_graph(g.graph_id)
 
@@ -250,14 +251,21 @@ class CapturedStep(StepCache):
                     keep.append(upload_new(rt, x))
                     inputs.append(keep[-1]._gp_h)
                     data.append(b"")
-        for entry in g.grads:  # (usual: a `.grad` held by its parameter and the graph alone)
-            grad, p = entry[2], entry[1]()
-            if p is not None and (p.grad is not grad or entry[3] or sys.getrefcount(grad) > _GRAD_REFS):
-                if _regrad(rt, entry, p):
-                    log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, NOT_AS_RECORDED)
-                    self.stats["rerecorded"] += 1
-                    self._forget(g.key, drop=True)
-                    return _AGAIN
+        if g.grads:  # (usual: each `.grad` its parameter's, held by it and the graph alone)
+            # Each parameter's `.grad` is read (~0.1 us each) where the first one's is not the graph's: set to None
+            # (`opt.zero_grad()` before the call), or another graph's of the step (its other shapes); one read else
+            first = g.grads[0]
+            p = first[1]()
+            every = g.fresh or p is None or p.grad is not first[2]
+            for entry in g.grads:
+                grad = entry[2]
+                if every or sys.getrefcount(grad) > _GRAD_REFS:
+                    p = entry[1]()
+                    if p is not None and _regrad(rt, entry, p):
+                        log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, NOT_AS_RECORDED)
+                        self.stats["rerecorded"] += 1
+                        self._forget(g.key, drop=True)
+                        return _AGAIN
         kept = rt.kept
         for h in g.writes:
             if kept.get(h):  # aliases of a kept tensor made since the last run
@@ -403,11 +411,12 @@ def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
     graph holds, fresh), as eagerly, where autograd leaves a new tensor in `p.grad` each step: where the script holds
     it (`g = p.grad`), `g` keeps its values: `g` and the aliases noted of it (`_unalias`'s) move to a new handle, an
     alias of the old tensor on the daemon, and a new tensor on the handle, which the run writes, becomes `p.grad`;
-    where `p.grad` is None (`opt.zero_grad()` between steps), the graph's `.grad` (or that new one) becomes `p.grad`.
-    True where the graph cannot replay as the eager step runs (`p.grad` another tensor, or the `.grad` it wrote where
-    the recording began without one: eagerly the step would add to it)."""
+    where `p.grad` is None (`opt.zero_grad()` between steps) or another tensor (another graph's of the step: the step
+    sets it to None itself), the graph's `.grad` (or that new one) becomes `p.grad`. True where the graph cannot replay
+    as the eager step runs: the recording began without a `.grad` (fresh) and there is one, which eagerly the step
+    would add to."""
     h, grad, now = entry[0], entry[2], p.grad
-    if now is not None and (now is not grad or entry[3]):
+    if now is not None and entry[3]:
         return True
     d = grad.__dict__
     if d.get("_gp_h") != h:
@@ -415,7 +424,7 @@ def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
     # its references here: the graph's, this frame's `grad` (and `now`, then torch's too, where it is `p.grad`), the
     # caller's `grad`, getrefcount's argument
     if sys.getrefcount(grad) <= (6 if now is grad else 4):
-        if now is None:
+        if now is not grad:
             p.grad = grad
         return False
     aliases = _noted(rt, h)

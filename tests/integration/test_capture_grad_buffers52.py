@@ -12,6 +12,11 @@ from two replayed steps and read after the last, equal the eager run's bit for b
 of a replayed step's new gradient shared the kept tensor's handle and read the latest replay's values: native_client.cpp
 `move_kept`, client/torch/capture.py `_unalias`).
 
+Round 55 (capture55): the same with `opt.zero_grad()` before each call instead of inside the step (out-: Adam and SGD
+momentum, set_to_none=True and False): after each replay `p.grad` is that step's gradient (it stayed None), a `g =
+p.grad` held from the last recording keeps its values; out-late stops zeroing at step 5, where eagerly the gradients
+add up: the graph (made anew each step) records again (it had replayed, the losses wrong from step 6).
+
 Slow (the C++ client's first build takes ~1 min; cached after). The C++ client's test is skipped only where no C++
 compiler or ninja exists.
 """
@@ -147,9 +152,9 @@ def _check(got: dict) -> None:
         bad = [i for i, (e, c) in enumerate(zip(eager["values"], captured["values"], strict=True)) if e != c]
         assert not bad, (case, "kept tensors", bad)
         # `g = p.grad` (the same object) held across replays: eagerly a new `.grad` each step leaves `g` its values
-        # (set_to_none=True); the zeroed and refilled one (set_to_none=False) reads the latest (round 54). Round 55: with
-        # `opt.zero_grad()` before each call (out-), also every `.grad` of the last recording (step 2), and after each
-        # replay `p.grad` is that step's gradient (until then None: a replay left none where the script had cleared it)
+        # (set_to_none=True); the zeroed and refilled one (set_to_none=False) reads the latest (round 54). Round 55:
+        # with `opt.zero_grad()` before each call (out-), also every `.grad` of the last recording (step 2), and after
+        # each replay `p.grad` is that step's gradient (until then None: a replay left none where the script cleared it)
         assert late or eager["held"] == [fresh] * (10 if case.startswith("out-") else 6), (case, eager["held"])
         assert captured["held"] == eager["held"], (case, captured["held"])
         bad = [i for i, (e, c) in enumerate(zip(eager["held_values"], captured["held_values"], strict=True)) if e != c]
