@@ -15,7 +15,8 @@ of a replayed step's new gradient shared the kept tensor's handle and read the l
 Round 55 (capture55): the same with `opt.zero_grad()` before each call instead of inside the step (out-: Adam and SGD
 momentum, set_to_none=True and False): after each replay `p.grad` is that step's gradient (it stayed None), a `g =
 p.grad` held from the last recording keeps its values; out-late stops zeroing at step 5, where eagerly the gradients
-add up: the graph (made anew each step) records again (it had replayed, the losses wrong from step 6).
+add up: the graph (made anew each step) records again (it had replayed, the losses wrong from step 6); out-shapes
+alternates two batch sizes (two graphs; Adam): each replay leaves its own gradient in `p.grad`.
 
 Slow (the C++ client's first build takes ~1 min; cached after). The C++ client's test is skipped only where no C++
 compiler or ninja exists.
@@ -71,6 +72,8 @@ def run(case, captured, steps=10):
     losses, kept, held = [], [], []
     for i in range(steps):
         x, y = data[i % 4]
+        if case == "shapes" and i % 2:  # two graphs, their `.grad`s in turn (each sets the other's anew)
+            x, y = x[:12], y[:12]
         if outside and (case != "late" or i < 5):  # late: from step 5 on the gradients add up (no zero_grad)
             opt.zero_grad(set_to_none=case != "zero")
         losses.append(f(x.to(DEV), y.to(DEV)).item())
@@ -121,7 +124,7 @@ _count_regrads()
 
 res = {case: {"eager": run(case, False), "captured": run(case, True)}
        for case in ("none", "zero", "accum", "sgd-none", "sgd-zero", "out-none", "out-sgd-none",
-                    "out-sgd-zero", "out-late")}
+                    "out-sgd-zero", "out-late", "out-shapes")}
 print(json.dumps(res))
 """
 
@@ -138,7 +141,7 @@ def _check(got: dict) -> None:
         eager, captured = r["eager"], r["captured"]
         # out-late: the graph recorded after `zero_grad()` is recorded anew when a step would add to the `.grad`s
         late = case == "out-late"
-        assert captured["stats"]["replayed"] >= (5 if late else 6), (case, captured["stats"])
+        assert captured["stats"]["replayed"] >= (5 if late or case == "out-shapes" else 6), (case, captured["stats"])
         assert captured["stats"]["rerecorded"] == late, (case, captured["stats"])
         assert len(set(eager["losses"])) == len(eager["losses"]), case  # it trains
         assert captured["losses"] == eager["losses"], case
