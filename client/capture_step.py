@@ -25,6 +25,11 @@ log = logging.getLogger("gpupool.torch")
 _spec_numbers = itertools.count(1)  # StepCache._spec_id
 RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
 MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
+# Why a graph is recorded anew at a call (`_note_grads`): a parameter's `.grad` that eagerly the step would add to
+NOT_AS_RECORDED = (
+    "a parameter's `.grad` is not as the recorded step found it (a `.grad` the step would add to, where the recording "
+    "began without one: `opt.zero_grad()` before every call, or inside the step)"
+)
 
 
 class StepCache:
@@ -55,19 +60,31 @@ class StepCache:
         self._last: tuple[int, Any, Any, Any] | None = None
         self._checks: dict[Any, Any] = {}
         self._told: set[str] = set()  # what `_level` has logged at INFO once
+        self._no_grad: set[int] = set()  # parameters (by id) without a `.grad` when the last recording began
 
     def kept_params(self) -> list[torch.Tensor]:
         """The parameters with a `.grad` of the modules and optimizers the step uses (`watched`): where a graph writes
         one's `.grad` (a new gradient a step: `zero_grad(set_to_none=True)`), a replay moves it off a storage an alias
         the script keeps shares, and leaves a new `.grad` where the script holds the old one (`g = p.grad`), so that
-        the alias and `g` keep their values, as eagerly (native_client.cpp `move_kept`)."""
+        the alias and `g` keep their values, as eagerly (native_client.cpp `move_kept`); where the script set `p.grad`
+        to None between steps (`opt.zero_grad()` outside the step), the replay gives it back (round 55)."""
+        return [p for p in self._params() if p.grad is not None]
+
+    def _params(self) -> list[torch.Tensor]:
         params: dict[int, torch.Tensor] = {}
         for w in self.watched:
             if isinstance(w, torch.nn.Module):
                 params.update((id(p), p) for p in w.parameters())
             elif isinstance(w, torch.optim.Optimizer):
                 params.update((id(p), p) for group in w.param_groups for p in group["params"])
-        return [p for p in params.values() if p.grad is not None]
+        return list(params.values())
+
+    def _note_grads(self) -> None:
+        """Before a recording: which parameters have no `.grad` as it starts (`opt.zero_grad()` before the call). A
+        graph that makes one's `.grad` anew where the recording began without one is replayed only while it has none
+        at the call (then given back): a `.grad` the step would add to eagerly (no `zero_grad()` since the last step)
+        makes the step record again (the graphs' `fresh`)."""
+        self._no_grad = {id(p) for p in self._params() if p.grad is None}
 
     @property
     def state(self) -> str:

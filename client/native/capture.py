@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from gpupool.client.capture_record import Built, CaptureError, Recording, build
-from gpupool.client.capture_step import MAX_GRAPHS, StepCache
+from gpupool.client.capture_step import MAX_GRAPHS, NOT_AS_RECORDED, StepCache
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gpupool import compact, wire
@@ -184,6 +184,7 @@ class CapturedStep(StepCache):
     def _record(self, dev: _Device, key: Any, leaves: list[Any], args: Any, kwargs: Any) -> Any:
         ops = _ops()
         handles = {id(x): int(ops.wire_handle(x)) for x in leaves if _on_device(x)}
+        self._note_grads()
         ops.record_start(dev.index)
         backend.RECORDING.on = True  # syncs refuse (backend.py)
         try:
@@ -215,8 +216,9 @@ class CapturedStep(StepCache):
         backend.session(dev.index).define_graph(msg)
         out_leaves, spec = tree_flatten(result)
         outputs = [i for i, x in enumerate(out_leaves) if _on_device(x)]
-        params = self.kept_params()  # (their `.grad`s: `move_kept`)
-        ops.replay_outputs(dev.index, graph_id, [out_leaves[i] for i in outputs], list(built.writes), params)
+        params = self.kept_params()  # (their `.grad`s: `move_kept`, `regrad`)
+        fresh = [p for p in params if id(p) in self._no_grad]
+        ops.replay_outputs(dev.index, graph_id, [out_leaves[i] for i in outputs], list(built.writes), params, fresh)
         plain = [None if _on_device(x) else x for x in out_leaves]
         # The call's arguments as its guard key has them (client/capture_guard.py leaf_key): a tensor's key starts
         # with "cpu" or its device, any other value's with "value"
@@ -260,6 +262,11 @@ class CapturedStep(StepCache):
                 log.info("%s: graph %d dropped: the current device changed", _device(g.index).device, g.graph_id)
                 self._forget(g.key, drop=True)
                 return _AGAIN
+            elif why[0] == _NOT_AS_RECORDED:  # a parameter's `.grad` the step would add to (client/torch/capture.py)
+                log.info("%s: graph %d re-recorded: %s", _device(g.index).device, g.graph_id, NOT_AS_RECORDED)
+                self.stats["rerecorded"] += 1
+                self._forget(g.key, drop=True)
+                return _AGAIN
             else:  # watched handles freed: the graph may no longer be valid, or stops writing some
                 _device(g.index).poll(why)
                 if not g.valid:
@@ -276,7 +283,7 @@ class CapturedStep(StepCache):
 
 
 _AGAIN = object()  # `_replay` did not run: look for the graph again
-_ELSEWHERE, _TOO_BIG = -1, -2  # native_client.cpp `replay`'s reasons
+_ELSEWHERE, _TOO_BIG, _NOT_AS_RECORDED = -1, -2, -3  # native_client.cpp `replay`'s reasons
 
 
 def capture(

@@ -2620,11 +2620,16 @@ struct ReplayOut {
 // A defined graph as `replay` needs it: its outputs, and the handles it writes (a kept tensor's storage, bound anew by
 // every run: the view handles made of it since are of the last run's tensor, freed at the next), with the kept tensor
 // of each where the script's `.grad`s hold it (`kept`, by write, with its storage as last seen: `move_kept`; empty
-// elsewhere).
+// elsewhere). The storage is held here (round 55): where the script sets `p.grad` to None between steps
+// (`opt.zero_grad()` outside the step), its handle stays the run's and a new `.grad` on it is given back (`regrad`).
 struct Kept {
-  c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
-  c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // its use count read without a lock: 1, held by it alone
-  c10::weak_intrusive_ptr<c10::TensorImpl> param;     // the parameter whose `.grad` it is (`held_elsewhere`)
+  c10::weak_intrusive_ptr<c10::TensorImpl> tensor{c10::intrusive_ptr<c10::TensorImpl>()};
+  c10::Storage storage;  // its use count read without a lock: 2, held by the tensor alone (and here)
+  c10::weak_intrusive_ptr<c10::TensorImpl> param{c10::intrusive_ptr<c10::TensorImpl>()};  // whose `.grad` it is
+  std::vector<int64_t> sizes, strides;             // the `.grad`'s geometry (a new one's: `regrad`)
+  int64_t offset = 0;
+  caffe2::TypeMeta dtype;
+  bool fresh = false;  // the recording began with no `.grad` there (capture_step.py `_note_grads`)
 };
 struct ReplayGraph {
   std::vector<ReplayOut> outs;
@@ -2656,8 +2661,9 @@ void check_refcnt(const at::Tensor& t) {
 // `params`: the step's parameters with a `.grad` (capture_step.py `kept_params`), their `.grad`s the candidates for
 // `kept`. A graph writes a `.grad`'s handle only where the recorded step made that `.grad` anew (`zero_grad()` with
 // set_to_none=True): as eagerly, a replay then leaves a new tensor in `p.grad` where the script holds the old one.
+// `fresh`: those of them that had no `.grad` when the recording began (`opt.zero_grad()` before the call).
 void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tensor>& outputs, c10::IntArrayRef writes,
-                    const std::vector<at::Tensor>& params) {
+                    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& fresh) {
   const DeviceIndex i = checked_index(static_cast<DeviceIndex>(index));
   ReplayGraph g;
   for (const at::Tensor& t : outputs) g.outs.push_back({t.sizes().vec(), t.strides().vec(), t.scalar_type()});
@@ -2665,19 +2671,22 @@ void replay_outputs(int64_t index, int64_t graph_id, const std::vector<at::Tenso
   std::lock_guard<std::mutex> lock(g_mu);
   const Dev& d = g_devs[i];
   for (const uint64_t h : g.writes) {
-    c10::intrusive_ptr<c10::TensorImpl> found, param;
-    c10::intrusive_ptr<c10::StorageImpl> storage;
+    Kept kept;
     for (const at::Tensor& p : params) {
       const at::Tensor& t = p.grad();
       if (t.defined() && t.device() == Device(kType, i) && t.has_storage() && d.handle(handle_of(t)) == h) {
-        found = t.getIntrusivePtr();
-        storage = t.storage().getWeakStorageImpl().lock();
-        param = p.getIntrusivePtr();
+        kept.tensor = c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr());
+        kept.storage = t.storage();
+        kept.param = c10::weak_intrusive_ptr<c10::TensorImpl>(p.getIntrusivePtr());
+        kept.sizes = t.sizes().vec();
+        kept.strides = t.strides().vec();
+        kept.offset = t.storage_offset();
+        kept.dtype = t.dtype();
+        kept.fresh = std::any_of(fresh.begin(), fresh.end(), [&](const at::Tensor& f) { return f.is_same(p); });
         check_refcnt(t);
       }
     }
-    g.kept.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(found), c10::weak_intrusive_ptr<c10::StorageImpl>(storage),
-                      c10::weak_intrusive_ptr<c10::TensorImpl>(param)});
+    g.kept.push_back(std::move(kept));
   }
   g_replays[index][graph_id] = std::move(g);
 }
@@ -2689,6 +2698,34 @@ bool held_elsewhere(const c10::TensorImpl& t, uint32_t uses) {
   PyObject* o = t.pyobj_slot()->load_pyobj();
   if (o == nullptr) return uses > 1;
   return uses > 2 || py_refcnt(o) > 1;
+}
+
+// Parameter `kept.param`'s `.grad` is not the one graph `g` writes on storage `sid` before a run (`kept.fresh`: the
+// recording began without one). Where it is None (`opt.zero_grad()` since the last step) or another tensor (another
+// graph's of the step, which sets it to None itself), as eagerly, where autograd leaves a new `.grad` each step, the
+// run's becomes `p.grad`: the kept tensor, or where the script holds it (`g = p.grad`) a new tensor on the storage
+// (`move_kept`: `g` keeps the old values), or where it died a new tensor on the storage held here. False where the
+// recording began without a `.grad` and there is one: eagerly the step would add to it; the graph cannot replay that.
+// Under g_mu.
+void move_kept(Dev& d, DeviceIndex i, Kept& kept, c10::TensorImpl* t, uint64_t sid, const at::Tensor* param);
+bool regrad(Dev& d, DeviceIndex i, Kept& kept, uint64_t sid) {
+  at::Tensor param(kept.param.lock());
+  if (!param.defined()) return true;
+  const c10::intrusive_ptr<c10::TensorImpl> t = kept.tensor.lock();
+  const at::Tensor& now = param.grad();
+  if (now.defined() && (kept.fresh || now.unsafeGetTensorImpl() == t.get())) return !kept.fresh;
+  if (t && t->has_storage() && handle_of_impl(*t) == sid && d.stores.count(sid)) {
+    move_kept(d, i, kept, t.get(), sid, &param);
+    return true;
+  }
+  // it died: a new `.grad` on the storage held here (an alias of it the script keeps: `free_write_views` moves the
+  // new `.grad` off the storage next)
+  if (!kept.storage || reinterpret_cast<uintptr_t>(kept.storage.data_ptr().get_context()) != sid) return true;
+  at::Tensor grad = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(kept.storage), kKeys, kept.dtype);
+  grad.unsafeGetTensorImpl()->set_sizes_and_strides(kept.sizes, kept.strides, kept.offset);
+  kept.tensor = c10::weak_intrusive_ptr<c10::TensorImpl>(grad.getIntrusivePtr());
+  param.mutable_grad() = std::move(grad);
+  return true;
 }
 
 // Kept tensor `t` (on storage `sid`, which graph `g` writes) shares its storage with another tensor: an alias the
@@ -2709,14 +2746,14 @@ void move_kept(Dev& d, DeviceIndex i, Kept& kept, c10::TensorImpl* t, uint64_t s
     at::Tensor grad = at::detail::make_tensor<c10::TensorImpl>(std::move(fresh), kKeys, t->dtype());
     grad.unsafeGetTensorImpl()->set_sizes_and_strides(t->sizes(), t->strides(), t->storage_offset());
     kept.tensor = c10::weak_intrusive_ptr<c10::TensorImpl>(grad.getIntrusivePtr());
-    kept.storage = grad.storage().getWeakStorageImpl();
+    kept.storage = grad.storage();
     param->mutable_grad() = std::move(grad);
   } else {
     const bool allow = t->allow_tensor_metadata_change();
     t->set_allow_tensor_metadata_change(true);
     t->set_storage_keep_dtype(std::move(fresh));
     t->set_allow_tensor_metadata_change(allow);
-    kept.storage = t->storage().getWeakStorageImpl();
+    kept.storage = t->storage();
   }
   Buf local;
   put<uint8_t>(local, 1);
@@ -2736,8 +2773,10 @@ void move_kept(Dev& d, DeviceIndex i, Kept& kept, c10::TensorImpl* t, uint64_t s
 // The view handles of the storages graph `g` writes, freed into d's frame (before its run binds those handles anew):
 // made since the last run (`wire_handle`: `p.grad` of a bias, a view of the kept sum), they name its tensor on the
 // daemon, not the one this run leaves; the next `wire_handle` makes them anew. A watched one is noted in `fired`.
-// A kept tensor whose storage another tensor shares moves to a new one first (`move_kept`: the views stay).
-void free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
+// A kept tensor whose storage another tensor shares moves to a new one first (`move_kept`: the views stay); a parameter
+// whose `.grad` the script set to None since gets one back (`regrad`). False where the graph cannot run as the eager
+// step would (`regrad`): the caller has it recorded anew.
+bool free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
   Buf& packed = d.freed;
   packed.clear();
   for (size_t k = 0; k < g.writes.size(); k++) {
@@ -2745,19 +2784,26 @@ void free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
     if (h < d.base) continue;
     const uint64_t sid = (static_cast<uint64_t>(i) << kIndexShift) | ((h - d.base) & kIdMask);
     Kept& kept = g.kept[k];
+    const c10::TensorImpl* const param = kept.param.use_count() > 0 ? kept.param._unsafe_get_target() : nullptr;
+    if (param != nullptr && (kept.fresh || param->grad().unsafeGetTensorImpl() != kept.tensor._unsafe_get_target() ||
+                             kept.tensor.use_count() == 0)) {
+      if (!regrad(d, i, kept, sid)) return false;
+    }
     const uint32_t uses = kept.tensor.use_count();  // (usual: its storage held by it alone, it by its parameter)
     const bool held = uses > 1 && held_elsewhere(*kept.tensor._unsafe_get_target(), uses);
-    if (uses > 0 && (held || kept.storage.use_count() != 1)) {
+    if (uses > 0 && (held || kept.storage.use_count() != 2)) {
       const c10::intrusive_ptr<c10::TensorImpl> t = kept.tensor.lock();
       if (t && t->has_storage() && handle_of_impl(*t) == sid) {
         at::Tensor param;
         if (held)
           if (c10::intrusive_ptr<c10::TensorImpl> p = kept.param.lock()) param = at::Tensor(std::move(p));
         const bool mine = param.defined() && param.grad().unsafeGetTensorImpl() == t.get();  // still its `.grad`
-        if ((mine || t->storage().use_count() > 1) && d.stores.count(sid))
+        const c10::StorageImpl* const st = t->storage().unsafeGetStorageImpl();
+        const size_t alone = st == kept.storage.unsafeGetStorageImpl() ? 2 : 1;  // (held here too)
+        if ((mine || t->storage().use_count() > alone) && d.stores.count(sid))
           move_kept(d, i, kept, t.get(), sid, mine ? &param : nullptr);
         else
-          kept.storage = t->storage().getWeakStorageImpl();
+          kept.storage = t->storage();
       }
     }
     auto it = d.stores.find(sid);
@@ -2768,9 +2814,10 @@ void free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
     }
     it->second.views.clear();
   }
-  if (packed.n == 0) return;
+  if (packed.n == 0) return true;
   emit_free(d, packed);
   g_wstats.frees++;
+  return true;
 }
 
 void replay_forget(int64_t index, int64_t graph_id) {
@@ -2794,7 +2841,8 @@ inline void put_packed(Buf& b, uint8_t tag, const uint64_t* v, size_t n) {
 // holds from now on. Nothing is written when it returns a second list, which says why:
 //   [-1]: `current` (the call names no device) and the calling thread's current device is not `index`;
 //   the watched handles freed since the last call (`fired`'s list: the caller hears of them, then calls again);
-//   [-2]: the CPU arguments together exceed kByValueBytes (the caller uploads them and passes device tensors).
+//   [-2]: the CPU arguments together exceed kByValueBytes (the caller uploads them and passes device tensors);
+//   [-3]: a parameter's `.grad` is not as the recorded step found it (`regrad`: the caller records the step anew).
 // The Frees of the tensors that died so far go into the frame first (as `fired` sends them).
 using Replayed = std::tuple<std::vector<at::Tensor>, std::vector<int64_t>>;
 inline Replayed not_run(std::vector<int64_t> why) { return Replayed(std::vector<at::Tensor>(), std::move(why)); }
@@ -2829,13 +2877,13 @@ Replayed replay(int64_t index, int64_t graph_id, bool current,
                 static_cast<int>(i));
     if (!d.watched.empty()) {
       drain_frees_wire(d);
-      free_write_views(d, i, g->second);
+      if (!free_write_views(d, i, g->second)) return not_run({-3});
       if (!d.fired.empty()) {
         fired.swap(d.fired);
         return not_run(std::move(fired));
       }
-    } else {
-      free_write_views(d, i, g->second);
+    } else if (!free_write_views(d, i, g->second)) {
+      return not_run({-3});
     }
     if (cpu_bytes > kByValueBytes) return not_run({-2});
     prelude_wire(d);
@@ -3009,7 +3057,8 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("watch(int index, int[] handles, bool on) -> ()", &watch);
   m.def("fired(int index) -> int[]", &fired);
   m.def("replay(int index, int graph_id, bool current, Tensor[] inputs, int[] drop_writes) -> (Tensor[], int[])", &replay);
-  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs, int[] writes, Tensor[] params) -> ()", &replay_outputs);
+  m.def("replay_outputs(int index, int graph_id, Tensor[] outputs, int[] writes, Tensor[] params, Tensor[] fresh) -> ()",
+        &replay_outputs);
   m.def("replay_forget(int index, int graph_id) -> ()", &replay_forget);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 from gpupool.client.capture_record import Built, CaptureError, Elsewhere, Recording, build
-from gpupool.client.capture_step import MAX_GRAPHS, RECORD_ATTEMPTS, StepCache
+from gpupool.client.capture_step import MAX_GRAPHS, NOT_AS_RECORDED, RECORD_ATTEMPTS, StepCache
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gpupool import compact, wire
@@ -110,8 +110,11 @@ class _Graph:
     ops: int = 0  # aten ops it runs per step
     single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
     writes: list[int] = field(default_factory=list)  # handles it writes (`rt.kept`: their aliases move at a replay)
-    # [handle, the parameter, its `.grad`] (weak references) where it writes a parameter's `.grad`: `_regrad`
+    # [handle, the parameter (a weak reference), its `.grad`, fresh] where it writes a parameter's `.grad`: `_regrad`.
+    # The graph holds the `.grad` itself, so that `opt.zero_grad()` between steps (`p.grad = None`) leaves its handle
+    # to the run, which gives it back; fresh: the recording began with no `.grad` there (capture_step `_note_grads`)
     grads: list[list[Any]] = field(default_factory=list)
+    fresh: bool = False  # one of them is (`_replay` then looks at every parameter's `.grad`)
 
 
 class CapturedStep(StepCache):
@@ -130,7 +133,9 @@ class CapturedStep(StepCache):
                 own(x)
         key, g = self._lookup(structure, leaves, rt.device)
         if g is not None:
-            return self._replay(rt, g, leaves)
+            out = self._replay(rt, g, leaves)
+            if out is not _AGAIN:
+                return out
         leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
         if self._eager_now():
@@ -159,6 +164,7 @@ class CapturedStep(StepCache):
         # on this device meanwhile (a data loader, a metrics thread) go out unrecorded and unrefused. backward runs
         # on this thread (client/engine.py), so its ops are recorded too.
         rec = Recording(rt)
+        self._note_grads()
         others = [o for o in runtime.all_runtimes() if o is not rt]
         rt.start_recording(rec)
         for o in others:
@@ -198,7 +204,8 @@ class CapturedStep(StepCache):
         for p in self.kept_params():  # a `.grad` the recorded step made anew (zero_grad(set_to_none=True))
             h = p.grad.__dict__.get("_gp_h")
             if h in writes:
-                g.grads.append([h, weakref.ref(p), weakref.ref(p.grad)])
+                g.grads.append([h, weakref.ref(p), p.grad, id(p) in self._no_grad])
+                g.fresh |= g.grads[-1][3]
         self.graphs[key] = g
         self.stats["defined"] += 1
         log.log(
@@ -244,10 +251,21 @@ class CapturedStep(StepCache):
                     keep.append(upload_new(rt, x))
                     inputs.append(keep[-1]._gp_h)
                     data.append(b"")
-        for entry in g.grads:  # (usual: a `.grad` held by its parameter alone)
-            grad = entry[2]()
-            if grad is not None and sys.getrefcount(grad) > _GRAD_REFS:
-                _regrad(rt, entry, grad)
+        if g.grads:  # (usual: each `.grad` its parameter's, held by it and the graph alone)
+            # Each parameter's `.grad` is read (~0.1 us each) where the first one's is not the graph's: set to None
+            # (`opt.zero_grad()` before the call), or another graph's of the step (its other shapes); one read else
+            first = g.grads[0]
+            p = first[1]()
+            every = g.fresh or p is None or p.grad is not first[2]
+            for entry in g.grads:
+                grad = entry[2]
+                if every or sys.getrefcount(grad) > _GRAD_REFS:
+                    p = entry[1]()
+                    if p is not None and _regrad(rt, entry, p):
+                        log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, NOT_AS_RECORDED)
+                        self.stats["rerecorded"] += 1
+                        self._forget(g.key, drop=True)
+                        return _AGAIN
         kept = rt.kept
         for h in g.writes:
             if kept.get(h):  # aliases of a kept tensor made since the last run
@@ -381,33 +399,48 @@ def _move(rt: DeviceRuntime, h: int, tensors: list[RemoteTensor], extra: int) ->
             d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
 
 
-# References to a parameter's `.grad` in `_replay`'s check when nothing else holds it: its local name, getrefcount's
-# argument, and torch's own (the tensor's Python object is kept while its parameter's `.grad` slot holds the tensor).
-_GRAD_REFS = 3
+# References to a parameter's `.grad` in `_replay`'s check when nothing else holds it: the graph's (`_Graph.grads`), its
+# local name, getrefcount's argument, and torch's own (the tensor's Python object is kept while its parameter's `.grad`
+# slot holds the tensor).
+_GRAD_REFS = 4
+_AGAIN = object()  # `_replay` did not run: the graph is forgotten, the call records
 
 
-def _regrad(rt: DeviceRuntime, entry: list[Any], grad: RemoteTensor) -> None:
-    """The script holds a parameter's `.grad` (`g = p.grad`) that the run is about to write anew (`entry`: its handle,
-    the parameter): as eagerly, where autograd leaves a new tensor in `p.grad` each step, `g` keeps its values. `g`
-    and the aliases noted of it (`_unalias`'s) move to a new handle, an alias of the old tensor on the daemon; a new
-    tensor on the handle, which the run writes, becomes `p.grad`."""
-    h, p = entry[0], entry[1]()
+def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
+    """Before a run that writes parameter `p`'s `.grad` anew (`entry`, `_Graph.grads`: its handle, `p`, the `.grad` the
+    graph holds, fresh), as eagerly, where autograd leaves a new tensor in `p.grad` each step: where the script holds
+    it (`g = p.grad`), `g` keeps its values: `g` and the aliases noted of it (`_unalias`'s) move to a new handle, an
+    alias of the old tensor on the daemon, and a new tensor on the handle, which the run writes, becomes `p.grad`;
+    where `p.grad` is None (`opt.zero_grad()` between steps) or another tensor (another graph's of the step: the step
+    sets it to None itself), the graph's `.grad` (or that new one) becomes `p.grad`. True where the graph cannot replay
+    as the eager step runs: the recording began without a `.grad` (fresh) and there is one, which eagerly the step
+    would add to."""
+    h, grad, now = entry[0], entry[2], p.grad
+    if now is not None and entry[3]:
+        return True
     d = grad.__dict__
-    if p is None or p.grad is not grad or d.get("_gp_h") != h:
-        return
+    if d.get("_gp_h") != h:
+        return False
+    # its references here: the graph's, this frame's `grad` (and `now`, then torch's too, where it is `p.grad`), the
+    # caller's `grad`, getrefcount's argument
+    if sys.getrefcount(grad) <= (6 if now is grad else 4):
+        if now is not grad:
+            p.grad = grad
+        return False
     aliases = _noted(rt, h)
     key, arg = d["_gp_key"], d.get("_gp_v")
     with rt._lock:
         extra = rt.shared.get(h, 0) - len(aliases)
         if extra < 0:
-            return
+            return False
         if arg is not None:  # a lazy view: so is the new `.grad`, its view argument naming `h`
             fresh: RemoteTensor = _lazy_view(rt, h, key, arg, *wrapper_args(key[0], key[1], key[2]))
         else:
             fresh = wrap(rt, h, key[0], key[1], key[2], key[3], key)
         _move(rt, h, [grad, *aliases], extra)  # (`fresh` is now the first holder of `h`)
     p.grad = fresh
-    entry[2] = weakref.ref(fresh)
+    entry[2] = fresh
+    return False
 
 
 def _invalidate(g: _Graph, handle: int) -> None:

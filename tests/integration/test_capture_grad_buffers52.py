@@ -12,6 +12,12 @@ from two replayed steps and read after the last, equal the eager run's bit for b
 of a replayed step's new gradient shared the kept tensor's handle and read the latest replay's values: native_client.cpp
 `move_kept`, client/torch/capture.py `_unalias`).
 
+Round 55 (capture55): the same with `opt.zero_grad()` before each call instead of inside the step (out-: Adam and SGD
+momentum, set_to_none=True and False): after each replay `p.grad` is that step's gradient (it stayed None), a `g =
+p.grad` held from the last recording keeps its values; out-late stops zeroing at step 5, where eagerly the gradients
+add up: the graph (made anew each step) records again (it had replayed, the losses wrong from step 6); out-shapes
+alternates two batch sizes (two graphs; Adam): each replay leaves its own gradient in `p.grad`.
+
 Slow (the C++ client's first build takes ~1 min; cached after). The C++ client's test is skipped only where no C++
 compiler or ninja exists.
 """
@@ -38,6 +44,9 @@ DEV = "gpupool"
 
 
 def run(case, captured, steps=10):
+    outside = case.startswith("out-")  # `opt.zero_grad()` before each call, not inside the step (round 55)
+    if outside:
+        case = case[4:]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(DEV)
     if case.startswith("sgd"):
@@ -49,7 +58,8 @@ def run(case, captured, steps=10):
     data = [(torch.randn(16, 16, generator=gen), torch.randint(0, 4, (16,), generator=gen)) for _ in range(4)]
 
     def step(x, y):
-        opt.zero_grad(set_to_none=case != "zero")
+        if not outside:
+            opt.zero_grad(set_to_none=case != "zero")
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         if case == "accum":  # a second pass: its gradients added to the first's
@@ -62,7 +72,13 @@ def run(case, captured, steps=10):
     losses, kept, held = [], [], []
     for i in range(steps):
         x, y = data[i % 4]
+        if case == "shapes" and i % 2:  # two graphs, their `.grad`s in turn (each sets the other's anew)
+            x, y = x[:12], y[:12]
+        if outside and (case != "late" or i < 5):  # late: from step 5 on the gradients add up (no zero_grad)
+            opt.zero_grad(set_to_none=case != "zero")
         losses.append(f(x.to(DEV), y.to(DEV)).item())
+        if i == 2 and outside:  # the last recording's `p.grad`s, held across replays
+            held.extend((p.grad, p.grad.cpu().tolist()) for p in model.parameters())
         if i in (4, 6):  # replays: aliases of this step's gradients, kept while later steps run
             for p in model.parameters():
                 kept.append((p.grad.detach(), p.grad.view(-1), p.grad.clone(), p.grad.cpu().tolist(), p.dim()))
@@ -107,7 +123,8 @@ _count_regrads()
 
 
 res = {case: {"eager": run(case, False), "captured": run(case, True)}
-       for case in ("none", "zero", "accum", "sgd-none", "sgd-zero")}
+       for case in ("none", "zero", "accum", "sgd-none", "sgd-zero", "out-none", "out-sgd-none",
+                    "out-sgd-zero", "out-late", "out-shapes")}
 print(json.dumps(res))
 """
 
@@ -122,21 +139,26 @@ def results(pool: str, tmp: Path, script: str, native: bool = True) -> dict:
 def _check(got: dict) -> None:
     for case, r in got.items():
         eager, captured = r["eager"], r["captured"]
-        assert captured["stats"]["replayed"] >= 6, (case, captured["stats"])
+        # out-late: the graph recorded after `zero_grad()` is recorded anew when a step would add to the `.grad`s
+        late = case == "out-late"
+        assert captured["stats"]["replayed"] >= (5 if late or case == "out-shapes" else 6), (case, captured["stats"])
+        assert captured["stats"]["rerecorded"] == late, (case, captured["stats"])
         assert len(set(eager["losses"])) == len(eager["losses"]), case  # it trains
         assert captured["losses"] == eager["losses"], case
         # eagerly each alias keeps its step's values where the step's gradients are new tensors (the in-place zeroed
         # and accumulated ones of set_to_none=False change under their aliases, eager or captured)
         fresh = not case.endswith("zero")
-        assert eager["aliases"] == [[fresh] * 2] * 4, case
+        assert late or eager["aliases"] == [[fresh] * 2] * 4, case
         assert captured["aliases"] == eager["aliases"], (case, captured["aliases"], eager["aliases"])
-        assert captured["clones"] == eager["clones"] == [True] * 4, (case, captured["clones"])
+        assert captured["clones"] == eager["clones"] == [True] * 4, (case, captured["clones"])  # (all, on the host)
         # every kept alias and clone of every parameter's gradient (weights' too), read after the last step: eager's
         bad = [i for i, (e, c) in enumerate(zip(eager["values"], captured["values"], strict=True)) if e != c]
         assert not bad, (case, "kept tensors", bad)
         # `g = p.grad` (the same object) held across replays: eagerly a new `.grad` each step leaves `g` its values
-        # (set_to_none=True); the zeroed and refilled one (set_to_none=False) reads the latest (round 54)
-        assert eager["held"] == [fresh] * 6, (case, eager["held"])
+        # (set_to_none=True); the zeroed and refilled one (set_to_none=False) reads the latest (round 54). Round 55:
+        # with `opt.zero_grad()` before each call (out-), also every `.grad` of the last recording (step 2), and after
+        # each replay `p.grad` is that step's gradient (until then None: a replay left none where the script cleared it)
+        assert late or eager["held"] == [fresh] * (10 if case.startswith("out-") else 6), (case, eager["held"])
         assert captured["held"] == eager["held"], (case, captured["held"])
         bad = [i for i, (e, c) in enumerate(zip(eager["held_values"], captured["held_values"], strict=True)) if e != c]
         assert not bad, (case, "held gradients", bad)
