@@ -239,7 +239,7 @@ def install() -> None:
     torch.compile = _compile_eagerly  # type: ignore[assignment]
     if CPP_EXTENSION in sys.modules:
         _refuse_extensions(sys.modules[CPP_EXTENSION])
-    else:  # refused when the script imports it: its import (setuptools) is ~0.6 s of CPU a process that never does
+    else:  # refused when the script imports it: its import (setuptools) is ~0.2-0.35 s of CPU a process that never does
         sys.meta_path.insert(0, _RefuseAtImport())
     _installed.append(True)
 
@@ -258,11 +258,16 @@ class _RefuseAtImport(importlib.abc.MetaPathFinder):
     as the module has run: `import torch.utils.cpp_extension as ext; ext.load(...)` and `from torch.utils.cpp_extension
     import load` get the refusal as when install() imported it (until round 55, in every --cuda process)."""
 
+    _looking = False  # (an import of the module holds its lock: one lookup at a time)
+
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != CPP_EXTENSION:
+        if name != CPP_EXTENSION or self._looking:
             return None
-        sys.meta_path.remove(self)  # once: the lookup below finds the real module
-        spec = importlib.util.find_spec(name)
+        self._looking = True  # the lookup below asks the finders after this one (sys.meta_path stays as it is: a list
+        try:  # another thread's import may be walking)
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
         if spec is not None and spec.loader is not None:
             spec.loader = _RefusingLoader(spec.loader)
         return spec
