@@ -42,6 +42,8 @@ bash scripts/lint_imports.sh  # .importlinter: the programs never import each ot
 # a slow test first and the many short ones evening out the end. By default xdist sorts the files by their number of
 # tests instead, which put the long modules of one or two tests (the sentiment example, the fresh-clone demo, the
 # three ranks, op_db, the fuzzers) among the last 70 of 267 files, where one taken late runs alone (round 50).
+# tests/conftest.py `SHARED_WORK_UNITS` (round 55): test files that use another's cached runs are that file's unit
+# (one worker makes each run once).
 workers=${GPUPOOL_TEST_WORKERS:-2}
 wait "$warm" || true  # (a collection error is the run's to report)
 warm=""

@@ -65,6 +65,32 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         shared_zygote()
 
 
+# Test files that use another's cached runs (functools.cache: once a process) go to the same pytest-xdist worker, as
+# one work unit of `--dist loadfile`, run in the collection's order: test_native_client_cuda.py and
+# test_native_client_devices.py compare with test_cuda_scripts.py's CPU references (amp.py, mnist_style.py,
+# model_parallel.py, torchrun ddp_torchrun.py) and its shim's pooled amp.py run, which a worker of their own made again
+# (round 54's CI: the amp test took 14 s, the pooled shim run included; round 55)
+SHARED_WORK_UNITS = {
+    "tests/integration/test_native_client_cuda.py": "tests/integration/test_cuda_scripts.py",
+    "tests/integration/test_native_client_devices.py": "tests/integration/test_cuda_scripts.py",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` with SHARED_WORK_UNITS' files in their test file's unit (else xdist's own scheduler)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_WORK_UNITS.get(scope, scope)
+
+    return SharedFileScheduling(config, log)
+
+
 # Each test's setup + call + teardown seconds, summed per test file and per pytest-xdist worker ("main" without xdist):
 # on xdist's controller, which receives every worker's reports (with their `duration`), for the summary below
 _FILE_SECONDS: defaultdict[str, float] = defaultdict(float)

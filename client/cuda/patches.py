@@ -14,9 +14,14 @@ it is refused there, and DataParallel here.)
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import logging
+import sys
 import threading
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -232,9 +237,54 @@ def install() -> None:
 
         backend.DATA_PARALLEL_REFUSED.add("cuda")  # DataParallel's "cuda" devices are gpupool's (backend.py says why)
     torch.compile = _compile_eagerly  # type: ignore[assignment]
-    import torch.utils.cpp_extension as ext
+    if CPP_EXTENSION in sys.modules:
+        _refuse_extensions(sys.modules[CPP_EXTENSION])
+    else:  # refused when the script imports it: its import (setuptools) is ~0.2-0.35 s of CPU a process that never does
+        sys.meta_path.insert(0, _RefuseAtImport())
+    _installed.append(True)
 
+
+CPP_EXTENSION = "torch.utils.cpp_extension"
+
+
+def _refuse_extensions(ext: ModuleType) -> None:
     why = "custom CUDA kernels run on a local GPU only; the daemon runs aten ops"
     for name in ("load", "load_inline", "CUDAExtension"):
-        setattr(ext, name, _refuse(f"torch.utils.cpp_extension.{name}", why))
-    _installed.append(True)
+        setattr(ext, name, _refuse(f"{CPP_EXTENSION}.{name}", why))
+
+
+class _RefuseAtImport(importlib.abc.MetaPathFinder):
+    """Finds torch.utils.cpp_extension's own spec (the finders after this one) and refuses its CUDA extensions as soon
+    as the module has run: `import torch.utils.cpp_extension as ext; ext.load(...)` and `from torch.utils.cpp_extension
+    import load` get the refusal as when install() imported it (until round 55, in every --cuda process)."""
+
+    _looking = False  # (an import of the module holds its lock: one lookup at a time)
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != CPP_EXTENSION or self._looking:
+            return None
+        self._looking = True  # the lookup below asks the finders after this one (sys.meta_path stays as it is: a list
+        try:  # another thread's import may be walking)
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RefusingLoader(spec.loader)
+        return spec
+
+
+class _RefusingLoader(importlib.abc.Loader):
+    """The module's own loader (its get_source and the rest, for tracebacks), but the refusals set after it ran."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _refuse_extensions(module)

@@ -131,7 +131,11 @@ state = torch.cuda.get_rng_state()  # the daemon's generator, read and loaded ba
 drawn = torch.rand(3, device="cuda")
 torch.cuda.set_rng_state(state)
 assert torch.equal(torch.rand(3, device="cuda"), drawn)
+# CUDA extensions: refused once the script imports them (--cuda imports none: setuptools' ~0.3 s a process, round 55)
+assert "torch.utils.cpp_extension" not in sys.modules
 import torch.utils.cpp_extension as ext  # noqa: E402
+from torch.utils.cpp_extension import load_inline  # noqa: E402
 
 refused(lambda: ext.load(name="k", sources=["k.cu"]), "torch.utils.cpp_extension.load")
+refused(lambda: load_inline(name="k", cpp_sources=[""]), "torch.utils.cpp_extension.load_inline")
 print("facade ok")
