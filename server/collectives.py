@@ -533,7 +533,8 @@ class _StoreTally:
     connections together: each key's bytes (key and value; an `add`'s counter as ADDED_BYTES), at most
     MAX_STORE_BYTES in all and MAX_FRONT_KEYS keys, checked before a byte of the value passes (`_value`). A set
     replaces its key's count, a compare_set or add (which may leave the old value) keeps the larger, a delete_key
-    frees it. What rank 0's daemon sets itself (its own client reaches the store directly) is not counted."""
+    frees it. What rank 0's daemon sets itself (its own client reaches the store directly) is counted too, by
+    `_CountedStore` (sec55b; front54 did not count it)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1191,7 +1192,7 @@ class _SignedStore(dist.Store):
         return hmac.new(self._secret, key.encode() + b"\0" + value, hashlib.sha256).digest()
 
     def set(self, key: str, value: Any) -> None:
-        data = value.encode() if isinstance(value, str) else bytes(value)
+        data = _as_bytes(value)
         self.written.add(key)
         self._inner.set(key, self._mac(key, data) + data)
 
@@ -1238,7 +1239,7 @@ class _CountedStore(dist.Store):
         self.tally.set(b"/" + key.encode(), n, replace)
 
     def set(self, key: str, value: Any) -> None:
-        data = value.encode() if isinstance(value, str) else bytes(value)
+        data = _as_bytes(value)
         self._count(key, len(data), True)
         self._inner.set(key, data)
 
@@ -1269,6 +1270,11 @@ class _CountedStore(dist.Store):
         return int(self._inner.num_keys())
 
     num_keys = getNumKeys
+
+
+def _as_bytes(value: Any) -> bytes:
+    """A store value as torch's store client sends it (a str's UTF-8 bytes)."""
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 def _wait(store: Any, keys: list[str], timeout: Any) -> None:
