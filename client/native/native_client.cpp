@@ -2779,6 +2779,7 @@ void move_kept(Dev& d, DeviceIndex i, Kept& kept, c10::TensorImpl* t, uint64_t s
 bool free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
   Buf& packed = d.freed;
   packed.clear();
+  bool runs = true;
   for (size_t k = 0; k < g.writes.size(); k++) {
     const uint64_t h = g.writes[k];
     if (h < d.base) continue;
@@ -2787,7 +2788,8 @@ bool free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
     const c10::TensorImpl* const param = kept.param.use_count() > 0 ? kept.param._unsafe_get_target() : nullptr;
     if (param != nullptr && (kept.fresh || param->grad().unsafeGetTensorImpl() != kept.tensor._unsafe_get_target() ||
                              kept.tensor.use_count() == 0)) {
-      if (!regrad(d, i, kept, sid)) return false;
+      // (not to run: the views of the writes before this one, taken off their storages, are still freed below)
+      if (!(runs = regrad(d, i, kept, sid))) break;
     }
     const uint32_t uses = kept.tensor.use_count();  // (usual: its storage held by it alone, it by its parameter)
     const bool held = uses > 1 && held_elsewhere(*kept.tensor._unsafe_get_target(), uses);
@@ -2814,10 +2816,10 @@ bool free_write_views(Dev& d, DeviceIndex i, ReplayGraph& g) {
     }
     it->second.views.clear();
   }
-  if (packed.n == 0) return true;
+  if (packed.n == 0) return runs;
   emit_free(d, packed);
   g_wstats.frees++;
-  return true;
+  return runs;
 }
 
 void replay_forget(int64_t index, int64_t graph_id) {
