@@ -425,3 +425,48 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
     assert tally.flying == 102
     answer.feed(b"r" * 40)
     assert tally.flying == 0 and not asked
+
+
+def test_a_reply_passing_while_the_next_query_comes_in_parts_is_given_back_with_its_own_query() -> None:
+    """(audit56) A query's bytes in flight are what that query took (`_Flight.asked`), not the change of the
+    connection's whole count while it came in: a keyed client that sends a get and the next query's first byte, reads
+    the get's reply and only then the rest, had the reply's bytes given back inside the next query's count, which
+    then gave back less (a set) or took them again with its own reply: each round left the get's key and the largest
+    value in flight for good, until the group's MAX_FRONT_FLYING refused every connection of the group (and a reply
+    larger than its get took, a key set while the get waited, drove the count below zero). On the base: 10 rounds
+    through a real front left 10,020 bytes in flight on a connection that asked nothing."""
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    sock = socket.create_connection(("127.0.0.1", front.port), timeout=60)
+    try:
+        _prove(sock, key, time.monotonic() + 60)
+        sock.sendall(_set_head(b"/v", 1000) + b"v" * 1000)
+        rest = (2).to_bytes(8, "little") + b"/w" + (3).to_bytes(8, "little") + b"xyz"  # a set's after its type
+        for _ in range(10):
+            sock.sendall(_get(b"/v") + b"\x01")  # the get, and the next set's first byte
+            reply = b""
+            while len(reply) < 8 + 1000:
+                reply += sock.recv(8 + 1000 - len(reply))
+            assert reply == (1000).to_bytes(8, "little") + b"v" * 1000
+            sock.sendall(rest)
+        sock.sendall(b"\x05" + (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + b"/w")  # a check: answered
+        assert sock.recv(1) == b"\x00"  # (READY: the front read every set before it)
+        assert front.tally.flying == 0  # (on the base: 10 x (2 + 1000))
+        client = _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        assert client.get("v") == b"v" * 1000  # the group's other connections go on
+    finally:
+        sock.close()
+        front.close()
+    tally = _StoreTally()  # the same in the scans, and a reply past what its get took (a key set while it waited)
+    asked: collections.deque[list[int]] = collections.deque()
+    flight = _Flight(tally)
+    ask, answer = _Scan(_queries(asked, tally, flight), hold=True), _Scan(_replies(asked, flight))
+    for k in (b"/a", b"/b"):
+        ask.feed(_get(k) + b"\x01")
+        tally.set(k, 5000, True)  # another connection sets it: the store answers the get with 5,000 bytes
+        answer.feed((5000).to_bytes(8, "little") + b"r" * 100)
+        ask.feed(rest)
+        answer.feed(b"r" * 4900)
+        assert tally.flying == flight.held == 0 and not asked  # (on the base: -4,998, then 5,002)
