@@ -430,7 +430,7 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
 
 
 def test_a_reply_passing_while_the_next_query_comes_in_parts_is_given_back_with_its_own_query() -> None:
-    """(audit56) A query's bytes in flight are what that query took (`_Flight.asked`), not the change of the
+    """(audit56) A query's bytes in flight are what that query took (`_Flight.queried`), not the change of the
     connection's whole count while it came in: a keyed client that sends a get and the next query's first byte, reads
     the get's reply and only then the rest, had the reply's bytes given back inside the next query's count, which
     then gave back less (a set) or took them again with its own reply: each round left the get's key and the largest
