@@ -476,7 +476,7 @@ def _queries(
         flight = _Flight(tally)
     while True:
         (query,) = yield 1
-        held = flight.held if flight is not None else 0
+        held = flight.queried if flight is not None else 0
         reply = 0  # bytes of a fixed-size reply; 0: none
         if query in (_VALIDATE, _PING):
             yield 4
@@ -518,7 +518,7 @@ def _queries(
             reply = 1  # the wait was answered already: the cancel's own
         else:
             raise StoreRefused(f"a store query of type {query}, which the daemon's rendezvous never sends")
-        flying = flight.held - held if flight is not None else 0
+        flying = flight.queried - held if flight is not None else 0
         if reply:
             if flight is not None and len(asked) >= MAX_FRONT_ASKED:
                 raise StoreRefused(f"more than {MAX_FRONT_ASKED} queries unanswered on one connection")
@@ -585,11 +585,15 @@ class _Flight:
 
     def __init__(self, tally: _StoreTally) -> None:
         self.tally, self.held = tally, 0
+        # (audit56) what its queries took, never its replies: `_queries` counts one query's bytes by it (by `held`,
+        # a reply passing while a query came in part by part was given back or taken again with that query's)
+        self.queried = 0
 
-    def take(self, n: int) -> None:
+    def take(self, n: int, reply: bool = False) -> None:
         if n:
             self.tally.fly(n)
             self.held += n
+            self.queried += 0 if reply else n
 
     def give(self, n: int) -> None:
         self.held -= n
@@ -611,7 +615,7 @@ def _replies(asked: collections.deque[list[int]], flight: _Flight | None = None)
         if reply[0] == _VECTOR:
             n = _length(first + (yield 7), "a value in the store's reply")
             if flight is not None and n > reply[1]:
-                flight.take(n - reply[1])
+                flight.take(n - reply[1], reply=True)
                 reply[1] = n
             if n:
                 yield -n

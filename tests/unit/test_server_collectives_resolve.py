@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import itertools
+import random
 import socket
 import threading
 import time
@@ -425,3 +427,117 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
     assert tally.flying == 102
     answer.feed(b"r" * 40)
     assert tally.flying == 0 and not asked
+
+
+def test_a_reply_passing_while_the_next_query_comes_in_parts_is_given_back_with_its_own_query() -> None:
+    """(audit56) A query's bytes in flight are what that query took (`_Flight.queried`), not the change of the
+    connection's whole count while it came in: a keyed client that sends a get and the next query's first byte, reads
+    the get's reply and only then the rest, had the reply's bytes given back inside the next query's count, which
+    then gave back less (a set) or took them again with its own reply: each round left the get's key and the largest
+    value in flight for good, until the group's MAX_FRONT_FLYING refused every connection of the group (and a reply
+    larger than its get took, a key set while the get waited, drove the count below zero). On the base: 10 rounds
+    through a real front left 10,020 bytes in flight on a connection that asked nothing; 202 of the 300 random
+    streams of queries whose replies pass as they come (`_interleaved`) left bytes in flight."""
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    sock = socket.create_connection(("127.0.0.1", front.port), timeout=60)
+    try:
+        _prove(sock, key, time.monotonic() + 60)
+        sock.sendall(_set_head(b"/v", 1000) + b"v" * 1000)
+        rest = (2).to_bytes(8, "little") + b"/w" + (3).to_bytes(8, "little") + b"xyz"  # a set's after its type
+        for _ in range(10):
+            sock.sendall(_get(b"/v") + b"\x01")  # the get, and the next set's first byte
+            reply = b""
+            while len(reply) < 8 + 1000:
+                reply += sock.recv(8 + 1000 - len(reply))
+            assert reply == (1000).to_bytes(8, "little") + b"v" * 1000
+            sock.sendall(rest)
+        sock.sendall(b"\x05" + (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + b"/w")  # a check: answered
+        assert sock.recv(1) == b"\x00"  # (READY: the front read every set before it)
+        assert front.tally.flying == 0  # (on the base: 10 x (2 + 1000))
+        client = _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        assert client.get("v") == b"v" * 1000  # the group's other connections go on
+    finally:
+        sock.close()
+        front.close()
+    tally = _StoreTally()  # the same in the scans, and a reply past what its get took (a key set while it waited)
+    asked: collections.deque[list[int]] = collections.deque()
+    flight = _Flight(tally)
+    ask, answer = _Scan(_queries(asked, tally, flight), hold=True), _Scan(_replies(asked, flight))
+    for k in (b"/a", b"/b"):
+        ask.feed(_get(k) + b"\x01")
+        tally.set(k, 5000, True)  # another connection sets it: the store answers the get with 5,000 bytes
+        answer.feed((5000).to_bytes(8, "little") + b"r" * 100)
+        ask.feed(rest)
+        answer.feed(b"r" * 4900)
+        assert tally.flying == flight.held == 0 and not asked  # (on the base: -4,998, then 5,002)
+    left = [n for n in (_interleaved(random.Random(seed)) for seed in range(300)) if n]
+    assert not left, left
+
+
+def _interleaved(r: random.Random) -> int:
+    """(audit56) A stream of the store's queries (sets, gets, compare_sets, adds, checks, deletes, num_keys, pings,
+    waits; values up to 3,000 bytes) through rank 0's front's scans, cut at random, each reply passing (cut at random)
+    as soon as its query is whole, however far the next query came: the bytes left in flight at the end (0), checked
+    never below 0 on the way."""
+    tally, store = _StoreTally(), {}
+    asked: collections.deque[list[int]] = collections.deque()
+    flight = _Flight(tally)
+    ask, answer = _Scan(_queries(asked, tally, flight), hold=True), _Scan(_replies(asked, flight))
+
+    def vec(b: bytes) -> bytes:
+        return len(b).to_bytes(8, "little") + b
+
+    queries: list[bytes] = []
+    replies: list[bytes | None] = []
+    for _ in range(r.randrange(1, 25)):
+        k, v = b"/k%d" % r.randrange(4), bytes(r.randrange(3000))
+        kind = r.choice(["set", "get", "cas", "add", "check", "del", "num", "ping", "wait"])
+        if kind in ("get", "wait") and k not in store:  # (a get or wait of a key not there waits for it)
+            kind = "set"
+        reply: bytes | None = None
+        if kind == "set":
+            query, store[k] = b"\x01" + vec(k) + vec(v), v
+        elif kind == "get":
+            query, reply = _get(k), vec(store[k])
+        elif kind == "cas":  # (torch: a missing key with an expected value answers that value)
+            expected = r.choice([b"", store.get(k, b"x"), b"zz" * r.randrange(1, 500)])
+            query = b"\x02" + vec(k) + vec(expected) + vec(v)
+            if store.get(k, b"") == expected:
+                store[k] = v
+            reply = vec(store.get(k, expected))
+        elif kind == "add":
+            query, reply, store[k] = b"\x04" + vec(k) + (3).to_bytes(8, "little"), (3).to_bytes(8, "little"), b"3"
+        elif kind == "check":
+            query, reply = b"\x05" + (1).to_bytes(8, "little") + vec(k), bytes([k not in store])
+        elif kind == "del":
+            query, reply = b"\x08" + vec(k), (store.pop(k, None) is not None).to_bytes(8, "little")
+        elif kind == "num":
+            query, reply = b"\x07", len(store).to_bytes(8, "little")
+        elif kind == "ping":
+            query, reply = b"\x0d" + (7).to_bytes(4, "little"), (7).to_bytes(4, "little")
+        else:
+            query, reply = b"\x06" + (1).to_bytes(8, "little") + vec(k), b"\x00"
+        queries.append(query)
+        replies.append(reply)
+    sent, ends, due, passing, whole = b"".join(queries), list(itertools.accumulate(map(len, queries))), [], b"", 0
+    at = 0
+    while at < len(sent) or due or passing:
+        if at < len(sent) and len(due) + bool(passing) <= 1 and (r.random() < 0.5 or not (due or passing)):
+            n = min(r.randrange(1, 40), ends[whole] - at)  # (within one query: at most 2 unanswered)
+            ask.feed(sent[at : at + n])
+            at += n
+            while whole < len(queries) and ends[whole] <= at:
+                if replies[whole] is not None:
+                    due.append(replies[whole])
+                whole += 1
+        else:
+            passing = passing or due.pop(0)
+            n = r.randrange(1, 400)
+            answer.feed(passing[:n])
+            passing = passing[n:]
+        assert ask.refused is None and answer.refused is None and flight.held >= 0 and tally.flying >= 0
+    assert not asked
+    return tally.flying
