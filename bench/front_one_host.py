@@ -1,11 +1,14 @@
-"""Ranks of one host through rank 0's store front (link56): `--ranks` ranks (threads of one process, so every
-connection comes from 127.0.0.1) each prove the group's secret to a real `_StoreFront` (`collectives._store_master`,
-over loopback) as a join does (`_prove`; a connection closed before the front's admission dials again after
-STORE_ATTEMPT_SECONDS, as `_connect_store`), `--trials` times each, with and without a stranger on the same address
-opening connections as fast as it can (`--flood`: each held open, the 64 newest kept). Under this checkout's gpupool
-and, with `--against-python`, another's (its venv's editable install: the base). Prints per size the trials where
-every rank was admitted within `--timeout`, the median and worst time, the median number of dials a trial that were
-closed before the admission (pushed out or turned away) and the stranger's connections a second.
+"""Ranks of one host through rank 0's store front (link56), against a real `_StoreFront`
+(`collectives._store_master`, over loopback; every connection from 127.0.0.1), each rank proving the group's secret as
+a join does (`_prove`; a dial closed before the front's admission dials again after STORE_ATTEMPT_SECONDS, as
+`_connect_store`), under this checkout's gpupool and, with `--against-python`, another's (its venv's editable
+install: the base). Two cases, `--trials` times each:
+- burst N (`--ranks`): N ranks (threads) dial at once, each first dial's proof held until every rank had the front's
+  hello (all N in their handshakes at once: what ranks of one host may be); later dials are not held;
+- flood: one rank's every dial held between the front's hello and its proof while a stranger on its address opens
+  40 connections (faster than one handshake's round trip), until `--timeout`.
+Prints per case the trials where every rank was admitted, the median and worst time, and the median number of dials
+a trial that the front closed before admitting them (pushed out, or turned away).
 
     nice -n 5 .venv/bin/python bench/front_one_host.py --ranks 8,12,16,31 --trials 5 \\
         --against-python /work/wt/base/.venv/bin/python
@@ -16,14 +19,53 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import select
 import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+STRANGERS = 40
+
+
+class _Held:
+    """A socket for `_prove` whose proof (its second send) waits for `ready()`; `replied()` is called before."""
+
+    def __init__(self, sock: socket.socket, replied: Callable[[], None], ready: Callable[[], bool]) -> None:
+        self.sock, self.replied, self.ready, self.sends = sock, replied, ready, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def sendall(self, data: bytes) -> None:
+        self.sends += 1
+        if self.sends == 2:
+            self.replied()
+            deadline = time.monotonic() + 60
+            while not self.ready() and time.monotonic() < deadline:
+                time.sleep(0.002)
+        self.sock.sendall(data)
+
+
+def _flood(port: int) -> list[socket.socket]:
+    """A stranger's STRANGERS connections to `port`, returned once the front closed all but 8 of them."""
+    strangers = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(STRANGERS)]
+    closed: set[socket.socket] = set()
+    deadline = time.monotonic() + 10
+    while len(closed) < STRANGERS - 8 and time.monotonic() < deadline:
+        readable, _, _ = select.select([s for s in strangers if s not in closed], [], [], 0.5)
+        for s in readable:
+            try:
+                if s.recv(1) == b"":
+                    closed.add(s)
+            except OSError:
+                closed.add(s)
+    return strangers
 
 
 def trial(ranks: int, timeout: float, flood: bool) -> dict[str, Any]:
@@ -37,12 +79,15 @@ def trial(ranks: int, timeout: float, flood: bool) -> dict[str, Any]:
         COLLECTIVE_PORTS,
         lambda port: collectives._store_master("127.0.0.1", port, ranks + 1, timeout, key, COLLECTIVE_PORTS, "x"),
     )
-    flooder: subprocess.Popen[str] | None = None
-    if flood:  # a process of its own (its own interpreter lock), opening connections from 127.0.0.1 until stopped
-        flooder = subprocess.Popen(
-            [sys.executable, __file__, "--flood-port", str(front.port)], stdout=subprocess.PIPE, text=True
-        )
-        assert flooder.stdout is not None and flooder.stdout.readline()  # under way
+    lock = threading.Lock()
+    settled = [0]
+    held: list[socket.socket] = []
+
+    def replied() -> None:
+        with lock:
+            settled[0] += 1
+        if flood:
+            held.extend(_flood(front.port))
 
     def join() -> tuple[bool, int]:
         deadline = time.monotonic() + timeout
@@ -50,10 +95,14 @@ def trial(ranks: int, timeout: float, flood: bool) -> dict[str, Any]:
         while time.monotonic() < deadline:
             start = time.monotonic()
             sock = socket.create_connection(("127.0.0.1", front.port), timeout=timeout)
+            step = _Held(sock, replied, lambda: flood or settled[0] >= ranks) if flood or not closed else sock
             try:
-                collectives._prove(sock, key, deadline)
+                collectives._prove(step, key, deadline)  # type: ignore[arg-type]
                 return True, closed
             except OSError:
+                if not flood and not closed and getattr(step, "sends", 0) < 2:
+                    with lock:
+                        settled[0] += 1  # (closed before the front's hello)
                 closed += 1
                 time.sleep(max(0.0, start + collectives.STORE_ATTEMPT_SECONDS - time.monotonic()))
             finally:
@@ -64,50 +113,21 @@ def trial(ranks: int, timeout: float, flood: bool) -> dict[str, Any]:
     with ThreadPoolExecutor(ranks) as pool:
         out = list(pool.map(lambda _: join(), range(ranks)))
     took = time.monotonic() - began
-    rate = 0.0
-    if flooder is not None:
-        flooder.terminate()
-        opened, seconds = (float(x) for x in flooder.communicate()[0].split())
-        rate = opened / seconds
+    for sock in held:
+        sock.close()
     front.close()
     del master
-    return {
-        "ranks": ranks,
-        "flood": flood,
-        "formed": all(ok for ok, _ in out),
-        "seconds": took,
-        "closed": sum(n for _, n in out),
-        "rate": rate,
-    }
-
-
-def flood(port: int) -> None:
-    """The stranger: connections to `port` as fast as it can, each held open (the 64 newest); at SIGTERM prints how
-    many it opened and in how many seconds."""
-    import signal
-
-    held: list[socket.socket] = []
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    opened, began = 0, time.monotonic()
-    print("flooding", flush=True)
-    while not stop.is_set():
-        try:
-            held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
-        except OSError:
-            continue
-        opened += 1
-        if len(held) > 64:
-            held.pop(0).close()
-    print(opened, time.monotonic() - began, flush=True)
+    return {"ranks": ranks, "flood": flood, "formed": all(ok for ok, _ in out), "seconds": took,
+            "closed": sum(n for _, n in out)}  # fmt: skip
 
 
 def child(sizes: list[int], trials: int, timeout: float) -> None:
     logging.disable(logging.WARNING)  # the front's "refused a connection" lines
     for ranks in sizes:
-        for flooded in (False, True):
-            for _ in range(trials):
-                print(json.dumps(trial(ranks, timeout, flooded)), flush=True)
+        for _ in range(trials):
+            print(json.dumps(trial(ranks, timeout, False)), flush=True)
+    for _ in range(trials):
+        print(json.dumps(trial(1, timeout, True)), flush=True)
 
 
 def run(python: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -123,30 +143,24 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="each rank's (a failed trial takes it)")
     parser.add_argument("--against-python", help="another checkout's python (its venv's editable gpupool)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--flood-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.flood_port:
-        flood(args.flood_port)
-        return
     sizes = [int(n) for n in args.ranks.split(",")]
     if args.child:
         child(sizes, args.trials, args.timeout)
         return
     rows = [("branch", sys.executable)] + ([("base", args.against_python)] if args.against_python else [])
     results = {name: run(python, args) for name, python in rows}
-    head = ("checkout", "ranks", "flood", "formed", "median s", "worst s", "closed", "conn/s")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (9, 6, 6, 7, 9, 8, 7, 7), strict=True)))
-    for ranks in sizes:
-        for flooded in (False, True):
-            for name, _ in rows:
-                got = [r for r in results[name] if r["ranks"] == ranks and r["flood"] == flooded]
-                ok = [r["seconds"] for r in got if r["formed"]] or [float("nan")]
-                formed = f"{sum(r['formed'] for r in got)}/{len(got)}"
-                print(
-                    f"{name:>9} {ranks:>6} {'yes' if flooded else 'no':>6} {formed:>7} {statistics.median(ok):>9.3f}"
-                    f" {max(ok):>8.3f} {statistics.median(r['closed'] for r in got):>7.1f}"
-                    f" {statistics.median(r['rate'] for r in got):>7.0f}"
-                )
+    print(f"{'checkout':>9} {'case':>9} {'formed':>7} {'median s':>9} {'worst s':>8} {'closed':>7}")
+    for case in [*((n, False) for n in sizes), (1, True)]:
+        for name, _ in rows:
+            got = [r for r in results[name] if (r["ranks"], r["flood"]) == case]
+            ok = [r["seconds"] for r in got if r["formed"]] or [float("nan")]
+            label = "flood" if case[1] else f"burst {case[0]}"
+            formed = f"{sum(r['formed'] for r in got)}/{len(got)}"
+            print(
+                f"{name:>9} {label:>9} {formed:>7} {statistics.median(ok):>9.3f} {max(ok):>8.3f}"
+                f" {statistics.median(r['closed'] for r in got):>7.1f}"
+            )
 
 
 if __name__ == "__main__":
