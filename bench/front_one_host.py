@@ -8,7 +8,8 @@ install: the base). Two cases, `--trials` times each:
 - flood: one rank's every dial held between the front's hello and its proof while a stranger on its address opens
   40 connections (faster than one handshake's round trip), until `--timeout`.
 Prints per case the trials where every rank was admitted, the median and worst time, and the median number of dials
-a trial that the front closed before admitting them (pushed out, or turned away).
+a trial that the front closed before admitting them (pushed out, or turned away); and first the median time of one
+handshake alone (200 one after another: what the keyed hello costs).
 
     nice -n 5 .venv/bin/python bench/front_one_host.py --ranks 8,12,16,31 --trials 5 \\
         --against-python /work/wt/base/.venv/bin/python
@@ -121,8 +122,32 @@ def trial(ranks: int, timeout: float, flood: bool) -> dict[str, Any]:
             "closed": sum(n for _, n in out)}  # fmt: skip
 
 
+def serial(n: int) -> float:
+    """The median seconds of one handshake (connect, `_prove`, the admission), `n` one after another."""
+    from gpupool.server import collectives
+    from gpupool.server.seclink import bind_in
+
+    from gpupool.protocol import COLLECTIVE_PORTS
+
+    key = collectives._front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS,
+        lambda port: collectives._store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "x"),
+    )
+    took = []
+    for _ in range(n):
+        start = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", front.port), timeout=10) as sock:
+            collectives._prove(sock, key, time.monotonic() + 10)
+        took.append(time.perf_counter() - start)
+    front.close()
+    del master
+    return statistics.median(took)
+
+
 def child(sizes: list[int], trials: int, timeout: float) -> None:
     logging.disable(logging.WARNING)  # the front's "refused a connection" lines
+    print(json.dumps({"serial": serial(200)}), flush=True)
     for ranks in sizes:
         for _ in range(trials):
             print(json.dumps(trial(ranks, timeout, False)), flush=True)
@@ -150,6 +175,9 @@ def main() -> None:
         return
     rows = [("branch", sys.executable)] + ([("base", args.against_python)] if args.against_python else [])
     results = {name: run(python, args) for name, python in rows}
+    for name, _ in rows:  # one handshake alone: what the keyed hello costs
+        print(f"{name:>9}: one handshake alone, median of 200: {results[name][0]['serial'] * 1e3:.2f} ms")
+        del results[name][0]
     print(f"{'checkout':>9} {'case':>9} {'formed':>7} {'median s':>9} {'worst s':>8} {'closed':>7}")
     for case in [*((n, False) for n in sizes), (1, True)]:
         for name, _ in rows:
