@@ -17,19 +17,19 @@ handshake alone (200 one after another: what the keyed hello costs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import select
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from seclink_one_host import arguments, run  # (bench/: the script's own folder)
 
 STRANGERS = 40
 
@@ -155,26 +155,14 @@ def child(sizes: list[int], trials: int, timeout: float) -> None:
         print(json.dumps(trial(1, timeout, True)), flush=True)
 
 
-def run(python: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    cmd = [python, __file__, "--child", "--ranks", args.ranks, "--trials", str(args.trials)]
-    out = subprocess.run([*cmd, "--timeout", str(args.timeout)], capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in out.splitlines()]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="8,12,16,31", help="ranks but rank 0 (all dialing), comma-separated")
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=10.0, help="each rank's (a failed trial takes it)")
-    parser.add_argument("--against-python", help="another checkout's python (its venv's editable gpupool)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = arguments(__doc__, "8,12,16,31", "ranks but rank 0 (all dialing)", "each rank's")
     sizes = [int(n) for n in args.ranks.split(",")]
     if args.child:
         child(sizes, args.trials, args.timeout)
         return
     rows = [("branch", sys.executable)] + ([("base", args.against_python)] if args.against_python else [])
-    results = {name: run(python, args) for name, python in rows}
+    results = {name: run(python, args, __file__) for name, python in rows}
     for name, _ in rows:  # one handshake alone: what the keyed hello costs
         print(f"{name:>9}: one handshake alone, median of 200: {results[name][0]['serial'] * 1e3:.2f} ms")
         del results[name][0]
