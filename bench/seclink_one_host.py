@@ -74,20 +74,25 @@ def child(sizes: list[int], trials: int, timeout: float) -> None:
             print(json.dumps(trial(ranks, timeout)), flush=True)
 
 
-def run(python: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    cmd = [python, __file__, "--child", "--ranks", args.ranks, "--trials", str(args.trials)]
+def run(python: str, args: argparse.Namespace, script: str = __file__) -> list[dict[str, Any]]:
+    """`script --child` (this one, or bench/front_one_host.py) under `python`: its JSON lines."""
+    cmd = [python, script, "--child", "--ranks", args.ranks, "--trials", str(args.trials)]
     out = subprocess.run([*cmd, "--timeout", str(args.timeout)], capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="9,12,16,32", help="group sizes, comma-separated")
+def arguments(doc: str | None, ranks: str, what: str, timeout: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", default=ranks, help=f"{what}, comma-separated")
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=10.0, help="the group's timeout (a failed trial takes it)")
+    parser.add_argument("--timeout", type=float, default=10.0, help=f"{timeout} (a failed trial takes it)")
     parser.add_argument("--against-python", help="another checkout's python (its venv's editable gpupool)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__, "9,12,16,32", "group sizes", "the group's timeout")
     sizes = [int(n) for n in args.ranks.split(",")]
     if args.child:
         child(sizes, args.trials, args.timeout)

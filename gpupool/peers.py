@@ -39,17 +39,38 @@ def grpc_source(peer: str) -> str:
     return peer
 
 
-def push_out(sources: Sequence[str], new: str, per_source: int, total: int) -> tuple[int, bool] | None:
+def push_out(
+    sources: Sequence[str], new: str, per_source: int, total: int, held: Sequence[bool] = ()
+) -> tuple[int, bool] | None:
     """The policy of a listener whose unauthenticated connections are capped (the collective hub, the bulk side
     port): a newcomer from `new` is never refused; past `per_source` connections of its own source it pushes out
     that source's oldest, past `total` in all the oldest of the source holding the most. `sources`: the pending
     connections' sources in arrival order. Returns (the index of the one to push out, whether it was its own
-    source's cap), or None."""
+    source's cap), or None.
+
+    (link56) `held`, one flag per pending connection: those that vouched for themselves already (rank 0's store
+    front: a hello keyed with the group's secret) are never pushed out. A newcomer pushes out the oldest one not
+    held of its source (past `total`: of the busiest source that has one), and where there is none it is turned
+    away itself (index -1). So strangers on the ranks' own address, opening connections as fast as they like,
+    push out only each other's, never a rank's that has said its hello."""
+    flags = list(held) or [False] * len(sources)
     mine = [i for i, source in enumerate(sources) if source == new]
     if len(mine) >= per_source:
-        return mine[0], True
+        return next((i for i in mine if not flags[i]), -1), True
     if len(sources) >= total:
         counts = collections.Counter(sources)
-        busiest = max(counts.values())
-        return next(i for i, source in enumerate(sources) if counts[source] == busiest), False
+        free = [i for i in range(len(sources)) if not flags[i]]
+        if not free:
+            return -1, False
+        busiest = max(counts[sources[i]] for i in free)
+        return next(i for i in free if counts[sources[i]] == busiest), False
     return None
+
+
+def grown_caps(expected: int, per_source: int, total: int, most: int) -> tuple[int, int]:
+    """(sec55a, link56) A listener's caps on handshakes in progress where `expected` peers (the group's ranks, fixed
+    by the join, never by a connection) may all dial from one host: per source `expected`, `per_source` at least and
+    `most` at most, and in all `total` plus twice that growth, so that one source at its cap never makes a rank's
+    own host the busiest."""
+    grown = min(max(per_source, expected), most)
+    return grown, total + 2 * (grown - per_source)

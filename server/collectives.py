@@ -68,7 +68,7 @@ from gpupool.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from gpupool.peers import push_out, source_key
+from gpupool.peers import grown_caps, push_out, source_key
 from gpupool.protocol import COLLECTIVE_PORTS
 from gpupool.tokens import TokenClaims
 
@@ -906,13 +906,17 @@ def _front_listener(bind: str, port: int) -> socket.socket:
 # nonce and HMAC(key, "front" nonces), the dialer HMAC(key, "rank" nonces) (`_prove`; key: `_front_key`), all within
 # FRONT_HANDSHAKE_SECONDS, and (sec55b) the front FRONT_ADMITTED once it forwards the connection. So each side knows
 # the other holds the secret; the bytes after are not MACed (the values are: `_SignedStore`), so one who can rewrite
-# the hosts' traffic can still alter them in flight.
-FRONT_HELLO = b"GPSTORE2"  # (sec55b: 2, the front's FRONT_ADMITTED after the proof; a daemon of 1 is told apart)
+# the hosts' traffic can still alter them in flight. (link56) The dialer's hello carries HMAC(key, "hello" nonce)
+# too: the front knows a rank's connection from its first bytes, and no stranger's newcomer pushes it out.
+FRONT_HELLO = b"GPSTORE3"  # (sec55b: 2, the front's FRONT_ADMITTED after the proof; link56: 3, the keyed hello)
+FRONT_HELLO_BYTES = len(FRONT_HELLO) + 32 + 32  # magic, the dialer's nonce, its MAC
 FRONT_ADMITTED = b"\1"
 FRONT_HANDSHAKE_SECONDS = 10.0
 MAX_FRONT_PENDING = 16  # connections in their handshake at once; a newcomer past it pushes out the busiest source's
 MAX_FRONT_PENDING_PER_SOURCE = 8  # oldest (front54); ... of one source address (the hub's; a host of 8 GPUs' ranks at
 # once), a newcomer past it pushing out its own source's oldest
+MAX_FRONT_GROWN_PER_SOURCE = 32  # (link56) the per-source cap grows to the group's ranks but rank 0, up to this
+FRONT_SEEN_HELLOS = 4096  # (link56) keyed hellos' nonces a front remembers: a replayed one vouches for nothing
 FRONT_SPARE = 8  # proved connections at once past the group's size (a rank's store client holds one)
 
 
@@ -942,7 +946,7 @@ def _prove(sock: socket.socket, key: bytes, deadline: float) -> None:
     """The dialer's side of the front's handshake: PermissionDenied where the other end does not know the key."""
     mine = secrets.token_bytes(32)
     sock.settimeout(max(0.01, deadline - time.monotonic()))
-    sock.sendall(FRONT_HELLO + mine)
+    sock.sendall(FRONT_HELLO + mine + _front_mac(key, b"hello", mine))  # (link56: the front holds this connection)
     answer = _recv_exact(sock, 64, deadline)
     nonces = mine + answer[:32]
     if not hmac.compare_digest(answer[32:], _front_mac(key, b"front", nonces)):
@@ -966,7 +970,14 @@ class _StoreFront:
     the handshake or sent to the store. A newcomer is never refused a handshake slot (front54; `peers.push_out`, as
     the collective hub's): past MAX_FRONT_PENDING_PER_SOURCE of its source address it pushes out that source's
     oldest, past MAX_FRONT_PENDING in all the busiest source's oldest (round 53 closed newcomers past 16: a stranger
-    holding 16 for 10 s each delayed every rank's join). Closed with the group (`Group.close`)."""
+    holding 16 for 10 s each delayed every rank's join). Closed with the group (`Group.close`).
+
+    (link56) The caps grow with the group (`peers.grown_caps`: its ranks but rank 0 a source, 8 to
+    MAX_FRONT_GROWN_PER_SOURCE; 16 plus twice that growth in all), so ranks of one host do not push each other out;
+    and a connection whose keyed hello the front read (at its accept where the bytes are there, else by its thread)
+    is held: no newcomer pushes it out, a newcomer finding only held ones of its source is turned away
+    (`peers.push_out`). Strangers on the ranks' own address then push out only each other's connections, however
+    fast they open them; they still hold at most the caps' sockets. Each hello's nonce vouches once (`_vouched`)."""
 
     def __init__(self, listener: socket.socket, inner: tuple[str, int], key: bytes, size: int, name: str) -> None:
         self.listener, self.inner, self.key, self.name = listener, inner, key, name
@@ -974,7 +985,11 @@ class _StoreFront:
         self.closed = threading.Event()
         self.tally = _StoreTally()
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, socket.socket]] = []  # (source, connection), in arrival order
+        self._pending: list[list[Any]] = []  # [source, connection, held (link56)], in arrival order
+        self._per_source, self._total = grown_caps(
+            size - 1, MAX_FRONT_PENDING_PER_SOURCE, MAX_FRONT_PENDING, MAX_FRONT_GROWN_PER_SOURCE
+        )
+        self._seen: dict[bytes, None] = {}  # keyed hellos' nonces, oldest first (`_vouched`)
         self._proved = 0
         self._limit = size + FRONT_SPARE
         self._socks: set[socket.socket] = set()
@@ -1000,14 +1015,16 @@ class _StoreFront:
                     continue
                 source = source_key(str(addr[0]), v6_prefix=128)
                 out: socket.socket | None = None
+                hello = _peek(conn, FRONT_HELLO_BYTES)
                 with self._lock:
-                    admit = not self.closed.is_set()
+                    held = len(hello) == FRONT_HELLO_BYTES and self._vouched(hello)
+                    at = push_out([p[0] for p in self._pending], source, self._per_source, self._total,
+                                  [p[2] for p in self._pending])  # fmt: skip
+                    admit = not self.closed.is_set() and (at is None or at[0] >= 0)  # (-1: this newcomer turned away)
                     if admit:
-                        at = push_out([p[0] for p in self._pending], source, MAX_FRONT_PENDING_PER_SOURCE,
-                                      MAX_FRONT_PENDING)  # fmt: skip
                         if at is not None:
                             out = self._pending.pop(at[0])[1]
-                        self._pending.append((source, conn))
+                        self._pending.append([source, conn, held])
                         self._socks.add(conn)
                 if out is not None:  # its handshake fails now (its thread closes it)
                     with contextlib.suppress(OSError):
@@ -1021,13 +1038,38 @@ class _StoreFront:
         finally:
             self.listener.close()
 
+    def _vouched(self, hello: bytes) -> bool:
+        """(link56; under `_lock`) Whether `hello` is a keyed hello of the group whose nonce no earlier one used."""
+        nonce = hello[len(FRONT_HELLO) : len(FRONT_HELLO) + 32]
+        if not hello.startswith(FRONT_HELLO) or nonce in self._seen:
+            return False
+        if not hmac.compare_digest(hello[len(FRONT_HELLO) + 32 :], _front_mac(self.key, b"hello", nonce)):
+            return False
+        self._seen[nonce] = None
+        if len(self._seen) > FRONT_SEEN_HELLOS:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+    def _hold(self, conn: socket.socket, hello: bytes) -> bool:
+        """(link56) Whether `conn`, which said `hello`, is still pending and held (held now where it was not)."""
+        with self._lock:
+            for p in self._pending:
+                if p[1] is conn:
+                    p[2] = p[2] or self._vouched(hello)
+                    return bool(p[2])
+        return False
+
     def _handshake(self, conn: socket.socket) -> bool:
         deadline = time.monotonic() + FRONT_HANDSHAKE_SECONDS
         try:
-            if _recv_exact(conn, len(FRONT_HELLO), deadline) != FRONT_HELLO:  # (a TCPStore client's first query)
+            hello = _recv_exact(conn, len(FRONT_HELLO), deadline)
+            if hello != FRONT_HELLO:  # (a TCPStore client's first query, an older daemon's hello)
+                return False
+            hello += _recv_exact(conn, FRONT_HELLO_BYTES - len(FRONT_HELLO), deadline)
+            if not self._hold(conn, hello):
                 return False
             mine = secrets.token_bytes(32)
-            nonces = _recv_exact(conn, 32, deadline) + mine
+            nonces = hello[len(FRONT_HELLO) : len(FRONT_HELLO) + 32] + mine
             conn.sendall(mine + _front_mac(self.key, b"front", nonces))
             return hmac.compare_digest(_recv_exact(conn, 32, deadline), _front_mac(self.key, b"rank", nonces))
         except OSError:
@@ -1073,6 +1115,17 @@ class _StoreFront:
             for sock in (conn, inner):
                 if sock is not None:
                     sock.close()
+
+
+def _peek(conn: socket.socket, n: int) -> bytes:
+    """(link56) Up to `n` bytes that have come on `conn`, left there to read (b"": none yet)."""
+    try:
+        conn.setblocking(False)
+        return conn.recv(n, socket.MSG_PEEK)
+    except OSError:
+        return b""
+    finally:
+        conn.setblocking(True)
 
 
 def _forward(a: socket.socket, b: socket.socket, over: Callable[[], bool], scans: dict[socket.socket, _Scan]) -> None:

@@ -79,7 +79,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
-from gpupool.peers import push_out, source_key
+from gpupool.peers import grown_caps, push_out, source_key
 from gpupool.protocol import COLLECTIVE_PORTS
 
 log = logging.getLogger(__name__)
@@ -686,8 +686,7 @@ def _caps(expected: int) -> tuple[int, int]:
     each other out and dial again), and the total grows twice as much (MAX_PENDING for 8), so that one source at
     its cap never makes a rank's own host the busiest. `expected` is the group's size, which the join fixes (the
     lease's tokens), never a connection's say: strangers hold at most 32 of one source and 80 in all."""
-    per_source = min(max(MAX_PENDING_PER_SOURCE, expected), MAX_GROWN_PER_SOURCE)
-    return per_source, MAX_PENDING + 2 * (per_source - MAX_PENDING_PER_SOURCE)
+    return grown_caps(expected, MAX_PENDING_PER_SOURCE, MAX_PENDING, MAX_GROWN_PER_SOURCE)
 
 
 def _handshake_deadline() -> float:

@@ -16,7 +16,14 @@ import uuid
 
 import torch
 from gpupool.client.session import Session
-from gpupool.server.collectives import FRONT_ADMITTED, FRONT_HELLO, _front_key, _front_mac, group_secret
+from gpupool.server.collectives import (
+    FRONT_ADMITTED,
+    FRONT_HELLO,
+    FRONT_HELLO_BYTES,
+    _front_key,
+    _front_mac,
+    group_secret,
+)
 from gpupool.server.seclink import bind_in
 from support import MiB
 
@@ -75,9 +82,10 @@ class _HostileStore:
 
         with conn:
             try:
-                hello = take(len(FRONT_HELLO) + 32)
+                hello = take(FRONT_HELLO_BYTES)
                 mine = b"\1" * 32
-                conn.sendall(mine + _front_mac(self.key, b"front", hello[len(FRONT_HELLO) :] + mine))
+                nonce = hello[len(FRONT_HELLO) : len(FRONT_HELLO) + 32]  # (then its MAC: link56)
+                conn.sendall(mine + _front_mac(self.key, b"front", nonce + mine))
                 take(32)
                 conn.sendall(FRONT_ADMITTED)
                 while True:

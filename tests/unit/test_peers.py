@@ -28,3 +28,19 @@ def test_push_out_takes_the_own_sources_oldest_then_the_busiest_sources_oldest()
     assert push_out(["a", "b"], "a", per_source=3, total=4) is None  # under both caps: nobody
     assert push_out(["b", "a", "a", "a"], "a", per_source=3, total=8) == (1, True)  # its own oldest
     assert push_out(["c", "b", "b", "a"], "a", per_source=3, total=4) == (1, False)  # full: the busiest's oldest
+
+
+def test_push_out_never_takes_a_held_connection_and_turns_the_newcomer_away_instead() -> None:
+    """(link56) Connections that vouched for themselves (rank 0's store front: a keyed hello) are held: a newcomer
+    pushes out the oldest one not held, of its source or (full) of the busiest source with one, else is turned away
+    (-1). And the caps grow with the group as the secure hub's (`grown_caps`)."""
+    held = [True, False, True, False]
+    assert push_out(["a", "a", "a", "a"], "a", per_source=4, total=8, held=held) == (1, True)
+    assert push_out(["a", "a"], "a", per_source=2, total=8, held=[True, True]) == (-1, True)
+    assert push_out(["a", "b", "b", "c"], "c", per_source=4, total=4, held=[False, True, True, False]) == (0, False)
+    assert push_out(["a", "b"], "c", per_source=4, total=2, held=[True, True]) == (-1, False)
+    assert push_out(["a", "a"], "a", per_source=2, total=8) == (0, True)  # (nothing held: as before)
+    from gpupool.peers import grown_caps
+
+    assert grown_caps(1, 8, 16, 32) == (8, 16) and grown_caps(12, 8, 16, 32) == (12, 24)
+    assert grown_caps(1024, 8, 16, 32) == (32, 64) and grown_caps(31, 8, 32, 32) == (31, 78)

@@ -9,6 +9,7 @@ import collections
 import ipaddress
 import itertools
 import random
+import select
 import socket
 import threading
 import time
@@ -541,3 +542,129 @@ def _interleaved(r: random.Random) -> int:
         assert ask.refused is None and answer.refused is None and flight.held >= 0 and tally.flying >= 0
     assert not asked
     return tally.flying
+
+
+class _Stepped:
+    """A socket for `_prove` whose proof (its second send) waits for `ready()`; its hello is kept (`hello`)."""
+
+    def __init__(self, sock: socket.socket, ready: Any) -> None:
+        self.sock, self.ready, self.sends = sock, ready, 0
+        self.hello = b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def sendall(self, data: bytes) -> None:
+        self.sends += 1
+        if self.sends == 1:
+            self.hello = data
+        else:
+            _until(self.ready)
+        self.sock.sendall(data)
+
+
+def _closed_by_front(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, TimeoutError):
+        return True
+
+
+def test_twelve_ranks_of_one_host_in_their_handshakes_at_once_are_all_admitted() -> None:
+    """(link56) Rank 0's store front took 8 handshakes from one source address: a 9th pushed out the oldest, so of 12
+    ranks of one host between the front's hello and their proof 4 were closed (their joins dialed again after 0.5 s;
+    the base). Its caps now grow with the group (`peers.grown_caps`: a group of 13, 12 a source): all 12 are in."""
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 13, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    lock = threading.Lock()
+    steps = {"replied": 0, "failed": 0}
+    socks = [socket.create_connection(("127.0.0.1", front.port), timeout=60) for _ in range(12)]
+
+    def settled() -> bool:
+        with lock:
+            return steps["replied"] + steps["failed"] == 12
+
+    def prove(sock: socket.socket) -> bool:
+        class Counted(_Stepped):  # its proof once every rank had the front's hello (or was closed)
+            def sendall(self, data: bytes) -> None:
+                if self.sends == 1:
+                    with lock:
+                        steps["replied"] += 1
+                super().sendall(data)
+
+        stepped = Counted(sock, settled)
+        try:
+            _prove(stepped, key, time.monotonic() + 60)  # type: ignore[arg-type]
+            return True
+        except OSError:
+            with lock:
+                steps["failed"] += stepped.sends < 2  # (closed before the front's hello came)
+            return False
+
+    try:
+        results: list[bool] = []
+        threads = [threading.Thread(target=lambda s=s: results.append(prove(s))) for s in socks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == [True] * 12  # (on the base: 8 True, 4 pushed out)
+    finally:
+        for sock in socks:
+            sock.close()
+        front.close()
+        del master
+
+
+def test_a_strangers_flood_from_the_ranks_own_address_pushes_out_only_its_own() -> None:
+    """(link56) A stranger on the ranks' own address opening connections faster than one handshake's round trip
+    pushed every rank's handshake out (the oldest of its source) until the group's timeout (the base: the rank's proof
+    held while 40 connections arrive, then closed). The dialer's hello is keyed now: the front holds a connection
+    whose hello it read, and the stranger's newcomers push out only each other's (at most 8 of them pending at once);
+    the same hello said again (replayed) vouches for nothing and is closed unanswered."""
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    flooded = threading.Event()
+    rank = _Stepped(socket.create_connection(("127.0.0.1", front.port), timeout=60), flooded.is_set)
+    strangers: list[socket.socket] = []
+    proved: list[BaseException | None] = []
+
+    def prove() -> None:
+        try:
+            _prove(rank, key, time.monotonic() + 120)  # type: ignore[arg-type]
+            proved.append(None)
+        except OSError as exc:
+            proved.append(exc)
+
+    thread = threading.Thread(target=prove)
+    try:
+        thread.start()
+        _until(lambda: rank.sends == 2)  # the front's hello came: the rank's proof waits for the flood
+        strangers.extend(socket.create_connection(("127.0.0.1", front.port), timeout=60) for _ in range(40))
+        closed: set[socket.socket] = set()
+
+        def close_at_least(n: int) -> None:
+            deadline = time.monotonic() + 60
+            while len(closed) < n and time.monotonic() < deadline:
+                readable, _, _ = select.select([s for s in strangers if s not in closed], [], [], 1.0)
+                closed.update(s for s in readable if _closed_by_front(s))
+
+        close_at_least(40 - 8 + 1)  # every newcomer past the source's cap pushed out one (the base: the rank's first)
+        flooded.set()
+        thread.join(120)
+        assert proved == [None]  # (on the base: pushed out first, its proof unread: "without its admission")
+        assert len(strangers) - len(closed) == 8 - 1  # the stranger's pending ones: its source's cap, less the rank's
+        with socket.create_connection(("127.0.0.1", front.port), timeout=60) as replay:
+            replay.sendall(rank.hello)  # a keyed hello said again: closed unanswered (the base answered it)
+            assert replay.recv(64) == b""
+    finally:
+        flooded.set()
+        rank.sock.close()
+        for sock in strangers:
+            sock.close()
+        front.close()
+        del master
