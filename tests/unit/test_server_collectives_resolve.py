@@ -300,6 +300,8 @@ def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_k
     frees it; a set that would keep more than MAX_STORE_BYTES in the group's store closes its connection before a byte
     of it reaches the store, and the group's other connections go on (on the base: the front forwarded it all)."""
     monkeypatch.setattr(collectives, "MAX_STORE_BYTES", 8192)
+    monkeypatch.setattr(collectives, "STORE_RANK_BYTES", 0)  # (store56: no room for the group's ranks past it)
+    monkeypatch.setattr(collectives, "STORE_PEER_BYTES", 0)
     key = _front_key("a group's secret")
     master, front = bind_in(
         COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
@@ -322,7 +324,8 @@ def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_k
         assert dist.PrefixStore("gpupool/x/", other).check(["k2"])  # the group's other connections go on
     finally:
         front.close()
-    query = b"\x01" + (2).to_bytes(8, "little") + b"/a" + (3).to_bytes(8, "little") + b"xyz"  # a set, byte by byte
+    # a set, byte by byte (a value past ADDED_BYTES: store56 holds a shorter one until it is read, `_counter`)
+    query = b"\x01" + (2).to_bytes(8, "little") + b"/a" + (24).to_bytes(8, "little") + b"x" * 24
     scan = _Scan(_queries(collections.deque(), _StoreTally()), hold=True)
     passed = [scan.feed(query[i : i + 1]) for i in range(len(query))]
     assert b"".join(passed[:18]) == b""  # nothing of it before its value's length (its 19th byte) is counted
@@ -370,6 +373,8 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
     for all of them together (MAX_FRONT_FLYING), given back as queries are answered and connections close: on the
     base each connection held its own ~6 MiB, the group's size + 8 of them."""
     monkeypatch.setattr(collectives, "MAX_STORE_BYTES", 16384)
+    monkeypatch.setattr(collectives, "STORE_RANK_BYTES", 0)  # (store56: as above)
+    monkeypatch.setattr(collectives, "STORE_PEER_BYTES", 0)
     monkeypatch.setattr(collectives, "MAX_FRONT_FLYING", 4096)
     key = _front_key("a group's secret")
     master, front = bind_in(
@@ -425,3 +430,67 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
     assert tally.flying == 102
     answer.feed(b"r" * 40)
     assert tally.flying == 0 and not asked
+
+
+def test_an_add_to_a_key_that_holds_no_counter_is_refused_and_the_bounds_count_bytes_and_ranks(
+    monkeypatch, capfd, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """(store56) torch's store parses the value an `add` adds to (std::stoll): on one that is no number it wrote
+    c10d's "Error processing client message: stoll" to its stderr (under --isolation thread the daemon's) and closed
+    the connection, once a connection of a keyed client's set "abc" and add (audit55). Now the front refuses such an
+    add itself (`_StoreTally.add`: the keys the group's writes left holding no counter, `_counter`), as it refuses
+    any query past its bounds, and rank 0's own client alike; a counter is added to as before. Rank 0's own
+    compare_set counts a str's UTF-8 bytes (its characters on the base), and the bytes kept grow with the group's
+    ranks (`_StoreTally.room`: gloo's rendezvous of ~700 ranks and more kept past 4 MiB)."""
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    kept = dist.PrefixStore("gpupool/x/", master)
+
+    def client() -> Any:
+        return dist.PrefixStore(
+            "gpupool/x/", _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        )
+
+    try:
+        keys = client()
+        keys.set("n", "5")
+        assert keys.add("n", 2) == 7 and keys.add("fresh", 3) == 3 and keys.add("fresh", -4) == -1  # counters
+        keys.set("n", "-9223372036854775808")
+        assert keys.add("n", 1) == -9223372036854775807
+        for word in (b"abc", b"", b"5" * 21, b"+", b"9223372036854775808", b"x" * 64):
+            keys.set("w", word)
+            with pytest.raises(dist.DistError):
+                keys.add("w", 1)
+                keys.get("n")  # (the next call meets the closed connection)
+            assert kept.get("w") == word  # the store never took the add
+            keys = client()
+        keys.compare_set("c", "", "abc")  # a compare_set's new value may be there: no add
+        with pytest.raises(dist.DistError):
+            keys.add("c", 1)
+        keys = client()
+        assert keys.delete_key("c") and keys.add("c", 1) == 1  # deleted: a counter again
+        kept.set("own", "abc")  # rank 0's own client (`_CountedStore`) counts alike
+        with pytest.raises(Exception, match="no decimal integer"):
+            kept.add("own", 1)
+        kept.set("own", "41")
+        assert kept.add("own", 1) == 42 and keys.add("own", 1) == 43
+        before = front.tally.bytes
+        master.compare_set("utf", "", "\u00e9" * 1000)  # 2,000 bytes in UTF-8
+        assert front.tally.bytes == before + len(b"/utf") + 2000  # (the base counted 1,000)
+        assert bytes(master.get("utf")) == ("\u00e9" * 1000).encode()
+    finally:
+        front.close()
+    assert "stoll" not in capfd.readouterr().err  # (the base: one c10d line a refused add)
+    assert caplog.text.count("an add to a key whose value is no decimal integer") == 7
+    # the bytes kept grow with the group's ranks: gloo's rendezvous keeps ~270 + 8 x ranks bytes a rank
+    # (bench/store_front_tally.py: 165,121 at 128 ranks), 8.7 MB at 1,024 (MAX_RANKS), and a subgroup as much again
+    gloo = 270 * collectives.MAX_RANKS + 8 * collectives.MAX_RANKS**2
+    large, small = _StoreTally(collectives.MAX_RANKS), _StoreTally(2)
+    for i in range(2):
+        large.set(b"/gloo/%d" % i, gloo, True, False)  # (on the base: refused past 4 MiB)
+    with pytest.raises(collectives.StoreRefused, match="in the group's store"):
+        small.set(b"/gloo/0", gloo, True, False)
+    with pytest.raises(collectives.StoreRefused, match="in the group's store"):
+        large.set(b"/more", 2 * collectives.MAX_STORE_BYTES, True, False)  # still bounded
