@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 from gpupool.server import collectives
 from gpupool.server.collectives import (
@@ -33,6 +34,7 @@ from gpupool.server.collectives import (
 )
 from gpupool.server.seclink import bind_in
 
+from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from gpupool.protocol import COLLECTIVE_PORTS
 
@@ -494,3 +496,48 @@ def test_an_add_to_a_key_that_holds_no_counter_is_refused_and_the_bounds_count_b
         small.set(b"/gloo/0", gloo, True, False)
     with pytest.raises(collectives.StoreRefused, match="in the group's store"):
         large.set(b"/more", 2 * collectives.MAX_STORE_BYTES, True, False)  # still bounded
+
+
+def test_an_nccl_subgroups_keys_go_once_its_first_collective_returned(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """(store56) A subgroup's keys go once every member read them: gloo's and the secure transport's as it forms
+    (round 46), and now NCCL's after its first collective (`Group.forget_ids`), where torch's ProcessGroupNCCL sets
+    its communicator's id (its rank 0) and inits the communicator, which blocks until every member has it. On the
+    base NCCL's stayed: a new_group/destroy loop over NCCL grew rank 0's store by an id a subgroup, until its bound
+    refused the next. No GPU and no NCCL here (torch is CPU-only): gloo's group stands for NCCL's (`_is_nccl` says
+    so), whose keys are set as it forms rather than at its first collective; both are gone after it."""
+    monkeypatch.setattr(collectives, "_is_nccl", lambda pg: True)
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 30.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    parent = collectives.Group("lease", 0, 2, 30.0, transport="gloo")
+    subs = [collectives.Group("lease", r, 2, 30.0, transport="gloo") for r in range(2)]
+    tensors = [torch.full((3,), float(r + 1)) for r in range(2)]
+    msg = device_pb2.Collective(kind="allreduce", reduce_op="sum")
+    try:
+        stores = [master, _connect_store(["127.0.0.1"], front.port, 2, 30.0, threading.Event(), key=key)]
+        before = (front.tally.bytes, master.num_keys())
+
+        def rank(r: int, job: str) -> None:
+            if job == "form":
+                subs[r].parent = parent
+                subs[r].form(stores[r], "", "a subgroup's secret", "127.0.0.1", torch.device("cpu"))
+            else:
+                collectives.Collectives()._call(subs[r], msg, [tensors[r]], [], torch.device("cpu"))
+
+        for job in ("form", "call"):
+            threads = [threading.Thread(target=rank, args=(r, job)) for r in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not any(s.broken for s in subs), [s.broken for s in subs]
+            if job == "form":
+                assert front.tally.bytes > before[0] and master.num_keys() > before[1]  # its keys, until it ran
+        assert tensors[0].tolist() == tensors[1].tolist() == [3.0, 3.0, 3.0]
+        assert (front.tally.bytes, master.num_keys()) == before  # (the base kept them)
+        assert all(s.keys is None for s in subs)
+    finally:
+        for s in subs:
+            s.close()
+        front.close()
