@@ -490,8 +490,10 @@ def _counter(value: bytes) -> bool:
     Its `add` parses the value it holds (std::stoll) and, on one that is no number, writes c10d's "Error processing
     client message: stoll" to its stderr (under --isolation thread the daemon's) and closes the connection: a keyed
     client's `set` of "abc" and `add` on one connection did it once a connection, ~22 lines a second (audit55)."""
+    if not 0 < len(value) <= ADDED_BYTES:  # (first: rank 0's own values of up to 1 MiB are not copied)
+        return False
     digits = value[1:] if value[:1] in (b"-", b"+") else value
-    return 0 < len(value) <= ADDED_BYTES and digits.isdigit() and -(1 << 63) <= int(value) < 1 << 63
+    return digits.isdigit() and -(1 << 63) <= int(value) < 1 << 63
 
 
 def _queries(
@@ -565,7 +567,8 @@ class _StoreTally:
     MAX_STORE_BYTES in all and MAX_FRONT_KEYS keys, checked before a byte of the value passes (`_value`). A set
     replaces its key's count, a compare_set or add (which may leave the old value) keeps the larger, a delete_key
     frees it. What rank 0's daemon sets itself (its own client reaches the store directly) is counted too, by
-    `_CountedStore` (sec55b; front54 did not count it)."""
+    `_CountedStore` (sec55b; front54 did not count it). (store56) The bytes' bound grows with the group's size
+    (`room`), and an add to a key whose value may be no counter is refused (`add`)."""
 
     def __init__(self, size: int = 0) -> None:
         self._lock = threading.RLock()  # (`add` sets under it)
