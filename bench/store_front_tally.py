@@ -2,7 +2,8 @@
 `MAX_FRONT_KEYS`), measured: one process forms a group of `--ranks` ranks (threads) over a real `_store_master`,
 every rank > 0's store a client through the front (`_connect_store` with the group's key), rank 0's the store's own
 client as the daemon's (sec55b: counted too, `_CountedStore`), for each transport; prints the front's `_StoreTally`
-high-water marks (bytes, keys) and (sec55b) of bytes in flight through the front, all connections (`MAX_FRONT_FLYING`).
+high-water marks (bytes, keys) and (sec55b) of bytes in flight through the front, all connections (`MAX_FRONT_FLYING`);
+the bound of bytes kept is MAX_STORE_BYTES and (store56) the group's ranks' room (`_StoreTally.room`).
 
     nice -n 5 python bench/store_front_tally.py --ranks 32
 """
@@ -57,8 +58,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--transports", default="gloo,secure")
     args = parser.parse_args()
+    kept = c.MAX_STORE_BYTES + c._StoreTally(args.ranks).room  # (store56: grows with the group's ranks)
     print(f"{'transport':>10} {'ranks':>6} {'bytes kept':>11} {'keys':>6} {'in flight':>10} {'formed in':>10}  "
-          f"(bounds: {c.MAX_STORE_BYTES} bytes, {c.MAX_FRONT_KEYS} keys, {c.MAX_FRONT_FLYING} in flight)")  # fmt: skip
+          f"(bounds: {kept} bytes, {c.MAX_FRONT_KEYS} keys, {c.MAX_FRONT_FLYING} in flight)")  # fmt: skip
     for transport in args.transports.split(","):
         peak, keys, flying, took, broken = measure(transport, args.ranks, args.timeout)
         done = broken[:1] or "formed"

@@ -158,6 +158,7 @@ class Group:
         self.members: tuple[int, ...] = ()
         self.subgroups: dict[int, Group] = {}
         self.secret = ""  # its store's and links' (`group_secret`): a subgroup's is derived from it
+        self.keys: _SignedStore | None = None  # (store56) an NCCL subgroup's, until its first collective: `forget_ids`
         # (round 46) a session's group's: its subgroups left before they formed, closed in its thread after their
         # formation (`Collectives.leave`); and how many subgroups of each member list (by digest) it ever joined
         self.leaving: list[Group] = []
@@ -221,6 +222,8 @@ class Group:
                         _shutdown(pg)
                         raise
                     keys.forget()
+                elif self.parent is not None:  # (store56) NCCL's: its communicator's id is set at its first
+                    self.keys = keys  # collective, not here (`forget_ids`; on the base it stayed in the store)
                 if self.closed:  # the session ended as the group formed: its connections go with it
                     _shutdown(pg)
                 else:
@@ -232,6 +235,16 @@ class Group:
                 keys.forget()  # nowhere (its members fail alike)
         finally:
             self.ready.set()
+
+    def forget_ids(self) -> None:
+        """(store56) An NCCL subgroup's keys, deleted once its first collective returned: torch's ProcessGroupNCCL
+        makes its communicator there, not as the group forms (its rank 0 sets the id, the others get it), and the
+        communicator's init blocks until every member has it. They stayed: a script's new_group/destroy loop over NCCL
+        grew rank 0's store by a subgroup's id each, until its bound refused the next (sec55b). Gloo's and the secure
+        transport's go as they form (`form`)."""
+        if self.keys is not None:
+            keys, self.keys = self.keys, None
+            keys.forget()
 
     def not_formed(self) -> str:
         """What the client learns of any failure to reach the group's store: the address's state (refused, timed
@@ -357,6 +370,10 @@ MAX_STORE_VALUE = 1 << 20  # a key or value of the store (the rendezvous's are a
 MAX_STORE_KEYS = 1 << 16  # the keys of one check or wait
 # (front54) What the holders of a group's secret may keep in rank 0's store through its front (`_StoreTally`):
 MAX_STORE_BYTES = 4 << 20  # keys and values in all (gloo's rendezvous of 32 ranks: 16,773; bench/store_front_tally.py)
+# (store56) ... and more with the group's size: gloo's rendezvous keeps ~270 + 8 x ranks bytes a rank (its address, a
+# word a peer: 4 MiB at ~700 ranks; MAX_RANKS 1,024), a subgroup of them all as much again while it forms
+STORE_RANK_BYTES = 1024  # a rank's room past MAX_STORE_BYTES (`_StoreTally.room`): this + STORE_PEER_BYTES a rank
+STORE_PEER_BYTES = 16  # (1,024 ranks: 17.8 MB more; gloo's group and a subgroup of all its ranks: 17.4 MB)
 MAX_FRONT_KEYS = 16384  # distinct keys (gloo, 32 ranks: 34; the secure links' p2p keys of every pair: 992)
 MAX_FRONT_ASKED = 2  # queries a connection has not had answered (torch's client asks one at a time)
 # (sec55b) bytes of queries and replies in flight through the front, all the group's connections together (`_Flight`):
@@ -453,14 +470,30 @@ def _string(what: str, flight: _Flight | None = None, read: bool = True) -> Gene
 
 
 def _value(flight: _Flight | None, key: bytes, replace: bool) -> Generator[int, bytes, None]:
-    """A value set under `key`: its length counted (`flight`'s tally; in flight too) before a byte of it passes."""
+    """A value set under `key`: its length counted (`flight`'s tally; in flight too) before a byte of it passes, and
+    (store56) whether it is a counter (`_counter`; a value of at most ADDED_BYTES bytes is read and held until then)."""
     n = _length((yield 8), "a value")
-    if flight is not None:
-        flight.take(n)  # (first: a set refused here changes nothing the store keeps)
-        flight.tally.set(key, n, replace)
+    if flight is None:
+        yield 0
+        if n:
+            yield -n
+        return
+    flight.take(n)  # (first: a set refused here changes nothing the store keeps)
+    flight.tally.set(key, n, replace, 0 < n <= ADDED_BYTES and _counter((yield n)))
     yield 0
-    if n:
+    if n > ADDED_BYTES:
         yield -n
+
+
+def _counter(value: bytes) -> bool:
+    """(store56) Whether torch's store can add to `value`: a decimal int64 (a sign, digits), as its `add` writes one.
+    Its `add` parses the value it holds (std::stoll) and, on one that is no number, writes c10d's "Error processing
+    client message: stoll" to its stderr (under --isolation thread the daemon's) and closes the connection: a keyed
+    client's `set` of "abc" and `add` on one connection did it once a connection, ~22 lines a second (audit55)."""
+    if not 0 < len(value) <= ADDED_BYTES:  # (first: rank 0's own values of up to 1 MiB are not copied)
+        return False
+    digits = value[1:] if value[:1] in (b"-", b"+") else value
+    return digits.isdigit() and -(1 << 63) <= int(value) < 1 << 63
 
 
 def _queries(
@@ -492,7 +525,7 @@ def _queries(
             if query == _ADD:
                 yield 8
                 if flight is not None:
-                    flight.tally.set(key, ADDED_BYTES, False)
+                    flight.tally.add(key)
             if query == _DELETE_KEY and flight is not None:
                 flight.tally.delete(key)
             reply = _VECTOR if query in (_GET, _COMPARE_SET) else 8
@@ -534,17 +567,21 @@ class _StoreTally:
     MAX_STORE_BYTES in all and MAX_FRONT_KEYS keys, checked before a byte of the value passes (`_value`). A set
     replaces its key's count, a compare_set or add (which may leave the old value) keeps the larger, a delete_key
     frees it. What rank 0's daemon sets itself (its own client reaches the store directly) is counted too, by
-    `_CountedStore` (sec55b; front54 did not count it)."""
+    `_CountedStore` (sec55b; front54 did not count it). (store56) The bytes' bound grows with the group's size
+    (`room`), and an add to a key whose value may be no counter is refused (`add`)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, size: int = 0) -> None:
+        self._lock = threading.RLock()  # (`add` sets under it)
         self._keys: dict[bytes, int] = {}
         self.bytes = 0
         self.peak_bytes = self.peak_keys = 0  # (the bound's measurement: bench/store_front_tally.py)
         self.largest = 0  # (sec55b) the largest value ever set: what a get's reply may be
         self.flying = self.peak_flying = 0  # (sec55b) bytes in flight through the front (`_Flight`), all connections
+        self._words: set[bytes] = set()  # (store56) the keys whose value may be no counter (`_counter`): no add
+        self.room = size * (STORE_RANK_BYTES + STORE_PEER_BYTES * size)  # (store56) the ranks' past MAX_STORE_BYTES
 
-    def set(self, key: bytes, n: int, replace: bool) -> None:
+    def set(self, key: bytes, n: int, replace: bool, counter: bool = True) -> None:
+        """A set (`replace`; a compare_set or add: not) of `n` bytes under `key`, a counter or not (`_counter`)."""
         with self._lock:
             old = self._keys.get(key)
             if old is None and len(self._keys) >= MAX_FRONT_KEYS:
@@ -552,14 +589,27 @@ class _StoreTally:
             if not replace and old is not None:
                 n = max(n, old)
             total = self.bytes - (len(key) + old if old is not None else 0) + len(key) + n
-            if total > MAX_STORE_BYTES:
-                raise StoreRefused(f"{total} bytes in the group's store (at most {MAX_STORE_BYTES})")
+            if total > MAX_STORE_BYTES + self.room:
+                raise StoreRefused(f"{total} bytes in the group's store (at most {MAX_STORE_BYTES + self.room})")
             self._keys[key] = n
             self.bytes, self.largest = total, max(self.largest, n)
             self.peak_bytes, self.peak_keys = max(self.peak_bytes, total), max(self.peak_keys, len(self._keys))
+            if not counter:  # (a compare_set's new value may not have taken: the key may hold a counter or this)
+                self._words.add(key)
+            elif replace:
+                self._words.discard(key)
+
+    def add(self, key: bytes) -> None:
+        """(store56) An add to `key`'s counter: refused where the key may hold a value that is no counter, as the
+        front read the group's writes (the store would fail to parse it, write c10d's line and close the connection)."""
+        with self._lock:
+            if key in self._words:
+                raise StoreRefused("an add to a key whose value is no decimal integer (the store's counter)")
+            self.set(key, ADDED_BYTES, False)
 
     def delete(self, key: bytes) -> None:
         with self._lock:
+            self._words.discard(key)
             old = self._keys.pop(key, None)
             if old is not None:
                 self.bytes -= len(key) + old
@@ -983,7 +1033,7 @@ class _StoreFront:
         self.listener, self.inner, self.key, self.name = listener, inner, key, name
         self.port = listener.getsockname()[1]
         self.closed = threading.Event()
-        self.tally = _StoreTally()
+        self.tally = _StoreTally(size)
         self._lock = threading.Lock()
         self._pending: list[list[Any]] = []  # [source, connection, held (link56)], in arrival order
         self._per_source, self._total = grown_caps(
@@ -1292,23 +1342,24 @@ class _CountedStore(dist.Store):
         super().__init__()
         self._inner, self.tally = inner, tally
 
-    def _count(self, key: str, n: int, replace: bool) -> None:
-        self.tally.set(b"/" + key.encode(), n, replace)
+    def _count(self, key: str, data: bytes, replace: bool) -> None:
+        self.tally.set(b"/" + key.encode(), len(data), replace, _counter(data))
 
     def set(self, key: str, value: Any) -> None:
         data = _as_bytes(value)
-        self._count(key, len(data), True)
+        self._count(key, data, True)
         self._inner.set(key, data)
 
     def get(self, key: str) -> bytes:
         return bytes(self._inner.get(key))
 
     def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
-        self._count(key, len(desired), False)
-        return bytes(self._inner.compare_set(key, expected, desired))
+        data = _as_bytes(desired)  # (store56: a str's UTF-8 bytes, as the store keeps them; its characters before)
+        self._count(key, data, False)
+        return bytes(self._inner.compare_set(key, expected, data))
 
     def add(self, key: str, amount: int) -> int:
-        self._count(key, ADDED_BYTES, False)
+        self.tally.add(b"/" + key.encode())  # (store56: refused on a key that may hold no counter, as the front's)
         return int(self._inner.add(key, amount))
 
     def deleteKey(self, key: str) -> bool:  # noqa: N802 (the name torch's C++ calls: a PrefixStore over this store)
@@ -1795,7 +1846,10 @@ class Collectives:
         if isinstance(pg, seclink.SecureGroup):  # (round 40) the agreement travels in the transfer's first frames
             agreement = self._agreement(msg, tensors, inputs, refused)
         else:
-            self._agree(group, pg, msg, tensors, inputs, device, refused)
+            try:
+                self._agree(group, pg, msg, tensors, inputs, device, refused)
+            finally:
+                group.forget_ids()  # (store56) an NCCL subgroup's communicator formed in the agreement's allgather
         started = time.perf_counter()
         try:
             if agreement is not None and refused is not None:

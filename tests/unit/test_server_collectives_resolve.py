@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 from gpupool.server import collectives
 from gpupool.server.collectives import (
@@ -36,6 +37,7 @@ from gpupool.server.collectives import (
 )
 from gpupool.server.seclink import bind_in
 
+from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from gpupool.protocol import COLLECTIVE_PORTS
 
@@ -303,6 +305,8 @@ def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_k
     frees it; a set that would keep more than MAX_STORE_BYTES in the group's store closes its connection before a byte
     of it reaches the store, and the group's other connections go on (on the base: the front forwarded it all)."""
     monkeypatch.setattr(collectives, "MAX_STORE_BYTES", 8192)
+    monkeypatch.setattr(collectives, "STORE_RANK_BYTES", 0)  # (store56: no room for the group's ranks past it)
+    monkeypatch.setattr(collectives, "STORE_PEER_BYTES", 0)
     key = _front_key("a group's secret")
     master, front = bind_in(
         COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
@@ -325,7 +329,8 @@ def test_rank_0s_front_passes_the_rendezvous_and_bounds_what_its_keyed_clients_k
         assert dist.PrefixStore("gpupool/x/", other).check(["k2"])  # the group's other connections go on
     finally:
         front.close()
-    query = b"\x01" + (2).to_bytes(8, "little") + b"/a" + (3).to_bytes(8, "little") + b"xyz"  # a set, byte by byte
+    # a set, byte by byte (a value past ADDED_BYTES: store56 holds a shorter one until it is read, `_counter`)
+    query = b"\x01" + (2).to_bytes(8, "little") + b"/a" + (24).to_bytes(8, "little") + b"x" * 24
     scan = _Scan(_queries(collections.deque(), _StoreTally()), hold=True)
     passed = [scan.feed(query[i : i + 1]) for i in range(len(query))]
     assert b"".join(passed[:18]) == b""  # nothing of it before its value's length (its 19th byte) is counted
@@ -373,6 +378,8 @@ def test_rank_0s_own_writes_count_and_the_groups_bytes_in_flight_are_bounded_tog
     for all of them together (MAX_FRONT_FLYING), given back as queries are answered and connections close: on the
     base each connection held its own ~6 MiB, the group's size + 8 of them."""
     monkeypatch.setattr(collectives, "MAX_STORE_BYTES", 16384)
+    monkeypatch.setattr(collectives, "STORE_RANK_BYTES", 0)  # (store56: as above)
+    monkeypatch.setattr(collectives, "STORE_PEER_BYTES", 0)
     monkeypatch.setattr(collectives, "MAX_FRONT_FLYING", 4096)
     key = _front_key("a group's secret")
     master, front = bind_in(
@@ -668,3 +675,113 @@ def test_a_strangers_flood_from_the_ranks_own_address_pushes_out_only_its_own() 
             sock.close()
         front.close()
         del master
+
+
+def test_an_add_to_a_key_that_holds_no_counter_is_refused_and_the_bounds_count_bytes_and_ranks(
+    monkeypatch, capfd, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """(store56) torch's store parses the value an `add` adds to (std::stoll): on one that is no number it wrote
+    c10d's "Error processing client message: stoll" to its stderr (under --isolation thread the daemon's) and closed
+    the connection, once a connection of a keyed client's set "abc" and add (audit55). Now the front refuses such an
+    add itself (`_StoreTally.add`: the keys the group's writes left holding no counter, `_counter`), as it refuses
+    any query past its bounds, and rank 0's own client alike; a counter is added to as before. Rank 0's own
+    compare_set counts a str's UTF-8 bytes (its characters on the base), and the bytes kept grow with the group's
+    ranks (`_StoreTally.room`: gloo's rendezvous of ~700 ranks and more kept past 4 MiB)."""
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 10.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    kept = dist.PrefixStore("gpupool/x/", master)
+
+    def client() -> Any:
+        return dist.PrefixStore(
+            "gpupool/x/", _connect_store(["127.0.0.1"], front.port, 2, 10.0, threading.Event(), key=key)
+        )
+
+    try:
+        keys = client()
+        keys.set("n", "5")
+        assert keys.add("n", 2) == 7 and keys.add("fresh", 3) == 3 and keys.add("fresh", -4) == -1  # counters
+        keys.set("n", "-9223372036854775808")
+        assert keys.add("n", 1) == -9223372036854775807
+        for word in (b"abc", b"", b"5" * 21, b"+", b"9223372036854775808", b"x" * 64):
+            keys.set("w", word)
+            with pytest.raises(dist.DistError):
+                keys.add("w", 1)
+                keys.get("n")  # (the next call meets the closed connection)
+            assert kept.get("w") == word  # the store never took the add
+            keys = client()
+        keys.compare_set("c", "", "abc")  # a compare_set's new value may be there: no add
+        with pytest.raises(dist.DistError):
+            keys.add("c", 1)
+        keys = client()
+        assert keys.delete_key("c") and keys.add("c", 1) == 1  # deleted: a counter again
+        kept.set("own", "abc")  # rank 0's own client (`_CountedStore`) counts alike
+        with pytest.raises(Exception, match="no decimal integer"):
+            kept.add("own", 1)
+        kept.set("own", "41")
+        assert kept.add("own", 1) == 42 and keys.add("own", 1) == 43
+        before = front.tally.bytes
+        master.compare_set("utf", "", "\u00e9" * 1000)  # 2,000 bytes in UTF-8
+        assert front.tally.bytes == before + len(b"/utf") + 2000  # (the base counted 1,000)
+        assert bytes(master.get("utf")) == ("\u00e9" * 1000).encode()
+    finally:
+        front.close()
+    assert "stoll" not in capfd.readouterr().err  # (the base: one c10d line a refused add)
+    with pytest.raises(collectives.StoreRefused, match="no decimal integer"):  # (the front's reason; its warning is
+        front.tally.add(b"/gpupool/x//w")  # rate-limited across tests: not counted)
+    # the bytes kept grow with the group's ranks: gloo's rendezvous keeps ~270 + 8 x ranks bytes a rank
+    # (bench/store_front_tally.py: 165,121 at 128 ranks), 8.7 MB at 1,024 (MAX_RANKS), and a subgroup as much again
+    gloo = 270 * collectives.MAX_RANKS + 8 * collectives.MAX_RANKS**2
+    large, small = _StoreTally(collectives.MAX_RANKS), _StoreTally(2)
+    for i in range(2):
+        large.set(b"/gloo/%d" % i, gloo, True, False)  # (on the base: refused past 4 MiB)
+    with pytest.raises(collectives.StoreRefused, match="in the group's store"):
+        small.set(b"/gloo/0", gloo, True, False)
+    with pytest.raises(collectives.StoreRefused, match="in the group's store"):
+        large.set(b"/more", 2 * collectives.MAX_STORE_BYTES, True, False)  # still bounded
+
+
+def test_an_nccl_subgroups_keys_go_once_its_first_collective_returned(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """(store56) A subgroup's keys go once every member read them: gloo's and the secure transport's as it forms
+    (round 46), and now NCCL's after its first collective (`Group.forget_ids`), where torch's ProcessGroupNCCL sets
+    its communicator's id (its rank 0) and inits the communicator, which blocks until every member has it. On the
+    base NCCL's stayed: a new_group/destroy loop over NCCL grew rank 0's store by an id a subgroup, until its bound
+    refused the next. No GPU and no NCCL here (torch is CPU-only): gloo's group stands for NCCL's (`_is_nccl` says
+    so), whose keys are set as it forms rather than at its first collective; both are gone after it."""
+    monkeypatch.setattr(collectives, "_is_nccl", lambda pg: True)
+    key = _front_key("a group's secret")
+    master, front = bind_in(
+        COLLECTIVE_PORTS, lambda port: _store_master("127.0.0.1", port, 2, 30.0, key, COLLECTIVE_PORTS, "lease")
+    )
+    parent = collectives.Group("lease", 0, 2, 30.0, transport="gloo")
+    subs = [collectives.Group("lease", r, 2, 30.0, transport="gloo") for r in range(2)]
+    tensors = [torch.full((3,), float(r + 1)) for r in range(2)]
+    msg = device_pb2.Collective(kind="allreduce", reduce_op="sum")
+    try:
+        stores = [master, _connect_store(["127.0.0.1"], front.port, 2, 30.0, threading.Event(), key=key)]
+        before = (front.tally.bytes, master.num_keys())
+
+        def rank(r: int, job: str) -> None:
+            if job == "form":
+                subs[r].parent = parent
+                subs[r].form(stores[r], "", "a subgroup's secret", "127.0.0.1", torch.device("cpu"))
+            else:
+                collectives.Collectives()._call(subs[r], msg, [tensors[r]], [], torch.device("cpu"))
+
+        for job in ("form", "call"):
+            threads = [threading.Thread(target=rank, args=(r, job)) for r in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not any(s.broken for s in subs), [s.broken for s in subs]
+            if job == "form":
+                assert front.tally.bytes > before[0] and master.num_keys() > before[1]  # its keys, until it ran
+        assert tensors[0].tolist() == tensors[1].tolist() == [3.0, 3.0, 3.0]
+        assert (front.tally.bytes, master.num_keys()) == before  # (the base kept them)
+        assert all(s.keys is None for s in subs)
+    finally:
+        for s in subs:
+            s.close()
+        front.close()
