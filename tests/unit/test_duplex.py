@@ -509,7 +509,8 @@ def test_a_read_takes_the_tls_records_already_here_under_one_hold_of_the_lock() 
     """Round 56: `duplex.recv_into` read one 16 KiB TLS record a hold of its lock (a call of `SideSocket.recv_into`, a
     Python frame, each record: 64 a MiB of an upload on the daemon's end, a download on the client's); it now reads
     every record already here, up to SLICE bytes, under one hold. 128 KiB (8 records) sent whole before the read
-    starts: one hold (a few where the kernel handed them over in parts), every byte in order; the lock is free again after (the writer's direction goes on)."""
+    starts: one hold (a few where the kernel handed them over in parts), every byte in order; the lock is free
+    again after (the writer's direction goes on)."""
     data = bytes((i * 131 + 5) & 0xFF for i in range(128 * 1024))
     ours, theirs = _side_pair()
     try:
