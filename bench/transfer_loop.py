@@ -19,13 +19,10 @@ alternate within each round. Medians over --rounds sessions. CPU per transfer is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,24 +30,9 @@ sys.path.insert(0, str(HERE))
 
 import daemon_wire  # noqa: E402 - the daemon starter and the loopback keys live there
 
-CHILD = r"""
-import json, sys, time
-import torch
-address, token, sizes, reps, client, daemon, bench = sys.argv[1:8]
-sizes, reps, daemon = [int(x) for x in sizes.split(",")], int(reps), int(daemon)
-if client == "native":
-    from gpupool.client.native import backend as nc
-    nc.load()
-    nc.claim()
-from gpupool.client.session import Session
-sys.path.insert(0, bench)
-from side_syscalls import tree_ns
-
-session = Session.attach(address, token, timeout=120.0)
-if client == "native":
-    nc.connect(session)
-    dev = nc.device()
-
+CHILD = (
+    daemon_wire.CHILD_START
+    + r"""
 def up(big):
     if client == "native":
         held = big.to(dev)
@@ -96,6 +78,7 @@ for size in sizes:
 session.close()
 print("LOOP " + json.dumps(out), flush=True)
 """
+)
 
 
 def _size(n: int) -> str:
@@ -111,16 +94,8 @@ def session_figures(
     address: str, token: str, sizes: list[int], reps: int, client: str, daemon_pid: int, python: str,
     cwd: str | None, insecure: bool,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}  # (the C++ client must own PrivateUse1)
-    env.pop("GPUPOOL_INSECURE", None)
-    if insecure:
-        env["GPUPOOL_INSECURE"] = "1"
     argv = [address, token, ",".join(map(str, sizes)), str(reps), client, str(daemon_pid), str(HERE)]
-    done = subprocess.run([python, "-c", CHILD, *argv], cwd=cwd, env=env, capture_output=True, text=True)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("LOOP ")), None)
-    if line is None:
-        raise RuntimeError(f"{client} session failed ({done.returncode}): {done.stderr[-2000:]}")
-    got: dict[str, dict[str, float]] = json.loads(line[5:])
+    got: dict[str, dict[str, float]] = daemon_wire.child_session(CHILD, "LOOP", argv, python, cwd, insecure, client)
     return got
 
 
@@ -134,7 +109,6 @@ def main() -> int:
     ap.add_argument("--against", help="another checkout, its daemon and client alternating with this one's")
     ap.add_argument("--against-python", default=sys.executable, help="the interpreter that imports --against's")
     args = ap.parse_args()
-    from gpupool import tokens
 
     sizes = [int(x) for x in args.sizes.split(",")]
     kinds, clients = args.kinds.split(","), args.clients.split(",")
@@ -145,24 +119,13 @@ def main() -> int:
         key, key_file = daemon_wire.loopback_keys(tmp, True)
         daemons = {}
         try:
-            for kind in kinds:
-                extra = ("--bulk-listen", "127.0.0.1:0") + (("--insecure",) if kind == "plain" else ())
-                daemons[kind, "this"] = daemon_wire.start_daemon(key_file, *extra)
-                if args.against:
-                    daemons[kind, "other"] = daemon_wire.start_daemon(
-                        key_file, *extra, python=args.against_python, cwd=args.against
-                    )
+            daemon_wire.start_kinds(daemons, key_file, kinds, args.against, args.against_python)
             for i in range(args.rounds):
-                for kind in kinds:
-                    for client in clients:
-                        for tree in trees if i % 2 == 0 else reversed(trees):
-                            proc, address = daemons[kind, tree]
-                            claims = tokens.TokenClaims(f"{tree}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
-                            python = sys.executable if tree == "this" else args.against_python
-                            cwd = None if tree == "this" else args.against
-                            got = session_figures(address, tokens.mint(key, claims), sizes, args.reps, client,
-                                                  proc.pid, python, cwd, kind == "plain")  # fmt: skip
-                            figures.setdefault(f"{kind}/{client}/{tree}", []).append(got)
+                for kind, client, tree, address, token, pid, python, cwd in daemon_wire.round_sessions(
+                    i, daemons, key, kinds, clients, trees, args
+                ):
+                    got = session_figures(address, token, sizes, args.reps, client, pid, python, cwd, kind == "plain")
+                    figures.setdefault(f"{kind}/{client}/{tree}", []).append(got)
                 print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
         finally:
             for proc, _ in daemons.values():
