@@ -6,9 +6,10 @@ across a blocking `sendall`, that lock deadlocked a session whose two user threa
 (round 24): the client's upload waited for the daemon to read, the daemon's reader waited for its lock, held by its
 writer, which waited for the client to read a download, whose reader waited for the client's lock, held by the
 upload; nothing moved until the daemon's stall limit (then `IO_TIMEOUT`, 30 s) ended the session. Here the socket
-is non-blocking and the lock is held for one non-blocking call at a time (as a single-threaded event loop
-interleaves SSL_read and SSL_write on one connection); a thread waits for its socket to be ready with the lock
-released, so the other direction keeps moving.
+is non-blocking and the lock is held for non-blocking calls only, at most SLICE bytes' worth at a time (one send;
+the reads of the records already there, round 56), as a single-threaded event loop interleaves SSL_read and
+SSL_write on one connection; a thread waits for its socket to be ready with the lock released, so the other
+direction keeps moving.
 
 `timeout`: seconds a transfer may go without moving a byte; then TimeoutError (an OSError); None: no limit, for a
 socket whose dead peer the kernel finds (`keep_alive`: the daemon's end since round 27). The socket must be
