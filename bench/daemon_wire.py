@@ -711,7 +711,9 @@ def against(args: argparse.Namespace) -> int:
 # (`up_client:SIZE`...) and of the daemon's process tree (its front, zygote and the session's worker, schedstat:
 # `up_daemon:SIZE`...), each transfer checked bit-exact. A size that fails (the C++ client of 41939607 at 16 MiB) is
 # reported; the sizes after it are not measured.
-SWEEP_CHILD = r"""
+# A child session's start (bench/transfer_loop.py's too): its arguments, the C++ client loaded where asked for, the
+# session attached (and the C++ client's device connected to it), the CPU counts of the daemon's tree at hand.
+CHILD_START = r"""
 import json, os, statistics, sys, time
 import torch
 address, token, sizes, reps, client, daemon, bench = sys.argv[1:8]
@@ -723,20 +725,27 @@ if client == "native":
 from gpupool.client.session import Session
 
 sys.path.insert(0, bench)
-from side_syscalls import tree_ns  # (this checkout's bench: the scheduler's CPU ns of the daemon's process tree)
-
-def tree_cpu(pid):
-    return tree_ns(pid) / 1e9
+from side_syscalls import tasks_ns, tree_ns, tree_tasks  # (this checkout's bench: the daemon's tree's CPU ns)
 
 session = Session.attach(address, token, timeout=120.0)
 if client == "native":
     nc.connect(session)
     dev = nc.device()
+"""
+SWEEP_CHILD = (
+    CHILD_START
+    + r"""
+tasks = []  # the daemon tree's threads, found once a size (a scan of /proc between transfers ran them cold: round 56)
+def tree_cpu(pid):
+    return tasks_ns(tasks) / 1e9
+
 out = {"side": session._side is not None}
 def measure(size):
     big = torch.randint(0, 255, (size,), dtype=torch.uint8)
     got = {"up": [], "down": [], "up_client": [], "down_client": [], "up_daemon": [], "down_daemon": []}
     for rep in range(reps + 1):  # (the first, untimed, warms the size's paths up: slots, pools, pages)
+        if rep == 1:
+            tasks[:] = tree_tasks(daemon)
         d0, c0, t0 = tree_cpu(daemon), time.process_time(), time.perf_counter()
         if client == "native":
             held = big.to(dev)
@@ -745,7 +754,7 @@ def measure(size):
             held = session.upload(big)
             session.sync()
         t1, c1 = time.perf_counter(), time.process_time()
-        d1 = tree_cpu(daemon)  # (a scan of /proc: milliseconds at load, so the download's clocks start after it)
+        d1 = tree_cpu(daemon)  # (before round 56 a scan of /proc: the download's clocks start after it)
         c1b, t1b = time.process_time(), time.perf_counter()
         back = held.cpu() if client == "native" else session.download(held)
         t2, c2 = time.perf_counter(), time.process_time()
@@ -781,6 +790,7 @@ if failed is None:
     session.close()
 print("SWEEP " + json.dumps(out), flush=True)
 """
+)
 
 
 def sweep_figures(
@@ -789,18 +799,26 @@ def sweep_figures(
 ) -> dict[str, float]:  # fmt: skip
     """One session of `client` (python or native) in a child process of `python` (the tree's interpreter, run in
     `cwd`): SWEEP_CHILD's figures."""
+    argv = [address, token, ",".join(map(str, sizes)), str(reps), client, str(daemon_pid), str(Path(__file__).parent)]
+    out = child_session(SWEEP_CHILD, "SWEEP", argv, python, cwd, insecure, client)
+    if not out.pop("side"):
+        raise RuntimeError(f"the {client} client's session to {address} has no side socket")
+    return out
+
+
+def child_session(
+    script: str, tag: str, argv: list[str], python: str, cwd: str | None, insecure: bool, client: str
+) -> dict[str, Any]:
+    """`script` (CHILD_START and its measures) run by `python` in `cwd` with `argv`: the JSON of its line `TAG ...`."""
     env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}  # (the C++ client must own PrivateUse1)
     env.pop("GPUPOOL_INSECURE", None)
     if insecure:
         env["GPUPOOL_INSECURE"] = "1"
-    argv = [address, token, ",".join(map(str, sizes)), str(reps), client, str(daemon_pid), str(Path(__file__).parent)]
-    done = subprocess.run([python, "-c", SWEEP_CHILD, *argv], cwd=cwd, env=env, capture_output=True, text=True)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("SWEEP ")), None)
+    done = subprocess.run([python, "-c", script, *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith(tag + " ")), None)
     if line is None:
-        raise RuntimeError(f"{client} sweep session failed ({done.returncode}): {done.stderr[-2000:]}")
-    out: dict[str, Any] = json.loads(line[6:])
-    if not out.pop("side"):
-        raise RuntimeError(f"the {client} client's session to {address} has no side socket")
+        raise RuntimeError(f"{client} {tag.lower()} session failed ({done.returncode}): {done.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(line[len(tag) + 1 :])
     return out
 
 
@@ -830,6 +848,33 @@ def c_floor_figures(binary: str, tls: bool, size: int, reps: int) -> dict[str, f
     return {name: statistics.median(r[i] for r in rows) for i, name in enumerate(names)}
 
 
+def start_kinds(daemons: dict[Any, Any], key_file: Path, kinds: list[str], against: str | None, python: str) -> None:
+    """Into `daemons`, (kind, tree): a daemon of each kind (tls, plain: `--insecure`) with the side port, as `gpupool
+    up` runs them, of this tree and, with `against`, of that checkout (run by `python`)."""
+    for kind in kinds:
+        extra = ("--bulk-listen", "127.0.0.1:0") + (("--insecure",) if kind == "plain" else ())
+        daemons[kind, "this"] = start_daemon(key_file, *extra)
+        if against:
+            daemons[kind, "other"] = start_daemon(key_file, *extra, python=python, cwd=against)
+
+
+def round_sessions(
+    i: int, daemons: dict[Any, Any], key: bytes, kinds: list[str], clients: list[str], trees: list[str], args: Any
+) -> Iterator[tuple[str, str, str, str, str, int, str, str | None]]:
+    """Round `i`'s sessions, the trees alternating from round to round: (kind, client, tree, the daemon's address, a
+    lease token for it, its pid, the tree's interpreter, the folder it runs in)."""
+    from gpupool import tokens
+
+    for kind in kinds:
+        for client in clients:
+            for tree in trees if i % 2 == 0 else reversed(trees):
+                proc, address = daemons[kind, tree]
+                claims = tokens.TokenClaims(f"{tree}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
+                python = sys.executable if tree == "this" else args.against_python
+                cwd = None if tree == "this" else args.against
+                yield kind, client, tree, address, tokens.mint(key, claims), proc.pid, python, cwd
+
+
 def sweep(args: argparse.Namespace) -> int:
     """--sweep: uploads and downloads of each size through this tree's daemon and, with --against, another
     checkout's, each by its own client (--clients: the Python client, the C++ client or both, each session a child
@@ -840,8 +885,6 @@ def sweep(args: argparse.Namespace) -> int:
     and a 1-byte answer, one request and the bytes back. Medians over --repeat rounds; the ratios to raw TCP are
     issue 8's transfer target (>= 0.6), those to raw TLS in C say what TLS itself leaves. CPU seconds a GiB: each
     end of ours (the client process; the daemon's process tree) and of the C floors (client, server)."""
-    from gpupool import tokens
-
     sizes = [int(x) for x in args.sweep.split(",")]
     kinds = args.kinds.split(",") if args.kinds else ["tls" if args.tls else "plain"]
     clients = args.clients.split(",")
@@ -853,28 +896,17 @@ def sweep(args: argparse.Namespace) -> int:
         floor: subprocess.Popen[str] | None = None
         binary: str | None = None
         try:
-            for kind in kinds:
-                extra = ("--bulk-listen", "127.0.0.1:0") + (("--insecure",) if kind == "plain" else ())
-                daemons[kind, "this"] = start_daemon(key_file, *extra)
-                if args.against:
-                    daemons[kind, "other"] = start_daemon(
-                        key_file, *extra, python=args.against_python, cwd=args.against
-                    )
+            start_kinds(daemons, key_file, kinds, args.against, args.against_python)
             floor, (tcp_port, _, tls_port, _) = start_floor()
             binary = c_floor_binary(tmp)
             figures: dict[str, list[dict[str, float]]] = {}
             raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": []}  # Python's and (c:...) C's
             for i in range(args.repeat):
-                for kind in kinds:
-                    for client in clients:
-                        for tree in trees if i % 2 == 0 else reversed(trees):
-                            proc, address = daemons[kind, tree]
-                            claims = tokens.TokenClaims(f"{tree}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
-                            python = sys.executable if tree == "this" else args.against_python
-                            cwd = None if tree == "this" else args.against
-                            got = sweep_figures(address, tokens.mint(key, claims), sizes, args.reps, client, proc.pid,
-                                                python, cwd, kind == "plain")  # fmt: skip
-                            figures.setdefault(f"{kind}/{client}/{tree}", []).append(got)
+                for kind, client, tree, address, token, pid, python, cwd in round_sessions(
+                    i, daemons, key, kinds, clients, trees, args
+                ):
+                    got = sweep_figures(address, token, sizes, args.reps, client, pid, python, cwd, kind == "plain")
+                    figures.setdefault(f"{kind}/{client}/{tree}", []).append(got)
                 for name, port, tls in (("tcp", tcp_port, False), ("tls", tls_port, True)):
                     row: dict[str, float] = {}
                     for size in sizes:

@@ -6,9 +6,10 @@ across a blocking `sendall`, that lock deadlocked a session whose two user threa
 (round 24): the client's upload waited for the daemon to read, the daemon's reader waited for its lock, held by its
 writer, which waited for the client to read a download, whose reader waited for the client's lock, held by the
 upload; nothing moved until the daemon's stall limit (then `IO_TIMEOUT`, 30 s) ended the session. Here the socket
-is non-blocking and the lock is held for one non-blocking call at a time (as a single-threaded event loop
-interleaves SSL_read and SSL_write on one connection); a thread waits for its socket to be ready with the lock
-released, so the other direction keeps moving.
+is non-blocking and the lock is held for non-blocking calls only, at most SLICE bytes' worth at a time (one send;
+the reads of the records already there, round 56), as a single-threaded event loop interleaves SSL_read and
+SSL_write on one connection; a thread waits for its socket to be ready with the lock released, so the other
+direction keeps moving.
 
 `timeout`: seconds a transfer may go without moving a byte; then TimeoutError (an OSError); None: no limit, for a
 socket whose dead peer the kernel finds (`keep_alive`: the daemon's end since round 27). The socket must be
@@ -197,22 +198,42 @@ def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float 
     found nothing to read just before (nothing in TLS's buffer, none in the kernel's, nothing read since): wait for
     the socket first instead of a read that would find nothing again."""
     view = view.cast("B") if view.format != "B" else view
-    got = 0
+    got, n = 0, len(view)
     if wait:
         _wait(sock, True, timeout)
-    while got < len(view):
+    while got < n:
         want_write = False
         with lock:
             try:
-                k = sock.recv_into(view[got:], len(view) - got)
-                if k == 0:
-                    return got
-                got += k
+                # What is there, up to SLICE bytes, under one hold of the lock (round 56): a TLS read returns one
+                # 16 KiB record, and a hold of the lock and `SideSocket.recv_into`'s Python frame each record cost the
+                # reader 30-50 us a MiB of its ~0.7 ms (BENCHMARKS.md, round 56, xfer56). A TLS socket's records are
+                # read with its TLS object's read, OpenSSL's, as `tls.SideSocket.recv_into` reads them (the object
+                # taken under the lock: a socket closed meanwhile has none, and its descriptor may be another's)
+                stop = min(n, got + SLICE)
+                sslobj = getattr(sock, "_sslobj", None) if isinstance(sock, ssl.SSLSocket) else None
+                if sslobj is not None:
+                    read = sslobj.read
+                    while got < stop:
+                        k = read(stop - got, view[got:stop])
+                        if k == 0:
+                            return got
+                        got += k
+                else:
+                    while got < stop:
+                        k = sock.recv_into(view[got:stop], stop - got)
+                        if k == 0:
+                            return got
+                        got += k
                 continue
             except ssl.SSLWantWriteError:
                 want_write = True
             except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
                 pass
+            except ssl.SSLError as exc:  # a ragged EOF read as the end, as `SSLSocket.read` reads it
+                if exc.args[0] == ssl.SSL_ERROR_EOF and sock.suppress_ragged_eofs:
+                    return got
+                raise
         _wait(sock, not want_write, timeout)
     return got
 

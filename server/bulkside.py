@@ -93,8 +93,8 @@ class _BadHello(ValueError):
 
 class BulkLink:
     """A session's bound side socket. The stream's reader reads uploads from it, the stream's writer sends
-    downloads on it, both through gpupool/duplex.py: a non-blocking socket and a lock held for one call at a time,
-    never while waiting, so neither direction waits for the other (round 24: a lock held across `sendall`
+    downloads on it, both through gpupool/duplex.py: a non-blocking socket and a lock held for non-blocking calls
+    only, never while waiting, so neither direction waits for the other (round 24: a lock held across `sendall`
     deadlocked a client uploading and downloading from two threads until a stall limit ended the session)."""
 
     def __init__(self, sock: socket.socket, session_number: int, frames: bool = False) -> None:

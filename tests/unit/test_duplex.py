@@ -488,3 +488,42 @@ def test_a_small_record_that_meets_a_full_tls_socket_goes_out_once_after_the_wai
     finally:
         ours.close()
         theirs.close()
+
+
+class _CountingLock:
+    """A lock that counts its holds."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holds = 0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.holds += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_a_read_takes_the_tls_records_already_here_under_one_hold_of_the_lock() -> None:
+    """Round 56: `duplex.recv_into` read one 16 KiB TLS record a hold of its lock (a call of `SideSocket.recv_into`, a
+    Python frame, each record: 64 a MiB of an upload on the daemon's end, a download on the client's); it now reads
+    every record already here, up to SLICE bytes, under one hold. 128 KiB (8 records) sent whole before the read
+    starts: one hold (a few where the kernel handed them over in parts), every byte in order; the lock is free
+    again after (the writer's direction goes on)."""
+    data = bytes((i * 131 + 5) & 0xFF for i in range(128 * 1024))
+    ours, theirs = _side_pair()
+    try:
+        sent = threading.Thread(target=lambda: duplex.send_all(theirs, threading.Lock(), [data], 20.0))
+        sent.start()
+        sent.join(30)
+        assert not sent.is_alive()  # (on loopback the kernel delivered the bytes within the sender's writes)
+        lock = _CountingLock()
+        into = bytearray(len(data))
+        assert duplex.recv_into(ours, lock, memoryview(into), 20.0) == len(data)  # type: ignore[arg-type]
+        assert bytes(into) == data
+        assert lock.holds <= 4, lock.holds  # (before: 8, a record a hold)
+        assert lock.lock.acquire(blocking=False)
+    finally:
+        ours.close()
+        theirs.close()
