@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -129,3 +131,24 @@ def test_a_port_in_use_is_told_before_any_program_starts(tmp_path: Path) -> None
     assert pool.returncode == 1, pool.stderr
     assert pool.stderr.startswith(f"gpupool up: cannot listen on {busy} (--listen): the port is in use"), pool.stderr
     assert len(pool.stderr.splitlines()) == 1, pool.stderr  # (the base's scheduler had started and logged)
+
+
+def test_a_bulk_port_taken_after_the_check_is_the_same_one_line(daemon_factory: Any) -> None:
+    """A --bulk-listen port taken between `gpupool serve`'s check at its start and its bind, seconds later (after its
+    zygote's torch import; here the daemon is built as serve builds it after that check): the checked ports' one line,
+    an OSError `serve` logs as "cannot start: ..." (exit 1), and the daemon's threads stopped. Until round 56 it said
+    "[Errno 98] Address already in use (while attempting to bind on address (...))", naming neither flag nor fix."""
+    before = set(threading.enumerate())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(OSError) as raised:
+            daemon_factory(bulk_listen=busy, isolation="thread")
+    assert str(raised.value) == (
+        f"cannot listen on {busy} (--bulk-listen): the port is in use (another daemon, a second pool on this host?) "
+        "or the host is not this machine's; pass another --bulk-listen HOST:PORT (port 0: a free one)"
+    )
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not [name for name in left if name.startswith("gpupool")], left
