@@ -49,7 +49,7 @@ class RunningDaemon:
             self.metrics_port = self.daemon.metrics.serve(
                 config.metrics_listen, None if config.metrics_plaintext else config.tls
             )
-            self.health_server = tls.serve_health(config.health_listen, self.health)
+            self.health_server = tls.serve_health(config.health_listen, self.health, "daemon")
             if config.isolation == "process":  # a port-0 listener's port: in --collective-ports on some hosts
                 check_collective_ports(config, {
                     "--listen": self.port, "--bulk-listen": self.bulk.port if self.bulk else 0,
