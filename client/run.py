@@ -9,7 +9,9 @@ declares the lease lost (its host died, it expired), the child is stopped at onc
 
 With --cuda (or $GPUPOOL_CUDA=1) the child also gets GPUPOOL_CUDA=1, and the leased devices appear to it as
 CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; docs/cuda.md). The child gets
-GRPC_ENABLE_FORK_SUPPORT=0 unless the environment sets it (docs/cuda.md, "DataLoader workers").
+GRPC_ENABLE_FORK_SUPPORT=0 unless the environment sets it (docs/cuda.md, "DataLoader workers"). In the child, `import
+torch` ends with torch's objects frozen out of the garbage collector's sight (client/cuda `freeze_imports`: a script's
+exit spent seconds collecting them; GPUPOOL_GC_FREEZE=0 turns it off).
 
 The child's `gpupool` device is the C++ client (gpupool.client.native; docs/native-client.md) wherever it is built or
 can be built: `run` builds it first (once per torch version and source, ~30 s of CPU: minutes on a loaded host, said up

@@ -456,9 +456,11 @@ HEALTH_TOTAL = 4
 HEALTH_REQUEST_SECONDS = 5.0
 
 
-def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
+def serve_health(address: str, servicer: Any, other: str = "program") -> tuple[grpc.Server, int] | None:
     """A plaintext gRPC server with only `servicer`'s Check (grpc.health.v1, the program's own status) on `address`,
-    for probes that cannot speak TLS (Kubernetes' grpc probes). None when `address` is empty or "0"."""
+    for probes that cannot speak TLS (Kubernetes' grpc probes). None when `address` is empty or "0". A port taken
+    since the program's check at its start: `listen_refusal` naming `other` as that check does ("daemon",
+    "scheduler"; until round 56 "program" here)."""
     if address in ("", "0"):
         return None
     from concurrent import futures
@@ -474,7 +476,7 @@ def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
     add_health(server, servicer)
     port = 0 if _unbindable(address) else server.add_insecure_port(address)
     if port == 0:
-        raise OSError(listen_refusal(address, "--health-listen", "program"))
+        raise OSError(listen_refusal(address, "--health-listen", other))
     server.start()
     log.info("health checks (plaintext, grpc.health.v1 only) on %s", address.rsplit(":", 1)[0] + f":{port}")
     return server, port

@@ -294,7 +294,7 @@ class SchedulerServer:
             self._metrics_http = http
             self.metrics_port = http.server_port
         self.server.start()
-        self._health_server = tls.serve_health(self.config.health_listen, self.health)
+        self._health_server = tls.serve_health(self.config.health_listen, self.health, "scheduler")
         if self.core is not None:
             self._serve()
         else:

@@ -20,8 +20,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 web=0
 if [ "${1:-}" = --web ]; then web=1; shift; fi
-# setup: the project, torch and the demo's extras (flask, for --web), not dev's tools (scripts/test.sh installs them)
-[ "${GPUPOOL_DEMO_SETUP:-1}" = 0 ] || GPUPOOL_SKIP_APT=1 GPUPOOL_SETUP_EXTRAS=demo bash scripts/setup.sh
+# setup: the project, torch and the demo's extras (flask, for --web), not dev's tools (scripts/test.sh installs them),
+# nor the Python client's native pieces (the demo runs `gpupool run`'s C++ client)
+[ "${GPUPOOL_DEMO_SETUP:-1}" = 0 ] || GPUPOOL_SKIP_APT=1 GPUPOOL_SETUP_SHIM=0 GPUPOOL_SETUP_EXTRAS=demo bash scripts/setup.sh
 state=$(mktemp -d)
 log="$state/up.log"
 # Ctrl-C: the training stops first (SIGTERM to `gpupool run`, which passes it on and releases the lease), then the

@@ -7,6 +7,7 @@
 # (GPUPOOL_SETUP_EXTRAS=NAMES: those instead; scripts/demo.sh: demo). Last it builds the native device guard (client/torch/native_guard.cpp,
 # ~1-2 s) into the per-user cache, so that tests and CI find it built; `import gpupool.torch` would build it at
 # first use anyway, and without a compiler the client keeps torch's Python device guard (GPUPOOL_NATIVE=0 forces that).
+# GPUPOOL_SETUP_SHIM=0 (scripts/demo.sh: it runs the C++ client) skips that guard and the Python client's op path.
 # --help / -h: print this header (what the script does, its options) and exit, running nothing (round 48).
 if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then
   sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
@@ -60,18 +61,25 @@ ticking "pip: gpupool${extras:+ and its $extras extras}" python3 -m pip install 
   -e ".${extras:+[$extras]}"
 echo "setup: building the native pieces into ${XDG_CACHE_HOME:-$HOME/.cache}/gpupool (once: minutes on a fresh machine, seconds after)"
 GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
-import sys
+import os, sys
 from gpupool.client.torch import native
-try:
-    print("setup: native device guard:", native.build())
-except native.BuildError as exc:  # optional: the client keeps torch's Python device guard
-    print(f"setup: the native device guard did not build ({exc}); the client keeps torch's Python one", file=sys.stderr)
-try:  # the steady path of an eager op in C (client/torch/native_ops.cpp; CPython's headers)
-    from gpupool.client.torch import native_ops
+# The Python client's pieces (its device guard and op path): GPUPOOL_SETUP_SHIM=0 (scripts/demo.sh, which runs the C++
+# client) leaves them to that client's first use (round 56's fresh-clone walk: 90 s of its setup at load 13-14)
+if os.environ.get("GPUPOOL_SETUP_SHIM", "1") == "0":
+    print("setup: the Python client's native device guard and op path: built at its first use (GPUPOOL_SETUP_SHIM=0)")
+else:
+    try:
+        print("setup: native device guard:", native.build())
+    except native.BuildError as exc:  # optional: the client keeps torch's Python device guard
+        print(f"setup: the native device guard did not build ({exc}); the client keeps torch's Python one",
+              file=sys.stderr)
+    try:  # the steady path of an eager op in C (client/torch/native_ops.cpp; CPython's headers)
+        from gpupool.client.torch import native_ops
 
-    print("setup: native op path:", native_ops.build())
-except native.BuildError as exc:  # optional: the Python dispatcher does every op
-    print(f"setup: the native op path did not build ({exc}); the Python dispatcher does every op", file=sys.stderr)
+        print("setup: native op path:", native_ops.build())
+    except native.BuildError as exc:  # optional: the Python dispatcher does every op
+        print(f"setup: the native op path did not build ({exc}); the Python dispatcher does every op",
+              file=sys.stderr)
 try:  # a captured step's guard check in C (client/capture_guard.cpp; CPython's headers; both clients)
     from gpupool.client import capture_guard
 

@@ -4,6 +4,7 @@ started and stopped together. Used by `gpupool serve`, `gpupool up` and the test
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -20,6 +21,18 @@ from .service import SERVICE, create_server
 log = logging.getLogger(__name__)
 
 
+def _bulk_port(config: DaemonConfig, daemon: Daemon) -> BulkPort:
+    """The side port bound, or the one line of a port that cannot be (`tls.listen_refusal`, as --listen's): one taken
+    between `gpupool serve`'s check at its start (`tls.first_unbindable`) and this bind, seconds later (its zygote's
+    torch import), said "[Errno 98] Address already in use (while attempting to bind on address ...)" until round 56."""
+    try:
+        return BulkPort(split_address(config.bulk_listen), config.tls, daemon.session_list)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+        raise OSError(tls.listen_refusal(config.bulk_listen, "--bulk-listen", "daemon")) from None
+
+
 class RunningDaemon:
     def __init__(self, config: DaemonConfig, devices: list[Device] | None = None) -> None:
         self.daemon = Daemon(config, devices)
@@ -27,7 +40,7 @@ class RunningDaemon:
         self.bulk: BulkPort | None = None
         try:
             if config.bulk_listen:
-                self.bulk = BulkPort(split_address(config.bulk_listen), config.tls, self.daemon.session_list)
+                self.bulk = _bulk_port(config, self.daemon)
                 self.bulk.revoked = self.daemon.revoked_certs
             self.server, self.port, self.health = create_server(self.daemon, config.listen, self.bulk)
             host, _ = split_address(config.listen)
@@ -36,7 +49,7 @@ class RunningDaemon:
             self.metrics_port = self.daemon.metrics.serve(
                 config.metrics_listen, None if config.metrics_plaintext else config.tls
             )
-            self.health_server = tls.serve_health(config.health_listen, self.health)
+            self.health_server = tls.serve_health(config.health_listen, self.health, "daemon")
             if config.isolation == "process":  # a port-0 listener's port: in --collective-ports on some hosts
                 check_collective_ports(config, {
                     "--listen": self.port, "--bulk-listen": self.bulk.port if self.bulk else 0,

@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -129,3 +131,31 @@ def test_a_port_in_use_is_told_before_any_program_starts(tmp_path: Path) -> None
     assert pool.returncode == 1, pool.stderr
     assert pool.stderr.startswith(f"gpupool up: cannot listen on {busy} (--listen): the port is in use"), pool.stderr
     assert len(pool.stderr.splitlines()) == 1, pool.stderr  # (the base's scheduler had started and logged)
+
+
+def test_a_bulk_port_taken_after_the_check_is_the_same_one_line(daemon_factory: Any) -> None:
+    """A --bulk-listen port taken between `gpupool serve`'s check at its start and its bind, seconds later (after its
+    zygote's torch import; here the daemon is built as serve builds it after that check): the checked ports' one line,
+    an OSError `serve` logs as "cannot start: ..." (exit 1), and the daemon's threads stopped. Until round 56 it said
+    "[Errno 98] Address already in use (while attempting to bind on address (...))", naming neither flag nor fix; a
+    --health-listen taken so named "another program" where the check names "another daemon"."""
+    before = set(threading.enumerate())
+    raised = {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = f"127.0.0.1:{s.getsockname()[1]}"
+        for flag in ("--bulk-listen", "--health-listen"):
+            with pytest.raises(OSError) as error:
+                daemon_factory(**{flag[2:].replace("-", "_"): busy}, isolation="thread")
+            raised[flag] = error.value
+    for flag, off in (("--bulk-listen", ""), ("--health-listen", "; 0: no health port")):
+        assert str(raised[flag]) == (
+            f"cannot listen on {busy} ({flag}): the port is in use (another daemon, a second pool on this host?) or "
+            f"the host is not this machine's; pass another {flag} HOST:PORT (port 0: a free one{off})"
+        )
+        assert raised[flag].__cause__ is None
+    started = [t for t in threading.enumerate() if t not in before and t.name.startswith("gpupool")]
+    for thread in started:  # (told to stop, not joined, by the daemon's stop: they end on their own)
+        thread.join(60)
+    assert not [t.name for t in started if t.is_alive()], started

@@ -3,6 +3,7 @@ command since round 51): the refusal says what does it instead, as well as the u
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -131,3 +132,19 @@ def test_smis_line_of_a_lease_without_sessions_does_not_say_not_yet() -> None:
     now = smi.Sample(pool=scheduler_pb2.PoolState(leases=[scheduler_pb2.LeaseInfo(lease_id="l1")]))
     line = smi.summary(now, None)
     assert line.endswith("sessions: none shown to you (none open now - not yet, or no longer -, or not yours to see)")
+
+
+def test_a_gpupool_run_child_keeps_torchs_objects_out_of_its_exits_collections() -> None:
+    """Round 56: a script's exit through `gpupool run` took 5-9 s at load 15-20 after its last line, ~80 % of it the
+    interpreter's final collections over torch's objects: in a process of `gpupool run` ($GPUPOOL_LEASE) `import torch`
+    ends with them frozen (client/cuda `freeze_imports`); GPUPOOL_GC_FREEZE=0 leaves them, and a plain script is
+    untouched."""
+    code = "import gc, torch; print(gc.get_freeze_count())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPOOL_", "TORCH_DEVICE_BACKEND"))}
+    cases = {"run": {"GPUPOOL_LEASE": "{}"}, "off": {"GPUPOOL_LEASE": "{}", "GPUPOOL_GC_FREEZE": "0"}, "plain": {}}
+    children = {
+        name: subprocess.Popen([sys.executable, "-c", code], env={**env, **extra}, stdout=subprocess.PIPE, text=True)
+        for name, extra in cases.items()
+    }
+    counts = {name: int(child.communicate(timeout=120)[0]) for name, child in children.items()}
+    assert counts["run"] > 50_000 and counts["off"] == 0 and counts["plain"] == 0, counts
