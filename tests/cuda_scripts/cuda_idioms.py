@@ -124,6 +124,13 @@ model.eval()
 with torch.no_grad():
     x = torch.randn(4, 3, 8, 8, generator=gen).to(device, non_blocking=True)
     print(f"eval sum {model(x).float().sum().item():.6f}")
+    # the outputs copied to the host without blocking: into a pinned buffer, and by `.to("cpu", non_blocking=True)`
+    host = torch.empty(4, 10, pin_memory=use_cuda)
+    host.copy_(model(x), non_blocking=True)
+    logits = model(x).to("cpu", non_blocking=True)
+    if use_cuda:
+        torch.cuda.synchronize()
+    print(f"eval on the host sums {host.sum().item():.6f} {logits.sum().item():.6f}")
 if use_cuda:
     print(f"peak {torch.cuda.max_memory_allocated() > 0} reserved {torch.cuda.memory_reserved() >= 0}")
 
