@@ -178,8 +178,9 @@ def tensor_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return _sparse_to(self, *_device_first(args, kwargs), **kwargs)
     args = _device_first(args, kwargs)
     if (kwargs.get("non_blocking") or any(a is True for a in args)) and self.device.type == GPUPOOL:
-        target = _PARSE_TO(*args, **kwargs)[0]
-        if target is not None and target.type == "cpu":
+        first = kwargs.get("device", args[0] if args else None)
+        target = first.device if isinstance(first, torch.Tensor) else first
+        if isinstance(target, str | torch.device) and torch.device(target).type == "cpu":
             if kwargs.get("non_blocking"):
                 kwargs["non_blocking"] = False
             else:  # positional: `.to(device, dtype, non_blocking)` (Module.to's), `.to(dtype | other, non_blocking)`
