@@ -32,6 +32,7 @@ map_location="cpu")` loads such a checkpoint anywhere.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 from collections.abc import Callable
@@ -48,6 +49,10 @@ PRIORITY = 9
 _SAVED_AS = "_gpupool_saved_as"  # the attribute `mark_saved` puts on a CPU copy's storage: its device's location
 _LOCATION = re.compile(r"gpupool(:[0-9]+)?\Z")
 _registered: list[bool] = []
+# (target_of, targets) of the torch.load calling a callable map_location now: what `_storage_to` records a move in
+_MOVING: contextvars.ContextVar[tuple[Callable[[Any], torch.device | None], dict[int, torch.device]] | None]
+_MOVING = contextvars.ContextVar("gpupool_storage_moves", default=None)
+_STORAGE_TO = torch.storage._to  # torch's own: what `storage.cuda()`, `storage.to(device)` end in
 
 
 def why(location: str) -> str:
@@ -128,7 +133,7 @@ def wrap_load(
         if "map_location" in kwargs:
             map_location_ = kwargs.pop("map_location")
         if callable(map_location_):
-            return load(f, map_location_, *args, **kwargs)
+            return load_calling(f, map_location_, *args, **kwargs)
         fixed = None if map_location_ is None or isinstance(map_location_, dict) else target_of(map_location_)
         if map_location_ is not None and not isinstance(map_location_, dict) and fixed is None:
             return load(f, map_location_, *args, **kwargs)  # e.g. "cpu"
@@ -145,14 +150,46 @@ def wrap_load(
             targets[storage.data_ptr()] = target
             return storage
 
-        loaded = load(f, restore, *args, **kwargs)
-        if not targets:
-            return loaded
-        moved: dict[int, torch.Tensor] = {}
-        return in_place(loaded, lambda x: place(x, targets, moved), set())
+        return placed(load(f, restore, *args, **kwargs), targets)
 
+    def load_calling(f: Any, user: Callable[[Any, str], Any], *args: Any, **kwargs: Any) -> Any:
+        """torch.load with a callable map_location, which may move a storage itself (`lambda storage, loc:
+        storage.cuda()`, older scripts' idiom): such a move (`_storage_to`) leaves the storage on the CPU and the
+        tensors on it are moved after, as above. Until round 56 torch made the storage on the device: "torch.
+        UntypedStorage(): Storage device not recognized: cuda" (`gpupool:0`: a storage the daemon never saw)."""
+        targets: dict[int, torch.device] = {}
+
+        def restore(storage: Any, location: str) -> Any:
+            token = _MOVING.set((target_of, targets))
+            try:
+                return user(storage, location)
+            finally:
+                _MOVING.reset(token)
+
+        return placed(load(f, restore, *args, **kwargs), targets)
+
+    torch.storage._to = _storage_to  # type: ignore[attr-defined]
     wrapped._gpupool_load_of = load  # type: ignore[attr-defined]
     return wrapped
+
+
+def placed(loaded: Any, targets: dict[int, torch.device]) -> Any:
+    """What torch.load returned, each tensor on a storage `targets` names (by its data_ptr) moved to that device."""
+    if not targets:
+        return loaded
+    moved: dict[int, torch.Tensor] = {}
+    return in_place(loaded, lambda x: place(x, targets, moved), set())
+
+
+def _storage_to(storage: Any, device: Any, non_blocking: bool = False) -> Any:
+    """torch's `_to` of a storage (`storage.cuda()`, `storage.to(device)`): inside a callable map_location
+    (`load_calling`) a move to a gpupool device is recorded and the storage stays on the CPU; elsewhere torch's."""
+    moving = _MOVING.get()
+    target = None if moving is None else moving[0](device)
+    if moving is None or target is None:
+        return _STORAGE_TO(storage, device, non_blocking)
+    moving[1][storage.data_ptr()] = target
+    return storage
 
 
 def in_place(x: Any, fn: Callable[[Any], Any], seen: set[int]) -> Any:

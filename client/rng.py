@@ -81,13 +81,41 @@ def set_rng_state_all(new_states: Any) -> None:
 
 
 def module_functions() -> dict[str, Any]:
-    """What `torch.gpupool` gets (client/torch/backend.py, client/native/backend.py)."""
+    """What `torch.gpupool` gets (client/torch/backend.py, client/native/backend.py). `_initialized`: what
+    torch.utils.checkpoint asks (`getattr(device_module, "_initialized", False)`) before it saves the device's
+    generator state in the forward, to load it for the recomputation (`preserve_rng_state=True`, the default): without
+    it a dropout under checkpoint drew a second mask in the backward, and the gradients were silently another mask's
+    (until round 56, both clients, with and without `--cuda`)."""
     return {
+        "_initialized": True,
+        "device": device_scope,
         "get_rng_state": get_rng_state,
         "set_rng_state": set_rng_state,
         "get_rng_state_all": get_rng_state_all,
         "set_rng_state_all": set_rng_state_all,
     }
+
+
+class device_scope:  # noqa: N801 - torch.cuda.device's role, under the name `torch.gpupool.device`
+    """`with torch.gpupool.device(i):` makes gpupool:i current inside (None or a negative index: no change), as
+    `torch.cuda.device` does: torch.utils.checkpoint reads and loads each device's generator state under it. (The C++
+    client's module had no `device`; the Python client's returned a `torch.device`, which as a context manager made
+    every factory's default device gpupool, the CPU tensor a state is downloaded into too: a segfault.)"""
+
+    def __init__(self, device: Any) -> None:
+        index = index_of(device)
+        self.index = -1 if index is None else index
+        self.prev = -1
+
+    def __enter__(self) -> None:
+        module = getattr(torch, NAME)
+        self.prev = int(module.current_device())
+        if self.index >= 0:
+            module.set_device(self.index)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.index >= 0:
+            getattr(torch, NAME).set_device(self.prev)
 
 
 def usable_indices() -> list[int]:

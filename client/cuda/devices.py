@@ -119,6 +119,8 @@ def _mapping_device_kwarg(func: Callable[..., Any]) -> Callable[..., Any]:
             device = kwargs.get("device")
             if device is not None and _is_mapped(device):
                 kwargs["device"] = to_gpupool(device)
+            if kwargs.get("pin_memory"):  # plain host memory (`torch.empty(n, pin_memory=True)`): see tensor_to
+                kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
     return _named_after(mapped, func)
@@ -160,11 +162,31 @@ def sparse_refused(what: str, layout: Any) -> RuntimeError:
     )
 
 
+# Pinned host memory is plain host memory on a pooled GPU (uploads and downloads go over the network, not by DMA), as
+# `tensor.pin_memory()` is (client/torch/backend.py `_pin_memory`). torch makes a pinned CPU tensor through the
+# device's hooks (`getPinnedMemoryAllocator`), which neither client has: a factory's `pin_memory=True` and a
+# non-blocking copy to the CPU (`x.to("cpu", non_blocking=True)`, which torch lands in pinned memory) raised torch's
+# "You should register `PrivateUse1HooksInterface` ... `getPinnedMemoryAllocator`" until round 56. Now the factory
+# makes plain memory and the copy waits for the tensor's value, which is what a non-blocking copy holds once the
+# script synchronizes (a GPU script must synchronize before it reads it; here it need not).
+
+
 def tensor_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Tensor.to(device=None, dtype=None, ...), Tensor.to(dtype), Tensor.to(other): only a device moves."""
+    """Tensor.to(device=None, dtype=None, ...), Tensor.to(dtype), Tensor.to(other): only a device moves. A device
+    tensor's non-blocking copy to the CPU is a blocking one (pinned memory: above)."""
     if self.layout is not torch.strided:
         return _sparse_to(self, *_device_first(args, kwargs), **kwargs)
-    return _TENSOR_TO(self, *_device_first(args, kwargs), **kwargs)
+    args = _device_first(args, kwargs)
+    if (kwargs.get("non_blocking") or any(a is True for a in args)) and self.device.type == GPUPOOL:
+        first = kwargs.get("device", args[0] if args else None)
+        target = first.device if isinstance(first, torch.Tensor) else first
+        if isinstance(target, str | torch.device) and torch.device(target).type == "cpu":
+            if kwargs.get("non_blocking"):
+                kwargs["non_blocking"] = False
+            else:  # positional: `.to(device, dtype, non_blocking)` (Module.to's), `.to(dtype | other, non_blocking)`
+                at = next(i for i, a in enumerate(args) if a is True)
+                args = (*args[:at], False, *args[at + 1 :])
+    return _TENSOR_TO(self, *args, **kwargs)
 
 
 def _sparse_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -67,8 +67,8 @@ class BackendModule:
     def synchronize(self, device: Any = None) -> None:
         api.synchronize(device)
 
-    def device(self, index: int = 0) -> torch.device:
-        return api.device(index)
+    def get_amp_supported_dtype(self) -> list[torch.dtype]:  # torch.amp.autocast("gpupool"): torch.utils.checkpoint's
+        return [torch.float16, torch.bfloat16]  # recomputation enters it (until round 56 an AssertionError there)
 
 
 # streams and events, one ordered stream a device (client/streams.py): what FSDP2 asks of a gpupool mesh's device

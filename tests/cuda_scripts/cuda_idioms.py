@@ -7,11 +7,13 @@ timing with `torch.cuda.Event(enable_timing=True)` and `elapsed_time`, `torch.cu
 `torch.cuda.empty_cache()` and the memory counters. Without CUDA it takes the CPU branch of each."""
 
 import argparse
+import io
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.cuda.amp.* is deprecated in favour of torch.amp
@@ -122,6 +124,39 @@ model.eval()
 with torch.no_grad():
     x = torch.randn(4, 3, 8, 8, generator=gen).to(device, non_blocking=True)
     print(f"eval sum {model(x).float().sum().item():.6f}")
+    # the outputs copied to the host without blocking: into a pinned buffer, and by `.to("cpu", non_blocking=True)`
+    host = torch.empty(4, 10, pin_memory=use_cuda)
+    host.copy_(model(x), non_blocking=True)
+    logits = model(x).to("cpu", non_blocking=True)
+    if use_cuda:
+        torch.cuda.synchronize()
+    print(f"eval on the host sums {host.sum().item():.6f} {logits.sum().item():.6f}")
 if use_cuda:
     print(f"peak {torch.cuda.max_memory_allocated() > 0} reserved {torch.cuda.memory_reserved() >= 0}")
+
+# a state_dict saved, then loaded the way older scripts do (a callable map_location moving each storage itself)
+# and the way newer ones do (a string), weights only; on the CPU both stay there
+buf = io.BytesIO()
+torch.save(model.state_dict(), buf)
+for where in ((lambda storage, loc: storage.cuda()) if use_cuda else (lambda storage, loc: storage), device.type):
+    buf.seek(0)
+    state = torch.load(buf, map_location=where, weights_only=True)
+    reloaded = Net().to(device).to(memory_format=torch.channels_last)
+    reloaded.load_state_dict(state)
+    reloaded.eval()
+    with torch.no_grad():
+        print(f"reloaded on {state['fc.weight'].device.type} eval sum {reloaded(x).float().sum().item():.6f}")
+
+# activation checkpointing of a block with dropout: the recomputation in the backward must draw the forward's mask
+# (torch.utils.checkpoint saves and loads the device's generator state), so the gradients are those without it
+block = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.ReLU()).to(device)
+h = torch.randn(8, 16, generator=gen).to(device).requires_grad_()
+grads = []
+for how in ("plain", "non-reentrant", "reentrant"):
+    torch.manual_seed(7)
+    out = block(h) if how == "plain" else checkpoint(block, h, use_reentrant=how == "reentrant")
+    (out * out).sum().backward()
+    grads.append(h.grad.clone())
+    h.grad = None
+print("checkpointed dropout grads equal", all(torch.equal(g, grads[0]) for g in grads[1:]))
 print("idioms done on", device.type)

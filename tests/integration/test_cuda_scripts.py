@@ -511,6 +511,7 @@ def test_deepcopy_of_device_tensors_and_a_dataclass_snapshot(pool: str, client: 
 
 
 IDIOM = re.compile(r"^step \d+ grad norm (\S+) loss (\S+)$", re.M)
+RELOADED = re.compile(r"^reloaded on \S+ eval sum (\S+)$|^eval on the host sums (\S+) (\S+)$", re.M)
 
 
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
@@ -522,11 +523,21 @@ def test_cuda_idioms_script_gives_the_cpu_losses(pool: str, client: tuple[str, .
     the CPU's, on both clients. Until round 38 `x.record_stream(torch.cuda.current_stream())` raised torch's "unknown
     parameter type", and, past it, the conv net trained on scrambled activations: the daemon's channels_last conv
     output was read through the contiguous geometry the client computed for `torch.flatten` (step 0's loss 2.459
-    against the CPU's 2.724)."""
+    against the CPU's 2.724).
+    Round 56: the eval outputs copied to a pinned buffer (`torch.empty(..., pin_memory=True)`) and by
+    `.to("cpu", non_blocking=True)` (until then torch's "... implement `getPinnedMemoryAllocator` ..." at each), and
+    its state_dict reloaded with `map_location=lambda storage, loc: storage.cuda()` (until then torch's
+    "torch.UntypedStorage(): Storage device not recognized: cuda") and with `"cuda"`, weights only, give the CPU's
+    sums; a block with dropout under torch.utils.checkpoint (reentrant and not) gets the gradients it gets without
+    it (until then the C++ client's recomputation drew another mask: torch.gpupool had no `_initialized`)."""
     pooled, local = beside(lambda: on_pool(pool, "cuda_idioms.py", *client, "-p", "0.5"), on_cpu, "cuda_idioms.py")
     steps, reference = IDIOM.findall(pooled.stdout), IDIOM.findall(local.stdout)
     assert len(steps) == 6 and len(reference) == 6, pooled.stdout
     assert [float(v) for s in steps for v in s] == pytest.approx([float(v) for s in reference for v in s], rel=1e-5)
+    sums = [float(v) for line in RELOADED.findall(pooled.stdout) for v in line if v]
+    local_sums = [float(v) for line in RELOADED.findall(local.stdout) for v in line if v]
+    assert len(sums) == 4 and sums == pytest.approx(local_sums, rel=1e-5, abs=1e-6), pooled.stdout
+    assert "checkpointed dropout grads equal True" in pooled.stdout, pooled.stdout
     assert "idioms done on cuda" in pooled.stdout and "gpu gpupool fake GPU (CPU) memory 268435456" in pooled.stdout
     assert re.search(r"^epoch 1 took \S+ ms, allocated True$", pooled.stdout, re.M), pooled.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
