@@ -147,7 +147,7 @@ class CapturedStep(StepCache):
     """The callable `capture(fn)` returns on the C++ client: one graph per guard key (client/capture_step.py, as the
     Python client's). `stats` counts eager, recorded and replayed calls and graphs defined."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec, structure = self._structure(args, kwargs)
         key, g = self._lookup(structure, leaves)
         while g is not None:  # `_replay` hears of the watched handles freed meanwhile (dev.poll's) before it runs

@@ -114,7 +114,8 @@ class _Graph:
     # The graph holds the `.grad` itself, so that `opt.zero_grad()` between steps (`p.grad = None`) leaves its handle
     # to the run, which gives it back; fresh: the recording began with no `.grad` there (capture_step `_note_grads`)
     grads: list[list[Any]] = field(default_factory=list)
-    fresh: bool = False  # one of them is (`_replay` then looks at every parameter's `.grad`)
+    fresh: bool = False  # one of them is (`_replay` then hands every one to `_regrad`)
+    grads_off: Any = None  # where it has `grads`: native_ops.cpp `grads_off`, else `_grads_off`
 
 
 class CapturedStep(StepCache):
@@ -125,7 +126,7 @@ class CapturedStep(StepCache):
 
     # ---- the call ----
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec, structure = self._structure(args, kwargs)
         rt = self._runtime(leaves)
         for x in leaves:  # a graph's inputs are daemon tensors equal to them
@@ -206,6 +207,9 @@ class CapturedStep(StepCache):
             if h in writes:
                 g.grads.append([h, weakref.ref(p), p.grad, id(p) in self._no_grad])
                 g.fresh |= g.grads[-1][3]
+        if g.grads:
+            ops = native_ops.load()
+            g.grads_off = _grads_off if ops is None else ops.grads_off
         self.graphs[key] = g
         self.stats["defined"] += 1
         log.log(
@@ -251,21 +255,18 @@ class CapturedStep(StepCache):
                     keep.append(upload_new(rt, x))
                     inputs.append(keep[-1]._gp_h)
                     data.append(b"")
-        if g.grads:  # (usual: each `.grad` its parameter's, held by it and the graph alone)
-            # Each parameter's `.grad` is read (~0.1 us each) where the first one's is not the graph's: set to None
-            # (`opt.zero_grad()` before the call), or another graph's of the step (its other shapes); one read else
-            first = g.grads[0]
-            p = first[1]()
-            every = g.fresh or p is None or p.grad is not first[2]
-            for entry in g.grads:
-                grad = entry[2]
-                if every or sys.getrefcount(grad) > _GRAD_REFS:
-                    p = entry[1]()
-                    if p is not None and _regrad(rt, entry, p):
-                        log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, NOT_AS_RECORDED)
-                        self.stats["rerecorded"] += 1
-                        self._forget(g.key, drop=True)
-                        return _AGAIN
+        if g.grads:  # (usual: each `.grad` its parameter's, held by it and the graph alone: `off` is None)
+            # Every parameter's `.grad` (round 56: the first one's until then): set to None (`opt.zero_grad()` before
+            # the call), replaced (another graph's of the step: its other shapes), or held (`g = p.grad`): `_regrad`
+            off = range(len(g.grads)) if g.fresh else g.grads_off(g.grads, _GRAD_REFS - 2)
+            for i in off or ():
+                entry = g.grads[i]
+                p = entry[1]()
+                if p is not None and _regrad(rt, entry, p):
+                    log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, NOT_AS_RECORDED)
+                    self.stats["rerecorded"] += 1
+                    self._forget(g.key, drop=True)
+                    return _AGAIN
         kept = rt.kept
         for h in g.writes:
             if kept.get(h):  # aliases of a kept tensor made since the last run
@@ -399,11 +400,24 @@ def _move(rt: DeviceRuntime, h: int, tensors: list[RemoteTensor], extra: int) ->
             d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
 
 
-# References to a parameter's `.grad` in `_replay`'s check when nothing else holds it: the graph's (`_Graph.grads`), its
-# local name, getrefcount's argument, and torch's own (the tensor's Python object is kept while its parameter's `.grad`
-# slot holds the tensor).
+# References to a parameter's `.grad` in a check of it (`_regrad`, `_grads_off`) when nothing else holds it: the
+# graph's (`_Graph.grads`), its local name, getrefcount's argument, and torch's own (the tensor's Python object is kept
+# while its parameter's `.grad` slot holds the tensor); `grads_off` is told the two besides the check's own.
 _GRAD_REFS = 4
 _AGAIN = object()  # `_replay` did not run: the graph is forgotten, the call records
+
+
+def _grads_off(grads: list[list[Any]], refs: int) -> list[int] | None:
+    """native_ops.cpp `grads_off` where the native op path is off: the indices of the entries of `_Graph.grads` whose
+    live parameter's `.grad` is not the graph's tensor, or whose tensor more than `refs` (its entry's and its
+    parameter's) hold; None where there is none."""
+    off = []
+    for i, entry in enumerate(grads):
+        p, grad = entry[1](), entry[2]
+        # (getrefcount's: `grad`, its argument, `entry`'s is counted in `refs`)
+        if p is not None and (p.grad is not grad or sys.getrefcount(grad) > refs + 2):
+            off.append(i)
+    return off or None
 
 
 def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
@@ -421,9 +435,9 @@ def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
     d = grad.__dict__
     if d.get("_gp_h") != h:
         return False
-    # its references here: the graph's, this frame's `grad` (and `now`, then torch's too, where it is `p.grad`), the
-    # caller's `grad`, getrefcount's argument
-    if sys.getrefcount(grad) <= (6 if now is grad else 4):
+    # its references here: the graph's, this frame's `grad` (and `now`, then torch's too, where it is `p.grad`),
+    # getrefcount's argument
+    if sys.getrefcount(grad) <= (5 if now is grad else 3):
         if now is not grad:
             p.grad = grad
         return False

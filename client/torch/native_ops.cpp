@@ -54,7 +54,7 @@ PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op
     *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
     *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
     *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire, *s_eager, *s_sealed_count, *s_max_batch,
-    *s_qualname, *s_singleton, *s_data, *s_rules, *s_nbytes, *s_room, *s_near, *s_near_flag, *s_kept;
+    *s_qualname, *s_singleton, *s_data, *s_rules, *s_nbytes, *s_room, *s_near, *s_near_flag, *s_kept, *s_grad;
 
 // Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
 enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
@@ -1466,6 +1466,54 @@ PyObject* bytes_at(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
   return PyBytes_FromStringAndSize(static_cast<const char*>(address), n);
 }
 
+// grads_off(grads, refs): the indices (a list; None where there is none) of a captured graph's `.grad` entries
+// (client/torch/capture.py `_Graph.grads`: [handle, a weak reference to the parameter, the `.grad` the graph holds,
+// fresh]) whose parameter is alive and whose `.grad` is no longer that tensor (set to None, replaced), or whose tensor
+// has references besides the entry's and its parameter's (`refs` of them: the script holds it, `g = p.grad`): those
+// `_replay` hands to `_regrad` before the run. Every parameter's, read before each replay (round 56: the Python loop
+// read the first one's `.grad` and every tensor's reference count, and missed another parameter's `.grad` set to None).
+PyObject* grads_off(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyList_Check(a[0]) || !PyLong_Check(a[1])) {
+    PyErr_SetString(PyExc_TypeError, "grads_off(grads, refs)");
+    return nullptr;
+  }
+  const Py_ssize_t refs = PyLong_AsSsize_t(a[1]);
+  if (refs < 0 && PyErr_Occurred()) return nullptr;
+  PyObject* off = nullptr;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(a[0]); i++) {
+    PyObject* entry = PyList_GET_ITEM(a[0], i);
+    bool as_held = false;
+    if (PyList_Check(entry) && PyList_GET_SIZE(entry) >= 3 && PyWeakref_Check(PyList_GET_ITEM(entry, 1))) {
+      PyObject* param = PyWeakref_GetObject(PyList_GET_ITEM(entry, 1));  // (borrowed; None once it died)
+      if (param == nullptr) {
+        Py_XDECREF(off);
+        return nullptr;
+      }
+      Py_INCREF(param);
+      PyObject* grad = PyList_GET_ITEM(entry, 2);
+      PyObject* now = param == Py_None ? Py_NewRef(grad) : PyObject_GetAttr(param, s_grad);
+      Py_DECREF(param);
+      if (now == nullptr) {
+        Py_XDECREF(off);
+        return nullptr;
+      }
+      as_held = now == grad && (param == Py_None || Py_REFCNT(grad) == refs + 1);  // (+1: `now`)
+      Py_DECREF(now);
+    }
+    if (as_held) continue;
+    if (off == nullptr && (off = PyList_New(0)) == nullptr) return nullptr;
+    PyObject* index = PyLong_FromSsize_t(i);
+    if (index == nullptr || PyList_Append(off, index) < 0) {
+      Py_XDECREF(index);
+      Py_DECREF(off);
+      return nullptr;
+    }
+    Py_DECREF(index);
+  }
+  if (off != nullptr) return off;
+  Py_RETURN_NONE;
+}
+
 // (ops run here, ops passed to the Python dispatcher) since the process started: what the tests check
 PyObject* stats(PyObject* /*module*/, PyObject* /*unused*/) {
   return Py_BuildValue("(KK)", g_ran, g_passed);
@@ -1545,6 +1593,8 @@ PyMethodDef methods[] = {
     {"current_device", current_device, METH_NOARGS, "the calling thread's current gpupool device (native guard)"},
     {"bytes_at", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bytes_at)), METH_FASTCALL,
      "the bytes at an address (a contiguous CPU tensor's data)"},
+    {"grads_off", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grads_off)), METH_FASTCALL,
+     "the entries of a captured graph's `.grad`s whose parameter's `.grad` is not as the graph holds it"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "gpupool_native_ops", nullptr, -1, methods,
@@ -1575,7 +1625,7 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_max_batch, "MAX_BATCH_COMMANDS"}, {&s_qualname, "__qualname__"},
                         {&s_singleton, "singleton"}, {&s_data, "_data"}, {&s_rules, "torch_dispatch_rules"},
                         {&s_nbytes, "nbytes"}, {&s_room, "_room"}, {&s_near, "near"},
-                        {&s_near_flag, "_near"}};
+                        {&s_near_flag, "_near"}, {&s_grad, "grad"}};
   for (const Name& n : names) {
     *n.slot = PyUnicode_InternFromString(n.text);
     if (*n.slot == nullptr) return nullptr;
