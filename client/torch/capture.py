@@ -258,7 +258,11 @@ class CapturedStep(StepCache):
         if g.grads:  # (usual: each `.grad` its parameter's, held by it and the graph alone: `off` is None)
             # Every parameter's `.grad` (round 56: the first one's until then): set to None (`opt.zero_grad()` before
             # the call), replaced (another graph's of the step: its other shapes), or held (`g = p.grad`): `_regrad`
-            off = range(len(g.grads)) if g.fresh else g.grads_off(g.grads, _GRAD_REFS - 2)
+            if g.fresh:
+                off: Any = range(len(g.grads))
+            else:
+                with torch._C.DisableTorchFunctionSubclass():  # (torch's `.grad` getter: no __torch_function__ lookup)
+                    off = g.grads_off(g.grads, _GRAD_REFS - 2, _GRAD_GETTER)
             for i in off or ():
                 entry = g.grads[i]
                 p = entry[1]()
@@ -407,7 +411,10 @@ _GRAD_REFS = 4
 _AGAIN = object()  # `_replay` did not run: the graph is forgotten, the call records
 
 
-def _grads_off(grads: list[list[Any]], refs: int) -> list[int] | None:
+_GRAD_GETTER = torch._C.TensorBase.__dict__["grad"]  # (`grads_off` calls it)
+
+
+def _grads_off(grads: list[list[Any]], refs: int, getter: Any = None) -> list[int] | None:
     """native_ops.cpp `grads_off` where the native op path is off: the indices of the entries of `_Graph.grads` whose
     live parameter's `.grad` is not the graph's tensor, or whose tensor more than `refs` (its entry's and its
     parameter's) hold; None where there is none."""

@@ -1436,6 +1436,30 @@ PyObject* setup_current_device(PyObject* /*module*/, PyObject* const* a, Py_ssiz
   Py_RETURN_NONE;
 }
 
+// The native guard's gpupool_grad_object (native_guard.cpp): a tensor's `.grad` as its Python object, ~20
+// instructions where torch's getter costs ~700 (`grads_off`); set by `setup_grad_object` once it answered as the
+// getter does on a probe (a tensor with a `.grad`, one without).
+using GradObject = void* (*)(void*);
+GradObject g_grad_object = nullptr;
+
+// setup_grad_object(address, probe, probe_grad, bare): True, and `grads_off` reads `.grad`s through it, where it found
+// `probe_grad` as `probe`'s `.grad` and none in `bare`'s.
+PyObject* setup_grad_object(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 4 || !PyLong_Check(a[0])) {
+    PyErr_SetString(PyExc_TypeError, "setup_grad_object(address of gpupool_grad_object, probe, probe_grad, bare)");
+    return nullptr;
+  }
+  void* address = PyLong_AsVoidPtr(a[0]);
+  if (address == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "setup_grad_object: a null address");
+    return nullptr;
+  }
+  const auto f = reinterpret_cast<GradObject>(address);
+  if (f(a[1]) != a[2] || f(a[3]) != nullptr) Py_RETURN_FALSE;
+  g_grad_object = f;
+  Py_RETURN_TRUE;
+}
+
 PyObject* current_device(PyObject* /*module*/, PyObject* /*unused*/) {
   if (g_current_device == nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "current_device before setup_current_device");
@@ -1466,19 +1490,24 @@ PyObject* bytes_at(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
   return PyBytes_FromStringAndSize(static_cast<const char*>(address), n);
 }
 
-// grads_off(grads, refs): the indices (a list; None where there is none) of a captured graph's `.grad` entries
+// grads_off(grads, refs, getter): the indices (a list; None where there is none) of a captured graph's `.grad` entries
 // (client/torch/capture.py `_Graph.grads`: [handle, a weak reference to the parameter, the `.grad` the graph holds,
 // fresh]) whose parameter is alive and whose `.grad` is no longer that tensor (set to None, replaced), or whose tensor
 // has references besides the entry's and its parameter's (`refs` of them: the script holds it, `g = p.grad`): those
 // `_replay` hands to `_regrad` before the run. Every parameter's, read before each replay (round 56: the Python loop
 // read the first one's `.grad` and every tensor's reference count, and missed another parameter's `.grad` set to None).
+// `getter`: torch's `.grad` descriptor (TensorBase's), called directly where the parameter's type has it (else an
+// attribute lookup); the caller turns torch's __torch_function__ lookup in it off (DisableTorchFunctionSubclass: ~900
+// instructions a parameter otherwise).
 PyObject* grads_off(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
-  if (nargs != 2 || !PyList_Check(a[0]) || !PyLong_Check(a[1])) {
-    PyErr_SetString(PyExc_TypeError, "grads_off(grads, refs)");
+  if (nargs != 3 || !PyList_Check(a[0]) || !PyLong_Check(a[1]) || !Py_IS_TYPE(a[2], &PyGetSetDescr_Type)) {
+    PyErr_SetString(PyExc_TypeError, "grads_off(grads, refs, getter)");
     return nullptr;
   }
   const Py_ssize_t refs = PyLong_AsSsize_t(a[1]);
   if (refs < 0 && PyErr_Occurred()) return nullptr;
+  PyObject* const descr = a[2];
+  const PyGetSetDef* const getset = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
   PyObject* off = nullptr;
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(a[0]); i++) {
     PyObject* entry = PyList_GET_ITEM(a[0], i);
@@ -1489,16 +1518,24 @@ PyObject* grads_off(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) 
         Py_XDECREF(off);
         return nullptr;
       }
-      Py_INCREF(param);
       PyObject* grad = PyList_GET_ITEM(entry, 2);
-      PyObject* now = param == Py_None ? Py_NewRef(grad) : PyObject_GetAttr(param, s_grad);
-      Py_DECREF(param);
-      if (now == nullptr) {
-        Py_XDECREF(off);
-        return nullptr;
+      const bool plain = param != Py_None && _PyType_Lookup(Py_TYPE(param), s_grad) == descr;
+      if (param == Py_None) {
+        as_held = true;  // (nothing to give it back to)
+      } else if (plain && g_grad_object != nullptr) {  // (no Python runs meanwhile: `param` stays alive)
+        as_held = g_grad_object(param) == grad && Py_REFCNT(grad) == refs;
+      } else {
+        Py_INCREF(param);
+        PyObject* now = plain && getset->get != nullptr ? getset->get(param, getset->closure)
+                                                        : PyObject_GetAttr(param, s_grad);
+        Py_DECREF(param);
+        if (now == nullptr) {
+          Py_XDECREF(off);
+          return nullptr;
+        }
+        as_held = now == grad && Py_REFCNT(grad) == refs + 1;  // (+1: `now`)
+        Py_DECREF(now);
       }
-      as_held = now == grad && (param == Py_None || Py_REFCNT(grad) == refs + 1);  // (+1: `now`)
-      Py_DECREF(now);
     }
     if (as_held) continue;
     if (off == nullptr && (off = PyList_New(0)) == nullptr) return nullptr;
@@ -1593,6 +1630,8 @@ PyMethodDef methods[] = {
     {"current_device", current_device, METH_NOARGS, "the calling thread's current gpupool device (native guard)"},
     {"bytes_at", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bytes_at)), METH_FASTCALL,
      "the bytes at an address (a contiguous CPU tensor's data)"},
+    {"setup_grad_object", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_grad_object)),
+     METH_FASTCALL, "the address of the native guard's gpupool_grad_object, checked on a probe"},
     {"grads_off", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grads_off)), METH_FASTCALL,
      "the entries of a captured graph's `.grad`s whose parameter's `.grad` is not as the graph holds it"},
     {nullptr, nullptr, 0, nullptr}};
