@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -96,6 +97,13 @@ class StepCache:
         at the call (then given back): a `.grad` the step would add to eagerly (no `zero_grad()` since the last step)
         makes the step record again (the graphs' `fresh`)."""
         self._no_grad = {id(p) for p in self._params() if p.grad is None}
+
+    def _cleared(self) -> list[weakref.ref[torch.Tensor]]:
+        """At a graph's definition, just after the recording it is made of: the parameters that had a `.grad` when it
+        began and have none now (the step adds to the gradients, then `opt.step()` and `opt.zero_grad()`: gradient
+        accumulation whose update call is a graph of its own). Its replays set their `.grad` to None after the run, as
+        eagerly (round 56: they left the gradient there, which the next call's graph then added to)."""
+        return [weakref.ref(p) for p in self._params() if p.grad is None and id(p) not in self._no_grad]
 
     @property
     def state(self) -> str:

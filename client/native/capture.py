@@ -88,6 +88,7 @@ class _Graph:
     tensors: list[int] | None = None  # the arguments' leaves that are tensors, by index (None: all of them)
     current: bool = False  # the call names no device (no device tensor argument): it runs on the current device
     single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
+    cleared: list[Any] = field(default_factory=list)  # parameters whose `.grad` a replay sets to None (`_cleared`)
 
 
 class _Device:
@@ -228,6 +229,7 @@ class CapturedStep(StepCache):
                    tensors=None if len(tensors) == len(kinds) else tensors,
                    current=self._fixed_index() is None and not any(isinstance(k, torch.device) for k in kinds),
                    single=spec.is_leaf() and bool(outputs))  # fmt: skip
+        g.cleared = self._cleared()
         dev.watch(g)
         self.graphs[key] = g
         self.stats["defined"] += 1
@@ -274,6 +276,10 @@ class CapturedStep(StepCache):
         if g.drop_writes:
             g.drop_writes.clear()  # sent with this run
         self.stats["replayed"] += 1
+        for ref in g.cleared:  # (usual: none) as eagerly, where the recorded step set `p.grad` to None
+            p = ref()
+            if p is not None:
+                p.grad = None
         if g.single:
             return made[0]
         out = list(g.leaves)

@@ -116,6 +116,7 @@ class _Graph:
     grads: list[list[Any]] = field(default_factory=list)
     fresh: bool = False  # one of them is (`_replay` then hands every one to `_regrad`)
     grads_off: Any = None  # where it has `grads`: native_ops.cpp `grads_off`, else `_grads_off`
+    cleared: list[Any] = field(default_factory=list)  # parameters whose `.grad` a replay sets to None (`_cleared`)
 
 
 class CapturedStep(StepCache):
@@ -210,6 +211,7 @@ class CapturedStep(StepCache):
         if g.grads:
             ops = native_ops.load()
             g.grads_off = _grads_off if ops is None else ops.grads_off
+        g.cleared = self._cleared()
         self.graphs[key] = g
         self.stats["defined"] += 1
         log.log(
@@ -281,6 +283,8 @@ class CapturedStep(StepCache):
         rt.run_graph(g.graph_id, inputs, handles, drops, data if by_value and any(data) else (), flush=False)
         held.add()
         self.stats["replayed"] += 1
+        for ref in g.cleared:  # (usual: none)
+            _clear_grad(ref)
         out = list(g.leaves)
         for h, (i, m) in zip(handles, g.outputs, strict=True):
             out[i] = wrap(rt, h, m[0], m[1], m[2], m[3], m)
@@ -462,6 +466,13 @@ def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
     p.grad = fresh
     entry[2] = fresh
     return False
+
+
+def _clear_grad(ref: Any) -> None:
+    """After a replay of a graph whose recorded step set this parameter's `.grad` to None (`_Graph.cleared`)."""
+    p = ref()
+    if p is not None:
+        p.grad = None
 
 
 def _invalidate(g: _Graph, handle: int) -> None:
