@@ -72,7 +72,7 @@ class StepCache:
         self._checks: dict[Any, Any] = {}
         self._told: set[str] = set()  # what `_level` has logged at INFO once
         self._no_grad: set[int] = set()  # parameters (by id) without a `.grad` when the last recording began
-        self._busy = threading.Lock()  # held by the call under way (`__call__`)
+        self._busy = threading.Lock()  # held by the call under way (each client's `__call__`: `_busy_why`)
 
     def kept_params(self) -> list[torch.Tensor]:
         """The parameters with a `.grad` of the modules and optimizers the step uses (`watched`): where a graph writes
@@ -134,24 +134,18 @@ class StepCache:
             found = self._spec_ids[spec] = next(_spec_numbers)
         return found
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """One call of the step (`_call`, each client's own), one at a time: a call from another thread while one runs
-        (recording, replaying, or eager) is a CaptureError, not a recording of both threads' ops or a replay amid
-        another's recording (round 56: documented, not guarded, until then)."""
-        if not self._busy.acquire(False):
-            raise CaptureError(
-                f"{self.name} was called while a call of it is under way (from another thread, or from inside the "
-                "step): a captured step runs one call at a time; call it from one thread, or hold a lock around its "
-                "calls"
-            )
-        try:
-            return self._call(*args, **kwargs)
-        finally:
-            self._busy.release()
+    def _busy_why(self) -> str:
+        """Why a call is refused while another is under way: each client's `__call__` takes `_busy` without waiting
+        (round 56: documented, not guarded, until then), so that a call from another thread (recording, replaying, or
+        eager) is a CaptureError, not a recording of both threads' ops or a replay amid another's recording."""
+        return (
+            f"{self.name} was called while a call of it is under way (from another thread, or from inside the step): "
+            "a captured step runs one call at a time; call it from one thread, or hold a lock around its calls"
+        )
 
     # ---- each client's own ----
 
-    def _call(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 
     def _define(self, where: Any, key: Any, built: Built, result: Any) -> None:

@@ -148,22 +148,27 @@ class CapturedStep(StepCache):
     """The callable `capture(fn)` returns on the C++ client: one graph per guard key (client/capture_step.py, as the
     Python client's). `stats` counts eager, recorded and replayed calls and graphs defined."""
 
-    def _call(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec, structure = self._structure(args, kwargs)
-        key, g = self._lookup(structure, leaves)
-        while g is not None:  # `_replay` hears of the watched handles freed meanwhile (dev.poll's) before it runs
-            out = self._replay(g, leaves)
-            if out is not _AGAIN:
-                return out
-            g = self._valid_graph(key)
-        dev = _device(self._index(leaves))
-        dev.poll()
-        g = self._graph_for(key, dev.device)  # None: an invalid graph is forgotten (and said), a new key is said
-        leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
-        args, kwargs = tree_unflatten(leaves, spec)
-        if self._eager_now():
-            return self.fn(*args, **kwargs)
-        return self._record(dev, key, leaves, args, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._busy.acquire(False):  # one call at a time (`StepCache._busy`)
+            raise CaptureError(self._busy_why())
+        try:
+            leaves, spec, structure = self._structure(args, kwargs)
+            key, g = self._lookup(structure, leaves)
+            while g is not None:  # `_replay` hears of the watched handles freed meanwhile (dev.poll's) before it runs
+                out = self._replay(g, leaves)
+                if out is not _AGAIN:
+                    return out
+                g = self._valid_graph(key)
+            dev = _device(self._index(leaves))
+            dev.poll()
+            g = self._graph_for(key, dev.device)  # None: an invalid graph is forgotten (and said), a new key is said
+            leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
+            args, kwargs = tree_unflatten(leaves, spec)
+            if self._eager_now():
+                return self.fn(*args, **kwargs)
+            return self._record(dev, key, leaves, args, kwargs)
+        finally:
+            self._busy.release()
 
     def _index(self, leaves: list[Any]) -> int:
         found = {int(x.device.index) for x in leaves if _on_device(x)}

@@ -128,22 +128,27 @@ class CapturedStep(StepCache):
 
     # ---- the call ----
 
-    def _call(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec, structure = self._structure(args, kwargs)
-        rt = self._runtime(leaves)
-        for x in leaves:  # a graph's inputs are daemon tensors equal to them
-            if type(x) is RemoteView:
-                own(x)
-        key, g = self._lookup(structure, leaves, rt.device)
-        if g is not None:
-            out = self._replay(rt, g, leaves)
-            if out is not _AGAIN:
-                return out
-        leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
-        args, kwargs = tree_unflatten(leaves, spec)
-        if self._eager_now():
-            return self.fn(*args, **kwargs)
-        return self._record(rt, key, leaves, args, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._busy.acquire(False):  # one call at a time (`StepCache._busy`)
+            raise CaptureError(self._busy_why())
+        try:
+            leaves, spec, structure = self._structure(args, kwargs)
+            rt = self._runtime(leaves)
+            for x in leaves:  # a graph's inputs are daemon tensors equal to them
+                if type(x) is RemoteView:
+                    own(x)
+            key, g = self._lookup(structure, leaves, rt.device)
+            if g is not None:
+                out = self._replay(rt, g, leaves)
+                if out is not _AGAIN:
+                    return out
+            leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
+            args, kwargs = tree_unflatten(leaves, spec)
+            if self._eager_now():
+                return self.fn(*args, **kwargs)
+            return self._record(rt, key, leaves, args, kwargs)
+        finally:
+            self._busy.release()
 
     def _runtime(self, leaves: list[Any]) -> DeviceRuntime:
         found: DeviceRuntime | None = None  # (a loop, not a set comprehension: per call)
