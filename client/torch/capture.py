@@ -34,7 +34,7 @@ recording again); when only such a Python value changed and the new recording eq
 does not matter to the step and is no longer watched. A graph whose tensors bound by identity were dropped or
 replaced is re-recorded. Inside a recording, sync points (`.item()`, `.cpu()`, printing, ops with data-dependent
 shapes) and `torch.manual_seed` raise `CaptureError`. A step runs one call at a time: a call from another thread while
-one is under way raises `CaptureError` (client/capture_step.py `StepCache.__call__`).
+one is under way raises `CaptureError` (client/capture_step.py `StepCache._busy_why`).
 
 The rule, as with CUDA graphs: a replay repeats the recorded computation. Python values the step reads in any
 other way -- an attribute of another object (`cfg.scale`), a dict or list entry, a global read by a helper the
