@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +27,14 @@ log = logging.getLogger("gpupool.torch")
 _spec_numbers = itertools.count(1)  # StepCache._spec_id
 RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
 MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
+# Why two recordings of a step differ where parameters had a `.grad` at one's call and none at the other's (`_settle`)
+GRADS_DIFFER = (
+    "the parameters' `.grad`s were None at one call (`zero_grad()` before it) and kept at the other, which the step "
+    "adds to (gradient accumulation: `zero_grad()` every few calls), and one graph cannot replay both. Capture the "
+    "whole accumulation window as one step (its micro-batches' forward and backward, then `opt.step()` and "
+    "`opt.zero_grad()`), or zero the gradients in place (`opt.zero_grad(set_to_none=False)`): one graph then adds "
+    "to them every call"
+)
 # Why a graph is recorded anew at a call (`_note_grads`): a parameter's `.grad` that eagerly the step would add to
 NOT_AS_RECORDED = (
     "a parameter's `.grad` is not as the recorded step found it (a `.grad` the step would add to, where the recording "
@@ -48,7 +58,8 @@ class StepCache:
         self.values = guard.python_values(fn)  # name -> reader of a plain Python value the step reads
         self.max_graphs = max_graphs
         self.graphs: dict[Any, Any] = {}  # by guard key, least recently used first
-        self._recorded: dict[Any, tuple[Built, int]] = {}  # key -> (last recording, recordings that disagreed)
+        # key -> (last recording, recordings that disagreed, `_no_grad` as it began)
+        self._recorded: dict[Any, tuple[Built, int, frozenset[int]]] = {}
         self._first = True
         self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
         # A guard key holds its call's argument structure as a small number: hashing and comparing a TreeSpec
@@ -61,6 +72,7 @@ class StepCache:
         self._checks: dict[Any, Any] = {}
         self._told: set[str] = set()  # what `_level` has logged at INFO once
         self._no_grad: set[int] = set()  # parameters (by id) without a `.grad` when the last recording began
+        self._busy = threading.Lock()  # held by the call under way (each client's `__call__`: `_busy_why`)
 
     def kept_params(self) -> list[torch.Tensor]:
         """The parameters with a `.grad` of the modules and optimizers the step uses (`watched`): where a graph writes
@@ -85,6 +97,13 @@ class StepCache:
         at the call (then given back): a `.grad` the step would add to eagerly (no `zero_grad()` since the last step)
         makes the step record again (the graphs' `fresh`)."""
         self._no_grad = {id(p) for p in self._params() if p.grad is None}
+
+    def _cleared(self) -> list[weakref.ref[torch.Tensor]]:
+        """At a graph's definition, just after the recording it is made of: the parameters that had a `.grad` when it
+        began and have none now (the step adds to the gradients, then `opt.step()` and `opt.zero_grad()`: gradient
+        accumulation whose update call is a graph of its own). Its replays set their `.grad` to None after the run, as
+        eagerly (round 56: they left the gradient there, which the next call's graph then added to)."""
+        return [weakref.ref(p) for p in self._params() if p.grad is None and id(p) not in self._no_grad]
 
     @property
     def state(self) -> str:
@@ -114,6 +133,15 @@ class StepCache:
                 self._arity.clear()
             found = self._spec_ids[spec] = next(_spec_numbers)
         return found
+
+    def _busy_why(self) -> str:
+        """Why a call is refused while another is under way: each client's `__call__` takes `_busy` without waiting
+        (round 56: documented, not guarded, until then), so that a call from another thread (recording, replaying, or
+        eager) is a CaptureError, not a recording of both threads' ops or a replay amid another's recording."""
+        return (
+            f"{self.name} was called while a call of it is under way (from another thread, or from inside the step): "
+            "a captured step runs one call at a time; call it from one thread, or hold a lock around its calls"
+        )
 
     # ---- each client's own ----
 
@@ -218,19 +246,21 @@ class StepCache:
             if same is not None:  # as validated as the recordings of the graph it equals
                 self._define(where, same, built, result)
             else:
-                self._recorded[key] = (built, 0)
+                self._recorded[key] = (built, 0, frozenset(self._no_grad))
             return result
         mismatch = compare(previous[0], built)
         if mismatch:
             attempts = previous[1] + 1
             if attempts >= RECORD_ATTEMPTS:
                 del self._recorded[key]
+                if previous[2] != self._no_grad:  # `.grad`s None at one call, kept at the other
+                    raise CaptureError(f"this step cannot be captured: recordings differ at {mismatch}: {GRADS_DIFFER}")
                 raise CaptureError(
                     f"this step cannot be captured: two recordings differ at {mismatch}. Python numbers that change "
                     "from step to step would be replayed stale: make them tensors on the device (for Adam/AdamW: "
                     "capturable=True; a changing lr as a gpupool tensor), or pass them as tensor arguments"
                 )
-            self._recorded[key] = (built, attempts)
+            self._recorded[key] = (built, attempts, frozenset(self._no_grad))
             return result
         del self._recorded[key]
         self._define(where, key, built, result)
@@ -242,7 +272,7 @@ class StepCache:
         watching them, replace that graph by one of this recording (the tensors it leaves behind have new
         handles) and return the key to define it under."""
         seen = [(k, g.built) for k, g in self.graphs.items() if g.valid]
-        seen += [(k, b) for k, (b, _) in self._recorded.items()]
+        seen += [(k, b) for k, (b, _, _) in self._recorded.items()]
         for old_key, old_built in seen:
             if old_key[:3] != key[:3] or old_key[3] == key[3] or compare(old_built, built):
                 continue

@@ -88,6 +88,7 @@ class _Graph:
     tensors: list[int] | None = None  # the arguments' leaves that are tensors, by index (None: all of them)
     current: bool = False  # the call names no device (no device tensor argument): it runs on the current device
     single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
+    cleared: list[Any] = field(default_factory=list)  # parameters whose `.grad` a replay sets to None (`_cleared`)
 
 
 class _Device:
@@ -148,21 +149,26 @@ class CapturedStep(StepCache):
     Python client's). `stats` counts eager, recorded and replayed calls and graphs defined."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec, structure = self._structure(args, kwargs)
-        key, g = self._lookup(structure, leaves)
-        while g is not None:  # `_replay` hears of the watched handles freed meanwhile (dev.poll's) before it runs
-            out = self._replay(g, leaves)
-            if out is not _AGAIN:
-                return out
-            g = self._valid_graph(key)
-        dev = _device(self._index(leaves))
-        dev.poll()
-        g = self._graph_for(key, dev.device)  # None: an invalid graph is forgotten (and said), a new key is said
-        leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
-        args, kwargs = tree_unflatten(leaves, spec)
-        if self._eager_now():
-            return self.fn(*args, **kwargs)
-        return self._record(dev, key, leaves, args, kwargs)
+        if not self._busy.acquire(False):  # one call at a time (`StepCache._busy`)
+            raise CaptureError(self._busy_why())
+        try:
+            leaves, spec, structure = self._structure(args, kwargs)
+            key, g = self._lookup(structure, leaves)
+            while g is not None:  # `_replay` hears of the watched handles freed meanwhile (dev.poll's) before it runs
+                out = self._replay(g, leaves)
+                if out is not _AGAIN:
+                    return out
+                g = self._valid_graph(key)
+            dev = _device(self._index(leaves))
+            dev.poll()
+            g = self._graph_for(key, dev.device)  # None: an invalid graph is forgotten (and said), a new key is said
+            leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
+            args, kwargs = tree_unflatten(leaves, spec)
+            if self._eager_now():
+                return self.fn(*args, **kwargs)
+            return self._record(dev, key, leaves, args, kwargs)
+        finally:
+            self._busy.release()
 
     def _index(self, leaves: list[Any]) -> int:
         found = {int(x.device.index) for x in leaves if _on_device(x)}
@@ -228,6 +234,7 @@ class CapturedStep(StepCache):
                    tensors=None if len(tensors) == len(kinds) else tensors,
                    current=self._fixed_index() is None and not any(isinstance(k, torch.device) for k in kinds),
                    single=spec.is_leaf() and bool(outputs))  # fmt: skip
+        g.cleared = self._cleared()
         dev.watch(g)
         self.graphs[key] = g
         self.stats["defined"] += 1
@@ -274,6 +281,10 @@ class CapturedStep(StepCache):
         if g.drop_writes:
             g.drop_writes.clear()  # sent with this run
         self.stats["replayed"] += 1
+        for ref in g.cleared:  # (usual: none) as eagerly, where the recorded step set `p.grad` to None
+            p = ref()
+            if p is not None:
+                p.grad = None
         if g.single:
             return made[0]
         out = list(g.leaves)

@@ -33,7 +33,8 @@ key records a graph of its own (kept in a small cache, so alternating batch shap
 recording again); when only such a Python value changed and the new recording equals the graph's, the value
 does not matter to the step and is no longer watched. A graph whose tensors bound by identity were dropped or
 replaced is re-recorded. Inside a recording, sync points (`.item()`, `.cpu()`, printing, ops with data-dependent
-shapes) and `torch.manual_seed` raise `CaptureError`.
+shapes) and `torch.manual_seed` raise `CaptureError`. A step runs one call at a time: a call from another thread while
+one is under way raises `CaptureError` (client/capture_step.py `StepCache._busy_why`).
 
 The rule, as with CUDA graphs: a replay repeats the recorded computation. Python values the step reads in any
 other way -- an attribute of another object (`cfg.scale`), a dict or list entry, a global read by a helper the
@@ -114,7 +115,9 @@ class _Graph:
     # The graph holds the `.grad` itself, so that `opt.zero_grad()` between steps (`p.grad = None`) leaves its handle
     # to the run, which gives it back; fresh: the recording began with no `.grad` there (capture_step `_note_grads`)
     grads: list[list[Any]] = field(default_factory=list)
-    fresh: bool = False  # one of them is (`_replay` then looks at every parameter's `.grad`)
+    fresh: bool = False  # one of them is (`_replay` then hands every one to `_regrad`)
+    grads_off: Any = None  # where it has `grads`: native_ops.cpp `grads_off`, else `_grads_off`
+    cleared: list[Any] = field(default_factory=list)  # parameters whose `.grad` a replay sets to None (`_cleared`)
 
 
 class CapturedStep(StepCache):
@@ -126,21 +129,26 @@ class CapturedStep(StepCache):
     # ---- the call ----
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec, structure = self._structure(args, kwargs)
-        rt = self._runtime(leaves)
-        for x in leaves:  # a graph's inputs are daemon tensors equal to them
-            if type(x) is RemoteView:
-                own(x)
-        key, g = self._lookup(structure, leaves, rt.device)
-        if g is not None:
-            out = self._replay(rt, g, leaves)
-            if out is not _AGAIN:
-                return out
-        leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
-        args, kwargs = tree_unflatten(leaves, spec)
-        if self._eager_now():
-            return self.fn(*args, **kwargs)
-        return self._record(rt, key, leaves, args, kwargs)
+        if not self._busy.acquire(False):  # one call at a time (`StepCache._busy`)
+            raise CaptureError(self._busy_why())
+        try:
+            leaves, spec, structure = self._structure(args, kwargs)
+            rt = self._runtime(leaves)
+            for x in leaves:  # a graph's inputs are daemon tensors equal to them
+                if type(x) is RemoteView:
+                    own(x)
+            key, g = self._lookup(structure, leaves, rt.device)
+            if g is not None:
+                out = self._replay(rt, g, leaves)
+                if out is not _AGAIN:
+                    return out
+            leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
+            args, kwargs = tree_unflatten(leaves, spec)
+            if self._eager_now():
+                return self.fn(*args, **kwargs)
+            return self._record(rt, key, leaves, args, kwargs)
+        finally:
+            self._busy.release()
 
     def _runtime(self, leaves: list[Any]) -> DeviceRuntime:
         found: DeviceRuntime | None = None  # (a loop, not a set comprehension: per call)
@@ -206,6 +214,10 @@ class CapturedStep(StepCache):
             if h in writes:
                 g.grads.append([h, weakref.ref(p), p.grad, id(p) in self._no_grad])
                 g.fresh |= g.grads[-1][3]
+        if g.grads:
+            ops = native_ops.load()
+            g.grads_off = _grads_off if ops is None else ops.grads_off
+        g.cleared = self._cleared()
         self.graphs[key] = g
         self.stats["defined"] += 1
         log.log(
@@ -251,21 +263,22 @@ class CapturedStep(StepCache):
                     keep.append(upload_new(rt, x))
                     inputs.append(keep[-1]._gp_h)
                     data.append(b"")
-        if g.grads:  # (usual: each `.grad` its parameter's, held by it and the graph alone)
-            # Each parameter's `.grad` is read (~0.1 us each) where the first one's is not the graph's: set to None
-            # (`opt.zero_grad()` before the call), or another graph's of the step (its other shapes); one read else
-            first = g.grads[0]
-            p = first[1]()
-            every = g.fresh or p is None or p.grad is not first[2]
-            for entry in g.grads:
-                grad = entry[2]
-                if every or sys.getrefcount(grad) > _GRAD_REFS:
-                    p = entry[1]()
-                    if p is not None and _regrad(rt, entry, p):
-                        log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, NOT_AS_RECORDED)
-                        self.stats["rerecorded"] += 1
-                        self._forget(g.key, drop=True)
-                        return _AGAIN
+        if g.grads:  # (usual: each `.grad` its parameter's, held by it and the graph alone: `off` is None)
+            # Every parameter's `.grad` (round 56: the first one's until then): set to None (`opt.zero_grad()` before
+            # the call), replaced (another graph's of the step: its other shapes), or held (`g = p.grad`): `_regrad`
+            if g.fresh:
+                off: Any = range(len(g.grads))
+            else:
+                with torch._C.DisableTorchFunctionSubclass():  # (torch's `.grad` getter: no __torch_function__ lookup)
+                    off = g.grads_off(g.grads, _GRAD_REFS - 2, _GRAD_GETTER)
+            for i in off or ():
+                entry = g.grads[i]
+                p = entry[1]()
+                if p is not None and _regrad(rt, entry, p):
+                    log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, NOT_AS_RECORDED)
+                    self.stats["rerecorded"] += 1
+                    self._forget(g.key, drop=True)
+                    return _AGAIN
         kept = rt.kept
         for h in g.writes:
             if kept.get(h):  # aliases of a kept tensor made since the last run
@@ -276,6 +289,8 @@ class CapturedStep(StepCache):
         rt.run_graph(g.graph_id, inputs, handles, drops, data if by_value and any(data) else (), flush=False)
         held.add()
         self.stats["replayed"] += 1
+        for ref in g.cleared:  # (usual: none)
+            _clear_grad(ref)
         out = list(g.leaves)
         for h, (i, m) in zip(handles, g.outputs, strict=True):
             out[i] = wrap(rt, h, m[0], m[1], m[2], m[3], m)
@@ -399,11 +414,27 @@ def _move(rt: DeviceRuntime, h: int, tensors: list[RemoteTensor], extra: int) ->
             d["_gp_v"] = compact.TAG_U64.pack(compact.VIEW, moved) + arg[compact.TAG_U64.size :]
 
 
-# References to a parameter's `.grad` in `_replay`'s check when nothing else holds it: the graph's (`_Graph.grads`), its
-# local name, getrefcount's argument, and torch's own (the tensor's Python object is kept while its parameter's `.grad`
-# slot holds the tensor).
+# References to a parameter's `.grad` in a check of it (`_regrad`, `_grads_off`) when nothing else holds it: the
+# graph's (`_Graph.grads`), its local name, getrefcount's argument, and torch's own (the tensor's Python object is kept
+# while its parameter's `.grad` slot holds the tensor); `grads_off` is told the two besides the check's own.
 _GRAD_REFS = 4
 _AGAIN = object()  # `_replay` did not run: the graph is forgotten, the call records
+
+
+_GRAD_GETTER = torch._C.TensorBase.__dict__["grad"]  # (`grads_off` calls it)
+
+
+def _grads_off(grads: list[list[Any]], refs: int, getter: Any = None) -> list[int] | None:
+    """native_ops.cpp `grads_off` where the native op path is off: the indices of the entries of `_Graph.grads` whose
+    live parameter's `.grad` is not the graph's tensor, or whose tensor more than `refs` (its entry's and its
+    parameter's) hold; None where there is none."""
+    off = []
+    for i, entry in enumerate(grads):
+        p, grad = entry[1](), entry[2]
+        # (getrefcount's: `grad`, its argument, `entry`'s is counted in `refs`)
+        if p is not None and (p.grad is not grad or sys.getrefcount(grad) > refs + 2):
+            off.append(i)
+    return off or None
 
 
 def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
@@ -421,9 +452,9 @@ def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
     d = grad.__dict__
     if d.get("_gp_h") != h:
         return False
-    # its references here: the graph's, this frame's `grad` (and `now`, then torch's too, where it is `p.grad`), the
-    # caller's `grad`, getrefcount's argument
-    if sys.getrefcount(grad) <= (6 if now is grad else 4):
+    # its references here: the graph's, this frame's `grad` (and `now`, then torch's too, where it is `p.grad`),
+    # getrefcount's argument
+    if sys.getrefcount(grad) <= (5 if now is grad else 3):
         if now is not grad:
             p.grad = grad
         return False
@@ -441,6 +472,13 @@ def _regrad(rt: DeviceRuntime, entry: list[Any], p: torch.Tensor) -> bool:
     p.grad = fresh
     entry[2] = fresh
     return False
+
+
+def _clear_grad(ref: Any) -> None:
+    """After a replay of a graph whose recorded step set this parameter's `.grad` to None (`_Graph.cleared`)."""
+    p = ref()
+    if p is not None:
+        p.grad = None
 
 
 def _invalidate(g: _Graph, handle: int) -> None:

@@ -159,6 +159,23 @@ __attribute__((visibility("default"))) int gpupool_guard_active() {
   return c10::impl::device_guard_impl_registry[static_cast<size_t>(kType)].load() == kGuard ? 1 : 0;
 }
 
+// A tensor's `.grad` as its Python object (nullptr where it has none, or the `.grad` none yet), read from the tensor's
+// Python object `obj` (torch's THPVariable: PyObject_HEAD, then its at::Tensor: `PyTensor`): client/torch/capture.py's
+// check of every parameter's `.grad` before a replay (native_ops.cpp `grads_off`), where torch's `.grad` getter costs
+// ~700 instructions a parameter. native_ops.py `link_current_device` checks that it answers as the getter does on a
+// probe before native_ops uses it (a torch whose THPVariable differs keeps the getter).
+namespace {
+struct PyTensor {
+  intptr_t refcnt;
+  void* type;
+  at::Tensor cdata;
+};
+}  // namespace
+extern "C" __attribute__((visibility("default"))) void* gpupool_grad_object(void* obj) {
+  const at::Tensor& grad = static_cast<const PyTensor*>(obj)->cdata.unsafeGetTensorImpl()->grad();
+  return grad.defined() ? grad.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj() : nullptr;
+}
+
 // The calling thread's current gpupool device (what getDevice answers torch).
 __attribute__((visibility("default"))) int gpupool_current_device() {
   return t_current;

@@ -54,7 +54,7 @@ PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op
     *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
     *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
     *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire, *s_eager, *s_sealed_count, *s_max_batch,
-    *s_qualname, *s_singleton, *s_data, *s_rules, *s_nbytes, *s_room, *s_near, *s_near_flag, *s_kept;
+    *s_qualname, *s_singleton, *s_data, *s_rules, *s_nbytes, *s_room, *s_near, *s_near_flag, *s_kept, *s_grad;
 
 // Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
 enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
@@ -1436,6 +1436,30 @@ PyObject* setup_current_device(PyObject* /*module*/, PyObject* const* a, Py_ssiz
   Py_RETURN_NONE;
 }
 
+// The native guard's gpupool_grad_object (native_guard.cpp): a tensor's `.grad` as its Python object, ~20
+// instructions where torch's getter costs ~700 (`grads_off`); set by `setup_grad_object` once it answered as the
+// getter does on a probe (a tensor with a `.grad`, one without).
+using GradObject = void* (*)(void*);
+GradObject g_grad_object = nullptr;
+
+// setup_grad_object(address, probe, probe_grad, bare): True, and `grads_off` reads `.grad`s through it, where it found
+// `probe_grad` as `probe`'s `.grad` and none in `bare`'s.
+PyObject* setup_grad_object(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 4 || !PyLong_Check(a[0])) {
+    PyErr_SetString(PyExc_TypeError, "setup_grad_object(address of gpupool_grad_object, probe, probe_grad, bare)");
+    return nullptr;
+  }
+  void* address = PyLong_AsVoidPtr(a[0]);
+  if (address == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "setup_grad_object: a null address");
+    return nullptr;
+  }
+  const auto f = reinterpret_cast<GradObject>(address);
+  if (f(a[1]) != a[2] || f(a[3]) != nullptr) Py_RETURN_FALSE;
+  g_grad_object = f;
+  Py_RETURN_TRUE;
+}
+
 PyObject* current_device(PyObject* /*module*/, PyObject* /*unused*/) {
   if (g_current_device == nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "current_device before setup_current_device");
@@ -1464,6 +1488,67 @@ PyObject* bytes_at(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
     return nullptr;
   }
   return PyBytes_FromStringAndSize(static_cast<const char*>(address), n);
+}
+
+// grads_off(grads, refs, getter): the indices (a list; None where there is none) of a captured graph's `.grad` entries
+// (client/torch/capture.py `_Graph.grads`: [handle, a weak reference to the parameter, the `.grad` the graph holds,
+// fresh]) whose parameter is alive and whose `.grad` is no longer that tensor (set to None, replaced), or whose tensor
+// has references besides the entry's and its parameter's (`refs` of them: the script holds it, `g = p.grad`): those
+// `_replay` hands to `_regrad` before the run. Every parameter's, read before each replay (round 56: the Python loop
+// read the first one's `.grad` and every tensor's reference count, and missed another parameter's `.grad` set to None).
+// `getter`: torch's `.grad` descriptor (TensorBase's), called directly where the parameter's type has it (else an
+// attribute lookup); the caller turns torch's __torch_function__ lookup in it off (DisableTorchFunctionSubclass: ~900
+// instructions a parameter otherwise).
+PyObject* grads_off(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 3 || !PyList_Check(a[0]) || !PyLong_Check(a[1]) || !Py_IS_TYPE(a[2], &PyGetSetDescr_Type)) {
+    PyErr_SetString(PyExc_TypeError, "grads_off(grads, refs, getter)");
+    return nullptr;
+  }
+  const Py_ssize_t refs = PyLong_AsSsize_t(a[1]);
+  if (refs < 0 && PyErr_Occurred()) return nullptr;
+  PyObject* const descr = a[2];
+  const PyGetSetDef* const getset = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
+  PyObject* off = nullptr;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(a[0]); i++) {
+    PyObject* entry = PyList_GET_ITEM(a[0], i);
+    bool as_held = false;
+    if (PyList_Check(entry) && PyList_GET_SIZE(entry) >= 3 && PyWeakref_Check(PyList_GET_ITEM(entry, 1))) {
+      PyObject* param = PyWeakref_GetObject(PyList_GET_ITEM(entry, 1));  // (borrowed; None once it died)
+      if (param == nullptr) {
+        Py_XDECREF(off);
+        return nullptr;
+      }
+      PyObject* grad = PyList_GET_ITEM(entry, 2);
+      const bool plain = param != Py_None && _PyType_Lookup(Py_TYPE(param), s_grad) == descr;
+      if (param == Py_None) {
+        as_held = true;  // (nothing to give it back to)
+      } else if (plain && g_grad_object != nullptr) {  // (no Python runs meanwhile: `param` stays alive)
+        as_held = g_grad_object(param) == grad && Py_REFCNT(grad) == refs;
+      } else {
+        Py_INCREF(param);
+        PyObject* now = plain && getset->get != nullptr ? getset->get(param, getset->closure)
+                                                        : PyObject_GetAttr(param, s_grad);
+        Py_DECREF(param);
+        if (now == nullptr) {
+          Py_XDECREF(off);
+          return nullptr;
+        }
+        as_held = now == grad && Py_REFCNT(grad) == refs + 1;  // (+1: `now`)
+        Py_DECREF(now);
+      }
+    }
+    if (as_held) continue;
+    if (off == nullptr && (off = PyList_New(0)) == nullptr) return nullptr;
+    PyObject* index = PyLong_FromSsize_t(i);
+    if (index == nullptr || PyList_Append(off, index) < 0) {
+      Py_XDECREF(index);
+      Py_DECREF(off);
+      return nullptr;
+    }
+    Py_DECREF(index);
+  }
+  if (off != nullptr) return off;
+  Py_RETURN_NONE;
 }
 
 // (ops run here, ops passed to the Python dispatcher) since the process started: what the tests check
@@ -1545,6 +1630,10 @@ PyMethodDef methods[] = {
     {"current_device", current_device, METH_NOARGS, "the calling thread's current gpupool device (native guard)"},
     {"bytes_at", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bytes_at)), METH_FASTCALL,
      "the bytes at an address (a contiguous CPU tensor's data)"},
+    {"setup_grad_object", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_grad_object)),
+     METH_FASTCALL, "the address of the native guard's gpupool_grad_object, checked on a probe"},
+    {"grads_off", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grads_off)), METH_FASTCALL,
+     "the entries of a captured graph's `.grad`s whose parameter's `.grad` is not as the graph holds it"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "gpupool_native_ops", nullptr, -1, methods,
@@ -1575,7 +1664,7 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_max_batch, "MAX_BATCH_COMMANDS"}, {&s_qualname, "__qualname__"},
                         {&s_singleton, "singleton"}, {&s_data, "_data"}, {&s_rules, "torch_dispatch_rules"},
                         {&s_nbytes, "nbytes"}, {&s_room, "_room"}, {&s_near, "near"},
-                        {&s_near_flag, "_near"}};
+                        {&s_near_flag, "_near"}, {&s_grad, "grad"}};
   for (const Name& n : names) {
     *n.slot = PyUnicode_InternFromString(n.text);
     if (*n.slot == nullptr) return nullptr;

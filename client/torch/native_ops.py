@@ -150,6 +150,10 @@ def link_current_device() -> bool:
     if native.current_device is not module.current_device:
         module.setup_current_device(ctypes.cast(lib.gpupool_current_device, ctypes.c_void_p).value)
         native.current_device = module.current_device
+        # a tensor's `.grad` in ~20 instructions (`grads_off`, a captured step's replay), checked on a probe first
+        probe, bare = torch.zeros(1, requires_grad=True), torch.zeros(1)
+        probe.grad = torch.ones(1)
+        module.setup_grad_object(ctypes.cast(lib.gpupool_grad_object, ctypes.c_void_p).value, probe, probe.grad, bare)
     return True
 
 
