@@ -35,7 +35,7 @@ say "import contracts: scripts/lint_imports.sh"
 bash scripts/lint_imports.sh  # .importlinter: the programs never import each other; client/torch is layered
 # --durations=30: every log ends with the 30 slowest setups, calls and teardowns (the suite should stay under ~30 min),
 # then (tests/conftest.py, round 54) the 30 test files with the most summed seconds and each worker's busy total.
-# Two pytest-xdist workers, a test file each at a time (--dist loadfile: a module's fixtures are set up once, as in one
+# Pytest-xdist workers, a test file each at a time (--dist loadfile: a module's fixtures are set up once, as in one
 # process). Much of the suite waits (children starting, daemons answering, timeouts): on two cores it took 11-18 min
 # this way against 34 min in one process (BENCHMARKS.md, "Round 26, suite26"). GPUPOOL_TEST_WORKERS=0: one process.
 # --no-loadscope-reorder (pytest-xdist 3.8): the workers take the files in tests/conftest.py's order, the modules with
@@ -44,8 +44,11 @@ bash scripts/lint_imports.sh  # .importlinter: the programs never import each ot
 # three ranks, op_db, the fuzzers) among the last 70 of 267 files, where one taken late runs alone (round 50).
 # tests/conftest.py `SHARED_WORK_UNITS` (round 55): test files that use another's cached runs are that file's unit
 # (one worker makes each run once).
-workers=${GPUPOOL_TEST_WORKERS:-2}
+# Three workers since round 56 (the CPU idle a quarter of a 2-worker run waiting on children and daemons): the whole
+# CI green at -n 3 in 1231.7 s (round 55) and 1254.3 s (round 56) against 1453.5-1538.7 s at -n 2, each test ~27 %
+# longer, the slowest phase 78.8 s (the timeout is 300 s); BENCHMARKS.md "Round 56, lead: -n 3 the default".
+workers=${GPUPOOL_TEST_WORKERS:-3}
 wait "$warm" || true  # (a collection error is the run's to report)
 warm=""
-say "pytest ${*:-(the whole suite: about 30 min on 2 cores, a dot a test, the 30 slowest phases at the end)}"
+say "pytest ${*:-(the whole suite: about 21 min on 2 cores, a dot a test, the 30 slowest phases at the end)}"
 python3 -m pytest -q -p no:cacheprovider --durations=30 -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

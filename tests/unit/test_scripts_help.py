@@ -109,6 +109,6 @@ def test_test_sh_names_each_step_before_it_runs(tmp_path: Path) -> None:
     assert lines[1].startswith("test.sh: generated code"), lines  # (gen_proto.sh's output goes to a log)
     assert lines[runs[0] - 1] == "test.sh: ruff check ." and "(2-3 min on 2 cores)" in lines[runs[1] - 1], lines
     said = lines[runs[3] - 1]
-    assert said.startswith("test.sh: pytest (the whole suite: about 30 min on 2 cores"), said
+    assert said.startswith("test.sh: pytest (the whole suite: about 21 min on 2 cores"), said
     assert lines[runs[3]].startswith("RUN python3 -m pytest -q -p no:cacheprovider --durations=30"), lines
     assert steps("tests/unit")[-2] == "test.sh: pytest tests/unit"
